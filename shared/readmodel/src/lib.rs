@@ -1,0 +1,28 @@
+//! CipherHorizon's read models in PostgreSQL: the schema (migrations), how each projection
+//! applies events, and the SQL behind each query.
+//!
+//! Two projections share one schema: `portfolio` (portfolios, positions, marks, trades,
+//! round trips, attachments) and `strategy` (strategies). Each moves its own checkpoint.
+
+pub mod portfolio;
+pub mod queries;
+pub mod strategy;
+pub mod workers;
+
+use ch_runtime::pg::Migration;
+use rust_decimal::Decimal;
+
+pub use portfolio::PortfolioProjection;
+pub use strategy::StrategyProjection;
+
+/// Every migration, in order.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "read_models",
+    sql: include_str!("../migrations/001_read_models.sql"),
+}];
+
+/// Plain-notation string of a decimal as replies carry it (`"14990"`, not `"14990.000"`).
+pub fn plain(d: Decimal) -> String {
+    d.normalize().to_string()
+}

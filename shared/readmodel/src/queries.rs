@@ -1,0 +1,324 @@
+//! The SQL behind each query, and the query requests' shapes. Every reply is read in one
+//! REPEATABLE READ, READ ONLY transaction together with the checkpoint it reports as
+//! `as_of_seq`, so the figures and the sequence always match.
+
+use ch_domain::ids::validate_id;
+use ch_domain::DomainError;
+use ch_runtime::error::{ApiError, DbError};
+use rust_decimal::Decimal;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio_postgres::{IsolationLevel, Row, Transaction};
+
+use crate::plain;
+use crate::portfolio::EQUITY_SQL;
+
+/// Fields every query accepts (API.md, "Queries").
+pub trait Consistency {
+    fn min_stream_seq(&self) -> Option<u64>;
+    fn timeout_ms(&self) -> Option<u64>;
+}
+
+macro_rules! consistency {
+    ($t:ty) => {
+        impl Consistency for $t {
+            fn min_stream_seq(&self) -> Option<u64> {
+                self.min_stream_seq
+            }
+            fn timeout_ms(&self) -> Option<u64> {
+                self.timeout_ms
+            }
+        }
+    };
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PerformanceQuery {
+    pub portfolio_id: String,
+    pub min_stream_seq: Option<u64>,
+    pub timeout_ms: Option<u64>,
+}
+consistency!(PerformanceQuery);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StrategyListQuery {
+    pub user_id: String,
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+    #[serde(default)]
+    pub include_deleted: bool,
+    pub min_stream_seq: Option<u64>,
+    pub timeout_ms: Option<u64>,
+}
+consistency!(StrategyListQuery);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StrategyGetQuery {
+    pub strategy_id: String,
+    pub min_stream_seq: Option<u64>,
+    pub timeout_ms: Option<u64>,
+}
+consistency!(StrategyGetQuery);
+
+/// Parses a query body; malformed JSON, unknown fields and invalid ids are `bad_request`.
+///
+/// # Errors
+/// `bad_request` naming what is wrong.
+pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_request("empty request: expected a JSON object"));
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid request: {e}")))
+}
+
+fn check_id(field: &str, v: &str) -> Result<(), ApiError> {
+    validate_id(field, v).map_err(|e: DomainError| ApiError::from(e))
+}
+
+/// Opens the read-only snapshot a reply is computed in.
+///
+/// # Errors
+/// [`DbError`] on database trouble.
+pub async fn snapshot(conn: &mut deadpool_postgres::Object) -> Result<Transaction<'_>, DbError> {
+    let client: &mut tokio_postgres::Client = conn;
+    Ok(client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?)
+}
+
+async fn as_of(tx: &Transaction<'_>, projection: &str) -> Result<u64, DbError> {
+    let row = tx
+        .query_opt("SELECT last_seq FROM ch_checkpoints WHERE projection = $1", &[&projection])
+        .await?;
+    Ok(row.map_or(0, |r| r.get::<_, i64>(0) as u64))
+}
+
+fn dec(row: &Row, col: &str) -> Decimal {
+    row.get::<_, Decimal>(col)
+}
+
+/// `ch.query.portfolio.performance`.
+///
+/// # Errors
+/// `not_found` for an unknown portfolio; `bad_request` for an invalid id.
+pub async fn portfolio_performance(tx: &Transaction<'_>, q: &PerformanceQuery) -> Result<Value, ApiError> {
+    check_id("portfolio_id", &q.portfolio_id)?;
+    let as_of_seq = as_of(tx, "portfolio").await?;
+    let Some(p) = tx
+        .query_opt("SELECT * FROM portfolios WHERE portfolio_id = $1", &[&q.portfolio_id])
+        .await
+        .map_err(DbError::from)?
+    else {
+        return Err(ApiError::not_found(format!("portfolio {} not found", q.portfolio_id)));
+    };
+    let rows = tx
+        .query(
+            "SELECT p.symbol, p.quantity, p.cost_basis, p.gross_entry, m.price AS mark
+             FROM positions p LEFT JOIN marks m ON m.symbol = p.symbol
+             WHERE p.portfolio_id = $1 ORDER BY p.symbol",
+            &[&q.portfolio_id],
+        )
+        .await
+        .map_err(DbError::from)?;
+    let cash = dec(&p, "cash");
+    let mut equity = cash;
+    let mut unrealized_total = Decimal::ZERO;
+    let mut positions = Vec::new();
+    for r in &rows {
+        let qty = dec(r, "quantity");
+        let cost = dec(r, "cost_basis");
+        let gross = dec(r, "gross_entry");
+        let mark: Option<Decimal> = r.get("mark");
+        let value = mark.map_or(gross, |m| qty * m);
+        let unrealized = value - cost;
+        equity += value;
+        unrealized_total += unrealized;
+        positions.push(json!({
+            "symbol": r.get::<_, String>("symbol"),
+            "quantity": plain(qty),
+            "avg_cost": plain((cost / qty).round_dp(8)),
+            "avg_entry_price": plain((gross / qty).round_dp(8)),
+            "cost_basis": plain(cost),
+            "mark_price": mark.map(plain),
+            "priced": mark.is_some(),
+            "market_value": plain(value),
+            "unrealized_pnl": plain(unrealized),
+        }));
+    }
+    let trips = tx
+        .query_one(
+            "SELECT count(*) FILTER (WHERE closed_at IS NOT NULL) AS closed,
+                    count(*) FILTER (WHERE closed_at IS NOT NULL AND pnl > 0) AS wins
+             FROM round_trips WHERE portfolio_id = $1",
+            &[&q.portfolio_id],
+        )
+        .await
+        .map_err(DbError::from)?;
+    let closed: i64 = trips.get("closed");
+    let wins: i64 = trips.get("wins");
+    let nav = dec(&p, "nav_at_flow");
+    let e_flow = dec(&p, "equity_at_flow");
+    let total_return = if e_flow > Decimal::ZERO {
+        (nav * equity / e_flow - Decimal::ONE).round_dp(10)
+    } else {
+        (nav - Decimal::ONE).round_dp(10)
+    };
+    let win_rate = (closed > 0).then(|| plain((Decimal::from(wins) / Decimal::from(closed)).round_dp(10)));
+    Ok(json!({
+        "portfolio_id": p.get::<_, String>("portfolio_id"),
+        "user_id": p.get::<_, String>("user_id"),
+        "name": p.get::<_, String>("name"),
+        "quote_currency": p.get::<_, String>("quote_currency"),
+        "fee_rate": plain(dec(&p, "fee_rate")),
+        "status": p.get::<_, String>("status"),
+        "cash": plain(cash),
+        "positions": positions,
+        "equity": plain(equity),
+        "net_deposits": plain(dec(&p, "net_deposits")),
+        "realized_pnl": plain(dec(&p, "realized_pnl")),
+        "unrealized_pnl": plain(unrealized_total),
+        "fees_paid": plain(dec(&p, "fees_paid")),
+        "total_return": plain(total_return),
+        "trade_count": closed,
+        "fill_count": p.get::<_, i64>("fill_count"),
+        "win_rate": win_rate,
+        "rejected_signals": p.get::<_, i64>("rejected_signals"),
+        "attached_strategies": attached(tx, &q.portfolio_id).await?,
+        "opened_at": p.get::<_, chrono::DateTime<chrono::Utc>>("opened_at"),
+        "updated_at": p.get::<_, chrono::DateTime<chrono::Utc>>("updated_at"),
+        "version": p.get::<_, i64>("version"),
+        "as_of_seq": as_of_seq,
+    }))
+}
+
+async fn attached(tx: &Transaction<'_>, portfolio_id: &str) -> Result<Vec<String>, DbError> {
+    Ok(tx
+        .query(
+            "SELECT strategy_id FROM portfolio_strategies WHERE portfolio_id = $1 ORDER BY strategy_id",
+            &[&portfolio_id],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+fn strategy_row(r: &Row) -> Value {
+    json!({
+        "strategy_id": r.get::<_, String>("strategy_id"),
+        "user_id": r.get::<_, String>("user_id"),
+        "name": r.get::<_, String>("name"),
+        "status": r.get::<_, String>("status"),
+        "version": r.get::<_, i64>("version"),
+        "created_at": r.get::<_, chrono::DateTime<chrono::Utc>>("created_at"),
+        "updated_at": r.get::<_, chrono::DateTime<chrono::Utc>>("updated_at"),
+    })
+}
+
+/// `ch.query.strategy.list`: a user's strategies by `strategy_id`, keyset-paginated; the
+/// cursor is the last `strategy_id` of the previous page.
+///
+/// # Errors
+/// `bad_request` for an invalid id, limit or cursor.
+pub async fn strategy_list(tx: &Transaction<'_>, q: &StrategyListQuery) -> Result<Value, ApiError> {
+    check_id("user_id", &q.user_id)?;
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::bad_request("limit: must be between 1 and 500"));
+    }
+    if let Some(c) = &q.cursor {
+        check_id("cursor", c)?;
+    }
+    let as_of_seq = as_of(tx, "strategy").await?;
+    let rows = tx
+        .query(
+            "SELECT * FROM strategies
+             WHERE user_id = $1 AND ($2::text IS NULL OR strategy_id > $2)
+               AND ($3 OR status <> 'deleted')
+             ORDER BY strategy_id LIMIT $4",
+            &[&q.user_id, &q.cursor, &q.include_deleted, &(i64::from(limit) + 1)],
+        )
+        .await
+        .map_err(DbError::from)?;
+    let more = rows.len() > limit as usize;
+    let page: Vec<Value> = rows.iter().take(limit as usize).map(strategy_row).collect();
+    let next_cursor = if more {
+        page.last().map(|r| r["strategy_id"].clone())
+    } else {
+        None
+    };
+    Ok(json!({"strategies": page, "next_cursor": next_cursor, "as_of_seq": as_of_seq}))
+}
+
+/// `ch.query.strategy.get`: the strategy, its attached portfolios and their combined
+/// performance (from the portfolio read model).
+///
+/// # Errors
+/// `not_found` for an unknown strategy.
+pub async fn strategy_get(tx: &Transaction<'_>, q: &StrategyGetQuery) -> Result<Value, ApiError> {
+    check_id("strategy_id", &q.strategy_id)?;
+    let as_of_seq = as_of(tx, "strategy").await?.min(as_of(tx, "portfolio").await?);
+    let Some(r) = tx
+        .query_opt("SELECT * FROM strategies WHERE strategy_id = $1", &[&q.strategy_id])
+        .await
+        .map_err(DbError::from)?
+    else {
+        return Err(ApiError::not_found(format!("strategy {} not found", q.strategy_id)));
+    };
+    let mut v = strategy_row(&r);
+    v["rules"] = r.get::<_, Value>("rules");
+    v["risk_profile"] = r.get::<_, Value>("risk_profile");
+    let portfolios: Vec<String> = tx
+        .query(
+            "SELECT portfolio_id FROM portfolio_strategies WHERE strategy_id = $1 ORDER BY portfolio_id",
+            &[&q.strategy_id],
+        )
+        .await
+        .map_err(DbError::from)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let perf = tx
+        .query_one(
+            "SELECT COALESCE(sum(p.realized_pnl), 0) AS realized_pnl,
+                    COALESCE(sum(p.fees_paid), 0) AS fees_paid,
+                    COALESCE(sum(p.fill_count), 0)::bigint AS fill_count,
+                    COALESCE(sum(p.cash), 0) AS cash,
+                    (SELECT count(*) FROM round_trips t
+                      WHERE t.portfolio_id = ANY($1) AND t.closed_at IS NOT NULL) AS closed,
+                    (SELECT count(*) FROM round_trips t
+                      WHERE t.portfolio_id = ANY($1) AND t.closed_at IS NOT NULL AND t.pnl > 0) AS wins
+             FROM portfolios p WHERE p.portfolio_id = ANY($1)",
+            &[&portfolios],
+        )
+        .await
+        .map_err(DbError::from)?;
+    let closed: i64 = perf.get("closed");
+    let wins: i64 = perf.get("wins");
+    v["attached_portfolios"] = json!(portfolios);
+    v["performance"] = json!({
+        "portfolio_count": portfolios.len(),
+        "trade_count": closed,
+        "fill_count": perf.get::<_, i64>("fill_count"),
+        "win_rate": (closed > 0).then(|| plain((Decimal::from(wins) / Decimal::from(closed)).round_dp(10))),
+        "realized_pnl": plain(dec(&perf, "realized_pnl")),
+        "fees_paid": plain(dec(&perf, "fees_paid")),
+    });
+    v["as_of_seq"] = json!(as_of_seq);
+    Ok(v)
+}
+
+/// Equity of one portfolio at the current marks, as the read model knows it.
+///
+/// # Errors
+/// [`DbError`] on database trouble.
+pub async fn equity(tx: &Transaction<'_>, portfolio_id: &str) -> Result<Option<Decimal>, DbError> {
+    let row = tx.query_one(&format!("SELECT {EQUITY_SQL} AS e"), &[&portfolio_id]).await?;
+    Ok(row.get("e"))
+}

@@ -1,0 +1,158 @@
+//! The read-side workers: projector runner and query responder, as the binaries run them.
+
+use std::sync::Arc;
+
+use async_nats::Message;
+use ch_runtime::app::App;
+use ch_runtime::error::{ApiError, DbError};
+use ch_runtime::projector::{self, BatchConfig, Projection, Projector};
+use ch_runtime::query::{timeout_from, Progress};
+use ch_runtime::service::{self, Handler};
+use deadpool_postgres::Pool;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::queries::{self, Consistency, PerformanceQuery, StrategyGetQuery, StrategyListQuery};
+use crate::MIGRATIONS;
+
+/// Applies the read-model migrations to the configured schema (idempotent).
+///
+/// # Errors
+/// [`DbError`] when the database cannot be reached or a migration fails.
+pub async fn migrate(app: &App) -> Result<(), DbError> {
+    ch_runtime::pg::ensure_database(&app.cfg.database_url).await?;
+    ch_runtime::pg::migrate(&app.cfg.database_url, &app.cfg.db_schema, MIGRATIONS).await
+}
+
+/// Builds the projector of `projection` with the configured batching.
+///
+/// # Errors
+/// [`DbError`] when the pool cannot be built.
+pub fn projector<P: Projection>(app: &App, projection: P) -> Result<Projector<P>, DbError> {
+    Ok(Projector::new(
+        projection,
+        app.store.clone(),
+        app.pool()?,
+        app.client.clone(),
+        BatchConfig {
+            max: app.cfg.batch_max,
+            wait: app.cfg.batch_wait,
+        },
+        app.metrics.clone(),
+    ))
+}
+
+/// Runs a projector worker until `shutdown`.
+///
+/// # Errors
+/// When the schema cannot be migrated or the projector fails for good.
+pub async fn run_projector<P: Projection>(
+    app: App,
+    projection: P,
+    shutdown: CancellationToken,
+) -> Result<(), async_nats::Error> {
+    migrate(&app).await?;
+    projector::run(projector(&app, projection)?, shutdown).await
+}
+
+/// The query endpoints of API.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Query {
+    PortfolioPerformance,
+    StrategyList,
+    StrategyGet,
+}
+
+impl Query {
+    /// The subject suffix, e.g. `portfolio.performance`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Query::PortfolioPerformance => "portfolio.performance",
+            Query::StrategyList => "strategy.list",
+            Query::StrategyGet => "strategy.get",
+        }
+    }
+
+    /// The read models whose progress `min_stream_seq` waits for.
+    fn projections(self) -> &'static [&'static str] {
+        match self {
+            Query::PortfolioPerformance => &["portfolio"],
+            Query::StrategyList => &["strategy"],
+            Query::StrategyGet => &["strategy", "portfolio"],
+        }
+    }
+}
+
+struct QueryHandler {
+    pool: Pool,
+    progress: Progress,
+    queries: Vec<Query>,
+}
+
+impl QueryHandler {
+    async fn answer<Q: Consistency>(&self, query: Query, q: &Q) -> Result<Value, ApiError> {
+        let timeout = timeout_from(q.timeout_ms())?;
+        if let Some(min) = q.min_stream_seq() {
+            self.progress.wait_for(&self.pool, query.projections(), min, timeout).await?;
+        }
+        Ok(Value::Null)
+    }
+}
+
+impl Handler for QueryHandler {
+    async fn handle(&self, endpoint: &str, msg: &Message) -> Result<Value, ApiError> {
+        let query = self
+            .queries
+            .iter()
+            .copied()
+            .find(|q| q.name().replace('.', "_") == endpoint)
+            .ok_or_else(|| ApiError::not_found(format!("no query endpoint {endpoint}")))?;
+        let body = &msg.payload;
+        let mut conn = self.pool.get().await.map_err(DbError::from)?;
+        match query {
+            Query::PortfolioPerformance => {
+                let q: PerformanceQuery = queries::parse(body)?;
+                self.answer(query, &q).await?;
+                let tx = queries::snapshot(&mut conn).await?;
+                queries::portfolio_performance(&tx, &q).await
+            }
+            Query::StrategyList => {
+                let q: StrategyListQuery = queries::parse(body)?;
+                self.answer(query, &q).await?;
+                let tx = queries::snapshot(&mut conn).await?;
+                queries::strategy_list(&tx, &q).await
+            }
+            Query::StrategyGet => {
+                let q: StrategyGetQuery = queries::parse(body)?;
+                self.answer(query, &q).await?;
+                let tx = queries::snapshot(&mut conn).await?;
+                queries::strategy_get(&tx, &q).await
+            }
+        }
+    }
+}
+
+/// Serves `queries` until `shutdown`.
+///
+/// # Errors
+/// When the service cannot be registered or the database is unreachable.
+pub async fn run_queries(app: App, queries: &[Query], shutdown: CancellationToken) -> Result<(), async_nats::Error> {
+    migrate(&app).await?;
+    let mut projections: Vec<&'static str> = queries.iter().flat_map(|q| q.projections().iter().copied()).collect();
+    projections.sort_unstable();
+    projections.dedup();
+    let progress = Progress::subscribe(&app.client, &app.subjects, &projections).await?;
+    let spec = app.service_spec(
+        "CipherHorizon queries (API.md)",
+        queries
+            .iter()
+            .map(|q| (q.name().replace('.', "_"), app.subjects.query(q.name())))
+            .collect(),
+    );
+    let handler = Arc::new(QueryHandler {
+        pool: app.pool()?,
+        progress,
+        queries: queries.to_vec(),
+    });
+    service::serve(app.client.clone(), spec, handler, app.metrics.clone(), shutdown).await
+}

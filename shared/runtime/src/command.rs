@@ -1,0 +1,244 @@
+//! The command path shared by every command worker: load (cache, then stream), decide (pure
+//! domain), append with the expected subject sequence, retry on conflicts, reply.
+
+use std::future::Future;
+use std::time::Duration;
+
+use chrono::Utc;
+use ch_domain::event::SCHEMA_VERSION;
+use ch_domain::request::{reply_extra, Common};
+use ch_domain::{Aggregate, Ctx};
+use rand::Rng;
+use serde_json::{json, Value};
+use tracing::{debug, warn};
+use uuid::Uuid;
+
+use crate::envelope::{Meta, StoredEvent};
+use crate::error::{ApiError, StoreError};
+use crate::eventstore::EventStore;
+use crate::metrics::Metrics;
+use crate::repo::{Entry, Repo};
+
+/// How many times a command is decided again after losing an append race.
+pub const MAX_CONFLICT_RETRIES: u32 = 200;
+/// How many times an append is re-sent while the store is unreachable.
+const MAX_UNAVAILABLE_RETRIES: u32 = 3;
+
+/// Gathers the outside facts a decision needs (other aggregates, marks) before `decide`.
+pub trait FactSource<A: Aggregate>: Send + Sync {
+    /// # Errors
+    /// [`ApiError`] when a fact cannot be loaded or the command names something missing.
+    fn facts(
+        &self,
+        state: &A,
+        command: &A::Command,
+    ) -> impl Future<Output = Result<A::Facts, ApiError>> + Send;
+}
+
+/// Aggregates that need no outside facts.
+pub struct NoFacts;
+
+impl<A: Aggregate<Facts = ()>> FactSource<A> for NoFacts {
+    async fn facts(&self, _: &A, _: &A::Command) -> Result<(), ApiError> {
+        Ok(())
+    }
+}
+
+/// The reply of API.md for the events a command stored.
+pub fn reply(events: &[StoredEvent], duplicate: bool) -> Value {
+    let last = events.last().expect("a command stores at least one event");
+    let mut v = json!({
+        "aggregate_id": last.meta.aggregate_id,
+        "version": last.meta.aggregate_version,
+        "stream_seq": last.seq,
+        "events": events.iter().map(|e| json!({
+            "type": e.event.event_type(),
+            "stream_seq": e.seq,
+            "event_id": e.meta.event_id,
+        })).collect::<Vec<_>>(),
+    });
+    if duplicate {
+        v["duplicate"] = Value::Bool(true);
+    }
+    if let (Some(extra), Value::Object(map)) = (reply_extra(&last.event), &mut v) {
+        if let Value::Object(extra) = extra {
+            map.extend(extra);
+        }
+    }
+    v
+}
+
+/// Runs commands against one aggregate type.
+pub struct Executor<A: Aggregate> {
+    repo: Repo<A>,
+    metrics: Metrics,
+}
+
+impl<A: Aggregate> Executor<A>
+where
+    A::Command: Sync,
+{
+    pub fn new(store: EventStore, metrics: Metrics) -> Self {
+        Executor {
+            repo: Repo::new(store, 100_000),
+            metrics,
+        }
+    }
+
+    pub fn repo(&self) -> &Repo<A> {
+        &self.repo
+    }
+
+    fn store(&self) -> &EventStore {
+        self.repo.store()
+    }
+
+    async fn stored_reply(&self, seq: u64) -> Result<Value, ApiError> {
+        let ev = self
+            .store()
+            .get(seq)
+            .await?
+            .ok_or_else(|| ApiError::new(500, "internal", format!("event {seq} vanished")))?;
+        Ok(reply(&[ev], true))
+    }
+
+    /// Decides and stores `command` on aggregate `id`; returns the API reply.
+    ///
+    /// # Errors
+    /// [`ApiError`] with the code of API.md; nothing is stored then.
+    pub async fn execute(
+        &self,
+        id: &str,
+        common: &Common,
+        command: &A::Command,
+        facts: &impl FactSource<A>,
+    ) -> Result<Value, ApiError> {
+        let mut entry = self.repo.lock(id).await;
+        if entry.last_seq == 0 {
+            // Cold or new: whatever the stream has.
+            self.repo.catch_up(id, &mut entry).await?;
+        }
+        let mut unavailable = 0;
+        let mut attempt = 0;
+        let mut fresh = entry.last_seq == 0;
+        loop {
+            if let Some(seq) = common.command_id.as_ref().and_then(|c| entry.command_seq(c)) {
+                debug!(seq, "command already applied");
+                return self.stored_reply(seq).await;
+            }
+            if let Some(expected) = common.expected_version {
+                let version = entry.state.version();
+                if expected != version && !fresh {
+                    // The cache may be behind another replica's appends: look before refusing.
+                    self.repo.catch_up(id, &mut entry).await?;
+                    fresh = true;
+                    continue;
+                }
+                if expected != version {
+                    return Err(ApiError::conflict(format!(
+                        "expected_version {expected}, but {} {id} is at version {version}",
+                        A::TYPE.as_str()
+                    )));
+                }
+            }
+            let facts = facts.facts(&entry.state, command).await?;
+            let now = Utc::now();
+            let at = common
+                .at
+                .unwrap_or_else(|| entry.state.last_at().map_or(now, |last| last.max(now)));
+            let ctx = Ctx {
+                at,
+                now,
+                new_id: Uuid::now_v7(),
+            };
+            let events = entry.state.decide(command, &facts, &ctx)?;
+            let version = entry.state.version();
+            let pairs: Vec<(Meta, _)> = events
+                .into_iter()
+                .enumerate()
+                .map(|(i, event)| {
+                    let meta = Meta {
+                        event_id: Uuid::now_v7(),
+                        schema_version: SCHEMA_VERSION,
+                        aggregate_type: A::TYPE,
+                        aggregate_id: event.aggregate_id().to_owned(),
+                        aggregate_version: version + i as u64 + 1,
+                        occurred_at: at,
+                        recorded_at: now,
+                        command_id: common.command_id,
+                        correlation_id: common.command_id.map(|c| c.to_string()),
+                        causation_id: None,
+                    };
+                    (meta, event)
+                })
+                .collect();
+            let msg_id = common
+                .command_id
+                .map_or_else(|| pairs[0].0.event_id.to_string(), |c| c.to_string());
+            match self.store().append(entry.last_seq, &pairs, &msg_id).await {
+                Ok(app) if app.duplicate => {
+                    // The same command_id was stored meanwhile (a re-send racing the first).
+                    if pairs[0].0.aggregate_id == id {
+                        self.repo.catch_up(id, &mut entry).await?;
+                    }
+                    return self.stored_reply(app.seqs[0]).await;
+                }
+                Ok(app) => {
+                    let stored: Vec<StoredEvent> = pairs
+                        .into_iter()
+                        .zip(app.seqs)
+                        .map(|((meta, event), seq)| StoredEvent { seq, meta, event })
+                        .collect();
+                    for ev in &stored {
+                        entry.apply(ev);
+                    }
+                    if attempt > 0 {
+                        debug!(attempt, "appended after conflicts");
+                    }
+                    return Ok(reply(&stored, false));
+                }
+                Err(StoreError::Conflict) => {
+                    attempt += 1;
+                    self.metrics.conflict();
+                    if attempt > MAX_CONFLICT_RETRIES {
+                        warn!(attempt, "gave up after repeated append conflicts");
+                        return Err(ApiError::unavailable(format!(
+                            "{} {id} is too busy: {attempt} append conflicts in a row",
+                            A::TYPE.as_str()
+                        )));
+                    }
+                    let before = entry.last_seq;
+                    catch_up_or_reload(&self.repo, id, &mut entry).await?;
+                    if entry.last_seq == before || attempt > 3 {
+                        // Another writer is racing us: back off a little, with jitter.
+                        let ms = rand::thread_rng().gen_range(0..(2 * attempt.min(20) as u64 + 1));
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                    }
+                }
+                Err(StoreError::Unavailable(m)) => {
+                    unavailable += 1;
+                    if unavailable > MAX_UNAVAILABLE_RETRIES {
+                        return Err(ApiError::unavailable(format!("event store unavailable: {m}")));
+                    }
+                    warn!(error = %m, "append failed, retrying with the same message id");
+                    tokio::time::sleep(Duration::from_millis(100 * unavailable as u64)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// After a conflict: read what was appended since; if nothing new is visible (a lagging
+/// replica, or a cache that went wrong), reload from scratch.
+async fn catch_up_or_reload<A: Aggregate>(
+    repo: &Repo<A>,
+    id: &str,
+    entry: &mut Entry<A>,
+) -> Result<(), StoreError> {
+    let n = repo.catch_up(id, entry).await?;
+    if n == 0 {
+        repo.reload(id, entry).await?;
+    }
+    Ok(())
+}

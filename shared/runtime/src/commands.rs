@@ -1,0 +1,151 @@
+//! The command worker: serves any subset of the command endpoints of API.md. Each command
+//! binary (`cmd-strategy`, `cmd-portfolio`, `cmd-signal`, `cmd-market`) is this with its
+//! endpoints.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_nats::Message;
+use ch_domain::market::MarketState;
+use ch_domain::portfolio::{PortfolioCommand, PortfolioFacts, PortfolioState};
+use ch_domain::request::{parse_command, Endpoint, Target};
+use ch_domain::strategy::StrategyState;
+use ch_domain::Aggregate;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use tracing::Span;
+use uuid::Uuid;
+
+use crate::app::App;
+use crate::command::{Executor, FactSource, NoFacts};
+use crate::error::ApiError;
+use crate::service::{self, Handler};
+
+/// Loads what a portfolio decision needs: the strategy a command names, and the marks of the
+/// portfolio's symbols when the strategy's risk profile has a drawdown halt.
+struct PortfolioFactSource {
+    strategies: Arc<Executor<StrategyState>>,
+    markets: Arc<Executor<MarketState>>,
+}
+
+impl FactSource<PortfolioState> for PortfolioFactSource {
+    async fn facts(&self, state: &PortfolioState, command: &PortfolioCommand) -> Result<PortfolioFacts, ApiError> {
+        let strategy_id = match command {
+            PortfolioCommand::AttachStrategy { strategy_id }
+            | PortfolioCommand::DetachStrategy { strategy_id } => Some(strategy_id),
+            PortfolioCommand::ExecuteSignal(s) => Some(&s.strategy_id),
+            _ => None,
+        };
+        let mut facts = PortfolioFacts {
+            strategy: None,
+            marks: BTreeMap::new(),
+        };
+        if let Some(id) = strategy_id {
+            let s = self.strategies.repo().current(id).await?;
+            if s.version() > 0 {
+                facts.strategy = Some(s);
+            }
+        }
+        let halt = facts
+            .strategy
+            .as_ref()
+            .and_then(|s| s.risk_profile.as_ref())
+            .is_some_and(|r| r.max_drawdown_pct.is_some());
+        if let (true, PortfolioCommand::ExecuteSignal(_)) = (halt, command) {
+            for symbol in state.positions.keys() {
+                if let Some(p) = self.markets.repo().current(symbol).await?.price {
+                    facts.marks.insert(symbol.clone(), p);
+                }
+            }
+        }
+        Ok(facts)
+    }
+}
+
+/// Handles the command endpoints of one worker.
+pub struct Commands {
+    strategies: Arc<Executor<StrategyState>>,
+    portfolios: Executor<PortfolioState>,
+    markets: Arc<Executor<MarketState>>,
+    portfolio_facts: PortfolioFactSource,
+}
+
+impl Commands {
+    pub fn new(app: &App) -> Self {
+        let strategies = Arc::new(Executor::new(app.store.clone(), app.metrics.clone()));
+        let markets = Arc::new(Executor::new(app.store.clone(), app.metrics.clone()));
+        Commands {
+            portfolio_facts: PortfolioFactSource {
+                strategies: strategies.clone(),
+                markets: markets.clone(),
+            },
+            strategies,
+            portfolios: Executor::new(app.store.clone(), app.metrics.clone()),
+            markets,
+        }
+    }
+
+    /// Parses, decides and stores one command.
+    ///
+    /// # Errors
+    /// [`ApiError`] as API.md says; nothing is stored then.
+    pub async fn execute(&self, endpoint: Endpoint, body: &[u8]) -> Result<Value, ApiError> {
+        let mut parsed = parse_command(endpoint, body)?;
+        if let Target::Strategy { strategy_id: None, .. } = &parsed.target {
+            parsed.target.set_strategy_id(Uuid::now_v7().to_string());
+        }
+        let common = &parsed.common;
+        if let Some(c) = &common.command_id {
+            Span::current().record("command_id", tracing::field::display(c));
+        }
+        match &parsed.target {
+            Target::Strategy { strategy_id, command } => {
+                let id = strategy_id.as_deref().unwrap_or_default();
+                Span::current().record("aggregate_id", id);
+                self.strategies.execute(id, common, command, &NoFacts).await
+            }
+            Target::Portfolio { portfolio_id, command } => {
+                Span::current().record("aggregate_id", portfolio_id.as_str());
+                self.portfolios
+                    .execute(portfolio_id, common, command, &self.portfolio_facts)
+                    .await
+            }
+            Target::Market { symbol, command } => {
+                Span::current().record("aggregate_id", symbol.as_str());
+                self.markets.execute(symbol, common, command, &NoFacts).await
+            }
+        }
+    }
+}
+
+struct CommandHandler {
+    commands: Commands,
+}
+
+impl Handler for CommandHandler {
+    async fn handle(&self, endpoint: &str, msg: &Message) -> Result<Value, ApiError> {
+        let ep = Endpoint::ALL
+            .into_iter()
+            .find(|e| e.name().replace('.', "_") == endpoint)
+            .ok_or_else(|| ApiError::not_found(format!("no command endpoint {endpoint}")))?;
+        self.commands.execute(ep, &msg.payload).await
+    }
+}
+
+/// Serves `endpoints` until `shutdown`.
+///
+/// # Errors
+/// When the service cannot be registered.
+pub async fn run(app: App, endpoints: &[Endpoint], shutdown: CancellationToken) -> Result<(), async_nats::Error> {
+    let spec = app.service_spec(
+        "CipherHorizon commands (API.md)",
+        endpoints
+            .iter()
+            .map(|e| (e.name().replace('.', "_"), app.subjects.command(e.name())))
+            .collect(),
+    );
+    let handler = Arc::new(CommandHandler {
+        commands: Commands::new(&app),
+    });
+    service::serve(app.client.clone(), spec, handler, app.metrics.clone(), shutdown).await
+}

@@ -1,0 +1,189 @@
+//! One `Config` for every binary, read from `CH_*` environment variables (README lists them).
+
+use std::time::Duration;
+
+use thiserror::Error;
+
+/// How the read side keeps up with the write side (issue: synchronisation modes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    /// Projectors pull and apply asynchronously (default).
+    Eventual,
+    /// Projectors apply up to `batch_max` events or `batch_wait` per transaction.
+    Batch,
+    /// Command replies wait until the projectors applied their event.
+    Immediate,
+    /// Batch size follows the lag.
+    Adaptive,
+}
+
+impl SyncMode {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "eventual" => Some(SyncMode::Eventual),
+            "batch" => Some(SyncMode::Batch),
+            "immediate" => Some(SyncMode::Immediate),
+            "adaptive" => Some(SyncMode::Adaptive),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncMode::Eventual => "eventual",
+            SyncMode::Batch => "batch",
+            SyncMode::Immediate => "immediate",
+            SyncMode::Adaptive => "adaptive",
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(pub String);
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `CH_NATS_URL`, default `nats://127.0.0.1:14222` (the project's own nats-server).
+    pub nats_url: String,
+    /// `CH_DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/cipherhorizon`.
+    pub database_url: String,
+    /// `CH_DB_SCHEMA`, default `public`: the Postgres schema of the read models.
+    pub db_schema: String,
+    /// `CH_SUBJECT_PREFIX`, default `ch`.
+    pub prefix: String,
+    /// `CH_SYNC`, default `eventual`.
+    pub sync: SyncMode,
+    /// `CH_BATCH_MAX`, default 500: most events per projector transaction.
+    pub batch_max: usize,
+    /// `CH_BATCH_WAIT_MS`, default 0 (5 in `batch` mode): how long a projector waits to fill a batch.
+    pub batch_wait: Duration,
+    /// `CH_IMMEDIATE_TIMEOUT_MS`, default 2000: bound of the `immediate` mode's wait.
+    pub immediate_timeout: Duration,
+    /// `CH_DB_POOL`, default 16: Postgres connections per process.
+    pub db_pool_size: usize,
+    /// `CH_LOG_FORMAT`: `text` (default) or `json`.
+    pub log_json: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            nats_url: "nats://127.0.0.1:14222".into(),
+            database_url: "postgres://postgres@127.0.0.1:5432/cipherhorizon".into(),
+            db_schema: "public".into(),
+            prefix: "ch".into(),
+            sync: SyncMode::Eventual,
+            batch_max: 500,
+            batch_wait: Duration::ZERO,
+            immediate_timeout: Duration::from_millis(2000),
+            db_pool_size: 16,
+            log_json: false,
+        }
+    }
+}
+
+fn valid_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 32
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+impl Config {
+    /// Reads the environment.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the variable when a value is invalid.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// Reads configuration from any key lookup (tests pass a map).
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the variable when a value is invalid.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let mut c = Config::default();
+        if let Some(v) = get("CH_NATS_URL") {
+            c.nats_url = v;
+        }
+        if let Some(v) = get("CH_DATABASE_URL") {
+            c.database_url = v;
+        }
+        if let Some(v) = get("CH_DB_SCHEMA") {
+            if !valid_token(&v) {
+                return Err(ConfigError(format!("CH_DB_SCHEMA={v:?} must match [A-Za-z0-9_-]{{1,32}}")));
+            }
+            c.db_schema = v;
+        }
+        if let Some(v) = get("CH_SUBJECT_PREFIX") {
+            if !valid_token(&v) {
+                return Err(ConfigError(format!(
+                    "CH_SUBJECT_PREFIX={v:?} must be one subject token of [A-Za-z0-9_-]{{1,32}}"
+                )));
+            }
+            c.prefix = v;
+        }
+        if let Some(v) = get("CH_SYNC") {
+            c.sync = SyncMode::parse(&v).ok_or_else(|| {
+                ConfigError(format!("CH_SYNC={v:?}: expected eventual, batch, immediate or adaptive"))
+            })?;
+            if c.sync == SyncMode::Batch {
+                c.batch_wait = Duration::from_millis(5);
+            }
+        }
+        let num = |k: &str| -> Result<Option<u64>, ConfigError> {
+            get(k)
+                .map(|v| {
+                    v.parse::<u64>()
+                        .map_err(|_| ConfigError(format!("{k}={v:?} is not a whole number")))
+                })
+                .transpose()
+        };
+        if let Some(n) = num("CH_BATCH_MAX")? {
+            c.batch_max = n.clamp(1, 10_000) as usize;
+        }
+        if let Some(n) = num("CH_BATCH_WAIT_MS")? {
+            c.batch_wait = Duration::from_millis(n);
+        }
+        if let Some(n) = num("CH_IMMEDIATE_TIMEOUT_MS")? {
+            c.immediate_timeout = Duration::from_millis(n);
+        }
+        if let Some(n) = num("CH_DB_POOL")? {
+            c.db_pool_size = n.clamp(1, 256) as usize;
+        }
+        c.log_json = get("CH_LOG_FORMAT").as_deref() == Some("json");
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let m: HashMap<String, String> =
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Config::from_lookup(|k| m.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.prefix, "ch");
+        assert_eq!(c.sync, SyncMode::Eventual);
+        let c = cfg(&[("CH_SUBJECT_PREFIX", "t1"), ("CH_SYNC", "batch")]).unwrap();
+        assert_eq!(c.prefix, "t1");
+        assert_eq!(c.batch_wait, Duration::from_millis(5));
+    }
+
+    #[test]
+    fn rejects_prefix_with_wildcards_and_bad_modes() {
+        assert!(cfg(&[("CH_SUBJECT_PREFIX", "a.b")]).is_err());
+        assert!(cfg(&[("CH_SUBJECT_PREFIX", ">")]).is_err());
+        assert!(cfg(&[("CH_SYNC", "fast")]).is_err());
+        assert!(cfg(&[("CH_BATCH_MAX", "x")]).is_err());
+    }
+}

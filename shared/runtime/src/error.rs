@@ -1,0 +1,127 @@
+//! Typed errors of the plumbing, and the one place where every error becomes an API reply
+//! (API.md's table: status, code, message).
+
+use std::borrow::Cow;
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use ch_domain::DomainError;
+use serde_json::json;
+use thiserror::Error;
+
+/// An error reply: `Nats-Service-Error(-Code)` headers and `{"error": {...}}` body.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{code} ({status}): {message}")]
+pub struct ApiError {
+    pub status: u16,
+    pub code: Cow<'static, str>,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: u16, code: impl Into<Cow<'static, str>>, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(400, "bad_request", message)
+    }
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(404, "not_found", message)
+    }
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(409, "conflict", message)
+    }
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(503, "unavailable", message)
+    }
+    pub fn stale(message: impl Into<String>) -> Self {
+        Self::new(504, "stale", message)
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> Bytes {
+        let v = json!({"error": {"code": self.code, "status": self.status, "message": self.message}});
+        Bytes::from(serde_json::to_vec(&v).expect("json serializes"))
+    }
+
+    /// The NATS service error headers.
+    pub fn headers(&self) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        // Header values must be one line.
+        let msg: String = self.message.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+        h.insert("Nats-Service-Error", msg.as_str());
+        h.insert("Nats-Service-Error-Code", self.status.to_string().as_str());
+        h.insert("Content-Type", "application/json");
+        h
+    }
+}
+
+impl From<DomainError> for ApiError {
+    fn from(e: DomainError) -> Self {
+        ApiError::new(e.status(), e.code(), e.to_string())
+    }
+}
+
+/// A stored envelope that cannot be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("undecodable event: {0}")]
+pub struct DecodeError(pub String);
+
+/// Failures of the JetStream event store, classified by what the caller must do.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// The subject moved on since the state was loaded: reload and decide again.
+    #[error("wrong last subject sequence")]
+    Conflict,
+    /// NATS or JetStream is unreachable or timed out: retry later.
+    #[error("event store unavailable: {0}")]
+    Unavailable(String),
+    /// A stored event could not be read.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// Something this code did not expect (a bug or a misconfigured stream).
+    #[error("event store: {0}")]
+    Other(String),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict => ApiError::conflict("the aggregate changed concurrently"),
+            StoreError::Unavailable(m) => ApiError::unavailable(m),
+            StoreError::Decode(d) => ApiError::new(500, "internal", d.to_string()),
+            StoreError::Other(m) => ApiError::new(500, "internal", m),
+        }
+    }
+}
+
+/// Postgres errors on the read side.
+#[derive(Debug, Error)]
+pub enum DbError {
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("database: {0}")]
+    Query(#[from] tokio_postgres::Error),
+}
+
+impl From<deadpool_postgres::PoolError> for DbError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        DbError::Unavailable(e.to_string())
+    }
+}
+
+impl From<DbError> for ApiError {
+    fn from(e: DbError) -> Self {
+        match &e {
+            DbError::Unavailable(_) => ApiError::unavailable(e.to_string()),
+            DbError::Query(q) if q.is_closed() || q.as_db_error().is_none() => {
+                ApiError::unavailable(e.to_string())
+            }
+            DbError::Query(_) => ApiError::new(500, "internal", e.to_string()),
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! Operator metrics of a worker, exposed through the NATS micro `$SRV.STATS` reply (`data`).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+
+#[derive(Default)]
+struct Inner {
+    conflicts: AtomicU64,
+    endpoints: Mutex<HashMap<String, EndpointMetrics>>,
+    gauges: Mutex<HashMap<&'static str, i64>>,
+}
+
+struct EndpointMetrics {
+    ok: u64,
+    errors: HashMap<String, u64>,
+    latency_us: Histogram<u64>,
+}
+
+impl EndpointMetrics {
+    fn new() -> Self {
+        EndpointMetrics {
+            ok: 0,
+            errors: HashMap::new(),
+            latency_us: Histogram::new_with_bounds(1, 60_000_000, 2).expect("valid bounds"),
+        }
+    }
+}
+
+/// Cheap to clone; shared by a worker's tasks.
+#[derive(Clone, Default)]
+pub struct Metrics(Arc<Inner>);
+
+impl Metrics {
+    /// Records one answered request: `error` is the API code of an error reply.
+    pub fn request(&self, endpoint: &str, latency: Duration, error: Option<&str>) {
+        let mut map = self.0.endpoints.lock().expect("metrics lock");
+        let m = map.entry(endpoint.to_owned()).or_insert_with(EndpointMetrics::new);
+        match error {
+            None => m.ok += 1,
+            Some(code) => *m.errors.entry(code.to_owned()).or_default() += 1,
+        }
+        let _ = m.latency_us.record((latency.as_micros() as u64).max(1));
+    }
+
+    /// Counts one lost append race (the command is decided again).
+    pub fn conflict(&self) {
+        self.0.conflicts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Sets a named gauge (e.g. a projector's `last_seq` or `lag`).
+    pub fn gauge(&self, name: &'static str, value: i64) {
+        self.0.gauges.lock().expect("metrics lock").insert(name, value);
+    }
+
+    /// The `data` of one endpoint's stats, plus worker-wide figures.
+    pub fn snapshot(&self, endpoint: &str) -> Value {
+        let map = self.0.endpoints.lock().expect("metrics lock");
+        let gauges = self.0.gauges.lock().expect("metrics lock").clone();
+        let mut v = json!({
+            "append_conflicts": self.0.conflicts.load(Ordering::Relaxed),
+            "gauges": gauges,
+        });
+        if let Some(m) = map.get(endpoint) {
+            let q = |p: f64| m.latency_us.value_at_quantile(p) as f64 / 1000.0;
+            v["ok"] = json!(m.ok);
+            v["errors_by_code"] = json!(m.errors);
+            v["latency_ms"] = json!({"p50": q(0.5), "p99": q(0.99), "p999": q(0.999), "max": m.latency_us.max() as f64 / 1000.0});
+        }
+        v
+    }
+}

@@ -1,0 +1,135 @@
+//! PostgreSQL: a connection pool whose sessions use the configured schema, and a small
+//! migration runner (the migrations themselves live in `ch-readmodel`).
+
+use std::str::FromStr;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::NoTls;
+use tracing::info;
+
+use crate::error::DbError;
+
+/// A pool whose connections have `search_path` set to `schema`.
+///
+/// # Errors
+/// [`DbError::Unavailable`] when the URL is invalid.
+pub fn pool(database_url: &str, schema: &str, size: usize) -> Result<Pool, DbError> {
+    let mut cfg = tokio_postgres::Config::from_str(database_url)
+        .map_err(|e| DbError::Unavailable(format!("CH_DATABASE_URL: {e}")))?;
+    cfg.options(format!("-c search_path={schema}"));
+    if cfg.get_application_name().is_none() {
+        cfg.application_name("cipherhorizon");
+    }
+    let mgr = Manager::from_config(
+        cfg,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(mgr)
+        .max_size(size)
+        .build()
+        .map_err(|e| DbError::Unavailable(e.to_string()))
+}
+
+/// Connects without a pool (admin work: creating databases, advisory locks).
+///
+/// # Errors
+/// [`DbError`] when the server cannot be reached.
+pub async fn connect(database_url: &str, schema: Option<&str>) -> Result<tokio_postgres::Client, DbError> {
+    let mut cfg = tokio_postgres::Config::from_str(database_url)
+        .map_err(|e| DbError::Unavailable(format!("CH_DATABASE_URL: {e}")))?;
+    if let Some(s) = schema {
+        cfg.options(format!("-c search_path={s}"));
+    }
+    let (client, conn) = cfg
+        .connect(NoTls)
+        .await
+        .map_err(|e| DbError::Unavailable(e.to_string()))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "postgres connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// Creates the database named in `database_url` if it does not exist (connecting to the
+/// `postgres` database to do so).
+///
+/// # Errors
+/// [`DbError`] when the server cannot be reached or refuses.
+pub async fn ensure_database(database_url: &str) -> Result<(), DbError> {
+    let cfg = tokio_postgres::Config::from_str(database_url)
+        .map_err(|e| DbError::Unavailable(format!("CH_DATABASE_URL: {e}")))?;
+    let Some(db) = cfg.get_dbname().map(str::to_owned) else {
+        return Ok(());
+    };
+    let mut admin = cfg.clone();
+    admin.dbname("postgres");
+    let (client, conn) = admin
+        .connect(NoTls)
+        .await
+        .map_err(|e| DbError::Unavailable(e.to_string()))?;
+    tokio::spawn(conn);
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&db])
+        .await?
+        .is_some();
+    if !exists {
+        let quoted = db.replace('"', "\"\"");
+        match client.batch_execute(&format!("CREATE DATABASE \"{quoted}\"")).await {
+            Ok(()) => info!(database = %db, "created database"),
+            // Another process created it at the same time.
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// One schema migration: a version number and its SQL.
+pub struct Migration {
+    pub version: i32,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+/// Creates `schema` and applies the migrations it does not have yet, in one transaction
+/// guarded by an advisory lock (several workers may start at once).
+///
+/// # Errors
+/// [`DbError`] when a migration fails; nothing of it is applied then.
+pub async fn migrate(database_url: &str, schema: &str, migrations: &[Migration]) -> Result<(), DbError> {
+    let mut client = connect(database_url, Some(schema)).await?;
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock(hashtext('ch_migrate:' || $1))", &[&schema])
+        .await?;
+    let quoted = schema.replace('"', "\"\"");
+    tx.batch_execute(&format!(
+        "CREATE SCHEMA IF NOT EXISTS \"{quoted}\";
+         CREATE TABLE IF NOT EXISTS ch_migrations (
+             version integer PRIMARY KEY,
+             name text NOT NULL,
+             applied_at timestamptz NOT NULL DEFAULT now())"
+    ))
+    .await?;
+    let applied: Vec<i32> = tx
+        .query("SELECT version FROM ch_migrations", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for m in migrations.iter().filter(|m| !applied.contains(&m.version)) {
+        tx.batch_execute(m.sql).await?;
+        tx.execute(
+            "INSERT INTO ch_migrations (version, name) VALUES ($1, $2)",
+            &[&m.version, &m.name],
+        )
+        .await?;
+        info!(schema, version = m.version, name = m.name, "applied migration");
+    }
+    tx.commit().await?;
+    Ok(())
+}

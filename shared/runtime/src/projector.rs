@@ -1,0 +1,595 @@
+//! The projector harness: keeps one read model in PostgreSQL up to date with the stream,
+//! exactly once in effect.
+//!
+//! - One durable pull consumer per projection, explicit ack.
+//! - One Postgres transaction per batch: apply the events, move the checkpoint
+//!   (`ch_checkpoints`), commit, then ack. Events at or below the checkpoint are skipped, so
+//!   redeliveries after a crash change nothing.
+//! - The consumer covers every subject of the stream, so sequences are contiguous: a gap
+//!   (a rebuild reset the checkpoint, or a redelivery came out of order) is filled by reading
+//!   the stream with an ordered consumer, in chunked transactions, before going on.
+//! - One active projector per projection and schema: a Postgres advisory lock; replicas wait.
+//! - A poison event (undecodable, or a data error in its SQL) is published to the dead-letter
+//!   subject with its error, logged, counted, and skipped; transient errors retry with backoff.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::{self, pull, DeliverPolicy};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use deadpool_postgres::Pool;
+use futures::{FutureExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::Transaction;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, info_span, warn, Instrument};
+
+use crate::envelope::{self, StoredEvent};
+use crate::error::{ApiError, DbError, StoreError};
+use crate::eventstore::{consumer_config, EventStore};
+use crate::metrics::Metrics;
+use crate::service::{self, EndpointSpec, Handler, ServiceSpec};
+
+/// A read model fed by events.
+pub trait Projection: Send + Sync + 'static {
+    /// `portfolio`, `strategy`: the checkpoint row, the subjects, the service name.
+    fn name(&self) -> &'static str;
+    /// The durable consumer definition (a file of `nats/consumers/`).
+    fn consumer_json(&self) -> &'static str;
+    /// Applies one event inside the batch's transaction.
+    fn apply(
+        &self,
+        tx: &Transaction<'_>,
+        ev: &StoredEvent,
+    ) -> impl Future<Output = Result<(), tokio_postgres::Error>> + Send;
+    /// Empties the read model's tables (a rebuild then replays the stream).
+    fn reset(&self, tx: &Transaction<'_>) -> impl Future<Output = Result<(), tokio_postgres::Error>> + Send;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectorError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<tokio_postgres::Error> for ProjectorError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        ProjectorError::Db(DbError::Query(e))
+    }
+}
+
+/// How batches are formed.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchConfig {
+    /// Most events per transaction.
+    pub max: usize,
+    /// How long to wait to fill a batch once its first event is in (0 = take what is there).
+    pub wait: Duration,
+}
+
+/// One raw message of the stream.
+struct Raw {
+    seq: u64,
+    payload: Bytes,
+}
+
+enum Chunk {
+    /// Applied (or skipped) up to this sequence.
+    Done(u64),
+    /// The checkpoint is below the chunk's first sequence minus one.
+    Gap { checkpoint: u64, first: u64 },
+}
+
+/// Is a Postgres error worth retrying (connection, serialization, resources)?
+fn transient(e: &tokio_postgres::Error) -> bool {
+    match e.code() {
+        None => true,
+        Some(c) => {
+            let class = &c.code()[..2];
+            matches!(class, "08" | "40" | "53" | "57" | "58") || *c == SqlState::LOCK_NOT_AVAILABLE
+        }
+    }
+}
+
+/// Reads a projection's checkpoint (0 when it has none yet).
+///
+/// # Errors
+/// [`DbError`] on database trouble.
+pub async fn checkpoint(client: &impl tokio_postgres::GenericClient, name: &str) -> Result<u64, DbError> {
+    let row = client
+        .query_opt("SELECT last_seq FROM ch_checkpoints WHERE projection = $1", &[&name])
+        .await?;
+    Ok(row.map_or(0, |r| r.get::<_, i64>(0) as u64))
+}
+
+/// The connection that holds a projection's session advisory lock. Dropping it closes the
+/// connection, which releases the lock (returning it to the pool would keep the lock held),
+/// also when the task holding it is aborted.
+struct Leader(Option<deadpool_postgres::Object>);
+
+impl Drop for Leader {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            drop(deadpool_postgres::Object::take(conn));
+        }
+    }
+}
+
+fn release(leader: Leader) {
+    drop(leader);
+}
+
+/// Runs one projection.
+pub struct Projector<P: Projection> {
+    projection: Arc<P>,
+    store: EventStore,
+    pool: Pool,
+    client: async_nats::Client,
+    batch: BatchConfig,
+    metrics: Metrics,
+}
+
+impl<P: Projection> Projector<P> {
+    pub fn new(
+        projection: P,
+        store: EventStore,
+        pool: Pool,
+        client: async_nats::Client,
+        batch: BatchConfig,
+        metrics: Metrics,
+    ) -> Self {
+        Projector {
+            projection: Arc::new(projection),
+            store,
+            pool,
+            client,
+            batch,
+            metrics,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        self.projection.name()
+    }
+
+    /// Applies one chunk of consecutive messages in one transaction.
+    async fn apply_chunk(&self, raws: &[Raw]) -> Result<Chunk, ProjectorError> {
+        let name = self.name();
+        let mut conn = self.pool.get().await.map_err(DbError::from)?;
+        let tx = conn.transaction().await?;
+        tx.execute(
+            "INSERT INTO ch_checkpoints (projection, last_seq) VALUES ($1, 0) ON CONFLICT DO NOTHING",
+            &[&name],
+        )
+        .await?;
+        let cp: i64 = tx
+            .query_one(
+                "SELECT last_seq FROM ch_checkpoints WHERE projection = $1 FOR UPDATE",
+                &[&name],
+            )
+            .await?
+            .get(0);
+        let mut last = cp as u64;
+        let mut dead = Vec::new();
+        for raw in raws {
+            if raw.seq <= last {
+                continue;
+            }
+            if raw.seq > last + 1 {
+                return Ok(Chunk::Gap {
+                    checkpoint: last,
+                    first: raw.seq,
+                });
+            }
+            match envelope::decode(raw.seq, &raw.payload) {
+                Ok(ev) => self.projection.apply(&tx, &ev).await?,
+                Err(e) => dead.push((raw, e.to_string())),
+            }
+            last = raw.seq;
+        }
+        if last != cp as u64 {
+            tx.execute(
+                "UPDATE ch_checkpoints SET last_seq = $2, updated_at = now() WHERE projection = $1",
+                &[&name, &(last as i64)],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        for (raw, why) in dead {
+            self.dead_letter(raw, &why).await;
+        }
+        Ok(Chunk::Done(last))
+    }
+
+    async fn dead_letter(&self, raw: &Raw, why: &str) {
+        error!(seq = raw.seq, error = why, "dead-lettered an event the projection cannot apply");
+        self.metrics.gauge("dead_letters_last_seq", raw.seq as i64);
+        let mut h = HeaderMap::new();
+        h.insert("Ch-Error", why.replace(['\r', '\n'], " ").as_str());
+        h.insert("Ch-Stream-Seq", raw.seq.to_string().as_str());
+        let subject = self.store.subjects().dead_letter(self.name());
+        if let Err(e) = self.client.publish_with_headers(subject, h, raw.payload.clone()).await {
+            warn!(error = %e, "could not publish the dead letter");
+        }
+    }
+
+    /// Applies a chunk; on a data error in one event, applies the events one by one and
+    /// dead-letters the one that fails. Transient errors are returned for a retry.
+    async fn apply_robust(&self, raws: &[Raw]) -> Result<Chunk, ProjectorError> {
+        match self.apply_chunk(raws).await {
+            Err(ProjectorError::Db(DbError::Query(e))) if !transient(&e) => {
+                warn!(error = %e, events = raws.len(), "batch failed; applying one by one");
+                let mut done = 0;
+                for raw in raws {
+                    match self.apply_chunk(std::slice::from_ref(raw)).await {
+                        Ok(Chunk::Done(s)) => done = s,
+                        Ok(gap @ Chunk::Gap { .. }) => return Ok(gap),
+                        Err(ProjectorError::Db(DbError::Query(e))) if !transient(&e) => {
+                            self.dead_letter(raw, &e.to_string()).await;
+                            self.skip(raw.seq).await?;
+                            done = raw.seq;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(Chunk::Done(done))
+            }
+            other => other,
+        }
+    }
+
+    /// Moves the checkpoint past a dead-lettered event.
+    async fn skip(&self, seq: u64) -> Result<(), ProjectorError> {
+        let conn = self.pool.get().await.map_err(DbError::from)?;
+        conn.execute(
+            "UPDATE ch_checkpoints SET last_seq = $2, updated_at = now() WHERE projection = $1 AND last_seq = $3",
+            &[&self.name(), &(seq as i64), &(seq as i64 - 1)],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Replays the stream from the checkpoint up to `to` (inclusive) with an ordered consumer,
+    /// in chunks of the batch size. Used to fill gaps and by `chctl rebuild`.
+    ///
+    /// # Errors
+    /// [`ProjectorError`] on store or database trouble.
+    pub async fn catch_up(&self, to: u64) -> Result<u64, ProjectorError> {
+        let from = {
+            let conn = self.pool.get().await.map_err(DbError::from)?;
+            checkpoint(&**conn, self.name()).await?
+        };
+        if from >= to {
+            return Ok(from);
+        }
+        let started = Instant::now();
+        info!(projection = self.name(), from = from + 1, to, "catching up from the stream");
+        let consumer = self
+            .store
+            .stream()
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: self.store.subjects().events_filter(),
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: from + 1,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let chunk_size = self.batch.max.max(1000);
+        let mut chunk = Vec::with_capacity(chunk_size);
+        let mut last = from;
+        let mut next_report = Instant::now() + Duration::from_secs(2);
+        while last < to {
+            let msg = match tokio::time::timeout(Duration::from_secs(10), messages.next()).await {
+                Ok(Some(Ok(m))) => m,
+                Ok(Some(Err(e))) => return Err(StoreError::Unavailable(e.to_string()).into()),
+                Ok(None) | Err(_) => {
+                    return Err(StoreError::Unavailable(format!("replay stalled at {last}")).into())
+                }
+            };
+            let seq = msg
+                .info()
+                .map_err(|e| StoreError::Other(e.to_string()))?
+                .stream_sequence;
+            chunk.push(Raw {
+                seq,
+                payload: msg.payload.clone(),
+            });
+            if chunk.len() >= chunk_size || seq >= to {
+                match self.apply_robust(&chunk).await? {
+                    Chunk::Done(s) => last = s,
+                    Chunk::Gap { checkpoint, first } => {
+                        return Err(StoreError::Other(format!(
+                            "ordered replay skipped from {checkpoint} to {first}"
+                        ))
+                        .into())
+                    }
+                }
+                chunk.clear();
+                if Instant::now() >= next_report {
+                    let rate = (last - from) as f64 / started.elapsed().as_secs_f64();
+                    info!(projection = self.name(), at = last, to, events_per_sec = rate as u64, "catching up");
+                    next_report = Instant::now() + Duration::from_secs(2);
+                }
+            }
+        }
+        self.announce(last).await;
+        let secs = started.elapsed().as_secs_f64();
+        info!(
+            projection = self.name(),
+            events = last - from,
+            seconds = secs,
+            events_per_sec = ((last - from) as f64 / secs.max(1e-9)) as u64,
+            "caught up"
+        );
+        Ok(last)
+    }
+
+    async fn announce(&self, seq: u64) {
+        self.metrics.gauge("last_seq", seq as i64);
+        let subject = self.store.subjects().progress(self.name());
+        let _ = self.client.publish(subject, seq.to_string().into()).await;
+    }
+
+    /// Applies a batch from the durable consumer, filling a gap first if there is one.
+    async fn process(&self, raws: &[Raw]) -> Result<u64, ProjectorError> {
+        loop {
+            match self.apply_robust(raws).await? {
+                Chunk::Done(s) => return Ok(s),
+                Chunk::Gap { checkpoint, first } => {
+                    debug!(checkpoint, first, "gap before batch");
+                    self.catch_up(first - 1).await?;
+                }
+            }
+        }
+    }
+
+    /// Waits to become the active projector of this projection (advisory lock held by a
+    /// dedicated connection for as long as this projector runs).
+    async fn lead(&self, shutdown: &CancellationToken) -> Result<Option<Leader>, ProjectorError> {
+        let conn = self.pool.get().await.map_err(DbError::from)?;
+        let key = format!("ch_projector:{}", self.name());
+        let mut logged = false;
+        loop {
+            let got: bool = conn
+                .query_one("SELECT pg_try_advisory_lock(hashtext(current_schema() || $1))", &[&key])
+                .await?
+                .get(0);
+            if got {
+                return Ok(Some(Leader(Some(conn))));
+            }
+            if !logged {
+                info!(projection = self.name(), "another projector is active; standing by");
+                logged = true;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// Runs until `shutdown`: the batch in hand is committed and acked before returning.
+    ///
+    /// # Errors
+    /// [`ProjectorError`] when the consumer cannot be created or the database is gone for good.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), ProjectorError> {
+        let Some(leader_conn) = self.lead(&shutdown).await? else {
+            return Ok(());
+        };
+        let name = self.name();
+        let mut cfg = consumer_config(self.projection.consumer_json(), self.store.subjects())?;
+        // Only used if the durable does not exist yet: start where the read model is.
+        let cp = {
+            let conn = self.pool.get().await.map_err(DbError::from)?;
+            checkpoint(&**conn, name).await?
+        };
+        cfg.deliver_policy = DeliverPolicy::ByStartSequence {
+            start_sequence: cp + 1,
+        };
+        let consumer: consumer::Consumer<pull::Config> = self
+            .store
+            .stream()
+            .get_or_create_consumer(cfg.durable_name.clone().unwrap_or_default().as_str(), cfg)
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        // Catch up first with an ordered replay: fast after a rebuild or a long outage.
+        let head = self.store.last_seq().await?;
+        self.catch_up(head).await?;
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(self.batch.max.max(1))
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        info!(projection = name, batch_max = self.batch.max, "projecting");
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                m = tokio::time::timeout(Duration::from_secs(1), messages.next()) => m,
+            };
+            let first = match first {
+                Err(_) => {
+                    // Idle: make sure nothing was reset behind our back (a rebuild).
+                    let head = self.store.last_seq().await?;
+                    self.catch_up(head).await?;
+                    continue;
+                }
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    warn!(error = %e, "consumer error");
+                    continue;
+                }
+                Ok(Some(Ok(m))) => m,
+            };
+            let mut batch = vec![first];
+            let deadline = tokio::time::Instant::now() + self.batch.wait;
+            while batch.len() < self.batch.max {
+                let next = if self.batch.wait.is_zero() {
+                    messages.next().now_or_never().flatten()
+                } else {
+                    tokio::time::timeout_at(deadline, messages.next()).await.ok().flatten()
+                };
+                match next {
+                    Some(Ok(m)) => batch.push(m),
+                    Some(Err(e)) => {
+                        warn!(error = %e, "consumer error");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            let mut raws = Vec::with_capacity(batch.len());
+            for m in &batch {
+                match m.info() {
+                    Ok(i) => raws.push(Raw {
+                        seq: i.stream_sequence,
+                        payload: m.payload.clone(),
+                    }),
+                    Err(e) => warn!(error = %e, "message without JetStream metadata"),
+                }
+            }
+            raws.sort_by_key(|r| r.seq);
+            let span = info_span!("batch", projection = name, events = raws.len(),
+                first_seq = raws.first().map(|r| r.seq), last_seq = raws.last().map(|r| r.seq));
+            let result = self.process(&raws).instrument(span.clone()).await;
+            match result {
+                Ok(last) => {
+                    backoff = Duration::from_millis(50);
+                    for m in &batch {
+                        if let Err(e) = m.ack().await {
+                            debug!(error = %e, "ack failed; the redelivery will be skipped");
+                        }
+                    }
+                    self.announce(last).await;
+                    span.in_scope(|| debug!(last_seq = last, "committed"));
+                }
+                Err(e) => {
+                    error!(projection = name, error = %e, "batch failed; will retry");
+                    for m in &batch {
+                        let _ = m.ack_with(async_nats::jetstream::AckKind::Nak(Some(backoff))).await;
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        release(leader_conn);
+        info!(projection = name, "projector stopped");
+        Ok(())
+    }
+
+    /// Empties the read model and sets its checkpoint to 0, in one transaction. A running
+    /// projector notices the gap and replays the stream (see [`Projector::rebuild`]).
+    ///
+    /// # Errors
+    /// [`ProjectorError`] on database trouble.
+    pub async fn reset(&self) -> Result<(), ProjectorError> {
+        let mut conn = self.pool.get().await.map_err(DbError::from)?;
+        let tx = conn.transaction().await?;
+        tx.execute(
+            "INSERT INTO ch_checkpoints (projection, last_seq) VALUES ($1, 0)
+             ON CONFLICT (projection) DO UPDATE SET last_seq = 0, updated_at = now()",
+            &[&self.name()],
+        )
+        .await?;
+        self.projection.reset(&tx).await?;
+        tx.commit().await?;
+        info!(projection = self.name(), "read model reset");
+        Ok(())
+    }
+
+    /// Rebuilds the read model from the whole stream: reset, then replay. When another
+    /// projector is active it does the replay (returns `None`); otherwise this call replays
+    /// and returns the sequence it reached.
+    ///
+    /// # Errors
+    /// [`ProjectorError`] on store or database trouble.
+    pub async fn rebuild(&self) -> Result<Option<u64>, ProjectorError> {
+        let lock = self.lead_once().await?;
+        self.reset().await?;
+        let Some(lock) = lock else {
+            return Ok(None);
+        };
+        let head = self.store.last_seq().await?;
+        let last = self.catch_up(head).await;
+        release(lock);
+        Ok(Some(last?))
+    }
+
+    async fn lead_once(&self) -> Result<Option<Leader>, ProjectorError> {
+        let conn = self.pool.get().await.map_err(DbError::from)?;
+        let key = format!("ch_projector:{}", self.name());
+        let got: bool = conn
+            .query_one("SELECT pg_try_advisory_lock(hashtext(current_schema() || $1))", &[&key])
+            .await?
+            .get(0);
+        Ok(got.then_some(Leader(Some(conn))))
+    }
+
+    /// The status reply: checkpoint, stream head and lag.
+    async fn status(&self) -> Result<Value, ApiError> {
+        let conn = self.pool.get().await.map_err(DbError::from)?;
+        let last = checkpoint(&**conn, self.name()).await?;
+        let head = self.store.last_seq().await?;
+        Ok(json!({
+            "projection": self.name(),
+            "last_seq": last,
+            "stream_last_seq": head,
+            "lag_events": head.saturating_sub(last),
+        }))
+    }
+}
+
+struct StatusHandler<P: Projection>(Arc<Projector<P>>);
+
+impl<P: Projection> Handler for StatusHandler<P> {
+    async fn handle(&self, _: &str, _: &async_nats::Message) -> Result<Value, ApiError> {
+        self.0.status().await
+    }
+}
+
+/// Runs a projector and its micro service (`<prefix>-proj-<name>`, endpoint `status`) until
+/// `shutdown`.
+///
+/// # Errors
+/// When the projector or its service fails to start.
+pub async fn run<P: Projection>(projector: Projector<P>, shutdown: CancellationToken) -> Result<(), async_nats::Error> {
+    let projector = Arc::new(projector);
+    let subjects = projector.store.subjects().clone();
+    let spec = ServiceSpec {
+        name: subjects.service_name(&format!("proj-{}", projector.name())),
+        description: format!("projector of the {} read model", projector.name()),
+        endpoints: vec![EndpointSpec {
+            name: "status".into(),
+            subject: subjects.projector_status(projector.name()),
+        }],
+    };
+    let svc = tokio::spawn(service::serve(
+        projector.client.clone(),
+        spec,
+        Arc::new(StatusHandler(projector.clone())),
+        projector.metrics.clone(),
+        shutdown.clone(),
+    ));
+    let result = projector.clone().run(shutdown.clone()).await;
+    shutdown.cancel();
+    let _ = svc.await;
+    result.map_err(Into::into)
+}

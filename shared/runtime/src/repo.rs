@@ -1,0 +1,123 @@
+//! A command worker's cache of aggregate states: one entry per aggregate, each behind its own
+//! async mutex so that commands on one aggregate are decided one at a time in this process
+//! (across processes, optimistic concurrency takes over). Caches are only caches: an entry can
+//! be dropped at any time and is rebuilt from the stream.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use ch_domain::Aggregate;
+use tokio::sync::OwnedMutexGuard;
+use uuid::Uuid;
+
+use crate::envelope::StoredEvent;
+use crate::error::StoreError;
+use crate::eventstore::EventStore;
+
+/// The cached state of one aggregate.
+#[derive(Debug, Default)]
+pub struct Entry<A> {
+    pub state: A,
+    /// Stream sequence of the last applied event (0 = none).
+    pub last_seq: u64,
+    /// `command_id` -> stream sequence of the event it produced, for idempotent replies.
+    commands: HashMap<Uuid, u64>,
+}
+
+impl<A: Aggregate> Entry<A> {
+    /// Folds one stored event into the entry.
+    pub fn apply(&mut self, ev: &StoredEvent) {
+        self.state.apply(&ev.event, ev.meta.occurred_at);
+        self.last_seq = ev.seq;
+        if let Some(cid) = ev.meta.command_id {
+            self.commands.insert(cid, ev.seq);
+        }
+    }
+
+    /// The sequence of the event a command produced, if this aggregate has seen it.
+    pub fn command_seq(&self, command_id: &Uuid) -> Option<u64> {
+        self.commands.get(command_id).copied()
+    }
+
+    fn reset(&mut self) {
+        *self = Entry {
+            state: A::default(),
+            last_seq: 0,
+            commands: HashMap::new(),
+        };
+    }
+}
+
+type Slot<A> = Arc<tokio::sync::Mutex<Entry<A>>>;
+
+/// The aggregate cache of one aggregate type.
+pub struct Repo<A: Aggregate> {
+    store: EventStore,
+    entries: Mutex<HashMap<String, Slot<A>>>,
+    capacity: usize,
+}
+
+impl<A: Aggregate> Repo<A> {
+    pub fn new(store: EventStore, capacity: usize) -> Self {
+        Repo {
+            store,
+            entries: Mutex::new(HashMap::new()),
+            capacity: capacity.max(16),
+        }
+    }
+
+    /// Locks the entry of `id`, creating an empty one if needed (call [`Repo::catch_up`]).
+    pub async fn lock(&self, id: &str) -> OwnedMutexGuard<Entry<A>> {
+        let slot = {
+            let mut map = self.entries.lock().expect("cache lock poisoned");
+            if map.len() >= self.capacity && !map.contains_key(id) {
+                // Drop what nobody holds; the stream has it all.
+                map.retain(|_, slot| Arc::strong_count(slot) > 1);
+            }
+            map.entry(id.to_owned()).or_default().clone()
+        };
+        slot.lock_owned().await
+    }
+
+    /// Applies the aggregate's events stored after the entry's last sequence.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the store cannot be read; the entry is then reset.
+    pub async fn catch_up(&self, id: &str, entry: &mut Entry<A>) -> Result<usize, StoreError> {
+        match self.store.load(A::TYPE, id, entry.last_seq).await {
+            Ok(events) => {
+                for ev in &events {
+                    entry.apply(ev);
+                }
+                Ok(events.len())
+            }
+            Err(e) => {
+                entry.reset();
+                Err(e)
+            }
+        }
+    }
+
+    /// Forgets the entry's state and reloads it from the stream.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the store cannot be read.
+    pub async fn reload(&self, id: &str, entry: &mut Entry<A>) -> Result<(), StoreError> {
+        entry.reset();
+        self.catch_up(id, entry).await.map(|_| ())
+    }
+
+    /// The current state of `id` (caught up with the stream), for use as a read-only fact.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the store cannot be read.
+    pub async fn current(&self, id: &str) -> Result<A, StoreError> {
+        let mut entry = self.lock(id).await;
+        self.catch_up(id, &mut entry).await?;
+        Ok(entry.state.clone())
+    }
+
+    pub fn store(&self) -> &EventStore {
+        &self.store
+    }
+}

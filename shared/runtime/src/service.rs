@@ -1,0 +1,134 @@
+//! The request-reply harness shared by command, query and projector workers: a NATS micro
+//! service (`nats micro ls`), one queue group per service, one span and one task per request,
+//! graceful drain on shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_nats::service::ServiceExt;
+use async_nats::Message;
+use bytes::Bytes;
+use futures::StreamExt;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn, Instrument};
+
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+
+/// The version every service reports.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Answers the requests of a service's endpoints.
+pub trait Handler: Send + Sync + 'static {
+    /// # Errors
+    /// [`ApiError`], sent as an error reply with API.md's headers and body.
+    fn handle(&self, endpoint: &str, msg: &Message) -> impl Future<Output = Result<Value, ApiError>> + Send;
+}
+
+/// One endpoint: its name in `nats micro info` and its subject.
+#[derive(Debug, Clone)]
+pub struct EndpointSpec {
+    pub name: String,
+    pub subject: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServiceSpec {
+    /// Service name, also the queue group (e.g. `ch-cmd-portfolio`).
+    pub name: String,
+    pub description: String,
+    pub endpoints: Vec<EndpointSpec>,
+}
+
+/// Serves `spec` until `shutdown` fires, then stops taking requests, lets the ones in flight
+/// finish, and returns.
+///
+/// # Errors
+/// When the service cannot be registered with NATS.
+pub async fn serve<H: Handler>(
+    client: async_nats::Client,
+    spec: ServiceSpec,
+    handler: Arc<H>,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) -> Result<(), async_nats::Error> {
+    let stats_metrics = metrics.clone();
+    let service = client
+        .service_builder()
+        .description(spec.description.clone())
+        .queue_group(spec.name.clone())
+        .stats_handler(move |endpoint, _| stats_metrics.snapshot(&endpoint))
+        .start(spec.name.clone(), VERSION)
+        .await?;
+    let tracker = TaskTracker::new();
+    let mut loops = Vec::new();
+    for ep in &spec.endpoints {
+        let mut endpoint = service
+            .endpoint_builder()
+            .name(ep.name.clone())
+            .add(ep.subject.clone())
+            .await?;
+        let handler = handler.clone();
+        let tracker = tracker.clone();
+        let shutdown = shutdown.clone();
+        let metrics = metrics.clone();
+        let name = ep.name.clone();
+        loops.push(tokio::spawn(async move {
+            loop {
+                let request = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    r = endpoint.next() => match r { Some(r) => r, None => break },
+                };
+                let handler = handler.clone();
+                let metrics = metrics.clone();
+                let name = name.clone();
+                let span = tracing::info_span!(
+                    "request",
+                    endpoint = %name,
+                    subject = %request.message.subject,
+                    aggregate_id = tracing::field::Empty,
+                    command_id = tracing::field::Empty,
+                );
+                tracker.spawn(
+                    async move {
+                        let started = Instant::now();
+                        let result = handler.handle(&name, &request.message).await;
+                        let sent = match &result {
+                            Ok(v) => {
+                                let body = Bytes::from(serde_json::to_vec(v).expect("json serializes"));
+                                request.respond(Ok(body)).await
+                            }
+                            Err(e) => {
+                                if e.status >= 500 {
+                                    error!(code = %e.code, error = %e.message, "request failed");
+                                } else {
+                                    info!(code = %e.code, error = %e.message, "request refused");
+                                }
+                                request.respond_with_headers(Ok(e.body()), e.headers()).await
+                            }
+                        };
+                        metrics.request(&name, started.elapsed(), result.as_ref().err().map(|e| e.code.as_ref()));
+                        if let Err(e) = sent {
+                            warn!(error = %e, "could not send the reply");
+                        }
+                    }
+                    .instrument(span),
+                );
+            }
+            let _ = endpoint.stop().await;
+        }));
+    }
+    info!(service = %spec.name, endpoints = spec.endpoints.len(), "serving");
+    shutdown.cancelled().await;
+    for l in loops {
+        let _ = l.await;
+    }
+    tracker.close();
+    tracker.wait().await;
+    let _ = service.stop().await;
+    info!(service = %spec.name, "stopped");
+    Ok(())
+}

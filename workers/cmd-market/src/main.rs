@@ -1,0 +1,18 @@
+//! `cmd-market`: answers ch.cmd.market.price: market prices (API.md).
+//!
+//! Configuration: the `CH_*` environment variables (README). SIGTERM or Ctrl-C drains it.
+
+use anyhow::{anyhow, Context};
+use ch_runtime::{app::App, shutdown, telemetry, Config};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cfg = Config::from_env()?;
+    telemetry::init(cfg.log_json);
+    let app = App::start(cfg, "cmd-market").await.context("starting cmd-market")?;
+    let endpoints = [ch_domain::request::Endpoint::MarketPrice];
+    ch_runtime::commands::run(app, &endpoints, shutdown::on_signal())
+        .await
+        .map_err(|e| anyhow!(e))
+        .context("cmd-market failed")
+}

@@ -1,0 +1,18 @@
+//! `query-portfolio`: answers ch.query.portfolio.performance from the read model.
+//!
+//! Configuration: the `CH_*` environment variables (README). SIGTERM or Ctrl-C drains it.
+
+use anyhow::{anyhow, Context};
+use ch_runtime::{app::App, shutdown, telemetry, Config};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cfg = Config::from_env()?;
+    telemetry::init(cfg.log_json);
+    let app = App::start(cfg, "query-portfolio").await.context("starting query-portfolio")?;
+    let queries = [ch_readmodel::workers::Query::PortfolioPerformance];
+    ch_readmodel::workers::run_queries(app, &queries, shutdown::on_signal())
+        .await
+        .map_err(|e| anyhow!(e))
+        .context("query-portfolio failed")
+}
