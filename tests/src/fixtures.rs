@@ -1,0 +1,48 @@
+//! Request bodies used across tests (API.md shapes).
+
+use serde_json::{json, Value};
+
+/// A strategy on the given symbols with generous limits.
+pub fn strategy(user_id: &str, strategy_id: &str, symbols: &[&str]) -> Value {
+    json!({
+        "strategy_id": strategy_id,
+        "user_id": user_id,
+        "strategy_name": format!("strategy {strategy_id}"),
+        "rules": [{"rule_id": "r1", "symbol": "*", "stake": {"mode": "fixed_quote", "value": "1000"}}],
+        "risk_profile": {
+            "allowed_symbols": symbols,
+            "max_open_positions": 5,
+            "max_order_notional": "1000000",
+            "max_position_notional": "1000000",
+            "max_leverage": 1
+        }
+    })
+}
+
+/// `portfolio.update` `open` in USDT.
+pub fn open(portfolio_id: &str, user_id: &str) -> Value {
+    json!({"portfolio_id": portfolio_id, "op": "open", "user_id": user_id,
+           "name": format!("portfolio {portfolio_id}"), "quote_currency": "USDT", "fee_rate": "0.001"})
+}
+
+pub fn deposit(portfolio_id: &str, amount: &str) -> Value {
+    json!({"portfolio_id": portfolio_id, "op": "deposit", "amount": amount})
+}
+
+pub fn attach(portfolio_id: &str, strategy_id: &str) -> Value {
+    json!({"portfolio_id": portfolio_id, "op": "attach_strategy", "strategy_id": strategy_id})
+}
+
+/// A signal; `fee` is optional.
+pub fn signal(portfolio_id: &str, strategy_id: &str, side: &str, qty: &str, price: &str, fee: Option<&str>) -> Value {
+    let mut v = json!({"portfolio_id": portfolio_id, "strategy_id": strategy_id, "symbol": "BTC-USDT",
+                       "side": side, "quantity": qty, "price": price});
+    if let Some(f) = fee {
+        v["fee"] = f.into();
+    }
+    v
+}
+
+pub fn price(symbol: &str, price: &str) -> Value {
+    json!({"symbol": symbol, "price": price})
+}

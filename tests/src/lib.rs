@@ -1,0 +1,395 @@
+//! Test harness for end-to-end tests: real nats-server with JetStream, real PostgreSQL.
+//!
+//! Every [`TestEnv`] gets its own subject prefix (so its own stream) and its own Postgres
+//! schema, so tests run in parallel without seeing each other. The NATS server is the one
+//! `make test` started (`CH_TEST_NATS_URL`) or, without it, one started for the test from the
+//! project's `.venv` (killed, and its store removed, on drop). Workers run in-process as
+//! tasks, through the same functions their binaries call.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use ch_domain::request::Endpoint;
+use ch_domain::AggregateType;
+use ch_readmodel::workers::Query;
+use ch_readmodel::{PortfolioProjection, StrategyProjection};
+use ch_runtime::app::App;
+use ch_runtime::{Config, Subjects};
+use serde_json::Value;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub mod fixtures;
+
+/// A nats-server process owned by a test.
+pub struct NatsServer {
+    child: Child,
+    dir: PathBuf,
+    pub url: String,
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+impl NatsServer {
+    /// Starts the pinned nats-server of `.venv` (or `CH_TEST_NATS_SERVER`) on a free port.
+    pub async fn start() -> NatsServer {
+        let bin = std::env::var("CH_TEST_NATS_SERVER")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| repo_root().join(".venv/bin/nats-server"));
+        assert!(bin.exists(), "{} missing: run `make test` (it installs the pinned nats-server)", bin.display());
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("ch-test-nats-{}-{port}", std::process::id()));
+        let child = Command::new(&bin)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server starts");
+        let server = NatsServer {
+            child,
+            dir,
+            url: format!("nats://127.0.0.1:{port}"),
+        };
+        // Ready when it accepts a client (connect retries are bounded by the timeout).
+        let url = server.url.clone();
+        tokio::time::timeout(Duration::from_secs(10), async move {
+            loop {
+                if async_nats::connect(&url).await.is_ok() {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("nats-server accepts connections");
+        server
+    }
+}
+
+/// A reply as a client sees it.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// `Nats-Service-Error-Code`, if an error.
+    pub status: Option<u16>,
+    pub headers: Option<HeaderMap>,
+    pub body: Value,
+}
+
+impl Reply {
+    /// The error code of an error reply (`bad_request`, ...).
+    pub fn code(&self) -> Option<&str> {
+        self.body["error"]["code"].as_str()
+    }
+
+    /// Panics unless it is a success; returns the body.
+    #[track_caller]
+    pub fn ok(self) -> Value {
+        assert!(self.status.is_none(), "expected success, got {:?}: {}", self.status, self.body);
+        self.body
+    }
+
+    /// Panics unless it is an error with `status` and `code`; returns the body.
+    #[track_caller]
+    pub fn err(self, status: u16, code: &str) -> Value {
+        assert_eq!(self.status, Some(status), "reply: {}", self.body);
+        assert_eq!(self.code(), Some(code), "reply: {}", self.body);
+        assert_eq!(self.body["error"]["status"], status, "reply: {}", self.body);
+        self.body
+    }
+}
+
+/// Which worker, as the binaries name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Worker {
+    CmdStrategy,
+    CmdPortfolio,
+    CmdSignal,
+    CmdMarket,
+    ProjPortfolio,
+    ProjStrategy,
+    QueryPortfolio,
+    QueryStrategy,
+}
+
+impl Worker {
+    pub const ALL: [Worker; 8] = [
+        Worker::CmdStrategy,
+        Worker::CmdPortfolio,
+        Worker::CmdSignal,
+        Worker::CmdMarket,
+        Worker::ProjPortfolio,
+        Worker::ProjStrategy,
+        Worker::QueryPortfolio,
+        Worker::QueryStrategy,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Worker::CmdStrategy => "cmd-strategy",
+            Worker::CmdPortfolio => "cmd-portfolio",
+            Worker::CmdSignal => "cmd-signal",
+            Worker::CmdMarket => "cmd-market",
+            Worker::ProjPortfolio => "proj-portfolio",
+            Worker::ProjStrategy => "proj-strategy",
+            Worker::QueryPortfolio => "query-portfolio",
+            Worker::QueryStrategy => "query-strategy",
+        }
+    }
+}
+
+/// A running in-process worker.
+pub struct Running {
+    pub worker: Worker,
+    token: CancellationToken,
+    handle: JoinHandle<()>,
+}
+
+impl Running {
+    /// Graceful stop: drain, as on SIGTERM.
+    pub async fn stop(self) {
+        self.token.cancel();
+        let _ = self.handle.await;
+    }
+
+    /// Abrupt stop: the task is dropped wherever it is (as a killed process).
+    pub async fn kill(self) {
+        self.handle.abort();
+        let _ = self.handle.await;
+    }
+}
+
+/// One isolated environment: prefix, stream, schema, workers.
+pub struct TestEnv {
+    pub cfg: Config,
+    pub subjects: Subjects,
+    pub client: async_nats::Client,
+    pub pg: tokio_postgres::Client,
+    running: Vec<Running>,
+    _nats: Option<NatsServer>,
+}
+
+fn unique_token() -> String {
+    let u = uuid::Uuid::now_v7().simple().to_string();
+    format!("t{}", &u[u.len() - 12..])
+}
+
+impl TestEnv {
+    /// A fresh environment with stream and schema created, no workers running.
+    pub async fn new() -> TestEnv {
+        ch_runtime::telemetry::init(false);
+        let (nats, url) = match std::env::var("CH_TEST_NATS_URL") {
+            Ok(url) => (None, url),
+            Err(_) => {
+                let s = NatsServer::start().await;
+                let url = s.url.clone();
+                (Some(s), url)
+            }
+        };
+        let db = std::env::var("CH_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/ch_test".into());
+        let token = unique_token();
+        let cfg = Config {
+            nats_url: url,
+            database_url: db,
+            db_schema: token.clone(),
+            prefix: token,
+            db_pool_size: 4,
+            ..Config::default()
+        };
+        let subjects = Subjects::new(cfg.prefix.clone());
+        let client = async_nats::connect(&cfg.nats_url).await.expect("connect to NATS");
+        let js = async_nats::jetstream::new(client.clone());
+        ch_runtime::eventstore::wait_ready(&js, Duration::from_secs(10)).await.expect("JetStream ready");
+        ch_runtime::eventstore::ensure_stream(&js, &subjects, 1).await.expect("stream");
+        ch_runtime::pg::ensure_database(&cfg.database_url).await.expect("database");
+        ch_runtime::pg::migrate(&cfg.database_url, &cfg.db_schema, ch_readmodel::MIGRATIONS)
+            .await
+            .expect("migrations");
+        let pg = ch_runtime::pg::connect(&cfg.database_url, Some(&cfg.db_schema)).await.expect("postgres");
+        TestEnv {
+            cfg,
+            subjects,
+            client,
+            pg,
+            running: Vec::new(),
+            _nats: nats,
+        }
+    }
+
+    /// A fresh environment with every worker running and answering.
+    pub async fn with_all_workers() -> TestEnv {
+        let mut env = TestEnv::new().await;
+        for w in Worker::ALL {
+            env.start(w).await;
+        }
+        env
+    }
+
+    /// Starts one worker and waits until its service answers `$SRV.PING`.
+    pub async fn start(&mut self, worker: Worker) {
+        let r = self.spawn(worker).await;
+        self.running.push(r);
+        self.wait_ping(worker).await;
+    }
+
+    /// Starts one worker and hands it to the caller (to stop or kill it).
+    pub async fn spawn(&self, worker: Worker) -> Running {
+        let app = App::start(self.cfg.clone(), worker.name()).await.expect("worker starts");
+        let token = CancellationToken::new();
+        let t = token.clone();
+        let handle = tokio::spawn(async move {
+            let r = match worker {
+                Worker::CmdStrategy => {
+                    let eps = [Endpoint::StrategyCreate, Endpoint::StrategyUpdate, Endpoint::StrategyDelete];
+                    ch_runtime::commands::run(app, &eps, t).await
+                }
+                Worker::CmdPortfolio => ch_runtime::commands::run(app, &[Endpoint::PortfolioUpdate], t).await,
+                Worker::CmdSignal => ch_runtime::commands::run(app, &[Endpoint::SignalExecute], t).await,
+                Worker::CmdMarket => ch_runtime::commands::run(app, &[Endpoint::MarketPrice], t).await,
+                Worker::ProjPortfolio => ch_readmodel::workers::run_projector(app, PortfolioProjection, t).await,
+                Worker::ProjStrategy => ch_readmodel::workers::run_projector(app, StrategyProjection, t).await,
+                Worker::QueryPortfolio => ch_readmodel::workers::run_queries(app, &[Query::PortfolioPerformance], t).await,
+                Worker::QueryStrategy => {
+                    ch_readmodel::workers::run_queries(app, &[Query::StrategyList, Query::StrategyGet], t).await
+                }
+            };
+            if let Err(e) = r {
+                panic!("worker {} failed: {e}", worker.name());
+            }
+        });
+        Running { worker, token, handle }
+    }
+
+    /// Waits (bounded) until the worker's service answers a ping.
+    pub async fn wait_ping(&self, worker: Worker) {
+        let subject = format!("$SRV.PING.{}", self.subjects.service_name(worker.name()));
+        tokio::time::timeout(Duration::from_secs(15), async {
+            loop {
+                match tokio::time::timeout(Duration::from_millis(200), self.client.request(subject.clone(), "".into())).await {
+                    Ok(Ok(_)) => break,
+                    _ => tokio::task::yield_now().await,
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{} did not answer $SRV.PING", worker.name()));
+    }
+
+    /// Sends a raw request body to `<prefix>.<suffix>`.
+    pub async fn request_raw(&self, suffix: &str, body: impl Into<bytes::Bytes>) -> Reply {
+        let subject = format!("{}.{suffix}", self.subjects.prefix());
+        let msg = tokio::time::timeout(Duration::from_secs(30), self.client.request(subject.clone(), body.into()))
+            .await
+            .unwrap_or_else(|_| panic!("no reply on {subject} within 30 s"))
+            .unwrap_or_else(|e| panic!("request on {subject} failed: {e}"));
+        let status = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Service-Error-Code"))
+            .map(|v| v.as_str().parse::<u16>().expect("numeric status"));
+        let body = serde_json::from_slice(&msg.payload)
+            .unwrap_or_else(|e| panic!("reply on {subject} is not JSON ({e}): {:?}", msg.payload));
+        Reply {
+            status,
+            headers: msg.headers,
+            body,
+        }
+    }
+
+    /// Sends a JSON request to `<prefix>.<suffix>` (e.g. `cmd.portfolio.update`).
+    pub async fn request(&self, suffix: &str, body: Value) -> Reply {
+        self.request_raw(suffix, serde_json::to_vec(&body).expect("json")).await
+    }
+
+    /// A command that must succeed; returns its reply.
+    pub async fn cmd(&self, name: &str, body: Value) -> Value {
+        self.request(&format!("cmd.{name}"), body).await.ok()
+    }
+
+    /// A query with `min_stream_seq` = `seq` (read-your-writes); must succeed.
+    pub async fn query_at(&self, name: &str, mut body: Value, seq: u64) -> Value {
+        body["min_stream_seq"] = seq.into();
+        body["timeout_ms"] = 10_000.into();
+        self.request(&format!("query.{name}"), body).await.ok()
+    }
+
+    /// How many events the aggregate's subject holds.
+    pub async fn subject_count(&self, ty: AggregateType, id: &str) -> u64 {
+        let js = async_nats::jetstream::new(self.client.clone());
+        let stream = js.get_stream(self.subjects.stream_name()).await.expect("stream");
+        let subject = self.subjects.aggregate(ty, id);
+        let info = stream.info_with_subjects(subject.clone()).await.expect("stream info");
+        let mut count = 0;
+        let mut info = info;
+        while let Some(Ok((s, n))) = futures::StreamExt::next(&mut info).await {
+            if s == subject {
+                count = n as u64;
+            }
+        }
+        count
+    }
+
+    /// Stream's last sequence.
+    pub async fn last_seq(&self) -> u64 {
+        let js = async_nats::jetstream::new(self.client.clone());
+        let mut stream = js.get_stream(self.subjects.stream_name()).await.expect("stream");
+        stream.info().await.expect("info").state.last_sequence
+    }
+
+    /// Every row of the read-model tables, as text, sorted: to compare two read models.
+    pub async fn dump_read_model(&self) -> Vec<String> {
+        let tables = [
+            ("portfolios", "portfolio_id"),
+            ("positions", "portfolio_id, symbol"),
+            ("marks", "symbol"),
+            ("trades", "trade_id"),
+            ("round_trips", "portfolio_id, symbol, opened_seq"),
+            ("portfolio_strategies", "portfolio_id, strategy_id"),
+            ("strategies", "strategy_id"),
+        ];
+        let mut out = Vec::new();
+        for (t, order) in tables {
+            let rows = self
+                .pg
+                .query(&format!("SELECT row_to_json(x)::text FROM (SELECT * FROM {t} ORDER BY {order}) x"), &[])
+                .await
+                .expect("dump");
+            out.extend(rows.iter().map(|r| format!("{t}: {}", r.get::<_, String>(0))));
+        }
+        out
+    }
+
+    /// The configuration a worker of this environment runs with.
+    pub fn app_config(&self) -> Config {
+        self.cfg.clone()
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        for r in self.running.drain(..) {
+            r.token.cancel();
+            r.handle.abort();
+        }
+    }
+}
