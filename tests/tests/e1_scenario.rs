@@ -12,25 +12,40 @@ fn seq(v: &Value) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e1_average_cost_through_the_whole_loop() {
     let env = TestEnv::with_all_workers().await;
-    env.cmd("strategy.create", strategy("u1", "s1", &["BTC-USDT"])).await;
+    env.cmd("strategy.create", strategy("u1", "s1", &["BTC-USDT"]))
+        .await;
     env.cmd("portfolio.update", open("p1", "u1")).await;
     env.cmd("portfolio.update", deposit("p1", "25000")).await;
     env.cmd("portfolio.update", attach("p1", "s1")).await;
 
-    let buy1 = env.cmd("signal.execute", signal("p1", "s1", "buy", "0.5", "20000", None)).await;
+    let buy1 = env
+        .cmd(
+            "signal.execute",
+            signal("p1", "s1", "buy", "0.5", "20000", None),
+        )
+        .await;
     assert_eq!(buy1["status"], "executed", "{buy1}");
     assert_eq!(buy1["trade"]["fee"], "10");
     assert_eq!(buy1["trade"]["cash_after"], "14990");
     assert_eq!(buy1["trade"]["position_after"], "0.5");
 
-    let buy2 = env.cmd("signal.execute", signal("p1", "s1", "buy", "0.5", "22000", None)).await;
+    let buy2 = env
+        .cmd(
+            "signal.execute",
+            signal("p1", "s1", "buy", "0.5", "22000", None),
+        )
+        .await;
     assert_eq!(buy2["trade"]["fee"], "11");
     assert_eq!(buy2["trade"]["cash_after"], "3979");
 
     // Marked at 23000 after the second buy: unrealized 1979, equity 26979.
     let mark = env.cmd("market.price", price("BTC-USDT", "23000")).await;
     let perf = env
-        .query_at("portfolio.performance", serde_json::json!({"portfolio_id": "p1"}), seq(&mark))
+        .query_at(
+            "portfolio.performance",
+            serde_json::json!({"portfolio_id": "p1"}),
+            seq(&mark),
+        )
         .await;
     assert_eq!(perf["cash"], "3979");
     assert_eq!(perf["unrealized_pnl"], "1979");
@@ -40,7 +55,12 @@ async fn e1_average_cost_through_the_whole_loop() {
     assert_eq!(perf["positions"][0]["mark_price"], "23000");
     assert!(perf["as_of_seq"].as_u64().unwrap() >= seq(&mark));
 
-    let sell1 = env.cmd("signal.execute", signal("p1", "s1", "sell", "0.4", "25000", Some("8"))).await;
+    let sell1 = env
+        .cmd(
+            "signal.execute",
+            signal("p1", "s1", "sell", "0.4", "25000", Some("8")),
+        )
+        .await;
     assert_eq!(sell1["trade"]["realized_pnl"], "1583.6");
     assert_eq!(sell1["trade"]["cash_after"], "13971");
     assert_eq!(sell1["trade"]["position_after"], "0.6");
@@ -48,20 +68,33 @@ async fn e1_average_cost_through_the_whole_loop() {
     // Marked at 25000 after the first sell: unrealized 2387.4, equity 28971.
     let mark = env.cmd("market.price", price("BTC-USDT", "25000")).await;
     let perf = env
-        .query_at("portfolio.performance", serde_json::json!({"portfolio_id": "p1"}), seq(&mark))
+        .query_at(
+            "portfolio.performance",
+            serde_json::json!({"portfolio_id": "p1"}),
+            seq(&mark),
+        )
         .await;
     assert_eq!(perf["unrealized_pnl"], "2387.4");
     assert_eq!(perf["equity"], "28971");
     assert_eq!(perf["positions"][0]["cost_basis"], "12612.6");
 
-    let sell2 = env.cmd("signal.execute", signal("p1", "s1", "sell", "0.6", "19000", None)).await;
+    let sell2 = env
+        .cmd(
+            "signal.execute",
+            signal("p1", "s1", "sell", "0.6", "19000", None),
+        )
+        .await;
     assert_eq!(sell2["trade"]["fee"], "11.4");
     assert_eq!(sell2["trade"]["realized_pnl"], "-1224");
     assert_eq!(sell2["trade"]["cash_after"], "25359.6");
     assert_eq!(sell2["trade"]["position_after"], "0");
 
     let perf = env
-        .query_at("portfolio.performance", serde_json::json!({"portfolio_id": "p1"}), seq(&sell2))
+        .query_at(
+            "portfolio.performance",
+            serde_json::json!({"portfolio_id": "p1"}),
+            seq(&sell2),
+        )
         .await;
     assert_eq!(perf["cash"], "25359.6");
     assert_eq!(perf["realized_pnl"], "359.6");

@@ -29,7 +29,11 @@ impl Projection for PortfolioProjection {
         ch_runtime::eventstore::CONSUMER_PORTFOLIO_JSON
     }
 
-    async fn apply(&self, tx: &Transaction<'_>, ev: &StoredEvent) -> Result<(), tokio_postgres::Error> {
+    async fn apply(
+        &self,
+        tx: &Transaction<'_>,
+        ev: &StoredEvent,
+    ) -> Result<(), tokio_postgres::Error> {
         let version = ev.meta.aggregate_version as i64;
         let seq = ev.seq as i64;
         let at = ev.meta.occurred_at;
@@ -46,8 +50,12 @@ impl Projection for PortfolioProjection {
                 )
                 .await?;
             }
-            Event::FundsDeposited(e) => flow(tx, &e.portfolio_id, e.amount, e.cash_after, ev).await?,
-            Event::FundsWithdrawn(e) => flow(tx, &e.portfolio_id, -e.amount, e.cash_after, ev).await?,
+            Event::FundsDeposited(e) => {
+                flow(tx, &e.portfolio_id, e.amount, e.cash_after, ev).await?
+            }
+            Event::FundsWithdrawn(e) => {
+                flow(tx, &e.portfolio_id, -e.amount, e.cash_after, ev).await?
+            }
             Event::PortfolioRenamed(e) => {
                 tx.execute(
                     "UPDATE portfolios SET name = $5, version = $2, updated_at = $3, last_seq = $4
@@ -63,7 +71,8 @@ impl Projection for PortfolioProjection {
                     &[&e.portfolio_id, &e.strategy_id, &at],
                 )
                 .await?;
-                tx.execute(touch, &[&e.portfolio_id, &version, &at, &seq]).await?;
+                tx.execute(touch, &[&e.portfolio_id, &version, &at, &seq])
+                    .await?;
             }
             Event::StrategyDetached(e) => {
                 tx.execute(
@@ -71,7 +80,8 @@ impl Projection for PortfolioProjection {
                     &[&e.portfolio_id, &e.strategy_id],
                 )
                 .await?;
-                tx.execute(touch, &[&e.portfolio_id, &version, &at, &seq]).await?;
+                tx.execute(touch, &[&e.portfolio_id, &version, &at, &seq])
+                    .await?;
             }
             Event::PortfolioClosed(e) => {
                 tx.execute(
@@ -142,8 +152,10 @@ impl Projection for PortfolioProjection {
     }
 
     async fn reset(&self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
-        tx.batch_execute("TRUNCATE portfolios, positions, marks, trades, round_trips, portfolio_strategies")
-            .await
+        tx.batch_execute(
+            "TRUNCATE portfolios, positions, marks, trades, round_trips, portfolio_strategies",
+        )
+        .await
     }
 }
 
@@ -172,8 +184,18 @@ async fn flow(
             version = $2, updated_at = $3, last_seq = $4
          WHERE portfolio_id = $1"
     );
-    tx.execute(&sql, &[&portfolio_id, &version, &at, &seq, &signed_amount, &cash_after])
-        .await?;
+    tx.execute(
+        &sql,
+        &[
+            &portfolio_id,
+            &version,
+            &at,
+            &seq,
+            &signed_amount,
+            &cash_after,
+        ],
+    )
+    .await?;
     Ok(())
 }
 
@@ -209,7 +231,13 @@ async fn round_trip(
             tx.execute(
                 "UPDATE round_trips SET pnl = pnl + $3, fees = fees + $4, closed_at = $5
                  WHERE portfolio_id = $1 AND symbol = $2 AND closed_at IS NULL",
-                &[&e.portfolio_id, &e.symbol, &e.realized_pnl, &e.fee, &closed_at],
+                &[
+                    &e.portfolio_id,
+                    &e.symbol,
+                    &e.realized_pnl,
+                    &e.fee,
+                    &closed_at,
+                ],
             )
             .await?;
         }

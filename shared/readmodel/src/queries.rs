@@ -69,7 +69,9 @@ consistency!(StrategyGetQuery);
 /// `bad_request` naming what is wrong.
 pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::bad_request("empty request: expected a JSON object"));
+        return Err(ApiError::bad_request(
+            "empty request: expected a JSON object",
+        ));
     }
     serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid request: {e}")))
 }
@@ -94,7 +96,10 @@ pub async fn snapshot(conn: &mut deadpool_postgres::Object) -> Result<Transactio
 
 async fn as_of(tx: &Transaction<'_>, projection: &str) -> Result<u64, DbError> {
     let row = tx
-        .query_opt("SELECT last_seq FROM ch_checkpoints WHERE projection = $1", &[&projection])
+        .query_opt(
+            "SELECT last_seq FROM ch_checkpoints WHERE projection = $1",
+            &[&projection],
+        )
         .await?;
     Ok(row.map_or(0, |r| r.get::<_, i64>(0) as u64))
 }
@@ -107,15 +112,24 @@ fn dec(row: &Row, col: &str) -> Decimal {
 ///
 /// # Errors
 /// `not_found` for an unknown portfolio; `bad_request` for an invalid id.
-pub async fn portfolio_performance(tx: &Transaction<'_>, q: &PerformanceQuery) -> Result<Value, ApiError> {
+pub async fn portfolio_performance(
+    tx: &Transaction<'_>,
+    q: &PerformanceQuery,
+) -> Result<Value, ApiError> {
     check_id("portfolio_id", &q.portfolio_id)?;
     let as_of_seq = as_of(tx, "portfolio").await?;
     let Some(p) = tx
-        .query_opt("SELECT * FROM portfolios WHERE portfolio_id = $1", &[&q.portfolio_id])
+        .query_opt(
+            "SELECT * FROM portfolios WHERE portfolio_id = $1",
+            &[&q.portfolio_id],
+        )
         .await
         .map_err(DbError::from)?
     else {
-        return Err(ApiError::not_found(format!("portfolio {} not found", q.portfolio_id)));
+        return Err(ApiError::not_found(format!(
+            "portfolio {} not found",
+            q.portfolio_id
+        )));
     };
     let rows = tx
         .query(
@@ -169,7 +183,8 @@ pub async fn portfolio_performance(tx: &Transaction<'_>, q: &PerformanceQuery) -
     } else {
         (nav - Decimal::ONE).round_dp(10)
     };
-    let win_rate = (closed > 0).then(|| plain((Decimal::from(wins) / Decimal::from(closed)).round_dp(10)));
+    let win_rate =
+        (closed > 0).then(|| plain((Decimal::from(wins) / Decimal::from(closed)).round_dp(10)));
     Ok(json!({
         "portfolio_id": p.get::<_, String>("portfolio_id"),
         "user_id": p.get::<_, String>("user_id"),
@@ -242,7 +257,12 @@ pub async fn strategy_list(tx: &Transaction<'_>, q: &StrategyListQuery) -> Resul
              WHERE user_id = $1 AND ($2::text IS NULL OR strategy_id > $2)
                AND ($3 OR status <> 'deleted')
              ORDER BY strategy_id LIMIT $4",
-            &[&q.user_id, &q.cursor, &q.include_deleted, &(i64::from(limit) + 1)],
+            &[
+                &q.user_id,
+                &q.cursor,
+                &q.include_deleted,
+                &(i64::from(limit) + 1),
+            ],
         )
         .await
         .map_err(DbError::from)?;
@@ -263,13 +283,21 @@ pub async fn strategy_list(tx: &Transaction<'_>, q: &StrategyListQuery) -> Resul
 /// `not_found` for an unknown strategy.
 pub async fn strategy_get(tx: &Transaction<'_>, q: &StrategyGetQuery) -> Result<Value, ApiError> {
     check_id("strategy_id", &q.strategy_id)?;
-    let as_of_seq = as_of(tx, "strategy").await?.min(as_of(tx, "portfolio").await?);
+    let as_of_seq = as_of(tx, "strategy")
+        .await?
+        .min(as_of(tx, "portfolio").await?);
     let Some(r) = tx
-        .query_opt("SELECT * FROM strategies WHERE strategy_id = $1", &[&q.strategy_id])
+        .query_opt(
+            "SELECT * FROM strategies WHERE strategy_id = $1",
+            &[&q.strategy_id],
+        )
         .await
         .map_err(DbError::from)?
     else {
-        return Err(ApiError::not_found(format!("strategy {} not found", q.strategy_id)));
+        return Err(ApiError::not_found(format!(
+            "strategy {} not found",
+            q.strategy_id
+        )));
     };
     let mut v = strategy_row(&r);
     v["rules"] = r.get::<_, Value>("rules");
@@ -319,6 +347,8 @@ pub async fn strategy_get(tx: &Transaction<'_>, q: &StrategyGetQuery) -> Result<
 /// # Errors
 /// [`DbError`] on database trouble.
 pub async fn equity(tx: &Transaction<'_>, portfolio_id: &str) -> Result<Option<Decimal>, DbError> {
-    let row = tx.query_one(&format!("SELECT {EQUITY_SQL} AS e"), &[&portfolio_id]).await?;
+    let row = tx
+        .query_one(&format!("SELECT {EQUITY_SQL} AS e"), &[&portfolio_id])
+        .await?;
     Ok(row.get("e"))
 }

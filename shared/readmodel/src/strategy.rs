@@ -17,7 +17,11 @@ impl Projection for StrategyProjection {
         ch_runtime::eventstore::CONSUMER_STRATEGY_JSON
     }
 
-    async fn apply(&self, tx: &Transaction<'_>, ev: &StoredEvent) -> Result<(), tokio_postgres::Error> {
+    async fn apply(
+        &self,
+        tx: &Transaction<'_>,
+        ev: &StoredEvent,
+    ) -> Result<(), tokio_postgres::Error> {
         let version = ev.meta.aggregate_version as i64;
         let seq = ev.seq as i64;
         let at = ev.meta.occurred_at;
@@ -35,8 +39,14 @@ impl Projection for StrategyProjection {
                 .await?;
             }
             Event::StrategyUpdated(e) => {
-                let rules = e.rules.as_ref().map(|r| to_value(r).expect("rules serialize"));
-                let risk = e.risk_profile.as_ref().map(|r| to_value(r).expect("risk profile serializes"));
+                let rules = e
+                    .rules
+                    .as_ref()
+                    .map(|r| to_value(r).expect("rules serialize"));
+                let risk = e
+                    .risk_profile
+                    .as_ref()
+                    .map(|r| to_value(r).expect("risk profile serializes"));
                 tx.execute(
                     "UPDATE strategies SET name = COALESCE($2, name), rules = COALESCE($3, rules),
                             risk_profile = COALESCE($4, risk_profile), version = $5, updated_at = $6,

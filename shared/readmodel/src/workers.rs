@@ -93,7 +93,9 @@ impl QueryHandler {
     async fn answer<Q: Consistency>(&self, query: Query, q: &Q) -> Result<Value, ApiError> {
         let timeout = timeout_from(q.timeout_ms())?;
         if let Some(min) = q.min_stream_seq() {
-            self.progress.wait_for(&self.pool, query.projections(), min, timeout).await?;
+            self.progress
+                .wait_for(&self.pool, query.projections(), min, timeout)
+                .await?;
         }
         Ok(Value::Null)
     }
@@ -136,9 +138,16 @@ impl Handler for QueryHandler {
 ///
 /// # Errors
 /// When the service cannot be registered or the database is unreachable.
-pub async fn run_queries(app: App, queries: &[Query], shutdown: CancellationToken) -> Result<(), async_nats::Error> {
+pub async fn run_queries(
+    app: App,
+    queries: &[Query],
+    shutdown: CancellationToken,
+) -> Result<(), async_nats::Error> {
     migrate(&app).await?;
-    let mut projections: Vec<&'static str> = queries.iter().flat_map(|q| q.projections().iter().copied()).collect();
+    let mut projections: Vec<&'static str> = queries
+        .iter()
+        .flat_map(|q| q.projections().iter().copied())
+        .collect();
     projections.sort_unstable();
     projections.dedup();
     let progress = Progress::subscribe(&app.client, &app.subjects, &projections).await?;
@@ -154,5 +163,12 @@ pub async fn run_queries(app: App, queries: &[Query], shutdown: CancellationToke
         progress,
         queries: queries.to_vec(),
     });
-    service::serve(app.client.clone(), spec, handler, app.metrics.clone(), shutdown).await
+    service::serve(
+        app.client.clone(),
+        spec,
+        handler,
+        app.metrics.clone(),
+        shutdown,
+    )
+    .await
 }

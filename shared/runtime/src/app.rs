@@ -68,7 +68,11 @@ impl App {
     /// # Errors
     /// [`DbError`] when the URL is invalid.
     pub fn pool(&self) -> Result<Pool, DbError> {
-        pg::pool(&self.cfg.database_url, &self.cfg.db_schema, self.cfg.db_pool_size)
+        pg::pool(
+            &self.cfg.database_url,
+            &self.cfg.db_schema,
+            self.cfg.db_pool_size,
+        )
     }
 
     /// The micro service of this worker with the given `(endpoint name, subject)` pairs.

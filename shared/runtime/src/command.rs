@@ -4,10 +4,10 @@
 use std::future::Future;
 use std::time::Duration;
 
-use chrono::Utc;
 use ch_domain::event::SCHEMA_VERSION;
 use ch_domain::request::{reply_extra, Common};
 use ch_domain::{Aggregate, Ctx};
+use chrono::Utc;
 use rand::Rng;
 use serde_json::{json, Value};
 use tracing::{debug, warn};
@@ -122,7 +122,11 @@ where
         let mut attempt = 0;
         let mut fresh = entry.last_seq == 0;
         loop {
-            if let Some(seq) = common.command_id.as_ref().and_then(|c| entry.command_seq(c)) {
+            if let Some(seq) = common
+                .command_id
+                .as_ref()
+                .and_then(|c| entry.command_seq(c))
+            {
                 debug!(seq, "command already applied");
                 return self.stored_reply(seq).await;
             }
@@ -218,7 +222,9 @@ where
                 Err(StoreError::Unavailable(m)) => {
                     unavailable += 1;
                     if unavailable > MAX_UNAVAILABLE_RETRIES {
-                        return Err(ApiError::unavailable(format!("event store unavailable: {m}")));
+                        return Err(ApiError::unavailable(format!(
+                            "event store unavailable: {m}"
+                        )));
                     }
                     warn!(error = %m, "append failed, retrying with the same message id");
                     tokio::time::sleep(Duration::from_millis(100 * unavailable as u64)).await;

@@ -29,7 +29,11 @@ struct PortfolioFactSource {
 }
 
 impl FactSource<PortfolioState> for PortfolioFactSource {
-    async fn facts(&self, state: &PortfolioState, command: &PortfolioCommand) -> Result<PortfolioFacts, ApiError> {
+    async fn facts(
+        &self,
+        state: &PortfolioState,
+        command: &PortfolioCommand,
+    ) -> Result<PortfolioFacts, ApiError> {
         let strategy_id = match command {
             PortfolioCommand::AttachStrategy { strategy_id }
             | PortfolioCommand::DetachStrategy { strategy_id } => Some(strategy_id),
@@ -91,7 +95,10 @@ impl Commands {
     /// [`ApiError`] as API.md says; nothing is stored then.
     pub async fn execute(&self, endpoint: Endpoint, body: &[u8]) -> Result<Value, ApiError> {
         let mut parsed = parse_command(endpoint, body)?;
-        if let Target::Strategy { strategy_id: None, .. } = &parsed.target {
+        if let Target::Strategy {
+            strategy_id: None, ..
+        } = &parsed.target
+        {
             parsed.target.set_strategy_id(Uuid::now_v7().to_string());
         }
         let common = &parsed.common;
@@ -99,12 +106,18 @@ impl Commands {
             Span::current().record("command_id", tracing::field::display(c));
         }
         match &parsed.target {
-            Target::Strategy { strategy_id, command } => {
+            Target::Strategy {
+                strategy_id,
+                command,
+            } => {
                 let id = strategy_id.as_deref().unwrap_or_default();
                 Span::current().record("aggregate_id", id);
                 self.strategies.execute(id, common, command, &NoFacts).await
             }
-            Target::Portfolio { portfolio_id, command } => {
+            Target::Portfolio {
+                portfolio_id,
+                command,
+            } => {
                 Span::current().record("aggregate_id", portfolio_id.as_str());
                 self.portfolios
                     .execute(portfolio_id, common, command, &self.portfolio_facts)
@@ -112,7 +125,9 @@ impl Commands {
             }
             Target::Market { symbol, command } => {
                 Span::current().record("aggregate_id", symbol.as_str());
-                self.markets.execute(symbol, common, command, &NoFacts).await
+                self.markets
+                    .execute(symbol, common, command, &NoFacts)
+                    .await
             }
         }
     }
@@ -136,7 +151,11 @@ impl Handler for CommandHandler {
 ///
 /// # Errors
 /// When the service cannot be registered.
-pub async fn run(app: App, endpoints: &[Endpoint], shutdown: CancellationToken) -> Result<(), async_nats::Error> {
+pub async fn run(
+    app: App,
+    endpoints: &[Endpoint],
+    shutdown: CancellationToken,
+) -> Result<(), async_nats::Error> {
     let spec = app.service_spec(
         "CipherHorizon commands (API.md)",
         endpoints
@@ -147,5 +166,12 @@ pub async fn run(app: App, endpoints: &[Endpoint], shutdown: CancellationToken) 
     let handler = Arc::new(CommandHandler {
         commands: Commands::new(&app),
     });
-    service::serve(app.client.clone(), spec, handler, app.metrics.clone(), shutdown).await
+    service::serve(
+        app.client.clone(),
+        spec,
+        handler,
+        app.metrics.clone(),
+        shutdown,
+    )
+    .await
 }

@@ -113,7 +113,9 @@ impl Config {
         }
         if let Some(v) = get("CH_DB_SCHEMA") {
             if !valid_token(&v) {
-                return Err(ConfigError(format!("CH_DB_SCHEMA={v:?} must match [A-Za-z0-9_-]{{1,32}}")));
+                return Err(ConfigError(format!(
+                    "CH_DB_SCHEMA={v:?} must match [A-Za-z0-9_-]{{1,32}}"
+                )));
             }
             c.db_schema = v;
         }
@@ -127,7 +129,9 @@ impl Config {
         }
         if let Some(v) = get("CH_SYNC") {
             c.sync = SyncMode::parse(&v).ok_or_else(|| {
-                ConfigError(format!("CH_SYNC={v:?}: expected eventual, batch, immediate or adaptive"))
+                ConfigError(format!(
+                    "CH_SYNC={v:?}: expected eventual, batch, immediate or adaptive"
+                ))
             })?;
             if c.sync == SyncMode::Batch {
                 c.batch_wait = Duration::from_millis(5);
@@ -164,8 +168,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let m: HashMap<String, String> =
-            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Config::from_lookup(|k| m.get(k).cloned())
     }
 

@@ -1,7 +1,7 @@
 //! The event envelope stored on JetStream (API.md, "Events"), and its decoding.
 
-use chrono::{DateTime, Utc};
 use ch_domain::{AggregateType, Event};
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use uuid::Uuid;

@@ -19,7 +19,11 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    pub fn new(status: u16, code: impl Into<Cow<'static, str>>, message: impl Into<String>) -> Self {
+    pub fn new(
+        status: u16,
+        code: impl Into<Cow<'static, str>>,
+        message: impl Into<String>,
+    ) -> Self {
         ApiError {
             status,
             code: code.into(),
@@ -44,7 +48,8 @@ impl ApiError {
 
     /// The JSON body.
     pub fn body(&self) -> Bytes {
-        let v = json!({"error": {"code": self.code, "status": self.status, "message": self.message}});
+        let v =
+            json!({"error": {"code": self.code, "status": self.status, "message": self.message}});
         Bytes::from(serde_json::to_vec(&v).expect("json serializes"))
     }
 
@@ -52,7 +57,11 @@ impl ApiError {
     pub fn headers(&self) -> HeaderMap {
         let mut h = HeaderMap::new();
         // Header values must be one line.
-        let msg: String = self.message.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+        let msg: String = self
+            .message
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
         h.insert("Nats-Service-Error", msg.as_str());
         h.insert("Nats-Service-Error-Code", self.status.to_string().as_str());
         h.insert("Content-Type", "application/json");

@@ -20,7 +20,8 @@ use crate::subjects::Subjects;
 /// `nats/stream.json`, usable with `nats stream add --config`.
 pub const STREAM_JSON: &str = include_str!("../../../nats/stream.json");
 /// `nats/consumers/proj_portfolio.json`.
-pub const CONSUMER_PORTFOLIO_JSON: &str = include_str!("../../../nats/consumers/proj_portfolio.json");
+pub const CONSUMER_PORTFOLIO_JSON: &str =
+    include_str!("../../../nats/consumers/proj_portfolio.json");
 /// `nats/consumers/proj_strategy.json`.
 pub const CONSUMER_STRATEGY_JSON: &str = include_str!("../../../nats/consumers/proj_strategy.json");
 
@@ -33,8 +34,8 @@ const ERR_WRONG_LAST_SEQ_CLUSTERED: u64 = 10164;
 /// # Errors
 /// [`StoreError::Other`] if the compiled-in JSON is invalid (a build defect).
 pub fn stream_config(subjects: &Subjects, replicas: usize) -> Result<stream::Config, StoreError> {
-    let mut cfg: stream::Config =
-        serde_json::from_str(STREAM_JSON).map_err(|e| StoreError::Other(format!("nats/stream.json: {e}")))?;
+    let mut cfg: stream::Config = serde_json::from_str(STREAM_JSON)
+        .map_err(|e| StoreError::Other(format!("nats/stream.json: {e}")))?;
     cfg.name = subjects.stream_name();
     cfg.subjects = vec![subjects.events_filter()];
     cfg.num_replicas = replicas.max(1);
@@ -118,11 +119,14 @@ impl EventStore {
     /// [`StoreError::Unavailable`] when the stream cannot be found.
     pub async fn open(client: async_nats::Client, subjects: Subjects) -> Result<Self, StoreError> {
         let js = jetstream::new(client);
-        let stream = js
-            .get_stream(subjects.stream_name())
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("stream {}: {e}", subjects.stream_name())))?;
-        Ok(EventStore { js, stream, subjects })
+        let stream = js.get_stream(subjects.stream_name()).await.map_err(|e| {
+            StoreError::Unavailable(format!("stream {}: {e}", subjects.stream_name()))
+        })?;
+        Ok(EventStore {
+            js,
+            stream,
+            subjects,
+        })
     }
 
     pub fn subjects(&self) -> &Subjects {
@@ -155,7 +159,9 @@ impl EventStore {
                 events.len()
             )));
         };
-        let subject = self.subjects.aggregate(meta.aggregate_type, &meta.aggregate_id);
+        let subject = self
+            .subjects
+            .aggregate(meta.aggregate_type, &meta.aggregate_id);
         let mut headers = HeaderMap::new();
         headers.insert(header::NATS_MESSAGE_ID, msg_id);
         headers.insert(EXPECTED_LAST_SUBJECT_SEQ, expected_seq.to_string().as_str());

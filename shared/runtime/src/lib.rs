@@ -28,7 +28,10 @@ pub use subjects::Subjects;
 ///
 /// # Errors
 /// When NATS cannot be reached.
-pub async fn connect_nats(url: &str, name: &str) -> Result<async_nats::Client, async_nats::ConnectError> {
+pub async fn connect_nats(
+    url: &str,
+    name: &str,
+) -> Result<async_nats::Client, async_nats::ConnectError> {
     async_nats::ConnectOptions::new()
         .name(name)
         .retry_on_initial_connect()

@@ -39,7 +39,9 @@ impl Metrics {
     /// Records one answered request: `error` is the API code of an error reply.
     pub fn request(&self, endpoint: &str, latency: Duration, error: Option<&str>) {
         let mut map = self.0.endpoints.lock().expect("metrics lock");
-        let m = map.entry(endpoint.to_owned()).or_insert_with(EndpointMetrics::new);
+        let m = map
+            .entry(endpoint.to_owned())
+            .or_insert_with(EndpointMetrics::new);
         match error {
             None => m.ok += 1,
             Some(code) => *m.errors.entry(code.to_owned()).or_default() += 1,
@@ -54,7 +56,11 @@ impl Metrics {
 
     /// Sets a named gauge (e.g. a projector's `last_seq` or `lag`).
     pub fn gauge(&self, name: &'static str, value: i64) {
-        self.0.gauges.lock().expect("metrics lock").insert(name, value);
+        self.0
+            .gauges
+            .lock()
+            .expect("metrics lock")
+            .insert(name, value);
     }
 
     /// The `data` of one endpoint's stats, plus worker-wide figures.

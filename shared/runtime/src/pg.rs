@@ -37,7 +37,10 @@ pub fn pool(database_url: &str, schema: &str, size: usize) -> Result<Pool, DbErr
 ///
 /// # Errors
 /// [`DbError`] when the server cannot be reached.
-pub async fn connect(database_url: &str, schema: Option<&str>) -> Result<tokio_postgres::Client, DbError> {
+pub async fn connect(
+    database_url: &str,
+    schema: Option<&str>,
+) -> Result<tokio_postgres::Client, DbError> {
     let mut cfg = tokio_postgres::Config::from_str(database_url)
         .map_err(|e| DbError::Unavailable(format!("CH_DATABASE_URL: {e}")))?;
     if let Some(s) = schema {
@@ -79,7 +82,10 @@ pub async fn ensure_database(database_url: &str) -> Result<(), DbError> {
         .is_some();
     if !exists {
         let quoted = db.replace('"', "\"\"");
-        match client.batch_execute(&format!("CREATE DATABASE \"{quoted}\"")).await {
+        match client
+            .batch_execute(&format!("CREATE DATABASE \"{quoted}\""))
+            .await
+        {
             Ok(()) => info!(database = %db, "created database"),
             // Another process created it at the same time.
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => {}
@@ -101,11 +107,18 @@ pub struct Migration {
 ///
 /// # Errors
 /// [`DbError`] when a migration fails; nothing of it is applied then.
-pub async fn migrate(database_url: &str, schema: &str, migrations: &[Migration]) -> Result<(), DbError> {
+pub async fn migrate(
+    database_url: &str,
+    schema: &str,
+    migrations: &[Migration],
+) -> Result<(), DbError> {
     let mut client = connect(database_url, Some(schema)).await?;
     let tx = client.transaction().await?;
-    tx.execute("SELECT pg_advisory_xact_lock(hashtext('ch_migrate:' || $1))", &[&schema])
-        .await?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('ch_migrate:' || $1))",
+        &[&schema],
+    )
+    .await?;
     let quoted = schema.replace('"', "\"\"");
     tx.batch_execute(&format!(
         "CREATE SCHEMA IF NOT EXISTS \"{quoted}\";
@@ -128,7 +141,12 @@ pub async fn migrate(database_url: &str, schema: &str, migrations: &[Migration])
             &[&m.version, &m.name],
         )
         .await?;
-        info!(schema, version = m.version, name = m.name, "applied migration");
+        info!(
+            schema,
+            version = m.version,
+            name = m.name,
+            "applied migration"
+        );
     }
     tx.commit().await?;
     Ok(())

@@ -46,7 +46,10 @@ pub trait Projection: Send + Sync + 'static {
         ev: &StoredEvent,
     ) -> impl Future<Output = Result<(), tokio_postgres::Error>> + Send;
     /// Empties the read model's tables (a rebuild then replays the stream).
-    fn reset(&self, tx: &Transaction<'_>) -> impl Future<Output = Result<(), tokio_postgres::Error>> + Send;
+    fn reset(
+        &self,
+        tx: &Transaction<'_>,
+    ) -> impl Future<Output = Result<(), tokio_postgres::Error>> + Send;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,9 +103,15 @@ fn transient(e: &tokio_postgres::Error) -> bool {
 ///
 /// # Errors
 /// [`DbError`] on database trouble.
-pub async fn checkpoint(client: &impl tokio_postgres::GenericClient, name: &str) -> Result<u64, DbError> {
+pub async fn checkpoint(
+    client: &impl tokio_postgres::GenericClient,
+    name: &str,
+) -> Result<u64, DbError> {
     let row = client
-        .query_opt("SELECT last_seq FROM ch_checkpoints WHERE projection = $1", &[&name])
+        .query_opt(
+            "SELECT last_seq FROM ch_checkpoints WHERE projection = $1",
+            &[&name],
+        )
         .await?;
     Ok(row.map_or(0, |r| r.get::<_, i64>(0) as u64))
 }
@@ -207,13 +216,21 @@ impl<P: Projection> Projector<P> {
     }
 
     async fn dead_letter(&self, raw: &Raw, why: &str) {
-        error!(seq = raw.seq, error = why, "dead-lettered an event the projection cannot apply");
+        error!(
+            seq = raw.seq,
+            error = why,
+            "dead-lettered an event the projection cannot apply"
+        );
         self.metrics.gauge("dead_letters_last_seq", raw.seq as i64);
         let mut h = HeaderMap::new();
         h.insert("Ch-Error", why.replace(['\r', '\n'], " ").as_str());
         h.insert("Ch-Stream-Seq", raw.seq.to_string().as_str());
         let subject = self.store.subjects().dead_letter(self.name());
-        if let Err(e) = self.client.publish_with_headers(subject, h, raw.payload.clone()).await {
+        if let Err(e) = self
+            .client
+            .publish_with_headers(subject, h, raw.payload.clone())
+            .await
+        {
             warn!(error = %e, "could not publish the dead letter");
         }
     }
@@ -268,7 +285,12 @@ impl<P: Projection> Projector<P> {
             return Ok(from);
         }
         let started = Instant::now();
-        info!(projection = self.name(), from = from + 1, to, "catching up from the stream");
+        info!(
+            projection = self.name(),
+            from = from + 1,
+            to,
+            "catching up from the stream"
+        );
         let consumer = self
             .store
             .stream()
@@ -285,7 +307,7 @@ impl<P: Projection> Projector<P> {
             .messages()
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        let chunk_size = self.batch.max.max(1000);
+        let chunk_size = self.batch.max.max(1);
         let mut chunk = Vec::with_capacity(chunk_size);
         let mut last = from;
         let mut next_report = Instant::now() + Duration::from_secs(2);
@@ -318,7 +340,13 @@ impl<P: Projection> Projector<P> {
                 chunk.clear();
                 if Instant::now() >= next_report {
                     let rate = (last - from) as f64 / started.elapsed().as_secs_f64();
-                    info!(projection = self.name(), at = last, to, events_per_sec = rate as u64, "catching up");
+                    info!(
+                        projection = self.name(),
+                        at = last,
+                        to,
+                        events_per_sec = rate as u64,
+                        "catching up"
+                    );
                     next_report = Instant::now() + Duration::from_secs(2);
                 }
             }
@@ -362,14 +390,20 @@ impl<P: Projection> Projector<P> {
         let mut logged = false;
         loop {
             let got: bool = conn
-                .query_one("SELECT pg_try_advisory_lock(hashtext(current_schema() || $1))", &[&key])
+                .query_one(
+                    "SELECT pg_try_advisory_lock(hashtext(current_schema() || $1))",
+                    &[&key],
+                )
                 .await?
                 .get(0);
             if got {
                 return Ok(Some(Leader(Some(conn))));
             }
             if !logged {
-                info!(projection = self.name(), "another projector is active; standing by");
+                info!(
+                    projection = self.name(),
+                    "another projector is active; standing by"
+                );
                 logged = true;
             }
             tokio::select! {
@@ -441,7 +475,10 @@ impl<P: Projection> Projector<P> {
                 let next = if self.batch.wait.is_zero() {
                     messages.next().now_or_never().flatten()
                 } else {
-                    tokio::time::timeout_at(deadline, messages.next()).await.ok().flatten()
+                    tokio::time::timeout_at(deadline, messages.next())
+                        .await
+                        .ok()
+                        .flatten()
                 };
                 match next {
                     Some(Ok(m)) => batch.push(m),
@@ -463,8 +500,13 @@ impl<P: Projection> Projector<P> {
                 }
             }
             raws.sort_by_key(|r| r.seq);
-            let span = info_span!("batch", projection = name, events = raws.len(),
-                first_seq = raws.first().map(|r| r.seq), last_seq = raws.last().map(|r| r.seq));
+            let span = info_span!(
+                "batch",
+                projection = name,
+                events = raws.len(),
+                first_seq = raws.first().map(|r| r.seq),
+                last_seq = raws.last().map(|r| r.seq)
+            );
             let result = self.process(&raws).instrument(span.clone()).await;
             match result {
                 Ok(last) => {
@@ -480,7 +522,9 @@ impl<P: Projection> Projector<P> {
                 Err(e) => {
                     error!(projection = name, error = %e, "batch failed; will retry");
                     for m in &batch {
-                        let _ = m.ack_with(async_nats::jetstream::AckKind::Nak(Some(backoff))).await;
+                        let _ = m
+                            .ack_with(async_nats::jetstream::AckKind::Nak(Some(backoff)))
+                            .await;
                     }
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
@@ -537,7 +581,10 @@ impl<P: Projection> Projector<P> {
         let conn = self.pool.get().await.map_err(DbError::from)?;
         let key = format!("ch_projector:{}", self.name());
         let got: bool = conn
-            .query_one("SELECT pg_try_advisory_lock(hashtext(current_schema() || $1))", &[&key])
+            .query_one(
+                "SELECT pg_try_advisory_lock(hashtext(current_schema() || $1))",
+                &[&key],
+            )
             .await?
             .get(0);
         Ok(got.then_some(Leader(Some(conn))))
@@ -570,7 +617,10 @@ impl<P: Projection> Handler for StatusHandler<P> {
 ///
 /// # Errors
 /// When the projector or its service fails to start.
-pub async fn run<P: Projection>(projector: Projector<P>, shutdown: CancellationToken) -> Result<(), async_nats::Error> {
+pub async fn run<P: Projection>(
+    projector: Projector<P>,
+    shutdown: CancellationToken,
+) -> Result<(), async_nats::Error> {
     let projector = Arc::new(projector);
     let subjects = projector.store.subjects().clone();
     let spec = ServiceSpec {

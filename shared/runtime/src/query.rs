@@ -43,7 +43,10 @@ impl Progress {
             let mut sub = client.subscribe(subjects.progress(p)).await?;
             tokio::spawn(async move {
                 while let Some(msg) = sub.next().await {
-                    if let Some(seq) = std::str::from_utf8(&msg.payload).ok().and_then(|s| s.parse::<u64>().ok()) {
+                    if let Some(seq) = std::str::from_utf8(&msg.payload)
+                        .ok()
+                        .and_then(|s| s.parse::<u64>().ok())
+                    {
                         tx.send_if_modified(|cur| {
                             let newer = seq != *cur;
                             *cur = seq;

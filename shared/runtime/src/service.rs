@@ -25,7 +25,11 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub trait Handler: Send + Sync + 'static {
     /// # Errors
     /// [`ApiError`], sent as an error reply with API.md's headers and body.
-    fn handle(&self, endpoint: &str, msg: &Message) -> impl Future<Output = Result<Value, ApiError>> + Send;
+    fn handle(
+        &self,
+        endpoint: &str,
+        msg: &Message,
+    ) -> impl Future<Output = Result<Value, ApiError>> + Send;
 }
 
 /// One endpoint: its name in `nats micro info` and its subject.
@@ -98,7 +102,8 @@ pub async fn serve<H: Handler>(
                         let result = handler.handle(&name, &request.message).await;
                         let sent = match &result {
                             Ok(v) => {
-                                let body = Bytes::from(serde_json::to_vec(v).expect("json serializes"));
+                                let body =
+                                    Bytes::from(serde_json::to_vec(v).expect("json serializes"));
                                 request.respond(Ok(body)).await
                             }
                             Err(e) => {
@@ -107,10 +112,16 @@ pub async fn serve<H: Handler>(
                                 } else {
                                     info!(code = %e.code, error = %e.message, "request refused");
                                 }
-                                request.respond_with_headers(Ok(e.body()), e.headers()).await
+                                request
+                                    .respond_with_headers(Ok(e.body()), e.headers())
+                                    .await
                             }
                         };
-                        metrics.request(&name, started.elapsed(), result.as_ref().err().map(|e| e.code.as_ref()));
+                        metrics.request(
+                            &name,
+                            started.elapsed(),
+                            result.as_ref().err().map(|e| e.code.as_ref()),
+                        );
                         if let Err(e) = sent {
                             warn!(error = %e, "could not send the reply");
                         }

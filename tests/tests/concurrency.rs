@@ -1,0 +1,68 @@
+//! Optimistic concurrency on the write side: many concurrent buys on one portfolio, served
+//! by two signal workers in one queue group, never overdraw it.
+
+use ch_domain::AggregateType;
+use ch_e2e::fixtures::{attach, deposit, open, signal, strategy};
+use ch_e2e::{TestEnv, Worker};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forty_concurrent_buys_with_cash_for_ten_execute_exactly_ten() {
+    let mut env = TestEnv::with_all_workers().await;
+    // A second replica of the signal worker: appends race across processes too.
+    env.start(Worker::CmdSignal).await;
+    env.cmd("strategy.create", strategy("u1", "s1", &["BTC-USDT"]))
+        .await;
+    env.cmd("portfolio.update", open("p1", "u1")).await;
+    env.cmd("portfolio.update", deposit("p1", "1000")).await;
+    env.cmd("portfolio.update", attach("p1", "s1")).await;
+    let before = env.subject_count(AggregateType::Portfolio, "p1").await;
+
+    let env = std::sync::Arc::new(env);
+    let mut tasks = Vec::new();
+    for _ in 0..40 {
+        let env = env.clone();
+        tasks.push(tokio::spawn(async move {
+            env.cmd(
+                "signal.execute",
+                signal("p1", "s1", "buy", "1", "100", Some("0")),
+            )
+            .await
+        }));
+    }
+    let mut executed = 0;
+    let mut rejected = 0;
+    let mut max_seq = 0;
+    for t in tasks {
+        let r = t.await.expect("task");
+        max_seq = max_seq.max(r["stream_seq"].as_u64().unwrap());
+        match r["status"].as_str() {
+            Some("executed") => executed += 1,
+            Some("rejected") => {
+                assert_eq!(r["reason"], "INSUFFICIENT_CASH", "{r}");
+                rejected += 1;
+            }
+            other => panic!("unexpected status {other:?}: {r}"),
+        }
+    }
+    assert_eq!(executed, 10);
+    assert_eq!(rejected, 30);
+    // Every request stored exactly one event: nothing lost, nothing doubled.
+    assert_eq!(
+        env.subject_count(AggregateType::Portfolio, "p1").await,
+        before + 40
+    );
+
+    let perf = env
+        .query_at(
+            "portfolio.performance",
+            json!({"portfolio_id": "p1"}),
+            max_seq,
+        )
+        .await;
+    assert_eq!(perf["cash"], "0");
+    assert_eq!(perf["positions"][0]["quantity"], "10");
+    assert_eq!(perf["fill_count"], 10);
+    assert_eq!(perf["rejected_signals"], 30);
+    assert_eq!(perf["version"], 3 + 40);
+}
