@@ -90,14 +90,19 @@ struct QueryHandler {
 }
 
 impl QueryHandler {
-    async fn answer<Q: Consistency>(&self, query: Query, q: &Q) -> Result<Value, ApiError> {
+    /// Read-your-writes: waits (bounded) until the read models reached `min_stream_seq`.
+    async fn wait_if_asked<Q: Consistency>(&self, query: Query, q: &Q) -> Result<(), ApiError> {
         let timeout = timeout_from(q.timeout_ms())?;
         if let Some(min) = q.min_stream_seq() {
             self.progress
                 .wait_for(&self.pool, query.projections(), min, timeout)
                 .await?;
         }
-        Ok(Value::Null)
+        Ok(())
+    }
+
+    async fn snapshot_conn(&self) -> Result<deadpool_postgres::Object, ApiError> {
+        Ok(self.pool.get().await.map_err(DbError::from)?)
     }
 }
 
@@ -110,25 +115,33 @@ impl Handler for QueryHandler {
             .find(|q| q.name().replace('.', "_") == endpoint)
             .ok_or_else(|| ApiError::not_found(format!("no query endpoint {endpoint}")))?;
         let body = &msg.payload;
-        let mut conn = self.pool.get().await.map_err(DbError::from)?;
         match query {
             Query::PortfolioPerformance => {
                 let q: PerformanceQuery = queries::parse(body)?;
-                self.answer(query, &q).await?;
+                self.wait_if_asked(query, &q).await?;
+                let mut conn = self.snapshot_conn().await?;
                 let tx = queries::snapshot(&mut conn).await?;
-                queries::portfolio_performance(&tx, &q).await
+                let reply = queries::portfolio_performance(&tx, &q).await;
+                drop(tx);
+                reply
             }
             Query::StrategyList => {
                 let q: StrategyListQuery = queries::parse(body)?;
-                self.answer(query, &q).await?;
+                self.wait_if_asked(query, &q).await?;
+                let mut conn = self.snapshot_conn().await?;
                 let tx = queries::snapshot(&mut conn).await?;
-                queries::strategy_list(&tx, &q).await
+                let reply = queries::strategy_list(&tx, &q).await;
+                drop(tx);
+                reply
             }
             Query::StrategyGet => {
                 let q: StrategyGetQuery = queries::parse(body)?;
-                self.answer(query, &q).await?;
+                self.wait_if_asked(query, &q).await?;
+                let mut conn = self.snapshot_conn().await?;
                 let tx = queries::snapshot(&mut conn).await?;
-                queries::strategy_get(&tx, &q).await
+                let reply = queries::strategy_get(&tx, &q).await;
+                drop(tx);
+                reply
             }
         }
     }

@@ -60,10 +60,8 @@ pub fn reply(events: &[StoredEvent], duplicate: bool) -> Value {
     if duplicate {
         v["duplicate"] = Value::Bool(true);
     }
-    if let (Some(extra), Value::Object(map)) = (reply_extra(&last.event), &mut v) {
-        if let Value::Object(extra) = extra {
-            map.extend(extra);
-        }
+    if let (Some(Value::Object(extra)), Value::Object(map)) = (reply_extra(&last.event), &mut v) {
+        map.extend(extra);
     }
     v
 }

@@ -18,6 +18,9 @@ use tracing::{error, info, warn, Instrument};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 
+/// Most requests one worker handles at once; further ones wait in NATS (back-pressure).
+const MAX_IN_FLIGHT: usize = 1024;
+
 /// The version every service reports.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -68,6 +71,7 @@ pub async fn serve<H: Handler>(
         .start(spec.name.clone(), VERSION)
         .await?;
     let tracker = TaskTracker::new();
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     let mut loops = Vec::new();
     for ep in &spec.endpoints {
         let mut endpoint = service
@@ -80,11 +84,15 @@ pub async fn serve<H: Handler>(
         let shutdown = shutdown.clone();
         let metrics = metrics.clone();
         let name = ep.name.clone();
+        let permits = permits.clone();
         loops.push(tokio::spawn(async move {
             loop {
                 let request = tokio::select! {
                     _ = shutdown.cancelled() => break,
                     r = endpoint.next() => match r { Some(r) => r, None => break },
+                };
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    break;
                 };
                 let handler = handler.clone();
                 let metrics = metrics.clone();
@@ -125,6 +133,7 @@ pub async fn serve<H: Handler>(
                         if let Err(e) = sent {
                             warn!(error = %e, "could not send the reply");
                         }
+                        drop(permit);
                     }
                     .instrument(span),
                 );
