@@ -34,7 +34,14 @@ pub fn attach(portfolio_id: &str, strategy_id: &str) -> Value {
 }
 
 /// A signal; `fee` is optional.
-pub fn signal(portfolio_id: &str, strategy_id: &str, side: &str, qty: &str, price: &str, fee: Option<&str>) -> Value {
+pub fn signal(
+    portfolio_id: &str,
+    strategy_id: &str,
+    side: &str,
+    qty: &str,
+    price: &str,
+    fee: Option<&str>,
+) -> Value {
     let mut v = json!({"portfolio_id": portfolio_id, "strategy_id": strategy_id, "symbol": "BTC-USDT",
                        "side": side, "quantity": qty, "price": price});
     if let Some(f) = fee {
@@ -45,4 +52,61 @@ pub fn signal(portfolio_id: &str, strategy_id: &str, side: &str, qty: &str, pric
 
 pub fn price(symbol: &str, price: &str) -> Value {
     json!({"symbol": symbol, "price": price})
+}
+
+pub fn withdraw(portfolio_id: &str, amount: &str) -> Value {
+    json!({"portfolio_id": portfolio_id, "op": "withdraw", "amount": amount})
+}
+
+pub fn detach(portfolio_id: &str, strategy_id: &str) -> Value {
+    json!({"portfolio_id": portfolio_id, "op": "detach_strategy", "strategy_id": strategy_id})
+}
+
+pub fn close(portfolio_id: &str) -> Value {
+    json!({"portfolio_id": portfolio_id, "op": "close"})
+}
+
+/// A signal on any symbol, without `fee` (the portfolio's fee rate applies).
+pub fn signal_on(
+    portfolio_id: &str,
+    strategy_id: &str,
+    symbol: &str,
+    side: &str,
+    qty: &str,
+    price: &str,
+) -> Value {
+    json!({"portfolio_id": portfolio_id, "strategy_id": strategy_id, "symbol": symbol,
+           "side": side, "quantity": qty, "price": price})
+}
+
+/// [`strategy`] with some `risk_profile` fields replaced (`overrides` is an object).
+pub fn strategy_with(
+    user_id: &str,
+    strategy_id: &str,
+    symbols: &[&str],
+    overrides: Value,
+) -> Value {
+    let mut v = strategy(user_id, strategy_id, symbols);
+    if let Value::Object(o) = overrides {
+        for (k, val) in o {
+            v["risk_profile"][k] = val;
+        }
+    }
+    v
+}
+
+/// A command reply's `stream_seq` (the consistency token for queries).
+#[track_caller]
+pub fn seq(reply: &Value) -> u64 {
+    reply["stream_seq"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no stream_seq in {reply}"))
+}
+
+/// A command reply's `version`.
+#[track_caller]
+pub fn version(reply: &Value) -> u64 {
+    reply["version"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no version in {reply}"))
 }

@@ -39,7 +39,10 @@ impl Drop for NatsServer {
 }
 
 fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 fn free_port() -> u16 {
@@ -55,7 +58,11 @@ impl NatsServer {
         let bin = std::env::var("CH_TEST_NATS_SERVER")
             .map(PathBuf::from)
             .unwrap_or_else(|_| repo_root().join(".venv/bin/nats-server"));
-        assert!(bin.exists(), "{} missing: run `make test` (it installs the pinned nats-server)", bin.display());
+        assert!(
+            bin.exists(),
+            "{} missing: run `make test` (it installs the pinned nats-server)",
+            bin.display()
+        );
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("ch-test-nats-{}-{port}", std::process::id()));
         let child = Command::new(&bin)
@@ -104,7 +111,12 @@ impl Reply {
     /// Panics unless it is a success; returns the body.
     #[track_caller]
     pub fn ok(self) -> Value {
-        assert!(self.status.is_none(), "expected success, got {:?}: {}", self.status, self.body);
+        assert!(
+            self.status.is_none(),
+            "expected success, got {:?}: {}",
+            self.status,
+            self.body
+        );
         self.body
     }
 
@@ -217,15 +229,25 @@ impl TestEnv {
             ..Config::default()
         };
         let subjects = Subjects::new(cfg.prefix.clone());
-        let client = async_nats::connect(&cfg.nats_url).await.expect("connect to NATS");
+        let client = async_nats::connect(&cfg.nats_url)
+            .await
+            .expect("connect to NATS");
         let js = async_nats::jetstream::new(client.clone());
-        ch_runtime::eventstore::wait_ready(&js, Duration::from_secs(10)).await.expect("JetStream ready");
-        ch_runtime::eventstore::ensure_stream(&js, &subjects, 1).await.expect("stream");
-        ch_runtime::pg::ensure_database(&cfg.database_url).await.expect("database");
+        ch_runtime::eventstore::wait_ready(&js, Duration::from_secs(10))
+            .await
+            .expect("JetStream ready");
+        ch_runtime::eventstore::ensure_stream(&js, &subjects, 1)
+            .await
+            .expect("stream");
+        ch_runtime::pg::ensure_database(&cfg.database_url)
+            .await
+            .expect("database");
         ch_runtime::pg::migrate(&cfg.database_url, &cfg.db_schema, ch_readmodel::MIGRATIONS)
             .await
             .expect("migrations");
-        let pg = ch_runtime::pg::connect(&cfg.database_url, Some(&cfg.db_schema)).await.expect("postgres");
+        let pg = ch_runtime::pg::connect(&cfg.database_url, Some(&cfg.db_schema))
+            .await
+            .expect("postgres");
         TestEnv {
             cfg,
             subjects,
@@ -254,30 +276,57 @@ impl TestEnv {
 
     /// Starts one worker and hands it to the caller (to stop or kill it).
     pub async fn spawn(&self, worker: Worker) -> Running {
-        let app = App::start(self.cfg.clone(), worker.name()).await.expect("worker starts");
+        let app = App::start(self.cfg.clone(), worker.name())
+            .await
+            .expect("worker starts");
         let token = CancellationToken::new();
         let t = token.clone();
         let handle = tokio::spawn(async move {
             let r = match worker {
                 Worker::CmdStrategy => {
-                    let eps = [Endpoint::StrategyCreate, Endpoint::StrategyUpdate, Endpoint::StrategyDelete];
+                    let eps = [
+                        Endpoint::StrategyCreate,
+                        Endpoint::StrategyUpdate,
+                        Endpoint::StrategyDelete,
+                    ];
                     ch_runtime::commands::run(app, &eps, t).await
                 }
-                Worker::CmdPortfolio => ch_runtime::commands::run(app, &[Endpoint::PortfolioUpdate], t).await,
-                Worker::CmdSignal => ch_runtime::commands::run(app, &[Endpoint::SignalExecute], t).await,
-                Worker::CmdMarket => ch_runtime::commands::run(app, &[Endpoint::MarketPrice], t).await,
-                Worker::ProjPortfolio => ch_readmodel::workers::run_projector(app, PortfolioProjection, t).await,
-                Worker::ProjStrategy => ch_readmodel::workers::run_projector(app, StrategyProjection, t).await,
-                Worker::QueryPortfolio => ch_readmodel::workers::run_queries(app, &[Query::PortfolioPerformance], t).await,
+                Worker::CmdPortfolio => {
+                    ch_runtime::commands::run(app, &[Endpoint::PortfolioUpdate], t).await
+                }
+                Worker::CmdSignal => {
+                    ch_runtime::commands::run(app, &[Endpoint::SignalExecute], t).await
+                }
+                Worker::CmdMarket => {
+                    ch_runtime::commands::run(app, &[Endpoint::MarketPrice], t).await
+                }
+                Worker::ProjPortfolio => {
+                    ch_readmodel::workers::run_projector(app, PortfolioProjection, t).await
+                }
+                Worker::ProjStrategy => {
+                    ch_readmodel::workers::run_projector(app, StrategyProjection, t).await
+                }
+                Worker::QueryPortfolio => {
+                    ch_readmodel::workers::run_queries(app, &[Query::PortfolioPerformance], t).await
+                }
                 Worker::QueryStrategy => {
-                    ch_readmodel::workers::run_queries(app, &[Query::StrategyList, Query::StrategyGet], t).await
+                    ch_readmodel::workers::run_queries(
+                        app,
+                        &[Query::StrategyList, Query::StrategyGet],
+                        t,
+                    )
+                    .await
                 }
             };
             if let Err(e) = r {
                 panic!("worker {} failed: {e}", worker.name());
             }
         });
-        Running { worker, token, handle }
+        Running {
+            worker,
+            token,
+            handle,
+        }
     }
 
     /// Waits (bounded) until the worker's service answers a ping.
@@ -285,7 +334,12 @@ impl TestEnv {
         let subject = format!("$SRV.PING.{}", self.subjects.service_name(worker.name()));
         tokio::time::timeout(Duration::from_secs(15), async {
             loop {
-                match tokio::time::timeout(Duration::from_millis(200), self.client.request(subject.clone(), "".into())).await {
+                match tokio::time::timeout(
+                    Duration::from_millis(200),
+                    self.client.request(subject.clone(), "".into()),
+                )
+                .await
+                {
                     Ok(Ok(_)) => break,
                     _ => tokio::task::yield_now().await,
                 }
@@ -298,10 +352,13 @@ impl TestEnv {
     /// Sends a raw request body to `<prefix>.<suffix>`.
     pub async fn request_raw(&self, suffix: &str, body: impl Into<bytes::Bytes>) -> Reply {
         let subject = format!("{}.{suffix}", self.subjects.prefix());
-        let msg = tokio::time::timeout(Duration::from_secs(30), self.client.request(subject.clone(), body.into()))
-            .await
-            .unwrap_or_else(|_| panic!("no reply on {subject} within 30 s"))
-            .unwrap_or_else(|e| panic!("request on {subject} failed: {e}"));
+        let msg = tokio::time::timeout(
+            Duration::from_secs(30),
+            self.client.request(subject.clone(), body.into()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("no reply on {subject} within 30 s"))
+        .unwrap_or_else(|e| panic!("request on {subject} failed: {e}"));
         let status = msg
             .headers
             .as_ref()
@@ -318,7 +375,8 @@ impl TestEnv {
 
     /// Sends a JSON request to `<prefix>.<suffix>` (e.g. `cmd.portfolio.update`).
     pub async fn request(&self, suffix: &str, body: Value) -> Reply {
-        self.request_raw(suffix, serde_json::to_vec(&body).expect("json")).await
+        self.request_raw(suffix, serde_json::to_vec(&body).expect("json"))
+            .await
     }
 
     /// A command that must succeed; returns its reply.
@@ -336,9 +394,15 @@ impl TestEnv {
     /// How many events the aggregate's subject holds.
     pub async fn subject_count(&self, ty: AggregateType, id: &str) -> u64 {
         let js = async_nats::jetstream::new(self.client.clone());
-        let stream = js.get_stream(self.subjects.stream_name()).await.expect("stream");
+        let stream = js
+            .get_stream(self.subjects.stream_name())
+            .await
+            .expect("stream");
         let subject = self.subjects.aggregate(ty, id);
-        let info = stream.info_with_subjects(subject.clone()).await.expect("stream info");
+        let info = stream
+            .info_with_subjects(subject.clone())
+            .await
+            .expect("stream info");
         let mut count = 0;
         let mut info = info;
         while let Some(Ok((s, n))) = futures::StreamExt::next(&mut info).await {
@@ -352,7 +416,10 @@ impl TestEnv {
     /// Stream's last sequence.
     pub async fn last_seq(&self) -> u64 {
         let js = async_nats::jetstream::new(self.client.clone());
-        let mut stream = js.get_stream(self.subjects.stream_name()).await.expect("stream");
+        let mut stream = js
+            .get_stream(self.subjects.stream_name())
+            .await
+            .expect("stream");
         stream.info().await.expect("info").state.last_sequence
     }
 
@@ -371,10 +438,18 @@ impl TestEnv {
         for (t, order) in tables {
             let rows = self
                 .pg
-                .query(&format!("SELECT row_to_json(x)::text FROM (SELECT * FROM {t} ORDER BY {order}) x"), &[])
+                .query(
+                    &format!(
+                        "SELECT row_to_json(x)::text FROM (SELECT * FROM {t} ORDER BY {order}) x"
+                    ),
+                    &[],
+                )
                 .await
                 .expect("dump");
-            out.extend(rows.iter().map(|r| format!("{t}: {}", r.get::<_, String>(0))));
+            out.extend(
+                rows.iter()
+                    .map(|r| format!("{t}: {}", r.get::<_, String>(0))),
+            );
         }
         out
     }

@@ -73,7 +73,15 @@ pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError>
             "empty request: expected a JSON object",
         ));
     }
-    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid request: {e}")))
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        if path == "." {
+            ApiError::bad_request(format!("invalid request: {}", e.inner()))
+        } else {
+            ApiError::bad_request(format!("{path}: {}", e.inner()))
+        }
+    })
 }
 
 fn check_id(field: &str, v: &str) -> Result<(), ApiError> {

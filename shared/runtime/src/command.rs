@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use ch_domain::event::SCHEMA_VERSION;
 use ch_domain::request::{reply_extra, Common};
-use ch_domain::{Aggregate, Ctx};
+use ch_domain::{Aggregate, Ctx, DomainError};
 use chrono::Utc;
 use rand::Rng;
 use serde_json::{json, Value};
@@ -153,7 +153,24 @@ where
                 now,
                 new_id: Uuid::now_v7(),
             };
-            let events = entry.state.decide(command, &facts, &ctx)?;
+            let events = match entry.state.decide(command, &facts, &ctx) {
+                Ok(events) => events,
+                Err(_) if !fresh => {
+                    // A refusal is never checked by an append: the cache may be behind another
+                    // worker's appends (a sell through cmd-signal before a close here), so
+                    // refuse only on the current state.
+                    self.repo.catch_up(id, &mut entry).await?;
+                    fresh = true;
+                    continue;
+                }
+                Err(DomainError::NotFound(_)) if entry.state.version() == 0 => {
+                    return Err(ApiError::not_found(format!(
+                        "{} {id} not found",
+                        A::TYPE.as_str()
+                    )));
+                }
+                Err(e) => return Err(e.into()),
+            };
             let version = entry.state.version();
             let pairs: Vec<(Meta, _)> = events
                 .into_iter()

@@ -1,0 +1,1101 @@
+//! API.md's error table through NATS: every class with its status header, `error.code`,
+//! `error.status` and a message that says what is wrong; and for every refused command, that
+//! nothing was stored (the aggregate's subject and the stream do not move).
+
+use ch_domain::AggregateType;
+use ch_e2e::fixtures::{
+    attach, close, deposit, open, price, seq, signal, signal_on, strategy, version, withdraw,
+};
+use ch_e2e::{Reply, TestEnv};
+use serde_json::{json, Value};
+
+const PORTFOLIO: AggregateType = AggregateType::Portfolio;
+const STRATEGY: AggregateType = AggregateType::Strategy;
+const MARKET: AggregateType = AggregateType::Market;
+
+/// Checks an error reply: `Nats-Service-Error-Code` and `error.status` are `status`,
+/// `error.code` is `code`, `Nats-Service-Error` carries the message, and the message contains
+/// every one of `needles`. Returns the message.
+#[track_caller]
+fn check_error(reply: Reply, status: u16, code: &str, needles: &[&str]) -> String {
+    let headers = reply.headers.clone().expect("an error reply has headers");
+    assert_eq!(
+        headers
+            .get("Nats-Service-Error-Code")
+            .map(|v| v.as_str().to_owned()),
+        Some(status.to_string()),
+        "status header of {}",
+        reply.body
+    );
+    let body = reply.err(status, code);
+    let message = body["error"]["message"]
+        .as_str()
+        .expect("error.message is a string")
+        .to_owned();
+    assert!(!message.trim().is_empty(), "empty message: {body}");
+    assert_eq!(
+        headers
+            .get("Nats-Service-Error")
+            .map(|v| v.as_str().to_owned()),
+        Some(message.clone()),
+        "Nats-Service-Error header carries the message"
+    );
+    for n in needles {
+        assert!(
+            message.contains(n),
+            "message {message:?} should mention {n:?}"
+        );
+    }
+    message
+}
+
+/// Sends a refused command and checks that neither the aggregate's subject nor the stream
+/// moved.
+async fn refused(
+    env: &TestEnv,
+    name: &str,
+    body: impl Into<bytes::Bytes>,
+    agg: (AggregateType, &str),
+    status: u16,
+    code: &str,
+    needles: &[&str],
+) -> String {
+    let before = env.subject_count(agg.0, agg.1).await;
+    let last = env.last_seq().await;
+    let reply = env.request_raw(&format!("cmd.{name}"), body).await;
+    let message = check_error(reply, status, code, needles);
+    assert_eq!(
+        env.subject_count(agg.0, agg.1).await,
+        before,
+        "{name}: an event was stored for {agg:?}"
+    );
+    assert_eq!(env.last_seq().await, last, "{name}: the stream moved");
+    message
+}
+
+fn bytes(v: &Value) -> Vec<u8> {
+    serde_json::to_vec(v).expect("json")
+}
+
+/// s1 on BTC-USDT, p1 open in USDT with 1000 deposited and s1 attached.
+async fn setup() -> TestEnv {
+    let env = TestEnv::with_all_workers().await;
+    env.cmd("strategy.create", strategy("u1", "s1", &["BTC-USDT"]))
+        .await;
+    env.cmd("portfolio.update", open("p1", "u1")).await;
+    env.cmd("portfolio.update", deposit("p1", "1000")).await;
+    env.cmd("portfolio.update", attach("p1", "s1")).await;
+    env
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_request_for_malformed_bodies_and_fields() {
+    let env = setup().await;
+    let p1 = (PORTFOLIO, "p1");
+    let cmd = "portfolio.update";
+
+    // Malformed JSON, truncated and with a trailing comma.
+    refused(
+        &env,
+        cmd,
+        r#"{"portfolio_id":"p1","op":"deposit","amount":"#,
+        p1,
+        400,
+        "bad_request",
+        &["malformed JSON"],
+    )
+    .await;
+    refused(
+        &env,
+        cmd,
+        r#"{"portfolio_id":"p1","op":"deposit","amount":5,}"#,
+        p1,
+        400,
+        "bad_request",
+        &["malformed JSON"],
+    )
+    .await;
+    refused(&env, cmd, "", p1, 400, "bad_request", &[]).await;
+    // Bodies that are JSON but not an object.
+    for body in [
+        r#"[{"portfolio_id":"p1","op":"deposit","amount":5}]"#,
+        r#""deposit""#,
+        "42",
+        "null",
+    ] {
+        refused(&env, cmd, body, p1, 400, "bad_request", &["JSON object"]).await;
+    }
+    // A typo never passes silently.
+    refused(
+        &env,
+        cmd,
+        bytes(&json!({"portfolio_id": "p1", "op": "deposit", "amout": 5})),
+        p1,
+        400,
+        "bad_request",
+        &["unknown field", "amout"],
+    )
+    .await;
+    let mut typo = signal("p1", "s1", "buy", "0.01", "20000", None);
+    typo["feee"] = "1".into();
+    refused(
+        &env,
+        "signal.execute",
+        bytes(&typo),
+        p1,
+        400,
+        "bad_request",
+        &["unknown field", "feee"],
+    )
+    .await;
+    let mut typo = strategy("u1", "s9", &["BTC-USDT"]);
+    typo["risk_profile"]["max_leverag"] = 1.into();
+    refused(
+        &env,
+        "strategy.create",
+        bytes(&typo),
+        (STRATEGY, "s9"),
+        400,
+        "bad_request",
+        &["max_leverag"],
+    )
+    .await;
+    // Missing fields.
+    refused(
+        &env,
+        cmd,
+        bytes(&json!({"portfolio_id": "p1", "op": "deposit"})),
+        p1,
+        400,
+        "bad_request",
+        &["missing field", "amount"],
+    )
+    .await;
+    refused(
+        &env,
+        cmd,
+        bytes(&json!({"portfolio_id": "p1", "amount": "5"})),
+        p1,
+        400,
+        "bad_request",
+        &["missing field", "op"],
+    )
+    .await;
+    let mut missing = signal("p1", "s1", "buy", "0.01", "20000", None);
+    missing.as_object_mut().unwrap().remove("price");
+    refused(
+        &env,
+        "signal.execute",
+        bytes(&missing),
+        p1,
+        400,
+        "bad_request",
+        &["missing field", "price"],
+    )
+    .await;
+    let mut missing = strategy("u1", "s9", &["BTC-USDT"]);
+    missing.as_object_mut().unwrap().remove("risk_profile");
+    refused(
+        &env,
+        "strategy.create",
+        bytes(&missing),
+        (STRATEGY, "s9"),
+        400,
+        "bad_request",
+        &["risk_profile"],
+    )
+    .await;
+    // Unknown op.
+    refused(
+        &env,
+        cmd,
+        bytes(&json!({"portfolio_id": "p1", "op": "transfer", "amount": 5})),
+        p1,
+        400,
+        "bad_request",
+        &["op", "transfer"],
+    )
+    .await;
+    // Names of 0 or 201 characters.
+    for name in [String::new(), "n".repeat(201)] {
+        refused(
+            &env,
+            cmd,
+            bytes(&json!({"portfolio_id": "p1", "op": "rename", "name": name})),
+            p1,
+            400,
+            "bad_request",
+            &["name"],
+        )
+        .await;
+    }
+    // Wrong types for the common keys.
+    let mut bad_cid = deposit("p1", "5");
+    bad_cid["command_id"] = "not-a-uuid".into();
+    refused(
+        &env,
+        cmd,
+        bytes(&bad_cid),
+        p1,
+        400,
+        "bad_request",
+        &["command_id"],
+    )
+    .await;
+    let mut bad_ev = deposit("p1", "5");
+    bad_ev["expected_version"] = (-1).into();
+    refused(
+        &env,
+        cmd,
+        bytes(&bad_ev),
+        p1,
+        400,
+        "bad_request",
+        &["expected_version"],
+    )
+    .await;
+
+    // The portfolio is still usable and saw exactly its four events.
+    let ok = env.cmd(cmd, deposit("p1", "5")).await;
+    assert_eq!(version(&ok), 4, "{ok}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_request_for_ids_that_could_address_other_subjects() {
+    let env = setup().await;
+    let p1 = (PORTFOLIO, "p1");
+    let long = "x".repeat(65);
+    let bad_ids = ["p.1", "p*", ">", "*", "a b", "", "p1.>", long.as_str()];
+    for id in bad_ids {
+        // As the aggregate id: nothing anywhere in the stream may move.
+        refused(
+            &env,
+            "portfolio.update",
+            bytes(&deposit(id, "5")),
+            p1,
+            400,
+            "bad_request",
+            &["portfolio_id"],
+        )
+        .await;
+        refused(
+            &env,
+            "portfolio.update",
+            bytes(&open(id, "u1")),
+            p1,
+            400,
+            "bad_request",
+            &["portfolio_id"],
+        )
+        .await;
+        refused(
+            &env,
+            "strategy.delete",
+            bytes(&json!({"strategy_id": id})),
+            (STRATEGY, "s1"),
+            400,
+            "bad_request",
+            &["strategy_id"],
+        )
+        .await;
+        refused(
+            &env,
+            "strategy.create",
+            bytes(&strategy("u1", id, &["BTC-USDT"])),
+            (STRATEGY, "s1"),
+            400,
+            "bad_request",
+            &["strategy_id"],
+        )
+        .await;
+        // As a referenced id or an owner.
+        refused(
+            &env,
+            "portfolio.update",
+            bytes(&attach("p1", id)),
+            p1,
+            400,
+            "bad_request",
+            &["strategy_id"],
+        )
+        .await;
+        refused(
+            &env,
+            "portfolio.update",
+            bytes(&open("p2", id)),
+            (PORTFOLIO, "p2"),
+            400,
+            "bad_request",
+            &["user_id"],
+        )
+        .await;
+        refused(
+            &env,
+            "signal.execute",
+            bytes(&signal("p1", id, "buy", "0.01", "20000", None)),
+            p1,
+            400,
+            "bad_request",
+            &["strategy_id"],
+        )
+        .await;
+        refused(
+            &env,
+            "signal.execute",
+            bytes(&signal(id, "s1", "buy", "0.01", "20000", None)),
+            p1,
+            400,
+            "bad_request",
+            &["portfolio_id"],
+        )
+        .await;
+        // And in a query.
+        let reply = env
+            .request("query.portfolio.performance", json!({"portfolio_id": id}))
+            .await;
+        check_error(reply, 400, "bad_request", &["portfolio_id"]);
+        let reply = env
+            .request("query.strategy.get", json!({"strategy_id": id}))
+            .await;
+        check_error(reply, 400, "bad_request", &["strategy_id"]);
+        let reply = env
+            .request("query.strategy.list", json!({"user_id": id}))
+            .await;
+        check_error(reply, 400, "bad_request", &["user_id"]);
+    }
+    // 64 characters is still an id.
+    let ok = env
+        .cmd("portfolio.update", open(&"y".repeat(64), "u1"))
+        .await;
+    assert_eq!(ok["aggregate_id"], "y".repeat(64));
+    assert_eq!(env.subject_count(PORTFOLIO, &"y".repeat(64)).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_request_for_symbols_decimals_and_times() {
+    let env = setup().await;
+    let p1 = (PORTFOLIO, "p1");
+    let btc = (MARKET, "BTC-USDT");
+
+    // Invalid symbols, in a price and in a signal.
+    for sym in [
+        "btc-usdt",
+        "BTC.USDT",
+        "BTCUSDT",
+        "BTC-USDT-X",
+        "BTC-",
+        "BTC-*",
+        ">",
+        "",
+    ] {
+        refused(
+            &env,
+            "market.price",
+            bytes(&price(sym, "20000")),
+            btc,
+            400,
+            "bad_request",
+            &["symbol"],
+        )
+        .await;
+        refused(
+            &env,
+            "signal.execute",
+            bytes(&signal_on("p1", "s1", sym, "buy", "0.01", "20000")),
+            p1,
+            400,
+            "bad_request",
+            &["symbol"],
+        )
+        .await;
+    }
+    let mut bad_allowed = strategy("u1", "s9", &["BTC-USDT"]);
+    bad_allowed["risk_profile"]["allowed_symbols"] = json!(["BTC-USDT", "eth.usdt"]);
+    refused(
+        &env,
+        "strategy.create",
+        bytes(&bad_allowed),
+        (STRATEGY, "s9"),
+        400,
+        "bad_request",
+        &["risk_profile.allowed_symbols"],
+    )
+    .await;
+
+    // Nine places, as a string, a number and in exponent notation.
+    for amount in [
+        json!("0.000000001"),
+        json!(1.000000001),
+        json!("1E-9"),
+        json!(1e-9),
+    ] {
+        let body = json!({"portfolio_id": "p1", "op": "deposit", "amount": amount});
+        refused(
+            &env,
+            "portfolio.update",
+            bytes(&body),
+            p1,
+            400,
+            "bad_request",
+            &["amount", "8 decimal places"],
+        )
+        .await;
+    }
+    refused(
+        &env,
+        "market.price",
+        bytes(&price("BTC-USDT", "20000.000000001")),
+        btc,
+        400,
+        "bad_request",
+        &["price", "8 decimal places"],
+    )
+    .await;
+    // Zero and negative amounts and prices.
+    for amount in [
+        json!("0"),
+        json!(0),
+        json!("-5"),
+        json!(-0.5),
+        json!("0.00000000"),
+    ] {
+        for op in ["deposit", "withdraw"] {
+            let body = json!({"portfolio_id": "p1", "op": op, "amount": amount});
+            refused(
+                &env,
+                "portfolio.update",
+                bytes(&body),
+                p1,
+                400,
+                "bad_request",
+                &["amount", "> 0"],
+            )
+            .await;
+        }
+        let body = json!({"symbol": "BTC-USDT", "price": amount});
+        refused(
+            &env,
+            "market.price",
+            bytes(&body),
+            btc,
+            400,
+            "bad_request",
+            &["price", "> 0"],
+        )
+        .await;
+    }
+    // Not a decimal at all.
+    for amount in [json!("abc"), json!(true), json!([1]), json!("1,5")] {
+        let body = json!({"portfolio_id": "p1", "op": "deposit", "amount": amount});
+        refused(
+            &env,
+            "portfolio.update",
+            bytes(&body),
+            p1,
+            400,
+            "bad_request",
+            &["amount"],
+        )
+        .await;
+    }
+
+    // `at`: not RFC 3339, far in the future, or before the aggregate's last event.
+    for at in [
+        "yesterday",
+        "2026-01-01 00:00:00",
+        "2026-01-01",
+        "1700000000",
+    ] {
+        let mut body = deposit("p1", "5");
+        body["at"] = at.into();
+        refused(
+            &env,
+            "portfolio.update",
+            bytes(&body),
+            p1,
+            400,
+            "bad_request",
+            &["at", "RFC 3339"],
+        )
+        .await;
+    }
+    let mut body = deposit("p1", "5");
+    body["at"] = "2099-01-01T00:00:00Z".into();
+    refused(
+        &env,
+        "portfolio.update",
+        bytes(&body),
+        p1,
+        400,
+        "bad_request",
+        &["at", "future"],
+    )
+    .await;
+    let mut body = price("BTC-USDT", "20000");
+    body["at"] = "2099-01-01T00:00:00Z".into();
+    refused(
+        &env,
+        "market.price",
+        bytes(&body),
+        btc,
+        400,
+        "bad_request",
+        &["at", "future"],
+    )
+    .await;
+    let mut body = deposit("p1", "5");
+    body["at"] = "2001-01-01T00:00:00Z".into();
+    refused(
+        &env,
+        "portfolio.update",
+        bytes(&body),
+        p1,
+        400,
+        "bad_request",
+        &["at", "before"],
+    )
+    .await;
+
+    // A valid deposit with 8 places in exponent notation is accepted, so the above were the
+    // values, not the shape.
+    let ok = env
+        .cmd(
+            "portfolio.update",
+            json!({"portfolio_id": "p1", "op": "deposit", "amount": 1e-8}),
+        )
+        .await;
+    let perf = env
+        .query_at(
+            "portfolio.performance",
+            json!({"portfolio_id": "p1"}),
+            seq(&ok),
+        )
+        .await;
+    assert_eq!(perf["cash"], "1000.00000001");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_found_already_exists_and_conflict() {
+    let env = setup().await;
+    let p1 = (PORTFOLIO, "p1");
+
+    // not_found: commands on an unknown portfolio or strategy.
+    let ghost = (PORTFOLIO, "ghost");
+    refused(
+        &env,
+        "portfolio.update",
+        bytes(&deposit("ghost", "5")),
+        ghost,
+        404,
+        "not_found",
+        &["portfolio", "not found"],
+    )
+    .await;
+    refused(
+        &env,
+        "portfolio.update",
+        bytes(&close("ghost")),
+        ghost,
+        404,
+        "not_found",
+        &["not found"],
+    )
+    .await;
+    refused(
+        &env,
+        "signal.execute",
+        bytes(&signal("ghost", "s1", "buy", "0.01", "20000", None)),
+        ghost,
+        404,
+        "not_found",
+        &["not found"],
+    )
+    .await;
+    refused(
+        &env,
+        "portfolio.update",
+        bytes(&attach("p1", "nope")),
+        p1,
+        404,
+        "not_found",
+        &["strategy", "nope"],
+    )
+    .await;
+    let nope = (STRATEGY, "nope");
+    refused(
+        &env,
+        "strategy.update",
+        bytes(&json!({"strategy_id": "nope", "strategy_name": "x"})),
+        nope,
+        404,
+        "not_found",
+        &["nope"],
+    )
+    .await;
+    refused(
+        &env,
+        "strategy.delete",
+        bytes(&json!({"strategy_id": "nope"})),
+        nope,
+        404,
+        "not_found",
+        &["nope"],
+    )
+    .await;
+    assert_eq!(env.subject_count(PORTFOLIO, "ghost").await, 0);
+    assert_eq!(env.subject_count(STRATEGY, "nope").await, 0);
+
+    // not_found: queries of an unknown portfolio and strategy (after the read model caught up).
+    let last = env.last_seq().await;
+    let mut q = json!({"portfolio_id": "ghost", "min_stream_seq": last, "timeout_ms": 10000});
+    check_error(
+        env.request("query.portfolio.performance", q.clone()).await,
+        404,
+        "not_found",
+        &["ghost"],
+    );
+    q = json!({"strategy_id": "nope", "min_stream_seq": last, "timeout_ms": 10000});
+    check_error(
+        env.request("query.strategy.get", q).await,
+        404,
+        "not_found",
+        &["nope"],
+    );
+
+    // already_exists: open twice, create an existing strategy id.
+    let mut again = open("p1", "u2");
+    again["name"] = "another".into();
+    refused(
+        &env,
+        "portfolio.update",
+        bytes(&again),
+        p1,
+        409,
+        "already_exists",
+        &["p1"],
+    )
+    .await;
+    refused(
+        &env,
+        "strategy.create",
+        bytes(&strategy("u2", "s1", &["ETH-USDT"])),
+        (STRATEGY, "s1"),
+        409,
+        "already_exists",
+        &["s1"],
+    )
+    .await;
+
+    // conflict: a stale expected_version (p1 is at version 3).
+    for stale in [0, 1, 2, 4, 99] {
+        let mut body = deposit("p1", "5");
+        body["expected_version"] = stale.into();
+        refused(
+            &env,
+            "portfolio.update",
+            bytes(&body),
+            p1,
+            409,
+            "conflict",
+            &["expected_version", &stale.to_string()],
+        )
+        .await;
+    }
+    let mut body = json!({"strategy_id": "s1", "strategy_name": "renamed", "expected_version": 7});
+    refused(
+        &env,
+        "strategy.update",
+        bytes(&body),
+        (STRATEGY, "s1"),
+        409,
+        "conflict",
+        &["expected_version"],
+    )
+    .await;
+    body["expected_version"] = 1.into();
+    let ok = env.cmd("strategy.update", body).await;
+    assert_eq!(version(&ok), 2);
+
+    // The unchanged state: p1 is still at 1000 and version 3.
+    let perf = env
+        .query_at(
+            "portfolio.performance",
+            json!({"portfolio_id": "p1"}),
+            env.last_seq().await,
+        )
+        .await;
+    assert_eq!(perf["cash"], "1000");
+    assert_eq!(perf["version"], 3);
+    assert_eq!(perf["user_id"], "u1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn domain_refusals_are_422_and_store_nothing() {
+    let env = setup().await;
+    let p1 = (PORTFOLIO, "p1");
+
+    // insufficient_funds: withdraw above cash (and an exact-cash withdrawal is fine).
+    let msg = refused(
+        &env,
+        "portfolio.update",
+        bytes(&withdraw("p1", "1000.00000001")),
+        p1,
+        422,
+        "insufficient_funds",
+        &["1000.00000001", "1000", "USDT"],
+    )
+    .await;
+    assert!(msg.contains("cash"), "{msg}");
+    let w = env.cmd("portfolio.update", withdraw("p1", "400")).await;
+    refused(
+        &env,
+        "portfolio.update",
+        bytes(&withdraw("p1", "600.5")),
+        p1,
+        422,
+        "insufficient_funds",
+        &["600.5", "600"],
+    )
+    .await;
+    let w2 = env.cmd("portfolio.update", withdraw("p1", "600")).await;
+    assert_eq!(version(&w2), version(&w) + 1);
+    refused(
+        &env,
+        "portfolio.update",
+        bytes(&withdraw("p1", "0.00000001")),
+        p1,
+        422,
+        "insufficient_funds",
+        &["cash"],
+    )
+    .await;
+    env.cmd("portfolio.update", deposit("p1", "30000")).await;
+
+    // strategy_deleted: update of a deleted strategy, and attaching it.
+    env.cmd("strategy.create", strategy("u1", "s2", &["BTC-USDT"]))
+        .await;
+    env.cmd("strategy.delete", json!({"strategy_id": "s2"}))
+        .await;
+    let s2 = (STRATEGY, "s2");
+    refused(
+        &env,
+        "strategy.update",
+        bytes(&json!({"strategy_id": "s2", "strategy_name": "back"})),
+        s2,
+        422,
+        "strategy_deleted",
+        &["s2", "deleted"],
+    )
+    .await;
+    refused(
+        &env,
+        "strategy.delete",
+        bytes(&json!({"strategy_id": "s2"})),
+        s2,
+        422,
+        "strategy_deleted",
+        &["s2"],
+    )
+    .await;
+    refused(
+        &env,
+        "portfolio.update",
+        bytes(&attach("p1", "s2")),
+        p1,
+        422,
+        "strategy_deleted",
+        &["s2"],
+    )
+    .await;
+
+    // position_not_flat: close with a position.
+    let buy = env
+        .cmd(
+            "signal.execute",
+            signal("p1", "s1", "buy", "0.5", "20000", None),
+        )
+        .await;
+    assert_eq!(buy["status"], "executed", "{buy}");
+    refused(
+        &env,
+        "portfolio.update",
+        bytes(&close("p1")),
+        p1,
+        422,
+        "position_not_flat",
+        &["BTC-USDT"],
+    )
+    .await;
+    let sell = env
+        .cmd(
+            "signal.execute",
+            signal("p1", "s1", "sell", "0.5", "20000", None),
+        )
+        .await;
+    assert_eq!(sell["trade"]["position_after"], "0", "{sell}");
+    // Refusals use the current state: the sell went through another worker, and its cash
+    // (30000 - 10010 + 9990) can all be withdrawn here.
+    assert_eq!(sell["trade"]["cash_after"], "29980", "{sell}");
+    refused(
+        &env,
+        "portfolio.update",
+        bytes(&withdraw("p1", "29980.00000001")),
+        p1,
+        422,
+        "insufficient_funds",
+        &["29980"],
+    )
+    .await;
+    let w = env.cmd("portfolio.update", withdraw("p1", "29980")).await;
+    assert_eq!(version(&w), version(&sell) + 1);
+
+    // portfolio_closed: once closed, every portfolio command is refused.
+    let closed = env.cmd("portfolio.update", close("p1")).await;
+    assert_eq!(closed["events"][0]["type"], "PortfolioClosed");
+    for body in [
+        deposit("p1", "5"),
+        withdraw("p1", "5"),
+        close("p1"),
+        json!({"portfolio_id": "p1", "op": "rename", "name": "x"}),
+        json!({"portfolio_id": "p1", "op": "detach_strategy", "strategy_id": "s1"}),
+    ] {
+        refused(
+            &env,
+            "portfolio.update",
+            bytes(&body),
+            p1,
+            422,
+            "portfolio_closed",
+            &["p1", "closed"],
+        )
+        .await;
+    }
+    let perf = env
+        .query_at(
+            "portfolio.performance",
+            json!({"portfolio_id": "p1"}),
+            seq(&closed),
+        )
+        .await;
+    assert_eq!(perf["status"], "closed");
+    assert_eq!(perf["version"], version(&closed));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_errors_stale_and_timeout_bounds() {
+    let env = setup().await;
+    let last = env.last_seq().await;
+
+    // stale: a sequence the stream will not reach within 50 ms.
+    let far = last + 1_000_000;
+    let q = json!({"portfolio_id": "p1", "min_stream_seq": far, "timeout_ms": 50});
+    let started = std::time::Instant::now();
+    let msg = check_error(
+        env.request("query.portfolio.performance", q).await,
+        504,
+        "stale",
+        &[&far.to_string()],
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "{msg}: took {:?}",
+        started.elapsed()
+    );
+    for (name, q) in [
+        (
+            "strategy.get",
+            json!({"strategy_id": "s1", "min_stream_seq": far, "timeout_ms": 50}),
+        ),
+        (
+            "strategy.list",
+            json!({"user_id": "u1", "min_stream_seq": far, "timeout_ms": 50}),
+        ),
+    ] {
+        check_error(
+            env.request(&format!("query.{name}"), q).await,
+            504,
+            "stale",
+            &[&far.to_string()],
+        );
+    }
+
+    // timeout_ms above 10000 (and 0) is bad_request; 10000 itself is fine.
+    for (name, mut q) in [
+        ("portfolio.performance", json!({"portfolio_id": "p1"})),
+        ("strategy.get", json!({"strategy_id": "s1"})),
+        ("strategy.list", json!({"user_id": "u1"})),
+    ] {
+        q["timeout_ms"] = 10_001.into();
+        check_error(
+            env.request(&format!("query.{name}"), q.clone()).await,
+            400,
+            "bad_request",
+            &["timeout_ms", "10000"],
+        );
+        q["timeout_ms"] = 0.into();
+        check_error(
+            env.request(&format!("query.{name}"), q.clone()).await,
+            400,
+            "bad_request",
+            &["timeout_ms"],
+        );
+        q["timeout_ms"] = 10_000.into();
+        q["min_stream_seq"] = last.into();
+        let ok = env.request(&format!("query.{name}"), q).await.ok();
+        assert!(ok["as_of_seq"].as_u64().unwrap() >= last, "{ok}");
+    }
+
+    // Queries refuse typos and malformed bodies too.
+    let q = json!({"portfolio_id": "p1", "min_stream_seqq": 1});
+    check_error(
+        env.request("query.portfolio.performance", q).await,
+        400,
+        "bad_request",
+        &["min_stream_seqq"],
+    );
+    // (serde names the bad value, not the field, for a query's type errors)
+    let q = json!({"portfolio_id": "p1", "timeout_ms": -1});
+    check_error(
+        env.request("query.portfolio.performance", q).await,
+        400,
+        "bad_request",
+        &["-1"],
+    );
+    check_error(
+        env.request_raw("query.strategy.get", "{\"strategy_id\":")
+            .await,
+        400,
+        "bad_request",
+        &[],
+    );
+    check_error(
+        env.request_raw("query.strategy.get", "[]").await,
+        400,
+        "bad_request",
+        &[],
+    );
+    check_error(
+        env.request("query.strategy.list", json!({})).await,
+        400,
+        "bad_request",
+        &["user_id"],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_payload_never_reaches_a_worker() {
+    let env = setup().await;
+    let before = env.subject_count(PORTFOLIO, "p1").await;
+    let last = env.last_seq().await;
+    let max = env.client.server_info().max_payload;
+    assert!(max <= 1024 * 1024, "server max payload is {max}");
+
+    let body = json!({"portfolio_id": "p1", "op": "rename", "name": "n".repeat(1024 * 1024 + 16)});
+    let subject = format!("{}.cmd.portfolio.update", env.subjects.prefix());
+    let r = env.client.request(subject, bytes(&body).into()).await;
+    let e = r.expect_err("a request above max payload fails at the client");
+    assert_eq!(
+        e.kind(),
+        async_nats::client::RequestErrorKind::MaxPayloadExceeded,
+        "{e}"
+    );
+    assert!(e.to_string().contains("max payload"), "{e}");
+    assert_eq!(env.subject_count(PORTFOLIO, "p1").await, before);
+    assert_eq!(env.last_seq().await, last);
+
+    // The connection is still usable, and a name just within the limits works.
+    let ok = env
+        .cmd(
+            "portfolio.update",
+            json!({"portfolio_id": "p1", "op": "rename", "name": "n".repeat(200)}),
+        )
+        .await;
+    assert_eq!(version(&ok), before + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_signals_are_bad_request_invalid_quantities_are_stored_rejections() {
+    let env = setup().await;
+    let p1 = (PORTFOLIO, "p1");
+
+    // Malformed: bad_request, nothing stored.
+    let bad = [
+        (
+            signal("p1", "s1", "hold", "0.01", "20000", None),
+            vec!["hold"],
+        ),
+        (
+            signal("p1", "s1", "BUY", "0.01", "20000", None),
+            vec!["BUY"],
+        ),
+        (
+            signal("p1", "s1", "buy", "0.01", "20000.000000001", None),
+            vec!["price", "8 decimal places"],
+        ),
+        (
+            signal("p1", "s1", "buy", "0.01", "0", None),
+            vec!["price", "> 0"],
+        ),
+        (
+            signal("p1", "s1", "buy", "0.01", "-20000", None),
+            vec!["price", "> 0"],
+        ),
+        (
+            signal("p1", "s1", "buy", "0.01", "20000", Some("-1")),
+            vec!["fee"],
+        ),
+        (
+            signal("p1", "s1", "buy", "0.01", "20000", Some("0.000000001")),
+            vec!["fee", "8 decimal places"],
+        ),
+        (
+            signal("p1", "s1", "buy", "abc", "20000", None),
+            vec!["quantity"],
+        ),
+    ];
+    for (body, needles) in bad {
+        refused(
+            &env,
+            "signal.execute",
+            bytes(&body),
+            p1,
+            400,
+            "bad_request",
+            &needles,
+        )
+        .await;
+    }
+
+    // A quantity of 0, negative, or with 9 places is the strategy's fault: stored as rejected.
+    let mut n = env.subject_count(PORTFOLIO, "p1").await;
+    let mut last = None;
+    for q in ["0", "-0.5", "0.000000001", "1.123456789"] {
+        let r = env
+            .cmd(
+                "signal.execute",
+                signal("p1", "s1", "buy", q, "20000", None),
+            )
+            .await;
+        assert_eq!(r["status"], "rejected", "{r}");
+        assert_eq!(r["reason"], "INVALID_QUANTITY", "{r}");
+        assert_eq!(r["events"][0]["type"], "TradeSignalRejected", "{r}");
+        assert!(
+            r["detail"].as_str().is_some_and(|d| d.contains("quantity")),
+            "{r}"
+        );
+        n += 1;
+        assert_eq!(env.subject_count(PORTFOLIO, "p1").await, n);
+        assert_eq!(version(&r), n);
+        last = Some(r);
+    }
+    let perf = env
+        .query_at(
+            "portfolio.performance",
+            json!({"portfolio_id": "p1"}),
+            seq(&last.unwrap()),
+        )
+        .await;
+    assert_eq!(perf["rejected_signals"], 4);
+    assert_eq!(perf["fill_count"], 0);
+    assert_eq!(perf["cash"], "1000");
+}

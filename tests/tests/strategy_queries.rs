@@ -1,0 +1,340 @@
+//! Strategy commands seen through `ch.query.strategy.get` and `ch.query.strategy.list`
+//! (API.md "Queries"): rules and risk profile as stored, status, version, attached portfolios
+//! and their combined performance; keyset pagination, `include_deleted`, one user's rows only.
+
+use ch_e2e::fixtures::{attach, deposit, detach, open, seq, signal, signal_on, strategy, version};
+use ch_e2e::TestEnv;
+use serde_json::{json, Value};
+
+async fn get(env: &TestEnv, strategy_id: &str, at: u64) -> Value {
+    let v = env
+        .query_at("strategy.get", json!({"strategy_id": strategy_id}), at)
+        .await;
+    assert!(
+        v["as_of_seq"].as_u64().is_some_and(|s| s >= at),
+        "as_of_seq below {at}: {v}"
+    );
+    v
+}
+
+async fn list(env: &TestEnv, query: Value, at: u64) -> Value {
+    let v = env.query_at("strategy.list", query, at).await;
+    assert!(
+        v["as_of_seq"].as_u64().is_some_and(|s| s >= at),
+        "as_of_seq below {at}: {v}"
+    );
+    v
+}
+
+fn ids(page: &Value) -> Vec<String> {
+    page["strategies"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no strategies in {page}"))
+        .iter()
+        .map(|s| s["strategy_id"].as_str().expect("strategy_id").to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_follows_create_update_delete_and_trades() {
+    let env = TestEnv::with_all_workers().await;
+    let create = json!({
+        "strategy_id": "s1", "user_id": "u1", "strategy_name": "Momentum",
+        "rules": [
+            {"rule_id": "r1", "symbol": "BTC-USDT", "stake": {"mode": "fixed_quote", "value": 1000.50},
+             "stop_loss_pct": 0.05, "take_profit_pct": "0.20",
+             "trailing_stop": {"trailing_pct": 0.03, "activation_pct": "1E-1"}},
+            {"rule_id": "r2", "symbol": "*", "stake": {"mode": "pct_equity", "value": "0.25"}}
+        ],
+        "risk_profile": {"allowed_symbols": ["BTC-USDT", "ETH-USDT"], "max_open_positions": 3,
+                         "max_order_notional": 50000, "min_order_notional": "10.0",
+                         "max_position_notional": "60000", "max_drawdown_pct": 0.5, "max_leverage": 1}
+    });
+    let c = env.cmd("strategy.create", create).await;
+    assert_eq!(version(&c), 1);
+    let s = get(&env, "s1", seq(&c)).await;
+    assert_eq!(s["strategy_id"], "s1");
+    assert_eq!(s["user_id"], "u1");
+    assert_eq!(s["name"], "Momentum");
+    assert_eq!(s["status"], "active");
+    assert_eq!(s["version"], 1);
+    // Decimals come back as plain strings, normalized; absent options stay absent.
+    let rules = json!([
+        {"rule_id": "r1", "symbol": "BTC-USDT", "stake": {"mode": "fixed_quote", "value": "1000.5"},
+         "stop_loss_pct": "0.05", "take_profit_pct": "0.2",
+         "trailing_stop": {"trailing_pct": "0.03", "activation_pct": "0.1"}},
+        {"rule_id": "r2", "symbol": "*", "stake": {"mode": "pct_equity", "value": "0.25"}}
+    ]);
+    assert_eq!(s["rules"], rules);
+    let profile = json!({"allowed_symbols": ["BTC-USDT", "ETH-USDT"], "max_open_positions": 3,
+                         "max_order_notional": "50000", "min_order_notional": "10",
+                         "max_position_notional": "60000", "max_drawdown_pct": "0.5", "max_leverage": "1"});
+    assert_eq!(s["risk_profile"], profile);
+    assert_eq!(s["attached_portfolios"], json!([]));
+    assert_eq!(s["performance"]["portfolio_count"], 0);
+    assert_eq!(s["performance"]["trade_count"], 0);
+    assert_eq!(s["performance"]["fill_count"], 0);
+    assert_eq!(s["performance"]["realized_pnl"], "0");
+    assert_eq!(s["performance"]["win_rate"], Value::Null);
+    assert_eq!(s["created_at"], s["updated_at"]);
+    let created_at = s["created_at"].clone();
+
+    // Update the name only: rules and profile unchanged.
+    let u = env
+        .cmd(
+            "strategy.update",
+            json!({"strategy_id": "s1", "strategy_name": "Momentum v2"}),
+        )
+        .await;
+    assert_eq!(version(&u), 2);
+    let s = get(&env, "s1", seq(&u)).await;
+    assert_eq!(s["name"], "Momentum v2");
+    assert_eq!(s["version"], 2);
+    assert_eq!(s["rules"], rules);
+    assert_eq!(s["risk_profile"], profile);
+    assert_eq!(s["created_at"], created_at);
+    assert!(
+        s["updated_at"].as_str().unwrap() >= created_at.as_str().unwrap(),
+        "{s}"
+    );
+
+    // Update the rules only.
+    let new_rules = json!([{"rule_id": "r3", "symbol": "ETH-USDT", "stake": {"mode": "fixed_quote", "value": "500"}}]);
+    let u = env
+        .cmd(
+            "strategy.update",
+            json!({"strategy_id": "s1", "rules": new_rules}),
+        )
+        .await;
+    let s = get(&env, "s1", seq(&u)).await;
+    assert_eq!(s["version"], 3);
+    assert_eq!(s["rules"], new_rules);
+    assert_eq!(s["risk_profile"], profile);
+    assert_eq!(s["name"], "Momentum v2");
+
+    // Update the risk profile only.
+    let mut profile2 = profile.clone();
+    profile2["max_open_positions"] = 4.into();
+    profile2.as_object_mut().unwrap().remove("max_drawdown_pct");
+    let u = env
+        .cmd(
+            "strategy.update",
+            json!({"strategy_id": "s1", "risk_profile": profile2}),
+        )
+        .await;
+    let s = get(&env, "s1", seq(&u)).await;
+    assert_eq!(s["version"], 4);
+    assert_eq!(s["risk_profile"], profile2);
+    assert_eq!(s["rules"], new_rules);
+
+    // Attached to two portfolios, with trades: their combined performance.
+    for p in ["p1", "p2"] {
+        env.cmd("portfolio.update", open(p, "u1")).await;
+        env.cmd("portfolio.update", deposit(p, "25000")).await;
+        env.cmd("portfolio.update", attach(p, "s1")).await;
+    }
+    // p1: +979 (buy 0.5 at 20000, fee 10; sell at 22000, fee 11).
+    env.cmd(
+        "signal.execute",
+        signal("p1", "s1", "buy", "0.5", "20000", None),
+    )
+    .await;
+    let t = env
+        .cmd(
+            "signal.execute",
+            signal("p1", "s1", "sell", "0.5", "22000", None),
+        )
+        .await;
+    assert_eq!(t["trade"]["realized_pnl"], "979", "{t}");
+    // p2: -101.9 (buy 1 ETH at 1000, fee 1; sell at 900, fee 0.9), then an open buy.
+    env.cmd(
+        "signal.execute",
+        signal_on("p2", "s1", "ETH-USDT", "buy", "1", "1000"),
+    )
+    .await;
+    let t = env
+        .cmd(
+            "signal.execute",
+            signal_on("p2", "s1", "ETH-USDT", "sell", "1", "900"),
+        )
+        .await;
+    assert_eq!(t["trade"]["realized_pnl"], "-101.9", "{t}");
+    let last = env
+        .cmd(
+            "signal.execute",
+            signal_on("p2", "s1", "ETH-USDT", "buy", "0.1", "1000"),
+        )
+        .await;
+    assert_eq!(last["status"], "executed", "{last}");
+    let s = get(&env, "s1", seq(&last)).await;
+    assert_eq!(s["attached_portfolios"], json!(["p1", "p2"]));
+    assert_eq!(
+        s["version"], 4,
+        "attaching and trading do not change the strategy"
+    );
+    let perf = &s["performance"];
+    assert_eq!(perf["portfolio_count"], 2, "{s}");
+    assert_eq!(perf["trade_count"], 2, "{s}");
+    assert_eq!(perf["fill_count"], 5, "{s}");
+    assert_eq!(perf["realized_pnl"], "877.1", "{s}");
+    assert_eq!(perf["fees_paid"], "23", "{s}");
+    assert_eq!(perf["win_rate"], "0.5", "{s}");
+
+    // Detached from p2: only p1 remains.
+    let d = env.cmd("portfolio.update", detach("p2", "s1")).await;
+    let s = get(&env, "s1", seq(&d)).await;
+    assert_eq!(s["attached_portfolios"], json!(["p1"]));
+    assert_eq!(s["performance"]["trade_count"], 1, "{s}");
+    assert_eq!(s["performance"]["realized_pnl"], "979", "{s}");
+    assert_eq!(s["performance"]["win_rate"], "1", "{s}");
+
+    // Deleted: still readable, status deleted, version 5.
+    let del = env
+        .cmd("strategy.delete", json!({"strategy_id": "s1"}))
+        .await;
+    assert_eq!(version(&del), 5);
+    let s = get(&env, "s1", seq(&del)).await;
+    assert_eq!(s["status"], "deleted");
+    assert_eq!(s["version"], 5);
+    assert_eq!(s["name"], "Momentum v2");
+    assert_eq!(s["rules"], new_rules);
+    assert_eq!(s["created_at"], created_at);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_paginates_one_users_strategies() {
+    let env = TestEnv::with_all_workers().await;
+    let mine = ["st-a", "st-b", "st-c", "st-d", "st-e", "st-f", "st-g"];
+    // Created out of order, with another user's ids in between.
+    for id in ["st-e", "st-a", "st-g", "st-c", "st-b", "st-f", "st-d"] {
+        env.cmd("strategy.create", strategy("u1", id, &["BTC-USDT"]))
+            .await;
+    }
+    for id in ["st-b2", "st-e2"] {
+        env.cmd("strategy.create", strategy("u2", id, &["BTC-USDT"]))
+            .await;
+    }
+    let at = env.last_seq().await;
+
+    // Pages of 3: 3, 3, 1, linked by next_cursor.
+    let p1 = list(&env, json!({"user_id": "u1", "limit": 3}), at).await;
+    assert_eq!(ids(&p1), ["st-a", "st-b", "st-c"]);
+    assert_eq!(p1["next_cursor"], "st-c");
+    let row = &p1["strategies"][0];
+    assert_eq!(row["user_id"], "u1");
+    assert_eq!(row["name"], "strategy st-a");
+    assert_eq!(row["status"], "active");
+    assert_eq!(row["version"], 1);
+    assert!(
+        row["created_at"].is_string() && row["updated_at"].is_string(),
+        "{row}"
+    );
+    let p2 = list(
+        &env,
+        json!({"user_id": "u1", "limit": 3, "cursor": p1["next_cursor"]}),
+        at,
+    )
+    .await;
+    assert_eq!(ids(&p2), ["st-d", "st-e", "st-f"]);
+    assert_eq!(p2["next_cursor"], "st-f");
+    let p3 = list(
+        &env,
+        json!({"user_id": "u1", "limit": 3, "cursor": p2["next_cursor"]}),
+        at,
+    )
+    .await;
+    assert_eq!(ids(&p3), ["st-g"]);
+    assert_eq!(p3["next_cursor"], Value::Null);
+
+    // Exactly one page: no cursor. Default limit: everything.
+    let all = list(&env, json!({"user_id": "u1", "limit": 7}), at).await;
+    assert_eq!(ids(&all), mine);
+    assert_eq!(all["next_cursor"], Value::Null);
+    let all = list(&env, json!({"user_id": "u1"}), at).await;
+    assert_eq!(ids(&all), mine);
+    assert_eq!(all["next_cursor"], Value::Null);
+    let theirs = list(&env, json!({"user_id": "u2"}), at).await;
+    assert_eq!(ids(&theirs), ["st-b2", "st-e2"]);
+    assert!(theirs["strategies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["user_id"] == "u2"));
+    let nobody = list(&env, json!({"user_id": "u3"}), at).await;
+    assert_eq!(nobody["strategies"], json!([]));
+    assert_eq!(nobody["next_cursor"], Value::Null);
+
+    // A deleted strategy is hidden unless include_deleted.
+    let d = env
+        .cmd("strategy.delete", json!({"strategy_id": "st-d"}))
+        .await;
+    let u = env
+        .cmd(
+            "strategy.update",
+            json!({"strategy_id": "st-a", "strategy_name": "renamed"}),
+        )
+        .await;
+    let at = seq(&d).max(seq(&u));
+    let live = list(&env, json!({"user_id": "u1"}), at).await;
+    assert_eq!(ids(&live), ["st-a", "st-b", "st-c", "st-e", "st-f", "st-g"]);
+    assert_eq!(live["strategies"][0]["name"], "renamed");
+    assert_eq!(live["strategies"][0]["version"], 2);
+    let live = list(
+        &env,
+        json!({"user_id": "u1", "include_deleted": false, "limit": 3}),
+        at,
+    )
+    .await;
+    assert_eq!(ids(&live), ["st-a", "st-b", "st-c"]);
+    let live2 = list(
+        &env,
+        json!({"user_id": "u1", "limit": 3, "cursor": live["next_cursor"]}),
+        at,
+    )
+    .await;
+    assert_eq!(ids(&live2), ["st-e", "st-f", "st-g"]);
+    assert_eq!(live2["next_cursor"], Value::Null);
+    let every = list(
+        &env,
+        json!({"user_id": "u1", "include_deleted": true, "limit": 4}),
+        at,
+    )
+    .await;
+    assert_eq!(ids(&every), ["st-a", "st-b", "st-c", "st-d"]);
+    assert_eq!(every["strategies"][3]["status"], "deleted");
+    assert_eq!(every["strategies"][3]["version"], 2);
+    let every2 = list(
+        &env,
+        json!({"user_id": "u1", "include_deleted": true, "limit": 4, "cursor": every["next_cursor"]}),
+        at,
+    )
+    .await;
+    assert_eq!(ids(&every2), ["st-e", "st-f", "st-g"]);
+    assert_eq!(every2["next_cursor"], Value::Null);
+
+    // Limits: 1 to 500.
+    let one = list(&env, json!({"user_id": "u1", "limit": 1}), at).await;
+    assert_eq!(ids(&one), ["st-a"]);
+    assert_eq!(one["next_cursor"], "st-a");
+    list(&env, json!({"user_id": "u1", "limit": 500}), at).await;
+    for limit in [0, 501] {
+        let r = env
+            .request(
+                "query.strategy.list",
+                json!({"user_id": "u1", "limit": limit}),
+            )
+            .await;
+        let body = r.err(400, "bad_request");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains("limit"),
+            "{body}"
+        );
+    }
+    let r = env
+        .request(
+            "query.strategy.list",
+            json!({"user_id": "u1", "cursor": "st.a"}),
+        )
+        .await;
+    r.err(400, "bad_request");
+}
