@@ -9,7 +9,9 @@ use ch_runtime::{app::App, shutdown, telemetry, Config};
 async fn main() -> anyhow::Result<()> {
     let cfg = Config::from_env()?;
     telemetry::init(cfg.log_json);
-    let app = App::start(cfg, "cmd-portfolio").await.context("starting cmd-portfolio")?;
+    let app = App::start(cfg, "cmd-portfolio")
+        .await
+        .context("starting cmd-portfolio")?;
     let endpoints = [ch_domain::request::Endpoint::PortfolioUpdate];
     ch_runtime::commands::run(app, &endpoints, shutdown::on_signal())
         .await

@@ -9,7 +9,9 @@ use ch_runtime::{app::App, shutdown, telemetry, Config};
 async fn main() -> anyhow::Result<()> {
     let cfg = Config::from_env()?;
     telemetry::init(cfg.log_json);
-    let app = App::start(cfg, "cmd-signal").await.context("starting cmd-signal")?;
+    let app = App::start(cfg, "cmd-signal")
+        .await
+        .context("starting cmd-signal")?;
     let endpoints = [ch_domain::request::Endpoint::SignalExecute];
     ch_runtime::commands::run(app, &endpoints, shutdown::on_signal())
         .await

@@ -9,7 +9,9 @@ use ch_runtime::{app::App, shutdown, telemetry, Config};
 async fn main() -> anyhow::Result<()> {
     let cfg = Config::from_env()?;
     telemetry::init(cfg.log_json);
-    let app = App::start(cfg, "cmd-strategy").await.context("starting cmd-strategy")?;
+    let app = App::start(cfg, "cmd-strategy")
+        .await
+        .context("starting cmd-strategy")?;
     let endpoints = [
         ch_domain::request::Endpoint::StrategyCreate,
         ch_domain::request::Endpoint::StrategyUpdate,

@@ -9,9 +9,15 @@ use ch_runtime::{app::App, shutdown, telemetry, Config};
 async fn main() -> anyhow::Result<()> {
     let cfg = Config::from_env()?;
     telemetry::init(cfg.log_json);
-    let app = App::start(cfg, "proj-portfolio").await.context("starting proj-portfolio")?;
-    ch_readmodel::workers::run_projector(app, ch_readmodel::PortfolioProjection, shutdown::on_signal())
+    let app = App::start(cfg, "proj-portfolio")
         .await
-        .map_err(|e| anyhow!(e))
-        .context("proj-portfolio failed")
+        .context("starting proj-portfolio")?;
+    ch_readmodel::workers::run_projector(
+        app,
+        ch_readmodel::PortfolioProjection,
+        shutdown::on_signal(),
+    )
+    .await
+    .map_err(|e| anyhow!(e))
+    .context("proj-portfolio failed")
 }

@@ -9,9 +9,15 @@ use ch_runtime::{app::App, shutdown, telemetry, Config};
 async fn main() -> anyhow::Result<()> {
     let cfg = Config::from_env()?;
     telemetry::init(cfg.log_json);
-    let app = App::start(cfg, "proj-strategy").await.context("starting proj-strategy")?;
-    ch_readmodel::workers::run_projector(app, ch_readmodel::StrategyProjection, shutdown::on_signal())
+    let app = App::start(cfg, "proj-strategy")
         .await
-        .map_err(|e| anyhow!(e))
-        .context("proj-strategy failed")
+        .context("starting proj-strategy")?;
+    ch_readmodel::workers::run_projector(
+        app,
+        ch_readmodel::StrategyProjection,
+        shutdown::on_signal(),
+    )
+    .await
+    .map_err(|e| anyhow!(e))
+    .context("proj-strategy failed")
 }

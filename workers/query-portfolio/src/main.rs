@@ -9,7 +9,9 @@ use ch_runtime::{app::App, shutdown, telemetry, Config};
 async fn main() -> anyhow::Result<()> {
     let cfg = Config::from_env()?;
     telemetry::init(cfg.log_json);
-    let app = App::start(cfg, "query-portfolio").await.context("starting query-portfolio")?;
+    let app = App::start(cfg, "query-portfolio")
+        .await
+        .context("starting query-portfolio")?;
     let queries = [ch_readmodel::workers::Query::PortfolioPerformance];
     ch_readmodel::workers::run_queries(app, &queries, shutdown::on_signal())
         .await

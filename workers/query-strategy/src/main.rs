@@ -9,7 +9,9 @@ use ch_runtime::{app::App, shutdown, telemetry, Config};
 async fn main() -> anyhow::Result<()> {
     let cfg = Config::from_env()?;
     telemetry::init(cfg.log_json);
-    let app = App::start(cfg, "query-strategy").await.context("starting query-strategy")?;
+    let app = App::start(cfg, "query-strategy")
+        .await
+        .context("starting query-strategy")?;
     let queries = [
         ch_readmodel::workers::Query::StrategyList,
         ch_readmodel::workers::Query::StrategyGet,

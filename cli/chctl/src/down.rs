@@ -1,0 +1,48 @@
+//! `chctl down`: stops the workers of `up --detach`.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+
+use crate::common::Ctx;
+use crate::procs;
+
+pub async fn run(ctx: &Ctx) -> Result<ExitCode> {
+    let path = ctx.pid_file();
+    let Some(entries) = procs::read_pid_file(&path)? else {
+        println!("nothing to stop: no {}", path.display());
+        return Ok(ExitCode::SUCCESS);
+    };
+    let live: Vec<procs::Entry> = entries
+        .iter()
+        .filter(|e| procs::alive(e))
+        .cloned()
+        .collect();
+    let dead = entries.len() - live.len();
+    if !live.is_empty() {
+        println!("stopping {} worker(s): {}", live.len(), names(&live));
+    }
+    let killed = procs::terminate(&live, Duration::from_secs(10)).await;
+    procs::remove_pid_file(&path);
+    if dead > 0 {
+        println!("{dead} worker(s) had already exited");
+    }
+    if killed.is_empty() {
+        println!("stopped");
+    } else {
+        eprintln!(
+            "killed (did not stop within 10 s of SIGTERM): {}",
+            killed.join(", ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn names(entries: &[procs::Entry]) -> String {
+    entries
+        .iter()
+        .map(|e| e.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -1,0 +1,102 @@
+//! `chctl`: the CipherHorizon admin CLI. Every subcommand is configured by the same `CH_*`
+//! environment variables as the workers (README); see `chctl --help`.
+
+mod common;
+mod demo;
+mod down;
+mod procs;
+mod rebuild;
+mod req;
+mod setup;
+mod status;
+mod up;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "chctl", version, about = "CipherHorizon admin CLI")]
+struct Cli {
+    /// Where `up` keeps worker logs (`logs/`) and `workers.pids`.
+    #[arg(long, env = "CH_RUN_DIR", default_value = ".run", global = true)]
+    run_dir: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create the event stream, the projector consumers, the database and its tables (idempotent).
+    Setup(setup::Opts),
+    /// Run `setup`, start every worker, wait until all answer; optionally load the demo data.
+    Up(up::Args),
+    /// Stop the workers started by `up --detach` (from `<run-dir>/workers.pids`).
+    Down,
+    /// Load the deterministic demo data set through NATS requests and print a report.
+    Demo,
+    /// Rebuild read models from the whole event stream.
+    Rebuild(rebuild::Args),
+    /// Ping every service and print the projectors' progress.
+    Status,
+    /// Send one request and print the reply; exits 1 on an error reply.
+    Req(req::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // A quiet CLI by default; the workers `up` starts get the caller's RUST_LOG, or none.
+    // Set here, before any thread exists.
+    let log_default_set = std::env::var_os("RUST_LOG").is_none();
+    if log_default_set {
+        std::env::set_var("RUST_LOG", "warn");
+    }
+    let cfg = match ch_runtime::Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("chctl: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    ch_runtime::telemetry::init(cfg.log_json);
+    let ctx = common::Ctx::new(cfg, cli.run_dir, log_default_set);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("chctl: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.cmd {
+            Cmd::Setup(a) => setup::run(&ctx, &a).await.map(|_| ExitCode::SUCCESS),
+            Cmd::Up(a) => up::run(&ctx, &a).await,
+            Cmd::Down => down::run(&ctx).await,
+            Cmd::Demo => demo::run(&ctx).await,
+            Cmd::Rebuild(a) => rebuild::run(&ctx, &a).await,
+            Cmd::Status => status::run(&ctx).await,
+            Cmd::Req(a) => req::run(&ctx, &a).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("chctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
+}

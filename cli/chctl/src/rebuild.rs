@@ -1,0 +1,151 @@
+//! `chctl rebuild`: empties read models and replays the whole stream into them.
+//!
+//! When no projector of that read model runs, the replay happens here; when one runs (it holds
+//! the projection's advisory lock), the reset makes it replay, and this follows its progress on
+//! `<prefix>.admin.projector.<name>.status`.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ch_readmodel::{PortfolioProjection, StrategyProjection};
+use ch_runtime::app::App;
+use ch_runtime::pg;
+use ch_runtime::projector::{self, Projection};
+use tokio_util::sync::CancellationToken;
+
+use crate::common::{projector_status, Ctx};
+
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Target {
+    Portfolio,
+    Strategy,
+    All,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Which read model.
+    #[arg(value_enum)]
+    pub target: Target,
+    /// Give up when a running projector makes no progress for this many seconds.
+    #[arg(long, default_value_t = 60)]
+    pub stall_timeout: u64,
+}
+
+pub async fn run(ctx: &Ctx, args: &Args) -> Result<ExitCode> {
+    let app = App::start(ctx.cfg.clone(), "chctl").await?;
+    ch_readmodel::workers::migrate(&app)
+        .await
+        .context("migrating the read-model schema")?;
+    let stall = Duration::from_secs(args.stall_timeout);
+    if matches!(args.target, Target::Portfolio | Target::All) {
+        rebuild(ctx, &app, PortfolioProjection, stall).await?;
+    }
+    if matches!(args.target, Target::Strategy | Target::All) {
+        rebuild(ctx, &app, StrategyProjection, stall).await?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn rebuild<P: Projection>(
+    ctx: &Ctx,
+    app: &App,
+    projection: P,
+    stall: Duration,
+) -> Result<()> {
+    let name = projection.name();
+    let projector = ch_readmodel::workers::projector(app, projection)?;
+    let head = app.store.last_seq().await?;
+    println!("{name}: rebuilding from {head} events");
+    let started = Instant::now();
+    let reached = {
+        let stop = CancellationToken::new();
+        let watcher = tokio::spawn(watch_checkpoint(
+            ctx.cfg.database_url.clone(),
+            ctx.cfg.db_schema.clone(),
+            name,
+            head,
+            stop.clone(),
+        ));
+        let result = projector.rebuild().await;
+        stop.cancel();
+        let _ = watcher.await;
+        result.with_context(|| format!("rebuilding {name}"))?
+    };
+    let last = match reached {
+        Some(last) => last,
+        None => {
+            println!(
+                "{name}: a running projector holds the lock; it replays, following its progress"
+            );
+            follow(ctx, app, name, head, stall).await?
+        }
+    };
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{name}: rebuilt up to seq {last}: {head} events in {secs:.2} s ({:.0} events/s)",
+        head as f64 / secs.max(1e-6)
+    );
+    Ok(())
+}
+
+/// Prints the checkpoint every second while this process replays.
+async fn watch_checkpoint(
+    url: String,
+    schema: String,
+    name: &'static str,
+    head: u64,
+    stop: CancellationToken,
+) {
+    let Ok(client) = pg::connect(&url, Some(&schema)).await else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        if let Ok(seq) = projector::checkpoint(&client, name).await {
+            println!("{name}: {seq} / {head}");
+        }
+    }
+}
+
+/// Polls the running projector's status until it has applied `head`.
+async fn follow(ctx: &Ctx, app: &App, name: &str, head: u64, stall: Duration) -> Result<u64> {
+    let mut best = 0u64;
+    let mut last_move = Instant::now();
+    let mut next_print = Instant::now();
+    loop {
+        match projector_status(ctx, &app.client, name).await {
+            Ok(v) => {
+                let seq = v["last_seq"].as_u64().unwrap_or(0);
+                if seq >= head {
+                    return Ok(seq);
+                }
+                if seq > best {
+                    best = seq;
+                    last_move = Instant::now();
+                }
+                if Instant::now() >= next_print {
+                    println!(
+                        "{name}: {seq} / {head} (lag {})",
+                        v["lag_events"].as_u64().unwrap_or(0)
+                    );
+                    next_print = Instant::now() + Duration::from_secs(1);
+                }
+            }
+            Err(e) => {
+                if Instant::now() >= next_print {
+                    eprintln!("{name}: no status yet: {e:#}");
+                    next_print = Instant::now() + Duration::from_secs(1);
+                }
+            }
+        }
+        if last_move.elapsed() > stall {
+            bail!("{name}: the running projector made no progress for {stall:?} (at {best} of {head}); see its log");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

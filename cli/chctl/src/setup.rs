@@ -1,0 +1,134 @@
+//! `chctl setup`: the event stream, the projectors' durable consumers, the database and its
+//! tables. Idempotent: each step says whether it created something or found it in place.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use async_nats::jetstream::{self, consumer::pull};
+use ch_readmodel::{PortfolioProjection, StrategyProjection, MIGRATIONS};
+use ch_runtime::app::App;
+use ch_runtime::eventstore::{self, CONSUMER_PORTFOLIO_JSON, CONSUMER_STRATEGY_JSON};
+use ch_runtime::pg;
+use ch_runtime::projector::{self, Projection};
+
+use crate::common::{redact, Ctx};
+
+#[derive(clap::Args, Clone)]
+pub struct Opts {
+    /// Replicas of a newly created stream (3 on a cluster); an existing stream keeps its own.
+    #[arg(long, env = "CH_STREAM_REPLICAS", default_value_t = 1)]
+    pub replicas: usize,
+}
+
+pub async fn run(ctx: &Ctx, args: &Opts) -> Result<()> {
+    let client = ctx.connect().await?;
+    let js = jetstream::new(client);
+    eventstore::wait_ready(&js, Duration::from_secs(15))
+        .await
+        .with_context(|| format!("JetStream at {}", ctx.cfg.nats_url))?;
+
+    let name = ctx.subjects.stream_name();
+    let existed = js.get_stream(&name).await.is_ok();
+    let stream = eventstore::ensure_stream(&js, &ctx.subjects, args.replicas)
+        .await
+        .with_context(|| format!("ensuring stream {name}"))?;
+    println!(
+        "stream    {name} on {}: {}",
+        ctx.subjects.events_filter(),
+        if existed { "in place" } else { "created" }
+    );
+
+    for json in [CONSUMER_PORTFOLIO_JSON, CONSUMER_STRATEGY_JSON] {
+        let cfg = eventstore::consumer_config(json, &ctx.subjects)?;
+        let durable = cfg
+            .durable_name
+            .clone()
+            .context("a consumer definition in nats/consumers/ has no durable_name")?;
+        let state = match stream.get_consumer::<pull::Config>(&durable).await {
+            Ok(_) => "in place",
+            Err(get_err) => {
+                stream.create_consumer(cfg).await.with_context(|| {
+                    format!("creating consumer {durable} (lookup said: {get_err})")
+                })?;
+                "created"
+            }
+        };
+        println!("consumer  {name} > {durable}: {state}");
+    }
+
+    let url = &ctx.cfg.database_url;
+    let schema = &ctx.cfg.db_schema;
+    let hint = || {
+        format!(
+            "PostgreSQL at {} (is it running? `scripts/pg.sh` starts a local one; or set CH_DATABASE_URL)",
+            redact(url)
+        )
+    };
+    let db_existed = pg::connect(url, None).await.is_ok();
+    pg::ensure_database(url).await.with_context(hint)?;
+    let before = applied(url, schema).await;
+    pg::migrate(url, schema, MIGRATIONS)
+        .await
+        .with_context(hint)?;
+    let after = applied(url, schema).await;
+    println!(
+        "database  {}: {}",
+        redact(url),
+        if db_existed { "in place" } else { "created" }
+    );
+    let fresh = after.saturating_sub(before);
+    println!(
+        "schema    {schema}: {} ({after} of {} migrations applied)",
+        if fresh == 0 {
+            "up to date".to_owned()
+        } else {
+            format!("applied {fresh} migration(s)")
+        },
+        MIGRATIONS.len()
+    );
+
+    // A read model ahead of the stream was built from another stream (the stream was recreated,
+    // e.g. after `make clean-run`, or another prefix shares this schema): it would skip the
+    // new events. Read models are disposable: empty it, its projector replays the stream.
+    let head = stream
+        .get_info()
+        .await
+        .map(|i| i.state.last_sequence)
+        .unwrap_or(0);
+    let app = App::start(ctx.cfg.clone(), "chctl").await?;
+    reset_if_ahead(&app, PortfolioProjection, head).await?;
+    reset_if_ahead(&app, StrategyProjection, head).await?;
+    Ok(())
+}
+
+async fn reset_if_ahead<P: Projection>(app: &App, projection: P, head: u64) -> Result<()> {
+    let name = projection.name();
+    let client = pg::connect(&app.cfg.database_url, Some(&app.cfg.db_schema)).await?;
+    let cp = projector::checkpoint(&client, name).await?;
+    if cp > head {
+        println!(
+            "read model {name}: at seq {cp} but stream {} ends at {head}: it was built from \
+             another stream (recreated, or another prefix on schema {}); resetting it",
+            app.subjects.stream_name(),
+            app.cfg.db_schema
+        );
+        ch_readmodel::workers::projector(app, projection)?
+            .reset()
+            .await?;
+    }
+    Ok(())
+}
+
+/// How many migrations the schema has (0 when it has none or cannot say).
+async fn applied(url: &str, schema: &str) -> usize {
+    let Ok(client) = pg::connect(url, Some(schema)).await else {
+        return 0;
+    };
+    match client
+        .query_one("SELECT count(*) FROM ch_migrations", &[])
+        .await
+    {
+        Ok(row) => usize::try_from(row.get::<_, i64>(0)).unwrap_or(0),
+        Err(_) => 0,
+    }
+}

