@@ -34,10 +34,7 @@ pub fn projector<P: Projection>(app: &App, projection: P) -> Result<Projector<P>
         app.store.clone(),
         app.pool()?,
         app.client.clone(),
-        BatchConfig {
-            max: app.cfg.batch_max,
-            wait: app.cfg.batch_wait,
-        },
+        BatchConfig::from_config(&app.cfg),
         app.metrics.clone(),
     ))
 }

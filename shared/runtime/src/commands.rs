@@ -19,7 +19,10 @@ use uuid::Uuid;
 use crate::app::App;
 use crate::command::{Executor, FactSource, NoFacts};
 use crate::error::ApiError;
+use crate::query::Progress;
 use crate::service::{self, Handler};
+use crate::SyncMode;
+use std::time::Duration;
 
 /// Loads what a portfolio decision needs: the strategy a command names, and the marks of the
 /// portfolio's symbols when the strategy's risk profile has a drawdown halt.
@@ -133,8 +136,13 @@ impl Commands {
     }
 }
 
+/// The read models every event is projected into (`immediate` mode waits for all of them).
+pub const PROJECTIONS: [&str; 2] = ["portfolio", "strategy"];
+
 struct CommandHandler {
     commands: Commands,
+    /// `immediate` mode: announcements of the projectors, and how long to wait for them.
+    immediate: Option<(Progress, Duration)>,
 }
 
 impl Handler for CommandHandler {
@@ -143,7 +151,14 @@ impl Handler for CommandHandler {
             .into_iter()
             .find(|e| e.name().replace('.', "_") == endpoint)
             .ok_or_else(|| ApiError::not_found(format!("no command endpoint {endpoint}")))?;
-        self.commands.execute(ep, &msg.payload).await
+        let mut reply = self.commands.execute(ep, &msg.payload).await?;
+        if let (Some((progress, timeout)), Some(seq)) =
+            (&self.immediate, reply["stream_seq"].as_u64())
+        {
+            let projected = progress.wait_announced(&PROJECTIONS, seq, *timeout).await;
+            reply["projected"] = Value::Bool(projected);
+        }
+        Ok(reply)
     }
 }
 
@@ -163,8 +178,15 @@ pub async fn run(
             .map(|e| (e.name().replace('.', "_"), app.subjects.command(e.name())))
             .collect(),
     );
+    let immediate = if app.cfg.sync == SyncMode::Immediate {
+        let progress = Progress::subscribe(&app.client, &app.subjects, &PROJECTIONS).await?;
+        Some((progress, app.cfg.immediate_timeout))
+    } else {
+        None
+    };
     let handler = Arc::new(CommandHandler {
         commands: Commands::new(&app),
+        immediate,
     });
     service::serve(
         app.client.clone(),

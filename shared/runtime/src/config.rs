@@ -54,7 +54,7 @@ pub struct Config {
     pub prefix: String,
     /// `CH_SYNC`, default `eventual`.
     pub sync: SyncMode,
-    /// `CH_BATCH_MAX`, default 500: most events per projector transaction.
+    /// `CH_BATCH_MAX`, default 500 (2000 with `adaptive`): most events per projector transaction.
     pub batch_max: usize,
     /// `CH_BATCH_WAIT_MS`, default 0 (5 in `batch` mode): how long a projector waits to fill a batch.
     pub batch_wait: Duration,
@@ -133,8 +133,10 @@ impl Config {
                     "CH_SYNC={v:?}: expected eventual, batch, immediate or adaptive"
                 ))
             })?;
-            if c.sync == SyncMode::Batch {
-                c.batch_wait = Duration::from_millis(5);
+            match c.sync {
+                SyncMode::Batch => c.batch_wait = Duration::from_millis(5),
+                SyncMode::Adaptive => c.batch_max = 2000,
+                _ => {}
             }
         }
         let num = |k: &str| -> Result<Option<u64>, ConfigError> {

@@ -66,13 +66,42 @@ impl From<tokio_postgres::Error> for ProjectorError {
     }
 }
 
-/// How batches are formed.
+/// How batches are formed (`CH_SYNC`, `CH_BATCH_MAX`, `CH_BATCH_WAIT_MS`).
 #[derive(Debug, Clone, Copy)]
 pub struct BatchConfig {
     /// Most events per transaction.
     pub max: usize,
     /// How long to wait to fill a batch once its first event is in (0 = take what is there).
     pub wait: Duration,
+    /// `adaptive`: the batch size follows the lag (the consumer's pending count): one event
+    /// when caught up, up to `max` when behind, waiting briefly to fill a batch only then.
+    pub adaptive: bool,
+}
+
+impl BatchConfig {
+    /// The batching of a sync mode, with `max`/`wait` from the configuration.
+    pub fn from_config(cfg: &crate::Config) -> Self {
+        BatchConfig {
+            max: cfg.batch_max,
+            wait: cfg.batch_wait,
+            adaptive: cfg.sync == crate::SyncMode::Adaptive,
+        }
+    }
+
+    /// Target size and fill wait for a batch whose first message left `pending` behind it.
+    fn plan(&self, pending: u64) -> (usize, Duration) {
+        if !self.adaptive {
+            return (self.max, self.wait);
+        }
+        let target = (pending.saturating_add(1)).min(self.max as u64) as usize;
+        // Behind by more than a batch: fill it (throughput); otherwise take what is there.
+        let wait = if pending as usize >= self.max {
+            Duration::from_millis(2)
+        } else {
+            Duration::ZERO
+        };
+        (target.max(1), wait)
+    }
 }
 
 /// One raw message of the stream.
@@ -450,6 +479,7 @@ impl<P: Projection> Projector<P> {
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         info!(projection = name, batch_max = self.batch.max, "projecting");
         let mut backoff = Duration::from_millis(50);
+        let mut last_bucket = 0;
         loop {
             let first = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -457,9 +487,11 @@ impl<P: Projection> Projector<P> {
             };
             let first = match first {
                 Err(_) => {
-                    // Idle: make sure nothing was reset behind our back (a rebuild).
+                    // Idle: make sure nothing was reset behind our back (a rebuild), and
+                    // re-announce where we are for waiters that missed an announcement.
                     let head = self.store.last_seq().await?;
-                    self.catch_up(head).await?;
+                    let at = self.catch_up(head).await?;
+                    self.announce(at).await;
                     continue;
                 }
                 Ok(None) => break,
@@ -469,10 +501,26 @@ impl<P: Projection> Projector<P> {
                 }
                 Ok(Some(Ok(m))) => m,
             };
+            let pending = first.info().map_or(0, |i| i.pending);
+            let (target, wait) = self.batch.plan(pending);
+            if self.batch.adaptive {
+                let bucket = usize::BITS - target.leading_zeros();
+                if bucket != last_bucket {
+                    info!(
+                        projection = name,
+                        pending,
+                        batch_target = target,
+                        "adaptive batch size changed"
+                    );
+                    last_bucket = bucket;
+                }
+                self.metrics.gauge("batch_target", target as i64);
+            }
+            self.metrics.gauge("pending", pending as i64);
             let mut batch = vec![first];
-            let deadline = tokio::time::Instant::now() + self.batch.wait;
-            while batch.len() < self.batch.max {
-                let next = if self.batch.wait.is_zero() {
+            let deadline = tokio::time::Instant::now() + wait;
+            while batch.len() < target {
+                let next = if wait.is_zero() {
                     messages.next().now_or_never().flatten()
                 } else {
                     tokio::time::timeout_at(deadline, messages.next())

@@ -98,6 +98,30 @@ impl Progress {
     }
 }
 
+impl Progress {
+    /// Waits until every projection in `projections` announced `min_seq` (no database read:
+    /// for command workers in `immediate` mode). Returns whether it happened within `timeout`.
+    pub async fn wait_announced(
+        &self,
+        projections: &[&'static str],
+        min_seq: u64,
+        timeout: Duration,
+    ) -> bool {
+        let deadline = Instant::now() + timeout;
+        for &p in projections {
+            let mut rx = self.watches.get(p).cloned().expect("subscribed projection");
+            let reached = matches!(
+                tokio::time::timeout_at(deadline, rx.wait_for(|s| *s >= min_seq)).await,
+                Ok(Ok(_))
+            );
+            if !reached {
+                return false;
+            }
+        }
+        true
+    }
+}
+
 /// The bound of a query's wait from its `timeout_ms`.
 ///
 /// # Errors
