@@ -35,4 +35,8 @@ set +e
 cargo test --workspace "$@"
 rc=$?
 set -e
-exit "$rc"
+[[ $rc == 0 ]] || exit "$rc"
+
+# The worker binaries as processes, driven by a client the project did not write.
+cargo build --workspace --bins
+scripts/smoke.sh "$CH_TEST_NATS_URL" "$CH_TEST_DATABASE_URL"

@@ -6,6 +6,7 @@
 //! only folds an event that was already decided and cannot fail.
 
 pub mod aggregate;
+pub mod analytics;
 pub mod error;
 pub mod event;
 pub mod ids;

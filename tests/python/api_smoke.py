@@ -1,0 +1,128 @@
+"""API smoke test with a client the project did not write (nats-py), against the worker
+binaries started by `chctl up` (real processes, as a user runs them).
+
+Checks the NATS services API ($SRV.PING/INFO/STATS), commands with exponent-notation
+numbers, an error reply's headers and body, and read-your-writes, comparing figures with a
+small model of DOMAIN.md written here. Prints 'N passed, N failed'; exit status 1 on failure.
+
+Environment: CH_NATS_URL, CH_SUBJECT_PREFIX.
+"""
+
+import asyncio
+import json
+import os
+import sys
+import uuid
+from decimal import ROUND_HALF_EVEN, Decimal
+
+import nats
+
+URL = os.environ.get("CH_NATS_URL", "nats://127.0.0.1:14222")
+P = os.environ.get("CH_SUBJECT_PREFIX", "ch")
+SERVICES = ["cmd-strategy", "cmd-portfolio", "cmd-signal", "cmd-market",
+            "proj-portfolio", "proj-strategy", "query-portfolio", "query-strategy"]
+
+passed, failed = 0, 0
+
+
+def check(name, cond, detail=""):
+    global passed, failed
+    if cond:
+        passed += 1
+    else:
+        failed += 1
+        print(f"FAIL {name}: {detail}", file=sys.stderr)
+
+
+def round8(d):
+    return d.quantize(Decimal("0.00000001"), rounding=ROUND_HALF_EVEN)
+
+
+async def collect(nc, subject, wait=0.5):
+    """Publishes to a $SRV subject and gathers every reply for `wait` seconds."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    await nc.publish(subject, b"", reply=inbox)
+    replies = []
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=wait)
+            replies.append(json.loads(msg.data))
+    except (asyncio.TimeoutError, nats.errors.TimeoutError):
+        pass
+    await sub.unsubscribe()
+    return replies
+
+
+async def req(nc, suffix, body):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    msg = await nc.request(f"{P}.{suffix}", data, timeout=10)
+    headers = msg.headers or {}
+    return headers, json.loads(msg.data)
+
+
+async def main():
+    nc = await nats.connect(URL)
+    names = {r["name"] for r in await collect(nc, "$SRV.PING")}
+    for s in SERVICES:
+        check(f"ping {s}", f"{P}-{s}" in names, sorted(names))
+
+    info = await collect(nc, f"$SRV.INFO.{P}-cmd-portfolio")
+    subjects = [e["subject"] for i in info for e in i.get("endpoints", [])]
+    check("info lists the endpoint", f"{P}.cmd.portfolio.update" in subjects, info)
+
+    run = uuid.uuid4().hex[:8]
+    sid, pid = f"s-{run}", f"p-{run}"
+    h, r = await req(nc, "cmd.strategy.create", {
+        "strategy_id": sid, "user_id": "py", "strategy_name": "py smoke",
+        "rules": [{"rule_id": "r1", "symbol": "BTC-USDT",
+                   "stake": {"mode": "fixed_quote", "value": 1000}}],
+        "risk_profile": {"allowed_symbols": ["BTC-USDT"], "max_open_positions": 2,
+                         "max_order_notional": 100000, "max_position_notional": "100000",
+                         "max_leverage": 1}})
+    check("strategy created", r.get("aggregate_id") == sid and r.get("version") == 1, r)
+
+    await req(nc, "cmd.portfolio.update", {"portfolio_id": pid, "op": "open", "user_id": "py",
+                                           "name": "py", "quote_currency": "USDT"})
+    # A JSON number in exponent notation, parsed exactly.
+    body = ('{"portfolio_id": "%s", "op": "deposit", "amount": 1.5e4}' % pid).encode()
+    h, r = await req(nc, "cmd.portfolio.update", body)
+    check("deposit 1.5e4", r.get("version") == 2, r)
+    await req(nc, "cmd.portfolio.update", {"portfolio_id": pid, "op": "attach_strategy", "strategy_id": sid})
+
+    # Independent model: buy q at p with the default fee rate 0.001.
+    q, p = Decimal("0.12345678"), Decimal("30123.45")
+    n = q * p
+    fee = round8(n * Decimal("0.001"))
+    cash = Decimal(15000) - n - fee
+    h, r = await req(nc, "cmd.signal.execute", {"portfolio_id": pid, "strategy_id": sid,
+                                                "symbol": "BTC-USDT", "side": "buy",
+                                                "quantity": str(q), "price": str(p)})
+    check("buy executed", r.get("status") == "executed", r)
+    trade = r.get("trade", {})
+    check("fee", Decimal(trade.get("fee", "NaN")) == fee, (trade, fee))
+    check("cash_after", Decimal(trade.get("cash_after", "NaN")) == cash, (trade, cash))
+    seq = r["stream_seq"]
+
+    h, r = await req(nc, "cmd.portfolio.update", {"portfolio_id": pid, "op": "deposit", "amout": "1"})
+    check("unknown field is 400", h.get("Nats-Service-Error-Code") == "400", h)
+    check("error body", r.get("error", {}).get("code") == "bad_request" and "amout" in r["error"]["message"], r)
+
+    h, r = await req(nc, "query.portfolio.performance", {"portfolio_id": pid, "min_stream_seq": seq})
+    check("read your write", r.get("as_of_seq", 0) >= seq, r)
+    check("query cash", Decimal(r.get("cash", "NaN")) == cash, (r.get("cash"), cash))
+    check("query position", r.get("positions", [{}])[0].get("quantity") == str(q), r.get("positions"))
+    check("invariant", Decimal(r["equity"]) - Decimal(r["net_deposits"])
+          == Decimal(r["realized_pnl"]) + Decimal(r["unrealized_pnl"]), r)
+
+    stats = await collect(nc, f"$SRV.STATS.{P}-cmd-signal")
+    reqs = sum(e.get("num_requests", 0) for s in stats for e in s.get("endpoints", []))
+    check("stats count requests", reqs >= 1, stats)
+
+    await nc.close()
+    print(f"api smoke: {passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
