@@ -1,24 +1,583 @@
 //! The `portfolio` projection: portfolios with their cash and totals, positions, marks,
 //! fills, round trips and attached strategies. The accounting is not redone here: trade
 //! events carry the position's state after the fill.
+//!
+//! A batch is folded in memory, in stream order, over the rows it touches (read once at the
+//! start), and written back with one set-based statement per table (`UNNEST`), so the cost of
+//! a batch grows with the rows it changes, not with round trips per event.
 
-use ch_domain::event::Side;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use ch_domain::event::{Side, TradeExecuted};
 use ch_domain::Event;
 use ch_runtime::envelope::StoredEvent;
 use ch_runtime::projector::Projection;
+use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use tokio_postgres::Transaction;
+use uuid::Uuid;
 
 pub struct PortfolioProjection;
 
 /// Equity of a portfolio at the marks known now: cash plus each position at its mark, or at
-/// its average entry price when it has none (DOMAIN.md).
+/// its gross entry (average entry price) when it has none (DOMAIN.md).
 pub const EQUITY_SQL: &str = "
     (SELECT pf.cash + COALESCE((
         SELECT sum(CASE WHEN m.price IS NULL THEN p.gross_entry ELSE p.quantity * m.price END)
         FROM positions p LEFT JOIN marks m ON m.symbol = p.symbol
         WHERE p.portfolio_id = pf.portfolio_id), 0)
      FROM portfolios pf WHERE pf.portfolio_id = $1)";
+
+/// Places kept of the NAV index at flows.
+const NAV_PLACES: u32 = 20;
+
+#[derive(Debug, Clone)]
+struct PortfolioRow {
+    portfolio_id: String,
+    user_id: String,
+    name: String,
+    quote_currency: String,
+    fee_rate: Decimal,
+    status: String,
+    cash: Decimal,
+    net_deposits: Decimal,
+    realized_pnl: Decimal,
+    fees_paid: Decimal,
+    fill_count: i64,
+    rejected_signals: i64,
+    nav_at_flow: Decimal,
+    equity_at_flow: Decimal,
+    first_deposit_at: Option<DateTime<Utc>>,
+    version: i64,
+    opened_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    last_seq: i64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PositionRow {
+    quantity: Decimal,
+    cost_basis: Decimal,
+    gross_entry: Decimal,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Mark {
+    price: Decimal,
+    at: DateTime<Utc>,
+    seq: i64,
+}
+
+#[derive(Debug, Clone)]
+struct Trip {
+    opened_seq: i64,
+    opened_at: DateTime<Utc>,
+    closed_at: Option<DateTime<Utc>>,
+    pnl: Decimal,
+    fees: Decimal,
+}
+
+enum Attachment {
+    Attach(String, String, DateTime<Utc>),
+    Detach(String, String),
+}
+
+/// The rows a batch touches, folded in memory.
+#[derive(Default)]
+struct Fold {
+    portfolios: HashMap<String, PortfolioRow>,
+    dirty_portfolios: BTreeSet<String>,
+    /// Positions of the touched portfolios; `None` = deleted in this batch.
+    positions: BTreeMap<(String, String), Option<PositionRow>>,
+    dirty_positions: BTreeSet<(String, String)>,
+    marks: HashMap<String, Mark>,
+    dirty_marks: BTreeSet<String>,
+    /// The open round trip per (portfolio, symbol), and trips changed in this batch.
+    open_trips: HashMap<(String, String), Trip>,
+    trips: BTreeMap<(String, String, i64), Trip>,
+    trades: Vec<(TradeExecuted, DateTime<Utc>, i64)>,
+    attachments: Vec<Attachment>,
+}
+
+impl Fold {
+    async fn load(
+        tx: &Transaction<'_>,
+        events: &[StoredEvent],
+    ) -> Result<Fold, tokio_postgres::Error> {
+        let ids: Vec<&str> = events
+            .iter()
+            .filter(|e| e.meta.aggregate_type == ch_domain::AggregateType::Portfolio)
+            .map(|e| e.meta.aggregate_id.as_str())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let mut fold = Fold::default();
+        if !ids.is_empty() {
+            for r in tx
+                .query(
+                    "SELECT * FROM portfolios WHERE portfolio_id = ANY($1)",
+                    &[&ids],
+                )
+                .await?
+            {
+                let row = PortfolioRow {
+                    portfolio_id: r.get("portfolio_id"),
+                    user_id: r.get("user_id"),
+                    name: r.get("name"),
+                    quote_currency: r.get("quote_currency"),
+                    fee_rate: r.get("fee_rate"),
+                    status: r.get("status"),
+                    cash: r.get("cash"),
+                    net_deposits: r.get("net_deposits"),
+                    realized_pnl: r.get("realized_pnl"),
+                    fees_paid: r.get("fees_paid"),
+                    fill_count: r.get("fill_count"),
+                    rejected_signals: r.get("rejected_signals"),
+                    nav_at_flow: r.get("nav_at_flow"),
+                    equity_at_flow: r.get("equity_at_flow"),
+                    first_deposit_at: r.get("first_deposit_at"),
+                    version: r.get("version"),
+                    opened_at: r.get("opened_at"),
+                    updated_at: r.get("updated_at"),
+                    last_seq: r.get("last_seq"),
+                };
+                fold.portfolios.insert(row.portfolio_id.clone(), row);
+            }
+            for r in tx
+                .query(
+                    "SELECT portfolio_id, symbol, quantity, cost_basis, gross_entry FROM positions
+                     WHERE portfolio_id = ANY($1)",
+                    &[&ids],
+                )
+                .await?
+            {
+                fold.positions.insert(
+                    (r.get(0), r.get(1)),
+                    Some(PositionRow {
+                        quantity: r.get(2),
+                        cost_basis: r.get(3),
+                        gross_entry: r.get(4),
+                    }),
+                );
+            }
+            for r in tx
+                .query(
+                    "SELECT portfolio_id, symbol, opened_seq, opened_at, pnl, fees FROM round_trips
+                     WHERE portfolio_id = ANY($1) AND closed_at IS NULL",
+                    &[&ids],
+                )
+                .await?
+            {
+                fold.open_trips.insert(
+                    (r.get(0), r.get(1)),
+                    Trip {
+                        opened_seq: r.get(2),
+                        opened_at: r.get(3),
+                        closed_at: None,
+                        pnl: r.get(4),
+                        fees: r.get(5),
+                    },
+                );
+            }
+        }
+        // One row per symbol: small.
+        for r in tx
+            .query("SELECT symbol, price, at, last_seq FROM marks", &[])
+            .await?
+        {
+            fold.marks.insert(
+                r.get(0),
+                Mark {
+                    price: r.get(1),
+                    at: r.get(2),
+                    seq: r.get(3),
+                },
+            );
+        }
+        Ok(fold)
+    }
+
+    /// Equity at the marks known at this point of the batch.
+    fn equity(&self, p: &PortfolioRow) -> Decimal {
+        let from = (p.portfolio_id.clone(), String::new());
+        self.positions
+            .range(from..)
+            .take_while(|((pid, _), _)| *pid == p.portfolio_id)
+            .filter_map(|((_, sym), pos)| pos.map(|pos| (sym, pos)))
+            .fold(p.cash, |eq, (sym, pos)| {
+                eq + self
+                    .marks
+                    .get(sym)
+                    .map_or(pos.gross_entry, |m| pos.quantity * m.price)
+            })
+    }
+
+    /// Moves the portfolio row's version and times; `f` changes the rest.
+    fn touch(&mut self, ev: &StoredEvent, f: impl FnOnce(&mut PortfolioRow)) {
+        let id = &ev.meta.aggregate_id;
+        if let Some(p) = self.portfolios.get_mut(id) {
+            p.version = ev.meta.aggregate_version as i64;
+            p.updated_at = ev.meta.occurred_at;
+            p.last_seq = ev.seq as i64;
+            f(p);
+            self.dirty_portfolios.insert(id.clone());
+        }
+    }
+
+    fn flow(&mut self, ev: &StoredEvent, signed: Decimal, cash_after: Decimal) {
+        let Some(p) = self.portfolios.get(&ev.meta.aggregate_id) else {
+            return;
+        };
+        // Time-weighted chain (DOMAIN.md): value just before the flow, chain the sub-period.
+        let before = self.equity(p);
+        let at = ev.meta.occurred_at;
+        self.touch(ev, |p| {
+            if p.equity_at_flow > Decimal::ZERO {
+                p.nav_at_flow = (p.nav_at_flow * before / p.equity_at_flow).round_dp(NAV_PLACES);
+            }
+            p.equity_at_flow = before + signed;
+            p.cash = cash_after;
+            p.net_deposits += signed;
+            if signed > Decimal::ZERO && p.first_deposit_at.is_none() {
+                p.first_deposit_at = Some(at);
+            }
+        });
+    }
+
+    fn trade(&mut self, ev: &StoredEvent, e: &TradeExecuted) {
+        if !self.portfolios.contains_key(&e.portfolio_id) {
+            return;
+        }
+        let at = ev.meta.occurred_at;
+        let seq = ev.seq as i64;
+        self.touch(ev, |p| {
+            p.cash = e.cash_after;
+            p.realized_pnl += e.realized_pnl;
+            p.fees_paid += e.fee;
+            p.fill_count += 1;
+        });
+        let key = (e.portfolio_id.clone(), e.symbol.clone());
+        let pos = (!e.position_after.is_zero()).then_some(PositionRow {
+            quantity: e.position_after,
+            cost_basis: e.cost_basis_after,
+            gross_entry: e.gross_entry_after,
+        });
+        self.positions.insert(key.clone(), pos);
+        self.dirty_positions.insert(key.clone());
+        self.trades.push((e.clone(), at, seq));
+        // Round trips, flat to flat: a buy from flat opens one; sells add their realized PnL;
+        // the sell that makes the position flat closes it.
+        let trip = match (e.side, self.open_trips.remove(&key)) {
+            (Side::Buy, None) => Some(Trip {
+                opened_seq: seq,
+                opened_at: at,
+                closed_at: None,
+                pnl: Decimal::ZERO,
+                fees: e.fee,
+            }),
+            (Side::Buy, Some(mut t)) => {
+                t.fees += e.fee;
+                Some(t)
+            }
+            (Side::Sell, Some(mut t)) => {
+                t.pnl += e.realized_pnl;
+                t.fees += e.fee;
+                if e.position_after.is_zero() {
+                    t.closed_at = Some(at);
+                }
+                Some(t)
+            }
+            (Side::Sell, None) => None,
+        };
+        if let Some(t) = trip {
+            self.trips
+                .insert((key.0.clone(), key.1.clone(), t.opened_seq), t.clone());
+            if t.closed_at.is_none() {
+                self.open_trips.insert(key, t);
+            }
+        }
+    }
+
+    fn apply(&mut self, ev: &StoredEvent) {
+        let at = ev.meta.occurred_at;
+        match &ev.event {
+            Event::PortfolioOpened(e) => {
+                if !self.portfolios.contains_key(&e.portfolio_id) {
+                    self.portfolios.insert(
+                        e.portfolio_id.clone(),
+                        PortfolioRow {
+                            portfolio_id: e.portfolio_id.clone(),
+                            user_id: e.user_id.clone(),
+                            name: e.name.clone(),
+                            quote_currency: e.quote_currency.clone(),
+                            fee_rate: e.fee_rate,
+                            status: "open".into(),
+                            cash: Decimal::ZERO,
+                            net_deposits: Decimal::ZERO,
+                            realized_pnl: Decimal::ZERO,
+                            fees_paid: Decimal::ZERO,
+                            fill_count: 0,
+                            rejected_signals: 0,
+                            nav_at_flow: Decimal::ONE,
+                            equity_at_flow: Decimal::ZERO,
+                            first_deposit_at: None,
+                            version: ev.meta.aggregate_version as i64,
+                            opened_at: at,
+                            updated_at: at,
+                            last_seq: ev.seq as i64,
+                        },
+                    );
+                    self.dirty_portfolios.insert(e.portfolio_id.clone());
+                }
+            }
+            Event::FundsDeposited(e) => self.flow(ev, e.amount, e.cash_after),
+            Event::FundsWithdrawn(e) => self.flow(ev, -e.amount, e.cash_after),
+            Event::PortfolioRenamed(e) => self.touch(ev, |p| p.name = e.name.clone()),
+            Event::StrategyAttached(e) => {
+                self.attachments.push(Attachment::Attach(
+                    e.portfolio_id.clone(),
+                    e.strategy_id.clone(),
+                    at,
+                ));
+                self.touch(ev, |_| {});
+            }
+            Event::StrategyDetached(e) => {
+                self.attachments.push(Attachment::Detach(
+                    e.portfolio_id.clone(),
+                    e.strategy_id.clone(),
+                ));
+                self.touch(ev, |_| {});
+            }
+            Event::PortfolioClosed(_) => self.touch(ev, |p| p.status = "closed".into()),
+            Event::TradeSignalRejected(_) => self.touch(ev, |p| p.rejected_signals += 1),
+            Event::TradeExecuted(e) => self.trade(ev, e),
+            Event::MarketPriceRecorded(e) => {
+                let newer = self.marks.get(&e.symbol).is_none_or(|m| m.at <= at);
+                if newer {
+                    self.marks.insert(
+                        e.symbol.clone(),
+                        Mark {
+                            price: e.price,
+                            at,
+                            seq: ev.seq as i64,
+                        },
+                    );
+                    self.dirty_marks.insert(e.symbol.clone());
+                }
+            }
+            Event::StrategyCreated(_) | Event::StrategyUpdated(_) | Event::StrategyDeleted(_) => {}
+        }
+    }
+
+    async fn write(self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
+        self.write_portfolios(tx).await?;
+        self.write_positions(tx).await?;
+        self.write_marks(tx).await?;
+        self.write_trades(tx).await?;
+        self.write_trips(tx).await?;
+        for a in &self.attachments {
+            match a {
+                Attachment::Attach(p, s, at) => {
+                    tx.execute(
+                        "INSERT INTO portfolio_strategies (portfolio_id, strategy_id, attached_at)
+                         VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                        &[p, s, at],
+                    )
+                    .await?;
+                }
+                Attachment::Detach(p, s) => {
+                    tx.execute(
+                        "DELETE FROM portfolio_strategies WHERE portfolio_id = $1 AND strategy_id = $2",
+                        &[p, s],
+                    )
+                    .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn write_portfolios(&self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
+        if self.dirty_portfolios.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<&PortfolioRow> = self
+            .dirty_portfolios
+            .iter()
+            .filter_map(|id| self.portfolios.get(id))
+            .collect();
+        macro_rules! col {
+            ($f:ident) => {
+                rows.iter().map(|r| r.$f.clone()).collect::<Vec<_>>()
+            };
+        }
+        tx.execute(
+            "INSERT INTO portfolios (portfolio_id, user_id, name, quote_currency, fee_rate, status, cash,
+                 net_deposits, realized_pnl, fees_paid, fill_count, rejected_signals, nav_at_flow,
+                 equity_at_flow, first_deposit_at, version, opened_at, updated_at, last_seq)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::numeric[],
+                 $6::text[], $7::numeric[], $8::numeric[], $9::numeric[], $10::numeric[], $11::int8[],
+                 $12::int8[], $13::numeric[], $14::numeric[], $15::timestamptz[], $16::int8[],
+                 $17::timestamptz[], $18::timestamptz[], $19::int8[])
+             ON CONFLICT (portfolio_id) DO UPDATE SET
+                 name = EXCLUDED.name, status = EXCLUDED.status, cash = EXCLUDED.cash,
+                 net_deposits = EXCLUDED.net_deposits, realized_pnl = EXCLUDED.realized_pnl,
+                 fees_paid = EXCLUDED.fees_paid, fill_count = EXCLUDED.fill_count,
+                 rejected_signals = EXCLUDED.rejected_signals, nav_at_flow = EXCLUDED.nav_at_flow,
+                 equity_at_flow = EXCLUDED.equity_at_flow, first_deposit_at = EXCLUDED.first_deposit_at,
+                 version = EXCLUDED.version, updated_at = EXCLUDED.updated_at, last_seq = EXCLUDED.last_seq",
+            &[
+                &col!(portfolio_id),
+                &col!(user_id),
+                &col!(name),
+                &col!(quote_currency),
+                &col!(fee_rate),
+                &col!(status),
+                &col!(cash),
+                &col!(net_deposits),
+                &col!(realized_pnl),
+                &col!(fees_paid),
+                &col!(fill_count),
+                &col!(rejected_signals),
+                &col!(nav_at_flow),
+                &col!(equity_at_flow),
+                &col!(first_deposit_at),
+                &col!(version),
+                &col!(opened_at),
+                &col!(updated_at),
+                &col!(last_seq),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn write_positions(&self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
+        let (mut del_p, mut del_s) = (Vec::new(), Vec::new());
+        let (mut up_p, mut up_s, mut q, mut c, mut g) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for key in &self.dirty_positions {
+            match self.positions.get(key).copied().flatten() {
+                None => {
+                    del_p.push(key.0.as_str());
+                    del_s.push(key.1.as_str());
+                }
+                Some(pos) => {
+                    up_p.push(key.0.as_str());
+                    up_s.push(key.1.as_str());
+                    q.push(pos.quantity);
+                    c.push(pos.cost_basis);
+                    g.push(pos.gross_entry);
+                }
+            }
+        }
+        if !del_p.is_empty() {
+            tx.execute(
+                "DELETE FROM positions p USING UNNEST($1::text[], $2::text[]) AS d(portfolio_id, symbol)
+                 WHERE p.portfolio_id = d.portfolio_id AND p.symbol = d.symbol",
+                &[&del_p, &del_s],
+            )
+            .await?;
+        }
+        if !up_p.is_empty() {
+            tx.execute(
+                "INSERT INTO positions (portfolio_id, symbol, quantity, cost_basis, gross_entry)
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::numeric[], $4::numeric[], $5::numeric[])
+                 ON CONFLICT (portfolio_id, symbol) DO UPDATE SET quantity = EXCLUDED.quantity,
+                     cost_basis = EXCLUDED.cost_basis, gross_entry = EXCLUDED.gross_entry",
+                &[&up_p, &up_s, &q, &c, &g],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn write_marks(&self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
+        if self.dirty_marks.is_empty() {
+            return Ok(());
+        }
+        let syms: Vec<&str> = self.dirty_marks.iter().map(String::as_str).collect();
+        let marks: Vec<&Mark> = self.dirty_marks.iter().map(|s| &self.marks[s]).collect();
+        let prices: Vec<Decimal> = marks.iter().map(|m| m.price).collect();
+        let ats: Vec<DateTime<Utc>> = marks.iter().map(|m| m.at).collect();
+        let seqs: Vec<i64> = marks.iter().map(|m| m.seq).collect();
+        tx.execute(
+            "INSERT INTO marks (symbol, price, at, last_seq)
+             SELECT * FROM UNNEST($1::text[], $2::numeric[], $3::timestamptz[], $4::int8[])
+             ON CONFLICT (symbol) DO UPDATE SET price = EXCLUDED.price, at = EXCLUDED.at,
+                 last_seq = EXCLUDED.last_seq",
+            &[&syms, &prices, &ats, &seqs],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn write_trades(&self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
+        if self.trades.is_empty() {
+            return Ok(());
+        }
+        let t = &self.trades;
+        let ids: Vec<Uuid> = t.iter().map(|(e, _, _)| e.trade_id).collect();
+        let pids: Vec<&str> = t.iter().map(|(e, _, _)| e.portfolio_id.as_str()).collect();
+        let sids: Vec<&str> = t.iter().map(|(e, _, _)| e.strategy_id.as_str()).collect();
+        let syms: Vec<&str> = t.iter().map(|(e, _, _)| e.symbol.as_str()).collect();
+        let sides: Vec<&str> = t.iter().map(|(e, _, _)| e.side.as_str()).collect();
+        let dec =
+            |f: fn(&TradeExecuted) -> Decimal| t.iter().map(|(e, _, _)| f(e)).collect::<Vec<_>>();
+        let ats: Vec<DateTime<Utc>> = t.iter().map(|(_, at, _)| *at).collect();
+        let seqs: Vec<i64> = t.iter().map(|(_, _, s)| *s).collect();
+        tx.execute(
+            "INSERT INTO trades (trade_id, portfolio_id, strategy_id, symbol, side, quantity, price, fee,
+                                 realized_pnl, cash_after, position_after, at, stream_seq)
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+                 $6::numeric[], $7::numeric[], $8::numeric[], $9::numeric[], $10::numeric[],
+                 $11::numeric[], $12::timestamptz[], $13::int8[])
+             ON CONFLICT (trade_id) DO NOTHING",
+            &[
+                &ids,
+                &pids,
+                &sids,
+                &syms,
+                &sides,
+                &dec(|e| e.quantity),
+                &dec(|e| e.price),
+                &dec(|e| e.fee),
+                &dec(|e| e.realized_pnl),
+                &dec(|e| e.cash_after),
+                &dec(|e| e.position_after),
+                &ats,
+                &seqs,
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn write_trips(&self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
+        if self.trips.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<&(String, String, i64)> = self.trips.keys().collect();
+        let trips: Vec<&Trip> = self.trips.values().collect();
+        let pids: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
+        let syms: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
+        let seqs: Vec<i64> = keys.iter().map(|k| k.2).collect();
+        let opened: Vec<DateTime<Utc>> = trips.iter().map(|t| t.opened_at).collect();
+        let closed: Vec<Option<DateTime<Utc>>> = trips.iter().map(|t| t.closed_at).collect();
+        let pnl: Vec<Decimal> = trips.iter().map(|t| t.pnl).collect();
+        let fees: Vec<Decimal> = trips.iter().map(|t| t.fees).collect();
+        tx.execute(
+            "INSERT INTO round_trips (portfolio_id, symbol, opened_seq, opened_at, closed_at, pnl, fees)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::timestamptz[],
+                 $5::timestamptz[], $6::numeric[], $7::numeric[])
+             ON CONFLICT (portfolio_id, symbol, opened_seq) DO UPDATE SET closed_at = EXCLUDED.closed_at,
+                 pnl = EXCLUDED.pnl, fees = EXCLUDED.fees",
+            &[&pids, &syms, &seqs, &opened, &closed, &pnl, &fees],
+        )
+        .await?;
+        Ok(())
+    }
+}
 
 impl Projection for PortfolioProjection {
     fn name(&self) -> &'static str {
@@ -29,126 +588,16 @@ impl Projection for PortfolioProjection {
         ch_runtime::eventstore::CONSUMER_PORTFOLIO_JSON
     }
 
-    async fn apply(
+    async fn apply_batch(
         &self,
         tx: &Transaction<'_>,
-        ev: &StoredEvent,
+        events: &[StoredEvent],
     ) -> Result<(), tokio_postgres::Error> {
-        let version = ev.meta.aggregate_version as i64;
-        let seq = ev.seq as i64;
-        let at = ev.meta.occurred_at;
-        // Every portfolio event moves the row's version.
-        let touch = "UPDATE portfolios SET version = $2, updated_at = $3, last_seq = $4 WHERE portfolio_id = $1";
-        match &ev.event {
-            Event::PortfolioOpened(e) => {
-                tx.execute(
-                    "INSERT INTO portfolios (portfolio_id, user_id, name, quote_currency, fee_rate, status,
-                                             version, opened_at, updated_at, last_seq)
-                     VALUES ($1, $2, $3, $4, $5, 'open', $6, $7, $7, $8)
-                     ON CONFLICT (portfolio_id) DO NOTHING",
-                    &[&e.portfolio_id, &e.user_id, &e.name, &e.quote_currency, &e.fee_rate, &version, &at, &seq],
-                )
-                .await?;
-            }
-            Event::FundsDeposited(e) => {
-                flow(tx, &e.portfolio_id, e.amount, e.cash_after, ev).await?
-            }
-            Event::FundsWithdrawn(e) => {
-                flow(tx, &e.portfolio_id, -e.amount, e.cash_after, ev).await?
-            }
-            Event::PortfolioRenamed(e) => {
-                tx.execute(
-                    "UPDATE portfolios SET name = $5, version = $2, updated_at = $3, last_seq = $4
-                     WHERE portfolio_id = $1",
-                    &[&e.portfolio_id, &version, &at, &seq, &e.name],
-                )
-                .await?;
-            }
-            Event::StrategyAttached(e) => {
-                tx.execute(
-                    "INSERT INTO portfolio_strategies (portfolio_id, strategy_id, attached_at)
-                     VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-                    &[&e.portfolio_id, &e.strategy_id, &at],
-                )
-                .await?;
-                tx.execute(touch, &[&e.portfolio_id, &version, &at, &seq])
-                    .await?;
-            }
-            Event::StrategyDetached(e) => {
-                tx.execute(
-                    "DELETE FROM portfolio_strategies WHERE portfolio_id = $1 AND strategy_id = $2",
-                    &[&e.portfolio_id, &e.strategy_id],
-                )
-                .await?;
-                tx.execute(touch, &[&e.portfolio_id, &version, &at, &seq])
-                    .await?;
-            }
-            Event::PortfolioClosed(e) => {
-                tx.execute(
-                    "UPDATE portfolios SET status = 'closed', version = $2, updated_at = $3, last_seq = $4
-                     WHERE portfolio_id = $1",
-                    &[&e.portfolio_id, &version, &at, &seq],
-                )
-                .await?;
-            }
-            Event::TradeSignalRejected(e) => {
-                tx.execute(
-                    "UPDATE portfolios SET rejected_signals = rejected_signals + 1, version = $2,
-                            updated_at = $3, last_seq = $4
-                     WHERE portfolio_id = $1",
-                    &[&e.portfolio_id, &version, &at, &seq],
-                )
-                .await?;
-            }
-            Event::TradeExecuted(e) => {
-                tx.execute(
-                    "UPDATE portfolios SET cash = $5, realized_pnl = realized_pnl + $6, fees_paid = fees_paid + $7,
-                            fill_count = fill_count + 1, version = $2, updated_at = $3, last_seq = $4
-                     WHERE portfolio_id = $1",
-                    &[&e.portfolio_id, &version, &at, &seq, &e.cash_after, &e.realized_pnl, &e.fee],
-                )
-                .await?;
-                if e.position_after.is_zero() {
-                    tx.execute(
-                        "DELETE FROM positions WHERE portfolio_id = $1 AND symbol = $2",
-                        &[&e.portfolio_id, &e.symbol],
-                    )
-                    .await?;
-                } else {
-                    tx.execute(
-                        "INSERT INTO positions (portfolio_id, symbol, quantity, cost_basis, gross_entry)
-                         VALUES ($1, $2, $3, $4, $5)
-                         ON CONFLICT (portfolio_id, symbol) DO UPDATE
-                         SET quantity = $3, cost_basis = $4, gross_entry = $5",
-                        &[&e.portfolio_id, &e.symbol, &e.position_after, &e.cost_basis_after, &e.gross_entry_after],
-                    )
-                    .await?;
-                }
-                tx.execute(
-                    "INSERT INTO trades (trade_id, portfolio_id, strategy_id, symbol, side, quantity, price, fee,
-                                         realized_pnl, cash_after, position_after, at, stream_seq)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
-                     ON CONFLICT (trade_id) DO NOTHING",
-                    &[
-                        &e.trade_id, &e.portfolio_id, &e.strategy_id, &e.symbol, &e.side.as_str(), &e.quantity,
-                        &e.price, &e.fee, &e.realized_pnl, &e.cash_after, &e.position_after, &at, &seq,
-                    ],
-                )
-                .await?;
-                round_trip(tx, e, ev).await?;
-            }
-            Event::MarketPriceRecorded(e) => {
-                tx.execute(
-                    "INSERT INTO marks (symbol, price, at, last_seq) VALUES ($1, $2, $3, $4)
-                     ON CONFLICT (symbol) DO UPDATE SET price = $2, at = $3, last_seq = $4
-                     WHERE marks.at <= $3",
-                    &[&e.symbol, &e.price, &at, &seq],
-                )
-                .await?;
-            }
-            Event::StrategyCreated(_) | Event::StrategyUpdated(_) | Event::StrategyDeleted(_) => {}
+        let mut fold = Fold::load(tx, events).await?;
+        for ev in events {
+            fold.apply(ev);
         }
-        Ok(())
+        fold.write(tx).await
     }
 
     async fn reset(&self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
@@ -157,90 +606,4 @@ impl Projection for PortfolioProjection {
         )
         .await
     }
-}
-
-/// An external flow (deposit > 0, withdrawal < 0): chains the time-weighted NAV index with the
-/// equity just before the flow, then records the equity just after it.
-async fn flow(
-    tx: &Transaction<'_>,
-    portfolio_id: &str,
-    signed_amount: Decimal,
-    cash_after: Decimal,
-    ev: &StoredEvent,
-) -> Result<(), tokio_postgres::Error> {
-    let version = ev.meta.aggregate_version as i64;
-    let seq = ev.seq as i64;
-    let at = ev.meta.occurred_at;
-    let sql = format!(
-        "WITH eq AS (SELECT {EQUITY_SQL} AS e)
-         UPDATE portfolios SET
-            nav_at_flow = CASE WHEN equity_at_flow > 0
-                               THEN round(nav_at_flow * (SELECT e FROM eq) / equity_at_flow, 20)
-                               ELSE nav_at_flow END,
-            equity_at_flow = (SELECT e FROM eq) + $5,
-            cash = $6,
-            net_deposits = net_deposits + $5,
-            first_deposit_at = CASE WHEN $5 > 0 THEN COALESCE(first_deposit_at, $3) ELSE first_deposit_at END,
-            version = $2, updated_at = $3, last_seq = $4
-         WHERE portfolio_id = $1"
-    );
-    tx.execute(
-        &sql,
-        &[
-            &portfolio_id,
-            &version,
-            &at,
-            &seq,
-            &signed_amount,
-            &cash_after,
-        ],
-    )
-    .await?;
-    Ok(())
-}
-
-/// Round trips, flat to flat: a buy from flat opens one; sells add their realized PnL; the
-/// sell that makes the position flat closes it.
-async fn round_trip(
-    tx: &Transaction<'_>,
-    e: &ch_domain::event::TradeExecuted,
-    ev: &StoredEvent,
-) -> Result<(), tokio_postgres::Error> {
-    let seq = ev.seq as i64;
-    let at = ev.meta.occurred_at;
-    match e.side {
-        Side::Buy => {
-            let updated = tx
-                .execute(
-                    "UPDATE round_trips SET fees = fees + $3
-                     WHERE portfolio_id = $1 AND symbol = $2 AND closed_at IS NULL",
-                    &[&e.portfolio_id, &e.symbol, &e.fee],
-                )
-                .await?;
-            if updated == 0 {
-                tx.execute(
-                    "INSERT INTO round_trips (portfolio_id, symbol, opened_seq, opened_at, fees)
-                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-                    &[&e.portfolio_id, &e.symbol, &seq, &at, &e.fee],
-                )
-                .await?;
-            }
-        }
-        Side::Sell => {
-            let closed_at = e.position_after.is_zero().then_some(at);
-            tx.execute(
-                "UPDATE round_trips SET pnl = pnl + $3, fees = fees + $4, closed_at = $5
-                 WHERE portfolio_id = $1 AND symbol = $2 AND closed_at IS NULL",
-                &[
-                    &e.portfolio_id,
-                    &e.symbol,
-                    &e.realized_pnl,
-                    &e.fee,
-                    &closed_at,
-                ],
-            )
-            .await?;
-        }
-    }
-    Ok(())
 }

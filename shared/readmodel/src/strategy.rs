@@ -17,11 +17,25 @@ impl Projection for StrategyProjection {
         ch_runtime::eventstore::CONSUMER_STRATEGY_JSON
     }
 
-    async fn apply(
+    async fn apply_batch(
         &self,
         tx: &Transaction<'_>,
-        ev: &StoredEvent,
+        events: &[StoredEvent],
     ) -> Result<(), tokio_postgres::Error> {
+        // Strategy events are rare: one statement each is fine; the rest are skipped.
+        for ev in events {
+            apply(tx, ev).await?;
+        }
+        Ok(())
+    }
+
+    async fn reset(&self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
+        tx.batch_execute("TRUNCATE strategies").await
+    }
+}
+
+async fn apply(tx: &Transaction<'_>, ev: &StoredEvent) -> Result<(), tokio_postgres::Error> {
+    {
         let version = ev.meta.aggregate_version as i64;
         let seq = ev.seq as i64;
         let at = ev.meta.occurred_at;
@@ -67,9 +81,5 @@ impl Projection for StrategyProjection {
             _ => {}
         }
         Ok(())
-    }
-
-    async fn reset(&self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
-        tx.batch_execute("TRUNCATE strategies").await
     }
 }

@@ -39,11 +39,12 @@ pub trait Projection: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// The durable consumer definition (a file of `nats/consumers/`).
     fn consumer_json(&self) -> &'static str;
-    /// Applies one event inside the batch's transaction.
-    fn apply(
+    /// Applies a batch of consecutive events, in order, inside the batch's transaction
+    /// (set-based writes are the projection's business: one statement per table, not per event).
+    fn apply_batch(
         &self,
         tx: &Transaction<'_>,
-        ev: &StoredEvent,
+        events: &[StoredEvent],
     ) -> impl Future<Output = Result<(), tokio_postgres::Error>> + Send;
     /// Empties the read model's tables (a rebuild then replays the stream).
     fn reset(
@@ -214,6 +215,7 @@ impl<P: Projection> Projector<P> {
             .get(0);
         let mut last = cp as u64;
         let mut dead = Vec::new();
+        let mut events = Vec::with_capacity(raws.len());
         for raw in raws {
             if raw.seq <= last {
                 continue;
@@ -225,10 +227,13 @@ impl<P: Projection> Projector<P> {
                 });
             }
             match envelope::decode(raw.seq, &raw.payload) {
-                Ok(ev) => self.projection.apply(&tx, &ev).await?,
+                Ok(ev) => events.push(ev),
                 Err(e) => dead.push((raw, e.to_string())),
             }
             last = raw.seq;
+        }
+        if !events.is_empty() {
+            self.projection.apply_batch(&tx, &events).await?;
         }
         if last != cp as u64 {
             tx.execute(
