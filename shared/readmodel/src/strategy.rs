@@ -17,6 +17,11 @@ impl Projection for StrategyProjection {
         ch_runtime::eventstore::CONSUMER_STRATEGY_JSON
     }
 
+    fn wants(&self, event_type: &str) -> bool {
+        event_type.starts_with("Strategy")
+            && !matches!(event_type, "StrategyAttached" | "StrategyDetached")
+    }
+
     async fn apply_batch(
         &self,
         tx: &Transaction<'_>,

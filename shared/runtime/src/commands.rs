@@ -10,7 +10,7 @@ use ch_domain::market::MarketState;
 use ch_domain::portfolio::{PortfolioCommand, PortfolioFacts, PortfolioState};
 use ch_domain::request::{parse_command, Endpoint, Target};
 use ch_domain::strategy::StrategyState;
-use ch_domain::Aggregate;
+use ch_domain::{Aggregate, AggregateType};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tracing::Span;
@@ -48,7 +48,7 @@ impl FactSource<PortfolioState> for PortfolioFactSource {
             marks: BTreeMap::new(),
         };
         if let Some(id) = strategy_id {
-            let s = self.strategies.repo().current(id).await?;
+            let s = self.strategies.repo().fact(id).await?;
             if s.version() > 0 {
                 facts.strategy = Some(s);
             }
@@ -90,6 +90,23 @@ impl Commands {
             portfolios: Executor::new(app.store.clone(), app.metrics.clone()),
             markets,
         }
+    }
+
+    /// Follows the strategy subjects so that cached strategies are dropped as soon as they
+    /// change. (Marks change all the time: they are read fresh when a decision needs them.)
+    ///
+    /// # Errors
+    /// When the subscriptions fail.
+    pub async fn follow_facts(
+        &self,
+        client: &async_nats::Client,
+        subjects: &crate::Subjects,
+    ) -> Result<(), async_nats::SubscribeError> {
+        let strategies = client
+            .subscribe(subjects.aggregate(AggregateType::Strategy, "*"))
+            .await?;
+        self.strategies.repo().follow(strategies);
+        Ok(())
     }
 
     /// Parses, decides and stores one command.
@@ -184,8 +201,10 @@ pub async fn run(
     } else {
         None
     };
+    let commands = Commands::new(&app);
+    commands.follow_facts(&app.client, &app.subjects).await?;
     let handler = Arc::new(CommandHandler {
-        commands: Commands::new(&app),
+        commands,
         immediate,
     });
     service::serve(

@@ -46,6 +46,12 @@ pub trait Projection: Send + Sync + 'static {
         tx: &Transaction<'_>,
         events: &[StoredEvent],
     ) -> impl Future<Output = Result<(), tokio_postgres::Error>> + Send;
+    /// Whether events of this `Ch-Event-Type` change the read model; others are skipped
+    /// without decoding (their sequence still moves the checkpoint).
+    fn wants(&self, event_type: &str) -> bool {
+        let _ = event_type;
+        true
+    }
     /// Empties the read model's tables (a rebuild then replays the stream).
     fn reset(
         &self,
@@ -109,6 +115,22 @@ impl BatchConfig {
 struct Raw {
     seq: u64,
     payload: Bytes,
+    /// `Ch-Event-Type`, to skip decoding events the projection ignores.
+    event_type: Option<String>,
+}
+
+impl Raw {
+    fn from_message(seq: u64, m: &async_nats::Message) -> Raw {
+        Raw {
+            seq,
+            payload: m.payload.clone(),
+            event_type: m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Ch-Event-Type"))
+                .map(|v| v.as_str().to_owned()),
+        }
+    }
 }
 
 enum Chunk {
@@ -225,6 +247,12 @@ impl<P: Projection> Projector<P> {
                     checkpoint: last,
                     first: raw.seq,
                 });
+            }
+            if let Some(t) = &raw.event_type {
+                if !self.projection.wants(t) {
+                    last = raw.seq;
+                    continue;
+                }
             }
             match envelope::decode(raw.seq, &raw.payload) {
                 Ok(ev) => events.push(ev),
@@ -357,10 +385,7 @@ impl<P: Projection> Projector<P> {
                 .info()
                 .map_err(|e| StoreError::Other(e.to_string()))?
                 .stream_sequence;
-            chunk.push(Raw {
-                seq,
-                payload: msg.payload.clone(),
-            });
+            chunk.push(Raw::from_message(seq, &msg));
             if chunk.len() >= chunk_size || seq >= to {
                 match self.apply_robust(&chunk).await? {
                     Chunk::Done(s) => last = s,
@@ -465,12 +490,22 @@ impl<P: Projection> Projector<P> {
         cfg.deliver_policy = DeliverPolicy::ByStartSequence {
             start_sequence: cp + 1,
         };
-        let consumer: consumer::Consumer<pull::Config> = self
-            .store
-            .stream()
-            .get_or_create_consumer(cfg.durable_name.clone().unwrap_or_default().as_str(), cfg)
+        let durable = cfg.durable_name.clone().unwrap_or_default();
+        let stream = self.store.stream();
+        let mut consumer: consumer::Consumer<pull::Config> = stream
+            .get_or_create_consumer(&durable, cfg.clone())
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        if consumer.cached_info().config.ack_policy != consumer::AckPolicy::All {
+            // Made by an older definition; a durable is only a cursor (the checkpoint is the
+            // truth), so replace it with the shipped one.
+            warn!(consumer = %durable, "replacing a consumer whose ack policy is not `all`");
+            let _ = stream.delete_consumer(&durable).await;
+            consumer = stream
+                .create_consumer(cfg)
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        }
         // Catch up first with an ordered replay: fast after a rebuild or a long outage.
         let head = self.store.last_seq().await?;
         self.catch_up(head).await?;
@@ -545,10 +580,7 @@ impl<P: Projection> Projector<P> {
             let mut raws = Vec::with_capacity(batch.len());
             for m in &batch {
                 match m.info() {
-                    Ok(i) => raws.push(Raw {
-                        seq: i.stream_sequence,
-                        payload: m.payload.clone(),
-                    }),
+                    Ok(i) => raws.push(Raw::from_message(i.stream_sequence, m)),
                     Err(e) => warn!(error = %e, "message without JetStream metadata"),
                 }
             }
@@ -564,7 +596,11 @@ impl<P: Projection> Projector<P> {
             match result {
                 Ok(last) => {
                     backoff = Duration::from_millis(50);
-                    for m in &batch {
+                    // The consumers ack with policy `all`: the newest message acks the batch.
+                    let newest = batch
+                        .iter()
+                        .max_by_key(|m| m.info().map_or(0, |i| i.consumer_sequence));
+                    if let Some(m) = newest {
                         if let Err(e) = m.ack().await {
                             debug!(error = %e, "ack failed; the redelivery will be skipped");
                         }

@@ -3,10 +3,12 @@
 //! (across processes, optimistic concurrency takes over). Caches are only caches: an entry can
 //! be dropped at any time and is rebuilt from the stream.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use ch_domain::Aggregate;
+use futures::FutureExt;
 use tokio::sync::OwnedMutexGuard;
 use uuid::Uuid;
 
@@ -22,6 +24,8 @@ pub struct Entry<A> {
     pub last_seq: u64,
     /// `command_id` -> stream sequence of the event it produced, for idempotent replies.
     commands: HashMap<Uuid, u64>,
+    /// When the entry was last compared with the stream (for [`Repo::fact`]).
+    checked_at: Option<Instant>,
 }
 
 impl<A: Aggregate> Entry<A> {
@@ -44,6 +48,7 @@ impl<A: Aggregate> Entry<A> {
             state: A::default(),
             last_seq: 0,
             commands: HashMap::new(),
+            checked_at: None,
         };
     }
 }
@@ -55,7 +60,15 @@ pub struct Repo<A: Aggregate> {
     store: EventStore,
     entries: Mutex<HashMap<String, Slot<A>>>,
     capacity: usize,
+    /// Aggregates seen changing on the stream since they were cached (see [`Repo::fact`]).
+    stale: Mutex<HashSet<String>>,
+    /// A core subscription to this aggregate type's subjects: change notices.
+    notices: Mutex<Option<async_nats::Subscriber>>,
 }
+
+/// How long a cached fact is trusted without a change notice (a backstop for notices lost
+/// while reconnecting).
+const FACT_MAX_AGE: Duration = Duration::from_secs(1);
 
 impl<A: Aggregate> Repo<A> {
     pub fn new(store: EventStore, capacity: usize) -> Self {
@@ -63,6 +76,8 @@ impl<A: Aggregate> Repo<A> {
             store,
             entries: Mutex::new(HashMap::new()),
             capacity: capacity.max(16),
+            stale: Mutex::new(HashSet::new()),
+            notices: Mutex::new(None),
         }
     }
 
@@ -114,6 +129,52 @@ impl<A: Aggregate> Repo<A> {
     pub async fn current(&self, id: &str) -> Result<A, StoreError> {
         let mut entry = self.lock(id).await;
         self.catch_up(id, &mut entry).await?;
+        Ok(entry.state.clone())
+    }
+
+    /// Follows change notices: a subscription to `<prefix>.events.<type>.*`. A JetStream append
+    /// reaches this subscriber before the appender's reply can reach any client, so a command
+    /// that arrives after a change sees its notice already queued.
+    pub fn follow(&self, notices: async_nats::Subscriber) {
+        *self.notices.lock().expect("notices lock poisoned") = Some(notices);
+    }
+
+    /// Moves queued change notices into the stale set (never waits).
+    fn drain_notices(&self) {
+        let mut guard = self.notices.lock().expect("notices lock poisoned");
+        let Some(sub) = guard.as_mut() else { return };
+        let mut stale = self.stale.lock().expect("stale lock poisoned");
+        loop {
+            match futures::StreamExt::next(sub).now_or_never() {
+                Some(Some(msg)) => {
+                    let id = msg.subject.rsplit('.').next().unwrap_or_default();
+                    stale.insert(id.to_owned());
+                }
+                Some(None) => {
+                    // Subscription closed: rely on the age bound from now on.
+                    *guard = None;
+                    break;
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// The state of `id` as a read-only fact for another aggregate's decision: from the cache
+    /// while no change notice arrived for it (and it is younger than a second), else caught up
+    /// with the stream. Saves a round trip per command for facts that rarely change.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the store cannot be read.
+    pub async fn fact(&self, id: &str) -> Result<A, StoreError> {
+        let mut entry = self.lock(id).await;
+        self.drain_notices();
+        let noticed = self.stale.lock().expect("stale lock poisoned").remove(id);
+        let old = entry.checked_at.is_none_or(|t| t.elapsed() > FACT_MAX_AGE);
+        if noticed || old || entry.last_seq == 0 {
+            self.catch_up(id, &mut entry).await?;
+            entry.checked_at = Some(Instant::now());
+        }
         Ok(entry.state.clone())
     }
 
