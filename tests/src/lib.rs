@@ -433,6 +433,8 @@ impl TestEnv {
             ("round_trips", "portfolio_id, symbol, opened_seq"),
             ("portfolio_strategies", "portfolio_id, strategy_id"),
             ("strategies", "strategy_id"),
+            ("portfolio_history", "portfolio_id, stream_seq"),
+            ("prices", "symbol, at, stream_seq"),
         ];
         let mut out = Vec::new();
         for (t, order) in tables {

@@ -16,11 +16,18 @@ pub use portfolio::PortfolioProjection;
 pub use strategy::StrategyProjection;
 
 /// Every migration, in order.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "read_models",
-    sql: include_str!("../migrations/001_read_models.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "read_models",
+        sql: include_str!("../migrations/001_read_models.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "history",
+        sql: include_str!("../migrations/002_history.sql"),
+    },
+];
 
 /// Plain-notation string of a decimal as replies carry it (`"14990"`, not `"14990.000"`).
 pub fn plain(d: Decimal) -> String {

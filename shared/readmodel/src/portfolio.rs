@@ -70,6 +70,8 @@ struct Mark {
 
 #[derive(Debug, Clone)]
 struct Trip {
+    /// Strategy of the sell that closed it.
+    strategy_id: Option<String>,
     opened_seq: i64,
     opened_at: DateTime<Utc>,
     closed_at: Option<DateTime<Utc>>,
@@ -97,6 +99,19 @@ struct Fold {
     trips: BTreeMap<(String, String, i64), Trip>,
     trades: Vec<(TradeExecuted, DateTime<Utc>, i64)>,
     attachments: Vec<Attachment>,
+    /// `portfolio_history` rows: state after each flow and fill.
+    history: Vec<HistoryRow>,
+    /// `prices` rows: every price event.
+    prices: Vec<(String, DateTime<Utc>, i64, Decimal)>,
+}
+
+struct HistoryRow {
+    portfolio_id: String,
+    seq: i64,
+    at: DateTime<Utc>,
+    cash: Decimal,
+    positions: serde_json::Value,
+    flow: Decimal,
 }
 
 impl Fold {
@@ -171,6 +186,7 @@ impl Fold {
                 fold.open_trips.insert(
                     (r.get(0), r.get(1)),
                     Trip {
+                        strategy_id: None,
                         opened_seq: r.get(2),
                         opened_at: r.get(3),
                         closed_at: None,
@@ -212,6 +228,40 @@ impl Fold {
             })
     }
 
+    /// Records the portfolio's cash and positions after `ev` (`flow`: its external flow).
+    fn snapshot(&mut self, ev: &StoredEvent, flow: Decimal) {
+        let id = &ev.meta.aggregate_id;
+        let Some(p) = self.portfolios.get(id) else {
+            return;
+        };
+        let from = (id.clone(), String::new());
+        let positions: serde_json::Map<String, serde_json::Value> = self
+            .positions
+            .range(from..)
+            .take_while(|((pid, _), _)| pid == id)
+            .filter_map(|((_, sym), pos)| {
+                pos.map(|pos| {
+                    (
+                        sym.clone(),
+                        serde_json::json!({
+                            "quantity": crate::plain(pos.quantity),
+                            "cost_basis": crate::plain(pos.cost_basis),
+                            "gross_entry": crate::plain(pos.gross_entry),
+                        }),
+                    )
+                })
+            })
+            .collect();
+        self.history.push(HistoryRow {
+            portfolio_id: id.clone(),
+            seq: ev.seq as i64,
+            at: ev.meta.occurred_at,
+            cash: p.cash,
+            positions: serde_json::Value::Object(positions),
+            flow,
+        });
+    }
+
     /// Moves the portfolio row's version and times; `f` changes the rest.
     fn touch(&mut self, ev: &StoredEvent, f: impl FnOnce(&mut PortfolioRow)) {
         let id = &ev.meta.aggregate_id;
@@ -242,6 +292,7 @@ impl Fold {
                 p.first_deposit_at = Some(at);
             }
         });
+        self.snapshot(ev, signed);
     }
 
     fn trade(&mut self, ev: &StoredEvent, e: &TradeExecuted) {
@@ -269,6 +320,7 @@ impl Fold {
         // the sell that makes the position flat closes it.
         let trip = match (e.side, self.open_trips.remove(&key)) {
             (Side::Buy, None) => Some(Trip {
+                strategy_id: None,
                 opened_seq: seq,
                 opened_at: at,
                 closed_at: None,
@@ -284,6 +336,7 @@ impl Fold {
                 t.fees += e.fee;
                 if e.position_after.is_zero() {
                     t.closed_at = Some(at);
+                    t.strategy_id = Some(e.strategy_id.clone());
                 }
                 Some(t)
             }
@@ -296,6 +349,7 @@ impl Fold {
                 self.open_trips.insert(key, t);
             }
         }
+        self.snapshot(ev, Decimal::ZERO);
     }
 
     fn apply(&mut self, ev: &StoredEvent) {
@@ -352,6 +406,8 @@ impl Fold {
             Event::TradeSignalRejected(_) => self.touch(ev, |p| p.rejected_signals += 1),
             Event::TradeExecuted(e) => self.trade(ev, e),
             Event::MarketPriceRecorded(e) => {
+                self.prices
+                    .push((e.symbol.clone(), at, ev.seq as i64, e.price));
                 let newer = self.marks.get(&e.symbol).is_none_or(|m| m.at <= at);
                 if newer {
                     self.marks.insert(
@@ -375,6 +431,7 @@ impl Fold {
         self.write_marks(tx).await?;
         self.write_trades(tx).await?;
         self.write_trips(tx).await?;
+        self.write_history(tx).await?;
         for a in &self.attachments {
             match a {
                 Attachment::Attach(p, s, at) => {
@@ -553,6 +610,41 @@ impl Fold {
         Ok(())
     }
 
+    async fn write_history(&self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
+        if !self.history.is_empty() {
+            let h = &self.history;
+            let pids: Vec<&str> = h.iter().map(|r| r.portfolio_id.as_str()).collect();
+            let seqs: Vec<i64> = h.iter().map(|r| r.seq).collect();
+            let ats: Vec<DateTime<Utc>> = h.iter().map(|r| r.at).collect();
+            let cash: Vec<Decimal> = h.iter().map(|r| r.cash).collect();
+            let pos: Vec<&serde_json::Value> = h.iter().map(|r| &r.positions).collect();
+            let flows: Vec<Decimal> = h.iter().map(|r| r.flow).collect();
+            tx.execute(
+                "INSERT INTO portfolio_history (portfolio_id, stream_seq, at, cash, positions, flow)
+                 SELECT * FROM UNNEST($1::text[], $2::int8[], $3::timestamptz[], $4::numeric[],
+                     $5::jsonb[], $6::numeric[])
+                 ON CONFLICT DO NOTHING",
+                &[&pids, &seqs, &ats, &cash, &pos, &flows],
+            )
+            .await?;
+        }
+        if !self.prices.is_empty() {
+            let p = &self.prices;
+            let syms: Vec<&str> = p.iter().map(|r| r.0.as_str()).collect();
+            let ats: Vec<DateTime<Utc>> = p.iter().map(|r| r.1).collect();
+            let seqs: Vec<i64> = p.iter().map(|r| r.2).collect();
+            let prices: Vec<Decimal> = p.iter().map(|r| r.3).collect();
+            tx.execute(
+                "INSERT INTO prices (symbol, at, stream_seq, price)
+                 SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::int8[], $4::numeric[])
+                 ON CONFLICT DO NOTHING",
+                &[&syms, &ats, &seqs, &prices],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
     async fn write_trips(&self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
         if self.trips.is_empty() {
             return Ok(());
@@ -566,13 +658,16 @@ impl Fold {
         let closed: Vec<Option<DateTime<Utc>>> = trips.iter().map(|t| t.closed_at).collect();
         let pnl: Vec<Decimal> = trips.iter().map(|t| t.pnl).collect();
         let fees: Vec<Decimal> = trips.iter().map(|t| t.fees).collect();
+        let strategies: Vec<Option<&str>> =
+            trips.iter().map(|t| t.strategy_id.as_deref()).collect();
         tx.execute(
-            "INSERT INTO round_trips (portfolio_id, symbol, opened_seq, opened_at, closed_at, pnl, fees)
+            "INSERT INTO round_trips (portfolio_id, symbol, opened_seq, opened_at, closed_at, pnl, fees,
+                                      strategy_id)
              SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::timestamptz[],
-                 $5::timestamptz[], $6::numeric[], $7::numeric[])
+                 $5::timestamptz[], $6::numeric[], $7::numeric[], $8::text[])
              ON CONFLICT (portfolio_id, symbol, opened_seq) DO UPDATE SET closed_at = EXCLUDED.closed_at,
-                 pnl = EXCLUDED.pnl, fees = EXCLUDED.fees",
-            &[&pids, &syms, &seqs, &opened, &closed, &pnl, &fees],
+                 pnl = EXCLUDED.pnl, fees = EXCLUDED.fees, strategy_id = EXCLUDED.strategy_id",
+            &[&pids, &syms, &seqs, &opened, &closed, &pnl, &fees, &strategies],
         )
         .await?;
         Ok(())
@@ -602,7 +697,8 @@ impl Projection for PortfolioProjection {
 
     async fn reset(&self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
         tx.batch_execute(
-            "TRUNCATE portfolios, positions, marks, trades, round_trips, portfolio_strategies",
+            "TRUNCATE portfolios, positions, marks, trades, round_trips, portfolio_strategies,
+                      portfolio_history, prices",
         )
         .await
     }
