@@ -208,7 +208,7 @@ fn unique_token() -> String {
 impl TestEnv {
     /// A fresh environment with stream and schema created, no workers running.
     pub async fn new() -> TestEnv {
-        ch_runtime::telemetry::init(false);
+        ch_runtime::telemetry::init_for_tests();
         let (nats, url) = match std::env::var("CH_TEST_NATS_URL") {
             Ok(url) => (None, url),
             Err(_) => {
@@ -307,12 +307,21 @@ impl TestEnv {
                     ch_readmodel::workers::run_projector(app, StrategyProjection, t).await
                 }
                 Worker::QueryPortfolio => {
-                    ch_readmodel::workers::run_queries(app, &[Query::PortfolioPerformance], t).await
+                    ch_readmodel::workers::run_queries(
+                        app,
+                        &[Query::PortfolioPerformance, Query::PortfolioAnalysis],
+                        t,
+                    )
+                    .await
                 }
                 Worker::QueryStrategy => {
                     ch_readmodel::workers::run_queries(
                         app,
-                        &[Query::StrategyList, Query::StrategyGet],
+                        &[
+                            Query::StrategyList,
+                            Query::StrategyGet,
+                            Query::StrategyLeaderboard,
+                        ],
                         t,
                     )
                     .await

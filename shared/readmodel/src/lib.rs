@@ -4,6 +4,7 @@
 //! Two projections share one schema: `portfolio` (portfolios, positions, marks, trades,
 //! round trips, attachments) and `strategy` (strategies). Each moves its own checkpoint.
 
+pub mod analysis;
 pub mod portfolio;
 pub mod queries;
 pub mod strategy;

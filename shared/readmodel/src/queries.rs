@@ -102,7 +102,11 @@ pub async fn snapshot(conn: &mut deadpool_postgres::Object) -> Result<Transactio
         .await?)
 }
 
-async fn as_of(tx: &Transaction<'_>, projection: &str) -> Result<u64, DbError> {
+/// The last sequence `projection` applied, read in the reply's snapshot.
+///
+/// # Errors
+/// [`DbError`] on database trouble.
+pub async fn as_of(tx: &Transaction<'_>, projection: &str) -> Result<u64, DbError> {
     let row = tx
         .query_opt(
             "SELECT last_seq FROM ch_checkpoints WHERE projection = $1",

@@ -12,6 +12,7 @@ use deadpool_postgres::Pool;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use crate::analysis::{self, AnalysisQuery, LeaderboardQuery};
 use crate::queries::{self, Consistency, PerformanceQuery, StrategyGetQuery, StrategyListQuery};
 use crate::MIGRATIONS;
 
@@ -56,8 +57,10 @@ pub async fn run_projector<P: Projection>(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Query {
     PortfolioPerformance,
+    PortfolioAnalysis,
     StrategyList,
     StrategyGet,
+    StrategyLeaderboard,
 }
 
 impl Query {
@@ -65,17 +68,19 @@ impl Query {
     pub fn name(self) -> &'static str {
         match self {
             Query::PortfolioPerformance => "portfolio.performance",
+            Query::PortfolioAnalysis => "portfolio.analysis",
             Query::StrategyList => "strategy.list",
             Query::StrategyGet => "strategy.get",
+            Query::StrategyLeaderboard => "strategy.leaderboard",
         }
     }
 
     /// The read models whose progress `min_stream_seq` waits for.
     fn projections(self) -> &'static [&'static str] {
         match self {
-            Query::PortfolioPerformance => &["portfolio"],
+            Query::PortfolioPerformance | Query::PortfolioAnalysis => &["portfolio"],
             Query::StrategyList => &["strategy"],
-            Query::StrategyGet => &["strategy", "portfolio"],
+            Query::StrategyGet | Query::StrategyLeaderboard => &["strategy", "portfolio"],
         }
     }
 }
@@ -128,6 +133,28 @@ impl Handler for QueryHandler {
                 let mut conn = self.snapshot_conn().await?;
                 let tx = queries::snapshot(&mut conn).await?;
                 let reply = queries::strategy_list(&tx, &q).await;
+                drop(tx);
+                reply
+            }
+            Query::PortfolioAnalysis => {
+                let q: AnalysisQuery = queries::parse(body)?;
+                self.wait_if_asked(query, &q).await?;
+                let mut conn = self.snapshot_conn().await?;
+                let tx = queries::snapshot(&mut conn).await?;
+                let as_of = queries::as_of(&tx, "portfolio").await?;
+                let reply = analysis::portfolio_analysis(&tx, &q, as_of).await;
+                drop(tx);
+                reply
+            }
+            Query::StrategyLeaderboard => {
+                let q: LeaderboardQuery = queries::parse(body)?;
+                self.wait_if_asked(query, &q).await?;
+                let mut conn = self.snapshot_conn().await?;
+                let tx = queries::snapshot(&mut conn).await?;
+                let as_of = queries::as_of(&tx, "strategy")
+                    .await?
+                    .min(queries::as_of(&tx, "portfolio").await?);
+                let reply = analysis::strategy_leaderboard(&tx, &q, as_of).await;
                 drop(tx);
                 reply
             }

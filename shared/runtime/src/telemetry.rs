@@ -14,3 +14,13 @@ pub fn init(json: bool) {
         builder.try_init()
     };
 }
+
+/// Like [`init`], but writing through the test harness's capture (tests print only on failure).
+pub fn init_for_tests() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_test_writer()
+        .try_init();
+}

@@ -1,4 +1,4 @@
-//! `query-portfolio`: answers ch.query.portfolio.performance from the read model.
+//! `query-portfolio`: answers ch.query.portfolio.performance and ch.query.portfolio.analysis from the read model.
 //!
 //! Configuration: the `CH_*` environment variables (README). SIGTERM or Ctrl-C drains it.
 
@@ -12,7 +12,10 @@ async fn main() -> anyhow::Result<()> {
     let app = App::start(cfg, "query-portfolio")
         .await
         .context("starting query-portfolio")?;
-    let queries = [ch_readmodel::workers::Query::PortfolioPerformance];
+    let queries = [
+        ch_readmodel::workers::Query::PortfolioPerformance,
+        ch_readmodel::workers::Query::PortfolioAnalysis,
+    ];
     ch_readmodel::workers::run_queries(app, &queries, shutdown::on_signal())
         .await
         .map_err(|e| anyhow!(e))

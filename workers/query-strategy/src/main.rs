@@ -1,4 +1,4 @@
-//! `query-strategy`: answers ch.query.strategy.list and ch.query.strategy.get from the read model.
+//! `query-strategy`: answers ch.query.strategy.list, .get and .leaderboard from the read model.
 //!
 //! Configuration: the `CH_*` environment variables (README). SIGTERM or Ctrl-C drains it.
 
@@ -15,6 +15,7 @@ async fn main() -> anyhow::Result<()> {
     let queries = [
         ch_readmodel::workers::Query::StrategyList,
         ch_readmodel::workers::Query::StrategyGet,
+        ch_readmodel::workers::Query::StrategyLeaderboard,
     ];
     ch_readmodel::workers::run_queries(app, &queries, shutdown::on_signal())
         .await

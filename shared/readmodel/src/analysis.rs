@@ -1,0 +1,463 @@
+//! `ch.query.portfolio.analysis` and `ch.query.strategy.leaderboard`: DOMAIN.md's performance
+//! metrics from the read model, without replaying events.
+//!
+//! The curve is valued at query time from `portfolio_history` (cash and positions after each
+//! flow and fill) and `prices` (every price), with the latest price at or before each time, so a
+//! backfilled price or a replay gives the same answer. The NAV index starts at 1 at `from` (or
+//! at the first deposit, if later) and chains external flows time-weighted, each valued just
+//! before the flow (`ch_domain::analytics`).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ch_domain::analytics::{self, Interval, NavPoint, Observation, Totals};
+use ch_domain::ids::validate_id;
+use ch_runtime::error::{ApiError, DbError};
+use chrono::{DateTime, Utc};
+use rust_decimal::prelude::ToPrimitive;
+use rust_decimal::Decimal;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio_postgres::Transaction;
+
+use crate::queries::Consistency;
+
+/// Most curve points one reply carries (a year of hours is 8,760).
+pub const MAX_POINTS: usize = 20_000;
+
+/// A rate given as a JSON number or a decimal string.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Rate {
+    Number(f64),
+    Text(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnalysisQuery {
+    pub portfolio_id: String,
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub interval: Interval,
+    pub risk_free_rate: Option<Rate>,
+    pub min_stream_seq: Option<u64>,
+    pub timeout_ms: Option<u64>,
+}
+
+impl Consistency for AnalysisQuery {
+    fn min_stream_seq(&self) -> Option<u64> {
+        self.min_stream_seq
+    }
+    fn timeout_ms(&self) -> Option<u64> {
+        self.timeout_ms
+    }
+}
+
+/// Sort keys of the leaderboard.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RankBy {
+    #[default]
+    RealizedPnl,
+    WinRate,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaderboardQuery {
+    pub user_id: String,
+    #[serde(default)]
+    pub by: RankBy,
+    pub limit: Option<u32>,
+    #[serde(default)]
+    pub include_deleted: bool,
+    pub min_stream_seq: Option<u64>,
+    pub timeout_ms: Option<u64>,
+}
+
+impl Consistency for LeaderboardQuery {
+    fn min_stream_seq(&self) -> Option<u64> {
+        self.min_stream_seq
+    }
+    fn timeout_ms(&self) -> Option<u64> {
+        self.timeout_ms
+    }
+}
+
+/// A position as stored in a history row.
+#[derive(Debug, Clone, Copy)]
+struct Pos {
+    quantity: Decimal,
+    cost_basis: Decimal,
+    gross_entry: Decimal,
+}
+
+/// Cash and positions after one event.
+#[derive(Debug, Clone)]
+struct State {
+    at: DateTime<Utc>,
+    cash: Decimal,
+    positions: BTreeMap<String, Pos>,
+    flow: Decimal,
+}
+
+fn parse_positions(v: &Value) -> BTreeMap<String, Pos> {
+    let dec = |x: &Value| {
+        x.as_str()
+            .and_then(|s| s.parse::<Decimal>().ok())
+            .unwrap_or_default()
+    };
+    v.as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(sym, p)| {
+                    (
+                        sym.clone(),
+                        Pos {
+                            quantity: dec(&p["quantity"]),
+                            cost_basis: dec(&p["cost_basis"]),
+                            gross_entry: dec(&p["gross_entry"]),
+                        },
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Latest prices at or before given times, per symbol.
+struct Marks {
+    /// (symbol, time) -> price
+    at: BTreeMap<(String, DateTime<Utc>), Decimal>,
+}
+
+impl Marks {
+    async fn load(
+        tx: &Transaction<'_>,
+        symbols: &[String],
+        times: &[DateTime<Utc>],
+    ) -> Result<Marks, DbError> {
+        let mut at = BTreeMap::new();
+        if symbols.is_empty() || times.is_empty() {
+            return Ok(Marks { at });
+        }
+        let rows = tx
+            .query(
+                "SELECT s.symbol, v.t, p.price
+                 FROM unnest($1::text[]) AS s(symbol)
+                 CROSS JOIN unnest($2::timestamptz[]) AS v(t)
+                 JOIN LATERAL (
+                     SELECT price FROM prices
+                     WHERE prices.symbol = s.symbol AND prices.at <= v.t
+                     ORDER BY prices.at DESC, prices.stream_seq DESC LIMIT 1
+                 ) p ON true",
+                &[&symbols, &times],
+            )
+            .await?;
+        for r in rows {
+            at.insert(
+                (r.get::<_, String>(0), r.get::<_, DateTime<Utc>>(1)),
+                r.get(2),
+            );
+        }
+        Ok(Marks { at })
+    }
+
+    /// Equity of `state` at time `t`: positions at their mark, or at their gross entry when
+    /// no price is known at or before `t`. Also returns the unrealized PnL.
+    fn value(&self, state: Option<&State>, t: DateTime<Utc>) -> (Decimal, Decimal) {
+        let Some(s) = state else {
+            return (Decimal::ZERO, Decimal::ZERO);
+        };
+        let mut equity = s.cash;
+        let mut unrealized = Decimal::ZERO;
+        for (sym, p) in &s.positions {
+            let value = self
+                .at
+                .get(&(sym.clone(), t))
+                .map_or(p.gross_entry, |m| p.quantity * m);
+            equity += value;
+            unrealized += value - p.cost_basis;
+        }
+        (equity, unrealized)
+    }
+}
+
+/// The state in force at `t`: the last row at or before `t` (`strict`: before `t`).
+fn state_at(history: &[State], t: DateTime<Utc>, strict: bool) -> Option<&State> {
+    let n = history.partition_point(|s| if strict { s.at < t } else { s.at <= t });
+    n.checked_sub(1).map(|i| &history[i])
+}
+
+fn parse_rate(r: &Option<Rate>) -> Result<f64, ApiError> {
+    let rate = match r {
+        None => 0.0,
+        Some(Rate::Number(x)) => *x,
+        Some(Rate::Text(s)) => s
+            .parse::<Decimal>()
+            .ok()
+            .and_then(|d| d.to_f64())
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("risk_free_rate: invalid decimal {s:?}"))
+            })?,
+    };
+    if !rate.is_finite() || rate <= -1.0 {
+        return Err(ApiError::bad_request(
+            "risk_free_rate: must be a number above -1",
+        ));
+    }
+    Ok(rate)
+}
+
+/// `ch.query.portfolio.analysis`.
+///
+/// # Errors
+/// `not_found` for an unknown portfolio; `bad_request` for an invalid id, period or rate.
+pub async fn portfolio_analysis(
+    tx: &Transaction<'_>,
+    q: &AnalysisQuery,
+    as_of_seq: u64,
+) -> Result<Value, ApiError> {
+    validate_id("portfolio_id", &q.portfolio_id).map_err(ApiError::from)?;
+    let rf = parse_rate(&q.risk_free_rate)?;
+    if let (Some(f), Some(t)) = (q.from, q.to) {
+        if f >= t {
+            return Err(ApiError::bad_request("from: must be before to"));
+        }
+    }
+    let Some(p) = tx
+        .query_opt(
+            "SELECT first_deposit_at FROM portfolios WHERE portfolio_id = $1",
+            &[&q.portfolio_id],
+        )
+        .await
+        .map_err(DbError::from)?
+    else {
+        return Err(ApiError::not_found(format!(
+            "portfolio {} not found",
+            q.portfolio_id
+        )));
+    };
+    let first_deposit: Option<DateTime<Utc>> = p.get(0);
+    let to = q.to.unwrap_or_else(Utc::now);
+    let empty = || {
+        json!({
+            "portfolio_id": q.portfolio_id,
+            "from": q.from, "to": to, "interval": q.interval, "risk_free_rate": rf,
+            "metrics": analytics::metrics(&[], &[], &[], &Totals::default(), q.interval,
+                                          chrono::TimeDelta::zero(), rf),
+            "equity_curve": [],
+            "as_of_seq": as_of_seq,
+        })
+    };
+    let Some(first_deposit) = first_deposit else {
+        return Ok(empty());
+    };
+    let from = q.from.map_or(first_deposit, |f| f.max(first_deposit));
+    if from >= to {
+        return Ok(empty());
+    }
+    let times = analytics::boundaries(from, to, q.interval);
+    if times.len() > MAX_POINTS {
+        return Err(ApiError::bad_request(format!(
+            "the period has {} points at interval {}: at most {MAX_POINTS}; narrow from/to or use 1d",
+            times.len(),
+            q.interval.as_str()
+        )));
+    }
+
+    // Cash and positions: the last state before `from` and every state in [from, to).
+    let rows = tx
+        .query(
+            "(SELECT at, stream_seq, cash, positions, flow FROM portfolio_history
+              WHERE portfolio_id = $1 AND at <= $2 ORDER BY at DESC, stream_seq DESC LIMIT 1)
+             UNION ALL
+             (SELECT at, stream_seq, cash, positions, flow FROM portfolio_history
+              WHERE portfolio_id = $1 AND at > $2 AND at < $3)
+             ORDER BY at, stream_seq",
+            &[&q.portfolio_id, &from, &to],
+        )
+        .await
+        .map_err(DbError::from)?;
+    let history: Vec<State> = rows
+        .iter()
+        .map(|r| State {
+            at: r.get(0),
+            cash: r.get(2),
+            positions: parse_positions(&r.get::<_, Value>(3)),
+            flow: r.get(4),
+        })
+        .collect();
+    let symbols: Vec<String> = history
+        .iter()
+        .flat_map(|s| s.positions.keys().cloned())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    // Flows strictly inside the period are chained; one at `from` is part of the start.
+    let flows: Vec<usize> = (0..history.len())
+        .filter(|&i| !history[i].flow.is_zero() && history[i].at > from)
+        .collect();
+    let mut valuation_times: Vec<DateTime<Utc>> = times.clone();
+    valuation_times.extend(flows.iter().map(|&i| history[i].at));
+    let marks = Marks::load(tx, &symbols, &valuation_times).await?;
+
+    // Observations in time order: the start as a first "deposit" of its equity, flows before
+    // boundaries at the same time.
+    let last = times.len() - 1;
+    let value_at = |i: usize| {
+        let t = times[i];
+        marks.value(state_at(&history, t, i == last), t)
+    };
+    let (e0, _) = value_at(0);
+    let mut obs = vec![
+        Observation::Flow {
+            t: from,
+            equity_before: Decimal::ZERO,
+            amount: e0,
+        },
+        Observation::Equity {
+            t: from,
+            equity: e0,
+        },
+    ];
+    let mut fi = 0;
+    for (i, &t) in times.iter().enumerate().skip(1) {
+        while fi < flows.len()
+            && (history[flows[fi]].at < t || (i != last && history[flows[fi]].at == t))
+        {
+            let k = flows[fi];
+            let before = k.checked_sub(1).map(|j| &history[j]);
+            let (equity_before, _) = marks.value(before, history[k].at);
+            obs.push(Observation::Flow {
+                t: history[k].at,
+                equity_before,
+                amount: history[k].flow,
+            });
+            fi += 1;
+        }
+        let (equity, _) = value_at(i);
+        obs.push(Observation::Equity { t, equity });
+    }
+    let points: Vec<NavPoint> = analytics::nav_points(&obs);
+    let curve = analytics::equity_curve(&points);
+    let navs: Vec<f64> = curve.iter().map(|p| p.nav).collect();
+
+    // A period is exposed when a position was held at its start or at any state within it.
+    let exposed: Vec<bool> = (1..times.len())
+        .map(|i| {
+            let held = |s: Option<&State>| s.is_some_and(|s| !s.positions.is_empty());
+            held(state_at(&history, times[i - 1], false))
+                || history
+                    .iter()
+                    .filter(|s| s.at > times[i - 1] && s.at < times[i])
+                    .any(|s| !s.positions.is_empty())
+        })
+        .collect();
+
+    let pnls: Vec<Decimal> = tx
+        .query(
+            "SELECT pnl FROM round_trips WHERE portfolio_id = $1 AND closed_at >= $2 AND closed_at < $3
+             ORDER BY closed_at, opened_seq",
+            &[&q.portfolio_id, &from, &to],
+        )
+        .await
+        .map_err(DbError::from)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let t = tx
+        .query_one(
+            "SELECT COALESCE(sum(realized_pnl), 0), COALESCE(sum(fee), 0), count(*)
+             FROM trades WHERE portfolio_id = $1 AND at >= $2 AND at < $3",
+            &[&q.portfolio_id, &from, &to],
+        )
+        .await
+        .map_err(DbError::from)?;
+    let (_, unrealized) = value_at(last);
+    let totals = Totals {
+        realized_pnl: t.get(0),
+        fees_paid: t.get(1),
+        unrealized_pnl: unrealized,
+        fill_count: t.get::<_, i64>(2) as u64,
+    };
+    let metrics = analytics::metrics(&navs, &exposed, &pnls, &totals, q.interval, to - from, rf);
+    Ok(json!({
+        "portfolio_id": q.portfolio_id,
+        "from": from,
+        "to": to,
+        "interval": q.interval,
+        "risk_free_rate": rf,
+        "metrics": metrics,
+        "equity_curve": curve,
+        "as_of_seq": as_of_seq,
+    }))
+}
+
+/// `ch.query.strategy.leaderboard`: a user's strategies ranked by the realized PnL of their
+/// own trades (or by the win rate of the round trips their signals closed).
+///
+/// # Errors
+/// `bad_request` for an invalid id or limit.
+pub async fn strategy_leaderboard(
+    tx: &Transaction<'_>,
+    q: &LeaderboardQuery,
+    as_of_seq: u64,
+) -> Result<Value, ApiError> {
+    validate_id("user_id", &q.user_id).map_err(ApiError::from)?;
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::bad_request("limit: must be between 1 and 500"));
+    }
+    let order = match q.by {
+        RankBy::RealizedPnl => "realized_pnl DESC, win_rate DESC NULLS LAST, strategy_id",
+        RankBy::WinRate => "win_rate DESC NULLS LAST, realized_pnl DESC, strategy_id",
+    };
+    let sql = format!(
+        "WITH t AS (
+             SELECT strategy_id, sum(realized_pnl) AS realized_pnl, sum(fee) AS fees_paid,
+                    count(*) AS fill_count
+             FROM trades GROUP BY strategy_id),
+         r AS (
+             SELECT strategy_id, count(*) AS trade_count, count(*) FILTER (WHERE pnl > 0) AS wins
+             FROM round_trips WHERE closed_at IS NOT NULL GROUP BY strategy_id)
+         SELECT s.strategy_id, s.name, s.status,
+                COALESCE(t.realized_pnl, 0) AS realized_pnl, COALESCE(t.fees_paid, 0) AS fees_paid,
+                COALESCE(t.fill_count, 0) AS fill_count, COALESCE(r.trade_count, 0) AS trade_count,
+                CASE WHEN COALESCE(r.trade_count, 0) > 0
+                     THEN r.wins::numeric / r.trade_count END AS win_rate
+         FROM strategies s
+         LEFT JOIN t ON t.strategy_id = s.strategy_id
+         LEFT JOIN r ON r.strategy_id = s.strategy_id
+         WHERE s.user_id = $1 AND ($2 OR s.status <> 'deleted')
+         ORDER BY {order} LIMIT $3"
+    );
+    let rows = tx
+        .query(&sql, &[&q.user_id, &q.include_deleted, &i64::from(limit)])
+        .await
+        .map_err(DbError::from)?;
+    let ranked: Vec<Value> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let win_rate: Option<Decimal> = r.get("win_rate");
+            json!({
+                "rank": i + 1,
+                "strategy_id": r.get::<_, String>("strategy_id"),
+                "name": r.get::<_, String>("name"),
+                "status": r.get::<_, String>("status"),
+                "realized_pnl": crate::plain(r.get("realized_pnl")),
+                "fees_paid": crate::plain(r.get("fees_paid")),
+                "fill_count": r.get::<_, i64>("fill_count"),
+                "trade_count": r.get::<_, i64>("trade_count"),
+                "win_rate": win_rate.map(|w| crate::plain(w.round_dp(10))),
+            })
+        })
+        .collect();
+    let by = match q.by {
+        RankBy::RealizedPnl => "realized_pnl",
+        RankBy::WinRate => "win_rate",
+    };
+    Ok(json!({"user_id": q.user_id, "by": by, "strategies": ranked, "as_of_seq": as_of_seq}))
+}

@@ -1,0 +1,295 @@
+//! `ch.query.portfolio.analysis` on a week imported with business times (`at`), a deposit
+//! mid-week and a late (backfilled) price, checked against figures computed here
+//! independently; then the read model is rebuilt from the stream and must answer the same.
+
+use ch_e2e::fixtures::strategy;
+use ch_e2e::TestEnv;
+use ch_readmodel::workers::projector;
+use ch_readmodel::PortfolioProjection;
+use ch_runtime::app::App;
+use serde_json::{json, Value};
+
+const DAY0: i64 = 1_767_571_200; // 2026-01-05T00:00:00Z, a Monday
+
+fn at(day: i64, hour: i64, min: i64) -> String {
+    chrono::DateTime::from_timestamp(DAY0 + day * 86_400 + hour * 3_600 + min * 60, 0)
+        .unwrap()
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+fn secs(day: i64, hour: i64, min: i64) -> i64 {
+    DAY0 + day * 86_400 + hour * 3_600 + min * 60
+}
+
+/// The independent model: prices, and the portfolio's cash/quantity timeline.
+struct Model {
+    prices: Vec<(i64, f64)>,
+    /// (time, cash after, quantity after, gross entry after, flow)
+    states: Vec<(i64, f64, f64, f64, f64)>,
+}
+
+impl Model {
+    fn price_at(&self, t: i64) -> Option<f64> {
+        self.prices
+            .iter()
+            .filter(|(pt, _)| *pt <= t)
+            .max_by_key(|(pt, _)| *pt)
+            .map(|p| p.1)
+    }
+    fn equity_with(&self, s: Option<&(i64, f64, f64, f64, f64)>, t: i64) -> f64 {
+        match s {
+            None => 0.0,
+            Some(&(_, cash, qty, gross, _)) => {
+                cash + if qty == 0.0 {
+                    0.0
+                } else {
+                    self.price_at(t).map_or(gross, |p| qty * p)
+                }
+            }
+        }
+    }
+    fn equity(&self, t: i64, strict: bool) -> f64 {
+        let s = self
+            .states
+            .iter()
+            .rfind(|s| if strict { s.0 < t } else { s.0 <= t });
+        self.equity_with(s, t)
+    }
+    /// NAV at each daily boundary from `from` to `to`, chained time-weighted over flows.
+    fn navs(&self, from: i64, to: i64) -> Vec<f64> {
+        let mut times: Vec<i64> = (0..)
+            .map(|d| from + d * 86_400)
+            .take_while(|t| *t < to)
+            .collect();
+        times.push(to);
+        let mut nav_at_flow = 1.0;
+        let mut e_after = self.equity(from, false);
+        let mut out = vec![1.0];
+        let mut flows = self
+            .states
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.4 != 0.0 && s.0 > from)
+            .peekable();
+        for (i, &t) in times.iter().enumerate().skip(1) {
+            let last = i == times.len() - 1;
+            while let Some((k, s)) = flows.peek() {
+                if s.0 < t || (!last && s.0 == t) {
+                    let before = self.equity_with(k.checked_sub(1).map(|j| &self.states[j]), s.0);
+                    nav_at_flow *= before / e_after;
+                    e_after = before + s.4;
+                    flows.next();
+                } else {
+                    break;
+                }
+            }
+            out.push(nav_at_flow * self.equity(t, last) / e_after);
+        }
+        out
+    }
+}
+
+fn close(a: f64, b: f64, what: &str) {
+    assert!(
+        (a - b).abs() <= 1e-9 * b.abs().max(1.0),
+        "{what}: got {a}, expected {b}"
+    );
+}
+
+async fn import_week(env: &TestEnv) -> (Model, u64) {
+    let mut s = strategy("u1", "s1", &["BTC-USDT"]);
+    s["at"] = json!(at(-1, 0, 0));
+    env.cmd("strategy.create", s).await;
+    let pf = |op: Value| {
+        let mut op = op;
+        op["portfolio_id"] = json!("p1");
+        op
+    };
+    env.cmd("portfolio.update", pf(json!({"op": "open", "user_id": "u1", "name": "week", "quote_currency": "USDT", "at": at(0, 0, 0)}))).await;
+    env.cmd(
+        "portfolio.update",
+        pf(json!({"op": "deposit", "amount": "10000", "at": at(0, 0, 0)})),
+    )
+    .await;
+    env.cmd(
+        "portfolio.update",
+        pf(json!({"op": "attach_strategy", "strategy_id": "s1", "at": at(0, 0, 1)})),
+    )
+    .await;
+    let prices = [20000, 21000, 20500, 22000, 21500, 23000, 22500];
+    let mut model = Model {
+        prices: vec![],
+        states: vec![(secs(0, 0, 0), 10000.0, 0.0, 0.0, 10000.0)],
+    };
+    for (d, p) in prices.iter().enumerate() {
+        let d = d as i64;
+        env.cmd(
+            "market.price",
+            json!({"symbol": "BTC-USDT", "price": p.to_string(), "at": at(d, 12, 0)}),
+        )
+        .await;
+        model.prices.push((secs(d, 12, 0), *p as f64));
+    }
+    let trade = |side: &str, qty: &str, price: &str, fee: &str, when: String| {
+        json!({"portfolio_id": "p1", "strategy_id": "s1", "symbol": "BTC-USDT", "side": side,
+               "quantity": qty, "price": price, "fee": fee, "at": when})
+    };
+    let r = env
+        .cmd(
+            "signal.execute",
+            trade("buy", "0.2", "20000", "4", at(0, 12, 30)),
+        )
+        .await;
+    assert_eq!(r["status"], "executed", "{r}");
+    model
+        .states
+        .push((secs(0, 12, 30), 10000.0 - 4004.0, 0.2, 4000.0, 0.0));
+    env.cmd(
+        "portfolio.update",
+        pf(json!({"op": "deposit", "amount": "5000", "at": at(2, 10, 0)})),
+    )
+    .await;
+    model
+        .states
+        .push((secs(2, 10, 0), 5996.0 + 5000.0, 0.2, 4000.0, 5000.0));
+    let r = env
+        .cmd(
+            "signal.execute",
+            trade("sell", "0.1", "22000", "2.2", at(3, 12, 30)),
+        )
+        .await;
+    assert_eq!(r["trade"]["realized_pnl"], "195.8", "{r}"); // 2200 - 2.2 - 2002
+    model
+        .states
+        .push((secs(3, 12, 30), 10996.0 + 2197.8, 0.1, 2000.0, 0.0));
+    let r = env
+        .cmd(
+            "signal.execute",
+            trade("buy", "0.1", "21500", "2.15", at(4, 13, 0)),
+        )
+        .await;
+    model
+        .states
+        .push((secs(4, 13, 0), 13193.8 - 2152.15, 0.2, 4150.0, 0.0));
+    let last = r["stream_seq"].as_u64().unwrap();
+    // A backfilled price, recorded last but dated mid-week: the curve must use it.
+    let late = env
+        .cmd(
+            "market.price",
+            json!({"symbol": "BTC-USDT", "price": "19000", "at": at(4, 18, 0)}),
+        )
+        .await;
+    model.prices.push((secs(4, 18, 0), 19000.0));
+    (model, last.max(late["stream_seq"].as_u64().unwrap()))
+}
+
+fn stats(navs: &[f64]) -> (f64, f64, f64, f64) {
+    let r: Vec<f64> = navs.windows(2).map(|w| w[1] / w[0] - 1.0).collect();
+    let n = r.len() as f64;
+    let mean = r.iter().sum::<f64>() / n;
+    let std = (r.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
+    let mut peak: f64 = 1.0;
+    let mut mdd: f64 = 0.0;
+    for &v in navs {
+        peak = peak.max(v);
+        mdd = mdd.min(v / peak - 1.0);
+    }
+    (mean, std, mean / std * 365f64.sqrt(), mdd)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_week_with_a_mid_week_deposit_and_a_late_price() {
+    let env = TestEnv::with_all_workers().await;
+    let (model, seq) = import_week(&env).await;
+    let q = json!({"portfolio_id": "p1", "from": at(0, 0, 0), "to": at(7, 0, 0), "interval": "1d"});
+    let reply = env.query_at("portfolio.analysis", q.clone(), seq).await;
+
+    let navs = model.navs(secs(0, 0, 0), secs(7, 0, 0));
+    let curve = reply["equity_curve"].as_array().unwrap();
+    assert_eq!(curve.len(), 8, "{reply}");
+    for (i, p) in curve.iter().enumerate() {
+        assert_eq!(p["t"], json!(at(i as i64, 0, 0).replace("+00:00", "Z")));
+        close(p["nav"].as_f64().unwrap(), navs[i], &format!("nav[{i}]"));
+        let equity: f64 = p["equity"].as_str().unwrap().parse().unwrap();
+        close(
+            equity,
+            model.equity(secs(i as i64, 0, 0), i == 7),
+            &format!("equity[{i}]"),
+        );
+    }
+    // Day 5 00:00 values 0.2 BTC at the backfilled 19000, not at 21500.
+    assert_eq!(curve[5]["equity"], "14841.65");
+
+    let m = &reply["metrics"];
+    let (_, std, sharpe, mdd) = stats(&navs);
+    close(
+        m["total_return"].as_f64().unwrap(),
+        navs[7] - 1.0,
+        "total_return",
+    );
+    close(
+        m["volatility"].as_f64().unwrap(),
+        std * 365f64.sqrt(),
+        "volatility",
+    );
+    close(m["sharpe"].as_f64().unwrap(), sharpe, "sharpe");
+    close(m["max_drawdown"].as_f64().unwrap(), mdd, "max_drawdown");
+    close(
+        m["cagr"].as_f64().unwrap(),
+        navs[7].powf(365.0 / 7.0) - 1.0,
+        "cagr",
+    );
+    assert_eq!(m["realized_pnl"], "195.8");
+    assert_eq!(m["fees_paid"], "8.35");
+    assert_eq!(m["fill_count"], 3);
+    assert_eq!(m["trade_count"], 0, "no round trip closed");
+    assert_eq!(m["win_rate"], Value::Null);
+    assert_eq!(m["profit_factor"], Value::Null);
+    close(m["exposure"].as_f64().unwrap(), 1.0, "exposure");
+
+    // Drop the read model and rebuild it from the stream: the same answer.
+    let app = App::start(env.app_config(), "test-rebuild").await.unwrap();
+    let p = projector(&app, PortfolioProjection).unwrap();
+    p.reset().await.unwrap();
+    let head = env.last_seq().await;
+    let mut rebuilt = env.query_at("portfolio.analysis", q.clone(), head).await;
+    let mut before = reply.clone();
+    rebuilt["as_of_seq"] = Value::Null;
+    before["as_of_seq"] = Value::Null;
+    assert_eq!(rebuilt, before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn analysis_validates_its_input_and_handles_empty_portfolios() {
+    let env = TestEnv::with_all_workers().await;
+    env.request("query.portfolio.analysis", json!({"portfolio_id": "nope"}))
+        .await
+        .err(404, "not_found");
+    env.request("query.portfolio.analysis", json!({"portfolio_id": "p.1"}))
+        .await
+        .err(400, "bad_request");
+    env.request(
+        "query.portfolio.analysis",
+        json!({"portfolio_id": "p1", "interval": "1w"}),
+    )
+    .await
+    .err(400, "bad_request");
+    let opened = env
+        .cmd("portfolio.update", json!({"portfolio_id": "p1", "op": "open", "user_id": "u", "name": "n", "quote_currency": "USDT"}))
+        .await;
+    let r = env
+        .query_at(
+            "portfolio.analysis",
+            json!({"portfolio_id": "p1"}),
+            opened["stream_seq"].as_u64().unwrap(),
+        )
+        .await;
+    assert_eq!(r["equity_curve"], json!([]));
+    assert_eq!(r["metrics"]["sharpe"], Value::Null);
+    env.request(
+        "query.portfolio.analysis",
+        json!({"portfolio_id": "p1", "from": "2026-01-02T00:00:00Z", "to": "2026-01-01T00:00:00Z"}),
+    )
+    .await
+    .err(400, "bad_request");
+}
