@@ -8,7 +8,8 @@ use serde_json::json;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_next_signal_sees_a_strategy_change_at_once() {
     let env = TestEnv::with_all_workers().await;
-    env.cmd("strategy.create", strategy("u1", "s1", &["BTC-USDT"])).await;
+    env.cmd("strategy.create", strategy("u1", "s1", &["BTC-USDT"]))
+        .await;
     env.cmd("portfolio.update", open("p1", "u1")).await;
     env.cmd("portfolio.update", deposit("p1", "1000")).await;
     env.cmd("portfolio.update", attach("p1", "s1")).await;
@@ -16,13 +17,32 @@ async fn the_next_signal_sees_a_strategy_change_at_once() {
         let allowed = if i % 2 == 0 { "ETH-USDT" } else { "BTC-USDT" };
         let mut profile = strategy("u1", "s1", &[allowed])["risk_profile"].clone();
         profile["max_open_positions"] = json!(1 + i % 3);
-        env.cmd("strategy.update", json!({"strategy_id": "s1", "risk_profile": profile})).await;
+        env.cmd(
+            "strategy.update",
+            json!({"strategy_id": "s1", "risk_profile": profile}),
+        )
+        .await;
         // Quantity 0: if the symbol is allowed, the check after it (INVALID_QUANTITY) fails.
-        let r = env.cmd("signal.execute", signal("p1", "s1", "buy", "0", "20000", None)).await;
-        let want = if allowed == "BTC-USDT" { "INVALID_QUANTITY" } else { "SYMBOL_NOT_ALLOWED" };
+        let r = env
+            .cmd(
+                "signal.execute",
+                signal("p1", "s1", "buy", "0", "20000", None),
+            )
+            .await;
+        let want = if allowed == "BTC-USDT" {
+            "INVALID_QUANTITY"
+        } else {
+            "SYMBOL_NOT_ALLOWED"
+        };
         assert_eq!(r["reason"], want, "round {i}: {r}");
     }
-    env.cmd("strategy.delete", json!({"strategy_id": "s1"})).await;
-    let r = env.cmd("signal.execute", signal("p1", "s1", "buy", "0", "20000", None)).await;
+    env.cmd("strategy.delete", json!({"strategy_id": "s1"}))
+        .await;
+    let r = env
+        .cmd(
+            "signal.execute",
+            signal("p1", "s1", "buy", "0", "20000", None),
+        )
+        .await;
     assert_eq!(r["reason"], "STRATEGY_NOT_ACTIVE", "{r}");
 }
