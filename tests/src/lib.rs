@@ -141,6 +141,8 @@ pub enum Worker {
     ProjStrategy,
     QueryPortfolio,
     QueryStrategy,
+    /// Not in [`Worker::ALL`]: tests that want automatic exits start it themselves.
+    ExitTriggers,
 }
 
 impl Worker {
@@ -165,6 +167,7 @@ impl Worker {
             Worker::ProjStrategy => "proj-strategy",
             Worker::QueryPortfolio => "query-portfolio",
             Worker::QueryStrategy => "query-strategy",
+            Worker::ExitTriggers => ch_readmodel::exits::WORKER,
         }
     }
 }
@@ -326,6 +329,7 @@ impl TestEnv {
                     )
                     .await
                 }
+                Worker::ExitTriggers => ch_readmodel::exits::run(app, t).await,
             };
             if let Err(e) = r {
                 panic!("worker {} failed: {e}", worker.name());

@@ -10,7 +10,7 @@ use ch_runtime::{Config, Subjects};
 use serde_json::Value;
 
 /// Every worker binary, in start order; its service is `<prefix>-<worker>`.
-pub const WORKERS: [&str; 8] = [
+pub const WORKERS: [&str; 9] = [
     "proj-portfolio",
     "proj-strategy",
     "query-portfolio",
@@ -19,6 +19,7 @@ pub const WORKERS: [&str; 8] = [
     "cmd-portfolio",
     "cmd-market",
     "cmd-signal",
+    "exit-triggers",
 ];
 
 /// The query names of API.md (subjects `<prefix>.query.<name>`).

@@ -9,6 +9,7 @@ pub mod aggregate;
 pub mod analytics;
 pub mod error;
 pub mod event;
+pub mod exits;
 pub mod ids;
 pub mod market;
 pub mod money;

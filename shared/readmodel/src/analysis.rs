@@ -126,21 +126,62 @@ fn parse_positions(v: &Value) -> BTreeMap<String, Pos> {
         .unwrap_or_default()
 }
 
+/// Most prices read in one go to value a curve; above it, each time is looked up instead.
+const MAX_PRICE_ROWS: i64 = 100_000;
+
 /// Latest prices at or before given times, per symbol.
 struct Marks {
-    /// (symbol, time) -> price
+    /// Per symbol, prices in (at, stream_seq) order.
+    series: BTreeMap<String, Vec<(DateTime<Utc>, Decimal)>>,
+    /// Per (symbol, time), when looked up one by one.
     at: BTreeMap<(String, DateTime<Utc>), Decimal>,
 }
 
 impl Marks {
+    /// Reads what valuing `symbols` at `times` needs: the last price at or before the first
+    /// time and every price up to the last time (one range scan), or, when that is more than
+    /// [`MAX_PRICE_ROWS`] (say minute prices over a year), one index probe per symbol and time.
     async fn load(
         tx: &Transaction<'_>,
         symbols: &[String],
         times: &[DateTime<Utc>],
     ) -> Result<Marks, DbError> {
-        let mut at = BTreeMap::new();
-        if symbols.is_empty() || times.is_empty() {
-            return Ok(Marks { at });
+        let mut marks = Marks {
+            series: BTreeMap::new(),
+            at: BTreeMap::new(),
+        };
+        let (Some(&first), Some(&last)) = (times.iter().min(), times.iter().max()) else {
+            return Ok(marks);
+        };
+        if symbols.is_empty() {
+            return Ok(marks);
+        }
+        let rows = tx
+            .query(
+                "SELECT s.symbol, p.at, p.stream_seq, p.price
+                 FROM unnest($1::text[]) AS s(symbol)
+                 JOIN LATERAL (
+                     SELECT at, stream_seq, price FROM prices
+                     WHERE prices.symbol = s.symbol AND prices.at <= $2
+                     ORDER BY at DESC, stream_seq DESC LIMIT 1
+                 ) p ON true
+                 UNION ALL
+                 (SELECT symbol, at, stream_seq, price FROM prices
+                  WHERE symbol = ANY($1) AND at > $2 AND at <= $3
+                  ORDER BY symbol, at, stream_seq LIMIT $4)",
+                &[&symbols, &first, &last, &MAX_PRICE_ROWS],
+            )
+            .await?;
+        if rows.len() as i64 <= MAX_PRICE_ROWS {
+            let mut all: Vec<(String, DateTime<Utc>, i64, Decimal)> = rows
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+                .collect();
+            all.sort_by(|a, b| (&a.0, a.1, a.2).cmp(&(&b.0, b.1, b.2)));
+            for (sym, at, _, price) in all {
+                marks.series.entry(sym).or_default().push((at, price));
+            }
+            return Ok(marks);
         }
         let rows = tx
             .query(
@@ -156,12 +197,21 @@ impl Marks {
             )
             .await?;
         for r in rows {
-            at.insert(
+            marks.at.insert(
                 (r.get::<_, String>(0), r.get::<_, DateTime<Utc>>(1)),
                 r.get(2),
             );
         }
-        Ok(Marks { at })
+        Ok(marks)
+    }
+
+    /// The latest price of `symbol` at or before `t`.
+    fn price(&self, symbol: &str, t: DateTime<Utc>) -> Option<Decimal> {
+        if let Some(series) = self.series.get(symbol) {
+            let n = series.partition_point(|(at, _)| *at <= t);
+            return n.checked_sub(1).map(|i| series[i].1);
+        }
+        self.at.get(&(symbol.to_owned(), t)).copied()
     }
 
     /// Equity of `state` at time `t`: positions at their mark, or at their gross entry when
@@ -173,10 +223,7 @@ impl Marks {
         let mut equity = s.cash;
         let mut unrealized = Decimal::ZERO;
         for (sym, p) in &s.positions {
-            let value = self
-                .at
-                .get(&(sym.clone(), t))
-                .map_or(p.gross_entry, |m| p.quantity * m);
+            let value = self.price(sym, t).map_or(p.gross_entry, |m| p.quantity * m);
             equity += value;
             unrealized += value - p.cost_basis;
         }

@@ -5,6 +5,7 @@
 //! round trips, attachments) and `strategy` (strategies). Each moves its own checkpoint.
 
 pub mod analysis;
+pub mod exits;
 pub mod portfolio;
 pub mod queries;
 pub mod strategy;

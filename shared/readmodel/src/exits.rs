@@ -1,0 +1,637 @@
+//! The exit-trigger worker (DOMAIN.md, "Exit triggers"): follows market prices and sends the
+//! sell of a position whose stop loss, take profit or trailing stop fires, through the same
+//! command path as any client (`<prefix>.cmd.signal.execute`). The decision is pure
+//! ([`ch_domain::exits`]); this module gathers its facts from the read model and sends.
+//!
+//! For each `MarketPriceRecorded` (durable pull consumer `exit_triggers` on
+//! `<prefix>.events.market.>`, `nats/consumers/exit_triggers.json`, explicit acks):
+//!
+//! 1. wait (bounded) until the `portfolio` and `strategy` read models applied the event's stream
+//!    sequence `S` (progress announcements, [`Progress::wait_for`]);
+//! 2. query the open positions in the symbol with their open round trip, the high mark since
+//!    the trip opened (`prices` with `opened_at <= at <= the event's at`, `stream_seq <= S`:
+//!    the same on every replica and after restarts) and the portfolio's active strategies;
+//!    a price older than the trip is not evaluated for it;
+//! 3. if some exit fires, skip the price anyway when it is a backfill: a price of the symbol
+//!    stored before it (`stream_seq < S`) is later in business time, so it is not the mark;
+//! 4. for a position whose exit fires: catch up with the portfolio (wait until the read model
+//!    applied the last event of its subject), decide again on that state, and send the sell of
+//!    the whole position at the triggering mark with the deterministic `command_id` and the
+//!    portfolio's `expected_version`. A re-sent `command_id` is answered with the first result
+//!    (`"duplicate": true`); a `conflict` (another exit or trade got in first) means: catch up
+//!    and decide again, so a round trip is sold once even when two different triggers race;
+//! 5. ack. Trouble (a read model behind, the command side unreachable) naks the price for a
+//!    redelivery, which decides the same again.
+//!
+//! Replicas on one durable share the prices and evaluate them in parallel, so which of two
+//! close trigger prices sells first is a race between them (one worker goes in stream order);
+//! either way a round trip is sold once. Which rule applies and the priority of triggers are
+//! documented in [`ch_domain::exits`].
+//!
+//! The sell carries the price's business time as `at` (the fill happened at that mark); if the
+//! portfolio has already moved past it (`bad_request`), it is sent without `at` (now).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::{pull, AckPolicy};
+use async_nats::jetstream::AckKind;
+use async_nats::Message;
+use ch_domain::event::MarketPriceRecorded;
+use ch_domain::exits::{decide_exit, AttachedStrategy, ExitDecision, PositionFacts};
+use ch_domain::strategy::{RiskProfile, StrategyRule};
+use ch_domain::{AggregateType, Event};
+use ch_runtime::app::App;
+use ch_runtime::envelope;
+use ch_runtime::error::{ApiError, DbError, StoreError};
+use ch_runtime::query::Progress;
+use ch_runtime::service::{self, Handler};
+use chrono::{DateTime, SecondsFormat, Utc};
+use deadpool_postgres::Pool;
+use futures::StreamExt;
+use rust_decimal::Decimal;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::plain;
+
+/// `nats/consumers/exit_triggers.json`, usable with `nats consumer add --config`.
+pub const CONSUMER_JSON: &str = include_str!("../../../nats/consumers/exit_triggers.json");
+/// The shipped durable consumer name.
+pub const DURABLE: &str = "exit_triggers";
+/// The worker's name: service `<prefix>-exit-triggers`.
+pub const WORKER: &str = "exit-triggers";
+
+/// Bound of the wait for the read models to reach a price (then the price is redelivered).
+const READ_MODEL_WAIT: Duration = Duration::from_secs(10);
+/// Bound of one sell request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// Tries to send one exit (each after catching up) before giving the price back.
+const MAX_ATTEMPTS: u32 = 8;
+/// Messages pulled at once (each is processed before the next: keep it below `ack_wait`).
+const PULL_BATCH: usize = 32;
+
+/// `<prefix>.admin.exit-triggers.status`.
+pub fn status_subject(prefix: &str) -> String {
+    format!("{prefix}.admin.{WORKER}.status")
+}
+
+/// The durable consumer definition for a prefix: the JSON with the filter on the market
+/// subjects, under `durable`.
+///
+/// # Errors
+/// [`StoreError::Other`] if the compiled-in JSON is invalid.
+pub fn consumer_config(prefix: &str, durable: &str) -> Result<pull::Config, StoreError> {
+    let mut cfg: pull::Config = serde_json::from_str(CONSUMER_JSON)
+        .map_err(|e| StoreError::Other(format!("exit_triggers.json: {e}")))?;
+    cfg.filter_subject = format!("{prefix}.events.market.>");
+    cfg.durable_name = Some(durable.to_owned());
+    Ok(cfg)
+}
+
+/// Figures of the worker (status reply and `$SRV.STATS` gauges).
+#[derive(Default)]
+struct Counters {
+    prices: AtomicU64,
+    backfills_skipped: AtomicU64,
+    triggers: AtomicU64,
+    sells_executed: AtomicU64,
+    sells_rejected: AtomicU64,
+    duplicates: AtomicU64,
+    conflicts: AtomicU64,
+    retries: AtomicU64,
+    last_seq: AtomicU64,
+}
+
+impl Counters {
+    fn json(&self) -> Value {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        json!({
+            "prices": g(&self.prices),
+            "backfills_skipped": g(&self.backfills_skipped),
+            "triggers": g(&self.triggers),
+            "sells_executed": g(&self.sells_executed),
+            "sells_rejected": g(&self.sells_rejected),
+            "duplicates": g(&self.duplicates),
+            "conflicts": g(&self.conflicts),
+            "retries": g(&self.retries),
+            "last_seq": g(&self.last_seq),
+        })
+    }
+}
+
+/// One open position in the priced symbol, with what its exit needs.
+#[derive(Debug, Clone)]
+struct Candidate {
+    portfolio_id: String,
+    version: u64,
+    opened_seq: u64,
+    facts: PositionFacts,
+    strategies: Vec<AttachedStrategy>,
+}
+
+/// A price to evaluate.
+#[derive(Debug, Clone)]
+struct Price {
+    seq: u64,
+    symbol: String,
+    price: Decimal,
+    at: DateTime<Utc>,
+}
+
+/// Why a price goes back for a redelivery.
+#[derive(Debug)]
+struct Retry(String);
+
+impl<E: std::fmt::Display> From<E> for Retry {
+    fn from(e: E) -> Self {
+        Retry(e.to_string())
+    }
+}
+
+struct Worker {
+    app: App,
+    pool: Pool,
+    progress: Progress,
+    durable: String,
+    counters: Counters,
+}
+
+/// The positions in `symbol` open at `at` whose round trip opened no later than `at`, with the
+/// high mark since then (prices at or before `at` and stored at or before `seq`); one
+/// portfolio's only when `portfolio_id` is given.
+const CANDIDATES_SQL: &str = "
+    SELECT p.portfolio_id, p.quantity, p.gross_entry, po.version, t.opened_seq,
+           (SELECT max(pr.price) FROM prices pr
+             WHERE pr.symbol = p.symbol AND pr.at >= t.opened_at AND pr.at <= $2
+               AND pr.stream_seq <= $3) AS high_mark
+      FROM positions p
+      JOIN portfolios po ON po.portfolio_id = p.portfolio_id
+      JOIN LATERAL (SELECT opened_seq, opened_at FROM round_trips rt
+                     WHERE rt.portfolio_id = p.portfolio_id AND rt.symbol = p.symbol
+                       AND rt.closed_at IS NULL
+                     ORDER BY rt.opened_seq DESC LIMIT 1) t ON true
+     WHERE p.symbol = $1 AND p.quantity > 0 AND po.status = 'open' AND t.opened_at <= $2
+       AND ($4::text IS NULL OR p.portfolio_id = $4)
+     ORDER BY p.portfolio_id";
+
+const STRATEGIES_SQL: &str = "
+    SELECT ps.portfolio_id, s.strategy_id, s.rules::text, s.risk_profile::text
+      FROM portfolio_strategies ps JOIN strategies s ON s.strategy_id = ps.strategy_id
+     WHERE ps.portfolio_id = ANY($1) AND s.status = 'active'
+     ORDER BY ps.portfolio_id, s.strategy_id";
+
+/// A later (by business time) price of the symbol stored before this one.
+const BACKFILL_SQL: &str = "
+    SELECT EXISTS (SELECT 1 FROM prices WHERE symbol = $1 AND at > $2 AND stream_seq < $3)";
+
+impl Worker {
+    fn bump(&self, counter: &AtomicU64, gauge: &'static str) {
+        let v = counter.fetch_add(1, Ordering::Relaxed) + 1;
+        self.app.metrics.gauge(gauge, v as i64);
+    }
+
+    async fn candidates(
+        &self,
+        p: &Price,
+        portfolio_id: Option<&str>,
+    ) -> Result<Vec<Candidate>, DbError> {
+        let conn = self.pool.get().await?;
+        let rows = conn
+            .query(
+                CANDIDATES_SQL,
+                &[&p.symbol, &p.at, &(p.seq as i64), &portfolio_id],
+            )
+            .await?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut out: Vec<Candidate> = rows
+            .iter()
+            .map(|r| Candidate {
+                portfolio_id: r.get(0),
+                version: r.get::<_, i64>(3) as u64,
+                opened_seq: r.get::<_, i64>(4) as u64,
+                facts: PositionFacts {
+                    quantity: r.get(1),
+                    gross_entry: r.get(2),
+                    mark: p.price,
+                    high_mark: r.get::<_, Option<Decimal>>(5).unwrap_or(p.price),
+                },
+                strategies: Vec::new(),
+            })
+            .collect();
+        let ids: Vec<&str> = out.iter().map(|c| c.portfolio_id.as_str()).collect();
+        let rows = conn.query(STRATEGIES_SQL, &[&ids]).await?;
+        for r in rows {
+            let pid: String = r.get(0);
+            let strategy_id: String = r.get(1);
+            let rules = serde_json::from_str::<Vec<StrategyRule>>(r.get(2));
+            let profile = serde_json::from_str::<RiskProfile>(r.get(3));
+            let (Ok(rules), Ok(risk_profile)) = (rules, profile) else {
+                warn!(
+                    strategy_id,
+                    "strategy rules or risk profile unreadable; skipped"
+                );
+                continue;
+            };
+            if let Some(c) = out.iter_mut().find(|c| c.portfolio_id == pid) {
+                c.strategies.push(AttachedStrategy {
+                    strategy_id,
+                    rules,
+                    risk_profile,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Waits until the portfolio read model applied the last event of `portfolio_id`'s subject.
+    async fn catch_up_portfolio(&self, portfolio_id: &str) -> Result<(), Retry> {
+        let subject = self
+            .app
+            .subjects
+            .aggregate(AggregateType::Portfolio, portfolio_id);
+        let head = match self
+            .app
+            .store
+            .stream()
+            .direct_get_last_for_subject(subject)
+            .await
+        {
+            Ok(m) => m.sequence,
+            Err(e) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => {
+                return Ok(())
+            }
+            Err(e) => return Err(Retry(format!("portfolio {portfolio_id} head: {e}"))),
+        };
+        self.progress
+            .wait_for(&self.pool, &["portfolio"], head, READ_MODEL_WAIT)
+            .await?;
+        Ok(())
+    }
+
+    /// Evaluates one price; `Err` gives it back for a redelivery.
+    async fn on_price(&self, p: &Price) -> Result<(), Retry> {
+        self.progress
+            .wait_for(
+                &self.pool,
+                &["portfolio", "strategy"],
+                p.seq,
+                READ_MODEL_WAIT,
+            )
+            .await?;
+        let firing: Vec<Candidate> = self
+            .candidates(p, None)
+            .await?
+            .into_iter()
+            .filter(|c| {
+                decide_exit(
+                    &c.portfolio_id,
+                    &p.symbol,
+                    c.opened_seq,
+                    &c.facts,
+                    &c.strategies,
+                )
+                .is_some()
+            })
+            .collect();
+        if firing.is_empty() || self.is_backfill(p).await? {
+            return Ok(());
+        }
+        for c in firing {
+            self.exit(p, &c.portfolio_id).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether a price of the symbol stored before `p` is later in business time: then `p` is
+    /// a backfill, not the mark, and triggers nothing.
+    async fn is_backfill(&self, p: &Price) -> Result<bool, DbError> {
+        let conn = self.pool.get().await?;
+        let backfill: bool = conn
+            .query_one(BACKFILL_SQL, &[&p.symbol, &p.at, &(p.seq as i64)])
+            .await?
+            .get(0);
+        if backfill {
+            self.bump(&self.counters.backfills_skipped, "backfills_skipped");
+            debug!(seq = p.seq, symbol = %p.symbol, "a backfilled price is not the mark; skipped");
+        }
+        Ok(backfill)
+    }
+
+    /// Sends the exit of one position, deciding on the portfolio's latest state first.
+    async fn exit(&self, p: &Price, portfolio_id: &str) -> Result<(), Retry> {
+        let mut with_at = true;
+        for attempt in 1..=MAX_ATTEMPTS {
+            self.catch_up_portfolio(portfolio_id).await?;
+            let Some(c) = self
+                .candidates(p, Some(portfolio_id))
+                .await?
+                .into_iter()
+                .next()
+            else {
+                return Ok(()); // closed meanwhile
+            };
+            let Some(d) = decide_exit(
+                &c.portfolio_id,
+                &p.symbol,
+                c.opened_seq,
+                &c.facts,
+                &c.strategies,
+            ) else {
+                return Ok(());
+            };
+            if attempt == 1 {
+                self.bump(&self.counters.triggers, "exit_triggers");
+            }
+            let at = with_at.then_some(p.at);
+            match self.send(p, &c, &d, at).await? {
+                Ok(reply) => {
+                    self.log_sent(p, &c, &d, &reply);
+                    return Ok(());
+                }
+                Err((status, code, message)) => match code.as_str() {
+                    "conflict" => {
+                        self.bump(&self.counters.conflicts, "exit_conflicts");
+                        debug!(portfolio_id, attempt, %message, "portfolio moved; deciding again");
+                    }
+                    "bad_request" if with_at => {
+                        debug!(portfolio_id, %message, "sending without `at`");
+                        with_at = false;
+                    }
+                    _ if status >= 500 => {
+                        return Err(Retry(format!("sell {portfolio_id}: {code}: {message}")))
+                    }
+                    _ => {
+                        error!(
+                            portfolio_id, symbol = %p.symbol, command_id = %d.command_id,
+                            kind = %d.trigger.kind, %code, %message,
+                            "exit sell refused"
+                        );
+                        return Ok(());
+                    }
+                },
+            }
+        }
+        Err(Retry(format!(
+            "exit of {portfolio_id} {}: still conflicting after {MAX_ATTEMPTS} attempts",
+            p.symbol
+        )))
+    }
+
+    /// Sends the sell; `Ok(Err((status, code, message)))` is an error reply.
+    async fn send(
+        &self,
+        p: &Price,
+        c: &Candidate,
+        d: &ExitDecision,
+        at: Option<DateTime<Utc>>,
+    ) -> Result<Result<Value, (u16, String, String)>, Retry> {
+        let mut body = json!({
+            "portfolio_id": c.portfolio_id,
+            "strategy_id": d.strategy_id,
+            "symbol": p.symbol,
+            "side": "sell",
+            "quantity": plain(d.quantity),
+            "price": plain(d.price),
+            "command_id": d.command_id,
+            "expected_version": c.version,
+        });
+        if let Some(at) = at {
+            body["at"] = at.to_rfc3339_opts(SecondsFormat::AutoSi, true).into();
+        }
+        let subject = self.app.subjects.command("signal.execute");
+        let msg = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            self.app
+                .client
+                .request(subject, serde_json::to_vec(&body)?.into()),
+        )
+        .await
+        .map_err(|_| Retry("signal.execute: no reply in time".into()))??;
+        let reply: Value = serde_json::from_slice(&msg.payload)?;
+        let status = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Service-Error-Code"))
+            .and_then(|v| v.as_str().parse::<u16>().ok());
+        Ok(match status {
+            None => Ok(reply),
+            Some(s) => Err((
+                s,
+                reply["error"]["code"]
+                    .as_str()
+                    .unwrap_or("unknown")
+                    .to_owned(),
+                reply["error"]["message"].as_str().unwrap_or("").to_owned(),
+            )),
+        })
+    }
+
+    fn log_sent(&self, p: &Price, c: &Candidate, d: &ExitDecision, reply: &Value) {
+        let duplicate = reply["duplicate"].as_bool().unwrap_or(false);
+        if duplicate {
+            self.bump(&self.counters.duplicates, "exit_duplicates");
+        }
+        let executed = reply["status"] == "executed";
+        if duplicate {
+            debug!(
+                portfolio_id = %c.portfolio_id, symbol = %p.symbol, kind = %d.trigger.kind,
+                mark = %plain(p.price), command_id = %d.command_id,
+                stream_seq = reply["stream_seq"].as_u64(),
+                "exit already sent (by another worker or before a restart): first result kept"
+            );
+            return;
+        }
+        if executed {
+            self.bump(&self.counters.sells_executed, "exit_sells_executed");
+        } else {
+            self.bump(&self.counters.sells_rejected, "exit_sells_rejected");
+        }
+        let entry = c.facts.avg_entry_price().map(plain).unwrap_or_default();
+        if executed {
+            info!(
+                portfolio_id = %c.portfolio_id, symbol = %p.symbol, strategy_id = %d.strategy_id,
+                rule_id = %d.rule_id, kind = %d.trigger.kind, level = %plain(d.trigger.level),
+                mark = %plain(p.price), high_mark = %plain(c.facts.high_mark), entry = %entry,
+                quantity = %plain(d.quantity), opened_seq = c.opened_seq, price_seq = p.seq,
+                command_id = %d.command_id, stream_seq = reply["stream_seq"].as_u64(),
+                "exit trigger sold the position"
+            );
+        } else {
+            warn!(
+                portfolio_id = %c.portfolio_id, symbol = %p.symbol, strategy_id = %d.strategy_id,
+                kind = %d.trigger.kind, mark = %plain(p.price), command_id = %d.command_id,
+                reason = reply["reason"].as_str(), detail = reply["detail"].as_str(),
+                "exit trigger's sell was rejected"
+            );
+        }
+    }
+
+    async fn status(&self) -> Result<Value, ApiError> {
+        let mut v = json!({
+            "worker": WORKER,
+            "durable": self.durable,
+            "stream_last_seq": self.app.store.last_seq().await?,
+        });
+        v["counters"] = self.counters.json();
+        match self.app.store.stream().consumer_info(&self.durable).await {
+            Ok(i) => {
+                v["consumer"] = json!({
+                    "ack_floor_seq": i.ack_floor.stream_sequence,
+                    "delivered_seq": i.delivered.stream_sequence,
+                    "num_pending": i.num_pending,
+                    "num_ack_pending": i.num_ack_pending,
+                });
+            }
+            Err(e) => return Err(ApiError::unavailable(format!("consumer info: {e}"))),
+        }
+        Ok(v)
+    }
+
+    /// Handles one message of the consumer: evaluate, then ack (or nak for a redelivery).
+    async fn on_message(&self, m: &async_nats::jetstream::Message) {
+        let seq = m.info().map_or(0, |i| i.stream_sequence);
+        let price = match envelope::decode(seq, &m.payload) {
+            Ok(ev) => match ev.event {
+                Event::MarketPriceRecorded(MarketPriceRecorded { symbol, price }) => Some(Price {
+                    seq,
+                    symbol,
+                    price,
+                    at: ev.meta.occurred_at,
+                }),
+                _ => None,
+            },
+            Err(e) => {
+                warn!(seq, error = %e, "undecodable market event; skipped");
+                None
+            }
+        };
+        let result = match &price {
+            Some(p) => {
+                self.bump(&self.counters.prices, "prices");
+                self.on_price(p).await
+            }
+            None => Ok(()),
+        };
+        match result {
+            Ok(()) => {
+                self.counters.last_seq.fetch_max(seq, Ordering::Relaxed);
+                self.app.metrics.gauge("last_seq", seq as i64);
+                if let Err(e) = m.double_ack().await {
+                    warn!(seq, error = %e, "ack failed; the redelivery decides the same");
+                }
+            }
+            Err(Retry(why)) => {
+                self.bump(&self.counters.retries, "retries");
+                let n = m.info().map_or(1, |i| i.delivered.max(1)) as u32;
+                let delay = Duration::from_millis(250 * u64::from(n.min(20)));
+                warn!(seq, error = %why, redeliver_in_ms = delay.as_millis() as u64, "price given back");
+                let _ = m.ack_with(AckKind::Nak(Some(delay))).await;
+            }
+        }
+    }
+}
+
+struct StatusHandler(Arc<Worker>);
+
+impl Handler for StatusHandler {
+    async fn handle(&self, _: &str, _: &Message) -> Result<Value, ApiError> {
+        self.0.status().await
+    }
+}
+
+/// Runs the exit-trigger worker on the shipped durable consumer until `shutdown`.
+///
+/// # Errors
+/// When the schema, the consumer or the service cannot be set up.
+pub async fn run(app: App, shutdown: CancellationToken) -> Result<(), async_nats::Error> {
+    run_on(app, DURABLE, shutdown).await
+}
+
+/// Runs the worker on the durable consumer `durable` (replicas sharing one durable share the
+/// prices; a worker on another durable sees every price too, and sends the same command ids).
+///
+/// # Errors
+/// When the schema, the consumer or the service cannot be set up.
+pub async fn run_on(
+    app: App,
+    durable: &str,
+    shutdown: CancellationToken,
+) -> Result<(), async_nats::Error> {
+    crate::workers::migrate(&app).await?;
+    let progress =
+        Progress::subscribe(&app.client, &app.subjects, &["portfolio", "strategy"]).await?;
+    // Created by the first worker: it follows prices from then on (`deliver_policy: new`), so a
+    // first start on a long stream does not sell at old marks.
+    let cfg = consumer_config(app.subjects.prefix(), durable)?;
+    let consumer: async_nats::jetstream::consumer::Consumer<pull::Config> = app
+        .store
+        .stream()
+        .get_or_create_consumer(durable, cfg)
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    if consumer.cached_info().config.ack_policy != AckPolicy::Explicit {
+        return Err(format!(
+            "consumer {durable} does not ack explicitly; delete it to have it recreated"
+        )
+        .into());
+    }
+    let worker = Arc::new(Worker {
+        pool: app.pool()?,
+        progress,
+        durable: durable.to_owned(),
+        counters: Counters::default(),
+        app,
+    });
+    let spec = worker.app.service_spec(
+        "exit triggers: stop loss, take profit and trailing stop sells on market prices",
+        vec![(
+            "status".into(),
+            status_subject(worker.app.subjects.prefix()),
+        )],
+    );
+    let svc = tokio::spawn(service::serve(
+        worker.app.client.clone(),
+        spec,
+        Arc::new(StatusHandler(worker.clone())),
+        worker.app.metrics.clone(),
+        shutdown.clone(),
+    ));
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(PULL_BATCH)
+        .heartbeat(Duration::from_secs(5))
+        .expires(Duration::from_secs(30))
+        .messages()
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    info!(durable, "following market prices");
+    let started = Instant::now();
+    loop {
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            m = messages.next() => m,
+        };
+        match next {
+            None => break,
+            Some(Err(e)) => {
+                warn!(error = %e, "consumer error");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            // Finish the price in hand even if a shutdown comes meanwhile.
+            Some(Ok(m)) => worker.on_message(&m).await,
+        }
+    }
+    info!(
+        durable,
+        uptime_s = started.elapsed().as_secs(),
+        "exit triggers stopped"
+    );
+    shutdown.cancel();
+    let _ = svc.await;
+    Ok(())
+}

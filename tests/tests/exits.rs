@@ -1,0 +1,380 @@
+//! Exit triggers (DOMAIN.md, "Exit triggers"): the `exit-triggers` worker follows market prices
+//! and sells a whole position once its stop loss, take profit or trailing stop fires, exactly
+//! once per round trip and trigger, through `cmd.signal.execute` like any client.
+
+use std::time::{Duration, Instant};
+
+use ch_domain::exits::{exit_command_id, ExitKind};
+use ch_domain::AggregateType;
+use ch_e2e::fixtures::{attach, deposit, open, price, seq, signal_on};
+use ch_e2e::{TestEnv, Worker};
+use ch_runtime::app::App;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+const BOUND: Duration = Duration::from_secs(30);
+
+/// A strategy on `symbols` whose one `*` rule has the given exits.
+fn strategy_with_exits(strategy_id: &str, symbols: &[&str], exits: Value) -> Value {
+    let mut rule = json!({"rule_id": "r1", "symbol": "*",
+                          "stake": {"mode": "fixed_quote", "value": "1000"}});
+    for (k, v) in exits.as_object().expect("an object") {
+        rule[k] = v.clone();
+    }
+    json!({
+        "strategy_id": strategy_id, "user_id": "u1", "strategy_name": "exits",
+        "rules": [rule],
+        "risk_profile": {"allowed_symbols": symbols, "max_open_positions": 5,
+                         "max_order_notional": "1000000", "max_position_notional": "1000000",
+                         "max_leverage": 1}
+    })
+}
+
+/// Opens a funded portfolio with `strategy_id` attached.
+async fn portfolio(env: &TestEnv, portfolio_id: &str, strategy_id: &str) {
+    env.cmd("portfolio.update", open(portfolio_id, "u1")).await;
+    env.cmd("portfolio.update", deposit(portfolio_id, "100000"))
+        .await;
+    env.cmd("portfolio.update", attach(portfolio_id, strategy_id))
+        .await;
+}
+
+/// Buys and returns the stream sequence of the fill (the round trip's `opened_seq`).
+async fn buy(env: &TestEnv, pid: &str, sid: &str, symbol: &str, qty: &str, px: &str) -> u64 {
+    let r = env
+        .cmd(
+            "signal.execute",
+            signal_on(pid, sid, symbol, "buy", qty, px),
+        )
+        .await;
+    assert_eq!(r["status"], "executed", "{r}");
+    seq(&r)
+}
+
+/// Records prices in order; returns the stream sequence of the last.
+async fn prices(env: &TestEnv, symbol: &str, pxs: &[&str]) -> u64 {
+    let mut last = 0;
+    for p in pxs {
+        last = seq(&env.cmd("market.price", price(symbol, p)).await);
+    }
+    last
+}
+
+/// The performance of `pid` at the stream head.
+async fn performance(env: &TestEnv, pid: &str) -> Value {
+    let head = env.last_seq().await;
+    env.query_at("portfolio.performance", json!({"portfolio_id": pid}), head)
+        .await
+}
+
+/// Polls the performance (read-your-writes at the stream head) until `pred` holds, bounded.
+async fn wait_performance(env: &TestEnv, pid: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + BOUND;
+    loop {
+        let perf = performance(env, pid).await;
+        if pred(&perf) {
+            return perf;
+        }
+        assert!(Instant::now() < deadline, "{pid} never got there: {perf}");
+    }
+}
+
+/// Waits until the durable consumer `durable` has acked every price up to `seq` (the worker
+/// evaluated them and awaited their sells).
+async fn wait_evaluated(env: &TestEnv, durable: &str, seq: u64) {
+    let js = async_nats::jetstream::new(env.client.clone());
+    let stream = js
+        .get_stream(env.subjects.stream_name())
+        .await
+        .expect("stream");
+    let deadline = Instant::now() + BOUND;
+    loop {
+        let info = stream.consumer_info(durable).await.expect("consumer info");
+        if info.ack_floor.stream_sequence >= seq && info.num_ack_pending == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{durable} did not evaluate up to {seq}: ack floor {}, {} pending acks",
+            info.ack_floor.stream_sequence,
+            info.num_ack_pending
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+/// The same through the worker's `status` endpoint.
+async fn status_evaluated(env: &TestEnv, seq: u64) -> Value {
+    let deadline = Instant::now() + BOUND;
+    loop {
+        let s = env
+            .request("admin.exit-triggers.status", json!({}))
+            .await
+            .ok();
+        if s["consumer"]["ack_floor_seq"].as_u64() >= Some(seq)
+            && s["consumer"]["num_ack_pending"] == 0
+        {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "status never reached {seq}: {s}");
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Every event on a portfolio's subject, decoded as stored (envelopes).
+async fn portfolio_events(env: &TestEnv, pid: &str) -> Vec<Value> {
+    let js = async_nats::jetstream::new(env.client.clone());
+    let stream = js
+        .get_stream(env.subjects.stream_name())
+        .await
+        .expect("stream");
+    let subject = env.subjects.aggregate(AggregateType::Portfolio, pid);
+    let mut out = Vec::new();
+    let mut next = 1;
+    while let Ok(m) = stream
+        .direct_get_next_for_subject(subject.clone(), Some(next))
+        .await
+    {
+        next = m.sequence + 1;
+        out.push(serde_json::from_slice(&m.payload).expect("an envelope"));
+    }
+    out
+}
+
+/// The `TradeExecuted` sells of a portfolio: (symbol, quantity, price, command_id).
+async fn sells(env: &TestEnv, pid: &str) -> Vec<(String, String, String, String)> {
+    portfolio_events(env, pid)
+        .await
+        .into_iter()
+        .filter(|e| e["event_type"] == "TradeExecuted" && e["payload"]["side"] == "sell")
+        .map(|e| {
+            let p = &e["payload"];
+            let s = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+            (
+                s(&p["symbol"]),
+                s(&p["quantity"]),
+                s(&p["price"]),
+                s(&e["command_id"]),
+            )
+        })
+        .collect()
+}
+
+fn sell(symbol: &str, qty: &str, px: &str, cid: uuid::Uuid) -> (String, String, String, String) {
+    (symbol.into(), qty.into(), px.into(), cid.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_trailing_stop_sells_the_whole_position_exactly_once() {
+    let mut env = TestEnv::with_all_workers().await;
+    env.start(Worker::ExitTriggers).await;
+    // Entry 100: stop loss at 80, take profit at 150, trailing stop 10 % once 105 is reached.
+    let exits = json!({"stop_loss_pct": "0.2", "take_profit_pct": "0.5",
+                       "trailing_stop": {"trailing_pct": "0.1", "activation_pct": "0.05"}});
+    env.cmd(
+        "strategy.create",
+        strategy_with_exits("s1", &["BTC-USDT"], exits),
+    )
+    .await;
+    portfolio(&env, "p1", "s1").await;
+    let opened = buy(&env, "p1", "s1", "BTC-USDT", "2", "100").await;
+    // Activated at 110 (stop 99), high 120 (stop 108): nothing fires down to 109.
+    let quiet = prices(&env, "BTC-USDT", &["104", "110", "120", "115", "109"]).await;
+    let s = status_evaluated(&env, quiet).await;
+    assert_eq!(s["counters"]["triggers"], 0, "{s}");
+    assert_eq!(performance(&env, "p1").await["fill_count"], 1);
+    // 107 <= 108: the trailing stop fires; the price keeps falling, through the stop loss too.
+    prices(&env, "BTC-USDT", &["107"]).await;
+    let perf = wait_performance(&env, "p1", |p| p["fill_count"] == 2).await;
+    let last = prices(&env, "BTC-USDT", &["106", "100", "95", "79", "70"]).await;
+    let s = status_evaluated(&env, last).await;
+    assert_eq!(s["counters"]["sells_executed"], 1, "{s}");
+    assert_eq!(s["counters"]["sells_rejected"], 0, "{s}");
+
+    let after = performance(&env, "p1").await;
+    for p in [&perf, &after] {
+        assert_eq!(p["fill_count"], 2, "{p}");
+        assert_eq!(p["positions"], json!([]), "{p}");
+        assert_eq!(p["rejected_signals"], 0, "{p}");
+        assert_eq!(p["trade_count"], 1, "{p}");
+    }
+    // Bought 2 at 100 (fee 0.2, basis 200.2), sold 2 at 107 (fee 0.214):
+    // realized 214 - 0.214 - 200.2 = 13.586; cash 100000 - 200.2 + 213.786.
+    assert_eq!(after["realized_pnl"], "13.586", "{after}");
+    assert_eq!(after["cash"], "100013.586", "{after}");
+    assert_eq!(
+        sells(&env, "p1").await,
+        vec![sell(
+            "BTC-USDT",
+            "2",
+            "107",
+            exit_command_id("p1", "BTC-USDT", opened, ExitKind::TrailingStop)
+        )]
+    );
+    // open, deposit, attach, buy, sell: nothing else (no rejected repeats).
+    assert_eq!(env.subject_count(AggregateType::Portfolio, "p1").await, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stop_loss_and_take_profit_fire_once_each_per_round_trip() {
+    let mut env = TestEnv::with_all_workers().await;
+    env.start(Worker::ExitTriggers).await;
+    let symbols = ["BTC-USDT", "ETH-USDT", "SOL-USDT"];
+    let exits = json!({"stop_loss_pct": "0.05", "take_profit_pct": "0.1"});
+    env.cmd(
+        "strategy.create",
+        strategy_with_exits("s1", &symbols, exits),
+    )
+    .await;
+    portfolio(&env, "p1", "s1").await;
+    let btc = buy(&env, "p1", "s1", "BTC-USDT", "1", "100").await;
+    let eth = buy(&env, "p1", "s1", "ETH-USDT", "0.5", "2000").await;
+    buy(&env, "p1", "s1", "SOL-USDT", "10", "50").await;
+
+    // BTC: exactly at the stop loss level (95) fires; further falls do not sell again.
+    prices(&env, "BTC-USDT", &["97", "95"]).await;
+    wait_performance(&env, "p1", |p| p["fill_count"] == 4).await;
+    prices(&env, "BTC-USDT", &["93", "90"]).await;
+    // ETH: 2199.99 is below the take profit (2200); 2200 fires; higher prices do not sell again.
+    prices(&env, "ETH-USDT", &["2100", "2199.99", "2200"]).await;
+    wait_performance(&env, "p1", |p| p["fill_count"] == 5).await;
+    prices(&env, "ETH-USDT", &["2300", "2500"]).await;
+    // SOL stays inside its band (47.5, 55).
+    let last = prices(&env, "SOL-USDT", &["47.51", "54.99", "50"]).await;
+    wait_evaluated(&env, ch_readmodel::exits::DURABLE, last).await;
+    let perf = performance(&env, "p1").await;
+    assert_eq!(perf["fill_count"], 5, "{perf}");
+    assert_eq!(perf["rejected_signals"], 0, "{perf}");
+    let held: Vec<&str> = perf["positions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["symbol"].as_str().unwrap())
+        .collect();
+    assert_eq!(held, vec!["SOL-USDT"], "{perf}");
+
+    // A new round trip in BTC gets its own trigger (and command id): entry 90, stop loss 85.5.
+    let btc2 = buy(&env, "p1", "s1", "BTC-USDT", "1", "90").await;
+    prices(&env, "BTC-USDT", &["86", "85.5"]).await;
+    wait_performance(&env, "p1", |p| p["fill_count"] == 7).await;
+    let last = prices(&env, "BTC-USDT", &["80"]).await;
+    wait_evaluated(&env, ch_readmodel::exits::DURABLE, last).await;
+
+    assert_eq!(
+        sells(&env, "p1").await,
+        vec![
+            sell(
+                "BTC-USDT",
+                "1",
+                "95",
+                exit_command_id("p1", "BTC-USDT", btc, ExitKind::StopLoss)
+            ),
+            sell(
+                "ETH-USDT",
+                "0.5",
+                "2200",
+                exit_command_id("p1", "ETH-USDT", eth, ExitKind::TakeProfit)
+            ),
+            sell(
+                "BTC-USDT",
+                "1",
+                "85.5",
+                exit_command_id("p1", "BTC-USDT", btc2, ExitKind::StopLoss)
+            ),
+        ]
+    );
+    let perf = performance(&env, "p1").await;
+    assert_eq!(perf["fill_count"], 7, "{perf}");
+    assert_eq!(perf["trade_count"], 3, "{perf}");
+    assert_eq!(perf["rejected_signals"], 0, "{perf}");
+    // open, deposit, attach, 4 buys, 3 sells.
+    assert_eq!(env.subject_count(AggregateType::Portfolio, "p1").await, 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn workers_running_side_by_side_sell_once() {
+    let mut env = TestEnv::with_all_workers().await;
+    // Two replicas sharing the shipped durable (they split the prices), and a third worker on
+    // a durable of its own: it evaluates every price too, so it races the others on each
+    // trigger with the same command ids.
+    env.start(Worker::ExitTriggers).await;
+    env.start(Worker::ExitTriggers).await;
+    let app = App::start(env.app_config(), ch_readmodel::exits::WORKER)
+        .await
+        .expect("worker starts");
+    let token = CancellationToken::new();
+    let other = tokio::spawn(ch_readmodel::exits::run_on(
+        app,
+        "exit_triggers_other",
+        token.clone(),
+    ));
+    let js = async_nats::jetstream::new(env.client.clone());
+    let stream = js
+        .get_stream(env.subjects.stream_name())
+        .await
+        .expect("stream");
+    let deadline = Instant::now() + BOUND;
+    while stream.consumer_info("exit_triggers_other").await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the other durable never appeared"
+        );
+        tokio::task::yield_now().await;
+    }
+
+    // Stop loss 5 % and a trailing stop (10 % once 5 % up): both can fire on the way down.
+    let exits = json!({"stop_loss_pct": "0.05",
+                       "trailing_stop": {"trailing_pct": "0.1", "activation_pct": "0.05"}});
+    env.cmd(
+        "strategy.create",
+        strategy_with_exits("s1", &["BTC-USDT"], exits),
+    )
+    .await;
+    let ids: Vec<String> = (0..6).map(|i| format!("p{i}")).collect();
+    let mut opened = Vec::new();
+    for id in &ids {
+        portfolio(&env, id, "s1").await;
+        opened.push(buy(&env, id, "s1", "BTC-USDT", "1", "100").await);
+    }
+    // Up to 120 (stop 108), then a fall through both the trailing stop and the stop loss.
+    let last = prices(
+        &env,
+        "BTC-USDT",
+        &["110", "120", "107", "104", "99", "94", "90", "85", "80"],
+    )
+    .await;
+    wait_evaluated(&env, ch_readmodel::exits::DURABLE, last).await;
+    wait_evaluated(&env, "exit_triggers_other", last).await;
+
+    // Replicas sharing a durable evaluate prices in parallel, so which trigger price gets in
+    // first is a race; what holds is one sell per round trip, named after what fired there.
+    for (id, opened) in ids.iter().zip(&opened) {
+        let perf = performance(&env, id).await;
+        assert_eq!(perf["fill_count"], 2, "{id}: {perf}");
+        assert_eq!(perf["positions"], json!([]), "{id}: {perf}");
+        assert_eq!(perf["rejected_signals"], 0, "{id}: {perf}");
+        let sold = sells(&env, id).await;
+        assert_eq!(sold.len(), 1, "{id}: {sold:?}");
+        let (symbol, qty, px, cid) = &sold[0];
+        assert_eq!((symbol.as_str(), qty.as_str()), ("BTC-USDT", "1"), "{id}");
+        let px: rust_decimal::Decimal = px.parse().unwrap();
+        // Above the stop loss (95) only the trailing stop (108) fires; at or below, the stop loss.
+        let kind = if px > rust_decimal::Decimal::from(95) {
+            ExitKind::TrailingStop
+        } else {
+            ExitKind::StopLoss
+        };
+        assert!(px <= rust_decimal::Decimal::from(107), "{id}: sold at {px}");
+        assert_eq!(
+            cid,
+            &exit_command_id(id, "BTC-USDT", *opened, kind).to_string(),
+            "{id}: sold at {px}"
+        );
+        assert_eq!(env.subject_count(AggregateType::Portfolio, id).await, 5);
+    }
+    token.cancel();
+    other
+        .await
+        .expect("joins")
+        .expect("the other worker stops cleanly");
+}
