@@ -444,19 +444,10 @@ impl<P: Projection> Projector<P> {
     /// Waits to become the active projector of this projection (advisory lock held by a
     /// dedicated connection for as long as this projector runs).
     async fn lead(&self, shutdown: &CancellationToken) -> Result<Option<Leader>, ProjectorError> {
-        let conn = self.pool.get().await.map_err(DbError::from)?;
-        let key = format!("ch_projector:{}", self.name());
         let mut logged = false;
         loop {
-            let got: bool = conn
-                .query_one(
-                    "SELECT pg_try_advisory_lock(hashtext(current_schema() || $1))",
-                    &[&key],
-                )
-                .await?
-                .get(0);
-            if got {
-                return Ok(Some(Leader(Some(conn))));
+            if let Some(leader) = self.lead_once().await? {
+                return Ok(Some(leader));
             }
             if !logged {
                 info!(
