@@ -182,3 +182,38 @@ async fn a_command_worker_with_a_cold_cache_decides_the_same() {
     assert_eq!(sell["version"], 6);
     cold.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_projector_takes_over_when_the_active_one_dies() {
+    let mut env = TestEnv::new().await;
+    for w in [
+        Worker::CmdStrategy,
+        Worker::CmdPortfolio,
+        Worker::CmdSignal,
+        Worker::CmdMarket,
+        Worker::QueryPortfolio,
+    ] {
+        env.start(w).await;
+    }
+    let active = env.spawn(Worker::ProjPortfolio).await;
+    let first = load_history(&env, 2, 3).await;
+    env.query_at(
+        "portfolio.performance",
+        json!({"portfolio_id": "p1"}),
+        first,
+    )
+    .await;
+    // A second replica stands by while the first holds the projection's lock.
+    let standby = env.spawn(Worker::ProjPortfolio).await;
+    active.kill().await;
+    let more = env.cmd("portfolio.update", deposit("p1", "1")).await;
+    let perf = env
+        .query_at(
+            "portfolio.performance",
+            json!({"portfolio_id": "p1"}),
+            more["stream_seq"].as_u64().unwrap(),
+        )
+        .await;
+    assert_eq!(perf["net_deposits"], "100001");
+    standby.stop().await;
+}
