@@ -112,6 +112,10 @@ async fn projector_killed_mid_stream_resumes_to_the_same_read_model_as_a_rebuild
         .query_at("portfolio.performance", json!({"portfolio_id": "p0"}), last)
         .await;
     assert!(perf["as_of_seq"].as_u64().unwrap() >= last);
+    // The strategy read model too must have everything before the dump.
+    env.start(Worker::QueryStrategy).await;
+    env.query_at("strategy.get", json!({"strategy_id": "s1"}), last)
+        .await;
     proj.stop().await;
     strat.stop().await;
     let resumed = env.dump_read_model().await;

@@ -104,12 +104,28 @@ pub struct Appended {
     pub duplicate: bool,
 }
 
+/// Events read per batched direct get (nats-server 2.11+).
+const LOAD_BATCH: usize = 1000;
+
 /// The JetStream event store of one prefix.
 #[derive(Clone)]
 pub struct EventStore {
+    client: async_nats::Client,
     js: jetstream::Context,
     stream: stream::Stream,
     subjects: Subjects,
+    /// The server answers batched direct gets (2.11+): a cold load is one round trip per
+    /// [`LOAD_BATCH`] events instead of one per event.
+    batch_get: bool,
+}
+
+/// Whether a `major.minor.patch` server version is at least 2.11.
+fn supports_batch_get(version: &str) -> bool {
+    let mut parts = version
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (2, 11)
 }
 
 impl EventStore {
@@ -118,14 +134,17 @@ impl EventStore {
     /// # Errors
     /// [`StoreError::Unavailable`] when the stream cannot be found.
     pub async fn open(client: async_nats::Client, subjects: Subjects) -> Result<Self, StoreError> {
-        let js = jetstream::new(client);
+        let js = jetstream::new(client.clone());
         let stream = js.get_stream(subjects.stream_name()).await.map_err(|e| {
             StoreError::Unavailable(format!("stream {}: {e}", subjects.stream_name()))
         })?;
+        let batch_get = supports_batch_get(&client.server_info().version);
         Ok(EventStore {
+            client,
             js,
             stream,
             subjects,
+            batch_get,
         })
     }
 
@@ -195,6 +214,9 @@ impl EventStore {
         after_seq: u64,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let subject = self.subjects.aggregate(ty, id);
+        if self.batch_get {
+            return self.load_batched(&subject, after_seq).await;
+        }
         let mut out = Vec::new();
         let mut next = after_seq + 1;
         loop {
@@ -213,6 +235,72 @@ impl EventStore {
         }
         debug!(%subject, after_seq, loaded = out.len(), "loaded aggregate");
         Ok(out)
+    }
+
+    /// [`EventStore::load`] with batched direct gets: one request answers up to [`LOAD_BATCH`]
+    /// messages of the subject, then an end-of-batch status (204), or 404 when there are none.
+    async fn load_batched(
+        &self,
+        subject: &str,
+        after_seq: u64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        use async_nats::StatusCode;
+        let api = format!("$JS.API.DIRECT.GET.{}", self.subjects.stream_name());
+        let mut out = Vec::new();
+        let mut next = after_seq + 1;
+        loop {
+            let inbox = self.client.new_inbox();
+            let mut sub = self
+                .client
+                .subscribe(inbox.clone())
+                .await
+                .map_err(unavailable)?;
+            let req =
+                serde_json::json!({"seq": next, "next_by_subj": subject, "batch": LOAD_BATCH});
+            self.client
+                .publish_with_reply(api.clone(), inbox, req.to_string().into())
+                .await
+                .map_err(unavailable)?;
+            let mut got = 0;
+            loop {
+                let msg = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    futures::StreamExt::next(&mut sub),
+                )
+                .await
+                .map_err(|_| StoreError::Unavailable(format!("direct get of {subject} timed out")))?
+                .ok_or_else(|| StoreError::Unavailable("subscription closed".into()))?;
+                match msg.status {
+                    None | Some(StatusCode::OK) => {
+                        let seq = msg
+                            .headers
+                            .as_ref()
+                            .and_then(|h| h.get("Nats-Sequence"))
+                            .and_then(|v| v.as_str().parse::<u64>().ok())
+                            .ok_or_else(|| {
+                                StoreError::Other("direct get reply without Nats-Sequence".into())
+                            })?;
+                        out.push(envelope::decode(seq, &msg.payload)?);
+                        next = seq + 1;
+                        got += 1;
+                    }
+                    // End of batch, or nothing (more) on the subject.
+                    Some(StatusCode::NOT_FOUND) => break,
+                    Some(s) if s.as_u16() == 204 => break,
+                    Some(s) => {
+                        return Err(StoreError::Unavailable(format!(
+                            "direct get of {subject}: status {s} {:?}",
+                            msg.description
+                        )))
+                    }
+                }
+            }
+            let _ = sub.unsubscribe().await;
+            if got < LOAD_BATCH {
+                debug!(%subject, after_seq, loaded = out.len(), "loaded aggregate");
+                return Ok(out);
+            }
+        }
     }
 
     /// The event at stream sequence `seq`.
@@ -273,5 +361,19 @@ pub async fn wait_ready(js: &jetstream::Context, timeout: Duration) -> Result<()
                 delay = (delay * 2).min(Duration::from_millis(500));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::supports_batch_get;
+
+    #[test]
+    fn batch_get_needs_2_11() {
+        assert!(supports_batch_get("2.15.1"));
+        assert!(supports_batch_get("2.11.0-beta.2"));
+        assert!(!supports_batch_get("2.10.22"));
+        assert!(!supports_batch_get("2.9.10"));
+        assert!(supports_batch_get("3.0.0"));
     }
 }
