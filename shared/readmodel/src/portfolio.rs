@@ -14,8 +14,9 @@ use ch_runtime::envelope::StoredEvent;
 use ch_runtime::projector::Projection;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::Type;
 use tokio_postgres::Transaction;
-use uuid::Uuid;
 
 pub struct PortfolioProjection;
 
@@ -569,78 +570,105 @@ impl Fold {
         Ok(())
     }
 
+    /// Fills are appended with binary COPY: each event is applied exactly once (its sequence
+    /// is above the checkpoint moved in the same transaction), so no conflict handling is needed.
     async fn write_trades(&self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
         if self.trades.is_empty() {
             return Ok(());
         }
-        let t = &self.trades;
-        let ids: Vec<Uuid> = t.iter().map(|(e, _, _)| e.trade_id).collect();
-        let pids: Vec<&str> = t.iter().map(|(e, _, _)| e.portfolio_id.as_str()).collect();
-        let sids: Vec<&str> = t.iter().map(|(e, _, _)| e.strategy_id.as_str()).collect();
-        let syms: Vec<&str> = t.iter().map(|(e, _, _)| e.symbol.as_str()).collect();
-        let sides: Vec<&str> = t.iter().map(|(e, _, _)| e.side.as_str()).collect();
-        let dec =
-            |f: fn(&TradeExecuted) -> Decimal| t.iter().map(|(e, _, _)| f(e)).collect::<Vec<_>>();
-        let ats: Vec<DateTime<Utc>> = t.iter().map(|(_, at, _)| *at).collect();
-        let seqs: Vec<i64> = t.iter().map(|(_, _, s)| *s).collect();
-        tx.execute(
-            "INSERT INTO trades (trade_id, portfolio_id, strategy_id, symbol, side, quantity, price, fee,
-                                 realized_pnl, cash_after, position_after, at, stream_seq)
-             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
-                 $6::numeric[], $7::numeric[], $8::numeric[], $9::numeric[], $10::numeric[],
-                 $11::numeric[], $12::timestamptz[], $13::int8[])
-             ON CONFLICT (trade_id) DO NOTHING",
-            &[
-                &ids,
-                &pids,
-                &sids,
-                &syms,
-                &sides,
-                &dec(|e| e.quantity),
-                &dec(|e| e.price),
-                &dec(|e| e.fee),
-                &dec(|e| e.realized_pnl),
-                &dec(|e| e.cash_after),
-                &dec(|e| e.position_after),
-                &ats,
-                &seqs,
-            ],
-        )
-        .await?;
+        let sink = tx
+            .copy_in(
+                "COPY trades (trade_id, portfolio_id, strategy_id, symbol, side, quantity, price, fee,
+                              realized_pnl, cash_after, position_after, at, stream_seq)
+                 FROM STDIN BINARY",
+            )
+            .await?;
+        let types = [
+            Type::UUID,
+            Type::TEXT,
+            Type::TEXT,
+            Type::TEXT,
+            Type::TEXT,
+            Type::NUMERIC,
+            Type::NUMERIC,
+            Type::NUMERIC,
+            Type::NUMERIC,
+            Type::NUMERIC,
+            Type::NUMERIC,
+            Type::TIMESTAMPTZ,
+            Type::INT8,
+        ];
+        let writer = BinaryCopyInWriter::new(sink, &types);
+        let mut writer = std::pin::pin!(writer);
+        for (e, at, seq) in &self.trades {
+            writer
+                .as_mut()
+                .write(&[
+                    &e.trade_id,
+                    &e.portfolio_id,
+                    &e.strategy_id,
+                    &e.symbol,
+                    &e.side.as_str(),
+                    &e.quantity,
+                    &e.price,
+                    &e.fee,
+                    &e.realized_pnl,
+                    &e.cash_after,
+                    &e.position_after,
+                    at,
+                    seq,
+                ])
+                .await?;
+        }
+        writer.finish().await?;
         Ok(())
     }
 
+    /// History and prices are append-only too: binary COPY (see [`Fold::write_trades`]).
     async fn write_history(&self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
         if !self.history.is_empty() {
-            let h = &self.history;
-            let pids: Vec<&str> = h.iter().map(|r| r.portfolio_id.as_str()).collect();
-            let seqs: Vec<i64> = h.iter().map(|r| r.seq).collect();
-            let ats: Vec<DateTime<Utc>> = h.iter().map(|r| r.at).collect();
-            let cash: Vec<Decimal> = h.iter().map(|r| r.cash).collect();
-            let pos: Vec<&serde_json::Value> = h.iter().map(|r| &r.positions).collect();
-            let flows: Vec<Decimal> = h.iter().map(|r| r.flow).collect();
-            tx.execute(
-                "INSERT INTO portfolio_history (portfolio_id, stream_seq, at, cash, positions, flow)
-                 SELECT * FROM UNNEST($1::text[], $2::int8[], $3::timestamptz[], $4::numeric[],
-                     $5::jsonb[], $6::numeric[])
-                 ON CONFLICT DO NOTHING",
-                &[&pids, &seqs, &ats, &cash, &pos, &flows],
-            )
-            .await?;
+            let sink = tx
+                .copy_in(
+                    "COPY portfolio_history (portfolio_id, stream_seq, at, cash, positions, flow)
+                     FROM STDIN BINARY",
+                )
+                .await?;
+            let types = [
+                Type::TEXT,
+                Type::INT8,
+                Type::TIMESTAMPTZ,
+                Type::NUMERIC,
+                Type::JSONB,
+                Type::NUMERIC,
+            ];
+            let writer = BinaryCopyInWriter::new(sink, &types);
+            let mut writer = std::pin::pin!(writer);
+            for r in &self.history {
+                writer
+                    .as_mut()
+                    .write(&[
+                        &r.portfolio_id,
+                        &r.seq,
+                        &r.at,
+                        &r.cash,
+                        &r.positions,
+                        &r.flow,
+                    ])
+                    .await?;
+            }
+            writer.finish().await?;
         }
         if !self.prices.is_empty() {
-            let p = &self.prices;
-            let syms: Vec<&str> = p.iter().map(|r| r.0.as_str()).collect();
-            let ats: Vec<DateTime<Utc>> = p.iter().map(|r| r.1).collect();
-            let seqs: Vec<i64> = p.iter().map(|r| r.2).collect();
-            let prices: Vec<Decimal> = p.iter().map(|r| r.3).collect();
-            tx.execute(
-                "INSERT INTO prices (symbol, at, stream_seq, price)
-                 SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::int8[], $4::numeric[])
-                 ON CONFLICT DO NOTHING",
-                &[&syms, &ats, &seqs, &prices],
-            )
-            .await?;
+            let sink = tx
+                .copy_in("COPY prices (symbol, at, stream_seq, price) FROM STDIN BINARY")
+                .await?;
+            let types = [Type::TEXT, Type::TIMESTAMPTZ, Type::INT8, Type::NUMERIC];
+            let writer = BinaryCopyInWriter::new(sink, &types);
+            let mut writer = std::pin::pin!(writer);
+            for (sym, at, seq, price) in &self.prices {
+                writer.as_mut().write(&[sym, at, seq, price]).await?;
+            }
+            writer.finish().await?;
         }
         Ok(())
     }
@@ -688,11 +716,22 @@ impl Projection for PortfolioProjection {
         tx: &Transaction<'_>,
         events: &[StoredEvent],
     ) -> Result<(), tokio_postgres::Error> {
+        let t0 = std::time::Instant::now();
         let mut fold = Fold::load(tx, events).await?;
+        let loaded = t0.elapsed();
         for ev in events {
             fold.apply(ev);
         }
-        fold.write(tx).await
+        let folded = t0.elapsed();
+        fold.write(tx).await?;
+        tracing::debug!(
+            events = events.len(),
+            load_us = loaded.as_micros() as u64,
+            fold_us = (folded - loaded).as_micros() as u64,
+            write_us = (t0.elapsed() - folded).as_micros() as u64,
+            "portfolio batch"
+        );
+        Ok(())
     }
 
     async fn reset(&self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {

@@ -223,6 +223,10 @@ impl<P: Projection> Projector<P> {
         let name = self.name();
         let mut conn = self.pool.get().await.map_err(DbError::from)?;
         let tx = conn.transaction().await?;
+        // A read model is rebuildable and its checkpoint commits with it: a commit lost in a
+        // database crash is replayed from the stream, so it need not wait for the WAL flush.
+        tx.batch_execute("SET LOCAL synchronous_commit = off")
+            .await?;
         tx.execute(
             "INSERT INTO ch_checkpoints (projection, last_seq) VALUES ($1, 0) ON CONFLICT DO NOTHING",
             &[&name],
