@@ -13,6 +13,7 @@ help:
 	@echo "make up         the same, detached: returns once every service answers"
 	@echo "make down       stop what 'make up' started"
 	@echo "make test       unit and end-to-end tests against a nats-server of their own"
+	@echo "make bench      the trade-flow benchmark on a stack of its own (BENCH_ARGS=--quick for a smoke run)"
 	@echo "make lint       rustfmt check and clippy (warnings are errors)"
 	@echo "make clean-run  remove .run (logs, pid files, the dev server's store)"
 
@@ -36,8 +37,11 @@ down:
 test: venv pg
 	@scripts/test.sh
 
-bench:
-	@echo "make bench: not implemented yet (a later issue adds the benchmark)"
+# BENCH_ARGS: extra arguments of `chctl bench trade-flow` (e.g. --quick); BENCH_SYNC_MODES:
+# CH_SYNC modes to run (default eventual); BENCH_FSYNC: JetStream fsync settings (default
+# "default always"). See scripts/bench.sh.
+bench: venv pg
+	@BENCH_ARGS="$(BENCH_ARGS)" BENCH_SYNC_MODES="$(BENCH_SYNC_MODES)" BENCH_FSYNC="$(BENCH_FSYNC)" scripts/bench.sh
 
 lint:
 	cargo fmt --all -- --check

@@ -1,6 +1,7 @@
 //! `chctl`: the CipherHorizon admin CLI. Every subcommand is configured by the same `CH_*`
 //! environment variables as the workers (README); see `chctl --help`.
 
+mod bench;
 mod common;
 mod demo;
 mod down;
@@ -42,6 +43,8 @@ enum Cmd {
     Status,
     /// Send one request and print the reply; exits 1 on an error reply.
     Req(req::Args),
+    /// Benchmarks: `bench trade-flow` (see `chctl bench trade-flow --help`).
+    Bench(bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -80,6 +83,7 @@ fn main() -> ExitCode {
             Cmd::Rebuild(a) => rebuild::run(&ctx, &a).await,
             Cmd::Status => status::run(&ctx).await,
             Cmd::Req(a) => req::run(&ctx, &a).await,
+            Cmd::Bench(a) => bench::run(&ctx, &a).await,
         }
     });
     match result {

@@ -1,0 +1,248 @@
+//! The end of a run: every portfolio folded from the stream and compared with its read-model
+//! row (and with the baseline's), and the timed rebuild of the portfolio read model.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use async_nats::jetstream::{self, consumer::pull, consumer::DeliverPolicy};
+use bytes::Bytes;
+use ch_domain::portfolio::PortfolioState;
+use ch_domain::Aggregate;
+use ch_readmodel::PortfolioProjection;
+use ch_runtime::app::App;
+use ch_runtime::{envelope, pg, projector, Config, Subjects};
+use futures::stream::{self, StreamExt};
+use rust_decimal::Decimal;
+use serde_json::{json, Value};
+
+use super::load::{send, Outcome, Target};
+
+/// Folds every portfolio of the stream of `subjects` whose id starts with `id_prefix`; also
+/// returns the stream's last sequence when the fold started.
+pub async fn fold(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    id_prefix: &str,
+) -> Result<(HashMap<String, PortfolioState>, u64)> {
+    let js = jetstream::new(client.clone());
+    let mut stream = js
+        .get_stream(subjects.stream_name())
+        .await
+        .with_context(|| format!("opening stream {}", subjects.stream_name()))?;
+    let head = stream.info().await?.state.last_sequence;
+    let filter = format!("{}.events.portfolio.>", subjects.prefix());
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: filter.clone(),
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("an ordered consumer on {filter}"))?;
+    let mut messages = consumer.messages().await?;
+    let mut states: HashMap<String, PortfolioState> = HashMap::new();
+    let id_start = format!("{}.events.portfolio.", subjects.prefix());
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(10), messages.next()).await;
+        let msg = match next {
+            Err(_) => break, // nothing (more) on the filter
+            Ok(None) => break,
+            Ok(Some(m)) => m.map_err(|e| anyhow!("reading {filter}: {e}"))?,
+        };
+        let info = msg.info().map_err(|e| anyhow!("{e}"))?;
+        let (seq, pending) = (info.stream_sequence, info.pending);
+        let id = msg.subject.as_str().strip_prefix(&id_start).unwrap_or("");
+        if id.starts_with(id_prefix) && seq <= head {
+            let ev = envelope::decode(seq, &msg.payload)
+                .map_err(|e| anyhow!("event {seq} on {}: {e}", msg.subject))?;
+            states
+                .entry(ev.meta.aggregate_id.clone())
+                .or_default()
+                .apply(&ev.event, ev.meta.occurred_at);
+        }
+        if pending == 0 || seq >= head {
+            break;
+        }
+    }
+    Ok((states, head))
+}
+
+/// The comparable figures of a portfolio: cash, positions (quantity, cost basis), realized PnL
+/// and version.
+#[derive(Debug, PartialEq)]
+struct Figures {
+    cash: Decimal,
+    realized: Decimal,
+    version: u64,
+    positions: BTreeMap<String, (Decimal, Decimal)>,
+}
+
+impl Figures {
+    fn of_state(s: &PortfolioState) -> Figures {
+        Figures {
+            cash: s.cash,
+            realized: s.realized_pnl,
+            version: s.version,
+            positions: s
+                .positions
+                .iter()
+                .filter(|(_, p)| !p.quantity.is_zero())
+                .map(|(k, p)| (k.clone(), (p.quantity, p.cost_basis)))
+                .collect(),
+        }
+    }
+
+    fn of_reply(v: &Value) -> Option<Figures> {
+        let d = |x: &Value| -> Option<Decimal> { x.as_str()?.parse().ok() };
+        let mut positions = BTreeMap::new();
+        for p in v["positions"].as_array()? {
+            positions.insert(
+                p["symbol"].as_str()?.to_owned(),
+                (d(&p["quantity"])?, d(&p["cost_basis"])?),
+            );
+        }
+        Some(Figures {
+            cash: d(&v["cash"])?,
+            realized: d(&v["realized_pnl"])?,
+            version: v["version"].as_u64()?,
+            positions,
+        })
+    }
+
+    fn diff(&self, other: &Figures) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.cash != other.cash {
+            out.push(format!("cash {} vs {}", self.cash, other.cash));
+        }
+        if self.realized != other.realized {
+            out.push(format!(
+                "realized_pnl {} vs {}",
+                self.realized, other.realized
+            ));
+        }
+        if self.version != other.version {
+            out.push(format!("version {} vs {}", self.version, other.version));
+        }
+        if self.positions != other.positions {
+            out.push(format!(
+                "positions {:?} vs {:?}",
+                self.positions, other.positions
+            ));
+        }
+        out
+    }
+}
+
+/// Asks `target` for each portfolio (waiting for `min_seq` when given) and compares the reply
+/// with the folded state. `rows_differing` counts portfolios whose figures differ or that
+/// could not be read.
+pub async fn compare(
+    t: &Target,
+    states: &HashMap<String, PortfolioState>,
+    ids: &[String],
+    min_seq: Option<u64>,
+) -> Value {
+    let subject = t.query("portfolio.performance");
+    let results: Vec<(String, Vec<String>)> = stream::iter(ids.iter())
+        .map(|id| {
+            let subject = &subject;
+            async move {
+                let mut body = json!({"portfolio_id": id, "timeout_ms": 10000});
+                if let Some(seq) = min_seq {
+                    body["min_stream_seq"] = json!(seq);
+                }
+                let o = send(
+                    &t.client,
+                    subject,
+                    Bytes::from(body.to_string()),
+                    Duration::from_secs(15),
+                )
+                .await;
+                let folded = states.get(id).map(Figures::of_state);
+                let problems = match (o, folded) {
+                    (_, None) => vec!["no events on the stream".to_owned()],
+                    (Outcome::Ok(b), Some(f)) => {
+                        match serde_json::from_slice::<Value>(&b)
+                            .ok()
+                            .as_ref()
+                            .and_then(Figures::of_reply)
+                        {
+                            Some(r) => f.diff(&r),
+                            None => vec!["unreadable reply".to_owned()],
+                        }
+                    }
+                    (Outcome::Api(code), _) => vec![format!("query failed: {code}")],
+                    (Outcome::Failed(why), _) => vec![format!("query failed: {why}")],
+                };
+                (id.clone(), problems)
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    let differing: Vec<&(String, Vec<String>)> =
+        results.iter().filter(|(_, p)| !p.is_empty()).collect();
+    let examples: Vec<Value> = differing
+        .iter()
+        .take(5)
+        .map(|(id, p)| json!({"portfolio_id": id, "stream_vs_reply": p}))
+        .collect();
+    json!({
+        "portfolios_checked": results.len(),
+        "rows_differing": differing.len(),
+        "examples": examples,
+    })
+}
+
+/// The rebuild of the portfolio read model: reset, then replay of the whole stream, by the
+/// running projector if there is one (it holds the projection's lock), else by this process.
+pub async fn rebuild(cfg: &Config) -> Result<Value> {
+    let app = App::start(cfg.clone(), "chctl-bench")
+        .await
+        .context("connecting for the rebuild")?;
+    ch_readmodel::workers::migrate(&app).await?;
+    let projector = ch_readmodel::workers::projector(&app, PortfolioProjection)?;
+    let head = app.store.last_seq().await?;
+    let db = pg::connect(&cfg.database_url, Some(&cfg.db_schema)).await?;
+    let started = Instant::now();
+    let replayed_here = projector.rebuild().await?;
+    let mut first_move: Option<(Instant, u64)> = None;
+    let by = if replayed_here.is_some() {
+        "chctl (no projector was running)"
+    } else {
+        let mut best = 0;
+        let mut last_move = Instant::now();
+        loop {
+            let cp = projector::checkpoint(&db, "portfolio").await?;
+            if cp > 0 && first_move.is_none() {
+                first_move = Some((Instant::now(), cp));
+            }
+            if cp >= head {
+                break;
+            }
+            if cp > best {
+                best = cp;
+                last_move = Instant::now();
+            }
+            if last_move.elapsed() > Duration::from_secs(60) {
+                bail!("the running projector made no progress for 60 s during the rebuild (at {best} of {head})");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        "the running projector"
+    };
+    let secs = started.elapsed().as_secs_f64();
+    let replay = first_move.and_then(|(t, cp)| {
+        let s = t.elapsed().as_secs_f64();
+        (s > 0.0 && head > cp).then(|| (head - cp) as f64 / s)
+    });
+    Ok(json!({
+        "events": head,
+        "seconds": super::load::round3(secs),
+        "events_per_sec": (head as f64 / secs.max(1e-6)).round(),
+        "replayed_by": by,
+        "replay_events_per_sec_after_first_commit": replay.map(f64::round),
+        "note": "from the reset to the checkpoint reaching the stream head; a running projector notices the reset when idle (it polls every second), which is included",
+    }))
+}

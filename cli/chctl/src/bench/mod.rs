@@ -1,0 +1,690 @@
+//! `chctl bench trade-flow`: the benchmark of issue 3. A deterministic trade-flow workload
+//! (strategies, funded portfolios, then trade signals from closed-loop clients while other
+//! clients query portfolios) against a deployment, over NATS only, like any client; then the
+//! stream is folded and compared with the read model, and the portfolio read model is rebuilt.
+//! With `--baseline monolith` the same workload runs against the monolithic baseline
+//! ([`monolith`]) in this process, and the report gives ours / baseline for every figure.
+//!
+//! Output: a progress bar, a table, and `<out>/<UTC timestamp>.json` plus `<out>/latest.json`.
+
+mod check;
+mod load;
+pub mod monolith;
+mod sys;
+mod workload;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use ch_domain::portfolio::PortfolioState;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use tokio_util::sync::CancellationToken;
+
+use crate::common::{redact, Ctx};
+use load::{percentiles, round3, share, LagTracker, Target};
+use workload::{Sizes, Workload};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    pub which: Which,
+}
+
+#[derive(clap::Subcommand)]
+pub enum Which {
+    /// Strategies, funded portfolios, then trade signals from closed-loop clients while
+    /// others query portfolios; fold-and-compare, rebuild; optionally the monolithic baseline.
+    TradeFlow(TradeFlow),
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Baseline {
+    /// The same workload against the monolithic baseline, in this process.
+    Monolith,
+    /// CipherHorizon only.
+    None,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TradeFlow {
+    /// Seed of the workload (same seed, same requests).
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Portfolios (opened, funded, attached to a strategy) [default: 1000; --quick: 50].
+    #[arg(long)]
+    pub portfolios: Option<usize>,
+    /// Strategies, attached round-robin [default: 100; --quick: 10].
+    #[arg(long)]
+    pub strategies: Option<usize>,
+    /// `signal.execute` requests [default: 100000; --quick: 2000].
+    #[arg(long)]
+    pub signals: Option<usize>,
+    /// Concurrent closed-loop signal clients [default: 32; --quick: 8].
+    #[arg(long)]
+    pub clients: Option<usize>,
+    /// Concurrent closed-loop query clients [default: 8; --quick: 2].
+    #[arg(long)]
+    pub query_clients: Option<usize>,
+    /// A smoke-test size (explicit sizes still win).
+    #[arg(long)]
+    pub quick: bool,
+    /// Also run the monolithic baseline on the same workload.
+    #[arg(long, value_enum, default_value_t = Baseline::Monolith)]
+    pub baseline: Baseline,
+    /// Where the JSON results go.
+    #[arg(long, default_value = "bench/results")]
+    pub out: PathBuf,
+    /// JetStream `sync_interval` of the server, for the report (the server does not tell
+    /// clients); e.g. `default` or `always`.
+    #[arg(long)]
+    pub sync_interval_label: Option<String>,
+    /// Prefix of every id of this run [default: `b` and the time in base 36], so that runs
+    /// never collide on one deployment.
+    #[arg(long)]
+    pub run_id: Option<String>,
+    /// Added to the result file's name: `<timestamp>-<tag>.json`.
+    #[arg(long)]
+    pub tag: Option<String>,
+    /// Concurrency of the (unmeasured) set-up.
+    #[arg(long, default_value_t = 64)]
+    pub setup_concurrency: usize,
+}
+
+impl TradeFlow {
+    fn sizes(&self) -> (Sizes, usize) {
+        let (p, s, n, c, q) = if self.quick {
+            (50, 10, 2000, 8, 2)
+        } else {
+            (1000, 100, 100_000, 32, 8)
+        };
+        (
+            Sizes {
+                seed: self.seed,
+                portfolios: self.portfolios.unwrap_or(p),
+                strategies: self.strategies.unwrap_or(s).max(1),
+                signals: self.signals.unwrap_or(n),
+                clients: self.clients.unwrap_or(c).max(1),
+            },
+            self.query_clients.unwrap_or(q),
+        )
+    }
+}
+
+pub async fn run(ctx: &Ctx, args: &Args) -> Result<ExitCode> {
+    match &args.which {
+        Which::TradeFlow(a) => trade_flow(ctx, a).await,
+    }
+}
+
+fn base36(mut n: u64) -> String {
+    const DIGITS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = Vec::new();
+    loop {
+        out.push(DIGITS[(n % 36) as usize]);
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    out.reverse();
+    String::from_utf8(out).expect("ascii")
+}
+
+async fn trade_flow(ctx: &Ctx, a: &TradeFlow) -> Result<ExitCode> {
+    let started_at = chrono::Utc::now();
+    let (sizes, query_clients) = a.sizes();
+    let run_id = match &a.run_id {
+        Some(r) => {
+            ch_domain::ids::validate_id("--run-id", r).map_err(|e| anyhow::anyhow!("{e}"))?;
+            r.clone()
+        }
+        None => format!("b{}", base36(started_at.timestamp_millis() as u64)),
+    };
+    let t0 = Instant::now();
+    let w = Workload::generate(sizes, &run_id);
+    println!(
+        "trade-flow: seed {}, {} portfolios, {} strategies, {} signals from {} clients, {} query clients; run id {run_id} (generated in {:.2} s)",
+        sizes.seed,
+        sizes.portfolios,
+        sizes.strategies,
+        sizes.signals,
+        sizes.clients,
+        query_clients,
+        t0.elapsed().as_secs_f64()
+    );
+    let client = ctx.connect().await?;
+    let env = environment(ctx, &client, a).await;
+    let ids: Vec<String> = w.portfolios.iter().map(|p| p.id.clone()).collect();
+
+    println!(
+        "\n== CipherHorizon (prefix {}, CH_SYNC={}, NATS {})",
+        ctx.subjects.prefix(),
+        ctx.cfg.sync.as_str(),
+        ctx.cfg.nats_url
+    );
+    let (ours, states) = run_ours(ctx, &client, &w, query_clients, &ids, &run_id).await?;
+
+    let baseline = match a.baseline {
+        Baseline::Monolith => {
+            let prefix = format!("{}mono", ctx.subjects.prefix());
+            let schema = format!("{}_mono", ctx.cfg.db_schema);
+            println!(
+                "\n== monolithic baseline (prefix {prefix}, schema {schema}, in this process)"
+            );
+            Some(
+                run_monolith(
+                    ctx,
+                    &client,
+                    &w,
+                    query_clients,
+                    &ids,
+                    &states,
+                    &prefix,
+                    &schema,
+                )
+                .await?,
+            )
+        }
+        Baseline::None => None,
+    };
+
+    let ratio = baseline
+        .as_ref()
+        .map(|b| ratios(&ours, b))
+        .unwrap_or(Value::Null);
+    let mut report = json!({
+        "benchmark": "trade-flow",
+        "started_at": started_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        "finished_at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        "run_id": run_id,
+        "config": config(ctx, a, sizes, query_clients, &w),
+        "env": env,
+    });
+    if let (Value::Object(r), Value::Object(o)) = (&mut report, &ours) {
+        r.extend(o.clone());
+    }
+    report["baseline"] = baseline.clone().unwrap_or(Value::Null);
+    report["ratio"] = ratio.clone();
+
+    print_table(&report, a.sync_interval_label.as_deref());
+    let path = write(&a.out, a.tag.as_deref(), &report, started_at)?;
+    println!(
+        "\nresults: {} (and {})",
+        path.display(),
+        a.out.join("latest.json").display()
+    );
+    let differing = report["consistency"]["rows_differing"]
+        .as_u64()
+        .unwrap_or(1)
+        + report["consistency"]["rows_differing_after_rebuild"]
+            .as_u64()
+            .unwrap_or(0);
+    if differing > 0 {
+        eprintln!("read-model rows differ from the stream: see \"consistency\" in the JSON");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn environment(ctx: &Ctx, client: &async_nats::Client, a: &TradeFlow) -> Value {
+    let info = client.server_info();
+    let pg_version = match ch_runtime::pg::connect(&ctx.cfg.database_url, None).await {
+        Ok(c) => c
+            .query_one("SHOW server_version", &[])
+            .await
+            .ok()
+            .map(|r| r.get::<_, String>(0)),
+        Err(_) => None,
+    };
+    let mut env = sys::machine();
+    env["nats_server_version"] = json!(info.version);
+    env["nats_server_name"] = json!(info.server_name);
+    env["jetstream_sync_interval"] = json!(a.sync_interval_label);
+    env["postgres_version"] = json!(pg_version);
+    env
+}
+
+fn config(ctx: &Ctx, a: &TradeFlow, s: Sizes, query_clients: usize, w: &Workload) -> Value {
+    let c = &ctx.cfg;
+    json!({
+        "seed": s.seed,
+        "portfolios": s.portfolios,
+        "strategies": s.strategies,
+        "signals": s.signals,
+        "clients": s.clients,
+        "query_clients": query_clients,
+        "quick": a.quick,
+        "baseline": match a.baseline { Baseline::Monolith => "monolith", Baseline::None => "none" },
+        "setup_concurrency": a.setup_concurrency,
+        "signals_meant_to_be_rejected": w.intended_rejections,
+        "pairs": workload::PAIRS.iter().map(|p| p.symbol).collect::<Vec<_>>(),
+        "ch_sync": c.sync.as_str(),
+        "ch_batch_max": c.batch_max,
+        "ch_batch_wait_ms": c.batch_wait.as_millis() as u64,
+        "ch_immediate_timeout_ms": c.immediate_timeout.as_millis() as u64,
+        "ch_db_pool": c.db_pool_size,
+        "ch_subject_prefix": c.prefix,
+        "ch_db_schema": c.db_schema,
+        "ch_nats_url": redact(&c.nats_url),
+        "ch_database_url": redact(&c.database_url),
+        "tag": a.tag,
+        "note": "CH_* as seen by the benchmark process; scripts/bench.sh gives the workers the same environment",
+    })
+}
+
+/// The figures of one side (ours or the baseline) of a run.
+#[allow(clippy::too_many_arguments)]
+fn figures(
+    setup: &load::Setup,
+    phase: &load::Phase,
+    lag: Value,
+    sync_overhead: Value,
+    rebuild: &Value,
+    cpu: &std::collections::BTreeMap<String, f64>,
+    consistency: Value,
+) -> Value {
+    let answered = phase.executed + phase.rejected;
+    let secs = phase.seconds.max(1e-9);
+    json!({
+        "commands_per_sec": (phase.commands as f64 / secs).round(),
+        "command_latency_ms": percentiles(&phase.command_latency, &[("p50", 0.5), ("p99", 0.99), ("p999", 0.999)]),
+        "query_latency_ms": percentiles(&phase.query_latency, &[("p50", 0.5), ("p99", 0.99), ("p999", 0.999)]),
+        "queries_per_sec": (phase.queries as f64 / secs).round(),
+        "projection_lag_ms": lag,
+        "sync_overhead": sync_overhead,
+        "rebuild_events_per_sec": rebuild.get("events_per_sec").cloned().unwrap_or(Value::Null),
+        "rejected_share": share(phase.rejected, answered).map(|x| (x * 10000.0).round() / 10000.0),
+        "errors": {
+            "commands": phase.command_errors,
+            "queries": phase.query_errors,
+            "total": phase.command_errors.values().sum::<u64>() + phase.query_errors.values().sum::<u64>(),
+        },
+        "consistency": consistency,
+        "signals": {
+            "sent": phase.commands,
+            "executed": phase.executed,
+            "rejected": phase.rejected,
+            "rejections_by_reason": phase.rejections,
+            "seconds": round3(phase.seconds),
+            "last_stream_seq": phase.last_seq,
+        },
+        "queries": phase.queries,
+        "setup": {"commands": setup.commands, "seconds": round3(setup.seconds)},
+        "rebuild": rebuild,
+        "cpu_seconds": cpu.iter().map(|(k, v)| (k.clone(), json!(round3(*v)))).collect::<serde_json::Map<_, _>>(),
+    })
+}
+
+async fn run_ours(
+    ctx: &Ctx,
+    client: &async_nats::Client,
+    w: &Workload,
+    query_clients: usize,
+    ids: &[String],
+    run_id: &str,
+) -> Result<(Value, HashMap<String, PortfolioState>)> {
+    let target = Target {
+        client: client.clone(),
+        prefix: ctx.subjects.prefix().to_owned(),
+    };
+    let watched = sys::Watched::from_pid_file(&ctx.pid_file());
+    let setup = load::setup(&target, w, 64).await?;
+    println!(
+        "set-up: {} commands in {:.2} s",
+        setup.commands, setup.seconds
+    );
+    if let Some(last) = ids.last() {
+        load::wait_visible(&target, last, setup.last_seq, Duration::from_secs(60)).await?;
+    }
+    let lag = LagTracker::start(client, ctx.subjects.progress("portfolio")).await?;
+    let before = watched.snapshot();
+    let phase = load::run(
+        &target,
+        w,
+        query_clients,
+        w.seed,
+        Some(lag.clone()),
+        "CipherHorizon",
+    )
+    .await;
+    // The projector's work on this phase ends when it has applied the last reply's event.
+    let drain_started = Instant::now();
+    let (hist, samples, unresolved) = lag.finish(Duration::from_secs(60)).await;
+    if let Some(last) = ids.last() {
+        if let Err(e) =
+            load::wait_visible(&target, last, phase.last_seq, Duration::from_secs(60)).await
+        {
+            eprintln!("warning: {e:#}");
+        }
+    }
+    let drain = drain_started.elapsed().as_secs_f64();
+    let after = watched.snapshot();
+    let cpu = sys::cpu_seconds(&before, &after);
+    println!(
+        "signals: {} in {:.2} s; read model caught up {:.3} s after the last reply",
+        phase.commands, phase.seconds, drain
+    );
+
+    let mut lag_json = percentiles(&hist, &[("p50", 0.5), ("p99", 0.99), ("p999", 0.999)]);
+    if let Value::Object(m) = &mut lag_json {
+        m.insert("samples".into(), json!(samples));
+        m.insert("unresolved".into(), json!(unresolved));
+        m.insert("last_announced_seq".into(), json!(lag.announced_seq()));
+    }
+    let sync_overhead = match &watched.missing {
+        Some(why) => json!({"value": null, "why": why}),
+        None => {
+            let sum = |pred: &dyn Fn(&str) -> bool| -> f64 {
+                cpu.iter().filter(|(k, _)| pred(k)).map(|(_, v)| v).sum()
+            };
+            let proj = sum(&|k| k.starts_with("proj-"));
+            let cmd = sum(&|k| k.starts_with("cmd-"));
+            if cmd > 0.0 {
+                json!((proj / cmd * 10000.0).round() / 10000.0)
+            } else {
+                json!({"value": null, "why": "the command workers used no measurable CPU"})
+            }
+        }
+    };
+
+    println!("consistency: folding the stream");
+    let (states, head) = check::fold(client, &ctx.subjects, &format!("{run_id}-p")).await?;
+    let mut consistency = check::compare(&target, &states, ids, Some(head)).await;
+    consistency["stream_head"] = json!(head);
+    println!(
+        "consistency: {} of {} portfolios differ from the stream",
+        consistency["rows_differing"], consistency["portfolios_checked"]
+    );
+
+    println!("rebuild: portfolio read model from the whole stream");
+    let rebuild = match check::rebuild(&ctx.cfg).await {
+        Ok(v) => {
+            let again = check::compare(&target, &states, ids, Some(head)).await;
+            consistency["rows_differing_after_rebuild"] = again["rows_differing"].clone();
+            consistency["examples_after_rebuild"] = again["examples"].clone();
+            println!(
+                "rebuild: {} events in {} s; {} portfolios differ afterwards",
+                v["events"], v["seconds"], again["rows_differing"]
+            );
+            v
+        }
+        Err(e) => {
+            eprintln!("rebuild failed: {e:#}");
+            json!({"events_per_sec": null, "error": format!("{e:#}")})
+        }
+    };
+    let mut fig = figures(
+        &setup,
+        &phase,
+        lag_json,
+        sync_overhead,
+        &rebuild,
+        &cpu,
+        consistency,
+    );
+    fig["drain_seconds"] = json!(round3(drain));
+    if let Some(why) = &watched.missing {
+        fig["cpu_note"] = json!(why);
+    }
+    Ok((fig, states))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_monolith(
+    ctx: &Ctx,
+    client: &async_nats::Client,
+    w: &Workload,
+    query_clients: usize,
+    ids: &[String],
+    states: &HashMap<String, PortfolioState>,
+    prefix: &str,
+    schema: &str,
+) -> Result<Value> {
+    // Its own connection, as a separate service would have.
+    let service_client = ctx.connect().await?;
+    let stop = CancellationToken::new();
+    let handle = monolith::start(
+        service_client.clone(),
+        &ctx.cfg.database_url,
+        schema,
+        prefix,
+        stop.clone(),
+    )
+    .await
+    .context("starting the monolithic baseline")?;
+    let target = Target {
+        client: client.clone(),
+        prefix: prefix.to_owned(),
+    };
+    let result = async {
+        let watched = sys::Watched::from_pid_file(&ctx.pid_file());
+        let setup = load::setup(&target, w, 64).await?;
+        println!(
+            "set-up: {} commands in {:.2} s",
+            setup.commands, setup.seconds
+        );
+        let before = watched.snapshot();
+        let phase = load::run(&target, w, query_clients, w.seed, None, "monolith").await;
+        let after = watched.snapshot();
+        let cpu = sys::cpu_seconds(&before, &after);
+        println!("signals: {} in {:.2} s", phase.commands, phase.seconds);
+        let mut consistency = check::compare(&target, states, ids, None).await;
+        consistency["compared_with"] = json!("the portfolios folded from CipherHorizon's stream (same workload, same per-portfolio order)");
+        println!(
+            "consistency: {} of {} monolith portfolios differ from CipherHorizon's stream",
+            consistency["rows_differing"], consistency["portfolios_checked"]
+        );
+        let none = json!({"events_per_sec": null, "why": "the monolith has no stream to rebuild from"});
+        Ok::<_, anyhow::Error>(figures(&setup, &phase, Value::Null, Value::Null, &none, &cpu, consistency))
+    }
+    .await;
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), handle).await;
+    service_client.drain().await.ok();
+    result
+}
+
+/// Keys compared in `ratio` (ours / baseline).
+const RATIO_KEYS: [&str; 9] = [
+    "commands_per_sec",
+    "command_latency_ms",
+    "query_latency_ms",
+    "queries_per_sec",
+    "projection_lag_ms",
+    "sync_overhead",
+    "rebuild_events_per_sec",
+    "rejected_share",
+    "errors",
+];
+
+fn ratio(a: &Value, b: &Value) -> Value {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => {
+            let (x, y) = (x.as_f64().unwrap_or(0.0), y.as_f64().unwrap_or(0.0));
+            if y == 0.0 {
+                Value::Null
+            } else {
+                json!((x / y * 1000.0).round() / 1000.0)
+            }
+        }
+        (Value::Object(x), Value::Object(y)) => Value::Object(
+            x.iter()
+                .filter(|(k, _)| y.contains_key(*k) && *k != "count")
+                .map(|(k, v)| (k.clone(), ratio(v, &y[k])))
+                .collect(),
+        ),
+        _ => Value::Null,
+    }
+}
+
+fn ratios(ours: &Value, base: &Value) -> Value {
+    let mut m = serde_json::Map::new();
+    for k in RATIO_KEYS {
+        let r = if k == "errors" {
+            ratio(&ours[k]["total"], &base[k]["total"])
+        } else {
+            ratio(&ours[k], &base[k])
+        };
+        m.insert(k.to_owned(), r);
+    }
+    Value::Object(m)
+}
+
+/// The issue's targets for a `sync_interval` label, by table row.
+fn target(label: Option<&str>, row: &str) -> &'static str {
+    let always = match label {
+        Some("always") => true,
+        Some(l) if l.starts_with("default") => false,
+        _ => return "",
+    };
+    match (row, always) {
+        ("commands/s", false) => ">= 10000",
+        ("commands/s", true) => ">= 2500",
+        ("command p99 ms", false) => "<= 10",
+        ("command p99 ms", true) => "<= 40",
+        ("query p99 ms", _) => "<= 3",
+        ("projection lag p99 ms", false) => "<= 50",
+        ("projection lag p99 ms", true) => "<= 100",
+        ("sync overhead", _) => "< 0.1",
+        ("rebuild events/s", false) => ">= 100000",
+        ("rows differing", _) => "0",
+        _ => "",
+    }
+}
+
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::Number(n) => {
+            let x = n.as_f64().unwrap_or(0.0);
+            if n.is_u64() || n.is_i64() || x.abs() >= 100.0 {
+                format!("{x:.0}")
+            } else if x.abs() >= 1.0 {
+                format!("{x:.2}")
+            } else {
+                format!("{x:.3}")
+            }
+        }
+        Value::Object(o) if o.contains_key("value") => cell(&o["value"]),
+        other => other.to_string(),
+    }
+}
+
+fn print_table(r: &Value, label: Option<&str>) {
+    let rows: [(&str, &[&str]); 15] = [
+        ("commands/s", &["commands_per_sec"]),
+        ("command p50 ms", &["command_latency_ms", "p50"]),
+        ("command p99 ms", &["command_latency_ms", "p99"]),
+        ("command p999 ms", &["command_latency_ms", "p999"]),
+        ("queries/s", &["queries_per_sec"]),
+        ("query p50 ms", &["query_latency_ms", "p50"]),
+        ("query p99 ms", &["query_latency_ms", "p99"]),
+        ("projection lag p50 ms", &["projection_lag_ms", "p50"]),
+        ("projection lag p99 ms", &["projection_lag_ms", "p99"]),
+        ("sync overhead", &["sync_overhead"]),
+        ("rebuild events/s", &["rebuild_events_per_sec"]),
+        ("rejected share", &["rejected_share"]),
+        ("errors", &["errors", "total"]),
+        ("rows differing", &["consistency", "rows_differing"]),
+        (
+            "  after rebuild",
+            &["consistency", "rows_differing_after_rebuild"],
+        ),
+    ];
+    let get = |root: &Value, path: &[&str]| -> Value {
+        let mut v = root;
+        for p in path {
+            v = &v[*p];
+        }
+        v.clone()
+    };
+    let with_targets = label.is_some_and(|l| l == "always" || l.starts_with("default"));
+    println!(
+        "\n{:<24} {:>14} {:>14} {:>9}{}",
+        "figure",
+        "CipherHorizon",
+        "monolith",
+        "ratio",
+        if with_targets {
+            format!("  target ({})", label.unwrap_or_default())
+        } else {
+            String::new()
+        }
+    );
+    for (name, path) in rows {
+        let ratio_path: Vec<&str> = if path[0] == "errors" {
+            vec!["errors"]
+        } else {
+            path.to_vec()
+        };
+        let ratio = if path[0] == "consistency" {
+            Value::Null
+        } else {
+            get(&r["ratio"], &ratio_path)
+        };
+        println!(
+            "{:<24} {:>14} {:>14} {:>9}{}",
+            name,
+            cell(&get(r, path)),
+            cell(&get(&r["baseline"], path)),
+            cell(&ratio),
+            if with_targets {
+                format!("  {}", target(label, name))
+            } else {
+                String::new()
+            }
+        );
+    }
+    println!(
+        "(monolith rows differing: its portfolios compared with the states folded from CipherHorizon's stream)"
+    );
+}
+
+fn write(
+    out: &std::path::Path,
+    tag: Option<&str>,
+    report: &Value,
+    at: chrono::DateTime<chrono::Utc>,
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let stamp = at.format("%Y%m%dT%H%M%SZ").to_string();
+    let name = match tag {
+        Some(t) => format!("{stamp}-{t}.json"),
+        None => format!("{stamp}.json"),
+    };
+    let text = serde_json::to_string_pretty(report)? + "\n";
+    let path = out.join(name);
+    std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
+    let latest = out.join("latest.json");
+    std::fs::write(&latest, &text).with_context(|| format!("writing {}", latest.display()))?;
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ratios_divide_numbers_and_skip_nulls() {
+        let ours = json!({"commands_per_sec": 100.0, "command_latency_ms": {"p50": 2.0, "p99": 4.0, "count": 5},
+                          "sync_overhead": null, "errors": {"total": 0}});
+        let base = json!({"commands_per_sec": 50.0, "command_latency_ms": {"p50": 1.0, "p99": 0.0, "count": 5},
+                          "sync_overhead": null, "errors": {"total": 0}});
+        let r = ratios(&ours, &base);
+        assert_eq!(r["commands_per_sec"], json!(2.0));
+        assert_eq!(r["command_latency_ms"]["p50"], json!(2.0));
+        assert_eq!(r["command_latency_ms"]["p99"], Value::Null);
+        assert_eq!(r["sync_overhead"], Value::Null);
+        assert_eq!(r["errors"], Value::Null);
+    }
+
+    #[test]
+    fn run_ids_are_short_tokens() {
+        assert_eq!(base36(0), "0");
+        assert_eq!(base36(35), "z");
+        assert_eq!(base36(36), "10");
+    }
+}

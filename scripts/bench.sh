@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# `make bench`: the trade-flow benchmark (issue 3) on a stack this script starts itself.
+#
+# Builds the release binaries once, then for each JetStream fsync setting (BENCH_FSYNC,
+# default "default always": the server's default sync_interval, and `sync_interval: always` as
+# in nats/nats-server.conf) and each read-side mode (BENCH_SYNC_MODES, default "eventual"):
+#   a fresh pinned nats-server (port 14422, monitor 18422, a fresh store), fresh Postgres
+#   schemas (bench, bench_mono), the release workers (`chctl up --detach`, CH_SUBJECT_PREFIX=bench,
+#   own CH_RUN_DIR), `chctl bench trade-flow $BENCH_ARGS`, then everything stopped again.
+# Results: bench/results/<UTC timestamp>-<fsync>-<mode>.json and bench/results/latest.json.
+#
+#   make bench                                   default size (100,000 signals)
+#   make bench BENCH_ARGS=--quick                smoke size
+#   make bench BENCH_SYNC_MODES="eventual batch adaptive immediate"   (the monolithic baseline
+#                                                runs with the first mode of each fsync setting)
+#   BENCH_FSYNC=always make bench                only one fsync setting
+#
+# Honours CH_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/cipherhorizon). To run
+# against your own deployment instead, call `chctl bench trade-flow` directly with CH_NATS_URL
+# and CH_SUBJECT_PREFIX set.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+port=${BENCH_NATS_PORT:-14422}
+http=$((port + 4000))
+modes=${BENCH_SYNC_MODES:-eventual}
+fsyncs=${BENCH_FSYNC:-default always}
+read -r -a bench_args <<<"${BENCH_ARGS:-}"
+
+export CH_DATABASE_URL=${CH_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/cipherhorizon}
+export CH_NATS_URL=nats://127.0.0.1:$port
+export CH_SUBJECT_PREFIX=bench CH_DB_SCHEMA=bench
+unset CH_BATCH_MAX CH_BATCH_WAIT_MS
+
+scripts/venv.sh
+scripts/pg.sh
+echo "building the release binaries"
+cargo build --release --workspace --bins
+bin=target/release
+
+store= run_dir=
+cleanup() {
+    if [[ -n $run_dir ]]; then
+        CH_RUN_DIR=$run_dir "$bin/chctl" down >/dev/null 2>&1 || true
+        rm -rf "$run_dir"
+    fi
+    scripts/nats.sh stop "$port" >/dev/null 2>&1 || true
+    [[ -z $store ]] || rm -rf "$store"
+    store= run_dir=
+}
+trap cleanup EXIT
+
+fresh_schemas() {
+    # The database may not exist yet (`chctl up` creates it): then there is nothing to drop.
+    if psql -q "$CH_DATABASE_URL" -c 'SELECT 1' >/dev/null 2>&1; then
+        PGOPTIONS='-c client_min_messages=warning' psql -q -v ON_ERROR_STOP=1 "$CH_DATABASE_URL" \
+            -c "DROP SCHEMA IF EXISTS $CH_DB_SCHEMA CASCADE" \
+            -c "DROP SCHEMA IF EXISTS ${CH_DB_SCHEMA}_mono CASCADE" >/dev/null
+    fi
+}
+
+started=$(date +%s)
+written=()
+for fsync in $fsyncs; do
+    case $fsync in
+        default) conf=none label="default" ;;
+        always) conf=nats/nats-server.conf label="always" ;;
+        *) echo "bench.sh: BENCH_FSYNC: unknown setting '$fsync' (default, always)" >&2; exit 2 ;;
+    esac
+    first=1
+    for mode in $modes; do
+        # The monolith does not depend on CH_SYNC: it runs beside the first mode of each fsync
+        # setting only (unless BENCH_ARGS says otherwise).
+        extra=()
+        if [[ -z $first && " ${bench_args[*]} " != *" --baseline"* ]]; then
+            extra=(--baseline none)
+        fi
+        first=
+        echo
+        echo "=== JetStream sync_interval: $label; CH_SYNC=$mode"
+        cleanup
+        store=$(mktemp -d "${TMPDIR:-/tmp}/ch-bench-nats.XXXXXX")
+        run_dir=$(mktemp -d "${TMPDIR:-/tmp}/ch-bench-run.XXXXXX")
+        scripts/nats.sh stop "$port" >/dev/null 2>&1 || true
+        CH_NATS_CONF=$conf scripts/nats.sh start "$port" "$store" "$http"
+        fresh_schemas
+        export CH_SYNC=$mode CH_RUN_DIR=$run_dir
+        "$bin/chctl" up --detach --bin-dir "$bin" >"$run_dir/up.log" 2>&1 \
+            || { cat "$run_dir/up.log" >&2; exit 1; }
+        echo "workers up (logs in $run_dir/logs)"
+        rc=0
+        "$bin/chctl" bench trade-flow --sync-interval-label "$label" --tag "$label-$mode" \
+            "${extra[@]}" "${bench_args[@]}" || rc=$?
+        if [[ $rc != 0 ]]; then
+            echo "bench.sh: the benchmark failed (exit $rc); worker logs:" >&2
+            tail -n 5 "$run_dir"/logs/*.log >&2 || true
+            exit "$rc"
+        fi
+        written+=("$(ls -t bench/results/*-"$label-$mode".json | head -n 1)")
+    done
+done
+cleanup
+echo
+echo "make bench: $(( $(date +%s) - started )) s after the build; results:"
+printf '  %s\n' "${written[@]}"
