@@ -88,6 +88,9 @@ async fn project_in(mode: SyncMode, batch_max: usize) -> Vec<String> {
         perf["fill_count"].as_u64().unwrap() + perf["rejected_signals"].as_u64().unwrap(),
         15
     );
+    // Both read models must have everything before the dump (strategy.get waits for both).
+    env.query_at("strategy.get", json!({"strategy_id": "s1"}), last)
+        .await;
     // Ids and sequences are the same in every run (one writer, same order): compare rows.
     env.dump_read_model()
         .await

@@ -128,80 +128,74 @@ impl Fold {
             .into_iter()
             .collect();
         let mut fold = Fold::default();
-        if !ids.is_empty() {
-            for r in tx
-                .query(
-                    "SELECT * FROM portfolios WHERE portfolio_id = ANY($1)",
-                    &[&ids],
-                )
-                .await?
-            {
-                let row = PortfolioRow {
-                    portfolio_id: r.get("portfolio_id"),
-                    user_id: r.get("user_id"),
-                    name: r.get("name"),
-                    quote_currency: r.get("quote_currency"),
-                    fee_rate: r.get("fee_rate"),
-                    status: r.get("status"),
-                    cash: r.get("cash"),
-                    net_deposits: r.get("net_deposits"),
-                    realized_pnl: r.get("realized_pnl"),
-                    fees_paid: r.get("fees_paid"),
-                    fill_count: r.get("fill_count"),
-                    rejected_signals: r.get("rejected_signals"),
-                    nav_at_flow: r.get("nav_at_flow"),
-                    equity_at_flow: r.get("equity_at_flow"),
-                    first_deposit_at: r.get("first_deposit_at"),
-                    version: r.get("version"),
-                    opened_at: r.get("opened_at"),
-                    updated_at: r.get("updated_at"),
-                    last_seq: r.get("last_seq"),
-                };
-                fold.portfolios.insert(row.portfolio_id.clone(), row);
-            }
-            for r in tx
-                .query(
-                    "SELECT portfolio_id, symbol, quantity, cost_basis, gross_entry FROM positions
-                     WHERE portfolio_id = ANY($1)",
-                    &[&ids],
-                )
-                .await?
-            {
-                fold.positions.insert(
-                    (r.get(0), r.get(1)),
-                    Some(PositionRow {
-                        quantity: r.get(2),
-                        cost_basis: r.get(3),
-                        gross_entry: r.get(4),
-                    }),
-                );
-            }
-            for r in tx
-                .query(
-                    "SELECT portfolio_id, symbol, opened_seq, opened_at, pnl, fees FROM round_trips
-                     WHERE portfolio_id = ANY($1) AND closed_at IS NULL",
-                    &[&ids],
-                )
-                .await?
-            {
-                fold.open_trips.insert(
-                    (r.get(0), r.get(1)),
-                    Trip {
-                        strategy_id: None,
-                        opened_seq: r.get(2),
-                        opened_at: r.get(3),
-                        closed_at: None,
-                        pnl: r.get(4),
-                        fees: r.get(5),
-                    },
-                );
-            }
+        // Sent together: tokio-postgres pipelines concurrent queries on one connection.
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&ids];
+        let (portfolios, positions, trips, marks) = futures::try_join!(
+            tx.query(
+                "SELECT * FROM portfolios WHERE portfolio_id = ANY($1)",
+                &params
+            ),
+            tx.query(
+                "SELECT portfolio_id, symbol, quantity, cost_basis, gross_entry FROM positions
+                 WHERE portfolio_id = ANY($1)",
+                &params,
+            ),
+            tx.query(
+                "SELECT portfolio_id, symbol, opened_seq, opened_at, pnl, fees FROM round_trips
+                 WHERE portfolio_id = ANY($1) AND closed_at IS NULL",
+                &params,
+            ),
+            // One row per symbol: small.
+            tx.query("SELECT symbol, price, at, last_seq FROM marks", &[]),
+        )?;
+        for r in portfolios {
+            let row = PortfolioRow {
+                portfolio_id: r.get("portfolio_id"),
+                user_id: r.get("user_id"),
+                name: r.get("name"),
+                quote_currency: r.get("quote_currency"),
+                fee_rate: r.get("fee_rate"),
+                status: r.get("status"),
+                cash: r.get("cash"),
+                net_deposits: r.get("net_deposits"),
+                realized_pnl: r.get("realized_pnl"),
+                fees_paid: r.get("fees_paid"),
+                fill_count: r.get("fill_count"),
+                rejected_signals: r.get("rejected_signals"),
+                nav_at_flow: r.get("nav_at_flow"),
+                equity_at_flow: r.get("equity_at_flow"),
+                first_deposit_at: r.get("first_deposit_at"),
+                version: r.get("version"),
+                opened_at: r.get("opened_at"),
+                updated_at: r.get("updated_at"),
+                last_seq: r.get("last_seq"),
+            };
+            fold.portfolios.insert(row.portfolio_id.clone(), row);
         }
-        // One row per symbol: small.
-        for r in tx
-            .query("SELECT symbol, price, at, last_seq FROM marks", &[])
-            .await?
-        {
+        for r in positions {
+            fold.positions.insert(
+                (r.get(0), r.get(1)),
+                Some(PositionRow {
+                    quantity: r.get(2),
+                    cost_basis: r.get(3),
+                    gross_entry: r.get(4),
+                }),
+            );
+        }
+        for r in trips {
+            fold.open_trips.insert(
+                (r.get(0), r.get(1)),
+                Trip {
+                    strategy_id: None,
+                    opened_seq: r.get(2),
+                    opened_at: r.get(3),
+                    closed_at: None,
+                    pnl: r.get(4),
+                    fees: r.get(5),
+                },
+            );
+        }
+        for r in marks {
             fold.marks.insert(
                 r.get(0),
                 Mark {
@@ -427,11 +421,14 @@ impl Fold {
     }
 
     async fn write(self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
-        self.write_portfolios(tx).await?;
-        self.write_positions(tx).await?;
-        self.write_marks(tx).await?;
+        // Independent tables: sent together (pipelined); the COPYs go one after the other.
+        futures::try_join!(
+            self.write_portfolios(tx),
+            self.write_positions(tx),
+            self.write_marks(tx),
+            self.write_trips(tx),
+        )?;
         self.write_trades(tx).await?;
-        self.write_trips(tx).await?;
         self.write_history(tx).await?;
         for a in &self.attachments {
             match a {

@@ -225,20 +225,19 @@ impl<P: Projection> Projector<P> {
         let tx = conn.transaction().await?;
         // A read model is rebuildable and its checkpoint commits with it: a commit lost in a
         // database crash is replayed from the stream, so it need not wait for the WAL flush.
-        tx.batch_execute("SET LOCAL synchronous_commit = off")
-            .await?;
-        tx.execute(
-            "INSERT INTO ch_checkpoints (projection, last_seq) VALUES ($1, 0) ON CONFLICT DO NOTHING",
-            &[&name],
-        )
-        .await?;
-        let cp: i64 = tx
-            .query_one(
-                "SELECT last_seq FROM ch_checkpoints WHERE projection = $1 FOR UPDATE",
-                &[&name],
-            )
-            .await?
-            .get(0);
+        // One round trip: the upsert makes sure the row exists, locks it against other
+        // writers (a rebuild's reset) for the transaction, and returns the checkpoint.
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&name];
+        let (_, row) = futures::try_join!(
+            tx.batch_execute("SET LOCAL synchronous_commit = off"),
+            tx.query_one(
+                "INSERT INTO ch_checkpoints (projection, last_seq) VALUES ($1, 0)
+                 ON CONFLICT (projection) DO UPDATE SET projection = EXCLUDED.projection
+                 RETURNING last_seq",
+                &params,
+            ),
+        )?;
+        let cp: i64 = row.get(0);
         let mut last = cp as u64;
         let mut dead = Vec::new();
         let mut events = Vec::with_capacity(raws.len());
