@@ -114,7 +114,7 @@ impl Handler for QueryHandler {
             .queries
             .iter()
             .copied()
-            .find(|q| q.name().replace('.', "_") == endpoint)
+            .find(|q| service::endpoint_name(q.name()) == endpoint)
             .ok_or_else(|| ApiError::not_found(format!("no query endpoint {endpoint}")))?;
         let body = &msg.payload;
         match query {
@@ -192,7 +192,12 @@ pub async fn run_queries(
         "CipherHorizon queries (API.md)",
         queries
             .iter()
-            .map(|q| (q.name().replace('.', "_"), app.subjects.query(q.name())))
+            .map(|q| {
+                (
+                    service::endpoint_name(q.name()),
+                    app.subjects.query(q.name()),
+                )
+            })
             .collect(),
     );
     let handler = Arc::new(QueryHandler {

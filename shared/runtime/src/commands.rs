@@ -166,7 +166,7 @@ impl Handler for CommandHandler {
     async fn handle(&self, endpoint: &str, msg: &Message) -> Result<Value, ApiError> {
         let ep = Endpoint::ALL
             .into_iter()
-            .find(|e| e.name().replace('.', "_") == endpoint)
+            .find(|e| service::endpoint_name(e.name()) == endpoint)
             .ok_or_else(|| ApiError::not_found(format!("no command endpoint {endpoint}")))?;
         let mut reply = self.commands.execute(ep, &msg.payload).await?;
         if let (Some((progress, timeout)), Some(seq)) =
@@ -192,7 +192,12 @@ pub async fn run(
         "CipherHorizon commands (API.md)",
         endpoints
             .iter()
-            .map(|e| (e.name().replace('.', "_"), app.subjects.command(e.name())))
+            .map(|e| {
+                (
+                    service::endpoint_name(e.name()),
+                    app.subjects.command(e.name()),
+                )
+            })
             .collect(),
     );
     let immediate = if app.cfg.sync == SyncMode::Immediate {

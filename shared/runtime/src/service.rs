@@ -24,6 +24,12 @@ const MAX_IN_FLIGHT: usize = 1024;
 /// The version every service reports.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// The micro-service endpoint name of a subject suffix (`portfolio.update` ->
+/// `portfolio_update`): endpoint names may not contain dots.
+pub fn endpoint_name(suffix: &str) -> String {
+    suffix.replace('.', "_")
+}
+
 /// Answers the requests of a service's endpoints.
 pub trait Handler: Send + Sync + 'static {
     /// # Errors
