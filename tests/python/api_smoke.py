@@ -120,7 +120,7 @@ async def main():
     check("stats count requests", reqs >= 1, stats)
 
     await nc.close()
-    print(f"api smoke: {passed} passed, {failed} failed")
+    print(f"smoke: {passed} passed, {failed} failed")
     return 1 if failed else 0
 
 
