@@ -129,29 +129,43 @@ pub async fn portfolio_performance(
     q: &PerformanceQuery,
 ) -> Result<Value, ApiError> {
     check_id("portfolio_id", &q.portfolio_id)?;
-    let as_of_seq = as_of(tx, "portfolio").await?;
-    let Some(p) = tx
-        .query_opt(
-            "SELECT * FROM portfolios WHERE portfolio_id = $1",
-            &[&q.portfolio_id],
-        )
-        .await
-        .map_err(DbError::from)?
-    else {
+    // All reads go out together (pipelined on the connection), in the one snapshot.
+    let id: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&q.portfolio_id];
+    let (as_of_seq, p, rows, trips, attached) = futures::try_join!(
+        async { as_of(tx, "portfolio").await.map_err(ApiError::from) },
+        async {
+            tx.query_opt("SELECT * FROM portfolios WHERE portfolio_id = $1", &id)
+                .await
+                .map_err(|e| ApiError::from(DbError::from(e)))
+        },
+        async {
+            tx.query(
+                "SELECT p.symbol, p.quantity, p.cost_basis, p.gross_entry, m.price AS mark
+                 FROM positions p LEFT JOIN marks m ON m.symbol = p.symbol
+                 WHERE p.portfolio_id = $1 ORDER BY p.symbol",
+                &id,
+            )
+            .await
+            .map_err(|e| ApiError::from(DbError::from(e)))
+        },
+        async {
+            tx.query_one(
+                "SELECT count(*) FILTER (WHERE closed_at IS NOT NULL) AS closed,
+                        count(*) FILTER (WHERE closed_at IS NOT NULL AND pnl > 0) AS wins
+                 FROM round_trips WHERE portfolio_id = $1",
+                &id,
+            )
+            .await
+            .map_err(|e| ApiError::from(DbError::from(e)))
+        },
+        async { attached(tx, &q.portfolio_id).await.map_err(ApiError::from) },
+    )?;
+    let Some(p) = p else {
         return Err(ApiError::not_found(format!(
             "portfolio {} not found",
             q.portfolio_id
         )));
     };
-    let rows = tx
-        .query(
-            "SELECT p.symbol, p.quantity, p.cost_basis, p.gross_entry, m.price AS mark
-             FROM positions p LEFT JOIN marks m ON m.symbol = p.symbol
-             WHERE p.portfolio_id = $1 ORDER BY p.symbol",
-            &[&q.portfolio_id],
-        )
-        .await
-        .map_err(DbError::from)?;
     let cash = dec(&p, "cash");
     let mut equity = cash;
     let mut unrealized_total = Decimal::ZERO;
@@ -177,15 +191,6 @@ pub async fn portfolio_performance(
             "unrealized_pnl": plain(unrealized),
         }));
     }
-    let trips = tx
-        .query_one(
-            "SELECT count(*) FILTER (WHERE closed_at IS NOT NULL) AS closed,
-                    count(*) FILTER (WHERE closed_at IS NOT NULL AND pnl > 0) AS wins
-             FROM round_trips WHERE portfolio_id = $1",
-            &[&q.portfolio_id],
-        )
-        .await
-        .map_err(DbError::from)?;
     let closed: i64 = trips.get("closed");
     let wins: i64 = trips.get("wins");
     let nav = dec(&p, "nav_at_flow");
@@ -216,7 +221,7 @@ pub async fn portfolio_performance(
         "fill_count": p.get::<_, i64>("fill_count"),
         "win_rate": win_rate,
         "rejected_signals": p.get::<_, i64>("rejected_signals"),
-        "attached_strategies": attached(tx, &q.portfolio_id).await?,
+        "attached_strategies": attached,
         "opened_at": p.get::<_, chrono::DateTime<chrono::Utc>>("opened_at"),
         "updated_at": p.get::<_, chrono::DateTime<chrono::Utc>>("updated_at"),
         "version": p.get::<_, i64>("version"),
