@@ -589,10 +589,7 @@ pub async fn run_on(
     });
     let spec = worker.app.service_spec(
         "exit triggers: stop loss, take profit and trailing stop sells on market prices",
-        vec![(
-            "status".into(),
-            status_subject(worker.app.subjects.prefix()),
-        )],
+        [("status", status_subject(worker.app.subjects.prefix()))],
     );
     let svc = tokio::spawn(service::serve(
         worker.app.client.clone(),

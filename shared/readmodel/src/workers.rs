@@ -192,13 +192,7 @@ pub async fn run_queries(
         "CipherHorizon queries (API.md)",
         queries
             .iter()
-            .map(|q| {
-                (
-                    service::endpoint_name(q.name()),
-                    app.subjects.query(q.name()),
-                )
-            })
-            .collect(),
+            .map(|q| (q.name(), app.subjects.query(q.name()))),
     );
     let handler = Arc::new(QueryHandler {
         pool: app.pool()?,

@@ -76,13 +76,22 @@ impl App {
     }
 
     /// The micro service of this worker with the given `(endpoint name, subject)` pairs.
-    pub fn service_spec(&self, description: &str, endpoints: Vec<(String, String)>) -> ServiceSpec {
+    /// Endpoints are `(name, subject)`; a dotted name (`portfolio.update`) becomes the
+    /// endpoint name `portfolio_update`.
+    pub fn service_spec<'a>(
+        &self,
+        description: &str,
+        endpoints: impl IntoIterator<Item = (&'a str, String)>,
+    ) -> ServiceSpec {
         ServiceSpec {
             name: self.subjects.service_name(&self.worker),
             description: description.to_owned(),
             endpoints: endpoints
                 .into_iter()
-                .map(|(name, subject)| EndpointSpec { name, subject })
+                .map(|(name, subject)| EndpointSpec {
+                    name: crate::service::endpoint_name(name),
+                    subject,
+                })
                 .collect(),
         }
     }

@@ -192,13 +192,7 @@ pub async fn run(
         "CipherHorizon commands (API.md)",
         endpoints
             .iter()
-            .map(|e| {
-                (
-                    service::endpoint_name(e.name()),
-                    app.subjects.command(e.name()),
-                )
-            })
-            .collect(),
+            .map(|e| (e.name(), app.subjects.command(e.name()))),
     );
     let immediate = if app.cfg.sync == SyncMode::Immediate {
         let progress = Progress::subscribe(&app.client, &app.subjects, &PROJECTIONS).await?;
