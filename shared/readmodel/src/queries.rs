@@ -120,67 +120,77 @@ fn dec(row: &Row, col: &str) -> Decimal {
     row.get::<_, Decimal>(col)
 }
 
+/// The whole performance read in one statement (one snapshot, so the figures and `as_of_seq`
+/// match without a transaction; prepared once per connection): the portfolio row, its
+/// positions with their marks as parallel arrays in symbol order, its round-trip counts and
+/// its attached strategies. No row: no such portfolio.
+const PERFORMANCE_SQL: &str = "
+    SELECT (SELECT last_seq FROM ch_checkpoints WHERE projection = 'portfolio') AS as_of_seq,
+           p.*, x.symbols, x.quantities, x.cost_bases, x.gross_entries, x.marks,
+           t.closed, t.wins,
+           ARRAY(SELECT s.strategy_id FROM portfolio_strategies s
+                 WHERE s.portfolio_id = p.portfolio_id ORDER BY s.strategy_id) AS attached
+    FROM portfolios p
+    CROSS JOIN LATERAL (
+        SELECT array_agg(q.symbol ORDER BY q.symbol) AS symbols,
+               array_agg(q.quantity ORDER BY q.symbol) AS quantities,
+               array_agg(q.cost_basis ORDER BY q.symbol) AS cost_bases,
+               array_agg(q.gross_entry ORDER BY q.symbol) AS gross_entries,
+               array_agg(m.price ORDER BY q.symbol) AS marks
+        FROM positions q LEFT JOIN marks m ON m.symbol = q.symbol
+        WHERE q.portfolio_id = p.portfolio_id) x
+    CROSS JOIN LATERAL (
+        SELECT count(*) FILTER (WHERE r.closed_at IS NOT NULL) AS closed,
+               count(*) FILTER (WHERE r.closed_at IS NOT NULL AND r.pnl > 0) AS wins
+        FROM round_trips r WHERE r.portfolio_id = p.portfolio_id) t
+    WHERE p.portfolio_id = $1";
+
 /// `ch.query.portfolio.performance`.
 ///
 /// # Errors
 /// `not_found` for an unknown portfolio; `bad_request` for an invalid id.
 pub async fn portfolio_performance(
-    tx: &Transaction<'_>,
+    conn: &deadpool_postgres::Object,
     q: &PerformanceQuery,
 ) -> Result<Value, ApiError> {
     check_id("portfolio_id", &q.portfolio_id)?;
-    // All reads go out together (pipelined on the connection), in the one snapshot.
-    let id: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&q.portfolio_id];
-    let (as_of_seq, p, rows, trips, attached) = futures::try_join!(
-        async { as_of(tx, "portfolio").await.map_err(ApiError::from) },
-        async {
-            tx.query_opt("SELECT * FROM portfolios WHERE portfolio_id = $1", &id)
-                .await
-                .map_err(|e| ApiError::from(DbError::from(e)))
-        },
-        async {
-            tx.query(
-                "SELECT p.symbol, p.quantity, p.cost_basis, p.gross_entry, m.price AS mark
-                 FROM positions p LEFT JOIN marks m ON m.symbol = p.symbol
-                 WHERE p.portfolio_id = $1 ORDER BY p.symbol",
-                &id,
-            )
-            .await
-            .map_err(|e| ApiError::from(DbError::from(e)))
-        },
-        async {
-            tx.query_one(
-                "SELECT count(*) FILTER (WHERE closed_at IS NOT NULL) AS closed,
-                        count(*) FILTER (WHERE closed_at IS NOT NULL AND pnl > 0) AS wins
-                 FROM round_trips WHERE portfolio_id = $1",
-                &id,
-            )
-            .await
-            .map_err(|e| ApiError::from(DbError::from(e)))
-        },
-        async { attached(tx, &q.portfolio_id).await.map_err(ApiError::from) },
-    )?;
-    let Some(p) = p else {
+    let stmt = conn
+        .prepare_cached(PERFORMANCE_SQL)
+        .await
+        .map_err(DbError::from)?;
+    let Some(p) = conn
+        .query_opt(&stmt, &[&q.portfolio_id])
+        .await
+        .map_err(DbError::from)?
+    else {
         return Err(ApiError::not_found(format!(
             "portfolio {} not found",
             q.portfolio_id
         )));
     };
+    let as_of_seq = p.get::<_, Option<i64>>("as_of_seq").unwrap_or(0);
+    let column = |name: &str| p.get::<_, Option<Vec<Decimal>>>(name).unwrap_or_default();
+    let symbols: Vec<String> = p.get::<_, Option<Vec<String>>>("symbols").unwrap_or_default();
+    let (quantities, cost_bases, gross_entries) = (
+        column("quantities"),
+        column("cost_bases"),
+        column("gross_entries"),
+    );
+    let marks: Vec<Option<Decimal>> = p
+        .get::<_, Option<Vec<Option<Decimal>>>>("marks")
+        .unwrap_or_default();
     let cash = dec(&p, "cash");
     let mut equity = cash;
     let mut unrealized_total = Decimal::ZERO;
-    let mut positions = Vec::new();
-    for r in &rows {
-        let qty = dec(r, "quantity");
-        let cost = dec(r, "cost_basis");
-        let gross = dec(r, "gross_entry");
-        let mark: Option<Decimal> = r.get("mark");
+    let mut positions = Vec::with_capacity(symbols.len());
+    for (i, symbol) in symbols.iter().enumerate() {
+        let (qty, cost, gross, mark) = (quantities[i], cost_bases[i], gross_entries[i], marks[i]);
         let value = mark.map_or(gross, |m| qty * m);
         let unrealized = value - cost;
         equity += value;
         unrealized_total += unrealized;
         positions.push(json!({
-            "symbol": r.get::<_, String>("symbol"),
+            "symbol": symbol,
             "quantity": plain(qty),
             "avg_cost": plain((cost / qty).round_dp(8)),
             "avg_entry_price": plain((gross / qty).round_dp(8)),
@@ -191,8 +201,9 @@ pub async fn portfolio_performance(
             "unrealized_pnl": plain(unrealized),
         }));
     }
-    let closed: i64 = trips.get("closed");
-    let wins: i64 = trips.get("wins");
+    let closed: i64 = p.get("closed");
+    let wins: i64 = p.get("wins");
+    let attached: Vec<String> = p.get("attached");
     let nav = dec(&p, "nav_at_flow");
     let e_flow = dec(&p, "equity_at_flow");
     let total_return = if e_flow > Decimal::ZERO {
@@ -227,18 +238,6 @@ pub async fn portfolio_performance(
         "version": p.get::<_, i64>("version"),
         "as_of_seq": as_of_seq,
     }))
-}
-
-async fn attached(tx: &Transaction<'_>, portfolio_id: &str) -> Result<Vec<String>, DbError> {
-    Ok(tx
-        .query(
-            "SELECT strategy_id FROM portfolio_strategies WHERE portfolio_id = $1 ORDER BY strategy_id",
-            &[&portfolio_id],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect())
 }
 
 fn strategy_row(r: &Row) -> Value {

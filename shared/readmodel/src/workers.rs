@@ -121,11 +121,8 @@ impl Handler for QueryHandler {
             Query::PortfolioPerformance => {
                 let q: PerformanceQuery = queries::parse(body)?;
                 self.wait_if_asked(query, &q).await?;
-                let mut conn = self.snapshot_conn().await?;
-                let tx = queries::snapshot(&mut conn).await?;
-                let reply = queries::portfolio_performance(&tx, &q).await;
-                drop(tx);
-                reply
+                let conn = self.snapshot_conn().await?;
+                queries::portfolio_performance(&conn, &q).await
             }
             Query::StrategyList => {
                 let q: StrategyListQuery = queries::parse(body)?;
