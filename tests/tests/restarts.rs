@@ -221,3 +221,65 @@ async fn a_standby_projector_takes_over_when_the_active_one_dies() {
     assert_eq!(perf["net_deposits"], "100001");
     standby.stop().await;
 }
+
+/// The strategy projector's consumer filters the strategy subjects, so it is not handed the
+/// (many) portfolio and market events; its checkpoint still follows the whole stream, so
+/// read-your-writes holds for any sequence, and a rebuild while it runs refills its table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_strategy_projector_reads_only_strategy_events_and_follows_the_stream() {
+    let env = TestEnv::with_all_workers().await;
+    env.cmd("strategy.create", strategy("u1", "s2", &["BTC-USDT"]))
+        .await;
+    // s1, then portfolio and market events only.
+    let last = load_history(&env, 3, 4).await;
+
+    // No strategy event since s1, yet the read model is reported complete up to `last`.
+    let list = env
+        .query_at("strategy.list", json!({"user_id": "u1"}), last)
+        .await;
+    assert!(list["as_of_seq"].as_u64().unwrap() >= last, "{list}");
+    assert_eq!(list["strategies"].as_array().unwrap().len(), 2, "{list}");
+
+    let js = async_nats::jetstream::new(env.client.clone());
+    let stream = js.get_stream(env.subjects.stream_name()).await.unwrap();
+    let mut consumer = stream
+        .get_consumer::<async_nats::jetstream::consumer::pull::Config>("proj_strategy")
+        .await
+        .unwrap();
+    let info = consumer.info().await.unwrap().clone();
+    assert_eq!(
+        info.config.filter_subject,
+        format!("{}.events.strategy.>", env.subjects.prefix())
+    );
+    // Handed the two creates only, out of every event so far.
+    assert_eq!(info.delivered.consumer_sequence, 2);
+    assert!(last > 10);
+
+    // Reset it under the running projector: it notices and replays the strategy subjects.
+    let app = App::start(env.app_config(), "test-rebuild").await.unwrap();
+    let replayed_here = projector(&app, StrategyProjection)
+        .unwrap()
+        .rebuild()
+        .await
+        .unwrap();
+    assert_eq!(replayed_here, None, "the running projector should replay");
+    let u = env
+        .cmd(
+            "strategy.update",
+            json!({"strategy_id": "s1", "strategy_name": "renamed", "expected_version": 1}),
+        )
+        .await;
+    let s1 = env
+        .query_at(
+            "strategy.get",
+            json!({"strategy_id": "s1"}),
+            u["stream_seq"].as_u64().unwrap(),
+        )
+        .await;
+    assert_eq!(s1["name"], "renamed");
+    assert_eq!(s1["version"], 2);
+    let list = env
+        .query_at("strategy.list", json!({"user_id": "u1"}), last)
+        .await;
+    assert_eq!(list["strategies"].as_array().unwrap().len(), 2, "{list}");
+}

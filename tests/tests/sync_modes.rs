@@ -40,6 +40,28 @@ async fn immediate_says_not_projected_when_a_projector_is_down() {
     assert_eq!(opened["projected"], false, "{opened}");
 }
 
+/// `immediate` waits for the projectors that consume the event: the strategy projector reads
+/// strategy subjects only, so a portfolio command does not wait for it, a strategy command does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn immediate_waits_for_the_projectors_that_consume_the_event() {
+    let mut env = TestEnv::new().await;
+    env.cfg.sync = SyncMode::Immediate;
+    env.cfg.immediate_timeout = Duration::from_millis(200);
+    for w in [
+        Worker::CmdPortfolio,
+        Worker::CmdStrategy,
+        Worker::ProjPortfolio,
+    ] {
+        env.start(w).await;
+    }
+    let opened = env.cmd("portfolio.update", open("p1", "u1")).await;
+    assert_eq!(opened["projected"], true, "{opened}");
+    let created = env
+        .cmd("strategy.create", strategy("u1", "s1", &["BTC-USDT"]))
+        .await;
+    assert_eq!(created["projected"], false, "{created}");
+}
+
 async fn workload(env: &TestEnv) -> u64 {
     env.cmd("strategy.create", strategy("u1", "s1", &["BTC-USDT"]))
         .await;

@@ -13,10 +13,11 @@ use ch_domain::Event;
 use ch_runtime::envelope::StoredEvent;
 use ch_runtime::projector::Projection;
 use chrono::{DateTime, Utc};
+use deadpool_postgres::Transaction;
 use rust_decimal::Decimal;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::types::Type;
-use tokio_postgres::Transaction;
 
 pub struct PortfolioProjection;
 
@@ -131,22 +132,25 @@ impl Fold {
         // Sent together: tokio-postgres pipelines concurrent queries on one connection.
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&ids];
         let (portfolios, positions, trips, marks) = futures::try_join!(
-            tx.query(
+            rows(
+                tx,
                 "SELECT * FROM portfolios WHERE portfolio_id = ANY($1)",
                 &params
             ),
-            tx.query(
+            rows(
+                tx,
                 "SELECT portfolio_id, symbol, quantity, cost_basis, gross_entry FROM positions
                  WHERE portfolio_id = ANY($1)",
                 &params,
             ),
-            tx.query(
+            rows(
+                tx,
                 "SELECT portfolio_id, symbol, opened_seq, opened_at, pnl, fees FROM round_trips
                  WHERE portfolio_id = ANY($1) AND closed_at IS NULL",
                 &params,
             ),
             // One row per symbol: small.
-            tx.query("SELECT symbol, price, at, last_seq FROM marks", &[]),
+            rows(tx, "SELECT symbol, price, at, last_seq FROM marks", &[]),
         )?;
         for r in portfolios {
             let row = PortfolioRow {
@@ -433,7 +437,8 @@ impl Fold {
         for a in &self.attachments {
             match a {
                 Attachment::Attach(p, s, at) => {
-                    tx.execute(
+                    exec(
+                        tx,
                         "INSERT INTO portfolio_strategies (portfolio_id, strategy_id, attached_at)
                          VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
                         &[p, s, at],
@@ -441,7 +446,8 @@ impl Fold {
                     .await?;
                 }
                 Attachment::Detach(p, s) => {
-                    tx.execute(
+                    exec(
+                        tx,
                         "DELETE FROM portfolio_strategies WHERE portfolio_id = $1 AND strategy_id = $2",
                         &[p, s],
                     )
@@ -466,7 +472,8 @@ impl Fold {
                 rows.iter().map(|r| r.$f.clone()).collect::<Vec<_>>()
             };
         }
-        tx.execute(
+        exec(
+            tx,
             "INSERT INTO portfolios (portfolio_id, user_id, name, quote_currency, fee_rate, status, cash,
                  net_deposits, realized_pnl, fees_paid, fill_count, rejected_signals, nav_at_flow,
                  equity_at_flow, first_deposit_at, version, opened_at, updated_at, last_seq)
@@ -527,7 +534,8 @@ impl Fold {
             }
         }
         if !del_p.is_empty() {
-            tx.execute(
+            exec(
+                tx,
                 "DELETE FROM positions p USING UNNEST($1::text[], $2::text[]) AS d(portfolio_id, symbol)
                  WHERE p.portfolio_id = d.portfolio_id AND p.symbol = d.symbol",
                 &[&del_p, &del_s],
@@ -535,7 +543,8 @@ impl Fold {
             .await?;
         }
         if !up_p.is_empty() {
-            tx.execute(
+            exec(
+                tx,
                 "INSERT INTO positions (portfolio_id, symbol, quantity, cost_basis, gross_entry)
                  SELECT * FROM UNNEST($1::text[], $2::text[], $3::numeric[], $4::numeric[], $5::numeric[])
                  ON CONFLICT (portfolio_id, symbol) DO UPDATE SET quantity = EXCLUDED.quantity,
@@ -556,7 +565,8 @@ impl Fold {
         let prices: Vec<Decimal> = marks.iter().map(|m| m.price).collect();
         let ats: Vec<DateTime<Utc>> = marks.iter().map(|m| m.at).collect();
         let seqs: Vec<i64> = marks.iter().map(|m| m.seq).collect();
-        tx.execute(
+        exec(
+            tx,
             "INSERT INTO marks (symbol, price, at, last_seq)
              SELECT * FROM UNNEST($1::text[], $2::numeric[], $3::timestamptz[], $4::int8[])
              ON CONFLICT (symbol) DO UPDATE SET price = EXCLUDED.price, at = EXCLUDED.at,
@@ -685,7 +695,8 @@ impl Fold {
         let fees: Vec<Decimal> = trips.iter().map(|t| t.fees).collect();
         let strategies: Vec<Option<&str>> =
             trips.iter().map(|t| t.strategy_id.as_deref()).collect();
-        tx.execute(
+        exec(
+            tx,
             "INSERT INTO round_trips (portfolio_id, symbol, opened_seq, opened_at, closed_at, pnl, fees,
                                       strategy_id)
              SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::timestamptz[],
@@ -697,6 +708,27 @@ impl Fold {
         .await?;
         Ok(())
     }
+}
+
+/// Runs a statement prepared once per connection (deadpool's statement cache): the batch
+/// statements are planned once, not on every batch.
+async fn exec(
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<u64, tokio_postgres::Error> {
+    let stmt = tx.prepare_cached(sql).await?;
+    tx.execute(&stmt, params).await
+}
+
+/// [`exec`] for a query.
+async fn rows(
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    let stmt = tx.prepare_cached(sql).await?;
+    tx.query(&stmt, params).await
 }
 
 impl Projection for PortfolioProjection {

@@ -170,7 +170,9 @@ pub async fn portfolio_performance(
     };
     let as_of_seq = p.get::<_, Option<i64>>("as_of_seq").unwrap_or(0);
     let column = |name: &str| p.get::<_, Option<Vec<Decimal>>>(name).unwrap_or_default();
-    let symbols: Vec<String> = p.get::<_, Option<Vec<String>>>("symbols").unwrap_or_default();
+    let symbols: Vec<String> = p
+        .get::<_, Option<Vec<String>>>("symbols")
+        .unwrap_or_default();
     let (quantities, cost_bases, gross_entries) = (
         column("quantities"),
         column("cost_bases"),

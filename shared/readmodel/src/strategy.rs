@@ -3,8 +3,8 @@
 use ch_domain::Event;
 use ch_runtime::envelope::StoredEvent;
 use ch_runtime::projector::Projection;
+use deadpool_postgres::Transaction;
 use serde_json::to_value;
-use tokio_postgres::Transaction;
 
 pub struct StrategyProjection;
 

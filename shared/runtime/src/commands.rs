@@ -153,8 +153,22 @@ impl Commands {
     }
 }
 
-/// The read models every event is projected into (`immediate` mode waits for all of them).
+/// The read models events are projected into.
 pub const PROJECTIONS: [&str; 2] = ["portfolio", "strategy"];
+
+/// The read models whose projectors consume the events an endpoint appends (`immediate` mode
+/// waits for these): the portfolio projector reads the whole stream, the strategy projector
+/// the strategy subjects only (`nats/consumers/`).
+fn consumers_of(endpoint: Endpoint) -> &'static [&'static str] {
+    match endpoint {
+        Endpoint::StrategyCreate | Endpoint::StrategyUpdate | Endpoint::StrategyDelete => {
+            &PROJECTIONS
+        }
+        Endpoint::PortfolioUpdate | Endpoint::MarketPrice | Endpoint::SignalExecute => {
+            &["portfolio"]
+        }
+    }
+}
 
 struct CommandHandler {
     commands: Commands,
@@ -172,7 +186,9 @@ impl Handler for CommandHandler {
         if let (Some((progress, timeout)), Some(seq)) =
             (&self.immediate, reply["stream_seq"].as_u64())
         {
-            let projected = progress.wait_announced(&PROJECTIONS, seq, *timeout).await;
+            let projected = progress
+                .wait_announced(consumers_of(ep), seq, *timeout)
+                .await;
             reply["projected"] = Value::Bool(projected);
         }
         Ok(reply)

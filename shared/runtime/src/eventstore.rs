@@ -49,7 +49,12 @@ pub fn stream_config(subjects: &Subjects, replicas: usize) -> Result<stream::Con
 pub fn consumer_config(json: &str, subjects: &Subjects) -> Result<pull::Config, StoreError> {
     let mut cfg: pull::Config =
         serde_json::from_str(json).map_err(|e| StoreError::Other(format!("consumer json: {e}")))?;
-    cfg.filter_subject = subjects.events_filter();
+    // The files are written for prefix `ch`: `ch.events.>` or a part such as
+    // `ch.events.strategy.>`.
+    cfg.filter_subject = match cfg.filter_subject.strip_prefix("ch.events.") {
+        Some(rest) if rest != ">" => format!("{}.events.{rest}", subjects.prefix()),
+        _ => subjects.events_filter(),
+    };
     Ok(cfg)
 }
 

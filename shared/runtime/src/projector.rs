@@ -5,25 +5,33 @@
 //! - One Postgres transaction per batch: apply the events, move the checkpoint
 //!   (`ch_checkpoints`), commit, then ack. Events at or below the checkpoint are skipped, so
 //!   redeliveries after a crash change nothing.
-//! - The consumer covers every subject of the stream, so sequences are contiguous: a gap
-//!   (a rebuild reset the checkpoint, or a redelivery came out of order) is filled by reading
-//!   the stream with an ordered consumer, in chunked transactions, before going on.
+//! - A dense projection's consumer covers every subject of the stream, so sequences are
+//!   contiguous: a gap (a rebuild reset the checkpoint, or a redelivery came out of order) is
+//!   filled by reading the stream with an ordered consumer, in chunked transactions, before
+//!   going on.
+//! - A sparse projection's consumer filters the stream (`proj_strategy`: strategy subjects
+//!   only), so it is not handed the events it would skip. Its checkpoint still means "every
+//!   event up to here is in": a gap is a checkpoint below the one this projector committed
+//!   (a rebuild reset it), and when idle it moves the checkpoint to the stream's head once a
+//!   direct get has shown that no event of its subjects lies in between.
 //! - One active projector per projection and schema: a Postgres advisory lock; replicas wait.
 //! - A poison event (undecodable, or a data error in its SQL) is published to the dead-letter
 //!   subject with its error, logged, counted, and skipped; transient errors retry with backoff.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{self, pull, DeliverPolicy};
+use async_nats::jetstream::stream::DirectGetErrorKind;
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use deadpool_postgres::Pool;
+use deadpool_postgres::Transaction;
 use futures::{FutureExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::Transaction;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
@@ -193,7 +201,15 @@ pub struct Projector<P: Projection> {
     client: async_nats::Client,
     batch: BatchConfig,
     metrics: Metrics,
+    /// The subjects of the projection's consumer.
+    filter: String,
+    /// The consumer sees part of the stream: sequences have holes (see the module docs).
+    sparse: bool,
+    /// The checkpoint this projector last committed or read ([`UNKNOWN`] before the first).
+    position: AtomicU64,
 }
+
+const UNKNOWN: u64 = u64::MAX;
 
 impl<P: Projection> Projector<P> {
     pub fn new(
@@ -204,6 +220,9 @@ impl<P: Projection> Projector<P> {
         batch: BatchConfig,
         metrics: Metrics,
     ) -> Self {
+        let filter = consumer_config(projection.consumer_json(), store.subjects())
+            .map_or_else(|_| store.subjects().events_filter(), |c| c.filter_subject);
+        let sparse = filter != store.subjects().events_filter();
         Projector {
             projection: Arc::new(projection),
             store,
@@ -211,7 +230,14 @@ impl<P: Projection> Projector<P> {
             client,
             batch,
             metrics,
+            filter,
+            sparse,
+            position: AtomicU64::new(UNKNOWN),
         }
+    }
+
+    fn set_position(&self, seq: u64) {
+        self.position.store(seq, Ordering::Relaxed);
     }
 
     fn name(&self) -> &'static str {
@@ -228,24 +254,38 @@ impl<P: Projection> Projector<P> {
         // One round trip: the upsert makes sure the row exists, locks it against other
         // writers (a rebuild's reset) for the transaction, and returns the checkpoint.
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&name];
-        let (_, row) = futures::try_join!(
-            tx.batch_execute("SET LOCAL synchronous_commit = off"),
-            tx.query_one(
+        let lock = tx
+            .prepare_cached(
                 "INSERT INTO ch_checkpoints (projection, last_seq) VALUES ($1, 0)
                  ON CONFLICT (projection) DO UPDATE SET projection = EXCLUDED.projection
                  RETURNING last_seq",
-                &params,
-            ),
+            )
+            .await?;
+        let (_, row) = futures::try_join!(
+            tx.batch_execute("SET LOCAL synchronous_commit = off"),
+            tx.query_one(&lock, &params),
         )?;
         let cp: i64 = row.get(0);
         let mut last = cp as u64;
+        if self.sparse {
+            // Holes are normal; a checkpoint below ours means the read model was reset.
+            let known = self.position.load(Ordering::Relaxed);
+            if known != UNKNOWN && last < known {
+                if let Some(first) = raws.iter().find(|r| r.seq > last) {
+                    return Ok(Chunk::Gap {
+                        checkpoint: last,
+                        first: first.seq,
+                    });
+                }
+            }
+        }
         let mut dead = Vec::new();
         let mut events = Vec::with_capacity(raws.len());
         for raw in raws {
             if raw.seq <= last {
                 continue;
             }
-            if raw.seq > last + 1 {
+            if !self.sparse && raw.seq > last + 1 {
                 return Ok(Chunk::Gap {
                     checkpoint: last,
                     first: raw.seq,
@@ -267,13 +307,15 @@ impl<P: Projection> Projector<P> {
             self.projection.apply_batch(&tx, &events).await?;
         }
         if last != cp as u64 {
-            tx.execute(
-                "UPDATE ch_checkpoints SET last_seq = $2, updated_at = now() WHERE projection = $1",
-                &[&name, &(last as i64)],
-            )
-            .await?;
+            let stmt = tx
+                .prepare_cached(
+                    "UPDATE ch_checkpoints SET last_seq = $2, updated_at = now() WHERE projection = $1",
+                )
+                .await?;
+            tx.execute(&stmt, &[&name, &(last as i64)]).await?;
         }
         tx.commit().await?;
+        self.set_position(last);
         for (raw, why) in dead {
             self.dead_letter(raw, &why).await;
         }
@@ -325,15 +367,55 @@ impl<P: Projection> Projector<P> {
         }
     }
 
-    /// Moves the checkpoint past a dead-lettered event.
+    /// Moves the checkpoint past a dead-lettered event (only from where it was: the previous
+    /// sequence, or for a sparse projection the checkpoint it committed last).
     async fn skip(&self, seq: u64) -> Result<(), ProjectorError> {
+        let from = if self.sparse {
+            self.position.load(Ordering::Relaxed)
+        } else {
+            seq - 1
+        };
+        if self.advance(from, seq).await? == seq {
+            Ok(())
+        } else {
+            Err(StoreError::Other(format!("checkpoint moved while skipping {seq}")).into())
+        }
+    }
+
+    /// Moves the checkpoint from `from` to `to` with nothing to apply (compare and set: a
+    /// reset in between wins). Returns the checkpoint now.
+    async fn advance(&self, from: u64, to: u64) -> Result<u64, ProjectorError> {
         let conn = self.pool.get().await.map_err(DbError::from)?;
-        conn.execute(
-            "UPDATE ch_checkpoints SET last_seq = $2, updated_at = now() WHERE projection = $1 AND last_seq = $3",
-            &[&self.name(), &(seq as i64), &(seq as i64 - 1)],
-        )
-        .await?;
-        Ok(())
+        let stmt = conn
+            .prepare_cached(
+                "UPDATE ch_checkpoints SET last_seq = $3, updated_at = now()
+                 WHERE projection = $1 AND last_seq = $2",
+            )
+            .await?;
+        let moved = conn
+            .execute(&stmt, &[&self.name(), &(from as i64), &(to as i64)])
+            .await?;
+        let now = if moved == 1 {
+            to
+        } else {
+            checkpoint(&**conn, self.name()).await?
+        };
+        self.set_position(now);
+        Ok(now)
+    }
+
+    /// Sparse projections: is there an event of the projection's subjects in `from..=to`?
+    async fn has_events(&self, from: u64, to: u64) -> Result<bool, ProjectorError> {
+        match self
+            .store
+            .stream()
+            .direct_get_next_for_subject(self.filter.clone(), Some(from))
+            .await
+        {
+            Ok(m) => Ok(m.sequence <= to),
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(false),
+            Err(e) => Err(StoreError::Unavailable(e.to_string()).into()),
+        }
     }
 
     /// Replays the stream from the checkpoint up to `to` (inclusive) with an ordered consumer,
@@ -346,8 +428,13 @@ impl<P: Projection> Projector<P> {
             let conn = self.pool.get().await.map_err(DbError::from)?;
             checkpoint(&**conn, self.name()).await?
         };
+        // The replay starts from the checkpoint as it is (also after a reset).
+        self.set_position(from);
         if from >= to {
             return Ok(from);
+        }
+        if self.sparse && !self.has_events(from + 1, to).await? {
+            return self.advance(from, to).await;
         }
         let started = Instant::now();
         info!(
@@ -360,7 +447,7 @@ impl<P: Projection> Projector<P> {
             .store
             .stream()
             .create_consumer(pull::OrderedConfig {
-                filter_subject: self.store.subjects().events_filter(),
+                filter_subject: self.filter.clone(),
                 deliver_policy: DeliverPolicy::ByStartSequence {
                     start_sequence: from + 1,
                 },
@@ -384,12 +471,12 @@ impl<P: Projection> Projector<P> {
                     return Err(StoreError::Unavailable(format!("replay stalled at {last}")).into())
                 }
             };
-            let seq = msg
-                .info()
-                .map_err(|e| StoreError::Other(e.to_string()))?
-                .stream_sequence;
+            let info = msg.info().map_err(|e| StoreError::Other(e.to_string()))?;
+            let (seq, pending) = (info.stream_sequence, info.pending);
             chunk.push(Raw::from_message(seq, &msg));
-            if chunk.len() >= chunk_size || seq >= to {
+            // A sparse replay ends with the last event of its subjects.
+            let end = seq >= to || (self.sparse && pending == 0);
+            if chunk.len() >= chunk_size || end {
                 match self.apply_robust(&chunk).await? {
                     Chunk::Done(s) => last = s,
                     Chunk::Gap { checkpoint, first } => {
@@ -411,7 +498,14 @@ impl<P: Projection> Projector<P> {
                     );
                     next_report = Instant::now() + Duration::from_secs(2);
                 }
+                if end {
+                    break;
+                }
             }
+        }
+        if self.sparse && last < to {
+            // Sparse: no event of its subjects after `last` up to `to`.
+            last = self.advance(last, to).await?;
         }
         self.announce(last).await;
         let secs = started.elapsed().as_secs_f64();
@@ -490,10 +584,15 @@ impl<P: Projection> Projector<P> {
             .get_or_create_consumer(&durable, cfg.clone())
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        if consumer.cached_info().config.ack_policy != consumer::AckPolicy::All {
+        let current = &consumer.cached_info().config;
+        if current.ack_policy != cfg.ack_policy || current.filter_subject != cfg.filter_subject {
             // Made by an older definition; a durable is only a cursor (the checkpoint is the
             // truth), so replace it with the shipped one.
-            warn!(consumer = %durable, "replacing a consumer whose ack policy is not `all`");
+            warn!(
+                consumer = %durable,
+                filter = %current.filter_subject,
+                "replacing a consumer whose ack policy or filter differs from nats/consumers/"
+            );
             let _ = stream.delete_consumer(&durable).await;
             consumer = stream
                 .create_consumer(cfg)
@@ -511,13 +610,25 @@ impl<P: Projection> Projector<P> {
             .messages()
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        info!(projection = name, batch_max = self.batch.max, "projecting");
+        info!(
+            projection = name,
+            batch_max = self.batch.max,
+            filter = %self.filter,
+            "projecting"
+        );
+        // Idle ticks check for a reset and re-announce; a sparse projection also moves its
+        // checkpoint to the head on them, so they come more often.
+        let idle = if self.sparse {
+            Duration::from_millis(200)
+        } else {
+            Duration::from_secs(1)
+        };
         let mut backoff = Duration::from_millis(50);
         let mut last_bucket = 0;
         loop {
             let first = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                m = tokio::time::timeout(Duration::from_secs(1), messages.next()) => m,
+                m = tokio::time::timeout(idle, messages.next()) => m,
             };
             let first = match first {
                 Err(_) => {
