@@ -30,7 +30,7 @@ read -r -a bench_args <<<"${BENCH_ARGS:-}"
 export CH_DATABASE_URL=${CH_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/cipherhorizon}
 export CH_NATS_URL=nats://127.0.0.1:$port
 export CH_SUBJECT_PREFIX=bench CH_DB_SCHEMA=bench
-unset CH_BATCH_MAX CH_BATCH_WAIT_MS
+unset CH_BATCH_MAX CH_BATCH_WAIT_MS CH_REPLAY_BATCH_MAX
 
 scripts/venv.sh
 scripts/pg.sh

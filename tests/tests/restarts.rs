@@ -93,6 +93,7 @@ async fn projector_killed_mid_stream_resumes_to_the_same_read_model_as_a_rebuild
     // Small batches, so that kills land between commits of the catch-up: kill it again and
     // again as soon as it has committed something, until it has caught up.
     env.cfg.batch_max = 5;
+    env.cfg.replay_batch_max = 5;
     let mut mid_stream_kills = 0;
     loop {
         let before = wait_checkpoint(&env, |_| true).await;

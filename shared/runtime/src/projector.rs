@@ -91,6 +91,8 @@ pub struct BatchConfig {
     /// `adaptive`: the batch size follows the lag (the consumer's pending count): one event
     /// when caught up, up to `max` when behind, waiting briefly to fill a batch only then.
     pub adaptive: bool,
+    /// Most events per transaction of a replay (rebuild, catch-up).
+    pub replay_max: usize,
 }
 
 impl BatchConfig {
@@ -100,6 +102,7 @@ impl BatchConfig {
             max: cfg.batch_max,
             wait: cfg.batch_wait,
             adaptive: cfg.sync == crate::SyncMode::Adaptive,
+            replay_max: cfg.replay_batch_max,
         }
     }
 
@@ -459,7 +462,7 @@ impl<P: Projection> Projector<P> {
             .messages()
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        let chunk_size = self.batch.max.max(1);
+        let chunk_size = self.batch.replay_max.max(1);
         let mut chunk = Vec::with_capacity(chunk_size);
         let mut last = from;
         let mut next_report = Instant::now() + Duration::from_secs(2);

@@ -264,6 +264,7 @@ fn config(ctx: &Ctx, a: &TradeFlow, s: Sizes, query_clients: usize, w: &Workload
         "ch_sync": c.sync.as_str(),
         "ch_batch_max": c.batch_max,
         "ch_batch_wait_ms": c.batch_wait.as_millis() as u64,
+        "ch_replay_batch_max": c.replay_batch_max,
         "ch_immediate_timeout_ms": c.immediate_timeout.as_millis() as u64,
         "ch_db_pool": c.db_pool_size,
         "ch_subject_prefix": c.prefix,
