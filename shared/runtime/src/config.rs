@@ -54,7 +54,7 @@ pub struct Config {
     pub prefix: String,
     /// `CH_SYNC`, default `eventual`.
     pub sync: SyncMode,
-    /// `CH_BATCH_MAX`, default 500 (2000 with `adaptive`): most events per projector transaction.
+    /// `CH_BATCH_MAX`, default 500: most events per projector transaction.
     pub batch_max: usize,
     /// `CH_BATCH_WAIT_MS`, default 0 (5 in `batch` mode): how long a projector waits to fill a batch.
     pub batch_wait: Duration,
@@ -139,7 +139,6 @@ impl Config {
             })?;
             match c.sync {
                 SyncMode::Batch => c.batch_wait = Duration::from_millis(5),
-                SyncMode::Adaptive => c.batch_max = 2000,
                 _ => {}
             }
         }

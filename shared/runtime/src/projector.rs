@@ -88,8 +88,10 @@ pub struct BatchConfig {
     pub max: usize,
     /// How long to wait to fill a batch once its first event is in (0 = take what is there).
     pub wait: Duration,
-    /// `adaptive`: the batch size follows the lag (the consumer's pending count): one event
-    /// when caught up, up to `max` when behind, waiting briefly to fill a batch only then.
+    /// `adaptive`: the batch size follows the lag. A batch is what has arrived, up to `max`:
+    /// one or a few events when caught up (lowest latency), `max` when behind; and while the
+    /// consumer reports a backlog still on the server (a burst, or load), it waits up to
+    /// [`ADAPTIVE_FILL_WAIT`] to fill the batch (fewer, larger transactions: throughput).
     pub adaptive: bool,
     /// Most events per transaction of a replay (rebuild, catch-up).
     pub replay_max: usize,
@@ -111,16 +113,22 @@ impl BatchConfig {
         if !self.adaptive {
             return (self.max, self.wait);
         }
-        let target = (pending.saturating_add(1)).min(self.max as u64) as usize;
-        // Behind by more than a batch: fill it (throughput); otherwise take what is there.
-        let wait = if pending as usize >= self.max {
-            Duration::from_millis(2)
+        // `pending` counts what the server has not delivered yet; what is delivered but not
+        // applied is in the client's buffer and taken without waiting. So the target is always
+        // `max`, and only a backlog on the server makes it worth waiting for more.
+        let wait = if pending >= ADAPTIVE_BACKLOG {
+            ADAPTIVE_FILL_WAIT
         } else {
             Duration::ZERO
         };
-        (target.max(1), wait)
+        (self.max.max(1), wait)
     }
 }
+
+/// `adaptive`: the server-side backlog from which a batch waits to fill.
+const ADAPTIVE_BACKLOG: u64 = 16;
+/// `adaptive`: how long a batch waits to fill when there is a backlog.
+pub const ADAPTIVE_FILL_WAIT: Duration = Duration::from_millis(2);
 
 /// One raw message of the stream.
 struct Raw {
@@ -651,19 +659,6 @@ impl<P: Projection> Projector<P> {
             };
             let pending = first.info().map_or(0, |i| i.pending);
             let (target, wait) = self.batch.plan(pending);
-            if self.batch.adaptive {
-                let bucket = usize::BITS - target.leading_zeros();
-                if bucket != last_bucket {
-                    info!(
-                        projection = name,
-                        pending,
-                        batch_target = target,
-                        "adaptive batch size changed"
-                    );
-                    last_bucket = bucket;
-                }
-                self.metrics.gauge("batch_target", target as i64);
-            }
             self.metrics.gauge("pending", pending as i64);
             let mut batch = vec![first];
             let deadline = tokio::time::Instant::now() + wait;
@@ -684,6 +679,21 @@ impl<P: Projection> Projector<P> {
                     }
                     None => break,
                 }
+            }
+            if self.batch.adaptive {
+                // Its decisions, visible: the batch size by powers of two, and the backlog.
+                let bucket = usize::BITS - batch.len().leading_zeros();
+                if bucket != last_bucket {
+                    info!(
+                        projection = name,
+                        pending,
+                        batch_size = batch.len(),
+                        fill_wait_ms = wait.as_millis() as u64,
+                        "adaptive batch size changed"
+                    );
+                    last_bucket = bucket;
+                }
+                self.metrics.gauge("batch_size", batch.len() as i64);
             }
             let mut raws = Vec::with_capacity(batch.len());
             for m in &batch {
