@@ -137,9 +137,8 @@ impl Config {
                     "CH_SYNC={v:?}: expected eventual, batch, immediate or adaptive"
                 ))
             })?;
-            match c.sync {
-                SyncMode::Batch => c.batch_wait = Duration::from_millis(5),
-                _ => {}
+            if c.sync == SyncMode::Batch {
+                c.batch_wait = Duration::from_millis(5);
             }
         }
         let num = |k: &str| -> Result<Option<u64>, ConfigError> {
