@@ -29,6 +29,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "history",
         sql: include_str!("../migrations/002_history.sql"),
     },
+    Migration {
+        version: 3,
+        name: "trade_counts",
+        sql: include_str!("../migrations/003_trade_counts.sql"),
+    },
 ];
 
 /// Plain-notation string of a decimal as replies carry it (`"14990"`, not `"14990.000"`).

@@ -47,6 +47,9 @@ struct PortfolioRow {
     fees_paid: Decimal,
     fill_count: i64,
     rejected_signals: i64,
+    /// Closed round trips, and those with pnl > 0.
+    trade_count: i64,
+    win_count: i64,
     nav_at_flow: Decimal,
     equity_at_flow: Decimal,
     first_deposit_at: Option<DateTime<Utc>>,
@@ -166,6 +169,8 @@ impl Fold {
                 fees_paid: r.get("fees_paid"),
                 fill_count: r.get("fill_count"),
                 rejected_signals: r.get("rejected_signals"),
+                trade_count: r.get("trade_count"),
+                win_count: r.get("win_count"),
                 nav_at_flow: r.get("nav_at_flow"),
                 equity_at_flow: r.get("equity_at_flow"),
                 first_deposit_at: r.get("first_deposit_at"),
@@ -346,6 +351,10 @@ impl Fold {
                 .insert((key.0.clone(), key.1.clone(), t.opened_seq), t.clone());
             if t.closed_at.is_none() {
                 self.open_trips.insert(key, t);
+            } else if let Some(p) = self.portfolios.get_mut(&e.portfolio_id) {
+                // Closed by this fill (a closed trip is never touched again).
+                p.trade_count += 1;
+                p.win_count += i64::from(t.pnl > Decimal::ZERO);
             }
         }
         self.snapshot(ev, Decimal::ZERO);
@@ -371,6 +380,8 @@ impl Fold {
                             fees_paid: Decimal::ZERO,
                             fill_count: 0,
                             rejected_signals: 0,
+                            trade_count: 0,
+                            win_count: 0,
                             nav_at_flow: Decimal::ONE,
                             equity_at_flow: Decimal::ZERO,
                             first_deposit_at: None,
@@ -476,15 +487,17 @@ impl Fold {
             tx,
             "INSERT INTO portfolios (portfolio_id, user_id, name, quote_currency, fee_rate, status, cash,
                  net_deposits, realized_pnl, fees_paid, fill_count, rejected_signals, nav_at_flow,
-                 equity_at_flow, first_deposit_at, version, opened_at, updated_at, last_seq)
+                 equity_at_flow, first_deposit_at, version, opened_at, updated_at, last_seq,
+                 trade_count, win_count)
              SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::numeric[],
                  $6::text[], $7::numeric[], $8::numeric[], $9::numeric[], $10::numeric[], $11::int8[],
                  $12::int8[], $13::numeric[], $14::numeric[], $15::timestamptz[], $16::int8[],
-                 $17::timestamptz[], $18::timestamptz[], $19::int8[])
+                 $17::timestamptz[], $18::timestamptz[], $19::int8[], $20::int8[], $21::int8[])
              ON CONFLICT (portfolio_id) DO UPDATE SET
                  name = EXCLUDED.name, status = EXCLUDED.status, cash = EXCLUDED.cash,
                  net_deposits = EXCLUDED.net_deposits, realized_pnl = EXCLUDED.realized_pnl,
                  fees_paid = EXCLUDED.fees_paid, fill_count = EXCLUDED.fill_count,
+                 trade_count = EXCLUDED.trade_count, win_count = EXCLUDED.win_count,
                  rejected_signals = EXCLUDED.rejected_signals, nav_at_flow = EXCLUDED.nav_at_flow,
                  equity_at_flow = EXCLUDED.equity_at_flow, first_deposit_at = EXCLUDED.first_deposit_at,
                  version = EXCLUDED.version, updated_at = EXCLUDED.updated_at, last_seq = EXCLUDED.last_seq",
@@ -508,6 +521,8 @@ impl Fold {
                 &col!(opened_at),
                 &col!(updated_at),
                 &col!(last_seq),
+                &col!(trade_count),
+                &col!(win_count),
             ],
         )
         .await?;

@@ -121,13 +121,12 @@ fn dec(row: &Row, col: &str) -> Decimal {
 }
 
 /// The whole performance read in one statement (one snapshot, so the figures and `as_of_seq`
-/// match without a transaction; prepared once per connection): the portfolio row, its
-/// positions with their marks as parallel arrays in symbol order, its round-trip counts and
+/// match without a transaction; prepared once per connection): the portfolio row (with its
+/// round-trip counts), its positions with their marks as parallel arrays in symbol order, and
 /// its attached strategies. No row: no such portfolio.
 const PERFORMANCE_SQL: &str = "
     SELECT (SELECT last_seq FROM ch_checkpoints WHERE projection = 'portfolio') AS as_of_seq,
            p.*, x.symbols, x.quantities, x.cost_bases, x.gross_entries, x.marks,
-           t.closed, t.wins,
            ARRAY(SELECT s.strategy_id FROM portfolio_strategies s
                  WHERE s.portfolio_id = p.portfolio_id ORDER BY s.strategy_id) AS attached
     FROM portfolios p
@@ -139,10 +138,6 @@ const PERFORMANCE_SQL: &str = "
                array_agg(m.price ORDER BY q.symbol) AS marks
         FROM positions q LEFT JOIN marks m ON m.symbol = q.symbol
         WHERE q.portfolio_id = p.portfolio_id) x
-    CROSS JOIN LATERAL (
-        SELECT count(*) FILTER (WHERE r.closed_at IS NOT NULL) AS closed,
-               count(*) FILTER (WHERE r.closed_at IS NOT NULL AND r.pnl > 0) AS wins
-        FROM round_trips r WHERE r.portfolio_id = p.portfolio_id) t
     WHERE p.portfolio_id = $1";
 
 /// `ch.query.portfolio.performance`.
@@ -203,8 +198,8 @@ pub async fn portfolio_performance(
             "unrealized_pnl": plain(unrealized),
         }));
     }
-    let closed: i64 = p.get("closed");
-    let wins: i64 = p.get("wins");
+    let closed: i64 = p.get("trade_count");
+    let wins: i64 = p.get("win_count");
     let attached: Vec<String> = p.get("attached");
     let nav = dec(&p, "nav_at_flow");
     let e_flow = dec(&p, "equity_at_flow");
