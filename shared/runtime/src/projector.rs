@@ -621,6 +621,11 @@ impl<P: Projection> Projector<P> {
             .messages()
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let mut resets = self
+            .client
+            .subscribe(self.store.subjects().projector_reset(name))
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         info!(
             projection = name,
             batch_max = self.batch.max,
@@ -639,12 +644,14 @@ impl<P: Projection> Projector<P> {
         loop {
             let first = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                m = tokio::time::timeout(idle, messages.next()) => m,
+                // `chctl rebuild` reset the read model: replay now rather than when idle.
+                Some(_) = resets.next() => Err(()),
+                m = tokio::time::timeout(idle, messages.next()) => m.map_err(|_| ()),
             };
             let first = match first {
-                Err(_) => {
-                    // Idle: make sure nothing was reset behind our back (a rebuild), and
-                    // re-announce where we are for waiters that missed an announcement.
+                Err(()) => {
+                    // Idle (or told of a reset): make sure nothing was reset behind our back,
+                    // and re-announce where we are for waiters that missed an announcement.
                     let head = self.store.last_seq().await?;
                     let at = self.catch_up(head).await?;
                     self.announce(at).await;
@@ -763,6 +770,11 @@ impl<P: Projection> Projector<P> {
         self.projection.reset(&tx).await?;
         tx.commit().await?;
         info!(projection = self.name(), "read model reset");
+        // Tells a running projector to replay now (it would notice on its next idle tick).
+        let notice = self.store.subjects().projector_reset(self.name());
+        if self.client.publish(notice, Bytes::new()).await.is_ok() {
+            let _ = self.client.flush().await;
+        }
         Ok(())
     }
 

@@ -58,6 +58,11 @@ impl Subjects {
         format!("{}.admin.projector.{}.status", self.prefix, projection)
     }
 
+    /// Where `chctl rebuild` tells a running projector that its read model was reset.
+    pub fn projector_reset(&self, projection: &str) -> String {
+        format!("{}.admin.projector.{}.reset", self.prefix, projection)
+    }
+
     /// Service names for `nats micro ls`: `ch-cmd-portfolio` for prefix `ch`.
     pub fn service_name(&self, worker: &str) -> String {
         format!("{}-{}", self.prefix, worker)

@@ -243,6 +243,6 @@ pub async fn rebuild(cfg: &Config) -> Result<Value> {
         "events_per_sec": (head as f64 / secs.max(1e-6)).round(),
         "replayed_by": by,
         "replay_events_per_sec_after_first_commit": replay.map(f64::round),
-        "note": "from the reset to the checkpoint reaching the stream head; a running projector notices the reset when idle (it polls every second), which is included",
+        "note": "from the reset to the checkpoint reaching the stream head; the reset notice on <prefix>.admin.projector.portfolio.reset starts the running projector's replay",
     }))
 }
