@@ -67,6 +67,10 @@ pub struct Config {
     pub db_pool_size: usize,
     /// `CH_LOG_FORMAT`: `text` (default) or `json`.
     pub log_json: bool,
+    /// `CH_WORKER_THREADS`, default 1: Tokio runtime threads of a worker binary. 1 runs the
+    /// current-thread runtime, the cheapest where many small processes share a few cores
+    /// (no cross-thread wake-ups); more run the multi-thread runtime with that many.
+    pub worker_threads: usize,
 }
 
 impl Default for Config {
@@ -83,6 +87,7 @@ impl Default for Config {
             immediate_timeout: Duration::from_millis(2000),
             db_pool_size: 16,
             log_json: false,
+            worker_threads: 1,
         }
     }
 }
@@ -95,6 +100,23 @@ fn valid_token(s: &str) -> bool {
 }
 
 impl Config {
+    /// The Tokio runtime a worker binary runs on (`CH_WORKER_THREADS`).
+    ///
+    /// # Errors
+    /// When the runtime cannot be built (out of threads or file descriptors).
+    pub fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        if self.worker_threads <= 1 {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+        } else {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(self.worker_threads)
+                .enable_all()
+                .build()
+        }
+    }
+
     /// Reads the environment.
     ///
     /// # Errors
@@ -161,6 +183,9 @@ impl Config {
         if let Some(n) = num("CH_IMMEDIATE_TIMEOUT_MS")? {
             c.immediate_timeout = Duration::from_millis(n);
         }
+        if let Some(n) = num("CH_WORKER_THREADS")? {
+            c.worker_threads = n.clamp(1, 256) as usize;
+        }
         if let Some(n) = num("CH_DB_POOL")? {
             c.db_pool_size = n.clamp(1, 256) as usize;
         }
@@ -190,6 +215,19 @@ mod tests {
         let c = cfg(&[("CH_SUBJECT_PREFIX", "t1"), ("CH_SYNC", "batch")]).unwrap();
         assert_eq!(c.prefix, "t1");
         assert_eq!(c.batch_wait, Duration::from_millis(5));
+    }
+
+    #[test]
+    fn worker_threads_choose_the_runtime() {
+        use tokio::runtime::RuntimeFlavor;
+        let one = cfg(&[]).unwrap().runtime().unwrap();
+        assert_eq!(one.handle().runtime_flavor(), RuntimeFlavor::CurrentThread);
+        let c = cfg(&[("CH_WORKER_THREADS", "3"), ("CH_REPLAY_BATCH_MAX", "700")]).unwrap();
+        assert_eq!(c.replay_batch_max, 700);
+        let three = c.runtime().unwrap();
+        assert_eq!(three.handle().runtime_flavor(), RuntimeFlavor::MultiThread);
+        assert_eq!(three.metrics().num_workers(), 3);
+        assert!(cfg(&[("CH_WORKER_THREADS", "two")]).is_err());
     }
 
     #[test]

@@ -125,10 +125,22 @@ impl BatchConfig {
     }
 }
 
+/// Most time between two acks of a projector's consumer (far below its `ack_wait`).
+const ACK_EVERY: Duration = Duration::from_millis(100);
+
+/// Acks (policy `all`) everything up to `m`; a lost ack only means a redelivery, skipped.
+async fn ack(m: Option<async_nats::jetstream::Message>) {
+    if let Some(m) = m {
+        if let Err(e) = m.ack().await {
+            debug!(error = %e, "ack failed; the redelivery will be skipped");
+        }
+    }
+}
+
 /// `adaptive`: the server-side backlog from which a batch waits to fill.
 const ADAPTIVE_BACKLOG: u64 = 16;
 /// `adaptive`: how long a batch waits to fill when there is a backlog.
-pub const ADAPTIVE_FILL_WAIT: Duration = Duration::from_millis(2);
+pub const ADAPTIVE_FILL_WAIT: Duration = Duration::from_millis(5);
 
 /// One raw message of the stream.
 struct Raw {
@@ -641,6 +653,9 @@ impl<P: Projection> Projector<P> {
         };
         let mut backoff = Duration::from_millis(50);
         let mut last_bucket = 0;
+        // The newest applied message not acked yet, and when the last ack went out.
+        let mut to_ack: Option<async_nats::jetstream::Message> = None;
+        let mut acked_at = Instant::now();
         loop {
             let first = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -650,6 +665,7 @@ impl<P: Projection> Projector<P> {
             };
             let first = match first {
                 Err(()) => {
+                    ack(to_ack.take()).await;
                     // Idle (or told of a reset): make sure nothing was reset behind our back,
                     // and re-announce where we are for waiters that missed an announcement.
                     let head = self.store.last_seq().await?;
@@ -721,14 +737,21 @@ impl<P: Projection> Projector<P> {
             match result {
                 Ok(last) => {
                     backoff = Duration::from_millis(50);
-                    // The consumers ack with policy `all`: the newest message acks the batch.
+                    // The consumers ack with policy `all`: the newest message acks the batch
+                    // and every one before it. The checkpoint is the truth (a redelivery is
+                    // skipped), so acks go out at most every ACK_EVERY: each one is a consumer
+                    // state write on the server, synced to disk with `sync_interval: always`.
                     let newest = batch
                         .iter()
-                        .max_by_key(|m| m.info().map_or(0, |i| i.consumer_sequence));
-                    if let Some(m) = newest {
-                        if let Err(e) = m.ack().await {
-                            debug!(error = %e, "ack failed; the redelivery will be skipped");
-                        }
+                        .enumerate()
+                        .max_by_key(|(_, m)| m.info().map_or(0, |i| i.consumer_sequence))
+                        .map(|(i, _)| i);
+                    if let Some(i) = newest {
+                        to_ack = Some(batch.swap_remove(i));
+                    }
+                    if acked_at.elapsed() >= ACK_EVERY {
+                        ack(to_ack.take()).await;
+                        acked_at = Instant::now();
                     }
                     self.announce(last).await;
                     span.in_scope(|| debug!(last_seq = last, "committed"));
@@ -748,6 +771,7 @@ impl<P: Projection> Projector<P> {
                 }
             }
         }
+        ack(to_ack.take()).await;
         release(leader_conn);
         info!(projection = name, "projector stopped");
         Ok(())

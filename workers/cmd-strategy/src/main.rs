@@ -5,9 +5,12 @@
 use anyhow::{anyhow, Context};
 use ch_runtime::{app::App, shutdown, telemetry, Config};
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cfg = Config::from_env()?;
+    cfg.runtime()?.block_on(run(cfg))
+}
+
+async fn run(cfg: Config) -> anyhow::Result<()> {
     telemetry::init(cfg.log_json);
     let app = App::start(cfg, "cmd-strategy")
         .await

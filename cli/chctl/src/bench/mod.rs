@@ -267,6 +267,7 @@ fn config(ctx: &Ctx, a: &TradeFlow, s: Sizes, query_clients: usize, w: &Workload
         "ch_replay_batch_max": c.replay_batch_max,
         "ch_immediate_timeout_ms": c.immediate_timeout.as_millis() as u64,
         "ch_db_pool": c.db_pool_size,
+        "ch_worker_threads": c.worker_threads,
         "ch_subject_prefix": c.prefix,
         "ch_db_schema": c.db_schema,
         "ch_nats_url": redact(&c.nats_url),
