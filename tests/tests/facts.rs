@@ -1,7 +1,7 @@
-//! A signal worker caches the strategies it checks signals against; a change to a strategy
-//! must be seen by the very next signal (API.md: checks use the current state).
+//! A signal worker caches the strategies and marks it checks signals against; a change to
+//! either must be seen by the very next signal (API.md: checks use the current state).
 
-use ch_e2e::fixtures::{attach, deposit, open, signal, strategy};
+use ch_e2e::fixtures::{attach, deposit, open, price, signal, strategy, strategy_with};
 use ch_e2e::TestEnv;
 use serde_json::json;
 
@@ -45,4 +45,42 @@ async fn the_next_signal_sees_a_strategy_change_at_once() {
         )
         .await;
     assert_eq!(r["reason"], "STRATEGY_NOT_ACTIVE", "{r}");
+}
+
+/// Marks are facts of the drawdown halt: each price change flips the next signal's outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_signal_sees_a_price_change_at_once() {
+    let env = TestEnv::with_all_workers().await;
+    let limits = json!({"max_drawdown_pct": "0.1"});
+    env.cmd(
+        "strategy.create",
+        strategy_with("u1", "s1", &["BTC-USDT"], limits),
+    )
+    .await;
+    env.cmd("portfolio.update", open("p1", "u1")).await;
+    env.cmd("portfolio.update", deposit("p1", "10000")).await;
+    env.cmd("portfolio.update", attach("p1", "s1")).await;
+    // Cash 7998 and 0.1 BTC: halted (equity <= 9000) below a mark of about 10,020.
+    let b = env
+        .cmd(
+            "signal.execute",
+            signal("p1", "s1", "buy", "0.1", "20000", None),
+        )
+        .await;
+    assert_eq!(b["status"], "executed", "{b}");
+    for i in 0..12 {
+        let px = if i % 2 == 0 { "10000" } else { "19000" };
+        env.cmd("market.price", price("BTC-USDT", px)).await;
+        let r = env
+            .cmd(
+                "signal.execute",
+                signal("p1", "s1", "buy", "0.0001", px, None),
+            )
+            .await;
+        if px == "10000" {
+            assert_eq!(r["reason"], "TRADING_HALTED", "round {i}: {r}");
+        } else {
+            assert_eq!(r["status"], "executed", "round {i}: {r}");
+        }
+    }
 }

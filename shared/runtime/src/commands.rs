@@ -60,7 +60,7 @@ impl FactSource<PortfolioState> for PortfolioFactSource {
             .is_some_and(|r| r.max_drawdown_pct.is_some());
         if let (true, PortfolioCommand::ExecuteSignal(_)) = (halt, command) {
             for symbol in state.positions.keys() {
-                if let Some(p) = self.markets.repo().current(symbol).await?.price {
+                if let Some(p) = self.markets.repo().fact(symbol).await?.price {
                     facts.marks.insert(symbol.clone(), p);
                 }
             }
@@ -92,8 +92,9 @@ impl Commands {
         }
     }
 
-    /// Follows the strategy subjects so that cached strategies are dropped as soon as they
-    /// change. (Marks change all the time: they are read fresh when a decision needs them.)
+    /// Follows the strategy and market subjects, so that cached strategies and marks (facts
+    /// of portfolio decisions) are caught up as soon as they change, and not read from the
+    /// stream for every signal while they do not.
     ///
     /// # Errors
     /// When the subscriptions fail.
@@ -106,6 +107,10 @@ impl Commands {
             .subscribe(subjects.aggregate(AggregateType::Strategy, "*"))
             .await?;
         self.strategies.repo().follow(strategies);
+        let markets = client
+            .subscribe(subjects.aggregate(AggregateType::Market, "*"))
+            .await?;
+        self.markets.repo().follow(markets);
         Ok(())
     }
 

@@ -171,7 +171,7 @@ impl<A: Aggregate> Repo<A> {
         self.drain_notices();
         let noticed = self.stale.lock().expect("stale lock poisoned").remove(id);
         let old = entry.checked_at.is_none_or(|t| t.elapsed() > FACT_MAX_AGE);
-        if noticed || old || entry.last_seq == 0 {
+        if noticed || old {
             self.catch_up(id, &mut entry).await?;
             entry.checked_at = Some(Instant::now());
         }
