@@ -304,7 +304,8 @@ impl TestEnv {
                     ch_runtime::commands::run(app, &[Endpoint::MarketPrice], t).await
                 }
                 Worker::ProjPortfolio => {
-                    ch_readmodel::workers::run_projector(app, PortfolioProjection, t).await
+                    ch_readmodel::workers::run_projector(app, PortfolioProjection::default(), t)
+                        .await
                 }
                 Worker::ProjStrategy => {
                     ch_readmodel::workers::run_projector(app, StrategyProjection, t).await

@@ -249,7 +249,7 @@ async fn a_week_with_a_mid_week_deposit_and_a_late_price() {
 
     // Drop the read model and rebuild it from the stream: the same answer.
     let app = App::start(env.app_config(), "test-rebuild").await.unwrap();
-    let p = projector(&app, PortfolioProjection).unwrap();
+    let p = projector(&app, PortfolioProjection::default()).unwrap();
     p.reset().await.unwrap();
     let head = env.last_seq().await;
     let mut rebuilt = env.query_at("portfolio.analysis", q.clone(), head).await;

@@ -124,7 +124,7 @@ async fn projector_killed_mid_stream_resumes_to_the_same_read_model_as_a_rebuild
 
     // Rebuild both read models from the stream and compare row by row.
     let app = App::start(env.app_config(), "test-rebuild").await.unwrap();
-    let reached = projector(&app, PortfolioProjection)
+    let reached = projector(&app, PortfolioProjection::default())
         .unwrap()
         .rebuild()
         .await

@@ -40,7 +40,7 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<ExitCode> {
         .context("migrating the read-model schema")?;
     let stall = Duration::from_secs(args.stall_timeout);
     if matches!(args.target, Target::Portfolio | Target::All) {
-        rebuild(ctx, &app, PortfolioProjection, stall).await?;
+        rebuild(ctx, &app, PortfolioProjection::default(), stall).await?;
     }
     if matches!(args.target, Target::Strategy | Target::All) {
         rebuild(ctx, &app, StrategyProjection, stall).await?;

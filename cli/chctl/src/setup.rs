@@ -96,7 +96,7 @@ pub async fn run(ctx: &Ctx, args: &Opts) -> Result<()> {
         .map(|i| i.state.last_sequence)
         .unwrap_or(0);
     let app = App::start(ctx.cfg.clone(), "chctl").await?;
-    reset_if_ahead(&app, PortfolioProjection, head).await?;
+    reset_if_ahead(&app, PortfolioProjection::default(), head).await?;
     reset_if_ahead(&app, StrategyProjection, head).await?;
     Ok(())
 }

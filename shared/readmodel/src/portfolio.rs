@@ -4,7 +4,9 @@
 //!
 //! A batch is folded in memory, in stream order, over the rows it touches (read once at the
 //! start), and written back with one set-based statement per table (`UNNEST`), so the cost of
-//! a batch grows with the rows it changes, not with round trips per event.
+//! a batch grows with the rows it changes, not with round trips per event. The leading
+//! projector is the only writer, so it keeps the rows it folded for the next batch ([`Kept`])
+//! and reads only the portfolios it has not seen yet.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -19,7 +21,25 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::types::Type;
 
-pub struct PortfolioProjection;
+#[derive(Default)]
+pub struct PortfolioProjection {
+    kept: std::sync::Mutex<Option<Kept>>,
+}
+
+/// What a projector keeps between its batches: the rows of the portfolios it has folded, with
+/// all of their positions and open round trips, and the marks. Valid for the next batch only
+/// if the checkpoint is still `seq` (a failed commit, a reset or another writer moves it
+/// elsewhere, and the rows are read again).
+struct Kept {
+    seq: u64,
+    portfolios: HashMap<String, PortfolioRow>,
+    positions: BTreeMap<(String, String), Option<PositionRow>>,
+    open_trips: HashMap<(String, String), Trip>,
+    marks: HashMap<String, Mark>,
+}
+
+/// Most portfolios kept between batches; beyond that, every batch reads its rows again.
+const KEPT_MAX: usize = 100_000;
 
 /// Equity of a portfolio at the marks known now: cash plus each position at its mark, or at
 /// its gross entry (average entry price) when it has none (DOMAIN.md).
@@ -120,18 +140,31 @@ struct HistoryRow {
 }
 
 impl Fold {
+    /// The rows `events` touch: from `kept` where it has them, else from the database.
     async fn load(
         tx: &Transaction<'_>,
         events: &[StoredEvent],
+        kept: Option<Kept>,
     ) -> Result<Fold, tokio_postgres::Error> {
+        let mut fold = Fold::default();
+        let have_marks = kept.is_some();
+        if let Some(k) = kept {
+            fold.portfolios = k.portfolios;
+            fold.positions = k.positions;
+            fold.open_trips = k.open_trips;
+            fold.marks = k.marks;
+        }
         let ids: Vec<&str> = events
             .iter()
             .filter(|e| e.meta.aggregate_type == ch_domain::AggregateType::Portfolio)
             .map(|e| e.meta.aggregate_id.as_str())
+            .filter(|id| !fold.portfolios.contains_key(*id))
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let mut fold = Fold::default();
+        if ids.is_empty() && have_marks {
+            return Ok(fold);
+        }
         // Sent together: tokio-postgres pipelines concurrent queries on one connection.
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&ids];
         let (portfolios, positions, trips, marks) = futures::try_join!(
@@ -153,7 +186,13 @@ impl Fold {
                 &params,
             ),
             // One row per symbol: small.
-            rows(tx, "SELECT symbol, price, at, last_seq FROM marks", &[]),
+            async {
+                if have_marks {
+                    Ok(Vec::new())
+                } else {
+                    rows(tx, "SELECT symbol, price, at, last_seq FROM marks", &[]).await
+                }
+            },
         )?;
         for r in portfolios {
             let row = PortfolioRow {
@@ -435,7 +474,22 @@ impl Fold {
         }
     }
 
-    async fn write(self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
+    /// What to keep for the next batch, once this one is written as of `seq`.
+    fn keep(mut self, seq: u64) -> Option<Kept> {
+        if self.portfolios.len() > KEPT_MAX {
+            return None;
+        }
+        self.positions.retain(|_, p| p.is_some());
+        Some(Kept {
+            seq,
+            portfolios: self.portfolios,
+            positions: self.positions,
+            open_trips: self.open_trips,
+            marks: self.marks,
+        })
+    }
+
+    async fn write(&self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
         // Independent tables: sent together (pipelined); the COPYs go one after the other.
         futures::try_join!(
             self.write_portfolios(tx),
@@ -746,6 +800,12 @@ async fn rows(
     tx.query(&stmt, params).await
 }
 
+impl PortfolioProjection {
+    fn take_kept(&self) -> Option<Kept> {
+        self.kept.lock().expect("kept rows lock poisoned").take()
+    }
+}
+
 impl Projection for PortfolioProjection {
     fn name(&self) -> &'static str {
         "portfolio"
@@ -759,9 +819,12 @@ impl Projection for PortfolioProjection {
         &self,
         tx: &Transaction<'_>,
         events: &[StoredEvent],
+        after: u64,
     ) -> Result<(), tokio_postgres::Error> {
         let t0 = std::time::Instant::now();
-        let mut fold = Fold::load(tx, events).await?;
+        let kept = self.take_kept().filter(|k| k.seq == after);
+        let reused = kept.as_ref().map_or(0, |k| k.portfolios.len());
+        let mut fold = Fold::load(tx, events, kept).await?;
         let loaded = t0.elapsed();
         for ev in events {
             fold.apply(ev);
@@ -770,15 +833,19 @@ impl Projection for PortfolioProjection {
         fold.write(tx).await?;
         tracing::debug!(
             events = events.len(),
+            kept_portfolios = reused,
             load_us = loaded.as_micros() as u64,
             fold_us = (folded - loaded).as_micros() as u64,
             write_us = (t0.elapsed() - folded).as_micros() as u64,
             "portfolio batch"
         );
+        let seq = events.last().map_or(after, |e| e.seq);
+        *self.kept.lock().expect("kept rows lock poisoned") = fold.keep(seq);
         Ok(())
     }
 
     async fn reset(&self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
+        drop(self.take_kept());
         tx.batch_execute(
             "TRUNCATE portfolios, positions, marks, trades, round_trips, portfolio_strategies,
                       portfolio_history, prices",

@@ -26,6 +26,7 @@ impl Projection for StrategyProjection {
         &self,
         tx: &Transaction<'_>,
         events: &[StoredEvent],
+        _after: u64,
     ) -> Result<(), tokio_postgres::Error> {
         // Strategy events are rare: one statement each is fine; the rest are skipped.
         for ev in events {

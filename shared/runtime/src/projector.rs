@@ -49,10 +49,13 @@ pub trait Projection: Send + Sync + 'static {
     fn consumer_json(&self) -> &'static str;
     /// Applies a batch of consecutive events, in order, inside the batch's transaction
     /// (set-based writes are the projection's business: one statement per table, not per event).
+    /// `after` is the checkpoint the batch follows: a projection that keeps rows in memory
+    /// between batches may use them only if it kept them as of that sequence.
     fn apply_batch(
         &self,
         tx: &Transaction<'_>,
         events: &[StoredEvent],
+        after: u64,
     ) -> impl Future<Output = Result<(), tokio_postgres::Error>> + Send;
     /// Whether events of this `Ch-Event-Type` change the read model; others are skipped
     /// without decoding (their sequence still moves the checkpoint).
@@ -327,7 +330,7 @@ impl<P: Projection> Projector<P> {
             last = raw.seq;
         }
         if !events.is_empty() {
-            self.projection.apply_batch(&tx, &events).await?;
+            self.projection.apply_batch(&tx, &events, cp as u64).await?;
         }
         if last != cp as u64 {
             let stmt = tx

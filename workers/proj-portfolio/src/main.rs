@@ -17,7 +17,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         .context("starting proj-portfolio")?;
     ch_readmodel::workers::run_projector(
         app,
-        ch_readmodel::PortfolioProjection,
+        ch_readmodel::PortfolioProjection::default(),
         shutdown::on_signal(),
     )
     .await

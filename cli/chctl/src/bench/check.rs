@@ -202,7 +202,7 @@ pub async fn rebuild(cfg: &Config) -> Result<Value> {
         .await
         .context("connecting for the rebuild")?;
     ch_readmodel::workers::migrate(&app).await?;
-    let projector = ch_readmodel::workers::projector(&app, PortfolioProjection)?;
+    let projector = ch_readmodel::workers::projector(&app, PortfolioProjection::default())?;
     let head = app.store.last_seq().await?;
     let db = pg::connect(&cfg.database_url, Some(&cfg.db_schema)).await?;
     let started = Instant::now();
