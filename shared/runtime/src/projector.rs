@@ -111,15 +111,17 @@ impl BatchConfig {
         }
     }
 
-    /// Target size and fill wait for a batch whose first message left `pending` behind it.
-    fn plan(&self, pending: u64) -> (usize, Duration) {
+    /// Target size and fill wait for a batch whose first message left `pending` behind it,
+    /// with events arriving at `rate` per second lately.
+    fn plan(&self, pending: u64, rate: f64) -> (usize, Duration) {
         if !self.adaptive {
             return (self.max, self.wait);
         }
         // `pending` counts what the server has not delivered yet; what is delivered but not
         // applied is in the client's buffer and taken without waiting. So the target is always
-        // `max`, and only a backlog on the server makes it worth waiting for more.
-        let wait = if pending >= ADAPTIVE_BACKLOG {
+        // `max`; waiting for more pays only under load: a backlog on the server, or events
+        // arriving so fast that one transaction each would fall behind.
+        let wait = if pending >= ADAPTIVE_BACKLOG || rate >= ADAPTIVE_BUSY_RATE {
             ADAPTIVE_FILL_WAIT
         } else {
             Duration::ZERO
@@ -127,6 +129,9 @@ impl BatchConfig {
         (self.max.max(1), wait)
     }
 }
+
+/// How often the arrival rate that `adaptive` follows is measured.
+const RATE_WINDOW: Duration = Duration::from_millis(250);
 
 /// Most time between two acks of a projector's consumer (far below its `ack_wait`).
 const ACK_EVERY: Duration = Duration::from_millis(100);
@@ -142,6 +147,8 @@ async fn ack(m: Option<async_nats::jetstream::Message>) {
 
 /// `adaptive`: the server-side backlog from which a batch waits to fill.
 const ADAPTIVE_BACKLOG: u64 = 16;
+/// `adaptive`: the arrival rate (events/s) from which a batch waits to fill.
+const ADAPTIVE_BUSY_RATE: f64 = 1000.0;
 /// `adaptive`: how long a batch waits to fill when there is a backlog.
 pub const ADAPTIVE_FILL_WAIT: Duration = Duration::from_millis(5);
 
@@ -659,6 +666,9 @@ impl<P: Projection> Projector<P> {
         // The newest applied message not acked yet, and when the last ack went out.
         let mut to_ack: Option<async_nats::jetstream::Message> = None;
         let mut acked_at = Instant::now();
+        // Events received in the current window (and when it began), and the last window's rate.
+        let mut arrivals = (0_usize, Instant::now());
+        let mut rate = 0.0;
         loop {
             let first = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -684,7 +694,11 @@ impl<P: Projection> Projector<P> {
                 Ok(Some(Ok(m))) => m,
             };
             let pending = first.info().map_or(0, |i| i.pending);
-            let (target, wait) = self.batch.plan(pending);
+            if arrivals.1.elapsed() >= RATE_WINDOW {
+                rate = arrivals.0 as f64 / arrivals.1.elapsed().as_secs_f64();
+                arrivals = (0, Instant::now());
+            }
+            let (target, wait) = self.batch.plan(pending, rate);
             self.metrics.gauge("pending", pending as i64);
             let mut batch = vec![first];
             let deadline = tokio::time::Instant::now() + wait;
@@ -706,6 +720,7 @@ impl<P: Projection> Projector<P> {
                     None => break,
                 }
             }
+            arrivals.0 += batch.len();
             if self.batch.adaptive {
                 // Its decisions, visible: the batch size by powers of two, and the backlog.
                 let bucket = usize::BITS - batch.len().leading_zeros();
@@ -714,6 +729,7 @@ impl<P: Projection> Projector<P> {
                         projection = name,
                         pending,
                         batch_size = batch.len(),
+                        events_per_sec = rate as u64,
                         fill_wait_ms = wait.as_millis() as u64,
                         "adaptive batch size changed"
                     );
@@ -888,4 +904,36 @@ pub async fn run<P: Projection>(
     shutdown.cancel();
     let _ = svc.await;
     result.map_err(Into::into)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(adaptive: bool) -> BatchConfig {
+        BatchConfig {
+            max: 500,
+            wait: Duration::from_millis(5),
+            adaptive,
+            replay_max: 5000,
+        }
+    }
+
+    #[test]
+    fn fixed_modes_always_plan_their_settings() {
+        let c = config(false);
+        assert_eq!(c.plan(0, 0.0), (500, Duration::from_millis(5)));
+        assert_eq!(c.plan(10_000, 50_000.0), (500, Duration::from_millis(5)));
+    }
+
+    #[test]
+    fn adaptive_waits_to_fill_only_under_load() {
+        let c = config(true);
+        // Caught up and quiet: take what has arrived, no wait (lowest latency).
+        assert_eq!(c.plan(0, 20.0), (500, Duration::ZERO));
+        assert_eq!(c.plan(ADAPTIVE_BACKLOG - 1, 999.0), (500, Duration::ZERO));
+        // A backlog on the server, or a high arrival rate: fill the batch (throughput).
+        assert_eq!(c.plan(ADAPTIVE_BACKLOG, 0.0), (500, ADAPTIVE_FILL_WAIT));
+        assert_eq!(c.plan(0, ADAPTIVE_BUSY_RATE), (500, ADAPTIVE_FILL_WAIT));
+    }
 }
