@@ -1,6 +1,6 @@
 //! The SQL behind each query, and the query requests' shapes. Every reply is read in one
-//! REPEATABLE READ, READ ONLY transaction together with the checkpoint it reports as
-//! `as_of_seq`, so the figures and the sequence always match.
+//! snapshot together with the checkpoint it reports as `as_of_seq` (one statement, or a
+//! REPEATABLE READ, READ ONLY transaction), so the figures and the sequence always match.
 
 use ch_domain::ids::validate_id;
 use ch_domain::DomainError;
