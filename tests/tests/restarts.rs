@@ -284,3 +284,65 @@ async fn the_strategy_projector_reads_only_strategy_events_and_follows_the_strea
         .await;
     assert_eq!(list["strategies"].as_array().unwrap().len(), 2, "{list}");
 }
+
+/// A reset under the running portfolio projector (which keeps the rows it folded between
+/// batches) while signals keep coming: it replays, and ends with the read model a rebuild
+/// from scratch leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_under_the_running_projector_ends_as_a_rebuild_from_scratch() {
+    let mut env = TestEnv::new().await;
+    for w in [
+        Worker::CmdStrategy,
+        Worker::CmdPortfolio,
+        Worker::CmdSignal,
+        Worker::CmdMarket,
+        Worker::QueryPortfolio,
+        Worker::QueryStrategy,
+    ] {
+        env.start(w).await;
+    }
+    let proj = env.spawn(Worker::ProjPortfolio).await;
+    let strat = env.spawn(Worker::ProjStrategy).await;
+    let mut last = load_history(&env, 4, 9).await;
+    env.query_at("portfolio.performance", json!({"portfolio_id": "p0"}), last)
+        .await;
+
+    let app = App::start(env.app_config(), "test-reset").await.unwrap();
+    let replayed_here = projector(&app, PortfolioProjection::default())
+        .unwrap()
+        .rebuild()
+        .await
+        .unwrap();
+    assert_eq!(replayed_here, None, "the running projector should replay");
+    for i in 0..30 {
+        let side = if i % 3 == 2 { "sell" } else { "buy" };
+        let r = env
+            .cmd(
+                "signal.execute",
+                signal(&format!("p{}", i % 4), "s1", side, "0.05", "20500", None),
+            )
+            .await;
+        last = last.max(r["stream_seq"].as_u64().unwrap());
+    }
+    let perf = env
+        .query_at("portfolio.performance", json!({"portfolio_id": "p1"}), last)
+        .await;
+    assert!(perf["fill_count"].as_u64().unwrap() > 5, "{perf}");
+    env.query_at("strategy.get", json!({"strategy_id": "s1"}), last)
+        .await;
+    proj.stop().await;
+    strat.stop().await;
+    let live = env.dump_read_model().await;
+
+    let reached = projector(&app, PortfolioProjection::default())
+        .unwrap()
+        .rebuild()
+        .await
+        .unwrap();
+    assert_eq!(reached, Some(env.last_seq().await));
+    let rebuilt = env.dump_read_model().await;
+    assert_eq!(live.len(), rebuilt.len());
+    for (a, b) in live.iter().zip(&rebuilt) {
+        assert_eq!(a, b);
+    }
+}
