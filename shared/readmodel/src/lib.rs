@@ -34,6 +34,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "trade_counts",
         sql: include_str!("../migrations/003_trade_counts.sql"),
     },
+    Migration {
+        version: 4,
+        name: "fewer_index_writes",
+        sql: include_str!("../migrations/004_fewer_index_writes.sql"),
+    },
 ];
 
 /// Plain-notation string of a decimal as replies carry it (`"14990"`, not `"14990.000"`).
