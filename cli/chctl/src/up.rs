@@ -414,7 +414,17 @@ async fn print_counts(ctx: &Ctx, client: &Client) {
         }
     }
     for p in PROJECTIONS {
-        if let Ok(v) = projector_status(ctx, client, p).await {
+        // Give each projector a moment to account for what was just written (the strategy
+        // projector moves past other subjects' events on its 200 ms idle ticks).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        let mut status = projector_status(ctx, client, p).await;
+        while status.as_ref().is_ok_and(|v| v["lag_events"] != 0)
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            status = projector_status(ctx, client, p).await;
+        }
+        if let Ok(v) = status {
             println!(
                 "read model {p:<10} last_seq {}  lag {} events",
                 text(&v, "last_seq"),
