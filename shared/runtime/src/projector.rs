@@ -93,8 +93,9 @@ pub struct BatchConfig {
     pub wait: Duration,
     /// `adaptive`: the batch size follows the lag. A batch is what has arrived, up to `max`:
     /// one or a few events when caught up (lowest latency), `max` when behind; and while the
-    /// consumer reports a backlog still on the server (a burst, or load), it waits up to
-    /// [`ADAPTIVE_FILL_WAIT`] to fill the batch (fewer, larger transactions: throughput).
+    /// consumer reports a backlog still on the server or events arrive fast (from
+    /// [`ADAPTIVE_BUSY_RATE`]), it waits up to [`ADAPTIVE_FILL_WAIT`] to fill the batch (fewer,
+    /// larger transactions: throughput).
     pub adaptive: bool,
     /// Most events per transaction of a replay (rebuild, catch-up).
     pub replay_max: usize,
@@ -130,6 +131,12 @@ impl BatchConfig {
     }
 }
 
+/// `adaptive`: the server-side backlog from which a batch waits to fill.
+const ADAPTIVE_BACKLOG: u64 = 16;
+/// `adaptive`: the arrival rate (events/s) from which a batch waits to fill.
+const ADAPTIVE_BUSY_RATE: f64 = 1000.0;
+/// `adaptive`: how long a batch waits to fill under load (as long as `batch` mode's default).
+pub const ADAPTIVE_FILL_WAIT: Duration = Duration::from_millis(5);
 /// How often the arrival rate that `adaptive` follows is measured.
 const RATE_WINDOW: Duration = Duration::from_millis(250);
 
@@ -144,13 +151,6 @@ async fn ack(m: Option<async_nats::jetstream::Message>) {
         }
     }
 }
-
-/// `adaptive`: the server-side backlog from which a batch waits to fill.
-const ADAPTIVE_BACKLOG: u64 = 16;
-/// `adaptive`: the arrival rate (events/s) from which a batch waits to fill.
-const ADAPTIVE_BUSY_RATE: f64 = 1000.0;
-/// `adaptive`: how long a batch waits to fill when there is a backlog.
-pub const ADAPTIVE_FILL_WAIT: Duration = Duration::from_millis(5);
 
 /// One raw message of the stream.
 struct Raw {
