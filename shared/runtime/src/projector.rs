@@ -132,9 +132,9 @@ impl BatchConfig {
 }
 
 /// `adaptive`: the server-side backlog from which a batch waits to fill.
-const ADAPTIVE_BACKLOG: u64 = 16;
+pub const ADAPTIVE_BACKLOG: u64 = 16;
 /// `adaptive`: the arrival rate (events/s) from which a batch waits to fill.
-const ADAPTIVE_BUSY_RATE: f64 = 1000.0;
+pub const ADAPTIVE_BUSY_RATE: f64 = 1000.0;
 /// `adaptive`: how long a batch waits to fill under load (as long as `batch` mode's default).
 pub const ADAPTIVE_FILL_WAIT: Duration = Duration::from_millis(5);
 /// How often the arrival rate that `adaptive` follows is measured.
