@@ -270,6 +270,18 @@ impl TestEnv {
         env
     }
 
+    /// Every worker of [`Worker::ALL`] but the projectors, which a test that kills, delays or
+    /// resets them spawns itself.
+    pub async fn without_projectors() -> TestEnv {
+        let mut env = TestEnv::new().await;
+        for w in Worker::ALL {
+            if !matches!(w, Worker::ProjPortfolio | Worker::ProjStrategy) {
+                env.start(w).await;
+            }
+        }
+        env
+    }
+
     /// Starts one worker and waits until its service answers `$SRV.PING`.
     pub async fn start(&mut self, worker: Worker) {
         let r = self.spawn(worker).await;

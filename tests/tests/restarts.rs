@@ -62,16 +62,7 @@ async fn wait_checkpoint(env: &TestEnv, pred: impl Fn(u64) -> bool) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn projector_killed_mid_stream_resumes_to_the_same_read_model_as_a_rebuild() {
-    let mut env = TestEnv::new().await;
-    for w in [
-        Worker::CmdStrategy,
-        Worker::CmdPortfolio,
-        Worker::CmdSignal,
-        Worker::CmdMarket,
-        Worker::QueryPortfolio,
-    ] {
-        env.start(w).await;
-    }
+    let mut env = TestEnv::without_projectors().await;
     let strat = env.spawn(Worker::ProjStrategy).await;
     // Write with the portfolio projector running, then kill it.
     let proj = env.spawn(Worker::ProjPortfolio).await;
@@ -114,7 +105,6 @@ async fn projector_killed_mid_stream_resumes_to_the_same_read_model_as_a_rebuild
         .await;
     assert!(perf["as_of_seq"].as_u64().unwrap() >= last);
     // The strategy read model too must have everything before the dump.
-    env.start(Worker::QueryStrategy).await;
     env.query_at("strategy.get", json!({"strategy_id": "s1"}), last)
         .await;
     proj.stop().await;
@@ -190,16 +180,7 @@ async fn a_command_worker_with_a_cold_cache_decides_the_same() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_projector_takes_over_when_the_active_one_dies() {
-    let mut env = TestEnv::new().await;
-    for w in [
-        Worker::CmdStrategy,
-        Worker::CmdPortfolio,
-        Worker::CmdSignal,
-        Worker::CmdMarket,
-        Worker::QueryPortfolio,
-    ] {
-        env.start(w).await;
-    }
+    let env = TestEnv::without_projectors().await;
     let active = env.spawn(Worker::ProjPortfolio).await;
     let first = load_history(&env, 2, 3).await;
     env.query_at(
@@ -290,17 +271,7 @@ async fn the_strategy_projector_reads_only_strategy_events_and_follows_the_strea
 /// from scratch leaves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_under_the_running_projector_ends_as_a_rebuild_from_scratch() {
-    let mut env = TestEnv::new().await;
-    for w in [
-        Worker::CmdStrategy,
-        Worker::CmdPortfolio,
-        Worker::CmdSignal,
-        Worker::CmdMarket,
-        Worker::QueryPortfolio,
-        Worker::QueryStrategy,
-    ] {
-        env.start(w).await;
-    }
+    let env = TestEnv::without_projectors().await;
     let proj = env.spawn(Worker::ProjPortfolio).await;
     let strat = env.spawn(Worker::ProjStrategy).await;
     let mut last = load_history(&env, 4, 9).await;

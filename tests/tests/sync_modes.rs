@@ -86,17 +86,7 @@ async fn workload(env: &TestEnv) -> u64 {
 
 /// Runs the workload with the projectors stopped, then projects it in `mode`.
 async fn project_in(mode: SyncMode, batch_max: usize) -> Vec<String> {
-    let mut env = TestEnv::new().await;
-    for w in [
-        Worker::CmdStrategy,
-        Worker::CmdPortfolio,
-        Worker::CmdSignal,
-        Worker::CmdMarket,
-        Worker::QueryPortfolio,
-        Worker::QueryStrategy,
-    ] {
-        env.start(w).await;
-    }
+    let mut env = TestEnv::without_projectors().await;
     let last = workload(&env).await;
     env.cfg.sync = mode;
     env.cfg.batch_max = batch_max;

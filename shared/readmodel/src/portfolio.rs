@@ -13,12 +13,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use ch_domain::event::{Side, TradeExecuted};
 use ch_domain::Event;
 use ch_runtime::envelope::StoredEvent;
+use ch_runtime::pg::{exec, rows};
 use ch_runtime::projector::Projection;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
 use rust_decimal::Decimal;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::ToSql;
 use tokio_postgres::types::Type;
 
 #[derive(Default)]
@@ -777,27 +777,6 @@ impl Fold {
         .await?;
         Ok(())
     }
-}
-
-/// Runs a statement prepared once per connection (deadpool's statement cache): the batch
-/// statements are planned once, not on every batch.
-async fn exec(
-    tx: &Transaction<'_>,
-    sql: &str,
-    params: &[&(dyn ToSql + Sync)],
-) -> Result<u64, tokio_postgres::Error> {
-    let stmt = tx.prepare_cached(sql).await?;
-    tx.execute(&stmt, params).await
-}
-
-/// [`exec`] for a query.
-async fn rows(
-    tx: &Transaction<'_>,
-    sql: &str,
-    params: &[&(dyn ToSql + Sync)],
-) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
-    let stmt = tx.prepare_cached(sql).await?;
-    tx.query(&stmt, params).await
 }
 
 impl PortfolioProjection {

@@ -102,18 +102,17 @@ pub async fn snapshot(conn: &mut deadpool_postgres::Object) -> Result<Transactio
         .await?)
 }
 
-/// The last sequence `projection` applied, read in the reply's snapshot.
+/// How far the read models of `projections` are, in the reply's snapshot: the lowest of their
+/// checkpoints (a reply drawing on several is only as current as the least current).
 ///
 /// # Errors
 /// [`DbError`] on database trouble.
-pub async fn as_of(tx: &Transaction<'_>, projection: &str) -> Result<u64, DbError> {
-    let row = tx
-        .query_opt(
-            "SELECT last_seq FROM ch_checkpoints WHERE projection = $1",
-            &[&projection],
-        )
-        .await?;
-    Ok(row.map_or(0, |r| r.get::<_, i64>(0) as u64))
+pub async fn as_of(tx: &Transaction<'_>, projections: &[&str]) -> Result<u64, DbError> {
+    let mut lowest = u64::MAX;
+    for p in projections {
+        lowest = lowest.min(ch_runtime::projector::checkpoint(tx, p).await?);
+    }
+    Ok(if lowest == u64::MAX { 0 } else { lowest })
 }
 
 fn dec(row: &Row, col: &str) -> Decimal {
@@ -254,7 +253,11 @@ fn strategy_row(r: &Row) -> Value {
 ///
 /// # Errors
 /// `bad_request` for an invalid id, limit or cursor.
-pub async fn strategy_list(tx: &Transaction<'_>, q: &StrategyListQuery) -> Result<Value, ApiError> {
+pub async fn strategy_list(
+    tx: &Transaction<'_>,
+    q: &StrategyListQuery,
+    as_of_seq: u64,
+) -> Result<Value, ApiError> {
     check_id("user_id", &q.user_id)?;
     let limit = q.limit.unwrap_or(50);
     if !(1..=500).contains(&limit) {
@@ -263,7 +266,6 @@ pub async fn strategy_list(tx: &Transaction<'_>, q: &StrategyListQuery) -> Resul
     if let Some(c) = &q.cursor {
         check_id("cursor", c)?;
     }
-    let as_of_seq = as_of(tx, "strategy").await?;
     let rows = tx
         .query(
             "SELECT * FROM strategies
@@ -294,11 +296,12 @@ pub async fn strategy_list(tx: &Transaction<'_>, q: &StrategyListQuery) -> Resul
 ///
 /// # Errors
 /// `not_found` for an unknown strategy.
-pub async fn strategy_get(tx: &Transaction<'_>, q: &StrategyGetQuery) -> Result<Value, ApiError> {
+pub async fn strategy_get(
+    tx: &Transaction<'_>,
+    q: &StrategyGetQuery,
+    as_of_seq: u64,
+) -> Result<Value, ApiError> {
     check_id("strategy_id", &q.strategy_id)?;
-    let as_of_seq = as_of(tx, "strategy")
-        .await?
-        .min(as_of(tx, "portfolio").await?);
     let Some(r) = tx
         .query_opt(
             "SELECT * FROM strategies WHERE strategy_id = $1",

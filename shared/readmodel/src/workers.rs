@@ -75,7 +75,8 @@ impl Query {
         }
     }
 
-    /// The read models whose progress `min_stream_seq` waits for.
+    /// The read models a reply draws on: `min_stream_seq` waits for them, and `as_of_seq` is
+    /// the lowest of their checkpoints.
     fn projections(self) -> &'static [&'static str] {
         match self {
             Query::PortfolioPerformance | Query::PortfolioAnalysis => &["portfolio"],
@@ -129,40 +130,32 @@ impl Handler for QueryHandler {
                 self.wait_if_asked(query, &q).await?;
                 let mut conn = self.snapshot_conn().await?;
                 let tx = queries::snapshot(&mut conn).await?;
-                let reply = queries::strategy_list(&tx, &q).await;
-                drop(tx);
-                reply
+                let as_of = queries::as_of(&tx, query.projections()).await?;
+                queries::strategy_list(&tx, &q, as_of).await
             }
             Query::PortfolioAnalysis => {
                 let q: AnalysisQuery = queries::parse(body)?;
                 self.wait_if_asked(query, &q).await?;
                 let mut conn = self.snapshot_conn().await?;
                 let tx = queries::snapshot(&mut conn).await?;
-                let as_of = queries::as_of(&tx, "portfolio").await?;
-                let reply = analysis::portfolio_analysis(&tx, &q, as_of).await;
-                drop(tx);
-                reply
+                let as_of = queries::as_of(&tx, query.projections()).await?;
+                analysis::portfolio_analysis(&tx, &q, as_of).await
             }
             Query::StrategyLeaderboard => {
                 let q: LeaderboardQuery = queries::parse(body)?;
                 self.wait_if_asked(query, &q).await?;
                 let mut conn = self.snapshot_conn().await?;
                 let tx = queries::snapshot(&mut conn).await?;
-                let as_of = queries::as_of(&tx, "strategy")
-                    .await?
-                    .min(queries::as_of(&tx, "portfolio").await?);
-                let reply = analysis::strategy_leaderboard(&tx, &q, as_of).await;
-                drop(tx);
-                reply
+                let as_of = queries::as_of(&tx, query.projections()).await?;
+                analysis::strategy_leaderboard(&tx, &q, as_of).await
             }
             Query::StrategyGet => {
                 let q: StrategyGetQuery = queries::parse(body)?;
                 self.wait_if_asked(query, &q).await?;
                 let mut conn = self.snapshot_conn().await?;
                 let tx = queries::snapshot(&mut conn).await?;
-                let reply = queries::strategy_get(&tx, &q).await;
-                drop(tx);
-                reply
+                let as_of = queries::as_of(&tx, query.projections()).await?;
+                queries::strategy_get(&tx, &q, as_of).await
             }
         }
     }

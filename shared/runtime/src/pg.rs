@@ -151,3 +151,30 @@ pub async fn migrate(
     tx.commit().await?;
     Ok(())
 }
+
+/// Runs a statement prepared once per connection (deadpool's statement cache), for statements
+/// on hot paths: planned once, not on every call.
+///
+/// # Errors
+/// The database's error.
+pub async fn exec(
+    tx: &deadpool_postgres::Transaction<'_>,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<u64, tokio_postgres::Error> {
+    let stmt = tx.prepare_cached(sql).await?;
+    tx.execute(&stmt, params).await
+}
+
+/// [`exec`] for a query.
+///
+/// # Errors
+/// The database's error.
+pub async fn rows(
+    tx: &deadpool_postgres::Transaction<'_>,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    let stmt = tx.prepare_cached(sql).await?;
+    tx.query(&stmt, params).await
+}

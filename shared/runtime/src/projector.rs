@@ -340,12 +340,12 @@ impl<P: Projection> Projector<P> {
             self.projection.apply_batch(&tx, &events, cp as u64).await?;
         }
         if last != cp as u64 {
-            let stmt = tx
-                .prepare_cached(
-                    "UPDATE ch_checkpoints SET last_seq = $2, updated_at = now() WHERE projection = $1",
-                )
-                .await?;
-            tx.execute(&stmt, &[&name, &(last as i64)]).await?;
+            crate::pg::exec(
+                &tx,
+                "UPDATE ch_checkpoints SET last_seq = $2, updated_at = now() WHERE projection = $1",
+                &[&name, &(last as i64)],
+            )
+            .await?;
         }
         tx.commit().await?;
         self.set_position(last);
@@ -738,9 +738,16 @@ impl<P: Projection> Projector<P> {
                 self.metrics.gauge("batch_size", batch.len() as i64);
             }
             let mut raws = Vec::with_capacity(batch.len());
-            for m in &batch {
+            // The newest delivery (by consumer sequence): its ack acks the batch.
+            let mut newest: Option<(u64, usize)> = None;
+            for (i, m) in batch.iter().enumerate() {
                 match m.info() {
-                    Ok(i) => raws.push(Raw::from_message(i.stream_sequence, m)),
+                    Ok(info) => {
+                        raws.push(Raw::from_message(info.stream_sequence, m));
+                        if newest.is_none_or(|(c, _)| info.consumer_sequence > c) {
+                            newest = Some((info.consumer_sequence, i));
+                        }
+                    }
                     Err(e) => warn!(error = %e, "message without JetStream metadata"),
                 }
             }
@@ -760,12 +767,7 @@ impl<P: Projection> Projector<P> {
                     // and every one before it. The checkpoint is the truth (a redelivery is
                     // skipped), so acks go out at most every ACK_EVERY: each one is a consumer
                     // state write on the server, synced to disk with `sync_interval: always`.
-                    let newest = batch
-                        .iter()
-                        .enumerate()
-                        .max_by_key(|(_, m)| m.info().map_or(0, |i| i.consumer_sequence))
-                        .map(|(i, _)| i);
-                    if let Some(i) = newest {
+                    if let Some((_, i)) = newest {
                         to_ack = Some(batch.swap_remove(i));
                     }
                     if acked_at.elapsed() >= ACK_EVERY {
