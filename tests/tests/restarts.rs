@@ -36,6 +36,56 @@ async fn load_history(env: &TestEnv, portfolios: usize, rounds: usize) -> u64 {
     last
 }
 
+/// `count` signals on s1 across portfolios p0..p{portfolios}, every `sell_every`-th a sell;
+/// returns the highest stream sequence.
+async fn signals(
+    env: &TestEnv,
+    count: usize,
+    portfolios: usize,
+    sell_every: usize,
+    px: &str,
+) -> u64 {
+    let mut last = 0;
+    for i in 0..count {
+        let side = if i % sell_every == sell_every - 1 {
+            "sell"
+        } else {
+            "buy"
+        };
+        let r = env
+            .cmd(
+                "signal.execute",
+                signal(
+                    &format!("p{}", i % portfolios),
+                    "s1",
+                    side,
+                    "0.05",
+                    px,
+                    None,
+                ),
+            )
+            .await;
+        last = last.max(r["stream_seq"].as_u64().unwrap());
+    }
+    last
+}
+
+/// Rebuilds the portfolio read model from the whole stream (no projector may be running) and
+/// checks it row by row against `before` (a dump of the read models).
+async fn assert_same_as_rebuilt(env: &TestEnv, app: &App, before: &[String]) {
+    let reached = projector(app, PortfolioProjection::default())
+        .unwrap()
+        .rebuild()
+        .await
+        .unwrap();
+    assert_eq!(reached, Some(env.last_seq().await));
+    let rebuilt = env.dump_read_model().await;
+    assert_eq!(before.len(), rebuilt.len());
+    for (a, b) in before.iter().zip(&rebuilt) {
+        assert_eq!(a, b);
+    }
+}
+
 /// Polls the portfolio checkpoint until `pred` holds (bounded); returns it.
 async fn wait_checkpoint(env: &TestEnv, pred: impl Fn(u64) -> bool) -> u64 {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -69,17 +119,7 @@ async fn projector_killed_mid_stream_resumes_to_the_same_read_model_as_a_rebuild
     let last = load_history(&env, 5, 12).await;
     proj.kill().await;
     // More events while it is down.
-    let mut last = last;
-    for i in 0..40 {
-        let side = if i % 2 == 0 { "buy" } else { "sell" };
-        let r = env
-            .cmd(
-                "signal.execute",
-                signal(&format!("p{}", i % 5), "s1", side, "0.05", "21000", None),
-            )
-            .await;
-        last = last.max(r["stream_seq"].as_u64().unwrap());
-    }
+    let last = last.max(signals(&env, 40, 5, 2, "21000").await);
 
     // Small batches, so that kills land between commits of the catch-up: kill it again and
     // again as soon as it has committed something, until it has caught up.
@@ -114,22 +154,12 @@ async fn projector_killed_mid_stream_resumes_to_the_same_read_model_as_a_rebuild
 
     // Rebuild both read models from the stream and compare row by row.
     let app = App::start(env.app_config(), "test-rebuild").await.unwrap();
-    let reached = projector(&app, PortfolioProjection::default())
-        .unwrap()
-        .rebuild()
-        .await
-        .unwrap();
-    assert_eq!(reached, Some(env.last_seq().await));
     projector(&app, StrategyProjection)
         .unwrap()
         .rebuild()
         .await
         .unwrap();
-    let rebuilt = env.dump_read_model().await;
-    assert_eq!(resumed.len(), rebuilt.len());
-    for (a, b) in resumed.iter().zip(&rebuilt) {
-        assert_eq!(a, b);
-    }
+    assert_same_as_rebuilt(&env, &app, &resumed).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -285,16 +315,7 @@ async fn a_reset_under_the_running_projector_ends_as_a_rebuild_from_scratch() {
         .await
         .unwrap();
     assert_eq!(replayed_here, None, "the running projector should replay");
-    for i in 0..30 {
-        let side = if i % 3 == 2 { "sell" } else { "buy" };
-        let r = env
-            .cmd(
-                "signal.execute",
-                signal(&format!("p{}", i % 4), "s1", side, "0.05", "20500", None),
-            )
-            .await;
-        last = last.max(r["stream_seq"].as_u64().unwrap());
-    }
+    last = last.max(signals(&env, 30, 4, 3, "20500").await);
     let perf = env
         .query_at("portfolio.performance", json!({"portfolio_id": "p1"}), last)
         .await;
@@ -305,15 +326,5 @@ async fn a_reset_under_the_running_projector_ends_as_a_rebuild_from_scratch() {
     strat.stop().await;
     let live = env.dump_read_model().await;
 
-    let reached = projector(&app, PortfolioProjection::default())
-        .unwrap()
-        .rebuild()
-        .await
-        .unwrap();
-    assert_eq!(reached, Some(env.last_seq().await));
-    let rebuilt = env.dump_read_model().await;
-    assert_eq!(live.len(), rebuilt.len());
-    for (a, b) in live.iter().zip(&rebuilt) {
-        assert_eq!(a, b);
-    }
+    assert_same_as_rebuilt(&env, &app, &live).await;
 }
