@@ -39,6 +39,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "fewer_index_writes",
         sql: include_str!("../migrations/004_fewer_index_writes.sql"),
     },
+    Migration {
+        version: 5,
+        name: "trades_by_portfolio",
+        sql: include_str!("../migrations/005_trades_by_portfolio.sql"),
+    },
 ];
 
 /// Plain-notation string of a decimal as replies carry it (`"14990"`, not `"14990.000"`).

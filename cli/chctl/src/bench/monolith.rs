@@ -149,8 +149,9 @@ CREATE TABLE portfolio_strategies (
     PRIMARY KEY (portfolio_id, strategy_id)
 );
 
+-- Keyed like the read model's (migration 005): no index on the random trade_id.
 CREATE TABLE trades (
-    trade_id       uuid PRIMARY KEY,
+    trade_id       uuid NOT NULL,
     portfolio_id   text NOT NULL,
     strategy_id    text NOT NULL,
     symbol         text NOT NULL,
@@ -162,9 +163,9 @@ CREATE TABLE trades (
     cash_after     numeric NOT NULL,
     position_after numeric NOT NULL,
     at             timestamptz NOT NULL,
-    stream_seq     bigint NOT NULL
+    stream_seq     bigint NOT NULL,
+    PRIMARY KEY (portfolio_id, stream_seq)
 );
-CREATE INDEX trades_portfolio ON trades (portfolio_id, stream_seq);
 
 CREATE TABLE command_replies (
     command_id uuid PRIMARY KEY,
