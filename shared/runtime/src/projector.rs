@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::envelope::{self, StoredEvent};
-use crate::error::{ApiError, DbError, StoreError};
+use crate::error::{ApiError, DbError, DecodeError, StoreError};
 use crate::eventstore::{consumer_config, EventStore};
 use crate::metrics::Metrics;
 use crate::service::{self, EndpointSpec, Handler, ServiceSpec};
@@ -152,25 +152,37 @@ async fn ack(m: Option<async_nats::jetstream::Message>) {
     }
 }
 
-/// One raw message of the stream.
+/// One message of the stream, decoded when it arrives (a replay decodes the next chunk while
+/// the previous one is being written).
 struct Raw {
     seq: u64,
     payload: Bytes,
-    /// `Ch-Event-Type`, to skip decoding events the projection ignores.
-    event_type: Option<String>,
+    /// Whether the projection wants its `Ch-Event-Type`: others are skipped without decoding.
+    wanted: bool,
+    /// The decoded event, until the chunk that applies it takes it.
+    event: Option<Result<StoredEvent, DecodeError>>,
 }
 
 impl Raw {
-    fn from_message(seq: u64, m: &async_nats::Message) -> Raw {
+    fn new(seq: u64, m: &async_nats::Message, projection: &impl Projection) -> Raw {
+        let wanted = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Ch-Event-Type"))
+            .is_none_or(|t| projection.wants(t.as_str()));
         Raw {
             seq,
             payload: m.payload.clone(),
-            event_type: m
-                .headers
-                .as_ref()
-                .and_then(|h| h.get("Ch-Event-Type"))
-                .map(|v| v.as_str().to_owned()),
+            wanted,
+            event: wanted.then(|| envelope::decode(seq, &m.payload)),
         }
+    }
+
+    /// The decoded event (decoded again if an earlier attempt of its chunk took it).
+    fn take_event(&mut self) -> Result<StoredEvent, DecodeError> {
+        self.event
+            .take()
+            .unwrap_or_else(|| envelope::decode(self.seq, &self.payload))
     }
 }
 
@@ -278,7 +290,7 @@ impl<P: Projection> Projector<P> {
     }
 
     /// Applies one chunk of consecutive messages in one transaction.
-    async fn apply_chunk(&self, raws: &[Raw]) -> Result<Chunk, ProjectorError> {
+    async fn apply_chunk(&self, raws: &mut [Raw]) -> Result<Chunk, ProjectorError> {
         let name = self.name();
         let mut conn = self.pool.get().await.map_err(DbError::from)?;
         let tx = conn.transaction().await?;
@@ -314,7 +326,7 @@ impl<P: Projection> Projector<P> {
         }
         let mut dead = Vec::new();
         let mut events = Vec::with_capacity(raws.len());
-        for raw in raws {
+        for raw in raws.iter_mut() {
             if raw.seq <= last {
                 continue;
             }
@@ -324,17 +336,14 @@ impl<P: Projection> Projector<P> {
                     first: raw.seq,
                 });
             }
-            if let Some(t) = &raw.event_type {
-                if !self.projection.wants(t) {
-                    last = raw.seq;
-                    continue;
-                }
-            }
-            match envelope::decode(raw.seq, &raw.payload) {
-                Ok(ev) => events.push(ev),
-                Err(e) => dead.push((raw, e.to_string())),
-            }
             last = raw.seq;
+            if !raw.wanted {
+                continue;
+            }
+            match raw.take_event() {
+                Ok(ev) => events.push(ev),
+                Err(e) => dead.push((&*raw, e.to_string())),
+            }
         }
         if !events.is_empty() {
             self.projection.apply_batch(&tx, &events, cp as u64).await?;
@@ -377,13 +386,13 @@ impl<P: Projection> Projector<P> {
 
     /// Applies a chunk; on a data error in one event, applies the events one by one and
     /// dead-letters the one that fails. Transient errors are returned for a retry.
-    async fn apply_robust(&self, raws: &[Raw]) -> Result<Chunk, ProjectorError> {
+    async fn apply_robust(&self, raws: &mut [Raw]) -> Result<Chunk, ProjectorError> {
         match self.apply_chunk(raws).await {
             Err(ProjectorError::Db(DbError::Query(e))) if !transient(&e) => {
                 warn!(error = %e, events = raws.len(), "batch failed; applying one by one");
                 let mut done = 0;
-                for raw in raws {
-                    match self.apply_chunk(std::slice::from_ref(raw)).await {
+                for raw in raws.iter_mut() {
+                    match self.apply_chunk(std::slice::from_mut(raw)).await {
                         Ok(Chunk::Done(s)) => done = s,
                         Ok(gap @ Chunk::Gap { .. }) => return Ok(gap),
                         Err(ProjectorError::Db(DbError::Query(e))) if !transient(&e) => {
@@ -492,25 +501,43 @@ impl<P: Projection> Projector<P> {
             .messages()
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        // Two stages: the reader receives and decodes the next chunk while the writer applies
+        // the one before (in the same task: the reader runs while the writer awaits Postgres).
         let chunk_size = self.batch.replay_max.max(1);
-        let mut chunk = Vec::with_capacity(chunk_size);
-        let mut last = from;
-        let mut next_report = Instant::now() + Duration::from_secs(2);
-        while last < to {
-            let msg = match tokio::time::timeout(Duration::from_secs(10), messages.next()).await {
-                Ok(Some(Ok(m))) => m,
-                Ok(Some(Err(e))) => return Err(StoreError::Unavailable(e.to_string()).into()),
-                Ok(None) | Err(_) => {
-                    return Err(StoreError::Unavailable(format!("replay stalled at {last}")).into())
+        let (chunks, mut received) = tokio::sync::mpsc::channel::<Vec<Raw>>(1);
+        let read = async move {
+            let mut chunk = Vec::with_capacity(chunk_size);
+            loop {
+                let msg = match tokio::time::timeout(Duration::from_secs(10), messages.next()).await
+                {
+                    Ok(Some(Ok(m))) => m,
+                    Ok(Some(Err(e))) => return Err(StoreError::Unavailable(e.to_string()).into()),
+                    Ok(None) | Err(_) => {
+                        let at = chunk.last().map_or(from, |r: &Raw| r.seq);
+                        return Err(
+                            StoreError::Unavailable(format!("replay stalled after {at}")).into(),
+                        );
+                    }
+                };
+                let info = msg.info().map_err(|e| StoreError::Other(e.to_string()))?;
+                let (seq, pending) = (info.stream_sequence, info.pending);
+                chunk.push(Raw::new(seq, &msg, &*self.projection));
+                // A sparse replay ends with the last event of its subjects.
+                let end = seq >= to || (self.sparse && pending == 0);
+                if chunk.len() >= chunk_size || end {
+                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(chunk_size));
+                    // A closed channel: the writer failed, and its error is the one returned.
+                    if chunks.send(full).await.is_err() || end {
+                        return Ok::<(), ProjectorError>(());
+                    }
                 }
-            };
-            let info = msg.info().map_err(|e| StoreError::Other(e.to_string()))?;
-            let (seq, pending) = (info.stream_sequence, info.pending);
-            chunk.push(Raw::from_message(seq, &msg));
-            // A sparse replay ends with the last event of its subjects.
-            let end = seq >= to || (self.sparse && pending == 0);
-            if chunk.len() >= chunk_size || end {
-                match self.apply_robust(&chunk).await? {
+            }
+        };
+        let write = async {
+            let mut last = from;
+            let mut next_report = Instant::now() + Duration::from_secs(2);
+            while let Some(mut chunk) = received.recv().await {
+                match self.apply_robust(&mut chunk).await? {
                     Chunk::Done(s) => last = s,
                     Chunk::Gap { checkpoint, first } => {
                         return Err(StoreError::Other(format!(
@@ -519,7 +546,6 @@ impl<P: Projection> Projector<P> {
                         .into())
                     }
                 }
-                chunk.clear();
                 if Instant::now() >= next_report {
                     let rate = (last - from) as f64 / started.elapsed().as_secs_f64();
                     info!(
@@ -531,11 +557,10 @@ impl<P: Projection> Projector<P> {
                     );
                     next_report = Instant::now() + Duration::from_secs(2);
                 }
-                if end {
-                    break;
-                }
             }
-        }
+            Ok::<u64, ProjectorError>(last)
+        };
+        let ((), mut last) = futures::try_join!(read, write)?;
         if self.sparse && last < to {
             // Sparse: no event of its subjects after `last` up to `to`.
             last = self.advance(last, to).await?;
@@ -559,7 +584,7 @@ impl<P: Projection> Projector<P> {
     }
 
     /// Applies a batch from the durable consumer, filling a gap first if there is one.
-    async fn process(&self, raws: &[Raw]) -> Result<u64, ProjectorError> {
+    async fn process(&self, raws: &mut [Raw]) -> Result<u64, ProjectorError> {
         loop {
             match self.apply_robust(raws).await? {
                 Chunk::Done(s) => return Ok(s),
@@ -743,7 +768,7 @@ impl<P: Projection> Projector<P> {
             for (i, m) in batch.iter().enumerate() {
                 match m.info() {
                     Ok(info) => {
-                        raws.push(Raw::from_message(info.stream_sequence, m));
+                        raws.push(Raw::new(info.stream_sequence, m, &*self.projection));
                         if newest.is_none_or(|(c, _)| info.consumer_sequence > c) {
                             newest = Some((info.consumer_sequence, i));
                         }
@@ -759,7 +784,7 @@ impl<P: Projection> Projector<P> {
                 first_seq = raws.first().map(|r| r.seq),
                 last_seq = raws.last().map(|r| r.seq)
             );
-            let result = self.process(&raws).instrument(span.clone()).await;
+            let result = self.process(&mut raws).instrument(span.clone()).await;
             match result {
                 Ok(last) => {
                     backoff = Duration::from_millis(50);
