@@ -410,6 +410,17 @@ impl TestEnv {
         self.request(&format!("cmd.{name}"), body).await.ok()
     }
 
+    /// Opens `portfolio` for `user`, deposits `amount` and attaches `strategy` (three commands
+    /// that must succeed).
+    pub async fn funded(&self, portfolio: &str, user: &str, amount: &str, strategy: &str) {
+        self.cmd("portfolio.update", fixtures::open(portfolio, user))
+            .await;
+        self.cmd("portfolio.update", fixtures::deposit(portfolio, amount))
+            .await;
+        self.cmd("portfolio.update", fixtures::attach(portfolio, strategy))
+            .await;
+    }
+
     /// A query with `min_stream_seq` = `seq` (read-your-writes); must succeed.
     pub async fn query_at(&self, name: &str, mut body: Value, seq: u64) -> Value {
         body["min_stream_seq"] = seq.into();

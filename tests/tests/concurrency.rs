@@ -2,7 +2,7 @@
 //! by two signal workers in one queue group, never overdraw it.
 
 use ch_domain::AggregateType;
-use ch_e2e::fixtures::{attach, deposit, open, signal, strategy};
+use ch_e2e::fixtures::{signal, strategy};
 use ch_e2e::{TestEnv, Worker};
 use serde_json::json;
 
@@ -13,9 +13,7 @@ async fn forty_concurrent_buys_with_cash_for_ten_execute_exactly_ten() {
     env.start(Worker::CmdSignal).await;
     env.cmd("strategy.create", strategy("u1", "s1", &["BTC-USDT"]))
         .await;
-    env.cmd("portfolio.update", open("p1", "u1")).await;
-    env.cmd("portfolio.update", deposit("p1", "1000")).await;
-    env.cmd("portfolio.update", attach("p1", "s1")).await;
+    env.funded("p1", "u1", "1000", "s1").await;
     let before = env.subject_count(AggregateType::Portfolio, "p1").await;
 
     let env = std::sync::Arc::new(env);

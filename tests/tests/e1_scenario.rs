@@ -1,7 +1,7 @@
 //! DOMAIN.md's worked example E1, end to end through NATS: commands to the command workers,
 //! events on JetStream, the portfolio projector in Postgres, answers from the query worker.
 
-use ch_e2e::fixtures::{attach, deposit, open, price, signal, strategy};
+use ch_e2e::fixtures::{price, signal, strategy};
 use ch_e2e::TestEnv;
 use serde_json::Value;
 
@@ -14,9 +14,7 @@ async fn e1_average_cost_through_the_whole_loop() {
     let env = TestEnv::with_all_workers().await;
     env.cmd("strategy.create", strategy("u1", "s1", &["BTC-USDT"]))
         .await;
-    env.cmd("portfolio.update", open("p1", "u1")).await;
-    env.cmd("portfolio.update", deposit("p1", "25000")).await;
-    env.cmd("portfolio.update", attach("p1", "s1")).await;
+    env.funded("p1", "u1", "25000", "s1").await;
 
     let buy1 = env
         .cmd(

@@ -82,9 +82,7 @@ async fn setup() -> TestEnv {
     let env = TestEnv::with_all_workers().await;
     env.cmd("strategy.create", strategy("u1", "s1", &["BTC-USDT"]))
         .await;
-    env.cmd("portfolio.update", open("p1", "u1")).await;
-    env.cmd("portfolio.update", deposit("p1", "1000")).await;
-    env.cmd("portfolio.update", attach("p1", "s1")).await;
+    env.funded("p1", "u1", "1000", "s1").await;
     env
 }
 

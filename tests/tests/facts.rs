@@ -1,7 +1,7 @@
 //! A signal worker caches the strategies and marks it checks signals against; a change to
 //! either must be seen by the very next signal (API.md: checks use the current state).
 
-use ch_e2e::fixtures::{attach, deposit, open, price, signal, strategy, strategy_with};
+use ch_e2e::fixtures::{price, signal, strategy, strategy_with};
 use ch_e2e::TestEnv;
 use serde_json::json;
 
@@ -10,9 +10,7 @@ async fn the_next_signal_sees_a_strategy_change_at_once() {
     let env = TestEnv::with_all_workers().await;
     env.cmd("strategy.create", strategy("u1", "s1", &["BTC-USDT"]))
         .await;
-    env.cmd("portfolio.update", open("p1", "u1")).await;
-    env.cmd("portfolio.update", deposit("p1", "1000")).await;
-    env.cmd("portfolio.update", attach("p1", "s1")).await;
+    env.funded("p1", "u1", "1000", "s1").await;
     for i in 0..20 {
         let allowed = if i % 2 == 0 { "ETH-USDT" } else { "BTC-USDT" };
         let mut profile = strategy("u1", "s1", &[allowed])["risk_profile"].clone();
@@ -57,9 +55,7 @@ async fn the_next_signal_sees_a_price_change_at_once() {
         strategy_with("u1", "s1", &["BTC-USDT"], limits),
     )
     .await;
-    env.cmd("portfolio.update", open("p1", "u1")).await;
-    env.cmd("portfolio.update", deposit("p1", "10000")).await;
-    env.cmd("portfolio.update", attach("p1", "s1")).await;
+    env.funded("p1", "u1", "10000", "s1").await;
     // Cash 7998 and 0.1 BTC: halted (equity <= 9000) below a mark of about 10,020.
     let b = env
         .cmd(

@@ -160,9 +160,7 @@ async fn signal_resent_answers_the_identical_trade() {
     let env = TestEnv::with_all_workers().await;
     env.cmd("strategy.create", strategy("u1", "s1", &["BTC-USDT"]))
         .await;
-    env.cmd("portfolio.update", open("p1", "u1")).await;
-    env.cmd("portfolio.update", deposit("p1", "25000")).await;
-    env.cmd("portfolio.update", attach("p1", "s1")).await;
+    env.funded("p1", "u1", "25000", "s1").await;
 
     let c = Uuid::now_v7();
     let first = env

@@ -1,7 +1,7 @@
 //! Crashes and restarts: a projector killed mid-stream resumes to the same read model as a
 //! rebuild from the stream; a command worker with a cold cache decides the same.
 
-use ch_e2e::fixtures::{attach, deposit, open, price, signal, strategy};
+use ch_e2e::fixtures::{deposit, price, signal, strategy};
 use ch_e2e::{TestEnv, Worker};
 use ch_readmodel::workers::projector;
 use ch_readmodel::{PortfolioProjection, StrategyProjection};
@@ -16,9 +16,7 @@ async fn load_history(env: &TestEnv, portfolios: usize, rounds: usize) -> u64 {
     .await;
     for p in 0..portfolios {
         let id = format!("p{p}");
-        env.cmd("portfolio.update", open(&id, "u1")).await;
-        env.cmd("portfolio.update", deposit(&id, "100000")).await;
-        env.cmd("portfolio.update", attach(&id, "s1")).await;
+        env.funded(&id, "u1", "100000", "s1").await;
     }
     let mut last = 0;
     for r in 0..rounds {
@@ -172,9 +170,7 @@ async fn a_command_worker_with_a_cold_cache_decides_the_same() {
     env.wait_ping(Worker::CmdSignal).await;
     env.cmd("strategy.create", strategy("u1", "s1", &["BTC-USDT"]))
         .await;
-    env.cmd("portfolio.update", open("p1", "u1")).await;
-    env.cmd("portfolio.update", deposit("p1", "10000")).await;
-    env.cmd("portfolio.update", attach("p1", "s1")).await;
+    env.funded("p1", "u1", "10000", "s1").await;
     let buy = env
         .cmd(
             "signal.execute",

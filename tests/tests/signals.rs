@@ -5,8 +5,7 @@
 
 use ch_domain::AggregateType;
 use ch_e2e::fixtures::{
-    attach, close, deposit, detach, open, price, seq, signal, signal_on, strategy, strategy_with,
-    version,
+    attach, close, detach, open, price, seq, signal, signal_on, strategy, strategy_with, version,
 };
 use ch_e2e::TestEnv;
 use serde_json::{json, Value};
@@ -72,9 +71,7 @@ async fn every_rejection_reason_is_stored_and_counted() {
         strategy_with("u1", "s1", &symbols, limits),
     )
     .await;
-    env.cmd("portfolio.update", open("p1", "u1")).await;
-    env.cmd("portfolio.update", deposit("p1", "20000")).await;
-    env.cmd("portfolio.update", attach("p1", "s1")).await;
+    env.funded("p1", "u1", "20000", "s1").await;
     let mut p1_rejections = 0;
 
     // 1. STRATEGY_NOT_ACTIVE: unknown, and deleted (while still attached).
@@ -267,9 +264,7 @@ async fn every_rejection_reason_is_stored_and_counted() {
     p1_rejections += 6;
 
     // 10. INSUFFICIENT_CASH: the notional fits, the fee does not.
-    env.cmd("portfolio.update", open("p2", "u1")).await;
-    env.cmd("portfolio.update", deposit("p2", "100")).await;
-    env.cmd("portfolio.update", attach("p2", "s1")).await;
+    env.funded("p2", "u1", "100", "s1").await;
     rejected(
         &env,
         signal("p2", "s1", "buy", "0.005", "20000", None),
@@ -339,9 +334,7 @@ async fn trading_halted_below_the_drawdown_limit_but_sells_execute() {
     env.cmd("strategy.create", strategy("u1", "sfree", &["BTC-USDT"]))
         .await;
     for (p, s) in [("p1", "sdd"), ("p2", "sfree")] {
-        env.cmd("portfolio.update", open(p, "u1")).await;
-        env.cmd("portfolio.update", deposit(p, "10000")).await;
-        env.cmd("portfolio.update", attach(p, s)).await;
+        env.funded(p, "u1", "10000", s).await;
     }
 
     // High-water mark 10000 (the deposit). Buy 0.1 at 20000: cash 7998.

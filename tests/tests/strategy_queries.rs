@@ -2,7 +2,7 @@
 //! (API.md "Queries"): rules and risk profile as stored, status, version, attached portfolios
 //! and their combined performance; keyset pagination, `include_deleted`, one user's rows only.
 
-use ch_e2e::fixtures::{attach, deposit, detach, open, seq, signal, signal_on, strategy, version};
+use ch_e2e::fixtures::{detach, seq, signal, signal_on, strategy, version};
 use ch_e2e::TestEnv;
 use serde_json::{json, Value};
 
@@ -129,9 +129,7 @@ async fn get_follows_create_update_delete_and_trades() {
 
     // Attached to two portfolios, with trades: their combined performance.
     for p in ["p1", "p2"] {
-        env.cmd("portfolio.update", open(p, "u1")).await;
-        env.cmd("portfolio.update", deposit(p, "25000")).await;
-        env.cmd("portfolio.update", attach(p, "s1")).await;
+        env.funded(p, "u1", "25000", "s1").await;
     }
     // p1: +979 (buy 0.5 at 20000, fee 10; sell at 22000, fee 11).
     env.cmd(

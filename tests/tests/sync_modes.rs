@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use ch_e2e::fixtures::{attach, deposit, open, price, signal, strategy};
+use ch_e2e::fixtures::{deposit, open, price, signal, strategy};
 use ch_e2e::{TestEnv, Worker};
 use ch_runtime::SyncMode;
 use serde_json::json;
@@ -68,9 +68,7 @@ async fn workload(env: &TestEnv) -> u64 {
     let mut last = 0;
     for p in 0..4 {
         let id = format!("p{p}");
-        env.cmd("portfolio.update", open(&id, "u1")).await;
-        env.cmd("portfolio.update", deposit(&id, "50000")).await;
-        env.cmd("portfolio.update", attach(&id, "s1")).await;
+        env.funded(&id, "u1", "50000", "s1").await;
         for i in 0..15 {
             let side = if i % 4 == 3 { "sell" } else { "buy" };
             let px = format!("{}", 20000 + i * 37);
