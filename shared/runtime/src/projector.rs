@@ -727,9 +727,23 @@ impl<P: Projection> Projector<P> {
             self.metrics.gauge("pending", pending as i64);
             let mut batch = vec![first];
             let deadline = tokio::time::Instant::now() + wait;
+            // With no fill wait, the batch is what has arrived; the client's connection task
+            // hands over one socket read (about 64 KiB, some 120 events) at a time, so when
+            // that runs dry it gets one turn to read what else is there.
+            let mut yielded = false;
             while batch.len() < target {
                 let next = if wait.is_zero() {
-                    messages.next().now_or_never().flatten()
+                    match messages.next().now_or_never() {
+                        None if !yielded => {
+                            yielded = true;
+                            tokio::task::yield_now().await;
+                            continue;
+                        }
+                        next => {
+                            yielded = false;
+                            next.flatten()
+                        }
+                    }
                 } else {
                     tokio::time::timeout_at(deadline, messages.next())
                         .await
