@@ -3,7 +3,7 @@
 //! and their combined performance; keyset pagination, `include_deleted`, one user's rows only.
 
 use ch_e2e::fixtures::{detach, seq, signal, signal_on, strategy, version};
-use ch_e2e::TestEnv;
+use ch_e2e::{TestEnv, Worker};
 use serde_json::{json, Value};
 
 async fn get(env: &TestEnv, strategy_id: &str, at: u64) -> Value {
@@ -335,4 +335,64 @@ async fn list_paginates_one_users_strategies() {
         )
         .await;
     r.err(400, "bad_request");
+}
+
+/// The strategy read model is sparse (its projector reads strategy subjects only): it is
+/// current for a sequence when none of its events lies between its checkpoint and that
+/// sequence. Read-your-writes on it after a portfolio command does not wait for its projector
+/// to move the checkpoint: with that projector stopped, the reply still comes (and `as_of_seq`
+/// says how far it is current); a strategy event it has not applied makes the wait stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sparse_read_model_answers_when_none_of_its_events_is_pending() {
+    let mut env = TestEnv::without_projectors().await;
+    env.start(Worker::ProjPortfolio).await;
+    let projector = env.spawn(Worker::ProjStrategy).await;
+    let created = env
+        .cmd("strategy.create", strategy("u1", "s1", &["BTC-USDT"]))
+        .await;
+    get(&env, "s1", seq(&created)).await;
+    projector.stop().await;
+
+    // Portfolio events only from here on, none of them the strategy projector's.
+    env.funded("p1", "u1", "10000", "s1").await;
+    let head = env.last_seq().await;
+    let checkpoint: i64 = env
+        .pg
+        .query_one(
+            "SELECT last_seq FROM ch_checkpoints WHERE projection = 'strategy'",
+            &[],
+        )
+        .await
+        .expect("strategy checkpoint")
+        .get(0);
+    assert!(
+        (checkpoint as u64) < head,
+        "the stopped strategy projector's checkpoint {checkpoint} should be below {head}"
+    );
+    let s = get(&env, "s1", head).await;
+    assert_eq!(s["as_of_seq"], head);
+    assert_eq!(s["attached_portfolios"], json!(["p1"]));
+    let page = list(&env, json!({"user_id": "u1"}), head).await;
+    assert_eq!(ids(&page), ["s1"]);
+
+    // A strategy event nobody applies: the read model is not current for it.
+    let renamed = env
+        .cmd(
+            "strategy.update",
+            json!({"strategy_id": "s1", "strategy_name": "renamed", "expected_version": 1}),
+        )
+        .await;
+    let stale = env
+        .request(
+            "query.strategy.get",
+            json!({"strategy_id": "s1", "min_stream_seq": seq(&renamed), "timeout_ms": 200}),
+        )
+        .await
+        .err(504, "stale");
+    assert!(
+        stale["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&seq(&renamed).to_string())),
+        "{stale}"
+    );
 }

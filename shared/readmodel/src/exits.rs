@@ -563,8 +563,7 @@ pub async fn run_on(
     shutdown: CancellationToken,
 ) -> Result<(), async_nats::Error> {
     crate::workers::migrate(&app).await?;
-    let progress =
-        Progress::subscribe(&app.client, &app.subjects, &["portfolio", "strategy"]).await?;
+    let progress = crate::workers::progress(&app, &["portfolio", "strategy"]).await?;
     // Created by the first worker: it follows prices from then on (`deliver_policy: new`), so a
     // first start on a long stream does not sell at old marks.
     let cfg = consumer_config(app.subjects.prefix(), durable)?;

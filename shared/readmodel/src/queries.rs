@@ -5,6 +5,7 @@
 use ch_domain::ids::validate_id;
 use ch_domain::DomainError;
 use ch_runtime::error::{ApiError, DbError};
+use ch_runtime::query::Reached;
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -103,14 +104,20 @@ pub async fn snapshot(conn: &mut deadpool_postgres::Object) -> Result<Transactio
 }
 
 /// How far the read models of `projections` are, in the reply's snapshot: the lowest of their
-/// checkpoints (a reply drawing on several is only as current as the least current).
+/// checkpoints (a reply drawing on several is only as current as the least current), a sparse
+/// one's taken as far as the read-your-writes wait found it current (`reached`).
 ///
 /// # Errors
 /// [`DbError`] on database trouble.
-pub async fn as_of(tx: &Transaction<'_>, projections: &[&str]) -> Result<u64, DbError> {
+pub async fn as_of(
+    tx: &Transaction<'_>,
+    projections: &[&str],
+    reached: &Reached,
+) -> Result<u64, DbError> {
     let mut lowest = u64::MAX;
     for p in projections {
-        lowest = lowest.min(ch_runtime::projector::checkpoint(tx, p).await?);
+        let checkpoint = ch_runtime::projector::checkpoint(tx, p).await?;
+        lowest = lowest.min(reached.effective(p, checkpoint));
     }
     Ok(if lowest == u64::MAX { 0 } else { lowest })
 }

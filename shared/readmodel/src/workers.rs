@@ -5,8 +5,9 @@ use std::sync::Arc;
 use async_nats::Message;
 use ch_runtime::app::App;
 use ch_runtime::error::{ApiError, DbError};
+use ch_runtime::eventstore::sparse_filter;
 use ch_runtime::projector::{self, BatchConfig, Projection, Projector};
-use ch_runtime::query::{timeout_from, Progress};
+use ch_runtime::query::{timeout_from, Progress, Reached};
 use ch_runtime::service::{self, Handler};
 use deadpool_postgres::Pool;
 use serde_json::Value;
@@ -14,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::analysis::{self, AnalysisQuery, LeaderboardQuery};
 use crate::queries::{self, Consistency, PerformanceQuery, StrategyGetQuery, StrategyListQuery};
-use crate::MIGRATIONS;
+use crate::{PortfolioProjection, StrategyProjection, MIGRATIONS};
 
 /// Applies the read-model migrations to the configured schema (idempotent).
 ///
@@ -23,6 +24,31 @@ use crate::MIGRATIONS;
 pub async fn migrate(app: &App) -> Result<(), DbError> {
     ch_runtime::pg::ensure_database(&app.cfg.database_url).await?;
     ch_runtime::pg::migrate(&app.cfg.database_url, &app.cfg.db_schema, MIGRATIONS).await
+}
+
+/// The read-your-writes waiter of a worker that reads `projections`, knowing which of them
+/// are sparse (`strategy`).
+///
+/// # Errors
+/// When the progress subscriptions fail.
+pub async fn progress(
+    app: &App,
+    projections: &[&'static str],
+) -> Result<Progress, async_nats::SubscribeError> {
+    let portfolio = PortfolioProjection::default();
+    let sparse = [
+        (portfolio.name(), portfolio.consumer_json()),
+        (
+            StrategyProjection.name(),
+            StrategyProjection.consumer_json(),
+        ),
+    ]
+    .into_iter()
+    .filter(|(name, _)| projections.contains(name))
+    .filter_map(|(name, json)| Some((name, sparse_filter(json, &app.subjects)?)));
+    Ok(Progress::subscribe(&app.client, &app.subjects, projections)
+        .await?
+        .with_sparse(app.store.clone(), sparse))
 }
 
 /// Builds the projector of `projection` with the configured batching.
@@ -94,14 +120,20 @@ struct QueryHandler {
 
 impl QueryHandler {
     /// Read-your-writes: waits (bounded) until the read models reached `min_stream_seq`.
-    async fn wait_if_asked<Q: Consistency>(&self, query: Query, q: &Q) -> Result<(), ApiError> {
+    async fn wait_if_asked<Q: Consistency>(
+        &self,
+        query: Query,
+        q: &Q,
+    ) -> Result<Reached, ApiError> {
         let timeout = timeout_from(q.timeout_ms())?;
-        if let Some(min) = q.min_stream_seq() {
-            self.progress
-                .wait_for(&self.pool, query.projections(), min, timeout)
-                .await?;
+        match q.min_stream_seq() {
+            Some(min) => {
+                self.progress
+                    .wait_for(&self.pool, query.projections(), min, timeout)
+                    .await
+            }
+            None => Ok(Reached::default()),
         }
-        Ok(())
     }
 
     async fn snapshot_conn(&self) -> Result<deadpool_postgres::Object, ApiError> {
@@ -121,40 +153,41 @@ impl Handler for QueryHandler {
         match query {
             Query::PortfolioPerformance => {
                 let q: PerformanceQuery = queries::parse(body)?;
+                // The portfolio read model is not sparse: its checkpoint is the answer.
                 self.wait_if_asked(query, &q).await?;
                 let conn = self.snapshot_conn().await?;
                 queries::portfolio_performance(&conn, &q).await
             }
             Query::StrategyList => {
                 let q: StrategyListQuery = queries::parse(body)?;
-                self.wait_if_asked(query, &q).await?;
+                let reached = self.wait_if_asked(query, &q).await?;
                 let mut conn = self.snapshot_conn().await?;
                 let tx = queries::snapshot(&mut conn).await?;
-                let as_of = queries::as_of(&tx, query.projections()).await?;
+                let as_of = queries::as_of(&tx, query.projections(), &reached).await?;
                 queries::strategy_list(&tx, &q, as_of).await
             }
             Query::PortfolioAnalysis => {
                 let q: AnalysisQuery = queries::parse(body)?;
-                self.wait_if_asked(query, &q).await?;
+                let reached = self.wait_if_asked(query, &q).await?;
                 let mut conn = self.snapshot_conn().await?;
                 let tx = queries::snapshot(&mut conn).await?;
-                let as_of = queries::as_of(&tx, query.projections()).await?;
+                let as_of = queries::as_of(&tx, query.projections(), &reached).await?;
                 analysis::portfolio_analysis(&tx, &q, as_of).await
             }
             Query::StrategyLeaderboard => {
                 let q: LeaderboardQuery = queries::parse(body)?;
-                self.wait_if_asked(query, &q).await?;
+                let reached = self.wait_if_asked(query, &q).await?;
                 let mut conn = self.snapshot_conn().await?;
                 let tx = queries::snapshot(&mut conn).await?;
-                let as_of = queries::as_of(&tx, query.projections()).await?;
+                let as_of = queries::as_of(&tx, query.projections(), &reached).await?;
                 analysis::strategy_leaderboard(&tx, &q, as_of).await
             }
             Query::StrategyGet => {
                 let q: StrategyGetQuery = queries::parse(body)?;
-                self.wait_if_asked(query, &q).await?;
+                let reached = self.wait_if_asked(query, &q).await?;
                 let mut conn = self.snapshot_conn().await?;
                 let tx = queries::snapshot(&mut conn).await?;
-                let as_of = queries::as_of(&tx, query.projections()).await?;
+                let as_of = queries::as_of(&tx, query.projections(), &reached).await?;
                 queries::strategy_get(&tx, &q, as_of).await
             }
         }
@@ -177,7 +210,7 @@ pub async fn run_queries(
         .collect();
     projections.sort_unstable();
     projections.dedup();
-    let progress = Progress::subscribe(&app.client, &app.subjects, &projections).await?;
+    let progress = progress(&app, &projections).await?;
     let spec = app.service_spec(
         "CipherHorizon queries (API.md)",
         queries

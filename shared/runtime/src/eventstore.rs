@@ -58,6 +58,15 @@ pub fn consumer_config(json: &str, subjects: &Subjects) -> Result<pull::Config, 
     Ok(cfg)
 }
 
+/// The filter of a projection that reads part of the stream (a *sparse* one, whose
+/// checkpoint has holes), from its consumer definition; `None` when it reads every event.
+pub fn sparse_filter(consumer_json: &str, subjects: &Subjects) -> Option<String> {
+    consumer_config(consumer_json, subjects)
+        .ok()
+        .map(|c| c.filter_subject)
+        .filter(|f| *f != subjects.events_filter())
+}
+
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
@@ -327,6 +336,41 @@ impl EventStore {
     pub async fn last_seq(&self) -> Result<u64, StoreError> {
         let info = self.stream.get_info().await.map_err(unavailable)?;
         Ok(info.state.last_sequence)
+    }
+
+    /// Is there an event on `filter` (a subject, wildcards allowed) in `from..=to`?
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] on NATS trouble.
+    pub async fn has_events(&self, filter: &str, from: u64, to: u64) -> Result<bool, StoreError> {
+        match self.first_from(filter, from).await? {
+            Some(seq) => Ok(seq <= to),
+            None => Ok(false),
+        }
+    }
+
+    /// Does the stream reach `seq` (is its head at or past it)?
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] on NATS trouble.
+    pub async fn reaches(&self, seq: u64) -> Result<bool, StoreError> {
+        Ok(self
+            .first_from(&self.subjects.events_filter(), seq)
+            .await?
+            .is_some())
+    }
+
+    /// The sequence of the first event on `filter` at or after `from` (one direct get).
+    async fn first_from(&self, filter: &str, from: u64) -> Result<Option<u64>, StoreError> {
+        match self
+            .stream
+            .direct_get_next_for_subject(filter, Some(from.max(1)))
+            .await
+        {
+            Ok(m) => Ok(Some(m.sequence)),
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(unavailable(e)),
+        }
     }
 }
 

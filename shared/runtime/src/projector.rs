@@ -24,7 +24,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{self, pull, DeliverPolicy};
-use async_nats::jetstream::stream::DirectGetErrorKind;
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use deadpool_postgres::Pool;
@@ -37,7 +36,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::envelope::{self, StoredEvent};
 use crate::error::{ApiError, DbError, DecodeError, StoreError};
-use crate::eventstore::{consumer_config, EventStore};
+use crate::eventstore::{consumer_config, sparse_filter, EventStore};
 use crate::metrics::Metrics;
 use crate::service::{self, EndpointSpec, Handler, ServiceSpec};
 
@@ -265,9 +264,9 @@ impl<P: Projection> Projector<P> {
         batch: BatchConfig,
         metrics: Metrics,
     ) -> Self {
-        let filter = consumer_config(projection.consumer_json(), store.subjects())
-            .map_or_else(|_| store.subjects().events_filter(), |c| c.filter_subject);
-        let sparse = filter != store.subjects().events_filter();
+        let sparse_filter = sparse_filter(projection.consumer_json(), store.subjects());
+        let sparse = sparse_filter.is_some();
+        let filter = sparse_filter.unwrap_or_else(|| store.subjects().events_filter());
         Projector {
             projection: Arc::new(projection),
             store,
@@ -448,16 +447,7 @@ impl<P: Projection> Projector<P> {
 
     /// Sparse projections: is there an event of the projection's subjects in `from..=to`?
     async fn has_events(&self, from: u64, to: u64) -> Result<bool, ProjectorError> {
-        match self
-            .store
-            .stream()
-            .direct_get_next_for_subject(self.filter.clone(), Some(from))
-            .await
-        {
-            Ok(m) => Ok(m.sequence <= to),
-            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(false),
-            Err(e) => Err(StoreError::Unavailable(e.to_string()).into()),
-        }
+        Ok(self.store.has_events(&self.filter, from, to).await?)
     }
 
     /// Replays the stream from the checkpoint up to `to` (inclusive) with an ordered consumer,

@@ -1,6 +1,12 @@
 //! Read-your-writes for query workers: wait (bounded) until a read model has applied a stream
 //! sequence. Projectors announce each commit on `<prefix>.progress.<projection>`; a waiter
 //! also re-reads the checkpoint now and then, since core NATS may drop an announcement.
+//!
+//! A sparse projection (one that reads part of the stream, like `strategy`) applies only the
+//! events of its subjects, and moves its checkpoint over the others when idle. A waiter does
+//! not wait for that: when no event of the projection's subjects lies between its checkpoint
+//! and the wanted sequence (and the stream reaches it), the read model already shows
+//! everything up to that sequence.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,6 +18,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::error::{ApiError, DbError};
+use crate::eventstore::EventStore;
 use crate::projector::checkpoint;
 use crate::subjects::Subjects;
 
@@ -25,6 +32,8 @@ const RECHECK: Duration = Duration::from_millis(25);
 #[derive(Clone)]
 pub struct Progress {
     watches: Arc<HashMap<&'static str, watch::Receiver<u64>>>,
+    /// The sparse projections among them, with their filters, and the stream to ask.
+    sparse: Option<(EventStore, Arc<HashMap<&'static str, String>>)>,
 }
 
 impl Progress {
@@ -59,10 +68,50 @@ impl Progress {
         }
         Ok(Progress {
             watches: Arc::new(watches),
+            sparse: None,
         })
     }
 
+    /// Tells the waiter which projections are sparse (name and subject filter, see
+    /// [`crate::eventstore::sparse_filter`]), so that their waits end as soon as nothing of
+    /// theirs is left to apply.
+    #[must_use]
+    pub fn with_sparse(
+        mut self,
+        store: EventStore,
+        filters: impl IntoIterator<Item = (&'static str, String)>,
+    ) -> Self {
+        self.sparse = Some((store, Arc::new(filters.into_iter().collect())));
+        self
+    }
+
+    /// A sparse projection at checkpoint `applied` shows everything up to `min_seq` when the
+    /// stream reaches `min_seq` and has no event of its subjects in between. `false` when it
+    /// is not sparse, or on NATS trouble (the wait goes on as for any projection).
+    async fn nothing_to_apply(&self, projection: &str, applied: u64, min_seq: u64) -> bool {
+        let Some((store, filters)) = &self.sparse else {
+            return false;
+        };
+        let Some(filter) = filters.get(projection) else {
+            return false;
+        };
+        let check = async {
+            Ok::<_, crate::error::StoreError>(
+                !store.has_events(filter, applied + 1, min_seq).await?
+                    && store.reaches(min_seq).await?,
+            )
+        };
+        match check.await {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::debug!(projection, error = %e, "could not look for events to apply");
+                false
+            }
+        }
+    }
+
     /// Waits until every projection in `projections` has applied `min_seq`, or `timeout`.
+    /// Returns what it found out about sparse projections, for the reply's `as_of_seq`.
     ///
     /// # Errors
     /// `stale` (504) past the bound; `unavailable` when the database cannot be read.
@@ -72,10 +121,13 @@ impl Progress {
         projections: &[&'static str],
         min_seq: u64,
         timeout: Duration,
-    ) -> Result<(), ApiError> {
+    ) -> Result<Reached, ApiError> {
         let deadline = Instant::now() + timeout;
+        let mut reached = Reached::default();
         for &p in projections {
             let mut rx = self.watches.get(p).cloned().expect("subscribed projection");
+            // The checkpoint last looked past (sparse projections only).
+            let mut looked = None;
             loop {
                 let applied = {
                     let conn = pool.get().await.map_err(DbError::from)?;
@@ -83,6 +135,13 @@ impl Progress {
                 };
                 if applied >= min_seq {
                     break;
+                }
+                if looked != Some(applied) {
+                    looked = Some(applied);
+                    if self.nothing_to_apply(p, applied, min_seq).await {
+                        reached.0.push((p, applied, min_seq));
+                        break;
+                    }
                 }
                 if Instant::now() >= deadline {
                     return Err(ApiError::stale(format!(
@@ -94,7 +153,24 @@ impl Progress {
                 let _ = tokio::time::timeout_at(wake, rx.wait_for(|s| *s >= min_seq)).await;
             }
         }
-        Ok(())
+        Ok(reached)
+    }
+}
+
+/// What a wait found out beyond the checkpoints: sparse projections that show every event up
+/// to a sequence although their checkpoint is below it (none of their events lies between).
+#[derive(Debug, Default, Clone)]
+pub struct Reached(Vec<(&'static str, u64, u64)>);
+
+impl Reached {
+    /// The stream sequence `projection` shows everything up to, when its checkpoint is
+    /// `checkpoint` in the reply's snapshot: what the wait established, unless the checkpoint
+    /// went back since (a rebuild's reset).
+    pub fn effective(&self, projection: &str, checkpoint: u64) -> u64 {
+        self.0
+            .iter()
+            .find(|(p, seen, _)| *p == projection && checkpoint >= *seen)
+            .map_or(checkpoint, |&(_, _, to)| checkpoint.max(to))
     }
 }
 
@@ -135,5 +211,24 @@ pub fn timeout_from(ms: Option<u64>) -> Result<Duration, ApiError> {
             MAX_TIMEOUT.as_millis()
         ))),
         Some(ms) => Ok(Duration::from_millis(ms)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Reached;
+
+    #[test]
+    fn a_sparse_projection_counts_as_current_up_to_what_the_wait_established() {
+        let reached = Reached(vec![("strategy", 10, 25)]);
+        // Its checkpoint as seen by the wait, or moved on since: current up to 25 at least.
+        assert_eq!(reached.effective("strategy", 10), 25);
+        assert_eq!(reached.effective("strategy", 18), 25);
+        assert_eq!(reached.effective("strategy", 30), 30);
+        // Reset since the wait (checkpoint went back): only the checkpoint counts.
+        assert_eq!(reached.effective("strategy", 4), 4);
+        // Other projections: their checkpoint.
+        assert_eq!(reached.effective("portfolio", 12), 12);
+        assert_eq!(Reached::default().effective("strategy", 7), 7);
     }
 }
