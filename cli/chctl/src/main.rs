@@ -64,10 +64,11 @@ fn main() -> ExitCode {
     };
     ch_runtime::telemetry::init(cfg.log_json);
     let ctx = common::Ctx::new(cfg, cli.run_dir, log_default_set);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // As the workers (`CH_WORKER_THREADS`, default 1: the current-thread runtime). For the
+    // benchmark's load generator this matters: it shares the cores with what it measures, and
+    // its closed-loop clients wait on I/O; a multi-thread runtime cost it about a fifth of its
+    // CPU in thread switches.
+    let runtime = match ctx.cfg.runtime() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("chctl: cannot start the async runtime: {e}");
