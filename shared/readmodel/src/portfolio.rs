@@ -479,7 +479,13 @@ impl Fold {
         if self.portfolios.len() > KEPT_MAX {
             return None;
         }
-        self.positions.retain(|_, p| p.is_some());
+        // Positions closed in this batch are the only `None`s (and all dirty): drop those
+        // rather than walk every kept position.
+        for key in &self.dirty_positions {
+            if matches!(self.positions.get(key), Some(None)) {
+                self.positions.remove(key);
+            }
+        }
         Some(Kept {
             seq,
             portfolios: self.portfolios,
