@@ -25,6 +25,11 @@ pub fn open(portfolio_id: &str, user_id: &str) -> Value {
            "name": format!("portfolio {portfolio_id}"), "quote_currency": "USDT", "fee_rate": "0.001"})
 }
 
+/// `strategy.update` renaming `strategy_id` to "renamed" from `expected_version`.
+pub fn rename_strategy(strategy_id: &str, expected_version: u64) -> Value {
+    json!({"strategy_id": strategy_id, "strategy_name": "renamed", "expected_version": expected_version})
+}
+
 pub fn deposit(portfolio_id: &str, amount: &str) -> Value {
     json!({"portfolio_id": portfolio_id, "op": "deposit", "amount": amount})
 }

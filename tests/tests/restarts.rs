@@ -1,7 +1,7 @@
 //! Crashes and restarts: a projector killed mid-stream resumes to the same read model as a
 //! rebuild from the stream; a command worker with a cold cache decides the same.
 
-use ch_e2e::fixtures::{deposit, price, signal, strategy};
+use ch_e2e::fixtures::{deposit, price, rename_strategy, signal, strategy};
 use ch_e2e::{TestEnv, Worker};
 use ch_readmodel::workers::projector;
 use ch_readmodel::{PortfolioProjection, StrategyProjection};
@@ -271,12 +271,7 @@ async fn the_strategy_projector_reads_only_strategy_events_and_follows_the_strea
         .await
         .unwrap();
     assert_eq!(replayed_here, None, "the running projector should replay");
-    let u = env
-        .cmd(
-            "strategy.update",
-            json!({"strategy_id": "s1", "strategy_name": "renamed", "expected_version": 1}),
-        )
-        .await;
+    let u = env.cmd("strategy.update", rename_strategy("s1", 1)).await;
     let s1 = env
         .query_at(
             "strategy.get",

@@ -2,7 +2,9 @@
 //! (API.md "Queries"): rules and risk profile as stored, status, version, attached portfolios
 //! and their combined performance; keyset pagination, `include_deleted`, one user's rows only.
 
-use ch_e2e::fixtures::{detach, seq, signal, signal_on, strategy, version};
+use ch_e2e::fixtures::{
+    deposit, detach, rename_strategy, seq, signal, signal_on, strategy, version,
+};
 use ch_e2e::{TestEnv, Worker};
 use serde_json::{json, Value};
 
@@ -351,22 +353,24 @@ async fn sparse_read_model_answers_when_none_of_its_events_is_pending() {
         .cmd("strategy.create", strategy("u1", "s1", &["BTC-USDT"]))
         .await;
     get(&env, "s1", seq(&created)).await;
+    // Portfolio events only from here on, none of them the strategy projector's: it has
+    // nothing to apply, whether or not its idle tick has moved its checkpoint yet.
+    env.funded("p1", "u1", "10000", "s1").await;
+    let status = env
+        .request_raw("admin.projector.strategy.status", Vec::new())
+        .await
+        .ok();
+    assert_eq!(status["lag_events"], 0, "{status}");
     projector.stop().await;
 
-    // Portfolio events only from here on, none of them the strategy projector's.
-    env.funded("p1", "u1", "10000", "s1").await;
+    // One more with the strategy projector gone: nothing moves its checkpoint past it.
+    env.cmd("portfolio.update", deposit("p1", "500")).await;
     let head = env.last_seq().await;
-    let checkpoint: i64 = env
-        .pg
-        .query_one(
-            "SELECT last_seq FROM ch_checkpoints WHERE projection = 'strategy'",
-            &[],
-        )
+    let checkpoint = ch_runtime::projector::checkpoint(&env.pg, "strategy")
         .await
-        .expect("strategy checkpoint")
-        .get(0);
+        .expect("strategy checkpoint");
     assert!(
-        (checkpoint as u64) < head,
+        checkpoint < head,
         "the stopped strategy projector's checkpoint {checkpoint} should be below {head}"
     );
     let s = get(&env, "s1", head).await;
@@ -376,12 +380,7 @@ async fn sparse_read_model_answers_when_none_of_its_events_is_pending() {
     assert_eq!(ids(&page), ["s1"]);
 
     // A strategy event nobody applies: the read model is not current for it.
-    let renamed = env
-        .cmd(
-            "strategy.update",
-            json!({"strategy_id": "s1", "strategy_name": "renamed", "expected_version": 1}),
-        )
-        .await;
+    let renamed = env.cmd("strategy.update", rename_strategy("s1", 1)).await;
     let stale = env
         .request(
             "query.strategy.get",

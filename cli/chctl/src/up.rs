@@ -414,8 +414,7 @@ async fn print_counts(ctx: &Ctx, client: &Client) {
         }
     }
     for p in PROJECTIONS {
-        // Give each projector a moment to account for what was just written (the strategy
-        // projector moves past other subjects' events on its 200 ms idle ticks).
+        // Give each projector a moment to apply what was just written.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
         let mut status = projector_status(ctx, client, p).await;
         while status.as_ref().is_ok_and(|v| v["lag_events"] != 0)

@@ -343,10 +343,10 @@ impl EventStore {
     /// # Errors
     /// [`StoreError::Unavailable`] on NATS trouble.
     pub async fn has_events(&self, filter: &str, from: u64, to: u64) -> Result<bool, StoreError> {
-        match self.first_from(filter, from).await? {
-            Some(seq) => Ok(seq <= to),
-            None => Ok(false),
-        }
+        Ok(self
+            .first_seq_from(filter, from)
+            .await?
+            .is_some_and(|seq| seq <= to))
     }
 
     /// Does the stream reach `seq` (is its head at or past it)?
@@ -355,13 +355,17 @@ impl EventStore {
     /// [`StoreError::Unavailable`] on NATS trouble.
     pub async fn reaches(&self, seq: u64) -> Result<bool, StoreError> {
         Ok(self
-            .first_from(&self.subjects.events_filter(), seq)
+            .first_seq_from(&self.subjects.events_filter(), seq)
             .await?
             .is_some())
     }
 
-    /// The sequence of the first event on `filter` at or after `from` (one direct get).
-    async fn first_from(&self, filter: &str, from: u64) -> Result<Option<u64>, StoreError> {
+    /// The sequence of the first event on `filter` (wildcards allowed) at or after `from`
+    /// (one direct get); `None` when there is none.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] on NATS trouble.
+    pub async fn first_seq_from(&self, filter: &str, from: u64) -> Result<Option<u64>, StoreError> {
         match self
             .stream
             .direct_get_next_for_subject(filter, Some(from.max(1)))

@@ -883,16 +883,19 @@ impl<P: Projection> Projector<P> {
         Ok(got.then_some(Leader(Some(conn))))
     }
 
-    /// The status reply: checkpoint, stream head and lag.
+    /// The status reply: checkpoint, stream head and lag (none for a sparse projection with no
+    /// event of its subjects past its checkpoint, whose checkpoint moves only when idle).
     async fn status(&self) -> Result<Value, ApiError> {
         let conn = self.pool.get().await.map_err(DbError::from)?;
         let last = checkpoint(&**conn, self.name()).await?;
         let head = self.store.last_seq().await?;
+        let behind = head > last
+            && (!self.sparse || self.store.has_events(&self.filter, last + 1, head).await?);
         Ok(json!({
             "projection": self.name(),
             "last_seq": last,
             "stream_last_seq": head,
-            "lag_events": head.saturating_sub(last),
+            "lag_events": if behind { head - last } else { 0 },
         }))
     }
 }

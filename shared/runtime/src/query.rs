@@ -95,10 +95,14 @@ impl Progress {
         let Some(filter) = filters.get(projection) else {
             return false;
         };
+        // Its next event past `min_seq` also shows that the stream reaches `min_seq`; with no
+        // next event, the stream's head must be asked.
         let check = async {
             Ok::<_, crate::error::StoreError>(
-                !store.has_events(filter, applied + 1, min_seq).await?
-                    && store.reaches(min_seq).await?,
+                match store.first_seq_from(filter, applied + 1).await? {
+                    Some(next) => next > min_seq,
+                    None => store.reaches(min_seq).await?,
+                },
             )
         };
         match check.await {
