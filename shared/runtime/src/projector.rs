@@ -151,8 +151,8 @@ async fn ack(m: Option<async_nats::jetstream::Message>) {
     }
 }
 
-/// One message of the stream, decoded when it arrives (a replay decodes the next chunk while
-/// the previous one is being written).
+/// One message of the stream, decoded when it arrives (a replay decodes each chunk on a
+/// blocking-pool thread while the one before is being written).
 struct Raw {
     seq: u64,
     payload: Bytes,
@@ -164,6 +164,13 @@ struct Raw {
 
 impl Raw {
     fn new(seq: u64, m: &async_nats::Message, projection: &impl Projection) -> Raw {
+        let mut raw = Raw::undecoded(seq, m, projection);
+        raw.decode();
+        raw
+    }
+
+    /// As received: [`Raw::decode`] decodes it later.
+    fn undecoded(seq: u64, m: &async_nats::Message, projection: &impl Projection) -> Raw {
         let wanted = m
             .headers
             .as_ref()
@@ -173,7 +180,13 @@ impl Raw {
             seq,
             payload: m.payload.clone(),
             wanted,
-            event: wanted.then(|| envelope::decode(seq, &m.payload)),
+            event: None,
+        }
+    }
+
+    fn decode(&mut self) {
+        if self.wanted && self.event.is_none() {
+            self.event = Some(envelope::decode(self.seq, &self.payload));
         }
     }
 
@@ -491,10 +504,12 @@ impl<P: Projection> Projector<P> {
             .messages()
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        // Two stages: the reader receives and decodes the next chunk while the writer applies
-        // the one before (in the same task: the reader runs while the writer awaits Postgres).
+        // Three stages: the reader receives the next chunk while the one before is decoded on
+        // a blocking-pool thread (JSON decoding is the projector's largest cost in a replay)
+        // and the one before that is folded and written; the handles keep them in order.
         let chunk_size = self.batch.replay_max.max(1);
-        let (chunks, mut received) = tokio::sync::mpsc::channel::<Vec<Raw>>(1);
+        let (chunks, mut received) =
+            tokio::sync::mpsc::channel::<tokio::task::JoinHandle<Vec<Raw>>>(1);
         let read = async move {
             let mut chunk = Vec::with_capacity(chunk_size);
             loop {
@@ -511,13 +526,17 @@ impl<P: Projection> Projector<P> {
                 };
                 let info = msg.info().map_err(|e| StoreError::Other(e.to_string()))?;
                 let (seq, pending) = (info.stream_sequence, info.pending);
-                chunk.push(Raw::new(seq, &msg, &*self.projection));
+                chunk.push(Raw::undecoded(seq, &msg, &*self.projection));
                 // A sparse replay ends with the last event of its subjects.
                 let end = seq >= to || (self.sparse && pending == 0);
                 if chunk.len() >= chunk_size || end {
-                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(chunk_size));
+                    let mut full = std::mem::replace(&mut chunk, Vec::with_capacity(chunk_size));
+                    let decoded = tokio::task::spawn_blocking(move || {
+                        full.iter_mut().for_each(Raw::decode);
+                        full
+                    });
                     // A closed channel: the writer failed, and its error is the one returned.
-                    if chunks.send(full).await.is_err() || end {
+                    if chunks.send(decoded).await.is_err() || end {
                         return Ok::<(), ProjectorError>(());
                     }
                 }
@@ -526,7 +545,10 @@ impl<P: Projection> Projector<P> {
         let write = async {
             let mut last = from;
             let mut next_report = Instant::now() + Duration::from_secs(2);
-            while let Some(mut chunk) = received.recv().await {
+            while let Some(decoded) = received.recv().await {
+                let mut chunk = decoded
+                    .await
+                    .map_err(|e| StoreError::Other(format!("decoding a chunk: {e}")))?;
                 match self.apply_robust(&mut chunk).await? {
                     Chunk::Done(s) => last = s,
                     Chunk::Gap { checkpoint, first } => {
