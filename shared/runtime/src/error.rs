@@ -113,8 +113,18 @@ impl From<StoreError> for ApiError {
 pub enum DbError {
     #[error("database unavailable: {0}")]
     Unavailable(String),
-    #[error("database: {0}")]
+    #[error("database: {}", pg_text(.0))]
     Query(#[from] tokio_postgres::Error),
+}
+
+/// A Postgres error with what the server said: `tokio_postgres::Error`'s own text names only
+/// its kind ("db error").
+pub fn pg_text(e: &tokio_postgres::Error) -> String {
+    match (e.as_db_error(), std::error::Error::source(e)) {
+        (Some(db), _) => format!("{e}: {} (SQLSTATE {})", db.message(), db.code().code()),
+        (None, Some(cause)) => format!("{e}: {cause}"),
+        (None, None) => e.to_string(),
+    }
 }
 
 impl From<deadpool_postgres::PoolError> for DbError {
