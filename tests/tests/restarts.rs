@@ -319,3 +319,97 @@ async fn a_reset_under_the_running_projector_ends_as_a_rebuild_from_scratch() {
 
     assert_same_as_rebuilt(&env, &app, &live).await;
 }
+
+/// An event whose SQL fails on its data (a NUL in a name, which the command path would refuse
+/// and Postgres does) is dead-lettered and skipped, live and in a rebuild: the rebuild's
+/// transaction of many chunks fails, and the replay starts over one chunk per transaction,
+/// which finds the event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_event_is_dead_lettered_live_and_in_a_rebuild() {
+    use ch_domain::event::{PortfolioRenamed, SCHEMA_VERSION};
+    use ch_domain::{AggregateType, Event};
+    use ch_runtime::envelope::Meta;
+    use futures::StreamExt;
+
+    let mut env = TestEnv::without_projectors().await;
+    // Transactions of several chunks (of one event each) in the rebuild.
+    env.cfg.replay_batch_max = 8;
+    let proj = env.spawn(Worker::ProjPortfolio).await;
+    env.cmd("strategy.create", strategy("u1", "s1", &["BTC-USDT"]))
+        .await;
+    env.funded("p1", "u1", "1000", "s1").await;
+    let mut dlq = env
+        .client
+        .subscribe(env.subjects.dead_letter("portfolio"))
+        .await
+        .unwrap();
+
+    // Around the command path, straight into the event store.
+    let app = App::start(env.app_config(), "test-poison").await.unwrap();
+    let history = app
+        .store
+        .load(AggregateType::Portfolio, "p1", 0)
+        .await
+        .unwrap();
+    let prev = history.last().unwrap();
+    let now = chrono::Utc::now();
+    let meta = Meta {
+        event_id: uuid::Uuid::now_v7(),
+        schema_version: SCHEMA_VERSION,
+        aggregate_type: AggregateType::Portfolio,
+        aggregate_id: "p1".into(),
+        aggregate_version: prev.meta.aggregate_version + 1,
+        occurred_at: now,
+        recorded_at: now,
+        command_id: None,
+        correlation_id: None,
+        causation_id: None,
+    };
+    let poison = Event::PortfolioRenamed(PortfolioRenamed {
+        portfolio_id: "p1".into(),
+        name: "bad\u{0}name".into(),
+    });
+    let poison_seq = app
+        .store
+        .append(prev.seq, &[(meta, poison)], "poison-1")
+        .await
+        .unwrap()
+        .seqs[0];
+    let after = env.cmd("portfolio.update", deposit("p1", "250")).await["stream_seq"]
+        .as_u64()
+        .unwrap();
+
+    let dead_letter = |m: async_nats::Message| {
+        let h = m.headers.expect("dead letter headers");
+        let seq: u64 = h.get("Ch-Stream-Seq").unwrap().as_str().parse().unwrap();
+        (seq, h.get("Ch-Error").unwrap().to_string())
+    };
+    let bound = std::time::Duration::from_secs(20);
+    // Live: the batch fails, its events are applied one by one, the poison one dead-lettered.
+    let live = tokio::time::timeout(bound, dlq.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let (seq, why) = dead_letter(live);
+    assert_eq!(seq, poison_seq);
+    assert!(why.contains("0x00"), "{why}");
+    let perf = env
+        .query_at(
+            "portfolio.performance",
+            json!({"portfolio_id": "p1"}),
+            after,
+        )
+        .await;
+    assert_eq!(perf["cash"], "1250");
+    assert_eq!(perf["name"], "portfolio p1");
+    proj.stop().await;
+    let live_model = env.dump_read_model().await;
+
+    // The rebuild: the same read model, and the same dead letter once more.
+    assert_same_as_rebuilt(&env, &app, &live_model).await;
+    let rebuilt = tokio::time::timeout(bound, dlq.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(dead_letter(rebuilt).0, poison_seq);
+}

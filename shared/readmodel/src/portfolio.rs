@@ -3,10 +3,15 @@
 //! events carry the position's state after the fill.
 //!
 //! A batch is folded in memory, in stream order, over the rows it touches (read once at the
-//! start), and written back with one set-based statement per table (`UNNEST`), so the cost of
-//! a batch grows with the rows it changes, not with round trips per event. The leading
-//! projector is the only writer, so it keeps the rows it folded for the next batch ([`Kept`])
-//! and reads only the portfolios it has not seen yet.
+//! start), and written back with one set-based statement per table (`UNNEST`, or `COPY` for the
+//! append-only ones), so the cost of a batch grows with the rows it changes, not with round
+//! trips per event. The leading projector is the only writer, so it keeps the rows it folded
+//! for the next batch ([`Kept`]) and reads only the portfolios it has not seen yet.
+//!
+//! Fills, history and prices are appended as each batch is applied; the rows that change
+//! (portfolios, positions, marks, round trips) are written by [`Projection::flush`], once per
+//! transaction: a replay applies several chunks per transaction, and a portfolio that changes
+//! in each chunk is written once.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -27,15 +32,14 @@ pub struct PortfolioProjection {
 }
 
 /// What a projector keeps between its batches: the rows of the portfolios it has folded, with
-/// all of their positions and open round trips, and the marks. Valid for the next batch only
-/// if the checkpoint is still `seq` (a failed commit, a reset or another writer moves it
-/// elsewhere, and the rows are read again).
+/// all of their positions and open round trips, and the marks, as of the event `seq`; until
+/// the flush, also which of them changed. Valid for the next batch only if that batch follows
+/// `seq` (a failed commit, a reset or another writer moves the checkpoint elsewhere, and the
+/// rows are read again; a failed transaction's unflushed changes go with it).
 struct Kept {
     seq: u64,
-    portfolios: HashMap<String, PortfolioRow>,
-    positions: BTreeMap<(String, String), Option<PositionRow>>,
-    open_trips: HashMap<(String, String), Trip>,
-    marks: HashMap<String, Mark>,
+    /// The append-only rows are written and gone; the dirty sets are owed to the flush.
+    fold: Fold,
 }
 
 /// Most portfolios kept between batches; beyond that, every batch reads its rows again.
@@ -146,14 +150,8 @@ impl Fold {
         events: &[StoredEvent],
         kept: Option<Kept>,
     ) -> Result<Fold, tokio_postgres::Error> {
-        let mut fold = Fold::default();
         let have_marks = kept.is_some();
-        if let Some(k) = kept {
-            fold.portfolios = k.portfolios;
-            fold.positions = k.positions;
-            fold.open_trips = k.open_trips;
-            fold.marks = k.marks;
-        }
+        let mut fold = kept.map_or_else(Fold::default, |k| k.fold);
         let ids: Vec<&str> = events
             .iter()
             .filter(|e| e.meta.aggregate_type == ch_domain::AggregateType::Portfolio)
@@ -474,45 +472,44 @@ impl Fold {
         }
     }
 
-    /// What to keep for the next batch, once this one is written as of `seq`.
-    fn keep(mut self, seq: u64) -> Option<Kept> {
-        if self.portfolios.len() > KEPT_MAX {
-            return None;
-        }
-        // Positions closed in this batch are the only `None`s (and all dirty): drop those
-        // rather than walk every kept position.
-        for key in &self.dirty_positions {
-            if matches!(self.positions.get(key), Some(None)) {
-                self.positions.remove(key);
-            }
-        }
-        Some(Kept {
-            seq,
-            portfolios: self.portfolios,
-            positions: self.positions,
-            open_trips: self.open_trips,
-            marks: self.marks,
-        })
-    }
-
-    async fn write(&self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
-        // Independent tables: sent together (pipelined); the COPYs go one after the other.
+    /// Writes the changed rows (the flush), and forgets that they changed.
+    async fn write_state(&mut self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
+        // Independent tables: sent together (pipelined).
         futures::try_join!(
             self.write_portfolios(tx),
             self.write_positions(tx),
             self.write_marks(tx),
             self.write_trips(tx),
         )?;
+        // Positions closed since the last flush are the only `None`s (and all dirty): drop
+        // those rather than walk every kept position.
+        for key in std::mem::take(&mut self.dirty_positions) {
+            if matches!(self.positions.get(&key), Some(None)) {
+                self.positions.remove(&key);
+            }
+        }
+        self.dirty_portfolios.clear();
+        self.dirty_marks.clear();
+        self.trips.clear();
+        Ok(())
+    }
+
+    /// Appends the batch's fills, history and prices (COPY one after the other), and writes
+    /// its attachments; then forgets them.
+    async fn write_appended(&mut self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
         self.write_trades(tx).await?;
         self.write_history(tx).await?;
-        for a in &self.attachments {
+        self.trades.clear();
+        self.history.clear();
+        self.prices.clear();
+        for a in std::mem::take(&mut self.attachments) {
             match a {
                 Attachment::Attach(p, s, at) => {
                     exec(
                         tx,
                         "INSERT INTO portfolio_strategies (portfolio_id, strategy_id, attached_at)
                          VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-                        &[p, s, at],
+                        &[&p, &s, &at],
                     )
                     .await?;
                 }
@@ -520,7 +517,7 @@ impl Fold {
                     exec(
                         tx,
                         "DELETE FROM portfolio_strategies WHERE portfolio_id = $1 AND strategy_id = $2",
-                        &[p, s],
+                        &[&p, &s],
                     )
                     .await?;
                 }
@@ -808,14 +805,19 @@ impl Projection for PortfolioProjection {
     ) -> Result<(), tokio_postgres::Error> {
         let t0 = std::time::Instant::now();
         let kept = self.take_kept().filter(|k| k.seq == after);
-        let reused = kept.as_ref().map_or(0, |k| k.portfolios.len());
+        let reused = kept.as_ref().map_or(0, |k| k.fold.portfolios.len());
         let mut fold = Fold::load(tx, events, kept).await?;
         let loaded = t0.elapsed();
         for ev in events {
             fold.apply(ev);
         }
         let folded = t0.elapsed();
-        fold.write(tx).await?;
+        fold.write_appended(tx).await?;
+        let keep = fold.portfolios.len() <= KEPT_MAX;
+        if !keep {
+            // Too many to keep: the changed rows go now, and the next batch reads them again.
+            fold.write_state(tx).await?;
+        }
         tracing::debug!(
             events = events.len(),
             kept_portfolios = reused,
@@ -825,7 +827,25 @@ impl Projection for PortfolioProjection {
             "portfolio batch"
         );
         let seq = events.last().map_or(after, |e| e.seq);
-        *self.kept.lock().expect("kept rows lock poisoned") = fold.keep(seq);
+        *self.kept.lock().expect("kept rows lock poisoned") = keep.then_some(Kept { seq, fold });
+        Ok(())
+    }
+
+    async fn flush(&self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
+        // Taken while writing: should the write fail, the transaction fails with it, and the
+        // next batch reads the rows again.
+        let Some(mut kept) = self.take_kept() else {
+            return Ok(());
+        };
+        let t0 = std::time::Instant::now();
+        let rows = kept.fold.dirty_portfolios.len();
+        kept.fold.write_state(tx).await?;
+        tracing::debug!(
+            portfolios = rows,
+            write_us = t0.elapsed().as_micros() as u64,
+            "portfolio flush"
+        );
+        *self.kept.lock().expect("kept rows lock poisoned") = Some(kept);
         Ok(())
     }
 

@@ -2,13 +2,13 @@
 //! exactly once in effect.
 //!
 //! - One durable pull consumer per projection, explicit ack.
-//! - One Postgres transaction per batch: apply the events, move the checkpoint
-//!   (`ch_checkpoints`), commit, then ack. Events at or below the checkpoint are skipped, so
+//! - One Postgres transaction per batch: apply the events, flush the projection, move the
+//!   checkpoint (`ch_checkpoints`), commit, then ack. Events at or below the checkpoint are skipped, so
 //!   redeliveries after a crash change nothing.
 //! - A dense projection's consumer covers every subject of the stream, so sequences are
 //!   contiguous: a gap (a rebuild reset the checkpoint, or a redelivery came out of order) is
-//!   filled by reading the stream with an ordered consumer, in chunked transactions, before
-//!   going on.
+//!   filled by reading the stream with an ordered consumer before going on: chunks received,
+//!   decoded and applied in a pipeline, several chunks per transaction (ADR 002).
 //! - A sparse projection's consumer filters the stream (`proj_strategy`: strategy subjects
 //!   only), so it is not handed the events it would skip. Its checkpoint still means "every
 //!   event up to here is in": a gap is a checkpoint below the one this projector committed
@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::envelope::{self, StoredEvent};
-use crate::error::{ApiError, DbError, DecodeError, StoreError};
+use crate::error::{pg_text, ApiError, DbError, DecodeError, StoreError};
 use crate::eventstore::{consumer_config, sparse_filter, EventStore};
 use crate::metrics::Metrics;
 use crate::service::{self, EndpointSpec, Handler, ServiceSpec};
@@ -48,14 +48,26 @@ pub trait Projection: Send + Sync + 'static {
     fn consumer_json(&self) -> &'static str;
     /// Applies a batch of consecutive events, in order, inside the batch's transaction
     /// (set-based writes are the projection's business: one statement per table, not per event).
-    /// `after` is the checkpoint the batch follows: a projection that keeps rows in memory
-    /// between batches may use them only if it kept them as of that sequence.
+    /// `after` is the sequence the batch follows: the transaction's checkpoint, or the last
+    /// event of the batch before it in the same transaction. A projection that keeps rows in
+    /// memory between batches may use them only if it kept them as of that sequence. Rows it
+    /// holds back must be written by [`Projection::flush`].
     fn apply_batch(
         &self,
         tx: &Transaction<'_>,
         events: &[StoredEvent],
         after: u64,
     ) -> impl Future<Output = Result<(), tokio_postgres::Error>> + Send;
+    /// Writes what [`Projection::apply_batch`] held back: called once before every commit, after
+    /// one or more batches in the same transaction (a replay applies several chunks per
+    /// transaction, so a row that changes in each is written once). Nothing by default.
+    fn flush(
+        &self,
+        tx: &Transaction<'_>,
+    ) -> impl Future<Output = Result<(), tokio_postgres::Error>> + Send {
+        let _ = tx;
+        async { Ok(()) }
+    }
     /// Whether events of this `Ch-Event-Type` change the read model; others are skipped
     /// without decoding (their sequence still moves the checkpoint).
     fn wants(&self, event_type: &str) -> bool {
@@ -139,6 +151,10 @@ pub const ADAPTIVE_FILL_WAIT: Duration = Duration::from_millis(5);
 /// How often the arrival rate that `adaptive` follows is measured.
 const RATE_WINDOW: Duration = Duration::from_millis(250);
 
+/// Most events a replay receives, decodes and applies as one chunk (several chunks make a
+/// transaction of up to `CH_REPLAY_BATCH_MAX` events).
+const REPLAY_CHUNK: usize = 5000;
+
 /// Most time between two acks of a projector's consumer (far below its `ack_wait`).
 const ACK_EVERY: Duration = Duration::from_millis(100);
 
@@ -196,6 +212,13 @@ impl Raw {
             .take()
             .unwrap_or_else(|| envelope::decode(self.seq, &self.payload))
     }
+}
+
+/// An event that could not be decoded: dead-lettered once its transaction has committed.
+struct Dead {
+    seq: u64,
+    payload: Bytes,
+    why: String,
 }
 
 enum Chunk {
@@ -301,16 +324,17 @@ impl<P: Projection> Projector<P> {
         self.projection.name()
     }
 
-    /// Applies one chunk of consecutive messages in one transaction.
-    async fn apply_chunk(&self, raws: &mut [Raw]) -> Result<Chunk, ProjectorError> {
-        let name = self.name();
-        let mut conn = self.pool.get().await.map_err(DbError::from)?;
+    /// Opens a projector transaction: locks the checkpoint row (against other writers, a
+    /// rebuild's reset) for the transaction and returns the checkpoint.
+    async fn begin<'c>(
+        &self,
+        conn: &'c mut deadpool_postgres::Object,
+    ) -> Result<(Transaction<'c>, u64), ProjectorError> {
         let tx = conn.transaction().await?;
         // A read model is rebuildable and its checkpoint commits with it: a commit lost in a
         // database crash is replayed from the stream, so it need not wait for the WAL flush.
-        // One round trip: the upsert makes sure the row exists, locks it against other
-        // writers (a rebuild's reset) for the transaction, and returns the checkpoint.
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&name];
+        // One round trip: the upsert makes sure the row exists, locks it and returns it.
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&self.name()];
         let lock = tx
             .prepare_cached(
                 "INSERT INTO ch_checkpoints (projection, last_seq) VALUES ($1, 0)
@@ -323,73 +347,114 @@ impl<P: Projection> Projector<P> {
             tx.query_one(&lock, &params),
         )?;
         let cp: i64 = row.get(0);
-        let mut last = cp as u64;
+        Ok((tx, cp as u64))
+    }
+
+    /// The events of `raws` to apply in a transaction that has applied up to `*last`: skips
+    /// what is applied already and what the projection does not want (moving `*last`), and
+    /// collects what cannot be decoded in `dead`. `Err` when `raws` does not follow `*last`.
+    fn select(
+        &self,
+        raws: &mut [Raw],
+        last: &mut u64,
+        dead: &mut Vec<Dead>,
+    ) -> Result<Vec<StoredEvent>, Chunk> {
         if self.sparse {
             // Holes are normal; a checkpoint below ours means the read model was reset.
             let known = self.position.load(Ordering::Relaxed);
-            if known != UNKNOWN && last < known {
-                if let Some(first) = raws.iter().find(|r| r.seq > last) {
-                    return Ok(Chunk::Gap {
-                        checkpoint: last,
+            if known != UNKNOWN && *last < known {
+                if let Some(first) = raws.iter().find(|r| r.seq > *last) {
+                    return Err(Chunk::Gap {
+                        checkpoint: *last,
                         first: first.seq,
                     });
                 }
             }
         }
-        let mut dead = Vec::new();
         let mut events = Vec::with_capacity(raws.len());
         for raw in raws.iter_mut() {
-            if raw.seq <= last {
+            if raw.seq <= *last {
                 continue;
             }
-            if !self.sparse && raw.seq > last + 1 {
-                return Ok(Chunk::Gap {
-                    checkpoint: last,
+            if !self.sparse && raw.seq > *last + 1 {
+                return Err(Chunk::Gap {
+                    checkpoint: *last,
                     first: raw.seq,
                 });
             }
-            last = raw.seq;
+            *last = raw.seq;
             if !raw.wanted {
                 continue;
             }
             match raw.take_event() {
                 Ok(ev) => events.push(ev),
-                Err(e) => dead.push((&*raw, e.to_string())),
+                Err(e) => dead.push(Dead {
+                    seq: raw.seq,
+                    payload: raw.payload.clone(),
+                    why: e.to_string(),
+                }),
             }
         }
-        if !events.is_empty() {
-            self.projection.apply_batch(&tx, &events, cp as u64).await?;
-        }
-        if last != cp as u64 {
+        Ok(events)
+    }
+
+    /// Flushes the projection, moves the checkpoint from `cp` to `last`, commits, and then
+    /// dead-letters what could not be decoded.
+    async fn commit(
+        &self,
+        tx: Transaction<'_>,
+        cp: u64,
+        last: u64,
+        dead: Vec<Dead>,
+    ) -> Result<(), ProjectorError> {
+        self.projection.flush(&tx).await?;
+        if last != cp {
             crate::pg::exec(
                 &tx,
                 "UPDATE ch_checkpoints SET last_seq = $2, updated_at = now() WHERE projection = $1",
-                &[&name, &(last as i64)],
+                &[&self.name(), &(last as i64)],
             )
             .await?;
         }
         tx.commit().await?;
         self.set_position(last);
-        for (raw, why) in dead {
-            self.dead_letter(raw, &why).await;
+        for d in dead {
+            self.dead_letter(d.seq, &d.payload, &d.why).await;
         }
+        Ok(())
+    }
+
+    /// Applies one chunk of consecutive messages in one transaction.
+    async fn apply_chunk(&self, raws: &mut [Raw]) -> Result<Chunk, ProjectorError> {
+        let mut conn = self.pool.get().await.map_err(DbError::from)?;
+        let (tx, cp) = self.begin(&mut conn).await?;
+        let mut last = cp;
+        let mut dead = Vec::new();
+        let events = match self.select(raws, &mut last, &mut dead) {
+            Ok(events) => events,
+            Err(gap) => return Ok(gap),
+        };
+        if !events.is_empty() {
+            self.projection.apply_batch(&tx, &events, cp).await?;
+        }
+        self.commit(tx, cp, last, dead).await?;
         Ok(Chunk::Done(last))
     }
 
-    async fn dead_letter(&self, raw: &Raw, why: &str) {
+    async fn dead_letter(&self, seq: u64, payload: &Bytes, why: &str) {
         error!(
-            seq = raw.seq,
+            seq,
             error = why,
             "dead-lettered an event the projection cannot apply"
         );
-        self.metrics.gauge("dead_letters_last_seq", raw.seq as i64);
+        self.metrics.gauge("dead_letters_last_seq", seq as i64);
         let mut h = HeaderMap::new();
         h.insert("Ch-Error", why.replace(['\r', '\n'], " ").as_str());
-        h.insert("Ch-Stream-Seq", raw.seq.to_string().as_str());
+        h.insert("Ch-Stream-Seq", seq.to_string().as_str());
         let subject = self.store.subjects().dead_letter(self.name());
         if let Err(e) = self
             .client
-            .publish_with_headers(subject, h, raw.payload.clone())
+            .publish_with_headers(subject, h, payload.clone())
             .await
         {
             warn!(error = %e, "could not publish the dead letter");
@@ -401,14 +466,18 @@ impl<P: Projection> Projector<P> {
     async fn apply_robust(&self, raws: &mut [Raw]) -> Result<Chunk, ProjectorError> {
         match self.apply_chunk(raws).await {
             Err(ProjectorError::Db(DbError::Query(e))) if !transient(&e) => {
-                warn!(error = %e, events = raws.len(), "batch failed; applying one by one");
+                warn!(
+                    error = pg_text(&e),
+                    events = raws.len(),
+                    "batch failed; applying one by one"
+                );
                 let mut done = 0;
                 for raw in raws.iter_mut() {
                     match self.apply_chunk(std::slice::from_mut(raw)).await {
                         Ok(Chunk::Done(s)) => done = s,
                         Ok(gap @ Chunk::Gap { .. }) => return Ok(gap),
                         Err(ProjectorError::Db(DbError::Query(e))) if !transient(&e) => {
-                            self.dead_letter(raw, &e.to_string()).await;
+                            self.dead_letter(raw.seq, &raw.payload, &pg_text(&e)).await;
                             self.skip(raw.seq).await?;
                             done = raw.seq;
                         }
@@ -463,12 +532,33 @@ impl<P: Projection> Projector<P> {
         Ok(self.store.has_events(&self.filter, from, to).await?)
     }
 
-    /// Replays the stream from the checkpoint up to `to` (inclusive) with an ordered consumer,
-    /// in chunks of the batch size. Used to fill gaps and by `chctl rebuild`.
+    /// Replays the stream from the checkpoint up to `to` (inclusive) with an ordered consumer.
+    /// Used to fill gaps and by `chctl rebuild`. Transactions of up to `CH_REPLAY_BATCH_MAX`
+    /// events, applied in chunks (the projection writes the rows that change in every chunk,
+    /// such as a portfolio's, once per transaction); should one fail on an event's data, the
+    /// replay starts again from the checkpoint with a transaction per chunk, which finds the
+    /// event and dead-letters it.
     ///
     /// # Errors
     /// [`ProjectorError`] on store or database trouble.
     pub async fn catch_up(&self, to: u64) -> Result<u64, ProjectorError> {
+        let per_tx = self.batch.replay_max.max(1);
+        match self.replay(to, Some(per_tx)).await {
+            Err(ProjectorError::Db(DbError::Query(e))) if !transient(&e) => {
+                warn!(
+                    projection = self.name(),
+                    error = pg_text(&e),
+                    "a replay transaction failed; replaying a chunk per transaction"
+                );
+                self.replay(to, None).await
+            }
+            other => other,
+        }
+    }
+
+    /// The replay: `per_tx` events per transaction, or `None` for one chunk per transaction,
+    /// applied one event at a time if the chunk fails ([`Projector::apply_robust`]).
+    async fn replay(&self, to: u64, per_tx: Option<usize>) -> Result<u64, ProjectorError> {
         let from = {
             let conn = self.pool.get().await.map_err(DbError::from)?;
             checkpoint(&**conn, self.name()).await?
@@ -507,7 +597,7 @@ impl<P: Projection> Projector<P> {
         // Three stages: the reader receives the next chunk while the one before is decoded on
         // a blocking-pool thread (JSON decoding is the projector's largest cost in a replay)
         // and the one before that is folded and written; the handles keep them in order.
-        let chunk_size = self.batch.replay_max.max(1);
+        let chunk_size = (self.batch.replay_max / 4).clamp(1, REPLAY_CHUNK);
         let (chunks, mut received) =
             tokio::sync::mpsc::channel::<tokio::task::JoinHandle<Vec<Raw>>>(1);
         let read = async move {
@@ -542,20 +632,54 @@ impl<P: Projection> Projector<P> {
                 }
             }
         };
+        let decoded = |handle: tokio::task::JoinHandle<Vec<Raw>>| async move {
+            handle
+                .await
+                .map_err(|e| ProjectorError::from(StoreError::Other(format!("decoding: {e}"))))
+        };
+        let skipped = |gap: Chunk| match gap {
+            Chunk::Gap { checkpoint, first } => ProjectorError::from(StoreError::Other(format!(
+                "ordered replay skipped from {checkpoint} to {first}"
+            ))),
+            Chunk::Done(_) => unreachable!("select returns gaps only"),
+        };
         let write = async {
             let mut last = from;
             let mut next_report = Instant::now() + Duration::from_secs(2);
-            while let Some(decoded) = received.recv().await {
-                let mut chunk = decoded
-                    .await
-                    .map_err(|e| StoreError::Other(format!("decoding a chunk: {e}")))?;
-                match self.apply_robust(&mut chunk).await? {
-                    Chunk::Done(s) => last = s,
-                    Chunk::Gap { checkpoint, first } => {
-                        return Err(StoreError::Other(format!(
-                            "ordered replay skipped from {checkpoint} to {first}"
-                        ))
-                        .into())
+            let mut next = received.recv().await;
+            while let Some(handle) = next.take() {
+                let mut chunk = decoded(handle).await?;
+                match per_tx {
+                    None => match self.apply_robust(&mut chunk).await? {
+                        Chunk::Done(s) => last = s,
+                        gap => return Err(skipped(gap)),
+                    },
+                    Some(per_tx) => {
+                        let mut conn = self.pool.get().await.map_err(DbError::from)?;
+                        let (tx, cp) = self.begin(&mut conn).await?;
+                        let (mut applied, mut dead, mut events_in_tx) = (cp, Vec::new(), 0);
+                        // The batches of one transaction follow each other: each one after the
+                        // last event of the one before (unwanted events are not handed over).
+                        let mut after = cp;
+                        loop {
+                            let events = self
+                                .select(&mut chunk, &mut applied, &mut dead)
+                                .map_err(skipped)?;
+                            events_in_tx += chunk.len();
+                            if let Some(last_event) = events.last().map(|e| e.seq) {
+                                self.projection.apply_batch(&tx, &events, after).await?;
+                                after = last_event;
+                            }
+                            if events_in_tx + chunk_size > per_tx {
+                                break;
+                            }
+                            match received.recv().await {
+                                Some(handle) => chunk = decoded(handle).await?,
+                                None => break,
+                            }
+                        }
+                        self.commit(tx, cp, applied, dead).await?;
+                        last = applied;
                     }
                 }
                 if Instant::now() >= next_report {
@@ -569,6 +693,7 @@ impl<P: Projection> Projector<P> {
                     );
                     next_report = Instant::now() + Duration::from_secs(2);
                 }
+                next = received.recv().await;
             }
             Ok::<u64, ProjectorError>(last)
         };
