@@ -247,6 +247,25 @@ async fn a_week_with_a_mid_week_deposit_and_a_late_price() {
     assert_eq!(m["profit_factor"], Value::Null);
     close(m["exposure"].as_f64().unwrap(), 1.0, "exposure");
 
+    // From within the week: the state at `from` comes from the last deposit before it and the
+    // fills after that deposit (day 1: a buy after the first deposit; day 4: a sell after the
+    // mid-week deposit, which carries the position bought on day 0).
+    for day in [1, 4] {
+        let q = json!({"portfolio_id": "p1", "from": at(day, 0, 0), "to": at(7, 0, 0),
+                       "interval": "1d"});
+        let reply = env.query_at("portfolio.analysis", q, seq).await;
+        let navs = model.navs(secs(day, 0, 0), secs(7, 0, 0));
+        let curve = reply["equity_curve"].as_array().unwrap();
+        assert_eq!(curve.len(), navs.len(), "{reply}");
+        for (i, p) in curve.iter().enumerate() {
+            let t = day + i as i64;
+            let what = format!("from day {day}: point {i}");
+            close(p["nav"].as_f64().unwrap(), navs[i], &what);
+            let equity: f64 = p["equity"].as_str().unwrap().parse().unwrap();
+            close(equity, model.equity(secs(t, 0, 0), t == 7), &what);
+        }
+    }
+
     // Drop the read model and rebuild it from the stream: the same answer.
     let app = App::start(env.app_config(), "test-rebuild").await.unwrap();
     let p = projector(&app, PortfolioProjection::default()).unwrap();

@@ -1,8 +1,9 @@
 //! `ch.query.portfolio.analysis` and `ch.query.strategy.leaderboard`: DOMAIN.md's performance
 //! metrics from the read model, without replaying events.
 //!
-//! The curve is valued at query time from `portfolio_history` (cash and positions after each
-//! flow and fill) and `prices` (every price), with the latest price at or before each time, so a
+//! The curve is valued at query time from the cash and positions after each flow
+//! (`portfolio_history`) and fill (`trades`, which carry the position after them) and from
+//! `prices` (every price), with the latest price at or before each time, so a
 //! backfilled price or a replay gives the same answer. The NAV index starts at 1 at `from` (or
 //! at the first deposit, if later) and chains external flows time-weighted, each valued just
 //! before the flow (`ch_domain::analytics`).
@@ -85,7 +86,7 @@ impl Consistency for LeaderboardQuery {
     }
 }
 
-/// A position as stored in a history row.
+/// A position after a flow or fill.
 #[derive(Debug, Clone, Copy)]
 struct Pos {
     quantity: Decimal,
@@ -100,6 +101,114 @@ struct State {
     cash: Decimal,
     positions: BTreeMap<String, Pos>,
     flow: Decimal,
+}
+
+/// The portfolio's cash and positions at `from` (after its last flow or fill at or before it;
+/// none if there is none), then after each flow and fill in (`from`, `to`), in stream order.
+/// Flows carry the cash after them (`portfolio_history`, with the positions), fills the cash
+/// and the one position they change (`trades`); the states in between are folded from both.
+async fn states(
+    tx: &Transaction<'_>,
+    portfolio_id: &str,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<Vec<State>, DbError> {
+    let last_flow = tx
+        .query_opt(
+            "SELECT at, stream_seq, cash, positions FROM portfolio_history
+             WHERE portfolio_id = $1 AND at <= $2 ORDER BY at DESC, stream_seq DESC LIMIT 1",
+            &[&portfolio_id, &from],
+        )
+        .await?;
+    let last_fills = tx
+        .query(
+            "SELECT DISTINCT ON (symbol) at, stream_seq, cash_after, symbol, position_after,
+                    cost_basis_after, gross_entry_after
+             FROM trades WHERE portfolio_id = $1 AND at <= $2
+             ORDER BY symbol, at DESC, stream_seq DESC",
+            &[&portfolio_id, &from],
+        )
+        .await?;
+    let changes = tx
+        .query(
+            "SELECT at, stream_seq, cash, flow, NULL AS symbol, NULL::numeric AS quantity,
+                    NULL::numeric AS cost_basis, NULL::numeric AS gross_entry
+             FROM portfolio_history WHERE portfolio_id = $1 AND at > $2 AND at < $3
+             UNION ALL
+             SELECT at, stream_seq, cash_after, 0, symbol, position_after, cost_basis_after,
+                    gross_entry_after
+             FROM trades WHERE portfolio_id = $1 AND at > $2 AND at < $3
+             ORDER BY at, stream_seq",
+            &[&portfolio_id, &from, &to],
+        )
+        .await?;
+
+    // The state at `from`: the positions from the last flow, each changed by a later fill of
+    // its symbol, and the cash of the latest of them all.
+    let mut latest: Option<((DateTime<Utc>, i64), Decimal)> = None;
+    let mut later = |key: (DateTime<Utc>, i64), cash: Decimal| {
+        if latest.is_none_or(|(k, _)| k < key) {
+            latest = Some((key, cash));
+        }
+    };
+    let mut positions = BTreeMap::new();
+    let mut flow_key = None;
+    if let Some(r) = &last_flow {
+        let key = (r.get(0), r.get(1));
+        later(key, r.get(2));
+        positions = parse_positions(&r.get::<_, Value>(3));
+        flow_key = Some(key);
+    }
+    for r in &last_fills {
+        let key: (DateTime<Utc>, i64) = (r.get(0), r.get(1));
+        later(key, r.get(2));
+        if flow_key.is_none_or(|f| f < key) {
+            set_position(&mut positions, r.get(3), r.get(4), r.get(5), r.get(6));
+        }
+    }
+    let mut history = Vec::with_capacity(changes.len() + 1);
+    if let Some(((at, _), cash)) = latest {
+        history.push(State {
+            at,
+            cash,
+            positions: positions.clone(),
+            flow: Decimal::ZERO,
+        });
+    }
+    for r in &changes {
+        if let Some(symbol) = r.get::<_, Option<String>>(4) {
+            set_position(&mut positions, symbol, r.get(5), r.get(6), r.get(7));
+        }
+        history.push(State {
+            at: r.get(0),
+            cash: r.get(2),
+            positions: positions.clone(),
+            flow: r.get(3),
+        });
+    }
+    Ok(history)
+}
+
+/// A fill's position after it: gone when flat.
+fn set_position(
+    positions: &mut BTreeMap<String, Pos>,
+    symbol: String,
+    quantity: Decimal,
+    cost_basis: Decimal,
+    gross_entry: Decimal,
+) {
+    if quantity.is_zero() {
+        positions.remove(&symbol);
+    } else {
+        positions.insert(
+            symbol,
+            Pos {
+                quantity,
+                cost_basis,
+                gross_entry,
+            },
+        );
+    }
 }
 
 fn parse_positions(v: &Value) -> BTreeMap<String, Pos> {
@@ -315,27 +424,7 @@ pub async fn portfolio_analysis(
     }
 
     // Cash and positions: the last state before `from` and every state in [from, to).
-    let rows = tx
-        .query(
-            "(SELECT at, stream_seq, cash, positions, flow FROM portfolio_history
-              WHERE portfolio_id = $1 AND at <= $2 ORDER BY at DESC, stream_seq DESC LIMIT 1)
-             UNION ALL
-             (SELECT at, stream_seq, cash, positions, flow FROM portfolio_history
-              WHERE portfolio_id = $1 AND at > $2 AND at < $3)
-             ORDER BY at, stream_seq",
-            &[&q.portfolio_id, &from, &to],
-        )
-        .await
-        .map_err(DbError::from)?;
-    let history: Vec<State> = rows
-        .iter()
-        .map(|r| State {
-            at: r.get(0),
-            cash: r.get(2),
-            positions: parse_positions(&r.get::<_, Value>(3)),
-            flow: r.get(4),
-        })
-        .collect();
+    let history = states(tx, &q.portfolio_id, from, to).await?;
     let symbols: Vec<String> = history
         .iter()
         .flat_map(|s| s.positions.keys().cloned())

@@ -44,6 +44,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "trades_by_portfolio",
         sql: include_str!("../migrations/005_trades_by_portfolio.sql"),
     },
+    Migration {
+        version: 6,
+        name: "fills_carry_positions",
+        sql: include_str!("../migrations/006_fills_carry_positions.sql"),
+    },
 ];
 
 /// Plain-notation string of a decimal as replies carry it (`"14990"`, not `"14990.000"`).

@@ -128,7 +128,7 @@ struct Fold {
     trips: BTreeMap<(String, String, i64), Trip>,
     trades: Vec<(TradeExecuted, DateTime<Utc>, i64)>,
     attachments: Vec<Attachment>,
-    /// `portfolio_history` rows: state after each flow and fill.
+    /// `portfolio_history` rows: state after each flow.
     history: Vec<HistoryRow>,
     /// `prices` rows: every price event.
     prices: Vec<(String, DateTime<Utc>, i64, Decimal)>,
@@ -269,7 +269,8 @@ impl Fold {
             })
     }
 
-    /// Records the portfolio's cash and positions after `ev` (`flow`: its external flow).
+    /// Records the portfolio's cash and positions after the flow `ev` (a fill's row in
+    /// `trades` carries the state after it).
     fn snapshot(&mut self, ev: &StoredEvent, flow: Decimal) {
         let id = &ev.meta.aggregate_id;
         let Some(p) = self.portfolios.get(id) else {
@@ -394,7 +395,6 @@ impl Fold {
                 p.win_count += i64::from(t.pnl > Decimal::ZERO);
             }
         }
-        self.snapshot(ev, Decimal::ZERO);
     }
 
     fn apply(&mut self, ev: &StoredEvent) {
@@ -658,7 +658,8 @@ impl Fold {
         let sink = tx
             .copy_in(
                 "COPY trades (trade_id, portfolio_id, strategy_id, symbol, side, quantity, price, fee,
-                              realized_pnl, cash_after, position_after, at, stream_seq)
+                              realized_pnl, cash_after, position_after, cost_basis_after,
+                              gross_entry_after, at, stream_seq)
                  FROM STDIN BINARY",
             )
             .await?;
@@ -668,6 +669,8 @@ impl Fold {
             Type::TEXT,
             Type::TEXT,
             Type::TEXT,
+            Type::NUMERIC,
+            Type::NUMERIC,
             Type::NUMERIC,
             Type::NUMERIC,
             Type::NUMERIC,
@@ -694,6 +697,8 @@ impl Fold {
                     &e.realized_pnl,
                     &e.cash_after,
                     &e.position_after,
+                    &e.cost_basis_after,
+                    &e.gross_entry_after,
                     at,
                     seq,
                 ])
