@@ -3,8 +3,8 @@
 //!
 //! - One durable pull consumer per projection, explicit ack.
 //! - One Postgres transaction per batch: apply the events, flush the projection, move the
-//!   checkpoint (`ch_checkpoints`), commit, then ack. Events at or below the checkpoint are skipped, so
-//!   redeliveries after a crash change nothing.
+//!   checkpoint (`ch_checkpoints`), commit, then ack. Events at or below the checkpoint are
+//!   skipped, so redeliveries after a crash change nothing.
 //! - A dense projection's consumer covers every subject of the stream, so sequences are
 //!   contiguous: a gap (a rebuild reset the checkpoint, or a redelivery came out of order) is
 //!   filled by reading the stream with an ordered consumer before going on: chunks received,
@@ -221,6 +221,13 @@ struct Dead {
     why: String,
 }
 
+/// Messages that do not follow the checkpoint: events from `checkpoint + 1` to `first - 1`
+/// are missing.
+struct Gap {
+    checkpoint: u64,
+    first: u64,
+}
+
 enum Chunk {
     /// Applied (or skipped) up to this sequence.
     Done(u64),
@@ -358,13 +365,13 @@ impl<P: Projection> Projector<P> {
         raws: &mut [Raw],
         last: &mut u64,
         dead: &mut Vec<Dead>,
-    ) -> Result<Vec<StoredEvent>, Chunk> {
+    ) -> Result<Vec<StoredEvent>, Gap> {
         if self.sparse {
             // Holes are normal; a checkpoint below ours means the read model was reset.
             let known = self.position.load(Ordering::Relaxed);
             if known != UNKNOWN && *last < known {
                 if let Some(first) = raws.iter().find(|r| r.seq > *last) {
-                    return Err(Chunk::Gap {
+                    return Err(Gap {
                         checkpoint: *last,
                         first: first.seq,
                     });
@@ -377,7 +384,7 @@ impl<P: Projection> Projector<P> {
                 continue;
             }
             if !self.sparse && raw.seq > *last + 1 {
-                return Err(Chunk::Gap {
+                return Err(Gap {
                     checkpoint: *last,
                     first: raw.seq,
                 });
@@ -432,7 +439,7 @@ impl<P: Projection> Projector<P> {
         let mut dead = Vec::new();
         let events = match self.select(raws, &mut last, &mut dead) {
             Ok(events) => events,
-            Err(gap) => return Ok(gap),
+            Err(Gap { checkpoint, first }) => return Ok(Chunk::Gap { checkpoint, first }),
         };
         if !events.is_empty() {
             self.projection.apply_batch(&tx, &events, cp).await?;
@@ -637,11 +644,10 @@ impl<P: Projection> Projector<P> {
                 .await
                 .map_err(|e| ProjectorError::from(StoreError::Other(format!("decoding: {e}"))))
         };
-        let skipped = |gap: Chunk| match gap {
-            Chunk::Gap { checkpoint, first } => ProjectorError::from(StoreError::Other(format!(
+        let skipped = |checkpoint: u64, first: u64| {
+            ProjectorError::from(StoreError::Other(format!(
                 "ordered replay skipped from {checkpoint} to {first}"
-            ))),
-            Chunk::Done(_) => unreachable!("select returns gaps only"),
+            )))
         };
         let write = async {
             let mut last = from;
@@ -652,7 +658,7 @@ impl<P: Projection> Projector<P> {
                 match per_tx {
                     None => match self.apply_robust(&mut chunk).await? {
                         Chunk::Done(s) => last = s,
-                        gap => return Err(skipped(gap)),
+                        Chunk::Gap { checkpoint, first } => return Err(skipped(checkpoint, first)),
                     },
                     Some(per_tx) => {
                         let mut conn = self.pool.get().await.map_err(DbError::from)?;
@@ -664,7 +670,7 @@ impl<P: Projection> Projector<P> {
                         loop {
                             let events = self
                                 .select(&mut chunk, &mut applied, &mut dead)
-                                .map_err(skipped)?;
+                                .map_err(|g| skipped(g.checkpoint, g.first))?;
                             events_in_tx += chunk.len();
                             if let Some(last_event) = events.last().map(|e| e.seq) {
                                 self.projection.apply_batch(&tx, &events, after).await?;
