@@ -552,6 +552,12 @@ pub async fn run(app: App, shutdown: CancellationToken) -> Result<(), async_nats
     run_on(app, DURABLE, shutdown).await
 }
 
+/// `exit-triggers`' whole life (see [`ch_runtime::app::boxed_main`]).
+#[inline(never)]
+pub fn main_future(cfg: ch_runtime::Config) -> ch_runtime::app::MainFuture {
+    ch_runtime::app::boxed_main(cfg, WORKER, run)
+}
+
 /// Runs the worker on the durable consumer `durable` (replicas sharing one durable share the
 /// prices; a worker on another durable sees every price too, and sends the same command ids).
 ///

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use async_nats::Message;
-use ch_runtime::app::App;
+use ch_runtime::app::{boxed_main, App, MainFuture};
 use ch_runtime::error::{ApiError, DbError};
 use ch_runtime::eventstore::sparse_filter;
 use ch_runtime::projector::{self, BatchConfig, Projection, Projector};
@@ -77,6 +77,35 @@ pub async fn run_projector<P: Projection>(
 ) -> Result<(), async_nats::Error> {
     migrate(&app).await?;
     projector::run(projector(&app, projection)?, shutdown).await
+}
+
+/// `proj-portfolio`'s whole life (see [`ch_runtime::app::boxed_main`]).
+#[inline(never)]
+pub fn portfolio_projector_main(cfg: ch_runtime::Config) -> MainFuture {
+    boxed_main(cfg, "proj-portfolio", |app, shutdown| {
+        run_projector(app, PortfolioProjection::default(), shutdown)
+    })
+}
+
+/// `proj-strategy`'s whole life (see [`ch_runtime::app::boxed_main`]).
+#[inline(never)]
+pub fn strategy_projector_main(cfg: ch_runtime::Config) -> MainFuture {
+    boxed_main(cfg, "proj-strategy", |app, shutdown| {
+        run_projector(app, StrategyProjection, shutdown)
+    })
+}
+
+/// A query worker's whole life: serves `queries` as `worker` (see
+/// [`ch_runtime::app::boxed_main`]).
+#[inline(never)]
+pub fn queries_main(
+    cfg: ch_runtime::Config,
+    worker: &'static str,
+    queries: &'static [Query],
+) -> MainFuture {
+    boxed_main(cfg, worker, move |app, shutdown| {
+        run_queries(app, queries, shutdown)
+    })
 }
 
 /// The query endpoints of API.md.

@@ -1,9 +1,13 @@
 //! What every worker starts with: configuration, a NATS connection, the event store, metrics.
 
+use std::future::Future;
+use std::time::Duration;
+
 use async_nats::jetstream;
 use deadpool_postgres::Pool;
-use std::time::Duration;
+use futures::future::BoxFuture;
 use thiserror::Error;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::error::{DbError, StoreError};
@@ -95,4 +99,41 @@ impl App {
                 .collect(),
         }
     }
+}
+
+/// A worker binary's whole life as one boxed future: what its `main` runs on the runtime.
+pub type MainFuture = BoxFuture<'static, Result<(), async_nats::Error>>;
+
+/// Starts the app as `worker`, then runs `body` until SIGTERM or Ctrl-C, boxed. Call it from a
+/// non-generic library function (`commands::main_future`, `ch_readmodel::workers::*_main`):
+/// a future is compiled again in every crate that polls it, so a binary that polls only the
+/// box compiles none of the workers' state machines (the ten binaries had made half of the
+/// release build).
+pub fn boxed_main<F, Fut>(cfg: Config, worker: &'static str, body: F) -> MainFuture
+where
+    F: FnOnce(App, CancellationToken) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<(), async_nats::Error>> + Send + 'static,
+{
+    Box::pin(async move {
+        let app = App::start(cfg, worker)
+            .await
+            .map_err(|e| format!("starting {worker}: {e}"))?;
+        body(app, crate::shutdown::on_signal()).await
+    })
+}
+
+/// A worker binary's `main`: the configuration from the environment, logging, the runtime of
+/// `CH_WORKER_THREADS`, and the worker's life (`life`, made in a library: see [`boxed_main`]).
+///
+/// # Errors
+/// A configuration error, or what ended the worker's life.
+pub fn worker_main(
+    worker: &'static str,
+    life: fn(Config) -> MainFuture,
+) -> Result<(), async_nats::Error> {
+    let cfg = Config::from_env()?;
+    crate::telemetry::init(cfg.log_json);
+    cfg.runtime()?
+        .block_on(life(cfg))
+        .map_err(|e| format!("{worker} failed: {e}").into())
 }

@@ -200,6 +200,19 @@ impl Handler for CommandHandler {
     }
 }
 
+/// A command worker's whole life: serves `endpoints` as `worker` until SIGTERM or Ctrl-C
+/// (see [`crate::app::boxed_main`]).
+#[inline(never)]
+pub fn main_future(
+    cfg: crate::Config,
+    worker: &'static str,
+    endpoints: &'static [Endpoint],
+) -> crate::app::MainFuture {
+    crate::app::boxed_main(cfg, worker, move |app, shutdown| {
+        run(app, endpoints, shutdown)
+    })
+}
+
 /// Serves `endpoints` until `shutdown`.
 ///
 /// # Errors

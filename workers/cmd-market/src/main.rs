@@ -2,22 +2,13 @@
 //!
 //! Configuration: the `CH_*` environment variables (README). SIGTERM or Ctrl-C drains it.
 
-use anyhow::{anyhow, Context};
-use ch_runtime::{app::App, shutdown, telemetry, Config};
+use anyhow::anyhow;
+use ch_domain::request::Endpoint;
+use ch_runtime::{app::worker_main, commands};
 
 fn main() -> anyhow::Result<()> {
-    let cfg = Config::from_env()?;
-    cfg.runtime()?.block_on(run(cfg))
-}
-
-async fn run(cfg: Config) -> anyhow::Result<()> {
-    telemetry::init(cfg.log_json);
-    let app = App::start(cfg, "cmd-market")
-        .await
-        .context("starting cmd-market")?;
-    let endpoints = [ch_domain::request::Endpoint::MarketPrice];
-    ch_runtime::commands::run(app, &endpoints, shutdown::on_signal())
-        .await
-        .map_err(|e| anyhow!(e))
-        .context("cmd-market failed")
+    worker_main("cmd-market", |cfg| {
+        commands::main_future(cfg, "cmd-market", &[Endpoint::MarketPrice])
+    })
+    .map_err(|e| anyhow!(e))
 }

@@ -2,22 +2,13 @@
 //!
 //! Configuration: the `CH_*` environment variables (README). SIGTERM or Ctrl-C drains it.
 
-use anyhow::{anyhow, Context};
-use ch_runtime::{app::App, shutdown, telemetry, Config};
+use anyhow::anyhow;
+use ch_domain::request::Endpoint;
+use ch_runtime::{app::worker_main, commands};
 
 fn main() -> anyhow::Result<()> {
-    let cfg = Config::from_env()?;
-    cfg.runtime()?.block_on(run(cfg))
-}
-
-async fn run(cfg: Config) -> anyhow::Result<()> {
-    telemetry::init(cfg.log_json);
-    let app = App::start(cfg, "cmd-signal")
-        .await
-        .context("starting cmd-signal")?;
-    let endpoints = [ch_domain::request::Endpoint::SignalExecute];
-    ch_runtime::commands::run(app, &endpoints, shutdown::on_signal())
-        .await
-        .map_err(|e| anyhow!(e))
-        .context("cmd-signal failed")
+    worker_main("cmd-signal", |cfg| {
+        commands::main_future(cfg, "cmd-signal", &[Endpoint::SignalExecute])
+    })
+    .map_err(|e| anyhow!(e))
 }

@@ -2,26 +2,18 @@
 //!
 //! Configuration: the `CH_*` environment variables (README). SIGTERM or Ctrl-C drains it.
 
-use anyhow::{anyhow, Context};
-use ch_runtime::{app::App, shutdown, telemetry, Config};
+use anyhow::anyhow;
+use ch_domain::request::Endpoint;
+use ch_runtime::{app::worker_main, commands};
 
 fn main() -> anyhow::Result<()> {
-    let cfg = Config::from_env()?;
-    cfg.runtime()?.block_on(run(cfg))
-}
-
-async fn run(cfg: Config) -> anyhow::Result<()> {
-    telemetry::init(cfg.log_json);
-    let app = App::start(cfg, "cmd-strategy")
-        .await
-        .context("starting cmd-strategy")?;
-    let endpoints = [
-        ch_domain::request::Endpoint::StrategyCreate,
-        ch_domain::request::Endpoint::StrategyUpdate,
-        ch_domain::request::Endpoint::StrategyDelete,
-    ];
-    ch_runtime::commands::run(app, &endpoints, shutdown::on_signal())
-        .await
-        .map_err(|e| anyhow!(e))
-        .context("cmd-strategy failed")
+    worker_main("cmd-strategy", |cfg| {
+        let endpoints = &[
+            Endpoint::StrategyCreate,
+            Endpoint::StrategyUpdate,
+            Endpoint::StrategyDelete,
+        ];
+        commands::main_future(cfg, "cmd-strategy", endpoints)
+    })
+    .map_err(|e| anyhow!(e))
 }

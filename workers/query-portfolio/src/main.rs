@@ -2,25 +2,14 @@
 //!
 //! Configuration: the `CH_*` environment variables (README). SIGTERM or Ctrl-C drains it.
 
-use anyhow::{anyhow, Context};
-use ch_runtime::{app::App, shutdown, telemetry, Config};
+use anyhow::anyhow;
+use ch_readmodel::workers::{queries_main, Query};
+use ch_runtime::app::worker_main;
 
 fn main() -> anyhow::Result<()> {
-    let cfg = Config::from_env()?;
-    cfg.runtime()?.block_on(run(cfg))
-}
-
-async fn run(cfg: Config) -> anyhow::Result<()> {
-    telemetry::init(cfg.log_json);
-    let app = App::start(cfg, "query-portfolio")
-        .await
-        .context("starting query-portfolio")?;
-    let queries = [
-        ch_readmodel::workers::Query::PortfolioPerformance,
-        ch_readmodel::workers::Query::PortfolioAnalysis,
-    ];
-    ch_readmodel::workers::run_queries(app, &queries, shutdown::on_signal())
-        .await
-        .map_err(|e| anyhow!(e))
-        .context("query-portfolio failed")
+    worker_main("query-portfolio", |cfg| {
+        let queries = &[Query::PortfolioPerformance, Query::PortfolioAnalysis];
+        queries_main(cfg, "query-portfolio", queries)
+    })
+    .map_err(|e| anyhow!(e))
 }

@@ -2,26 +2,18 @@
 //!
 //! Configuration: the `CH_*` environment variables (README). SIGTERM or Ctrl-C drains it.
 
-use anyhow::{anyhow, Context};
-use ch_runtime::{app::App, shutdown, telemetry, Config};
+use anyhow::anyhow;
+use ch_readmodel::workers::{queries_main, Query};
+use ch_runtime::app::worker_main;
 
 fn main() -> anyhow::Result<()> {
-    let cfg = Config::from_env()?;
-    cfg.runtime()?.block_on(run(cfg))
-}
-
-async fn run(cfg: Config) -> anyhow::Result<()> {
-    telemetry::init(cfg.log_json);
-    let app = App::start(cfg, "query-strategy")
-        .await
-        .context("starting query-strategy")?;
-    let queries = [
-        ch_readmodel::workers::Query::StrategyList,
-        ch_readmodel::workers::Query::StrategyGet,
-        ch_readmodel::workers::Query::StrategyLeaderboard,
-    ];
-    ch_readmodel::workers::run_queries(app, &queries, shutdown::on_signal())
-        .await
-        .map_err(|e| anyhow!(e))
-        .context("query-strategy failed")
+    worker_main("query-strategy", |cfg| {
+        let queries = &[
+            Query::StrategyList,
+            Query::StrategyGet,
+            Query::StrategyLeaderboard,
+        ];
+        queries_main(cfg, "query-strategy", queries)
+    })
+    .map_err(|e| anyhow!(e))
 }
