@@ -113,24 +113,23 @@ async fn states(
     from: DateTime<Utc>,
     to: DateTime<Utc>,
 ) -> Result<Vec<State>, DbError> {
-    let last_flow = tx
-        .query_opt(
+    // Sent together: tokio-postgres pipelines concurrent queries on one connection.
+    let until_from: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&portfolio_id, &from];
+    let period: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&portfolio_id, &from, &to];
+    let (last_flow, last_fills, changes) = futures::try_join!(
+        tx.query_opt(
             "SELECT at, stream_seq, cash, positions FROM portfolio_history
              WHERE portfolio_id = $1 AND at <= $2 ORDER BY at DESC, stream_seq DESC LIMIT 1",
-            &[&portfolio_id, &from],
-        )
-        .await?;
-    let last_fills = tx
-        .query(
+            &until_from,
+        ),
+        tx.query(
             "SELECT DISTINCT ON (symbol) at, stream_seq, cash_after, symbol, position_after,
                     cost_basis_after, gross_entry_after
              FROM trades WHERE portfolio_id = $1 AND at <= $2
              ORDER BY symbol, at DESC, stream_seq DESC",
-            &[&portfolio_id, &from],
-        )
-        .await?;
-    let changes = tx
-        .query(
+            &until_from,
+        ),
+        tx.query(
             "SELECT at, stream_seq, cash, flow, NULL AS symbol, NULL::numeric AS quantity,
                     NULL::numeric AS cost_basis, NULL::numeric AS gross_entry
              FROM portfolio_history WHERE portfolio_id = $1 AND at > $2 AND at < $3
@@ -139,9 +138,9 @@ async fn states(
                     gross_entry_after
              FROM trades WHERE portfolio_id = $1 AND at > $2 AND at < $3
              ORDER BY at, stream_seq",
-            &[&portfolio_id, &from, &to],
-        )
-        .await?;
+            &period,
+        ),
+    )?;
 
     // The state at `from`: the positions from the last flow, each changed by a later fill of
     // its symbol, and the cash of the latest of them all.
