@@ -428,6 +428,16 @@ impl TestEnv {
         self.request(&format!("query.{name}"), body).await.ok()
     }
 
+    /// `portfolio.performance` of `portfolio` once the read model has reached `seq`.
+    pub async fn performance_at(&self, portfolio: &str, seq: u64) -> Value {
+        self.query_at(
+            "portfolio.performance",
+            serde_json::json!({"portfolio_id": portfolio}),
+            seq,
+        )
+        .await
+    }
+
     /// How many events the aggregate's subject holds.
     pub async fn subject_count(&self, ty: AggregateType, id: &str) -> u64 {
         let js = async_nats::jetstream::new(self.client.clone());

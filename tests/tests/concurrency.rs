@@ -4,7 +4,6 @@
 use ch_domain::AggregateType;
 use ch_e2e::fixtures::{signal, strategy};
 use ch_e2e::{TestEnv, Worker};
-use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forty_concurrent_buys_with_cash_for_ten_execute_exactly_ten() {
@@ -51,13 +50,7 @@ async fn forty_concurrent_buys_with_cash_for_ten_execute_exactly_ten() {
         before + 40
     );
 
-    let perf = env
-        .query_at(
-            "portfolio.performance",
-            json!({"portfolio_id": "p1"}),
-            max_seq,
-        )
-        .await;
+    let perf = env.performance_at("p1", max_seq).await;
     assert_eq!(perf["cash"], "0");
     assert_eq!(perf["positions"][0]["quantity"], "10");
     assert_eq!(perf["fill_count"], 10);

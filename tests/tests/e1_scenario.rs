@@ -38,13 +38,7 @@ async fn e1_average_cost_through_the_whole_loop() {
 
     // Marked at 23000 after the second buy: unrealized 1979, equity 26979.
     let mark = env.cmd("market.price", price("BTC-USDT", "23000")).await;
-    let perf = env
-        .query_at(
-            "portfolio.performance",
-            serde_json::json!({"portfolio_id": "p1"}),
-            seq(&mark),
-        )
-        .await;
+    let perf = env.performance_at("p1", seq(&mark)).await;
     assert_eq!(perf["cash"], "3979");
     assert_eq!(perf["unrealized_pnl"], "1979");
     assert_eq!(perf["equity"], "26979");
@@ -65,13 +59,7 @@ async fn e1_average_cost_through_the_whole_loop() {
 
     // Marked at 25000 after the first sell: unrealized 2387.4, equity 28971.
     let mark = env.cmd("market.price", price("BTC-USDT", "25000")).await;
-    let perf = env
-        .query_at(
-            "portfolio.performance",
-            serde_json::json!({"portfolio_id": "p1"}),
-            seq(&mark),
-        )
-        .await;
+    let perf = env.performance_at("p1", seq(&mark)).await;
     assert_eq!(perf["unrealized_pnl"], "2387.4");
     assert_eq!(perf["equity"], "28971");
     assert_eq!(perf["positions"][0]["cost_basis"], "12612.6");
@@ -87,13 +75,7 @@ async fn e1_average_cost_through_the_whole_loop() {
     assert_eq!(sell2["trade"]["cash_after"], "25359.6");
     assert_eq!(sell2["trade"]["position_after"], "0");
 
-    let perf = env
-        .query_at(
-            "portfolio.performance",
-            serde_json::json!({"portfolio_id": "p1"}),
-            seq(&sell2),
-        )
-        .await;
+    let perf = env.performance_at("p1", seq(&sell2)).await;
     assert_eq!(perf["cash"], "25359.6");
     assert_eq!(perf["realized_pnl"], "359.6");
     assert_eq!(perf["unrealized_pnl"], "0");

@@ -562,13 +562,7 @@ async fn bad_request_for_symbols_decimals_and_times() {
             json!({"portfolio_id": "p1", "op": "deposit", "amount": 1e-8}),
         )
         .await;
-    let perf = env
-        .query_at(
-            "portfolio.performance",
-            json!({"portfolio_id": "p1"}),
-            seq(&ok),
-        )
-        .await;
+    let perf = env.performance_at("p1", seq(&ok)).await;
     assert_eq!(perf["cash"], "1000.00000001");
 }
 
@@ -715,13 +709,7 @@ async fn not_found_already_exists_and_conflict() {
     assert_eq!(version(&ok), 2);
 
     // The unchanged state: p1 is still at 1000 and version 3.
-    let perf = env
-        .query_at(
-            "portfolio.performance",
-            json!({"portfolio_id": "p1"}),
-            env.last_seq().await,
-        )
-        .await;
+    let perf = env.performance_at("p1", env.last_seq().await).await;
     assert_eq!(perf["cash"], "1000");
     assert_eq!(perf["version"], 3);
     assert_eq!(perf["user_id"], "u1");
@@ -868,13 +856,7 @@ async fn domain_refusals_are_422_and_store_nothing() {
         )
         .await;
     }
-    let perf = env
-        .query_at(
-            "portfolio.performance",
-            json!({"portfolio_id": "p1"}),
-            seq(&closed),
-        )
-        .await;
+    let perf = env.performance_at("p1", seq(&closed)).await;
     assert_eq!(perf["status"], "closed");
     assert_eq!(perf["version"], version(&closed));
 }
@@ -1086,13 +1068,7 @@ async fn malformed_signals_are_bad_request_invalid_quantities_are_stored_rejecti
         assert_eq!(version(&r), n);
         last = Some(r);
     }
-    let perf = env
-        .query_at(
-            "portfolio.performance",
-            json!({"portfolio_id": "p1"}),
-            seq(&last.unwrap()),
-        )
-        .await;
+    let perf = env.performance_at("p1", seq(&last.unwrap())).await;
     assert_eq!(perf["rejected_signals"], 4);
     assert_eq!(perf["fill_count"], 0);
     assert_eq!(perf["cash"], "1000");

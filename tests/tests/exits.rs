@@ -63,8 +63,7 @@ async fn prices(env: &TestEnv, symbol: &str, pxs: &[&str]) -> u64 {
 /// The performance of `pid` at the stream head.
 async fn performance(env: &TestEnv, pid: &str) -> Value {
     let head = env.last_seq().await;
-    env.query_at("portfolio.performance", json!({"portfolio_id": pid}), head)
-        .await
+    env.performance_at(pid, head).await
 }
 
 /// Polls the performance (read-your-writes at the stream head) until `pred` holds, bounded.

@@ -68,13 +68,7 @@ async fn deposit_resent_with_the_same_command_id_is_applied_once() {
     assert_eq!(version(&third), 4);
 
     // Cash counted once per command, not per request.
-    let perf = env
-        .query_at(
-            "portfolio.performance",
-            json!({"portfolio_id": "p1"}),
-            seq(&third),
-        )
-        .await;
+    let perf = env.performance_at("p1", seq(&third)).await;
     assert_eq!(perf["cash"], "250");
     assert_eq!(perf["net_deposits"], "250");
     assert_eq!(perf["version"], 4);
@@ -102,13 +96,7 @@ async fn a_refused_command_does_not_use_up_its_command_id() {
         .await;
     assert_eq!(again["duplicate"], true);
     assert_eq!(seq(&again), seq(&w));
-    let perf = env
-        .query_at(
-            "portfolio.performance",
-            json!({"portfolio_id": "p1"}),
-            seq(&w),
-        )
-        .await;
+    let perf = env.performance_at("p1", seq(&w)).await;
     assert_eq!(perf["cash"], "30");
 }
 
@@ -201,13 +189,7 @@ async fn signal_resent_answers_the_identical_trade() {
     assert_eq!(rej2["duplicate"], true);
     assert_eq!(without_duplicate(rej2), rej);
 
-    let perf = env
-        .query_at(
-            "portfolio.performance",
-            json!({"portfolio_id": "p1"}),
-            seq(&rej),
-        )
-        .await;
+    let perf = env.performance_at("p1", seq(&rej)).await;
     assert_eq!(perf["fill_count"], 1);
     assert_eq!(perf["rejected_signals"], 1);
     assert_eq!(perf["cash"], "14990");
@@ -259,13 +241,7 @@ async fn expected_version_equal_to_the_current_version_succeeds() {
         )
         .await;
     assert_eq!(version(&d), 3);
-    let perf = env
-        .query_at(
-            "portfolio.performance",
-            json!({"portfolio_id": "p1"}),
-            seq(&d),
-        )
-        .await;
+    let perf = env.performance_at("p1", seq(&d)).await;
     assert_eq!(perf["cash"], "60");
     assert_eq!(perf["version"], v);
 }
@@ -335,13 +311,7 @@ async fn versions_are_per_aggregate_and_stream_seq_is_the_stream_position() {
     );
 
     // The read model reports the same version, and as_of_seq the stream position it applied.
-    let perf = env
-        .query_at(
-            "portfolio.performance",
-            json!({"portfolio_id": "p1"}),
-            last_seq,
-        )
-        .await;
+    let perf = env.performance_at("p1", last_seq).await;
     assert_eq!(perf["version"], 6);
     assert_eq!(perf["as_of_seq"], last_seq);
     let s = env

@@ -138,9 +138,7 @@ async fn projector_killed_mid_stream_resumes_to_the_same_read_model_as_a_rebuild
     }
     assert!(mid_stream_kills >= 1, "no kill landed mid-stream");
     let proj = env.spawn(Worker::ProjPortfolio).await;
-    let perf = env
-        .query_at("portfolio.performance", json!({"portfolio_id": "p0"}), last)
-        .await;
+    let perf = env.performance_at("p0", last).await;
     assert!(perf["as_of_seq"].as_u64().unwrap() >= last);
     // The strategy read model too must have everything before the dump.
     env.query_at("strategy.get", json!({"strategy_id": "s1"}), last)
@@ -209,22 +207,13 @@ async fn a_standby_projector_takes_over_when_the_active_one_dies() {
     let env = TestEnv::without_projectors().await;
     let active = env.spawn(Worker::ProjPortfolio).await;
     let first = load_history(&env, 2, 3).await;
-    env.query_at(
-        "portfolio.performance",
-        json!({"portfolio_id": "p1"}),
-        first,
-    )
-    .await;
+    env.performance_at("p1", first).await;
     // A second replica stands by while the first holds the projection's lock.
     let standby = env.spawn(Worker::ProjPortfolio).await;
     active.kill().await;
     let more = env.cmd("portfolio.update", deposit("p1", "1")).await;
     let perf = env
-        .query_at(
-            "portfolio.performance",
-            json!({"portfolio_id": "p1"}),
-            more["stream_seq"].as_u64().unwrap(),
-        )
+        .performance_at("p1", more["stream_seq"].as_u64().unwrap())
         .await;
     assert_eq!(perf["net_deposits"], "100001");
     standby.stop().await;
@@ -296,8 +285,7 @@ async fn a_reset_under_the_running_projector_ends_as_a_rebuild_from_scratch() {
     let proj = env.spawn(Worker::ProjPortfolio).await;
     let strat = env.spawn(Worker::ProjStrategy).await;
     let mut last = load_history(&env, 4, 9).await;
-    env.query_at("portfolio.performance", json!({"portfolio_id": "p0"}), last)
-        .await;
+    env.performance_at("p0", last).await;
 
     let app = App::start(env.app_config(), "test-reset").await.unwrap();
     let replayed_here = projector(&app, PortfolioProjection::default())
@@ -307,9 +295,7 @@ async fn a_reset_under_the_running_projector_ends_as_a_rebuild_from_scratch() {
         .unwrap();
     assert_eq!(replayed_here, None, "the running projector should replay");
     last = last.max(signals(&env, 30, 4, 3, "20500").await);
-    let perf = env
-        .query_at("portfolio.performance", json!({"portfolio_id": "p1"}), last)
-        .await;
+    let perf = env.performance_at("p1", last).await;
     assert!(perf["fill_count"].as_u64().unwrap() > 5, "{perf}");
     env.query_at("strategy.get", json!({"strategy_id": "s1"}), last)
         .await;
@@ -393,13 +379,7 @@ async fn a_poison_event_is_dead_lettered_live_and_in_a_rebuild() {
     let (seq, why) = dead_letter(live);
     assert_eq!(seq, poison_seq);
     assert!(why.contains("0x00"), "{why}");
-    let perf = env
-        .query_at(
-            "portfolio.performance",
-            json!({"portfolio_id": "p1"}),
-            after,
-        )
-        .await;
+    let perf = env.performance_at("p1", after).await;
     assert_eq!(perf["cash"], "1250");
     assert_eq!(perf["name"], "portfolio p1");
     proj.stop().await;

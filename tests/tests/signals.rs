@@ -52,12 +52,7 @@ async fn executed(env: &TestEnv, body: Value) -> Value {
 }
 
 async fn performance(env: &TestEnv, portfolio_id: &str, at: &Value) -> Value {
-    env.query_at(
-        "portfolio.performance",
-        json!({"portfolio_id": portfolio_id}),
-        seq(at),
-    )
-    .await
+    env.performance_at(portfolio_id, seq(at)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -91,9 +91,7 @@ async fn project_in(mode: SyncMode, batch_max: usize) -> Vec<String> {
     env.cfg.batch_wait = Duration::from_millis(if mode == SyncMode::Batch { 5 } else { 0 });
     env.start(Worker::ProjPortfolio).await;
     env.start(Worker::ProjStrategy).await;
-    let perf = env
-        .query_at("portfolio.performance", json!({"portfolio_id": "p3"}), last)
-        .await;
+    let perf = env.performance_at("p3", last).await;
     assert_eq!(
         perf["fill_count"].as_u64().unwrap() + perf["rejected_signals"].as_u64().unwrap(),
         15
