@@ -726,8 +726,74 @@ impl<P: Projection> Projector<P> {
         let _ = self.client.publish(subject, seq.to_string().into()).await;
     }
 
+    /// Applies a batch from the durable consumer that follows the checkpoint this projector
+    /// committed last, in three round trips: `BEGIN`; then, sent together, the compare-and-set
+    /// of the checkpoint (from where this projector left it to the batch's last sequence, which
+    /// also locks the row against a reset), the projection's writes and its flush; `COMMIT`.
+    /// The checkpoint need not be read first, as [`Projector::apply_chunk`] does. `None` when it
+    /// does not apply (a sparse projection, a batch that does not follow, a checkpoint moved
+    /// since: a reset): the caller applies the batch the careful way.
+    async fn apply_live(&self, raws: &mut [Raw]) -> Result<Option<u64>, ProjectorError> {
+        let from = self.position.load(Ordering::Relaxed);
+        if self.sparse || from == UNKNOWN {
+            return Ok(None);
+        }
+        let (mut last, mut dead) = (from, Vec::new());
+        let Ok(events) = self.select(raws, &mut last, &mut dead) else {
+            return Ok(None);
+        };
+        if last == from {
+            // Redeliveries only: applied already.
+            return Ok(Some(from));
+        }
+        let mut conn = self.pool.get().await.map_err(DbError::from)?;
+        let tx = conn.transaction().await?;
+        let cas = tx
+            .prepare_cached(
+                "UPDATE ch_checkpoints SET last_seq = $3, updated_at = now()
+                 WHERE projection = $1 AND last_seq = $2",
+            )
+            .await?;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+            [&self.name(), &(from as i64), &(last as i64)];
+        let writes = async {
+            if !events.is_empty() {
+                self.projection.apply_batch(&tx, &events, from).await?;
+            }
+            self.projection.flush(&tx).await
+        };
+        // Sent in this order on the connection (see `begin` for the commit setting).
+        let ((), moved, ()) = futures::try_join!(
+            tx.batch_execute("SET LOCAL synchronous_commit = off"),
+            tx.execute(&cas, &params),
+            writes,
+        )?;
+        if moved != 1 {
+            tx.rollback().await?;
+            debug!(
+                from,
+                "the checkpoint is not where this projector left it (a reset, or none yet); \
+                 applying the batch after reading it"
+            );
+            return Ok(None);
+        }
+        tx.commit().await?;
+        self.set_position(last);
+        for d in dead {
+            self.dead_letter(d.seq, &d.payload, &d.why).await;
+        }
+        Ok(Some(last))
+    }
+
     /// Applies a batch from the durable consumer, filling a gap first if there is one.
     async fn process(&self, raws: &mut [Raw]) -> Result<u64, ProjectorError> {
+        match self.apply_live(raws).await {
+            Ok(Some(s)) => return Ok(s),
+            Ok(None) => {}
+            // Applied again below: one event at a time if one of them is at fault, or retried
+            // with backoff if the database is.
+            Err(e) => debug!(error = %e, "live transaction failed; applying the batch again"),
+        }
         loop {
             match self.apply_robust(raws).await? {
                 Chunk::Done(s) => return Ok(s),
@@ -938,6 +1004,7 @@ impl<P: Projection> Projector<P> {
                 "batch",
                 projection = name,
                 events = raws.len(),
+                pending,
                 first_seq = raws.first().map(|r| r.seq),
                 last_seq = raws.last().map(|r| r.seq)
             );
