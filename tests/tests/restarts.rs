@@ -6,6 +6,7 @@ use ch_e2e::{TestEnv, Worker};
 use ch_readmodel::workers::projector;
 use ch_readmodel::{PortfolioProjection, StrategyProjection};
 use ch_runtime::app::App;
+use rust_decimal::Decimal;
 use serde_json::json;
 
 async fn load_history(env: &TestEnv, portfolios: usize, rounds: usize) -> u64 {
@@ -279,6 +280,67 @@ async fn the_strategy_projector_reads_only_strategy_events_and_follows_the_strea
 /// A reset under the running portfolio projector (which keeps the rows it folded between
 /// batches) while signals keep coming: it replays, and ends with the read model a rebuild
 /// from scratch leaves.
+/// An open round trip's row is written when it opens and when it closes; in between, the
+/// projector folds its fills in memory. A projector that starts mid-trip sums the trip's fills
+/// so far from the trades, so the trip closes with the PnL and fees of all of its fills.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_trip_open_across_a_projector_restart_closes_with_all_of_its_fills() {
+    let env = TestEnv::without_projectors().await;
+    let strat = env.spawn(Worker::ProjStrategy).await;
+    let proj = env.spawn(Worker::ProjPortfolio).await;
+    env.cmd("strategy.create", strategy("u1", "s1", &["BTC-USDT"]))
+        .await;
+    env.funded("p0", "u1", "100000", "s1").await;
+    let fill = |side: &'static str, qty: &'static str, px: &'static str| {
+        env.cmd("signal.execute", signal("p0", "s1", side, qty, px, None))
+    };
+    // Opened and added to with the projector running; a partial sell while it is down; the
+    // sell that closes the trip after it has started again (its rows read from the database).
+    fill("buy", "0.1", "20000").await;
+    let seq = fill("buy", "0.1", "20400").await["stream_seq"]
+        .as_u64()
+        .unwrap();
+    env.performance_at("p0", seq).await;
+    proj.kill().await;
+    fill("sell", "0.05", "21000").await;
+    let proj = env.spawn(Worker::ProjPortfolio).await;
+    let seq = fill("sell", "0.15", "20800").await["stream_seq"]
+        .as_u64()
+        .unwrap();
+    env.performance_at("p0", seq).await;
+
+    let trips = env
+        .pg
+        .query(
+            "SELECT pnl, fees, closed_at IS NOT NULL FROM round_trips WHERE portfolio_id = 'p0'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let sums = env
+        .pg
+        .query_one(
+            "SELECT sum(realized_pnl) FILTER (WHERE side = 'sell'), sum(fee), count(*)
+               FROM trades WHERE portfolio_id = 'p0'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(sums.get::<_, i64>(2), 4);
+    assert_eq!(trips.len(), 1);
+    let (pnl, fees): (Decimal, Decimal) = (trips[0].get(0), trips[0].get(1));
+    assert!(trips[0].get::<_, bool>(2), "the trip is closed");
+    assert_eq!(pnl, sums.get::<_, Decimal>(0));
+    assert_eq!(fees, sums.get::<_, Decimal>(1));
+    assert!(pnl > Decimal::ZERO, "{pnl}");
+
+    proj.stop().await;
+    strat.stop().await;
+    let live = env.dump_read_model().await;
+    let app = App::start(env.app_config(), "test-rebuild").await.unwrap();
+    assert_same_as_rebuilt(&env, &app, &live).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_under_the_running_projector_ends_as_a_rebuild_from_scratch() {
     let env = TestEnv::without_projectors().await;

@@ -49,6 +49,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "fills_carry_positions",
         sql: include_str!("../migrations/006_fills_carry_positions.sql"),
     },
+    Migration {
+        version: 7,
+        name: "round_trip_rows",
+        sql: include_str!("../migrations/007_round_trip_rows.sql"),
+    },
 ];
 
 /// Plain-notation string of a decimal as replies carry it (`"14990"`, not `"14990.000"`).

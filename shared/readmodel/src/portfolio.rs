@@ -8,10 +8,17 @@
 //! trips per event. The leading projector is the only writer, so it keeps the rows it folded
 //! for the next batch ([`Kept`]) and reads only the portfolios it has not seen yet.
 //!
-//! Fills, history and prices are appended as each batch is applied; the rows that change
-//! (portfolios, positions, marks, round trips) are written by [`Projection::flush`], once per
-//! transaction: a replay applies several chunks per transaction, and a portfolio that changes
-//! in each chunk is written once.
+//! History and prices are appended as each batch is applied, and so are the fills of a
+//! replay's chunks (by `COPY`); the rows that change (portfolios, positions, marks, round
+//! trips) and a live batch's fills are written by [`Projection::flush`], once per transaction,
+//! all sent together: a replay applies several chunks per transaction, and a portfolio that
+//! changes in each chunk is written once; a live batch's transaction is a few round trips.
+//!
+//! A round trip's row is written when it opens (its PnL and fees those of its first fill) and
+//! when it closes (final); the fills in between change only the projector's fold, which a
+//! projector that starts mid-trip sums again from the trades of the trip's symbol since it
+//! opened. So a round trip costs two row writes, not one per fill, and the rows do not depend
+//! on where batches began and ended.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -38,12 +45,16 @@ pub struct PortfolioProjection {
 /// rows are read again; a failed transaction's unflushed changes go with it).
 struct Kept {
     seq: u64,
-    /// The append-only rows are written and gone; the dirty sets are owed to the flush.
+    /// History and prices are written and gone; the dirty sets (and fills held back for a
+    /// live batch) are owed to the flush.
     fold: Fold,
 }
 
 /// Most portfolios kept between batches; beyond that, every batch reads its rows again.
 const KEPT_MAX: usize = 100_000;
+
+/// Most fills held back for the flush (a live batch's); more are appended by `COPY` at once.
+const HELD_FILLS_MAX: usize = 1000;
 
 /// Equity of a portfolio at the marks known now: cash plus each position at its mark, or at
 /// its gross entry (average entry price) when it has none (DOMAIN.md).
@@ -177,10 +188,18 @@ impl Fold {
                  WHERE portfolio_id = ANY($1)",
                 &params,
             ),
+            // An open trip's row is as of its first fill: its PnL and fees so far are those of
+            // the fills of its symbol since (every one of them belongs to it).
             rows(
                 tx,
-                "SELECT portfolio_id, symbol, opened_seq, opened_at, pnl, fees FROM round_trips
-                 WHERE portfolio_id = ANY($1) AND closed_at IS NULL",
+                "SELECT rt.portfolio_id, rt.symbol, rt.opened_seq, rt.opened_at,
+                        COALESCE(sum(t.realized_pnl) FILTER (WHERE t.side = 'sell'), 0),
+                        COALESCE(sum(t.fee), 0)
+                   FROM round_trips rt
+                   JOIN trades t ON t.portfolio_id = rt.portfolio_id AND t.symbol = rt.symbol
+                                AND t.stream_seq >= rt.opened_seq
+                  WHERE rt.portfolio_id = ANY($1) AND rt.closed_at IS NULL
+                  GROUP BY rt.portfolio_id, rt.symbol, rt.opened_seq, rt.opened_at",
                 &params,
             ),
             // One row per symbol: small.
@@ -385,8 +404,13 @@ impl Fold {
             (Side::Sell, None) => None,
         };
         if let Some(t) = trip {
-            self.trips
-                .insert((key.0.clone(), key.1.clone(), t.opened_seq), t.clone());
+            // Written when it opens (as of its first fill) and when it closes: in between, its
+            // row does not change (the projector folds its fills; `Fold::load` sums them again).
+            let opened = t.opened_seq == seq;
+            if opened || t.closed_at.is_some() {
+                self.trips
+                    .insert((key.0.clone(), key.1.clone(), t.opened_seq), t.clone());
+            }
             if t.closed_at.is_none() {
                 self.open_trips.insert(key, t);
             } else if let Some(p) = self.portfolios.get_mut(&e.portfolio_id) {
@@ -472,15 +496,17 @@ impl Fold {
         }
     }
 
-    /// Writes the changed rows (the flush), and forgets that they changed.
+    /// Writes the changed rows and the fills held back (the flush), and forgets them.
     async fn write_state(&mut self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
-        // Independent tables: sent together (pipelined).
+        // Independent tables: sent together (pipelined), one round trip for all of them.
         futures::try_join!(
             self.write_portfolios(tx),
             self.write_positions(tx),
             self.write_marks(tx),
             self.write_trips(tx),
+            self.insert_trades(tx),
         )?;
+        self.trades.clear();
         // Positions closed since the last flush are the only `None`s (and all dirty): drop
         // those rather than walk every kept position.
         for key in std::mem::take(&mut self.dirty_positions) {
@@ -494,12 +520,18 @@ impl Fold {
         Ok(())
     }
 
-    /// Appends the batch's fills, history and prices (COPY one after the other), and writes
-    /// its attachments; then forgets them.
-    async fn write_appended(&mut self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
-        self.write_trades(tx).await?;
+    /// Appends the batch's history and prices (COPY one after the other), and its fills unless
+    /// `hold_fills` (the flush inserts them then), and writes its attachments; then forgets them.
+    async fn write_appended(
+        &mut self,
+        tx: &Transaction<'_>,
+        hold_fills: bool,
+    ) -> Result<(), tokio_postgres::Error> {
+        if !hold_fills {
+            self.write_trades(tx).await?;
+            self.trades.clear();
+        }
         self.write_history(tx).await?;
-        self.trades.clear();
         self.history.clear();
         self.prices.clear();
         for a in std::mem::take(&mut self.attachments) {
@@ -708,6 +740,48 @@ impl Fold {
         Ok(())
     }
 
+    /// Fills held back for the flush: one prepared `INSERT ... UNNEST`, which goes out with the
+    /// flush's other statements (a `COPY` costs round trips of its own: worth it for a replay's
+    /// thousands of fills, not for a live batch's few dozen).
+    async fn insert_trades(&self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
+        if self.trades.is_empty() {
+            return Ok(());
+        }
+        macro_rules! col {
+            ($f:expr) => {
+                self.trades.iter().map($f).collect::<Vec<_>>()
+            };
+        }
+        exec(
+            tx,
+            "INSERT INTO trades (trade_id, portfolio_id, strategy_id, symbol, side, quantity, price,
+                 fee, realized_pnl, cash_after, position_after, cost_basis_after, gross_entry_after,
+                 at, stream_seq)
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+                 $6::numeric[], $7::numeric[], $8::numeric[], $9::numeric[], $10::numeric[],
+                 $11::numeric[], $12::numeric[], $13::numeric[], $14::timestamptz[], $15::int8[])",
+            &[
+                &col!(|(e, _, _)| e.trade_id),
+                &col!(|(e, _, _)| e.portfolio_id.as_str()),
+                &col!(|(e, _, _)| e.strategy_id.as_str()),
+                &col!(|(e, _, _)| e.symbol.as_str()),
+                &col!(|(e, _, _)| e.side.as_str()),
+                &col!(|(e, _, _)| e.quantity),
+                &col!(|(e, _, _)| e.price),
+                &col!(|(e, _, _)| e.fee),
+                &col!(|(e, _, _)| e.realized_pnl),
+                &col!(|(e, _, _)| e.cash_after),
+                &col!(|(e, _, _)| e.position_after),
+                &col!(|(e, _, _)| e.cost_basis_after),
+                &col!(|(e, _, _)| e.gross_entry_after),
+                &col!(|(_, at, _)| *at),
+                &col!(|(_, _, seq)| *seq),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
     /// History and prices are append-only too: binary COPY (see [`Fold::write_trades`]).
     async fn write_history(&self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
         if !self.history.is_empty() {
@@ -817,8 +891,10 @@ impl Projection for PortfolioProjection {
             fold.apply(ev);
         }
         let folded = t0.elapsed();
-        fold.write_appended(tx).await?;
         let keep = fold.portfolios.len() <= KEPT_MAX;
+        // A live batch's fills go out with the flush; a replay chunk's, by COPY now.
+        let hold_fills = keep && fold.trades.len() <= HELD_FILLS_MAX;
+        fold.write_appended(tx, hold_fills).await?;
         if !keep {
             // Too many to keep: the changed rows go now, and the next batch reads them again.
             fold.write_state(tx).await?;
