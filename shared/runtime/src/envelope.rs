@@ -2,6 +2,8 @@
 
 use ch_domain::{AggregateType, Event};
 use chrono::{DateTime, Utc};
+use serde::de::value::{MapAccessDeserializer, StrDeserializer};
+use serde::de::{DeserializeSeed, MapAccess};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use uuid::Uuid;
@@ -58,6 +60,45 @@ struct EnvelopeIn<'a> {
     payload: &'a RawValue,
 }
 
+/// The envelope's `event_type` and `payload` as the two entries of the map that the adjacently
+/// tagged [`Event`] reads: the payload is parsed once, from its own text, and the event type
+/// picks its struct (no second document to build and parse).
+struct Tagged<'e, 'de> {
+    event_type: Option<&'e str>,
+    payload: Option<&'de RawValue>,
+}
+
+impl<'de> MapAccess<'de> for Tagged<'_, 'de> {
+    type Error = serde_json::Error;
+
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, Self::Error> {
+        let key = match (self.event_type, self.payload) {
+            (Some(_), _) => "event_type",
+            (None, Some(_)) => "payload",
+            (None, None) => return Ok(None),
+        };
+        seed.deserialize(StrDeserializer::<serde_json::Error>::new(key))
+            .map(Some)
+    }
+
+    fn next_value_seed<V: DeserializeSeed<'de>>(
+        &mut self,
+        seed: V,
+    ) -> Result<V::Value, Self::Error> {
+        match (self.event_type.take(), self.payload.take()) {
+            (Some(t), payload) => {
+                self.payload = payload;
+                seed.deserialize(StrDeserializer::<serde_json::Error>::new(t))
+            }
+            (None, Some(p)) => seed.deserialize(p),
+            (None, None) => Err(serde::de::Error::custom("no value left")),
+        }
+    }
+}
+
 /// An event read back from the stream, with its stream sequence.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredEvent {
@@ -79,13 +120,11 @@ pub fn encode(meta: &Meta, event: &Event) -> Vec<u8> {
 pub fn decode(seq: u64, body: &[u8]) -> Result<StoredEvent, DecodeError> {
     let env: EnvelopeIn<'_> =
         serde_json::from_slice(body).map_err(|e| DecodeError(format!("envelope: {e}")))?;
-    let tagged = format!(
-        "{{\"event_type\":{},\"payload\":{}}}",
-        serde_json::to_string(&env.event_type).expect("a string serializes"),
-        env.payload.get()
-    );
-    let event: Event = serde_json::from_str(&tagged)
-        .map_err(|e| DecodeError(format!("{} payload: {e}", env.event_type)))?;
+    let event = Event::deserialize(MapAccessDeserializer::new(Tagged {
+        event_type: Some(&env.event_type),
+        payload: Some(env.payload),
+    }))
+    .map_err(|e| DecodeError(format!("{} payload: {e}", env.event_type)))?;
     Ok(StoredEvent {
         seq,
         meta: Meta {
@@ -102,4 +141,96 @@ pub fn decode(seq: u64, body: &[u8]) -> Result<StoredEvent, DecodeError> {
         },
         event,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ch_domain::event::{MarketPriceRecorded, Side, TradeExecuted};
+    use rust_decimal::Decimal;
+    use std::str::FromStr;
+
+    fn meta() -> Meta {
+        let at = DateTime::parse_from_rfc3339("2026-01-05T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        Meta {
+            event_id: Uuid::nil(),
+            schema_version: 1,
+            aggregate_type: AggregateType::Portfolio,
+            aggregate_id: "p1".into(),
+            aggregate_version: 3,
+            occurred_at: at,
+            recorded_at: at,
+            command_id: None,
+            correlation_id: Some("c\"1".into()),
+            causation_id: None,
+        }
+    }
+
+    #[test]
+    fn events_decode_as_encoded_with_exact_decimals() {
+        let d = |s: &str| Decimal::from_str(s).unwrap();
+        let events = [
+            Event::TradeExecuted(TradeExecuted {
+                portfolio_id: "p1".into(),
+                strategy_id: "s1".into(),
+                trade_id: Uuid::from_u128(7),
+                symbol: "BTC-USDT".into(),
+                side: Side::Sell,
+                quantity: d("0.10000000"),
+                price: d("20123.45678901234567"),
+                fee: d("2.0123"),
+                realized_pnl: d("-0.000000001"),
+                cash_after: d("10000.5"),
+                position_after: d("0"),
+                cost_basis_after: d("0"),
+                gross_entry_after: d("0"),
+            }),
+            Event::MarketPriceRecorded(MarketPriceRecorded {
+                symbol: "ETH-USDT".into(),
+                price: d("1999.99"),
+            }),
+        ];
+        for event in events {
+            let body = encode(&meta(), &event);
+            let back = decode(42, &body).unwrap();
+            assert_eq!(back.seq, 42);
+            assert_eq!(back.meta, meta());
+            assert_eq!(back.event, event);
+            // Scale too: "0.10000000" stays eight places.
+            if let Event::TradeExecuted(t) = &back.event {
+                assert_eq!(t.quantity.to_string(), "0.10000000");
+            }
+        }
+    }
+
+    #[test]
+    fn an_unknown_type_or_a_bad_payload_is_a_decode_error_that_names_the_type() {
+        let body = encode(
+            &meta(),
+            &Event::MarketPriceRecorded(MarketPriceRecorded {
+                symbol: "ETH-USDT".into(),
+                price: Decimal::ONE,
+            }),
+        );
+        let text = String::from_utf8(body).unwrap();
+        let unknown = text.replace("MarketPriceRecorded", "PriceGuessed");
+        let err = decode(1, unknown.as_bytes()).unwrap_err().to_string();
+        assert!(
+            err.contains("PriceGuessed payload: unknown variant"),
+            "{err}"
+        );
+        let bad = text.replace("\"symbol\"", "\"sym\"");
+        let err = decode(1, bad.as_bytes()).unwrap_err().to_string();
+        assert!(
+            err.contains("MarketPriceRecorded payload: missing field `symbol`"),
+            "{err}"
+        );
+        let err = decode(1, b"{}").unwrap_err().to_string();
+        assert!(
+            err.starts_with("undecodable event: envelope: missing field"),
+            "{err}"
+        );
+    }
 }
