@@ -170,6 +170,20 @@ impl QueryHandler {
     }
 }
 
+/// A query read in one snapshot: parse the request as `$ty`, wait if it asks for a stream
+/// sequence, open the read-only snapshot, work out its `as_of_seq` from the checkpoints of the
+/// query's projections, and read with `$read(&tx, &q, as_of)`.
+macro_rules! in_snapshot {
+    ($handler:ident, $query:ident, $body:ident, $ty:ty, $read:path) => {{
+        let q: $ty = queries::parse($body)?;
+        let reached = $handler.wait_if_asked($query, &q).await?;
+        let mut conn = $handler.snapshot_conn().await?;
+        let tx = queries::snapshot(&mut conn).await?;
+        let as_of = queries::as_of(&tx, $query.projections(), &reached).await?;
+        $read(&tx, &q, as_of).await
+    }};
+}
+
 impl Handler for QueryHandler {
     async fn handle(&self, endpoint: &str, msg: &Message) -> Result<Value, ApiError> {
         let query = self
@@ -188,36 +202,26 @@ impl Handler for QueryHandler {
                 queries::portfolio_performance(&conn, &q).await
             }
             Query::StrategyList => {
-                let q: StrategyListQuery = queries::parse(body)?;
-                let reached = self.wait_if_asked(query, &q).await?;
-                let mut conn = self.snapshot_conn().await?;
-                let tx = queries::snapshot(&mut conn).await?;
-                let as_of = queries::as_of(&tx, query.projections(), &reached).await?;
-                queries::strategy_list(&tx, &q, as_of).await
+                in_snapshot!(self, query, body, StrategyListQuery, queries::strategy_list)
             }
             Query::PortfolioAnalysis => {
-                let q: AnalysisQuery = queries::parse(body)?;
-                let reached = self.wait_if_asked(query, &q).await?;
-                let mut conn = self.snapshot_conn().await?;
-                let tx = queries::snapshot(&mut conn).await?;
-                let as_of = queries::as_of(&tx, query.projections(), &reached).await?;
-                analysis::portfolio_analysis(&tx, &q, as_of).await
+                in_snapshot!(
+                    self,
+                    query,
+                    body,
+                    AnalysisQuery,
+                    analysis::portfolio_analysis
+                )
             }
-            Query::StrategyLeaderboard => {
-                let q: LeaderboardQuery = queries::parse(body)?;
-                let reached = self.wait_if_asked(query, &q).await?;
-                let mut conn = self.snapshot_conn().await?;
-                let tx = queries::snapshot(&mut conn).await?;
-                let as_of = queries::as_of(&tx, query.projections(), &reached).await?;
-                analysis::strategy_leaderboard(&tx, &q, as_of).await
-            }
+            Query::StrategyLeaderboard => in_snapshot!(
+                self,
+                query,
+                body,
+                LeaderboardQuery,
+                analysis::strategy_leaderboard
+            ),
             Query::StrategyGet => {
-                let q: StrategyGetQuery = queries::parse(body)?;
-                let reached = self.wait_if_asked(query, &q).await?;
-                let mut conn = self.snapshot_conn().await?;
-                let tx = queries::snapshot(&mut conn).await?;
-                let as_of = queries::as_of(&tx, query.projections(), &reached).await?;
-                queries::strategy_get(&tx, &q, as_of).await
+                in_snapshot!(self, query, body, StrategyGetQuery, queries::strategy_get)
             }
         }
     }
