@@ -1,7 +1,7 @@
 //! Crashes and restarts: a projector killed mid-stream resumes to the same read model as a
 //! rebuild from the stream; a command worker with a cold cache decides the same.
 
-use ch_e2e::fixtures::{deposit, price, rename_strategy, signal, strategy};
+use ch_e2e::fixtures::{attach, deposit, detach, price, rename_strategy, signal, strategy};
 use ch_e2e::{TestEnv, Worker};
 use ch_readmodel::workers::projector;
 use ch_readmodel::{PortfolioProjection, StrategyProjection};
@@ -334,6 +334,42 @@ async fn a_round_trip_open_across_a_projector_restart_closes_with_all_of_its_fil
     assert_eq!(fees, sums.get::<_, Decimal>(1));
     assert!(pnl > Decimal::ZERO, "{pnl}");
 
+    proj.stop().await;
+    strat.stop().await;
+    let live = env.dump_read_model().await;
+    let app = App::start(env.app_config(), "test-rebuild").await.unwrap();
+    assert_same_as_rebuilt(&env, &app, &live).await;
+}
+
+/// Attachments and detachments of the same pairs, one command at a time live (batches of one)
+/// and all in one batch in a rebuild, end the same: each pair as its last operation left it,
+/// attached since the first attachment after its last detachment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attachments_toggled_live_end_as_in_a_rebuild_of_one_batch() {
+    let env = TestEnv::without_projectors().await;
+    let strat = env.spawn(Worker::ProjStrategy).await;
+    let proj = env.spawn(Worker::ProjPortfolio).await;
+    for s in ["s1", "s2", "s3"] {
+        env.cmd("strategy.create", strategy("u1", s, &["BTC-USDT"]))
+            .await;
+    }
+    env.funded("p0", "u1", "1000", "s1").await;
+    let mut last = 0;
+    for (op, s) in [
+        (attach as fn(&str, &str) -> serde_json::Value, "s2"),
+        (detach, "s1"),
+        (attach, "s3"),
+        (attach, "s1"),
+        (detach, "s2"),
+        (detach, "s3"),
+        (attach, "s3"),
+    ] {
+        last = env.cmd("portfolio.update", op("p0", s)).await["stream_seq"]
+            .as_u64()
+            .unwrap();
+    }
+    let perf = env.performance_at("p0", last).await;
+    assert_eq!(perf["attached_strategies"], json!(["s1", "s3"]), "{perf}");
     proj.stop().await;
     strat.stop().await;
     let live = env.dump_read_model().await;

@@ -534,26 +534,71 @@ impl Fold {
         self.write_history(tx).await?;
         self.history.clear();
         self.prices.clear();
+        self.write_attachments(tx).await
+    }
+
+    /// The batch's attachments and detachments, two statements for all of them: in stream
+    /// order, a detachment removes the pair and an attachment adds it unless it is there (the
+    /// first attachment since the last detachment keeps its time), so each pair ends deleted,
+    /// inserted, or both (detached, then attached again).
+    async fn write_attachments(
+        &mut self,
+        tx: &Transaction<'_>,
+    ) -> Result<(), tokio_postgres::Error> {
+        if self.attachments.is_empty() {
+            return Ok(());
+        }
+        /// A pair's net change in this batch.
+        #[derive(Default)]
+        struct Net {
+            detached: bool,
+            /// The first attachment since the last detachment.
+            attached: Option<DateTime<Utc>>,
+        }
+        let mut pairs: BTreeMap<(String, String), Net> = BTreeMap::new();
         for a in std::mem::take(&mut self.attachments) {
             match a {
                 Attachment::Attach(p, s, at) => {
-                    exec(
-                        tx,
-                        "INSERT INTO portfolio_strategies (portfolio_id, strategy_id, attached_at)
-                         VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-                        &[&p, &s, &at],
-                    )
-                    .await?;
+                    pairs.entry((p, s)).or_default().attached.get_or_insert(at);
                 }
                 Attachment::Detach(p, s) => {
-                    exec(
-                        tx,
-                        "DELETE FROM portfolio_strategies WHERE portfolio_id = $1 AND strategy_id = $2",
-                        &[&p, &s],
-                    )
-                    .await?;
+                    let net = pairs.entry((p, s)).or_default();
+                    (net.detached, net.attached) = (true, None);
                 }
             }
+        }
+        let (mut del_p, mut del_s, mut ins_p, mut ins_s, mut ins_at) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for ((p, s), net) in &pairs {
+            if net.detached {
+                del_p.push(p.as_str());
+                del_s.push(s.as_str());
+            }
+            if let Some(at) = &net.attached {
+                ins_p.push(p.as_str());
+                ins_s.push(s.as_str());
+                ins_at.push(*at);
+            }
+        }
+        if !del_p.is_empty() {
+            exec(
+                tx,
+                "DELETE FROM portfolio_strategies ps
+                 USING UNNEST($1::text[], $2::text[]) AS d(portfolio_id, strategy_id)
+                 WHERE ps.portfolio_id = d.portfolio_id AND ps.strategy_id = d.strategy_id",
+                &[&del_p, &del_s],
+            )
+            .await?;
+        }
+        if !ins_p.is_empty() {
+            exec(
+                tx,
+                "INSERT INTO portfolio_strategies (portfolio_id, strategy_id, attached_at)
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::timestamptz[])
+                 ON CONFLICT DO NOTHING",
+                &[&ins_p, &ins_s, &ins_at],
+            )
+            .await?;
         }
         Ok(())
     }
