@@ -58,7 +58,7 @@ pub struct Config {
     pub batch_max: usize,
     /// `CH_BATCH_WAIT_MS`, default 0 (5 in `batch` mode): how long a projector waits to fill a batch.
     pub batch_wait: Duration,
-    /// `CH_REPLAY_BATCH_MAX`, default 20000: most events per transaction when a projector
+    /// `CH_REPLAY_BATCH_MAX`, default 50000: most events per transaction when a projector
     /// replays the stream (a rebuild, a catch-up after downtime or a reset); it receives,
     /// decodes and applies them in chunks of a quarter of that, at most 5000.
     pub replay_batch_max: usize,
@@ -84,7 +84,7 @@ impl Default for Config {
             sync: SyncMode::Eventual,
             batch_max: 500,
             batch_wait: Duration::ZERO,
-            replay_batch_max: 20_000,
+            replay_batch_max: 50_000,
             immediate_timeout: Duration::from_millis(2000),
             db_pool_size: 16,
             log_json: false,
