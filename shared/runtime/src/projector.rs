@@ -301,6 +301,15 @@ pub struct Projector<P: Projection> {
 
 const UNKNOWN: u64 = u64::MAX;
 
+/// Moves a checkpoint from `$2` to `$3` only if it is still at `$2` (a reset in between wins);
+/// also locks the row for the rest of the transaction.
+const ADVANCE_SQL: &str = "UPDATE ch_checkpoints SET last_seq = $3, updated_at = now()
+                           WHERE projection = $1 AND last_seq = $2";
+
+/// A read model is rebuildable and its checkpoint commits with it: a commit lost in a database
+/// crash is replayed from the stream, so a projector transaction need not wait for the WAL flush.
+const NO_WAL_WAIT: &str = "SET LOCAL synchronous_commit = off";
+
 impl<P: Projection> Projector<P> {
     pub fn new(
         projection: P,
@@ -341,9 +350,8 @@ impl<P: Projection> Projector<P> {
         conn: &'c mut deadpool_postgres::Object,
     ) -> Result<(Transaction<'c>, u64), ProjectorError> {
         let tx = conn.transaction().await?;
-        // A read model is rebuildable and its checkpoint commits with it: a commit lost in a
-        // database crash is replayed from the stream, so it need not wait for the WAL flush.
-        // One round trip: the upsert makes sure the row exists, locks it and returns it.
+        // One round trip with the commit setting: the upsert makes sure the row exists, locks
+        // it and returns it.
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&self.name()];
         let lock = tx
             .prepare_cached(
@@ -352,10 +360,8 @@ impl<P: Projection> Projector<P> {
                  RETURNING last_seq",
             )
             .await?;
-        let (_, row) = futures::try_join!(
-            tx.batch_execute("SET LOCAL synchronous_commit = off"),
-            tx.query_one(&lock, &params),
-        )?;
+        let (_, row) =
+            futures::try_join!(tx.batch_execute(NO_WAL_WAIT), tx.query_one(&lock, &params),)?;
         let cp: i64 = row.get(0);
         Ok((tx, cp as u64))
     }
@@ -427,11 +433,17 @@ impl<P: Projection> Projector<P> {
             .await?;
         }
         tx.commit().await?;
+        self.committed(last, dead).await;
+        Ok(())
+    }
+
+    /// After a commit up to `last`: where this projector is now, and the dead letters of what
+    /// could not be decoded.
+    async fn committed(&self, last: u64, dead: Vec<Dead>) {
         self.set_position(last);
         for d in dead {
             self.dead_letter(d.seq, &d.payload, &d.why).await;
         }
-        Ok(())
     }
 
     /// Applies one chunk of consecutive messages in one transaction.
@@ -519,12 +531,7 @@ impl<P: Projection> Projector<P> {
     /// reset in between wins). Returns the checkpoint now.
     async fn advance(&self, from: u64, to: u64) -> Result<u64, ProjectorError> {
         let conn = self.pool.get().await.map_err(DbError::from)?;
-        let stmt = conn
-            .prepare_cached(
-                "UPDATE ch_checkpoints SET last_seq = $3, updated_at = now()
-                 WHERE projection = $1 AND last_seq = $2",
-            )
-            .await?;
+        let stmt = conn.prepare_cached(ADVANCE_SQL).await?;
         let moved = conn
             .execute(&stmt, &[&self.name(), &(from as i64), &(to as i64)])
             .await?;
@@ -751,12 +758,7 @@ impl<P: Projection> Projector<P> {
         }
         let mut conn = self.pool.get().await.map_err(DbError::from)?;
         let tx = conn.transaction().await?;
-        let cas = tx
-            .prepare_cached(
-                "UPDATE ch_checkpoints SET last_seq = $3, updated_at = now()
-                 WHERE projection = $1 AND last_seq = $2",
-            )
-            .await?;
+        let cas = tx.prepare_cached(ADVANCE_SQL).await?;
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
             [&self.name(), &(from as i64), &(last as i64)];
         let writes = async {
@@ -765,9 +767,9 @@ impl<P: Projection> Projector<P> {
             }
             self.projection.flush(&tx).await
         };
-        // Sent in this order on the connection (see `begin` for the commit setting).
+        // Sent in this order on the connection.
         let ((), moved, ()) = futures::try_join!(
-            tx.batch_execute("SET LOCAL synchronous_commit = off"),
+            tx.batch_execute(NO_WAL_WAIT),
             tx.execute(&cas, &params),
             writes,
         )?;
@@ -781,10 +783,7 @@ impl<P: Projection> Projector<P> {
             return Ok(None);
         }
         tx.commit().await?;
-        self.set_position(last);
-        for d in dead {
-            self.dead_letter(d.seq, &d.payload, &d.why).await;
-        }
+        self.committed(last, dead).await;
         Ok(Some(last))
     }
 
