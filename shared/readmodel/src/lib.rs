@@ -17,43 +17,26 @@ use rust_decimal::Decimal;
 pub use portfolio::PortfolioProjection;
 pub use strategy::StrategyProjection;
 
+/// `migrations![version "file prefix" "name", ...]`: each one is `migrations/<prefix>_<name>.sql`.
+macro_rules! migrations {
+    ($($version:literal $prefix:literal $name:literal),* $(,)?) => {
+        &[$(Migration {
+            version: $version,
+            name: $name,
+            sql: include_str!(concat!("../migrations/", $prefix, "_", $name, ".sql")),
+        }),*]
+    };
+}
+
 /// Every migration, in order.
-pub const MIGRATIONS: &[Migration] = &[
-    Migration {
-        version: 1,
-        name: "read_models",
-        sql: include_str!("../migrations/001_read_models.sql"),
-    },
-    Migration {
-        version: 2,
-        name: "history",
-        sql: include_str!("../migrations/002_history.sql"),
-    },
-    Migration {
-        version: 3,
-        name: "trade_counts",
-        sql: include_str!("../migrations/003_trade_counts.sql"),
-    },
-    Migration {
-        version: 4,
-        name: "fewer_index_writes",
-        sql: include_str!("../migrations/004_fewer_index_writes.sql"),
-    },
-    Migration {
-        version: 5,
-        name: "trades_by_portfolio",
-        sql: include_str!("../migrations/005_trades_by_portfolio.sql"),
-    },
-    Migration {
-        version: 6,
-        name: "fills_carry_positions",
-        sql: include_str!("../migrations/006_fills_carry_positions.sql"),
-    },
-    Migration {
-        version: 7,
-        name: "round_trip_rows",
-        sql: include_str!("../migrations/007_round_trip_rows.sql"),
-    },
+pub const MIGRATIONS: &[Migration] = migrations![
+    1 "001" "read_models",
+    2 "002" "history",
+    3 "003" "trade_counts",
+    4 "004" "fewer_index_writes",
+    5 "005" "trades_by_portfolio",
+    6 "006" "fills_carry_positions",
+    7 "007" "round_trip_rows",
 ];
 
 /// Plain-notation string of a decimal as replies carry it (`"14990"`, not `"14990.000"`).
