@@ -2,7 +2,7 @@
 //! rebuild from the stream; a command worker with a cold cache decides the same.
 
 use ch_e2e::fixtures::{attach, deposit, detach, price, rename_strategy, signal, strategy};
-use ch_e2e::{TestEnv, Worker};
+use ch_e2e::{Running, TestEnv, Worker};
 use ch_readmodel::workers::projector;
 use ch_readmodel::{PortfolioProjection, StrategyProjection};
 use ch_runtime::app::App;
@@ -83,6 +83,17 @@ async fn assert_same_as_rebuilt(env: &TestEnv, app: &App, before: &[String]) {
     for (a, b) in before.iter().zip(&rebuilt) {
         assert_eq!(a, b);
     }
+}
+
+/// Stops the running workers and checks the read model they left, row by row, against a
+/// rebuild of the portfolio read model from the stream.
+async fn stop_and_assert_same_as_rebuilt(env: &TestEnv, running: [Running; 2]) {
+    for r in running {
+        r.stop().await;
+    }
+    let live = env.dump_read_model().await;
+    let app = App::start(env.app_config(), "test-rebuild").await.unwrap();
+    assert_same_as_rebuilt(env, &app, &live).await;
 }
 
 /// Polls the portfolio checkpoint until `pred` holds (bounded); returns it.
@@ -334,11 +345,7 @@ async fn a_round_trip_open_across_a_projector_restart_closes_with_all_of_its_fil
     assert_eq!(fees, sums.get::<_, Decimal>(1));
     assert!(pnl > Decimal::ZERO, "{pnl}");
 
-    proj.stop().await;
-    strat.stop().await;
-    let live = env.dump_read_model().await;
-    let app = App::start(env.app_config(), "test-rebuild").await.unwrap();
-    assert_same_as_rebuilt(&env, &app, &live).await;
+    stop_and_assert_same_as_rebuilt(&env, [proj, strat]).await;
 }
 
 /// Attachments and detachments of the same pairs, one command at a time live (batches of one)
@@ -370,11 +377,7 @@ async fn attachments_toggled_live_end_as_in_a_rebuild_of_one_batch() {
     }
     let perf = env.performance_at("p0", last).await;
     assert_eq!(perf["attached_strategies"], json!(["s1", "s3"]), "{perf}");
-    proj.stop().await;
-    strat.stop().await;
-    let live = env.dump_read_model().await;
-    let app = App::start(env.app_config(), "test-rebuild").await.unwrap();
-    assert_same_as_rebuilt(&env, &app, &live).await;
+    stop_and_assert_same_as_rebuilt(&env, [proj, strat]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -397,11 +400,7 @@ async fn a_reset_under_the_running_projector_ends_as_a_rebuild_from_scratch() {
     assert!(perf["fill_count"].as_u64().unwrap() > 5, "{perf}");
     env.query_at("strategy.get", json!({"strategy_id": "s1"}), last)
         .await;
-    proj.stop().await;
-    strat.stop().await;
-    let live = env.dump_read_model().await;
-
-    assert_same_as_rebuilt(&env, &app, &live).await;
+    stop_and_assert_same_as_rebuilt(&env, [proj, strat]).await;
 }
 
 /// An event whose SQL fails on its data (a NUL in a name, which the command path would refuse
