@@ -1,17 +1,20 @@
 //! `chctl rebuild`: empties read models and replays the whole stream into them.
 //!
 //! When no projector of that read model runs, the replay happens here; when one runs (it holds
-//! the projection's advisory lock), the reset makes it replay, and this follows its progress on
-//! `<prefix>.admin.projector.<name>.status`.
+//! the projection's advisory lock), the reset makes it replay, and this follows its progress:
+//! the checkpoints it announces on `<prefix>.progress.<name>` after every commit, and its
+//! status on `<prefix>.admin.projector.<name>.status`.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use async_nats::Subscriber;
 use ch_readmodel::{PortfolioProjection, StrategyProjection};
 use ch_runtime::app::App;
 use ch_runtime::pg;
 use ch_runtime::projector::{self, Projection};
+use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::common::{projector_status, Ctx};
@@ -58,6 +61,12 @@ async fn rebuild<P: Projection>(
     let projector = ch_readmodel::workers::projector(app, projection)?;
     let head = app.store.last_seq().await?;
     println!("{name}: rebuilding from {head} events");
+    // Subscribed before the reset: a replay may be over before this process asks.
+    let progress = app
+        .client
+        .subscribe(ctx.subjects.progress(name))
+        .await
+        .context("subscribing to the projector's progress")?;
     let started = Instant::now();
     let reached = {
         let stop = CancellationToken::new();
@@ -79,7 +88,7 @@ async fn rebuild<P: Projection>(
             println!(
                 "{name}: a running projector holds the lock; it replays, following its progress"
             );
-            follow(ctx, app, name, head, stall).await?
+            follow(ctx, app, name, head, stall, progress).await?
         }
     };
     let secs = started.elapsed().as_secs_f64();
@@ -112,12 +121,37 @@ async fn watch_checkpoint(
     }
 }
 
-/// Polls the running projector's status until it has applied `head`.
-async fn follow(ctx: &Ctx, app: &App, name: &str, head: u64, stall: Duration) -> Result<u64> {
+/// Follows the running projector until it has applied `head`: woken by each checkpoint it
+/// announces and once a second, it asks the projector's status (an announcement from before
+/// the reset may still arrive; the status reads the checkpoint).
+async fn follow(
+    ctx: &Ctx,
+    app: &App,
+    name: &str,
+    head: u64,
+    stall: Duration,
+    mut progress: Subscriber,
+) -> Result<u64> {
     let mut best = 0u64;
     let mut last_move = Instant::now();
     let mut next_print = Instant::now();
+    let mut every_second = tokio::time::interval(Duration::from_secs(1));
     loop {
+        tokio::select! {
+            Some(m) = progress.next() => {
+                let announced: Option<u64> =
+                    std::str::from_utf8(&m.payload).ok().and_then(|s| s.parse().ok());
+                if let Some(seq) = announced.filter(|&seq| seq < head) {
+                    // On its way: nothing to ask yet.
+                    if seq > best {
+                        best = seq;
+                        last_move = Instant::now();
+                    }
+                    continue;
+                }
+            }
+            _ = every_second.tick() => {}
+        }
         match projector_status(ctx, &app.client, name).await {
             Ok(v) => {
                 let seq = v["last_seq"].as_u64().unwrap_or(0);
@@ -146,6 +180,5 @@ async fn follow(ctx: &Ctx, app: &App, name: &str, head: u64, stall: Duration) ->
         if last_move.elapsed() > stall {
             bail!("{name}: the running projector made no progress for {stall:?} (at {best} of {head}); see its log");
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
