@@ -1073,3 +1073,19 @@ async fn malformed_signals_are_bad_request_invalid_quantities_are_stored_rejecti
     assert_eq!(perf["fill_count"], 0);
     assert_eq!(perf["cash"], "1000");
 }
+
+/// A database error printed whole, as `chctl` prints errors (`{:#}`: the error and its
+/// sources), says what the server said once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_error_says_the_server_message_once() {
+    let env = TestEnv::new().await;
+    let e = env
+        .pg
+        .execute("SELECT * FROM no_such_table", &[])
+        .await
+        .expect_err("there is no such table");
+    let text = format!("{:#}", anyhow::Error::from(ch_runtime::DbError::from(e)));
+    assert!(text.starts_with("database: db error: "), "{text}");
+    assert!(text.contains("(SQLSTATE 42P01)"), "{text}");
+    assert_eq!(text.matches("no_such_table").count(), 1, "{text}");
+}

@@ -17,17 +17,25 @@ use crate::pg;
 use crate::service::{EndpointSpec, ServiceSpec};
 use crate::subjects::Subjects;
 
+/// Each variant says its cause in its own text and does not return it again as its
+/// `source()`: a chain printed whole (`{:#}` of anyhow) would repeat it.
 #[derive(Debug, Error)]
 pub enum StartError {
-    #[error("cannot connect to NATS at {url}: {source}")]
+    #[error("cannot connect to NATS at {url}: {error}")]
     Nats {
         url: String,
-        source: async_nats::ConnectError,
+        error: async_nats::ConnectError,
     },
     #[error("{0} (has `chctl setup` run for this prefix?)")]
-    Store(#[from] StoreError),
+    Store(StoreError),
     #[error(transparent)]
     Db(#[from] DbError),
+}
+
+impl From<StoreError> for StartError {
+    fn from(e: StoreError) -> Self {
+        StartError::Store(e)
+    }
 }
 
 /// A worker's connections, shared by its tasks.
@@ -51,9 +59,9 @@ impl App {
         let subjects = Subjects::new(cfg.prefix.clone());
         let client = crate::connect_nats(&cfg.nats_url, &subjects.service_name(worker))
             .await
-            .map_err(|source| StartError::Nats {
+            .map_err(|error| StartError::Nats {
                 url: cfg.nats_url.clone(),
-                source,
+                error,
             })?;
         wait_ready(&jetstream::new(client.clone()), Duration::from_secs(10)).await?;
         let store = EventStore::open(client.clone(), subjects.clone()).await?;
@@ -136,4 +144,42 @@ pub fn worker_main(
     cfg.runtime()?
         .block_on(life(cfg))
         .map_err(|e| format!("{worker} failed: {e}").into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error and its sources, as anyhow's `{:#}` prints them.
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut text = e.to_string();
+        let mut next = e.source();
+        while let Some(cause) = next {
+            text = format!("{text}: {cause}");
+            next = cause.source();
+        }
+        text
+    }
+
+    #[test]
+    fn start_errors_say_their_cause_once() {
+        let store = StartError::from(StoreError::Unavailable("JetStream not ready".into()));
+        assert_eq!(
+            chain(&store),
+            "event store unavailable: JetStream not ready (has `chctl setup` run for this prefix?)"
+        );
+        let nats = StartError::Nats {
+            url: "nats://127.0.0.1:1".into(),
+            error: async_nats::ConnectError::with_source(
+                async_nats::ConnectErrorKind::Io,
+                std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+            ),
+        };
+        let text = chain(&nats);
+        assert!(
+            text.starts_with("cannot connect to NATS at nats://127.0.0.1:1: "),
+            "{text}"
+        );
+        assert_eq!(text.matches("refused").count(), 1, "{text}");
+    }
 }

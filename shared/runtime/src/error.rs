@@ -108,13 +108,20 @@ impl From<StoreError> for ApiError {
     }
 }
 
-/// Postgres errors on the read side.
+/// Postgres errors on the read side. `Query` says the server's message in its text (see
+/// [`pg_text`]) and so does not return the error again as its `source()`.
 #[derive(Debug, Error)]
 pub enum DbError {
     #[error("database unavailable: {0}")]
     Unavailable(String),
     #[error("database: {}", pg_text(.0))]
-    Query(#[from] tokio_postgres::Error),
+    Query(tokio_postgres::Error),
+}
+
+impl From<tokio_postgres::Error> for DbError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        DbError::Query(e)
+    }
 }
 
 /// A Postgres error with what the server said: `tokio_postgres::Error`'s own text names only
