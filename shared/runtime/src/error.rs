@@ -136,7 +136,11 @@ pub fn pg_text(e: &tokio_postgres::Error) -> String {
 
 impl From<deadpool_postgres::PoolError> for DbError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
-        DbError::Unavailable(e.to_string())
+        match e {
+            // What the server (or the socket) said, not only "error connecting to server".
+            deadpool_postgres::PoolError::Backend(e) => DbError::Unavailable(pg_text(&e)),
+            e => DbError::Unavailable(e.to_string()),
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 use tracing::info;
 
-use crate::error::DbError;
+use crate::error::{pg_text, DbError};
 
 /// A pool whose connections have `search_path` set to `schema`.
 ///
@@ -15,7 +15,7 @@ use crate::error::DbError;
 /// [`DbError::Unavailable`] when the URL is invalid.
 pub fn pool(database_url: &str, schema: &str, size: usize) -> Result<Pool, DbError> {
     let mut cfg = tokio_postgres::Config::from_str(database_url)
-        .map_err(|e| DbError::Unavailable(format!("CH_DATABASE_URL: {e}")))?;
+        .map_err(|e| DbError::Unavailable(format!("CH_DATABASE_URL: {}", pg_text(&e))))?;
     cfg.options(format!("-c search_path={schema}"));
     if cfg.get_application_name().is_none() {
         cfg.application_name("cipherhorizon");
@@ -42,14 +42,14 @@ pub async fn connect(
     schema: Option<&str>,
 ) -> Result<tokio_postgres::Client, DbError> {
     let mut cfg = tokio_postgres::Config::from_str(database_url)
-        .map_err(|e| DbError::Unavailable(format!("CH_DATABASE_URL: {e}")))?;
+        .map_err(|e| DbError::Unavailable(format!("CH_DATABASE_URL: {}", pg_text(&e))))?;
     if let Some(s) = schema {
         cfg.options(format!("-c search_path={s}"));
     }
     let (client, conn) = cfg
         .connect(NoTls)
         .await
-        .map_err(|e| DbError::Unavailable(e.to_string()))?;
+        .map_err(|e| DbError::Unavailable(pg_text(&e)))?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "postgres connection closed");
@@ -65,7 +65,7 @@ pub async fn connect(
 /// [`DbError`] when the server cannot be reached or refuses.
 pub async fn ensure_database(database_url: &str) -> Result<(), DbError> {
     let cfg = tokio_postgres::Config::from_str(database_url)
-        .map_err(|e| DbError::Unavailable(format!("CH_DATABASE_URL: {e}")))?;
+        .map_err(|e| DbError::Unavailable(format!("CH_DATABASE_URL: {}", pg_text(&e))))?;
     let Some(db) = cfg.get_dbname().map(str::to_owned) else {
         return Ok(());
     };
@@ -74,7 +74,7 @@ pub async fn ensure_database(database_url: &str) -> Result<(), DbError> {
     let (client, conn) = admin
         .connect(NoTls)
         .await
-        .map_err(|e| DbError::Unavailable(e.to_string()))?;
+        .map_err(|e| DbError::Unavailable(pg_text(&e)))?;
     tokio::spawn(conn);
     let exists = client
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&db])
@@ -177,4 +177,35 @@ pub async fn rows(
 ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
     let stmt = tx.prepare_cached(sql).await?;
     tx.query(&stmt, params).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unavailable(r: Result<tokio_postgres::Client, DbError>) -> String {
+        match r {
+            Err(DbError::Unavailable(m)) => m,
+            Err(e) => panic!("not Unavailable: {e}"),
+            Ok(_) => panic!("connected"),
+        }
+    }
+
+    /// The errors say why, not only "error connecting to server" or "invalid connection
+    /// string" (tokio-postgres keeps the cause apart from its text).
+    #[tokio::test]
+    async fn connection_errors_say_their_cause() {
+        // Nothing listens on port 1.
+        let refused = unavailable(connect("postgres://ch@127.0.0.1:1/ch", None).await);
+        assert!(
+            refused.starts_with("error connecting to server: "),
+            "{refused}"
+        );
+        assert!(refused.to_lowercase().contains("refused"), "{refused}");
+        let bad = unavailable(connect("postgres://ch@127.0.0.1:port/ch", None).await);
+        assert!(
+            bad.starts_with("CH_DATABASE_URL: invalid connection string: "),
+            "{bad}"
+        );
+    }
 }
