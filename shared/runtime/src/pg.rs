@@ -4,6 +4,7 @@
 use std::str::FromStr;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 use tracing::info;
 
@@ -87,8 +88,11 @@ pub async fn ensure_database(database_url: &str) -> Result<(), DbError> {
             .await
         {
             Ok(()) => info!(database = %db, "created database"),
-            // Another process created it at the same time.
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => {}
+            // Another process created it at the same time: Postgres says so as a duplicate
+            // database, or, when both inserted into its catalog at once, as a unique violation.
+            Err(e)
+                if e.code() == Some(&SqlState::DUPLICATE_DATABASE)
+                    || e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {}
             Err(e) => return Err(e.into()),
         }
     }
