@@ -291,9 +291,12 @@ impl TestEnv {
 
     /// Starts one worker and hands it to the caller (to stop or kill it).
     pub async fn spawn(&self, worker: Worker) -> Running {
-        let app = App::start(self.cfg.clone(), worker.name())
-            .await
-            .expect("worker starts");
+        self.spawn_with(worker, self.cfg.clone()).await
+    }
+
+    /// [`TestEnv::spawn`] with a configuration of the caller's (another database role, say).
+    pub async fn spawn_with(&self, worker: Worker, cfg: Config) -> Running {
+        let app = App::start(cfg, worker.name()).await.expect("worker starts");
         let token = CancellationToken::new();
         let t = token.clone();
         let handle = tokio::spawn(async move {

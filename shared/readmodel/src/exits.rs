@@ -586,7 +586,7 @@ pub async fn run_on(
         .into());
     }
     let worker = Arc::new(Worker {
-        pool: app.pool()?,
+        pool: app.read_pool()?,
         progress,
         durable: durable.to_owned(),
         counters: Counters::default(),

@@ -251,7 +251,7 @@ pub async fn run_queries(
             .map(|q| (q.name(), app.subjects.query(q.name()))),
     );
     let handler = Arc::new(QueryHandler {
-        pool: app.pool()?,
+        pool: app.read_pool()?,
         progress,
         queries: queries.to_vec(),
     });

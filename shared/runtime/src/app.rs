@@ -80,10 +80,23 @@ impl App {
     /// # Errors
     /// [`DbError`] when the URL is invalid.
     pub fn pool(&self) -> Result<Pool, DbError> {
+        self.pool_for(pg::Access::ReadWrite)
+    }
+
+    /// A Postgres pool on the configured schema whose sessions cannot write (query workers).
+    ///
+    /// # Errors
+    /// [`DbError`] when the URL is invalid.
+    pub fn read_pool(&self) -> Result<Pool, DbError> {
+        self.pool_for(pg::Access::ReadOnly)
+    }
+
+    fn pool_for(&self, access: pg::Access) -> Result<Pool, DbError> {
         pg::pool(
             &self.cfg.database_url,
             &self.cfg.db_schema,
             self.cfg.db_pool_size,
+            access,
         )
     }
 

@@ -10,14 +10,34 @@ use tracing::info;
 
 use crate::error::{pg_text, DbError};
 
+/// What a pool's sessions may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Projectors, set-up and the monolith: they write.
+    ReadWrite,
+    /// Query workers: every transaction is read-only (`default_transaction_read_only`), so no
+    /// query code can change a read model, whatever role it connects as.
+    ReadOnly,
+}
+
 /// A pool whose connections have `search_path` set to `schema`.
 ///
 /// # Errors
 /// [`DbError::Unavailable`] when the URL is invalid.
-pub fn pool(database_url: &str, schema: &str, size: usize) -> Result<Pool, DbError> {
+pub fn pool(
+    database_url: &str,
+    schema: &str,
+    size: usize,
+    access: Access,
+) -> Result<Pool, DbError> {
     let mut cfg = tokio_postgres::Config::from_str(database_url)
         .map_err(|e| DbError::Unavailable(format!("CH_DATABASE_URL: {}", pg_text(&e))))?;
-    cfg.options(format!("-c search_path={schema}"));
+    cfg.options(match access {
+        Access::ReadWrite => format!("-c search_path={schema}"),
+        Access::ReadOnly => {
+            format!("-c search_path={schema} -c default_transaction_read_only=on")
+        }
+    });
     if cfg.get_application_name().is_none() {
         cfg.application_name("cipherhorizon");
     }
@@ -107,16 +127,61 @@ pub struct Migration {
 }
 
 /// Creates `schema` and applies the migrations it does not have yet, in one transaction
-/// guarded by an advisory lock (several workers may start at once).
+/// guarded by an advisory lock (several workers may start at once). A schema that has them all
+/// is only read, so a worker whose role may only read (a query worker's) starts on a schema that
+/// `chctl setup` or a projector has migrated.
 ///
 /// # Errors
-/// [`DbError`] when a migration fails; nothing of it is applied then.
+/// [`DbError`] when a migration fails; nothing of it is applied then. A role that may not
+/// create what is missing gets [`DbError::Unavailable`] saying which migrations are missing.
 pub async fn migrate(
     database_url: &str,
     schema: &str,
     migrations: &[Migration],
 ) -> Result<(), DbError> {
     let mut client = connect(database_url, Some(schema)).await?;
+    let missing = missing(&client, migrations).await?;
+    if missing.is_empty() {
+        return Ok(());
+    }
+    apply(&mut client, schema, migrations)
+        .await
+        .map_err(|e| match &e {
+            DbError::Query(pg) if pg.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
+                DbError::Unavailable(format!(
+                    "schema {schema} lacks read-model migrations {missing:?} and this role may not \
+                     apply them ({}): run `chctl setup`, or start a projector, with a role that \
+                     may create tables",
+                    pg_text(pg)
+                ))
+            }
+            _ => e,
+        })
+}
+
+/// The versions of `migrations` that the schema on `client`'s search path has not applied.
+async fn missing(
+    client: &tokio_postgres::Client,
+    migrations: &[Migration],
+) -> Result<Vec<i32>, DbError> {
+    let applied: Vec<i32> = match client.query("SELECT version FROM ch_migrations", &[]).await {
+        Ok(rows) => rows.iter().map(|r| r.get(0)).collect(),
+        // No schema or no migrations table yet.
+        Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    Ok(migrations
+        .iter()
+        .map(|m| m.version)
+        .filter(|v| !applied.contains(v))
+        .collect())
+}
+
+async fn apply(
+    client: &mut tokio_postgres::Client,
+    schema: &str,
+    migrations: &[Migration],
+) -> Result<(), DbError> {
     let tx = client.transaction().await?;
     tx.execute(
         "SELECT pg_advisory_xact_lock(hashtext('ch_migrate:' || $1))",
@@ -132,6 +197,7 @@ pub async fn migrate(
              applied_at timestamptz NOT NULL DEFAULT now())"
     ))
     .await?;
+    // Read again under the lock: another worker may have applied them meanwhile.
     let applied: Vec<i32> = tx
         .query("SELECT version FROM ch_migrations", &[])
         .await?

@@ -566,7 +566,12 @@ impl Monolith {
             .await
             .with_context(|| format!("monolith: creating schema {schema}"))?;
         drop(admin);
-        let pool = ch_runtime::pg::pool(database_url, schema, POOL_SIZE)?;
+        let pool = ch_runtime::pg::pool(
+            database_url,
+            schema,
+            POOL_SIZE,
+            ch_runtime::pg::Access::ReadWrite,
+        )?;
         drop(pool.get().await.context("monolith: opening the pool")?);
         Ok(Monolith { pool })
     }

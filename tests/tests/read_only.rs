@@ -1,0 +1,164 @@
+//! Query workers cannot write: their sessions are read-only whatever role they connect as, and
+//! they serve with a role that may only read the read models (DESIGN.md: "SELECT on read models
+//! (read-only role)"), on a schema that `chctl setup` or a projector has migrated.
+
+use std::str::FromStr;
+
+use ch_e2e::fixtures::{deposit, open, seq};
+use ch_e2e::{TestEnv, Worker};
+use ch_runtime::app::App;
+use ch_runtime::error::DbError;
+use serde_json::json;
+use tokio_postgres::config::Host;
+use tokio_postgres::error::SqlState;
+
+/// A login role of the cluster that may only read `schema` (roles are not per database: the
+/// name is the test's own), and the database URL that connects as it.
+struct Reader {
+    role: String,
+    url: String,
+}
+
+impl Reader {
+    async fn create(env: &TestEnv, schema: &str) -> Reader {
+        let role = format!("{}_reader", env.cfg.db_schema);
+        env.pg
+            .batch_execute(&format!(
+                "CREATE ROLE \"{role}\" LOGIN;
+                 GRANT USAGE ON SCHEMA \"{schema}\" TO \"{role}\";
+                 GRANT SELECT ON ALL TABLES IN SCHEMA \"{schema}\" TO \"{role}\";"
+            ))
+            .await
+            .expect("create the reader role");
+        let url = url_as(&env.cfg.database_url, &role);
+        Reader { role, url }
+    }
+
+    /// Without its schema: it may connect, and nothing more.
+    async fn create_bare(env: &TestEnv) -> Reader {
+        let role = format!("{}_bare", env.cfg.db_schema);
+        env.pg
+            .batch_execute(&format!("CREATE ROLE \"{role}\" LOGIN"))
+            .await
+            .expect("create the role");
+        let url = url_as(&env.cfg.database_url, &role);
+        Reader { role, url }
+    }
+
+    async fn drop(self, env: &TestEnv) {
+        env.pg
+            .batch_execute(&format!(
+                "DROP OWNED BY \"{0}\"; DROP ROLE \"{0}\"",
+                self.role
+            ))
+            .await
+            .expect("drop the role");
+    }
+}
+
+/// `database_url` with `user` as the role (key-value form, which tokio-postgres also reads).
+fn url_as(database_url: &str, user: &str) -> String {
+    let cfg = tokio_postgres::Config::from_str(database_url).expect("valid URL");
+    let host = match &cfg.get_hosts()[0] {
+        Host::Tcp(h) => h.clone(),
+        Host::Unix(p) => p.display().to_string(),
+    };
+    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    let db = cfg.get_dbname().expect("the URL names a database");
+    format!("host={host} port={port} user={user} dbname={db}")
+}
+
+#[tokio::test]
+async fn a_query_worker_serves_with_a_role_that_may_only_read() {
+    let mut env = TestEnv::new().await;
+    for w in [Worker::CmdPortfolio, Worker::ProjPortfolio] {
+        env.start(w).await;
+    }
+    let schema = env.cfg.db_schema.clone();
+    let reader = Reader::create(&env, &schema).await;
+    let mut cfg = env.app_config();
+    cfg.database_url = reader.url.clone();
+    // Starting checks the migrations (read only) and answers from the read model.
+    let worker = env.spawn_with(Worker::QueryPortfolio, cfg).await;
+    env.wait_ping(Worker::QueryPortfolio).await;
+
+    env.cmd("portfolio.update", open("ro-1", "u-ro")).await;
+    let funded = env.cmd("portfolio.update", deposit("ro-1", "250")).await;
+    let perf = env.performance_at("ro-1", seq(&funded)).await;
+    assert_eq!(perf["cash"], json!("250"), "{perf}");
+    assert!(perf["as_of_seq"].as_u64() >= Some(seq(&funded)), "{perf}");
+
+    worker.stop().await;
+    reader.drop(&env).await;
+}
+
+#[tokio::test]
+async fn a_query_workers_sessions_cannot_write_even_as_a_role_that_may() {
+    let env = TestEnv::new().await;
+    let app = App::start(env.app_config(), "query-portfolio")
+        .await
+        .expect("app");
+    let conn = app.read_pool().expect("pool").get().await.expect("session");
+    let err = conn
+        .execute("UPDATE ch_checkpoints SET last_seq = last_seq + 1", &[])
+        .await
+        .expect_err("a read-only session refuses a write");
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::READ_ONLY_SQL_TRANSACTION),
+        "{err}"
+    );
+    // The projectors' pool, on the same role, may.
+    let rw = app.pool().expect("pool").get().await.expect("session");
+    rw.execute("UPDATE ch_checkpoints SET last_seq = last_seq", &[])
+        .await
+        .expect("a projector's session writes");
+}
+
+#[tokio::test]
+async fn a_role_that_may_not_migrate_is_told_what_is_missing_and_what_to_do() {
+    let env = TestEnv::new().await;
+    let fresh = format!("{}_fresh", env.cfg.db_schema);
+    let bare = Reader::create_bare(&env).await;
+    let err = ch_runtime::pg::migrate(&bare.url, &fresh, ch_readmodel::MIGRATIONS)
+        .await
+        .expect_err("this role may not create the schema");
+    let text = err.to_string();
+    assert!(matches!(err, DbError::Unavailable(_)), "{text}");
+    for needle in [
+        fresh.as_str(),
+        "lacks read-model migrations [1, 2",
+        "permission denied",
+        "chctl setup",
+    ] {
+        assert!(text.contains(needle), "{needle:?} missing from: {text}");
+    }
+    // Nothing was created.
+    let exists = env
+        .pg
+        .query_opt("SELECT 1 FROM pg_namespace WHERE nspname = $1", &[&fresh])
+        .await
+        .expect("catalog");
+    assert!(exists.is_none(), "the schema was created");
+
+    // Once migrated by a role that may, the same call only reads and succeeds.
+    ch_runtime::pg::migrate(&env.cfg.database_url, &fresh, ch_readmodel::MIGRATIONS)
+        .await
+        .expect("migrate as the owner");
+    env.pg
+        .batch_execute(&format!(
+            "GRANT USAGE ON SCHEMA \"{fresh}\" TO \"{0}\";
+             GRANT SELECT ON ALL TABLES IN SCHEMA \"{fresh}\" TO \"{0}\";",
+            bare.role
+        ))
+        .await
+        .expect("grant");
+    ch_runtime::pg::migrate(&bare.url, &fresh, ch_readmodel::MIGRATIONS)
+        .await
+        .expect("a migrated schema needs no privilege beyond reading");
+    env.pg
+        .batch_execute(&format!("DROP SCHEMA \"{fresh}\" CASCADE"))
+        .await
+        .expect("drop the schema");
+    bare.drop(&env).await;
+}
