@@ -395,3 +395,27 @@ async fn sparse_read_model_answers_when_none_of_its_events_is_pending() {
         "{stale}"
     );
 }
+
+/// `strategy.get` draws on the strategy and the portfolio read models: its `as_of_seq` is the
+/// lower of their checkpoints, so a reply never claims a portfolio figure it has not seen.
+#[tokio::test]
+async fn get_is_only_as_current_as_the_least_current_read_model() {
+    let mut env = TestEnv::without_projectors().await;
+    env.start(Worker::ProjStrategy).await;
+    let c = env
+        .cmd(
+            "strategy.create",
+            strategy("u-asof", "s-asof", &["BTC-USDT"]),
+        )
+        .await;
+    // The strategy read model has it; the portfolio one (no projector yet) is at 0.
+    list(&env, json!({"user_id": "u-asof"}), seq(&c)).await;
+    let v = env
+        .request("query.strategy.get", json!({"strategy_id": "s-asof"}))
+        .await
+        .ok();
+    assert_eq!(v["as_of_seq"], json!(0), "{v}");
+
+    env.start(Worker::ProjPortfolio).await;
+    get(&env, "s-asof", seq(&c)).await;
+}

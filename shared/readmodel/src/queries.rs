@@ -114,12 +114,23 @@ pub async fn as_of(
     projections: &[&str],
     reached: &Reached,
 ) -> Result<u64, DbError> {
-    let mut lowest = u64::MAX;
-    for p in projections {
-        let checkpoint = ch_runtime::projector::checkpoint(tx, p).await?;
-        lowest = lowest.min(reached.effective(p, checkpoint));
-    }
-    Ok(if lowest == u64::MAX { 0 } else { lowest })
+    // One round trip for all of them; a projection without a checkpoint row is at 0.
+    let rows = tx
+        .query(
+            "SELECT projection, last_seq FROM ch_checkpoints WHERE projection = ANY($1)",
+            &[&projections],
+        )
+        .await?;
+    let checkpoint = |p: &str| {
+        rows.iter()
+            .find(|r| r.get::<_, &str>(0) == p)
+            .map_or(0, |r| r.get::<_, i64>(1) as u64)
+    };
+    Ok(projections
+        .iter()
+        .map(|p| reached.effective(p, checkpoint(p)))
+        .min()
+        .unwrap_or(0))
 }
 
 fn dec(row: &Row, col: &str) -> Decimal {
