@@ -55,6 +55,18 @@ fn free_port() -> u16 {
 impl NatsServer {
     /// Starts the pinned nats-server of `.venv` (or `CH_TEST_NATS_SERVER`) on a free port.
     pub async fn start() -> NatsServer {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("ch-test-nats-{}-{port}", std::process::id()));
+        let server = NatsServer {
+            child: Self::spawn(port, &dir),
+            dir,
+            url: format!("nats://127.0.0.1:{port}"),
+        };
+        server.wait_accepting().await;
+        server
+    }
+
+    fn spawn(port: u16, dir: &std::path::Path) -> Child {
         let bin = std::env::var("CH_TEST_NATS_SERVER")
             .map(PathBuf::from)
             .unwrap_or_else(|_| repo_root().join(".venv/bin/nats-server"));
@@ -63,22 +75,18 @@ impl NatsServer {
             "{} missing: run `make test` (it installs the pinned nats-server)",
             bin.display()
         );
-        let port = free_port();
-        let dir = std::env::temp_dir().join(format!("ch-test-nats-{}-{port}", std::process::id()));
-        let child = Command::new(&bin)
+        Command::new(&bin)
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(&dir)
+            .arg(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("nats-server starts");
-        let server = NatsServer {
-            child,
-            dir,
-            url: format!("nats://127.0.0.1:{port}"),
-        };
-        // Ready when it accepts a client (connect retries are bounded by the timeout).
-        let url = server.url.clone();
+            .expect("nats-server starts")
+    }
+
+    /// Ready when it accepts a client (connect retries are bounded by the timeout).
+    async fn wait_accepting(&self) {
+        let url = self.url.clone();
         tokio::time::timeout(Duration::from_secs(10), async move {
             loop {
                 if async_nats::connect(&url).await.is_ok() {
@@ -89,7 +97,18 @@ impl NatsServer {
         })
         .await
         .expect("nats-server accepts connections");
-        server
+    }
+
+    /// Stops the server as an operator would (SIGTERM: it closes its clients' connections and
+    /// its store) and starts it again on the same port and store, as in a rolling upgrade.
+    pub async fn restart(&mut self) {
+        let pid = self.child.id().to_string();
+        let stopped = Command::new("kill").args(["-TERM", &pid]).status();
+        assert!(stopped.is_ok_and(|s| s.success()), "kill -TERM {pid}");
+        self.child.wait().expect("nats-server exits");
+        let port = self.url.rsplit(':').next().and_then(|p| p.parse().ok());
+        self.child = Self::spawn(port.expect("a port in the URL"), &self.dir);
+        self.wait_accepting().await;
     }
 }
 
@@ -200,7 +219,7 @@ pub struct TestEnv {
     pub client: async_nats::Client,
     pub pg: tokio_postgres::Client,
     running: Vec<Running>,
-    _nats: Option<NatsServer>,
+    own_nats: Option<NatsServer>,
 }
 
 fn unique_token() -> String {
@@ -209,17 +228,32 @@ fn unique_token() -> String {
 }
 
 impl TestEnv {
-    /// A fresh environment with stream and schema created, no workers running.
+    /// A fresh environment with stream and schema created, no workers running: on the server
+    /// of `CH_TEST_NATS_URL` if set, else on one of its own.
     pub async fn new() -> TestEnv {
+        match std::env::var("CH_TEST_NATS_URL") {
+            Ok(url) => TestEnv::on(url, None).await,
+            Err(_) => TestEnv::with_own_nats_server().await,
+        }
+    }
+
+    /// [`TestEnv::new`] on a nats-server of its own, which [`TestEnv::restart_nats`] restarts.
+    pub async fn with_own_nats_server() -> TestEnv {
+        let s = NatsServer::start().await;
+        TestEnv::on(s.url.clone(), Some(s)).await
+    }
+
+    /// Restarts the environment's own nats-server (see [`NatsServer::restart`]).
+    pub async fn restart_nats(&mut self) {
+        self.own_nats
+            .as_mut()
+            .expect("an environment made by with_own_nats_server")
+            .restart()
+            .await;
+    }
+
+    async fn on(url: String, nats: Option<NatsServer>) -> TestEnv {
         ch_runtime::telemetry::init_for_tests();
-        let (nats, url) = match std::env::var("CH_TEST_NATS_URL") {
-            Ok(url) => (None, url),
-            Err(_) => {
-                let s = NatsServer::start().await;
-                let url = s.url.clone();
-                (Some(s), url)
-            }
-        };
         let db = std::env::var("CH_TEST_DATABASE_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/ch_test".into());
         let token = unique_token();
@@ -257,7 +291,7 @@ impl TestEnv {
             client,
             pg,
             running: Vec::new(),
-            _nats: nats,
+            own_nats: nats,
         }
     }
 

@@ -1,7 +1,10 @@
 //! Crashes and restarts: a projector killed mid-stream resumes to the same read model as a
 //! rebuild from the stream; a command worker with a cold cache decides the same.
 
-use ch_e2e::fixtures::{attach, deposit, detach, price, rename_strategy, signal, strategy};
+use ch_domain::AggregateType;
+use ch_e2e::fixtures::{
+    attach, deposit, detach, open, price, rename_strategy, seq, signal, strategy,
+};
 use ch_e2e::{Running, TestEnv, Worker};
 use ch_readmodel::workers::projector;
 use ch_readmodel::{PortfolioProjection, StrategyProjection};
@@ -489,4 +492,31 @@ async fn a_poison_event_is_dead_lettered_live_and_in_a_rebuild() {
         .unwrap()
         .unwrap();
     assert_eq!(dead_letter(rebuilt).0, poison_seq);
+}
+
+/// A rolling upgrade of NATS: the server stops and starts again on its store. Every worker
+/// reconnects by itself; commands are decided and stored again, the projector's consumer
+/// carries on where it was and queries answer, with nothing lost or applied twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_carry_on_across_a_nats_server_restart() {
+    let mut env = TestEnv::with_own_nats_server().await;
+    for w in Worker::ALL {
+        env.start(w).await;
+    }
+    env.cmd("portfolio.update", open("p1", "u1")).await;
+    let before = env.cmd("portfolio.update", deposit("p1", "1000")).await;
+    let perf = env.performance_at("p1", seq(&before)).await;
+    assert_eq!(perf["cash"], json!("1000"), "{perf}");
+
+    env.restart_nats().await;
+    for w in Worker::ALL {
+        env.wait_ping(w).await;
+    }
+
+    let after = env.cmd("portfolio.update", deposit("p1", "500")).await;
+    assert_eq!(seq(&after), seq(&before) + 1, "{after}");
+    let perf = env.performance_at("p1", seq(&after)).await;
+    assert_eq!(perf["cash"], json!("1500"), "{perf}");
+    assert_eq!(perf["version"], json!(3), "{perf}");
+    assert_eq!(env.subject_count(AggregateType::Portfolio, "p1").await, 3);
 }
