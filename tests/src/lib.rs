@@ -540,6 +540,20 @@ impl TestEnv {
         out
     }
 
+    /// The environment's database URL with `role` as the user (key-value form, which
+    /// tokio-postgres also reads).
+    pub fn database_url_as(&self, role: &str) -> String {
+        use std::str::FromStr;
+        let cfg = tokio_postgres::Config::from_str(&self.cfg.database_url).expect("valid URL");
+        let host = match &cfg.get_hosts()[0] {
+            tokio_postgres::config::Host::Tcp(h) => h.clone(),
+            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+        };
+        let port = cfg.get_ports().first().copied().unwrap_or(5432);
+        let db = cfg.get_dbname().expect("the URL names a database");
+        format!("host={host} port={port} user={role} dbname={db}")
+    }
+
     /// The configuration a worker of this environment runs with.
     pub fn app_config(&self) -> Config {
         self.cfg.clone()

@@ -2,14 +2,11 @@
 //! they serve with a role that may only read the read models (DESIGN.md: "SELECT on read models
 //! (read-only role)"), on a schema that `chctl setup` or a projector has migrated.
 
-use std::str::FromStr;
-
 use ch_e2e::fixtures::{deposit, open, seq};
 use ch_e2e::{TestEnv, Worker};
 use ch_runtime::app::App;
 use ch_runtime::error::DbError;
 use serde_json::json;
-use tokio_postgres::config::Host;
 use tokio_postgres::error::SqlState;
 
 /// A login role of the cluster that may only read `schema` (roles are not per database: the
@@ -30,7 +27,7 @@ impl Reader {
             ))
             .await
             .expect("create the reader role");
-        let url = url_as(&env.cfg.database_url, &role);
+        let url = env.database_url_as(&role);
         Reader { role, url }
     }
 
@@ -41,7 +38,7 @@ impl Reader {
             .batch_execute(&format!("CREATE ROLE \"{role}\" LOGIN"))
             .await
             .expect("create the role");
-        let url = url_as(&env.cfg.database_url, &role);
+        let url = env.database_url_as(&role);
         Reader { role, url }
     }
 
@@ -54,18 +51,6 @@ impl Reader {
             .await
             .expect("drop the role");
     }
-}
-
-/// `database_url` with `user` as the role (key-value form, which tokio-postgres also reads).
-fn url_as(database_url: &str, user: &str) -> String {
-    let cfg = tokio_postgres::Config::from_str(database_url).expect("valid URL");
-    let host = match &cfg.get_hosts()[0] {
-        Host::Tcp(h) => h.clone(),
-        Host::Unix(p) => p.display().to_string(),
-    };
-    let port = cfg.get_ports().first().copied().unwrap_or(5432);
-    let db = cfg.get_dbname().expect("the URL names a database");
-    format!("host={host} port={port} user={user} dbname={db}")
 }
 
 #[tokio::test]

@@ -9,8 +9,12 @@ use ch_e2e::{Running, TestEnv, Worker};
 use ch_readmodel::workers::projector;
 use ch_readmodel::{PortfolioProjection, StrategyProjection};
 use ch_runtime::app::App;
+use ch_runtime::metrics::Metrics;
+use ch_runtime::Config;
 use rust_decimal::Decimal;
 use serde_json::json;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 async fn load_history(env: &TestEnv, portfolios: usize, rounds: usize) -> u64 {
     env.cmd(
@@ -519,4 +523,174 @@ async fn workers_carry_on_across_a_nats_server_restart() {
     assert_eq!(perf["cash"], json!("1500"), "{perf}");
     assert_eq!(perf["version"], json!(3), "{perf}");
     assert_eq!(env.subject_count(AggregateType::Portfolio, "p1").await, 3);
+}
+
+/// Postgres drops every connection of the workers (a restart or a failover, as the workers see
+/// it): the projector retries its batch on a new connection, the query worker answers from new
+/// ones, and the read model ends with each event applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_carry_on_when_postgres_drops_their_connections() {
+    let mut env = TestEnv::new().await;
+    // The workers' sessions carry the test's own application name, so that only they are cut.
+    let app_name = format!("{}_workers", env.cfg.db_schema);
+    env.cfg.database_url = with_app_name(&env.cfg.database_url, &app_name);
+    for w in Worker::ALL {
+        env.start(w).await;
+    }
+    env.cmd("portfolio.update", open("p1", "u1")).await;
+    let before = env.cmd("portfolio.update", deposit("p1", "1000")).await;
+    env.performance_at("p1", seq(&before)).await;
+
+    let cut = cut_sessions(&env, &app_name).await;
+    assert!(cut >= 3, "only {cut} worker sessions were cut");
+
+    let after = env.cmd("portfolio.update", deposit("p1", "500")).await;
+    let perf = env.performance_at("p1", seq(&after)).await;
+    assert_eq!(perf["cash"], json!("1500"), "{perf}");
+    assert_eq!(perf["version"], json!(3), "{perf}");
+}
+
+/// `database_url` whose sessions carry `name` as their application name (to cut only them).
+fn with_app_name(database_url: &str, name: &str) -> String {
+    let sep = if database_url.contains('?') { '&' } else { '?' };
+    format!("{database_url}{sep}application_name={name}")
+}
+
+/// Ends every session of the application `name`, as a database restart would; how many.
+async fn cut_sessions(env: &TestEnv, name: &str) -> i64 {
+    env.pg
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE application_name = $1",
+            &[&name],
+        )
+        .await
+        .expect("terminate")
+        .get(0)
+}
+
+/// A portfolio projector on `cfg`: its stop token, metrics and task (which ends should the
+/// projector fail).
+async fn portfolio_projector(cfg: Config) -> (CancellationToken, Metrics, JoinHandle<()>) {
+    let app = App::start(cfg, "proj-portfolio").await.expect("app");
+    let metrics = app.metrics.clone();
+    let token = CancellationToken::new();
+    let t = token.clone();
+    let task = tokio::spawn(async move {
+        ch_readmodel::workers::run_projector(app, PortfolioProjection::default(), t)
+            .await
+            .expect("projector");
+    });
+    (token, metrics, task)
+}
+
+/// [`portfolio_projector`] whose sessions carry the application name `name`.
+async fn named_projector(env: &TestEnv, name: &str) -> (CancellationToken, Metrics) {
+    let mut cfg = env.app_config();
+    cfg.database_url = with_app_name(&cfg.database_url, name);
+    let (token, metrics, _) = portfolio_projector(cfg).await;
+    (token, metrics)
+}
+
+fn gauge(metrics: &Metrics, name: &str) -> Option<i64> {
+    metrics.snapshot("")["gauges"][name].as_i64()
+}
+
+/// Polls until `pred` holds (bounded).
+async fn wait_until(what: &str, pred: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !pred() {
+        assert!(std::time::Instant::now() < deadline, "never: {what}");
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Two replicas: when the active one's lock session ends (a database restart or failover as
+/// it sees it), the standby takes the lock, and the one that lost it stands by instead of
+/// projecting on beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projector_whose_lock_session_ends_stands_by_for_the_one_that_took_it() {
+    let env = TestEnv::without_projectors().await;
+    let (name_a, name_b) = (
+        format!("{}_a", env.cfg.db_schema),
+        format!("{}_b", env.cfg.db_schema),
+    );
+    let (stop_a, a) = named_projector(&env, &name_a).await;
+    wait_until("a leads", || gauge(&a, "active") == Some(1)).await;
+    let (stop_b, b) = named_projector(&env, &name_b).await;
+    wait_until("b stands by", || gauge(&b, "active") == Some(0)).await;
+    env.cmd("portfolio.update", open("p1", "u1")).await;
+    let first = env.cmd("portfolio.update", deposit("p1", "100")).await;
+    env.performance_at("p1", seq(&first)).await;
+
+    assert!(cut_sessions(&env, &name_a).await >= 1, "a had no session");
+    wait_until("b leads and a stands by", || {
+        gauge(&b, "active") == Some(1) && gauge(&a, "active") == Some(0)
+    })
+    .await;
+    let a_at = gauge(&a, "last_seq");
+    let mut last = first;
+    for _ in 0..3 {
+        last = env.cmd("portfolio.update", deposit("p1", "1")).await;
+    }
+    let perf = env.performance_at("p1", seq(&last)).await;
+    assert_eq!(perf["net_deposits"], "103", "{perf}");
+    assert_eq!(gauge(&b, "last_seq"), Some(seq(&last) as i64));
+    assert_eq!(gauge(&a, "last_seq"), a_at, "the standby projected");
+    stop_a.cancel();
+    stop_b.cancel();
+}
+
+/// Postgres refuses the projector for a while (a restart that takes seconds): the lock's session
+/// ends with the others, so it stands by, retrying to take the lock rather than stopping, and
+/// once the database is back it leads again and applies what came meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_projector_rides_out_a_database_outage() {
+    let env = TestEnv::without_projectors().await;
+    // A role of its own (a member of the tables' owner), so that only it can be refused.
+    let role = format!("{}_w", env.cfg.db_schema);
+    env.pg
+        .batch_execute(&format!("CREATE ROLE \"{role}\" LOGIN IN ROLE postgres"))
+        .await
+        .expect("role");
+    let mut cfg = env.app_config();
+    cfg.database_url = env.database_url_as(&role);
+    let (stop, metrics, task) = portfolio_projector(cfg).await;
+    wait_until("it leads", || gauge(&metrics, "active") == Some(1)).await;
+    env.cmd("portfolio.update", open("p1", "u1")).await;
+    let first = env.cmd("portfolio.update", deposit("p1", "100")).await;
+    env.performance_at("p1", seq(&first)).await;
+
+    env.pg
+        .batch_execute(&format!(
+            "ALTER ROLE \"{role}\" NOLOGIN;
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"
+        ))
+        .await
+        .expect("refuse the role");
+    let during = env.cmd("portfolio.update", deposit("p1", "50")).await;
+    wait_until("two attempts to lead failed, or it stopped", || {
+        task.is_finished() || gauge(&metrics, "consecutive_failures") >= Some(2)
+    })
+    .await;
+    assert!(!task.is_finished(), "the projector stopped");
+    assert_eq!(gauge(&metrics, "active"), Some(0));
+
+    env.pg
+        .batch_execute(&format!("ALTER ROLE \"{role}\" LOGIN"))
+        .await
+        .expect("let the role in again");
+    let perf = env.performance_at("p1", seq(&during)).await;
+    assert_eq!(perf["cash"], json!("150"), "{perf}");
+    assert_eq!(gauge(&metrics, "active"), Some(1));
+    assert_eq!(gauge(&metrics, "consecutive_failures"), Some(0));
+    stop.cancel();
+    let _ = task.await;
+    env.pg
+        .batch_execute(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}';
+             DROP ROLE \"{role}\""
+        ))
+        .await
+        .expect("drop the role");
 }

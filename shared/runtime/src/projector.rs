@@ -14,9 +14,12 @@
 //!   event up to here is in": a gap is a checkpoint below the one this projector committed
 //!   (a rebuild reset it), and when idle it moves the checkpoint to the stream's head once a
 //!   direct get has shown that no event of its subjects lies in between.
-//! - One active projector per projection and schema: a Postgres advisory lock; replicas wait.
+//! - One active projector per projection and schema: a Postgres advisory lock held by a session
+//!   of its own; replicas wait. Should that session end (a database restart or failover), the
+//!   projector stops projecting, hands its batch back, and leads again or stands by.
 //! - A poison event (undecodable, or a data error in its SQL) is published to the dead-letter
-//!   subject with its error, logged, counted, and skipped; transient errors retry with backoff.
+//!   subject with its error, logged, counted, and skipped; transient errors (a batch, an idle
+//!   check, taking the lock) retry with backoff and are counted in `consecutive_failures`.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -279,8 +282,60 @@ impl Drop for Leader {
     }
 }
 
+impl Leader {
+    /// Whether its session ended (a database restart, a failover, a terminated backend): the
+    /// lock went with it, and another projector may hold it now.
+    fn lost(&self) -> bool {
+        self.0.as_ref().is_none_or(|c| c.is_closed())
+    }
+}
+
 fn release(leader: Leader) {
     drop(leader);
+}
+
+/// Backing off after a failed batch or idle check (the store or the database away for a
+/// moment); the failures in a row are the `consecutive_failures` gauge.
+struct Retry {
+    backoff: Duration,
+    failures: i64,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            backoff: Duration::from_millis(50),
+            failures: 0,
+        }
+    }
+}
+
+impl Retry {
+    fn succeeded(&mut self, metrics: &Metrics) {
+        if self.failures > 0 {
+            *self = Retry::default();
+            metrics.gauge("consecutive_failures", 0);
+        }
+    }
+
+    /// Counts a failure and waits before the next attempt; `false` on `shutdown`.
+    async fn wait(&mut self, metrics: &Metrics, shutdown: &CancellationToken) -> bool {
+        self.failures += 1;
+        metrics.gauge("consecutive_failures", self.failures);
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = tokio::time::sleep(self.backoff) => {}
+        }
+        self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
+        true
+    }
+}
+
+/// Why [`Projector::project`] returned.
+enum Ended {
+    Shutdown,
+    /// The lock's session ended: stand by (or lead again) as at the start.
+    LostLead,
 }
 
 /// Runs one projection.
@@ -808,35 +863,85 @@ impl<P: Projection> Projector<P> {
     }
 
     /// Waits to become the active projector of this projection (advisory lock held by a
-    /// dedicated connection for as long as this projector runs).
-    async fn lead(&self, shutdown: &CancellationToken) -> Result<Option<Leader>, ProjectorError> {
-        let mut logged = false;
+    /// dedicated connection for as long as this projector runs). The database may be away
+    /// meanwhile (a restart): it retries every second. `None` on `shutdown`.
+    async fn lead(&self, shutdown: &CancellationToken) -> Option<Leader> {
+        let (mut standing_by, mut failures) = (false, 0_i64);
         loop {
-            if let Some(leader) = self.lead_once().await? {
-                return Ok(Some(leader));
-            }
-            if !logged {
-                info!(
-                    projection = self.name(),
-                    "another projector is active; standing by"
-                );
-                logged = true;
+            match self.lead_once().await {
+                Ok(Some(leader)) => {
+                    if failures > 0 {
+                        self.metrics.gauge("consecutive_failures", 0);
+                    }
+                    return Some(leader);
+                }
+                Ok(None) if !standing_by => {
+                    self.metrics.gauge("active", 0);
+                    info!(
+                        projection = self.name(),
+                        "another projector is active; standing by"
+                    );
+                    standing_by = true;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    failures += 1;
+                    self.metrics.gauge("consecutive_failures", failures);
+                    if failures == 1 {
+                        warn!(
+                            projection = self.name(),
+                            error = %e,
+                            "cannot take the projector lock; retrying every second"
+                        );
+                    } else {
+                        debug!(projection = self.name(), error = %e, failures, "projector lock");
+                    }
+                }
             }
             tokio::select! {
-                _ = shutdown.cancelled() => return Ok(None),
+                _ = shutdown.cancelled() => return None,
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
     }
 
-    /// Runs until `shutdown`: the batch in hand is committed and acked before returning.
+    /// Runs until `shutdown`: leads (or stands by until it can), projects, and should the
+    /// lock's session end, stands by again, so that one projector is active at a time.
     ///
     /// # Errors
     /// [`ProjectorError`] when the consumer cannot be created or the database is gone for good.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), ProjectorError> {
-        let Some(leader_conn) = self.lead(&shutdown).await? else {
-            return Ok(());
-        };
+        while let Some(leader) = self.lead(&shutdown).await {
+            match self.project(leader, &shutdown).await? {
+                Ended::Shutdown => break,
+                Ended::LostLead => warn!(
+                    projection = self.name(),
+                    "the projector lock's database session ended; taking the lock again"
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    /// Projects while it holds the lock of `leader`: until `shutdown` (the batch in hand is
+    /// committed and acked before returning) or until the lock's session ends.
+    async fn project(
+        &self,
+        leader_conn: Leader,
+        shutdown: &CancellationToken,
+    ) -> Result<Ended, ProjectorError> {
+        self.metrics.gauge("active", 1);
+        let ended = self.project_as(&leader_conn, shutdown).await;
+        self.metrics.gauge("active", 0);
+        release(leader_conn);
+        ended
+    }
+
+    async fn project_as(
+        &self,
+        leader_conn: &Leader,
+        shutdown: &CancellationToken,
+    ) -> Result<Ended, ProjectorError> {
         let name = self.name();
         let mut cfg = consumer_config(self.projection.consumer_json(), self.store.subjects())?;
         // Only used if the durable does not exist yet: start where the read model is.
@@ -869,8 +974,7 @@ impl<P: Projection> Projector<P> {
                 .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         }
         // Catch up first with an ordered replay: fast after a rebuild or a long outage.
-        let head = self.store.last_seq().await?;
-        self.catch_up(head).await?;
+        self.catch_up_to_head().await?;
         let mut messages = consumer
             .stream()
             .max_messages_per_batch(self.batch.max.max(1))
@@ -897,7 +1001,7 @@ impl<P: Projection> Projector<P> {
         } else {
             Duration::from_secs(1)
         };
-        let mut backoff = Duration::from_millis(50);
+        let mut retry = Retry::default();
         let mut last_bucket = 0;
         // The newest applied message not acked yet, and when the last ack went out.
         let mut to_ack: Option<async_nats::jetstream::Message> = None;
@@ -905,9 +1009,12 @@ impl<P: Projection> Projector<P> {
         // Events received in the current window (and when it began), and the last window's rate.
         let mut arrivals = (0_usize, Instant::now());
         let mut rate = 0.0;
-        loop {
+        let ended = loop {
+            if leader_conn.lost() {
+                break Ended::LostLead;
+            }
             let first = tokio::select! {
-                _ = shutdown.cancelled() => break,
+                _ = shutdown.cancelled() => break Ended::Shutdown,
                 // `chctl rebuild` reset the read model: replay now rather than when idle.
                 Some(_) = resets.next() => Err(()),
                 m = tokio::time::timeout(idle, messages.next()) => m.map_err(|_| ()),
@@ -917,12 +1024,22 @@ impl<P: Projection> Projector<P> {
                     ack(to_ack.take()).await;
                     // Idle (or told of a reset): make sure nothing was reset behind our back,
                     // and re-announce where we are for waiters that missed an announcement.
-                    let head = self.store.last_seq().await?;
-                    let at = self.catch_up(head).await?;
-                    self.announce(at).await;
+                    // The store or the database may be away for a moment: try again later.
+                    match self.catch_up_to_head().await {
+                        Ok(at) => {
+                            retry.succeeded(&self.metrics);
+                            self.announce(at).await;
+                        }
+                        Err(e) => {
+                            error!(projection = name, error = %e, "idle check failed; will retry");
+                            if !retry.wait(&self.metrics, shutdown).await {
+                                break Ended::Shutdown;
+                            }
+                        }
+                    }
                     continue;
                 }
-                Ok(None) => break,
+                Ok(None) => break Ended::Shutdown,
                 Ok(Some(Err(e))) => {
                     warn!(error = %e, "consumer error");
                     continue;
@@ -1002,6 +1119,14 @@ impl<P: Projection> Projector<P> {
                 }
             }
             raws.sort_by_key(|r| r.seq);
+            if leader_conn.lost() {
+                // Another projector may hold the lock now: hand the batch back to the consumer
+                // for it (redelivered now, not after the ack wait).
+                for m in &batch {
+                    let _ = m.ack_with(async_nats::jetstream::AckKind::Nak(None)).await;
+                }
+                break Ended::LostLead;
+            }
             let span = info_span!(
                 "batch",
                 projection = name,
@@ -1013,7 +1138,7 @@ impl<P: Projection> Projector<P> {
             let result = self.process(&mut raws).instrument(span.clone()).await;
             match result {
                 Ok(last) => {
-                    backoff = Duration::from_millis(50);
+                    retry.succeeded(&self.metrics);
                     // The consumers ack with policy `all`: the newest message acks the batch
                     // and every one before it. The checkpoint is the truth (a redelivery is
                     // skipped), so acks go out at most every ACK_EVERY: each one is a consumer
@@ -1032,21 +1157,26 @@ impl<P: Projection> Projector<P> {
                     error!(projection = name, error = %e, "batch failed; will retry");
                     for m in &batch {
                         let _ = m
-                            .ack_with(async_nats::jetstream::AckKind::Nak(Some(backoff)))
+                            .ack_with(async_nats::jetstream::AckKind::Nak(Some(retry.backoff)))
                             .await;
                     }
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(backoff) => {}
+                    if !retry.wait(&self.metrics, shutdown).await {
+                        break Ended::Shutdown;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
-        }
+        };
         ack(to_ack.take()).await;
-        release(leader_conn);
-        info!(projection = name, "projector stopped");
-        Ok(())
+        if matches!(ended, Ended::Shutdown) {
+            info!(projection = name, "projector stopped");
+        }
+        Ok(ended)
+    }
+
+    /// Replays what the read model lacks up to the stream's head; returns where it is.
+    async fn catch_up_to_head(&self) -> Result<u64, ProjectorError> {
+        let head = self.store.last_seq().await?;
+        self.catch_up(head).await
     }
 
     /// Empties the read model and sets its checkpoint to 0, in one transaction. A running
