@@ -931,13 +931,13 @@ impl<P: Projection> Projector<P> {
         shutdown: &CancellationToken,
     ) -> Result<Ended, ProjectorError> {
         self.metrics.gauge("active", 1);
-        let ended = self.project_as(&leader_conn, shutdown).await;
+        let ended = self.project_with_lock(&leader_conn, shutdown).await;
         self.metrics.gauge("active", 0);
         release(leader_conn);
         ended
     }
 
-    async fn project_as(
+    async fn project_with_lock(
         &self,
         leader_conn: &Leader,
         shutdown: &CancellationToken,
