@@ -1,5 +1,7 @@
 //! Crashes and restarts: a projector killed mid-stream resumes to the same read model as a
-//! rebuild from the stream; a command worker with a cold cache decides the same.
+//! rebuild from the stream; a command worker with a cold cache decides the same; the workers
+//! ride out a restart of NATS and of Postgres, and a projector whose lock's session ends stands
+//! by for the replica that took it.
 
 use ch_domain::AggregateType;
 use ch_e2e::fixtures::{
