@@ -17,29 +17,34 @@ struct Reader {
 }
 
 impl Reader {
+    /// May read `schema`.
     async fn create(env: &TestEnv, schema: &str) -> Reader {
-        let role = format!("{}_reader", env.cfg.db_schema);
-        env.pg
-            .batch_execute(&format!(
-                "CREATE ROLE \"{role}\" LOGIN;
-                 GRANT USAGE ON SCHEMA \"{schema}\" TO \"{role}\";
-                 GRANT SELECT ON ALL TABLES IN SCHEMA \"{schema}\" TO \"{role}\";"
-            ))
-            .await
-            .expect("create the reader role");
-        let url = env.database_url_as(&role);
-        Reader { role, url }
+        let reader = Reader::create_bare(env, "reader").await;
+        reader.grant(env, schema).await;
+        reader
     }
 
-    /// Without its schema: it may connect, and nothing more.
-    async fn create_bare(env: &TestEnv) -> Reader {
-        let role = format!("{}_bare", env.cfg.db_schema);
+    /// Without a schema: it may connect, and nothing more.
+    async fn create_bare(env: &TestEnv, suffix: &str) -> Reader {
+        let role = format!("{}_{suffix}", env.cfg.db_schema);
         env.pg
             .batch_execute(&format!("CREATE ROLE \"{role}\" LOGIN"))
             .await
             .expect("create the role");
         let url = env.database_url_as(&role);
         Reader { role, url }
+    }
+
+    /// Lets it read `schema`'s tables.
+    async fn grant(&self, env: &TestEnv, schema: &str) {
+        env.pg
+            .batch_execute(&format!(
+                "GRANT USAGE ON SCHEMA \"{schema}\" TO \"{0}\";
+                 GRANT SELECT ON ALL TABLES IN SCHEMA \"{schema}\" TO \"{0}\";",
+                self.role
+            ))
+            .await
+            .expect("grant");
     }
 
     async fn drop(self, env: &TestEnv) {
@@ -104,7 +109,7 @@ async fn a_query_workers_sessions_cannot_write_even_as_a_role_that_may() {
 async fn a_role_that_may_not_migrate_is_told_what_is_missing_and_what_to_do() {
     let env = TestEnv::new().await;
     let fresh = format!("{}_fresh", env.cfg.db_schema);
-    let bare = Reader::create_bare(&env).await;
+    let bare = Reader::create_bare(&env, "bare").await;
     let err = ch_runtime::pg::migrate(&bare.url, &fresh, ch_readmodel::MIGRATIONS)
         .await
         .expect_err("this role may not create the schema");
@@ -130,14 +135,7 @@ async fn a_role_that_may_not_migrate_is_told_what_is_missing_and_what_to_do() {
     ch_runtime::pg::migrate(&env.cfg.database_url, &fresh, ch_readmodel::MIGRATIONS)
         .await
         .expect("migrate as the owner");
-    env.pg
-        .batch_execute(&format!(
-            "GRANT USAGE ON SCHEMA \"{fresh}\" TO \"{0}\";
-             GRANT SELECT ON ALL TABLES IN SCHEMA \"{fresh}\" TO \"{0}\";",
-            bare.role
-        ))
-        .await
-        .expect("grant");
+    bare.grant(&env, &fresh).await;
     ch_runtime::pg::migrate(&bare.url, &fresh, ch_readmodel::MIGRATIONS)
         .await
         .expect("a migrated schema needs no privilege beyond reading");

@@ -318,10 +318,16 @@ impl Retry {
         }
     }
 
-    /// Counts a failure and waits before the next attempt; `false` on `shutdown`.
-    async fn wait(&mut self, metrics: &Metrics, shutdown: &CancellationToken) -> bool {
+    /// Counts a failure; returns how many in a row.
+    fn failed(&mut self, metrics: &Metrics) -> i64 {
         self.failures += 1;
         metrics.gauge("consecutive_failures", self.failures);
+        self.failures
+    }
+
+    /// Counts a failure and waits before the next attempt; `false` on `shutdown`.
+    async fn wait(&mut self, metrics: &Metrics, shutdown: &CancellationToken) -> bool {
+        self.failed(metrics);
         tokio::select! {
             _ = shutdown.cancelled() => return false,
             _ = tokio::time::sleep(self.backoff) => {}
@@ -866,13 +872,12 @@ impl<P: Projection> Projector<P> {
     /// dedicated connection for as long as this projector runs). The database may be away
     /// meanwhile (a restart): it retries every second. `None` on `shutdown`.
     async fn lead(&self, shutdown: &CancellationToken) -> Option<Leader> {
-        let (mut standing_by, mut failures) = (false, 0_i64);
+        // Failures are counted as a projecting one counts them; the wait is a fixed second.
+        let (mut standing_by, mut retry) = (false, Retry::default());
         loop {
             match self.lead_once().await {
                 Ok(Some(leader)) => {
-                    if failures > 0 {
-                        self.metrics.gauge("consecutive_failures", 0);
-                    }
+                    retry.succeeded(&self.metrics);
                     return Some(leader);
                 }
                 Ok(None) if !standing_by => {
@@ -885,8 +890,7 @@ impl<P: Projection> Projector<P> {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    failures += 1;
-                    self.metrics.gauge("consecutive_failures", failures);
+                    let failures = retry.failed(&self.metrics);
                     if failures == 1 {
                         warn!(
                             projection = self.name(),
