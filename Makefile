@@ -6,7 +6,7 @@ SHELL := bash
 
 CHCTL := target/debug/chctl
 
-.PHONY: help run up down test bench lint clean-run venv pg
+.PHONY: help run up down test bench bench-modes lint clean-run venv pg
 
 help:
 	@echo "make run        start NATS (pinned), PostgreSQL if needed, every worker, load the demo; Ctrl-C stops"
@@ -14,6 +14,7 @@ help:
 	@echo "make down       stop what 'make up' started"
 	@echo "make test       unit and end-to-end tests against a nats-server of their own"
 	@echo "make bench      the trade-flow benchmark on a stack of its own (BENCH_ARGS=--quick for a smoke run)"
+	@echo "make bench-modes  CH_SYNC eventual, batch and adaptive side by side at three loads"
 	@echo "make lint       rustfmt check and clippy (warnings are errors)"
 	@echo "make clean-run  remove .run (logs, pid files, the dev server's store)"
 
@@ -39,9 +40,19 @@ test: venv pg
 
 # BENCH_ARGS: extra arguments of `chctl bench trade-flow` (e.g. --quick); BENCH_SYNC_MODES:
 # CH_SYNC modes to run (default eventual); BENCH_FSYNC: JetStream fsync settings (default
-# "default always"). See scripts/bench.sh.
+# "default always"); BENCH_RATES: signal rates, commands/s or max (default max: closed loop).
+# See scripts/bench.sh.
 bench: venv pg
-	@BENCH_ARGS="$(BENCH_ARGS)" BENCH_SYNC_MODES="$(BENCH_SYNC_MODES)" BENCH_FSYNC="$(BENCH_FSYNC)" scripts/bench.sh
+	@BENCH_ARGS="$(BENCH_ARGS)" BENCH_SYNC_MODES="$(BENCH_SYNC_MODES)" BENCH_FSYNC="$(BENCH_FSYNC)" \
+		BENCH_RATES="$(BENCH_RATES)" scripts/bench.sh
+
+# Is adaptive close to the best fixed batching at every load? The three batching modes at a
+# light, a medium and a saturating load (default fsync, 30,000 signals, no monolith), then
+# `chctl bench compare` of the nine runs.
+bench-modes: venv pg
+	@BENCH_ARGS="--baseline none --signals 30000 $(BENCH_ARGS)" \
+		BENCH_SYNC_MODES="eventual batch adaptive" BENCH_FSYNC=default \
+		BENCH_RATES="$(or $(BENCH_RATES),500 2000 max)" scripts/bench.sh
 
 lint:
 	cargo fmt --all -- --check

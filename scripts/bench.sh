@@ -3,16 +3,22 @@
 #
 # Builds the release binaries once, then for each JetStream fsync setting (BENCH_FSYNC,
 # default "default always": the server's default sync_interval, and `sync_interval: always` as
-# in nats/nats-server.conf) and each read-side mode (BENCH_SYNC_MODES, default "eventual"):
+# in nats/nats-server.conf), each signal rate (BENCH_RATES, default "max": closed-loop clients
+# as fast as the replies come; a number paces the signal clients to that many commands/s in
+# all and the query clients to a quarter of it) and each read-side mode (BENCH_SYNC_MODES,
+# default "eventual"):
 #   a fresh pinned nats-server (port 14422, monitor 18422, a fresh store), fresh Postgres
 #   schemas (bench, bench_mono), the release workers (`chctl up --detach`, CH_SUBJECT_PREFIX=bench,
 #   own CH_RUN_DIR), `chctl bench trade-flow $BENCH_ARGS`, then everything stopped again.
-# Results: bench/results/<UTC timestamp>-<fsync>-<mode>.json and bench/results/latest.json.
+# Results: bench/results/<UTC timestamp>-<fsync>[-<rate>]-<mode>.json and
+# bench/results/latest.json; with more than one run, `chctl bench compare` of them at the end.
 #
 #   make bench                                   default size (100,000 signals)
 #   make bench BENCH_ARGS=--quick                smoke size
 #   make bench BENCH_SYNC_MODES="eventual batch adaptive immediate"   (the monolithic baseline
-#                                                runs with the first mode of each fsync setting)
+#                                                runs with the first mode of each fsync setting
+#                                                and rate)
+#   make bench-modes                             eventual, batch, adaptive at three loads
 #   BENCH_FSYNC=always make bench                only one fsync setting
 #
 # Honours CH_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/cipherhorizon). To run
@@ -24,6 +30,7 @@ cd "$(dirname "$0")/.."
 port=${BENCH_NATS_PORT:-14422}
 http=$((port + 4000))
 modes=${BENCH_SYNC_MODES:-eventual}
+rates=${BENCH_RATES:-max}
 fsyncs=${BENCH_FSYNC:-default always}
 read -r -a bench_args <<<"${BENCH_ARGS:-}"
 
@@ -59,6 +66,13 @@ fresh_schemas() {
     fi
 }
 
+for rate in $rates; do
+    if [[ $rate != max && ! $rate =~ ^[1-9][0-9]*$ ]]; then
+        echo "bench.sh: BENCH_RATES: '$rate' is neither a positive number nor max" >&2
+        exit 2
+    fi
+done
+
 started=$(date +%s)
 written=()
 for fsync in $fsyncs; do
@@ -67,39 +81,50 @@ for fsync in $fsyncs; do
         always) conf=nats/nats-server.conf label="always" ;;
         *) echo "bench.sh: BENCH_FSYNC: unknown setting '$fsync' (default, always)" >&2; exit 2 ;;
     esac
-    first=1
-    for mode in $modes; do
-        # The monolith does not depend on CH_SYNC: it runs beside the first mode of each fsync
-        # setting only (unless BENCH_ARGS says otherwise).
-        extra=()
-        if [[ -z $first && " ${bench_args[*]} " != *" --baseline"* ]]; then
-            extra=(--baseline none)
-        fi
-        first=
-        echo
-        echo "=== JetStream sync_interval: $label; CH_SYNC=$mode"
-        cleanup
-        store=$(mktemp -d "${TMPDIR:-/tmp}/ch-bench-nats.XXXXXX")
-        run_dir=$(mktemp -d "${TMPDIR:-/tmp}/ch-bench-run.XXXXXX")
-        scripts/nats.sh stop "$port" >/dev/null 2>&1 || true
-        CH_NATS_CONF=$conf scripts/nats.sh start "$port" "$store" "$http"
-        fresh_schemas
-        export CH_SYNC=$mode CH_RUN_DIR=$run_dir
-        "$bin/chctl" up --detach --bin-dir "$bin" >"$run_dir/up.log" 2>&1 \
-            || { cat "$run_dir/up.log" >&2; exit 1; }
-        echo "workers up (logs in $run_dir/logs)"
-        rc=0
-        "$bin/chctl" bench trade-flow --sync-interval-label "$label" --tag "$label-$mode" \
-            "${extra[@]}" "${bench_args[@]}" || rc=$?
-        if [[ $rc != 0 ]]; then
-            echo "bench.sh: the benchmark failed (exit $rc); worker logs:" >&2
-            tail -n 5 "$run_dir"/logs/*.log >&2 || true
-            exit "$rc"
-        fi
-        written+=("$(ls -t bench/results/*-"$label-$mode".json | head -n 1)")
+    for rate in $rates; do
+        case $rate in
+            max) rate_args=() rate_tag= rate_label="closed loop" ;;
+            *) rate_args=(--rate "$rate" --query-rate $(( (rate + 3) / 4 )))
+               rate_tag=-$rate rate_label="$rate/s" ;;
+        esac
+        first=1
+        for mode in $modes; do
+            # The monolith does not depend on CH_SYNC: it runs beside the first mode of each
+            # fsync setting and rate only (unless BENCH_ARGS says otherwise).
+            extra=()
+            if [[ -z $first && " ${bench_args[*]} " != *" --baseline"* ]]; then
+                extra=(--baseline none)
+            fi
+            first=
+            tag=$label$rate_tag-$mode
+            echo
+            echo "=== JetStream sync_interval: $label; CH_SYNC=$mode; signals: $rate_label"
+            cleanup
+            store=$(mktemp -d "${TMPDIR:-/tmp}/ch-bench-nats.XXXXXX")
+            run_dir=$(mktemp -d "${TMPDIR:-/tmp}/ch-bench-run.XXXXXX")
+            scripts/nats.sh stop "$port" >/dev/null 2>&1 || true
+            CH_NATS_CONF=$conf scripts/nats.sh start "$port" "$store" "$http"
+            fresh_schemas
+            export CH_SYNC=$mode CH_RUN_DIR=$run_dir
+            "$bin/chctl" up --detach --bin-dir "$bin" >"$run_dir/up.log" 2>&1 \
+                || { cat "$run_dir/up.log" >&2; exit 1; }
+            echo "workers up (logs in $run_dir/logs)"
+            rc=0
+            "$bin/chctl" bench trade-flow --sync-interval-label "$label" --tag "$tag" \
+                "${extra[@]}" "${rate_args[@]}" "${bench_args[@]}" || rc=$?
+            if [[ $rc != 0 ]]; then
+                echo "bench.sh: the benchmark failed (exit $rc); worker logs:" >&2
+                tail -n 5 "$run_dir"/logs/*.log >&2 || true
+                exit "$rc"
+            fi
+            written+=("$(ls -t bench/results/*-"$tag".json | head -n 1)")
+        done
     done
 done
 cleanup
 echo
 echo "make bench: $(( $(date +%s) - started )) s after the build; results:"
 printf '  %s\n' "${written[@]}"
+if (( ${#written[@]} > 1 )); then
+    "$bin/chctl" bench compare "${written[@]}"
+fi

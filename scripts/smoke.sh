@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Starts every worker binary with `chctl up --detach` on a prefix of its own, runs the nats-py
 # API smoke test (tests/python/api_smoke.py) against them, then `chctl rebuild all` with the
-# projectors running, and stops them again.
+# projectors running and the benchmark at its smoke size, and stops them again.
 #   scripts/smoke.sh NATS_URL DATABASE_URL
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,3 +31,31 @@ for p in portfolio strategy; do
     fi
 done
 echo "smoke: chctl rebuild all: both running projectors replayed to the head"
+
+# The benchmark at its smoke size, paced, beside the monolith: it must find every read-model
+# row equal to the state folded from the stream (it exits 1 otherwise), see no errors, and
+# keep to the rate it was given (a closed loop here runs at thousands per second).
+rate=200
+target/debug/chctl bench trade-flow --quick --signals 400 --rate "$rate" --query-rate 50 \
+    --out "$CH_RUN_DIR/bench" --tag smoke >"$CH_RUN_DIR/bench.log" 2>&1 \
+    || { cat "$CH_RUN_DIR/bench.log" >&2; echo "smoke: chctl bench trade-flow failed" >&2; exit 1; }
+result=$(ls "$CH_RUN_DIR"/bench/*-smoke.json)
+.venv/bin/python - "$result" "$rate" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1])); rate = int(sys.argv[2])
+problems = []
+for side, fig in (("ours", r), ("monolith", r["baseline"])):
+    if fig["errors"]["total"] != 0:
+        problems.append(f"{side}: errors {fig['errors']}")
+    if fig["consistency"]["rows_differing"] != 0:
+        problems.append(f"{side}: rows differing {fig['consistency']}")
+    if not 0 < fig["commands_per_sec"] <= rate * 1.05:
+        problems.append(f"{side}: {fig['commands_per_sec']} commands/s, paced to {rate}/s")
+if r["config"]["rate"] != rate or r["projection_lag_ms"] is None:
+    problems.append(f"config {r['config']}, lag {r['projection_lag_ms']}")
+if problems:
+    sys.exit("smoke: chctl bench trade-flow: " + "; ".join(problems))
+PY
+target/debug/chctl bench compare "$result" | grep -q "400 signals from 8 clients at $rate/s" \
+    || { echo "smoke: chctl bench compare did not describe the run" >&2; exit 1; }
+echo "smoke: chctl bench trade-flow --quick at $rate/s: 0 rows differing, 0 errors, beside the monolith"

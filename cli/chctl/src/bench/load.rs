@@ -1,5 +1,6 @@
-//! Driving a deployment over NATS: the set-up, the closed-loop signal and query clients, the
-//! progress bar, and the projection lag from the projector's progress announcements.
+//! Driving a deployment over NATS: the set-up, the signal and query clients (closed loop, or
+//! paced to a rate), the progress bar, and the projection lag from the projector's progress
+//! announcements.
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
@@ -16,6 +17,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Deserialize;
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
 use super::workload::Workload;
 
@@ -308,6 +310,60 @@ pub fn new_hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")
 }
 
+/// How fast the clients send, in requests per second in all (`None`: closed loop, each client
+/// sending its next request as soon as the last is answered).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Rates {
+    pub signals: Option<u32>,
+    pub queries: Option<u32>,
+}
+
+/// The schedule of a paced client: its sends are due every `1 / per_sec` seconds from its
+/// first slot. A send waits for its slot; a client behind its schedule (replies slower than
+/// the rate allows) sends at once until it has caught up, so the rate is the offered load as
+/// long as the deployment keeps up. Latencies are measured from the actual send.
+pub struct Pace {
+    next: tokio::time::Instant,
+    period: Duration,
+}
+
+impl Pace {
+    /// Client `i` of `clients` sharing `rate` requests per second in all, with `share` of
+    /// the requests (so that clients with more to send finish with the others); the clients'
+    /// first slots spread over one period. `None` without a rate (closed loop) or a share.
+    pub fn new(
+        rate: Option<u32>,
+        share: f64,
+        i: usize,
+        clients: usize,
+        start: Instant,
+    ) -> Option<Pace> {
+        let per_sec = f64::from(rate?) * share;
+        if per_sec <= 0.0 {
+            return None;
+        }
+        let period = Duration::from_secs_f64(1.0 / per_sec);
+        let first = start + period.mul_f64(i as f64 / clients.max(1) as f64);
+        Some(Pace {
+            next: tokio::time::Instant::from_std(first),
+            period,
+        })
+    }
+
+    /// Waits for the next slot.
+    pub async fn wait(&mut self) {
+        tokio::time::sleep_until(self.next).await;
+        self.next += self.period;
+    }
+
+    /// Waits for the next slot of `pace`, if the client has one.
+    pub async fn wait_for(pace: &mut Option<Pace>) {
+        if let Some(p) = pace {
+            p.wait().await;
+        }
+    }
+}
+
 /// The measured phase's results.
 pub struct Phase {
     pub seconds: f64,
@@ -334,12 +390,14 @@ struct ClientResult {
     last_seq: u64,
 }
 
-/// Sends every signal from `w.signals.len()` closed-loop clients while `query_clients` ask for
-/// random portfolios; returns when the last signal is answered.
+/// Sends every signal from `w.signals.len()` clients while `query_clients` ask for random
+/// portfolios, each closed loop or paced to its share of `rates`; returns when the last signal
+/// is answered.
 pub async fn run(
     t: &Target,
     w: &Workload,
     query_clients: usize,
+    rates: Rates,
     seed: u64,
     lag: Option<Arc<LagTracker>>,
     label: &str,
@@ -359,18 +417,26 @@ pub async fn run(
     ));
 
     let ids: Arc<Vec<String>> = Arc::new(w.portfolios.iter().map(|p| p.id.clone()).collect());
+    // Ends the query clients (a paced one may be waiting for its next slot).
+    let signals_done = CancellationToken::new();
     let queries: Vec<_> = (0..query_clients)
         .map(|i| {
             let client = t.client.clone();
             let subject = t.query("portfolio.performance");
             let ids = ids.clone();
-            let stop = stop.clone();
+            let signals_done = signals_done.clone();
             let mut rng = StdRng::seed_from_u64(seed ^ (0x9e37_79b9_7f4a_7c15 + i as u64));
+            let share = 1.0 / query_clients as f64;
+            let mut pace = Pace::new(rates.queries, share, i, query_clients, started);
             tokio::spawn(async move {
                 let mut hist = new_hist();
                 let mut errors = Errors::new();
                 let mut n = 0u64;
-                while !stop.load(Ordering::Relaxed) && !ids.is_empty() {
+                while !signals_done.is_cancelled() && !ids.is_empty() {
+                    tokio::select! {
+                        () = Pace::wait_for(&mut pace) => {}
+                        () = signals_done.cancelled() => break,
+                    }
                     let id = &ids[rng.gen_range(0..ids.len())];
                     let body = Bytes::from(format!("{{\"portfolio_id\":\"{id}\"}}"));
                     let t0 = Instant::now();
@@ -391,7 +457,10 @@ pub async fn run(
     let signals: Vec<_> = w
         .signals
         .iter()
-        .map(|list| {
+        .enumerate()
+        .map(|(i, list)| {
+            let share = list.len() as f64 / total.max(1) as f64;
+            let mut pace = Pace::new(rates.signals, share, i, w.signals.len(), started);
             let client = t.client.clone();
             let subject = t.cmd("signal.execute");
             let list = list.clone();
@@ -402,6 +471,7 @@ pub async fn run(
                 let mut r = ClientResult::default();
                 let mut hist = new_hist();
                 for body in list {
+                    Pace::wait_for(&mut pace).await;
                     let t0 = Instant::now();
                     let o = send(&client, &subject, body, timeout).await;
                     let at = Instant::now();
@@ -466,6 +536,7 @@ pub async fn run(
     }
     phase.seconds = started.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
+    signals_done.cancel();
     for h in queries {
         if let Ok((hist, errors, n)) = h.await {
             let _ = phase.query_latency.add(&hist);
@@ -575,4 +646,49 @@ pub fn percentiles(h: &Histogram<u64>, qs: &[(&str, f64)]) -> serde_json::Value 
 
 pub fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_paced_client_gets_its_share_of_the_rate_and_its_own_slot() {
+        let start = Instant::now();
+        let at = |p: &Pace| p.next.into_std().duration_since(start);
+        // A quarter of 400/s: every 10 ms; the second of four clients starts a quarter in.
+        let p = Pace::new(Some(400), 0.25, 1, 4, start).expect("paced");
+        assert_eq!(p.period, Duration::from_millis(10));
+        assert_eq!(at(&p), Duration::from_micros(2500));
+        // A client with more to send sends more often, so that all end together.
+        let p = Pace::new(Some(400), 0.5, 0, 4, start).expect("paced");
+        assert_eq!(p.period, Duration::from_millis(5));
+        assert_eq!(at(&p), Duration::ZERO);
+        // No rate, or nothing to send: closed loop.
+        assert!(Pace::new(None, 0.25, 0, 4, start).is_none());
+        assert!(Pace::new(Some(400), 0.0, 0, 4, start).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slots_do_not_drift_and_a_late_client_catches_up() {
+        // On the paused clock.
+        let start = tokio::time::Instant::now().into_std();
+        let mut p = Pace::new(Some(100), 1.0, 0, 1, start).expect("paced");
+        let t0 = tokio::time::Instant::now();
+        for _ in 0..3 {
+            p.wait().await;
+        }
+        // Slots at 0, 10 and 20 ms: the third wait returned at 20 ms.
+        assert_eq!(t0.elapsed(), Duration::from_millis(20));
+        // Held up for 25 ms (a slow reply), to 45 ms: the slots at 30 and 40 ms are due, no
+        // wait; then the schedule again, the slot at 50 ms.
+        tokio::time::advance(Duration::from_millis(25)).await;
+        let late = tokio::time::Instant::now();
+        for _ in 0..2 {
+            p.wait().await;
+        }
+        assert_eq!(late.elapsed(), Duration::ZERO);
+        p.wait().await;
+        assert_eq!(t0.elapsed(), Duration::from_millis(50));
+    }
 }

@@ -8,6 +8,7 @@
 //! Output: a progress bar, a table, and `<out>/<UTC timestamp>.json` plus `<out>/latest.json`.
 
 mod check;
+mod compare;
 mod load;
 pub mod monolith;
 mod sys;
@@ -38,6 +39,9 @@ pub enum Which {
     /// Strategies, funded portfolios, then trade signals from closed-loop clients while
     /// others query portfolios; fold-and-compare, rebuild; optionally the monolithic baseline.
     TradeFlow(TradeFlow),
+    /// The read-side modes side by side from `trade-flow` result files, grouped by load, with
+    /// `adaptive` against the best fixed batching of each load.
+    Compare(compare::Compare),
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
@@ -68,6 +72,14 @@ pub struct TradeFlow {
     /// Concurrent closed-loop query clients [default: 8; --quick: 2].
     #[arg(long)]
     pub query_clients: Option<usize>,
+    /// Signals per second in all, the signal clients paced to share it (each waits for its
+    /// slot; one behind its schedule sends at once): the offered load, as long as the
+    /// deployment keeps up [default: none, closed loop: as fast as the replies come].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rate: Option<u32>,
+    /// Queries per second in all, shared by the query clients likewise [default: closed loop].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub query_rate: Option<u32>,
     /// A smoke-test size (explicit sizes still win).
     #[arg(long)]
     pub quick: bool,
@@ -111,11 +123,19 @@ impl TradeFlow {
             self.query_clients.unwrap_or(q),
         )
     }
+
+    fn rates(&self) -> load::Rates {
+        load::Rates {
+            signals: self.rate,
+            queries: self.query_rate,
+        }
+    }
 }
 
 pub async fn run(ctx: &Ctx, args: &Args) -> Result<ExitCode> {
     match &args.which {
         Which::TradeFlow(a) => trade_flow(ctx, a).await,
+        Which::Compare(a) => compare::run(a),
     }
 }
 
@@ -145,14 +165,17 @@ async fn trade_flow(ctx: &Ctx, a: &TradeFlow) -> Result<ExitCode> {
     };
     let t0 = Instant::now();
     let w = Workload::generate(sizes, &run_id);
+    let per_sec = |rate: Option<u32>| rate.map_or(String::new(), |r| format!(" at {r}/s"));
     println!(
-        "trade-flow: seed {}, {} portfolios, {} strategies, {} signals from {} clients, {} query clients; run id {run_id} (generated in {:.2} s)",
+        "trade-flow: seed {}, {} portfolios, {} strategies, {} signals from {} clients{}, {} query clients{}; run id {run_id} (generated in {:.2} s)",
         sizes.seed,
         sizes.portfolios,
         sizes.strategies,
         sizes.signals,
         sizes.clients,
+        per_sec(a.rate),
         query_clients,
+        per_sec(a.query_rate),
         t0.elapsed().as_secs_f64()
     );
     let client = ctx.connect().await?;
@@ -165,7 +188,8 @@ async fn trade_flow(ctx: &Ctx, a: &TradeFlow) -> Result<ExitCode> {
         ctx.cfg.sync.as_str(),
         ctx.cfg.nats_url
     );
-    let (ours, states) = run_ours(ctx, &client, &w, query_clients, &ids, &run_id).await?;
+    let (ours, states) =
+        run_ours(ctx, &client, &w, query_clients, a.rates(), &ids, &run_id).await?;
 
     let baseline = match a.baseline {
         Baseline::Monolith => {
@@ -180,6 +204,7 @@ async fn trade_flow(ctx: &Ctx, a: &TradeFlow) -> Result<ExitCode> {
                     &client,
                     &w,
                     query_clients,
+                    a.rates(),
                     &ids,
                     &states,
                     &prefix,
@@ -256,6 +281,8 @@ fn config(ctx: &Ctx, a: &TradeFlow, s: Sizes, query_clients: usize, w: &Workload
         "signals": s.signals,
         "clients": s.clients,
         "query_clients": query_clients,
+        "rate": a.rate,
+        "query_rate": a.query_rate,
         "quick": a.quick,
         "baseline": match a.baseline { Baseline::Monolith => "monolith", Baseline::None => "none" },
         "setup_concurrency": a.setup_concurrency,
@@ -325,6 +352,7 @@ async fn run_ours(
     client: &async_nats::Client,
     w: &Workload,
     query_clients: usize,
+    rates: load::Rates,
     ids: &[String],
     run_id: &str,
 ) -> Result<(Value, HashMap<String, PortfolioState>)> {
@@ -347,6 +375,7 @@ async fn run_ours(
         &target,
         w,
         query_clients,
+        rates,
         w.seed,
         Some(lag.clone()),
         "CipherHorizon",
@@ -440,6 +469,7 @@ async fn run_monolith(
     client: &async_nats::Client,
     w: &Workload,
     query_clients: usize,
+    rates: load::Rates,
     ids: &[String],
     states: &HashMap<String, PortfolioState>,
     prefix: &str,
@@ -469,7 +499,7 @@ async fn run_monolith(
             setup.commands, setup.seconds
         );
         let before = watched.snapshot();
-        let phase = load::run(&target, w, query_clients, w.seed, None, "monolith").await;
+        let phase = load::run(&target, w, query_clients, rates, w.seed, None, "monolith").await;
         let after = watched.snapshot();
         let cpu = sys::cpu_seconds(&before, &after);
         println!("signals: {} in {:.2} s", phase.commands, phase.seconds);
@@ -575,34 +605,34 @@ fn cell(v: &Value) -> String {
     }
 }
 
+/// The figures of a run's table, by name and path in the report.
+const FIGURES: [(&str, &[&str]); 15] = [
+    ("commands/s", &["commands_per_sec"]),
+    ("command p50 ms", &["command_latency_ms", "p50"]),
+    ("command p99 ms", &["command_latency_ms", "p99"]),
+    ("command p999 ms", &["command_latency_ms", "p999"]),
+    ("queries/s", &["queries_per_sec"]),
+    ("query p50 ms", &["query_latency_ms", "p50"]),
+    ("query p99 ms", &["query_latency_ms", "p99"]),
+    ("projection lag p50 ms", &["projection_lag_ms", "p50"]),
+    ("projection lag p99 ms", &["projection_lag_ms", "p99"]),
+    ("sync overhead", &["sync_overhead"]),
+    ("rebuild events/s", &["rebuild_events_per_sec"]),
+    ("rejected share", &["rejected_share"]),
+    ("errors", &["errors", "total"]),
+    ("rows differing", &["consistency", "rows_differing"]),
+    (
+        "  after rebuild",
+        &["consistency", "rows_differing_after_rebuild"],
+    ),
+];
+
+/// The value at `path` in a report (`null` where there is none).
+fn at<'a>(root: &'a Value, path: &[&str]) -> &'a Value {
+    path.iter().fold(root, |v, p| &v[*p])
+}
+
 fn print_table(r: &Value, label: Option<&str>) {
-    let rows: [(&str, &[&str]); 15] = [
-        ("commands/s", &["commands_per_sec"]),
-        ("command p50 ms", &["command_latency_ms", "p50"]),
-        ("command p99 ms", &["command_latency_ms", "p99"]),
-        ("command p999 ms", &["command_latency_ms", "p999"]),
-        ("queries/s", &["queries_per_sec"]),
-        ("query p50 ms", &["query_latency_ms", "p50"]),
-        ("query p99 ms", &["query_latency_ms", "p99"]),
-        ("projection lag p50 ms", &["projection_lag_ms", "p50"]),
-        ("projection lag p99 ms", &["projection_lag_ms", "p99"]),
-        ("sync overhead", &["sync_overhead"]),
-        ("rebuild events/s", &["rebuild_events_per_sec"]),
-        ("rejected share", &["rejected_share"]),
-        ("errors", &["errors", "total"]),
-        ("rows differing", &["consistency", "rows_differing"]),
-        (
-            "  after rebuild",
-            &["consistency", "rows_differing_after_rebuild"],
-        ),
-    ];
-    let get = |root: &Value, path: &[&str]| -> Value {
-        let mut v = root;
-        for p in path {
-            v = &v[*p];
-        }
-        v.clone()
-    };
     let with_targets = label.is_some_and(|l| l == "always" || l.starts_with("default"));
     println!(
         "\n{:<24} {:>14} {:>14} {:>9}{}",
@@ -616,23 +646,18 @@ fn print_table(r: &Value, label: Option<&str>) {
             String::new()
         }
     );
-    for (name, path) in rows {
-        let ratio_path: Vec<&str> = if path[0] == "errors" {
-            vec!["errors"]
-        } else {
-            path.to_vec()
-        };
-        let ratio = if path[0] == "consistency" {
-            Value::Null
-        } else {
-            get(&r["ratio"], &ratio_path)
+    for (name, path) in FIGURES {
+        let ratio = match path[0] {
+            "consistency" => &Value::Null,
+            "errors" => &r["ratio"]["errors"],
+            _ => at(&r["ratio"], path),
         };
         println!(
             "{:<24} {:>14} {:>14} {:>9}{}",
             name,
-            cell(&get(r, path)),
-            cell(&get(&r["baseline"], path)),
-            cell(&ratio),
+            cell(at(r, path)),
+            cell(at(&r["baseline"], path)),
+            cell(ratio),
             if with_targets {
                 format!("  {}", target(label, name))
             } else {
