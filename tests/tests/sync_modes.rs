@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use ch_e2e::fixtures::{deposit, open, price, signal, strategy};
 use ch_e2e::{TestEnv, Worker};
+use ch_runtime::projector::{ADAPTIVE_BACKLOG, ADAPTIVE_BEHIND};
 use ch_runtime::SyncMode;
 use serde_json::json;
 
@@ -150,4 +151,51 @@ fn assert_same(a: &[String], b: &[String], mode: &str) {
     for (x, y) in a.iter().zip(b) {
         assert_eq!(x, y, "{mode}: rows differ");
     }
+}
+
+/// `adaptive` shows its decisions to an operator in the projector's service stats: the last
+/// batch's size, its fill wait, and what that followed (how long ago its first event was
+/// appended, the server's backlog).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adaptive_shows_its_decisions_in_the_projectors_stats() {
+    let mut env = TestEnv::new().await;
+    env.cfg.sync = SyncMode::Adaptive;
+    for w in [
+        Worker::CmdPortfolio,
+        Worker::ProjPortfolio,
+        Worker::QueryPortfolio,
+    ] {
+        env.start(w).await;
+    }
+    // The first event may reach the projector in its start-up catch-up; the second, once that
+    // is projected, comes through the live consumer, whose batches are the ones planned.
+    let opened = env.cmd("portfolio.update", open("p1", "u1")).await;
+    env.performance_at("p1", opened["stream_seq"].as_u64().unwrap())
+        .await;
+    let deposited = env.cmd("portfolio.update", deposit("p1", "500")).await;
+    env.performance_at("p1", deposited["stream_seq"].as_u64().unwrap())
+        .await;
+    let subject = format!(
+        "$SRV.STATS.{}",
+        env.subjects.service_name(Worker::ProjPortfolio.name())
+    );
+    let stats: serde_json::Value = serde_json::from_slice(
+        &env.client
+            .request(subject, "".into())
+            .await
+            .unwrap()
+            .payload,
+    )
+    .unwrap();
+    let gauges = &stats["endpoints"][0]["data"]["gauges"];
+    let gauge = |name: &str| {
+        gauges[name]
+            .as_i64()
+            .unwrap_or_else(|| panic!("no gauge {name}: {stats}"))
+    };
+    assert_eq!(gauge("batch_size"), 1, "{stats}");
+    // It waited to fill the batch exactly when it was behind.
+    let behind = gauge("behind_ms") >= ADAPTIVE_BEHIND.as_millis() as i64
+        || gauge("pending") >= ADAPTIVE_BACKLOG as i64;
+    assert_eq!(gauge("fill_wait_ms"), i64::from(behind), "{stats}");
 }

@@ -107,9 +107,9 @@ pub struct BatchConfig {
     pub wait: Duration,
     /// `adaptive`: the batch size follows the lag. A batch is what has arrived, up to `max`:
     /// one or a few events when caught up (lowest latency), `max` when behind; and while the
-    /// consumer reports a backlog still on the server or events arrive fast (from
-    /// [`ADAPTIVE_BUSY_RATE`]), it waits up to [`ADAPTIVE_FILL_WAIT`] to fill the batch (fewer,
-    /// larger transactions: throughput).
+    /// projector is behind (its batch's first event appended [`ADAPTIVE_BEHIND`] ago or more,
+    /// or a backlog still on the server), it waits up to [`ADAPTIVE_FILL_WAIT`] to fill the
+    /// batch (fewer, larger transactions: throughput).
     pub adaptive: bool,
     /// Most events per transaction of a replay (rebuild, catch-up).
     pub replay_max: usize,
@@ -126,17 +126,17 @@ impl BatchConfig {
         }
     }
 
-    /// Target size and fill wait for a batch whose first message left `pending` behind it,
-    /// with events arriving at `rate` per second lately.
-    fn plan(&self, pending: u64, rate: f64) -> (usize, Duration) {
+    /// Target size and fill wait for a batch whose first message left `pending` behind it and
+    /// was appended `behind` ago.
+    fn plan(&self, pending: u64, behind: Duration) -> (usize, Duration) {
         if !self.adaptive {
             return (self.max, self.wait);
         }
         // `pending` counts what the server has not delivered yet; what is delivered but not
         // applied is in the client's buffer and taken without waiting. So the target is always
-        // `max`; waiting for more pays only under load: a backlog on the server, or events
-        // arriving so fast that one transaction each would fall behind.
-        let wait = if pending >= ADAPTIVE_BACKLOG || rate >= ADAPTIVE_BUSY_RATE {
+        // `max`; waiting for more pays only when the projector is behind: its last transaction
+        // took long enough for events to age, or the server holds a backlog.
+        let wait = if pending >= ADAPTIVE_BACKLOG || behind >= ADAPTIVE_BEHIND {
             ADAPTIVE_FILL_WAIT
         } else {
             Duration::ZERO
@@ -147,15 +147,23 @@ impl BatchConfig {
 
 /// `adaptive`: the server-side backlog from which a batch waits to fill.
 pub const ADAPTIVE_BACKLOG: u64 = 16;
-/// `adaptive`: the arrival rate (events/s) from which a batch waits to fill.
-pub const ADAPTIVE_BUSY_RATE: f64 = 1000.0;
+/// `adaptive`: how long ago the first event of a batch must have been appended for the batch
+/// to wait to fill. Caught up, an event reaches the projector within a millisecond or so.
+pub const ADAPTIVE_BEHIND: Duration = Duration::from_millis(3);
 /// `adaptive`: how long a batch waits to fill under load. A fifth of `batch` mode's default:
 /// since a live batch costs three round trips, waiting longer saved little CPU and cost lag
 /// (measured: 1 ms kept `batch`'s projector CPU per command with a lag p50 of 17-21 ms against
 /// 27-43 ms for 5 ms and 12-15 ms for `eventual`).
 pub const ADAPTIVE_FILL_WAIT: Duration = Duration::from_millis(1);
-/// How often the arrival rate that `adaptive` follows is measured.
-const RATE_WINDOW: Duration = Duration::from_millis(250);
+
+/// How long ago `unix_nanos` (a JetStream append time) was, by this host's clock; zero for a
+/// time ahead of it (clocks of different hosts differ a little).
+fn since(unix_nanos: i128) -> Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128);
+    Duration::from_nanos(u64::try_from(now - unix_nanos).unwrap_or(0))
+}
 
 /// Most events a replay receives, decodes and applies as one chunk (several chunks make a
 /// transaction of up to `CH_REPLAY_BATCH_MAX` events).
@@ -1006,13 +1014,12 @@ impl<P: Projection> Projector<P> {
             Duration::from_secs(1)
         };
         let mut retry = Retry::default();
-        let mut last_bucket = 0;
+        // `adaptive`: the last decision logged (fill wait or not, batch size bucket), and when.
+        let mut last_decision = (false, 0);
+        let mut last_logged: Option<Instant> = None;
         // The newest applied message not acked yet, and when the last ack went out.
         let mut to_ack: Option<async_nats::jetstream::Message> = None;
         let mut acked_at = Instant::now();
-        // Events received in the current window (and when it began), and the last window's rate.
-        let mut arrivals = (0_usize, Instant::now());
-        let mut rate = 0.0;
         let ended = loop {
             if leader_conn.lost() {
                 break Ended::LostLead;
@@ -1050,12 +1057,10 @@ impl<P: Projection> Projector<P> {
                 }
                 Ok(Some(Ok(m))) => m,
             };
-            let pending = first.info().map_or(0, |i| i.pending);
-            if arrivals.1.elapsed() >= RATE_WINDOW {
-                rate = arrivals.0 as f64 / arrivals.1.elapsed().as_secs_f64();
-                arrivals = (0, Instant::now());
-            }
-            let (target, wait) = self.batch.plan(pending, rate);
+            let (pending, behind) = first.info().map_or((0, Duration::ZERO), |i| {
+                (i.pending, since(i.published.unix_timestamp_nanos()))
+            });
+            let (target, wait) = self.batch.plan(pending, behind);
             self.metrics.gauge("pending", pending as i64);
             let mut batch = vec![first];
             let deadline = tokio::time::Instant::now() + wait;
@@ -1091,22 +1096,27 @@ impl<P: Projection> Projector<P> {
                     None => break,
                 }
             }
-            arrivals.0 += batch.len();
             if self.batch.adaptive {
-                // Its decisions, visible: the batch size by powers of two, and the backlog.
-                let bucket = usize::BITS - batch.len().leading_zeros();
-                if bucket != last_bucket {
+                // Its decisions, visible: whether batches wait to fill and their size (by powers
+                // of two) in the log when they change, at most once a second (caught up at a
+                // moderate rate, sizes flicker between one and a few events); the latest ones
+                // in the metrics.
+                let decision = (!wait.is_zero(), usize::BITS - batch.len().leading_zeros());
+                let quiet = last_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+                if decision != last_decision && quiet {
                     info!(
                         projection = name,
-                        pending,
+                        filling = decision.0,
                         batch_size = batch.len(),
-                        events_per_sec = rate as u64,
-                        fill_wait_ms = wait.as_millis() as u64,
-                        "adaptive batch size changed"
+                        behind_ms = behind.as_millis() as u64,
+                        pending,
+                        "adaptive batching changed"
                     );
-                    last_bucket = bucket;
+                    (last_decision, last_logged) = (decision, Some(Instant::now()));
                 }
                 self.metrics.gauge("batch_size", batch.len() as i64);
+                self.metrics.gauge("fill_wait_ms", wait.as_millis() as i64);
+                self.metrics.gauge("behind_ms", behind.as_millis() as i64);
             }
             let mut raws = Vec::with_capacity(batch.len());
             // The newest delivery (by consumer sequence): its ack acks the batch.
@@ -1312,18 +1322,41 @@ mod tests {
     #[test]
     fn fixed_modes_always_plan_their_settings() {
         let c = config(false);
-        assert_eq!(c.plan(0, 0.0), (500, Duration::from_millis(5)));
-        assert_eq!(c.plan(10_000, 50_000.0), (500, Duration::from_millis(5)));
+        assert_eq!(c.plan(0, Duration::ZERO), (500, Duration::from_millis(5)));
+        let far_behind = Duration::from_secs(9);
+        assert_eq!(c.plan(10_000, far_behind), (500, Duration::from_millis(5)));
     }
 
     #[test]
-    fn adaptive_waits_to_fill_only_under_load() {
+    fn adaptive_waits_to_fill_only_when_behind() {
         let c = config(true);
-        // Caught up and quiet: take what has arrived, no wait (lowest latency).
-        assert_eq!(c.plan(0, 20.0), (500, Duration::ZERO));
-        assert_eq!(c.plan(ADAPTIVE_BACKLOG - 1, 999.0), (500, Duration::ZERO));
-        // A backlog on the server, or a high arrival rate: fill the batch (throughput).
-        assert_eq!(c.plan(ADAPTIVE_BACKLOG, 0.0), (500, ADAPTIVE_FILL_WAIT));
-        assert_eq!(c.plan(0, ADAPTIVE_BUSY_RATE), (500, ADAPTIVE_FILL_WAIT));
+        let just_short = ADAPTIVE_BEHIND - Duration::from_micros(1);
+        // Caught up: take what has arrived, no wait (lowest latency).
+        assert_eq!(c.plan(0, Duration::ZERO), (500, Duration::ZERO));
+        assert_eq!(
+            c.plan(ADAPTIVE_BACKLOG - 1, just_short),
+            (500, Duration::ZERO)
+        );
+        // A backlog on the server, or events that waited: fill the batch (throughput).
+        assert_eq!(
+            c.plan(ADAPTIVE_BACKLOG, Duration::ZERO),
+            (500, ADAPTIVE_FILL_WAIT)
+        );
+        assert_eq!(c.plan(0, ADAPTIVE_BEHIND), (500, ADAPTIVE_FILL_WAIT));
+    }
+
+    #[test]
+    fn time_since_an_append() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as i128;
+        let ago = since(now - 2_000_000_000);
+        assert!(
+            ago >= Duration::from_secs(2) && ago < Duration::from_secs(60),
+            "{ago:?}"
+        );
+        // A timestamp ahead of this clock (skew between hosts) counts as no time at all.
+        assert_eq!(since(now + 60_000_000_000), Duration::ZERO);
     }
 }
