@@ -14,7 +14,7 @@ help:
 	@echo "make down       stop what 'make up' started"
 	@echo "make test       unit and end-to-end tests against a nats-server of their own"
 	@echo "make bench      the trade-flow benchmark on a stack of its own (BENCH_ARGS=--quick for a smoke run)"
-	@echo "make bench-modes  CH_SYNC eventual, batch and adaptive side by side at three loads"
+	@echo "make bench-modes  CH_SYNC eventual, batch and adaptive side by side at three loads (about 10 min)"
 	@echo "make lint       rustfmt check and clippy (warnings are errors)"
 	@echo "make clean-run  remove .run (logs, pid files, the dev server's store)"
 
@@ -40,19 +40,20 @@ test: venv pg
 
 # BENCH_ARGS: extra arguments of `chctl bench trade-flow` (e.g. --quick); BENCH_SYNC_MODES:
 # CH_SYNC modes to run (default eventual); BENCH_FSYNC: JetStream fsync settings (default
-# "default always"); BENCH_RATES: signal rates, commands/s or max (default max: closed loop).
-# See scripts/bench.sh.
+# "default always"); BENCH_RATES: signal rates, commands/s or max (default max: closed loop);
+# BENCH_REPEAT: runs of each (default 1). See scripts/bench.sh.
 bench: venv pg
 	@BENCH_ARGS="$(BENCH_ARGS)" BENCH_SYNC_MODES="$(BENCH_SYNC_MODES)" BENCH_FSYNC="$(BENCH_FSYNC)" \
-		BENCH_RATES="$(BENCH_RATES)" scripts/bench.sh
+		BENCH_RATES="$(BENCH_RATES)" BENCH_REPEAT="$(BENCH_REPEAT)" scripts/bench.sh
 
-# Is adaptive close to the best fixed batching at every load? The three batching modes at a
-# light, a medium and a saturating load (default fsync, 30,000 signals, no monolith), then
-# `chctl bench compare` of the nine runs.
+# Is adaptive close to the best fixed batching at every load? The three batching modes in
+# turn, three times, at a light, a medium and a saturating load (default fsync, 30,000 signals,
+# no monolith), then `chctl bench compare` of the 27 runs (medians of each mode's three).
 bench-modes: venv pg
 	@BENCH_ARGS="--baseline none --signals 30000 $(BENCH_ARGS)" \
 		BENCH_SYNC_MODES="eventual batch adaptive" BENCH_FSYNC=default \
-		BENCH_RATES="$(or $(BENCH_RATES),500 2000 max)" scripts/bench.sh
+		BENCH_RATES="$(or $(BENCH_RATES),1000 3000 max)" BENCH_REPEAT="$(or $(BENCH_REPEAT),3)" \
+		scripts/bench.sh
 
 lint:
 	cargo fmt --all -- --check

@@ -5,12 +5,12 @@
 # default "default always": the server's default sync_interval, and `sync_interval: always` as
 # in nats/nats-server.conf), each signal rate (BENCH_RATES, default "max": closed-loop clients
 # as fast as the replies come; a number paces the signal clients to that many commands/s in
-# all and the query clients to a quarter of it) and each read-side mode (BENCH_SYNC_MODES,
-# default "eventual"):
+# all and the query clients to a quarter of it), BENCH_REPEAT times (default 1), each read-side
+# mode (BENCH_SYNC_MODES, default "eventual") in turn:
 #   a fresh pinned nats-server (port 14422, monitor 18422, a fresh store), fresh Postgres
 #   schemas (bench, bench_mono), the release workers (`chctl up --detach`, CH_SUBJECT_PREFIX=bench,
 #   own CH_RUN_DIR), `chctl bench trade-flow $BENCH_ARGS`, then everything stopped again.
-# Results: bench/results/<UTC timestamp>-<fsync>[-<rate>]-<mode>.json and
+# Results: bench/results/<UTC timestamp>-<fsync>[-<rate>]-<mode>[-<repetition>].json and
 # bench/results/latest.json; with more than one run, `chctl bench compare` of them at the end.
 #
 #   make bench                                   default size (100,000 signals)
@@ -31,6 +31,7 @@ port=${BENCH_NATS_PORT:-14422}
 http=$((port + 4000))
 modes=${BENCH_SYNC_MODES:-eventual}
 rates=${BENCH_RATES:-max}
+repeat=${BENCH_REPEAT:-1}
 fsyncs=${BENCH_FSYNC:-default always}
 read -r -a bench_args <<<"${BENCH_ARGS:-}"
 
@@ -66,6 +67,10 @@ fresh_schemas() {
     fi
 }
 
+if [[ ! $repeat =~ ^[1-9][0-9]*$ ]]; then
+    echo "bench.sh: BENCH_REPEAT: '$repeat' is not a positive number" >&2
+    exit 2
+fi
 for rate in $rates; do
     if [[ $rate != max && ! $rate =~ ^[1-9][0-9]*$ ]]; then
         echo "bench.sh: BENCH_RATES: '$rate' is neither a positive number nor max" >&2
@@ -88,36 +93,39 @@ for fsync in $fsyncs; do
                rate_tag=-$rate rate_label="$rate/s" ;;
         esac
         first=1
-        for mode in $modes; do
-            # The monolith does not depend on CH_SYNC: it runs beside the first mode of each
-            # fsync setting and rate only (unless BENCH_ARGS says otherwise).
-            extra=()
-            if [[ -z $first && " ${bench_args[*]} " != *" --baseline"* ]]; then
-                extra=(--baseline none)
-            fi
-            first=
-            tag=$label$rate_tag-$mode
-            echo
-            echo "=== JetStream sync_interval: $label; CH_SYNC=$mode; signals: $rate_label"
-            cleanup
-            store=$(mktemp -d "${TMPDIR:-/tmp}/ch-bench-nats.XXXXXX")
-            run_dir=$(mktemp -d "${TMPDIR:-/tmp}/ch-bench-run.XXXXXX")
-            scripts/nats.sh stop "$port" >/dev/null 2>&1 || true
-            CH_NATS_CONF=$conf scripts/nats.sh start "$port" "$store" "$http"
-            fresh_schemas
-            export CH_SYNC=$mode CH_RUN_DIR=$run_dir
-            "$bin/chctl" up --detach --bin-dir "$bin" >"$run_dir/up.log" 2>&1 \
-                || { cat "$run_dir/up.log" >&2; exit 1; }
-            echo "workers up (logs in $run_dir/logs)"
-            rc=0
-            "$bin/chctl" bench trade-flow --sync-interval-label "$label" --tag "$tag" \
-                "${extra[@]}" "${rate_args[@]}" "${bench_args[@]}" || rc=$?
-            if [[ $rc != 0 ]]; then
-                echo "bench.sh: the benchmark failed (exit $rc); worker logs:" >&2
-                tail -n 5 "$run_dir"/logs/*.log >&2 || true
-                exit "$rc"
-            fi
-            written+=("$(ls -t bench/results/*-"$tag".json | head -n 1)")
+        for ((rep = 1; rep <= repeat; rep++)); do
+            for mode in $modes; do
+                # The monolith does not depend on CH_SYNC: it runs beside the first mode of each
+                # fsync setting and rate, once, only (unless BENCH_ARGS says otherwise).
+                extra=()
+                if [[ -z $first && " ${bench_args[*]} " != *" --baseline"* ]]; then
+                    extra=(--baseline none)
+                fi
+                first=
+                tag=$label$rate_tag-$mode
+                (( repeat == 1 )) || tag+=-$rep
+                echo
+                echo "=== JetStream sync_interval: $label; CH_SYNC=$mode; signals: $rate_label; run $rep of $repeat"
+                cleanup
+                store=$(mktemp -d "${TMPDIR:-/tmp}/ch-bench-nats.XXXXXX")
+                run_dir=$(mktemp -d "${TMPDIR:-/tmp}/ch-bench-run.XXXXXX")
+                scripts/nats.sh stop "$port" >/dev/null 2>&1 || true
+                CH_NATS_CONF=$conf scripts/nats.sh start "$port" "$store" "$http"
+                fresh_schemas
+                export CH_SYNC=$mode CH_RUN_DIR=$run_dir
+                "$bin/chctl" up --detach --bin-dir "$bin" >"$run_dir/up.log" 2>&1 \
+                    || { cat "$run_dir/up.log" >&2; exit 1; }
+                echo "workers up (logs in $run_dir/logs)"
+                rc=0
+                "$bin/chctl" bench trade-flow --sync-interval-label "$label" --tag "$tag" \
+                    "${extra[@]}" "${rate_args[@]}" "${bench_args[@]}" || rc=$?
+                if [[ $rc != 0 ]]; then
+                    echo "bench.sh: the benchmark failed (exit $rc); worker logs:" >&2
+                    tail -n 5 "$run_dir"/logs/*.log >&2 || true
+                    exit "$rc"
+                fi
+                written+=("$(ls -t bench/results/*-"$tag".json | head -n 1)")
+            done
         done
     done
 done

@@ -112,17 +112,35 @@ fn number(v: &Value) -> Option<f64> {
     v.as_f64().or_else(|| v["value"].as_f64())
 }
 
-/// Adaptive's figure over the best fixed one: the median of each mode's runs, the best of the
-/// fixed modes by the figure's direction. `None` when either side has no number, or the best
-/// is zero.
-fn adaptive_over_best(runs: &[&Run], path: &[&str], higher_better: bool) -> Option<f64> {
-    let of = |mode: &str| {
-        median(
-            runs.iter()
+/// A figure's median over the runs of each mode, in the order the modes first appear.
+fn medians(runs: &[&Run], path: &[&str]) -> Vec<(String, Option<f64>)> {
+    let mut modes: Vec<&str> = Vec::new();
+    for r in runs {
+        if !modes.contains(&r.mode.as_str()) {
+            modes.push(&r.mode);
+        }
+    }
+    modes
+        .into_iter()
+        .map(|mode| {
+            let values = runs
+                .iter()
                 .filter(|r| r.mode == mode)
                 .filter_map(|r| number(at(&r.report, path)))
-                .collect(),
-        )
+                .collect();
+            (mode.to_owned(), median(values))
+        })
+        .collect()
+}
+
+/// Adaptive's figure over the best fixed one, from the modes' medians, the best of the fixed
+/// modes by the figure's direction. `None` when either side has no number, or the best is zero.
+fn adaptive_over_best(medians: &[(String, Option<f64>)], higher_better: bool) -> Option<f64> {
+    let of = |mode: &str| {
+        medians
+            .iter()
+            .find(|(m, _)| m == mode)
+            .and_then(|(_, v)| *v)
     };
     let adaptive = of("adaptive")?;
     let fixed = FIXED.iter().filter_map(|m| of(m));
@@ -134,7 +152,7 @@ fn adaptive_over_best(runs: &[&Run], path: &[&str], higher_better: bool) -> Opti
     (best != 0.0).then(|| adaptive / best)
 }
 
-/// The comparison as text: a table per load.
+/// The comparison as text: a table per load, a column per mode (the median of its runs).
 fn render(runs: &[Run]) -> String {
     let mut groups: Vec<(String, Vec<&Run>)> = Vec::new();
     for r in runs {
@@ -148,26 +166,36 @@ fn render(runs: &[Run]) -> String {
     for (_, group) in &groups {
         let compared = group.iter().any(|r| r.mode == "adaptive")
             && group.iter().any(|r| FIXED.contains(&r.mode.as_str()));
+        // The runs of each mode, in the same order as every row's medians.
+        let counts = medians(group, &[]);
         out.push_str(&format!(
             "\n{}\n{:<24}",
             describe(&group[0].report),
             "figure"
         ));
-        for r in group {
-            out.push_str(&format!(" {:>11}", r.mode));
+        for (mode, _) in &counts {
+            out.push_str(&format!(" {mode:>11}"));
         }
         if compared {
             out.push_str("  adaptive / best fixed");
         }
+        out.push_str(&format!("\n{:<24}", "runs"));
+        for (mode, _) in &counts {
+            let n = group.iter().filter(|r| r.mode == *mode).count();
+            out.push_str(&format!(" {n:>11}"));
+        }
         out.push('\n');
         for (name, path) in FIGURES {
+            let row = medians(group, path);
             out.push_str(&format!("{name:<24}"));
-            for r in group {
-                out.push_str(&format!(" {:>11}", cell(at(&r.report, path))));
+            for (_, v) in &row {
+                out.push_str(&format!(
+                    " {:>11}",
+                    cell(&v.map_or(Value::Null, Value::from))
+                ));
             }
             if compared {
-                let ratio = higher_is_better(name)
-                    .and_then(|higher| adaptive_over_best(group, path, higher));
+                let ratio = higher_is_better(name).and_then(|h| adaptive_over_best(&row, h));
                 if let Some(x) = ratio {
                     out.push_str(&format!("  {x:>10.2}"));
                 }
@@ -180,9 +208,9 @@ fn render(runs: &[Run]) -> String {
         .any(|(_, g)| g.iter().any(|r| r.mode == "adaptive"))
     {
         out.push_str(
-            "\n(adaptive / best fixed: adaptive's figure over the better of eventual's and batch's, \
-             medians where a mode ran more than once; above 1 is more for commands/s, queries/s \
-             and rebuild events/s, and worse for the others)\n",
+            "\n(each figure the median of the mode's runs; adaptive / best fixed: adaptive's \
+             over the better of eventual's and batch's, above 1 being more for commands/s, \
+             queries/s and rebuild events/s, and worse for the others)\n",
         );
     }
     out
@@ -230,15 +258,22 @@ mod tests {
             run("adaptive", Some(500), 500.0, 2.0),
         ];
         let refs: Vec<&Run> = runs[..5].iter().collect();
-        // Higher is better: the median of adaptive's runs (1000) over batch's 1200.
-        let r = adaptive_over_best(&refs, &["commands_per_sec"], true).unwrap();
+        let cmds = medians(&refs, &["commands_per_sec"]);
+        let modes: Vec<&str> = cmds.iter().map(|(m, _)| m.as_str()).collect();
+        assert_eq!(modes, ["eventual", "batch", "adaptive", "immediate"]);
+        assert_eq!(cmds[2].1, Some(1000.0));
+        // Higher is better: adaptive's median (1000) over batch's 1200.
+        let r = adaptive_over_best(&cmds, true).unwrap();
         assert!((r - 1000.0 / 1200.0).abs() < 1e-9, "{r}");
         // Lower is better: adaptive's median 40 over eventual's 40; immediate is not fixed
         // batching and does not count.
-        let r = adaptive_over_best(&refs, &["projection_lag_ms", "p99"], false).unwrap();
-        assert!((r - 1.0).abs() < 1e-9, "{r}");
+        let lag = medians(&refs, &["projection_lag_ms", "p99"]);
+        assert!((adaptive_over_best(&lag, false).unwrap() - 1.0).abs() < 1e-9);
         // No numbers on either side: no ratio.
-        assert_eq!(adaptive_over_best(&refs, &["sync_overhead"], false), None);
+        assert_eq!(
+            adaptive_over_best(&medians(&refs, &["sync_overhead"]), false),
+            None
+        );
 
         let text = render(&runs);
         assert_eq!(
@@ -248,11 +283,17 @@ mod tests {
         );
         assert!(text.contains("at 500/s"), "{text}");
         assert!(text.contains("(closed loop)"), "{text}");
-        let lag_row = text
-            .lines()
-            .find(|l| l.starts_with("projection lag p99 ms"))
-            .unwrap();
-        assert!(lag_row.trim_end().ends_with("1.00"), "{lag_row}");
+        let row = |name: &str| -> Vec<&str> {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .unwrap()
+                .split_whitespace()
+                .collect()
+        };
+        assert_eq!(row("runs")[1..], ["1", "1", "2", "1"]);
+        // eventual, batch, adaptive (the median of 60 and 20), immediate; then adaptive / best.
+        let lag_row = row("projection lag p99 ms");
+        assert_eq!(lag_row[4..], ["40.00", "80.00", "40.00", "1.00", "1.00"]);
         // The second load has adaptive only: no comparison column there.
         let headers: Vec<&str> = text.lines().filter(|l| l.starts_with("figure")).collect();
         assert_eq!(headers.len(), 2, "{text}");
