@@ -133,6 +133,15 @@ fn medians(runs: &[&Run], path: &[&str]) -> Vec<(String, Option<f64>)> {
         .collect()
 }
 
+/// A median as the report would hold it: a whole number (a count) as an integer.
+fn as_json(v: Option<f64>) -> Value {
+    match v {
+        Some(x) if x.fract() == 0.0 && x.abs() < 1e15 => Value::from(x as i64),
+        Some(x) => Value::from(x),
+        None => Value::Null,
+    }
+}
+
 /// Adaptive's figure over the best fixed one, from the modes' medians, the best of the fixed
 /// modes by the figure's direction. `None` when either side has no number, or the best is zero.
 fn adaptive_over_best(medians: &[(String, Option<f64>)], higher_better: bool) -> Option<f64> {
@@ -189,10 +198,7 @@ fn render(runs: &[Run]) -> String {
             let row = medians(group, path);
             out.push_str(&format!("{name:<24}"));
             for (_, v) in &row {
-                out.push_str(&format!(
-                    " {:>11}",
-                    cell(&v.map_or(Value::Null, Value::from))
-                ));
+                out.push_str(&format!(" {:>11}", cell(&as_json(*v))));
             }
             if compared {
                 let ratio = higher_is_better(name).and_then(|h| adaptive_over_best(&row, h));
@@ -291,9 +297,13 @@ mod tests {
                 .collect()
         };
         assert_eq!(row("runs")[1..], ["1", "1", "2", "1"]);
+        assert_eq!(
+            row("commands/s")[1..],
+            ["1000", "1200", "1000", "5000", "0.83"]
+        );
         // eventual, batch, adaptive (the median of 60 and 20), immediate; then adaptive / best.
         let lag_row = row("projection lag p99 ms");
-        assert_eq!(lag_row[4..], ["40.00", "80.00", "40.00", "1.00", "1.00"]);
+        assert_eq!(lag_row[4..], ["40", "80", "40", "1", "1.00"]);
         // The second load has adaptive only: no comparison column there.
         let headers: Vec<&str> = text.lines().filter(|l| l.starts_with("figure")).collect();
         assert_eq!(headers.len(), 2, "{text}");
