@@ -150,7 +150,7 @@ pub const ADAPTIVE_BACKLOG: u64 = 16;
 /// `adaptive`: how long ago the first event of a batch must have been appended for the batch
 /// to wait to fill. Caught up, an event reaches the projector within a millisecond or so.
 pub const ADAPTIVE_BEHIND: Duration = Duration::from_millis(3);
-/// `adaptive`: how long a batch waits to fill under load. A fifth of `batch` mode's default:
+/// `adaptive`: how long a batch waits to fill when the projector is behind. A fifth of `batch` mode's default:
 /// since a live batch costs three round trips, waiting longer saved little CPU and cost lag
 /// (measured: 1 ms kept `batch`'s projector CPU per command with a lag p50 of 17-21 ms against
 /// 27-43 ms for 5 ms and 12-15 ms for `eventual`).

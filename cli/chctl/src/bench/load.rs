@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -404,7 +404,9 @@ pub async fn run(
 ) -> Phase {
     let total: u64 = w.signals.iter().map(|s| s.len() as u64).sum();
     let done = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
+    // Set once the last signal is answered: ends the progress bar and the query clients (a
+    // paced one may be waiting for its next slot).
+    let signals_done = CancellationToken::new();
     let timeout = Duration::from_secs(30);
     let started = Instant::now();
     let newest = Arc::new(AtomicU64::new(0));
@@ -412,13 +414,11 @@ pub async fn run(
         label.to_owned(),
         total,
         done.clone(),
-        stop.clone(),
+        signals_done.clone(),
         lag.clone().map(|l| (l, newest.clone())),
     ));
 
     let ids: Arc<Vec<String>> = Arc::new(w.portfolios.iter().map(|p| p.id.clone()).collect());
-    // Ends the query clients (a paced one may be waiting for its next slot).
-    let signals_done = CancellationToken::new();
     let queries: Vec<_> = (0..query_clients)
         .map(|i| {
             let client = t.client.clone();
@@ -535,7 +535,6 @@ pub async fn run(
         merge(&mut phase.command_errors, r.errors);
     }
     phase.seconds = started.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
     signals_done.cancel();
     for h in queries {
         if let Ok((hist, errors, n)) = h.await {
@@ -560,7 +559,7 @@ async fn progress(
     label: String,
     total: u64,
     done: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
+    signals_done: CancellationToken,
     lag: Option<(Arc<LagTracker>, Arc<AtomicU64>)>,
 ) {
     let tty = std::io::stderr().is_terminal();
@@ -572,7 +571,7 @@ async fn progress(
     };
     let mut last_print = Instant::now();
     loop {
-        let finished = stop.load(Ordering::Relaxed);
+        let finished = signals_done.is_cancelled();
         let n = done.load(Ordering::Relaxed);
         if finished || last_print.elapsed() >= every {
             last_print = Instant::now();

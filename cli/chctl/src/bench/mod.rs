@@ -1,6 +1,6 @@
 //! `chctl bench trade-flow`: the benchmark of issue 3. A deterministic trade-flow workload
-//! (strategies, funded portfolios, then trade signals from closed-loop clients while other
-//! clients query portfolios) against a deployment, over NATS only, like any client; then the
+//! (strategies, funded portfolios, then trade signals from closed-loop or paced clients while
+//! other clients query portfolios) against a deployment, over NATS only, like any client; then the
 //! stream is folded and compared with the read model, and the portfolio read model is rebuilt.
 //! With `--baseline monolith` the same workload runs against the monolithic baseline
 //! ([`monolith`]) in this process, and the report gives ours / baseline for every figure.
@@ -36,8 +36,8 @@ pub struct Args {
 
 #[derive(clap::Subcommand)]
 pub enum Which {
-    /// Strategies, funded portfolios, then trade signals from closed-loop clients while
-    /// others query portfolios; fold-and-compare, rebuild; optionally the monolithic baseline.
+    /// Strategies, funded portfolios, then trade signals from closed-loop (or paced) clients
+    /// while others query portfolios; fold-and-compare, rebuild; optionally the monolithic baseline.
     TradeFlow(TradeFlow),
     /// The read-side modes side by side from `trade-flow` result files, grouped by load, with
     /// `adaptive` against the best fixed batching of each load.
