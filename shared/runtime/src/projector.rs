@@ -169,6 +169,12 @@ fn since(unix_nanos: i128) -> Duration {
 /// transaction of up to `CH_REPLAY_BATCH_MAX` events).
 const REPLAY_CHUNK: usize = 5000;
 
+/// How often a standing-by projector tries to take the lock.
+const LEAD_POLL: Duration = Duration::from_secs(1);
+/// How long a projector that lost its lock's session waits before trying to take it again:
+/// longer than [`LEAD_POLL`], so that a standby takes over first.
+const HANDOVER: Duration = Duration::from_millis(1500);
+
 /// Most time between two acks of a projector's consumer (far below its `ack_wait`).
 const ACK_EVERY: Duration = Duration::from_millis(100);
 
@@ -912,7 +918,7 @@ impl<P: Projection> Projector<P> {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return None,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = tokio::time::sleep(LEAD_POLL) => {}
             }
         }
     }
@@ -926,10 +932,19 @@ impl<P: Projection> Projector<P> {
         while let Some(leader) = self.lead(&shutdown).await {
             match self.project(leader, &shutdown).await? {
                 Ended::Shutdown => break,
-                Ended::LostLead => warn!(
-                    projection = self.name(),
-                    "the projector lock's database session ended; taking the lock again"
-                ),
+                Ended::LostLead => {
+                    warn!(
+                        projection = self.name(),
+                        "the projector lock's database session ended; a standby may take over, \
+                         else this one takes the lock again"
+                    );
+                    // A standby polls every `LEAD_POLL`: it gets the first chance, so that a
+                    // replica that lost its session hands over rather than racing for the lock.
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(HANDOVER) => {}
+                    }
+                }
             }
         }
         Ok(())
