@@ -11,7 +11,8 @@
 #   schemas (bench, bench_mono), the release workers (`chctl up --detach`, CH_SUBJECT_PREFIX=bench,
 #   own CH_RUN_DIR), `chctl bench trade-flow $BENCH_ARGS`, then everything stopped again.
 # Results: bench/results/<UTC timestamp>-<fsync>[-<rate>]-<mode>[-<repetition>].json and
-# bench/results/latest.json; with more than one run, `chctl bench compare` of them at the end.
+# bench/results/latest.json; with more than one run per fsync setting, `chctl bench compare` of
+# them at the end.
 #
 #   make bench                                   default size (100,000 signals)
 #   make bench BENCH_ARGS=--quick                smoke size
@@ -133,6 +134,8 @@ cleanup
 echo
 echo "make bench: $(( $(date +%s) - started )) s after the build; results:"
 printf '  %s\n' "${written[@]}"
-if (( ${#written[@]} > 1 )); then
+# Side by side when a setting ran more than once (several modes, rates or repetitions).
+read -r -a fsync_list <<<"$fsyncs"
+if (( ${#written[@]} > ${#fsync_list[@]} )); then
     "$bin/chctl" bench compare "${written[@]}"
 fi
