@@ -649,14 +649,7 @@ async fn a_projector_whose_lock_session_ends_stands_by_for_the_one_that_took_it(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_projector_rides_out_a_database_outage() {
     let env = TestEnv::without_projectors().await;
-    // A role of its own (a member of the tables' owner), so that only it can be refused.
-    let role = format!("{}_w", env.cfg.db_schema);
-    env.pg
-        .batch_execute(&format!("CREATE ROLE \"{role}\" LOGIN IN ROLE postgres"))
-        .await
-        .expect("role");
-    let mut cfg = env.app_config();
-    cfg.database_url = env.database_url_as(&role);
+    let (role, cfg) = own_role(&env).await;
     let (stop, metrics, task) = portfolio_projector(cfg).await;
     wait_until("it leads", || gauge(&metrics, "active") == Some(1)).await;
     env.cmd("portfolio.update", open("p1", "u1")).await;
@@ -688,6 +681,23 @@ async fn the_projector_rides_out_a_database_outage() {
     assert_eq!(gauge(&metrics, "consecutive_failures"), Some(0));
     stop.cancel();
     let _ = task.await;
+    drop_role(&env, &role).await;
+}
+
+/// A projector's configuration on a database role of its own (a member of the tables' owner),
+/// so that only it can be refused.
+async fn own_role(env: &TestEnv) -> (String, Config) {
+    let role = format!("{}_w", env.cfg.db_schema);
+    env.pg
+        .batch_execute(&format!("CREATE ROLE \"{role}\" LOGIN IN ROLE postgres"))
+        .await
+        .expect("role");
+    let mut cfg = env.app_config();
+    cfg.database_url = env.database_url_as(&role);
+    (role, cfg)
+}
+
+async fn drop_role(env: &TestEnv, role: &str) {
     env.pg
         .batch_execute(&format!(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}';
@@ -695,4 +705,49 @@ async fn the_projector_rides_out_a_database_outage() {
         ))
         .await
         .expect("drop the role");
+}
+
+/// The projector loses its lock's session and, leading again, cannot start projecting: the
+/// role's one allowed connection is the lock's own session, so none is left for the pool. It
+/// releases the lock and tries again, backing off, rather than stopping; once connections are
+/// allowed again it projects what came meanwhile, and the failure count ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projector_that_cannot_start_projecting_tries_again() {
+    let env = TestEnv::without_projectors().await;
+    let (role, cfg) = own_role(&env).await;
+    let (stop, metrics, task) = portfolio_projector(cfg).await;
+    wait_until("it leads", || gauge(&metrics, "active") == Some(1)).await;
+    env.cmd("portfolio.update", open("p1", "u1")).await;
+    let first = env.cmd("portfolio.update", deposit("p1", "100")).await;
+    env.performance_at("p1", seq(&first)).await;
+
+    env.pg
+        .batch_execute(&format!(
+            "ALTER ROLE \"{role}\" CONNECTION LIMIT 1;
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"
+        ))
+        .await
+        .expect("limit the role");
+    let during = env.cmd("portfolio.update", deposit("p1", "50")).await;
+    wait_until(
+        "two attempts to start projecting failed, or it stopped",
+        || task.is_finished() || gauge(&metrics, "consecutive_failures") >= Some(2),
+    )
+    .await;
+    assert!(!task.is_finished(), "the projector stopped");
+
+    env.pg
+        .batch_execute(&format!("ALTER ROLE \"{role}\" CONNECTION LIMIT -1"))
+        .await
+        .expect("lift the limit");
+    let perf = env.performance_at("p1", seq(&during)).await;
+    assert_eq!(perf["cash"], json!("150"), "{perf}");
+    wait_until("the failure count ends", || {
+        gauge(&metrics, "consecutive_failures") == Some(0)
+    })
+    .await;
+    assert_eq!(gauge(&metrics, "active"), Some(1));
+    stop.cancel();
+    let _ = task.await;
+    drop_role(&env, &role).await;
 }

@@ -92,6 +92,19 @@ pub enum ProjectorError {
     Store(#[from] StoreError),
 }
 
+impl ProjectorError {
+    /// Whether trying again later may succeed: the store or the database away or refusing
+    /// for a while (connections, restarts, serialization, resources).
+    fn transient(&self) -> bool {
+        match self {
+            ProjectorError::Db(DbError::Unavailable(_))
+            | ProjectorError::Store(StoreError::Unavailable(_)) => true,
+            ProjectorError::Db(DbError::Query(e)) => transient(e),
+            ProjectorError::Store(_) => false,
+        }
+    }
+}
+
 impl From<tokio_postgres::Error> for ProjectorError {
     fn from(e: tokio_postgres::Error) -> Self {
         ProjectorError::Db(DbError::Query(e))
@@ -924,15 +937,31 @@ impl<P: Projection> Projector<P> {
     }
 
     /// Runs until `shutdown`: leads (or stands by until it can), projects, and should the
-    /// lock's session end, stands by again, so that one projector is active at a time.
+    /// lock's session end, stands by again, so that one projector is active at a time. Should
+    /// it fail to start projecting because the store or the database is away (a restart), it
+    /// releases the lock and tries again, backing off.
     ///
     /// # Errors
-    /// [`ProjectorError`] when the consumer cannot be created or the database is gone for good.
+    /// [`ProjectorError`] when projecting fails for another reason (a definition that does
+    /// not parse, an error the database will give again).
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), ProjectorError> {
+        let mut retry = Retry::default();
         while let Some(leader) = self.lead(&shutdown).await {
-            match self.project(leader, &shutdown).await? {
-                Ended::Shutdown => break,
-                Ended::LostLead => {
+            match self.project(leader, &shutdown, &mut retry).await {
+                Ok(Ended::Shutdown) => break,
+                Err(e) if e.transient() => {
+                    warn!(
+                        projection = self.name(),
+                        error = %e,
+                        failures = retry.failures + 1,
+                        "could not start projecting; released the lock, trying again"
+                    );
+                    if !retry.wait(&self.metrics, &shutdown).await {
+                        break;
+                    }
+                }
+                Err(e) => return Err(e),
+                Ok(Ended::LostLead) => {
                     warn!(
                         projection = self.name(),
                         "the projector lock's database session ended; a standby may take over, \
@@ -951,14 +980,17 @@ impl<P: Projection> Projector<P> {
     }
 
     /// Projects while it holds the lock of `leader`: until `shutdown` (the batch in hand is
-    /// committed and acked before returning) or until the lock's session ends.
+    /// committed and acked before returning) or until the lock's session ends. `retry` counts
+    /// the failures in a row, of starting as of batches; a batch or idle check that succeeds
+    /// ends the count.
     async fn project(
         &self,
         leader_conn: Leader,
         shutdown: &CancellationToken,
+        retry: &mut Retry,
     ) -> Result<Ended, ProjectorError> {
         self.metrics.gauge("active", 1);
-        let ended = self.project_with_lock(&leader_conn, shutdown).await;
+        let ended = self.project_with_lock(&leader_conn, shutdown, retry).await;
         self.metrics.gauge("active", 0);
         release(leader_conn);
         ended
@@ -968,6 +1000,7 @@ impl<P: Projection> Projector<P> {
         &self,
         leader_conn: &Leader,
         shutdown: &CancellationToken,
+        retry: &mut Retry,
     ) -> Result<Ended, ProjectorError> {
         let name = self.name();
         let mut cfg = consumer_config(self.projection.consumer_json(), self.store.subjects())?;
@@ -1028,7 +1061,6 @@ impl<P: Projection> Projector<P> {
         } else {
             Duration::from_secs(1)
         };
-        let mut retry = Retry::default();
         // `adaptive`: the last decision logged (fill wait or not, batch size bucket), and when.
         let mut last_decision = (false, 0);
         let mut last_logged: Option<Instant> = None;
