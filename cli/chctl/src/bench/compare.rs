@@ -1,6 +1,7 @@
 //! `chctl bench compare`: the read-side modes side by side, from the JSON of `trade-flow` runs.
 //! Runs are grouped by load (fsync setting, sizes, clients, rates, seed); in each group a
-//! column per run, and, where `adaptive` ran beside fixed batching (`eventual`, `batch`),
+//! column per mode (the median of its runs), and, where `adaptive` ran beside fixed batching
+//! (`eventual`, `batch`),
 //! adaptive's figures over the best of the fixed ones for that load (issue 3: adaptive should
 //! never be much worse than the best fixed setting). `immediate` is listed, not compared: its
 //! replies wait for the read model, a different contract.
@@ -112,8 +113,8 @@ fn number(v: &Value) -> Option<f64> {
     v.as_f64().or_else(|| v["value"].as_f64())
 }
 
-/// A figure's median over the runs of each mode, in the order the modes first appear.
-fn medians(runs: &[&Run], path: &[&str]) -> Vec<(String, Option<f64>)> {
+/// The modes of `runs`, in the order they first appear.
+fn modes<'a>(runs: &[&'a Run]) -> Vec<&'a str> {
     let mut modes: Vec<&str> = Vec::new();
     for r in runs {
         if !modes.contains(&r.mode.as_str()) {
@@ -121,6 +122,11 @@ fn medians(runs: &[&Run], path: &[&str]) -> Vec<(String, Option<f64>)> {
         }
     }
     modes
+}
+
+/// A figure's median over the runs of each mode, in the order of [`modes`].
+fn medians(runs: &[&Run], path: &[&str]) -> Vec<(String, Option<f64>)> {
+    modes(runs)
         .into_iter()
         .map(|mode| {
             let values = runs
@@ -175,21 +181,20 @@ fn render(runs: &[Run]) -> String {
     for (_, group) in &groups {
         let compared = group.iter().any(|r| r.mode == "adaptive")
             && group.iter().any(|r| FIXED.contains(&r.mode.as_str()));
-        // The runs of each mode, in the same order as every row's medians.
-        let counts = medians(group, &[]);
+        let modes = modes(group);
         out.push_str(&format!(
             "\n{}\n{:<24}",
             describe(&group[0].report),
             "figure"
         ));
-        for (mode, _) in &counts {
+        for mode in &modes {
             out.push_str(&format!(" {mode:>11}"));
         }
         if compared {
             out.push_str("  adaptive / best fixed");
         }
         out.push_str(&format!("\n{:<24}", "runs"));
-        for (mode, _) in &counts {
+        for mode in &modes {
             let n = group.iter().filter(|r| r.mode == *mode).count();
             out.push_str(&format!(" {n:>11}"));
         }
