@@ -648,6 +648,35 @@ async fn a_projector_whose_lock_session_ends_stands_by_for_the_one_that_took_it(
 /// once the database is back it leads again and applies what came meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_projector_rides_out_a_database_outage() {
+    projector_rides_out("NOLOGIN", "LOGIN", Meanwhile::StandsBy).await;
+}
+
+/// The projector loses its lock's session and, leading again, cannot start projecting: the
+/// role's one allowed connection is the lock's own session, so none is left for the pool. It
+/// releases the lock and tries again, backing off, rather than stopping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projector_that_cannot_start_projecting_tries_again() {
+    projector_rides_out(
+        "CONNECTION LIMIT 1",
+        "CONNECTION LIMIT -1",
+        Meanwhile::LeadsAndFails,
+    )
+    .await;
+}
+
+/// What the projector does while its role is refused.
+#[derive(PartialEq)]
+enum Meanwhile {
+    /// It cannot take the lock: never active.
+    StandsBy,
+    /// It takes the lock, fails to start, releases it: active for moments at a time.
+    LeadsAndFails,
+}
+
+/// A projector on a role of its own, refused with `ALTER ROLE ... {refuse}` and its sessions
+/// ended: it must keep trying rather than stop (two failures in a row counted), and once
+/// `allow` lets it in again, apply what came meanwhile, lead, and end the failure count.
+async fn projector_rides_out(refuse: &str, allow: &str, meanwhile: Meanwhile) {
     let env = TestEnv::without_projectors().await;
     let (role, cfg) = own_role(&env).await;
     let (stop, metrics, task) = portfolio_projector(cfg).await;
@@ -658,27 +687,32 @@ async fn the_projector_rides_out_a_database_outage() {
 
     env.pg
         .batch_execute(&format!(
-            "ALTER ROLE \"{role}\" NOLOGIN;
+            "ALTER ROLE \"{role}\" {refuse};
              SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"
         ))
         .await
         .expect("refuse the role");
     let during = env.cmd("portfolio.update", deposit("p1", "50")).await;
-    wait_until("two attempts to lead failed, or it stopped", || {
+    wait_until("two failures in a row, or it stopped", || {
         task.is_finished() || gauge(&metrics, "consecutive_failures") >= Some(2)
     })
     .await;
     assert!(!task.is_finished(), "the projector stopped");
-    assert_eq!(gauge(&metrics, "active"), Some(0));
+    if meanwhile == Meanwhile::StandsBy {
+        assert_eq!(gauge(&metrics, "active"), Some(0));
+    }
 
     env.pg
-        .batch_execute(&format!("ALTER ROLE \"{role}\" LOGIN"))
+        .batch_execute(&format!("ALTER ROLE \"{role}\" {allow}"))
         .await
         .expect("let the role in again");
     let perf = env.performance_at("p1", seq(&during)).await;
     assert_eq!(perf["cash"], json!("150"), "{perf}");
+    wait_until("the failure count ends", || {
+        gauge(&metrics, "consecutive_failures") == Some(0)
+    })
+    .await;
     assert_eq!(gauge(&metrics, "active"), Some(1));
-    assert_eq!(gauge(&metrics, "consecutive_failures"), Some(0));
     stop.cancel();
     let _ = task.await;
     drop_role(&env, &role).await;
@@ -705,49 +739,4 @@ async fn drop_role(env: &TestEnv, role: &str) {
         ))
         .await
         .expect("drop the role");
-}
-
-/// The projector loses its lock's session and, leading again, cannot start projecting: the
-/// role's one allowed connection is the lock's own session, so none is left for the pool. It
-/// releases the lock and tries again, backing off, rather than stopping; once connections are
-/// allowed again it projects what came meanwhile, and the failure count ends.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_projector_that_cannot_start_projecting_tries_again() {
-    let env = TestEnv::without_projectors().await;
-    let (role, cfg) = own_role(&env).await;
-    let (stop, metrics, task) = portfolio_projector(cfg).await;
-    wait_until("it leads", || gauge(&metrics, "active") == Some(1)).await;
-    env.cmd("portfolio.update", open("p1", "u1")).await;
-    let first = env.cmd("portfolio.update", deposit("p1", "100")).await;
-    env.performance_at("p1", seq(&first)).await;
-
-    env.pg
-        .batch_execute(&format!(
-            "ALTER ROLE \"{role}\" CONNECTION LIMIT 1;
-             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"
-        ))
-        .await
-        .expect("limit the role");
-    let during = env.cmd("portfolio.update", deposit("p1", "50")).await;
-    wait_until(
-        "two attempts to start projecting failed, or it stopped",
-        || task.is_finished() || gauge(&metrics, "consecutive_failures") >= Some(2),
-    )
-    .await;
-    assert!(!task.is_finished(), "the projector stopped");
-
-    env.pg
-        .batch_execute(&format!("ALTER ROLE \"{role}\" CONNECTION LIMIT -1"))
-        .await
-        .expect("lift the limit");
-    let perf = env.performance_at("p1", seq(&during)).await;
-    assert_eq!(perf["cash"], json!("150"), "{perf}");
-    wait_until("the failure count ends", || {
-        gauge(&metrics, "consecutive_failures") == Some(0)
-    })
-    .await;
-    assert_eq!(gauge(&metrics, "active"), Some(1));
-    stop.cancel();
-    let _ = task.await;
-    drop_role(&env, &role).await;
 }

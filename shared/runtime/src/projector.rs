@@ -897,28 +897,29 @@ impl<P: Projection> Projector<P> {
 
     /// Waits to become the active projector of this projection (advisory lock held by a
     /// dedicated connection for as long as this projector runs). The database may be away
-    /// meanwhile (a restart): it retries every second. `None` on `shutdown`.
-    async fn lead(&self, shutdown: &CancellationToken) -> Option<Leader> {
-        // Failures are counted as a projecting one counts them; the wait is a fixed second.
-        let (mut standing_by, mut retry) = (false, Retry::default());
+    /// meanwhile (a restart): it retries every second, counting the failures in `retry` (a
+    /// standby that can reach the database ends the count; one that leads, once it projects).
+    /// `None` on `shutdown`.
+    async fn lead(&self, shutdown: &CancellationToken, retry: &mut Retry) -> Option<Leader> {
+        let (mut standing_by, mut warned) = (false, false);
         loop {
             match self.lead_once().await {
-                Ok(Some(leader)) => {
+                Ok(Some(leader)) => return Some(leader),
+                Ok(None) => {
                     retry.succeeded(&self.metrics);
-                    return Some(leader);
+                    if !standing_by {
+                        self.metrics.gauge("active", 0);
+                        info!(
+                            projection = self.name(),
+                            "another projector is active; standing by"
+                        );
+                        standing_by = true;
+                    }
                 }
-                Ok(None) if !standing_by => {
-                    self.metrics.gauge("active", 0);
-                    info!(
-                        projection = self.name(),
-                        "another projector is active; standing by"
-                    );
-                    standing_by = true;
-                }
-                Ok(None) => {}
                 Err(e) => {
                     let failures = retry.failed(&self.metrics);
-                    if failures == 1 {
+                    if !warned {
+                        warned = true;
                         warn!(
                             projection = self.name(),
                             error = %e,
@@ -945,8 +946,9 @@ impl<P: Projection> Projector<P> {
     /// [`ProjectorError`] when projecting fails for another reason (a definition that does
     /// not parse, an error the database will give again).
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), ProjectorError> {
+        // One count of failures in a row: taking the lock, starting, batches and idle checks.
         let mut retry = Retry::default();
-        while let Some(leader) = self.lead(&shutdown).await {
+        while let Some(leader) = self.lead(&shutdown, &mut retry).await {
             match self.project(leader, &shutdown, &mut retry).await {
                 Ok(Ended::Shutdown) => break,
                 Err(e) if e.transient() => {
