@@ -20,6 +20,12 @@ pub enum Access {
     ReadOnly,
 }
 
+/// `CH_DATABASE_URL` parsed; an invalid one is [`DbError::Unavailable`] naming the variable.
+fn parse_url(database_url: &str) -> Result<tokio_postgres::Config, DbError> {
+    tokio_postgres::Config::from_str(database_url)
+        .map_err(|e| DbError::Unavailable(format!("CH_DATABASE_URL: {}", pg_text(&e))))
+}
+
 /// A pool whose connections have `search_path` set to `schema`.
 ///
 /// # Errors
@@ -30,8 +36,7 @@ pub fn pool(
     size: usize,
     access: Access,
 ) -> Result<Pool, DbError> {
-    let mut cfg = tokio_postgres::Config::from_str(database_url)
-        .map_err(|e| DbError::Unavailable(format!("CH_DATABASE_URL: {}", pg_text(&e))))?;
+    let mut cfg = parse_url(database_url)?;
     cfg.options(match access {
         Access::ReadWrite => format!("-c search_path={schema}"),
         Access::ReadOnly => {
@@ -62,8 +67,7 @@ pub async fn connect(
     database_url: &str,
     schema: Option<&str>,
 ) -> Result<tokio_postgres::Client, DbError> {
-    let mut cfg = tokio_postgres::Config::from_str(database_url)
-        .map_err(|e| DbError::Unavailable(format!("CH_DATABASE_URL: {}", pg_text(&e))))?;
+    let mut cfg = parse_url(database_url)?;
     if let Some(s) = schema {
         cfg.options(format!("-c search_path={s}"));
     }
@@ -85,8 +89,7 @@ pub async fn connect(
 /// # Errors
 /// [`DbError`] when the server cannot be reached or refuses.
 pub async fn ensure_database(database_url: &str) -> Result<(), DbError> {
-    let cfg = tokio_postgres::Config::from_str(database_url)
-        .map_err(|e| DbError::Unavailable(format!("CH_DATABASE_URL: {}", pg_text(&e))))?;
+    let cfg = parse_url(database_url)?;
     let Some(db) = cfg.get_dbname().map(str::to_owned) else {
         return Ok(());
     };

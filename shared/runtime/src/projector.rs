@@ -163,8 +163,8 @@ pub const ADAPTIVE_BACKLOG: u64 = 16;
 /// `adaptive`: how long ago the first event of a batch must have been appended for the batch
 /// to wait to fill. Caught up, an event reaches the projector within a millisecond or so.
 pub const ADAPTIVE_BEHIND: Duration = Duration::from_millis(3);
-/// `adaptive`: how long a batch waits to fill when the projector is behind. A fifth of `batch` mode's default:
-/// since a live batch costs three round trips, waiting longer saved little CPU and cost lag
+/// `adaptive`: how long a batch waits to fill when the projector is behind. A fifth of `batch`
+/// mode's default: since a live batch costs three round trips, waiting longer saved little CPU and cost lag
 /// (measured: 1 ms kept `batch`'s projector CPU per command with a lag p50 of 17-21 ms against
 /// 27-43 ms for 5 ms and 12-15 ms for `eventual`).
 pub const ADAPTIVE_FILL_WAIT: Duration = Duration::from_millis(1);
@@ -321,8 +321,9 @@ fn release(leader: Leader) {
     drop(leader);
 }
 
-/// Backing off after a failed batch or idle check (the store or the database away for a
-/// moment); the failures in a row are the `consecutive_failures` gauge.
+/// Backing off after a failure to take the lock, to start projecting, of a batch or of an idle
+/// check (the store or the database away for a moment); the failures in a row are the
+/// `consecutive_failures` gauge.
 struct Retry {
     backoff: Duration,
     failures: i64,
@@ -983,8 +984,8 @@ impl<P: Projection> Projector<P> {
 
     /// Projects while it holds the lock of `leader`: until `shutdown` (the batch in hand is
     /// committed and acked before returning) or until the lock's session ends. `retry` counts
-    /// the failures in a row, of starting as of batches; a batch or idle check that succeeds
-    /// ends the count.
+    /// the failures in a row, of starting as well as of batches; a batch or idle check that
+    /// succeeds ends the count.
     async fn project(
         &self,
         leader_conn: Leader,

@@ -37,7 +37,8 @@ pub struct Args {
 #[derive(clap::Subcommand)]
 pub enum Which {
     /// Strategies, funded portfolios, then trade signals from closed-loop (or paced) clients
-    /// while others query portfolios; fold-and-compare, rebuild; optionally the monolithic baseline.
+    /// while others query portfolios; fold-and-compare, rebuild; optionally the monolithic
+    /// baseline.
     TradeFlow(TradeFlow),
     /// The read-side modes side by side from `trade-flow` result files, grouped by load, with
     /// `adaptive` against the best fixed batching of each load.
