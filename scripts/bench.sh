@@ -111,7 +111,7 @@ for fsync in $fsyncs; do
                 store=$(mktemp -d "${TMPDIR:-/tmp}/ch-bench-nats.XXXXXX")
                 run_dir=$(mktemp -d "${TMPDIR:-/tmp}/ch-bench-run.XXXXXX")
                 scripts/nats.sh stop "$port" >/dev/null 2>&1 || true
-                CH_NATS_CONF=$conf scripts/nats.sh start "$port" "$store" "$http"
+                CH_NATS_CONF=$conf CH_NATS_NAME=ch-bench scripts/nats.sh start "$port" "$store" "$http"
                 fresh_schemas
                 export CH_SYNC=$mode CH_RUN_DIR=$run_dir
                 "$bin/chctl" up --detach --bin-dir "$bin" >"$run_dir/up.log" 2>&1 \

@@ -7,6 +7,8 @@
 # nats/nats-server.conf (JetStream fsync on every write), copied to .run/nats-PORT.conf with
 # the store dir replaced; port, monitoring port and address are given on the command line.
 # CH_NATS_CONF=none runs with `-js` and the server's default fsync interval instead (tests).
+# The server is named NAME-PORT, NAME from CH_NATS_NAME (default ch-dev; make test sets
+# ch-test, make bench ch-bench).
 # Pid file and log: .run/nats-PORT.pid, .run/nats-PORT.log
 # `start` is idempotent and returns once the server accepts connections.
 set -euo pipefail
@@ -64,7 +66,7 @@ start() {
             fi
         done
         mkdir -p "$run" "$store"
-        local args=(-a 127.0.0.1 -p "$port" -m "$http" -n "ch-dev-$port")
+        local args=(-a 127.0.0.1 -p "$port" -m "$http" -n "${CH_NATS_NAME:-ch-dev}-$port")
         if [[ $conf != none && -n $conf ]]; then
             # nats-server refuses `-sd` next to a config that sets store_dir ("Duplicate
             # 'store_dir'"), so the store dir goes into a copy of the config.

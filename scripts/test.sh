@@ -17,7 +17,7 @@ trap cleanup EXIT
 
 # A server left over from an interrupted run would keep its old store: start fresh.
 scripts/nats.sh stop "$port" >/dev/null || true
-CH_NATS_CONF=none scripts/nats.sh start "$port" "$store" "$http"
+CH_NATS_CONF=none CH_NATS_NAME=ch-test scripts/nats.sh start "$port" "$store" "$http"
 export CH_TEST_NATS_URL=nats://127.0.0.1:$port
 
 export CH_TEST_DATABASE_URL=${CH_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/ch_test}
