@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use serde_json::Value;
 
-use super::{at, cell, FIGURES};
+use super::{at, cell, Better, FIGURES};
 
 #[derive(clap::Args, Debug)]
 pub struct Compare {
@@ -36,15 +36,6 @@ const LOAD_KEYS: [&str; 9] = [
     "query_rate",
     "ch_batch_max",
 ];
-
-/// Whether a larger value of the figure is better (`None`: neither, not compared).
-fn higher_is_better(figure: &str) -> Option<bool> {
-    match figure {
-        "commands/s" | "queries/s" | "rebuild events/s" => Some(true),
-        "rejected share" => None,
-        _ => Some(false),
-    }
-}
 
 struct Run {
     mode: String,
@@ -199,14 +190,18 @@ fn render(runs: &[Run]) -> String {
             out.push_str(&format!(" {n:>11}"));
         }
         out.push('\n');
-        for (name, path) in FIGURES {
-            let row = medians(group, path);
-            out.push_str(&format!("{name:<24}"));
+        for figure in &FIGURES {
+            let row = medians(group, figure.path);
+            out.push_str(&format!("{:<24}", figure.name));
             for (_, v) in &row {
                 out.push_str(&format!(" {:>11}", cell(&as_json(*v))));
             }
             if compared {
-                let ratio = higher_is_better(name).and_then(|h| adaptive_over_best(&row, h));
+                let ratio = match figure.better {
+                    Better::Higher => adaptive_over_best(&row, true),
+                    Better::Lower => adaptive_over_best(&row, false),
+                    Better::Neither => None,
+                };
                 if let Some(x) = ratio {
                     out.push_str(&format!("  {x:>10.2}"));
                 }
@@ -251,6 +246,7 @@ mod tests {
                            "query_rate": null, "ch_batch_max": 500},
                 "env": {"jetstream_sync_interval": "default"},
                 "commands_per_sec": cmds,
+                "rejected_share": 0.07,
                 "projection_lag_ms": {"p50": 1.0, "p99": lag_p99},
                 "sync_overhead": {"value": null, "why": "no pids"},
             }),
@@ -309,6 +305,8 @@ mod tests {
         // eventual, batch, adaptive (the median of 60 and 20), immediate; then adaptive / best.
         let lag_row = row("projection lag p99 ms");
         assert_eq!(lag_row[4..], ["40", "80", "40", "1", "1.00"]);
+        // Neither better higher nor lower (the workload sets it): no ratio.
+        assert_eq!(row("rejected share")[2..], ["0.070"; 4]);
         // The second load has adaptive only: no comparison column there.
         let headers: Vec<&str> = text.lines().filter(|l| l.starts_with("figure")).collect();
         assert_eq!(headers.len(), 2, "{text}");

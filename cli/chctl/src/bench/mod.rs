@@ -566,24 +566,11 @@ fn ratios(ours: &Value, base: &Value) -> Value {
     Value::Object(m)
 }
 
-/// The targets for a `sync_interval` label, by table row.
-fn target(label: Option<&str>, row: &str) -> &'static str {
-    let always = match label {
-        Some("always") => true,
-        Some(l) if l.starts_with("default") => false,
-        _ => return "",
-    };
-    match (row, always) {
-        ("commands/s", false) => ">= 10000",
-        ("commands/s", true) => ">= 2500",
-        ("command p99 ms", false) => "<= 10",
-        ("command p99 ms", true) => "<= 40",
-        ("query p99 ms", _) => "<= 3",
-        ("projection lag p99 ms", false) => "<= 50",
-        ("projection lag p99 ms", true) => "<= 100",
-        ("sync overhead", _) => "< 0.1",
-        ("rebuild events/s", false) => ">= 100000",
-        ("rows differing", _) => "0",
+/// The target for a figure in a run labelled `label` (the fsync setting), if any.
+fn target(label: Option<&str>, figure: &Figure) -> &'static str {
+    match label {
+        Some("always") => figure.target.1,
+        Some(l) if l.starts_with("default") => figure.target.0,
         _ => "",
     }
 }
@@ -606,27 +593,63 @@ fn cell(v: &Value) -> String {
     }
 }
 
-/// The figures of a run's table, by name and path in the report.
-const FIGURES: [(&str, &[&str]); 15] = [
-    ("commands/s", &["commands_per_sec"]),
-    ("command p50 ms", &["command_latency_ms", "p50"]),
-    ("command p99 ms", &["command_latency_ms", "p99"]),
-    ("command p999 ms", &["command_latency_ms", "p999"]),
-    ("queries/s", &["queries_per_sec"]),
-    ("query p50 ms", &["query_latency_ms", "p50"]),
-    ("query p99 ms", &["query_latency_ms", "p99"]),
-    ("projection lag p50 ms", &["projection_lag_ms", "p50"]),
-    ("projection lag p99 ms", &["projection_lag_ms", "p99"]),
-    ("sync overhead", &["sync_overhead"]),
-    ("rebuild events/s", &["rebuild_events_per_sec"]),
-    ("rejected share", &["rejected_share"]),
-    ("errors", &["errors", "total"]),
-    ("rows differing", &["consistency", "rows_differing"]),
-    (
-        "  after rebuild",
-        &["consistency", "rows_differing_after_rebuild"],
-    ),
-];
+/// Which way a figure is better, for `chctl bench compare`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Better {
+    Higher,
+    Lower,
+    /// Set by the workload, not by the system (the rejected share).
+    Neither,
+}
+
+/// A figure of a run's table.
+struct Figure {
+    name: &'static str,
+    /// Where it is in the report.
+    path: &'static [&'static str],
+    better: Better,
+    /// The targets at the default fsync and with `sync_interval: always` ("" for none).
+    target: (&'static str, &'static str),
+}
+
+const fn figure(
+    name: &'static str,
+    path: &'static [&'static str],
+    better: Better,
+    target: (&'static str, &'static str),
+) -> Figure {
+    Figure {
+        name,
+        path,
+        better,
+        target,
+    }
+}
+
+const NONE: (&str, &str) = ("", "");
+
+/// The figures of a run's table, in its order.
+#[rustfmt::skip]
+const FIGURES: [Figure; 15] = {
+    use Better::{Higher, Lower, Neither};
+    [
+        figure("commands/s", &["commands_per_sec"], Higher, (">= 10000", ">= 2500")),
+        figure("command p50 ms", &["command_latency_ms", "p50"], Lower, NONE),
+        figure("command p99 ms", &["command_latency_ms", "p99"], Lower, ("<= 10", "<= 40")),
+        figure("command p999 ms", &["command_latency_ms", "p999"], Lower, NONE),
+        figure("queries/s", &["queries_per_sec"], Higher, NONE),
+        figure("query p50 ms", &["query_latency_ms", "p50"], Lower, NONE),
+        figure("query p99 ms", &["query_latency_ms", "p99"], Lower, ("<= 3", "<= 3")),
+        figure("projection lag p50 ms", &["projection_lag_ms", "p50"], Lower, NONE),
+        figure("projection lag p99 ms", &["projection_lag_ms", "p99"], Lower, ("<= 50", "<= 100")),
+        figure("sync overhead", &["sync_overhead"], Lower, ("< 0.1", "< 0.1")),
+        figure("rebuild events/s", &["rebuild_events_per_sec"], Higher, (">= 100000", "")),
+        figure("rejected share", &["rejected_share"], Neither, NONE),
+        figure("errors", &["errors", "total"], Lower, NONE),
+        figure("rows differing", &["consistency", "rows_differing"], Lower, ("0", "0")),
+        figure("  after rebuild", &["consistency", "rows_differing_after_rebuild"], Lower, NONE),
+    ]
+};
 
 /// The value at `path` in a report (`null` where there is none).
 fn at<'a>(root: &'a Value, path: &[&str]) -> &'a Value {
@@ -647,7 +670,8 @@ fn print_table(r: &Value, label: Option<&str>) {
             String::new()
         }
     );
-    for (name, path) in FIGURES {
+    for figure in &FIGURES {
+        let path = figure.path;
         let ratio = match path[0] {
             "consistency" => &Value::Null,
             "errors" => &r["ratio"]["errors"],
@@ -655,12 +679,12 @@ fn print_table(r: &Value, label: Option<&str>) {
         };
         println!(
             "{:<24} {:>14} {:>14} {:>9}{}",
-            name,
+            figure.name,
             cell(at(r, path)),
             cell(at(&r["baseline"], path)),
             cell(ratio),
             if with_targets {
-                format!("  {}", target(label, name))
+                format!("  {}", target(label, figure))
             } else {
                 String::new()
             }
