@@ -298,9 +298,7 @@ impl TestEnv {
     /// A fresh environment with every worker running and answering.
     pub async fn with_all_workers() -> TestEnv {
         let mut env = TestEnv::new().await;
-        for w in Worker::ALL {
-            env.start(w).await;
-        }
+        env.start_all(&Worker::ALL).await;
         env
     }
 
@@ -321,6 +319,13 @@ impl TestEnv {
         let r = self.spawn(worker).await;
         self.running.push(r);
         self.wait_ping(worker).await;
+    }
+
+    /// Starts `workers` in turn, each answering pings before the next starts.
+    pub async fn start_all(&mut self, workers: &[Worker]) {
+        for &w in workers {
+            self.start(w).await;
+        }
     }
 
     /// Starts one worker and hands it to the caller (to stop or kill it).

@@ -61,9 +61,8 @@ impl Reader {
 #[tokio::test]
 async fn a_query_worker_serves_with_a_role_that_may_only_read() {
     let mut env = TestEnv::new().await;
-    for w in [Worker::CmdPortfolio, Worker::ProjPortfolio] {
-        env.start(w).await;
-    }
+    env.start_all(&[Worker::CmdPortfolio, Worker::ProjPortfolio])
+        .await;
     let schema = env.cfg.db_schema.clone();
     let reader = Reader::create(&env, &schema).await;
     let mut cfg = env.app_config();

@@ -182,9 +182,8 @@ async fn projector_killed_mid_stream_resumes_to_the_same_read_model_as_a_rebuild
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_worker_with_a_cold_cache_decides_the_same() {
     let mut env = TestEnv::new().await;
-    for w in [Worker::CmdStrategy, Worker::CmdPortfolio, Worker::CmdMarket] {
-        env.start(w).await;
-    }
+    env.start_all(&[Worker::CmdStrategy, Worker::CmdPortfolio, Worker::CmdMarket])
+        .await;
     let warm = env.spawn(Worker::CmdSignal).await;
     env.wait_ping(Worker::CmdSignal).await;
     env.cmd("strategy.create", strategy("u1", "s1", &["BTC-USDT"]))

@@ -34,9 +34,8 @@ async fn immediate_says_not_projected_when_a_projector_is_down() {
     let mut env = TestEnv::new().await;
     env.cfg.sync = SyncMode::Immediate;
     env.cfg.immediate_timeout = Duration::from_millis(200);
-    for w in [Worker::CmdPortfolio, Worker::ProjStrategy] {
-        env.start(w).await;
-    }
+    env.start_all(&[Worker::CmdPortfolio, Worker::ProjStrategy])
+        .await;
     let opened = env.cmd("portfolio.update", open("p1", "u1")).await;
     assert_eq!(opened["projected"], false, "{opened}");
 }
@@ -48,13 +47,12 @@ async fn immediate_waits_for_the_projectors_that_consume_the_event() {
     let mut env = TestEnv::new().await;
     env.cfg.sync = SyncMode::Immediate;
     env.cfg.immediate_timeout = Duration::from_millis(200);
-    for w in [
+    env.start_all(&[
         Worker::CmdPortfolio,
         Worker::CmdStrategy,
         Worker::ProjPortfolio,
-    ] {
-        env.start(w).await;
-    }
+    ])
+    .await;
     let opened = env.cmd("portfolio.update", open("p1", "u1")).await;
     assert_eq!(opened["projected"], true, "{opened}");
     let created = env
@@ -90,8 +88,8 @@ async fn project_in(mode: SyncMode, batch_max: usize) -> Vec<String> {
     env.cfg.sync = mode;
     env.cfg.batch_max = batch_max;
     env.cfg.batch_wait = Duration::from_millis(if mode == SyncMode::Batch { 5 } else { 0 });
-    env.start(Worker::ProjPortfolio).await;
-    env.start(Worker::ProjStrategy).await;
+    env.start_all(&[Worker::ProjPortfolio, Worker::ProjStrategy])
+        .await;
     let perf = env.performance_at("p3", last).await;
     assert_eq!(
         perf["fill_count"].as_u64().unwrap() + perf["rejected_signals"].as_u64().unwrap(),
@@ -160,13 +158,12 @@ fn assert_same(a: &[String], b: &[String], mode: &str) {
 async fn adaptive_shows_its_decisions_in_the_projectors_stats() {
     let mut env = TestEnv::new().await;
     env.cfg.sync = SyncMode::Adaptive;
-    for w in [
+    env.start_all(&[
         Worker::CmdPortfolio,
         Worker::ProjPortfolio,
         Worker::QueryPortfolio,
-    ] {
-        env.start(w).await;
-    }
+    ])
+    .await;
     // The first event may reach the projector in its start-up catch-up; the second, once that
     // is projected, comes through the live consumer, whose batches are the ones planned.
     let opened = env.cmd("portfolio.update", open("p1", "u1")).await;

@@ -164,9 +164,9 @@ pub const ADAPTIVE_BACKLOG: u64 = 16;
 /// to wait to fill. Caught up, an event reaches the projector within a millisecond or so.
 pub const ADAPTIVE_BEHIND: Duration = Duration::from_millis(3);
 /// `adaptive`: how long a batch waits to fill when the projector is behind. A fifth of `batch`
-/// mode's default: since a live batch costs three round trips, waiting longer saved little CPU and cost lag
-/// (measured: 1 ms kept `batch`'s projector CPU per command with a lag p50 of 17-21 ms against
-/// 27-43 ms for 5 ms and 12-15 ms for `eventual`).
+/// mode's default: since a live batch costs three round trips, waiting longer saved little CPU
+/// and cost lag (measured: 1 ms kept `batch`'s projector CPU per command with a lag p50 of
+/// 17-21 ms against 27-43 ms for 5 ms and 12-15 ms for `eventual`).
 pub const ADAPTIVE_FILL_WAIT: Duration = Duration::from_millis(1);
 
 /// How long ago `unix_nanos` (a JetStream append time) was, by this host's clock; zero for a
