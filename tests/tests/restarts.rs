@@ -551,6 +551,76 @@ async fn workers_carry_on_when_postgres_drops_their_connections() {
     assert_eq!(perf["version"], json!(3), "{perf}");
 }
 
+/// A query in flight when the server ends its session gets the server's "terminating
+/// connection" error: the query worker answers it from a new session instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_whose_session_ends_in_flight_is_answered_from_a_new_one() {
+    let mut env = TestEnv::new().await;
+    let app_name = format!("{}_workers", env.cfg.db_schema);
+    let test_url = env.cfg.database_url.clone();
+    env.cfg.database_url = with_app_name(&test_url, &app_name);
+    env.start_all(&[
+        Worker::CmdPortfolio,
+        Worker::ProjPortfolio,
+        Worker::QueryPortfolio,
+    ])
+    .await;
+    env.cmd("portfolio.update", open("p1", "u1")).await;
+    let funded = env.cmd("portfolio.update", deposit("p1", "1000")).await;
+    env.performance_at("p1", seq(&funded)).await;
+
+    // Hold the query in Postgres: it waits for a lock that the test's own transaction holds.
+    let mut locker = ch_runtime::pg::connect(&test_url, Some(&env.cfg.db_schema))
+        .await
+        .expect("postgres");
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE portfolios IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let request = {
+        let client = env.client.clone();
+        let subject = env.subjects.query("portfolio.performance");
+        tokio::spawn(async move {
+            client
+                .request(subject, r#"{"portfolio_id":"p1"}"#.into())
+                .await
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let waiting: i64 = env
+            .pg
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE application_name = $1 AND wait_event_type = 'Lock'",
+                &[&app_name],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the query never waited"
+        );
+        tokio::task::yield_now().await;
+    }
+    // End the sessions (the waiting one answers its query with an error), then let go.
+    cut_sessions(&env, &app_name).await;
+    lock.rollback().await.unwrap();
+
+    let reply = request.await.unwrap().expect("a reply");
+    assert!(
+        reply.headers.is_none(),
+        "an error reply: {:?}",
+        reply.payload
+    );
+    let perf: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(perf["cash"], json!("1000"), "{perf}");
+}
+
 /// `database_url` whose sessions carry `name` as their application name (to cut only them).
 fn with_app_name(database_url: &str, name: &str) -> String {
     let sep = if database_url.contains('?') { '&' } else { '?' };

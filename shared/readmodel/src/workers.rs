@@ -12,6 +12,7 @@ use ch_runtime::service::{self, Handler};
 use deadpool_postgres::Pool;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
 use crate::analysis::{self, AnalysisQuery, LeaderboardQuery};
 use crate::queries::{self, Consistency, PerformanceQuery, StrategyGetQuery, StrategyListQuery};
@@ -192,7 +193,27 @@ impl Handler for QueryHandler {
             .copied()
             .find(|q| service::endpoint_name(q.name()) == endpoint)
             .ok_or_else(|| ApiError::not_found(format!("no query endpoint {endpoint}")))?;
-        let body = &msg.payload;
+        match self.answer(query, &msg.payload).await {
+            // A pooled session that the server ended (a restart, a failover, a terminated
+            // backend) fails its next statement, and the pool's other idle sessions most
+            // likely ended with it: drop them and read once more on a new one (a read is safe
+            // to repeat). If the database is really away, the second answer says so.
+            Err(e) if e.code == "unavailable" => {
+                let dropped = self.pool.retain(|_, _| false).removed.len();
+                warn!(
+                    error = %e.message,
+                    dropped,
+                    "database session lost; reading again on a new one"
+                );
+                self.answer(query, &msg.payload).await
+            }
+            answer => answer,
+        }
+    }
+}
+
+impl QueryHandler {
+    async fn answer(&self, query: Query, body: &[u8]) -> Result<Value, ApiError> {
         match query {
             Query::PortfolioPerformance => {
                 let q: PerformanceQuery = queries::parse(body)?;

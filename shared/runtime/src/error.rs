@@ -118,6 +118,25 @@ pub enum DbError {
     Query(tokio_postgres::Error),
 }
 
+impl DbError {
+    /// Whether the database is at fault rather than the request, so that the same statement
+    /// may succeed on another session: the session ended or none could be had (a restart, a
+    /// failover, a terminated backend, too many connections), or the error is not the
+    /// server's.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            DbError::Unavailable(_) => true,
+            DbError::Query(q) => {
+                q.is_closed()
+                    || q.code().is_none_or(|c| {
+                        matches!(&c.code()[..2], "08" | "53")
+                            || matches!(c.code(), "57P01" | "57P02" | "57P03")
+                    })
+            }
+        }
+    }
+}
+
 impl From<tokio_postgres::Error> for DbError {
     fn from(e: tokio_postgres::Error) -> Self {
         DbError::Query(e)
@@ -146,12 +165,10 @@ impl From<deadpool_postgres::PoolError> for DbError {
 
 impl From<DbError> for ApiError {
     fn from(e: DbError) -> Self {
-        match &e {
-            DbError::Unavailable(_) => ApiError::unavailable(e.to_string()),
-            DbError::Query(q) if q.is_closed() || q.as_db_error().is_none() => {
-                ApiError::unavailable(e.to_string())
-            }
-            DbError::Query(_) => ApiError::new(500, "internal", e.to_string()),
+        if e.is_unavailable() {
+            ApiError::unavailable(e.to_string())
+        } else {
+            ApiError::new(500, "internal", e.to_string())
         }
     }
 }
