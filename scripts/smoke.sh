@@ -33,8 +33,9 @@ done
 echo "smoke: chctl rebuild all: both running projectors replayed to the head"
 
 # The benchmark at its smoke size, paced, beside the monolith: it must find every read-model
-# row equal to the state folded from the stream (it exits 1 otherwise), see no errors, and
-# keep to the rate it was given (a closed loop here runs at thousands per second).
+# row equal to the state folded from the stream (it exits 1 otherwise), see no errors, keep
+# to the rate it was given (a closed loop here runs at thousands per second), and report the
+# workers' own latencies.
 rate=200
 target/debug/chctl bench trade-flow --quick --signals 400 --rate "$rate" --query-rate 50 \
     --out "$CH_RUN_DIR/bench" --tag smoke >"$CH_RUN_DIR/bench.log" 2>&1 \
@@ -53,6 +54,11 @@ for side, fig in (("ours", r), ("monolith", r["baseline"])):
         problems.append(f"{side}: {fig['commands_per_sec']} commands/s, paced to {rate}/s")
 if r["config"]["rate"] != rate or r["projection_lag_ms"] is None:
     problems.append(f"config {r['config']}, lag {r['projection_lag_ms']}")
+# The workers' own latency figures, read from $SRV.STATS: at least every request sent.
+for key, sent in (("command", r["signals"]["sent"]), ("query", r["queries"])):
+    served = r["service_latency_ms"][key]
+    if not served or served["requests"] < sent or not served["p99"] > 0:
+        problems.append(f"service latency of {key}: {served}, {sent} requests sent")
 if problems:
     sys.exit("smoke: chctl bench trade-flow: " + "; ".join(problems))
 PY
