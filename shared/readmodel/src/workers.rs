@@ -1,6 +1,7 @@
 //! The read-side workers: projector runner and query responder, as the binaries run them.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use async_nats::Message;
 use ch_runtime::app::{boxed_main, App, MainFuture};
@@ -149,13 +150,16 @@ struct QueryHandler {
 }
 
 impl QueryHandler {
-    /// Read-your-writes: waits (bounded) until the read models reached `min_stream_seq`.
+    /// Read-your-writes: waits (bounded) until the read models reached `min_stream_seq`. The
+    /// bound counts from `since`, when the request arrived (a second reading waits only for
+    /// what is left of it).
     async fn wait_if_asked<Q: Consistency>(
         &self,
         query: Query,
         q: &Q,
+        since: Instant,
     ) -> Result<Reached, ApiError> {
-        let timeout = timeout_from(q.timeout_ms())?;
+        let timeout = timeout_from(q.timeout_ms())?.saturating_sub(since.elapsed());
         match q.min_stream_seq() {
             Some(min) => {
                 self.progress
@@ -175,9 +179,9 @@ impl QueryHandler {
 /// sequence, open the read-only snapshot, work out its `as_of_seq` from the checkpoints of the
 /// query's projections, and read with `$read(&tx, &q, as_of)`.
 macro_rules! in_snapshot {
-    ($handler:ident, $query:ident, $body:ident, $ty:ty, $read:path) => {{
+    ($handler:ident, $query:ident, $body:ident, $since:ident, $ty:ty, $read:path) => {{
         let q: $ty = queries::parse($body)?;
-        let reached = $handler.wait_if_asked($query, &q).await?;
+        let reached = $handler.wait_if_asked($query, &q, $since).await?;
         let mut conn = $handler.snapshot_conn().await?;
         let tx = queries::snapshot(&mut conn).await?;
         let as_of = queries::as_of(&tx, $query.projections(), &reached).await?;
@@ -193,7 +197,8 @@ impl Handler for QueryHandler {
             .copied()
             .find(|q| service::endpoint_name(q.name()) == endpoint)
             .ok_or_else(|| ApiError::not_found(format!("no query endpoint {endpoint}")))?;
-        match self.answer(query, &msg.payload).await {
+        let since = Instant::now();
+        match self.answer(query, &msg.payload, since).await {
             // A pooled session that the server ended (a restart, a failover, a terminated
             // backend) fails its next statement, and the pool's other idle sessions most
             // likely ended with it: drop them and read once more on a new one (a read is safe
@@ -205,7 +210,7 @@ impl Handler for QueryHandler {
                     dropped,
                     "database session lost; reading again on a new one"
                 );
-                self.answer(query, &msg.payload).await
+                self.answer(query, &msg.payload, since).await
             }
             answer => answer,
         }
@@ -213,23 +218,31 @@ impl Handler for QueryHandler {
 }
 
 impl QueryHandler {
-    async fn answer(&self, query: Query, body: &[u8]) -> Result<Value, ApiError> {
+    async fn answer(&self, query: Query, body: &[u8], since: Instant) -> Result<Value, ApiError> {
         match query {
             Query::PortfolioPerformance => {
                 let q: PerformanceQuery = queries::parse(body)?;
                 // The portfolio read model is not sparse: its checkpoint is the answer.
-                self.wait_if_asked(query, &q).await?;
+                self.wait_if_asked(query, &q, since).await?;
                 let conn = self.snapshot_conn().await?;
                 queries::portfolio_performance(&conn, &q).await
             }
             Query::StrategyList => {
-                in_snapshot!(self, query, body, StrategyListQuery, queries::strategy_list)
+                in_snapshot!(
+                    self,
+                    query,
+                    body,
+                    since,
+                    StrategyListQuery,
+                    queries::strategy_list
+                )
             }
             Query::PortfolioAnalysis => {
                 in_snapshot!(
                     self,
                     query,
                     body,
+                    since,
                     AnalysisQuery,
                     analysis::portfolio_analysis
                 )
@@ -238,11 +251,19 @@ impl QueryHandler {
                 self,
                 query,
                 body,
+                since,
                 LeaderboardQuery,
                 analysis::strategy_leaderboard
             ),
             Query::StrategyGet => {
-                in_snapshot!(self, query, body, StrategyGetQuery, queries::strategy_get)
+                in_snapshot!(
+                    self,
+                    query,
+                    body,
+                    since,
+                    StrategyGetQuery,
+                    queries::strategy_get
+                )
             }
         }
     }
