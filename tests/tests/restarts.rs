@@ -137,13 +137,27 @@ async fn projector_killed_mid_stream_resumes_to_the_same_read_model_as_a_rebuild
     let proj = env.spawn(Worker::ProjPortfolio).await;
     let last = load_history(&env, 5, 12).await;
     proj.kill().await;
-    // More events while it is down.
+    // More events while it is down, the last one the first price of a symbol: its mark is a
+    // row that the test can keep the projector from writing.
     let last = last.max(signals(&env, 40, 5, 2, "21000").await);
+    let last = last.max(seq(&env
+        .cmd("market.price", price("ETH-USDT", "1500"))
+        .await));
 
     // Small batches, so that kills land between commits of the catch-up: kill it again and
-    // again as soon as it has committed something, until it has caught up.
+    // again as soon as it has committed something, until it has caught up. The first time the
+    // test holds the marks table, so that the batch of the last event waits and the kill
+    // lands mid-stream however fast the catch-up runs.
     env.cfg.batch_max = 5;
     env.cfg.replay_batch_max = 5;
+    let mut holder = ch_runtime::pg::connect(&env.cfg.database_url, Some(&env.cfg.db_schema))
+        .await
+        .expect("postgres");
+    let hold = holder.transaction().await.unwrap();
+    hold.batch_execute("LOCK TABLE marks IN EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let mut hold = Some(hold);
     let mut mid_stream_kills = 0;
     loop {
         let before = wait_checkpoint(&env, |_| true).await;
@@ -155,6 +169,9 @@ async fn projector_killed_mid_stream_resumes_to_the_same_read_model_as_a_rebuild
         proj.kill().await;
         if partial < last {
             mid_stream_kills += 1;
+        }
+        if let Some(hold) = hold.take() {
+            hold.rollback().await.unwrap();
         }
     }
     assert!(mid_stream_kills >= 1, "no kill landed mid-stream");
