@@ -150,14 +150,7 @@ async fn projector_killed_mid_stream_resumes_to_the_same_read_model_as_a_rebuild
     // lands mid-stream however fast the catch-up runs.
     env.cfg.batch_max = 5;
     env.cfg.replay_batch_max = 5;
-    let mut holder = ch_runtime::pg::connect(&env.cfg.database_url, Some(&env.cfg.db_schema))
-        .await
-        .expect("postgres");
-    let hold = holder.transaction().await.unwrap();
-    hold.batch_execute("LOCK TABLE marks IN EXCLUSIVE MODE")
-        .await
-        .unwrap();
-    let mut hold = Some(hold);
+    let mut hold = Some(lock_table(&env, &env.cfg.database_url, "marks", "EXCLUSIVE").await);
     let mut mid_stream_kills = 0;
     loop {
         let before = wait_checkpoint(&env, |_| true).await;
@@ -171,7 +164,7 @@ async fn projector_killed_mid_stream_resumes_to_the_same_read_model_as_a_rebuild
             mid_stream_kills += 1;
         }
         if let Some(hold) = hold.take() {
-            hold.rollback().await.unwrap();
+            hold.batch_execute("ROLLBACK").await.unwrap();
         }
     }
     assert!(mid_stream_kills >= 1, "no kill landed mid-stream");
@@ -587,13 +580,7 @@ async fn a_query_whose_session_ends_in_flight_is_answered_from_a_new_one() {
     env.performance_at("p1", seq(&funded)).await;
 
     // Hold the query in Postgres: it waits for a lock that the test's own transaction holds.
-    let mut locker = ch_runtime::pg::connect(&test_url, Some(&env.cfg.db_schema))
-        .await
-        .expect("postgres");
-    let lock = locker.transaction().await.unwrap();
-    lock.batch_execute("LOCK TABLE portfolios IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
+    let lock = lock_table(&env, &test_url, "portfolios", "ACCESS EXCLUSIVE").await;
     let request = {
         let client = env.client.clone();
         let subject = env.subjects.query("portfolio.performance");
@@ -626,7 +613,7 @@ async fn a_query_whose_session_ends_in_flight_is_answered_from_a_new_one() {
     }
     // End the sessions (the waiting one answers its query with an error), then let go.
     cut_sessions(&env, &app_name).await;
-    lock.rollback().await.unwrap();
+    lock.batch_execute("ROLLBACK").await.unwrap();
 
     let reply = request.await.unwrap().expect("a reply");
     assert!(
@@ -636,6 +623,24 @@ async fn a_query_whose_session_ends_in_flight_is_answered_from_a_new_one() {
     );
     let perf: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
     assert_eq!(perf["cash"], json!("1000"), "{perf}");
+}
+
+/// A session of the test's own on `database_url` whose open transaction holds `table` of the
+/// environment's schema locked in `mode`, until it rolls back.
+async fn lock_table(
+    env: &TestEnv,
+    database_url: &str,
+    table: &str,
+    mode: &str,
+) -> tokio_postgres::Client {
+    let session = ch_runtime::pg::connect(database_url, Some(&env.cfg.db_schema))
+        .await
+        .expect("postgres");
+    session
+        .batch_execute(&format!("BEGIN; LOCK TABLE {table} IN {mode} MODE"))
+        .await
+        .expect("lock");
+    session
 }
 
 /// `database_url` whose sessions carry `name` as their application name (to cut only them).
