@@ -189,35 +189,9 @@ macro_rules! in_snapshot {
     }};
 }
 
-impl Handler for QueryHandler {
-    async fn handle(&self, endpoint: &str, msg: &Message) -> Result<Value, ApiError> {
-        let query = self
-            .queries
-            .iter()
-            .copied()
-            .find(|q| service::endpoint_name(q.name()) == endpoint)
-            .ok_or_else(|| ApiError::not_found(format!("no query endpoint {endpoint}")))?;
-        let since = Instant::now();
-        match self.answer(query, &msg.payload, since).await {
-            // A pooled session that the server ended (a restart, a failover, a terminated
-            // backend) fails its next statement, and the pool's other idle sessions most
-            // likely ended with it: drop them and read once more on a new one (a read is safe
-            // to repeat). If the database is really away, the second answer says so.
-            Err(e) if e.code == "unavailable" => {
-                let dropped = self.pool.retain(|_, _| false).removed.len();
-                warn!(
-                    error = %e.message,
-                    dropped,
-                    "database session lost; reading again on a new one"
-                );
-                self.answer(query, &msg.payload, since).await
-            }
-            answer => answer,
-        }
-    }
-}
-
 impl QueryHandler {
+    /// One reading of `query` (its request `body`): its wait, if it asks for one, counts from
+    /// `since`.
     async fn answer(&self, query: Query, body: &[u8], since: Instant) -> Result<Value, ApiError> {
         match query {
             Query::PortfolioPerformance => {
@@ -265,6 +239,34 @@ impl QueryHandler {
                     queries::strategy_get
                 )
             }
+        }
+    }
+}
+
+impl Handler for QueryHandler {
+    async fn handle(&self, endpoint: &str, msg: &Message) -> Result<Value, ApiError> {
+        let query = self
+            .queries
+            .iter()
+            .copied()
+            .find(|q| service::endpoint_name(q.name()) == endpoint)
+            .ok_or_else(|| ApiError::not_found(format!("no query endpoint {endpoint}")))?;
+        let since = Instant::now();
+        match self.answer(query, &msg.payload, since).await {
+            // A pooled session that the server ended (a restart, a failover, a terminated
+            // backend) fails its next statement, and the pool's other idle sessions most
+            // likely ended with it: drop them and read once more on a new one (a read is safe
+            // to repeat). If the database is really away, the second answer says so.
+            Err(e) if e.code == "unavailable" => {
+                let dropped = self.pool.retain(|_, _| false).removed.len();
+                warn!(
+                    error = %e.message,
+                    dropped,
+                    "database session lost; reading again on a new one"
+                );
+                self.answer(query, &msg.payload, since).await
+            }
+            answer => answer,
         }
     }
 }
