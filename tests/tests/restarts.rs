@@ -137,12 +137,11 @@ async fn projector_killed_mid_stream_resumes_to_the_same_read_model_as_a_rebuild
     let proj = env.spawn(Worker::ProjPortfolio).await;
     let last = load_history(&env, 5, 12).await;
     proj.kill().await;
-    // More events while it is down, the last one the first price of a symbol: its mark is a
-    // row that the test can keep the projector from writing.
+    // More events while it is down, the last one a price: the only event among them that
+    // writes a mark, so the test can hold the projector back there.
     let last = last.max(signals(&env, 40, 5, 2, "21000").await);
-    let last = last.max(seq(&env
-        .cmd("market.price", price("ETH-USDT", "1500"))
-        .await));
+    let priced = env.cmd("market.price", price("ETH-USDT", "1500")).await;
+    let last = last.max(seq(&priced));
 
     // Small batches, so that kills land between commits of the catch-up: kill it again and
     // again as soon as it has committed something, until it has caught up. The first time the
