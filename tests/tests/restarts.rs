@@ -624,6 +624,44 @@ async fn a_query_whose_session_ends_in_flight_is_answered_from_a_new_one() {
     assert_eq!(perf["cash"], json!("1000"), "{perf}");
 }
 
+/// Retiring a pool's sessions takes out every session begun before, the one in use at that
+/// moment included once it comes back; sessions begun after are pooled as usual.
+#[tokio::test]
+async fn retired_sessions_are_not_handed_out_again() {
+    let env = TestEnv::new().await;
+    let (pool, retirement) = ch_runtime::pg::retiring_pool(
+        &env.cfg.database_url,
+        &env.cfg.db_schema,
+        2,
+        ch_runtime::pg::Access::ReadOnly,
+    )
+    .expect("pool");
+    let next = || async { backend_pid(&pool.get().await.expect("session")).await };
+    let (idle, in_use) = (pool.get().await.unwrap(), pool.get().await.unwrap());
+    let (idle_pid, in_use_pid) = (backend_pid(&idle).await, backend_pid(&in_use).await);
+    drop(idle);
+    assert_eq!(next().await, idle_pid, "an idle session is reused");
+
+    let closed = retirement.retire(&pool);
+    assert_eq!(closed, 1, "the idle session is closed at once");
+    drop(in_use);
+    let fresh = next().await;
+    assert!(
+        ![idle_pid, in_use_pid].contains(&fresh),
+        "a retired session was handed out again"
+    );
+    assert_eq!(next().await, fresh, "a session begun after is reused");
+}
+
+/// The server process behind a session.
+async fn backend_pid(session: &tokio_postgres::Client) -> i32 {
+    session
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0)
+}
+
 /// A session of the test's own on `database_url` whose open transaction holds `table` of the
 /// environment's schema locked in `mode`, until it rolls back.
 async fn lock_table(

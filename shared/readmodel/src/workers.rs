@@ -7,6 +7,7 @@ use async_nats::Message;
 use ch_runtime::app::{boxed_main, App, MainFuture};
 use ch_runtime::error::{ApiError, DbError};
 use ch_runtime::eventstore::sparse_filter;
+use ch_runtime::pg::Retirement;
 use ch_runtime::projector::{self, BatchConfig, Projection, Projector};
 use ch_runtime::query::{timeout_from, Progress, Reached};
 use ch_runtime::service::{self, Handler};
@@ -145,6 +146,8 @@ impl Query {
 
 struct QueryHandler {
     pool: Pool,
+    /// Takes the pool's sessions out of use when one turns out to have been ended.
+    retirement: Retirement,
     progress: Progress,
     queries: Vec<Query>,
 }
@@ -254,11 +257,11 @@ impl Handler for QueryHandler {
         let since = Instant::now();
         match self.answer(query, &msg.payload, since).await {
             // A pooled session that the server ended (a restart, a failover, a terminated
-            // backend) fails its next statement, and the pool's other idle sessions most
-            // likely ended with it: drop them and read once more on a new one (a read is safe
+            // backend) fails its next statement, and the pool's other sessions most likely
+            // ended with it: retire them all and read once more on a new one (a read is safe
             // to repeat). If the database is really away, the second answer says so.
             Err(e) if e.code == "unavailable" => {
-                let dropped = self.pool.retain(|_, _| false).removed.len();
+                let dropped = self.retirement.retire(&self.pool);
                 warn!(
                     error = %e.message,
                     dropped,
@@ -294,8 +297,10 @@ pub async fn run_queries(
             .iter()
             .map(|q| (q.name(), app.subjects.query(q.name()))),
     );
+    let (pool, retirement) = app.retiring_read_pool()?;
     let handler = Arc::new(QueryHandler {
-        pool: app.read_pool()?,
+        pool,
+        retirement,
         progress,
         queries: queries.to_vec(),
     });

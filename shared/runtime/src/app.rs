@@ -91,6 +91,20 @@ impl App {
         self.pool_for(pg::Access::ReadOnly)
     }
 
+    /// [`App::read_pool`] with the [`pg::Retirement`] of its sessions (query workers: a
+    /// session that the server ended retires the others).
+    ///
+    /// # Errors
+    /// [`DbError`] when the URL is invalid.
+    pub fn retiring_read_pool(&self) -> Result<(Pool, pg::Retirement), DbError> {
+        pg::retiring_pool(
+            &self.cfg.database_url,
+            &self.cfg.db_schema,
+            self.cfg.db_pool_size,
+            pg::Access::ReadOnly,
+        )
+    }
+
     fn pool_for(&self, access: pg::Access) -> Result<Pool, DbError> {
         pg::pool(
             &self.cfg.database_url,

@@ -2,8 +2,10 @@
 //! migration runner (the migrations themselves live in `ch-readmodel`).
 
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 use tracing::info;
@@ -36,6 +38,54 @@ pub fn pool(
     size: usize,
     access: Access,
 ) -> Result<Pool, DbError> {
+    build_pool(database_url, schema, size, access, None)
+}
+
+/// [`pool`], with a [`Retirement`] that can take every session begun so far out of it.
+///
+/// # Errors
+/// [`DbError::Unavailable`] when the URL is invalid.
+pub fn retiring_pool(
+    database_url: &str,
+    schema: &str,
+    size: usize,
+    access: Access,
+) -> Result<(Pool, Retirement), DbError> {
+    let retirement = Retirement::default();
+    let pool = build_pool(database_url, schema, size, access, Some(&retirement))?;
+    Ok((pool, retirement))
+}
+
+/// Takes a pool's sessions out of use at once: those begun before [`Retirement::retire`] are
+/// not handed out again, and the pool opens new ones. A database restart or failover ends
+/// every session, but each learns it only at its next statement, and a session in use when
+/// the first failure shows may still come back to the pool afterwards.
+#[derive(Clone, Default)]
+pub struct Retirement(Arc<Mutex<Option<Instant>>>);
+
+impl Retirement {
+    /// Retires every session of `pool` begun until now, and closes the idle ones at once.
+    /// Returns how many it closed.
+    pub fn retire(&self, pool: &Pool) -> usize {
+        *self.0.lock().expect("retirement lock") = Some(Instant::now());
+        pool.retain(|_, _| false).removed.len()
+    }
+
+    fn is_retired(&self, began: Instant) -> bool {
+        self.0
+            .lock()
+            .expect("retirement lock")
+            .is_some_and(|at| began <= at)
+    }
+}
+
+fn build_pool(
+    database_url: &str,
+    schema: &str,
+    size: usize,
+    access: Access,
+    retirement: Option<&Retirement>,
+) -> Result<Pool, DbError> {
     let mut cfg = parse_url(database_url)?;
     cfg.options(match access {
         Access::ReadWrite => format!("-c search_path={schema}"),
@@ -53,8 +103,17 @@ pub fn pool(
             recycling_method: RecyclingMethod::Fast,
         },
     );
-    Pool::builder(mgr)
-        .max_size(size)
+    let mut builder = Pool::builder(mgr).max_size(size);
+    if let Some(r) = retirement.cloned() {
+        builder = builder.pre_recycle(Hook::sync_fn(move |_, metrics| {
+            if r.is_retired(metrics.created) {
+                Err(HookError::message("retired"))
+            } else {
+                Ok(())
+            }
+        }));
+    }
+    builder
         .build()
         .map_err(|e| DbError::Unavailable(e.to_string()))
 }
