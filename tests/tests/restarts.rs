@@ -171,8 +171,9 @@ async fn projector_killed_mid_stream_resumes_to_the_same_read_model_as_a_rebuild
     // Write with the portfolio projector running, then kill it.
     let proj = env.spawn(Worker::ProjPortfolio).await;
     let last = load_history(&env, 5, 12).await;
+    wait_checkpoint(&env, |cp| cp >= last).await;
     proj.kill().await;
-    // More events while it is down, the last one a price: the only event among them that
+    // More events while it is down, the last one a price: the only event of the catch-up that
     // writes a mark, so the test can hold the projector back there.
     let last = last.max(signals(&env, 40, 5, 2, "21000").await);
     let priced = env.cmd("market.price", price("ETH-USDT", "1500")).await;
