@@ -82,7 +82,7 @@ async fn signals(
 /// Rebuilds the portfolio read model from the whole stream (no projector may be running) and
 /// checks it row by row against `before` (a dump of the read models).
 async fn assert_same_as_rebuilt(env: &TestEnv, app: &App, before: &[String]) {
-    let reached = rebuild_here(env, app, PortfolioProjection::default()).await;
+    let reached = rebuild_here(app, PortfolioProjection::default()).await;
     assert_eq!(reached, env.last_seq().await);
     let rebuilt = env.dump_read_model().await;
     assert_eq!(before.len(), rebuilt.len());
@@ -91,36 +91,9 @@ async fn assert_same_as_rebuilt(env: &TestEnv, app: &App, before: &[String]) {
     }
 }
 
-/// Rebuilds `projection`'s read model here, once no session holds its projector's lock: the
-/// session of a projector just stopped ends a moment later, and a rebuild that finds the lock
-/// taken only resets, leaving the replay to that projector. The sequence it reached.
-async fn rebuild_here<P: Projection>(env: &TestEnv, app: &App, projection: P) -> u64 {
-    // The lock as the projector takes it (`Projector::lead_once`).
-    let key = format!("ch_projector:{}", projection.name());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let free: bool = env
-            .pg
-            .query_one(
-                "SELECT pg_try_advisory_lock(hashtext(current_schema() || $1))",
-                &[&key],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if free {
-            env.pg
-                .execute(
-                    "SELECT pg_advisory_unlock(hashtext(current_schema() || $1))",
-                    &[&key],
-                )
-                .await
-                .unwrap();
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{key} stays locked");
-        tokio::task::yield_now().await;
-    }
+/// Rebuilds `projection`'s read model here (no projector may be running: one stopped has let
+/// go of its lock); the sequence it reached.
+async fn rebuild_here<P: Projection>(app: &App, projection: P) -> u64 {
     projector(app, projection)
         .unwrap()
         .rebuild()
@@ -216,7 +189,7 @@ async fn projector_killed_mid_stream_resumes_to_the_same_read_model_as_a_rebuild
 
     // Rebuild both read models from the stream and compare row by row.
     let app = App::start(env.app_config(), "test-rebuild").await.unwrap();
-    rebuild_here(&env, &app, StrategyProjection).await;
+    rebuild_here(&app, StrategyProjection).await;
     assert_same_as_rebuilt(&env, &app, &resumed).await;
 }
 

@@ -317,9 +317,19 @@ impl Leader {
     }
 }
 
-fn release(leader: Leader) {
+/// Lets go of the lock: unlocks it in its session, so that it is free once this returns (for
+/// a standby, or a rebuild right after a stop), then closes the session. A session that is
+/// gone or does not answer within [`UNLOCK_WAIT`] releases it as it closes.
+async fn release(leader: Leader) {
+    if let Some(conn) = leader.0.as_ref().filter(|c| !c.is_closed()) {
+        let unlock = conn.batch_execute("SELECT pg_advisory_unlock_all()");
+        let _ = tokio::time::timeout(UNLOCK_WAIT, unlock).await;
+    }
     drop(leader);
 }
+
+/// How long [`release`] waits for the lock's session to unlock it.
+const UNLOCK_WAIT: Duration = Duration::from_secs(1);
 
 /// Backing off after a failure to take the lock, to start projecting, of a batch or of an idle
 /// check (the store or the database away for a moment); the failures in a row are the
@@ -995,7 +1005,7 @@ impl<P: Projection> Projector<P> {
         self.metrics.gauge("active", 1);
         let ended = self.project_with_lock(&leader_conn, shutdown, retry).await;
         self.metrics.gauge("active", 0);
-        release(leader_conn);
+        release(leader_conn).await;
         ended
     }
 
@@ -1282,7 +1292,7 @@ impl<P: Projection> Projector<P> {
         };
         let head = self.store.last_seq().await?;
         let last = self.catch_up(head).await;
-        release(lock);
+        release(lock).await;
         Ok(Some(last?))
     }
 
