@@ -119,22 +119,23 @@ pub enum DbError {
 }
 
 impl DbError {
-    /// Whether the database is at fault rather than the request, so that the same statement
-    /// may succeed on another session: the session ended or none could be had (a restart, a
-    /// failover, a terminated backend, too many connections), or the error is not the
-    /// server's.
+    /// Whether the database is at fault rather than the request (see [`unavailable`]).
     pub fn is_unavailable(&self) -> bool {
         match self {
             DbError::Unavailable(_) => true,
-            DbError::Query(q) => {
-                q.is_closed()
-                    || q.code().is_none_or(|c| {
-                        matches!(&c.code()[..2], "08" | "53")
-                            || matches!(c.code(), "57P01" | "57P02" | "57P03")
-                    })
-            }
+            DbError::Query(q) => unavailable(q),
         }
     }
+}
+
+/// Whether the database is at fault rather than the statement, so that the same statement may
+/// succeed on another session: the session ended or none could be had (a restart, a failover,
+/// a terminated backend, too many connections), or the error is not the server's.
+pub fn unavailable(e: &tokio_postgres::Error) -> bool {
+    e.is_closed()
+        || e.code().is_none_or(|c| {
+            matches!(&c.code()[..2], "08" | "53") || matches!(c.code(), "57P01" | "57P02" | "57P03")
+        })
 }
 
 impl From<tokio_postgres::Error> for DbError {

@@ -268,15 +268,13 @@ enum Chunk {
     Gap { checkpoint: u64, first: u64 },
 }
 
-/// Is a Postgres error worth retrying (connection, serialization, resources)?
+/// Is a Postgres error worth retrying: the database away ([`crate::error::unavailable`]), or a
+/// statement that may pass next time (serialization, lock, operator intervention, system)?
 fn transient(e: &tokio_postgres::Error) -> bool {
-    match e.code() {
-        None => true,
-        Some(c) => {
-            let class = &c.code()[..2];
-            matches!(class, "08" | "40" | "53" | "57" | "58") || *c == SqlState::LOCK_NOT_AVAILABLE
-        }
-    }
+    crate::error::unavailable(e)
+        || e.code().is_some_and(|c| {
+            matches!(&c.code()[..2], "40" | "57" | "58") || *c == SqlState::LOCK_NOT_AVAILABLE
+        })
 }
 
 /// Reads a projection's checkpoint (0 when it has none yet).

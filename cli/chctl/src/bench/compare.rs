@@ -1,10 +1,9 @@
 //! `chctl bench compare`: the read-side modes side by side, from the JSON of `trade-flow` runs.
 //! Runs are grouped by load (fsync setting, sizes, clients, rates, seed); in each group a
 //! column per mode (the median of its runs), and, where `adaptive` ran beside fixed batching
-//! (`eventual`, `batch`),
-//! adaptive's figures over the best of the fixed ones for that load (issue 3: adaptive should
-//! never be much worse than the best fixed setting). `immediate` is listed, not compared: its
-//! replies wait for the read model, a different contract.
+//! (`eventual`, `batch`), adaptive's figures over the best of the fixed ones for that load
+//! (issue 3: adaptive should never be much worse than the best fixed setting). `immediate` is
+//! listed, not compared: its replies wait for the read model, a different contract.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -140,8 +139,9 @@ fn as_json(v: Option<f64>) -> Value {
 }
 
 /// Adaptive's figure over the best fixed one, from the modes' medians, the best of the fixed
-/// modes by the figure's direction. `None` when either side has no number, or the best is zero.
-fn adaptive_over_best(medians: &[(String, Option<f64>)], higher_better: bool) -> Option<f64> {
+/// modes by the figure's direction. `None` when either side has no number, the best is zero,
+/// or the figure is better neither way.
+fn adaptive_over_best(medians: &[(String, Option<f64>)], better: Better) -> Option<f64> {
     let of = |mode: &str| {
         medians
             .iter()
@@ -150,10 +150,10 @@ fn adaptive_over_best(medians: &[(String, Option<f64>)], higher_better: bool) ->
     };
     let adaptive = of("adaptive")?;
     let fixed = FIXED.iter().filter_map(|m| of(m));
-    let best = if higher_better {
-        fixed.reduce(f64::max)
-    } else {
-        fixed.reduce(f64::min)
+    let best = match better {
+        Better::Higher => fixed.reduce(f64::max),
+        Better::Lower => fixed.reduce(f64::min),
+        Better::Neither => None,
     }?;
     (best != 0.0).then(|| adaptive / best)
 }
@@ -197,11 +197,7 @@ fn render(runs: &[Run]) -> String {
                 out.push_str(&format!(" {:>11}", cell(&as_json(*v))));
             }
             if compared {
-                let ratio = match figure.better {
-                    Better::Higher => adaptive_over_best(&row, true),
-                    Better::Lower => adaptive_over_best(&row, false),
-                    Better::Neither => None,
-                };
+                let ratio = adaptive_over_best(&row, figure.better);
                 if let Some(x) = ratio {
                     out.push_str(&format!("  {x:>10.2}"));
                 }
@@ -270,15 +266,15 @@ mod tests {
         assert_eq!(modes, ["eventual", "batch", "adaptive", "immediate"]);
         assert_eq!(cmds[2].1, Some(1000.0));
         // Higher is better: adaptive's median (1000) over batch's 1200.
-        let r = adaptive_over_best(&cmds, true).unwrap();
+        let r = adaptive_over_best(&cmds, Better::Higher).unwrap();
         assert!((r - 1000.0 / 1200.0).abs() < 1e-9, "{r}");
         // Lower is better: adaptive's median 40 over eventual's 40; immediate is not fixed
         // batching and does not count.
         let lag = medians(&refs, &["projection_lag_ms", "p99"]);
-        assert!((adaptive_over_best(&lag, false).unwrap() - 1.0).abs() < 1e-9);
+        assert!((adaptive_over_best(&lag, Better::Lower).unwrap() - 1.0).abs() < 1e-9);
         // No numbers on either side: no ratio.
         assert_eq!(
-            adaptive_over_best(&medians(&refs, &["sync_overhead"]), false),
+            adaptive_over_best(&medians(&refs, &["sync_overhead"]), Better::Lower),
             None
         );
 

@@ -397,7 +397,7 @@ async fn run_ours(
     let after = watched.snapshot();
     let cpu = sys::cpu_seconds(&before, &after);
     // Before the consistency check, whose queries would count too.
-    let served = served::latency(client, &target.prefix).await;
+    let served = served::latency(client, &ctx.subjects).await;
     println!(
         "signals: {} in {:.2} s; read model caught up {:.3} s after the last reply",
         phase.commands, phase.seconds, drain

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use async_nats::Client;
 use bytes::Bytes;
+use ch_runtime::subjects::Subjects;
 use futures::StreamExt;
 use serde_json::{json, Value};
 
@@ -26,14 +27,15 @@ instances, each percentile is the largest of theirs (the pooled one lies between
 and largest)";
 
 /// `service_latency_ms` of a report: the signal and performance endpoints of the deployment
-/// on `prefix` (`null` for an endpoint no instance reported).
-pub async fn latency(client: &Client, prefix: &str) -> Value {
+/// on `subjects` (`null` for an endpoint no instance reported).
+pub async fn latency(client: &Client, subjects: &Subjects) -> Value {
     let mut out = serde_json::Map::new();
     for (key, worker, endpoint) in ENDPOINTS {
-        let replies = match stats(client, &format!("{prefix}-{worker}")).await {
+        let service = subjects.service_name(worker);
+        let replies = match stats(client, &service).await {
             Ok(r) => r,
             Err(e) => {
-                eprintln!("warning: $SRV.STATS of {prefix}-{worker}: {e}");
+                eprintln!("warning: $SRV.STATS of {service}: {e}");
                 Vec::new()
             }
         };
