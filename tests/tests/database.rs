@@ -2,7 +2,8 @@
 //! a fresh server (`chctl up`, a Kubernetes roll-out), and none may fail because another
 //! created the database or applied the migrations first.
 
-use ch_e2e::TestEnv;
+use ch_e2e::{TestEnv, Worker};
+use serde_json::json;
 
 #[tokio::test]
 async fn workers_starting_at_once_on_a_fresh_server_all_find_their_database() {
@@ -28,4 +29,34 @@ async fn workers_starting_at_once_on_a_fresh_server_all_find_their_database() {
         r.expect("every start succeeds");
     }
     dropped.expect("the database was created, once");
+}
+
+/// An operator looking at `pg_stat_activity` sees which worker holds each session: its service
+/// name (`<prefix>-<worker>`) is the session's `application_name`.
+#[tokio::test]
+async fn each_workers_sessions_carry_its_service_name() {
+    let mut env = TestEnv::new().await;
+    env.start_all(&[Worker::ProjPortfolio, Worker::QueryPortfolio])
+        .await;
+    // A query takes a session of the query worker's pool; the projector holds its lock session.
+    env.request("query.portfolio.performance", json!({"portfolio_id": "p1"}))
+        .await
+        .err(404, "not_found");
+    let names: Vec<String> = env
+        .pg
+        .query(
+            "SELECT DISTINCT application_name FROM pg_stat_activity
+             WHERE application_name LIKE $1 ORDER BY 1",
+            &[&format!("{}-%", env.subjects.prefix())],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let expected: Vec<String> = [Worker::ProjPortfolio, Worker::QueryPortfolio]
+        .iter()
+        .map(|w| env.subjects.service_name(w.name()))
+        .collect();
+    assert_eq!(names, expected);
 }

@@ -634,12 +634,14 @@ async fn a_query_whose_session_ends_in_flight_is_answered_from_a_new_one() {
 #[tokio::test]
 async fn retired_sessions_are_not_handed_out_again() {
     let env = TestEnv::new().await;
-    let (pool, retirement) = ch_runtime::pg::retiring_pool(
-        &env.cfg.database_url,
-        &env.cfg.db_schema,
-        2,
-        ch_runtime::pg::Access::ReadOnly,
-    )
+    let (pool, retirement) = ch_runtime::pg::PoolSpec {
+        database_url: &env.cfg.database_url,
+        schema: &env.cfg.db_schema,
+        size: 2,
+        access: ch_runtime::pg::Access::ReadOnly,
+        application_name: "retirement-test",
+    }
+    .retiring_pool()
     .expect("pool");
     let next = || async { backend_pid(&pool.get().await.expect("session")).await };
     let (idle, in_use) = (pool.get().await.unwrap(), pool.get().await.unwrap());

@@ -48,6 +48,8 @@ pub struct App {
     pub metrics: Metrics,
     /// The worker's name, e.g. `cmd-portfolio`.
     pub worker: String,
+    /// Its service name: the worker's name under the subject prefix, e.g. `ch-cmd-portfolio`.
+    pub service_name: String,
 }
 
 impl App {
@@ -57,7 +59,8 @@ impl App {
     /// [`StartError`] saying what could not be reached.
     pub async fn start(cfg: Config, worker: &str) -> Result<App, StartError> {
         let subjects = Subjects::new(cfg.prefix.clone());
-        let client = crate::connect_nats(&cfg.nats_url, &subjects.service_name(worker))
+        let service_name = subjects.service_name(worker);
+        let client = crate::connect_nats(&cfg.nats_url, &service_name)
             .await
             .map_err(|error| StartError::Nats {
                 url: cfg.nats_url.clone(),
@@ -72,6 +75,7 @@ impl App {
             store,
             metrics: Metrics::default(),
             worker: worker.to_owned(),
+            service_name,
         })
     }
 
@@ -80,7 +84,7 @@ impl App {
     /// # Errors
     /// [`DbError`] when the URL is invalid.
     pub fn pool(&self) -> Result<Pool, DbError> {
-        self.pool_for(pg::Access::ReadWrite)
+        self.pool_spec(pg::Access::ReadWrite).pool()
     }
 
     /// A Postgres pool on the configured schema whose sessions cannot write (query workers).
@@ -88,7 +92,7 @@ impl App {
     /// # Errors
     /// [`DbError`] when the URL is invalid.
     pub fn read_pool(&self) -> Result<Pool, DbError> {
-        self.pool_for(pg::Access::ReadOnly)
+        self.pool_spec(pg::Access::ReadOnly).pool()
     }
 
     /// [`App::read_pool`] with the [`pg::Retirement`] of its sessions (query workers: a
@@ -97,21 +101,19 @@ impl App {
     /// # Errors
     /// [`DbError`] when the URL is invalid.
     pub fn retiring_read_pool(&self) -> Result<(Pool, pg::Retirement), DbError> {
-        pg::retiring_pool(
-            &self.cfg.database_url,
-            &self.cfg.db_schema,
-            self.cfg.db_pool_size,
-            pg::Access::ReadOnly,
-        )
+        self.pool_spec(pg::Access::ReadOnly).retiring_pool()
     }
 
-    fn pool_for(&self, access: pg::Access) -> Result<Pool, DbError> {
-        pg::pool(
-            &self.cfg.database_url,
-            &self.cfg.db_schema,
-            self.cfg.db_pool_size,
+    /// The configured pool; its sessions carry the worker's service name (`ch-proj-portfolio`)
+    /// as `application_name`, so `pg_stat_activity` tells which worker holds each.
+    fn pool_spec(&self, access: pg::Access) -> pg::PoolSpec<'_> {
+        pg::PoolSpec {
+            database_url: &self.cfg.database_url,
+            schema: &self.cfg.db_schema,
+            size: self.cfg.db_pool_size,
             access,
-        )
+            application_name: &self.service_name,
+        }
     }
 
     /// The micro service of this worker with the given `(endpoint name, subject)` pairs.
@@ -123,7 +125,7 @@ impl App {
         endpoints: impl IntoIterator<Item = (&'a str, String)>,
     ) -> ServiceSpec {
         ServiceSpec {
-            name: self.subjects.service_name(&self.worker),
+            name: self.service_name.clone(),
             description: description.to_owned(),
             endpoints: endpoints
                 .into_iter()

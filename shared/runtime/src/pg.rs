@@ -28,32 +28,71 @@ fn parse_url(database_url: &str) -> Result<tokio_postgres::Config, DbError> {
         .map_err(|e| DbError::Unavailable(format!("CH_DATABASE_URL: {}", pg_text(&e))))
 }
 
-/// A pool whose connections have `search_path` set to `schema`.
-///
-/// # Errors
-/// [`DbError::Unavailable`] when the URL is invalid.
-pub fn pool(
-    database_url: &str,
-    schema: &str,
-    size: usize,
-    access: Access,
-) -> Result<Pool, DbError> {
-    build_pool(database_url, schema, size, access, None)
+/// What a pool is for: the database, the schema its sessions use (`search_path`), how many
+/// sessions it opens, what they may do, and the name they show as `application_name` in
+/// `pg_stat_activity` and the server's log (unless the URL names one).
+#[derive(Debug, Clone)]
+pub struct PoolSpec<'a> {
+    pub database_url: &'a str,
+    pub schema: &'a str,
+    pub size: usize,
+    pub access: Access,
+    pub application_name: &'a str,
 }
 
-/// [`pool`], with a [`Retirement`] that can take every session begun so far out of it.
-///
-/// # Errors
-/// [`DbError::Unavailable`] when the URL is invalid.
-pub fn retiring_pool(
-    database_url: &str,
-    schema: &str,
-    size: usize,
-    access: Access,
-) -> Result<(Pool, Retirement), DbError> {
-    let retirement = Retirement::default();
-    let pool = build_pool(database_url, schema, size, access, Some(&retirement))?;
-    Ok((pool, retirement))
+impl PoolSpec<'_> {
+    /// The pool.
+    ///
+    /// # Errors
+    /// [`DbError::Unavailable`] when the URL is invalid.
+    pub fn pool(&self) -> Result<Pool, DbError> {
+        self.build(None)
+    }
+
+    /// [`PoolSpec::pool`], with a [`Retirement`] that can take every session begun so far out
+    /// of it.
+    ///
+    /// # Errors
+    /// [`DbError::Unavailable`] when the URL is invalid.
+    pub fn retiring_pool(&self) -> Result<(Pool, Retirement), DbError> {
+        let retirement = Retirement::default();
+        let pool = self.build(Some(&retirement))?;
+        Ok((pool, retirement))
+    }
+
+    fn build(&self, retirement: Option<&Retirement>) -> Result<Pool, DbError> {
+        let mut cfg = parse_url(self.database_url)?;
+        let schema = self.schema;
+        cfg.options(match self.access {
+            Access::ReadWrite => format!("-c search_path={schema}"),
+            Access::ReadOnly => {
+                format!("-c search_path={schema} -c default_transaction_read_only=on")
+            }
+        });
+        if cfg.get_application_name().is_none() {
+            cfg.application_name(self.application_name);
+        }
+        let mgr = Manager::from_config(
+            cfg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let mut builder = Pool::builder(mgr).max_size(self.size);
+        if let Some(r) = retirement.cloned() {
+            builder = builder.pre_recycle(Hook::sync_fn(move |_, metrics| {
+                if r.is_retired(metrics.created) {
+                    Err(HookError::message("retired"))
+                } else {
+                    Ok(())
+                }
+            }));
+        }
+        builder
+            .build()
+            .map_err(|e| DbError::Unavailable(e.to_string()))
+    }
 }
 
 /// Takes a pool's sessions out of use at once: those begun before [`Retirement::retire`] are
@@ -77,45 +116,6 @@ impl Retirement {
             .expect("retirement lock")
             .is_some_and(|at| began <= at)
     }
-}
-
-fn build_pool(
-    database_url: &str,
-    schema: &str,
-    size: usize,
-    access: Access,
-    retirement: Option<&Retirement>,
-) -> Result<Pool, DbError> {
-    let mut cfg = parse_url(database_url)?;
-    cfg.options(match access {
-        Access::ReadWrite => format!("-c search_path={schema}"),
-        Access::ReadOnly => {
-            format!("-c search_path={schema} -c default_transaction_read_only=on")
-        }
-    });
-    if cfg.get_application_name().is_none() {
-        cfg.application_name("cipherhorizon");
-    }
-    let mgr = Manager::from_config(
-        cfg,
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
-    let mut builder = Pool::builder(mgr).max_size(size);
-    if let Some(r) = retirement.cloned() {
-        builder = builder.pre_recycle(Hook::sync_fn(move |_, metrics| {
-            if r.is_retired(metrics.created) {
-                Err(HookError::message("retired"))
-            } else {
-                Ok(())
-            }
-        }));
-    }
-    builder
-        .build()
-        .map_err(|e| DbError::Unavailable(e.to_string()))
 }
 
 /// Connects without a pool (admin work: creating databases, advisory locks).

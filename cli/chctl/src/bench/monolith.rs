@@ -566,12 +566,14 @@ impl Monolith {
             .await
             .with_context(|| format!("monolith: creating schema {schema}"))?;
         drop(admin);
-        let pool = ch_runtime::pg::pool(
+        let pool = ch_runtime::pg::PoolSpec {
             database_url,
             schema,
-            POOL_SIZE,
-            ch_runtime::pg::Access::ReadWrite,
-        )?;
+            size: POOL_SIZE,
+            access: ch_runtime::pg::Access::ReadWrite,
+            application_name: "chctl-bench-monolith",
+        }
+        .pool()?;
         drop(pool.get().await.context("monolith: opening the pool")?);
         Ok(Monolith { pool })
     }
