@@ -35,7 +35,7 @@ echo "smoke: chctl rebuild all: both running projectors replayed to the head"
 # The benchmark at its smoke size, paced, beside the monolith: it must find every read-model
 # row equal to the state folded from the stream (it exits 1 otherwise), see no errors, keep
 # to the rate it was given (a closed loop here runs at thousands per second), and report the
-# workers' own latencies.
+# workers' own latencies and Postgres' CPU by the worker each backend serves.
 rate=200
 target/debug/chctl bench trade-flow --quick --signals 400 --rate "$rate" --query-rate 50 \
     --out "$CH_RUN_DIR/bench" --tag smoke >"$CH_RUN_DIR/bench.log" 2>&1 \
@@ -59,6 +59,13 @@ for key, sent in (("command", r["signals"]["sent"]), ("query", r["queries"])):
     served = r["service_latency_ms"][key]
     if not served or served["requests"] < sent or not served["p99"] > 0:
         problems.append(f"service latency of {key}: {served}, {sent} requests sent")
+# Postgres' CPU split by the session each backend serves: the workers' own and the monolith's.
+prefix = r["config"]["ch_subject_prefix"]
+for side, fig, names in (("ours", r, (f"{prefix}-proj-portfolio", f"{prefix}-query-portfolio")),
+                         ("monolith", r["baseline"], ("chctl-bench-monolith",))):
+    split = fig["postgres_cpu_seconds_by_application"]
+    if any(n not in split for n in names):
+        problems.append(f"{side}: Postgres CPU by session {split}, expected {names}")
 if problems:
     sys.exit("smoke: chctl bench trade-flow: " + "; ".join(problems))
 PY

@@ -314,7 +314,7 @@ fn figures(
     lag: Value,
     sync_overhead: Value,
     rebuild: &Value,
-    cpu: &std::collections::BTreeMap<String, f64>,
+    cpu: &sys::CpuUse,
     consistency: Value,
 ) -> Value {
     let answered = phase.executed + phase.rejected;
@@ -345,8 +345,18 @@ fn figures(
         "queries": phase.queries,
         "setup": {"commands": setup.commands, "seconds": round3(setup.seconds)},
         "rebuild": rebuild,
-        "cpu_seconds": cpu.iter().map(|(k, v)| (k.clone(), json!(round3(*v)))).collect::<serde_json::Map<_, _>>(),
+        "cpu_seconds": rounded(&cpu.processes),
+        "postgres_cpu_seconds_by_application": rounded(&cpu.postgres_by_application),
     })
+}
+
+/// CPU seconds by name, in milliseconds' precision.
+fn rounded(seconds: &std::collections::BTreeMap<String, f64>) -> Value {
+    seconds
+        .iter()
+        .map(|(k, v)| (k.clone(), json!(round3(*v))))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }
 
 async fn run_ours(
@@ -362,7 +372,7 @@ async fn run_ours(
         client: client.clone(),
         prefix: ctx.subjects.prefix().to_owned(),
     };
-    let watched = sys::Watched::from_pid_file(&ctx.pid_file());
+    let watched = sys::Watched::from_pid_file(&ctx.pid_file()).with_database(&ctx.cfg.database_url);
     let setup = load::setup(&target, w, 64).await?;
     println!(
         "set-up: {} commands in {:.2} s",
@@ -372,7 +382,7 @@ async fn run_ours(
         load::wait_visible(&target, last, setup.last_seq, Duration::from_secs(60)).await?;
     }
     let lag = LagTracker::start(client, ctx.subjects.progress("portfolio")).await?;
-    let before = watched.snapshot();
+    let before = watched.snapshot().await;
     let phase = load::run(
         &target,
         w,
@@ -394,7 +404,7 @@ async fn run_ours(
         }
     }
     let drain = drain_started.elapsed().as_secs_f64();
-    let after = watched.snapshot();
+    let after = watched.snapshot().await;
     let cpu = sys::cpu_seconds(&before, &after);
     // Before the consistency check, whose queries would count too.
     let served = served::latency(client, &ctx.subjects).await;
@@ -402,6 +412,9 @@ async fn run_ours(
         "signals: {} in {:.2} s; read model caught up {:.3} s after the last reply",
         phase.commands, phase.seconds, drain
     );
+    if let Some(line) = cpu.postgres_line() {
+        println!("{line}");
+    }
 
     let mut lag_json = percentiles(&hist, &[("p50", 0.5), ("p99", 0.99), ("p999", 0.999)]);
     if let Value::Object(m) = &mut lag_json {
@@ -413,7 +426,11 @@ async fn run_ours(
         Some(why) => json!({"value": null, "why": why}),
         None => {
             let sum = |pred: &dyn Fn(&str) -> bool| -> f64 {
-                cpu.iter().filter(|(k, _)| pred(k)).map(|(_, v)| v).sum()
+                cpu.processes
+                    .iter()
+                    .filter(|(k, _)| pred(k))
+                    .map(|(_, v)| v)
+                    .sum()
             };
             let proj = sum(&|k| k.starts_with("proj-"));
             let cmd = sum(&|k| k.starts_with("cmd-"));
@@ -497,17 +514,21 @@ async fn run_monolith(
         prefix: prefix.to_owned(),
     };
     let result = async {
-        let watched = sys::Watched::from_pid_file(&ctx.pid_file());
+        let watched =
+            sys::Watched::from_pid_file(&ctx.pid_file()).with_database(&ctx.cfg.database_url);
         let setup = load::setup(&target, w, 64).await?;
         println!(
             "set-up: {} commands in {:.2} s",
             setup.commands, setup.seconds
         );
-        let before = watched.snapshot();
+        let before = watched.snapshot().await;
         let phase = load::run(&target, w, query_clients, rates, w.seed, None, "monolith").await;
-        let after = watched.snapshot();
+        let after = watched.snapshot().await;
         let cpu = sys::cpu_seconds(&before, &after);
         println!("signals: {} in {:.2} s", phase.commands, phase.seconds);
+        if let Some(line) = cpu.postgres_line() {
+            println!("{line}");
+        }
         let mut consistency = check::compare(&target, states, ids, None).await;
         consistency["compared_with"] = json!("the portfolios folded from CipherHorizon's stream (same workload, same per-portfolio order)");
         println!(

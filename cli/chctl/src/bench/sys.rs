@@ -6,6 +6,8 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
+use ch_runtime::pg;
+
 use crate::procs;
 
 /// CPU time (user + system) in clock ticks per process, grouped.
@@ -13,6 +15,19 @@ use crate::procs;
 pub struct CpuSnapshot {
     /// group name -> pid -> ticks
     groups: BTreeMap<String, BTreeMap<i32, u64>>,
+    /// Postgres backend pid -> its session's `application_name` (a worker's service name).
+    backends: BTreeMap<i32, String>,
+}
+
+/// CPU seconds spent between two snapshots.
+#[derive(Debug, Clone, Default)]
+pub struct CpuUse {
+    /// By group: a worker's name, `chctl-bench`, `postgres`, `nats-server`.
+    pub processes: BTreeMap<String, f64>,
+    /// Postgres' part of it by the `application_name` of the session each backend serves
+    /// (each worker's sessions carry its service name); `(other)` for the server's own
+    /// processes and sessions without a name.
+    pub postgres_by_application: BTreeMap<String, f64>,
 }
 
 /// utime + stime of `pid`, in clock ticks.
@@ -39,6 +54,8 @@ pub struct Watched {
     pub workers: Vec<procs::Entry>,
     /// Why there are none, if so.
     pub missing: Option<String>,
+    /// Where to ask which session each Postgres backend serves.
+    database_url: Option<String>,
 }
 
 impl Watched {
@@ -54,11 +71,13 @@ impl Watched {
                             "no live worker listed in {} (workers on another machine or started otherwise)",
                             path.display()
                         )),
+                        database_url: None,
                     }
                 } else {
                     Watched {
                         workers: live,
                         missing: None,
+                        database_url: None,
                     }
                 }
             }
@@ -68,19 +87,34 @@ impl Watched {
                     "{} does not exist: the workers were not started by `chctl up` with this run dir (set CH_RUN_DIR)",
                     path.display()
                 )),
+                database_url: None,
             },
             Err(e) => Watched {
                 workers: Vec::new(),
                 missing: Some(format!("{e:#}")),
+                database_url: None,
             },
         }
     }
 
+    /// Also splits the local Postgres' CPU time by the session each backend serves, as
+    /// `pg_stat_activity` at `database_url` names it.
+    pub fn with_database(mut self, database_url: &str) -> Watched {
+        self.database_url = Some(database_url.to_owned());
+        self
+    }
+
     /// Reads the CPU time of every worker, of this process (`chctl-bench`: the load generator
     /// and, for the baseline, the monolith), and of the local `postgres` and `nats-server`
-    /// processes (by name).
-    pub fn snapshot(&self) -> CpuSnapshot {
-        let mut s = CpuSnapshot::default();
+    /// processes (by name); and which session each Postgres backend serves.
+    pub async fn snapshot(&self) -> CpuSnapshot {
+        let mut s = CpuSnapshot {
+            backends: match &self.database_url {
+                Some(url) => backend_names(url).await,
+                None => BTreeMap::new(),
+            },
+            ..CpuSnapshot::default()
+        };
         for e in &self.workers {
             if let Some(t) = ticks(e.pid) {
                 s.groups.entry(e.name.clone()).or_default().insert(e.pid, t);
@@ -113,23 +147,64 @@ impl Watched {
     }
 }
 
-/// CPU seconds per group between two snapshots. A process that started in between counts
-/// from 0; one that exited in between is lost (short-lived Postgres backends only).
-pub fn cpu_seconds(before: &CpuSnapshot, after: &CpuSnapshot) -> BTreeMap<String, f64> {
-    let hz = rustix::param::clock_ticks_per_second().max(1) as f64;
-    after
-        .groups
-        .iter()
-        .map(|(g, pids)| {
-            let empty = BTreeMap::new();
-            let old = before.groups.get(g).unwrap_or(&empty);
-            let ticks: u64 = pids
-                .iter()
-                .map(|(pid, t)| t.saturating_sub(old.get(pid).copied().unwrap_or(0)))
-                .sum();
-            (g.clone(), ticks as f64 / hz)
+impl CpuUse {
+    /// `postgres CPU s by session: a 1.234, b 0.5` (most first), or nothing without the split.
+    pub fn postgres_line(&self) -> Option<String> {
+        let mut parts: Vec<(&String, &f64)> = self.postgres_by_application.iter().collect();
+        parts.sort_by(|a, b| b.1.total_cmp(a.1));
+        (!parts.is_empty()).then(|| {
+            let parts: Vec<String> = parts.iter().map(|(k, v)| format!("{k} {v:.3}")).collect();
+            format!("postgres CPU s by session: {}", parts.join(", "))
         })
-        .collect()
+    }
+}
+
+/// The `application_name` of each Postgres backend with one; none when the database cannot
+/// be asked (the split is then left out, the totals stay).
+async fn backend_names(database_url: &str) -> BTreeMap<i32, String> {
+    let Ok(db) = pg::connect(database_url, None).await else {
+        return BTreeMap::new();
+    };
+    let rows = db
+        .query(
+            "SELECT pid, application_name FROM pg_stat_activity WHERE application_name <> ''",
+            &[],
+        )
+        .await
+        .unwrap_or_default();
+    rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+}
+
+/// CPU seconds between two snapshots. A process that started in between counts from 0; one
+/// that exited in between is lost (short-lived Postgres backends only).
+pub fn cpu_seconds(before: &CpuSnapshot, after: &CpuSnapshot) -> CpuUse {
+    let hz = rustix::param::clock_ticks_per_second().max(1) as f64;
+    let empty = BTreeMap::new();
+    let spent = |g: &str, pid: i32, t: u64| {
+        let old = before.groups.get(g).unwrap_or(&empty);
+        t.saturating_sub(old.get(&pid).copied().unwrap_or(0)) as f64 / hz
+    };
+    let mut used = CpuUse::default();
+    for (g, pids) in &after.groups {
+        used.processes.insert(
+            g.clone(),
+            pids.iter().map(|(&pid, &t)| spent(g, pid, t)).sum(),
+        );
+    }
+    if after.backends.is_empty() && before.backends.is_empty() {
+        return used;
+    }
+    for (&pid, &t) in after.groups.get("postgres").unwrap_or(&empty) {
+        let name = after
+            .backends
+            .get(&pid)
+            .or_else(|| before.backends.get(&pid));
+        *used
+            .postgres_by_application
+            .entry(name.map_or_else(|| "(other)".to_owned(), Clone::clone))
+            .or_default() += spent("postgres", pid, t);
+    }
+    used
 }
 
 /// Facts about the machine and the code.
@@ -176,6 +251,47 @@ pub fn machine() -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn snapshot(postgres: &[(i32, u64)], backends: &[(i32, &str)]) -> CpuSnapshot {
+        CpuSnapshot {
+            groups: BTreeMap::from([("postgres".to_owned(), postgres.iter().copied().collect())]),
+            backends: backends
+                .iter()
+                .map(|&(pid, name)| (pid, name.to_owned()))
+                .collect(),
+        }
+    }
+
+    /// Each backend's time goes to the session it served, named before or after (a backend
+    /// opened during the phase counts from 0); the rest is `(other)`; the total is unchanged.
+    #[test]
+    fn postgres_time_is_split_by_the_session_of_each_backend() {
+        let hz = rustix::param::clock_ticks_per_second() as f64;
+        let before = snapshot(
+            &[(10, 100), (11, 50), (12, 7)],
+            &[(10, "proj"), (11, "query")],
+        );
+        let after = snapshot(
+            &[(10, 300), (11, 150), (12, 9), (13, 40)],
+            &[(11, "query"), (13, "query")],
+        );
+        let used = cpu_seconds(&before, &after);
+        assert_eq!(used.processes["postgres"], 342.0 / hz);
+        let split = &used.postgres_by_application;
+        assert_eq!(split.len(), 3, "{split:?}");
+        assert_eq!(split["proj"], 200.0 / hz);
+        assert_eq!(split["query"], 140.0 / hz);
+        assert_eq!(split["(other)"], 2.0 / hz);
+        let line = used.postgres_line().expect("a split");
+        assert!(
+            line.starts_with("postgres CPU s by session: proj "),
+            "{line}"
+        );
+        // Without names (a database that cannot be asked) there is no split.
+        let unnamed = cpu_seconds(&snapshot(&[(10, 1)], &[]), &snapshot(&[(10, 5)], &[]));
+        assert!(unnamed.postgres_by_application.is_empty());
+        assert_eq!(unnamed.postgres_line(), None);
+    }
 
     #[test]
     fn this_process_has_cpu_time() {
