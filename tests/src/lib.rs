@@ -6,9 +6,10 @@
 //! project's `.venv` (killed, and its store removed, on drop). Workers run in-process as
 //! tasks, through the same functions their binaries call.
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use ch_domain::request::Endpoint;
@@ -22,6 +23,31 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub mod fixtures;
+
+/// How long a test waits for what the system does on its own (a server accepting, a projector
+/// catching up, a lock changing hands): far beyond what that takes on a busy CI machine.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Tries `probe` until it gives `Ok`, yielding between tries (no sleeps); after [`PATIENCE`]
+/// fails the test with what the last try found (its `Err`).
+pub async fn eventually<T, E, F, Fut>(mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match probe().await {
+            Ok(found) => return found,
+            Err(state) => assert!(
+                Instant::now() < deadline,
+                "gave up after {PATIENCE:?}: {state}"
+            ),
+        }
+        tokio::task::yield_now().await;
+    }
+}
 
 /// A nats-server process owned by a test.
 pub struct NatsServer {
@@ -84,19 +110,15 @@ impl NatsServer {
             .expect("nats-server starts")
     }
 
-    /// Ready when it accepts a client (connect retries are bounded by the timeout).
+    /// Ready when it accepts a client.
     async fn wait_accepting(&self) {
-        let url = self.url.clone();
-        tokio::time::timeout(Duration::from_secs(10), async move {
-            loop {
-                if async_nats::connect(&url).await.is_ok() {
-                    break;
-                }
-                tokio::task::yield_now().await;
-            }
+        eventually(|| async {
+            async_nats::connect(&self.url)
+                .await
+                .map(drop)
+                .map_err(|e| format!("nats-server at {} accepts no client: {e}", self.url))
         })
-        .await
-        .expect("nats-server accepts connections");
+        .await;
     }
 
     /// Stops the server as an operator would (SIGTERM: it closes its clients' connections and
@@ -400,21 +422,18 @@ impl TestEnv {
     /// Waits (bounded) until the worker's service answers a ping.
     pub async fn wait_ping(&self, worker: Worker) {
         let subject = format!("$SRV.PING.{}", self.subjects.service_name(worker.name()));
-        tokio::time::timeout(Duration::from_secs(15), async {
-            loop {
-                match tokio::time::timeout(
-                    Duration::from_millis(200),
-                    self.client.request(subject.clone(), "".into()),
-                )
-                .await
-                {
-                    Ok(Ok(_)) => break,
-                    _ => tokio::task::yield_now().await,
-                }
+        eventually(|| async {
+            match tokio::time::timeout(
+                Duration::from_millis(200),
+                self.client.request(subject.clone(), "".into()),
+            )
+            .await
+            {
+                Ok(Ok(_)) => Ok(()),
+                _ => Err(format!("{} answers no $SRV.PING", worker.name())),
             }
         })
-        .await
-        .unwrap_or_else(|_| panic!("{} did not answer $SRV.PING", worker.name()));
+        .await;
     }
 
     /// Sends a raw request body to `<prefix>.<suffix>`.

@@ -2,17 +2,13 @@
 //! and sells a whole position once its stop loss, take profit or trailing stop fires, exactly
 //! once per round trip and trigger, through `cmd.signal.execute` like any client.
 
-use std::time::{Duration, Instant};
-
 use ch_domain::exits::{exit_command_id, ExitKind};
 use ch_domain::AggregateType;
 use ch_e2e::fixtures::{attach, deposit, open, price, seq, signal_on};
-use ch_e2e::{TestEnv, Worker};
+use ch_e2e::{eventually, TestEnv, Worker};
 use ch_runtime::app::App;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
-
-const BOUND: Duration = Duration::from_secs(30);
 
 /// A strategy on `symbols` whose one `*` rule has the given exits.
 fn strategy_with_exits(strategy_id: &str, symbols: &[&str], exits: Value) -> Value {
@@ -68,14 +64,15 @@ async fn performance(env: &TestEnv, pid: &str) -> Value {
 
 /// Polls the performance (read-your-writes at the stream head) until `pred` holds, bounded.
 async fn wait_performance(env: &TestEnv, pid: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + BOUND;
-    loop {
+    eventually(|| async {
         let perf = performance(env, pid).await;
         if pred(&perf) {
-            return perf;
+            Ok(perf)
+        } else {
+            Err(format!("{pid} never got there: {perf}"))
         }
-        assert!(Instant::now() < deadline, "{pid} never got there: {perf}");
-    }
+    })
+    .await
 }
 
 /// Waits until the durable consumer `durable` has acked every price up to `seq` (the worker
@@ -86,26 +83,23 @@ async fn wait_evaluated(env: &TestEnv, durable: &str, seq: u64) {
         .get_stream(env.subjects.stream_name())
         .await
         .expect("stream");
-    let deadline = Instant::now() + BOUND;
-    loop {
+    eventually(|| async {
         let info = stream.consumer_info(durable).await.expect("consumer info");
         if info.ack_floor.stream_sequence >= seq && info.num_ack_pending == 0 {
-            return;
+            Ok(())
+        } else {
+            Err(format!(
+                "{durable} did not evaluate up to {seq}: ack floor {}, {} pending acks",
+                info.ack_floor.stream_sequence, info.num_ack_pending
+            ))
         }
-        assert!(
-            Instant::now() < deadline,
-            "{durable} did not evaluate up to {seq}: ack floor {}, {} pending acks",
-            info.ack_floor.stream_sequence,
-            info.num_ack_pending
-        );
-        tokio::task::yield_now().await;
-    }
+    })
+    .await;
 }
 
 /// The same through the worker's `status` endpoint.
 async fn status_evaluated(env: &TestEnv, seq: u64) -> Value {
-    let deadline = Instant::now() + BOUND;
-    loop {
+    eventually(|| async {
         let s = env
             .request("admin.exit-triggers.status", json!({}))
             .await
@@ -113,11 +107,12 @@ async fn status_evaluated(env: &TestEnv, seq: u64) -> Value {
         if s["consumer"]["ack_floor_seq"].as_u64() >= Some(seq)
             && s["consumer"]["num_ack_pending"] == 0
         {
-            return s;
+            Ok(s)
+        } else {
+            Err(format!("status never reached {seq}: {s}"))
         }
-        assert!(Instant::now() < deadline, "status never reached {seq}: {s}");
-        tokio::task::yield_now().await;
-    }
+    })
+    .await
 }
 
 /// Every event on a portfolio's subject, decoded as stored (envelopes).
@@ -312,14 +307,12 @@ async fn workers_running_side_by_side_sell_once() {
         .get_stream(env.subjects.stream_name())
         .await
         .expect("stream");
-    let deadline = Instant::now() + BOUND;
-    while stream.consumer_info("exit_triggers_other").await.is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "the other durable never appeared"
-        );
-        tokio::task::yield_now().await;
-    }
+    eventually(|| async {
+        let info = stream.consumer_info("exit_triggers_other").await;
+        info.map(drop)
+            .map_err(|e| format!("the other durable never appeared: {e}"))
+    })
+    .await;
 
     // Stop loss 5 % and a trailing stop (10 % once 5 % up): both can fire on the way down.
     let exits = json!({"stop_loss_pct": "0.05",

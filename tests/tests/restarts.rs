@@ -7,7 +7,7 @@ use ch_domain::AggregateType;
 use ch_e2e::fixtures::{
     attach, deposit, detach, open, price, rename_strategy, seq, signal, strategy,
 };
-use ch_e2e::{Running, TestEnv, Worker};
+use ch_e2e::{eventually, Running, TestEnv, Worker};
 use ch_readmodel::workers::projector;
 use ch_readmodel::{PortfolioProjection, StrategyProjection};
 use ch_runtime::app::App;
@@ -115,8 +115,7 @@ async fn stop_and_assert_same_as_rebuilt(env: &TestEnv, running: [Running; 2]) {
 
 /// Polls the portfolio checkpoint until `pred` holds (bounded); returns it.
 async fn wait_checkpoint(env: &TestEnv, pred: impl Fn(u64) -> bool) -> u64 {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
+    eventually(|| async {
         let row = env
             .pg
             .query_opt(
@@ -126,15 +125,11 @@ async fn wait_checkpoint(env: &TestEnv, pred: impl Fn(u64) -> bool) -> u64 {
             .await
             .unwrap();
         let cp = row.map_or(0, |r| r.get::<_, i64>(0) as u64);
-        if pred(cp) {
-            return cp;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "checkpoint stuck at {cp}"
-        );
-        tokio::task::yield_now().await;
-    }
+        pred(cp)
+            .then_some(cp)
+            .ok_or(format!("checkpoint stuck at {cp}"))
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -594,8 +589,7 @@ async fn a_query_whose_session_ends_in_flight_is_answered_from_a_new_one() {
                 .await
         })
     };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
+    eventually(|| async {
         let waiting: i64 = env
             .pg
             .query_one(
@@ -606,15 +600,11 @@ async fn a_query_whose_session_ends_in_flight_is_answered_from_a_new_one() {
             .await
             .unwrap()
             .get(0);
-        if waiting > 0 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the query never waited"
-        );
-        tokio::task::yield_now().await;
-    }
+        (waiting > 0)
+            .then_some(())
+            .ok_or("the query never waited for the lock")
+    })
+    .await;
     // End the sessions (the waiting one answers its query with an error), then let go.
     cut_sessions(&env, &app_name).await;
     lock.batch_execute("ROLLBACK").await.unwrap();
@@ -735,11 +725,7 @@ fn gauge(metrics: &Metrics, name: &str) -> Option<i64> {
 
 /// Polls until `pred` holds (bounded).
 async fn wait_until(what: &str, pred: impl Fn() -> bool) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !pred() {
-        assert!(std::time::Instant::now() < deadline, "never: {what}");
-        tokio::task::yield_now().await;
-    }
+    eventually(|| async { pred().then_some(()).ok_or_else(|| format!("never: {what}")) }).await;
 }
 
 /// Two replicas: when the active one's lock session ends (a database restart or failover as
