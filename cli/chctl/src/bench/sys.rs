@@ -60,40 +60,31 @@ pub struct Watched {
 
 impl Watched {
     pub fn from_pid_file(path: &Path) -> Watched {
-        match procs::read_pid_file(path) {
+        let (workers, missing) = match procs::read_pid_file(path) {
             Ok(Some(entries)) => {
                 let live: Vec<procs::Entry> =
                     entries.into_iter().filter(procs::alive).collect();
-                if live.is_empty() {
-                    Watched {
-                        workers: live,
-                        missing: Some(format!(
-                            "no live worker listed in {} (workers on another machine or started otherwise)",
-                            path.display()
-                        )),
-                        database_url: None,
-                    }
-                } else {
-                    Watched {
-                        workers: live,
-                        missing: None,
-                        database_url: None,
-                    }
-                }
+                let missing = live.is_empty().then(|| {
+                    format!(
+                        "no live worker listed in {} (workers on another machine or started otherwise)",
+                        path.display()
+                    )
+                });
+                (live, missing)
             }
-            Ok(None) => Watched {
-                workers: Vec::new(),
-                missing: Some(format!(
+            Ok(None) => (
+                Vec::new(),
+                Some(format!(
                     "{} does not exist: the workers were not started by `chctl up` with this run dir (set CH_RUN_DIR)",
                     path.display()
                 )),
-                database_url: None,
-            },
-            Err(e) => Watched {
-                workers: Vec::new(),
-                missing: Some(format!("{e:#}")),
-                database_url: None,
-            },
+            ),
+            Err(e) => (Vec::new(), Some(format!("{e:#}"))),
+        };
+        Watched {
+            workers,
+            missing,
+            database_url: None,
         }
     }
 
