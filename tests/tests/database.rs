@@ -2,7 +2,7 @@
 //! a fresh server (`chctl up`, a Kubernetes roll-out), and none may fail because another
 //! created the database or applied the migrations first.
 
-use ch_e2e::{TestEnv, Worker};
+use ch_e2e::{eventually, TestEnv, Worker};
 use serde_json::json;
 
 #[tokio::test]
@@ -42,21 +42,27 @@ async fn each_workers_sessions_carry_its_service_name() {
     env.request("query.portfolio.performance", json!({"portfolio_id": "p1"}))
         .await
         .err(404, "not_found");
-    let names: Vec<String> = env
-        .pg
-        .query(
-            "SELECT DISTINCT application_name FROM pg_stat_activity
-             WHERE application_name LIKE $1 ORDER BY 1",
-            &[&format!("{}-%", env.subjects.prefix())],
-        )
-        .await
-        .expect("pg_stat_activity")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
     let expected: Vec<String> = [Worker::ProjPortfolio, Worker::QueryPortfolio]
         .iter()
         .map(|w| env.subjects.service_name(w.name()))
         .collect();
-    assert_eq!(names, expected);
+    // The projector answers pings before it has taken its lock session: wait for that.
+    eventually(|| async {
+        let names: Vec<String> = env
+            .pg
+            .query(
+                "SELECT DISTINCT application_name FROM pg_stat_activity
+                 WHERE application_name LIKE $1 ORDER BY 1",
+                &[&format!("{}-%", env.subjects.prefix())],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        (names == expected)
+            .then_some(())
+            .ok_or(format!("sessions named {names:?}, expected {expected:?}"))
+    })
+    .await;
 }
