@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Starts every worker binary with `chctl up --detach` on a prefix of its own, runs the nats-py
-# API smoke test (tests/python/api_smoke.py) against them, then `chctl rebuild all` with the
-# projectors running and the benchmark at its smoke size, and stops them again.
+# API smoke test (tests/python/api_smoke.py) against them, then `chctl status`, `chctl rebuild
+# all` with the projectors running and the benchmark at its smoke size, and stops them again.
 #   scripts/smoke.sh NATS_URL DATABASE_URL
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +17,15 @@ trap stop EXIT
 
 target/debug/chctl up --detach --bin-dir target/debug >/dev/null
 .venv/bin/python tests/python/api_smoke.py
+
+# `chctl status`: every service up, and the projectors' Postgres sessions by their names.
+status=$(target/debug/chctl status) \
+    || { printf 'smoke: chctl status reports services down:\n%s\n' "$status" >&2; exit 1; }
+for w in proj-portfolio proj-strategy; do
+    grep -Eq "^  smoke-$w +[1-9][0-9]* open," <<<"$status" \
+        || { printf 'smoke: chctl status shows no session of %s:\n%s\n' "$w" "$status" >&2; exit 1; }
+done
+echo "smoke: chctl status: every service up, the projectors' database sessions by name"
 
 # `chctl rebuild` while the projectors run: each replays the stream, and chctl follows it to
 # the head it saw before the reset.

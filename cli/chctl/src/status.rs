@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
-use crate::common::{ping, projector_status, text, Ctx, PROJECTIONS, WORKERS};
+use ch_runtime::pg;
+
+use crate::common::{ping, projector_status, redact, text, Ctx, PROJECTIONS, WORKERS};
 
 pub async fn run(ctx: &Ctx) -> Result<ExitCode> {
     let client = ctx.connect().await?;
@@ -63,9 +65,57 @@ pub async fn run(ctx: &Ctx) -> Result<ExitCode> {
         },
         Err(_) => println!("stream {name}: missing (run `chctl setup`)"),
     }
+    sessions(ctx).await;
     if down > 0 {
         println!("{down} of {} services down", WORKERS.len());
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Each worker's Postgres sessions (they carry its service name as `application_name`): how
+/// many, how many run a statement, wait for a lock, or sit idle inside a transaction, and the
+/// oldest open transaction: what to look at when a read model stops moving.
+async fn sessions(ctx: &Ctx) {
+    let url = &ctx.cfg.database_url;
+    println!("database sessions ({}):", redact(url));
+    let db = match pg::connect(url, None).await {
+        Ok(db) => db,
+        Err(e) => {
+            println!("  database unreachable: {e}");
+            return;
+        }
+    };
+    let rows = db
+        .query(
+            "SELECT application_name, count(*),
+                    count(*) FILTER (WHERE state = 'active'),
+                    count(*) FILTER (WHERE wait_event_type = 'Lock'),
+                    count(*) FILTER (WHERE state LIKE 'idle in transaction%'),
+                    extract(epoch FROM max(now() - xact_start))::float8
+               FROM pg_stat_activity
+              WHERE datname = current_database() AND starts_with(application_name, $1)
+              GROUP BY 1 ORDER BY 1",
+            &[&format!("{}-", ctx.subjects.prefix())],
+        )
+        .await;
+    match rows {
+        Ok(rows) if rows.is_empty() => println!("  none"),
+        Ok(rows) => {
+            for r in rows {
+                let oldest = r
+                    .get::<_, Option<f64>>(5)
+                    .map_or("none".to_owned(), |s| format!("{s:.1} s"));
+                println!(
+                    "  {:<24} {} open, {} active, {} waiting for a lock, {} idle in a transaction; oldest transaction {oldest}",
+                    r.get::<_, String>(0),
+                    r.get::<_, i64>(1),
+                    r.get::<_, i64>(2),
+                    r.get::<_, i64>(3),
+                    r.get::<_, i64>(4),
+                );
+            }
+        }
+        Err(e) => println!("  cannot read pg_stat_activity: {e}"),
+    }
 }
