@@ -1,8 +1,13 @@
 //! A signal worker caches the strategies and marks it checks signals against; a change to
 //! either must be seen by the very next signal (API.md: checks use the current state).
 
+use std::time::Duration;
+
+use ch_domain::strategy::StrategyState;
 use ch_e2e::fixtures::{price, signal, strategy, strategy_with};
-use ch_e2e::TestEnv;
+use ch_e2e::{eventually, TestEnv, Worker};
+use ch_runtime::repo::Repo;
+use ch_runtime::EventStore;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,4 +84,49 @@ async fn the_next_signal_sees_a_price_change_at_once() {
             assert_eq!(r["status"], "executed", "round {i}: {r}");
         }
     }
+}
+
+/// Change notices are core NATS messages: one sent while a worker's connection is down never
+/// reaches it. A fact the worker checked before it reconnected is read from the stream again
+/// after, not trusted until its age runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fact_checked_before_a_reconnect_is_read_again_after_it() {
+    let mut env = TestEnv::new().await;
+    env.start(Worker::CmdStrategy).await;
+    env.cmd("strategy.create", strategy("u1", "s1", &["BTC-USDT"]))
+        .await;
+    let client = ch_runtime::connect_nats(&env.cfg.nats_url, "facts-reconnect")
+        .await
+        .expect("nats");
+    let store = EventStore::open(client.clone(), env.subjects.clone())
+        .await
+        .expect("store");
+    // A repo that follows no notices (every notice lost) and trusts a fact for an hour: only
+    // a reconnect can make it look again.
+    let repo: Repo<StrategyState> =
+        Repo::new(store, 16).with_fact_max_age(Duration::from_secs(3600));
+    assert_eq!(repo.fact("s1").await.expect("fact").version, 1);
+    env.cmd(
+        "strategy.update",
+        json!({"strategy_id": "s1", "strategy_name": "renamed"}),
+    )
+    .await;
+    assert_eq!(
+        repo.fact("s1").await.expect("fact").version,
+        1,
+        "without a notice or a reconnect the cached fact is used"
+    );
+
+    let connects = repo.store().connects();
+    client.force_reconnect().await.expect("reconnect");
+    eventually(|| async {
+        let now = repo.store().connects();
+        (now > connects)
+            .then_some(())
+            .ok_or(format!("connected {now} times"))
+    })
+    .await;
+    let fact = repo.fact("s1").await.expect("fact");
+    assert_eq!(fact.version, 2, "{fact:?}");
+    assert_eq!(fact.name, "renamed");
 }

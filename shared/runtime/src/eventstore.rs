@@ -174,6 +174,15 @@ impl EventStore {
         &self.stream
     }
 
+    /// How many times the store's NATS connection has been established: it moves on every
+    /// reconnect, after which core-NATS notices sent while disconnected are lost.
+    pub fn connects(&self) -> u64 {
+        self.client
+            .statistics()
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Appends `events` (v1: exactly one per command) to the aggregate's subject, expecting
     /// `expected_seq` as its last sequence.
     ///

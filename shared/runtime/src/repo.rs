@@ -26,6 +26,8 @@ pub struct Entry<A> {
     commands: HashMap<Uuid, u64>,
     /// When the entry was last compared with the stream (for [`Repo::fact`]).
     checked_at: Option<Instant>,
+    /// [`EventStore::connects`] then: a reconnect since may have lost its change notice.
+    checked_connects: u64,
 }
 
 impl<A: Aggregate> Entry<A> {
@@ -49,6 +51,7 @@ impl<A: Aggregate> Entry<A> {
             last_seq: 0,
             commands: HashMap::new(),
             checked_at: None,
+            checked_connects: 0,
         };
     }
 }
@@ -64,10 +67,13 @@ pub struct Repo<A: Aggregate> {
     stale: Mutex<HashSet<String>>,
     /// A core subscription to this aggregate type's subjects: change notices.
     notices: Mutex<Option<async_nats::Subscriber>>,
+    /// How long a cached fact is trusted without a change notice.
+    fact_max_age: Duration,
 }
 
-/// How long a cached fact is trusted without a change notice (a backstop for notices lost
-/// while reconnecting).
+/// How long a cached fact is trusted without a change notice: a backstop for notices the
+/// server dropped (a slow subscriber). Notices lost to a reconnect are covered at once (a
+/// fact checked before the last reconnect is read again).
 const FACT_MAX_AGE: Duration = Duration::from_secs(1);
 
 impl<A: Aggregate> Repo<A> {
@@ -78,7 +84,14 @@ impl<A: Aggregate> Repo<A> {
             capacity: capacity.max(16),
             stale: Mutex::new(HashSet::new()),
             notices: Mutex::new(None),
+            fact_max_age: FACT_MAX_AGE,
         }
+    }
+
+    /// Trusts cached facts without a change notice for `age` instead of a second.
+    pub fn with_fact_max_age(mut self, age: Duration) -> Self {
+        self.fact_max_age = age;
+        self
     }
 
     /// Locks the entry of `id`, creating an empty one if needed (call [`Repo::catch_up`]).
@@ -161,8 +174,9 @@ impl<A: Aggregate> Repo<A> {
     }
 
     /// The state of `id` as a read-only fact for another aggregate's decision: from the cache
-    /// while no change notice arrived for it (and it is younger than a second), else caught up
-    /// with the stream. Saves a round trip per command for facts that rarely change.
+    /// while no change notice arrived for it, it is younger than a second and the connection
+    /// has not been re-established since it was checked; else caught up with the stream.
+    /// Saves a round trip per command for facts that rarely change.
     ///
     /// # Errors
     /// [`StoreError`] when the store cannot be read.
@@ -170,10 +184,14 @@ impl<A: Aggregate> Repo<A> {
         let mut entry = self.lock(id).await;
         self.drain_notices();
         let noticed = self.stale.lock().expect("stale lock poisoned").remove(id);
-        let old = entry.checked_at.is_none_or(|t| t.elapsed() > FACT_MAX_AGE);
-        if noticed || old {
+        let connects = self.store.connects();
+        let old = entry
+            .checked_at
+            .is_none_or(|t| t.elapsed() > self.fact_max_age);
+        if noticed || old || entry.checked_connects != connects {
             self.catch_up(id, &mut entry).await?;
             entry.checked_at = Some(Instant::now());
+            entry.checked_connects = connects;
         }
         Ok(entry.state.clone())
     }
