@@ -153,7 +153,7 @@ async fn projector_killed_mid_stream_resumes_to_the_same_read_model_as_a_rebuild
     // lands mid-stream however fast the catch-up runs.
     env.cfg.batch_max = 5;
     env.cfg.replay_batch_max = 5;
-    let mut hold = Some(lock_table(&env, &env.cfg.database_url, "marks", "EXCLUSIVE").await);
+    let mut hold = Some(lock_table(&env, "marks", "EXCLUSIVE").await);
     let mut mid_stream_kills = 0;
     loop {
         let before = wait_checkpoint(&env, |_| true).await;
@@ -541,9 +541,8 @@ async fn workers_carry_on_across_a_nats_server_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_carry_on_when_postgres_drops_their_connections() {
     let mut env = TestEnv::new().await;
-    // The workers' sessions carry the test's own application name, so that only they are cut.
-    let app_name = format!("{}_workers", env.cfg.db_schema);
-    env.cfg.database_url = with_app_name(&env.cfg.database_url, &app_name);
+    // The workers' sessions carry their service names, under the test's own prefix.
+    let workers = format!("{}-", env.subjects.prefix());
     for w in Worker::ALL {
         env.start(w).await;
     }
@@ -551,7 +550,7 @@ async fn workers_carry_on_when_postgres_drops_their_connections() {
     let before = env.cmd("portfolio.update", deposit("p1", "1000")).await;
     env.performance_at("p1", seq(&before)).await;
 
-    let cut = cut_sessions(&env, &app_name).await;
+    let cut = cut_sessions(&env, &workers).await;
     assert!(cut >= 3, "only {cut} worker sessions were cut");
 
     let after = env.cmd("portfolio.update", deposit("p1", "500")).await;
@@ -565,9 +564,7 @@ async fn workers_carry_on_when_postgres_drops_their_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_query_whose_session_ends_in_flight_is_answered_from_a_new_one() {
     let mut env = TestEnv::new().await;
-    let app_name = format!("{}_workers", env.cfg.db_schema);
-    let test_url = env.cfg.database_url.clone();
-    env.cfg.database_url = with_app_name(&test_url, &app_name);
+    let workers = format!("{}-", env.subjects.prefix());
     env.start_all(&[
         Worker::CmdPortfolio,
         Worker::ProjPortfolio,
@@ -579,7 +576,7 @@ async fn a_query_whose_session_ends_in_flight_is_answered_from_a_new_one() {
     env.performance_at("p1", seq(&funded)).await;
 
     // Hold the query in Postgres: it waits for a lock that the test's own transaction holds.
-    let lock = lock_table(&env, &test_url, "portfolios", "ACCESS EXCLUSIVE").await;
+    let lock = lock_table(&env, "portfolios", "ACCESS EXCLUSIVE").await;
     let request = {
         let client = env.client.clone();
         let subject = env.subjects.query("portfolio.performance");
@@ -594,8 +591,8 @@ async fn a_query_whose_session_ends_in_flight_is_answered_from_a_new_one() {
             .pg
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity
-                 WHERE application_name = $1 AND wait_event_type = 'Lock'",
-                &[&app_name],
+                 WHERE starts_with(application_name, $1) AND wait_event_type = 'Lock'",
+                &[&workers],
             )
             .await
             .unwrap()
@@ -606,7 +603,7 @@ async fn a_query_whose_session_ends_in_flight_is_answered_from_a_new_one() {
     })
     .await;
     // End the sessions (the waiting one answers its query with an error), then let go.
-    cut_sessions(&env, &app_name).await;
+    cut_sessions(&env, &workers).await;
     lock.batch_execute("ROLLBACK").await.unwrap();
 
     let reply = request.await.unwrap().expect("a reply");
@@ -659,15 +656,10 @@ async fn backend_pid(session: &tokio_postgres::Client) -> i32 {
         .get(0)
 }
 
-/// A session of the test's own on `database_url` whose open transaction holds `table` of the
-/// environment's schema locked in `mode`, until it rolls back.
-async fn lock_table(
-    env: &TestEnv,
-    database_url: &str,
-    table: &str,
-    mode: &str,
-) -> tokio_postgres::Client {
-    let session = ch_runtime::pg::connect(database_url, Some(&env.cfg.db_schema))
+/// A session of the test's own whose open transaction holds `table` of the environment's
+/// schema locked in `mode`, until it rolls back.
+async fn lock_table(env: &TestEnv, table: &str, mode: &str) -> tokio_postgres::Client {
+    let session = ch_runtime::pg::connect(&env.cfg.database_url, Some(&env.cfg.db_schema))
         .await
         .expect("postgres");
     session
@@ -677,18 +669,20 @@ async fn lock_table(
     session
 }
 
-/// `database_url` whose sessions carry `name` as their application name (to cut only them).
+/// `database_url` whose sessions carry `name` as their application name instead of their
+/// service name (to tell two replicas of one worker apart).
 fn with_app_name(database_url: &str, name: &str) -> String {
     let sep = if database_url.contains('?') { '&' } else { '?' };
     format!("{database_url}{sep}application_name={name}")
 }
 
-/// Ends every session of the application `name`, as a database restart would; how many.
+/// Ends every session whose application name starts with `name`, as a database restart
+/// would; how many.
 async fn cut_sessions(env: &TestEnv, name: &str) -> i64 {
     env.pg
         .query_one(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-             WHERE application_name = $1",
+             WHERE starts_with(application_name, $1)",
             &[&name],
         )
         .await
