@@ -125,6 +125,8 @@ const LOAD_BATCH: usize = 1000;
 #[derive(Clone)]
 pub struct EventStore {
     client: async_nats::Client,
+    /// The client's counters, read for [`EventStore::connects`] on every cached fact.
+    connection: std::sync::Arc<async_nats::Statistics>,
     js: jetstream::Context,
     stream: stream::Stream,
     subjects: Subjects,
@@ -154,6 +156,7 @@ impl EventStore {
         })?;
         let batch_get = supports_batch_get(&client.server_info().version);
         Ok(EventStore {
+            connection: client.statistics(),
             client,
             js,
             stream,
@@ -177,8 +180,7 @@ impl EventStore {
     /// How many times the store's NATS connection has been established: it moves on every
     /// reconnect, after which core-NATS notices sent while disconnected are lost.
     pub fn connects(&self) -> u64 {
-        self.client
-            .statistics()
+        self.connection
             .connects
             .load(std::sync::atomic::Ordering::Relaxed)
     }

@@ -359,6 +359,12 @@ fn rounded(seconds: &std::collections::BTreeMap<String, f64>) -> Value {
         .into()
 }
 
+/// The processes whose CPU a run measures: the workers `chctl up` started for this run dir,
+/// and Postgres' backends by the sessions they serve.
+fn watched(ctx: &Ctx) -> sys::Watched {
+    sys::Watched::from_pid_file(&ctx.pid_file()).with_database(&ctx.cfg.database_url)
+}
+
 async fn run_ours(
     ctx: &Ctx,
     client: &async_nats::Client,
@@ -372,7 +378,7 @@ async fn run_ours(
         client: client.clone(),
         prefix: ctx.subjects.prefix().to_owned(),
     };
-    let watched = sys::Watched::from_pid_file(&ctx.pid_file()).with_database(&ctx.cfg.database_url);
+    let watched = watched(ctx);
     let setup = load::setup(&target, w, 64).await?;
     println!(
         "set-up: {} commands in {:.2} s",
@@ -514,8 +520,7 @@ async fn run_monolith(
         prefix: prefix.to_owned(),
     };
     let result = async {
-        let watched =
-            sys::Watched::from_pid_file(&ctx.pid_file()).with_database(&ctx.cfg.database_url);
+        let watched = watched(ctx);
         let setup = load::setup(&target, w, 64).await?;
         println!(
             "set-up: {} commands in {:.2} s",
