@@ -39,11 +39,13 @@ enum Cmd {
     Demo,
     /// Rebuild read models from the whole event stream.
     Rebuild(rebuild::Args),
-    /// Ping every service and print the projectors' progress.
+    /// Ping every service; print the projectors' progress, the stream and each worker's
+    /// Postgres sessions.
     Status,
     /// Send one request and print the reply; exits 1 on an error reply.
     Req(req::Args),
-    /// Benchmarks: `bench trade-flow` (see `chctl bench trade-flow --help`).
+    /// Benchmarks: `bench trade-flow` (the load and its figures) and `bench compare` (result
+    /// files side by side).
     Bench(bench::Args),
 }
 

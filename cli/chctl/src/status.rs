@@ -1,4 +1,5 @@
-//! `chctl status`: pings every service, prints the projectors' progress and the stream.
+//! `chctl status`: pings every service, prints the projectors' progress, the stream and each
+//! worker's Postgres sessions.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};

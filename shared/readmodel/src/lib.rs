@@ -2,7 +2,7 @@
 //! applies events, and the SQL behind each query.
 //!
 //! Two projections share one schema: `portfolio` (portfolios, positions, marks, trades,
-//! round trips, attachments) and `strategy` (strategies). Each moves its own checkpoint.
+//! round trips, attachments, the flows' history, prices) and `strategy` (strategies). Each moves its own checkpoint.
 
 pub mod analysis;
 pub mod exits;

@@ -1,7 +1,8 @@
 //! The projector harness: keeps one read model in PostgreSQL up to date with the stream,
 //! exactly once in effect.
 //!
-//! - One durable pull consumer per projection, explicit ack.
+//! - One durable pull consumer per projection, ack policy `all`: the newest message of a
+//!   committed batch acks the batch (the checkpoint, not the ack, is the truth).
 //! - One Postgres transaction per batch: apply the events, flush the projection, move the
 //!   checkpoint (`ch_checkpoints`), commit, then ack. Events at or below the checkpoint are
 //!   skipped, so redeliveries after a crash change nothing.

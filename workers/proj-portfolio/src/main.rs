@@ -1,4 +1,5 @@
-//! `proj-portfolio`: projects portfolios, positions, marks, fills and round trips into PostgreSQL.
+//! `proj-portfolio`: projects portfolios, positions, marks, fills, round trips, attachments,
+//! the flows' history and prices into PostgreSQL.
 //!
 //! Configuration: the `CH_*` environment variables (README). SIGTERM or Ctrl-C drains it.
 

@@ -5,7 +5,8 @@
 //! With `--baseline monolith` the same workload runs against the monolithic baseline
 //! ([`monolith`]) in this process, and the report gives ours / baseline for every figure.
 //!
-//! Output: a progress bar, a table, and `<out>/<UTC timestamp>.json` plus `<out>/latest.json`.
+//! Output: a progress bar, a table, and `<out>/<UTC timestamp>.json` (`<timestamp>-<tag>.json`
+//! with `--tag`) plus `<out>/latest.json`.
 
 mod check;
 mod compare;
