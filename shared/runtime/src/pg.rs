@@ -142,8 +142,10 @@ pub async fn connect(
     Ok(client)
 }
 
-/// Creates the database named in `database_url` if it does not exist (connecting to the
-/// `postgres` database to do so).
+/// Creates the database named in `database_url` if it does not exist. It connects to that
+/// database first, and only when the server says there is no such database to the `postgres`
+/// database to create it: a role that may not connect there (or a pooler that only serves the
+/// application's database) still starts on a database that exists.
 ///
 /// # Errors
 /// [`DbError`] when the server cannot be reached or refuses.
@@ -152,6 +154,15 @@ pub async fn ensure_database(database_url: &str) -> Result<(), DbError> {
     let Some(db) = cfg.get_dbname().map(str::to_owned) else {
         return Ok(());
     };
+    match cfg.connect(NoTls).await {
+        // Dropping the client closes the session.
+        Ok((_client, conn)) => {
+            tokio::spawn(conn);
+            return Ok(());
+        }
+        Err(e) if e.code() == Some(&SqlState::INVALID_CATALOG_NAME) => {}
+        Err(e) => return Err(DbError::Unavailable(pg_text(&e))),
+    }
     let mut admin = cfg.clone();
     admin.dbname("postgres");
     let (client, conn) = admin
