@@ -1,5 +1,7 @@
 //! Optimistic concurrency on the write side: many concurrent buys on one portfolio, served
-//! by two signal workers in one queue group, never overdraw it.
+//! by two signal workers in one queue group, never overdraw it; on one server and on a
+//! three-node cluster, where the stream's leader checks the expected sequences and the
+//! workers connect to different nodes.
 
 use ch_domain::AggregateType;
 use ch_e2e::fixtures::{signal, strategy};
@@ -10,6 +12,44 @@ async fn forty_concurrent_buys_with_cash_for_ten_execute_exactly_ten() {
     let mut env = TestEnv::with_all_workers().await;
     // A second replica of the signal worker: appends race across processes too.
     env.start(Worker::CmdSignal).await;
+    forty_buys_with_cash_for_ten(env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forty_concurrent_buys_with_cash_for_ten_execute_exactly_ten_on_a_cluster() {
+    let mut env = TestEnv::on_own_cluster().await;
+    env.start_all(&Worker::ALL).await;
+    // The second signal worker on another node than the first: its appends reach the
+    // stream's leader through a route, and its loads may be answered by a follower.
+    let mut other_node = env.app_config();
+    other_node.nats_url = env.cluster_urls()[2].clone();
+    env.start_with(Worker::CmdSignal, other_node).await;
+    let info = env.stream_info().await;
+    assert_eq!(info.config.num_replicas, 3, "the stream is replicated");
+    assert_eq!(
+        info.cluster.map(|c| c.replicas.len()),
+        Some(2),
+        "a leader and two followers"
+    );
+    let env = forty_buys_with_cash_for_ten(env).await;
+    // The two workers' caches raced: the leader refused stale appends, and they were decided
+    // again (the test above proves their outcome).
+    let conflicts: u64 = env
+        .service_stats(Worker::CmdSignal, 2)
+        .await
+        .iter()
+        .map(|s| {
+            s["endpoints"][0]["data"]["append_conflicts"]
+                .as_u64()
+                .expect("append_conflicts")
+        })
+        .sum();
+    assert!(conflicts > 0, "no append raced another");
+}
+
+/// 40 buys of 100 each on a portfolio with 1,000: exactly ten execute, whichever worker
+/// decides them, and every request stores one event.
+async fn forty_buys_with_cash_for_ten(env: TestEnv) -> std::sync::Arc<TestEnv> {
     env.cmd("strategy.create", strategy("u1", "s1", &["BTC-USDT"]))
         .await;
     env.funded("p1", "u1", "1000", "s1").await;
@@ -56,4 +96,5 @@ async fn forty_concurrent_buys_with_cash_for_ten_execute_exactly_ten() {
     assert_eq!(perf["fill_count"], 10);
     assert_eq!(perf["rejected_signals"], 30);
     assert_eq!(perf["version"], 3 + 40);
+    env
 }

@@ -3,6 +3,11 @@
 //! - Append: publish to `<prefix>.events.<type>.<id>` with `Nats-Expected-Last-Subject-Sequence`
 //!   (0 = must not exist) and `Nats-Msg-Id`; a stale append fails with [`StoreError::Conflict`].
 //! - Load: direct gets by subject (`next_by_subj`), never a consumer per load.
+//! - Read after write on a replicated stream: a direct get may be answered by any replica,
+//!   and a follower may not have the latest appends yet. Single reads go to the stream leader
+//!   (the message get API), and a load reads with direct gets up to the subject's last
+//!   sequence as the leader knows it (ADR 004). On one server every direct get already sees
+//!   every acknowledged append.
 //! - Definitions of the stream and the projector consumers are the JSON files in `nats/`,
 //!   compiled in, with names and subjects rewritten for the configured prefix.
 
@@ -11,6 +16,7 @@ use std::time::Duration;
 use async_nats::header::{self, HeaderMap};
 use async_nats::jetstream::{self, consumer::pull, stream};
 use ch_domain::{event::SCHEMA_VERSION, AggregateType, Event};
+use serde_json::json;
 use tracing::{debug, info};
 
 use crate::envelope::{self, Meta, StoredEvent};
@@ -28,6 +34,8 @@ pub const CONSUMER_STRATEGY_JSON: &str = include_str!("../../../nats/consumers/p
 const EXPECTED_LAST_SUBJECT_SEQ: &str = "Nats-Expected-Last-Subject-Sequence";
 /// Clustered streams report a stale expected sequence with this code instead of 10071.
 const ERR_WRONG_LAST_SEQ_CLUSTERED: u64 = 10164;
+/// The message get API's "no message found".
+const ERR_NO_MESSAGE: u64 = 10037;
 
 /// The stream definition for a prefix: `nats/stream.json` with name and subjects replaced.
 ///
@@ -101,9 +109,33 @@ pub async fn ensure_stream(
             Ok(s)
         }
         Err(_) => {
-            let s = js.create_stream(cfg.clone()).await.map_err(unavailable)?;
-            info!(stream = %cfg.name, "created stream");
+            let mut s = js.create_stream(cfg.clone()).await.map_err(unavailable)?;
+            info!(stream = %cfg.name, replicas, "created stream");
+            if replicas > 1 {
+                wait_for_leader(&mut s).await?;
+            }
             Ok(s)
+        }
+    }
+}
+
+/// Waits until a replicated stream just created has elected its leader: until then it takes
+/// no appends and answers no reads, so `chctl setup` returns with a stream the workers can use.
+async fn wait_for_leader(s: &mut stream::Stream) -> Result<(), StoreError> {
+    let mut backoff = Backoff::default();
+    loop {
+        let leader = match s.info().await {
+            Ok(info) => info.cluster.as_ref().and_then(|c| c.leader.clone()),
+            Err(_) => None,
+        };
+        if leader.is_some_and(|l| !l.is_empty()) {
+            return Ok(());
+        }
+        if !backoff.wait().await {
+            return Err(StoreError::Unavailable(format!(
+                "stream {} elected no leader",
+                s.cached_info().config.name
+            )));
         }
     }
 }
@@ -133,16 +165,30 @@ pub struct EventStore {
     /// The server answers batched direct gets (2.11+): a cold load is one round trip per
     /// [`LOAD_BATCH`] events instead of one per event.
     batch_get: bool,
+    /// The stream had more than one replica when the store was opened: its followers answer
+    /// direct gets too, possibly from before the latest appends.
+    replicated: bool,
+    /// `$JS.API.DIRECT.GET.<stream>`.
+    direct_api: String,
+    /// `$JS.API.STREAM.MSG.GET.<stream>`, answered by the stream leader only.
+    leader_api: String,
 }
 
-/// Whether a `major.minor.patch` server version is at least 2.11.
-fn supports_batch_get(version: &str) -> bool {
+/// Whether a `major.minor.patch` server version is at least `major.minor` of `at_least`.
+fn version_at_least(version: &str, at_least: (u32, u32)) -> bool {
     let mut parts = version
         .split(['.', '-'])
         .map(|p| p.parse::<u32>().unwrap_or(0));
     let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    (major, minor) >= (2, 11)
+    (major, minor) >= at_least
 }
+
+/// How long a read waits in all for a replica to answer direct gets: none does for a moment
+/// after the stream is created on a cluster, or while its leader changes ("no responders").
+const NO_RESPONDERS_PATIENCE: Duration = Duration::from_secs(3);
+
+/// A message read from the stream: its sequence and payload.
+type Read = (u64, bytes::Bytes);
 
 impl EventStore {
     /// Opens the store; the stream must exist (`chctl setup` creates it).
@@ -151,17 +197,35 @@ impl EventStore {
     /// [`StoreError::Unavailable`] when the stream cannot be found.
     pub async fn open(client: async_nats::Client, subjects: Subjects) -> Result<Self, StoreError> {
         let js = jetstream::new(client.clone());
-        let stream = js.get_stream(subjects.stream_name()).await.map_err(|e| {
-            StoreError::Unavailable(format!("stream {}: {e}", subjects.stream_name()))
-        })?;
-        let batch_get = supports_batch_get(&client.server_info().version);
+        let mut backoff = Backoff::default();
+        let stream = loop {
+            match js.get_stream(subjects.stream_name()).await {
+                Ok(s) => break s,
+                // Unanswered: a replicated stream without a leader yet (just created, or
+                // electing one). A missing stream is an answer: fail at once.
+                Err(e)
+                    if e.kind() == jetstream::context::GetStreamErrorKind::Request
+                        && backoff.wait().await => {}
+                Err(e) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "stream {}: {e}",
+                        subjects.stream_name()
+                    )))
+                }
+            }
+        };
+        let version = client.server_info().version;
+        let replicated = stream.cached_info().config.num_replicas > 1;
         Ok(EventStore {
             connection: client.statistics(),
+            direct_api: format!("$JS.API.DIRECT.GET.{}", subjects.stream_name()),
+            leader_api: format!("$JS.API.STREAM.MSG.GET.{}", subjects.stream_name()),
             client,
             js,
             stream,
             subjects,
-            batch_get,
+            batch_get: version_at_least(&version, (2, 11)),
+            replicated,
         })
     }
 
@@ -239,24 +303,35 @@ impl EventStore {
         after_seq: u64,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let subject = self.subjects.aggregate(ty, id);
-        if self.batch_get {
-            return self.load_batched(&subject, after_seq).await;
-        }
-        let mut out = Vec::new();
-        let mut next = after_seq + 1;
-        loop {
-            match self
-                .stream
-                .direct_get_next_for_subject(subject.clone(), Some(next))
-                .await
-            {
-                Ok(msg) => {
-                    next = msg.sequence + 1;
-                    out.push(envelope::decode(msg.sequence, &msg.payload)?);
-                }
-                Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => break,
-                Err(e) => return Err(unavailable(e)),
+        // A follower may answer direct gets from before the latest appends: on a replicated
+        // stream, read up to the subject's last event as the leader knows it.
+        let last = if self.replicated {
+            let last = self.read_one(json!({ "last_by_subj": subject })).await?;
+            match last {
+                Some((seq, _)) if seq > after_seq => Some(seq),
+                _ => return Ok(Vec::new()),
             }
+        } else {
+            None
+        };
+        let mut out = if self.batch_get {
+            self.load_batched(&subject, after_seq).await?
+        } else {
+            Vec::new()
+        };
+        let mut next = out.last().map_or(after_seq, |e| e.seq) + 1;
+        // Without batched gets, one at a time; on a replicated stream, what the answering
+        // follower did not have yet.
+        let rest = !self.batch_get || last.is_some();
+        while rest && last.is_none_or(|last| next <= last) {
+            let Some((seq, payload)) = self
+                .read_one(json!({ "seq": next, "next_by_subj": subject }))
+                .await?
+            else {
+                break;
+            };
+            out.push(envelope::decode(seq, &payload)?);
+            next = seq + 1;
         }
         debug!(%subject, after_seq, loaded = out.len(), "loaded aggregate");
         Ok(out)
@@ -270,9 +345,9 @@ impl EventStore {
         after_seq: u64,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         use async_nats::StatusCode;
-        let api = format!("$JS.API.DIRECT.GET.{}", self.subjects.stream_name());
         let mut out = Vec::new();
         let mut next = after_seq + 1;
+        let mut no_responders = Backoff::default();
         loop {
             let inbox = self.client.new_inbox();
             let mut sub = self
@@ -280,13 +355,13 @@ impl EventStore {
                 .subscribe(inbox.clone())
                 .await
                 .map_err(unavailable)?;
-            let req =
-                serde_json::json!({"seq": next, "next_by_subj": subject, "batch": LOAD_BATCH});
+            let req = json!({"seq": next, "next_by_subj": subject, "batch": LOAD_BATCH});
             self.client
-                .publish_with_reply(api.clone(), inbox, req.to_string().into())
+                .publish_with_reply(self.direct_api.clone(), inbox, req.to_string().into())
                 .await
                 .map_err(unavailable)?;
             let mut got = 0;
+            let mut retry = false;
             loop {
                 let msg = tokio::time::timeout(
                     Duration::from_secs(5),
@@ -297,14 +372,7 @@ impl EventStore {
                 .ok_or_else(|| StoreError::Unavailable("subscription closed".into()))?;
                 match msg.status {
                     None | Some(StatusCode::OK) => {
-                        let seq = msg
-                            .headers
-                            .as_ref()
-                            .and_then(|h| h.get("Nats-Sequence"))
-                            .and_then(|v| v.as_str().parse::<u64>().ok())
-                            .ok_or_else(|| {
-                                StoreError::Other("direct get reply without Nats-Sequence".into())
-                            })?;
+                        let seq = sequence_of(&msg)?;
                         out.push(envelope::decode(seq, &msg.payload)?);
                         next = seq + 1;
                         got += 1;
@@ -312,6 +380,10 @@ impl EventStore {
                     // End of batch, or nothing (more) on the subject.
                     Some(StatusCode::NOT_FOUND) => break,
                     Some(s) if s.as_u16() == 204 => break,
+                    Some(StatusCode::NO_RESPONDERS) if got == 0 && no_responders.wait().await => {
+                        retry = true;
+                        break;
+                    }
                     Some(s) => {
                         return Err(StoreError::Unavailable(format!(
                             "direct get of {subject}: status {s} {:?}",
@@ -321,10 +393,97 @@ impl EventStore {
                 }
             }
             let _ = sub.unsubscribe().await;
-            if got < LOAD_BATCH {
+            if !retry && got < LOAD_BATCH {
                 debug!(%subject, after_seq, loaded = out.len(), "loaded aggregate");
                 return Ok(out);
             }
+        }
+    }
+
+    /// A request to JetStream's API, asked again while no server answers its subject (for
+    /// up to [`NO_RESPONDERS_PATIENCE`]).
+    async fn api_request(
+        &self,
+        subject: &str,
+        body: &serde_json::Value,
+    ) -> Result<async_nats::Message, StoreError> {
+        let body = bytes::Bytes::from(body.to_string());
+        let mut no_responders = Backoff::default();
+        loop {
+            match self.client.request(subject.to_owned(), body.clone()).await {
+                Ok(m) => return Ok(m),
+                Err(e)
+                    if e.kind() == async_nats::RequestErrorKind::NoResponders
+                        && no_responders.wait().await => {}
+                Err(e) => return Err(StoreError::Unavailable(format!("{subject}: {e}"))),
+            }
+        }
+    }
+
+    /// One message (`request` as the message get APIs take it: `seq`, `next_by_subj`,
+    /// `last_by_subj`), `None` when there is none: from the stream leader on a replicated
+    /// stream, else by direct get.
+    async fn read_one(&self, request: serde_json::Value) -> Result<Option<Read>, StoreError> {
+        if self.replicated {
+            self.leader_get(&request).await
+        } else {
+            self.direct_get(&request).await
+        }
+    }
+
+    /// A direct get: any replica may answer.
+    async fn direct_get(&self, request: &serde_json::Value) -> Result<Option<Read>, StoreError> {
+        use async_nats::StatusCode;
+        let msg = self.api_request(&self.direct_api, request).await?;
+        match msg.status {
+            None | Some(StatusCode::OK) => Ok(Some((sequence_of(&msg)?, msg.payload))),
+            Some(StatusCode::NOT_FOUND) => Ok(None),
+            Some(s) => Err(StoreError::Unavailable(format!(
+                "direct get {request}: status {s} {:?}",
+                msg.description
+            ))),
+        }
+    }
+
+    /// The message get API (`$JS.API.STREAM.MSG.GET`): unlike direct gets, only the stream
+    /// leader answers it, so it sees every acknowledged append.
+    async fn leader_get(&self, request: &serde_json::Value) -> Result<Option<Read>, StoreError> {
+        use base64::Engine as _;
+        #[derive(serde::Deserialize)]
+        struct Reply {
+            message: Option<Stored>,
+            error: Option<ApiErrorReply>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Stored {
+            seq: u64,
+            #[serde(default)]
+            data: String,
+        }
+        #[derive(serde::Deserialize)]
+        struct ApiErrorReply {
+            err_code: u64,
+            description: String,
+        }
+        let msg = self.api_request(&self.leader_api, request).await?;
+        let reply: Reply = serde_json::from_slice(&msg.payload)
+            .map_err(|e| StoreError::Other(format!("{}: {e}", self.leader_api)))?;
+        match (reply.message, reply.error) {
+            (Some(m), _) => {
+                let payload = base64::engine::general_purpose::STANDARD
+                    .decode(m.data)
+                    .map_err(|e| StoreError::Other(format!("{}: {e}", self.leader_api)))?;
+                Ok(Some((m.seq, payload.into())))
+            }
+            (None, Some(e)) if e.err_code == ERR_NO_MESSAGE => Ok(None),
+            (None, Some(e)) => Err(StoreError::Unavailable(format!(
+                "get {request}: {} ({})",
+                e.description, e.err_code
+            ))),
+            (None, None) => Err(StoreError::Other(format!(
+                "{}: a reply without message or error",
+                self.leader_api
+            ))),
         }
     }
 
@@ -333,10 +492,9 @@ impl EventStore {
     /// # Errors
     /// [`StoreError`] on NATS trouble or an undecodable event.
     pub async fn get(&self, seq: u64) -> Result<Option<StoredEvent>, StoreError> {
-        match self.stream.direct_get(seq).await {
-            Ok(msg) => Ok(Some(envelope::decode(msg.sequence, &msg.payload)?)),
-            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
-            Err(e) => Err(unavailable(e)),
+        match self.read_one(json!({ "seq": seq })).await? {
+            Some((seq, payload)) => Ok(Some(envelope::decode(seq, &payload)?)),
+            None => Ok(None),
         }
     }
 
@@ -372,20 +530,47 @@ impl EventStore {
     }
 
     /// The sequence of the first event on `filter` (wildcards allowed) at or after `from`
-    /// (one direct get); `None` when there is none.
+    /// (one read, by the leader on a replicated stream); `None` when there is none.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] on NATS trouble.
     pub async fn first_seq_from(&self, filter: &str, from: u64) -> Result<Option<u64>, StoreError> {
-        match self
-            .stream
-            .direct_get_next_for_subject(filter, Some(from.max(1)))
-            .await
-        {
-            Ok(m) => Ok(Some(m.sequence)),
-            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
-            Err(e) => Err(unavailable(e)),
+        let read = self
+            .read_one(json!({ "seq": from.max(1), "next_by_subj": filter }))
+            .await?;
+        Ok(read.map(|(seq, _)| seq))
+    }
+}
+
+/// The stream sequence of a direct get's message (its `Nats-Sequence` header).
+fn sequence_of(msg: &async_nats::Message) -> Result<u64, StoreError> {
+    msg.headers
+        .as_ref()
+        .and_then(|h| h.get("Nats-Sequence"))
+        .and_then(|v| v.as_str().parse::<u64>().ok())
+        .ok_or_else(|| StoreError::Other("direct get reply without Nats-Sequence".into()))
+}
+
+/// Waits between tries while no server answers, doubling from 20 ms, for up to
+/// [`NO_RESPONDERS_PATIENCE`] in all.
+#[derive(Default)]
+struct Backoff {
+    waited: Duration,
+}
+
+impl Backoff {
+    /// Waits before the next try; `false` (at once) when the patience is spent.
+    async fn wait(&mut self) -> bool {
+        if self.waited >= NO_RESPONDERS_PATIENCE {
+            return false;
         }
+        let step = self
+            .waited
+            .max(Duration::from_millis(20))
+            .min(NO_RESPONDERS_PATIENCE - self.waited);
+        tokio::time::sleep(step).await;
+        self.waited += step;
+        true
     }
 }
 
@@ -436,14 +621,16 @@ pub async fn wait_ready(js: &jetstream::Context, timeout: Duration) -> Result<()
 
 #[cfg(test)]
 mod tests {
-    use super::supports_batch_get;
+    use super::version_at_least;
 
     #[test]
-    fn batch_get_needs_2_11() {
-        assert!(supports_batch_get("2.15.1"));
-        assert!(supports_batch_get("2.11.0-beta.2"));
-        assert!(!supports_batch_get("2.10.22"));
-        assert!(!supports_batch_get("2.9.10"));
-        assert!(supports_batch_get("3.0.0"));
+    fn server_versions_compare_by_major_and_minor() {
+        assert!(version_at_least("2.15.1", (2, 11)));
+        assert!(version_at_least("2.11.0-beta.2", (2, 11)));
+        assert!(!version_at_least("2.10.22", (2, 11)));
+        assert!(!version_at_least("2.9.10", (2, 11)));
+        assert!(version_at_least("3.0.0", (2, 11)));
+        assert!(version_at_least("2.12.0", (2, 12)));
+        assert!(!version_at_least("2.11.9", (2, 12)));
     }
 }
