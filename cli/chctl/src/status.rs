@@ -59,8 +59,11 @@ pub async fn run(ctx: &Ctx) -> Result<ExitCode> {
     match js.get_stream(&name).await {
         Ok(s) => match s.get_info().await {
             Ok(info) => println!(
-                "stream {name}: {} events, last seq {}, {} consumers",
-                info.state.messages, info.state.last_sequence, info.state.consumer_count
+                "stream {name}: {} events, last seq {}, {} consumers{}",
+                info.state.messages,
+                info.state.last_sequence,
+                info.state.consumer_count,
+                replication(&info)
             ),
             Err(e) => println!("stream {name}: {e}"),
         },
@@ -118,5 +121,84 @@ async fn sessions(ctx: &Ctx) {
             }
         }
         Err(e) => println!("  cannot read pg_stat_activity: {e}"),
+    }
+}
+
+/// A replicated stream's replicas as an operator needs them: the leader, and each follower
+/// with whether it is current and how far behind it was last seen.
+fn replication(info: &async_nats::jetstream::stream::Info) -> String {
+    let Some(cluster) = info
+        .cluster
+        .as_ref()
+        .filter(|_| info.config.num_replicas > 1)
+    else {
+        return String::new();
+    };
+    let followers: Vec<String> = cluster
+        .replicas
+        .iter()
+        .map(|r| {
+            let state = if r.offline {
+                "offline"
+            } else if r.current {
+                "current"
+            } else {
+                "catching up"
+            };
+            match r.lag {
+                Some(lag) => format!("{} {state} ({lag} behind)", r.name),
+                None => format!("{} {state}", r.name),
+            }
+        })
+        .collect();
+    format!(
+        "; {} replicas, leader {}, followers: {}",
+        info.config.num_replicas,
+        cluster.leader.as_deref().unwrap_or("none"),
+        if followers.is_empty() {
+            "none".to_owned()
+        } else {
+            followers.join(", ")
+        }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::replication;
+    use async_nats::jetstream::stream::Info;
+
+    fn info(replicas: usize, cluster: serde_json::Value) -> Info {
+        let subjects = ch_runtime::Subjects::new("ch");
+        let config = ch_runtime::eventstore::stream_config(&subjects, replicas).expect("config");
+        serde_json::from_value(serde_json::json!({
+            "config": config,
+            "created": "2026-11-30T17:05:38Z",
+            "state": {"messages": 25, "bytes": 1, "first_seq": 1, "first_ts": "2026-11-30T17:05:38Z",
+                      "last_seq": 25, "last_ts": "2026-11-30T17:05:38Z", "consumer_count": 3},
+            "cluster": cluster,
+        }))
+        .expect("stream info")
+    }
+
+    #[test]
+    fn a_replicated_streams_leader_and_followers_are_listed() {
+        let i = info(
+            3,
+            serde_json::json!({"name": "ch-cluster", "leader": "ch-n1", "replicas": [
+                {"name": "ch-n2", "current": false, "offline": true, "active": 0, "lag": 28},
+                {"name": "ch-n3", "current": true, "active": 0}
+            ]}),
+        );
+        assert_eq!(
+            replication(&i),
+            "; 3 replicas, leader ch-n1, followers: ch-n2 offline (28 behind), ch-n3 current"
+        );
+    }
+
+    #[test]
+    fn a_single_replica_says_nothing_more() {
+        let i = info(1, serde_json::json!({"name": "ch", "leader": "ch-dev"}));
+        assert_eq!(replication(&i), "");
     }
 }
