@@ -1,5 +1,8 @@
 //! Request bodies used across tests (API.md shapes).
 
+use ch_domain::event::{PortfolioRenamed, SCHEMA_VERSION};
+use ch_domain::{AggregateType, Event};
+use ch_runtime::envelope::Meta;
 use serde_json::{json, Value};
 
 /// A strategy on the given symbols with generous limits.
@@ -114,4 +117,27 @@ pub fn version(reply: &Value) -> u64 {
     reply["version"]
         .as_u64()
         .unwrap_or_else(|| panic!("no version in {reply}"))
+}
+
+/// A rename of `portfolio_id` as the store keeps it, its `version`th event: for tests that
+/// append around the command path (the store does not look inside the event).
+pub fn renamed(portfolio_id: &str, version: u64, name: &str) -> (Meta, Event) {
+    let now = chrono::Utc::now();
+    let meta = Meta {
+        event_id: uuid::Uuid::now_v7(),
+        schema_version: SCHEMA_VERSION,
+        aggregate_type: AggregateType::Portfolio,
+        aggregate_id: portfolio_id.into(),
+        aggregate_version: version,
+        occurred_at: now,
+        recorded_at: now,
+        command_id: None,
+        correlation_id: None,
+        causation_id: None,
+    };
+    let event = Event::PortfolioRenamed(PortfolioRenamed {
+        portfolio_id: portfolio_id.into(),
+        name: name.into(),
+    });
+    (meta, event)
 }

@@ -481,8 +481,14 @@ impl TestEnv {
         self.start_with(worker, self.cfg.clone()).await;
     }
 
-    /// [`TestEnv::start`] with a configuration of the caller's (another NATS node, say).
-    pub async fn start_with(&mut self, worker: Worker, cfg: Config) {
+    /// [`TestEnv::start`] connected to node `node` (0 to 2) of the environment's own cluster.
+    pub async fn start_on_node(&mut self, worker: Worker, node: usize) {
+        let mut cfg = self.cfg.clone();
+        cfg.nats_url = self.cluster_urls()[node].clone();
+        self.start_with(worker, cfg).await;
+    }
+
+    async fn start_with(&mut self, worker: Worker, cfg: Config) {
         let r = self.spawn_with(worker, cfg).await;
         self.running.push(r);
         self.wait_ping(worker).await;

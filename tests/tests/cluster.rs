@@ -3,35 +3,11 @@
 //! leader has just acknowledged (ADR 004). What the store reads after an append must show it
 //! all the same, whichever node the reader is connected to.
 
-use ch_domain::event::{Event, PortfolioRenamed, SCHEMA_VERSION};
 use ch_domain::AggregateType;
-use ch_e2e::fixtures::{open, rename_strategy, strategy};
+use ch_e2e::fixtures::{open, rename_strategy, renamed, strategy};
 use ch_e2e::{TestEnv, Worker};
-use ch_runtime::envelope::Meta;
 use ch_runtime::{EventStore, StoreError};
 use serde_json::json;
-
-/// A rename of portfolio `p1` as its `version`th event (the store does not look inside).
-fn renamed(version: u64, name: &str) -> (Meta, Event) {
-    let now = chrono::Utc::now();
-    let meta = Meta {
-        event_id: uuid::Uuid::now_v7(),
-        schema_version: SCHEMA_VERSION,
-        aggregate_type: AggregateType::Portfolio,
-        aggregate_id: "p1".into(),
-        aggregate_version: version,
-        occurred_at: now,
-        recorded_at: now,
-        command_id: None,
-        correlation_id: None,
-        causation_id: None,
-    };
-    let event = Event::PortfolioRenamed(PortfolioRenamed {
-        portfolio_id: "p1".into(),
-        name: name.into(),
-    });
-    (meta, event)
-}
 
 /// The store of `env` through another node than the environment's client.
 async fn store_on_node(env: &TestEnv, node: usize) -> EventStore {
@@ -50,20 +26,20 @@ async fn a_stale_append_on_a_replicated_stream_is_a_conflict() {
     let env = TestEnv::on_own_cluster().await;
     let store = store_on_node(&env, 0).await;
     let first = store
-        .append(0, &[renamed(1, "first")], "c1")
+        .append(0, &[renamed("p1", 1, "first")], "c1")
         .await
         .expect("first append");
-    let stale = store.append(0, &[renamed(1, "stale")], "c2").await;
+    let stale = store.append(0, &[renamed("p1", 1, "stale")], "c2").await;
     assert!(matches!(stale, Err(StoreError::Conflict)), "{stale:?}");
     // The same message id again is the first append's, not a conflict.
     let again = store
-        .append(0, &[renamed(1, "first")], "c1")
+        .append(0, &[renamed("p1", 1, "first")], "c1")
         .await
         .expect("re-sent");
     assert!(again.duplicate);
     assert_eq!(again.seqs, first.seqs);
     let next = store
-        .append(first.seqs[0], &[renamed(2, "next")], "c3")
+        .append(first.seqs[0], &[renamed("p1", 2, "next")], "c3")
         .await
         .expect("append after the last sequence");
     assert!(next.seqs[0] > first.seqs[0]);
@@ -98,7 +74,7 @@ async fn reads_right_after_an_append_show_it_on_the_followers() {
     let mut last = 0;
     for version in 1..=300 {
         let appended = writer
-            .append(last, &[renamed(version, "n")], &format!("c{version}"))
+            .append(last, &[renamed("p1", version, "n")], &format!("c{version}"))
             .await
             .expect("append")
             .seqs[0];
@@ -134,9 +110,7 @@ async fn reads_right_after_an_append_show_it_on_the_followers() {
 async fn every_strategy_update_shows_at_its_sequence_on_a_cluster() {
     let mut env = TestEnv::on_own_cluster().await;
     env.start_all(&Worker::ALL).await;
-    let mut other_node = env.app_config();
-    other_node.nats_url = env.cluster_urls()[1].clone();
-    env.start_with(Worker::QueryStrategy, other_node).await;
+    env.start_on_node(Worker::QueryStrategy, 1).await;
     env.cmd("strategy.create", strategy("u1", "s1", &["BTC-USDT"]))
         .await;
     for version in 1..=40u64 {

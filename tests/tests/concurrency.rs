@@ -21,9 +21,7 @@ async fn forty_concurrent_buys_with_cash_for_ten_execute_exactly_ten_on_a_cluste
     env.start_all(&Worker::ALL).await;
     // The second signal worker on another node than the first: its appends reach the
     // stream's leader through a route, and its loads may be answered by a follower.
-    let mut other_node = env.app_config();
-    other_node.nats_url = env.cluster_urls()[2].clone();
-    env.start_with(Worker::CmdSignal, other_node).await;
+    env.start_on_node(Worker::CmdSignal, 2).await;
     let info = env.stream_info().await;
     assert_eq!(info.config.num_replicas, 3, "the stream is replicated");
     assert_eq!(

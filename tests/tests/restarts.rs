@@ -426,9 +426,8 @@ async fn a_reset_under_the_running_projector_ends_as_a_rebuild_from_scratch() {
 /// which finds the event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_event_is_dead_lettered_live_and_in_a_rebuild() {
-    use ch_domain::event::{PortfolioRenamed, SCHEMA_VERSION};
-    use ch_domain::{AggregateType, Event};
-    use ch_runtime::envelope::Meta;
+    use ch_domain::AggregateType;
+    use ch_e2e::fixtures::renamed;
     use futures::StreamExt;
 
     let mut env = TestEnv::without_projectors().await;
@@ -452,26 +451,10 @@ async fn a_poison_event_is_dead_lettered_live_and_in_a_rebuild() {
         .await
         .unwrap();
     let prev = history.last().unwrap();
-    let now = chrono::Utc::now();
-    let meta = Meta {
-        event_id: uuid::Uuid::now_v7(),
-        schema_version: SCHEMA_VERSION,
-        aggregate_type: AggregateType::Portfolio,
-        aggregate_id: "p1".into(),
-        aggregate_version: prev.meta.aggregate_version + 1,
-        occurred_at: now,
-        recorded_at: now,
-        command_id: None,
-        correlation_id: None,
-        causation_id: None,
-    };
-    let poison = Event::PortfolioRenamed(PortfolioRenamed {
-        portfolio_id: "p1".into(),
-        name: "bad\u{0}name".into(),
-    });
+    let poison = renamed("p1", prev.meta.aggregate_version + 1, "bad\u{0}name");
     let poison_seq = app
         .store
-        .append(prev.seq, &[(meta, poison)], "poison-1")
+        .append(prev.seq, &[poison], "poison-1")
         .await
         .unwrap()
         .seqs[0];
