@@ -160,6 +160,28 @@ impl Drop for NatsCluster {
 }
 
 impl NatsCluster {
+    fn spawn_node(config: &std::path::Path) -> Child {
+        Command::new(nats_server_bin())
+            .arg("-c")
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server starts")
+    }
+
+    /// Kills node `node` (0 to 2) as a crash would (SIGKILL: no goodbye to its peers).
+    pub fn kill_node(&mut self, node: usize) {
+        let _ = self.nodes[node].kill();
+        let _ = self.nodes[node].wait();
+    }
+
+    /// Starts node `node` again on its ports and store, after [`NatsCluster::kill_node`].
+    pub fn restart_node(&mut self, node: usize) {
+        let config = self.dir.join(format!("node-{}.conf", node + 1));
+        self.nodes[node] = Self::spawn_node(&config);
+    }
+
     /// The shipped configuration's client, route and monitoring ports of node `i` (1 to 3).
     fn shipped_ports(i: u16) -> [u16; 3] {
         [14230 + i, 16230 + i, 18230 + i]
@@ -223,15 +245,7 @@ impl NatsCluster {
                 .join("\n");
             let file = cluster.dir.join(format!("node-{i}.conf"));
             std::fs::write(&file, conf).expect("node config");
-            cluster.nodes.push(
-                Command::new(nats_server_bin())
-                    .arg("-c")
-                    .arg(&file)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .expect("nats-server starts"),
-            );
+            cluster.nodes.push(Self::spawn_node(&file));
             cluster
                 .urls
                 .push(format!("nats://127.0.0.1:{}", ours(i)[0]));
@@ -393,6 +407,29 @@ impl TestEnv {
         let mut env = TestEnv::on(c.urls[0].clone(), 3).await;
         env.own_cluster = Some(c);
         env
+    }
+
+    /// The environment's own cluster (to kill and restart its nodes).
+    pub fn cluster(&mut self) -> &mut NatsCluster {
+        self.own_cluster
+            .as_mut()
+            .expect("an environment made by on_own_cluster")
+    }
+
+    /// The node (0 to 2) that leads the environment's stream now.
+    pub async fn stream_leader_node(&self) -> usize {
+        let leader = self
+            .stream_info()
+            .await
+            .cluster
+            .and_then(|c| c.leader)
+            .expect("a stream leader");
+        // Nodes are named ch-n1 to ch-n3 (nats/cluster/node-N.conf).
+        let n: usize = leader
+            .trim_start_matches("ch-n")
+            .parse()
+            .unwrap_or_else(|_| panic!("a node name: {leader}"));
+        n - 1
     }
 
     /// The client URLs of the environment's own cluster, one per node.
