@@ -17,8 +17,9 @@
 #   make bench                                   default size (100,000 signals)
 #   make bench BENCH_ARGS=--quick                smoke size
 #   make bench BENCH_SYNC_MODES="eventual batch adaptive immediate"   (the monolithic baseline
-#                                                runs with the first mode of each fsync setting
-#                                                and rate)
+#                                                runs with the first mode of the first fsync
+#                                                setting of each rate; the first mode of the
+#                                                other settings reports it with --baseline-from)
 #   make bench-modes                             eventual, batch, adaptive at three loads
 #   BENCH_FSYNC=always make bench                only one fsync setting
 #
@@ -81,6 +82,8 @@ done
 
 started=$(date +%s)
 written=()
+# Per signal rate: the result file of the run that ran the monolith.
+declare -A monolith_file=()
 for fsync in $fsyncs; do
     case $fsync in
         default) conf=none label="default" ;;
@@ -96,11 +99,17 @@ for fsync in $fsyncs; do
         first=1
         for ((rep = 1; rep <= repeat; rep++)); do
             for mode in $modes; do
-                # The monolith does not depend on CH_SYNC: it runs beside the first mode of each
-                # fsync setting and rate, once, only (unless BENCH_ARGS says otherwise).
+                # The monolith depends neither on CH_SYNC nor on JetStream's fsync: it runs
+                # beside the first mode of the first fsync setting of each rate, once; that
+                # run's file gives its figures to the first mode of the other fsync settings
+                # (unless BENCH_ARGS says otherwise).
                 extra=()
-                if [[ -z $first && " ${bench_args[*]} " != *" --baseline"* ]]; then
-                    extra=(--baseline none)
+                if [[ " ${bench_args[*]} " != *" --baseline"* ]]; then
+                    if [[ -z $first ]]; then
+                        extra=(--baseline none)
+                    elif [[ -n ${monolith_file[$rate]:-} ]]; then
+                        extra=(--baseline-from "${monolith_file[$rate]}")
+                    fi
                 fi
                 first=
                 tag=$label$rate_tag-$mode
@@ -126,6 +135,9 @@ for fsync in $fsyncs; do
                     exit "$rc"
                 fi
                 written+=("$(ls -t bench/results/*-"$tag".json | head -n 1)")
+                if [[ -z ${monolith_file[$rate]:-} && ${#extra[@]} == 0 ]]; then
+                    monolith_file[$rate]=${written[-1]}
+                fi
             done
         done
     done

@@ -16,7 +16,7 @@ mod served;
 mod sys;
 mod workload;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -41,7 +41,7 @@ pub enum Which {
     /// Strategies, funded portfolios, then trade signals from closed-loop (or paced) clients
     /// while others query portfolios; fold-and-compare, rebuild; optionally the monolithic
     /// baseline.
-    TradeFlow(TradeFlow),
+    TradeFlow(Box<TradeFlow>),
     /// The read-side modes side by side from `trade-flow` result files, grouped by load, with
     /// `adaptive` against the best fixed batching of each load.
     Compare(compare::Compare),
@@ -89,6 +89,12 @@ pub struct TradeFlow {
     /// Also run the monolithic baseline on the same workload.
     #[arg(long, value_enum, default_value_t = Baseline::Monolith)]
     pub baseline: Baseline,
+    /// Take the monolithic baseline from an earlier result file of the same workload instead
+    /// of running it again (the report names the file). The monolith uses no JetStream, so
+    /// its figures do not depend on the server's fsync setting: `make bench` runs it beside
+    /// the default-fsync run and takes it from there for `always`.
+    #[arg(long, value_name = "FILE", conflicts_with = "baseline")]
+    pub baseline_from: Option<PathBuf>,
     /// Where the JSON results go.
     #[arg(long, default_value = "bench/results")]
     pub out: PathBuf,
@@ -181,6 +187,12 @@ async fn trade_flow(ctx: &Ctx, a: &TradeFlow) -> Result<ExitCode> {
         per_sec(a.query_rate),
         t0.elapsed().as_secs_f64()
     );
+    let config = config(ctx, a, sizes, query_clients, &w);
+    // Read before the run: a file of another workload fails it at once.
+    let earlier_baseline = match &a.baseline_from {
+        Some(file) => Some(baseline_from(file, &config)?),
+        None => None,
+    };
     let client = ctx.connect().await?;
     let env = environment(ctx, &client, a).await;
     let ids: Vec<String> = w.portfolios.iter().map(|p| p.id.clone()).collect();
@@ -194,8 +206,17 @@ async fn trade_flow(ctx: &Ctx, a: &TradeFlow) -> Result<ExitCode> {
     let (ours, states) =
         run_ours(ctx, &client, &w, query_clients, a.rates(), &ids, &run_id).await?;
 
-    let baseline = match a.baseline {
-        Baseline::Monolith => {
+    let baseline = match (earlier_baseline, a.baseline) {
+        (Some(earlier), _) => {
+            println!(
+                "\n== monolithic baseline: from {} (run {}, started {}), the same workload",
+                earlier["from"]["file"].as_str().unwrap_or_default(),
+                earlier["from"]["run_id"].as_str().unwrap_or_default(),
+                earlier["from"]["started_at"].as_str().unwrap_or_default()
+            );
+            Some(earlier)
+        }
+        (None, Baseline::Monolith) => {
             let prefix = format!("{}mono", ctx.subjects.prefix());
             let schema = format!("{}_mono", ctx.cfg.db_schema);
             println!(
@@ -216,7 +237,7 @@ async fn trade_flow(ctx: &Ctx, a: &TradeFlow) -> Result<ExitCode> {
                 .await?,
             )
         }
-        Baseline::None => None,
+        (None, Baseline::None) => None,
     };
 
     let ratio = baseline
@@ -228,7 +249,7 @@ async fn trade_flow(ctx: &Ctx, a: &TradeFlow) -> Result<ExitCode> {
         "started_at": started_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         "finished_at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         "run_id": run_id,
-        "config": config(ctx, a, sizes, query_clients, &w),
+        "config": config,
         "env": env,
     });
     if let (Value::Object(r), Value::Object(o)) = (&mut report, &ours) {
@@ -275,6 +296,48 @@ async fn environment(ctx: &Ctx, client: &async_nats::Client, a: &TradeFlow) -> V
     env
 }
 
+/// The configuration keys that make two runs the same workload.
+const WORKLOAD_KEYS: [&str; 9] = [
+    "seed",
+    "portfolios",
+    "strategies",
+    "signals",
+    "clients",
+    "query_clients",
+    "rate",
+    "query_rate",
+    "signals_meant_to_be_rejected",
+];
+
+/// The `baseline` of an earlier result file, if it ran the same workload as `config`; it
+/// gains `from` (the file, its run id and start).
+fn baseline_from(file: &Path, config: &Value) -> Result<Value> {
+    let text =
+        std::fs::read(file).with_context(|| format!("--baseline-from {}", file.display()))?;
+    let earlier: Value = serde_json::from_slice(&text)
+        .with_context(|| format!("--baseline-from {}: not JSON", file.display()))?;
+    for k in WORKLOAD_KEYS {
+        let (there, here) = (&earlier["config"][k], &config[k]);
+        anyhow::ensure!(
+            there == here,
+            "--baseline-from {}: {k} is {there} there and {here} here: not the same workload",
+            file.display()
+        );
+    }
+    let mut baseline = earlier["baseline"].clone();
+    anyhow::ensure!(
+        baseline.is_object(),
+        "--baseline-from {}: it has no baseline",
+        file.display()
+    );
+    baseline["from"] = json!({
+        "file": file.display().to_string(),
+        "run_id": earlier["run_id"],
+        "started_at": earlier["started_at"],
+    });
+    Ok(baseline)
+}
+
 fn config(ctx: &Ctx, a: &TradeFlow, s: Sizes, query_clients: usize, w: &Workload) -> Value {
     let c = &ctx.cfg;
     json!({
@@ -288,6 +351,7 @@ fn config(ctx: &Ctx, a: &TradeFlow, s: Sizes, query_clients: usize, w: &Workload
         "query_rate": a.query_rate,
         "quick": a.quick,
         "baseline": match a.baseline { Baseline::Monolith => "monolith", Baseline::None => "none" },
+        "baseline_from": a.baseline_from.as_ref().map(|f| f.display().to_string()),
         "setup_concurrency": a.setup_concurrency,
         "signals_meant_to_be_rejected": w.intended_rejections,
         "pairs": workload::PAIRS.iter().map(|p| p.symbol).collect::<Vec<_>>(),
@@ -726,6 +790,9 @@ fn print_table(r: &Value, label: Option<&str>) {
     println!(
         "(monolith rows differing: its portfolios compared with the states folded from CipherHorizon's stream)"
     );
+    if let Some(file) = r["baseline"]["from"]["file"].as_str() {
+        println!("(monolith: measured in {file}, on the same workload)");
+    }
 }
 
 fn write(
@@ -771,5 +838,47 @@ mod tests {
         assert_eq!(base36(0), "0");
         assert_eq!(base36(35), "z");
         assert_eq!(base36(36), "10");
+    }
+
+    /// A result file of a workload with a baseline, in a directory of its own.
+    fn earlier_run(name: &str, config: &Value) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("chctl-baseline-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("default.json");
+        let report = json!({"run_id": "b1", "started_at": "2026-11-30T17:00:00Z", "config": config,
+                            "baseline": {"commands_per_sec": 1300.0, "errors": {"total": 0}}});
+        std::fs::write(&file, report.to_string()).unwrap();
+        file
+    }
+
+    fn workload(signals: u64) -> Value {
+        json!({"seed": 42, "portfolios": 1000, "strategies": 100, "signals": signals, "clients": 32,
+               "query_clients": 8, "rate": null, "query_rate": null,
+               "signals_meant_to_be_rejected": 7500, "ch_sync": "eventual"})
+    }
+
+    #[test]
+    fn a_baseline_of_the_same_workload_is_taken_with_its_origin() {
+        let file = earlier_run("same", &workload(100_000));
+        let mut here = workload(100_000);
+        here["ch_sync"] = json!("batch");
+        let b = super::baseline_from(&file, &here).expect("the same workload");
+        assert_eq!(b["commands_per_sec"], 1300.0);
+        assert_eq!(b["from"]["run_id"], "b1");
+        assert_eq!(b["from"]["file"], file.display().to_string());
+        let _ = std::fs::remove_dir_all(file.parent().unwrap());
+    }
+
+    #[test]
+    fn a_baseline_of_another_workload_is_refused() {
+        let file = earlier_run("other", &workload(2_000));
+        let e = super::baseline_from(&file, &workload(100_000)).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("signals is 2000 there and 100000 here"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(file.parent().unwrap());
     }
 }
