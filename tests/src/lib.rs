@@ -187,6 +187,36 @@ impl NatsCluster {
         [14230 + i, 16230 + i, 18230 + i]
     }
 
+    /// The shipped `node-<i>.conf` with `ours(j)` in place of node j's shipped ports (its own
+    /// three, and the others' route ports) and `store` as its store dir.
+    fn node_config(i: u16, ours: impl Fn(u16) -> [u16; 3], store: &std::path::Path) -> String {
+        let shipped = repo_root().join(format!("nats/cluster/node-{i}.conf"));
+        let mut conf = std::fs::read_to_string(&shipped).expect("nats/cluster/node-N.conf");
+        for j in 1..=3u16 {
+            for (k, (from, to)) in Self::shipped_ports(j).into_iter().zip(ours(j)).enumerate() {
+                let from = format!("127.0.0.1:{from}");
+                let expected = j == i || k == 1;
+                assert_eq!(
+                    conf.contains(&from),
+                    expected,
+                    "{}: {from}",
+                    shipped.display()
+                );
+                conf = conf.replace(&from, &format!("127.0.0.1:{to}"));
+            }
+        }
+        conf.lines()
+            .map(|l| {
+                if l.trim_start().starts_with("store_dir:") {
+                    format!("  store_dir: {:?}", store.display().to_string())
+                } else {
+                    l.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// Starts the three nodes and waits until each accepts clients and the cluster has a
     /// JetStream leader.
     pub async fn start() -> NatsCluster {
@@ -215,34 +245,7 @@ impl NatsCluster {
             urls: Vec::new(),
         };
         for i in 1..=3u16 {
-            let shipped = repo_root().join(format!("nats/cluster/node-{i}.conf"));
-            let mut conf = std::fs::read_to_string(&shipped).expect("nats/cluster/node-N.conf");
-            // Its own three ports, and the other nodes' route ports.
-            for j in 1..=3u16 {
-                for (k, (from, to)) in Self::shipped_ports(j).into_iter().zip(ours(j)).enumerate() {
-                    let from = format!("127.0.0.1:{from}");
-                    let expected = j == i || k == 1;
-                    assert_eq!(
-                        conf.contains(&from),
-                        expected,
-                        "{}: {from}",
-                        shipped.display()
-                    );
-                    conf = conf.replace(&from, &format!("127.0.0.1:{to}"));
-                }
-            }
-            let store = cluster.dir.join(format!("n{i}"));
-            conf = conf
-                .lines()
-                .map(|l| {
-                    if l.trim_start().starts_with("store_dir:") {
-                        format!("  store_dir: {:?}", store.display().to_string())
-                    } else {
-                        l.to_owned()
-                    }
-                })
-                .collect::<Vec<_>>()
-                .join("\n");
+            let conf = Self::node_config(i, ours, &cluster.dir.join(format!("n{i}")));
             let file = cluster.dir.join(format!("node-{i}.conf"));
             std::fs::write(&file, conf).expect("node config");
             cluster.nodes.push(Self::spawn_node(&file));
