@@ -191,7 +191,8 @@ const NO_RESPONDERS_PATIENCE: Duration = Duration::from_secs(3);
 type Read = (u64, bytes::Bytes);
 
 impl EventStore {
-    /// Opens the store; the stream must exist (`chctl setup` creates it).
+    /// Opens the store; the stream must exist (`chctl setup` creates it). A stream that does
+    /// not answer yet (a replicated one electing its leader) is asked again for a few seconds.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] when the stream cannot be found.
@@ -292,7 +293,8 @@ impl EventStore {
         }
     }
 
-    /// Events of one aggregate after `after_seq`, in order, by direct get.
+    /// Events of one aggregate after `after_seq`, in order, by direct get; on a replicated
+    /// stream up to its last event as the stream leader knows it (ADR 004).
     ///
     /// # Errors
     /// [`StoreError`] on NATS trouble or an undecodable event.
