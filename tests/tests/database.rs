@@ -66,3 +66,38 @@ async fn each_workers_sessions_carry_its_service_name() {
     })
     .await;
 }
+
+/// A worker's host that vanishes without closing its sessions (power loss, a partition) must
+/// not keep a projector's lock, and with it the read model, for the operating system's two
+/// hours of TCP keepalive: every worker session asks the server to probe it after 10 s idle
+/// and end it after 3 unanswered probes 5 s apart (a real partition is not something a test
+/// on a shared machine can make; the settings are checked).
+#[tokio::test]
+async fn every_worker_session_asks_the_server_to_notice_a_vanished_worker() {
+    let env = TestEnv::new().await;
+    let app = ch_runtime::app::App::start(env.app_config(), "proj-portfolio")
+        .await
+        .expect("app");
+    let default = env
+        .pg
+        .query_one("SHOW tcp_keepalives_idle", &[])
+        .await
+        .expect("show")
+        .get::<_, String>(0);
+    assert_ne!(default, "10", "the test's own session must not have them");
+    for pool in [app.pool().expect("pool"), app.read_pool().expect("pool")] {
+        let conn = pool.get().await.expect("a session");
+        for (setting, value) in [
+            ("tcp_keepalives_idle", "10"),
+            ("tcp_keepalives_interval", "5"),
+            ("tcp_keepalives_count", "3"),
+        ] {
+            let shown: String = conn
+                .query_one(&format!("SHOW {setting}"), &[])
+                .await
+                .expect("show")
+                .get(0);
+            assert_eq!(shown, value, "{setting}");
+        }
+    }
+}
