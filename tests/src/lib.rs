@@ -528,7 +528,8 @@ impl TestEnv {
         self.start_with(worker, cfg).await;
     }
 
-    async fn start_with(&mut self, worker: Worker, cfg: Config) {
+    /// [`TestEnv::start`] with a configuration of the caller's.
+    pub async fn start_with(&mut self, worker: Worker, cfg: Config) {
         let r = self.spawn_with(worker, cfg).await;
         self.running.push(r);
         self.wait_ping(worker).await;

@@ -210,3 +210,17 @@ async fn deposits_across_a_crash_of_the_stream_leader_are_stored_exactly_once() 
     })
     .await;
 }
+
+/// `CH_NATS_URL` may list several servers (a cluster's nodes): a worker whose list starts
+/// with a node that is down starts on another and serves.
+#[tokio::test]
+async fn a_worker_starts_on_a_server_list_with_a_node_down() {
+    let mut env = TestEnv::on_own_cluster().await;
+    env.cluster().kill_node(2);
+    let mut cfg = env.app_config();
+    let urls = env.cluster_urls();
+    cfg.nats_url = format!("{}, {}", urls[2], urls[1]);
+    env.start_with(Worker::CmdPortfolio, cfg).await;
+    let opened = env.cmd("portfolio.update", open("p1", "u1")).await;
+    assert_eq!(opened["version"], 1, "{opened}");
+}

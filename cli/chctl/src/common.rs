@@ -95,7 +95,7 @@ impl Ctx {
             let attempt = async_nats::ConnectOptions::new()
                 .name("chctl")
                 .connection_timeout(Duration::from_secs(2))
-                .connect(url.as_str())
+                .connect(ch_runtime::server_list(url)?)
                 .await;
             match attempt {
                 Ok(c) => return Ok(c),

@@ -55,8 +55,23 @@ pub async fn connect_nats(
             let failing = failing.clone();
             async move { log_event(&event, &failing) }
         })
-        .connect(url)
+        .connect(server_list(url)?)
         .await
+}
+
+/// `CH_NATS_URL` as a list of servers: one URL, or several separated by commas (the nodes of
+/// a cluster), tried in turn until one answers; once connected, the client also learns the
+/// cluster's other nodes from the server.
+///
+/// # Errors
+/// When an entry is not a server URL.
+pub fn server_list(urls: &str) -> Result<Vec<async_nats::ServerAddr>, async_nats::ConnectError> {
+    urls.split(',')
+        .map(|u| u.trim().parse::<async_nats::ServerAddr>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| {
+            async_nats::ConnectError::with_source(async_nats::ConnectErrorKind::ServerParse, e)
+        })
 }
 
 /// The connection's events in the log (async-nats logs each at info otherwise): a lost
