@@ -322,6 +322,13 @@ pub enum Worker {
 }
 
 impl Worker {
+    /// A portfolio's path through the system: its command worker, projector and query worker.
+    pub const PORTFOLIO_PATH: [Worker; 3] = [
+        Worker::CmdPortfolio,
+        Worker::ProjPortfolio,
+        Worker::QueryPortfolio,
+    ];
+
     pub const ALL: [Worker; 8] = [
         Worker::CmdStrategy,
         Worker::CmdPortfolio,

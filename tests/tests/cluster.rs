@@ -154,12 +154,7 @@ async fn deposit_until_answered(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deposits_across_a_crash_of_the_stream_leader_are_stored_exactly_once() {
     let mut env = TestEnv::on_own_cluster().await;
-    env.start_all(&[
-        Worker::CmdPortfolio,
-        Worker::ProjPortfolio,
-        Worker::QueryPortfolio,
-    ])
-    .await;
+    env.start_all(&Worker::PORTFOLIO_PATH).await;
     env.cmd("portfolio.update", open("p1", "u1")).await;
     let subject = format!("{}.cmd.portfolio.update", env.subjects.prefix());
     let (answered, mut answers) = tokio::sync::mpsc::unbounded_channel();

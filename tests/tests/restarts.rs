@@ -548,12 +548,7 @@ async fn workers_carry_on_when_postgres_drops_their_connections() {
 async fn a_query_whose_session_ends_in_flight_is_answered_from_a_new_one() {
     let mut env = TestEnv::new().await;
     let workers = format!("{}-", env.subjects.prefix());
-    env.start_all(&[
-        Worker::CmdPortfolio,
-        Worker::ProjPortfolio,
-        Worker::QueryPortfolio,
-    ])
-    .await;
+    env.start_all(&Worker::PORTFOLIO_PATH).await;
     env.cmd("portfolio.update", open("p1", "u1")).await;
     let funded = env.cmd("portfolio.update", deposit("p1", "1000")).await;
     env.performance_at("p1", seq(&funded)).await;

@@ -158,12 +158,7 @@ fn assert_same(a: &[String], b: &[String], mode: &str) {
 async fn adaptive_shows_its_decisions_in_the_projectors_stats() {
     let mut env = TestEnv::new().await;
     env.cfg.sync = SyncMode::Adaptive;
-    env.start_all(&[
-        Worker::CmdPortfolio,
-        Worker::ProjPortfolio,
-        Worker::QueryPortfolio,
-    ])
-    .await;
+    env.start_all(&Worker::PORTFOLIO_PATH).await;
     // The first event may reach the projector in its start-up catch-up; the second, once that
     // is projected, comes through the live consumer, whose batches are the ones planned.
     let opened = env.cmd("portfolio.update", open("p1", "u1")).await;

@@ -23,19 +23,6 @@ pub struct Compare {
 /// The modes whose batching is fixed, compared with `adaptive`.
 const FIXED: [&str; 2] = ["eventual", "batch"];
 
-/// Config keys that make up a load: runs differing in one of them are not compared.
-const LOAD_KEYS: [&str; 9] = [
-    "seed",
-    "portfolios",
-    "strategies",
-    "signals",
-    "clients",
-    "query_clients",
-    "rate",
-    "query_rate",
-    "ch_batch_max",
-];
-
 struct Run {
     mode: String,
     report: Value,
@@ -63,7 +50,9 @@ fn describe(r: &Value) -> String {
 
 fn group_key(r: &Value) -> String {
     let mut key = r["env"]["jetstream_sync_interval"].to_string();
-    for k in LOAD_KEYS {
+    // A load: the workload and the batch bound; runs differing in one of them are not
+    // compared.
+    for k in super::WORKLOAD_KEYS.into_iter().chain(["ch_batch_max"]) {
         key.push('|');
         key.push_str(&r["config"][k].to_string());
     }

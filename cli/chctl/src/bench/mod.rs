@@ -296,8 +296,9 @@ async fn environment(ctx: &Ctx, client: &async_nats::Client, a: &TradeFlow) -> V
     env
 }
 
-/// The configuration keys that make two runs the same workload.
-const WORKLOAD_KEYS: [&str; 9] = [
+/// The configuration keys that make two runs the same workload (`bench compare` groups runs
+/// by them too).
+pub(crate) const WORKLOAD_KEYS: [&str; 8] = [
     "seed",
     "portfolios",
     "strategies",
@@ -306,7 +307,6 @@ const WORKLOAD_KEYS: [&str; 9] = [
     "query_clients",
     "rate",
     "query_rate",
-    "signals_meant_to_be_rejected",
 ];
 
 /// The `baseline` of an earlier result file, if it ran the same workload as `config`; it
@@ -316,7 +316,11 @@ fn baseline_from(file: &Path, config: &Value) -> Result<Value> {
         std::fs::read(file).with_context(|| format!("--baseline-from {}", file.display()))?;
     let earlier: Value = serde_json::from_slice(&text)
         .with_context(|| format!("--baseline-from {}: not JSON", file.display()))?;
-    for k in WORKLOAD_KEYS {
+    // The requests generated from them, too (another version may generate others).
+    for k in WORKLOAD_KEYS
+        .into_iter()
+        .chain(["signals_meant_to_be_rejected"])
+    {
         let (there, here) = (&earlier["config"][k], &config[k]);
         anyhow::ensure!(
             there == here,
