@@ -413,8 +413,13 @@ impl TestEnv {
     /// [`TestEnv::new`] on a three-node cluster of its own ([`NatsCluster`]), the stream with
     /// three replicas; the environment's client and workers connect to the first node.
     pub async fn on_own_cluster() -> TestEnv {
+        TestEnv::on_own_cluster_with(3).await
+    }
+
+    /// [`TestEnv::on_own_cluster`] with a stream of `replicas` replicas.
+    pub async fn on_own_cluster_with(replicas: usize) -> TestEnv {
         let c = NatsCluster::start().await;
-        let mut env = TestEnv::on(c.urls[0].clone(), 3).await;
+        let mut env = TestEnv::on(c.urls[0].clone(), replicas).await;
         env.own_cluster = Some(c);
         env
     }

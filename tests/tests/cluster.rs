@@ -8,6 +8,7 @@ use ch_e2e::fixtures::{open, rename_strategy, renamed, strategy};
 use ch_e2e::{eventually, TestEnv, Worker};
 use ch_runtime::{EventStore, StoreError};
 use serde_json::json;
+use std::time::Duration;
 
 /// The store of `env` through another node than the environment's client.
 async fn store_on_node(env: &TestEnv, node: usize) -> EventStore {
@@ -53,12 +54,62 @@ async fn a_stale_append_on_a_replicated_stream_is_a_conflict() {
 #[tokio::test]
 async fn reads_right_after_an_append_show_it_on_the_followers() {
     let env = TestEnv::on_own_cluster().await;
-    let leader_node = env.stream_leader_node().await;
-    let writer = store_on_node(&env, leader_node).await;
+    let followers = follower_stores(&env, Duration::from_secs(10)).await;
+    appends_show_at_once(&env, &followers).await;
+}
+
+/// A stream scaled from one replica to three while workers run: the store reads its replica
+/// count again (every 10 s; at once here) and from then on reads as on any replicated stream.
+#[tokio::test]
+async fn reads_after_a_scale_up_to_three_replicas_show_every_append() {
+    let env = TestEnv::on_own_cluster_with(1).await;
+    // Opened while the stream has one replica.
     let mut readers = Vec::new();
-    for node in (0..3).filter(|&n| n != leader_node) {
-        readers.push(store_on_node(&env, node).await);
+    for node in 0..3 {
+        let store = store_on_node(&env, node).await;
+        readers.push(store.with_replication_check(Duration::ZERO));
     }
+    let js = async_nats::jetstream::new(env.client.clone());
+    let config = ch_runtime::eventstore::stream_config(&env.subjects, 3).expect("config");
+    js.update_stream(config)
+        .await
+        .expect("scale to three replicas");
+    eventually(|| async {
+        let replicas = env.stream_info().await.cluster.map(|c| c.replicas);
+        match replicas {
+            Some(r) if r.len() == 2 && r.iter().all(|p| p.current) => Ok(()),
+            other => Err(format!("followers not current yet: {other:?}")),
+        }
+    })
+    .await;
+    let leader = env.stream_leader_node().await;
+    let followers: Vec<EventStore> = readers
+        .into_iter()
+        .enumerate()
+        .filter(|(node, _)| *node != leader)
+        .map(|(_, s)| s)
+        .collect();
+    appends_show_at_once(&env, &followers).await;
+}
+
+/// Stores connected to the stream's two followers.
+async fn follower_stores(env: &TestEnv, replication_check: Duration) -> Vec<EventStore> {
+    let leader = env.stream_leader_node().await;
+    let mut stores = Vec::new();
+    for node in (0..3).filter(|&n| n != leader) {
+        stores.push(
+            store_on_node(env, node)
+                .await
+                .with_replication_check(replication_check),
+        );
+    }
+    stores
+}
+
+/// 300 appends through the stream's leader, each read by every reader at once: by its
+/// sequence, as the first event from it, as reached, and by a load from the one before.
+async fn appends_show_at_once(env: &TestEnv, readers: &[EventStore]) {
+    let writer = store_on_node(env, env.stream_leader_node().await).await;
     let filter = env.subjects.events_filter();
     let mut last = 0;
     for version in 1..=300 {
@@ -67,7 +118,7 @@ async fn reads_right_after_an_append_show_it_on_the_followers() {
             .await
             .expect("append")
             .seqs[0];
-        for reader in &readers {
+        for reader in readers {
             let got = reader.get(appended).await.expect("get");
             assert_eq!(got.map(|e| e.seq), Some(appended), "get {appended}");
             let first = reader.first_seq_from(&filter, appended).await;

@@ -11,7 +11,9 @@
 //! - Definitions of the stream and the projector consumers are the JSON files in `nats/`,
 //!   compiled in, with names and subjects rewritten for the configured prefix.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_nats::header::{self, HeaderMap};
 use async_nats::jetstream::{self, consumer::pull, stream};
@@ -158,16 +160,16 @@ const LOAD_BATCH: usize = 1000;
 pub struct EventStore {
     client: async_nats::Client,
     /// The client's counters, read for [`EventStore::connects`] on every cached fact.
-    connection: std::sync::Arc<async_nats::Statistics>,
+    connection: Arc<async_nats::Statistics>,
     js: jetstream::Context,
     stream: stream::Stream,
     subjects: Subjects,
     /// The server answers batched direct gets (2.11+): a cold load is one round trip per
     /// [`LOAD_BATCH`] events instead of one per event.
     batch_get: bool,
-    /// The stream had more than one replica when the store was opened: its followers answer
-    /// direct gets too, possibly from before the latest appends.
-    replicated: bool,
+    /// Whether the stream has more than one replica (its followers answer direct gets too,
+    /// possibly from before the latest appends), as last read from its definition.
+    replication: Arc<Replication>,
     /// `$JS.API.DIRECT.GET.<stream>`.
     direct_api: String,
     /// `$JS.API.STREAM.MSG.GET.<stream>`, answered by the stream leader only.
@@ -186,6 +188,17 @@ fn version_at_least(version: &str, at_least: (u32, u32)) -> bool {
 /// How long a read waits in all for a replica to answer direct gets: none does for a moment
 /// after the stream is created on a cluster, or while its leader changes ("no responders").
 const NO_RESPONDERS_PATIENCE: Duration = Duration::from_secs(3);
+
+/// How often the store reads the stream's replica count again: a stream scaled from one
+/// replica to three while workers run is read from its leader within this long.
+const REPLICATION_CHECK: Duration = Duration::from_secs(10);
+
+/// The stream's replica count as last read, and when.
+struct Replication {
+    replicated: AtomicBool,
+    checked: Mutex<Instant>,
+    every: Duration,
+}
 
 /// A message read from the stream: its sequence and payload.
 type Read = (u64, bytes::Bytes);
@@ -216,7 +229,11 @@ impl EventStore {
             }
         };
         let version = client.server_info().version;
-        let replicated = stream.cached_info().config.num_replicas > 1;
+        let replication = Replication {
+            replicated: (stream.cached_info().config.num_replicas > 1).into(),
+            checked: Instant::now().into(),
+            every: REPLICATION_CHECK,
+        };
         Ok(EventStore {
             connection: client.statistics(),
             direct_api: format!("$JS.API.DIRECT.GET.{}", subjects.stream_name()),
@@ -226,8 +243,43 @@ impl EventStore {
             stream,
             subjects,
             batch_get: version_at_least(&version, (2, 11)),
-            replicated,
+            replication: replication.into(),
         })
+    }
+
+    /// Reads the stream's replica count again every `every` instead of every 10 s.
+    #[must_use]
+    pub fn with_replication_check(mut self, every: Duration) -> Self {
+        let replicated = self.replication.replicated.load(Ordering::Relaxed);
+        self.replication = Replication {
+            replicated: replicated.into(),
+            checked: Instant::now().into(),
+            every,
+        }
+        .into();
+        self
+    }
+
+    /// Whether the stream has more than one replica, read again from its definition when the
+    /// last reading is older than [`REPLICATION_CHECK`] (the previous answer stands should the
+    /// stream not answer).
+    async fn replicated(&self) -> bool {
+        let r = &self.replication;
+        let due = {
+            let mut checked = r.checked.lock().expect("replication lock");
+            let due = checked.elapsed() >= r.every;
+            if due {
+                *checked = Instant::now();
+            }
+            due
+        };
+        if due {
+            if let Ok(info) = self.stream.get_info().await {
+                r.replicated
+                    .store(info.config.num_replicas > 1, Ordering::Relaxed);
+            }
+        }
+        r.replicated.load(Ordering::Relaxed)
     }
 
     pub fn subjects(&self) -> &Subjects {
@@ -245,9 +297,7 @@ impl EventStore {
     /// How many times the store's NATS connection has been established: it moves on every
     /// reconnect, after which core-NATS notices sent while disconnected are lost.
     pub fn connects(&self) -> u64 {
-        self.connection
-            .connects
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.connection.connects.load(Ordering::Relaxed)
     }
 
     /// Appends `events` (v1: exactly one per command) to the aggregate's subject, expecting
@@ -307,7 +357,7 @@ impl EventStore {
         let subject = self.subjects.aggregate(ty, id);
         // A follower may answer direct gets from before the latest appends: on a replicated
         // stream, read up to the subject's last event as the leader knows it.
-        let last = if self.replicated {
+        let last = if self.replicated().await {
             let last = self.read_one(json!({ "last_by_subj": subject })).await?;
             match last {
                 Some((seq, _)) if seq > after_seq => Some(seq),
@@ -426,7 +476,7 @@ impl EventStore {
     /// `last_by_subj`), `None` when there is none: from the stream leader on a replicated
     /// stream, else by direct get.
     async fn read_one(&self, request: serde_json::Value) -> Result<Option<Read>, StoreError> {
-        if self.replicated {
+        if self.replicated().await {
             self.leader_get(&request).await
         } else {
             self.direct_get(&request).await
