@@ -200,6 +200,16 @@ struct Replication {
     every: Duration,
 }
 
+impl Replication {
+    fn new(replicated: bool, every: Duration) -> Arc<Self> {
+        Arc::new(Replication {
+            replicated: replicated.into(),
+            checked: Instant::now().into(),
+            every,
+        })
+    }
+}
+
 /// A message read from the stream: its sequence and payload.
 type Read = (u64, bytes::Bytes);
 
@@ -229,11 +239,7 @@ impl EventStore {
             }
         };
         let version = client.server_info().version;
-        let replication = Replication {
-            replicated: (stream.cached_info().config.num_replicas > 1).into(),
-            checked: Instant::now().into(),
-            every: REPLICATION_CHECK,
-        };
+        let replicated = stream.cached_info().config.num_replicas > 1;
         Ok(EventStore {
             connection: client.statistics(),
             direct_api: format!("$JS.API.DIRECT.GET.{}", subjects.stream_name()),
@@ -243,7 +249,7 @@ impl EventStore {
             stream,
             subjects,
             batch_get: version_at_least(&version, (2, 11)),
-            replication: replication.into(),
+            replication: Replication::new(replicated, REPLICATION_CHECK),
         })
     }
 
@@ -251,12 +257,7 @@ impl EventStore {
     #[must_use]
     pub fn with_replication_check(mut self, every: Duration) -> Self {
         let replicated = self.replication.replicated.load(Ordering::Relaxed);
-        self.replication = Replication {
-            replicated: replicated.into(),
-            checked: Instant::now().into(),
-            every,
-        }
-        .into();
+        self.replication = Replication::new(replicated, every);
         self
     }
 
