@@ -158,6 +158,14 @@ impl Commands {
     }
 }
 
+/// Whether a worker serving `endpoints` decides portfolio commands, the only ones that read
+/// facts (strategies, marks): the others need not follow their changes.
+fn decides_portfolios(endpoints: &[Endpoint]) -> bool {
+    endpoints
+        .iter()
+        .any(|e| matches!(e, Endpoint::PortfolioUpdate | Endpoint::SignalExecute))
+}
+
 /// The read models events are projected into.
 pub const PROJECTIONS: [&str; 2] = ["portfolio", "strategy"];
 
@@ -235,7 +243,9 @@ pub async fn run(
         None
     };
     let commands = Commands::new(&app);
-    commands.follow_facts(&app.client, &app.subjects).await?;
+    if decides_portfolios(endpoints) {
+        commands.follow_facts(&app.client, &app.subjects).await?;
+    }
     let handler = Arc::new(CommandHandler {
         commands,
         immediate,
@@ -248,4 +258,22 @@ pub async fn run(
         shutdown,
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_portfolio_workers_follow_the_facts_of_portfolio_decisions() {
+        assert!(decides_portfolios(&[Endpoint::SignalExecute]));
+        assert!(decides_portfolios(&[Endpoint::PortfolioUpdate]));
+        assert!(decides_portfolios(&Endpoint::ALL));
+        assert!(!decides_portfolios(&[Endpoint::MarketPrice]));
+        assert!(!decides_portfolios(&[
+            Endpoint::StrategyCreate,
+            Endpoint::StrategyUpdate,
+            Endpoint::StrategyDelete,
+        ]));
+    }
 }
