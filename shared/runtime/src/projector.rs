@@ -106,6 +106,16 @@ impl ProjectorError {
     }
 }
 
+/// Logs a failure the projector will try again: a warning while the store or the database is
+/// away for a while (a restart, a failover, a NATS node's crash), an error otherwise.
+fn retrying(projection: &str, what: &str, e: &ProjectorError) {
+    if e.transient() {
+        warn!(projection, error = %e, "{what} failed; will retry");
+    } else {
+        error!(projection, error = %e, "{what} failed; will retry");
+    }
+}
+
 impl From<tokio_postgres::Error> for ProjectorError {
     fn from(e: tokio_postgres::Error) -> Self {
         ProjectorError::Db(DbError::Query(e))
@@ -1101,7 +1111,7 @@ impl<P: Projection> Projector<P> {
                             self.announce(at).await;
                         }
                         Err(e) => {
-                            error!(projection = name, error = %e, "idle check failed; will retry");
+                            retrying(name, "idle check", &e);
                             if !retry.wait(&self.metrics, shutdown).await {
                                 break Ended::Shutdown;
                             }
@@ -1227,7 +1237,7 @@ impl<P: Projection> Projector<P> {
                     span.in_scope(|| debug!(last_seq = last, "committed"));
                 }
                 Err(e) => {
-                    error!(projection = name, error = %e, "batch failed; will retry");
+                    retrying(name, "batch", &e);
                     for m in &batch {
                         let _ = m
                             .ack_with(async_nats::jetstream::AckKind::Nak(Some(retry.backoff)))
