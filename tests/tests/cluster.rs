@@ -1,7 +1,8 @@
-//! The event store on the three-node cluster of `nats/cluster/` (a stream with three
-//! replicas): every replica answers direct gets, and a follower may not have an append the
-//! leader has just acknowledged (ADR 004). What the store reads after an append must show it
-//! all the same, whichever node the reader is connected to.
+//! The event store and the workers on the three-node cluster of `nats/cluster/` (a stream
+//! with three replicas): every replica answers direct gets, and a follower may not have an
+//! append the leader has just acknowledged (ADR 004). What the store reads after an append
+//! must show it all the same, whichever node the reader is connected to; commands go on
+//! across a crash of the stream's leader, and a worker starts while a node is down.
 
 use ch_domain::AggregateType;
 use ch_e2e::fixtures::{open, rename_strategy, renamed, strategy};
@@ -10,7 +11,7 @@ use ch_runtime::{EventStore, StoreError};
 use serde_json::json;
 use std::time::Duration;
 
-/// The store of `env` through another node than the environment's client.
+/// The store of `env` through node `node` (0 to 2), with a client of its own.
 async fn store_on_node(env: &TestEnv, node: usize) -> EventStore {
     let client = async_nats::connect(&env.cluster_urls()[node])
         .await
@@ -54,6 +55,7 @@ async fn a_stale_append_on_a_replicated_stream_is_a_conflict() {
 #[tokio::test]
 async fn reads_right_after_an_append_show_it_on_the_followers() {
     let env = TestEnv::on_own_cluster().await;
+    // The stream is replicated from the start: the store's usual re-reading of it will do.
     let followers = follower_stores(&env, Duration::from_secs(10)).await;
     appends_show_at_once(&env, &followers).await;
 }
