@@ -250,21 +250,15 @@ impl Worker {
 
     /// Waits until the portfolio read model applied the last event of `portfolio_id`'s subject.
     async fn catch_up_portfolio(&self, portfolio_id: &str) -> Result<(), Retry> {
-        let subject = self
-            .app
-            .subjects
-            .aggregate(AggregateType::Portfolio, portfolio_id);
+        // Through the store: on a replicated stream a follower may not have the last one yet.
         let head = match self
             .app
             .store
-            .stream()
-            .direct_get_last_for_subject(subject)
+            .last_seq_of(AggregateType::Portfolio, portfolio_id)
             .await
         {
-            Ok(m) => m.sequence,
-            Err(e) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => {
-                return Ok(())
-            }
+            Ok(Some(seq)) => seq,
+            Ok(None) => return Ok(()),
             Err(e) => return Err(Retry(format!("portfolio {portfolio_id} head: {e}"))),
         };
         self.progress

@@ -359,9 +359,8 @@ impl EventStore {
         // A follower may answer direct gets from before the latest appends: on a replicated
         // stream, read up to the subject's last event as the leader knows it.
         let last = if self.replicated().await {
-            let last = self.read_one(json!({ "last_by_subj": subject })).await?;
-            match last {
-                Some((seq, _)) if seq > after_seq => Some(seq),
+            match self.last_on(&subject).await? {
+                Some(seq) if seq > after_seq => Some(seq),
                 _ => return Ok(Vec::new()),
             }
         } else {
@@ -538,6 +537,24 @@ impl EventStore {
                 self.leader_api
             ))),
         }
+    }
+
+    /// The sequence of the last event of one aggregate (`None`: it has none), by the stream
+    /// leader on a replicated stream.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] on NATS trouble.
+    pub async fn last_seq_of(
+        &self,
+        ty: AggregateType,
+        id: &str,
+    ) -> Result<Option<u64>, StoreError> {
+        self.last_on(&self.subjects.aggregate(ty, id)).await
+    }
+
+    async fn last_on(&self, subject: &str) -> Result<Option<u64>, StoreError> {
+        let last = self.read_one(json!({ "last_by_subj": subject })).await?;
+        Ok(last.map(|(seq, _)| seq))
     }
 
     /// The event at stream sequence `seq`.
