@@ -124,7 +124,7 @@ pub async fn ensure_stream(
 /// Waits until a replicated stream just created has elected its leader: until then it takes
 /// no appends and answers no reads, so `chctl setup` returns with a stream the workers can use.
 async fn wait_for_leader(s: &mut stream::Stream) -> Result<(), StoreError> {
-    let mut backoff = Backoff::default();
+    let mut backoff = Backoff::within(NO_RESPONDERS_PATIENCE);
     loop {
         let leader = match s.info().await {
             Ok(info) => info.cluster.as_ref().and_then(|c| c.leader.clone()),
@@ -176,13 +176,13 @@ pub struct EventStore {
     leader_api: String,
 }
 
-/// Whether a `major.minor.patch` server version is at least `major.minor` of `at_least`.
-fn version_at_least(version: &str, at_least: (u32, u32)) -> bool {
+/// Whether a `major.minor.patch` server version is at least 2.11.
+fn supports_batch_get(version: &str) -> bool {
     let mut parts = version
         .split(['.', '-'])
         .map(|p| p.parse::<u32>().unwrap_or(0));
     let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    (major, minor) >= at_least
+    (major, minor) >= (2, 11)
 }
 
 /// How long a read waits in all for a replica to answer direct gets: none does for a moment
@@ -208,6 +208,22 @@ impl Replication {
             every,
         })
     }
+
+    /// Records the replica count of a stream definition just read.
+    fn note(&self, replicas: usize) {
+        self.replicated.store(replicas > 1, Ordering::Relaxed);
+        *self.checked.lock().expect("replication lock") = Instant::now();
+    }
+
+    /// Whether the last reading is older than `every`; if so, the caller reads it now.
+    fn due(&self) -> bool {
+        let mut checked = self.checked.lock().expect("replication lock");
+        let due = checked.elapsed() >= self.every;
+        if due {
+            *checked = Instant::now();
+        }
+        due
+    }
 }
 
 /// A message read from the stream: its sequence and payload.
@@ -221,7 +237,7 @@ impl EventStore {
     /// [`StoreError::Unavailable`] when the stream cannot be found.
     pub async fn open(client: async_nats::Client, subjects: Subjects) -> Result<Self, StoreError> {
         let js = jetstream::new(client.clone());
-        let mut backoff = Backoff::default();
+        let mut backoff = Backoff::within(NO_RESPONDERS_PATIENCE);
         let stream = loop {
             match js.get_stream(subjects.stream_name()).await {
                 Ok(s) => break s,
@@ -238,8 +254,8 @@ impl EventStore {
                 }
             }
         };
-        let version = client.server_info().version;
         let replicated = stream.cached_info().config.num_replicas > 1;
+        let batch_get = supports_batch_get(&client.server_info().version);
         Ok(EventStore {
             connection: client.statistics(),
             direct_api: format!("$JS.API.DIRECT.GET.{}", subjects.stream_name()),
@@ -248,7 +264,7 @@ impl EventStore {
             js,
             stream,
             subjects,
-            batch_get: version_at_least(&version, (2, 11)),
+            batch_get,
             replication: Replication::new(replicated, REPLICATION_CHECK),
         })
     }
@@ -262,25 +278,16 @@ impl EventStore {
     }
 
     /// Whether the stream has more than one replica, read again from its definition when the
-    /// last reading is older than [`REPLICATION_CHECK`] (the previous answer stands should the
-    /// stream not answer).
+    /// last reading (here or by [`EventStore::last_seq`], which projectors call every idle
+    /// second) is older than [`REPLICATION_CHECK`]; the previous answer stands should the
+    /// stream not answer.
     async fn replicated(&self) -> bool {
-        let r = &self.replication;
-        let due = {
-            let mut checked = r.checked.lock().expect("replication lock");
-            let due = checked.elapsed() >= r.every;
-            if due {
-                *checked = Instant::now();
-            }
-            due
-        };
-        if due {
+        if self.replication.due() {
             if let Ok(info) = self.stream.get_info().await {
-                r.replicated
-                    .store(info.config.num_replicas > 1, Ordering::Relaxed);
+                self.replication.note(info.config.num_replicas);
             }
         }
-        r.replicated.load(Ordering::Relaxed)
+        self.replication.replicated.load(Ordering::Relaxed)
     }
 
     pub fn subjects(&self) -> &Subjects {
@@ -399,7 +406,7 @@ impl EventStore {
         use async_nats::StatusCode;
         let mut out = Vec::new();
         let mut next = after_seq + 1;
-        let mut no_responders = Backoff::default();
+        let mut no_responders = Backoff::within(NO_RESPONDERS_PATIENCE);
         loop {
             let inbox = self.client.new_inbox();
             let mut sub = self
@@ -460,7 +467,7 @@ impl EventStore {
         body: &serde_json::Value,
     ) -> Result<async_nats::Message, StoreError> {
         let body = bytes::Bytes::from(body.to_string());
-        let mut no_responders = Backoff::default();
+        let mut no_responders = Backoff::within(NO_RESPONDERS_PATIENCE);
         loop {
             match self.client.request(subject.to_owned(), body.clone()).await {
                 Ok(m) => return Ok(m),
@@ -574,6 +581,7 @@ impl EventStore {
     /// [`StoreError::Unavailable`] on NATS trouble.
     pub async fn last_seq(&self) -> Result<u64, StoreError> {
         let info = self.stream.get_info().await.map_err(unavailable)?;
+        self.replication.note(info.config.num_replicas);
         Ok(info.state.last_sequence)
     }
 
@@ -621,25 +629,30 @@ fn sequence_of(msg: &async_nats::Message) -> Result<u64, StoreError> {
         .ok_or_else(|| StoreError::Other("direct get reply without Nats-Sequence".into()))
 }
 
-/// Waits between tries while no server answers, doubling from 20 ms, for up to
-/// [`NO_RESPONDERS_PATIENCE`] in all.
-#[derive(Default)]
+/// Waits between tries of something that may soon answer: 20 ms, doubling up to 500 ms, until
+/// a deadline.
 struct Backoff {
-    waited: Duration,
+    until: tokio::time::Instant,
+    step: Duration,
 }
 
 impl Backoff {
-    /// Waits before the next try; `false` (at once) when the patience is spent.
+    /// Tries for up to `patience` from now (the tries' own time included).
+    fn within(patience: Duration) -> Self {
+        Backoff {
+            until: tokio::time::Instant::now() + patience,
+            step: Duration::from_millis(20),
+        }
+    }
+
+    /// Waits before the next try; `false` (at once) when the deadline has passed.
     async fn wait(&mut self) -> bool {
-        if self.waited >= NO_RESPONDERS_PATIENCE {
+        let now = tokio::time::Instant::now();
+        if now >= self.until {
             return false;
         }
-        let step = self
-            .waited
-            .max(Duration::from_millis(20))
-            .min(NO_RESPONDERS_PATIENCE - self.waited);
-        tokio::time::sleep(step).await;
-        self.waited += step;
+        tokio::time::sleep(self.step.min(self.until - now)).await;
+        self.step = (self.step * 2).min(Duration::from_millis(500));
         true
     }
 }
@@ -667,8 +680,7 @@ fn classify_publish_error(e: jetstream::context::PublishError) -> StoreError {
 /// # Errors
 /// [`StoreError::Unavailable`] when it does not answer within `timeout`.
 pub async fn wait_ready(js: &jetstream::Context, timeout: Duration) -> Result<(), StoreError> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut delay = Duration::from_millis(20);
+    let mut backoff = Backoff::within(timeout);
     // A cluster node without a JetStream leader yet leaves the request unanswered until the
     // client's timeout (5 s): ask with a short one first, longer ones for a slow server.
     let mut patience = Duration::from_millis(250);
@@ -678,29 +690,25 @@ pub async fn wait_ready(js: &jetstream::Context, timeout: Duration) -> Result<()
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("no answer within {patience:?}"),
         };
-        if tokio::time::Instant::now() >= deadline {
+        if !backoff.wait().await {
             return Err(StoreError::Unavailable(format!(
                 "JetStream not ready: {error}"
             )));
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_millis(500));
         patience = (patience * 2).min(Duration::from_secs(5));
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::version_at_least;
+    use super::supports_batch_get;
 
     #[test]
-    fn server_versions_compare_by_major_and_minor() {
-        assert!(version_at_least("2.15.1", (2, 11)));
-        assert!(version_at_least("2.11.0-beta.2", (2, 11)));
-        assert!(!version_at_least("2.10.22", (2, 11)));
-        assert!(!version_at_least("2.9.10", (2, 11)));
-        assert!(version_at_least("3.0.0", (2, 11)));
-        assert!(version_at_least("2.12.0", (2, 12)));
-        assert!(!version_at_least("2.11.9", (2, 12)));
+    fn batch_get_needs_2_11() {
+        assert!(supports_batch_get("2.15.1"));
+        assert!(supports_batch_get("2.11.0-beta.2"));
+        assert!(!supports_batch_get("2.10.22"));
+        assert!(!supports_batch_get("2.9.10"));
+        assert!(supports_batch_get("3.0.0"));
     }
 }
