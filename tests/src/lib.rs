@@ -49,6 +49,16 @@ where
     }
 }
 
+/// A client of the nats-server at `url`, once it accepts one.
+async fn accepting(url: &str) -> async_nats::Client {
+    eventually(|| async {
+        async_nats::connect(url)
+            .await
+            .map_err(|e| format!("nats-server at {url} accepts no client: {e}"))
+    })
+    .await
+}
+
 /// A nats-server process owned by a test.
 pub struct NatsServer {
     child: Child,
@@ -117,13 +127,7 @@ impl NatsServer {
 
     /// Ready when it accepts a client.
     async fn wait_accepting(&self) {
-        eventually(|| async {
-            async_nats::connect(&self.url)
-                .await
-                .map(drop)
-                .map_err(|e| format!("nats-server at {} accepts no client: {e}", self.url))
-        })
-        .await;
+        accepting(&self.url).await;
     }
 
     /// Stops the server as an operator would (SIGTERM: it closes its clients' connections and
@@ -254,12 +258,7 @@ impl NatsCluster {
                 .push(format!("nats://127.0.0.1:{}", ours(i)[0]));
         }
         for url in &cluster.urls {
-            let client = eventually(|| async {
-                async_nats::connect(url)
-                    .await
-                    .map_err(|e| format!("cluster node at {url} accepts no client: {e}"))
-            })
-            .await;
+            let client = accepting(url).await;
             // Answered once the node knows the cluster's JetStream leader.
             ch_runtime::eventstore::wait_ready(&async_nats::jetstream::new(client), PATIENCE)
                 .await
