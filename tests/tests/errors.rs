@@ -13,11 +13,26 @@ const PORTFOLIO: AggregateType = AggregateType::Portfolio;
 const STRATEGY: AggregateType = AggregateType::Strategy;
 const MARKET: AggregateType = AggregateType::Market;
 
-/// Checks an error reply: `Nats-Service-Error-Code` and `error.status` are `status`,
-/// `error.code` is `code`, `Nats-Service-Error` carries the message, and the message contains
+/// A class of API.md's error table: the status (header and `error.status`) and `error.code`.
+#[derive(Clone, Copy)]
+struct Class(u16, &'static str);
+
+const BAD_REQUEST: Class = Class(400, "bad_request");
+const NOT_FOUND: Class = Class(404, "not_found");
+const ALREADY_EXISTS: Class = Class(409, "already_exists");
+const CONFLICT: Class = Class(409, "conflict");
+const STALE: Class = Class(504, "stale");
+
+/// A domain refusal (422) with its code.
+const fn refusal(code: &'static str) -> Class {
+    Class(422, code)
+}
+
+/// Checks an error reply: `Nats-Service-Error-Code` and `error.status` are the class's status,
+/// `error.code` is its code, `Nats-Service-Error` carries the message, and the message contains
 /// every one of `needles`. Returns the message.
 #[track_caller]
-fn check_error(reply: Reply, status: u16, code: &str, needles: &[&str]) -> String {
+fn check_error(reply: Reply, Class(status, code): Class, needles: &[&str]) -> String {
     let headers = reply.headers.clone().expect("an error reply has headers");
     assert_eq!(
         headers
@@ -49,32 +64,59 @@ fn check_error(reply: Reply, status: u16, code: &str, needles: &[&str]) -> Strin
     message
 }
 
-/// Sends a refused command and checks that neither the aggregate's subject nor the stream
-/// moved.
-async fn refused(
-    env: &TestEnv,
-    name: &str,
-    body: impl Into<bytes::Bytes>,
-    agg: (AggregateType, &str),
-    status: u16,
-    code: &str,
-    needles: &[&str],
-) -> String {
-    let before = env.subject_count(agg.0, agg.1).await;
-    let last = env.last_seq().await;
-    let reply = env.request_raw(&format!("cmd.{name}"), body).await;
-    let message = check_error(reply, status, code, needles);
-    assert_eq!(
-        env.subject_count(agg.0, agg.1).await,
-        before,
-        "{name}: an event was stored for {agg:?}"
-    );
-    assert_eq!(env.last_seq().await, last, "{name}: the stream moved");
-    message
+/// A request body: raw text (malformed on purpose) or JSON.
+trait Body {
+    fn into_bytes(self) -> Vec<u8>;
 }
 
-fn bytes(v: &Value) -> Vec<u8> {
-    serde_json::to_vec(v).expect("json")
+impl Body for &str {
+    fn into_bytes(self) -> Vec<u8> {
+        self.as_bytes().to_vec()
+    }
+}
+
+impl Body for Value {
+    fn into_bytes(self) -> Vec<u8> {
+        serde_json::to_vec(&self).expect("json")
+    }
+}
+
+impl Body for &Value {
+    fn into_bytes(self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("json")
+    }
+}
+
+/// A command subject, and the aggregate whose subject must not move when it is refused.
+struct Command<'a> {
+    env: &'a TestEnv,
+    name: &'a str,
+    agg: (AggregateType, &'a str),
+}
+
+fn command<'a>(env: &'a TestEnv, name: &'a str, agg: (AggregateType, &'a str)) -> Command<'a> {
+    Command { env, name, agg }
+}
+
+impl Command<'_> {
+    /// Sends `body`, checks the error reply (see [`check_error`]) and that neither the
+    /// aggregate's subject nor the stream moved. Returns the message.
+    async fn refused(&self, body: impl Body, class: Class, needles: &[&str]) -> String {
+        let (env, name, agg) = (self.env, self.name, self.agg);
+        let before = env.subject_count(agg.0, agg.1).await;
+        let last = env.last_seq().await;
+        let reply = env
+            .request_raw(&format!("cmd.{name}"), body.into_bytes())
+            .await;
+        let message = check_error(reply, class, needles);
+        assert_eq!(
+            env.subject_count(agg.0, agg.1).await,
+            before,
+            "{name}: an event was stored for {agg:?}"
+        );
+        assert_eq!(env.last_seq().await, last, "{name}: the stream moved");
+        message
+    }
 }
 
 /// s1 on BTC-USDT, p1 open in USDT with 1000 deposited and s1 attached.
@@ -89,31 +131,18 @@ async fn setup() -> TestEnv {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_request_for_malformed_bodies_and_fields() {
     let env = setup().await;
-    let p1 = (PORTFOLIO, "p1");
-    let cmd = "portfolio.update";
+    let update = command(&env, "portfolio.update", (PORTFOLIO, "p1"));
+    let execute = command(&env, "signal.execute", (PORTFOLIO, "p1"));
+    let create_s9 = command(&env, "strategy.create", (STRATEGY, "s9"));
 
     // Malformed JSON, truncated and with a trailing comma.
-    refused(
-        &env,
-        cmd,
+    for body in [
         r#"{"portfolio_id":"p1","op":"deposit","amount":"#,
-        p1,
-        400,
-        "bad_request",
-        &["malformed JSON"],
-    )
-    .await;
-    refused(
-        &env,
-        cmd,
         r#"{"portfolio_id":"p1","op":"deposit","amount":5,}"#,
-        p1,
-        400,
-        "bad_request",
-        &["malformed JSON"],
-    )
-    .await;
-    refused(&env, cmd, "", p1, 400, "bad_request", &[]).await;
+    ] {
+        update.refused(body, BAD_REQUEST, &["malformed JSON"]).await;
+    }
+    update.refused("", BAD_REQUEST, &[]).await;
     // Bodies that are JSON but not an object.
     for body in [
         r#"[{"portfolio_id":"p1","op":"deposit","amount":5}]"#,
@@ -121,245 +150,116 @@ async fn bad_request_for_malformed_bodies_and_fields() {
         "42",
         "null",
     ] {
-        refused(&env, cmd, body, p1, 400, "bad_request", &["JSON object"]).await;
+        update.refused(body, BAD_REQUEST, &["JSON object"]).await;
     }
     // A typo never passes silently.
-    refused(
-        &env,
-        cmd,
-        bytes(&json!({"portfolio_id": "p1", "op": "deposit", "amout": 5})),
-        p1,
-        400,
-        "bad_request",
-        &["unknown field", "amout"],
-    )
-    .await;
+    let typo = json!({"portfolio_id": "p1", "op": "deposit", "amout": 5});
+    update
+        .refused(typo, BAD_REQUEST, &["unknown field", "amout"])
+        .await;
     let mut typo = signal("p1", "s1", "buy", "0.01", "20000", None);
     typo["feee"] = "1".into();
-    refused(
-        &env,
-        "signal.execute",
-        bytes(&typo),
-        p1,
-        400,
-        "bad_request",
-        &["unknown field", "feee"],
-    )
-    .await;
+    execute
+        .refused(typo, BAD_REQUEST, &["unknown field", "feee"])
+        .await;
     let mut typo = strategy("u1", "s9", &["BTC-USDT"]);
     typo["risk_profile"]["max_leverag"] = 1.into();
-    refused(
-        &env,
-        "strategy.create",
-        bytes(&typo),
-        (STRATEGY, "s9"),
-        400,
-        "bad_request",
-        &["max_leverag"],
-    )
-    .await;
+    create_s9.refused(typo, BAD_REQUEST, &["max_leverag"]).await;
     // Missing fields.
-    refused(
-        &env,
-        cmd,
-        bytes(&json!({"portfolio_id": "p1", "op": "deposit"})),
-        p1,
-        400,
-        "bad_request",
-        &["missing field", "amount"],
-    )
-    .await;
-    refused(
-        &env,
-        cmd,
-        bytes(&json!({"portfolio_id": "p1", "amount": "5"})),
-        p1,
-        400,
-        "bad_request",
-        &["missing field", "op"],
-    )
-    .await;
+    let missing = json!({"portfolio_id": "p1", "op": "deposit"});
+    update
+        .refused(missing, BAD_REQUEST, &["missing field", "amount"])
+        .await;
+    let missing = json!({"portfolio_id": "p1", "amount": "5"});
+    update
+        .refused(missing, BAD_REQUEST, &["missing field", "op"])
+        .await;
     let mut missing = signal("p1", "s1", "buy", "0.01", "20000", None);
     missing.as_object_mut().unwrap().remove("price");
-    refused(
-        &env,
-        "signal.execute",
-        bytes(&missing),
-        p1,
-        400,
-        "bad_request",
-        &["missing field", "price"],
-    )
-    .await;
+    execute
+        .refused(missing, BAD_REQUEST, &["missing field", "price"])
+        .await;
     let mut missing = strategy("u1", "s9", &["BTC-USDT"]);
     missing.as_object_mut().unwrap().remove("risk_profile");
-    refused(
-        &env,
-        "strategy.create",
-        bytes(&missing),
-        (STRATEGY, "s9"),
-        400,
-        "bad_request",
-        &["risk_profile"],
-    )
-    .await;
+    create_s9
+        .refused(missing, BAD_REQUEST, &["risk_profile"])
+        .await;
     // Unknown op.
-    refused(
-        &env,
-        cmd,
-        bytes(&json!({"portfolio_id": "p1", "op": "transfer", "amount": 5})),
-        p1,
-        400,
-        "bad_request",
-        &["op", "transfer"],
-    )
-    .await;
+    let unknown = json!({"portfolio_id": "p1", "op": "transfer", "amount": 5});
+    update
+        .refused(unknown, BAD_REQUEST, &["op", "transfer"])
+        .await;
     // Names of 0 or 201 characters.
     for name in [String::new(), "n".repeat(201)] {
-        refused(
-            &env,
-            cmd,
-            bytes(&json!({"portfolio_id": "p1", "op": "rename", "name": name})),
-            p1,
-            400,
-            "bad_request",
-            &["name"],
-        )
-        .await;
+        let rename = json!({"portfolio_id": "p1", "op": "rename", "name": name});
+        update.refused(rename, BAD_REQUEST, &["name"]).await;
     }
     // Wrong types for the common keys.
     let mut bad_cid = deposit("p1", "5");
     bad_cid["command_id"] = "not-a-uuid".into();
-    refused(
-        &env,
-        cmd,
-        bytes(&bad_cid),
-        p1,
-        400,
-        "bad_request",
-        &["command_id"],
-    )
-    .await;
+    update.refused(bad_cid, BAD_REQUEST, &["command_id"]).await;
     let mut bad_ev = deposit("p1", "5");
     bad_ev["expected_version"] = (-1).into();
-    refused(
-        &env,
-        cmd,
-        bytes(&bad_ev),
-        p1,
-        400,
-        "bad_request",
-        &["expected_version"],
-    )
-    .await;
+    update
+        .refused(bad_ev, BAD_REQUEST, &["expected_version"])
+        .await;
 
     // The portfolio is still usable and saw exactly its four events.
-    let ok = env.cmd(cmd, deposit("p1", "5")).await;
+    let ok = env.cmd("portfolio.update", deposit("p1", "5")).await;
     assert_eq!(version(&ok), 4, "{ok}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_request_for_ids_that_could_address_other_subjects() {
     let env = setup().await;
-    let p1 = (PORTFOLIO, "p1");
+    let update = command(&env, "portfolio.update", (PORTFOLIO, "p1"));
+    let execute = command(&env, "signal.execute", (PORTFOLIO, "p1"));
     let long = "x".repeat(65);
     let bad_ids = ["p.1", "p*", ">", "*", "a b", "", "p1.>", long.as_str()];
     for id in bad_ids {
         // As the aggregate id: nothing anywhere in the stream may move.
-        refused(
-            &env,
-            "portfolio.update",
-            bytes(&deposit(id, "5")),
-            p1,
-            400,
-            "bad_request",
-            &["portfolio_id"],
-        )
-        .await;
-        refused(
-            &env,
-            "portfolio.update",
-            bytes(&open(id, "u1")),
-            p1,
-            400,
-            "bad_request",
-            &["portfolio_id"],
-        )
-        .await;
-        refused(
-            &env,
-            "strategy.delete",
-            bytes(&json!({"strategy_id": id})),
-            (STRATEGY, "s1"),
-            400,
-            "bad_request",
-            &["strategy_id"],
-        )
-        .await;
-        refused(
-            &env,
-            "strategy.create",
-            bytes(&strategy("u1", id, &["BTC-USDT"])),
-            (STRATEGY, "s1"),
-            400,
-            "bad_request",
-            &["strategy_id"],
-        )
-        .await;
+        update
+            .refused(deposit(id, "5"), BAD_REQUEST, &["portfolio_id"])
+            .await;
+        update
+            .refused(open(id, "u1"), BAD_REQUEST, &["portfolio_id"])
+            .await;
+        command(&env, "strategy.delete", (STRATEGY, "s1"))
+            .refused(json!({"strategy_id": id}), BAD_REQUEST, &["strategy_id"])
+            .await;
+        command(&env, "strategy.create", (STRATEGY, "s1"))
+            .refused(
+                strategy("u1", id, &["BTC-USDT"]),
+                BAD_REQUEST,
+                &["strategy_id"],
+            )
+            .await;
         // As a referenced id or an owner.
-        refused(
-            &env,
-            "portfolio.update",
-            bytes(&attach("p1", id)),
-            p1,
-            400,
-            "bad_request",
-            &["strategy_id"],
-        )
-        .await;
-        refused(
-            &env,
-            "portfolio.update",
-            bytes(&open("p2", id)),
-            (PORTFOLIO, "p2"),
-            400,
-            "bad_request",
-            &["user_id"],
-        )
-        .await;
-        refused(
-            &env,
-            "signal.execute",
-            bytes(&signal("p1", id, "buy", "0.01", "20000", None)),
-            p1,
-            400,
-            "bad_request",
-            &["strategy_id"],
-        )
-        .await;
-        refused(
-            &env,
-            "signal.execute",
-            bytes(&signal(id, "s1", "buy", "0.01", "20000", None)),
-            p1,
-            400,
-            "bad_request",
-            &["portfolio_id"],
-        )
-        .await;
+        update
+            .refused(attach("p1", id), BAD_REQUEST, &["strategy_id"])
+            .await;
+        command(&env, "portfolio.update", (PORTFOLIO, "p2"))
+            .refused(open("p2", id), BAD_REQUEST, &["user_id"])
+            .await;
+        let on_strategy = signal("p1", id, "buy", "0.01", "20000", None);
+        execute
+            .refused(on_strategy, BAD_REQUEST, &["strategy_id"])
+            .await;
+        let on_portfolio = signal(id, "s1", "buy", "0.01", "20000", None);
+        execute
+            .refused(on_portfolio, BAD_REQUEST, &["portfolio_id"])
+            .await;
         // And in a query.
-        let reply = env
-            .request("query.portfolio.performance", json!({"portfolio_id": id}))
-            .await;
-        check_error(reply, 400, "bad_request", &["portfolio_id"]);
-        let reply = env
-            .request("query.strategy.get", json!({"strategy_id": id}))
-            .await;
-        check_error(reply, 400, "bad_request", &["strategy_id"]);
-        let reply = env
-            .request("query.strategy.list", json!({"user_id": id}))
-            .await;
-        check_error(reply, 400, "bad_request", &["user_id"]);
+        for (query, field) in [
+            ("portfolio.performance", "portfolio_id"),
+            ("strategy.get", "strategy_id"),
+            ("strategy.list", "user_id"),
+        ] {
+            let reply = env
+                .request(&format!("query.{query}"), json!({ field: id }))
+                .await;
+            check_error(reply, BAD_REQUEST, &[field]);
+        }
     }
     // 64 characters is still an id.
     let ok = env
@@ -372,8 +272,9 @@ async fn bad_request_for_ids_that_could_address_other_subjects() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_request_for_symbols_decimals_and_times() {
     let env = setup().await;
-    let p1 = (PORTFOLIO, "p1");
-    let btc = (MARKET, "BTC-USDT");
+    let update = command(&env, "portfolio.update", (PORTFOLIO, "p1"));
+    let execute = command(&env, "signal.execute", (PORTFOLIO, "p1"));
+    let btc_price = command(&env, "market.price", (MARKET, "BTC-USDT"));
 
     // Invalid symbols, in a price and in a signal.
     for sym in [
@@ -386,39 +287,17 @@ async fn bad_request_for_symbols_decimals_and_times() {
         ">",
         "",
     ] {
-        refused(
-            &env,
-            "market.price",
-            bytes(&price(sym, "20000")),
-            btc,
-            400,
-            "bad_request",
-            &["symbol"],
-        )
-        .await;
-        refused(
-            &env,
-            "signal.execute",
-            bytes(&signal_on("p1", "s1", sym, "buy", "0.01", "20000")),
-            p1,
-            400,
-            "bad_request",
-            &["symbol"],
-        )
-        .await;
+        btc_price
+            .refused(price(sym, "20000"), BAD_REQUEST, &["symbol"])
+            .await;
+        let on_symbol = signal_on("p1", "s1", sym, "buy", "0.01", "20000");
+        execute.refused(on_symbol, BAD_REQUEST, &["symbol"]).await;
     }
     let mut bad_allowed = strategy("u1", "s9", &["BTC-USDT"]);
     bad_allowed["risk_profile"]["allowed_symbols"] = json!(["BTC-USDT", "eth.usdt"]);
-    refused(
-        &env,
-        "strategy.create",
-        bytes(&bad_allowed),
-        (STRATEGY, "s9"),
-        400,
-        "bad_request",
-        &["risk_profile.allowed_symbols"],
-    )
-    .await;
+    command(&env, "strategy.create", (STRATEGY, "s9"))
+        .refused(bad_allowed, BAD_REQUEST, &["risk_profile.allowed_symbols"])
+        .await;
 
     // Nine places, as a string, a number and in exponent notation.
     for amount in [
@@ -428,27 +307,17 @@ async fn bad_request_for_symbols_decimals_and_times() {
         json!(1e-9),
     ] {
         let body = json!({"portfolio_id": "p1", "op": "deposit", "amount": amount});
-        refused(
-            &env,
-            "portfolio.update",
-            bytes(&body),
-            p1,
-            400,
-            "bad_request",
-            &["amount", "8 decimal places"],
+        update
+            .refused(body, BAD_REQUEST, &["amount", "8 decimal places"])
+            .await;
+    }
+    btc_price
+        .refused(
+            price("BTC-USDT", "20000.000000001"),
+            BAD_REQUEST,
+            &["price", "8 decimal places"],
         )
         .await;
-    }
-    refused(
-        &env,
-        "market.price",
-        bytes(&price("BTC-USDT", "20000.000000001")),
-        btc,
-        400,
-        "bad_request",
-        &["price", "8 decimal places"],
-    )
-    .await;
     // Zero and negative amounts and prices.
     for amount in [
         json!("0"),
@@ -459,42 +328,17 @@ async fn bad_request_for_symbols_decimals_and_times() {
     ] {
         for op in ["deposit", "withdraw"] {
             let body = json!({"portfolio_id": "p1", "op": op, "amount": amount});
-            refused(
-                &env,
-                "portfolio.update",
-                bytes(&body),
-                p1,
-                400,
-                "bad_request",
-                &["amount", "> 0"],
-            )
-            .await;
+            update.refused(body, BAD_REQUEST, &["amount", "> 0"]).await;
         }
         let body = json!({"symbol": "BTC-USDT", "price": amount});
-        refused(
-            &env,
-            "market.price",
-            bytes(&body),
-            btc,
-            400,
-            "bad_request",
-            &["price", "> 0"],
-        )
-        .await;
+        btc_price
+            .refused(body, BAD_REQUEST, &["price", "> 0"])
+            .await;
     }
     // Not a decimal at all.
     for amount in [json!("abc"), json!(true), json!([1]), json!("1,5")] {
         let body = json!({"portfolio_id": "p1", "op": "deposit", "amount": amount});
-        refused(
-            &env,
-            "portfolio.update",
-            bytes(&body),
-            p1,
-            400,
-            "bad_request",
-            &["amount"],
-        )
-        .await;
+        update.refused(body, BAD_REQUEST, &["amount"]).await;
     }
 
     // `at`: not RFC 3339, far in the future, or before the aggregate's last event.
@@ -506,53 +350,19 @@ async fn bad_request_for_symbols_decimals_and_times() {
     ] {
         let mut body = deposit("p1", "5");
         body["at"] = at.into();
-        refused(
-            &env,
-            "portfolio.update",
-            bytes(&body),
-            p1,
-            400,
-            "bad_request",
-            &["at", "RFC 3339"],
-        )
-        .await;
+        update.refused(body, BAD_REQUEST, &["at", "RFC 3339"]).await;
     }
     let mut body = deposit("p1", "5");
     body["at"] = "2099-01-01T00:00:00Z".into();
-    refused(
-        &env,
-        "portfolio.update",
-        bytes(&body),
-        p1,
-        400,
-        "bad_request",
-        &["at", "future"],
-    )
-    .await;
+    update.refused(body, BAD_REQUEST, &["at", "future"]).await;
     let mut body = price("BTC-USDT", "20000");
     body["at"] = "2099-01-01T00:00:00Z".into();
-    refused(
-        &env,
-        "market.price",
-        bytes(&body),
-        btc,
-        400,
-        "bad_request",
-        &["at", "future"],
-    )
-    .await;
+    btc_price
+        .refused(body, BAD_REQUEST, &["at", "future"])
+        .await;
     let mut body = deposit("p1", "5");
     body["at"] = "2001-01-01T00:00:00Z".into();
-    refused(
-        &env,
-        "portfolio.update",
-        bytes(&body),
-        p1,
-        400,
-        "bad_request",
-        &["at", "before"],
-    )
-    .await;
+    update.refused(body, BAD_REQUEST, &["at", "before"]).await;
 
     // A valid deposit with 8 places in exponent notation is accepted, so the above were the
     // values, not the shape.
@@ -569,71 +379,37 @@ async fn bad_request_for_symbols_decimals_and_times() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn not_found_already_exists_and_conflict() {
     let env = setup().await;
-    let p1 = (PORTFOLIO, "p1");
+    let update = command(&env, "portfolio.update", (PORTFOLIO, "p1"));
 
     // not_found: commands on an unknown portfolio or strategy.
-    let ghost = (PORTFOLIO, "ghost");
-    refused(
-        &env,
-        "portfolio.update",
-        bytes(&deposit("ghost", "5")),
-        ghost,
-        404,
-        "not_found",
-        &["portfolio", "not found"],
-    )
-    .await;
-    refused(
-        &env,
-        "portfolio.update",
-        bytes(&close("ghost")),
-        ghost,
-        404,
-        "not_found",
-        &["not found"],
-    )
-    .await;
-    refused(
-        &env,
-        "signal.execute",
-        bytes(&signal("ghost", "s1", "buy", "0.01", "20000", None)),
-        ghost,
-        404,
-        "not_found",
-        &["not found"],
-    )
-    .await;
-    refused(
-        &env,
-        "portfolio.update",
-        bytes(&attach("p1", "nope")),
-        p1,
-        404,
-        "not_found",
-        &["strategy", "nope"],
-    )
-    .await;
-    let nope = (STRATEGY, "nope");
-    refused(
-        &env,
-        "strategy.update",
-        bytes(&json!({"strategy_id": "nope", "strategy_name": "x"})),
-        nope,
-        404,
-        "not_found",
-        &["nope"],
-    )
-    .await;
-    refused(
-        &env,
-        "strategy.delete",
-        bytes(&json!({"strategy_id": "nope"})),
-        nope,
-        404,
-        "not_found",
-        &["nope"],
-    )
-    .await;
+    let update_ghost = command(&env, "portfolio.update", (PORTFOLIO, "ghost"));
+    update_ghost
+        .refused(
+            deposit("ghost", "5"),
+            NOT_FOUND,
+            &["portfolio", "not found"],
+        )
+        .await;
+    update_ghost
+        .refused(close("ghost"), NOT_FOUND, &["not found"])
+        .await;
+    command(&env, "signal.execute", (PORTFOLIO, "ghost"))
+        .refused(
+            signal("ghost", "s1", "buy", "0.01", "20000", None),
+            NOT_FOUND,
+            &["not found"],
+        )
+        .await;
+    update
+        .refused(attach("p1", "nope"), NOT_FOUND, &["strategy", "nope"])
+        .await;
+    let rename = json!({"strategy_id": "nope", "strategy_name": "x"});
+    command(&env, "strategy.update", (STRATEGY, "nope"))
+        .refused(rename, NOT_FOUND, &["nope"])
+        .await;
+    command(&env, "strategy.delete", (STRATEGY, "nope"))
+        .refused(json!({"strategy_id": "nope"}), NOT_FOUND, &["nope"])
+        .await;
     assert_eq!(env.subject_count(PORTFOLIO, "ghost").await, 0);
     assert_eq!(env.subject_count(STRATEGY, "nope").await, 0);
 
@@ -642,68 +418,36 @@ async fn not_found_already_exists_and_conflict() {
     let mut q = json!({"portfolio_id": "ghost", "min_stream_seq": last, "timeout_ms": 10000});
     check_error(
         env.request("query.portfolio.performance", q.clone()).await,
-        404,
-        "not_found",
+        NOT_FOUND,
         &["ghost"],
     );
     q = json!({"strategy_id": "nope", "min_stream_seq": last, "timeout_ms": 10000});
     check_error(
         env.request("query.strategy.get", q).await,
-        404,
-        "not_found",
+        NOT_FOUND,
         &["nope"],
     );
 
     // already_exists: open twice, create an existing strategy id.
     let mut again = open("p1", "u2");
     again["name"] = "another".into();
-    refused(
-        &env,
-        "portfolio.update",
-        bytes(&again),
-        p1,
-        409,
-        "already_exists",
-        &["p1"],
-    )
-    .await;
-    refused(
-        &env,
-        "strategy.create",
-        bytes(&strategy("u2", "s1", &["ETH-USDT"])),
-        (STRATEGY, "s1"),
-        409,
-        "already_exists",
-        &["s1"],
-    )
-    .await;
+    update.refused(again, ALREADY_EXISTS, &["p1"]).await;
+    command(&env, "strategy.create", (STRATEGY, "s1"))
+        .refused(strategy("u2", "s1", &["ETH-USDT"]), ALREADY_EXISTS, &["s1"])
+        .await;
 
     // conflict: a stale expected_version (p1 is at version 3).
     for stale in [0, 1, 2, 4, 99] {
         let mut body = deposit("p1", "5");
         body["expected_version"] = stale.into();
-        refused(
-            &env,
-            "portfolio.update",
-            bytes(&body),
-            p1,
-            409,
-            "conflict",
-            &["expected_version", &stale.to_string()],
-        )
-        .await;
+        update
+            .refused(body, CONFLICT, &["expected_version", &stale.to_string()])
+            .await;
     }
     let mut body = json!({"strategy_id": "s1", "strategy_name": "renamed", "expected_version": 7});
-    refused(
-        &env,
-        "strategy.update",
-        bytes(&body),
-        (STRATEGY, "s1"),
-        409,
-        "conflict",
-        &["expected_version"],
-    )
-    .await;
+    command(&env, "strategy.update", (STRATEGY, "s1"))
+        .refused(&body, CONFLICT, &["expected_version"])
+        .await;
     body["expected_version"] = 1.into();
     let ok = env.cmd("strategy.update", body).await;
     assert_eq!(version(&ok), 2);
@@ -718,43 +462,27 @@ async fn not_found_already_exists_and_conflict() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn domain_refusals_are_422_and_store_nothing() {
     let env = setup().await;
-    let p1 = (PORTFOLIO, "p1");
+    let update = command(&env, "portfolio.update", (PORTFOLIO, "p1"));
+    let insufficient = refusal("insufficient_funds");
 
     // insufficient_funds: withdraw above cash (and an exact-cash withdrawal is fine).
-    let msg = refused(
-        &env,
-        "portfolio.update",
-        bytes(&withdraw("p1", "1000.00000001")),
-        p1,
-        422,
-        "insufficient_funds",
-        &["1000.00000001", "1000", "USDT"],
-    )
-    .await;
+    let msg = update
+        .refused(
+            withdraw("p1", "1000.00000001"),
+            insufficient,
+            &["1000.00000001", "1000", "USDT"],
+        )
+        .await;
     assert!(msg.contains("cash"), "{msg}");
     let w = env.cmd("portfolio.update", withdraw("p1", "400")).await;
-    refused(
-        &env,
-        "portfolio.update",
-        bytes(&withdraw("p1", "600.5")),
-        p1,
-        422,
-        "insufficient_funds",
-        &["600.5", "600"],
-    )
-    .await;
+    update
+        .refused(withdraw("p1", "600.5"), insufficient, &["600.5", "600"])
+        .await;
     let w2 = env.cmd("portfolio.update", withdraw("p1", "600")).await;
     assert_eq!(version(&w2), version(&w) + 1);
-    refused(
-        &env,
-        "portfolio.update",
-        bytes(&withdraw("p1", "0.00000001")),
-        p1,
-        422,
-        "insufficient_funds",
-        &["cash"],
-    )
-    .await;
+    update
+        .refused(withdraw("p1", "0.00000001"), insufficient, &["cash"])
+        .await;
     env.cmd("portfolio.update", deposit("p1", "30000")).await;
 
     // strategy_deleted: update of a deleted strategy, and attaching it.
@@ -762,37 +490,15 @@ async fn domain_refusals_are_422_and_store_nothing() {
         .await;
     env.cmd("strategy.delete", json!({"strategy_id": "s2"}))
         .await;
-    let s2 = (STRATEGY, "s2");
-    refused(
-        &env,
-        "strategy.update",
-        bytes(&json!({"strategy_id": "s2", "strategy_name": "back"})),
-        s2,
-        422,
-        "strategy_deleted",
-        &["s2", "deleted"],
-    )
-    .await;
-    refused(
-        &env,
-        "strategy.delete",
-        bytes(&json!({"strategy_id": "s2"})),
-        s2,
-        422,
-        "strategy_deleted",
-        &["s2"],
-    )
-    .await;
-    refused(
-        &env,
-        "portfolio.update",
-        bytes(&attach("p1", "s2")),
-        p1,
-        422,
-        "strategy_deleted",
-        &["s2"],
-    )
-    .await;
+    let deleted = refusal("strategy_deleted");
+    let rename = json!({"strategy_id": "s2", "strategy_name": "back"});
+    command(&env, "strategy.update", (STRATEGY, "s2"))
+        .refused(rename, deleted, &["s2", "deleted"])
+        .await;
+    command(&env, "strategy.delete", (STRATEGY, "s2"))
+        .refused(json!({"strategy_id": "s2"}), deleted, &["s2"])
+        .await;
+    update.refused(attach("p1", "s2"), deleted, &["s2"]).await;
 
     // position_not_flat: close with a position.
     let buy = env
@@ -802,16 +508,9 @@ async fn domain_refusals_are_422_and_store_nothing() {
         )
         .await;
     assert_eq!(buy["status"], "executed", "{buy}");
-    refused(
-        &env,
-        "portfolio.update",
-        bytes(&close("p1")),
-        p1,
-        422,
-        "position_not_flat",
-        &["BTC-USDT"],
-    )
-    .await;
+    update
+        .refused(close("p1"), refusal("position_not_flat"), &["BTC-USDT"])
+        .await;
     let sell = env
         .cmd(
             "signal.execute",
@@ -822,16 +521,9 @@ async fn domain_refusals_are_422_and_store_nothing() {
     // Refusals use the current state: the sell went through another worker, and its cash
     // (30000 - 10010 + 9990) can all be withdrawn here.
     assert_eq!(sell["trade"]["cash_after"], "29980", "{sell}");
-    refused(
-        &env,
-        "portfolio.update",
-        bytes(&withdraw("p1", "29980.00000001")),
-        p1,
-        422,
-        "insufficient_funds",
-        &["29980"],
-    )
-    .await;
+    update
+        .refused(withdraw("p1", "29980.00000001"), insufficient, &["29980"])
+        .await;
     let w = env.cmd("portfolio.update", withdraw("p1", "29980")).await;
     assert_eq!(version(&w), version(&sell) + 1);
 
@@ -845,16 +537,9 @@ async fn domain_refusals_are_422_and_store_nothing() {
         json!({"portfolio_id": "p1", "op": "rename", "name": "x"}),
         json!({"portfolio_id": "p1", "op": "detach_strategy", "strategy_id": "s1"}),
     ] {
-        refused(
-            &env,
-            "portfolio.update",
-            bytes(&body),
-            p1,
-            422,
-            "portfolio_closed",
-            &["p1", "closed"],
-        )
-        .await;
+        update
+            .refused(body, refusal("portfolio_closed"), &["p1", "closed"])
+            .await;
     }
     let perf = env.performance_at("p1", seq(&closed)).await;
     assert_eq!(perf["status"], "closed");
@@ -872,8 +557,7 @@ async fn query_errors_stale_and_timeout_bounds() {
     let started = std::time::Instant::now();
     let msg = check_error(
         env.request("query.portfolio.performance", q).await,
-        504,
-        "stale",
+        STALE,
         &[&far.to_string()],
     );
     assert!(
@@ -893,8 +577,7 @@ async fn query_errors_stale_and_timeout_bounds() {
     ] {
         check_error(
             env.request(&format!("query.{name}"), q).await,
-            504,
-            "stale",
+            STALE,
             &[&far.to_string()],
         );
     }
@@ -908,15 +591,13 @@ async fn query_errors_stale_and_timeout_bounds() {
         q["timeout_ms"] = 10_001.into();
         check_error(
             env.request(&format!("query.{name}"), q.clone()).await,
-            400,
-            "bad_request",
+            BAD_REQUEST,
             &["timeout_ms", "10000"],
         );
         q["timeout_ms"] = 0.into();
         check_error(
             env.request(&format!("query.{name}"), q.clone()).await,
-            400,
-            "bad_request",
+            BAD_REQUEST,
             &["timeout_ms"],
         );
         q["timeout_ms"] = 10_000.into();
@@ -929,35 +610,30 @@ async fn query_errors_stale_and_timeout_bounds() {
     let q = json!({"portfolio_id": "p1", "min_stream_seqq": 1});
     check_error(
         env.request("query.portfolio.performance", q).await,
-        400,
-        "bad_request",
+        BAD_REQUEST,
         &["min_stream_seqq"],
     );
     // (serde names the bad value, not the field, for a query's type errors)
     let q = json!({"portfolio_id": "p1", "timeout_ms": -1});
     check_error(
         env.request("query.portfolio.performance", q).await,
-        400,
-        "bad_request",
+        BAD_REQUEST,
         &["-1"],
     );
     check_error(
         env.request_raw("query.strategy.get", "{\"strategy_id\":")
             .await,
-        400,
-        "bad_request",
+        BAD_REQUEST,
         &[],
     );
     check_error(
         env.request_raw("query.strategy.get", "[]").await,
-        400,
-        "bad_request",
+        BAD_REQUEST,
         &[],
     );
     check_error(
         env.request("query.strategy.list", json!({})).await,
-        400,
-        "bad_request",
+        BAD_REQUEST,
         &["user_id"],
     );
 }
@@ -972,7 +648,7 @@ async fn oversized_payload_never_reaches_a_worker() {
 
     let body = json!({"portfolio_id": "p1", "op": "rename", "name": "n".repeat(1024 * 1024 + 16)});
     let subject = format!("{}.cmd.portfolio.update", env.subjects.prefix());
-    let r = env.client.request(subject, bytes(&body).into()).await;
+    let r = env.client.request(subject, body.into_bytes().into()).await;
     let e = r.expect_err("a request above max payload fails at the client");
     assert_eq!(
         e.kind(),
@@ -996,7 +672,6 @@ async fn oversized_payload_never_reaches_a_worker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_signals_are_bad_request_invalid_quantities_are_stored_rejections() {
     let env = setup().await;
-    let p1 = (PORTFOLIO, "p1");
 
     // Malformed: bad_request, nothing stored.
     let bad = [
@@ -1033,17 +708,9 @@ async fn malformed_signals_are_bad_request_invalid_quantities_are_stored_rejecti
             vec!["quantity"],
         ),
     ];
+    let execute = command(&env, "signal.execute", (PORTFOLIO, "p1"));
     for (body, needles) in bad {
-        refused(
-            &env,
-            "signal.execute",
-            bytes(&body),
-            p1,
-            400,
-            "bad_request",
-            &needles,
-        )
-        .await;
+        execute.refused(body, BAD_REQUEST, &needles).await;
     }
 
     // A quantity of 0, negative, or with 9 places is the strategy's fault: stored as rejected.
