@@ -264,10 +264,13 @@ async fn deposits_across_a_crash_of_the_stream_leader_are_stored_exactly_once() 
 #[tokio::test]
 async fn a_worker_starts_on_a_server_list_with_a_node_down() {
     let mut env = TestEnv::on_own_cluster().await;
-    env.cluster().kill_node(2);
+    // The node down leads the stream: the worker also starts while the other two elect a
+    // new leader (5-10 s, in which the stream answers no request).
+    let down = env.stream_leader_node().await;
+    env.cluster().kill_node(down);
     let mut cfg = env.app_config();
     let urls = env.cluster_urls();
-    cfg.nats_url = format!("{}, {}", urls[2], urls[1]);
+    cfg.nats_url = format!("{}, {}", urls[down], urls[(down + 1) % urls.len()]);
     env.start_with(Worker::CmdPortfolio, cfg).await;
     let opened = env.cmd("portfolio.update", open("p1", "u1")).await;
     assert_eq!(opened["version"], 1, "{opened}");

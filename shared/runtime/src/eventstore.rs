@@ -19,7 +19,7 @@ use async_nats::header::{self, HeaderMap};
 use async_nats::jetstream::{self, consumer::pull, stream};
 use ch_domain::{event::SCHEMA_VERSION, AggregateType, Event};
 use serde_json::json;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::envelope::{self, Meta, StoredEvent};
 use crate::error::StoreError;
@@ -231,29 +231,26 @@ type Read = (u64, bytes::Bytes);
 
 impl EventStore {
     /// Opens the store; the stream must exist (`chctl setup` creates it). A stream that does
-    /// not answer yet (a replicated one electing its leader) is asked again for a few seconds.
+    /// not answer yet (a replicated one electing its leader, which takes nats-server 5-10 s
+    /// after a leader's crash) is asked again for up to [`OPEN_PATIENCE`].
     ///
     /// # Errors
-    /// [`StoreError::Unavailable`] when the stream cannot be found.
+    /// [`StoreError::Unavailable`] when the stream cannot be found or does not answer.
     pub async fn open(client: async_nats::Client, subjects: Subjects) -> Result<Self, StoreError> {
         let js = jetstream::new(client.clone());
-        let mut backoff = Backoff::within(NO_RESPONDERS_PATIENCE);
-        let stream = loop {
-            match js.get_stream(subjects.stream_name()).await {
-                Ok(s) => break s,
-                // Unanswered: a replicated stream without a leader yet (just created, or
-                // electing one). A missing stream is an answer: fail at once.
-                Err(e)
-                    if e.kind() == jetstream::context::GetStreamErrorKind::Request
-                        && backoff.wait().await => {}
-                Err(e) => {
-                    return Err(StoreError::Unavailable(format!(
-                        "stream {}: {e}",
-                        subjects.stream_name()
-                    )))
+        let name = &subjects.stream_name();
+        let stream = patiently(&format!("stream {name}"), OPEN_PATIENCE, || async {
+            match js.get_stream(name).await {
+                Ok(s) => Answer::Yes(s),
+                // Unanswered: a replicated stream without a leader. A missing stream is an
+                // answer: fail at once.
+                Err(e) if e.kind() == jetstream::context::GetStreamErrorKind::Request => {
+                    Answer::NotYet(e.to_string())
                 }
+                Err(e) => Answer::No(StoreError::Unavailable(format!("stream {name}: {e}"))),
             }
-        };
+        })
+        .await?;
         let replicated = stream.cached_info().config.num_replicas > 1;
         let batch_get = supports_batch_get(&client.server_info().version);
         Ok(EventStore {
@@ -680,22 +677,56 @@ fn classify_publish_error(e: jetstream::context::PublishError) -> StoreError {
 /// # Errors
 /// [`StoreError::Unavailable`] when it does not answer within `timeout`.
 pub async fn wait_ready(js: &jetstream::Context, timeout: Duration) -> Result<(), StoreError> {
-    let mut backoff = Backoff::within(timeout);
-    // A cluster node without a JetStream leader yet leaves the request unanswered until the
-    // client's timeout (5 s): ask with a short one first, longer ones for a slow server.
-    let mut patience = Duration::from_millis(250);
+    patiently("JetStream not ready", timeout, || async {
+        match js.query_account().await {
+            Ok(_) => Answer::Yes(()),
+            Err(e) => Answer::NotYet(e.to_string()),
+        }
+    })
+    .await
+}
+
+/// How long a worker's start waits for the stream to answer (see [`EventStore::open`]).
+const OPEN_PATIENCE: Duration = Duration::from_secs(30);
+
+/// What one try of [`patiently`] came to.
+enum Answer<T> {
+    Yes(T),
+    /// No answer that settles it (unanswered, no responders): ask again.
+    NotYet(String),
+    /// An answer that ends the tries.
+    No(StoreError),
+}
+
+/// Asks until answered, for up to `patience`. A cluster node without a leader for the
+/// request leaves it unanswered until the client's timeout (5 s): each try waits 250 ms for
+/// its answer at first, twice as long on each next one (up to 5 s, for a slow server). Says
+/// once in the log when a second has passed without an answer; on giving up, the error is
+/// `what` with the last try's reason.
+async fn patiently<T, F, Fut>(what: &str, patience: Duration, mut ask: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Answer<T>>,
+{
+    let started = Instant::now();
+    let mut backoff = Backoff::within(patience);
+    let mut per_try = Duration::from_millis(250);
+    let mut told = false;
     loop {
-        let error = match tokio::time::timeout(patience, js.query_account()).await {
-            Ok(Ok(_)) => return Ok(()),
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("no answer within {patience:?}"),
+        let why = match tokio::time::timeout(per_try, ask()).await {
+            Ok(Answer::Yes(t)) => return Ok(t),
+            Ok(Answer::No(e)) => return Err(e),
+            Ok(Answer::NotYet(why)) => why,
+            Err(_) => format!("no answer within {per_try:?}"),
         };
         if !backoff.wait().await {
-            return Err(StoreError::Unavailable(format!(
-                "JetStream not ready: {error}"
-            )));
+            return Err(StoreError::Unavailable(format!("{what}: {why}")));
         }
-        patience = (patience * 2).min(Duration::from_secs(5));
+        if !told && started.elapsed() >= Duration::from_secs(1) {
+            warn!(what, why, "no answer yet; asking again");
+            told = true;
+        }
+        per_try = (per_try * 2).min(Duration::from_secs(5));
     }
 }
 
