@@ -111,10 +111,10 @@ pub async fn ensure_stream(
             Ok(s)
         }
         Err(_) => {
-            let mut s = js.create_stream(cfg.clone()).await.map_err(unavailable)?;
+            let s = js.create_stream(cfg.clone()).await.map_err(unavailable)?;
             info!(stream = %cfg.name, replicas, "created stream");
             if replicas > 1 {
-                wait_for_leader(&mut s).await?;
+                wait_for_leader(&s).await?;
             }
             Ok(s)
         }
@@ -123,23 +123,22 @@ pub async fn ensure_stream(
 
 /// Waits until a replicated stream just created has elected its leader: until then it takes
 /// no appends and answers no reads, so `chctl setup` returns with a stream the workers can use.
-async fn wait_for_leader(s: &mut stream::Stream) -> Result<(), StoreError> {
-    let mut backoff = Backoff::within(NO_RESPONDERS_PATIENCE);
-    loop {
-        let leader = match s.info().await {
-            Ok(info) => info.cluster.as_ref().and_then(|c| c.leader.clone()),
-            Err(_) => None,
-        };
-        if leader.is_some_and(|l| !l.is_empty()) {
-            return Ok(());
-        }
-        if !backoff.wait().await {
-            return Err(StoreError::Unavailable(format!(
-                "stream {} elected no leader",
-                s.cached_info().config.name
-            )));
-        }
-    }
+async fn wait_for_leader(s: &stream::Stream) -> Result<(), StoreError> {
+    let name = &s.cached_info().config.name;
+    patiently(
+        &format!("stream {name} elected no leader"),
+        NO_RESPONDERS_PATIENCE,
+        || async {
+            match s.get_info().await {
+                Ok(info) => match info.cluster.and_then(|c| c.leader) {
+                    Some(leader) if !leader.is_empty() => Answer::Yes(()),
+                    _ => Answer::NotYet("no leader yet".into()),
+                },
+                Err(e) => Answer::NotYet(e.to_string()),
+            }
+        },
+    )
+    .await
 }
 
 /// Result of an append.
