@@ -26,10 +26,27 @@ pub enum StartError {
         url: String,
         error: async_nats::ConnectError,
     },
+    /// The client never got a connection while JetStream was awaited.
+    #[error("cannot reach NATS at {url} (tried for {waited:?}; is a nats-server running there?)")]
+    NatsUnreachable { url: String, waited: Duration },
     #[error("{0} (has `chctl setup` run for this prefix?)")]
     Store(StoreError),
     #[error(transparent)]
     Db(#[from] DbError),
+}
+
+impl StartError {
+    /// JetStream did not answer within [`JETSTREAM_PATIENCE`]: NATS is unreachable if the
+    /// client never got a connection, else the store is not ready.
+    fn not_ready(e: StoreError, state: &async_nats::connection::State, url: &str) -> Self {
+        match state {
+            async_nats::connection::State::Connected => StartError::Store(e),
+            _ => StartError::NatsUnreachable {
+                url: url.to_owned(),
+                waited: JETSTREAM_PATIENCE,
+            },
+        }
+    }
 }
 
 impl From<StoreError> for StartError {
@@ -37,6 +54,10 @@ impl From<StoreError> for StartError {
         StartError::Store(e)
     }
 }
+
+/// How long a worker's start waits for JetStream to answer (a server just started, or a
+/// cluster electing its leader); a worker that cannot start exits, to be started again.
+const JETSTREAM_PATIENCE: Duration = Duration::from_secs(10);
 
 /// A worker's connections, shared by its tasks.
 #[derive(Clone)]
@@ -66,7 +87,9 @@ impl App {
                 url: cfg.nats_url.clone(),
                 error,
             })?;
-        wait_ready(&jetstream::new(client.clone()), Duration::from_secs(10)).await?;
+        wait_ready(&jetstream::new(client.clone()), JETSTREAM_PATIENCE)
+            .await
+            .map_err(|e| StartError::not_ready(e, &client.connection_state(), &cfg.nats_url))?;
         let store = EventStore::open(client.clone(), subjects.clone()).await?;
         Ok(App {
             cfg,
@@ -210,5 +233,27 @@ mod tests {
             "{text}"
         );
         assert_eq!(text.matches("refused").count(), 1, "{text}");
+    }
+
+    /// A worker whose JetStream wait ran out without a connection says NATS is unreachable,
+    /// not that the stream may be missing; with a connection, it points at `chctl setup`.
+    #[test]
+    fn a_start_without_a_connection_says_nats_is_unreachable() {
+        use async_nats::connection::State;
+        let url = "nats://127.0.0.1:1";
+        let unready = || StoreError::Unavailable("JetStream not ready: no answer".into());
+        for state in [State::Pending, State::Disconnected] {
+            let text = chain(&StartError::not_ready(unready(), &state, url));
+            assert_eq!(
+                text,
+                "cannot reach NATS at nats://127.0.0.1:1 (tried for 10s; is a nats-server \
+                 running there?)"
+            );
+        }
+        let text = chain(&StartError::not_ready(unready(), &State::Connected, url));
+        assert!(
+            text.ends_with("(has `chctl setup` run for this prefix?)"),
+            "{text}"
+        );
     }
 }
