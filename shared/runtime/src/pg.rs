@@ -161,6 +161,28 @@ pub async fn connect(
     Ok(client)
 }
 
+/// A failed connection's error with where it went (no password): "error connecting to
+/// server: Connection refused" alone does not say which server.
+fn unreachable(cfg: &tokio_postgres::Config, e: &tokio_postgres::Error) -> String {
+    use tokio_postgres::config::Host;
+    let hosts: Vec<String> = cfg
+        .get_hosts()
+        .iter()
+        .zip(cfg.get_ports().iter().chain(std::iter::repeat(&5432)))
+        .map(|(h, port)| match h {
+            Host::Tcp(h) => format!("{h}:{port}"),
+            Host::Unix(dir) => format!("{}/.s.PGSQL.{port}", dir.display()),
+        })
+        .collect();
+    format!(
+        "{} (database {} as {} at {})",
+        pg_text(e),
+        cfg.get_dbname().unwrap_or("(default)"),
+        cfg.get_user().unwrap_or("(default)"),
+        hosts.join(", ")
+    )
+}
+
 /// Creates the database named in `database_url` if it does not exist. It connects to that
 /// database first, and only when the server says there is no such database to the `postgres`
 /// database to create it: a role that may not connect there (or a pooler that only serves the
@@ -180,14 +202,14 @@ pub async fn ensure_database(database_url: &str) -> Result<(), DbError> {
             return Ok(());
         }
         Err(e) if e.code() == Some(&SqlState::INVALID_CATALOG_NAME) => {}
-        Err(e) => return Err(DbError::Unavailable(pg_text(&e))),
+        Err(e) => return Err(DbError::Unavailable(unreachable(&cfg, &e))),
     }
     let mut admin = cfg.clone();
     admin.dbname("postgres");
     let (client, conn) = admin
         .connect(NoTls)
         .await
-        .map_err(|e| DbError::Unavailable(pg_text(&e)))?;
+        .map_err(|e| DbError::Unavailable(unreachable(&admin, &e)))?;
     tokio::spawn(conn);
     let exists = client
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&db])
@@ -369,5 +391,18 @@ mod tests {
             bad.starts_with("CH_DATABASE_URL: invalid connection string: "),
             "{bad}"
         );
+    }
+
+    /// A worker's start that cannot reach Postgres says where it tried, without the password.
+    #[tokio::test]
+    async fn an_unreachable_database_is_named() {
+        let Err(DbError::Unavailable(m)) =
+            ensure_database("postgres://ch:secret@127.0.0.1:1/orders").await
+        else {
+            panic!("connected to port 1");
+        };
+        assert!(m.starts_with("error connecting to server: "), "{m}");
+        assert!(m.ends_with("(database orders as ch at 127.0.0.1:1)"), "{m}");
+        assert!(!m.contains("secret"), "{m}");
     }
 }
