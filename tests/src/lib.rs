@@ -662,9 +662,12 @@ impl TestEnv {
     /// Sends a raw request body to `<prefix>.<suffix>`.
     pub async fn request_raw(&self, suffix: &str, body: impl Into<bytes::Bytes>) -> Reply {
         let subject = format!("{}.{suffix}", self.subjects.prefix());
+        // One bound, this one: the client's own request timeout (10 s) would end a query
+        // that waits its `timeout_ms` of up to 10 s for its projection before it answers.
+        let request = async_nats::Request::new().payload(body.into()).timeout(None);
         let msg = tokio::time::timeout(
             Duration::from_secs(30),
-            self.client.request(subject.clone(), body.into()),
+            self.client.send_request(subject.clone(), request),
         )
         .await
         .unwrap_or_else(|_| panic!("no reply on {subject} within 30 s"))

@@ -298,6 +298,31 @@ impl EventStore {
         &self.stream
     }
 
+    /// The durable pull consumer `name`, created with `cfg` if it does not exist. Asked as
+    /// [`EventStore::open`] asks for the stream, for up to [`OPEN_PATIENCE`]: on a cluster a
+    /// consumer just created (or whose leader crashed) answers nothing until its replicas
+    /// elect a leader, and a lookup or creation can go unanswered until the client's timeout.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the server refuses or does not answer.
+    pub async fn durable_consumer(
+        &self,
+        name: &str,
+        cfg: &pull::Config,
+    ) -> Result<jetstream::consumer::Consumer<pull::Config>, StoreError> {
+        use jetstream::stream::ConsumerErrorKind as K;
+        patiently(&format!("consumer {name}"), OPEN_PATIENCE, || async {
+            match self.stream.get_or_create_consumer(name, cfg.clone()).await {
+                Ok(c) => Answer::Yes(c),
+                Err(e) if matches!(e.kind(), K::TimedOut | K::Request) => {
+                    Answer::NotYet(e.to_string())
+                }
+                Err(e) => Answer::No(StoreError::Unavailable(format!("consumer {name}: {e}"))),
+            }
+        })
+        .await
+    }
+
     /// How many times the store's NATS connection has been established: it moves on every
     /// reconnect, after which core-NATS notices sent while disconnected are lost.
     pub fn connects(&self) -> u64 {

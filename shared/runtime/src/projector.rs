@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::consumer::{self, pull, DeliverPolicy};
+use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use deadpool_postgres::Pool;
@@ -1036,10 +1036,7 @@ impl<P: Projection> Projector<P> {
         };
         let durable = cfg.durable_name.clone().unwrap_or_default();
         let stream = self.store.stream();
-        let mut consumer: consumer::Consumer<pull::Config> = stream
-            .get_or_create_consumer(&durable, cfg.clone())
-            .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let mut consumer = self.store.durable_consumer(&durable, &cfg).await?;
         let current = &consumer.cached_info().config;
         if current.ack_policy != cfg.ack_policy || current.filter_subject != cfg.filter_subject {
             // Made by an older definition; a durable is only a cursor (the checkpoint is the
