@@ -163,7 +163,7 @@ pub async fn connect(
 
 /// A failed connection's error with where it went (no password): "error connecting to
 /// server: Connection refused" alone does not say which server.
-fn unreachable(cfg: &tokio_postgres::Config, e: &tokio_postgres::Error) -> String {
+fn connect_error(cfg: &tokio_postgres::Config, e: &tokio_postgres::Error) -> String {
     use tokio_postgres::config::Host;
     let hosts: Vec<String> = cfg
         .get_hosts()
@@ -202,14 +202,14 @@ pub async fn ensure_database(database_url: &str) -> Result<(), DbError> {
             return Ok(());
         }
         Err(e) if e.code() == Some(&SqlState::INVALID_CATALOG_NAME) => {}
-        Err(e) => return Err(DbError::Unavailable(unreachable(&cfg, &e))),
+        Err(e) => return Err(DbError::Unavailable(connect_error(&cfg, &e))),
     }
     let mut admin = cfg.clone();
     admin.dbname("postgres");
     let (client, conn) = admin
         .connect(NoTls)
         .await
-        .map_err(|e| DbError::Unavailable(unreachable(&admin, &e)))?;
+        .map_err(|e| DbError::Unavailable(connect_error(&admin, &e)))?;
     tokio::spawn(conn);
     let exists = client
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&db])
