@@ -664,7 +664,9 @@ impl TestEnv {
         let subject = format!("{}.{suffix}", self.subjects.prefix());
         // One bound, this one: the client's own request timeout (10 s) would end a query
         // that waits its `timeout_ms` of up to 10 s for its projection before it answers.
-        let request = async_nats::Request::new().payload(body.into()).timeout(None);
+        let request = async_nats::Request::new()
+            .payload(body.into())
+            .timeout(None);
         let msg = tokio::time::timeout(
             Duration::from_secs(30),
             self.client.send_request(subject.clone(), request),

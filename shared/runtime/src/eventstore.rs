@@ -323,6 +323,36 @@ impl EventStore {
         .await
     }
 
+    /// An ordered consumer of `filter` from stream sequence `from` (a replay), asked for as
+    /// [`EventStore::durable_consumer`] is.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the server refuses or does not answer.
+    pub async fn ordered_consumer(
+        &self,
+        filter: &str,
+        from: u64,
+    ) -> Result<jetstream::consumer::Consumer<pull::OrderedConfig>, StoreError> {
+        use jetstream::stream::ConsumerErrorKind as K;
+        let cfg = pull::OrderedConfig {
+            filter_subject: filter.to_owned(),
+            deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: from,
+            },
+            ..Default::default()
+        };
+        patiently("an ordered consumer", OPEN_PATIENCE, || async {
+            match self.stream.create_consumer(cfg.clone()).await {
+                Ok(c) => Answer::Yes(c),
+                Err(e) if matches!(e.kind(), K::TimedOut | K::Request) => {
+                    Answer::NotYet(e.to_string())
+                }
+                Err(e) => Answer::No(StoreError::Unavailable(format!("ordered consumer: {e}"))),
+            }
+        })
+        .await
+    }
+
     /// How many times the store's NATS connection has been established: it moves on every
     /// reconnect, after which core-NATS notices sent while disconnected are lost.
     pub fn connects(&self) -> u64 {
@@ -596,12 +626,26 @@ impl EventStore {
         }
     }
 
-    /// The stream's last sequence (0 when empty).
+    /// The stream's last sequence (0 when empty). Asked for up to [`INFO_PATIENCE`] with short
+    /// per-try timeouts: while a replicated stream elects a new leader, the request goes
+    /// unanswered, and a projector's idle check waiting the client's 10 s for it would notice
+    /// the new leader seconds late.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] on NATS trouble.
     pub async fn last_seq(&self) -> Result<u64, StoreError> {
-        let info = self.stream.get_info().await.map_err(unavailable)?;
+        use jetstream::context::RequestErrorKind as K;
+        let name = self.stream.cached_info().config.name.as_str();
+        let info = patiently(&format!("stream {name}"), INFO_PATIENCE, || async {
+            match self.stream.get_info().await {
+                Ok(info) => Answer::Yes(info),
+                Err(e) if matches!(e.kind(), K::TimedOut | K::NoResponders) => {
+                    Answer::NotYet(e.to_string())
+                }
+                Err(e) => Answer::No(unavailable(e)),
+            }
+        })
+        .await?;
         self.replication.note(info.config.num_replicas);
         Ok(info.state.last_sequence)
     }
@@ -713,6 +757,10 @@ pub async fn wait_ready(js: &jetstream::Context, timeout: Duration) -> Result<()
 /// How long a worker's start waits for the stream to answer (see [`EventStore::open`]).
 const OPEN_PATIENCE: Duration = Duration::from_secs(30);
 
+/// How long [`EventStore::last_seq`] asks: about the client's own request timeout, in shorter
+/// tries.
+const INFO_PATIENCE: Duration = Duration::from_secs(5);
+
 /// What one try of [`patiently`] came to.
 enum Answer<T> {
     Yes(T),
@@ -723,10 +771,11 @@ enum Answer<T> {
 }
 
 /// Asks until answered, for up to `patience`. A cluster node without a leader for the
-/// request leaves it unanswered until the client's timeout (5 s): each try waits 250 ms for
-/// its answer at first, twice as long on each next one (up to 5 s, for a slow server). Says
-/// once in the log when a second has passed without an answer; on giving up, the error is
-/// `what` with the last try's reason.
+/// request leaves it unanswered until the client's timeout: each try waits 250 ms for its
+/// answer at first, twice as long on each next one (for a slow server), up to a quarter of
+/// `patience` and at most 5 s, so that an answer that becomes possible (a leader elected) is
+/// had soon after. Says once in the log when a second has passed without an answer; on giving
+/// up, the error is `what` with the last try's reason.
 async fn patiently<T, F, Fut>(what: &str, patience: Duration, mut ask: F) -> Result<T, StoreError>
 where
     F: FnMut() -> Fut,
@@ -734,6 +783,7 @@ where
 {
     let started = Instant::now();
     let mut backoff = Backoff::within(patience);
+    let longest = (patience / 4).clamp(Duration::from_millis(250), Duration::from_secs(5));
     let mut per_try = Duration::from_millis(250);
     let mut told = false;
     loop {
@@ -750,7 +800,7 @@ where
             warn!(what, why, "no answer yet; asking again");
             told = true;
         }
-        per_try = (per_try * 2).min(Duration::from_secs(5));
+        per_try = (per_try * 2).min(longest);
     }
 }
 

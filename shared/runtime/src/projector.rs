@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use deadpool_postgres::Pool;
@@ -703,18 +703,7 @@ impl<P: Projection> Projector<P> {
             to,
             "catching up from the stream"
         );
-        let consumer = self
-            .store
-            .stream()
-            .create_consumer(pull::OrderedConfig {
-                filter_subject: self.filter.clone(),
-                deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: from + 1,
-                },
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let consumer = self.store.ordered_consumer(&self.filter, from + 1).await?;
         let mut messages = consumer
             .messages()
             .await
