@@ -184,8 +184,9 @@ fn supports_batch_get(version: &str) -> bool {
     (major, minor) >= (2, 11)
 }
 
-/// How long a read waits in all for a replica to answer direct gets: none does for a moment
-/// after the stream is created on a cluster, or while its leader changes ("no responders").
+/// How long a read waits in all for an answer: on a cluster none comes for a moment after the
+/// stream is created ("no responders"), or while its leader changes (unanswered until the
+/// client's timeout, so each try waits at most a quarter of this).
 const NO_RESPONDERS_PATIENCE: Duration = Duration::from_secs(3);
 
 /// How often the store reads the stream's replica count again: a stream scaled from one
@@ -310,15 +311,12 @@ impl EventStore {
         name: &str,
         cfg: &pull::Config,
     ) -> Result<jetstream::consumer::Consumer<pull::Config>, StoreError> {
-        use jetstream::stream::ConsumerErrorKind as K;
-        patiently(&format!("consumer {name}"), OPEN_PATIENCE, || async {
-            match self.stream.get_or_create_consumer(name, cfg.clone()).await {
-                Ok(c) => Answer::Yes(c),
-                Err(e) if matches!(e.kind(), K::TimedOut | K::Request) => {
-                    Answer::NotYet(e.to_string())
-                }
-                Err(e) => Answer::No(StoreError::Unavailable(format!("consumer {name}: {e}"))),
-            }
+        let what = format!("consumer {name}");
+        patiently(&what, OPEN_PATIENCE, || async {
+            consumer_answer(
+                &what,
+                self.stream.get_or_create_consumer(name, cfg.clone()).await,
+            )
         })
         .await
     }
@@ -333,7 +331,6 @@ impl EventStore {
         filter: &str,
         from: u64,
     ) -> Result<jetstream::consumer::Consumer<pull::OrderedConfig>, StoreError> {
-        use jetstream::stream::ConsumerErrorKind as K;
         let cfg = pull::OrderedConfig {
             filter_subject: filter.to_owned(),
             deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
@@ -341,14 +338,9 @@ impl EventStore {
             },
             ..Default::default()
         };
-        patiently("an ordered consumer", OPEN_PATIENCE, || async {
-            match self.stream.create_consumer(cfg.clone()).await {
-                Ok(c) => Answer::Yes(c),
-                Err(e) if matches!(e.kind(), K::TimedOut | K::Request) => {
-                    Answer::NotYet(e.to_string())
-                }
-                Err(e) => Answer::No(StoreError::Unavailable(format!("ordered consumer: {e}"))),
-            }
+        let what = "an ordered consumer";
+        patiently(what, OPEN_PATIENCE, || async {
+            consumer_answer(what, self.stream.create_consumer(cfg.clone()).await)
         })
         .await
     }
@@ -510,24 +502,25 @@ impl EventStore {
         }
     }
 
-    /// A request to JetStream's API, asked again while no server answers its subject (for
-    /// up to [`NO_RESPONDERS_PATIENCE`]).
+    /// A request to JetStream's API, asked [`patiently`] for up to [`NO_RESPONDERS_PATIENCE`]
+    /// while no server answers its subject or the answer does not come (a leader election).
     async fn api_request(
         &self,
         subject: &str,
         body: &serde_json::Value,
     ) -> Result<async_nats::Message, StoreError> {
+        use async_nats::RequestErrorKind as K;
         let body = bytes::Bytes::from(body.to_string());
-        let mut no_responders = Backoff::within(NO_RESPONDERS_PATIENCE);
-        loop {
+        patiently(subject, NO_RESPONDERS_PATIENCE, || async {
             match self.client.request(subject.to_owned(), body.clone()).await {
-                Ok(m) => return Ok(m),
-                Err(e)
-                    if e.kind() == async_nats::RequestErrorKind::NoResponders
-                        && no_responders.wait().await => {}
-                Err(e) => return Err(StoreError::Unavailable(format!("{subject}: {e}"))),
+                Ok(m) => Answer::Yes(m),
+                Err(e) if matches!(e.kind(), K::NoResponders | K::TimedOut) => {
+                    Answer::NotYet(e.to_string())
+                }
+                Err(e) => Answer::No(StoreError::Unavailable(format!("{subject}: {e}"))),
             }
-        }
+        })
+        .await
     }
 
     /// One message (`request` as the message get APIs take it: `seq`, `next_by_subj`,
@@ -760,6 +753,17 @@ const OPEN_PATIENCE: Duration = Duration::from_secs(30);
 /// How long [`EventStore::last_seq`] asks: about the client's own request timeout, in shorter
 /// tries.
 const INFO_PATIENCE: Duration = Duration::from_secs(5);
+
+/// A consumer lookup or creation as a try of [`patiently`]: unanswered (the consumer's or the
+/// stream's replicas electing a leader) is asked again.
+fn consumer_answer<C>(what: &str, r: Result<C, jetstream::stream::ConsumerError>) -> Answer<C> {
+    use jetstream::stream::ConsumerErrorKind as K;
+    match r {
+        Ok(c) => Answer::Yes(c),
+        Err(e) if matches!(e.kind(), K::TimedOut | K::Request) => Answer::NotYet(e.to_string()),
+        Err(e) => Answer::No(StoreError::Unavailable(format!("{what}: {e}"))),
+    }
+}
 
 /// What one try of [`patiently`] came to.
 enum Answer<T> {
