@@ -31,7 +31,11 @@ pub async fn fold(
         .await
         .with_context(|| format!("opening stream {}", subjects.stream_name()))?;
     let head = stream.info().await?.state.last_sequence;
-    let filter = format!("{}.events.portfolio.>", subjects.prefix());
+    // The whole stream, the other aggregates' events skipped here: for a filter that matches
+    // most of a stream's subjects but not all (`<prefix>.events.portfolio.>`), nats-server
+    // walks the message block's subject tree for every message it delivers (two thirds of its
+    // CPU in such a fold), while the stream's own subject is delivered message by message.
+    let filter = subjects.events_filter();
     let consumer = stream
         .create_consumer(pull::OrderedConfig {
             filter_subject: filter.clone(),
