@@ -14,7 +14,7 @@ help:
 	@echo "make down       stop what 'make up' started"
 	@echo "make test       unit and end-to-end tests against a nats-server of their own"
 	@echo "make bench      the trade-flow benchmark on a stack of its own (BENCH_ARGS=--quick for a smoke run)"
-	@echo "make bench-modes  CH_SYNC eventual, batch and adaptive side by side at three loads (about 8 min)"
+	@echo "make bench-modes  CH_SYNC eventual, batch and adaptive side by side at three loads (about 8 min after the release build)"
 	@echo "make lint       rustfmt check and clippy (warnings are errors)"
 	@echo "make clean-run  remove .run (logs, pid files, the dev server's store)"
 

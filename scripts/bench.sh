@@ -144,7 +144,7 @@ for fsync in $fsyncs; do
 done
 cleanup
 echo
-echo "make bench: $(( $(date +%s) - started )) s after the build; results:"
+echo "bench.sh: $(( $(date +%s) - started )) s after the build; results:"
 printf '  %s\n' "${written[@]}"
 # Side by side when a setting ran more than once (several modes, rates or repetitions).
 read -r -a fsync_list <<<"$fsyncs"
