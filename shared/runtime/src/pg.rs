@@ -165,10 +165,17 @@ pub async fn connect(
 /// server: Connection refused" alone does not say which server.
 fn connect_error(cfg: &tokio_postgres::Config, e: &tokio_postgres::Error) -> String {
     use tokio_postgres::config::Host;
+    // As the connection uses them: no port is 5432, a single one is every host's.
+    let port = |i: usize| match cfg.get_ports() {
+        [] => 5432,
+        [one] => *one,
+        ports => ports.get(i).copied().unwrap_or(5432),
+    };
     let hosts: Vec<String> = cfg
         .get_hosts()
         .iter()
-        .zip(cfg.get_ports().iter().chain(std::iter::repeat(&5432)))
+        .enumerate()
+        .map(|(i, h)| (h, port(i)))
         .map(|(h, port)| match h {
             Host::Tcp(h) => format!("{h}:{port}"),
             Host::Unix(dir) => format!("{}/.s.PGSQL.{port}", dir.display()),
@@ -404,5 +411,18 @@ mod tests {
         assert!(m.starts_with("error connecting to server: "), "{m}");
         assert!(m.ends_with("(database orders as ch at 127.0.0.1:1)"), "{m}");
         assert!(!m.contains("secret"), "{m}");
+    }
+
+    /// One port given for several hosts is every host's port, as the connection uses it.
+    #[tokio::test]
+    async fn a_single_port_applies_to_every_host() {
+        let cfg: tokio_postgres::Config = "host=127.0.0.1,127.0.0.2 port=1 user=ch dbname=orders"
+            .parse()
+            .expect("config");
+        let Err(e) = cfg.connect(NoTls).await else {
+            panic!("connected to port 1");
+        };
+        let m = connect_error(&cfg, &e);
+        assert!(m.ends_with("at 127.0.0.1:1, 127.0.0.2:1)"), "{m}");
     }
 }
