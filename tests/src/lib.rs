@@ -111,7 +111,7 @@ impl NatsServer {
             dir,
             url: format!("nats://127.0.0.1:{port}"),
         };
-        server.wait_accepting().await;
+        accepting(&server.url).await;
         server
     }
 
@@ -125,11 +125,6 @@ impl NatsServer {
             .expect("nats-server starts")
     }
 
-    /// Ready when it accepts a client.
-    async fn wait_accepting(&self) {
-        accepting(&self.url).await;
-    }
-
     /// Stops the server as an operator would (SIGTERM: it closes its clients' connections and
     /// its store) and starts it again on the same port and store, as in a rolling upgrade.
     pub async fn restart(&mut self) {
@@ -139,7 +134,7 @@ impl NatsServer {
         self.child.wait().expect("nats-server exits");
         let port = self.url.rsplit(':').next().and_then(|p| p.parse().ok());
         self.child = Self::spawn(port.expect("a port in the URL"), &self.dir);
-        self.wait_accepting().await;
+        accepting(&self.url).await;
     }
 }
 
