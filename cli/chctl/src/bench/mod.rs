@@ -99,7 +99,8 @@ pub struct TradeFlow {
     #[arg(long, default_value = "bench/results")]
     pub out: PathBuf,
     /// JetStream `sync_interval` of the server, for the report (the server does not tell
-    /// clients); e.g. `default` or `always`.
+    /// clients; its monitoring port does, where `make bench` reads it); e.g. `default` or
+    /// `always`.
     #[arg(long)]
     pub sync_interval_label: Option<String>,
     /// Prefix of every id of this run [default: `b` and the time in base 36], so that runs
@@ -195,6 +196,14 @@ async fn trade_flow(ctx: &Ctx, a: &TradeFlow) -> Result<ExitCode> {
     };
     let client = ctx.connect().await?;
     let env = environment(ctx, &client, a).await;
+    println!(
+        "host: {} CPUs ({}), a synced 4 KiB write in {} ms (p50; p90 {}) in {}",
+        env["cpus"],
+        env["cpu_model"].as_str().unwrap_or("?"),
+        env["sync_write_ms"]["p50"],
+        env["sync_write_ms"]["p90"],
+        env["sync_write_ms"]["dir"].as_str().unwrap_or("?")
+    );
     let ids: Vec<String> = w.portfolios.iter().map(|p| p.id.clone()).collect();
 
     println!(
@@ -293,6 +302,10 @@ async fn environment(ctx: &Ctx, client: &async_nats::Client, a: &TradeFlow) -> V
     env["nats_server_name"] = json!(info.server_name);
     env["jetstream_sync_interval"] = json!(a.sync_interval_label);
     env["postgres_version"] = json!(pg_version);
+    let dir = std::env::temp_dir();
+    env["sync_write_ms"] = tokio::task::spawn_blocking(move || sys::sync_write_ms(&dir, 200))
+        .await
+        .unwrap_or_else(|e| json!({ "error": e.to_string() }));
     env
 }
 

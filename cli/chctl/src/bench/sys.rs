@@ -239,6 +239,40 @@ pub fn machine() -> Value {
     })
 }
 
+/// How long a synced 4 KiB write takes in `dir`, as `dd oflag=dsync` measures it: `count`
+/// appends to a new file, each followed by `fdatasync`; `{"p50": ms, "p90": ms, "dir": ...}`,
+/// or the error. With `always`, JetStream waits for such a sync on every append, so this
+/// figure bounds that run's commands/s; it is the disk of the benchmark's host, which is the
+/// NATS store's only when they share it (as under `make bench`).
+pub fn sync_write_ms(dir: &Path, count: usize) -> Value {
+    use std::io::Write;
+    let probe = || -> std::io::Result<Vec<f64>> {
+        let path = dir.join(format!("chctl-sync-probe-{}", std::process::id()));
+        let mut file = std::fs::File::create(&path)?;
+        let block = [0x5a_u8; 4096];
+        let mut took = Vec::with_capacity(count);
+        let result = (0..count).try_for_each(|_| {
+            let t = std::time::Instant::now();
+            file.write_all(&block)?;
+            file.sync_data()?;
+            took.push(t.elapsed().as_secs_f64() * 1e3);
+            Ok(())
+        });
+        let _ = std::fs::remove_file(&path);
+        result.map(|()| took)
+    };
+    match probe() {
+        Ok(mut took) if !took.is_empty() => {
+            took.sort_by(f64::total_cmp);
+            let at = |q: f64| took[((took.len() - 1) as f64 * q).round() as usize];
+            let round = |ms: f64| (ms * 1e4).round() / 1e4;
+            json!({"p50": round(at(0.5)), "p90": round(at(0.9)), "count": took.len(), "dir": dir})
+        }
+        Ok(_) => json!({"error": "no writes", "dir": dir}),
+        Err(e) => json!({"error": e.to_string(), "dir": dir}),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,6 +316,29 @@ mod tests {
         let unnamed = cpu_seconds(&snapshot(&[(10, 1)], &[]), &snapshot(&[(10, 5)], &[]));
         assert!(unnamed.postgres_by_application.is_empty());
         assert_eq!(unnamed.postgres_line(), None);
+    }
+
+    /// The probe measures real synced writes and leaves nothing behind; a directory that
+    /// cannot be written to is reported, not fatal.
+    #[test]
+    fn a_synced_write_is_timed_and_cleaned_up() {
+        let dir = std::env::temp_dir().join(format!("chctl-sync-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let v = sync_write_ms(&dir, 5);
+        assert_eq!(v["count"], 5, "{v}");
+        let (p50, p90) = (v["p50"].as_f64().unwrap(), v["p90"].as_f64().unwrap());
+        assert!(p50 > 0.0 && p90 >= p50, "{v}");
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            0,
+            "probe file left behind"
+        );
+        std::fs::remove_dir(&dir).unwrap();
+        let missing = sync_write_ms(&dir, 5);
+        assert!(
+            missing["error"].is_string() && missing.get("p50").is_none(),
+            "{missing}"
+        );
     }
 
     #[test]
