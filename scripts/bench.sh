@@ -60,6 +60,19 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# The fsync setting as the running server reports it on its monitoring port (clients are not
+# told), so that the report's `jetstream_sync_interval` is read, not assumed: `always`,
+# `default` (the 2-minute interval) or the interval, e.g. `10s`.
+server_fsync() {
+    .venv/bin/python - "$http" <<'PY'
+import json, sys, urllib.request
+with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/varz", timeout=5) as r:
+    js = json.load(r)["jetstream"]["config"]
+interval = js.get("sync_interval", 0) / 1e9
+print("always" if js.get("sync_always") else "default" if interval == 120 else f"{interval:g}s")
+PY
+}
+
 fresh_schemas() {
     # The database may not exist yet (`chctl up` creates it): then there is nothing to drop.
     if psql -q "$CH_DATABASE_URL" -c 'SELECT 1' >/dev/null 2>&1; then
@@ -121,13 +134,18 @@ for fsync in $fsyncs; do
                 run_dir=$(mktemp -d "${TMPDIR:-/tmp}/ch-bench-run.XXXXXX")
                 scripts/nats.sh stop "$port" >/dev/null 2>&1 || true
                 CH_NATS_CONF=$conf CH_NATS_NAME=ch-bench scripts/nats.sh start "$port" "$store" "$http"
+                served=$(server_fsync)
+                if [[ $served != "$label" ]]; then
+                    echo "bench.sh: nats-server reports sync_interval '$served', not '$label'" >&2
+                    exit 1
+                fi
                 fresh_schemas
                 export CH_SYNC=$mode CH_RUN_DIR=$run_dir
                 "$bin/chctl" up --detach --bin-dir "$bin" >"$run_dir/up.log" 2>&1 \
                     || { cat "$run_dir/up.log" >&2; exit 1; }
                 echo "workers up (logs in $run_dir/logs)"
                 rc=0
-                "$bin/chctl" bench trade-flow --sync-interval-label "$label" --tag "$tag" \
+                "$bin/chctl" bench trade-flow --sync-interval-label "$served" --tag "$tag" \
                     "${extra[@]}" "${rate_args[@]}" "${bench_args[@]}" || rc=$?
                 if [[ $rc != 0 ]]; then
                     echo "bench.sh: the benchmark failed (exit $rc); worker logs:" >&2
