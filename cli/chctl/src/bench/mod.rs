@@ -196,13 +196,20 @@ async fn trade_flow(ctx: &Ctx, a: &TradeFlow) -> Result<ExitCode> {
     };
     let client = ctx.connect().await?;
     let env = environment(ctx, &client, a).await;
+    let sync = &env["sync_write_ms"];
     println!(
-        "host: {} CPUs ({}), a synced 4 KiB write in {} ms (p50; p90 {}) in {}",
+        "host: {} CPUs ({}); {}",
         env["cpus"],
         env["cpu_model"].as_str().unwrap_or("?"),
-        env["sync_write_ms"]["p50"],
-        env["sync_write_ms"]["p90"],
-        env["sync_write_ms"]["dir"].as_str().unwrap_or("?")
+        match sync["error"].as_str() {
+            None => format!(
+                "a synced 4 KiB write in {} ms (p50; p90 {}) in {}",
+                sync["p50"],
+                sync["p90"],
+                sync["dir"].as_str().unwrap_or("?")
+            ),
+            Some(e) => format!("a synced write could not be timed: {e}"),
+        }
     );
     let ids: Vec<String> = w.portfolios.iter().map(|p| p.id.clone()).collect();
 
