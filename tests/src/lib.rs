@@ -125,6 +125,23 @@ impl NatsServer {
             .expect("nats-server starts")
     }
 
+    /// Freezes the server (SIGSTOP), as a stalled host would: its connections stay open and
+    /// what clients send waits in the sockets, unread and unanswered, until [`NatsServer::resume`].
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server run on (SIGCONT): it reads and answers what waited.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, which: &str) {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args([which, &pid]).status();
+        assert!(sent.is_ok_and(|s| s.success()), "kill {which} {pid}");
+    }
+
     /// Stops the server as an operator would (SIGTERM: it closes its clients' connections and
     /// its store) and starts it again on the same port and store, as in a rolling upgrade.
     pub async fn restart(&mut self) {
@@ -457,6 +474,13 @@ impl TestEnv {
             .expect("an environment made by with_own_nats_server")
             .restart()
             .await;
+    }
+
+    /// The environment's own nats-server (to pause and resume it).
+    pub fn nats_server(&self) -> &NatsServer {
+        self.own_nats
+            .as_ref()
+            .expect("an environment made by with_own_nats_server")
     }
 
     async fn on(url: String, replicas: usize) -> TestEnv {

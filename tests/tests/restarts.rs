@@ -1,8 +1,14 @@
 //! Crashes and restarts: a projector killed mid-stream resumes to the same read model as a
 //! rebuild from the stream; a command worker with a cold cache decides the same; the workers
 //! ride out a restart of NATS and of Postgres, and a projector whose lock's session ends stands
-//! by for the replica that took it.
+//! by for the replica that took it; an append stored while its answer was lost is not stored
+//! again when re-sent.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use ch_domain::portfolio::{PortfolioCommand, PortfolioFacts, PortfolioState};
+use ch_domain::request::Common;
 use ch_domain::AggregateType;
 use ch_e2e::fixtures::{
     attach, deposit, detach, open, price, rename_strategy, seq, signal, strategy,
@@ -11,6 +17,8 @@ use ch_e2e::{eventually, Running, TestEnv, Worker};
 use ch_readmodel::workers::projector;
 use ch_readmodel::{PortfolioProjection, StrategyProjection};
 use ch_runtime::app::App;
+use ch_runtime::command::{Executor, FactSource};
+use ch_runtime::error::ApiError;
 use ch_runtime::metrics::Metrics;
 use ch_runtime::projector::Projection;
 use ch_runtime::Config;
@@ -516,6 +524,79 @@ async fn workers_carry_on_across_a_nats_server_restart() {
     assert_eq!(perf["cash"], json!("1500"), "{perf}");
     assert_eq!(perf["version"], json!(3), "{perf}");
     assert_eq!(env.subject_count(AggregateType::Portfolio, "p1").await, 3);
+}
+
+/// Decides portfolio commands with no outside facts (deposits, opens).
+struct NoPortfolioFacts;
+
+impl FactSource<PortfolioState> for NoPortfolioFacts {
+    async fn facts(
+        &self,
+        _: &PortfolioState,
+        _: &PortfolioCommand,
+    ) -> Result<PortfolioFacts, ApiError> {
+        Ok(PortfolioFacts {
+            strategy: None,
+            marks: BTreeMap::new(),
+        })
+    }
+}
+
+/// NATS stalls after a command's append has been sent (the server paused, as a stalled host
+/// would be): the worker's wait for the acknowledgement times out and it sends the append
+/// again. Woken, the server stores the first and finds the second a duplicate by its message
+/// id: a command without a `command_id` is stored once, and its reply is the stored event's,
+/// not marked as a re-send (the client sent it once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_whose_answer_was_lost_is_stored_once() {
+    let env = TestEnv::with_own_nats_server().await;
+    let app = App::start(env.app_config(), "test-lost-ack").await.unwrap();
+    let metrics = app.metrics.clone();
+    let portfolios = Arc::new(Executor::<PortfolioState>::new(
+        app.store.clone(),
+        metrics.clone(),
+    ));
+    let open = PortfolioCommand::Open {
+        portfolio_id: "p1".into(),
+        user_id: "u1".into(),
+        name: "p1".into(),
+        quote_currency: "USDT".into(),
+        fee_rate: Decimal::ZERO,
+    };
+    let common = Common::default();
+    portfolios
+        .execute("p1", &common, &open, &NoPortfolioFacts)
+        .await
+        .unwrap();
+
+    env.nats_server().pause();
+    let deposit = tokio::spawn({
+        let portfolios = portfolios.clone();
+        async move {
+            let cmd = PortfolioCommand::Deposit {
+                amount: Decimal::from(500),
+            };
+            portfolios
+                .execute("p1", &Common::default(), &cmd, &NoPortfolioFacts)
+                .await
+        }
+    });
+    // The first attempt's wait for its acknowledgement has run out (async-nats waits 5 s).
+    eventually(|| async {
+        let retries = metrics.snapshot("")["append_retries"].as_u64().unwrap_or(0);
+        (retries > 0)
+            .then_some(())
+            .ok_or("no append sent again yet")
+    })
+    .await;
+    env.nats_server().resume();
+
+    let reply = deposit.await.unwrap().expect("the deposit is answered");
+    assert_eq!(reply["version"], json!(2), "{reply}");
+    assert!(reply.get("duplicate").is_none(), "{reply}");
+    assert_eq!(env.subject_count(AggregateType::Portfolio, "p1").await, 2);
+    let stored = app.store.get(seq(&reply)).await.unwrap().expect("stored");
+    assert_eq!(stored.meta.aggregate_version, 2);
 }
 
 /// Postgres drops every connection of the workers (a restart or a failover, as the workers see

@@ -91,13 +91,15 @@ where
         self.repo.store()
     }
 
-    async fn stored_reply(&self, seq: u64) -> Result<Value, ApiError> {
+    /// The reply for the event stored at `seq`; `duplicate` when the client sent the command
+    /// before.
+    async fn stored_reply(&self, seq: u64, duplicate: bool) -> Result<Value, ApiError> {
         let ev = self
             .store()
             .get(seq)
             .await?
             .ok_or_else(|| ApiError::new(500, "internal", format!("event {seq} vanished")))?;
-        Ok(reply(&[ev], true))
+        Ok(reply(&[ev], duplicate))
     }
 
     /// Decides and stores `command` on aggregate `id`; returns the API reply.
@@ -119,6 +121,14 @@ where
         let mut unavailable = 0;
         let mut attempt = 0;
         let mut fresh = entry.last_seq == 0;
+        // One message id for every attempt: an append that was stored but whose answer was lost
+        // (NATS going away in between) is then recognised by the server's de-duplication when
+        // sent again, not decided and stored a second time. Without a `command_id` it is the
+        // event id of the first (v1: only) event, which every attempt reuses.
+        let event_id = Uuid::now_v7();
+        let msg_id = common
+            .command_id
+            .map_or_else(|| event_id.to_string(), |c| c.to_string());
         loop {
             if let Some(seq) = common
                 .command_id
@@ -126,7 +136,7 @@ where
                 .and_then(|c| entry.command_seq(c))
             {
                 debug!(seq, "command already applied");
-                return self.stored_reply(seq).await;
+                return self.stored_reply(seq, true).await;
             }
             if let Some(expected) = common.expected_version {
                 let version = entry.state.version();
@@ -177,7 +187,7 @@ where
                 .enumerate()
                 .map(|(i, event)| {
                     let meta = Meta {
-                        event_id: Uuid::now_v7(),
+                        event_id: if i == 0 { event_id } else { Uuid::now_v7() },
                         schema_version: SCHEMA_VERSION,
                         aggregate_type: A::TYPE,
                         aggregate_id: event.aggregate_id().to_owned(),
@@ -191,16 +201,17 @@ where
                     (meta, event)
                 })
                 .collect();
-            let msg_id = common
-                .command_id
-                .map_or_else(|| pairs[0].0.event_id.to_string(), |c| c.to_string());
             match self.store().append(entry.last_seq, &pairs, &msg_id).await {
                 Ok(app) if app.duplicate => {
-                    // The same command_id was stored meanwhile (a re-send racing the first).
+                    // Stored before: by an attempt of ours whose answer was lost, or (the same
+                    // command_id) by a re-send racing this one.
                     if pairs[0].0.aggregate_id == id {
                         self.repo.catch_up(id, &mut entry).await?;
                     }
-                    return self.stored_reply(app.seqs[0]).await;
+                    if unavailable > 0 {
+                        debug!(unavailable, "an earlier attempt had been stored");
+                    }
+                    return self.stored_reply(app.seqs[0], unavailable == 0).await;
                 }
                 Ok(app) => {
                     let stored: Vec<StoredEvent> = pairs
@@ -241,6 +252,7 @@ where
                             "event store unavailable: {m}"
                         )));
                     }
+                    self.metrics.append_retry();
                     warn!(error = %m, "append failed, retrying with the same message id");
                     tokio::time::sleep(Duration::from_millis(100 * unavailable as u64)).await;
                 }

@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 #[derive(Default)]
 struct Inner {
     conflicts: AtomicU64,
+    append_retries: AtomicU64,
     endpoints: Mutex<HashMap<String, EndpointMetrics>>,
     gauges: Mutex<HashMap<&'static str, i64>>,
 }
@@ -54,6 +55,11 @@ impl Metrics {
         self.0.conflicts.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts one append sent again after NATS trouble (no answer, or no connection).
+    pub fn append_retry(&self) {
+        self.0.append_retries.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Sets a named gauge (e.g. a projector's `last_seq` or `lag`).
     pub fn gauge(&self, name: &'static str, value: i64) {
         self.0
@@ -69,6 +75,7 @@ impl Metrics {
         let gauges = self.0.gauges.lock().expect("metrics lock").clone();
         let mut v = json!({
             "append_conflicts": self.0.conflicts.load(Ordering::Relaxed),
+            "append_retries": self.0.append_retries.load(Ordering::Relaxed),
             "gauges": gauges,
         });
         if let Some(m) = map.get(endpoint) {
