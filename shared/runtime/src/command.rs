@@ -203,14 +203,13 @@ where
                 .collect();
             match self.store().append(entry.last_seq, &pairs, &msg_id).await {
                 Ok(app) if app.duplicate => {
-                    // Stored before: by an attempt of ours whose answer was lost, or (the same
-                    // command_id) by a re-send racing this one.
+                    // Stored before: by a re-send of the same command_id racing this one, or,
+                    // after an unanswered attempt of ours, most likely by that attempt; then
+                    // the client hears of it for the first time, and the reply says no re-send.
                     if pairs[0].0.aggregate_id == id {
                         self.repo.catch_up(id, &mut entry).await?;
                     }
-                    if unavailable > 0 {
-                        debug!(unavailable, "an earlier attempt had been stored");
-                    }
+                    debug!(unavailable, "the append had been stored before");
                     return self.stored_reply(app.seqs[0], unavailable == 0).await;
                 }
                 Ok(app) => {
