@@ -1,7 +1,7 @@
 //! The end of a run: every portfolio folded from the stream and compared with its read-model
 //! row (and with the baseline's), and the timed rebuild of the portfolio read model.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -140,12 +140,14 @@ impl Figures {
 
 /// Asks `target` for each portfolio (waiting for `min_seq` when given) and compares the reply
 /// with the folded state. `rows_differing` counts portfolios whose figures differ or that
-/// could not be read.
+/// could not be read, but for those in `failed`, which had a command fail (and so may have
+/// taken a different path); they are counted as `rows_differing_after_failed_commands`.
 pub async fn compare(
     t: &Target,
     states: &HashMap<String, PortfolioState>,
     ids: &[String],
     min_seq: Option<u64>,
+    failed: &BTreeSet<String>,
 ) -> Value {
     let subject = t.query("portfolio.performance");
     let results: Vec<(String, Vec<String>)> = stream::iter(ids.iter())
@@ -185,8 +187,15 @@ pub async fn compare(
         .buffer_unordered(16)
         .collect()
         .await;
-    let differing: Vec<&(String, Vec<String>)> =
-        results.iter().filter(|(_, p)| !p.is_empty()).collect();
+    tally(&results, failed)
+}
+
+/// [`compare`]'s figures from each portfolio's problems (none: the same).
+fn tally(results: &[(String, Vec<String>)], failed: &BTreeSet<String>) -> Value {
+    let (explained, differing): (Vec<_>, Vec<_>) = results
+        .iter()
+        .filter(|(_, p)| !p.is_empty())
+        .partition(|(id, _)| failed.contains(id));
     let examples: Vec<Value> = differing
         .iter()
         .take(5)
@@ -195,6 +204,7 @@ pub async fn compare(
     json!({
         "portfolios_checked": results.len(),
         "rows_differing": differing.len(),
+        "rows_differing_after_failed_commands": explained.len(),
         "examples": examples,
     })
 }
@@ -249,4 +259,38 @@ pub async fn rebuild(cfg: &Config) -> Result<Value> {
         "replay_events_per_sec_after_first_commit": replay.map(f64::round),
         "note": "from the reset to the checkpoint reaching the stream head; the reset notice on <prefix>.admin.projector.portfolio.reset starts the running projector's replay",
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A portfolio whose signal failed in a run may differ; it is counted apart, and only the
+    /// others make `rows_differing` and its examples.
+    #[test]
+    fn portfolios_with_failed_signals_are_counted_apart() {
+        let row = |id: &str, problems: &[&str]| {
+            (
+                id.to_owned(),
+                problems.iter().map(|p| p.to_string()).collect(),
+            )
+        };
+        let results = vec![
+            row("p1", &[]),
+            row("p2", &["cash 1 vs 2"]),
+            row("p3", &["version 3 vs 4"]),
+            row("p4", &[]),
+        ];
+        let failed = BTreeSet::from(["p3".to_owned(), "p4".to_owned()]);
+        let v = tally(&results, &failed);
+        assert_eq!(v["portfolios_checked"], 4);
+        assert_eq!(v["rows_differing"], 1, "{v}");
+        assert_eq!(v["rows_differing_after_failed_commands"], 1, "{v}");
+        assert_eq!(v["examples"][0]["portfolio_id"], "p2", "{v}");
+        assert_eq!(v["examples"].as_array().map(Vec::len), Some(1), "{v}");
+        // Without failures every difference counts.
+        let all = tally(&results, &BTreeSet::new());
+        assert_eq!(all["rows_differing"], 2, "{all}");
+        assert_eq!(all["rows_differing_after_failed_commands"], 0, "{all}");
+    }
 }

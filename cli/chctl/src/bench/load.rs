@@ -2,7 +2,7 @@
 //! paced to a rate), the progress bar, and the projection lag from the projector's progress
 //! announcements.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -373,6 +373,8 @@ pub struct Phase {
     pub rejected: u64,
     pub rejections: BTreeMap<String, u64>,
     pub command_errors: Errors,
+    /// The portfolios of the signals that failed (their outcome is unknown to the client).
+    pub failed_portfolios: BTreeSet<String>,
     pub queries: u64,
     pub query_latency: Histogram<u64>,
     pub query_errors: Errors,
@@ -387,7 +389,14 @@ struct ClientResult {
     rejected: u64,
     rejections: BTreeMap<String, u64>,
     errors: Errors,
+    failed_portfolios: BTreeSet<String>,
     last_seq: u64,
+}
+
+/// The `portfolio_id` of a signal's request body.
+fn portfolio_of(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    v["portfolio_id"].as_str().map(str::to_owned)
 }
 
 /// Sends every signal from `w.signals.len()` clients while `query_clients` ask for random
@@ -473,8 +482,13 @@ pub async fn run(
                 for body in list {
                     Pace::wait_for(&mut pace).await;
                     let t0 = Instant::now();
-                    let o = send(&client, &subject, body, timeout).await;
+                    let o = send(&client, &subject, body.clone(), timeout).await;
                     let at = Instant::now();
+                    // An error: the signal's effect is unknown, and so its portfolio's state.
+                    let failed = |r: &mut ClientResult, code: &str| {
+                        count(&mut r.errors, code);
+                        r.failed_portfolios.extend(portfolio_of(&body));
+                    };
                     hist.saturating_record(at.duration_since(t0).as_micros() as u64);
                     match o {
                         Outcome::Ok(b) => match serde_json::from_slice::<CommandReply>(&b) {
@@ -494,10 +508,10 @@ pub async fn run(
                                     r.executed += 1;
                                 }
                             }
-                            Err(_) => count(&mut r.errors, "unparsable_reply"),
+                            Err(_) => failed(&mut r, "unparsable_reply"),
                         },
-                        Outcome::Api(code) => count(&mut r.errors, &code),
-                        Outcome::Failed(why) => count(&mut r.errors, why),
+                        Outcome::Api(code) => failed(&mut r, &code),
+                        Outcome::Failed(why) => failed(&mut r, why),
                     }
                     done.fetch_add(1, Ordering::Relaxed);
                 }
@@ -515,6 +529,7 @@ pub async fn run(
         rejected: 0,
         rejections: BTreeMap::new(),
         command_errors: Errors::new(),
+        failed_portfolios: BTreeSet::new(),
         queries: 0,
         query_latency: new_hist(),
         query_errors: Errors::new(),
@@ -533,6 +548,7 @@ pub async fn run(
         phase.last_seq = phase.last_seq.max(r.last_seq);
         merge(&mut phase.rejections, r.rejections);
         merge(&mut phase.command_errors, r.errors);
+        phase.failed_portfolios.extend(r.failed_portfolios);
     }
     phase.seconds = started.elapsed().as_secs_f64();
     signals_done.cancel();
@@ -649,6 +665,16 @@ pub fn round3(x: f64) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    use super::portfolio_of;
+
+    #[test]
+    fn a_failed_signal_is_put_down_to_its_portfolio() {
+        let body = br#"{"portfolio_id":"b1-p00007","strategy_id":"b1-s00001","symbol":"BTC-USDT"}"#;
+        assert_eq!(portfolio_of(body).as_deref(), Some("b1-p00007"));
+        assert_eq!(portfolio_of(b"not json"), None);
+        assert_eq!(portfolio_of(br#"{"strategy_id":"s"}"#), None);
+    }
+
     use super::*;
 
     #[test]

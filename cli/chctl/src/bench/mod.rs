@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use ch_domain::portfolio::PortfolioState;
 use serde_json::{json, Value};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use tokio_util::sync::CancellationToken;
 
 use crate::common::{redact, Ctx};
@@ -219,7 +219,7 @@ async fn trade_flow(ctx: &Ctx, a: &TradeFlow) -> Result<ExitCode> {
         ctx.cfg.sync.as_str(),
         ctx.cfg.nats_url
     );
-    let (ours, states) =
+    let (ours, folded) =
         run_ours(ctx, &client, &w, query_clients, a.rates(), &ids, &run_id).await?;
 
     let baseline = match (earlier_baseline, a.baseline) {
@@ -246,7 +246,7 @@ async fn trade_flow(ctx: &Ctx, a: &TradeFlow) -> Result<ExitCode> {
                     query_clients,
                     a.rates(),
                     &ids,
-                    &states,
+                    &folded,
                     &prefix,
                     &schema,
                 )
@@ -462,7 +462,7 @@ async fn run_ours(
     rates: load::Rates,
     ids: &[String],
     run_id: &str,
-) -> Result<(Value, HashMap<String, PortfolioState>)> {
+) -> Result<(Value, Folded)> {
     let target = Target {
         client: client.clone(),
         prefix: ctx.subjects.prefix().to_owned(),
@@ -539,7 +539,8 @@ async fn run_ours(
 
     println!("consistency: folding the stream");
     let (states, head) = check::fold(client, &ctx.subjects, &format!("{run_id}-p")).await?;
-    let mut consistency = check::compare(&target, &states, ids, Some(head)).await;
+    let none = BTreeSet::new();
+    let mut consistency = check::compare(&target, &states, ids, Some(head), &none).await;
     consistency["stream_head"] = json!(head);
     println!(
         "consistency: {} of {} portfolios differ from the stream",
@@ -549,7 +550,7 @@ async fn run_ours(
     println!("rebuild: portfolio read model from the whole stream");
     let rebuild = match check::rebuild(&ctx.cfg).await {
         Ok(v) => {
-            let again = check::compare(&target, &states, ids, Some(head)).await;
+            let again = check::compare(&target, &states, ids, Some(head), &none).await;
             consistency["rows_differing_after_rebuild"] = again["rows_differing"].clone();
             consistency["examples_after_rebuild"] = again["examples"].clone();
             println!(
@@ -577,7 +578,16 @@ async fn run_ours(
     if let Some(why) = &watched.missing {
         fig["cpu_note"] = json!(why);
     }
-    Ok((fig, states))
+    let failed = phase.failed_portfolios;
+    Ok((fig, Folded { states, failed }))
+}
+
+/// What CipherHorizon's run leaves for the monolith's to be compared with.
+struct Folded {
+    /// Each portfolio's state folded from the stream.
+    states: HashMap<String, PortfolioState>,
+    /// The portfolios of the signals that failed.
+    failed: BTreeSet<String>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -588,7 +598,7 @@ async fn run_monolith(
     query_clients: usize,
     rates: load::Rates,
     ids: &[String],
-    states: &HashMap<String, PortfolioState>,
+    ours: &Folded,
     prefix: &str,
     schema: &str,
 ) -> Result<Value> {
@@ -623,11 +633,21 @@ async fn run_monolith(
         if let Some(line) = cpu.postgres_line() {
             println!("{line}");
         }
-        let mut consistency = check::compare(&target, states, ids, None).await;
+        // A portfolio with a failed signal in either run may have taken another path.
+        let failed: BTreeSet<String> = ours.failed.union(&phase.failed_portfolios).cloned().collect();
+        let mut consistency = check::compare(&target, &ours.states, ids, None, &failed).await;
         consistency["compared_with"] = json!("the portfolios folded from CipherHorizon's stream (same workload, same per-portfolio order)");
         println!(
-            "consistency: {} of {} monolith portfolios differ from CipherHorizon's stream",
-            consistency["rows_differing"], consistency["portfolios_checked"]
+            "consistency: {} of {} monolith portfolios differ from CipherHorizon's stream{}",
+            consistency["rows_differing"],
+            consistency["portfolios_checked"],
+            match consistency["rows_differing_after_failed_commands"].as_u64() {
+                Some(n) if n > 0 => format!(
+                    " (and {n} of the {} whose signals failed in one of the runs)",
+                    failed.len()
+                ),
+                _ => String::new(),
+            }
         );
         let none = json!({"events_per_sec": null, "why": "the monolith has no stream to rebuild from"});
         Ok::<_, anyhow::Error>(figures(&setup, &phase, Value::Null, Value::Null, &none, &cpu, consistency))
@@ -812,7 +832,7 @@ fn print_table(r: &Value, label: Option<&str>) {
         );
     }
     println!(
-        "(monolith rows differing: its portfolios compared with the states folded from CipherHorizon's stream)"
+        "(monolith rows differing: its portfolios compared with the states folded from CipherHorizon's stream, but for those whose signals failed in either run)"
     );
     if let Some(file) = r["baseline"]["from"]["file"].as_str() {
         println!("(monolith: measured in {file}, on the same workload)");
