@@ -5,6 +5,7 @@
 //! again when re-sent.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use ch_domain::portfolio::{PortfolioCommand, PortfolioFacts, PortfolioState};
@@ -526,8 +527,11 @@ async fn workers_carry_on_across_a_nats_server_restart() {
     assert_eq!(env.subject_count(AggregateType::Portfolio, "p1").await, 3);
 }
 
-/// Decides portfolio commands with no outside facts (deposits, opens).
-struct NoPortfolioFacts;
+/// No outside facts (enough for opens and deposits), counting how often a decision asks.
+#[derive(Default)]
+struct NoPortfolioFacts {
+    asked: AtomicUsize,
+}
 
 impl FactSource<PortfolioState> for NoPortfolioFacts {
     async fn facts(
@@ -535,6 +539,7 @@ impl FactSource<PortfolioState> for NoPortfolioFacts {
         _: &PortfolioState,
         _: &PortfolioCommand,
     ) -> Result<PortfolioFacts, ApiError> {
+        self.asked.fetch_add(1, Ordering::Relaxed);
         Ok(PortfolioFacts {
             strategy: None,
             marks: BTreeMap::new(),
@@ -544,9 +549,11 @@ impl FactSource<PortfolioState> for NoPortfolioFacts {
 
 /// NATS stalls after a command's append has been sent (the server paused, as a stalled host
 /// would be): the worker's wait for the acknowledgement times out and it sends the append
-/// again. Woken, the server stores the first and finds the second a duplicate by its message
-/// id: a command without a `command_id` is stored once, and its reply is the stored event's,
-/// not marked as a re-send (the client sent it once).
+/// again, as it was, without deciding again (facts gathered anew could fail while NATS is away,
+/// and answer `unavailable` for a command that is stored). Woken, the server stores the first
+/// and finds the second a duplicate by its message id: a command without a `command_id` is
+/// stored once, and its reply is the stored event's, not marked as a re-send (the client sent
+/// it once).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_append_whose_answer_was_lost_is_stored_once() {
     let env = TestEnv::with_own_nats_server().await;
@@ -565,19 +572,20 @@ async fn an_append_whose_answer_was_lost_is_stored_once() {
     };
     let common = Common::default();
     portfolios
-        .execute("p1", &common, &open, &NoPortfolioFacts)
+        .execute("p1", &common, &open, &NoPortfolioFacts::default())
         .await
         .unwrap();
+    let facts = Arc::new(NoPortfolioFacts::default());
 
     env.nats_server().pause();
     let deposit = tokio::spawn({
-        let portfolios = portfolios.clone();
+        let (portfolios, facts) = (portfolios.clone(), facts.clone());
         async move {
             let cmd = PortfolioCommand::Deposit {
                 amount: Decimal::from(500),
             };
             portfolios
-                .execute("p1", &Common::default(), &cmd, &NoPortfolioFacts)
+                .execute("p1", &Common::default(), &cmd, facts.as_ref())
                 .await
         }
     });
@@ -597,6 +605,7 @@ async fn an_append_whose_answer_was_lost_is_stored_once() {
     assert_eq!(env.subject_count(AggregateType::Portfolio, "p1").await, 2);
     let stored = app.store.get(seq(&reply)).await.unwrap().expect("stored");
     assert_eq!(stored.meta.aggregate_version, 2);
+    assert_eq!(facts.asked.load(Ordering::Relaxed), 1, "decided once");
 }
 
 /// Postgres drops every connection of the workers (a restart or a failover, as the workers see

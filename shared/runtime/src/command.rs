@@ -201,7 +201,20 @@ where
                     (meta, event)
                 })
                 .collect();
-            match self.store().append(entry.last_seq, &pairs, &msg_id).await {
+            // An append that went unanswered is sent again as it was (the same events, expected
+            // sequence and message id), not decided again: it may have been stored.
+            let appended = loop {
+                match self.store().append(entry.last_seq, &pairs, &msg_id).await {
+                    Err(StoreError::Unavailable(m)) if unavailable < MAX_UNAVAILABLE_RETRIES => {
+                        unavailable += 1;
+                        self.metrics.append_retry();
+                        warn!(error = %m, "append failed, sending it again");
+                        tokio::time::sleep(Duration::from_millis(100 * unavailable as u64)).await;
+                    }
+                    other => break other,
+                }
+            };
+            match appended {
                 Ok(app) if app.duplicate => {
                     // Stored before: by a re-send of the same command_id racing this one, or,
                     // after an unanswered attempt of ours, most likely by that attempt; then
@@ -237,7 +250,16 @@ where
                         )));
                     }
                     let before = entry.last_seq;
-                    catch_up_or_reload(&self.repo, id, &mut entry).await?;
+                    let seen = catch_up_or_reload(&self.repo, id, &mut entry).await?;
+                    // After an unanswered attempt the conflict may be that attempt, stored
+                    // after all: its reply, rather than a decision on the state it made.
+                    if let Some(ev) = seen
+                        .into_iter()
+                        .find(|e| unavailable > 0 && e.meta.event_id == event_id)
+                    {
+                        debug!(seq = ev.seq, "an unanswered append had been stored");
+                        return Ok(reply(&[ev], false));
+                    }
                     if entry.last_seq == before || attempt > 3 {
                         // Another writer is racing us: back off a little, with jitter.
                         let ms = rand::thread_rng().gen_range(0..(2 * attempt.min(20) as u64 + 1));
@@ -245,15 +267,9 @@ where
                     }
                 }
                 Err(StoreError::Unavailable(m)) => {
-                    unavailable += 1;
-                    if unavailable > MAX_UNAVAILABLE_RETRIES {
-                        return Err(ApiError::unavailable(format!(
-                            "event store unavailable: {m}"
-                        )));
-                    }
-                    self.metrics.append_retry();
-                    warn!(error = %m, "append failed, retrying with the same message id");
-                    tokio::time::sleep(Duration::from_millis(100 * unavailable as u64)).await;
+                    return Err(ApiError::unavailable(format!(
+                        "event store unavailable: {m}"
+                    )));
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -262,15 +278,15 @@ where
 }
 
 /// After a conflict: read what was appended since; if nothing new is visible (a lagging
-/// replica, or a cache that went wrong), reload from scratch.
+/// replica, or a cache that went wrong), reload from scratch. Returns the events read.
 async fn catch_up_or_reload<A: Aggregate>(
     repo: &Repo<A>,
     id: &str,
     entry: &mut Entry<A>,
-) -> Result<(), StoreError> {
-    let n = repo.catch_up(id, entry).await?;
-    if n == 0 {
-        repo.reload(id, entry).await?;
+) -> Result<Vec<StoredEvent>, StoreError> {
+    let seen = repo.catch_up(id, entry).await?;
+    if seen.is_empty() {
+        return repo.reload(id, entry).await;
     }
-    Ok(())
+    Ok(seen)
 }

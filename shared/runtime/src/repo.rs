@@ -107,17 +107,21 @@ impl<A: Aggregate> Repo<A> {
         slot.lock_owned().await
     }
 
-    /// Applies the aggregate's events stored after the entry's last sequence.
+    /// Applies the aggregate's events stored after the entry's last sequence; returns them.
     ///
     /// # Errors
     /// [`StoreError`] when the store cannot be read; the entry is then reset.
-    pub async fn catch_up(&self, id: &str, entry: &mut Entry<A>) -> Result<usize, StoreError> {
+    pub async fn catch_up(
+        &self,
+        id: &str,
+        entry: &mut Entry<A>,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
         match self.store.load(A::TYPE, id, entry.last_seq).await {
             Ok(events) => {
                 for ev in &events {
                     entry.apply(ev);
                 }
-                Ok(events.len())
+                Ok(events)
             }
             Err(e) => {
                 entry.reset();
@@ -126,13 +130,17 @@ impl<A: Aggregate> Repo<A> {
         }
     }
 
-    /// Forgets the entry's state and reloads it from the stream.
+    /// Forgets the entry's state and reloads it from the stream; returns every event.
     ///
     /// # Errors
     /// [`StoreError`] when the store cannot be read.
-    pub async fn reload(&self, id: &str, entry: &mut Entry<A>) -> Result<(), StoreError> {
+    pub async fn reload(
+        &self,
+        id: &str,
+        entry: &mut Entry<A>,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
         entry.reset();
-        self.catch_up(id, entry).await.map(|_| ())
+        self.catch_up(id, entry).await
     }
 
     /// The current state of `id` (caught up with the stream), for use as a read-only fact.
