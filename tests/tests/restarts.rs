@@ -2,7 +2,7 @@
 //! rebuild from the stream; a command worker with a cold cache decides the same; the workers
 //! ride out a restart of NATS and of Postgres, and a projector whose lock's session ends stands
 //! by for the replica that took it; an append stored while its answer was lost is not stored
-//! again when re-sent.
+//! again when re-sent, and a read unanswered while NATS stalls is asked again.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -606,6 +606,53 @@ async fn an_append_whose_answer_was_lost_is_stored_once() {
     let stored = app.store.get(seq(&reply)).await.unwrap().expect("stored");
     assert_eq!(stored.meta.aggregate_version, 2);
     assert_eq!(facts.asked.load(Ordering::Relaxed), 1, "decided once");
+}
+
+/// A command on an aggregate the worker has not cached reads its events first; NATS stalls
+/// with that read sent (the server paused). The read, unanswered, is asked again, and once the
+/// server runs again the command is decided and stored, not refused as `unavailable`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_unanswered_while_nats_stalls_is_asked_again() {
+    let env = TestEnv::with_own_nats_server().await;
+    let app = App::start(env.app_config(), "test-stalled-read")
+        .await
+        .unwrap();
+    let warm = Executor::<PortfolioState>::new(app.store.clone(), app.metrics.clone());
+    let open = PortfolioCommand::Open {
+        portfolio_id: "p1".into(),
+        user_id: "u1".into(),
+        name: "p1".into(),
+        quote_currency: "USDT".into(),
+        fee_rate: Decimal::ZERO,
+    };
+    let facts = NoPortfolioFacts::default();
+    warm.execute("p1", &Common::default(), &open, &facts)
+        .await
+        .unwrap();
+
+    // A second executor: its cache is cold, as a new replica's is.
+    let cold = Executor::<PortfolioState>::new(app.store.clone(), app.metrics.clone());
+    env.nats_server().pause();
+    let deposit = tokio::spawn(async move {
+        let cmd = PortfolioCommand::Deposit {
+            amount: Decimal::from(100),
+        };
+        cold.execute("p1", &Common::default(), &cmd, &NoPortfolioFacts::default())
+            .await
+    });
+    // The read's first wait for its answer has run out.
+    eventually(|| async {
+        let retries = app.metrics.snapshot("")["read_retries"]
+            .as_u64()
+            .unwrap_or(0);
+        (retries > 0).then_some(()).ok_or("no read asked again yet")
+    })
+    .await;
+    env.nats_server().resume();
+
+    let reply = deposit.await.unwrap().expect("the deposit is answered");
+    assert_eq!(reply["version"], json!(2), "{reply}");
+    assert_eq!(env.subject_count(AggregateType::Portfolio, "p1").await, 2);
 }
 
 /// Postgres drops every connection of the workers (a restart or a failover, as the workers see

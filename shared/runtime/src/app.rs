@@ -90,13 +90,16 @@ impl App {
         wait_ready(&jetstream::new(client.clone()), JETSTREAM_PATIENCE)
             .await
             .map_err(|e| StartError::not_ready(e, &client.connection_state(), &cfg.nats_url))?;
-        let store = EventStore::open(client.clone(), subjects.clone()).await?;
+        let metrics = Metrics::default();
+        let store = EventStore::open(client.clone(), subjects.clone())
+            .await?
+            .with_metrics(metrics.clone());
         Ok(App {
             cfg,
             subjects,
             client,
             store,
-            metrics: Metrics::default(),
+            metrics,
             worker: worker.to_owned(),
             service_name,
         })

@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::envelope::{self, Meta, StoredEvent};
 use crate::error::StoreError;
+use crate::metrics::Metrics;
 use crate::subjects::Subjects;
 
 /// `nats/stream.json`, usable with `nats stream add --config`.
@@ -173,6 +174,8 @@ pub struct EventStore {
     direct_api: String,
     /// `$JS.API.STREAM.MSG.GET.<stream>`, answered by the stream leader only.
     leader_api: String,
+    /// Where reads asked again are counted.
+    metrics: Metrics,
 }
 
 /// Whether a `major.minor.patch` server version is at least 2.11.
@@ -188,6 +191,12 @@ fn supports_batch_get(version: &str) -> bool {
 /// stream is created ("no responders"), or while its leader changes (unanswered until the
 /// client's timeout, so each try waits at most a quarter of this).
 const NO_RESPONDERS_PATIENCE: Duration = Duration::from_secs(3);
+
+/// How long a batched direct get waits for its answer before it is asked again, and for how
+/// long in all: a request sent just before NATS went away (a restart, a stalled host) is lost,
+/// and answered when asked again once the connection is back.
+const UNANSWERED_LOAD_TRY: Duration = Duration::from_secs(5);
+const UNANSWERED_LOAD_PATIENCE: Duration = Duration::from_secs(15);
 
 /// How often the store reads the stream's replica count again: a stream scaled from one
 /// replica to three while workers run is read from its leader within this long.
@@ -263,7 +272,15 @@ impl EventStore {
             subjects,
             batch_get,
             replication: Replication::new(replicated, REPLICATION_CHECK),
+            metrics: Metrics::default(),
         })
+    }
+
+    /// Counts its reads asked again in `metrics` (the worker's `$SRV.STATS`).
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Reads the stream's replica count again every `every` instead of every 10 s.
@@ -450,6 +467,7 @@ impl EventStore {
         let mut out = Vec::new();
         let mut next = after_seq + 1;
         let mut no_responders = Backoff::within(NO_RESPONDERS_PATIENCE);
+        let mut unanswered = Backoff::within(UNANSWERED_LOAD_PATIENCE);
         loop {
             let inbox = self.client.new_inbox();
             let mut sub = self
@@ -465,13 +483,28 @@ impl EventStore {
             let mut got = 0;
             let mut retry = false;
             loop {
-                let msg = tokio::time::timeout(
-                    Duration::from_secs(5),
+                let msg = match tokio::time::timeout(
+                    UNANSWERED_LOAD_TRY,
                     futures::StreamExt::next(&mut sub),
                 )
                 .await
-                .map_err(|_| StoreError::Unavailable(format!("direct get of {subject} timed out")))?
-                .ok_or_else(|| StoreError::Unavailable("subscription closed".into()))?;
+                {
+                    Ok(msg) => {
+                        msg.ok_or_else(|| StoreError::Unavailable("subscription closed".into()))?
+                    }
+                    // Lost in a reconnect, or a stalled server: ask again from `next`.
+                    Err(_) if unanswered.wait().await => {
+                        self.metrics.read_retry();
+                        warn!(%subject, next, "direct get unanswered; asking again");
+                        retry = true;
+                        break;
+                    }
+                    Err(_) => {
+                        return Err(StoreError::Unavailable(format!(
+                            "direct get of {subject} timed out"
+                        )))
+                    }
+                };
                 match msg.status {
                     None | Some(StatusCode::OK) => {
                         let seq = sequence_of(&msg)?;

@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 struct Inner {
     conflicts: AtomicU64,
     append_retries: AtomicU64,
+    read_retries: AtomicU64,
     endpoints: Mutex<HashMap<String, EndpointMetrics>>,
     gauges: Mutex<HashMap<&'static str, i64>>,
 }
@@ -60,6 +61,11 @@ impl Metrics {
         self.0.append_retries.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts one read of the event store asked again after going unanswered.
+    pub fn read_retry(&self) {
+        self.0.read_retries.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Sets a named gauge (e.g. a projector's `last_seq` or `lag`).
     pub fn gauge(&self, name: &'static str, value: i64) {
         self.0
@@ -76,6 +82,7 @@ impl Metrics {
         let mut v = json!({
             "append_conflicts": self.0.conflicts.load(Ordering::Relaxed),
             "append_retries": self.0.append_retries.load(Ordering::Relaxed),
+            "read_retries": self.0.read_retries.load(Ordering::Relaxed),
             "gauges": gauges,
         });
         if let Some(m) = map.get(endpoint) {
