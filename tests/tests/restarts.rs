@@ -547,6 +547,32 @@ impl FactSource<PortfolioState> for NoPortfolioFacts {
     }
 }
 
+/// `open` of portfolio `id`, as an executor in the test decides it.
+fn opening(id: &str) -> PortfolioCommand {
+    PortfolioCommand::Open {
+        portfolio_id: id.into(),
+        user_id: "u1".into(),
+        name: id.into(),
+        quote_currency: "USDT".into(),
+        fee_rate: Decimal::ZERO,
+    }
+}
+
+fn depositing(amount: u32) -> PortfolioCommand {
+    PortfolioCommand::Deposit {
+        amount: Decimal::from(amount),
+    }
+}
+
+/// Waits until the worker figure `key` of `$SRV.STATS` has counted something.
+async fn until_counted(metrics: &Metrics, key: &'static str) {
+    eventually(|| async {
+        let n = metrics.snapshot("")[key].as_u64().unwrap_or(0);
+        (n > 0).then_some(()).ok_or(format!("{key} is still 0"))
+    })
+    .await;
+}
+
 /// NATS stalls after a command's append has been sent (the server paused, as a stalled host
 /// would be): the worker's wait for the acknowledgement times out and it sends the append
 /// again, as it was, without deciding again (facts gathered anew could fail while NATS is away,
@@ -563,16 +589,9 @@ async fn an_append_whose_answer_was_lost_is_stored_once() {
         app.store.clone(),
         metrics.clone(),
     ));
-    let open = PortfolioCommand::Open {
-        portfolio_id: "p1".into(),
-        user_id: "u1".into(),
-        name: "p1".into(),
-        quote_currency: "USDT".into(),
-        fee_rate: Decimal::ZERO,
-    };
     let common = Common::default();
     portfolios
-        .execute("p1", &common, &open, &NoPortfolioFacts::default())
+        .execute("p1", &common, &opening("p1"), &NoPortfolioFacts::default())
         .await
         .unwrap();
     let facts = Arc::new(NoPortfolioFacts::default());
@@ -581,22 +600,13 @@ async fn an_append_whose_answer_was_lost_is_stored_once() {
     let deposit = tokio::spawn({
         let (portfolios, facts) = (portfolios.clone(), facts.clone());
         async move {
-            let cmd = PortfolioCommand::Deposit {
-                amount: Decimal::from(500),
-            };
             portfolios
-                .execute("p1", &Common::default(), &cmd, facts.as_ref())
+                .execute("p1", &Common::default(), &depositing(500), facts.as_ref())
                 .await
         }
     });
     // The first attempt's wait for its acknowledgement has run out (async-nats waits 5 s).
-    eventually(|| async {
-        let retries = metrics.snapshot("")["append_retries"].as_u64().unwrap_or(0);
-        (retries > 0)
-            .then_some(())
-            .ok_or("no append sent again yet")
-    })
-    .await;
+    until_counted(&metrics, "append_retries").await;
     env.nats_server().resume();
 
     let reply = deposit.await.unwrap().expect("the deposit is answered");
@@ -618,15 +628,8 @@ async fn a_read_unanswered_while_nats_stalls_is_asked_again() {
         .await
         .unwrap();
     let warm = Executor::<PortfolioState>::new(app.store.clone(), app.metrics.clone());
-    let open = PortfolioCommand::Open {
-        portfolio_id: "p1".into(),
-        user_id: "u1".into(),
-        name: "p1".into(),
-        quote_currency: "USDT".into(),
-        fee_rate: Decimal::ZERO,
-    };
     let facts = NoPortfolioFacts::default();
-    warm.execute("p1", &Common::default(), &open, &facts)
+    warm.execute("p1", &Common::default(), &opening("p1"), &facts)
         .await
         .unwrap();
 
@@ -634,20 +637,11 @@ async fn a_read_unanswered_while_nats_stalls_is_asked_again() {
     let cold = Executor::<PortfolioState>::new(app.store.clone(), app.metrics.clone());
     env.nats_server().pause();
     let deposit = tokio::spawn(async move {
-        let cmd = PortfolioCommand::Deposit {
-            amount: Decimal::from(100),
-        };
-        cold.execute("p1", &Common::default(), &cmd, &NoPortfolioFacts::default())
+        cold.execute("p1", &Common::default(), &depositing(100), &facts)
             .await
     });
     // The read's first wait for its answer has run out.
-    eventually(|| async {
-        let retries = app.metrics.snapshot("")["read_retries"]
-            .as_u64()
-            .unwrap_or(0);
-        (retries > 0).then_some(()).ok_or("no read asked again yet")
-    })
-    .await;
+    until_counted(&app.metrics, "read_retries").await;
     env.nats_server().resume();
 
     let reply = deposit.await.unwrap().expect("the deposit is answered");
