@@ -192,10 +192,11 @@ fn supports_batch_get(version: &str) -> bool {
 /// client's timeout, so each try waits at most a quarter of this).
 const NO_RESPONDERS_PATIENCE: Duration = Duration::from_secs(3);
 
-/// How long a batched direct get waits for its answer before it is asked again, and for how
-/// long in all: a request sent just before NATS went away (a restart, a stalled host) is lost,
-/// and answered when asked again once the connection is back.
+/// How long a batched direct get waits for its answer before it is asked again: a request
+/// sent just before NATS went away (a restart, a stalled host) is lost, and answered when asked
+/// again once the connection is back.
 const UNANSWERED_LOAD_TRY: Duration = Duration::from_secs(5);
+/// How long a batched direct get is asked in all before the read fails.
 const UNANSWERED_LOAD_PATIENCE: Duration = Duration::from_secs(15);
 
 /// How often the store reads the stream's replica count again: a stream scaled from one
