@@ -121,10 +121,10 @@ where
         let mut unavailable = 0;
         let mut attempt = 0;
         let mut fresh = entry.last_seq == 0;
-        // One message id for every attempt: an append that was stored but whose answer was lost
-        // (NATS going away in between) is then recognised by the server's de-duplication when
-        // sent again, not decided and stored a second time. Without a `command_id` it is the
-        // event id of the first (v1: only) event, which every attempt reuses.
+        // One message id and event id for every attempt: an append that was stored but whose
+        // answer was lost (NATS going away in between) is then recognised when sent again, by
+        // the server's de-duplication or as the conflict it meets, not decided and stored a
+        // second time. Without a `command_id` the message id is the first (v1: only) event's.
         let event_id = Uuid::now_v7();
         let msg_id = common
             .command_id
