@@ -665,7 +665,7 @@ pub fn round3(x: f64) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::portfolio_of;
+    use super::*;
 
     #[test]
     fn a_failed_signal_is_put_down_to_its_portfolio() {
@@ -674,8 +674,6 @@ mod tests {
         assert_eq!(portfolio_of(b"not json"), None);
         assert_eq!(portfolio_of(br#"{"strategy_id":"s"}"#), None);
     }
-
-    use super::*;
 
     #[test]
     fn a_paced_client_gets_its_share_of_the_rate_and_its_own_slot() {
