@@ -196,7 +196,8 @@ const NO_RESPONDERS_PATIENCE: Duration = Duration::from_secs(3);
 /// sent just before NATS went away (a restart, a stalled host) is lost, and answered when asked
 /// again once the connection is back.
 const UNANSWERED_LOAD_TRY: Duration = Duration::from_secs(5);
-/// How long a batched direct get is asked in all before the read fails.
+/// How long a batched direct get is asked in all before the read fails (also while no server
+/// answers it).
 const UNANSWERED_LOAD_PATIENCE: Duration = Duration::from_secs(15);
 
 /// How often the store reads the stream's replica count again: a stream scaled from one
@@ -467,8 +468,9 @@ impl EventStore {
         use async_nats::StatusCode;
         let mut out = Vec::new();
         let mut next = after_seq + 1;
-        let mut no_responders = Backoff::within(NO_RESPONDERS_PATIENCE);
-        let mut unanswered = Backoff::within(UNANSWERED_LOAD_PATIENCE);
+        // Asked again, from `next`, while unanswered or while no server answers (a replicated
+        // stream electing its leader), for up to UNANSWERED_LOAD_PATIENCE in all.
+        let mut again = Backoff::within(UNANSWERED_LOAD_PATIENCE);
         loop {
             let inbox = self.client.new_inbox();
             let mut sub = self
@@ -493,8 +495,8 @@ impl EventStore {
                     Ok(msg) => {
                         msg.ok_or_else(|| StoreError::Unavailable("subscription closed".into()))?
                     }
-                    // Lost in a reconnect, or a stalled server: ask again from `next`.
-                    Err(_) if unanswered.wait().await => {
+                    // Lost in a reconnect, or a stalled server.
+                    Err(_) if again.wait().await => {
                         self.metrics.read_retry();
                         warn!(%subject, next, "direct get unanswered; asking again");
                         retry = true;
@@ -516,7 +518,8 @@ impl EventStore {
                     // End of batch, or nothing (more) on the subject.
                     Some(StatusCode::NOT_FOUND) => break,
                     Some(s) if s.as_u16() == 204 => break,
-                    Some(StatusCode::NO_RESPONDERS) if got == 0 && no_responders.wait().await => {
+                    Some(StatusCode::NO_RESPONDERS) if got == 0 && again.wait().await => {
+                        self.metrics.read_retry();
                         retry = true;
                         break;
                     }
