@@ -7,7 +7,9 @@ use std::path::Path;
 use serde_json::{json, Value};
 
 use ch_runtime::pg;
+use hdrhistogram::Histogram;
 
+use super::load;
 use crate::procs;
 
 /// CPU time (user + system) in clock ticks per process, grouped.
@@ -240,37 +242,34 @@ pub fn machine() -> Value {
 }
 
 /// How long a synced 4 KiB write takes in `dir`, as `dd oflag=dsync` measures it: `count`
-/// appends to a new file, each followed by `fdatasync`; `{"p50": ms, "p90": ms, "dir": ...}`,
+/// appends to a new file, each followed by `fdatasync`; p50, p90, mean and max in ms, `dir`,
 /// or the error. With `always`, JetStream waits for such a sync on every append, so this
 /// figure bounds that run's commands/s; it is the disk of the benchmark's host, which is the
 /// NATS store's only when they share it (as under `make bench`).
 pub fn sync_write_ms(dir: &Path, count: usize) -> Value {
     use std::io::Write;
-    let probe = || -> std::io::Result<Vec<f64>> {
+    let probe = || -> std::io::Result<Histogram<u64>> {
         let path = dir.join(format!("chctl-sync-probe-{}", std::process::id()));
         let mut file = std::fs::File::create(&path)?;
         let block = [0x5a_u8; 4096];
-        let mut took = Vec::with_capacity(count);
+        let mut took = load::new_hist();
         let result = (0..count).try_for_each(|_| {
             let t = std::time::Instant::now();
             file.write_all(&block)?;
             file.sync_data()?;
-            took.push(t.elapsed().as_secs_f64() * 1e3);
+            took.saturating_record(t.elapsed().as_micros() as u64);
             Ok(())
         });
         let _ = std::fs::remove_file(&path);
         result.map(|()| took)
     };
-    match probe() {
-        Ok(mut took) if !took.is_empty() => {
-            took.sort_by(f64::total_cmp);
-            let at = |q: f64| took[((took.len() - 1) as f64 * q).round() as usize];
-            let round = |ms: f64| (ms * 1e4).round() / 1e4;
-            json!({"p50": round(at(0.5)), "p90": round(at(0.9)), "count": took.len(), "dir": dir})
-        }
-        Ok(_) => json!({"error": "no writes", "dir": dir}),
-        Err(e) => json!({"error": e.to_string(), "dir": dir}),
-    }
+    let mut v = match probe() {
+        Ok(took) if !took.is_empty() => load::percentiles(&took, &[("p50", 0.5), ("p90", 0.9)]),
+        Ok(_) => json!({"error": "no writes"}),
+        Err(e) => json!({"error": e.to_string()}),
+    };
+    v["dir"] = json!(dir);
+    v
 }
 
 #[cfg(test)]
