@@ -145,9 +145,7 @@ impl NatsServer {
     /// Stops the server as an operator would (SIGTERM: it closes its clients' connections and
     /// its store) and starts it again on the same port and store, as in a rolling upgrade.
     pub async fn restart(&mut self) {
-        let pid = self.child.id().to_string();
-        let stopped = Command::new("kill").args(["-TERM", &pid]).status();
-        assert!(stopped.is_ok_and(|s| s.success()), "kill -TERM {pid}");
+        self.signal("-TERM");
         self.child.wait().expect("nats-server exits");
         let port = self.url.rsplit(':').next().and_then(|p| p.parse().ok());
         self.child = Self::spawn(port.expect("a port in the URL"), &self.dir);
