@@ -94,6 +94,21 @@ fn nats_server_bin() -> PathBuf {
     bin
 }
 
+/// Whether every thread under `tasks` (a `/proc/<pid>/task` dir) is stopped by a signal.
+fn all_stopped(tasks: &std::path::Path) -> bool {
+    let threads = std::fs::read_dir(tasks).expect("the server's threads");
+    threads.flatten().all(|t| {
+        // `<tid> (<comm>) <state> ...`: the state follows the last parenthesis.
+        std::fs::read_to_string(t.path().join("stat"))
+            .ok()
+            .and_then(|stat| {
+                stat.rsplit_once(')')
+                    .map(|(_, rest)| rest.trim_start().starts_with('T'))
+            })
+            .unwrap_or(true)
+    })
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -127,8 +142,17 @@ impl NatsServer {
 
     /// Freezes the server (SIGSTOP), as a stalled host would: its connections stay open and
     /// what clients send waits in the sockets, unread and unanswered, until [`NatsServer::resume`].
+    ///
+    /// Returns once every thread of the server has stopped: `kill` only queues the signal, and a
+    /// thread running on another core may still read and answer a message sent meanwhile.
     pub fn pause(&self) {
         self.signal("-STOP");
+        let tasks = PathBuf::from(format!("/proc/{}/task", self.child.id()));
+        let deadline = Instant::now() + PATIENCE;
+        while !all_stopped(&tasks) {
+            assert!(Instant::now() < deadline, "nats-server did not stop");
+            std::thread::yield_now();
+        }
     }
 
     /// Lets a paused server run on (SIGCONT): it reads and answers what waited.

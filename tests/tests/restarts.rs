@@ -24,7 +24,7 @@ use ch_runtime::metrics::Metrics;
 use ch_runtime::projector::Projection;
 use ch_runtime::Config;
 use rust_decimal::Decimal;
-use serde_json::json;
+use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -389,7 +389,7 @@ async fn attachments_toggled_live_end_as_in_a_rebuild_of_one_batch() {
     env.funded("p0", "u1", "1000", "s1").await;
     let mut last = 0;
     for (op, s) in [
-        (attach as fn(&str, &str) -> serde_json::Value, "s2"),
+        (attach as fn(&str, &str) -> Value, "s2"),
         (detach, "s1"),
         (attach, "s3"),
         (attach, "s1"),
@@ -564,13 +564,22 @@ fn depositing(amount: u32) -> PortfolioCommand {
     }
 }
 
-/// Waits until the worker figure `key` of `$SRV.STATS` has counted something.
-async fn until_counted(metrics: &Metrics, key: &'static str) {
-    eventually(|| async {
+/// Waits until the worker figure `key` of `$SRV.STATS` has counted something, while `command`
+/// (sent with the server paused) waits for its answer: an answer first means the server was not
+/// stalled after all, and fails the test with it.
+async fn until_counted(
+    metrics: &Metrics,
+    key: &'static str,
+    command: &mut JoinHandle<Result<Value, ApiError>>,
+) {
+    let counted = eventually(|| async {
         let n = metrics.snapshot("")[key].as_u64().unwrap_or(0);
         (n > 0).then_some(()).ok_or(format!("{key} is still 0"))
-    })
-    .await;
+    });
+    tokio::select! {
+        () = counted => {}
+        answer = command => panic!("answered before {key} counted anything: {answer:?}"),
+    }
 }
 
 /// NATS stalls after a command's append has been sent (the server paused, as a stalled host
@@ -597,7 +606,7 @@ async fn an_append_whose_answer_was_lost_is_stored_once() {
     let facts = Arc::new(NoPortfolioFacts::default());
 
     env.nats_server().pause();
-    let deposit = tokio::spawn({
+    let mut deposit = tokio::spawn({
         let (portfolios, facts) = (portfolios.clone(), facts.clone());
         async move {
             portfolios
@@ -606,7 +615,7 @@ async fn an_append_whose_answer_was_lost_is_stored_once() {
         }
     });
     // The first attempt's wait for its acknowledgement has run out (async-nats waits 5 s).
-    until_counted(&metrics, "append_retries").await;
+    until_counted(&metrics, "append_retries", &mut deposit).await;
     env.nats_server().resume();
 
     let reply = deposit.await.unwrap().expect("the deposit is answered");
@@ -636,12 +645,12 @@ async fn a_read_unanswered_while_nats_stalls_is_asked_again() {
     // A second executor: its cache is cold, as a new replica's is.
     let cold = Executor::<PortfolioState>::new(app.store.clone(), app.metrics.clone());
     env.nats_server().pause();
-    let deposit = tokio::spawn(async move {
+    let mut deposit = tokio::spawn(async move {
         cold.execute("p1", &Common::default(), &depositing(100), &facts)
             .await
     });
     // The read's first wait for its answer has run out.
-    until_counted(&app.metrics, "read_retries").await;
+    until_counted(&app.metrics, "read_retries", &mut deposit).await;
     env.nats_server().resume();
 
     let reply = deposit.await.unwrap().expect("the deposit is answered");
@@ -721,7 +730,7 @@ async fn a_query_whose_session_ends_in_flight_is_answered_from_a_new_one() {
         "an error reply: {:?}",
         reply.payload
     );
-    let perf: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    let perf: Value = serde_json::from_slice(&reply.payload).unwrap();
     assert_eq!(perf["cash"], json!("1000"), "{perf}");
 }
 
