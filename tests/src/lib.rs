@@ -145,14 +145,15 @@ impl NatsServer {
     ///
     /// Returns once every thread of the server has stopped: `kill` only queues the signal, and a
     /// thread running on another core may still read and answer a message sent meanwhile.
-    pub fn pause(&self) {
+    pub async fn pause(&self) {
         self.signal("-STOP");
         let tasks = PathBuf::from(format!("/proc/{}/task", self.child.id()));
-        let deadline = Instant::now() + PATIENCE;
-        while !all_stopped(&tasks) {
-            assert!(Instant::now() < deadline, "nats-server did not stop");
-            std::thread::yield_now();
-        }
+        eventually(|| async {
+            all_stopped(&tasks)
+                .then_some(())
+                .ok_or("nats-server has threads still running")
+        })
+        .await;
     }
 
     /// Lets a paused server run on (SIGCONT): it reads and answers what waited.

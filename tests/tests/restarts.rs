@@ -605,7 +605,7 @@ async fn an_append_whose_answer_was_lost_is_stored_once() {
         .unwrap();
     let facts = Arc::new(NoPortfolioFacts::default());
 
-    env.nats_server().pause();
+    env.nats_server().pause().await;
     let mut deposit = tokio::spawn({
         let (portfolios, facts) = (portfolios.clone(), facts.clone());
         async move {
@@ -644,7 +644,7 @@ async fn a_read_unanswered_while_nats_stalls_is_asked_again() {
 
     // A second executor: its cache is cold, as a new replica's is.
     let cold = Executor::<PortfolioState>::new(app.store.clone(), app.metrics.clone());
-    env.nats_server().pause();
+    env.nats_server().pause().await;
     let mut deposit = tokio::spawn(async move {
         cold.execute("p1", &Common::default(), &depositing(100), &facts)
             .await
