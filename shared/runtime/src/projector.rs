@@ -203,11 +203,100 @@ const HANDOVER: Duration = Duration::from_millis(1500);
 const ACK_EVERY: Duration = Duration::from_millis(100);
 
 /// Acks (policy `all`) everything up to `m`; a lost ack only means a redelivery, skipped.
-async fn ack(m: Option<async_nats::jetstream::Message>) {
+async fn ack(m: Option<Delivery>) {
     if let Some(m) = m {
         if let Err(e) = m.ack().await {
             debug!(error = %e, "ack failed; the redelivery will be skipped");
         }
+    }
+}
+
+type PullConsumer =
+    async_nats::jetstream::consumer::Consumer<async_nats::jetstream::consumer::pull::Config>;
+type Delivery = async_nats::jetstream::Message;
+
+/// A batch from the durable consumer: `first`, then more up to `target` messages. With a fill
+/// `wait`, what arrives until it has passed; with none, what has arrived: the client's
+/// connection task hands over one socket read (about 64 KiB, some 120 events) at a time, so
+/// when that runs dry it gets one turn to read what else is there.
+async fn gather(
+    messages: &mut async_nats::jetstream::consumer::pull::Stream,
+    first: Delivery,
+    target: usize,
+    wait: Duration,
+) -> Vec<Delivery> {
+    let mut batch = vec![first];
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut yielded = false;
+    while batch.len() < target {
+        let next = if wait.is_zero() {
+            match messages.next().now_or_never() {
+                None if !yielded => {
+                    yielded = true;
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+                next => {
+                    yielded = false;
+                    next.flatten()
+                }
+            }
+        } else {
+            tokio::time::timeout_at(deadline, messages.next())
+                .await
+                .ok()
+                .flatten()
+        };
+        match next {
+            Some(Ok(m)) => batch.push(m),
+            Some(Err(e)) => {
+                warn!(error = %e, "consumer error");
+                break;
+            }
+            None => break,
+        }
+    }
+    batch
+}
+
+/// `adaptive`'s decisions, visible: whether batches wait to fill and their size (by powers of
+/// two) in the log when they change, at most once a second (caught up at a moderate rate,
+/// sizes flicker between one and a few events); the latest ones in the metrics.
+#[derive(Default)]
+struct AdaptiveLog {
+    /// The last decision logged (fill wait or not, batch size bucket), and when.
+    last: (bool, u32),
+    logged: Option<Instant>,
+}
+
+impl AdaptiveLog {
+    fn note<P: Projection>(
+        &mut self,
+        projector: &Projector<P>,
+        wait: Duration,
+        size: usize,
+        behind: Duration,
+        pending: u64,
+    ) {
+        let decision = (!wait.is_zero(), usize::BITS - size.leading_zeros());
+        let quiet = self
+            .logged
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+        if decision != self.last && quiet {
+            info!(
+                projection = projector.name(),
+                filling = decision.0,
+                batch_size = size,
+                behind_ms = behind.as_millis() as u64,
+                pending,
+                "adaptive batching changed"
+            );
+            (self.last, self.logged) = (decision, Some(Instant::now()));
+        }
+        let metrics = &projector.metrics;
+        metrics.gauge("batch_size", size as i64);
+        metrics.gauge("fill_wait_ms", wait.as_millis() as i64);
+        metrics.gauge("behind_ms", behind.as_millis() as i64);
     }
 }
 
@@ -1007,12 +1096,9 @@ impl<P: Projection> Projector<P> {
         ended
     }
 
-    async fn project_with_lock(
-        &self,
-        leader_conn: &Leader,
-        shutdown: &CancellationToken,
-        retry: &mut Retry,
-    ) -> Result<Ended, ProjectorError> {
+    /// The projection's durable consumer, made from its shipped definition if it does not
+    /// exist yet (starting where the read model is), or replaced if an older definition made it.
+    async fn open_consumer(&self) -> Result<PullConsumer, ProjectorError> {
         let name = self.name();
         let mut cfg = consumer_config(self.projection.consumer_json(), self.store.subjects())?;
         // Only used if the durable does not exist yet: start where the read model is.
@@ -1024,23 +1110,71 @@ impl<P: Projection> Projector<P> {
             start_sequence: cp + 1,
         };
         let durable = cfg.durable_name.clone().unwrap_or_default();
-        let stream = self.store.stream();
-        let mut consumer = self.store.durable_consumer(&durable, &cfg).await?;
+        let consumer = self.store.durable_consumer(&durable, &cfg).await?;
         let current = &consumer.cached_info().config;
-        if current.ack_policy != cfg.ack_policy || current.filter_subject != cfg.filter_subject {
-            // Made by an older definition; a durable is only a cursor (the checkpoint is the
-            // truth), so replace it with the shipped one.
-            warn!(
-                consumer = %durable,
-                filter = %current.filter_subject,
-                "replacing a consumer whose ack policy or filter differs from nats/consumers/"
-            );
-            let _ = stream.delete_consumer(&durable).await;
-            consumer = stream
-                .create_consumer(cfg)
-                .await
-                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        if current.ack_policy == cfg.ack_policy && current.filter_subject == cfg.filter_subject {
+            return Ok(consumer);
         }
+        // Made by an older definition; a durable is only a cursor (the checkpoint is the
+        // truth), so replace it with the shipped one.
+        warn!(
+            consumer = %durable,
+            filter = %current.filter_subject,
+            "replacing a consumer whose ack policy or filter differs from nats/consumers/"
+        );
+        let stream = self.store.stream();
+        let _ = stream.delete_consumer(&durable).await;
+        Ok(stream
+            .create_consumer(cfg)
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?)
+    }
+
+    /// Idle (or told of a reset): makes sure nothing was reset behind its back, and
+    /// re-announces where it is for waiters that missed an announcement. The store or the
+    /// database may be away for a moment: it backs off then. `false` on `shutdown`.
+    async fn idle_check(&self, retry: &mut Retry, shutdown: &CancellationToken) -> bool {
+        match self.catch_up_to_head().await {
+            Ok(at) => {
+                retry.succeeded(&self.metrics);
+                self.announce(at).await;
+                true
+            }
+            Err(e) => {
+                retrying(self.name(), "idle check", &e);
+                retry.wait(&self.metrics, shutdown).await
+            }
+        }
+    }
+
+    /// The batch's events in stream order, and the index in `batch` of its newest delivery (by
+    /// consumer sequence): the one whose ack acks the batch.
+    fn raws_of(&self, batch: &[Delivery]) -> (Vec<Raw>, Option<usize>) {
+        let mut raws = Vec::with_capacity(batch.len());
+        let mut newest: Option<(u64, usize)> = None;
+        for (i, m) in batch.iter().enumerate() {
+            match m.info() {
+                Ok(info) => {
+                    raws.push(Raw::new(info.stream_sequence, m, &*self.projection));
+                    if newest.is_none_or(|(c, _)| info.consumer_sequence > c) {
+                        newest = Some((info.consumer_sequence, i));
+                    }
+                }
+                Err(e) => warn!(error = %e, "message without JetStream metadata"),
+            }
+        }
+        raws.sort_by_key(|r| r.seq);
+        (raws, newest.map(|(_, i)| i))
+    }
+
+    async fn project_with_lock(
+        &self,
+        leader_conn: &Leader,
+        shutdown: &CancellationToken,
+        retry: &mut Retry,
+    ) -> Result<Ended, ProjectorError> {
+        let name = self.name();
+        let consumer = self.open_consumer().await?;
         // Catch up first with an ordered replay: fast after a rebuild or a long outage.
         self.catch_up_to_head().await?;
         let mut messages = consumer
@@ -1069,11 +1203,9 @@ impl<P: Projection> Projector<P> {
         } else {
             Duration::from_secs(1)
         };
-        // `adaptive`: the last decision logged (fill wait or not, batch size bucket), and when.
-        let mut last_decision = (false, 0);
-        let mut last_logged: Option<Instant> = None;
+        let mut decisions = AdaptiveLog::default();
         // The newest applied message not acked yet, and when the last ack went out.
-        let mut to_ack: Option<async_nats::jetstream::Message> = None;
+        let mut to_ack: Option<Delivery> = None;
         let mut acked_at = Instant::now();
         let ended = loop {
             if leader_conn.lost() {
@@ -1088,20 +1220,8 @@ impl<P: Projection> Projector<P> {
             let first = match first {
                 Err(()) => {
                     ack(to_ack.take()).await;
-                    // Idle (or told of a reset): make sure nothing was reset behind our back,
-                    // and re-announce where we are for waiters that missed an announcement.
-                    // The store or the database may be away for a moment: try again later.
-                    match self.catch_up_to_head().await {
-                        Ok(at) => {
-                            retry.succeeded(&self.metrics);
-                            self.announce(at).await;
-                        }
-                        Err(e) => {
-                            retrying(name, "idle check", &e);
-                            if !retry.wait(&self.metrics, shutdown).await {
-                                break Ended::Shutdown;
-                            }
-                        }
+                    if !self.idle_check(retry, shutdown).await {
+                        break Ended::Shutdown;
                     }
                     continue;
                 }
@@ -1117,77 +1237,11 @@ impl<P: Projection> Projector<P> {
             });
             let (target, wait) = self.batch.plan(pending, behind);
             self.metrics.gauge("pending", pending as i64);
-            let mut batch = vec![first];
-            let deadline = tokio::time::Instant::now() + wait;
-            // With no fill wait, the batch is what has arrived; the client's connection task
-            // hands over one socket read (about 64 KiB, some 120 events) at a time, so when
-            // that runs dry it gets one turn to read what else is there.
-            let mut yielded = false;
-            while batch.len() < target {
-                let next = if wait.is_zero() {
-                    match messages.next().now_or_never() {
-                        None if !yielded => {
-                            yielded = true;
-                            tokio::task::yield_now().await;
-                            continue;
-                        }
-                        next => {
-                            yielded = false;
-                            next.flatten()
-                        }
-                    }
-                } else {
-                    tokio::time::timeout_at(deadline, messages.next())
-                        .await
-                        .ok()
-                        .flatten()
-                };
-                match next {
-                    Some(Ok(m)) => batch.push(m),
-                    Some(Err(e)) => {
-                        warn!(error = %e, "consumer error");
-                        break;
-                    }
-                    None => break,
-                }
-            }
+            let mut batch = gather(&mut messages, first, target, wait).await;
             if self.batch.adaptive {
-                // Its decisions, visible: whether batches wait to fill and their size (by powers
-                // of two) in the log when they change, at most once a second (caught up at a
-                // moderate rate, sizes flicker between one and a few events); the latest ones
-                // in the metrics.
-                let decision = (!wait.is_zero(), usize::BITS - batch.len().leading_zeros());
-                let quiet = last_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
-                if decision != last_decision && quiet {
-                    info!(
-                        projection = name,
-                        filling = decision.0,
-                        batch_size = batch.len(),
-                        behind_ms = behind.as_millis() as u64,
-                        pending,
-                        "adaptive batching changed"
-                    );
-                    (last_decision, last_logged) = (decision, Some(Instant::now()));
-                }
-                self.metrics.gauge("batch_size", batch.len() as i64);
-                self.metrics.gauge("fill_wait_ms", wait.as_millis() as i64);
-                self.metrics.gauge("behind_ms", behind.as_millis() as i64);
+                decisions.note(self, wait, batch.len(), behind, pending);
             }
-            let mut raws = Vec::with_capacity(batch.len());
-            // The newest delivery (by consumer sequence): its ack acks the batch.
-            let mut newest: Option<(u64, usize)> = None;
-            for (i, m) in batch.iter().enumerate() {
-                match m.info() {
-                    Ok(info) => {
-                        raws.push(Raw::new(info.stream_sequence, m, &*self.projection));
-                        if newest.is_none_or(|(c, _)| info.consumer_sequence > c) {
-                            newest = Some((info.consumer_sequence, i));
-                        }
-                    }
-                    Err(e) => warn!(error = %e, "message without JetStream metadata"),
-                }
-            }
-            raws.sort_by_key(|r| r.seq);
+            let (mut raws, newest) = self.raws_of(&batch);
             if leader_conn.lost() {
                 // Another projector may hold the lock now: hand the batch back to the consumer
                 // for it (redelivered now, not after the ack wait).
@@ -1212,7 +1266,7 @@ impl<P: Projection> Projector<P> {
                     // and every one before it. The checkpoint is the truth (a redelivery is
                     // skipped), so acks go out at most every ACK_EVERY: each one is a consumer
                     // state write on the server, synced to disk with `sync_interval: always`.
-                    if let Some((_, i)) = newest {
+                    if let Some(i) = newest {
                         to_ack = Some(batch.swap_remove(i));
                     }
                     if acked_at.elapsed() >= ACK_EVERY {
