@@ -452,11 +452,42 @@ impl PortfolioState {
             }
         }
         // 10. cash
+        let trade = match self.fill(sig, &pos, n)? {
+            Ok(trade) => trade,
+            Err(rejection) => return Ok(Err(rejection)),
+        };
+        Ok(Ok(TradeExecuted {
+            portfolio_id: self.portfolio_id.clone(),
+            strategy_id: sig.strategy_id.clone(),
+            trade_id: ctx.new_id,
+            symbol: sig.symbol.clone(),
+            side: sig.side,
+            quantity: q.normalize(),
+            price: p.normalize(),
+            fee: trade.fee.normalize(),
+            realized_pnl: trade.realized.normalize(),
+            cash_after: trade.cash_after.normalize(),
+            position_after: trade.position_after.normalize(),
+            cost_basis_after: trade.cost_basis_after.normalize(),
+            gross_entry_after: trade.gross_entry_after.normalize(),
+        }))
+    }
+
+    /// DOMAIN.md's check 10 and the fill: the fee (the signal's, else the portfolio's rate of
+    /// the notional `n`), the cash it needs or leaves, and the position, cost basis and
+    /// realized P&L after it; a rejection when the cash does not cover it.
+    fn fill(
+        &self,
+        sig: &Signal,
+        pos: &Position,
+        n: Decimal,
+    ) -> Result<Result<Fill, Rejection>, DomainError> {
+        let (q, ccy, base) = (sig.quantity, &self.quote_currency, symbol_base(&sig.symbol));
         let fee = match sig.fee {
             Some(f) => f,
             None => mul_round8(n, self.fee_rate).ok_or_else(|| overflow("fee"))?,
         };
-        let trade = match sig.side {
+        let fill = match sig.side {
             Side::Buy => {
                 let cost = exact_add(n, fee).ok_or_else(|| overflow("cost"))?;
                 if cost > self.cash {
@@ -529,21 +560,7 @@ impl PortfolioState {
                 }
             }
         };
-        Ok(Ok(TradeExecuted {
-            portfolio_id: self.portfolio_id.clone(),
-            strategy_id: sig.strategy_id.clone(),
-            trade_id: ctx.new_id,
-            symbol: sig.symbol.clone(),
-            side: sig.side,
-            quantity: q.normalize(),
-            price: p.normalize(),
-            fee: trade.fee.normalize(),
-            realized_pnl: trade.realized.normalize(),
-            cash_after: trade.cash_after.normalize(),
-            position_after: trade.position_after.normalize(),
-            cost_basis_after: trade.cost_basis_after.normalize(),
-            gross_entry_after: trade.gross_entry_after.normalize(),
-        }))
+        Ok(Ok(fill))
     }
 }
 
