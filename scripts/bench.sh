@@ -23,7 +23,8 @@
 #   make bench-modes                             eventual, batch, adaptive at three loads
 #   BENCH_FSYNC=always make bench                only one fsync setting
 #
-# Honours CH_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/cipherhorizon). To run
+# Honours CH_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/cipherhorizon) and
+# BENCH_NATS_PORT (default 14422; its monitoring port is 4000 above it). To run
 # against your own deployment instead, call `chctl bench trade-flow` directly with CH_NATS_URL
 # and CH_SUBJECT_PREFIX set.
 set -euo pipefail
