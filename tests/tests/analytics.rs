@@ -311,4 +311,25 @@ async fn analysis_validates_its_input_and_handles_empty_portfolios() {
     )
     .await
     .err(400, "bad_request");
+    // A period of centuries is refused by its count of points, before any point is listed
+    // (listing 70 million hourly times first took the query worker's memory).
+    let funded = env
+        .cmd(
+            "portfolio.update",
+            json!({"portfolio_id": "p1", "op": "deposit", "amount": "100"}),
+        )
+        .await;
+    let refused = env
+        .request(
+            "query.portfolio.analysis",
+            json!({"portfolio_id": "p1", "to": "9999-12-31T00:00:00Z", "interval": "1h",
+                   "min_stream_seq": funded["stream_seq"]}),
+        )
+        .await
+        .err(400, "bad_request");
+    let message = refused["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("points at interval 1h: at most 20000"),
+        "{message}"
+    );
 }

@@ -220,6 +220,23 @@ pub fn boundaries(
     out
 }
 
+/// How many times [`boundaries`] lists for the same period, counted without listing them: a
+/// request may name a period of centuries, and the caller refuses more points than it serves.
+pub fn boundary_count(from: DateTime<Utc>, to: DateTime<Utc>, interval: Interval) -> u64 {
+    if to <= from {
+        return 1;
+    }
+    let first = interval.next(from);
+    if first >= to {
+        return 2;
+    }
+    // The boundaries first, first + step, ... strictly before `to`.
+    let span = to - first;
+    let (secs, step) = (span.num_seconds(), interval.seconds());
+    let within = secs / step + i64::from(secs % step != 0 || span.subsec_nanos() != 0);
+    2 + within as u64
+}
+
 /// One point of the equity curve of `ch.query.portfolio.analysis`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct CurvePoint {
@@ -830,6 +847,59 @@ mod tests {
             boundaries(t(2026, 1, 1, 0, 0), t(2026, 1, 1, 0, 0), Interval::Day),
             vec![t(2026, 1, 1, 0, 0)]
         );
+    }
+
+    #[test]
+    fn boundaries_are_counted_without_listing_them() {
+        let cases = [
+            (t(2026, 1, 1, 15, 30), t(2026, 1, 4, 0, 0), Interval::Day),
+            (t(2026, 1, 1, 15, 30), t(2026, 1, 3, 6, 0), Interval::Day),
+            (t(2026, 1, 1, 0, 0), t(2026, 1, 3, 0, 0), Interval::Day),
+            (t(2026, 1, 1, 0, 0), t(2026, 1, 1, 0, 0), Interval::Day),
+            (t(2026, 1, 1, 0, 0), t(2026, 1, 1, 0, 1), Interval::Hour),
+            (t(2026, 1, 1, 22, 10), t(2026, 1, 2, 1, 5), Interval::Hour),
+            (t(2026, 1, 1, 22, 10), t(2026, 1, 2, 1, 0), Interval::Hour),
+            (t(2026, 3, 1, 0, 0), t(2026, 1, 1, 0, 0), Interval::Hour),
+        ];
+        for (from, to, interval) in cases {
+            let listed = boundaries(from, to, interval).len() as u64;
+            assert_eq!(
+                boundary_count(from, to, interval),
+                listed,
+                "{from} {to} {interval:?}"
+            );
+        }
+        let (from, to) = (
+            t(2026, 1, 1, 0, 0) + TimeDelta::nanoseconds(1),
+            t(2026, 1, 2, 0, 0),
+        );
+        assert_eq!(
+            boundary_count(from, to, Interval::Hour),
+            boundaries(from, to, Interval::Hour).len() as u64
+        );
+        // Far-away ends: counted in no time and without memory.
+        let far = DateTime::parse_from_rfc3339("9999-12-31T00:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(
+            boundary_count(t(2026, 1, 1, 0, 0), far, Interval::Hour),
+            (far - t(2026, 1, 1, 0, 0)).num_hours() as u64 + 1
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn boundary_count_is_the_length_of_boundaries(
+            from in 0i64..20_000_000, len in -100_000i64..20_000_000, hourly: bool,
+        ) {
+            let start = t(2026, 1, 1, 0, 0) + TimeDelta::seconds(from);
+            let end = start + TimeDelta::seconds(len);
+            let interval = if hourly { Interval::Hour } else { Interval::Day };
+            proptest::prop_assert_eq!(
+                boundary_count(start, end, interval),
+                boundaries(start, end, interval).len() as u64
+            );
+        }
     }
 
     #[test]
