@@ -280,7 +280,9 @@ impl Marks {
                 &[&symbols, &first, &last, &MAX_PRICE_ROWS],
             )
             .await?;
-        if rows.len() as i64 <= MAX_PRICE_ROWS {
+        // Fewer rows than the range's limit: the range is whole. (At the limit it may have been
+        // cut short even when no price precedes the first time, and the lookup added none.)
+        if (rows.len() as i64) < MAX_PRICE_ROWS {
             let mut all: Vec<(String, DateTime<Utc>, i64, Decimal)> = rows
                 .iter()
                 .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
