@@ -314,6 +314,114 @@ async fn the_strategy_projector_reads_only_strategy_events_and_follows_the_strea
     assert_eq!(list["strategies"].as_array().unwrap().len(), 2, "{list}");
 }
 
+/// A rebuild's reset that lands while a projector is still replaying the stream as it starts
+/// (between two of the replay's transactions) makes it replay from the reset checkpoint; it
+/// neither stops nor leaves the read model short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_under_the_starting_projectors_replay_replays_from_scratch() {
+    let mut env = TestEnv::without_projectors().await;
+    env.cmd("strategy.create", strategy("u1", "s1", &["BTC-USDT"]))
+        .await;
+    for p in 0..3 {
+        env.funded(&format!("p{p}"), "u1", "1000", "s1").await;
+    }
+    // The one event that writes a mark, with transactions' worth of events after it.
+    env.cmd("market.price", price("BTC-USDT", "20000")).await;
+    for _ in 0..8 {
+        env.cmd("portfolio.update", deposit("p0", "10")).await;
+    }
+    // Replay transactions of five events (chunks of one); the one with the price waits for
+    // the marks table, which the test holds.
+    env.cfg.replay_batch_max = 5;
+    let hold = lock_table(&env, "marks", "EXCLUSIVE").await;
+    let proj = env.spawn(Worker::ProjPortfolio).await;
+    waits_for_a_lock(&env, &format!("{}-proj-portfolio", env.subjects.prefix())).await;
+    // The reset waits for the replay's transaction, which holds the checkpoint row.
+    let reset_app = format!("{}-test-reset", env.subjects.prefix());
+    let mut cfg = env.app_config();
+    cfg.database_url = with_app_name(&cfg.database_url, &reset_app);
+    let app = App::start(cfg, "test-reset").await.unwrap();
+    let reset = tokio::spawn(async move {
+        projector(&app, PortfolioProjection::default())
+            .unwrap()
+            .reset()
+            .await
+    });
+    waits_for_a_lock(&env, &reset_app).await;
+    hold.batch_execute("ROLLBACK").await.unwrap();
+    reset.await.unwrap().unwrap();
+
+    // Still projecting, and from scratch: a command after the reset is read back with
+    // everything before it.
+    let after = env.cmd("portfolio.update", deposit("p1", "5")).await;
+    let p0 = env.performance_at("p0", seq(&after)).await;
+    assert_eq!(p0["cash"], "1080", "{p0}");
+    proj.stop().await;
+    let live = env.dump_read_model().await;
+    let app = App::start(env.app_config(), "test-rebuild").await.unwrap();
+    assert_same_as_rebuilt(&env, &app, &live).await;
+}
+
+/// A strategy projector (sparse: handed strategy events only, so a hole in the sequences it
+/// sees is no sign of a missing event) whose batch fails for a moment does not lose that batch
+/// to the events delivered after it while it backs off: it catches up from the stream first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sparse_projector_loses_no_failed_batch_to_the_events_after_it() {
+    let env = TestEnv::with_all_workers().await;
+    env.cmd("strategy.create", strategy("u1", "s1", &["BTC-USDT"]))
+        .await;
+    // The first write of s2's row fails as a serialization failure would (SQLSTATE 40001,
+    // which the projector tries again); a sequence counts the tries across rollbacks.
+    env.pg
+        .batch_execute(
+            "CREATE SEQUENCE s2_tries;
+             CREATE FUNCTION fail_s2_once() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF NEW.strategy_id = 's2' AND nextval('s2_tries') = 1 THEN
+                     RAISE EXCEPTION 'injected by the test' USING ERRCODE = '40001';
+                 END IF;
+                 RETURN NEW;
+             END $$;
+             CREATE TRIGGER fail_s2_once BEFORE INSERT OR UPDATE ON strategies
+                 FOR EACH ROW EXECUTE FUNCTION fail_s2_once()",
+        )
+        .await
+        .unwrap();
+    env.cmd("strategy.create", strategy("u1", "s2", &["BTC-USDT"]))
+        .await;
+    // Once that write has failed, s3: delivered while the projector backs off.
+    eventually(|| async {
+        let tried: bool = env
+            .pg
+            .query_one("SELECT is_called FROM s2_tries", &[])
+            .await
+            .unwrap()
+            .get(0);
+        tried.then_some(()).ok_or("s2 not tried yet")
+    })
+    .await;
+    let s3 = env
+        .cmd("strategy.create", strategy("u1", "s3", &["BTC-USDT"]))
+        .await;
+    let list = env
+        .query_at(
+            "strategy.list",
+            json!({"user_id": "u1"}),
+            s3["stream_seq"].as_u64().unwrap(),
+        )
+        .await;
+    let ids: Vec<&str> = list["strategies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["strategy_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 3, "{list}");
+    for id in ["s1", "s2", "s3"] {
+        assert!(ids.contains(&id), "{id} missing: {list}");
+    }
+}
+
 /// A reset under the running portfolio projector (which keeps the rows it folded between
 /// batches) while signals keep coming: it replays, and ends with the read model a rebuild
 /// from scratch leaves.
@@ -785,6 +893,26 @@ async fn lock_table(env: &TestEnv, table: &str, mode: &str) -> tokio_postgres::C
         .await
         .expect("lock");
     session
+}
+
+/// Polls until a session whose application name starts with `app` waits for a lock.
+async fn waits_for_a_lock(env: &TestEnv, app: &str) {
+    eventually(|| async {
+        let n: i64 = env
+            .pg
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE starts_with(application_name, $1) AND wait_event_type = 'Lock'",
+                &[&app],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (n > 0)
+            .then_some(())
+            .ok_or(format!("no session of {app} waits for a lock"))
+    })
+    .await;
 }
 
 /// `database_url` whose sessions carry `name` as their application name instead of their

@@ -21,6 +21,9 @@
 //! - A poison event (undecodable, or a data error in its SQL) is published to the dead-letter
 //!   subject with its error, logged, counted, and skipped; transient errors (a batch, an idle
 //!   check, taking the lock) retry with backoff and are counted in `consecutive_failures`.
+//!   After a failed batch the projector catches up from the stream, from its checkpoint,
+//!   before it takes the consumer's next delivery (which follows the failed batch); a replay
+//!   that finds the checkpoint reset under it starts again from there.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -91,6 +94,10 @@ pub enum ProjectorError {
     Db(#[from] DbError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The checkpoint moved back under a replay (a rebuild reset the read model meanwhile):
+    /// the replay starts again from where it is now.
+    #[error("the checkpoint moved back to {checkpoint} under a replay that had applied up to {applied} (a reset)")]
+    Reset { checkpoint: u64, applied: u64 },
 }
 
 impl ProjectorError {
@@ -99,7 +106,8 @@ impl ProjectorError {
     fn transient(&self) -> bool {
         match self {
             ProjectorError::Db(DbError::Unavailable(_))
-            | ProjectorError::Store(StoreError::Unavailable(_)) => true,
+            | ProjectorError::Store(StoreError::Unavailable(_))
+            | ProjectorError::Reset { .. } => true,
             ProjectorError::Db(DbError::Query(e)) => transient(e),
             ProjectorError::Store(_) => false,
         }
@@ -756,6 +764,17 @@ impl<P: Projection> Projector<P> {
     /// # Errors
     /// [`ProjectorError`] on store or database trouble.
     pub async fn catch_up(&self, to: u64) -> Result<u64, ProjectorError> {
+        loop {
+            match self.catch_up_once(to).await {
+                Err(e @ ProjectorError::Reset { .. }) => {
+                    info!(projection = self.name(), reason = %e, "replaying from the checkpoint");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn catch_up_once(&self, to: u64) -> Result<u64, ProjectorError> {
         let per_tx = self.batch.replay_max.max(1);
         match self.replay(to, Some(per_tx)).await {
             Err(ProjectorError::Db(DbError::Query(e))) if !transient(&e) => {
@@ -840,10 +859,19 @@ impl<P: Projection> Projector<P> {
                 .await
                 .map_err(|e| ProjectorError::from(StoreError::Other(format!("decoding: {e}"))))
         };
-        let skipped = |checkpoint: u64, first: u64| {
-            ProjectorError::from(StoreError::Other(format!(
-                "ordered replay skipped from {checkpoint} to {first}"
-            )))
+        // A chunk that does not follow the checkpoint: a reset moved it back below what this
+        // replay applied (replay again), or the stream lacks events (an error).
+        let skipped = |checkpoint: u64, first: u64, applied: u64| {
+            if checkpoint < applied {
+                ProjectorError::Reset {
+                    checkpoint,
+                    applied,
+                }
+            } else {
+                ProjectorError::from(StoreError::Other(format!(
+                    "ordered replay skipped from {checkpoint} to {first}"
+                )))
+            }
         };
         let write = async {
             let mut last = from;
@@ -854,7 +882,9 @@ impl<P: Projection> Projector<P> {
                 match per_tx {
                     None => match self.apply_robust(&mut chunk).await? {
                         Chunk::Done(s) => last = s,
-                        Chunk::Gap { checkpoint, first } => return Err(skipped(checkpoint, first)),
+                        Chunk::Gap { checkpoint, first } => {
+                            return Err(skipped(checkpoint, first, last))
+                        }
                     },
                     Some(per_tx) => {
                         let mut conn = self.pool.get().await.map_err(DbError::from)?;
@@ -866,7 +896,7 @@ impl<P: Projection> Projector<P> {
                         loop {
                             let events = self
                                 .select(&mut chunk, &mut applied, &mut dead)
-                                .map_err(|g| skipped(g.checkpoint, g.first))?;
+                                .map_err(|g| skipped(g.checkpoint, g.first, last))?;
                             events_in_tx += chunk.len();
                             if let Some(last_event) = events.last().map(|e| e.seq) {
                                 self.projection.apply_batch(&tx, &events, after).await?;
@@ -1130,19 +1160,25 @@ impl<P: Projection> Projector<P> {
             .map_err(|e| StoreError::Unavailable(e.to_string()))?)
     }
 
-    /// Idle (or told of a reset): makes sure nothing was reset behind its back, and
-    /// re-announces where it is for waiters that missed an announcement. The store or the
-    /// database may be away for a moment: it backs off then. `false` on `shutdown`.
-    async fn idle_check(&self, retry: &mut Retry, shutdown: &CancellationToken) -> bool {
+    /// Brings the read model to the stream's head from its checkpoint, and announces where it
+    /// is: when idle or told of a reset (nothing reset behind its back; waiters that missed an
+    /// announcement hear it again), and after a failed batch. The store or the database may be
+    /// away for a moment: it backs off then. Whether it caught up; `None` on `shutdown`.
+    async fn resync(
+        &self,
+        what: &str,
+        retry: &mut Retry,
+        shutdown: &CancellationToken,
+    ) -> Option<bool> {
         match self.catch_up_to_head().await {
             Ok(at) => {
                 retry.succeeded(&self.metrics);
                 self.announce(at).await;
-                true
+                Some(true)
             }
             Err(e) => {
-                retrying(self.name(), "idle check", &e);
-                retry.wait(&self.metrics, shutdown).await
+                retrying(self.name(), what, &e);
+                retry.wait(&self.metrics, shutdown).await.then_some(false)
             }
         }
     }
@@ -1207,9 +1243,24 @@ impl<P: Projection> Projector<P> {
         // The newest applied message not acked yet, and when the last ack went out.
         let mut to_ack: Option<Delivery> = None;
         let mut acked_at = Instant::now();
+        // After a failed batch, the next events come from the stream, from the checkpoint: the
+        // consumer goes on delivering what follows the failed batch (handed back, to come again
+        // later), and a sparse projection, whose sequences have holes anyway, would apply it
+        // and move its checkpoint past the failed events for good.
+        let mut catch_up_first = false;
         let ended = loop {
             if leader_conn.lost() {
                 break Ended::LostLead;
+            }
+            if catch_up_first {
+                match self
+                    .resync("catching up after a failed batch", retry, shutdown)
+                    .await
+                {
+                    Some(caught_up) => catch_up_first = !caught_up,
+                    None => break Ended::Shutdown,
+                }
+                continue;
             }
             let first = tokio::select! {
                 _ = shutdown.cancelled() => break Ended::Shutdown,
@@ -1220,7 +1271,7 @@ impl<P: Projection> Projector<P> {
             let first = match first {
                 Err(()) => {
                     ack(to_ack.take()).await;
-                    if !self.idle_check(retry, shutdown).await {
+                    if self.resync("idle check", retry, shutdown).await.is_none() {
                         break Ended::Shutdown;
                     }
                     continue;
@@ -1286,6 +1337,7 @@ impl<P: Projection> Projector<P> {
                     if !retry.wait(&self.metrics, shutdown).await {
                         break Ended::Shutdown;
                     }
+                    catch_up_first = true;
                 }
             }
         };
