@@ -130,3 +130,71 @@ async fn a_fact_checked_before_a_reconnect_is_read_again_after_it() {
     assert_eq!(fact.version, 2, "{fact:?}");
     assert_eq!(fact.name, "renamed");
 }
+
+/// The server hands out a change notice as the append arrives and stores the event after it
+/// (after its sync with `sync_interval: always`, or a cluster's replication), so a read just
+/// after the notice may not find the event yet. The fact stays noticed until a read finds it:
+/// a signal sent after the change's reply reached its client never decides on the old state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fact_noticed_before_its_event_is_stored_is_read_until_it_is() {
+    use ch_domain::AggregateType;
+    let mut env = TestEnv::new().await;
+    env.start(Worker::CmdStrategy).await;
+    env.cmd("strategy.create", strategy("u1", "s1", &["BTC-USDT"]))
+        .await;
+    let client = ch_runtime::connect_nats(&env.cfg.nats_url, "facts-early-notice")
+        .await
+        .expect("nats");
+    let store = EventStore::open(client.clone(), env.subjects.clone())
+        .await
+        .expect("store");
+    let last = store
+        .last_seq_of(AggregateType::Strategy, "s1")
+        .await
+        .expect("last")
+        .expect("s1 stored");
+    // Notices on a subject of the test's own (one of the stream's would be stored as an
+    // event), trusted for an hour: only a notice can make the repo look again.
+    let notices = format!("{}.test-notices", env.subjects.prefix());
+    let repo: Repo<StrategyState> =
+        Repo::new(store, 16).with_fact_max_age(Duration::from_secs(3600));
+    repo.follow(client.subscribe(format!("{notices}.*")).await.expect("sub"));
+    assert_eq!(repo.fact("s1").await.expect("fact").version, 1);
+
+    // The notice of an update whose event is not stored yet, as the server can send it.
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        "Nats-Expected-Last-Subject-Sequence",
+        last.to_string().as_str(),
+    );
+    client
+        .publish_with_headers(format!("{notices}.s1"), headers, "".into())
+        .await
+        .expect("publish");
+    // A request's reply on the same connection comes after the notice: it is queued now.
+    repo.store()
+        .last_seq_of(AggregateType::Strategy, "s1")
+        .await
+        .expect("read");
+    assert_eq!(
+        repo.fact("s1").await.expect("fact").version,
+        1,
+        "the read after the notice finds the old state"
+    );
+    // The update is stored, its reply sent: the next decision finds it.
+    env.cmd(
+        "strategy.update",
+        json!({"strategy_id": "s1", "strategy_name": "renamed"}),
+    )
+    .await;
+    let fact = repo.fact("s1").await.expect("fact");
+    assert_eq!(fact.version, 2, "{fact:?}");
+    assert_eq!(fact.name, "renamed");
+    // Found: trusted again, no read per decision.
+    env.cmd(
+        "strategy.update",
+        json!({"strategy_id": "s1", "strategy_name": "again"}),
+    )
+    .await;
+    assert_eq!(repo.fact("s1").await.expect("fact").version, 2);
+}

@@ -34,7 +34,7 @@ pub const CONSUMER_PORTFOLIO_JSON: &str =
 /// `nats/consumers/proj_strategy.json`.
 pub const CONSUMER_STRATEGY_JSON: &str = include_str!("../../../nats/consumers/proj_strategy.json");
 
-const EXPECTED_LAST_SUBJECT_SEQ: &str = "Nats-Expected-Last-Subject-Sequence";
+pub(crate) const EXPECTED_LAST_SUBJECT_SEQ: &str = "Nats-Expected-Last-Subject-Sequence";
 /// Clustered streams report a stale expected sequence with this code instead of 10071.
 const ERR_WRONG_LAST_SEQ_CLUSTERED: u64 = 10164;
 /// The message get API's "no message found".

@@ -3,7 +3,7 @@
 //! (across processes, optimistic concurrency takes over). Caches are only caches: an entry can
 //! be dropped at any time and is rebuilt from the stream.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::envelope::StoredEvent;
 use crate::error::StoreError;
-use crate::eventstore::EventStore;
+use crate::eventstore::{EventStore, EXPECTED_LAST_SUBJECT_SEQ};
 
 /// The cached state of one aggregate.
 #[derive(Debug, Default)]
@@ -63,12 +63,30 @@ pub struct Repo<A: Aggregate> {
     store: EventStore,
     entries: Mutex<HashMap<String, Slot<A>>>,
     capacity: usize,
-    /// Aggregates seen changing on the stream since they were cached (see [`Repo::fact`]).
-    stale: Mutex<HashSet<String>>,
+    /// Aggregates seen changing on the stream since they were cached (see [`Repo::fact`]):
+    /// the subject sequence the noticed append expected (its event lands after it), and when
+    /// the notice came.
+    stale: Mutex<HashMap<String, Notice>>,
     /// A core subscription to this aggregate type's subjects: change notices.
     notices: Mutex<Option<async_nats::Subscriber>>,
     /// How long a cached fact is trusted without a change notice.
     fact_max_age: Duration,
+}
+
+/// A change notice: the subject's last sequence the noticed append expected (its event, once
+/// stored, is after it), and when it came.
+#[derive(Debug, Clone, Copy)]
+struct Notice {
+    after: u64,
+    at: Instant,
+}
+
+impl Notice {
+    /// Adds another notice for the same aggregate.
+    fn merge(&mut self, later: Notice) {
+        self.after = self.after.max(later.after);
+        self.at = self.at.max(later.at);
+    }
 }
 
 /// How long a cached fact is trusted without a change notice: a backstop for notices the
@@ -82,7 +100,7 @@ impl<A: Aggregate> Repo<A> {
             store,
             entries: Mutex::new(HashMap::new()),
             capacity: capacity.max(16),
-            stale: Mutex::new(HashSet::new()),
+            stale: Mutex::new(HashMap::new()),
             notices: Mutex::new(None),
             fact_max_age: FACT_MAX_AGE,
         }
@@ -160,6 +178,14 @@ impl<A: Aggregate> Repo<A> {
         *self.notices.lock().expect("notices lock poisoned") = Some(notices);
     }
 
+    /// Marks `id` changed by an append that expected its subject at `after`.
+    fn notice(stale: &mut HashMap<String, Notice>, id: &str, notice: Notice) {
+        stale
+            .entry(id.to_owned())
+            .and_modify(|n| n.merge(notice))
+            .or_insert(notice);
+    }
+
     /// Moves queued change notices into the stale set (never waits).
     fn drain_notices(&self) {
         let mut guard = self.notices.lock().expect("notices lock poisoned");
@@ -169,7 +195,15 @@ impl<A: Aggregate> Repo<A> {
             match futures::StreamExt::next(sub).now_or_never() {
                 Some(Some(msg)) => {
                     let id = msg.subject.rsplit('.').next().unwrap_or_default();
-                    stale.insert(id.to_owned());
+                    // Every append of ours carries the header; without it, any read will do.
+                    let after = msg
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get(EXPECTED_LAST_SUBJECT_SEQ))
+                        .and_then(|v| v.as_str().parse().ok())
+                        .unwrap_or(0);
+                    let at = Instant::now();
+                    Self::notice(&mut stale, id, Notice { after, at });
                 }
                 Some(None) => {
                     // Subscription closed: rely on the age bound from now on.
@@ -186,6 +220,13 @@ impl<A: Aggregate> Repo<A> {
     /// has not been re-established since it was checked; else caught up with the stream.
     /// Saves a round trip per command for facts that rarely change.
     ///
+    /// The server sends a notice as the append arrives and stores the event after it (after
+    /// its sync with `sync_interval: always`, after a majority of a cluster has it), so a
+    /// read just after a notice may not find the event yet: the notice then stays, and every
+    /// read goes to the stream until one finds the event (or, should the append have failed,
+    /// for up to a second). A decision made while the append is on its way is concurrent with
+    /// it; one made after the appender's reply reached a client finds it.
+    ///
     /// # Errors
     /// [`StoreError`] when the store cannot be read.
     pub async fn fact(&self, id: &str) -> Result<A, StoreError> {
@@ -196,10 +237,16 @@ impl<A: Aggregate> Repo<A> {
         let old = entry
             .checked_at
             .is_none_or(|t| t.elapsed() > self.fact_max_age);
-        if noticed || old || entry.checked_connects != connects {
+        if noticed.is_some() || old || entry.checked_connects != connects {
             self.catch_up(id, &mut entry).await?;
             entry.checked_at = Some(Instant::now());
             entry.checked_connects = connects;
+        }
+        if let Some(n) = noticed {
+            if entry.last_seq <= n.after && n.at.elapsed() < self.fact_max_age {
+                // The noticed event is not stored yet: read again next time.
+                Self::notice(&mut self.stale.lock().expect("stale lock poisoned"), id, n);
+            }
         }
         Ok(entry.state.clone())
     }
