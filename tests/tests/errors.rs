@@ -669,6 +669,64 @@ async fn oversized_payload_never_reaches_a_worker() {
     assert_eq!(version(&ok), before + 1);
 }
 
+/// A request within the max payload whose event would not be (rules whose decimals the event
+/// spells out in full) is a `bad_request` at once: the server would never take it, so it is
+/// not `unavailable` ("safe to retry"), and nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_event_exceeds_the_max_payload_is_bad_request() {
+    let env = setup().await;
+    let max = env.client.server_info().max_payload;
+    let rule = |i: usize| {
+        format!(
+            r#"{{"rule_id":"r{i}","symbol":"*","stake":{{"mode":"fixed_quote","value":1e20}}}}"#
+        )
+    };
+    let mut rules = Vec::new();
+    let mut size = 0;
+    while size < max * 9 / 10 {
+        let r = rule(rules.len());
+        size += r.len() + 1;
+        rules.push(r);
+    }
+    let body = format!(
+        r#"{{"strategy_id":"big","user_id":"u1","strategy_name":"big","rules":[{}],
+            "risk_profile":{{"allowed_symbols":["BTC-USDT"],"max_open_positions":3,
+            "max_order_notional":"50000","max_position_notional":"100000","max_leverage":1}}}}"#,
+        rules.join(",")
+    );
+    assert!(
+        body.len() < max,
+        "the request itself fits: {} of {max}",
+        body.len()
+    );
+    let create = command(&env, "strategy.create", (STRATEGY, "big"));
+    create
+        .refused(body.as_str(), BAD_REQUEST, &["too large", "max_payload"])
+        .await;
+    env.request("query.strategy.get", json!({"strategy_id": "big"}))
+        .await
+        .err(404, "not_found");
+}
+
+/// An error message quotes the request (here an unknown field's name); one that quoted a large
+/// request in full, in the header and the body, would make a reply above the max payload that
+/// is never sent, and the client would wait for its timeout. Messages are cut short instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_quoting_a_large_request_is_cut_short_and_sent() {
+    let env = setup().await;
+    let field = "x".repeat(600 * 1024);
+    let body = format!(r#"{{"portfolio_id":"p1","op":"rename","name":"n","{field}":1}}"#);
+    let update = command(&env, "portfolio.update", (PORTFOLIO, "p1"));
+    let message = update
+        .refused(body.as_str(), BAD_REQUEST, &["unknown field", "[...]"])
+        .await;
+    assert!(
+        message.len() <= ch_runtime::error::MAX_MESSAGE + 16,
+        "{} bytes",
+        message.len()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_signals_are_bad_request_invalid_quantities_are_stored_rejections() {
     let env = setup().await;

@@ -9,6 +9,24 @@ use ch_domain::DomainError;
 use serde_json::json;
 use thiserror::Error;
 
+/// The longest error message sent, in bytes: messages quote the request (an unknown field's
+/// name, a value), and a reply that quotes a large one twice (header and body) would exceed
+/// the server's max payload and never be sent.
+pub const MAX_MESSAGE: usize = 1024;
+
+/// `message` cut to [`MAX_MESSAGE`] bytes (at a character boundary), marked where cut.
+fn clip(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE {
+        let mut cut = MAX_MESSAGE;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+        message.push_str(" [...]");
+    }
+    message
+}
+
 /// An error reply: `Nats-Service-Error(-Code)` headers and `{"error": {...}}` body.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[error("{code} ({status}): {message}")]
@@ -27,7 +45,7 @@ impl ApiError {
         ApiError {
             status,
             code: code.into(),
-            message: message.into(),
+            message: clip(message.into()),
         }
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -89,6 +107,9 @@ pub enum StoreError {
     /// NATS or JetStream is unreachable or timed out: retry later.
     #[error("event store unavailable: {0}")]
     Unavailable(String),
+    /// The event is larger than the server or the stream takes: it never will be stored.
+    #[error("the event is too large to store: {0}")]
+    TooLarge(String),
     /// A stored event could not be read.
     #[error(transparent)]
     Decode(#[from] DecodeError),
@@ -102,6 +123,9 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::Conflict => ApiError::conflict("the aggregate changed concurrently"),
             StoreError::Unavailable(m) => ApiError::unavailable(m),
+            e @ StoreError::TooLarge(_) => ApiError::bad_request(format!(
+                "{e}: the request makes an event above the server's max_payload; make it smaller"
+            )),
             StoreError::Decode(d) => ApiError::new(500, "internal", d.to_string()),
             StoreError::Other(m) => ApiError::new(500, "internal", m),
         }

@@ -39,6 +39,12 @@ pub(crate) const EXPECTED_LAST_SUBJECT_SEQ: &str = "Nats-Expected-Last-Subject-S
 const ERR_WRONG_LAST_SEQ_CLUSTERED: u64 = 10164;
 /// The message get API's "no message found".
 const ERR_NO_MESSAGE: u64 = 10037;
+/// JetStream's refusal of a message above the stream's `max_msg_size`.
+const ERR_MESSAGE_TOO_LARGE: u64 = 10054;
+/// JetStream's refusals of a publish that another try may get past (nothing was stored):
+/// no cluster quorum (10008), insufficient resources (10023), the store failed (10077), the
+/// stream full (10122), too many publishes queued for the stream (10167, 2.11+).
+const RETRYABLE_PUBLISH_ERRORS: [u64; 5] = [10008, 10023, 10077, 10122, 10167];
 
 /// The stream definition for a prefix: `nats/stream.json` with name and subjects replaced.
 ///
@@ -402,7 +408,12 @@ impl EventStore {
             .js
             .publish_with_headers(subject, headers, body.into())
             .await
-            .map_err(unavailable)?
+            .map_err(|e| match e.kind() {
+                jetstream::context::PublishErrorKind::MaxPayloadExceeded => {
+                    StoreError::TooLarge(e.to_string())
+                }
+                _ => unavailable(e),
+            })?
             .await;
         match ack {
             Ok(ack) => Ok(Appended {
@@ -757,14 +768,16 @@ fn classify_publish_error(e: jetstream::context::PublishError) -> StoreError {
     match e.kind() {
         K::WrongLastSequence => StoreError::Conflict,
         K::TimedOut | K::BrokenPipe | K::StreamNotFound | K::MaxAckPending => unavailable(e),
+        K::MaxPayloadExceeded => StoreError::TooLarge(e.to_string()),
         _ => {
-            let clustered_conflict = std::error::Error::source(&e)
+            let code = std::error::Error::source(&e)
                 .and_then(|s| s.downcast_ref::<jetstream::Error>())
-                .is_some_and(|j| j.error_code().0 == ERR_WRONG_LAST_SEQ_CLUSTERED);
-            if clustered_conflict {
-                StoreError::Conflict
-            } else {
-                StoreError::Other(e.to_string())
+                .map(|j| j.error_code().0);
+            match code {
+                Some(ERR_WRONG_LAST_SEQ_CLUSTERED) => StoreError::Conflict,
+                Some(ERR_MESSAGE_TOO_LARGE) => StoreError::TooLarge(e.to_string()),
+                Some(c) if RETRYABLE_PUBLISH_ERRORS.contains(&c) => unavailable(e),
+                _ => StoreError::Other(e.to_string()),
             }
         }
     }
