@@ -314,6 +314,60 @@ async fn the_strategy_projector_reads_only_strategy_events_and_follows_the_strea
     assert_eq!(list["strategies"].as_array().unwrap().len(), 2, "{list}");
 }
 
+/// A worker told to stop (SIGTERM in a rolling restart) answers every request the queue
+/// group handed it already, rather than leaving its clients to their timeouts; and what it
+/// answered as stored is stored, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_worker_answers_every_request_it_was_handed() {
+    use futures::StreamExt;
+    let env = TestEnv::new().await;
+    let worker = env.spawn(Worker::CmdStrategy).await;
+    env.wait_ping(Worker::CmdStrategy).await;
+    let subject = format!("{}.cmd.strategy.create", env.subjects.prefix());
+    let inbox = env.client.new_inbox();
+    let mut replies = env.client.subscribe(format!("{inbox}.*")).await.unwrap();
+    const N: usize = 300;
+    for i in 0..N {
+        let body = serde_json::to_vec(&strategy("u1", &format!("s{i}"), &["BTC-USDT"])).unwrap();
+        env.client
+            .publish_with_reply(subject.clone(), format!("{inbox}.{i}"), body.into())
+            .await
+            .unwrap();
+    }
+    // A round trip of this connection after the requests: the server has routed them all to
+    // the worker (its only subscriber) once it is answered. Then the worker is told to stop,
+    // with most of them still queued for it.
+    let nobody = async_nats::Request::new().timeout(Some(std::time::Duration::from_secs(5)));
+    let _ = env
+        .client
+        .send_request(env.client.new_inbox(), nobody)
+        .await;
+    worker.stop().await;
+
+    let mut answered = std::collections::BTreeSet::new();
+    while answered.len() < N {
+        let next = tokio::time::timeout(ch_e2e::PATIENCE, replies.next()).await;
+        let msg = next
+            .unwrap_or_else(|_| {
+                let missing = (0..N).find(|i| !answered.contains(i)).unwrap_or(N);
+                panic!("{} of {N} answered; s{missing} not", answered.len())
+            })
+            .unwrap();
+        let i: usize = msg.subject.rsplit('.').next().unwrap().parse().unwrap();
+        let v: Value = serde_json::from_slice(&msg.payload).unwrap();
+        assert_eq!(v["version"], 1, "s{i}: {v}");
+        assert!(answered.insert(i), "s{i} answered twice");
+    }
+    for i in [0, N / 2, N - 1] {
+        let id = format!("s{i}");
+        assert_eq!(
+            env.subject_count(AggregateType::Strategy, &id).await,
+            1,
+            "{id}"
+        );
+    }
+}
+
 /// A rebuild's reset that lands while a projector is still replaying the stream as it starts
 /// (between two of the replay's transactions) makes it replay from the reset checkpoint; it
 /// neither stops nor leaves the read model short.

@@ -4,7 +4,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_nats::service::ServiceExt;
 use async_nats::Message;
@@ -56,7 +56,8 @@ pub struct ServiceSpec {
     pub endpoints: Vec<EndpointSpec>,
 }
 
-/// Serves `spec` until `shutdown` fires, then stops taking requests, lets the ones in flight
+/// Serves `spec` until `shutdown` fires, then stops taking requests, answers those it was
+/// handed already (queued for it, which no other replica will see), lets the ones in flight
 /// finish, and returns.
 ///
 /// # Errors
@@ -91,60 +92,57 @@ pub async fn serve<H: Handler>(
         let metrics = metrics.clone();
         let name = ep.name.clone();
         let permits = permits.clone();
+        let client = client.clone();
         loops.push(tokio::spawn(async move {
+            let serve_one = |request: async_nats::service::Request| {
+                let permits = permits.clone();
+                let handler = handler.clone();
+                let metrics = metrics.clone();
+                let name = name.clone();
+                let tracker = tracker.clone();
+                async move {
+                    let Ok(permit) = permits.acquire_owned().await else {
+                        return;
+                    };
+                    let span = tracing::info_span!(
+                        "request",
+                        endpoint = %name,
+                        subject = %request.message.subject,
+                        aggregate_id = tracing::field::Empty,
+                        command_id = tracing::field::Empty,
+                    );
+                    tracker.spawn(
+                        async move {
+                            respond(&*handler, &name, &metrics, request).await;
+                            drop(permit);
+                        }
+                        .instrument(span),
+                    );
+                }
+            };
             loop {
                 let request = tokio::select! {
                     _ = shutdown.cancelled() => break,
                     r = endpoint.next() => match r { Some(r) => r, None => break },
                 };
-                let Ok(permit) = permits.clone().acquire_owned().await else {
-                    break;
-                };
-                let handler = handler.clone();
-                let metrics = metrics.clone();
-                let name = name.clone();
-                let span = tracing::info_span!(
-                    "request",
-                    endpoint = %name,
-                    subject = %request.message.subject,
-                    aggregate_id = tracing::field::Empty,
-                    command_id = tracing::field::Empty,
-                );
-                tracker.spawn(
-                    async move {
-                        let started = Instant::now();
-                        let result = handler.handle(&name, &request.message).await;
-                        let sent = match &result {
-                            Ok(v) => {
-                                let body =
-                                    Bytes::from(serde_json::to_vec(v).expect("json serializes"));
-                                request.respond(Ok(body)).await
-                            }
-                            Err(e) => {
-                                if e.status >= 500 {
-                                    error!(code = %e.code, error = %e.message, "request failed");
-                                } else {
-                                    info!(code = %e.code, error = %e.message, "request refused");
-                                }
-                                request
-                                    .respond_with_headers(Ok(e.body()), e.headers())
-                                    .await
-                            }
-                        };
-                        metrics.request(
-                            &name,
-                            started.elapsed(),
-                            result.as_ref().err().map(|e| e.code.as_ref()),
-                        );
-                        if let Err(e) = sent {
-                            warn!(error = %e, "could not send the reply");
-                        }
-                        drop(permit);
-                    }
-                    .instrument(span),
-                );
+                serve_one(request).await;
             }
+            // Stop taking requests, then answer those this replica was handed already: the
+            // queue group gave them to it, and no other replica will see them. The client drops
+            // what arrives for a subscription it has ended, so first a round trip: its answer
+            // comes after every request the server routed here before it, which are then
+            // queued (those routed between it and the unsubscribe are lost: a client's retry
+            // with its `command_id` is answered by another replica).
+            round_trip(&client).await;
             let _ = endpoint.stop().await;
+            let mut drained = 0;
+            while let Some(request) = endpoint.next().await {
+                serve_one(request).await;
+                drained += 1;
+            }
+            if drained > 0 {
+                info!(endpoint = %name, requests = drained, "answering requests received before stopping");
+            }
         }));
     }
     info!(service = %spec.name, endpoints = spec.endpoints.len(), "serving");
@@ -157,4 +155,47 @@ pub async fn serve<H: Handler>(
     let _ = service.stop().await;
     info!(service = %spec.name, "stopped");
     Ok(())
+}
+
+/// A request to a subject nobody serves, answered by the server ("no responders") after it
+/// has sent this connection everything routed to it before.
+async fn round_trip(client: &async_nats::Client) {
+    let request = async_nats::Request::new().timeout(Some(Duration::from_secs(2)));
+    let _ = client.send_request(client.new_inbox(), request).await;
+}
+
+/// Handles one request and sends its reply (an error reply with the API's headers and body),
+/// counting it in `metrics`.
+async fn respond<H: Handler>(
+    handler: &H,
+    name: &str,
+    metrics: &Metrics,
+    request: async_nats::service::Request,
+) {
+    let started = Instant::now();
+    let result = handler.handle(name, &request.message).await;
+    let sent = match &result {
+        Ok(v) => {
+            let body = Bytes::from(serde_json::to_vec(v).expect("json serializes"));
+            request.respond(Ok(body)).await
+        }
+        Err(e) => {
+            if e.status >= 500 {
+                error!(code = %e.code, error = %e.message, "request failed");
+            } else {
+                info!(code = %e.code, error = %e.message, "request refused");
+            }
+            request
+                .respond_with_headers(Ok(e.body()), e.headers())
+                .await
+        }
+    };
+    metrics.request(
+        name,
+        started.elapsed(),
+        result.as_ref().err().map(|e| e.code.as_ref()),
+    );
+    if let Err(e) = sent {
+        warn!(error = %e, "could not send the reply");
+    }
 }
