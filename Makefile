@@ -16,7 +16,7 @@ help:
 	@echo "make bench      the trade-flow benchmark on a stack of its own (BENCH_ARGS=--quick for a smoke run)"
 	@echo "make bench-modes  CH_SYNC eventual, batch and adaptive side by side at three loads (about 8 min after the release build)"
 	@echo "make lint       rustfmt check and clippy (warnings are errors)"
-	@echo "make clean-run  remove .run (logs, pid files, the dev server's store)"
+	@echo "make clean-run  stop what make up started, then remove .run (logs, pid files, the dev server's store)"
 
 venv:
 	@scripts/venv.sh
@@ -35,7 +35,9 @@ down:
 	@$(CHCTL) down
 	@scripts/nats.sh stop
 
-test: venv pg
+# The Postgres checked (and started if local) is the tests' own, CH_TEST_DATABASE_URL's.
+test: venv
+	@CH_DATABASE_URL="$${CH_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/ch_test}" scripts/pg.sh
 	@scripts/test.sh
 
 # BENCH_ARGS: extra arguments of `chctl bench trade-flow` (e.g. --quick); BENCH_SYNC_MODES:
@@ -59,5 +61,6 @@ lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
-clean-run:
+# Stops what runs first: its pid files and the server's store are in .run.
+clean-run: down
 	rm -rf .run

@@ -14,7 +14,9 @@ detach=
 
 # One read-model schema per subject prefix (two prefixes must not share checkpoints).
 if [[ -n ${CH_SUBJECT_PREFIX:-} && ${CH_SUBJECT_PREFIX} != ch && -z ${CH_DB_SCHEMA:-} ]]; then
-    export CH_DB_SCHEMA=${CH_SUBJECT_PREFIX//-/_}
+    # Lower case: the schema goes into search_path unquoted, where Postgres folds it.
+    schema=${CH_SUBJECT_PREFIX//-/_}
+    export CH_DB_SCHEMA=${schema,,}
     echo "CH_SUBJECT_PREFIX=$CH_SUBJECT_PREFIX: read models in schema CH_DB_SCHEMA=$CH_DB_SCHEMA"
 fi
 
@@ -40,8 +42,16 @@ else
 fi
 
 if [[ -n $detach ]]; then
-    # Keep the server if the workers came up: `make down` stops both.
-    target/debug/chctl up --detach --demo && started_nats=
+    # Keep the server if the workers came up and the demo loaded: `make down` stops both.
+    # Otherwise stop the workers too, rather than leave them retrying a server stopped here.
+    rc=0
+    target/debug/chctl up --detach --demo || rc=$?
+    if [[ $rc == 0 ]]; then
+        started_nats=
+    else
+        target/debug/chctl down || true
+        exit "$rc"
+    fi
 else
     # The foreground job gets the terminal's Ctrl-C; chctl drains its workers and returns,
     # then the trap stops the nats-server started here.

