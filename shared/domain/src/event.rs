@@ -191,6 +191,12 @@ pub struct TradeExecuted {
     pub cost_basis_after: Decimal,
     /// The position's gross entry (fees excluded) after the fill.
     pub gross_entry_after: Decimal,
+    /// The portfolio's equity just after the fill: cash, this position at the fill price, the
+    /// others at the marks known when the signal was decided (at their average entry price
+    /// without one). It feeds the high-water mark of the drawdown halt. Absent from events
+    /// stored before it was added, which fold as they did (the others at their cost).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub equity_after: Option<Decimal>,
 }
 
 /// The signal as it was received, kept on a rejection.

@@ -470,7 +470,32 @@ impl PortfolioState {
             position_after: trade.position_after.normalize(),
             cost_basis_after: trade.cost_basis_after.normalize(),
             gross_entry_after: trade.gross_entry_after.normalize(),
+            equity_after: Some(self.equity_after(sig, &trade, &facts.marks)?.normalize()),
         }))
+    }
+
+    /// The equity right after `trade`: its cash, the traded position at the fill price and
+    /// every other position at its mark (at its average entry price without one).
+    fn equity_after(
+        &self,
+        sig: &Signal,
+        trade: &Fill,
+        marks: &BTreeMap<String, Decimal>,
+    ) -> Result<Decimal, DomainError> {
+        let mut equity = trade
+            .position_after
+            .checked_mul(sig.price)
+            .and_then(|v| v.checked_add(trade.cash_after));
+        for (sym, p) in &self.positions {
+            if *sym != sig.symbol {
+                let value = match marks.get(sym) {
+                    Some(m) => p.quantity.checked_mul(*m),
+                    None => Some(p.gross_entry),
+                };
+                equity = equity.zip(value).and_then(|(e, v)| e.checked_add(v));
+            }
+        }
+        equity.ok_or_else(|| overflow("equity"))
     }
 
     /// DOMAIN.md's check 10 and the fill: the fee (the signal's, else the portfolio's rate of
@@ -636,14 +661,18 @@ impl Aggregate for PortfolioState {
                 }
                 self.realized_pnl = self.realized_pnl.saturating_add(e.realized_pnl);
                 self.fees_paid = self.fees_paid.saturating_add(e.fee);
-                let mut equity = e
-                    .cash_after
-                    .saturating_add(e.position_after.saturating_mul(e.price));
-                for (sym, p) in &self.positions {
-                    if *sym != e.symbol {
-                        equity = equity.saturating_add(p.gross_entry);
+                let equity = e.equity_after.unwrap_or_else(|| {
+                    // Stored before events carried it: the other positions at their cost.
+                    let mut equity = e
+                        .cash_after
+                        .saturating_add(e.position_after.saturating_mul(e.price));
+                    for (sym, p) in &self.positions {
+                        if *sym != e.symbol {
+                            equity = equity.saturating_add(p.gross_entry);
+                        }
                     }
-                }
+                    equity
+                });
                 self.high_water_equity = self.high_water_equity.max(equity);
             }
             _ => {}
@@ -1279,7 +1308,87 @@ mod tests {
                 position_after: dec("0.1"),
                 cost_basis_after: dec("2002"),
                 gross_entry_after: dec("2000"),
+                equity_after: Some(dec("24998")),
             })]);
+    }
+
+    /// The high-water mark after a fill counts the other positions at their marks: a position
+    /// that lost value is not counted at its cost, which made a halt of a portfolio whose
+    /// equity never fell.
+    #[test]
+    fn the_high_water_mark_values_other_positions_at_their_marks() {
+        let p = RiskProfile {
+            max_drawdown_pct: Some(dec("0.15")),
+            ..profile()
+        };
+        let mut st =
+            given::<PortfolioState>(vec![opened(), deposited("10000", "10000"), attached(S)])
+                .state()
+                .clone();
+        let trade = |symbol: &str, side: Side, q: &str, px: &str| {
+            PortfolioCommand::ExecuteSignal(Signal {
+                strategy_id: S.into(),
+                symbol: symbol.into(),
+                side,
+                quantity: dec(q),
+                price: dec(px),
+                fee: Some(dec("0")),
+            })
+        };
+        let f = facts_with(p);
+        step(&mut st, &trade("ETH-USDT", Side::Buy, "1", "5000"), &f).unwrap();
+        step(&mut st, &trade("BTC-USDT", Side::Buy, "1", "1000"), &f).unwrap();
+        assert_eq!(st.high_water_equity, dec("10000"));
+        // ETH falls to 3000 as BTC rises to 3000: equity stays 10000 (cash 4000).
+        let marked = PortfolioFacts {
+            marks: [
+                ("ETH-USDT".to_string(), dec("3000")),
+                ("BTC-USDT".to_string(), dec("3000")),
+            ]
+            .into(),
+            ..f.clone()
+        };
+        let sold = step(
+            &mut st,
+            &trade("BTC-USDT", Side::Sell, "1", "3000"),
+            &marked,
+        )
+        .unwrap();
+        let Event::TradeExecuted(t) = &sold[0] else {
+            panic!("{sold:?}")
+        };
+        assert_eq!(t.equity_after, Some(dec("10000")));
+        assert_eq!(
+            st.high_water_equity,
+            dec("10000"),
+            "not 7000 + ETH at its cost 5000"
+        );
+        let ev = st
+            .decide(
+                &trade("BTC-USDT", Side::Buy, "0.1", "3000"),
+                &marked,
+                &ctx(),
+            )
+            .unwrap();
+        assert!(matches!(&ev[0], Event::TradeExecuted(_)), "{ev:?}");
+
+        // An event stored before `equity_after` folds as it did: the others at their cost.
+        let mut old = t.clone();
+        old.equity_after = None;
+        let mut replayed = given::<PortfolioState>(vec![opened(), deposited("10000", "10000")])
+            .state()
+            .clone();
+        replayed.positions = [(
+            "ETH-USDT".to_string(),
+            Position {
+                quantity: dec("1"),
+                cost_basis: dec("5000"),
+                gross_entry: dec("5000"),
+            },
+        )]
+        .into();
+        replayed.apply(&Event::TradeExecuted(old), ctx().at);
+        assert_eq!(replayed.high_water_equity, dec("12000"));
     }
 
     #[test]

@@ -1069,6 +1069,7 @@ mod tests {
             position_after: dec("0.5"),
             cost_basis_after: dec("10010"),
             gross_entry_after: dec("10000"),
+            equity_after: Some(dec("24990")),
         };
         assert_eq!(
             reply_extra(&Event::TradeExecuted(t)),

@@ -24,8 +24,9 @@ use crate::service::{self, Handler};
 use crate::SyncMode;
 use std::time::Duration;
 
-/// Loads what a portfolio decision needs: the strategy a command names, and the marks of the
-/// portfolio's symbols when the strategy's risk profile has a drawdown halt.
+/// Loads what a portfolio decision needs: the strategy a command names, and for a signal the
+/// marks of the portfolio's symbols (the drawdown halt's equity, and the equity after the fill
+/// that keeps its high-water mark).
 struct PortfolioFactSource {
     strategies: Arc<Executor<StrategyState>>,
     markets: Arc<Executor<MarketState>>,
@@ -53,12 +54,7 @@ impl FactSource<PortfolioState> for PortfolioFactSource {
                 facts.strategy = Some(s);
             }
         }
-        let halt = facts
-            .strategy
-            .as_ref()
-            .and_then(|s| s.risk_profile.as_ref())
-            .is_some_and(|r| r.max_drawdown_pct.is_some());
-        if let (true, PortfolioCommand::ExecuteSignal(_)) = (halt, command) {
+        if let PortfolioCommand::ExecuteSignal(_) = command {
             for symbol in state.positions.keys() {
                 if let Some(p) = self.markets.repo().fact(symbol).await?.price {
                     facts.marks.insert(symbol.clone(), p);

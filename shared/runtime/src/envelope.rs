@@ -186,6 +186,7 @@ mod tests {
                 position_after: d("0"),
                 cost_basis_after: d("0"),
                 gross_entry_after: d("0"),
+                equity_after: Some(d("10000.5")),
             }),
             Event::MarketPriceRecorded(MarketPriceRecorded {
                 symbol: "ETH-USDT".into(),
