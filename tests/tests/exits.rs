@@ -202,7 +202,7 @@ async fn a_trailing_stop_sells_the_whole_position_exactly_once() {
             "BTC-USDT",
             "2",
             "107",
-            exit_command_id("p1", "BTC-USDT", opened, ExitKind::TrailingStop)
+            exit_command_id("p1", "BTC-USDT", opened, ExitKind::TrailingStop, ("s1", 1))
         )]
     );
     // open, deposit, attach, buy, sell: nothing else (no rejected repeats).
@@ -261,19 +261,19 @@ async fn stop_loss_and_take_profit_fire_once_each_per_round_trip() {
                 "BTC-USDT",
                 "1",
                 "95",
-                exit_command_id("p1", "BTC-USDT", btc, ExitKind::StopLoss)
+                exit_command_id("p1", "BTC-USDT", btc, ExitKind::StopLoss, ("s1", 1))
             ),
             sell(
                 "ETH-USDT",
                 "0.5",
                 "2200",
-                exit_command_id("p1", "ETH-USDT", eth, ExitKind::TakeProfit)
+                exit_command_id("p1", "ETH-USDT", eth, ExitKind::TakeProfit, ("s1", 1))
             ),
             sell(
                 "BTC-USDT",
                 "1",
                 "85.5",
-                exit_command_id("p1", "BTC-USDT", btc2, ExitKind::StopLoss)
+                exit_command_id("p1", "BTC-USDT", btc2, ExitKind::StopLoss, ("s1", 1))
             ),
         ]
     );
@@ -359,7 +359,7 @@ async fn workers_running_side_by_side_sell_once() {
         assert!(px <= rust_decimal::Decimal::from(107), "{id}: sold at {px}");
         assert_eq!(
             cid,
-            &exit_command_id(id, "BTC-USDT", *opened, kind).to_string(),
+            &exit_command_id(id, "BTC-USDT", *opened, kind, ("s1", 1)).to_string(),
             "{id}: sold at {px}"
         );
         assert_eq!(env.subject_count(AggregateType::Portfolio, id).await, 5);
@@ -369,4 +369,77 @@ async fn workers_running_side_by_side_sell_once() {
         .await
         .expect("joins")
         .expect("the other worker stops cleanly");
+}
+
+/// An exit the risk checks reject (here the position's notional is above the strategy's
+/// `max_order_notional`) is not sent again on every later price, which would store a rejection
+/// each; once the strategy changes (the limit raised), the next price that fires sells.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rejected_exit_is_tried_again_once_the_strategy_changes() {
+    let mut env = TestEnv::with_all_workers().await;
+    env.start(Worker::ExitTriggers).await;
+    let mut created = strategy_with_exits("s1", &["BTC-USDT"], json!({"stop_loss_pct": "0.05"}));
+    env.cmd("strategy.create", created.clone()).await;
+    portfolio(&env, "p1", "s1").await;
+    // Two buys of 0.5 at 1000, each within a limit of 900; the whole position at the stop
+    // (1 at 950) is not.
+    buy(&env, "p1", "s1", "BTC-USDT", "0.5", "1000").await;
+    let mut limited = created["risk_profile"].clone();
+    limited["max_order_notional"] = json!("600");
+    env.cmd(
+        "strategy.update",
+        json!({"strategy_id": "s1", "risk_profile": limited}),
+    )
+    .await;
+    buy(&env, "p1", "s1", "BTC-USDT", "0.5", "1000").await;
+    let last = prices(&env, "BTC-USDT", &["950", "940", "930"]).await;
+    let s = status_evaluated(&env, last).await;
+    assert_eq!(
+        s["counters"]["sells_rejected"], 1,
+        "one rejection, not one per price: {s}"
+    );
+    let perf = performance(&env, "p1").await;
+    assert_eq!(perf["rejected_signals"], 1, "{perf}");
+    assert_eq!(perf["fill_count"], 2, "{perf}");
+
+    // The limit raised: the next price below the stop sells the whole position.
+    created["risk_profile"]["max_order_notional"] = json!("1000000");
+    env.cmd(
+        "strategy.update",
+        json!({"strategy_id": "s1", "risk_profile": created["risk_profile"]}),
+    )
+    .await;
+    prices(&env, "BTC-USDT", &["920"]).await;
+    let perf = wait_performance(&env, "p1", |p| p["fill_count"] == 3).await;
+    assert_eq!(perf["positions"], json!([]), "{perf}");
+    let sold = sells(&env, "p1").await;
+    assert_eq!(sold.len(), 1, "{sold:?}");
+    assert_eq!(
+        (sold[0].1.as_str(), sold[0].2.as_str()),
+        ("1", "920"),
+        "{sold:?}"
+    );
+}
+
+/// A consumer made by an earlier version, with a delivery limit (20), is updated to none as
+/// the worker starts: prices given back while the read models lag are never dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_exit_consumer_loses_its_delivery_limit() {
+    let mut env = TestEnv::with_all_workers().await;
+    let js = async_nats::jetstream::new(env.client.clone());
+    let stream = js
+        .get_stream(env.subjects.stream_name())
+        .await
+        .expect("stream");
+    let mut old =
+        ch_readmodel::exits::consumer_config(env.subjects.prefix(), ch_readmodel::exits::DURABLE)
+            .unwrap();
+    old.max_deliver = 20;
+    stream.create_consumer(old).await.expect("the old consumer");
+    env.start(Worker::ExitTriggers).await;
+    let info = stream
+        .consumer_info(ch_readmodel::exits::DURABLE)
+        .await
+        .expect("consumer info");
+    assert_eq!(info.config.max_deliver, -1, "{:?}", info.config);
 }

@@ -27,8 +27,11 @@
 //! strategy without exits does not silence another strategy's stop.
 //!
 //! **Exactly once.** The sell's `command_id` is a UUID v5 over the portfolio, the symbol, the
-//! round trip's opening stream sequence and the kind ([`exit_command_id`]): a restarted or a
-//! second worker re-sends the same id, which the command side answers with the first result.
+//! round trip's opening stream sequence, the kind, and the strategy whose rule fired at its
+//! version ([`exit_command_id`]): a restarted or a second worker re-sends the same id, which
+//! the command side answers with the first result. An exit the risk checks rejected is tried
+//! again once the strategy changes (a raised limit, another strategy's rule now applying),
+//! not on every later price, which would store a rejection each.
 
 use rust_decimal::Decimal;
 use uuid::Uuid;
@@ -148,6 +151,8 @@ pub fn evaluate(rule: &StrategyRule, f: &PositionFacts) -> Option<ExitTrigger> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttachedStrategy {
     pub strategy_id: String,
+    /// The strategy's version (its events so far): part of its exits' command ids.
+    pub version: u64,
     pub rules: Vec<StrategyRule>,
     pub risk_profile: RiskProfile,
 }
@@ -181,10 +186,18 @@ pub fn exit_rule<'a>(
 /// Namespace of exit `command_id`s (a fixed random UUID).
 const EXIT_NAMESPACE: Uuid = Uuid::from_u128(0x6a1c_93e4_7d0b_4f5e_9b2a_0c8e_5d41_f7a3);
 
-/// The deterministic `command_id` of the exit sell of one round trip and trigger kind.
-pub fn exit_command_id(portfolio_id: &str, symbol: &str, opened_seq: u64, kind: ExitKind) -> Uuid {
+/// The deterministic `command_id` of the exit sell of one round trip and trigger kind, by the
+/// rule of `strategy` (its id and version).
+pub fn exit_command_id(
+    portfolio_id: &str,
+    symbol: &str,
+    opened_seq: u64,
+    kind: ExitKind,
+    strategy: (&str, u64),
+) -> Uuid {
+    let (strategy_id, version) = strategy;
     let name = format!(
-        "exit/{portfolio_id}/{symbol}/{opened_seq}/{}",
+        "exit/{portfolio_id}/{symbol}/{opened_seq}/{}/{strategy_id}@{version}",
         kind.as_str()
     );
     Uuid::new_v5(&EXIT_NAMESPACE, name.as_bytes())
@@ -213,10 +226,20 @@ pub fn decide_exit(
 ) -> Option<ExitDecision> {
     let (strategy_id, rule) = exit_rule(strategies, symbol)?;
     let trigger = evaluate(rule, facts)?;
+    let version = strategies
+        .iter()
+        .find(|s| s.strategy_id == strategy_id)
+        .map_or(0, |s| s.version);
     Some(ExitDecision {
         strategy_id: strategy_id.to_owned(),
         rule_id: rule.rule_id.clone(),
-        command_id: exit_command_id(portfolio_id, symbol, opened_seq, trigger.kind),
+        command_id: exit_command_id(
+            portfolio_id,
+            symbol,
+            opened_seq,
+            trigger.kind,
+            (strategy_id, version),
+        ),
         trigger,
         quantity: facts.quantity,
         price: facts.mark,
@@ -368,6 +391,7 @@ mod tests {
     fn strat(id: &str, symbols: &[&str], rules: Vec<StrategyRule>) -> AttachedStrategy {
         AttachedStrategy {
             strategy_id: id.into(),
+            version: 1,
             rules,
             risk_profile: profile(symbols),
         }
@@ -417,16 +441,19 @@ mod tests {
     }
 
     #[test]
-    fn command_ids_are_deterministic_per_trip_and_kind() {
-        let a = exit_command_id("p1", "BTC-USDT", 7, ExitKind::StopLoss);
-        assert_eq!(a, exit_command_id("p1", "BTC-USDT", 7, ExitKind::StopLoss));
+    fn command_ids_are_deterministic_per_trip_kind_and_strategy_version() {
+        let id = |p: &str, seq: u64, kind: ExitKind, s: (&str, u64)| {
+            exit_command_id(p, "BTC-USDT", seq, kind, s)
+        };
+        let a = id("p1", 7, ExitKind::StopLoss, ("s1", 1));
+        assert_eq!(a, id("p1", 7, ExitKind::StopLoss, ("s1", 1)));
         assert_eq!(a.get_version_num(), 5);
-        assert_ne!(a, exit_command_id("p1", "BTC-USDT", 8, ExitKind::StopLoss));
-        assert_ne!(
-            a,
-            exit_command_id("p1", "BTC-USDT", 7, ExitKind::TakeProfit)
-        );
-        assert_ne!(a, exit_command_id("p2", "BTC-USDT", 7, ExitKind::StopLoss));
+        assert_ne!(a, id("p1", 8, ExitKind::StopLoss, ("s1", 1)));
+        assert_ne!(a, id("p1", 7, ExitKind::TakeProfit, ("s1", 1)));
+        assert_ne!(a, id("p2", 7, ExitKind::StopLoss, ("s1", 1)));
+        // A changed strategy, or another one's rule: a new attempt after a rejection.
+        assert_ne!(a, id("p1", 7, ExitKind::StopLoss, ("s1", 2)));
+        assert_ne!(a, id("p1", 7, ExitKind::StopLoss, ("s2", 1)));
     }
 
     #[test]
@@ -442,7 +469,7 @@ mod tests {
         assert_eq!(e.price, d("90"));
         assert_eq!(
             e.command_id,
-            exit_command_id("p1", "BTC-USDT", 3, ExitKind::StopLoss)
+            exit_command_id("p1", "BTC-USDT", 3, ExitKind::StopLoss, ("s1", 1))
         );
         assert!(decide_exit("p1", "BTC-USDT", 3, &at("96", "100"), &s).is_none());
     }

@@ -178,7 +178,7 @@ const CANDIDATES_SQL: &str = "
      ORDER BY p.portfolio_id";
 
 const STRATEGIES_SQL: &str = "
-    SELECT ps.portfolio_id, s.strategy_id, s.rules::text, s.risk_profile::text
+    SELECT ps.portfolio_id, s.strategy_id, s.rules::text, s.risk_profile::text, s.version
       FROM portfolio_strategies ps JOIN strategies s ON s.strategy_id = ps.strategy_id
      WHERE ps.portfolio_id = ANY($1) AND s.status = 'active'
      ORDER BY ps.portfolio_id, s.strategy_id";
@@ -240,6 +240,7 @@ impl Worker {
             if let Some(c) = out.iter_mut().find(|c| c.portfolio_id == pid) {
                 c.strategies.push(AttachedStrategy {
                     strategy_id,
+                    version: r.get::<_, i64>(4) as u64,
                     rules,
                     risk_profile,
                 });
@@ -570,7 +571,7 @@ pub async fn run_on(
     let consumer: async_nats::jetstream::consumer::Consumer<pull::Config> = app
         .store
         .stream()
-        .get_or_create_consumer(durable, cfg)
+        .get_or_create_consumer(durable, cfg.clone())
         .await
         .map_err(|e| StoreError::Unavailable(e.to_string()))?;
     if consumer.cached_info().config.ack_policy != AckPolicy::Explicit {
@@ -579,6 +580,26 @@ pub async fn run_on(
         )
         .into());
     }
+    // Every price is evaluated, however long the read models lag (each try gives the price
+    // back after a wait): a consumer made with a delivery limit (20 before) would drop the
+    // prices of a long outage for good, and the exits they cross with them.
+    let consumer = if consumer.cached_info().config.max_deliver == cfg.max_deliver {
+        consumer
+    } else {
+        info!(
+            durable,
+            max_deliver = cfg.max_deliver,
+            was = consumer.cached_info().config.max_deliver,
+            "updating the consumer's delivery limit"
+        );
+        match app.store.stream().update_consumer(cfg).await {
+            Ok(updated) => updated,
+            Err(e) => {
+                warn!(durable, error = %e, "could not update the consumer; going on with it");
+                consumer
+            }
+        }
+    };
     let worker = Arc::new(Worker {
         pool: app.read_pool()?,
         progress,
