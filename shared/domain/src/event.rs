@@ -139,6 +139,12 @@ pub struct FundsDeposited {
     pub portfolio_id: String,
     pub amount: Decimal,
     pub cash_after: Decimal,
+    /// The portfolio's equity just before the flow (positions at the marks known when it was
+    /// decided, at their average entry price without one). The drawdown halt's high-water mark
+    /// moves in proportion to it, so that a flow is never a gain or a loss to the halt. Absent
+    /// from events stored before it was added, which moved the mark by the amount.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub equity_before: Option<Decimal>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -146,6 +152,12 @@ pub struct FundsWithdrawn {
     pub portfolio_id: String,
     pub amount: Decimal,
     pub cash_after: Decimal,
+    /// The portfolio's equity just before the flow (positions at the marks known when it was
+    /// decided, at their average entry price without one). The drawdown halt's high-water mark
+    /// moves in proportion to it, so that a flow is never a gain or a loss to the halt. Absent
+    /// from events stored before it was added, which moved the mark by the amount.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub equity_before: Option<Decimal>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

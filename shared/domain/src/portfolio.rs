@@ -260,6 +260,31 @@ impl PortfolioState {
         Some(v)
     }
 
+    /// The equity now, with `marks` (unpriced positions at their average entry price).
+    fn equity_now(&self, marks: &BTreeMap<String, Decimal>) -> Result<Decimal, DomainError> {
+        Ok(self
+            .try_valuation(marks)
+            .ok_or_else(|| overflow("equity"))?
+            .equity
+            .normalize())
+    }
+
+    /// The high-water mark after an external flow of `amount` (negative: a withdrawal) made
+    /// at `equity_before`: scaled by the flow's share of the equity, so that the drawdown it
+    /// measures is the same after the flow as before (flows are never returns). Without the
+    /// equity (events stored before it), or with none to scale, it moves by the amount.
+    fn high_water_after_flow(&self, amount: Decimal, equity_before: Option<Decimal>) -> Decimal {
+        let hwm = self.high_water_equity;
+        let scaled = equity_before
+            .filter(|e| *e > Decimal::ZERO)
+            .and_then(|e| {
+                let after = e.checked_add(amount)?.max(Decimal::ZERO);
+                hwm.checked_mul(after)?.checked_div(e)
+            })
+            .map(|h| h.round_dp(8));
+        scaled.unwrap_or_else(|| hwm.saturating_add(amount).max(Decimal::ZERO))
+    }
+
     fn position(&self, symbol: &str) -> Position {
         self.positions.get(symbol).cloned().unwrap_or_default()
     }
@@ -627,15 +652,12 @@ impl Aggregate for PortfolioState {
             Event::FundsDeposited(e) => {
                 self.cash = self.cash.saturating_add(e.amount);
                 self.net_deposits = self.net_deposits.saturating_add(e.amount);
-                self.high_water_equity = self.high_water_equity.saturating_add(e.amount);
+                self.high_water_equity = self.high_water_after_flow(e.amount, e.equity_before);
             }
             Event::FundsWithdrawn(e) => {
                 self.cash = self.cash.saturating_sub(e.amount);
                 self.net_deposits = self.net_deposits.saturating_sub(e.amount);
-                self.high_water_equity = self
-                    .high_water_equity
-                    .saturating_sub(e.amount)
-                    .max(Decimal::ZERO);
+                self.high_water_equity = self.high_water_after_flow(-e.amount, e.equity_before);
             }
             Event::PortfolioRenamed(e) => self.name.clone_from(&e.name),
             Event::StrategyAttached(e) => {
@@ -743,6 +765,7 @@ impl Aggregate for PortfolioState {
                     portfolio_id: id(),
                     amount: amount.normalize(),
                     cash_after: cash_after.normalize(),
+                    equity_before: Some(self.equity_now(&facts.marks)?),
                 })
             }
             PortfolioCommand::Withdraw { amount } => {
@@ -763,6 +786,7 @@ impl Aggregate for PortfolioState {
                     cash_after: exact_sub(self.cash, *amount)
                         .ok_or_else(|| overflow("cash"))?
                         .normalize(),
+                    equity_before: Some(self.equity_now(&facts.marks)?),
                 })
             }
             PortfolioCommand::Rename { name } => {
@@ -867,11 +891,13 @@ mod tests {
         })
     }
 
+    /// A deposit as stored before it carried the equity (the mark moves by the amount).
     fn deposited(amount: &str, cash_after: &str) -> Event {
         Event::FundsDeposited(FundsDeposited {
             portfolio_id: P.into(),
             amount: dec(amount),
             cash_after: dec(cash_after),
+            equity_before: None,
         })
     }
 
@@ -1032,7 +1058,12 @@ mod tests {
             .when(PortfolioCommand::Deposit {
                 amount: dec("100.50"),
             })
-            .then_expect_events(vec![deposited("100.5", "100.5")]);
+            .then_expect_events(vec![Event::FundsDeposited(FundsDeposited {
+                portfolio_id: P.into(),
+                amount: dec("100.5"),
+                cash_after: dec("100.5"),
+                equity_before: Some(dec("0")),
+            })]);
         assert_eq!(
             (s.cash, s.net_deposits, s.high_water_equity),
             (dec("100.5"), dec("100.5"), dec("100.5"))
@@ -1045,6 +1076,7 @@ mod tests {
                 portfolio_id: P.into(),
                 amount: dec("100.5"),
                 cash_after: dec("0"),
+                equity_before: Some(dec("100.5")),
             })]);
         assert_eq!(
             (s.cash, s.net_deposits, s.high_water_equity),
@@ -1469,35 +1501,91 @@ mod tests {
         .unwrap();
         // cash 14990 + 3000, 0.4 at 30000 = 12000
         assert_eq!(st.high_water_equity, dec("29990"));
-        step(
-            &mut st,
-            &PortfolioCommand::Withdraw {
-                amount: dec("5000"),
-            },
-            &facts(),
-        )
-        .unwrap();
+        // At the high (marked at 30000), a withdrawal moves the mark by its amount.
+        let at_30k = PortfolioFacts {
+            marks: [("BTC-USDT".to_string(), dec("30000"))].into(),
+            ..facts()
+        };
+        let withdraw = |amount: &str| PortfolioCommand::Withdraw {
+            amount: dec(amount),
+        };
+        step(&mut st, &withdraw("5000"), &at_30k).unwrap();
         assert_eq!(st.high_water_equity, dec("24990"));
-        step(
-            &mut st,
-            &PortfolioCommand::Withdraw {
-                amount: dec("12990"),
-            },
-            &facts(),
-        )
-        .unwrap();
+        step(&mut st, &withdraw("12990"), &at_30k).unwrap();
         assert_eq!(st.high_water_equity, dec("12000"));
         let mut poor = given::<PortfolioState>(vec![opened(), deposited("10", "10")])
             .state()
             .clone();
         poor.high_water_equity = dec("5");
-        step(
-            &mut poor,
-            &PortfolioCommand::Withdraw { amount: dec("10") },
-            &facts(),
+        step(&mut poor, &withdraw("10"), &facts()).unwrap();
+        assert_eq!(poor.high_water_equity, dec("0"));
+    }
+
+    /// In a drawdown, a flow keeps the drawdown as it is: a withdrawal alone never halts
+    /// trading, a deposit never lifts a halt (flows are never returns).
+    #[test]
+    fn flows_in_a_drawdown_keep_it_as_it_is() {
+        let p = RiskProfile {
+            max_drawdown_pct: Some(dec("0.2")),
+            ..profile()
+        };
+        let f = facts_with(p);
+        let mut st =
+            given::<PortfolioState>(vec![opened(), deposited("10000", "10000"), attached(S)])
+                .state()
+                .clone();
+        step(&mut st, &signal(Side::Buy, "1", "5000", Some("0")), &f).unwrap();
+        // BTC at 3500: equity 8500, 15 % below the mark of 10000.
+        let at_3500 = PortfolioFacts {
+            marks: [("BTC-USDT".to_string(), dec("3500"))].into(),
+            ..f.clone()
+        };
+        let withdrawn = step(
+            &mut st,
+            &PortfolioCommand::Withdraw {
+                amount: dec("4000"),
+            },
+            &at_3500,
         )
         .unwrap();
-        assert_eq!(poor.high_water_equity, dec("0"));
+        let Event::FundsWithdrawn(w) = &withdrawn[0] else {
+            panic!("{withdrawn:?}")
+        };
+        assert_eq!(w.equity_before, Some(dec("8500")));
+        // 10000 * 4500 / 8500: still 15 % above the equity of 4500, not 25 % (6000).
+        assert_eq!(st.high_water_equity, dec("5294.11764706"));
+        let ev = st
+            .decide(
+                &signal(Side::Buy, "0.1", "3500", Some("0")),
+                &at_3500,
+                &ctx(),
+            )
+            .unwrap();
+        assert!(matches!(&ev[0], Event::TradeExecuted(_)), "{ev:?}");
+        // Deeper, at 2500 (equity 3500, 34 % down): halted, and a deposit does not lift it.
+        let at_2500 = PortfolioFacts {
+            marks: [("BTC-USDT".to_string(), dec("2500"))].into(),
+            ..f.clone()
+        };
+        step(
+            &mut st,
+            &PortfolioCommand::Deposit {
+                amount: dec("20000"),
+            },
+            &at_2500,
+        )
+        .unwrap();
+        let ev = st
+            .decide(
+                &signal(Side::Buy, "0.1", "2500", Some("0")),
+                &at_2500,
+                &ctx(),
+            )
+            .unwrap();
+        assert!(
+            matches!(&ev[0], Event::TradeSignalRejected(r) if r.reason == "TRADING_HALTED"),
+            "{ev:?}"
+        );
     }
 
     #[test]

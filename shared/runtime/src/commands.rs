@@ -24,9 +24,9 @@ use crate::service::{self, Handler};
 use crate::SyncMode;
 use std::time::Duration;
 
-/// Loads what a portfolio decision needs: the strategy a command names, and for a signal the
-/// marks of the portfolio's symbols (the drawdown halt's equity, and the equity after the fill
-/// that keeps its high-water mark).
+/// Loads what a portfolio decision needs: the strategy a command names, and for a signal, a
+/// deposit or a withdrawal the marks of the portfolio's symbols (the equity the drawdown halt
+/// checks, and the equity that moves its high-water mark after a fill or a flow).
 struct PortfolioFactSource {
     strategies: Arc<Executor<StrategyState>>,
     markets: Arc<Executor<MarketState>>,
@@ -54,7 +54,12 @@ impl FactSource<PortfolioState> for PortfolioFactSource {
                 facts.strategy = Some(s);
             }
         }
-        if let PortfolioCommand::ExecuteSignal(_) = command {
+        if matches!(
+            command,
+            PortfolioCommand::ExecuteSignal(_)
+                | PortfolioCommand::Deposit { .. }
+                | PortfolioCommand::Withdraw { .. }
+        ) {
             for symbol in state.positions.keys() {
                 if let Some(p) = self.markets.repo().fact(symbol).await?.price {
                     facts.marks.insert(symbol.clone(), p);
