@@ -49,11 +49,16 @@ echo "building the release binaries"
 cargo build --release --workspace --bins
 bin=target/release
 
-store= run_dir=
+store= run_dir= keep_logs=
 cleanup() {
     if [[ -n $run_dir ]]; then
         CH_RUN_DIR=$run_dir "$bin/chctl" down >/dev/null 2>&1 || true
-        rm -rf "$run_dir"
+        # A failed run keeps its worker logs for a look.
+        if [[ -n $keep_logs ]]; then
+            echo "bench.sh: the workers' logs are kept in $run_dir/logs" >&2
+        else
+            rm -rf "$run_dir"
+        fi
     fi
     scripts/nats.sh stop "$port" >/dev/null 2>&1 || true
     [[ -z $store ]] || rm -rf "$store"
@@ -151,6 +156,7 @@ for fsync in $fsyncs; do
                 if [[ $rc != 0 ]]; then
                     echo "bench.sh: the benchmark failed (exit $rc); worker logs:" >&2
                     tail -n 5 "$run_dir"/logs/*.log >&2 || true
+                    keep_logs=1
                     exit "$rc"
                 fi
                 written+=("$(ls -t bench/results/*-"$tag".json | head -n 1)")
