@@ -148,7 +148,7 @@ for fsync in $fsyncs; do
                 fresh_schemas
                 export CH_SYNC=$mode CH_RUN_DIR=$run_dir
                 "$bin/chctl" up --detach --bin-dir "$bin" >"$run_dir/up.log" 2>&1 \
-                    || { cat "$run_dir/up.log" >&2; exit 1; }
+                    || { cat "$run_dir/up.log" >&2; keep_logs=1; exit 1; }
                 echo "workers up (logs in $run_dir/logs)"
                 rc=0
                 "$bin/chctl" bench trade-flow --sync-interval-label "$served" --tag "$tag" \
