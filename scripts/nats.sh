@@ -62,7 +62,7 @@ start() {
         rm -f "$pidfile"
         for p in "$port" "$http"; do
             if port_taken "$p"; then
-                die "port $p is already in use by another process; pick another port, or set CH_NATS_URL to use that server"
+                die "port $p is already in use by another process (another run of this project?): stop it, or choose other ports (make run/up: CH_NATS_URL=<a server of your own>; make test: CH_TEST_NATS_PORT; make bench: BENCH_NATS_PORT)"
             fi
         done
         mkdir -p "$run" "$store"

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Runs `cargo test --workspace [ARGS...]` against a nats-server of its own (port 14322,
-# monitor 18322, a fresh temporary store, the server's default fsync for speed) and a clean
+# Runs `cargo test --workspace [ARGS...]` against a nats-server of its own (port 14322 or
+# CH_TEST_NATS_PORT, monitor 4000 above it, a fresh temporary store, the server's default fsync for speed) and a clean
 # `ch_test` database, exported as CH_TEST_NATS_URL and CH_TEST_DATABASE_URL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-port=14322
-http=18322
+port=${CH_TEST_NATS_PORT:-14322}
+http=$((port + 4000))
 store=$(mktemp -d "${TMPDIR:-/tmp}/ch-test-nats.XXXXXX")
 
 cleanup() {
