@@ -89,15 +89,35 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 }
 
 /// Creates the event stream if missing, or updates it to the shipped definition. Idempotent.
+/// Asked for up to [`OPEN_PATIENCE`] as [`EventStore::open`] asks: a cluster that has just
+/// formed may leave a lookup or a creation unanswered while it elects its leaders (a creation
+/// that went through unanswered is found by the next lookup).
 ///
 /// # Errors
-/// [`StoreError`] when JetStream is unreachable or refuses the definition.
+/// [`StoreError`] when JetStream stays unreachable or refuses the definition.
 pub async fn ensure_stream(
     js: &jetstream::Context,
     subjects: &Subjects,
     replicas: usize,
 ) -> Result<stream::Stream, StoreError> {
     let cfg = stream_config(subjects, replicas)?;
+    let what = format!("stream {}", cfg.name);
+    patiently(&what, OPEN_PATIENCE, || async {
+        match ensure_stream_once(js, &cfg, replicas).await {
+            Ok(s) => Answer::Yes(s),
+            Err(StoreError::Unavailable(why)) => Answer::NotYet(why),
+            Err(e) => Answer::No(e),
+        }
+    })
+    .await
+}
+
+async fn ensure_stream_once(
+    js: &jetstream::Context,
+    cfg: &stream::Config,
+    replicas: usize,
+) -> Result<stream::Stream, StoreError> {
+    let cfg = cfg.clone();
     match js.get_stream(&cfg.name).await {
         Ok(mut s) => {
             let current = s.info().await.map_err(unavailable)?.config.clone();
