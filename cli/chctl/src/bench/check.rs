@@ -72,12 +72,18 @@ pub async fn fold(
     Ok((states, head))
 }
 
-/// The comparable figures of a portfolio: cash, positions (quantity, cost basis), realized PnL
-/// and version.
+/// The comparable figures of a portfolio: every figure of the performance reply that the
+/// folded state holds (cash, realized PnL, fees, net deposits, status, fee rate, attached
+/// strategies, version, and each position's quantity and cost basis).
 #[derive(Debug, PartialEq)]
 struct Figures {
     cash: Decimal,
     realized: Decimal,
+    fees_paid: Decimal,
+    net_deposits: Decimal,
+    status: String,
+    fee_rate: Decimal,
+    attached: BTreeSet<String>,
     version: u64,
     positions: BTreeMap<String, (Decimal, Decimal)>,
 }
@@ -87,6 +93,11 @@ impl Figures {
         Figures {
             cash: s.cash,
             realized: s.realized_pnl,
+            fees_paid: s.fees_paid,
+            net_deposits: s.net_deposits,
+            status: s.status.as_str().to_owned(),
+            fee_rate: s.fee_rate,
+            attached: s.attached_strategies.clone(),
             version: s.version,
             positions: s
                 .positions
@@ -106,9 +117,19 @@ impl Figures {
                 (d(&p["quantity"])?, d(&p["cost_basis"])?),
             );
         }
+        let attached = v["attached_strategies"]
+            .as_array()?
+            .iter()
+            .map(|s| s.as_str().map(str::to_owned))
+            .collect::<Option<BTreeSet<String>>>()?;
         Some(Figures {
             cash: d(&v["cash"])?,
             realized: d(&v["realized_pnl"])?,
+            fees_paid: d(&v["fees_paid"])?,
+            net_deposits: d(&v["net_deposits"])?,
+            status: v["status"].as_str()?.to_owned(),
+            fee_rate: d(&v["fee_rate"])?,
+            attached,
             version: v["version"].as_u64()?,
             positions,
         })
@@ -116,23 +137,35 @@ impl Figures {
 
     fn diff(&self, other: &Figures) -> Vec<String> {
         let mut out = Vec::new();
+        let mut differs = |name: &str, a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| {
+            out.push(format!("{name} {a:?} vs {b:?}"));
+        };
         if self.cash != other.cash {
-            out.push(format!("cash {} vs {}", self.cash, other.cash));
+            differs("cash", &self.cash, &other.cash);
         }
         if self.realized != other.realized {
-            out.push(format!(
-                "realized_pnl {} vs {}",
-                self.realized, other.realized
-            ));
+            differs("realized_pnl", &self.realized, &other.realized);
+        }
+        if self.fees_paid != other.fees_paid {
+            differs("fees_paid", &self.fees_paid, &other.fees_paid);
+        }
+        if self.net_deposits != other.net_deposits {
+            differs("net_deposits", &self.net_deposits, &other.net_deposits);
+        }
+        if self.status != other.status {
+            differs("status", &self.status, &other.status);
+        }
+        if self.fee_rate != other.fee_rate {
+            differs("fee_rate", &self.fee_rate, &other.fee_rate);
+        }
+        if self.attached != other.attached {
+            differs("attached_strategies", &self.attached, &other.attached);
         }
         if self.version != other.version {
-            out.push(format!("version {} vs {}", self.version, other.version));
+            differs("version", &self.version, &other.version);
         }
         if self.positions != other.positions {
-            out.push(format!(
-                "positions {:?} vs {:?}",
-                self.positions, other.positions
-            ));
+            differs("positions", &self.positions, &other.positions);
         }
         out
     }
@@ -264,6 +297,54 @@ pub async fn rebuild(cfg: &Config) -> Result<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every figure the fold holds is compared, not only cash, positions and PnL: a reply that
+    /// matches the fold matches, one whose fees, deposits, status, fee rate or attached
+    /// strategies differ does not.
+    #[test]
+    fn every_folded_figure_is_compared_with_the_reply() {
+        let d = |s: &str| s.parse::<Decimal>().unwrap();
+        let mut state = PortfolioState {
+            cash: d("900.5"),
+            realized_pnl: d("1.25"),
+            fees_paid: d("0.5"),
+            net_deposits: d("1000"),
+            fee_rate: d("0.001"),
+            ..PortfolioState::default()
+        };
+        state.attached_strategies.insert("s1".into());
+        state.positions.insert(
+            "BTC-USDT".into(),
+            ch_domain::portfolio::Position {
+                quantity: d("0.1"),
+                cost_basis: d("100.1"),
+                gross_entry: d("100"),
+            },
+        );
+        let reply = json!({
+            "cash": "900.5", "realized_pnl": "1.25", "fees_paid": "0.5", "net_deposits": "1000",
+            "status": "open", "fee_rate": "0.0010", "attached_strategies": ["s1"], "version": 0,
+            "positions": [{"symbol": "BTC-USDT", "quantity": "0.1", "cost_basis": "100.1"}],
+        });
+        let folded = Figures::of_state(&state);
+        assert_eq!(
+            folded.diff(&Figures::of_reply(&reply).unwrap()),
+            Vec::<String>::new()
+        );
+        for (field, wrong) in [
+            ("fees_paid", json!("0.6")),
+            ("net_deposits", json!("900")),
+            ("status", json!("closed")),
+            ("fee_rate", json!("0.002")),
+            ("attached_strategies", json!(["s1", "s2"])),
+        ] {
+            let mut r = reply.clone();
+            r[field] = wrong;
+            let problems = folded.diff(&Figures::of_reply(&r).unwrap());
+            assert_eq!(problems.len(), 1, "{field}: {problems:?}");
+            assert!(problems[0].starts_with(field), "{problems:?}");
+        }
+    }
 
     /// A portfolio whose signal failed in a run may differ; it is counted apart, and only the
     /// others make `rows_differing` and its examples.
