@@ -321,7 +321,9 @@ pub struct Rates {
 /// The schedule of a paced client: its sends are due every `1 / per_sec` seconds from its
 /// first slot. A send waits for its slot; a client behind its schedule (replies slower than
 /// the rate allows) sends at once until it has caught up, so the rate is the offered load as
-/// long as the deployment keeps up. Latencies are measured from the actual send.
+/// long as the deployment keeps up. Latencies are measured from the slot, not from the actual
+/// send: a send that went out late because the replies before it were slow counts the wait
+/// (no coordinated omission), as a client on that schedule would see it.
 pub struct Pace {
     next: tokio::time::Instant,
     period: Duration,
@@ -350,16 +352,20 @@ impl Pace {
         })
     }
 
-    /// Waits for the next slot.
-    pub async fn wait(&mut self) {
-        tokio::time::sleep_until(self.next).await;
+    /// Waits for the next slot; returns when it was due.
+    pub async fn wait(&mut self) -> Instant {
+        let due = self.next;
+        tokio::time::sleep_until(due).await;
         self.next += self.period;
+        due.into_std()
     }
 
-    /// Waits for the next slot of `pace`, if the client has one.
-    pub async fn wait_for(pace: &mut Option<Pace>) {
-        if let Some(p) = pace {
-            p.wait().await;
+    /// Waits for the next slot of `pace`, if the client has one; returns where its latency
+    /// counts from: the slot, or now for a closed-loop client.
+    pub async fn wait_for(pace: &mut Option<Pace>) -> Instant {
+        match pace {
+            Some(p) => p.wait().await,
+            None => Instant::now(),
         }
     }
 }
@@ -442,13 +448,12 @@ pub async fn run(
                 let mut errors = Errors::new();
                 let mut n = 0u64;
                 while !signals_done.is_cancelled() && !ids.is_empty() {
-                    tokio::select! {
-                        () = Pace::wait_for(&mut pace) => {}
+                    let t0 = tokio::select! {
+                        t0 = Pace::wait_for(&mut pace) => t0,
                         () = signals_done.cancelled() => break,
-                    }
+                    };
                     let id = &ids[rng.gen_range(0..ids.len())];
                     let body = Bytes::from(format!("{{\"portfolio_id\":\"{id}\"}}"));
-                    let t0 = Instant::now();
                     let o = send(&client, &subject, body, timeout).await;
                     hist.saturating_record(t0.elapsed().as_micros() as u64);
                     n += 1;
@@ -480,8 +485,7 @@ pub async fn run(
                 let mut r = ClientResult::default();
                 let mut hist = new_hist();
                 for body in list {
-                    Pace::wait_for(&mut pace).await;
-                    let t0 = Instant::now();
+                    let t0 = Pace::wait_for(&mut pace).await;
                     let o = send(&client, &subject, body.clone(), timeout).await;
                     let at = Instant::now();
                     // An error: the signal's effect is unknown, and so its portfolio's state.
@@ -707,8 +711,11 @@ mod tests {
         // wait; then the schedule again, the slot at 50 ms.
         tokio::time::advance(Duration::from_millis(25)).await;
         let late = tokio::time::Instant::now();
-        for _ in 0..2 {
-            p.wait().await;
+        // Each late send counts from its slot: 15 and 5 ms already lost (no coordinated
+        // omission).
+        for lost in [15, 5] {
+            let due = p.wait().await;
+            assert_eq!(late.into_std() - due, Duration::from_millis(lost));
         }
         assert_eq!(late.elapsed(), Duration::ZERO);
         p.wait().await;
