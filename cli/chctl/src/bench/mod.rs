@@ -312,19 +312,32 @@ async fn trade_flow(ctx: &Ctx, a: &TradeFlow) -> Result<ExitCode> {
 
 async fn environment(ctx: &Ctx, client: &async_nats::Client, a: &TradeFlow) -> Value {
     let info = client.server_info();
-    let pg_version = match ch_runtime::pg::connect(&ctx.cfg.database_url, None).await {
-        Ok(c) => c
-            .query_one("SHOW server_version", &[])
-            .await
-            .ok()
-            .map(|r| r.get::<_, String>(0)),
-        Err(_) => None,
+    // The server's version, and the commit setting the monolith's transactions run with (the
+    // projectors turn the WAL flush off for their own).
+    let (pg_version, pg_commit) = match ch_runtime::pg::connect(&ctx.cfg.database_url, None).await {
+        Ok(c) => {
+            let show = |what: &'static str| {
+                let c = &c;
+                async move {
+                    c.query_one(&format!("SHOW {what}"), &[])
+                        .await
+                        .ok()
+                        .map(|r| r.get::<_, String>(0))
+                }
+            };
+            (
+                show("server_version").await,
+                show("synchronous_commit").await,
+            )
+        }
+        Err(_) => (None, None),
     };
     let mut env = sys::machine();
     env["nats_server_version"] = json!(info.version);
     env["nats_server_name"] = json!(info.server_name);
     env["jetstream_sync_interval"] = json!(a.sync_interval_label);
     env["postgres_version"] = json!(pg_version);
+    env["postgres_synchronous_commit"] = json!(pg_commit);
     let dir = std::env::temp_dir();
     env["sync_write_ms"] = tokio::task::spawn_blocking(move || sys::sync_write_ms(&dir, 200))
         .await
@@ -375,6 +388,20 @@ fn baseline_from(file: &Path, config: &Value) -> Result<Value> {
         "run_id": earlier["run_id"],
         "started_at": earlier["started_at"],
     });
+    // Its consistency check was against that run's stream, not this one's.
+    if let Some(c) = baseline
+        .get_mut("consistency")
+        .and_then(Value::as_object_mut)
+    {
+        c.insert(
+            "compared_with".into(),
+            json!(format!(
+                "the portfolios folded from CipherHorizon's stream of run {} ({}), same workload",
+                earlier["run_id"].as_str().unwrap_or("?"),
+                file.display()
+            )),
+        );
+    }
     Ok(baseline)
 }
 
@@ -943,7 +970,8 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("default.json");
         let report = json!({"run_id": "b1", "started_at": "2026-11-30T17:00:00Z", "config": config,
-                            "baseline": {"commands_per_sec": 1300.0, "errors": {"total": 0}}});
+                            "baseline": {"commands_per_sec": 1300.0, "errors": {"total": 0},
+                                         "consistency": {"rows_differing": 0}}});
         std::fs::write(&file, report.to_string()).unwrap();
         file
     }
@@ -963,6 +991,9 @@ mod tests {
         assert_eq!(b["commands_per_sec"], 1300.0);
         assert_eq!(b["from"]["run_id"], "b1");
         assert_eq!(b["from"]["file"], file.display().to_string());
+        // Its check was against the earlier run's stream, and says so.
+        let with = b["consistency"]["compared_with"].as_str().unwrap();
+        assert!(with.contains("run b1"), "{with}");
         let _ = std::fs::remove_dir_all(file.parent().unwrap());
     }
 
