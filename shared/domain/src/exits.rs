@@ -161,12 +161,12 @@ fn has_exit(rule: &StrategyRule) -> bool {
     rule.stop_loss_pct.is_some() || rule.take_profit_pct.is_some() || rule.trailing_stop.is_some()
 }
 
-/// The rule whose exits apply to a position in `symbol`, with its strategy's id (see the
-/// module's "Which rule applies").
+/// The rule whose exits apply to a position in `symbol`, with its strategy (see the module's
+/// "Which rule applies").
 pub fn exit_rule<'a>(
     strategies: &'a [AttachedStrategy],
     symbol: &str,
-) -> Option<(&'a str, &'a StrategyRule)> {
+) -> Option<(&'a AttachedStrategy, &'a StrategyRule)> {
     let mut ordered: Vec<&AttachedStrategy> = strategies.iter().collect();
     ordered.sort_by(|a, b| a.strategy_id.cmp(&b.strategy_id));
     ordered
@@ -178,7 +178,7 @@ pub fn exit_rule<'a>(
                 .iter()
                 .find(|r| r.symbol == symbol)
                 .or_else(|| s.rules.iter().find(|r| r.symbol == "*"))?;
-            has_exit(rule).then_some((s.strategy_id.as_str(), rule))
+            has_exit(rule).then_some((s, rule))
         })
         .next()
 }
@@ -224,21 +224,17 @@ pub fn decide_exit(
     facts: &PositionFacts,
     strategies: &[AttachedStrategy],
 ) -> Option<ExitDecision> {
-    let (strategy_id, rule) = exit_rule(strategies, symbol)?;
+    let (strategy, rule) = exit_rule(strategies, symbol)?;
     let trigger = evaluate(rule, facts)?;
-    let version = strategies
-        .iter()
-        .find(|s| s.strategy_id == strategy_id)
-        .map_or(0, |s| s.version);
     Some(ExitDecision {
-        strategy_id: strategy_id.to_owned(),
+        strategy_id: strategy.strategy_id.clone(),
         rule_id: rule.rule_id.clone(),
         command_id: exit_command_id(
             portfolio_id,
             symbol,
             opened_seq,
             trigger.kind,
-            (strategy_id, version),
+            (&strategy.strategy_id, strategy.version),
         ),
         trigger,
         quantity: facts.quantity,
@@ -422,10 +418,10 @@ mod tests {
                 ],
             ),
         ];
-        let (sid, r) = exit_rule(&s, "BTC-USDT").unwrap();
-        assert_eq!((sid, r.rule_id.as_str()), ("s1", "x"));
-        let (sid, r) = exit_rule(&s, "ETH-USDT").unwrap();
-        assert_eq!((sid, r.rule_id.as_str()), ("s1", "w"));
+        let (st, r) = exit_rule(&s, "BTC-USDT").unwrap();
+        assert_eq!((st.strategy_id.as_str(), r.rule_id.as_str()), ("s1", "x"));
+        let (st, r) = exit_rule(&s, "ETH-USDT").unwrap();
+        assert_eq!((st.strategy_id.as_str(), r.rule_id.as_str()), ("s1", "w"));
         assert!(exit_rule(&s, "SOL-USDT").is_none());
     }
 
@@ -436,8 +432,8 @@ mod tests {
             strat("b", &["ETH-USDT"], vec![named("eth", "*", Some("0.1"))]),
             strat("c", &["BTC-USDT"], vec![named("btc", "*", Some("0.1"))]),
         ];
-        let (sid, r) = exit_rule(&s, "BTC-USDT").unwrap();
-        assert_eq!((sid, r.rule_id.as_str()), ("c", "btc"));
+        let (st, r) = exit_rule(&s, "BTC-USDT").unwrap();
+        assert_eq!((st.strategy_id.as_str(), r.rule_id.as_str()), ("c", "btc"));
     }
 
     #[test]
