@@ -70,6 +70,15 @@ pub struct Position {
 }
 
 impl Position {
+    /// What it is worth at `mark`, or without one at its average entry price (its gross
+    /// entry); `None` on overflow.
+    pub fn value_at(&self, mark: Option<&Decimal>) -> Option<Decimal> {
+        match mark {
+            Some(m) => self.quantity.checked_mul(*m),
+            None => Some(self.gross_entry),
+        }
+    }
+
     /// `cost_basis / quantity`; `None` when flat.
     pub fn avg_cost(&self) -> Option<Decimal> {
         self.cost_basis.checked_div(self.quantity)
@@ -244,13 +253,11 @@ impl PortfolioState {
     pub fn try_valuation(&self, marks: &BTreeMap<String, Decimal>) -> Option<Valuation> {
         let mut v = Valuation::default();
         for (sym, p) in &self.positions {
-            let value = match marks.get(sym) {
-                Some(m) => p.quantity.checked_mul(*m)?,
-                None => {
-                    v.unmarked.push(sym.clone());
-                    p.gross_entry
-                }
-            };
+            let mark = marks.get(sym);
+            if mark.is_none() {
+                v.unmarked.push(sym.clone());
+            }
+            let value = p.value_at(mark)?;
             v.market_value = v.market_value.checked_add(value)?;
             v.unrealized_pnl = v
                 .unrealized_pnl
@@ -513,10 +520,7 @@ impl PortfolioState {
             .and_then(|v| v.checked_add(trade.cash_after));
         for (sym, p) in &self.positions {
             if *sym != sig.symbol {
-                let value = match marks.get(sym) {
-                    Some(m) => p.quantity.checked_mul(*m),
-                    None => Some(p.gross_entry),
-                };
+                let value = p.value_at(marks.get(sym));
                 equity = equity.zip(value).and_then(|(e, v)| e.checked_add(v));
             }
         }
