@@ -153,6 +153,11 @@ pub async fn serve<H: Handler>(
     tracker.close();
     tracker.wait().await;
     let _ = service.stop().await;
+    // The last replies may still be in the client's buffer: out before the worker lets go of
+    // its connection.
+    if let Err(e) = client.flush().await {
+        warn!(error = %e, "could not flush the last replies");
+    }
     info!(service = %spec.name, "stopped");
     Ok(())
 }
@@ -160,7 +165,7 @@ pub async fn serve<H: Handler>(
 /// A request to a subject nobody serves, answered by the server ("no responders") after it
 /// has sent this connection everything routed to it before.
 async fn round_trip(client: &async_nats::Client) {
-    let request = async_nats::Request::new().timeout(Some(Duration::from_secs(2)));
+    let request = async_nats::Request::new().timeout(Some(Duration::from_secs(5)));
     let _ = client.send_request(client.new_inbox(), request).await;
 }
 
