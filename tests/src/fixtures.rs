@@ -105,6 +105,16 @@ pub fn strategy_with(
 
 /// A command reply's `stream_seq` (the consistency token for queries).
 #[track_caller]
+/// The `strategy_id`s of a reply's `strategies` (a list or a leaderboard), in its order.
+pub fn strategy_ids(reply: &Value) -> Vec<&str> {
+    reply["strategies"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no strategies in {reply}"))
+        .iter()
+        .map(|s| s["strategy_id"].as_str().expect("a strategy_id"))
+        .collect()
+}
+
 pub fn seq(reply: &Value) -> u64 {
     reply["stream_seq"]
         .as_u64()

@@ -91,20 +91,9 @@ async fn the_next_signal_sees_a_price_change_at_once() {
 /// after, not trusted until its age runs out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fact_checked_before_a_reconnect_is_read_again_after_it() {
-    let mut env = TestEnv::new().await;
-    env.start(Worker::CmdStrategy).await;
-    env.cmd("strategy.create", strategy("u1", "s1", &["BTC-USDT"]))
-        .await;
-    let client = ch_runtime::connect_nats(&env.cfg.nats_url, "facts-reconnect")
-        .await
-        .expect("nats");
-    let store = EventStore::open(client.clone(), env.subjects.clone())
-        .await
-        .expect("store");
     // A repo that follows no notices (every notice lost) and trusts a fact for an hour: only
     // a reconnect can make it look again.
-    let repo: Repo<StrategyState> =
-        Repo::new(store, 16).with_fact_max_age(Duration::from_secs(3600));
+    let (env, client, repo) = s1_and_a_repo_of_its_own("facts-reconnect").await;
     assert_eq!(repo.fact("s1").await.expect("fact").version, 1);
     env.cmd(
         "strategy.update",
@@ -138,17 +127,9 @@ async fn a_fact_checked_before_a_reconnect_is_read_again_after_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fact_noticed_before_its_event_is_stored_is_read_until_it_is() {
     use ch_domain::AggregateType;
-    let mut env = TestEnv::new().await;
-    env.start(Worker::CmdStrategy).await;
-    env.cmd("strategy.create", strategy("u1", "s1", &["BTC-USDT"]))
-        .await;
-    let client = ch_runtime::connect_nats(&env.cfg.nats_url, "facts-early-notice")
-        .await
-        .expect("nats");
-    let store = EventStore::open(client.clone(), env.subjects.clone())
-        .await
-        .expect("store");
-    let last = store
+    let (env, client, repo) = s1_and_a_repo_of_its_own("facts-early-notice").await;
+    let last = repo
+        .store()
         .last_seq_of(AggregateType::Strategy, "s1")
         .await
         .expect("last")
@@ -156,8 +137,6 @@ async fn a_fact_noticed_before_its_event_is_stored_is_read_until_it_is() {
     // Notices on a subject of the test's own (one of the stream's would be stored as an
     // event), trusted for an hour: only a notice can make the repo look again.
     let notices = format!("{}.test-notices", env.subjects.prefix());
-    let repo: Repo<StrategyState> =
-        Repo::new(store, 16).with_fact_max_age(Duration::from_secs(3600));
     repo.follow(client.subscribe(format!("{notices}.*")).await.expect("sub"));
     assert_eq!(repo.fact("s1").await.expect("fact").version, 1);
 
@@ -197,4 +176,23 @@ async fn a_fact_noticed_before_its_event_is_stored_is_read_until_it_is() {
     )
     .await;
     assert_eq!(repo.fact("s1").await.expect("fact").version, 2);
+}
+
+/// A strategy worker with strategy s1 stored, and a strategy repo on a connection of its own
+/// (`name`) that trusts a cached fact for an hour without a notice.
+async fn s1_and_a_repo_of_its_own(
+    name: &str,
+) -> (TestEnv, async_nats::Client, Repo<StrategyState>) {
+    let mut env = TestEnv::new().await;
+    env.start(Worker::CmdStrategy).await;
+    env.cmd("strategy.create", strategy("u1", "s1", &["BTC-USDT"]))
+        .await;
+    let client = ch_runtime::connect_nats(&env.cfg.nats_url, name)
+        .await
+        .expect("nats");
+    let store = EventStore::open(client.clone(), env.subjects.clone())
+        .await
+        .expect("store");
+    let repo = Repo::new(store, 16).with_fact_max_age(Duration::from_secs(3600));
+    (env, client, repo)
 }

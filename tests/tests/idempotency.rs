@@ -2,7 +2,9 @@
 //! `stream_seq` move (API.md "Conventions" and "Commands").
 
 use ch_domain::AggregateType;
-use ch_e2e::fixtures::{attach, deposit, open, price, seq, signal, strategy, version, withdraw};
+use ch_e2e::fixtures::{
+    attach, deposit, open, price, seq, signal, strategy, strategy_ids, version, withdraw,
+};
 use ch_e2e::TestEnv;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -133,12 +135,7 @@ async fn strategy_create_without_id_resent_answers_the_same_generated_id() {
     let list = env
         .query_at("strategy.list", json!({"user_id": "u1"}), seq(&other))
         .await;
-    let ids: Vec<&str> = list["strategies"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["strategy_id"].as_str().unwrap())
-        .collect();
+    let ids = strategy_ids(&list);
     assert_eq!(ids.len(), 2, "{list}");
     assert!(ids.contains(&id.as_str()), "{list}");
 }

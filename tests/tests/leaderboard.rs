@@ -1,7 +1,7 @@
 //! `ch.query.strategy.leaderboard`: a user's strategies ranked by the realized PnL of their own
 //! trades or by the win rate of the round trips their signals closed.
 
-use ch_e2e::fixtures::{attach, deposit, open, signal, strategy};
+use ch_e2e::fixtures::{attach, deposit, open, signal, strategy, strategy_ids};
 use ch_e2e::TestEnv;
 use serde_json::{json, Value};
 
@@ -61,12 +61,7 @@ async fn strategies_ranked_by_realized_pnl_and_win_rate() {
     let board = env
         .query_at("strategy.leaderboard", json!({"user_id": "u1"}), seq)
         .await;
-    let ids: Vec<&str> = board["strategies"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["strategy_id"].as_str().unwrap())
-        .collect();
+    let ids = strategy_ids(&board);
     assert_eq!(ids, ["gamma", "beta", "alpha"], "{board}");
     let row = |b: &Value, id: &str| {
         b["strategies"]
@@ -93,12 +88,7 @@ async fn strategies_ranked_by_realized_pnl_and_win_rate() {
             seq,
         )
         .await;
-    let ids: Vec<&str> = by_win["strategies"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["strategy_id"].as_str().unwrap())
-        .collect();
+    let ids = strategy_ids(&by_win);
     assert_eq!(ids, ["gamma", "alpha"], "{by_win}");
 
     env.request(

@@ -12,7 +12,7 @@ use ch_domain::portfolio::{PortfolioCommand, PortfolioFacts, PortfolioState};
 use ch_domain::request::Common;
 use ch_domain::AggregateType;
 use ch_e2e::fixtures::{
-    attach, deposit, detach, open, price, rename_strategy, seq, signal, strategy,
+    attach, deposit, detach, open, price, rename_strategy, seq, signal, strategy, strategy_ids,
 };
 use ch_e2e::{eventually, Running, TestEnv, Worker};
 use ch_readmodel::workers::projector;
@@ -464,12 +464,7 @@ async fn a_sparse_projector_loses_no_failed_batch_to_the_events_after_it() {
             s3["stream_seq"].as_u64().unwrap(),
         )
         .await;
-    let ids: Vec<&str> = list["strategies"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["strategy_id"].as_str().unwrap())
-        .collect();
+    let ids = strategy_ids(&list);
     assert_eq!(ids.len(), 3, "{list}");
     for id in ["s1", "s2", "s3"] {
         assert!(ids.contains(&id), "{id} missing: {list}");
@@ -866,22 +861,7 @@ async fn a_query_whose_session_ends_in_flight_is_answered_from_a_new_one() {
                 .await
         })
     };
-    eventually(|| async {
-        let waiting: i64 = env
-            .pg
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE starts_with(application_name, $1) AND wait_event_type = 'Lock'",
-                &[&workers],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        (waiting > 0)
-            .then_some(())
-            .ok_or("the query never waited for the lock")
-    })
-    .await;
+    waits_for_a_lock(&env, &workers).await;
     // End the sessions (the waiting one answers its query with an error), then let go.
     cut_sessions(&env, &workers).await;
     lock.batch_execute("ROLLBACK").await.unwrap();

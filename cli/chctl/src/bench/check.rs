@@ -137,36 +137,24 @@ impl Figures {
 
     fn diff(&self, other: &Figures) -> Vec<String> {
         let mut out = Vec::new();
-        let mut differs = |name: &str, a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| {
-            out.push(format!("{name} {a:?} vs {b:?}"));
-        };
-        if self.cash != other.cash {
-            differs("cash", &self.cash, &other.cash);
+        macro_rules! compare {
+            ($($field:ident as $name:literal),* $(,)?) => {$(
+                if self.$field != other.$field {
+                    out.push(format!("{} {:?} vs {:?}", $name, self.$field, other.$field));
+                }
+            )*};
         }
-        if self.realized != other.realized {
-            differs("realized_pnl", &self.realized, &other.realized);
-        }
-        if self.fees_paid != other.fees_paid {
-            differs("fees_paid", &self.fees_paid, &other.fees_paid);
-        }
-        if self.net_deposits != other.net_deposits {
-            differs("net_deposits", &self.net_deposits, &other.net_deposits);
-        }
-        if self.status != other.status {
-            differs("status", &self.status, &other.status);
-        }
-        if self.fee_rate != other.fee_rate {
-            differs("fee_rate", &self.fee_rate, &other.fee_rate);
-        }
-        if self.attached != other.attached {
-            differs("attached_strategies", &self.attached, &other.attached);
-        }
-        if self.version != other.version {
-            differs("version", &self.version, &other.version);
-        }
-        if self.positions != other.positions {
-            differs("positions", &self.positions, &other.positions);
-        }
+        compare!(
+            cash as "cash",
+            realized as "realized_pnl",
+            fees_paid as "fees_paid",
+            net_deposits as "net_deposits",
+            status as "status",
+            fee_rate as "fee_rate",
+            attached as "attached_strategies",
+            version as "version",
+            positions as "positions",
+        );
         out
     }
 }
