@@ -210,6 +210,58 @@ async fn a_trailing_stop_sells_the_whole_position_exactly_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_trailing_stop_activates_against_the_entry_of_its_time() {
+    let mut env = TestEnv::with_all_workers().await;
+    env.start(Worker::ExitTriggers).await;
+    // Trailing stop 10 % once 5 % above the entry; no other exits.
+    let exits = json!({"trailing_stop": {"trailing_pct": "0.1", "activation_pct": "0.05"}});
+    env.cmd(
+        "strategy.create",
+        strategy_with_exits("s1", &["BTC-USDT", "ETH-USDT"], exits),
+    )
+    .await;
+    portfolio(&env, "p1", "s1").await;
+
+    // BTC: 1 at 100, activated at 110 (stop 99); 1 more at 110 raises the entry to 105, whose
+    // activation level (110.25) no price reaches. The stop stays active and fires at 98.
+    let btc = buy(&env, "p1", "s1", "BTC-USDT", "1", "100").await;
+    prices(&env, "BTC-USDT", &["110"]).await;
+    buy(&env, "p1", "s1", "BTC-USDT", "1", "110").await;
+    prices(&env, "BTC-USDT", &["105", "100"]).await;
+    // ETH: 1 at 100, up to 104 (not active: 105 needed); 1 more at 90 lowers the entry to 95
+    // (activation 99.75, below the old high): not active until a price since reaches 99.75.
+    let eth = buy(&env, "p1", "s1", "ETH-USDT", "1", "100").await;
+    prices(&env, "ETH-USDT", &["104"]).await;
+    buy(&env, "p1", "s1", "ETH-USDT", "1", "90").await;
+    let quiet = prices(&env, "ETH-USDT", &["94", "93"]).await;
+    wait_evaluated(&env, ch_readmodel::exits::DURABLE, quiet).await;
+    assert_eq!(sells(&env, "p1").await, vec![]);
+
+    prices(&env, "BTC-USDT", &["98"]).await;
+    // Activated at 99.75 now; the stop follows the trip's high: 104 * 0.9 = 93.6.
+    let last = prices(&env, "ETH-USDT", &["99.75", "93"]).await;
+    wait_evaluated(&env, ch_readmodel::exits::DURABLE, last).await;
+    wait_performance(&env, "p1", |p| p["positions"] == json!([])).await;
+    assert_eq!(
+        sells(&env, "p1").await,
+        vec![
+            sell(
+                "BTC-USDT",
+                "2",
+                "98",
+                exit_command_id("p1", "BTC-USDT", btc, ExitKind::TrailingStop, ("s1", 1))
+            ),
+            sell(
+                "ETH-USDT",
+                "2",
+                "93",
+                exit_command_id("p1", "ETH-USDT", eth, ExitKind::TrailingStop, ("s1", 1))
+            ),
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stop_loss_and_take_profit_fire_once_each_per_round_trip() {
     let mut env = TestEnv::with_all_workers().await;
     env.start(Worker::ExitTriggers).await;

@@ -7,10 +7,13 @@
 //!
 //! - stop loss when `mark <= entry * (1 - stop_loss_pct)`;
 //! - take profit when `mark >= entry * (1 + take_profit_pct)`;
-//! - trailing stop: active once the high mark (the highest price since the round trip opened,
-//!   the current one included) reached `entry * (1 + activation_pct)`; its stop is then
-//!   `high_mark * (1 - trailing_pct)` (the running `max(stop, high * (1 - trailing))` is exactly
-//!   that, as the high only rises), and it fires when `mark <= stop`.
+//! - trailing stop: active once a price since the round trip opened (the current one included)
+//!   reached `entry * (1 + activation_pct)`, with `entry` the average entry price *when that
+//!   price was seen*: a buy that raises the entry later does not switch an activated stop off,
+//!   and one that lowers it does not activate the stop from a high seen before it
+//!   ([`PositionFacts::entries`]). Once active, its stop is `high_mark * (1 - trailing_pct)`
+//!   (the running `max(stop, high * (1 - trailing))` is exactly that, as the high only rises),
+//!   and it fires when `mark <= stop`.
 //!
 //! Comparisons are exact: `entry * x` is compared as `gross_entry * x` against
 //! `mark * quantity`, so no rounded division decides anything.
@@ -73,12 +76,45 @@ pub struct PositionFacts {
     pub mark: Decimal,
     /// The highest price since the round trip opened, up to and including `mark`'s time.
     pub high_mark: Decimal,
+    /// The position after each fill of the open round trip (in order) with the highest price
+    /// seen while it was held: what a trailing stop's activation is checked against. Empty
+    /// means the position was held as it is now for the whole trip (one span, `high_mark`).
+    pub entries: Vec<EntrySpan>,
+}
+
+/// The position as one fill of the round trip left it, and the highest price (up to `mark`'s
+/// time) until the next fill; `None` when no price was seen in between.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EntrySpan {
+    pub quantity: Decimal,
+    pub gross_entry: Decimal,
+    pub high: Option<Decimal>,
 }
 
 impl PositionFacts {
     /// `gross_entry / quantity`, for display (decisions never divide).
     pub fn avg_entry_price(&self) -> Option<Decimal> {
         self.gross_entry.checked_div(self.quantity)
+    }
+
+    /// Whether some price reached `entry * factor` with the entry of its time, compared as
+    /// `high * quantity >= gross_entry * factor` (no division).
+    fn reached(&self, factor: Decimal) -> bool {
+        let reached = |high: Decimal, quantity: Decimal, gross: Decimal| {
+            matches!((high.checked_mul(quantity), gross.checked_mul(factor)),
+                     (Some(r), Some(a)) if r >= a)
+        };
+        if self.entries.is_empty() {
+            return reached(
+                self.high_mark.max(self.mark),
+                self.quantity,
+                self.gross_entry,
+            );
+        }
+        self.entries.iter().any(|e| {
+            e.quantity > Decimal::ZERO
+                && matches!(e.high, Some(h) if reached(h, e.quantity, e.gross_entry))
+        })
     }
 }
 
@@ -121,10 +157,7 @@ pub fn evaluate(rule: &StrategyRule, f: &PositionFacts) -> Option<ExitTrigger> {
     }
     if let Some(ts) = &rule.trailing_stop {
         let high = f.high_mark.max(f.mark);
-        let activation = f.gross_entry.checked_mul(Decimal::ONE + ts.activation_pct);
-        let reached = high.checked_mul(f.quantity);
-        let active = matches!((reached, activation), (Some(r), Some(a)) if r >= a);
-        if active {
+        if f.reached(Decimal::ONE + ts.activation_pct) {
             if let Some(stop) = high.checked_mul(Decimal::ONE - ts.trailing_pct) {
                 if f.mark <= stop {
                     return Some(ExitTrigger {
@@ -275,6 +308,7 @@ mod tests {
             gross_entry: d("200"),
             mark: d(mark),
             high_mark: d(high),
+            entries: Vec::new(),
         }
     }
 
@@ -338,6 +372,55 @@ mod tests {
         );
     }
 
+    /// A span of the trip: `qty` units for `gross`, the highest price while so held.
+    fn span(qty: &str, gross: &str, high: Option<&str>) -> EntrySpan {
+        EntrySpan {
+            quantity: d(qty),
+            gross_entry: d(gross),
+            high: high.map(d),
+        }
+    }
+
+    #[test]
+    fn an_activation_counts_against_the_entry_of_its_time() {
+        // Activation 5 %, trailing 10 %.
+        let r = rule(None, None, Some(("0.1", "0.05")));
+        // 1 bought at 100, the price reached 110 (active, stop 99); then 1 more at 110: entry
+        // 105, whose activation level (110.25) the high never reached. Still active: at 98 the
+        // stop (110 * 0.9 = 99) fires.
+        let mut f = PositionFacts {
+            quantity: d("2"),
+            gross_entry: d("210"),
+            mark: d("98"),
+            high_mark: d("110"),
+            entries: vec![span("1", "100", Some("110")), span("2", "210", Some("110"))],
+        };
+        let t = evaluate(&r, &f).unwrap();
+        assert_eq!((t.kind, t.level), (ExitKind::TrailingStop, d("99")));
+        // Judged on today's entry alone it would not have fired.
+        f.entries.clear();
+        assert_eq!(evaluate(&r, &f), None);
+
+        // 1 bought at 100, the price reached 104 (not active: 105 needed); then 1 more at 90:
+        // entry 95, activation level 99.75, which the old high passes but no price since the
+        // second buy (at most 94) reached. Not active: 93 does not fire.
+        let mut f = PositionFacts {
+            quantity: d("2"),
+            gross_entry: d("190"),
+            mark: d("93"),
+            high_mark: d("104"),
+            entries: vec![span("1", "100", Some("104")), span("2", "190", Some("94"))],
+        };
+        assert_eq!(evaluate(&r, &f), None);
+        // A price since then at 99.75 activates it (stop 104 * 0.9 = 93.6).
+        f.entries[1].high = Some(d("99.75"));
+        let t = evaluate(&r, &f).unwrap();
+        assert_eq!((t.kind, t.level), (ExitKind::TrailingStop, d("93.6")));
+        // A span without prices activates nothing.
+        f.entries[1].high = None;
+        assert_eq!(evaluate(&r, &f), None);
+    }
+
     #[test]
     fn several_at_once_use_the_first_of_sl_ts_tp() {
         // Stop loss at 95 and an activated trailing stop with a stop (90) below it.
@@ -357,6 +440,7 @@ mod tests {
             gross_entry: d("100"),
             mark: d(mark),
             high_mark: d(mark),
+            entries: Vec::new(),
         };
         let r = rule(Some("0.1"), None, None);
         assert!(evaluate(&r, &f("30.00000001")).is_none());

@@ -10,7 +10,9 @@
 //!    sequence `S` (progress announcements, [`Progress::wait_for`]);
 //! 2. query the open positions in the symbol with their open round trip, the high mark since
 //!    the trip opened (`prices` with `opened_at <= at <= the event's at`, `stream_seq <= S`:
-//!    the same on every replica and after restarts) and the portfolio's active strategies;
+//!    the same on every replica and after restarts), the position after each fill of the trip
+//!    with the high while so held (a trailing stop's activation counts against the entry of its
+//!    time) and the portfolio's active strategies;
 //!    a price older than the trip is not evaluated for it;
 //! 3. if some exit fires, skip the price anyway when it is a backfill: a price of the symbol
 //!    stored before it (`stream_seq < S`) is later in business time, so it is not the mark;
@@ -39,7 +41,7 @@ use async_nats::jetstream::consumer::{pull, AckPolicy};
 use async_nats::jetstream::AckKind;
 use async_nats::Message;
 use ch_domain::event::MarketPriceRecorded;
-use ch_domain::exits::{decide_exit, AttachedStrategy, ExitDecision, PositionFacts};
+use ch_domain::exits::{decide_exit, AttachedStrategy, EntrySpan, ExitDecision, PositionFacts};
 use ch_domain::strategy::{RiskProfile, StrategyRule};
 use ch_domain::{AggregateType, Event};
 use ch_runtime::app::App;
@@ -160,19 +162,35 @@ struct Worker {
 }
 
 /// The positions in `symbol` open at `at` whose round trip opened no later than `at`, with the
-/// high mark since then (prices at or before `at` and stored at or before `seq`); one
-/// portfolio's only when `portfolio_id` is given.
+/// high mark since then (prices at or before `at` and stored at or before `seq`) and, for the
+/// trailing stop's activation, the position after each fill of the trip with the highest such
+/// price until the next fill (a fill at `t` holds from `t` on; fills of one portfolio are in
+/// time order); one portfolio's only when `portfolio_id` is given.
 const CANDIDATES_SQL: &str = "
     SELECT p.portfolio_id, p.quantity, p.gross_entry, po.version, t.opened_seq,
            (SELECT max(pr.price) FROM prices pr
              WHERE pr.symbol = p.symbol AND pr.at >= t.opened_at AND pr.at <= $2
-               AND pr.stream_seq <= $3) AS high_mark
+               AND pr.stream_seq <= $3) AS high_mark,
+           e.quantities, e.gross_entries, e.highs
       FROM positions p
       JOIN portfolios po ON po.portfolio_id = p.portfolio_id
       JOIN LATERAL (SELECT opened_seq, opened_at FROM round_trips rt
                      WHERE rt.portfolio_id = p.portfolio_id AND rt.symbol = p.symbol
                        AND rt.closed_at IS NULL
                      ORDER BY rt.opened_seq DESC LIMIT 1) t ON true
+      CROSS JOIN LATERAL (
+          SELECT array_agg(f.position_after ORDER BY f.stream_seq) AS quantities,
+                 array_agg(f.gross_entry_after ORDER BY f.stream_seq) AS gross_entries,
+                 array_agg((SELECT max(pr.price) FROM prices pr
+                             WHERE pr.symbol = p.symbol AND pr.at >= f.at
+                               AND (f.next_at IS NULL OR pr.at < f.next_at)
+                               AND pr.at <= $2 AND pr.stream_seq <= $3)
+                           ORDER BY f.stream_seq) AS highs
+            FROM (SELECT tr.stream_seq, tr.at, tr.position_after, tr.gross_entry_after,
+                         lead(tr.at) OVER (ORDER BY tr.stream_seq) AS next_at
+                    FROM trades tr
+                   WHERE tr.portfolio_id = p.portfolio_id AND tr.symbol = p.symbol
+                     AND tr.stream_seq >= t.opened_seq) f) e
      WHERE p.symbol = $1 AND p.quantity > 0 AND po.status = 'open' AND t.opened_at <= $2
        AND ($4::text IS NULL OR p.portfolio_id = $4)
      ORDER BY p.portfolio_id";
@@ -186,6 +204,24 @@ const STRATEGIES_SQL: &str = "
 /// A later (by business time) price of the symbol stored before this one.
 const BACKFILL_SQL: &str = "
     SELECT EXISTS (SELECT 1 FROM prices WHERE symbol = $1 AND at > $2 AND stream_seq < $3)";
+
+/// The trip's [`EntrySpan`]s from the candidate row's parallel arrays.
+fn entry_spans(r: &tokio_postgres::Row) -> Vec<EntrySpan> {
+    let column = |i| r.get::<_, Option<Vec<Decimal>>>(i).unwrap_or_default();
+    let highs = r
+        .get::<_, Option<Vec<Option<Decimal>>>>(8)
+        .unwrap_or_default();
+    column(6)
+        .into_iter()
+        .zip(column(7))
+        .zip(highs)
+        .map(|((quantity, gross_entry), high)| EntrySpan {
+            quantity,
+            gross_entry,
+            high,
+        })
+        .collect()
+}
 
 impl Worker {
     fn bump(&self, counter: &AtomicU64, gauge: &'static str) {
@@ -219,6 +255,7 @@ impl Worker {
                     gross_entry: r.get(2),
                     mark: p.price,
                     high_mark: r.get::<_, Option<Decimal>>(5).unwrap_or(p.price),
+                    entries: entry_spans(r),
                 },
                 strategies: Vec::new(),
             })
