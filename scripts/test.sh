@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs `cargo test --workspace [ARGS...]` against a nats-server of its own (port 14322 or
 # CH_TEST_NATS_PORT, monitor 4000 above it, a fresh temporary store, the server's default fsync for speed) and a clean
-# `ch_test` database, exported as CH_TEST_NATS_URL and CH_TEST_DATABASE_URL.
+# `ch_test` database (`ch_test_<port>` with another CH_TEST_NATS_PORT, so that two checkouts can
+# test at once), exported as CH_TEST_NATS_URL and CH_TEST_DATABASE_URL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,7 +21,9 @@ scripts/nats.sh stop "$port" >/dev/null || true
 CH_NATS_CONF=none CH_NATS_NAME=ch-test scripts/nats.sh start "$port" "$store" "$http"
 export CH_TEST_NATS_URL=nats://127.0.0.1:$port
 
-export CH_TEST_DATABASE_URL=${CH_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/ch_test}
+default_db=ch_test
+[[ $port == 14322 ]] || default_db=ch_test_$port
+export CH_TEST_DATABASE_URL=${CH_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/$default_db}
 base=${CH_TEST_DATABASE_URL%%\?*}
 db=${base##*/}
 admin=${base%/*}/postgres
