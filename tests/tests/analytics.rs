@@ -333,3 +333,40 @@ async fn analysis_validates_its_input_and_handles_empty_portfolios() {
         "{message}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_curve_over_more_prices_than_one_read_takes_is_valued_the_same() {
+    let env = TestEnv::with_all_workers().await;
+    let (_, seq) = import_week(&env).await;
+    let q = json!({"portfolio_id": "p1", "from": at(0, 0, 0), "to": at(7, 0, 0), "interval": "1d"});
+    let few = env.query_at("portfolio.analysis", q.clone(), seq).await;
+    // 100,000 more prices of BTC-USDT between day 0 12:00 and day 1 10:14, each the price in
+    // force then (day 0 12:00's: the next is at day 1 12:00), so no valuation changes; written
+    // into the read model directly. With the week's own prices that is more than the analysis
+    // reads in one range (100,000, the first of them by time), so it looks each time up
+    // instead: a range cut short at its limit and taken for whole would value days 2-7 at day
+    // 0's price.
+    env.pg
+        .execute(
+            "WITH day0 AS MATERIALIZED (
+                 SELECT price FROM prices WHERE symbol = 'BTC-USDT' AND at = $1)
+             INSERT INTO prices (symbol, at, stream_seq, price)
+             SELECT 'BTC-USDT', $1::timestamptz + k * interval '800 milliseconds', 0, day0.price
+             FROM generate_series(1, 100000) k, day0",
+            &[&chrono::DateTime::from_timestamp(secs(0, 12, 0), 0).unwrap()],
+        )
+        .await
+        .expect("prices inserted");
+    let in_range: i64 = env
+        .pg
+        .query_one(
+            "SELECT count(*) FROM prices WHERE symbol = 'BTC-USDT' AND at > $1",
+            &[&chrono::DateTime::from_timestamp(secs(0, 0, 0), 0).unwrap()],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(in_range, 100_008);
+    let many = env.query_at("portfolio.analysis", q, seq).await;
+    assert_eq!(many, few);
+}
