@@ -582,6 +582,95 @@ async fn query_errors_stale_and_timeout_bounds() {
         );
     }
 
+    // A request that cannot be answered is bad_request at once, not stale after the wait.
+    for (name, q, field) in [
+        (
+            "portfolio.performance",
+            json!({"portfolio_id": "p.1"}),
+            "portfolio_id",
+        ),
+        ("strategy.get", json!({"strategy_id": "s 1"}), "strategy_id"),
+        (
+            "strategy.list",
+            json!({"user_id": "u1", "limit": 0}),
+            "limit",
+        ),
+        (
+            "strategy.list",
+            json!({"user_id": "u1", "cursor": "a*"}),
+            "cursor",
+        ),
+        (
+            "strategy.leaderboard",
+            json!({"user_id": "u1", "limit": 501}),
+            "limit",
+        ),
+        (
+            "portfolio.analysis",
+            json!({"portfolio_id": "p1", "from": "2026-01-02T00:00:00Z", "to": "2026-01-01T00:00:00Z"}),
+            "from",
+        ),
+        (
+            "portfolio.analysis",
+            json!({"portfolio_id": "p1", "risk_free_rate": "-1"}),
+            "risk_free_rate",
+        ),
+    ] {
+        let mut q = q;
+        q["min_stream_seq"] = far.into();
+        q["timeout_ms"] = 10_000.into();
+        let started = std::time::Instant::now();
+        let msg = check_error(
+            env.request(&format!("query.{name}"), q).await,
+            BAD_REQUEST,
+            &[field],
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{name}: {msg}: took {:?}",
+            started.elapsed()
+        );
+    }
+    // An optional field sent as null is its default, as when absent; a rate in exponent
+    // notation is the rate.
+    for (name, q) in [
+        (
+            "strategy.list",
+            json!({"user_id": "u1", "include_deleted": null}),
+        ),
+        (
+            "strategy.leaderboard",
+            json!({"user_id": "u1", "by": null, "include_deleted": null, "limit": null}),
+        ),
+        (
+            "portfolio.analysis",
+            json!({"portfolio_id": "p1", "from": "2026-01-01T00:00:00Z",
+                   "to": "2027-01-01T00:00:00Z", "interval": null, "risk_free_rate": null}),
+        ),
+    ] {
+        let mut with_nulls = env.request(&format!("query.{name}"), q.clone()).await.ok();
+        let mut absent = q.clone();
+        absent.as_object_mut().unwrap().retain(|_, v| !v.is_null());
+        let mut without = env.request(&format!("query.{name}"), absent).await.ok();
+        for r in [&mut with_nulls, &mut without] {
+            r.as_object_mut().unwrap().remove("as_of_seq");
+        }
+        assert_eq!(with_nulls, without, "{name}");
+    }
+    let rate = |r: &str| {
+        json!({"portfolio_id": "p1", "from": "2026-01-01T00:00:00Z", "to": "2027-01-01T00:00:00Z",
+               "risk_free_rate": r})
+    };
+    let exp = env
+        .request("query.portfolio.analysis", rate("3E-2"))
+        .await
+        .ok();
+    let plain = env
+        .request("query.portfolio.analysis", rate("0.03"))
+        .await
+        .ok();
+    assert_eq!(exp["metrics"], plain["metrics"]);
+
     // timeout_ms above 10000 (and 0) is bad_request; 10000 itself is fine.
     for (name, mut q) in [
         ("portfolio.performance", json!({"portfolio_id": "p1"})),
@@ -814,3 +903,4 @@ async fn a_database_error_says_the_server_message_once() {
     assert!(text.contains("(SQLSTATE 42P01)"), "{text}");
     assert_eq!(text.matches("no_such_table").count(), 1, "{text}");
 }
+

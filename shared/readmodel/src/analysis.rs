@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ch_domain::analytics::{self, Interval, NavPoint, Observation, Totals};
 use ch_domain::ids::validate_id;
+use ch_domain::money::parse_decimal;
 use ch_runtime::error::{ApiError, DbError};
 use chrono::{DateTime, Utc};
 use rust_decimal::prelude::ToPrimitive;
@@ -20,7 +21,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio_postgres::Transaction;
 
-use crate::queries::Consistency;
+use crate::queries::{check_limit, null_as_default, Consistency, Validate, DEFAULT_LIMIT};
 
 /// Most curve points one reply carries (a year of hours is 8,760).
 pub const MAX_POINTS: usize = 20_000;
@@ -39,7 +40,7 @@ pub struct AnalysisQuery {
     pub portfolio_id: String,
     pub from: Option<DateTime<Utc>>,
     pub to: Option<DateTime<Utc>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub interval: Interval,
     pub risk_free_rate: Option<Rate>,
     pub min_stream_seq: Option<u64>,
@@ -68,13 +69,31 @@ pub enum RankBy {
 #[serde(deny_unknown_fields)]
 pub struct LeaderboardQuery {
     pub user_id: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub by: RankBy,
     pub limit: Option<u32>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub include_deleted: bool,
     pub min_stream_seq: Option<u64>,
     pub timeout_ms: Option<u64>,
+}
+
+impl Validate for AnalysisQuery {
+    fn validate(&self) -> Result<(), ApiError> {
+        validate_id("portfolio_id", &self.portfolio_id).map_err(ApiError::from)?;
+        parse_rate(&self.risk_free_rate)?;
+        match (self.from, self.to) {
+            (Some(f), Some(t)) if f >= t => Err(ApiError::bad_request("from: must be before to")),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Validate for LeaderboardQuery {
+    fn validate(&self) -> Result<(), ApiError> {
+        validate_id("user_id", &self.user_id).map_err(ApiError::from)?;
+        check_limit(self.limit)
+    }
 }
 
 impl Consistency for LeaderboardQuery {
@@ -351,13 +370,9 @@ fn parse_rate(r: &Option<Rate>) -> Result<f64, ApiError> {
     let rate = match r {
         None => 0.0,
         Some(Rate::Number(x)) => *x,
-        Some(Rate::Text(s)) => s
-            .parse::<Decimal>()
-            .ok()
-            .and_then(|d| d.to_f64())
-            .ok_or_else(|| {
-                ApiError::bad_request(format!("risk_free_rate: invalid decimal {s:?}"))
-            })?,
+        Some(Rate::Text(s)) => parse_decimal(s).and_then(|d| d.to_f64()).ok_or_else(|| {
+            ApiError::bad_request(format!("risk_free_rate: invalid decimal {s:?}"))
+        })?,
     };
     if !rate.is_finite() || rate <= -1.0 {
         return Err(ApiError::bad_request(
@@ -370,19 +385,14 @@ fn parse_rate(r: &Option<Rate>) -> Result<f64, ApiError> {
 /// `ch.query.portfolio.analysis`.
 ///
 /// # Errors
-/// `not_found` for an unknown portfolio; `bad_request` for an invalid id, period or rate.
+/// `not_found` for an unknown portfolio; `bad_request` for a period longer than a reply
+/// carries (the request's own fields were checked as it was parsed).
 pub async fn portfolio_analysis(
     tx: &Transaction<'_>,
     q: &AnalysisQuery,
     as_of_seq: u64,
 ) -> Result<Value, ApiError> {
-    validate_id("portfolio_id", &q.portfolio_id).map_err(ApiError::from)?;
     let rf = parse_rate(&q.risk_free_rate)?;
-    if let (Some(f), Some(t)) = (q.from, q.to) {
-        if f >= t {
-            return Err(ApiError::bad_request("from: must be before to"));
-        }
-    }
     let Some(p) = tx
         .query_opt(
             "SELECT first_deposit_at FROM portfolios WHERE portfolio_id = $1",
@@ -537,17 +547,13 @@ pub async fn portfolio_analysis(
 /// own trades (or by the win rate of the round trips their signals closed).
 ///
 /// # Errors
-/// `bad_request` for an invalid id or limit.
+/// Database trouble only (the request's fields were checked as it was parsed).
 pub async fn strategy_leaderboard(
     tx: &Transaction<'_>,
     q: &LeaderboardQuery,
     as_of_seq: u64,
 ) -> Result<Value, ApiError> {
-    validate_id("user_id", &q.user_id).map_err(ApiError::from)?;
-    let limit = q.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        return Err(ApiError::bad_request("limit: must be between 1 and 500"));
-    }
+    let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
     let order = match q.by {
         RankBy::RealizedPnl => "realized_pnl DESC, win_rate DESC NULLS LAST, strategy_id",
         RankBy::WinRate => "win_rate DESC NULLS LAST, realized_pnl DESC, strategy_id",

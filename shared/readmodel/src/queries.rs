@@ -33,6 +33,36 @@ macro_rules! consistency {
     };
 }
 
+/// A query request's own checks (ids, limits, periods), made as it is parsed: a request that
+/// cannot be answered is `bad_request` at once, never `stale` after a read-your-writes wait.
+pub trait Validate {
+    /// # Errors
+    /// `bad_request` naming the field.
+    fn validate(&self) -> Result<(), ApiError>;
+}
+
+/// For an optional field with a default: an explicit `null` is the default too, as an absent
+/// field is (clients that send `None` as `null`).
+pub(crate) fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// A page's `limit` when none is given.
+pub(crate) const DEFAULT_LIMIT: u32 = 50;
+
+/// `limit` between 1 and 500, else `bad_request`.
+pub(crate) fn check_limit(limit: Option<u32>) -> Result<(), ApiError> {
+    if (1..=500).contains(&limit.unwrap_or(DEFAULT_LIMIT)) {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request("limit: must be between 1 and 500"))
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PerformanceQuery {
@@ -42,18 +72,35 @@ pub struct PerformanceQuery {
 }
 consistency!(PerformanceQuery);
 
+impl Validate for PerformanceQuery {
+    fn validate(&self) -> Result<(), ApiError> {
+        check_id("portfolio_id", &self.portfolio_id)
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StrategyListQuery {
     pub user_id: String,
     pub limit: Option<u32>,
     pub cursor: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub include_deleted: bool,
     pub min_stream_seq: Option<u64>,
     pub timeout_ms: Option<u64>,
 }
 consistency!(StrategyListQuery);
+
+impl Validate for StrategyListQuery {
+    fn validate(&self) -> Result<(), ApiError> {
+        check_id("user_id", &self.user_id)?;
+        check_limit(self.limit)?;
+        match &self.cursor {
+            Some(c) => check_id("cursor", c),
+            None => Ok(()),
+        }
+    }
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -64,25 +111,34 @@ pub struct StrategyGetQuery {
 }
 consistency!(StrategyGetQuery);
 
-/// Parses a query body; malformed JSON, unknown fields and invalid ids are `bad_request`.
+impl Validate for StrategyGetQuery {
+    fn validate(&self) -> Result<(), ApiError> {
+        check_id("strategy_id", &self.strategy_id)
+    }
+}
+
+/// Parses a query body and checks its fields ([`Validate`]); malformed JSON, unknown fields
+/// and invalid values are `bad_request`.
 ///
 /// # Errors
 /// `bad_request` naming what is wrong.
-pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub fn parse<T: serde::de::DeserializeOwned + Validate>(body: &[u8]) -> Result<T, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::bad_request(
             "empty request: expected a JSON object",
         ));
     }
     let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let q: T = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         if path == "." {
             ApiError::bad_request(format!("invalid request: {}", e.inner()))
         } else {
             ApiError::bad_request(format!("{path}: {}", e.inner()))
         }
-    })
+    })?;
+    q.validate()?;
+    Ok(q)
 }
 
 fn check_id(field: &str, v: &str) -> Result<(), ApiError> {
@@ -160,12 +216,11 @@ const PERFORMANCE_SQL: &str = "
 /// `ch.query.portfolio.performance`.
 ///
 /// # Errors
-/// `not_found` for an unknown portfolio; `bad_request` for an invalid id.
+/// `not_found` for an unknown portfolio (the request's fields were checked as it was parsed).
 pub async fn portfolio_performance(
     conn: &deadpool_postgres::Object,
     q: &PerformanceQuery,
 ) -> Result<Value, ApiError> {
-    check_id("portfolio_id", &q.portfolio_id)?;
     let stmt = conn
         .prepare_cached(PERFORMANCE_SQL)
         .await
@@ -270,20 +325,13 @@ fn strategy_row(r: &Row) -> Value {
 /// cursor is the last `strategy_id` of the previous page.
 ///
 /// # Errors
-/// `bad_request` for an invalid id, limit or cursor.
+/// Database trouble only (the request's fields were checked as it was parsed).
 pub async fn strategy_list(
     tx: &Transaction<'_>,
     q: &StrategyListQuery,
     as_of_seq: u64,
 ) -> Result<Value, ApiError> {
-    check_id("user_id", &q.user_id)?;
-    let limit = q.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        return Err(ApiError::bad_request("limit: must be between 1 and 500"));
-    }
-    if let Some(c) = &q.cursor {
-        check_id("cursor", c)?;
-    }
+    let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
     let rows = tx
         .query(
             "SELECT * FROM strategies
@@ -319,7 +367,6 @@ pub async fn strategy_get(
     q: &StrategyGetQuery,
     as_of_seq: u64,
 ) -> Result<Value, ApiError> {
-    check_id("strategy_id", &q.strategy_id)?;
     let Some(r) = tx
         .query_opt(
             "SELECT * FROM strategies WHERE strategy_id = $1",
