@@ -22,6 +22,7 @@ const NOT_FOUND: Class = Class(404, "not_found");
 const ALREADY_EXISTS: Class = Class(409, "already_exists");
 const CONFLICT: Class = Class(409, "conflict");
 const STALE: Class = Class(504, "stale");
+const INTERNAL: Class = Class(500, "internal");
 
 /// A domain refusal (422) with its code.
 const fn refusal(code: &'static str) -> Class {
@@ -904,3 +905,37 @@ async fn a_database_error_says_the_server_message_once() {
     assert_eq!(text.matches("no_such_table").count(), 1, "{text}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_out_of_decimal_range_is_an_error_reply_not_a_silence() {
+    let env = setup().await;
+    let r = env
+        .cmd(
+            "signal.execute",
+            signal_on("p1", "s1", "BTC-USDT", "buy", "100", "1"),
+        )
+        .await;
+    assert_eq!(r["status"], "executed", "{r}");
+    // A price far beyond any market's, recorded all the same (it is a valid amount): 100 BTC at
+    // it are worth 10^29, more than a Decimal's 28 digits hold.
+    let seq = seq(&env.cmd("market.price", price("BTC-USDT", "1e27")).await);
+    let q = json!({"portfolio_id": "p1", "min_stream_seq": seq});
+    check_error(
+        env.request("query.portfolio.performance", q).await,
+        INTERNAL,
+        &["p1", "28 significant digits"],
+    );
+    // The analysis values the curve with its own arithmetic; a panic in any handler is
+    // answered too.
+    let q = json!({"portfolio_id": "p1", "min_stream_seq": seq, "interval": "1h"});
+    check_error(
+        env.request("query.portfolio.analysis", q).await,
+        INTERNAL,
+        &["handler failed"],
+    );
+    // The worker goes on serving.
+    let r = env
+        .request("query.strategy.get", json!({"strategy_id": "s1"}))
+        .await
+        .ok();
+    assert_eq!(r["strategy_id"], "s1", "{r}");
+}

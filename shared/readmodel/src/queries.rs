@@ -248,16 +248,29 @@ pub async fn portfolio_performance(
     let marks: Vec<Option<Decimal>> = p
         .get::<_, Option<Vec<Option<Decimal>>>>("marks")
         .unwrap_or_default();
+    // A mark far beyond any price (recorded all the same) can make a value that a Decimal
+    // does not hold: an error reply, not a panic.
+    let out_of_range = || {
+        ApiError::internal(format!(
+            "portfolio {}: its value at the marks needs more than 28 significant digits",
+            q.portfolio_id
+        ))
+    };
     let cash = dec(&p, "cash");
     let mut equity = cash;
     let mut unrealized_total = Decimal::ZERO;
     let mut positions = Vec::with_capacity(symbols.len());
     for (i, symbol) in symbols.iter().enumerate() {
         let (qty, cost, gross, mark) = (quantities[i], cost_bases[i], gross_entries[i], marks[i]);
-        let value = mark.map_or(gross, |m| qty * m);
-        let unrealized = value - cost;
-        equity += value;
-        unrealized_total += unrealized;
+        let value = match mark {
+            Some(m) => qty.checked_mul(m).ok_or_else(out_of_range)?,
+            None => gross,
+        };
+        let unrealized = value.checked_sub(cost).ok_or_else(out_of_range)?;
+        equity = equity.checked_add(value).ok_or_else(out_of_range)?;
+        unrealized_total = unrealized_total
+            .checked_add(unrealized)
+            .ok_or_else(out_of_range)?;
         positions.push(json!({
             "symbol": symbol,
             "quantity": plain(qty),
@@ -276,7 +289,8 @@ pub async fn portfolio_performance(
     let nav = dec(&p, "nav_at_flow");
     let e_flow = dec(&p, "equity_at_flow");
     let total_return = if e_flow > Decimal::ZERO {
-        (nav * equity / e_flow - Decimal::ONE).round_dp(10)
+        let grown = nav.checked_mul(equity).and_then(|g| g.checked_div(e_flow));
+        (grown.ok_or_else(out_of_range)? - Decimal::ONE).round_dp(10)
     } else {
         (nav - Decimal::ONE).round_dp(10)
     };

@@ -98,7 +98,7 @@ where
             .store()
             .get(seq)
             .await?
-            .ok_or_else(|| ApiError::new(500, "internal", format!("event {seq} vanished")))?;
+            .ok_or_else(|| ApiError::internal(format!("event {seq} vanished")))?;
         Ok(reply(&[ev], duplicate))
     }
 

@@ -63,6 +63,9 @@ impl ApiError {
     pub fn stale(message: impl Into<String>) -> Self {
         Self::new(504, "stale", message)
     }
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(500, "internal", message)
+    }
 
     /// The JSON body.
     pub fn body(&self) -> Bytes {
@@ -126,8 +129,8 @@ impl From<StoreError> for ApiError {
             e @ StoreError::TooLarge(_) => ApiError::bad_request(format!(
                 "{e}: the request makes an event above the server's max_payload; make it smaller"
             )),
-            StoreError::Decode(d) => ApiError::new(500, "internal", d.to_string()),
-            StoreError::Other(m) => ApiError::new(500, "internal", m),
+            StoreError::Decode(d) => ApiError::internal(d.to_string()),
+            StoreError::Other(m) => ApiError::internal(m),
         }
     }
 }
@@ -193,7 +196,7 @@ impl From<DbError> for ApiError {
         if e.is_unavailable() {
             ApiError::unavailable(e.to_string())
         } else {
-            ApiError::new(500, "internal", e.to_string())
+            ApiError::internal(e.to_string())
         }
     }
 }

@@ -3,13 +3,14 @@
 //! graceful drain on shutdown.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::service::ServiceExt;
 use async_nats::Message;
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -178,7 +179,20 @@ async fn respond<H: Handler>(
     request: async_nats::service::Request,
 ) {
     let started = Instant::now();
-    let result = handler.handle(name, &request.message).await;
+    // A handler that panics (a bug) is answered `internal` rather than left to time out.
+    let result = AssertUnwindSafe(handler.handle(name, &request.message))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(ApiError::internal(format!(
+                "the request's handler failed: {what}"
+            )))
+        });
     let sent = match &result {
         Ok(v) => {
             let body = Bytes::from(serde_json::to_vec(v).expect("json serializes"));
