@@ -22,11 +22,13 @@ pub struct Meta {
     pub occurred_at: DateTime<Utc>,
     /// Wall-clock time the command worker stored it.
     pub recorded_at: DateTime<Utc>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The three ids below are always in the body (API.md's envelope), `null` when unknown;
+    /// events stored before without them decode as `None`.
+    #[serde(default)]
     pub command_id: Option<Uuid>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub correlation_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub causation_id: Option<String>,
 }
 
@@ -204,6 +206,28 @@ mod tests {
                 assert_eq!(t.quantity.to_string(), "0.10000000");
             }
         }
+    }
+
+    #[test]
+    fn the_envelope_names_every_id_null_when_unknown_and_decodes_without_them() {
+        let event = Event::MarketPriceRecorded(MarketPriceRecorded {
+            symbol: "ETH-USDT".into(),
+            price: Decimal::ONE,
+        });
+        let body: serde_json::Value = serde_json::from_slice(&encode(&meta(), &event)).unwrap();
+        assert_eq!(body["command_id"], serde_json::Value::Null);
+        assert_eq!(body["correlation_id"], "c\"1");
+        assert_eq!(body["causation_id"], serde_json::Value::Null);
+        for key in ["command_id", "correlation_id", "causation_id"] {
+            assert!(body.get(key).is_some(), "{key} missing: {body}");
+        }
+        // As stored before: the unknown ids left out.
+        let mut old = body.clone();
+        for key in ["command_id", "causation_id"] {
+            old.as_object_mut().unwrap().remove(key);
+        }
+        let back = decode(1, &serde_json::to_vec(&old).unwrap()).unwrap();
+        assert_eq!(back.meta, meta());
     }
 
     #[test]
