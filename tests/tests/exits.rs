@@ -178,7 +178,7 @@ async fn a_trailing_stop_sells_the_whole_position_exactly_once() {
     assert_eq!(s["counters"]["triggers"], 0, "{s}");
     assert_eq!(performance(&env, "p1").await["fill_count"], 1);
     // 107 <= 108: the trailing stop fires; the price keeps falling, through the stop loss too.
-    prices(&env, "BTC-USDT", &["107"]).await;
+    let trigger = env.cmd("market.price", price("BTC-USDT", "107")).await;
     let perf = wait_performance(&env, "p1", |p| p["fill_count"] == 2).await;
     let last = prices(&env, "BTC-USDT", &["106", "100", "95", "79", "70"]).await;
     let s = status_evaluated(&env, last).await;
@@ -207,6 +207,14 @@ async fn a_trailing_stop_sells_the_whole_position_exactly_once() {
     );
     // open, deposit, attach, buy, sell: nothing else (no rejected repeats).
     assert_eq!(env.subject_count(AggregateType::Portfolio, "p1").await, 5);
+    // The sell's envelope names the price event that caused it.
+    let events = portfolio_events(&env, "p1").await;
+    let sold = events.last().expect("the sell");
+    assert_eq!(
+        sold["causation_id"], trigger["events"][0]["event_id"],
+        "{sold}"
+    );
+    assert_eq!(sold["correlation_id"], sold["command_id"], "{sold}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -221,6 +229,18 @@ async fn a_trailing_stop_activates_against_the_entry_of_its_time() {
     )
     .await;
     portfolio(&env, "p1", "s1").await;
+    // A client's own correlation and causation ids go into the envelope.
+    let mut more = deposit("p1", "10");
+    more["correlation_id"] = json!("flow-7");
+    more["causation_id"] = json!("cause-1");
+    env.cmd("portfolio.update", more).await;
+    let events = portfolio_events(&env, "p1").await;
+    let stored = events.last().expect("the deposit");
+    assert_eq!(
+        (&stored["correlation_id"], &stored["causation_id"]),
+        (&json!("flow-7"), &json!("cause-1")),
+        "{stored}"
+    );
 
     // BTC: 1 at 100, activated at 110 (stop 99); 1 more at 110 raises the entry to 105, whose
     // activation level (110.25) no price reaches. The stop stays active and fires at 98.

@@ -1,7 +1,8 @@
 //! Request bodies (bytes) to commands, with clear `bad_request` messages.
 //!
 //! The body is first read as a map of raw JSON values, the common keys (`command_id`,
-//! `expected_version`, `at`, and for `portfolio.update` also `portfolio_id` and `op`) are taken
+//! `expected_version`, `at`, `correlation_id`, `causation_id`, and for `portfolio.update` also
+//! `portfolio_id` and `op`) are taken
 //! out and parsed one by one, and the rest is re-serialized and read into a per-endpoint (per-op)
 //! struct with `deny_unknown_fields`. Decimals are read exactly (`money::exact`) because every
 //! struct here is deserialized straight from text, never from serde's buffered content.
@@ -32,6 +33,10 @@ pub struct Common {
     pub expected_version: Option<u64>,
     /// Business time (RFC 3339, stored as UTC); `None` means now.
     pub at: Option<DateTime<Utc>>,
+    /// Stored in the event envelopes: the flow the command belongs to (default: its
+    /// `command_id`) and what caused it (an event id, say), ids of the client's choosing.
+    pub correlation_id: Option<String>,
+    pub causation_id: Option<String>,
 }
 
 /// The command endpoints (`<prefix>.cmd.<name>`).
@@ -202,10 +207,19 @@ fn parse_common(map: &mut RawMap) -> Result<Common, DomainError> {
                 .map_err(|e| bad(format!("at: must be an RFC 3339 timestamp ({e})")))
         })
         .transpose()?;
+    let id = |map: &mut RawMap, field: &str| -> Result<Option<String>, DomainError> {
+        let v = take::<String>(map, field, "a string")?;
+        if let Some(v) = &v {
+            validate_id(field, v)?;
+        }
+        Ok(v)
+    };
     Ok(Common {
         command_id,
         expected_version,
         at,
+        correlation_id: id(map, "correlation_id")?,
+        causation_id: id(map, "causation_id")?,
     })
 }
 
@@ -615,6 +629,25 @@ mod tests {
             &format!(r#"{{{base},"at":"2026-01-01 00:00:00"}}"#)
         )
         .starts_with("at: "));
+        let p = parse(
+            Endpoint::PortfolioUpdate,
+            &format!(r#"{{{base},"correlation_id":"flow-7","causation_id":"0193-ab"}}"#),
+        )
+        .unwrap();
+        assert_eq!(p.common.correlation_id.as_deref(), Some("flow-7"));
+        assert_eq!(p.common.causation_id.as_deref(), Some("0193-ab"));
+        assert!(err(
+            Endpoint::PortfolioUpdate,
+            &format!(r#"{{{base},"causation_id":"a.b"}}"#)
+        )
+        .starts_with("causation_id: must match"));
+        assert_eq!(
+            err(
+                Endpoint::PortfolioUpdate,
+                &format!(r#"{{{base},"correlation_id":7}}"#)
+            ),
+            "correlation_id: must be a string"
+        );
     }
 
     #[test]

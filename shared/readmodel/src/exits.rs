@@ -18,8 +18,8 @@
 //!    stored before it (`stream_seq < S`) is later in business time, so it is not the mark;
 //! 4. for a position whose exit fires: catch up with the portfolio (wait until the read model
 //!    applied the last event of its subject), decide again on that state, and send the sell of
-//!    the whole position at the triggering mark with the deterministic `command_id` and the
-//!    portfolio's `expected_version`. A re-sent `command_id` is answered with the first result
+//!    the whole position at the triggering mark with the deterministic `command_id`, the
+//!    price event's id as `causation_id` and the portfolio's `expected_version`. A re-sent `command_id` is answered with the first result
 //!    (`"duplicate": true`); a `conflict` (another exit or trade got in first) means: catch up
 //!    and decide again, so a round trip is sold once even when two different triggers race;
 //! 5. ack. Trouble (a read model behind, the command side unreachable) naks the price for a
@@ -138,6 +138,8 @@ struct Candidate {
 #[derive(Debug, Clone)]
 struct Price {
     seq: u64,
+    /// The price event's id: the sell's `causation_id`.
+    event_id: uuid::Uuid,
     symbol: String,
     price: Decimal,
     at: DateTime<Utc>,
@@ -431,6 +433,7 @@ impl Worker {
             "price": plain(d.price),
             "command_id": d.command_id,
             "expected_version": c.version,
+            "causation_id": p.event_id,
         });
         if let Some(at) = at {
             body["at"] = at.to_rfc3339_opts(SecondsFormat::AutoSi, true).into();
@@ -531,6 +534,7 @@ impl Worker {
             Ok(ev) => match ev.event {
                 Event::MarketPriceRecorded(MarketPriceRecorded { symbol, price }) => Some(Price {
                     seq,
+                    event_id: ev.meta.event_id,
                     symbol,
                     price,
                     at: ev.meta.occurred_at,

@@ -195,8 +195,11 @@ where
                         occurred_at: at,
                         recorded_at: now,
                         command_id: common.command_id,
-                        correlation_id: common.command_id.map(|c| c.to_string()),
-                        causation_id: None,
+                        correlation_id: common
+                            .correlation_id
+                            .clone()
+                            .or_else(|| common.command_id.map(|c| c.to_string())),
+                        causation_id: common.causation_id.clone(),
                     };
                     (meta, event)
                 })
