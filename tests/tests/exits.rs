@@ -248,19 +248,29 @@ async fn a_trailing_stop_activates_against_the_entry_of_its_time() {
     prices(&env, "BTC-USDT", &["110"]).await;
     buy(&env, "p1", "s1", "BTC-USDT", "1", "110").await;
     prices(&env, "BTC-USDT", &["105", "100"]).await;
-    // ETH: 1 at 100, up to 104 (not active: 105 needed); 1 more at 90 lowers the entry to 95
-    // (activation 99.75, below the old high): not active until a price since reaches 99.75.
+    // ETH: 1 at 100, up to 104 (not active: 105 needed); 1 more at 90, dated the 104's time
+    // but stored after it, lowers the entry to 95 (activation 99.75, below 104): the 104 was
+    // seen with the entry at 100, so the stop is not active until a price since reaches 99.75.
     let eth = buy(&env, "p1", "s1", "ETH-USDT", "1", "100").await;
-    prices(&env, "ETH-USDT", &["104"]).await;
-    buy(&env, "p1", "s1", "ETH-USDT", "1", "90").await;
+    let then = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let mut high = price("ETH-USDT", "104");
+    high["at"] = json!(then);
+    env.cmd("market.price", high).await;
+    let mut more = signal_on("p1", "s1", "ETH-USDT", "buy", "1", "90");
+    more["at"] = json!(then);
+    let r = env.cmd("signal.execute", more).await;
+    assert_eq!(r["status"], "executed", "{r}");
     let quiet = prices(&env, "ETH-USDT", &["94", "93"]).await;
     wait_evaluated(&env, ch_readmodel::exits::DURABLE, quiet).await;
     assert_eq!(sells(&env, "p1").await, vec![]);
 
     prices(&env, "BTC-USDT", &["98"]).await;
-    // Activated at 99.75 now; the stop follows the trip's high: 104 * 0.9 = 93.6.
-    let last = prices(&env, "ETH-USDT", &["99.75", "93"]).await;
-    wait_evaluated(&env, ch_readmodel::exits::DURABLE, last).await;
+    // Activated at 99.75; the stop trails the high since then, 99.75 * 0.9 = 89.775, not the
+    // older 104: 93 does not sell, 89 does.
+    let quiet = prices(&env, "ETH-USDT", &["99.75", "93"]).await;
+    wait_evaluated(&env, ch_readmodel::exits::DURABLE, quiet).await;
+    assert_eq!(sells(&env, "p1").await.len(), 1);
+    prices(&env, "ETH-USDT", &["89"]).await;
     wait_performance(&env, "p1", |p| p["positions"] == json!([])).await;
     assert_eq!(
         sells(&env, "p1").await,
@@ -274,7 +284,7 @@ async fn a_trailing_stop_activates_against_the_entry_of_its_time() {
             sell(
                 "ETH-USDT",
                 "2",
-                "93",
+                "89",
                 exit_command_id("p1", "ETH-USDT", eth, ExitKind::TrailingStop, ("s1", 1))
             ),
         ]

@@ -11,9 +11,10 @@
 //!   reached `entry * (1 + activation_pct)`, with `entry` the average entry price *when that
 //!   price was seen*: a buy that raises the entry later does not switch an activated stop off,
 //!   and one that lowers it does not activate the stop from a high seen before it
-//!   ([`PositionFacts::entries`]). Once active, its stop is `high_mark * (1 - trailing_pct)`
-//!   (the running `max(stop, high * (1 - trailing))` is exactly that, as the high only rises),
-//!   and it fires when `mark <= stop`.
+//!   ([`PositionFacts::entries`]). Once active, its stop is `high * (1 - trailing_pct)` with
+//!   `high` the highest price since it activated (the running `max(stop, high * (1 -
+//!   trailing))` is exactly that, as that high only rises), and it fires when `mark <= stop`;
+//!   so never on the price that activates it.
 //!
 //! Comparisons are exact: `entry * x` is compared as `gross_entry * x` against
 //! `mark * quantity`, so no rounded division decides anything.
@@ -97,24 +98,32 @@ impl PositionFacts {
         self.gross_entry.checked_div(self.quantity)
     }
 
-    /// Whether some price reached `entry * factor` with the entry of its time, compared as
-    /// `high * quantity >= gross_entry * factor` (no division).
-    fn reached(&self, factor: Decimal) -> bool {
+    /// The highest price since the trailing stop activated (the current mark included), or
+    /// `None` while it has not: activation is the first price at or above `entry * factor`
+    /// with the entry of its time, compared as `price * quantity >= gross_entry * factor` (no
+    /// division). From the span of the activating entry its high counts: the prices before
+    /// the activating one in that span were below it.
+    fn high_since_activation(&self, factor: Decimal) -> Option<Decimal> {
         let reached = |high: Decimal, quantity: Decimal, gross: Decimal| {
-            matches!((high.checked_mul(quantity), gross.checked_mul(factor)),
-                     (Some(r), Some(a)) if r >= a)
+            quantity > Decimal::ZERO
+                && gross > Decimal::ZERO
+                && matches!((high.checked_mul(quantity), gross.checked_mul(factor)),
+                            (Some(r), Some(a)) if r >= a)
         };
         if self.entries.is_empty() {
-            return reached(
-                self.high_mark.max(self.mark),
-                self.quantity,
-                self.gross_entry,
-            );
+            let high = self.high_mark.max(self.mark);
+            return reached(high, self.quantity, self.gross_entry).then_some(high);
         }
-        self.entries.iter().any(|e| {
-            e.quantity > Decimal::ZERO
-                && matches!(e.high, Some(h) if reached(h, e.quantity, e.gross_entry))
-        })
+        let first = self
+            .entries
+            .iter()
+            .position(|e| matches!(e.high, Some(h) if reached(h, e.quantity, e.gross_entry)))?;
+        Some(
+            self.entries[first..]
+                .iter()
+                .filter_map(|e| e.high)
+                .fold(self.mark, Decimal::max),
+        )
     }
 }
 
@@ -156,8 +165,7 @@ pub fn evaluate(rule: &StrategyRule, f: &PositionFacts) -> Option<ExitTrigger> {
         }
     }
     if let Some(ts) = &rule.trailing_stop {
-        let high = f.high_mark.max(f.mark);
-        if f.reached(Decimal::ONE + ts.activation_pct) {
+        if let Some(high) = f.high_since_activation(Decimal::ONE + ts.activation_pct) {
             if let Some(stop) = high.checked_mul(Decimal::ONE - ts.trailing_pct) {
                 if f.mark <= stop {
                     return Some(ExitTrigger {
@@ -412,12 +420,23 @@ mod tests {
             entries: vec![span("1", "100", Some("104")), span("2", "190", Some("94"))],
         };
         assert_eq!(evaluate(&r, &f), None);
-        // A price since then at 99.75 activates it (stop 104 * 0.9 = 93.6).
+        // A price since then at 99.75 activates it; the stop trails the high since then, not
+        // the older 104: 99.75 * 0.9 = 89.775, so 93 does not fire and 89.775 does.
         f.entries[1].high = Some(d("99.75"));
+        assert_eq!(evaluate(&r, &f), None);
+        f.mark = d("89.775");
         let t = evaluate(&r, &f).unwrap();
-        assert_eq!((t.kind, t.level), (ExitKind::TrailingStop, d("93.6")));
-        // A span without prices activates nothing.
+        assert_eq!((t.kind, t.level), (ExitKind::TrailingStop, d("89.775")));
+        // Never on the activating price itself, however high the trip went before: a 1 %
+        // trail below 104 is 102.96, above the activating 99.75.
+        let tight = rule(None, None, Some(("0.01", "0.05")));
+        f.mark = d("99.75");
+        assert_eq!(evaluate(&tight, &f), None);
+        // A span without prices activates nothing; nor does one with no cost (a row without
+        // its entry).
         f.entries[1].high = None;
+        assert_eq!(evaluate(&r, &f), None);
+        f.entries = vec![span("1", "0", Some("104"))];
         assert_eq!(evaluate(&r, &f), None);
     }
 

@@ -8,11 +8,11 @@
 //!
 //! 1. wait (bounded) until the `portfolio` and `strategy` read models applied the event's stream
 //!    sequence `S` (progress announcements, [`Progress::wait_for`]);
-//! 2. query the open positions in the symbol with their open round trip, the high mark since
-//!    the trip opened (`prices` with `opened_at <= at <= the event's at`, `stream_seq <= S`:
-//!    the same on every replica and after restarts), the position after each fill of the trip
-//!    with the high while so held (a trailing stop's activation counts against the entry of its
-//!    time) and the portfolio's active strategies;
+//! 2. query the open positions in the symbol with their open round trip, the position after
+//!    each fill of the trip with the highest price while so held (`prices` from the fill up to
+//!    the event's `at`, `stream_seq <= S`: the same on every replica and after restarts; a
+//!    trailing stop's activation counts against the entry of its time, and its stop trails
+//!    the high since then) and the portfolio's active strategies;
 //!    a price older than the trip is not evaluated for it;
 //! 3. if some exit fires, skip the price anyway when it is a backfill: a price of the symbol
 //!    stored before it (`stream_seq < S`) is later in business time, so it is not the mark;
@@ -163,16 +163,15 @@ struct Worker {
     counters: Counters,
 }
 
-/// The positions in `symbol` open at `at` whose round trip opened no later than `at`, with the
-/// high mark since then (prices at or before `at` and stored at or before `seq`) and, for the
-/// trailing stop's activation, the position after each fill of the trip with the highest such
-/// price until the next fill (a fill at `t` holds from `t` on; fills of one portfolio are in
-/// time order); one portfolio's only when `portfolio_id` is given.
+/// The positions in `symbol` open at the price (business time `$2`, stream sequence `$3`)
+/// whose round trip opened before it, with the position after each fill of the trip and the
+/// highest price from that fill to the next (prices at or before the price, stored at or
+/// before it; one portfolio's only when `portfolio_id` is given). Prices and fills are ordered
+/// by business time, then by stream sequence (a price recorded just before a fill at the same
+/// time belongs to the entry before the fill); the row comparisons are the bounds of a range
+/// scan of the prices' key.
 const CANDIDATES_SQL: &str = "
     SELECT p.portfolio_id, p.quantity, p.gross_entry, po.version, t.opened_seq,
-           (SELECT max(pr.price) FROM prices pr
-             WHERE pr.symbol = p.symbol AND pr.at >= t.opened_at AND pr.at <= $2
-               AND pr.stream_seq <= $3) AS high_mark,
            e.quantities, e.gross_entries, e.highs
       FROM positions p
       JOIN portfolios po ON po.portfolio_id = p.portfolio_id
@@ -184,16 +183,20 @@ const CANDIDATES_SQL: &str = "
           SELECT array_agg(f.position_after ORDER BY f.stream_seq) AS quantities,
                  array_agg(f.gross_entry_after ORDER BY f.stream_seq) AS gross_entries,
                  array_agg((SELECT max(pr.price) FROM prices pr
-                             WHERE pr.symbol = p.symbol AND pr.at >= f.at
-                               AND (f.next_at IS NULL OR pr.at < f.next_at)
+                             WHERE pr.symbol = p.symbol
+                               AND (pr.at, pr.stream_seq) >= (f.at, f.stream_seq)
+                               AND (pr.at, pr.stream_seq) < (f.next_at, f.next_seq)
                                AND pr.at <= $2 AND pr.stream_seq <= $3)
                            ORDER BY f.stream_seq) AS highs
             FROM (SELECT tr.stream_seq, tr.at, tr.position_after, tr.gross_entry_after,
-                         lead(tr.at) OVER (ORDER BY tr.stream_seq) AS next_at
+                         COALESCE(lead(tr.at) OVER w, 'infinity') AS next_at,
+                         COALESCE(lead(tr.stream_seq) OVER w, 0) AS next_seq
                     FROM trades tr
                    WHERE tr.portfolio_id = p.portfolio_id AND tr.symbol = p.symbol
-                     AND tr.stream_seq >= t.opened_seq) f) e
-     WHERE p.symbol = $1 AND p.quantity > 0 AND po.status = 'open' AND t.opened_at <= $2
+                     AND tr.stream_seq >= t.opened_seq
+                  WINDOW w AS (ORDER BY tr.stream_seq)) f) e
+     WHERE p.symbol = $1 AND p.quantity > 0 AND po.status = 'open'
+       AND (t.opened_at, t.opened_seq) < ($2::timestamptz, $3::bigint)
        AND ($4::text IS NULL OR p.portfolio_id = $4)
      ORDER BY p.portfolio_id";
 
@@ -211,11 +214,11 @@ const BACKFILL_SQL: &str = "
 fn entry_spans(r: &tokio_postgres::Row) -> Vec<EntrySpan> {
     let column = |i| r.get::<_, Option<Vec<Decimal>>>(i).unwrap_or_default();
     let highs = r
-        .get::<_, Option<Vec<Option<Decimal>>>>(8)
+        .get::<_, Option<Vec<Option<Decimal>>>>(7)
         .unwrap_or_default();
-    column(6)
+    column(5)
         .into_iter()
-        .zip(column(7))
+        .zip(column(6))
         .zip(highs)
         .map(|((quantity, gross_entry), high)| EntrySpan {
             quantity,
@@ -248,18 +251,26 @@ impl Worker {
         }
         let mut out: Vec<Candidate> = rows
             .iter()
-            .map(|r| Candidate {
-                portfolio_id: r.get(0),
-                version: r.get::<_, i64>(3) as u64,
-                opened_seq: r.get::<_, i64>(4) as u64,
-                facts: PositionFacts {
-                    quantity: r.get(1),
-                    gross_entry: r.get(2),
-                    mark: p.price,
-                    high_mark: r.get::<_, Option<Decimal>>(5).unwrap_or(p.price),
-                    entries: entry_spans(r),
-                },
-                strategies: Vec::new(),
+            .map(|r| {
+                let entries = entry_spans(r);
+                Candidate {
+                    portfolio_id: r.get(0),
+                    version: r.get::<_, i64>(3) as u64,
+                    opened_seq: r.get::<_, i64>(4) as u64,
+                    facts: PositionFacts {
+                        quantity: r.get(1),
+                        gross_entry: r.get(2),
+                        mark: p.price,
+                        // The trip's high: the first span starts at its opening fill.
+                        high_mark: entries
+                            .iter()
+                            .filter_map(|e| e.high)
+                            .max()
+                            .unwrap_or(p.price),
+                        entries,
+                    },
+                    strategies: Vec::new(),
+                }
             })
             .collect();
         let ids: Vec<&str> = out.iter().map(|c| c.portfolio_id.as_str()).collect();
