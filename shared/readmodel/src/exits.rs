@@ -369,7 +369,7 @@ impl Worker {
 
     /// Sends the exit of one position, deciding on the portfolio's latest state first.
     async fn exit(&self, p: &Price, portfolio_id: &str) -> Result<(), Retry> {
-        let mut with_at = true;
+        let (mut with_at, mut with_causation) = (true, true);
         for attempt in 1..=MAX_ATTEMPTS {
             self.catch_up_portfolio(portfolio_id).await?;
             let Some(c) = self
@@ -393,7 +393,8 @@ impl Worker {
                 self.bump(&self.counters.triggers, "exit_triggers");
             }
             let at = with_at.then_some(p.at);
-            match self.send(p, &c, &d, at).await? {
+            let causation = with_causation.then_some(p.event_id);
+            match self.send(p, &c, &d, at, causation).await? {
                 Ok(reply) => {
                     self.log_sent(p, &c, &d, &reply);
                     return Ok(());
@@ -402,6 +403,12 @@ impl Worker {
                     "conflict" => {
                         self.bump(&self.counters.conflicts, "exit_conflicts");
                         debug!(portfolio_id, attempt, %message, "portfolio moved; deciding again");
+                    }
+                    // A signal worker older than `causation_id` refuses it as an unknown
+                    // field (workers upgraded one by one): the sell goes without it.
+                    "bad_request" if with_causation && message.contains("causation_id") => {
+                        warn!(portfolio_id, %message, "the command side does not take causation_id; sending without it");
+                        with_causation = false;
                     }
                     "bad_request" if with_at => {
                         debug!(portfolio_id, %message, "sending without `at`");
@@ -434,6 +441,7 @@ impl Worker {
         c: &Candidate,
         d: &ExitDecision,
         at: Option<DateTime<Utc>>,
+        causation: Option<uuid::Uuid>,
     ) -> Result<Result<Value, (u16, String, String)>, Retry> {
         let mut body = json!({
             "portfolio_id": c.portfolio_id,
@@ -444,8 +452,10 @@ impl Worker {
             "price": plain(d.price),
             "command_id": d.command_id,
             "expected_version": c.version,
-            "causation_id": p.event_id,
         });
+        if let Some(causation) = causation {
+            body["causation_id"] = causation.to_string().into();
+        }
         if let Some(at) = at {
             body["at"] = at.to_rfc3339_opts(SecondsFormat::AutoSi, true).into();
         }
