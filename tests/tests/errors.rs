@@ -6,8 +6,13 @@ use ch_domain::AggregateType;
 use ch_e2e::fixtures::{
     attach, close, deposit, open, price, seq, signal, signal_on, strategy, version, withdraw,
 };
-use ch_e2e::{Reply, TestEnv};
+use ch_e2e::{eventually, Reply, TestEnv};
+use ch_runtime::error::ApiError;
+use ch_runtime::metrics::Metrics;
+use ch_runtime::service::{self, EndpointSpec, Handler, ServiceSpec};
 use serde_json::{json, Value};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
 
 const PORTFOLIO: AggregateType = AggregateType::Portfolio;
 const STRATEGY: AggregateType = AggregateType::Strategy;
@@ -670,7 +675,16 @@ async fn query_errors_stale_and_timeout_bounds() {
         .request("query.portfolio.analysis", rate("0.03"))
         .await
         .ok();
+    assert_eq!(exp["risk_free_rate"], 0.03, "{exp}");
     assert_eq!(exp["metrics"], plain["metrics"]);
+    let long = env
+        .request(
+            "query.portfolio.analysis",
+            rate("0.030000000000000000000000000000001"),
+        )
+        .await
+        .ok();
+    assert_eq!(long["risk_free_rate"], 0.03, "{long}");
 
     // timeout_ms above 10000 (and 0) is bad_request; 10000 itself is fine.
     for (name, mut q) in [
@@ -924,13 +938,12 @@ async fn a_value_out_of_decimal_range_is_an_error_reply_not_a_silence() {
         INTERNAL,
         &["p1", "28 significant digits"],
     );
-    // The analysis values the curve with its own arithmetic; a panic in any handler is
-    // answered too.
+    // The analysis values its curve with arithmetic of its own: the same.
     let q = json!({"portfolio_id": "p1", "min_stream_seq": seq, "interval": "1h"});
     check_error(
         env.request("query.portfolio.analysis", q).await,
         INTERNAL,
-        &["handler failed"],
+        &["28 significant digits"],
     );
     // The worker goes on serving.
     let r = env
@@ -938,4 +951,53 @@ async fn a_value_out_of_decimal_range_is_an_error_reply_not_a_silence() {
         .await
         .ok();
     assert_eq!(r["strategy_id"], "s1", "{r}");
+}
+
+/// Panics on the body `panic` (a bug in a handler), answers `{"ok": true}` otherwise.
+struct Panics;
+
+impl Handler for Panics {
+    async fn handle(&self, _: &str, msg: &async_nats::Message) -> Result<Value, ApiError> {
+        if msg.payload.as_ref() == b"panic" {
+            panic!("a bug in the handler");
+        }
+        Ok(json!({"ok": true}))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_panics_is_answered_internal_and_serving_goes_on() {
+    let env = TestEnv::new().await;
+    let spec = ServiceSpec {
+        name: format!("{}-panics", env.subjects.prefix()),
+        description: "a handler with a bug".into(),
+        endpoints: vec![EndpointSpec {
+            name: "panics".into(),
+            subject: format!("{}.test.panics", env.subjects.prefix()),
+        }],
+    };
+    let token = CancellationToken::new();
+    let served = tokio::spawn(service::serve(
+        env.client.clone(),
+        spec,
+        Arc::new(Panics),
+        Metrics::default(),
+        token.clone(),
+    ));
+    let subject = format!("{}.test.panics", env.subjects.prefix());
+    eventually(|| async {
+        match env.client.request(subject.clone(), "{}".into()).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(format!("not served yet: {e}")),
+        }
+    })
+    .await;
+    check_error(
+        env.request_raw("test.panics", "panic").await,
+        INTERNAL,
+        &["handler failed", "a bug in the handler"],
+    );
+    assert_eq!(env.request("test.panics", json!({})).await.ok()["ok"], true);
+    token.cancel();
+    served.await.expect("joined").expect("served");
 }

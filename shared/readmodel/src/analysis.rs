@@ -345,18 +345,35 @@ impl Marks {
 
     /// Equity of `state` at time `t`: positions at their mark, or at their gross entry when
     /// no price is known at or before `t`. Also returns the unrealized PnL.
-    fn value(&self, state: Option<&State>, t: DateTime<Utc>) -> (Decimal, Decimal) {
+    ///
+    /// # Errors
+    /// `internal` when a value needs more than a Decimal's 28 digits (a mark far beyond any
+    /// price, recorded all the same).
+    fn value(
+        &self,
+        state: Option<&State>,
+        t: DateTime<Utc>,
+    ) -> Result<(Decimal, Decimal), ApiError> {
         let Some(s) = state else {
-            return (Decimal::ZERO, Decimal::ZERO);
+            return Ok((Decimal::ZERO, Decimal::ZERO));
         };
-        let mut equity = s.cash;
-        let mut unrealized = Decimal::ZERO;
+        let mut equity = Some(s.cash);
+        let mut unrealized = Some(Decimal::ZERO);
         for (sym, p) in &s.positions {
-            let value = self.price(sym, t).map_or(p.gross_entry, |m| p.quantity * m);
-            equity += value;
-            unrealized += value - p.cost_basis;
+            let value = match self.price(sym, t) {
+                Some(m) => p.quantity.checked_mul(m),
+                None => Some(p.gross_entry),
+            };
+            equity = equity.zip(value).and_then(|(e, v)| e.checked_add(v));
+            unrealized = unrealized
+                .zip(value.and_then(|v| v.checked_sub(p.cost_basis)))
+                .and_then(|(u, v)| u.checked_add(v));
         }
-        (equity, unrealized)
+        equity.zip(unrealized).ok_or_else(|| {
+            ApiError::internal(format!(
+                "the equity at {t} needs more than 28 significant digits at the marks"
+            ))
+        })
     }
 }
 
@@ -370,9 +387,14 @@ fn parse_rate(r: &Option<Rate>) -> Result<f64, ApiError> {
     let rate = match r {
         None => 0.0,
         Some(Rate::Number(x)) => *x,
-        Some(Rate::Text(s)) => parse_decimal(s).and_then(|d| d.to_f64()).ok_or_else(|| {
-            ApiError::bad_request(format!("risk_free_rate: invalid decimal {s:?}"))
-        })?,
+        // Exactly as any decimal (exponents too), else rounded (a rate with more digits
+        // than a Decimal holds: it becomes an f64 anyway).
+        Some(Rate::Text(s)) => parse_decimal(s)
+            .or_else(|| s.parse::<Decimal>().ok())
+            .and_then(|d| d.to_f64())
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("risk_free_rate: invalid decimal {s:?}"))
+            })?,
     };
     if !rate.is_finite() || rate <= -1.0 {
         return Err(ApiError::bad_request(
@@ -458,7 +480,7 @@ pub async fn portfolio_analysis(
         let t = times[i];
         marks.value(state_at(&history, t, i == last), t)
     };
-    let (e0, _) = value_at(0);
+    let (e0, _) = value_at(0)?;
     let mut obs = vec![
         Observation::Flow {
             t: from,
@@ -477,7 +499,7 @@ pub async fn portfolio_analysis(
         {
             let k = flows[fi];
             let before = k.checked_sub(1).map(|j| &history[j]);
-            let (equity_before, _) = marks.value(before, history[k].at);
+            let (equity_before, _) = marks.value(before, history[k].at)?;
             obs.push(Observation::Flow {
                 t: history[k].at,
                 equity_before,
@@ -485,7 +507,7 @@ pub async fn portfolio_analysis(
             });
             fi += 1;
         }
-        let (equity, _) = value_at(i);
+        let (equity, _) = value_at(i)?;
         obs.push(Observation::Equity { t, equity });
     }
     let points: Vec<NavPoint> = analytics::nav_points(&obs);
@@ -523,7 +545,7 @@ pub async fn portfolio_analysis(
         )
         .await
         .map_err(DbError::from)?;
-    let (_, unrealized) = value_at(last);
+    let (_, unrealized) = value_at(last)?;
     let totals = Totals {
         realized_pnl: t.get(0),
         fees_paid: t.get(1),
