@@ -2,10 +2,10 @@
 //!
 //! The body is first read as a map of raw JSON values, the common keys (`command_id`,
 //! `expected_version`, `at`, `correlation_id`, `causation_id`, and for `portfolio.update` also
-//! `portfolio_id` and `op`) are taken
-//! out and parsed one by one, and the rest is re-serialized and read into a per-endpoint (per-op)
-//! struct with `deny_unknown_fields`. Decimals are read exactly (`money::exact`) because every
-//! struct here is deserialized straight from text, never from serde's buffered content.
+//! `portfolio_id` and `op`) are taken out and parsed one by one, and the rest is re-serialized
+//! and read into a per-endpoint (per-op) struct with `deny_unknown_fields`. Decimals are read
+//! exactly (`money::exact`) because every struct here is deserialized straight from text,
+//! never from serde's buffered content.
 
 use std::collections::BTreeMap;
 

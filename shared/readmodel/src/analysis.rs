@@ -11,7 +11,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use ch_domain::analytics::{self, Interval, NavPoint, Observation, Totals};
-use ch_domain::ids::validate_id;
 use ch_domain::money::parse_decimal;
 use ch_runtime::error::{ApiError, DbError};
 use chrono::{DateTime, Utc};
@@ -21,7 +20,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio_postgres::Transaction;
 
-use crate::queries::{check_limit, null_as_default, Consistency, Validate, DEFAULT_LIMIT};
+use crate::queries::{
+    check_id, check_limit, null_as_default, Consistency, Validate, DEFAULT_LIMIT,
+};
 
 /// Most curve points one reply carries (a year of hours is 8,760).
 pub const MAX_POINTS: usize = 20_000;
@@ -80,7 +81,7 @@ pub struct LeaderboardQuery {
 
 impl Validate for AnalysisQuery {
     fn validate(&self) -> Result<(), ApiError> {
-        validate_id("portfolio_id", &self.portfolio_id).map_err(ApiError::from)?;
+        check_id("portfolio_id", &self.portfolio_id)?;
         parse_rate(&self.risk_free_rate)?;
         match (self.from, self.to) {
             (Some(f), Some(t)) if f >= t => Err(ApiError::bad_request("from: must be before to")),
@@ -91,7 +92,7 @@ impl Validate for AnalysisQuery {
 
 impl Validate for LeaderboardQuery {
     fn validate(&self) -> Result<(), ApiError> {
-        validate_id("user_id", &self.user_id).map_err(ApiError::from)?;
+        check_id("user_id", &self.user_id)?;
         check_limit(self.limit)
     }
 }

@@ -19,9 +19,10 @@
 //! 4. for a position whose exit fires: catch up with the portfolio (wait until the read model
 //!    applied the last event of its subject), decide again on that state, and send the sell of
 //!    the whole position at the triggering mark with the deterministic `command_id`, the
-//!    price event's id as `causation_id` and the portfolio's `expected_version`. A re-sent `command_id` is answered with the first result
-//!    (`"duplicate": true`); a `conflict` (another exit or trade got in first) means: catch up
-//!    and decide again, so a round trip is sold once even when two different triggers race;
+//!    price event's id as `causation_id` and the portfolio's `expected_version`. A re-sent
+//!    `command_id` is answered with the first result (`"duplicate": true`); a `conflict`
+//!    (another exit or trade got in first) means: catch up and decide again, so a round trip
+//!    is sold once even when two different triggers race;
 //! 5. ack. Trouble (a read model behind, the command side unreachable) naks the price for a
 //!    redelivery, which decides the same again.
 //!

@@ -141,7 +141,7 @@ pub fn parse<T: serde::de::DeserializeOwned + Validate>(body: &[u8]) -> Result<T
     Ok(q)
 }
 
-fn check_id(field: &str, v: &str) -> Result<(), ApiError> {
+pub(crate) fn check_id(field: &str, v: &str) -> Result<(), ApiError> {
     validate_id(field, v).map_err(|e: DomainError| ApiError::from(e))
 }
 
