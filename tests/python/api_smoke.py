@@ -2,7 +2,8 @@
 binaries started by `chctl up` (real processes, as a user runs them).
 
 Checks the NATS services API ($SRV.PING/INFO/STATS), commands with exponent-notation
-numbers, an error reply's headers and body, and read-your-writes, comparing figures with a
+numbers, an error reply's headers and body, the stored event envelope, and read-your-writes
+(a query that cannot be answered is refused before its wait), comparing figures with a
 small model of DOMAIN.md written here. Prints 'N passed, N failed'; exit status 1 on failure.
 
 Environment: CH_NATS_URL, CH_SUBJECT_PREFIX.
@@ -114,6 +115,24 @@ async def main():
     check("query position", r.get("positions", [{}])[0].get("quantity") == str(q), r.get("positions"))
     check("invariant", Decimal(r["equity"]) - Decimal(r["net_deposits"])
           == Decimal(r["realized_pnl"]) + Decimal(r["unrealized_pnl"]), r)
+
+    # The stored envelope: the client's correlation and causation ids, and `command_id`
+    # named even when the command had none (API.md's envelope).
+    await req(nc, "cmd.portfolio.update", {"portfolio_id": pid, "op": "deposit", "amount": "1",
+                                           "correlation_id": f"flow-{run}",
+                                           "causation_id": "py-cause"})
+    stream = P.upper().replace("-", "_") + "_EVENTS"
+    msg = await nc.jetstream().get_last_msg(stream, f"{P}.events.portfolio.{pid}")
+    env = json.loads(msg.data)
+    check("envelope ids", env.get("correlation_id") == f"flow-{run}"
+          and env.get("causation_id") == "py-cause"
+          and "command_id" in env and env["command_id"] is None, env)
+
+    # An invalid id is refused at once, not after waiting 10 s for a stream sequence that
+    # will not come.
+    h, r = await req(nc, "query.portfolio.performance",
+                     {"portfolio_id": "p.x", "min_stream_seq": seq + 10**9, "timeout_ms": 9000})
+    check("bad query before its wait", h.get("Nats-Service-Error-Code") == "400", (h, r))
 
     stats = await collect(nc, f"$SRV.STATS.{P}-cmd-signal")
     reqs = sum(e.get("num_requests", 0) for s in stats for e in s.get("endpoints", []))
