@@ -8,12 +8,12 @@
 //!
 //! 1. wait (bounded) until the `portfolio` and `strategy` read models applied the event's stream
 //!    sequence `S` (progress announcements, [`Progress::wait_for`]);
-//! 2. query the open positions in the symbol with their open round trip, the position after
-//!    each fill of the trip with the highest price while so held (`prices` from the fill up to
-//!    the event's `at`, `stream_seq <= S`: the same on every replica and after restarts; a
-//!    trailing stop's activation counts against the entry of its time, and its stop trails
-//!    the high since then) and the portfolio's active strategies;
-//!    a price older than the trip is not evaluated for it;
+//! 2. query, in one snapshot, the open positions in the symbol with their open round trip and
+//!    the portfolio's active strategies, and where the exit rule has a trailing stop the
+//!    position after each fill of the trip with the highest price while so held (`prices`
+//!    from the fill up to the event's `at`, `stream_seq <= S`: the same on every replica and
+//!    after restarts; the stop's activation counts against the entry of its time, and it
+//!    trails the high since then); a price older than the trip is not evaluated for it;
 //! 3. if some exit fires, skip the price anyway when it is a backfill: a price of the symbol
 //!    stored before it (`stream_seq < S`) is later in business time, so it is not the mark;
 //! 4. for a position whose exit fires: catch up with the portfolio (wait until the read model
@@ -34,6 +34,7 @@
 //! The sell carries the price's business time as `at` (the fill happened at that mark); if the
 //! portfolio has already moved past it (`bad_request`), it is sent without `at` (now).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,7 +43,9 @@ use async_nats::jetstream::consumer::{pull, AckPolicy};
 use async_nats::jetstream::AckKind;
 use async_nats::Message;
 use ch_domain::event::MarketPriceRecorded;
-use ch_domain::exits::{decide_exit, AttachedStrategy, EntrySpan, ExitDecision, PositionFacts};
+use ch_domain::exits::{
+    decide_exit, exit_rule, AttachedStrategy, EntrySpan, ExitDecision, PositionFacts,
+};
 use ch_domain::strategy::{RiskProfile, StrategyRule};
 use ch_domain::{AggregateType, Event};
 use ch_runtime::app::App;
@@ -58,7 +61,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::plain;
+use crate::{plain, queries};
 
 /// `nats/consumers/exit_triggers.json`, usable with `nats consumer add --config`.
 pub const CONSUMER_JSON: &str = include_str!("../../../nats/consumers/exit_triggers.json");
@@ -165,26 +168,34 @@ struct Worker {
 }
 
 /// The positions in `symbol` open at the price (business time `$2`, stream sequence `$3`)
-/// whose round trip opened before it, with the position after each fill of the trip and the
-/// highest price from that fill to the next (prices at or before the price, stored at or
-/// before it; one portfolio's only when `portfolio_id` is given). Prices and fills are ordered
-/// by business time, then by stream sequence (a price recorded just before a fill at the same
-/// time belongs to the entry before the fill); the row comparisons are the bounds of a range
-/// scan of the prices' key.
+/// whose round trip opened before it; one portfolio's only when `portfolio_id` is given.
+/// Prices and fills are ordered by business time, then by stream sequence.
 const CANDIDATES_SQL: &str = "
-    SELECT p.portfolio_id, p.quantity, p.gross_entry, po.version, t.opened_seq,
-           e.quantities, e.gross_entries, e.highs
+    SELECT p.portfolio_id, p.quantity, p.gross_entry, po.version, t.opened_seq
       FROM positions p
       JOIN portfolios po ON po.portfolio_id = p.portfolio_id
       JOIN LATERAL (SELECT opened_seq, opened_at FROM round_trips rt
                      WHERE rt.portfolio_id = p.portfolio_id AND rt.symbol = p.symbol
                        AND rt.closed_at IS NULL
                      ORDER BY rt.opened_seq DESC LIMIT 1) t ON true
+     WHERE p.symbol = $1 AND p.quantity > 0 AND po.status = 'open'
+       AND (t.opened_at, t.opened_seq) < ($2::timestamptz, $3::bigint)
+       AND ($4::text IS NULL OR p.portfolio_id = $4)
+     ORDER BY p.portfolio_id";
+
+/// For the trailing stop, of the round trips in `symbol` of the portfolios `$4` opened at the
+/// stream sequences `$5`: the position after each fill and the highest price from that fill
+/// to the next (prices at or before the price, business time `$2`, stored at or before it,
+/// `$3`). A price recorded just before a fill at the same business time belongs to the entry
+/// before the fill; the row comparisons are the bounds of a range scan of the prices' key.
+const SPANS_SQL: &str = "
+    SELECT c.portfolio_id, e.quantities, e.gross_entries, e.highs
+      FROM unnest($4::text[], $5::bigint[]) AS c(portfolio_id, opened_seq)
       CROSS JOIN LATERAL (
           SELECT array_agg(f.position_after ORDER BY f.stream_seq) AS quantities,
                  array_agg(f.gross_entry_after ORDER BY f.stream_seq) AS gross_entries,
                  array_agg((SELECT max(pr.price) FROM prices pr
-                             WHERE pr.symbol = p.symbol
+                             WHERE pr.symbol = $1
                                AND (pr.at, pr.stream_seq) >= (f.at, f.stream_seq)
                                AND (pr.at, pr.stream_seq) < (f.next_at, f.next_seq)
                                AND pr.at <= $2 AND pr.stream_seq <= $3)
@@ -193,13 +204,9 @@ const CANDIDATES_SQL: &str = "
                          COALESCE(lead(tr.at) OVER w, 'infinity') AS next_at,
                          COALESCE(lead(tr.stream_seq) OVER w, 0) AS next_seq
                     FROM trades tr
-                   WHERE tr.portfolio_id = p.portfolio_id AND tr.symbol = p.symbol
-                     AND tr.stream_seq >= t.opened_seq
-                  WINDOW w AS (ORDER BY tr.stream_seq)) f) e
-     WHERE p.symbol = $1 AND p.quantity > 0 AND po.status = 'open'
-       AND (t.opened_at, t.opened_seq) < ($2::timestamptz, $3::bigint)
-       AND ($4::text IS NULL OR p.portfolio_id = $4)
-     ORDER BY p.portfolio_id";
+                   WHERE tr.portfolio_id = c.portfolio_id AND tr.symbol = $1
+                     AND tr.stream_seq >= c.opened_seq
+                  WINDOW w AS (ORDER BY tr.stream_seq)) f) e";
 
 const STRATEGIES_SQL: &str = "
     SELECT ps.portfolio_id, s.strategy_id, s.rules::text, s.risk_profile::text, s.version
@@ -211,15 +218,15 @@ const STRATEGIES_SQL: &str = "
 const BACKFILL_SQL: &str = "
     SELECT EXISTS (SELECT 1 FROM prices WHERE symbol = $1 AND at > $2 AND stream_seq < $3)";
 
-/// The trip's [`EntrySpan`]s from the candidate row's parallel arrays.
+/// The trip's [`EntrySpan`]s from a [`SPANS_SQL`] row's parallel arrays.
 fn entry_spans(r: &tokio_postgres::Row) -> Vec<EntrySpan> {
     let column = |i| r.get::<_, Option<Vec<Decimal>>>(i).unwrap_or_default();
     let highs = r
-        .get::<_, Option<Vec<Option<Decimal>>>>(7)
+        .get::<_, Option<Vec<Option<Decimal>>>>(3)
         .unwrap_or_default();
-    column(5)
+    column(1)
         .into_iter()
-        .zip(column(6))
+        .zip(column(2))
         .zip(highs)
         .map(|((quantity, gross_entry), high)| EntrySpan {
             quantity,
@@ -235,13 +242,16 @@ impl Worker {
         self.app.metrics.gauge(gauge, v as i64);
     }
 
+    /// The open positions a price is evaluated for, with their strategies and, where the
+    /// exit rule has a trailing stop, the trip's spans: all read in one snapshot.
     async fn candidates(
         &self,
         p: &Price,
         portfolio_id: Option<&str>,
     ) -> Result<Vec<Candidate>, DbError> {
-        let conn = self.pool.get().await?;
-        let rows = conn
+        let mut conn = self.pool.get().await?;
+        let tx = queries::snapshot(&mut conn).await?;
+        let rows = tx
             .query(
                 CANDIDATES_SQL,
                 &[&p.symbol, &p.at, &(p.seq as i64), &portfolio_id],
@@ -252,30 +262,27 @@ impl Worker {
         }
         let mut out: Vec<Candidate> = rows
             .iter()
-            .map(|r| {
-                let entries = entry_spans(r);
-                Candidate {
-                    portfolio_id: r.get(0),
-                    version: r.get::<_, i64>(3) as u64,
-                    opened_seq: r.get::<_, i64>(4) as u64,
-                    facts: PositionFacts {
-                        quantity: r.get(1),
-                        gross_entry: r.get(2),
-                        mark: p.price,
-                        // The trip's high: the first span starts at its opening fill.
-                        high_mark: entries
-                            .iter()
-                            .filter_map(|e| e.high)
-                            .max()
-                            .unwrap_or(p.price),
-                        entries,
-                    },
-                    strategies: Vec::new(),
-                }
+            .map(|r| Candidate {
+                portfolio_id: r.get(0),
+                version: r.get::<_, i64>(3) as u64,
+                opened_seq: r.get::<_, i64>(4) as u64,
+                facts: PositionFacts {
+                    quantity: r.get(1),
+                    gross_entry: r.get(2),
+                    mark: p.price,
+                    high_mark: p.price,
+                    entries: Vec::new(),
+                },
+                strategies: Vec::new(),
             })
             .collect();
+        let index: HashMap<String, usize> = out
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.portfolio_id.clone(), i))
+            .collect();
         let ids: Vec<&str> = out.iter().map(|c| c.portfolio_id.as_str()).collect();
-        let rows = conn.query(STRATEGIES_SQL, &[&ids]).await?;
+        let rows = tx.query(STRATEGIES_SQL, &[&ids]).await?;
         for r in rows {
             let pid: String = r.get(0);
             let strategy_id: String = r.get(1);
@@ -288,8 +295,8 @@ impl Worker {
                 );
                 continue;
             };
-            if let Some(c) = out.iter_mut().find(|c| c.portfolio_id == pid) {
-                c.strategies.push(AttachedStrategy {
+            if let Some(&i) = index.get(&pid) {
+                out[i].strategies.push(AttachedStrategy {
                     strategy_id,
                     version: r.get::<_, i64>(4) as u64,
                     rules,
@@ -297,6 +304,36 @@ impl Worker {
                 });
             }
         }
+        // Only a trailing stop looks back over the trip: the spans of those positions only.
+        let (trailing, opened): (Vec<&str>, Vec<i64>) = out
+            .iter()
+            .filter(|c| {
+                exit_rule(&c.strategies, &p.symbol).is_some_and(|(_, r)| r.trailing_stop.is_some())
+            })
+            .map(|c| (c.portfolio_id.as_str(), c.opened_seq as i64))
+            .unzip();
+        if !trailing.is_empty() {
+            let rows = tx
+                .query(
+                    SPANS_SQL,
+                    &[&p.symbol, &p.at, &(p.seq as i64), &trailing, &opened],
+                )
+                .await?;
+            for r in rows {
+                if let Some(&i) = index.get(r.get::<_, &str>(0)) {
+                    let entries = entry_spans(&r);
+                    let facts = &mut out[i].facts;
+                    // The trip's high: the first span starts at its opening fill.
+                    facts.high_mark = entries
+                        .iter()
+                        .filter_map(|e| e.high)
+                        .max()
+                        .unwrap_or(p.price);
+                    facts.entries = entries;
+                }
+            }
+        }
+        tx.commit().await?;
         Ok(out)
     }
 
