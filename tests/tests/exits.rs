@@ -292,6 +292,52 @@ async fn a_trailing_stop_activates_against_the_entry_of_its_time() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_position_in_a_symbol_is_judged_on_its_own_fills_and_rule() {
+    let mut env = TestEnv::with_all_workers().await;
+    env.start(Worker::ExitTriggers).await;
+    let trailing = json!({"trailing_stop": {"trailing_pct": "0.1", "activation_pct": "0.05"}});
+    env.cmd(
+        "strategy.create",
+        strategy_with_exits("st", &["BTC-USDT"], trailing),
+    )
+    .await;
+    env.cmd(
+        "strategy.create",
+        strategy_with_exits("sl", &["BTC-USDT"], json!({"stop_loss_pct": "0.05"})),
+    )
+    .await;
+    // pa and pb trail (activation 105 and 126), pc has a stop loss only (95).
+    portfolio(&env, "pa", "st").await;
+    portfolio(&env, "pb", "st").await;
+    portfolio(&env, "pc", "sl").await;
+    let pa = buy(&env, "pa", "st", "BTC-USDT", "1", "100").await;
+    buy(&env, "pb", "st", "BTC-USDT", "1", "120").await;
+    let pc = buy(&env, "pc", "sl", "BTC-USDT", "1", "100").await;
+    // 110 activates pa's stop (99) only; 98 sells pa; 94 sells pc; pb never activated.
+    let last = prices(&env, "BTC-USDT", &["110", "98", "94"]).await;
+    wait_evaluated(&env, ch_readmodel::exits::DURABLE, last).await;
+    assert_eq!(
+        sells(&env, "pa").await,
+        vec![sell(
+            "BTC-USDT",
+            "1",
+            "98",
+            exit_command_id("pa", "BTC-USDT", pa, ExitKind::TrailingStop, ("st", 1))
+        )]
+    );
+    assert_eq!(sells(&env, "pb").await, vec![]);
+    assert_eq!(
+        sells(&env, "pc").await,
+        vec![sell(
+            "BTC-USDT",
+            "1",
+            "94",
+            exit_command_id("pc", "BTC-USDT", pc, ExitKind::StopLoss, ("sl", 1))
+        )]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stop_loss_and_take_profit_fire_once_each_per_round_trip() {
     let mut env = TestEnv::with_all_workers().await;
     env.start(Worker::ExitTriggers).await;

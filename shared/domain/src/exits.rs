@@ -80,6 +80,9 @@ pub struct PositionFacts {
     /// The position after each fill of the open round trip (in order) with the highest price
     /// seen while it was held: what a trailing stop's activation is checked against. Empty
     /// means the position was held as it is now for the whole trip (one span, `high_mark`).
+    ///
+    /// Only a trailing stop reads `high_mark` and `entries`: when [`needs_history`] says no,
+    /// a caller may skip gathering them (`high_mark` = `mark`, no entries).
     pub entries: Vec<EntrySpan>,
 }
 
@@ -200,6 +203,13 @@ pub struct AttachedStrategy {
 
 fn has_exit(rule: &StrategyRule) -> bool {
     rule.stop_loss_pct.is_some() || rule.take_profit_pct.is_some() || rule.trailing_stop.is_some()
+}
+
+/// Whether deciding the exit of a position in `symbol` needs the round trip's history
+/// ([`PositionFacts::high_mark`] and [`PositionFacts::entries`]): only when the rule that
+/// applies has a trailing stop.
+pub fn needs_history(strategies: &[AttachedStrategy], symbol: &str) -> bool {
+    exit_rule(strategies, symbol).is_some_and(|(_, r)| r.trailing_stop.is_some())
 }
 
 /// The rule whose exits apply to a position in `symbol`, with its strategy (see the module's

@@ -44,7 +44,7 @@ use async_nats::jetstream::AckKind;
 use async_nats::Message;
 use ch_domain::event::MarketPriceRecorded;
 use ch_domain::exits::{
-    decide_exit, exit_rule, AttachedStrategy, EntrySpan, ExitDecision, PositionFacts,
+    decide_exit, needs_history, AttachedStrategy, EntrySpan, ExitDecision, PositionFacts,
 };
 use ch_domain::strategy::{RiskProfile, StrategyRule};
 use ch_domain::{AggregateType, Event};
@@ -168,8 +168,8 @@ struct Worker {
 }
 
 /// The positions in `symbol` open at the price (business time `$2`, stream sequence `$3`)
-/// whose round trip opened before it; one portfolio's only when `portfolio_id` is given.
-/// Prices and fills are ordered by business time, then by stream sequence.
+/// whose round trip opened before it (by business time, then stream sequence); one
+/// portfolio's only when `portfolio_id` is given.
 const CANDIDATES_SQL: &str = "
     SELECT p.portfolio_id, p.quantity, p.gross_entry, po.version, t.opened_seq
       FROM positions p
@@ -250,10 +250,15 @@ impl Worker {
         portfolio_id: Option<&str>,
     ) -> Result<Vec<Candidate>, DbError> {
         let mut conn = self.pool.get().await?;
+        let (candidates, strategies, spans) = (
+            conn.prepare_cached(CANDIDATES_SQL).await?,
+            conn.prepare_cached(STRATEGIES_SQL).await?,
+            conn.prepare_cached(SPANS_SQL).await?,
+        );
         let tx = queries::snapshot(&mut conn).await?;
         let rows = tx
             .query(
-                CANDIDATES_SQL,
+                &candidates,
                 &[&p.symbol, &p.at, &(p.seq as i64), &portfolio_id],
             )
             .await?;
@@ -282,7 +287,7 @@ impl Worker {
             .map(|(i, c)| (c.portfolio_id.clone(), i))
             .collect();
         let ids: Vec<&str> = out.iter().map(|c| c.portfolio_id.as_str()).collect();
-        let rows = tx.query(STRATEGIES_SQL, &[&ids]).await?;
+        let rows = tx.query(&strategies, &[&ids]).await?;
         for r in rows {
             let pid: String = r.get(0);
             let strategy_id: String = r.get(1);
@@ -307,15 +312,13 @@ impl Worker {
         // Only a trailing stop looks back over the trip: the spans of those positions only.
         let (trailing, opened): (Vec<&str>, Vec<i64>) = out
             .iter()
-            .filter(|c| {
-                exit_rule(&c.strategies, &p.symbol).is_some_and(|(_, r)| r.trailing_stop.is_some())
-            })
+            .filter(|c| needs_history(&c.strategies, &p.symbol))
             .map(|c| (c.portfolio_id.as_str(), c.opened_seq as i64))
             .unzip();
         if !trailing.is_empty() {
             let rows = tx
                 .query(
-                    SPANS_SQL,
+                    &spans,
                     &[&p.symbol, &p.at, &(p.seq as i64), &trailing, &opened],
                 )
                 .await?;
@@ -550,7 +553,7 @@ impl Worker {
             info!(
                 portfolio_id = %c.portfolio_id, symbol = %p.symbol, strategy_id = %d.strategy_id,
                 rule_id = %d.rule_id, kind = %d.trigger.kind, level = %plain(d.trigger.level),
-                mark = %plain(p.price), high_mark = %plain(c.facts.high_mark), entry = %entry,
+                mark = %plain(p.price), entry = %entry,
                 quantity = %plain(d.quantity), opened_seq = c.opened_seq, price_seq = p.seq,
                 command_id = %d.command_id, stream_seq = reply["stream_seq"].as_u64(),
                 "exit trigger sold the position"
