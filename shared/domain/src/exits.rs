@@ -550,6 +550,29 @@ mod tests {
     }
 
     #[test]
+    fn only_the_rule_that_applies_decides_whether_the_trip_history_is_needed() {
+        let trailing = |id: &str, symbol: &str| StrategyRule {
+            rule_id: id.into(),
+            symbol: symbol.into(),
+            ..rule(None, None, Some(("0.1", "0.05")))
+        };
+        // s1's exact BTC rule (a stop loss) overrides its trailing `*` rule for BTC, and comes
+        // before s2's trailing stop: no history for BTC; ETH falls to the `*` rule.
+        let s = vec![
+            strat("s2", &["BTC-USDT"], vec![trailing("t2", "*")]),
+            strat(
+                "s1",
+                &["BTC-USDT", "ETH-USDT"],
+                vec![trailing("t1", "*"), named("x", "BTC-USDT", Some("0.05"))],
+            ),
+        ];
+        assert!(!needs_history(&s, "BTC-USDT"));
+        assert!(needs_history(&s, "ETH-USDT"));
+        assert!(!needs_history(&s, "SOL-USDT"));
+        assert!(needs_history(&s[..1], "BTC-USDT"));
+    }
+
+    #[test]
     fn command_ids_are_deterministic_per_trip_kind_and_strategy_version() {
         let id = |p: &str, seq: u64, kind: ExitKind, s: (&str, u64)| {
             exit_command_id(p, "BTC-USDT", seq, kind, s)
