@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ch_domain::analytics::{self, Interval, NavPoint, Observation, Totals};
 use ch_domain::money::parse_decimal;
+use ch_domain::portfolio::Position;
 use ch_runtime::error::{ApiError, DbError};
 use chrono::{DateTime, Utc};
 use rust_decimal::prelude::ToPrimitive;
@@ -106,20 +107,12 @@ impl Consistency for LeaderboardQuery {
     }
 }
 
-/// A position after a flow or fill.
-#[derive(Debug, Clone, Copy)]
-struct Pos {
-    quantity: Decimal,
-    cost_basis: Decimal,
-    gross_entry: Decimal,
-}
-
 /// Cash and positions after one event.
 #[derive(Debug, Clone)]
 struct State {
     at: DateTime<Utc>,
     cash: Decimal,
-    positions: BTreeMap<String, Pos>,
+    positions: BTreeMap<String, Position>,
     flow: Decimal,
 }
 
@@ -210,7 +203,7 @@ async fn states(
 
 /// A fill's position after it: gone when flat.
 fn set_position(
-    positions: &mut BTreeMap<String, Pos>,
+    positions: &mut BTreeMap<String, Position>,
     symbol: String,
     quantity: Decimal,
     cost_basis: Decimal,
@@ -221,7 +214,7 @@ fn set_position(
     } else {
         positions.insert(
             symbol,
-            Pos {
+            Position {
                 quantity,
                 cost_basis,
                 gross_entry,
@@ -230,7 +223,7 @@ fn set_position(
     }
 }
 
-fn parse_positions(v: &Value) -> BTreeMap<String, Pos> {
+fn parse_positions(v: &Value) -> BTreeMap<String, Position> {
     let dec = |x: &Value| {
         x.as_str()
             .and_then(|s| s.parse::<Decimal>().ok())
@@ -242,7 +235,7 @@ fn parse_positions(v: &Value) -> BTreeMap<String, Pos> {
                 .map(|(sym, p)| {
                     (
                         sym.clone(),
-                        Pos {
+                        Position {
                             quantity: dec(&p["quantity"]),
                             cost_basis: dec(&p["cost_basis"]),
                             gross_entry: dec(&p["gross_entry"]),
@@ -361,10 +354,7 @@ impl Marks {
         let mut equity = Some(s.cash);
         let mut unrealized = Some(Decimal::ZERO);
         for (sym, p) in &s.positions {
-            let value = match self.price(sym, t) {
-                Some(m) => p.quantity.checked_mul(m),
-                None => Some(p.gross_entry),
-            };
+            let value = p.value_at(self.price(sym, t).as_ref());
             equity = equity.zip(value).and_then(|(e, v)| e.checked_add(v));
             unrealized = unrealized
                 .zip(value.and_then(|v| v.checked_sub(p.cost_basis)))

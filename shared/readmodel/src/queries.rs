@@ -3,6 +3,7 @@
 //! REPEATABLE READ, READ ONLY transaction), so the figures and the sequence always match.
 
 use ch_domain::ids::validate_id;
+use ch_domain::portfolio::Position;
 use ch_domain::DomainError;
 use ch_runtime::error::{ApiError, DbError};
 use ch_runtime::query::Reached;
@@ -262,10 +263,12 @@ pub async fn portfolio_performance(
     let mut positions = Vec::with_capacity(symbols.len());
     for (i, symbol) in symbols.iter().enumerate() {
         let (qty, cost, gross, mark) = (quantities[i], cost_bases[i], gross_entries[i], marks[i]);
-        let value = match mark {
-            Some(m) => qty.checked_mul(m).ok_or_else(out_of_range)?,
-            None => gross,
+        let held = Position {
+            quantity: qty,
+            cost_basis: cost,
+            gross_entry: gross,
         };
+        let value = held.value_at(mark.as_ref()).ok_or_else(out_of_range)?;
         let unrealized = value.checked_sub(cost).ok_or_else(out_of_range)?;
         equity = equity.checked_add(value).ok_or_else(out_of_range)?;
         unrealized_total = unrealized_total
