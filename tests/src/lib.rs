@@ -752,6 +752,26 @@ impl TestEnv {
             .await;
     }
 
+    /// Buys `qty` of `symbol` at `px` for `portfolio` by `strategy`; the buy must execute.
+    /// Returns the fill's stream sequence (a new round trip's `opened_seq`).
+    pub async fn bought(
+        &self,
+        portfolio: &str,
+        strategy: &str,
+        symbol: &str,
+        qty: &str,
+        px: &str,
+    ) -> u64 {
+        let r = self
+            .cmd(
+                "signal.execute",
+                fixtures::signal_on(portfolio, strategy, symbol, "buy", qty, px),
+            )
+            .await;
+        assert_eq!(r["status"], "executed", "{r}");
+        fixtures::seq(&r)
+    }
+
     /// A query with `min_stream_seq` = `seq` (read-your-writes); must succeed.
     pub async fn query_at(&self, name: &str, mut body: Value, seq: u64) -> Value {
         body["min_stream_seq"] = seq.into();

@@ -35,18 +35,6 @@ async fn portfolio(env: &TestEnv, portfolio_id: &str, strategy_id: &str) {
         .await;
 }
 
-/// Buys and returns the stream sequence of the fill (the round trip's `opened_seq`).
-async fn buy(env: &TestEnv, pid: &str, sid: &str, symbol: &str, qty: &str, px: &str) -> u64 {
-    let r = env
-        .cmd(
-            "signal.execute",
-            signal_on(pid, sid, symbol, "buy", qty, px),
-        )
-        .await;
-    assert_eq!(r["status"], "executed", "{r}");
-    seq(&r)
-}
-
 /// Records prices in order; returns the stream sequence of the last.
 async fn prices(env: &TestEnv, symbol: &str, pxs: &[&str]) -> u64 {
     let mut last = 0;
@@ -154,7 +142,18 @@ async fn sells(env: &TestEnv, pid: &str) -> Vec<(String, String, String, String)
         .collect()
 }
 
-fn sell(symbol: &str, qty: &str, px: &str, cid: uuid::Uuid) -> (String, String, String, String) {
+/// The exit sell of `portfolio`'s round trip in `symbol` opened at `opened`, by `kind` of the
+/// rule of `strategy` (id, version), as [`sells`] lists it.
+fn exit_sell(
+    portfolio: &str,
+    symbol: &str,
+    qty: &str,
+    px: &str,
+    opened: u64,
+    kind: ExitKind,
+    strategy: (&str, u64),
+) -> (String, String, String, String) {
+    let cid = exit_command_id(portfolio, symbol, opened, kind, strategy);
     (symbol.into(), qty.into(), px.into(), cid.to_string())
 }
 
@@ -171,7 +170,7 @@ async fn a_trailing_stop_sells_the_whole_position_exactly_once() {
     )
     .await;
     portfolio(&env, "p1", "s1").await;
-    let opened = buy(&env, "p1", "s1", "BTC-USDT", "2", "100").await;
+    let opened = env.bought("p1", "s1", "BTC-USDT", "2", "100").await;
     // Activated at 110 (stop 99), high 120 (stop 108): nothing fires down to 109.
     let quiet = prices(&env, "BTC-USDT", &["104", "110", "120", "115", "109"]).await;
     let s = status_evaluated(&env, quiet).await;
@@ -198,11 +197,14 @@ async fn a_trailing_stop_sells_the_whole_position_exactly_once() {
     assert_eq!(after["cash"], "100013.586", "{after}");
     assert_eq!(
         sells(&env, "p1").await,
-        vec![sell(
+        vec![exit_sell(
+            "p1",
             "BTC-USDT",
             "2",
             "107",
-            exit_command_id("p1", "BTC-USDT", opened, ExitKind::TrailingStop, ("s1", 1))
+            opened,
+            ExitKind::TrailingStop,
+            ("s1", 1)
         )]
     );
     // open, deposit, attach, buy, sell: nothing else (no rejected repeats).
@@ -244,14 +246,14 @@ async fn a_trailing_stop_activates_against_the_entry_of_its_time() {
 
     // BTC: 1 at 100, activated at 110 (stop 99); 1 more at 110 raises the entry to 105, whose
     // activation level (110.25) no price reaches. The stop stays active and fires at 98.
-    let btc = buy(&env, "p1", "s1", "BTC-USDT", "1", "100").await;
+    let btc = env.bought("p1", "s1", "BTC-USDT", "1", "100").await;
     prices(&env, "BTC-USDT", &["110"]).await;
-    buy(&env, "p1", "s1", "BTC-USDT", "1", "110").await;
+    env.bought("p1", "s1", "BTC-USDT", "1", "110").await;
     prices(&env, "BTC-USDT", &["105", "100"]).await;
     // ETH: 1 at 100, up to 104 (not active: 105 needed); 1 more at 90, dated the 104's time
     // but stored after it, lowers the entry to 95 (activation 99.75, below 104): the 104 was
     // seen with the entry at 100, so the stop is not active until a price since reaches 99.75.
-    let eth = buy(&env, "p1", "s1", "ETH-USDT", "1", "100").await;
+    let eth = env.bought("p1", "s1", "ETH-USDT", "1", "100").await;
     let then = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
     let mut high = price("ETH-USDT", "104");
     high["at"] = json!(then);
@@ -275,17 +277,23 @@ async fn a_trailing_stop_activates_against_the_entry_of_its_time() {
     assert_eq!(
         sells(&env, "p1").await,
         vec![
-            sell(
+            exit_sell(
+                "p1",
                 "BTC-USDT",
                 "2",
                 "98",
-                exit_command_id("p1", "BTC-USDT", btc, ExitKind::TrailingStop, ("s1", 1))
+                btc,
+                ExitKind::TrailingStop,
+                ("s1", 1)
             ),
-            sell(
+            exit_sell(
+                "p1",
                 "ETH-USDT",
                 "2",
                 "89",
-                exit_command_id("p1", "ETH-USDT", eth, ExitKind::TrailingStop, ("s1", 1))
+                eth,
+                ExitKind::TrailingStop,
+                ("s1", 1)
             ),
         ]
     );
@@ -310,29 +318,35 @@ async fn each_position_in_a_symbol_is_judged_on_its_own_fills_and_rule() {
     portfolio(&env, "pa", "st").await;
     portfolio(&env, "pb", "st").await;
     portfolio(&env, "pc", "sl").await;
-    let pa = buy(&env, "pa", "st", "BTC-USDT", "1", "100").await;
-    buy(&env, "pb", "st", "BTC-USDT", "1", "120").await;
-    let pc = buy(&env, "pc", "sl", "BTC-USDT", "1", "100").await;
+    let pa = env.bought("pa", "st", "BTC-USDT", "1", "100").await;
+    env.bought("pb", "st", "BTC-USDT", "1", "120").await;
+    let pc = env.bought("pc", "sl", "BTC-USDT", "1", "100").await;
     // 110 activates pa's stop (99) only; 98 sells pa; 94 sells pc; pb never activated.
     let last = prices(&env, "BTC-USDT", &["110", "98", "94"]).await;
     wait_evaluated(&env, ch_readmodel::exits::DURABLE, last).await;
     assert_eq!(
         sells(&env, "pa").await,
-        vec![sell(
+        vec![exit_sell(
+            "pa",
             "BTC-USDT",
             "1",
             "98",
-            exit_command_id("pa", "BTC-USDT", pa, ExitKind::TrailingStop, ("st", 1))
+            pa,
+            ExitKind::TrailingStop,
+            ("st", 1)
         )]
     );
     assert_eq!(sells(&env, "pb").await, vec![]);
     assert_eq!(
         sells(&env, "pc").await,
-        vec![sell(
+        vec![exit_sell(
+            "pc",
             "BTC-USDT",
             "1",
             "94",
-            exit_command_id("pc", "BTC-USDT", pc, ExitKind::StopLoss, ("sl", 1))
+            pc,
+            ExitKind::StopLoss,
+            ("sl", 1)
         )]
     );
 }
@@ -349,9 +363,9 @@ async fn stop_loss_and_take_profit_fire_once_each_per_round_trip() {
     )
     .await;
     portfolio(&env, "p1", "s1").await;
-    let btc = buy(&env, "p1", "s1", "BTC-USDT", "1", "100").await;
-    let eth = buy(&env, "p1", "s1", "ETH-USDT", "0.5", "2000").await;
-    buy(&env, "p1", "s1", "SOL-USDT", "10", "50").await;
+    let btc = env.bought("p1", "s1", "BTC-USDT", "1", "100").await;
+    let eth = env.bought("p1", "s1", "ETH-USDT", "0.5", "2000").await;
+    env.bought("p1", "s1", "SOL-USDT", "10", "50").await;
 
     // BTC: exactly at the stop loss level (95) fires; further falls do not sell again.
     prices(&env, "BTC-USDT", &["97", "95"]).await;
@@ -376,7 +390,7 @@ async fn stop_loss_and_take_profit_fire_once_each_per_round_trip() {
     assert_eq!(held, vec!["SOL-USDT"], "{perf}");
 
     // A new round trip in BTC gets its own trigger (and command id): entry 90, stop loss 85.5.
-    let btc2 = buy(&env, "p1", "s1", "BTC-USDT", "1", "90").await;
+    let btc2 = env.bought("p1", "s1", "BTC-USDT", "1", "90").await;
     prices(&env, "BTC-USDT", &["86", "85.5"]).await;
     wait_performance(&env, "p1", |p| p["fill_count"] == 7).await;
     let last = prices(&env, "BTC-USDT", &["80"]).await;
@@ -385,23 +399,32 @@ async fn stop_loss_and_take_profit_fire_once_each_per_round_trip() {
     assert_eq!(
         sells(&env, "p1").await,
         vec![
-            sell(
+            exit_sell(
+                "p1",
                 "BTC-USDT",
                 "1",
                 "95",
-                exit_command_id("p1", "BTC-USDT", btc, ExitKind::StopLoss, ("s1", 1))
+                btc,
+                ExitKind::StopLoss,
+                ("s1", 1)
             ),
-            sell(
+            exit_sell(
+                "p1",
                 "ETH-USDT",
                 "0.5",
                 "2200",
-                exit_command_id("p1", "ETH-USDT", eth, ExitKind::TakeProfit, ("s1", 1))
+                eth,
+                ExitKind::TakeProfit,
+                ("s1", 1)
             ),
-            sell(
+            exit_sell(
+                "p1",
                 "BTC-USDT",
                 "1",
                 "85.5",
-                exit_command_id("p1", "BTC-USDT", btc2, ExitKind::StopLoss, ("s1", 1))
+                btc2,
+                ExitKind::StopLoss,
+                ("s1", 1)
             ),
         ]
     );
@@ -454,7 +477,7 @@ async fn workers_running_side_by_side_sell_once() {
     let mut opened = Vec::new();
     for id in &ids {
         portfolio(&env, id, "s1").await;
-        opened.push(buy(&env, id, "s1", "BTC-USDT", "1", "100").await);
+        opened.push(env.bought(id, "s1", "BTC-USDT", "1", "100").await);
     }
     // Up to 120 (stop 108), then a fall through both the trailing stop and the stop loss.
     let last = prices(
@@ -511,7 +534,7 @@ async fn a_rejected_exit_is_tried_again_once_the_strategy_changes() {
     portfolio(&env, "p1", "s1").await;
     // Two buys of 0.5 at 1000, each within a limit of 900; the whole position at the stop
     // (1 at 950) is not.
-    buy(&env, "p1", "s1", "BTC-USDT", "0.5", "1000").await;
+    env.bought("p1", "s1", "BTC-USDT", "0.5", "1000").await;
     let mut limited = created["risk_profile"].clone();
     limited["max_order_notional"] = json!("600");
     env.cmd(
@@ -519,7 +542,7 @@ async fn a_rejected_exit_is_tried_again_once_the_strategy_changes() {
         json!({"strategy_id": "s1", "risk_profile": limited}),
     )
     .await;
-    buy(&env, "p1", "s1", "BTC-USDT", "0.5", "1000").await;
+    env.bought("p1", "s1", "BTC-USDT", "0.5", "1000").await;
     let last = prices(&env, "BTC-USDT", &["950", "940", "930"]).await;
     let s = status_evaluated(&env, last).await;
     assert_eq!(
