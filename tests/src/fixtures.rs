@@ -144,6 +144,7 @@ pub fn renamed(portfolio_id: &str, version: u64, name: &str) -> (Meta, Event) {
         command_id: None,
         correlation_id: None,
         causation_id: None,
+        command_digest: None,
     };
     let event = Event::PortfolioRenamed(PortfolioRenamed {
         portfolio_id: portfolio_id.into(),

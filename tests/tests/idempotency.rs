@@ -78,6 +78,56 @@ async fn deposit_resent_with_the_same_command_id_is_applied_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_id_used_for_another_command_is_a_conflict_and_stores_nothing() {
+    let env = TestEnv::with_all_workers().await;
+    env.cmd("portfolio.update", open("p1", "u1")).await;
+    let c = Uuid::now_v7();
+    let first = env
+        .cmd("portfolio.update", with_id(deposit("p1", "100"), c))
+        .await;
+    let last = env.last_seq().await;
+
+    // The same id for another amount on the same portfolio (the worker's cache knows the id),
+    // and for a command on another aggregate (only the stream's de-duplication does).
+    let other_amount = env
+        .request("cmd.portfolio.update", with_id(deposit("p1", "7"), c))
+        .await
+        .err(409, "conflict");
+    let other_aggregate = env
+        .request("cmd.market.price", with_id(price("ETH-USDT", "3000"), c))
+        .await
+        .err(409, "conflict");
+    for e in [&other_amount, &other_aggregate] {
+        let message = e["error"]["message"].as_str().unwrap();
+        assert!(message.contains(&c.to_string()), "{message}");
+        assert!(
+            message.contains(&format!("portfolio p1, stream_seq {}", seq(&first))),
+            "{message}"
+        );
+    }
+    assert_eq!(env.last_seq().await, last);
+    assert_eq!(
+        env.subject_count(AggregateType::Market, "ETH-USDT").await,
+        0
+    );
+
+    // The same command written differently (fields in another order, another correlation_id)
+    // is still a re-send.
+    let resent = format!(
+        r#"{{ "op": "deposit", "amount": "100", "correlation_id": "another-flow",
+              "portfolio_id": "p1", "command_id": "{c}" }}"#
+    );
+    let again = env
+        .request_raw("cmd.portfolio.update", resent.into_bytes())
+        .await
+        .ok();
+    assert_eq!(again["duplicate"], true, "{again}");
+    assert_eq!(without_duplicate(again), first);
+    let perf = env.performance_at("p1", seq(&first)).await;
+    assert_eq!(perf["cash"], "100");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_command_does_not_use_up_its_command_id() {
     let env = TestEnv::with_all_workers().await;
     env.cmd("portfolio.update", open("p1", "u1")).await;

@@ -37,6 +37,9 @@ pub struct Common {
     /// `command_id`) and what caused it (an event id, say), ids of the client's choosing.
     pub correlation_id: Option<String>,
     pub causation_id: Option<String>,
+    /// With a `command_id`: what the command asks, as [`command_digest`] sums it up, stored with
+    /// its events so that a re-send can be told from another command under the same id.
+    pub command_digest: Option<String>,
 }
 
 /// The command endpoints (`<prefix>.cmd.<name>`).
@@ -220,7 +223,35 @@ fn parse_common(map: &mut RawMap) -> Result<Common, DomainError> {
         at,
         correlation_id: id(map, "correlation_id")?,
         causation_id: id(map, "causation_id")?,
+        command_digest: None,
     })
+}
+
+/// A stable 64-bit sum (FNV-1a, hex) of what a command asks: its endpoint, `expected_version`,
+/// `at`, and every other field by name with its JSON text as sent (the ids that only label the
+/// flow, `correlation_id` and `causation_id`, left out). A re-send has the same digest whatever
+/// the order of its fields; a command with any other value has another.
+fn command_digest(endpoint: Endpoint, common: &Common, rest: &RawMap) -> String {
+    use std::hash::Hasher;
+    let mut h = fnv::FnvHasher::default();
+    let mut field = |key: &str, value: &str| {
+        h.write(key.as_bytes());
+        h.write_u8(0);
+        h.write(value.as_bytes());
+        h.write_u8(0);
+    };
+    field("endpoint", endpoint.name());
+    if let Some(v) = common.expected_version {
+        field("expected_version", &v.to_string());
+    }
+    if let Some(at) = common.at {
+        field("at", &at.to_rfc3339());
+    }
+    // The map is ordered by key: the same fields give the same sum in any order.
+    for (key, value) in rest {
+        field(key, value.get().trim());
+    }
+    format!("{:016x}", h.finish())
 }
 
 #[derive(Deserialize)]
@@ -394,7 +425,10 @@ pub fn parse_command(endpoint: Endpoint, body: &[u8]) -> Result<ParsedCommand, D
             bad(format!("malformed JSON: {e}"))
         }
     })?;
-    let common = parse_common(&mut map)?;
+    let mut common = parse_common(&mut map)?;
+    if common.command_id.is_some() {
+        common.command_digest = Some(command_digest(endpoint, &common, &map));
+    }
     let target = match endpoint {
         Endpoint::StrategyCreate => {
             let r: StrategyCreateReq = read(&map)?;
@@ -541,6 +575,56 @@ mod tests {
             Endpoint::PortfolioUpdate,
             &format!(r#"{{"portfolio_id":"p-1","op":"deposit","amount":{amount}}}"#),
         )
+    }
+
+    fn digest(endpoint: Endpoint, body: &str) -> Option<String> {
+        parse(endpoint, body).unwrap().common.command_digest
+    }
+
+    #[test]
+    fn a_command_digest_sums_up_what_is_asked_not_how_it_is_written() {
+        const ID: &str = r#""command_id":"0193a1b2-0000-7000-8000-000000000001""#;
+        let deposit =
+            |fields: &str| digest(Endpoint::PortfolioUpdate, &format!("{{{ID},{fields}}}"));
+        let first = deposit(r#""portfolio_id":"p-1","op":"deposit","amount":"100""#);
+        assert!(first.as_ref().is_some_and(|d| d.len() == 16), "{first:?}");
+        // The same command: fields in another order, other spacing, other flow labels.
+        for same in [
+            r#""amount":"100","op":"deposit","portfolio_id":"p-1""#,
+            r#" "portfolio_id" : "p-1" , "op":"deposit", "amount": "100" "#,
+            r#""portfolio_id":"p-1","op":"deposit","amount":"100","correlation_id":"flow-9","causation_id":"ev-1""#,
+        ] {
+            assert_eq!(deposit(same), first, "{same}");
+        }
+        // Another command: another value, field, aggregate, business time or endpoint.
+        for other in [
+            r#""portfolio_id":"p-1","op":"deposit","amount":"7""#,
+            r#""portfolio_id":"p-1","op":"deposit","amount":100"#,
+            r#""portfolio_id":"p-1","op":"withdraw","amount":"100""#,
+            r#""portfolio_id":"p-2","op":"deposit","amount":"100""#,
+            r#""portfolio_id":"p-1","op":"deposit","amount":"100","expected_version":3"#,
+            r#""portfolio_id":"p-1","op":"deposit","amount":"100","at":"2026-01-05T10:00:00Z""#,
+        ] {
+            assert_ne!(deposit(other), first, "{other}");
+        }
+        assert_ne!(
+            digest(
+                Endpoint::MarketPrice,
+                &format!(r#"{{{ID},"symbol":"BTC-USDT","price":"100"}}"#)
+            ),
+            digest(
+                Endpoint::MarketPrice,
+                &format!(r#"{{{ID},"symbol":"ETH-USDT","price":"100"}}"#)
+            ),
+        );
+        // Without a command_id nothing is de-duplicated, so nothing is summed up.
+        assert_eq!(
+            digest(
+                Endpoint::PortfolioUpdate,
+                r#"{"portfolio_id":"p-1","op":"deposit","amount":"1"}"#
+            ),
+            None
+        );
     }
 
     fn deposited_amount(amount: &str) -> Decimal {

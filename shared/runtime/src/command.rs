@@ -91,14 +91,37 @@ where
         self.repo.store()
     }
 
-    /// The reply for the event stored at `seq`; `duplicate` when the client sent the command
-    /// before.
-    async fn stored_reply(&self, seq: u64, duplicate: bool) -> Result<Value, ApiError> {
+    /// The reply for the event stored at `seq` under `common.command_id`; `duplicate` when the
+    /// client sent the command before.
+    ///
+    /// # Errors
+    /// `conflict` when that command_id was used for another command (another endpoint,
+    /// aggregate type or field: its digest, or for events stored before digests its aggregate
+    /// type, differs): this one is not stored, and answering the other's result would hide that.
+    async fn stored_reply(
+        &self,
+        seq: u64,
+        duplicate: bool,
+        common: &Common,
+    ) -> Result<Value, ApiError> {
         let ev = self
             .store()
             .get(seq)
             .await?
             .ok_or_else(|| ApiError::internal(format!("event {seq} vanished")))?;
+        let other_digest = matches!(
+            (&ev.meta.command_digest, &common.command_digest),
+            (Some(stored), Some(asked)) if stored != asked
+        );
+        if other_digest || ev.meta.aggregate_type != A::TYPE {
+            let cid = common.command_id.map(|c| c.to_string()).unwrap_or_default();
+            return Err(ApiError::conflict(format!(
+                "command_id {cid} was used for another command ({} {}, stream_seq {seq}): \
+                 a new command needs a new command_id",
+                ev.meta.aggregate_type.as_str(),
+                ev.meta.aggregate_id
+            )));
+        }
         Ok(reply(&[ev], duplicate))
     }
 
@@ -136,7 +159,7 @@ where
                 .and_then(|c| entry.command_seq(c))
             {
                 debug!(seq, "command already applied");
-                return self.stored_reply(seq, true).await;
+                return self.stored_reply(seq, true, common).await;
             }
             if let Some(expected) = common.expected_version {
                 let version = entry.state.version();
@@ -200,6 +223,7 @@ where
                             .clone()
                             .or_else(|| common.command_id.map(|c| c.to_string())),
                         causation_id: common.causation_id.clone(),
+                        command_digest: common.command_digest.clone(),
                     };
                     (meta, event)
                 })
@@ -226,7 +250,9 @@ where
                         self.repo.catch_up(id, &mut entry).await?;
                     }
                     debug!(unavailable, "the append had been stored before");
-                    return self.stored_reply(app.seqs[0], unavailable == 0).await;
+                    return self
+                        .stored_reply(app.seqs[0], unavailable == 0, common)
+                        .await;
                 }
                 Ok(app) => {
                     let stored: Vec<StoredEvent> = pairs

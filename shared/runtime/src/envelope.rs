@@ -30,6 +30,10 @@ pub struct Meta {
     pub correlation_id: Option<String>,
     #[serde(default)]
     pub causation_id: Option<String>,
+    /// What the command asked, summed up (`ch_domain::request::Common::command_digest`): only
+    /// with a `command_id`, to tell a re-send from another command under the same id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_digest: Option<String>,
 }
 
 /// Serialized form: the metadata fields, `event_type` and `payload` side by side.
@@ -57,6 +61,8 @@ struct EnvelopeIn<'a> {
     correlation_id: Option<String>,
     #[serde(default)]
     causation_id: Option<String>,
+    #[serde(default)]
+    command_digest: Option<String>,
     event_type: String,
     #[serde(borrow)]
     payload: &'a RawValue,
@@ -140,6 +146,7 @@ pub fn decode(seq: u64, body: &[u8]) -> Result<StoredEvent, DecodeError> {
             command_id: env.command_id,
             correlation_id: env.correlation_id,
             causation_id: env.causation_id,
+            command_digest: env.command_digest,
         },
         event,
     })
@@ -167,6 +174,7 @@ mod tests {
             command_id: None,
             correlation_id: Some("c\"1".into()),
             causation_id: None,
+            command_digest: None,
         }
     }
 
