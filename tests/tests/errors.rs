@@ -190,6 +190,14 @@ async fn bad_request_for_malformed_bodies_and_fields() {
     create_s9
         .refused(missing, BAD_REQUEST, &["risk_profile"])
         .await;
+    // A value of the wrong type, named by its field's path.
+    let mut wrong = strategy("u1", "s9", &["BTC-USDT"]);
+    wrong["risk_profile"]["max_open_positions"] = "3".into();
+    let message = create_s9.refused(wrong, BAD_REQUEST, &[]).await;
+    assert_eq!(
+        message,
+        r#"risk_profile.max_open_positions: invalid type: string "3", expected u32"#
+    );
     // Unknown op.
     let unknown = json!({"portfolio_id": "p1", "op": "transfer", "amount": 5});
     update
@@ -712,29 +720,46 @@ async fn query_errors_stale_and_timeout_bounds() {
         BAD_REQUEST,
         &["min_stream_seqq"],
     );
-    // (serde names the bad value, not the field, for a query's type errors)
+    // A wrong value is named by its field, without the parser's position (which the field
+    // already says); malformed JSON keeps its position.
     let q = json!({"portfolio_id": "p1", "timeout_ms": -1});
-    check_error(
+    let message = check_error(
         env.request("query.portfolio.performance", q).await,
         BAD_REQUEST,
         &["-1"],
     );
-    check_error(
-        env.request_raw("query.strategy.get", "{\"strategy_id\":")
+    assert_eq!(
+        message,
+        "timeout_ms: invalid value: integer `-1`, expected u64"
+    );
+    let message = check_error(
+        env.request("query.portfolio.performance", json!({"portfolio_id": 5}))
             .await,
         BAD_REQUEST,
         &[],
     );
+    assert_eq!(
+        message,
+        "portfolio_id: invalid type: integer `5`, expected a string"
+    );
+    let message = check_error(
+        env.request_raw("query.strategy.get", "{\"strategy_id\":")
+            .await,
+        BAD_REQUEST,
+        &["malformed JSON", "line 1 column 15"],
+    );
+    assert!(!message.contains('?'), "{message}");
     check_error(
         env.request_raw("query.strategy.get", "[]").await,
         BAD_REQUEST,
         &[],
     );
-    check_error(
+    let message = check_error(
         env.request("query.strategy.list", json!({})).await,
         BAD_REQUEST,
         &["user_id"],
     );
+    assert_eq!(message, "missing field `user_id`");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -154,7 +154,7 @@ fn bad(msg: impl Into<String>) -> DomainError {
     DomainError::bad_request(msg)
 }
 
-/// serde_json's message without the ` at line L column C` of the re-serialized text.
+/// serde_json's message without its ` at line L column C`.
 fn clean(e: &serde_json::Error) -> String {
     let s = e.to_string();
     match s.rfind(" at line ") {
@@ -163,19 +163,47 @@ fn clean(e: &serde_json::Error) -> String {
     }
 }
 
-/// Reads the remaining keys into `T`, naming the field of an invalid decimal where possible.
-fn read<T: DeserializeOwned>(rest: &RawMap) -> Result<T, DomainError> {
-    let text = serde_json::to_string(rest).map_err(|e| bad(format!("malformed JSON: {e}")))?;
-    serde_json::from_str(&text).map_err(|e| {
-        let msg = clean(&e);
-        if let Some(shown) = msg.strip_prefix(exact::INVALID_PREFIX) {
-            let shown = shown.split(": expected").next().unwrap_or(shown);
-            if let Some((key, _)) = rest.iter().find(|(_, v)| v.get().trim() == shown) {
-                return bad(format!("{key}: {msg}"));
+/// Reads `text` as `T`; the `bad_request` message of a body that does not read as `T`:
+/// malformed JSON as serde_json says it, with its position; a wrong, missing or unknown value
+/// named by the path of its field (`rules[0].stake.value: ...`), without the position, which
+/// would only point into the text again (or into text re-serialized from the request).
+///
+/// # Errors
+/// The message of [`DomainError::BadRequest`]: the path is tracked only once reading failed,
+/// so that a valid body pays nothing for it.
+pub fn read_json<T: DeserializeOwned>(text: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(text).map_err(|_| {
+        let de = &mut serde_json::Deserializer::from_slice(text);
+        let Err(e) = serde_path_to_error::deserialize::<_, T>(de) else {
+            return "the request could not be read".to_owned();
+        };
+        let mut path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.classify() != serde_json::error::Category::Data {
+            return format!("malformed JSON: {inner}");
+        }
+        let msg = clean(&inner);
+        // An unknown field is named by the message: the path is where it was found.
+        if let Some(key) = msg
+            .strip_prefix("unknown field `")
+            .and_then(|m| m.split('`').next())
+        {
+            if let Some(parent) = path.strip_suffix(key) {
+                path = parent.trim_end_matches('.').to_owned();
             }
         }
-        bad(msg)
+        if matches!(path.as_str(), "" | "." | "?") {
+            msg
+        } else {
+            format!("{path}: {msg}")
+        }
     })
+}
+
+/// Reads the remaining keys into `T`.
+fn read<T: DeserializeOwned>(rest: &RawMap) -> Result<T, DomainError> {
+    let text = serde_json::to_vec(rest).map_err(|e| bad(format!("malformed JSON: {e}")))?;
+    read_json(&text).map_err(bad)
 }
 
 fn take<T: DeserializeOwned>(
@@ -735,6 +763,33 @@ mod tests {
     }
 
     #[test]
+    fn a_value_of_the_wrong_type_is_named_by_its_field() {
+        let create = |name: &str, max_open: &str| {
+            err(
+                Endpoint::StrategyCreate,
+                &format!(
+                    r#"{{"user_id":"u-1","strategy_name":{name},"rules":{RULES},"risk_profile":{{"allowed_symbols":["BTC-USDT"],"max_open_positions":{max_open},"max_order_notional":1,"max_position_notional":1,"max_leverage":1}}}}"#
+                ),
+            )
+        };
+        assert_eq!(
+            create("5", "3"),
+            "strategy_name: invalid type: integer `5`, expected a string"
+        );
+        assert_eq!(
+            create(r#""x""#, r#""3""#),
+            r#"risk_profile.max_open_positions: invalid type: string "3", expected u32"#
+        );
+        assert_eq!(
+            err(
+                Endpoint::PortfolioUpdate,
+                r#"{"portfolio_id":"p-1","op":"open","user_id":null,"name":"n","quote_currency":"USDT"}"#
+            ),
+            "user_id: invalid type: null, expected a string"
+        );
+    }
+
+    #[test]
     fn malformed_and_non_object_bodies() {
         assert!(err(Endpoint::MarketPrice, "{").starts_with("malformed JSON: "));
         assert!(err(Endpoint::MarketPrice, "").starts_with("malformed JSON: "));
@@ -774,7 +829,10 @@ mod tests {
                 r#"{{"user_id":"u-1","strategy_name":"x","rules":{RULES},"risk_profile":{{"allowed_symbols":["BTC-USDT"],"max_open_positions":3,"max_order_notional":1,"max_position_notional":1,"max_leverage":1,"leverage":2}}}}"#
             ),
         );
-        assert!(e.starts_with("unknown field `leverage`"), "{e}");
+        assert!(
+            e.starts_with("risk_profile: unknown field `leverage`"),
+            "{e}"
+        );
         assert!(err(
             Endpoint::PortfolioUpdate,
             r#"{"portfolio_id":"p-1","op":"close","x":1}"#

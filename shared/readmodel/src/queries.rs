@@ -129,15 +129,7 @@ pub fn parse<T: serde::de::DeserializeOwned + Validate>(body: &[u8]) -> Result<T
             "empty request: expected a JSON object",
         ));
     }
-    let de = &mut serde_json::Deserializer::from_slice(body);
-    let q: T = serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        if path == "." {
-            ApiError::bad_request(format!("invalid request: {}", e.inner()))
-        } else {
-            ApiError::bad_request(format!("{path}: {}", e.inner()))
-        }
-    })?;
+    let q: T = ch_domain::request::read_json(body).map_err(ApiError::bad_request)?;
     q.validate()?;
     Ok(q)
 }
