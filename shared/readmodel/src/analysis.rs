@@ -86,6 +86,10 @@ impl Validate for AnalysisQuery {
         parse_rate(&self.risk_free_rate)?;
         match (self.from, self.to) {
             (Some(f), Some(t)) if f >= t => Err(ApiError::bad_request("from: must be before to")),
+            // `to` is now at the latest (see `portfolio_analysis`).
+            (Some(f), _) if f >= Utc::now() => Err(ApiError::bad_request(
+                "from: must be in the past (to is now at the latest)",
+            )),
             _ => Ok(()),
         }
     }
@@ -420,7 +424,10 @@ pub async fn portfolio_analysis(
         )));
     };
     let first_deposit: Option<DateTime<Utc>> = p.get(0);
-    let to = q.to.unwrap_or_else(Utc::now);
+    // A `to` in the future is now: the curve ends at what is known, instead of repeating
+    // today's equity up to that date (and lowering the CAGR by the days it adds).
+    let now = Utc::now();
+    let to = q.to.map_or(now, |t| t.min(now));
     let empty = || {
         json!({
             "portfolio_id": q.portfolio_id,
