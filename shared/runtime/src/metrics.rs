@@ -75,7 +75,8 @@ impl Metrics {
             .insert(name, value);
     }
 
-    /// The `data` of one endpoint's stats, plus worker-wide figures.
+    /// The `data` of one endpoint's stats, plus worker-wide figures. Every key is there before
+    /// the first request too (`latency_ms` `null` until there is a latency to report).
     pub fn snapshot(&self, endpoint: &str) -> Value {
         let map = self.0.endpoints.lock().expect("metrics lock");
         let gauges = self.0.gauges.lock().expect("metrics lock").clone();
@@ -84,6 +85,9 @@ impl Metrics {
             "append_retries": self.0.append_retries.load(Ordering::Relaxed),
             "read_retries": self.0.read_retries.load(Ordering::Relaxed),
             "gauges": gauges,
+            "ok": 0,
+            "errors_by_code": {},
+            "latency_ms": null,
         });
         if let Some(m) = map.get(endpoint) {
             let q = |p: f64| m.latency_us.value_at_quantile(p) as f64 / 1000.0;
@@ -92,5 +96,28 @@ impl Metrics {
             v["latency_ms"] = json!({"p50": q(0.5), "p99": q(0.99), "p999": q(0.999), "max": m.latency_us.max() as f64 / 1000.0});
         }
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_endpoint_reports_every_key_before_and_after_its_first_request() {
+        let metrics = Metrics::default();
+        let idle = metrics.snapshot("get");
+        assert_eq!(idle["ok"], 0);
+        assert_eq!(idle["errors_by_code"], json!({}));
+        assert_eq!(idle["latency_ms"], Value::Null);
+        metrics.request("get", Duration::from_millis(2), None);
+        metrics.request("get", Duration::from_millis(4), Some("not_found"));
+        let busy = metrics.snapshot("get");
+        assert_eq!(busy["ok"], 1);
+        assert_eq!(busy["errors_by_code"], json!({"not_found": 1}));
+        let p99 = busy["latency_ms"]["p99"].as_f64().unwrap();
+        assert!((3.9..=4.1).contains(&p99), "{busy}");
+        // Another endpoint of the same worker has not been asked yet.
+        assert_eq!(metrics.snapshot("list")["ok"], 0);
     }
 }
