@@ -190,9 +190,11 @@ pub struct Valuation {
 /// prices from its own fills, so it is kept as follows: a deposit raises it by the amount, a
 /// withdrawal lowers it by the amount (never below 0), both being external flows that must not
 /// read as gains or losses; a `TradeExecuted` raises it to the equity just after the fill if
-/// that is higher, valuing the traded symbol at the fill price and every other position at its
-/// average entry price (`gross_entry`). When a buy signal is decided, the equity at the current
-/// marks (`PortfolioFacts::marks`) also counts as a candidate high-water mark for that check.
+/// that is higher (`equity_after`: the traded symbol at the fill price, every other position at
+/// its mark when the signal was decided; events stored before `equity_after` value those at
+/// their average entry price, `gross_entry`). When a buy signal is decided, the equity at the
+/// current marks (`PortfolioFacts::marks`) also counts as a candidate high-water mark for that
+/// check. A peak of the marks between two of its events is not seen (ADR 005).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PortfolioState {
     pub version: u64,
