@@ -25,12 +25,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use ch_domain::event::{Side, TradeExecuted};
 use ch_domain::Event;
 use ch_runtime::envelope::StoredEvent;
-use ch_runtime::pg::{exec, rows};
+use ch_runtime::pg::{exec, rows, CopyRows};
 use ch_runtime::projector::Projection;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
 use rust_decimal::Decimal;
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::Type;
 
 #[derive(Default)]
@@ -732,15 +731,7 @@ impl Fold {
         if self.trades.is_empty() {
             return Ok(());
         }
-        let sink = tx
-            .copy_in(
-                "COPY trades (trade_id, portfolio_id, strategy_id, symbol, side, quantity, price, fee,
-                              realized_pnl, cash_after, position_after, cost_basis_after,
-                              gross_entry_after, at, stream_seq)
-                 FROM STDIN BINARY",
-            )
-            .await?;
-        let types = [
+        const TYPES: &[Type] = &[
             Type::UUID,
             Type::TEXT,
             Type::TEXT,
@@ -757,31 +748,34 @@ impl Fold {
             Type::TIMESTAMPTZ,
             Type::INT8,
         ];
-        let writer = BinaryCopyInWriter::new(sink, &types);
-        let mut writer = std::pin::pin!(writer);
+        let mut copy = CopyRows::new(TYPES, self.trades.len());
         for (e, at, seq) in &self.trades {
-            writer
-                .as_mut()
-                .write(&[
-                    &e.trade_id,
-                    &e.portfolio_id,
-                    &e.strategy_id,
-                    &e.symbol,
-                    &e.side.as_str(),
-                    &e.quantity,
-                    &e.price,
-                    &e.fee,
-                    &e.realized_pnl,
-                    &e.cash_after,
-                    &e.position_after,
-                    &e.cost_basis_after,
-                    &e.gross_entry_after,
-                    at,
-                    seq,
-                ])
-                .await?;
+            copy.push(&[
+                &e.trade_id,
+                &e.portfolio_id,
+                &e.strategy_id,
+                &e.symbol,
+                &e.side.as_str(),
+                &e.quantity,
+                &e.price,
+                &e.fee,
+                &e.realized_pnl,
+                &e.cash_after,
+                &e.position_after,
+                &e.cost_basis_after,
+                &e.gross_entry_after,
+                at,
+                seq,
+            ]);
         }
-        writer.finish().await?;
+        copy.send(
+            tx,
+            "COPY trades (trade_id, portfolio_id, strategy_id, symbol, side, quantity, price, fee,
+                          realized_pnl, cash_after, position_after, cost_basis_after,
+                          gross_entry_after, at, stream_seq)
+             FROM STDIN BINARY",
+        )
+        .await?;
         Ok(())
     }
 
@@ -830,13 +824,7 @@ impl Fold {
     /// History and prices are append-only too: binary COPY (see [`Fold::write_trades`]).
     async fn write_history(&self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
         if !self.history.is_empty() {
-            let sink = tx
-                .copy_in(
-                    "COPY portfolio_history (portfolio_id, stream_seq, at, cash, positions, flow)
-                     FROM STDIN BINARY",
-                )
-                .await?;
-            let types = [
+            const TYPES: &[Type] = &[
                 Type::TEXT,
                 Type::INT8,
                 Type::TIMESTAMPTZ,
@@ -844,34 +832,35 @@ impl Fold {
                 Type::JSONB,
                 Type::NUMERIC,
             ];
-            let writer = BinaryCopyInWriter::new(sink, &types);
-            let mut writer = std::pin::pin!(writer);
+            let mut copy = CopyRows::new(TYPES, self.history.len());
             for r in &self.history {
-                writer
-                    .as_mut()
-                    .write(&[
-                        &r.portfolio_id,
-                        &r.seq,
-                        &r.at,
-                        &r.cash,
-                        &r.positions,
-                        &r.flow,
-                    ])
-                    .await?;
+                copy.push(&[
+                    &r.portfolio_id,
+                    &r.seq,
+                    &r.at,
+                    &r.cash,
+                    &r.positions,
+                    &r.flow,
+                ]);
             }
-            writer.finish().await?;
+            copy.send(
+                tx,
+                "COPY portfolio_history (portfolio_id, stream_seq, at, cash, positions, flow)
+                 FROM STDIN BINARY",
+            )
+            .await?;
         }
         if !self.prices.is_empty() {
-            let sink = tx
-                .copy_in("COPY prices (symbol, at, stream_seq, price) FROM STDIN BINARY")
-                .await?;
-            let types = [Type::TEXT, Type::TIMESTAMPTZ, Type::INT8, Type::NUMERIC];
-            let writer = BinaryCopyInWriter::new(sink, &types);
-            let mut writer = std::pin::pin!(writer);
+            const TYPES: &[Type] = &[Type::TEXT, Type::TIMESTAMPTZ, Type::INT8, Type::NUMERIC];
+            let mut copy = CopyRows::new(TYPES, self.prices.len());
             for (sym, at, seq, price) in &self.prices {
-                writer.as_mut().write(&[sym, at, seq, price]).await?;
+                copy.push(&[sym, at, seq, price]);
             }
-            writer.finish().await?;
+            copy.send(
+                tx,
+                "COPY prices (symbol, at, stream_seq, price) FROM STDIN BINARY",
+            )
+            .await?;
         }
         Ok(())
     }
