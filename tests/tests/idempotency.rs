@@ -78,26 +78,27 @@ async fn deposit_resent_with_the_same_command_id_is_applied_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_command_id_used_for_another_command_is_a_conflict_and_stores_nothing() {
+async fn a_command_id_reused_on_another_aggregate_is_a_conflict_and_stores_nothing() {
     let env = TestEnv::with_all_workers().await;
     env.cmd("portfolio.update", open("p1", "u1")).await;
+    env.cmd("portfolio.update", open("p2", "u1")).await;
     let c = Uuid::now_v7();
     let first = env
         .cmd("portfolio.update", with_id(deposit("p1", "100"), c))
         .await;
     let last = env.last_seq().await;
 
-    // The same id for another amount on the same portfolio (the worker's cache knows the id),
-    // and for a command on another aggregate (only the stream's de-duplication does).
-    let other_amount = env
-        .request("cmd.portfolio.update", with_id(deposit("p1", "7"), c))
-        .await
-        .err(409, "conflict");
-    let other_aggregate = env
+    // The same id on another aggregate type, and on another portfolio: only the stream's
+    // de-duplication knows the id there, and its first result describes p1.
+    let other_type = env
         .request("cmd.market.price", with_id(price("ETH-USDT", "3000"), c))
         .await
         .err(409, "conflict");
-    for e in [&other_amount, &other_aggregate] {
+    let other_portfolio = env
+        .request("cmd.portfolio.update", with_id(deposit("p2", "100"), c))
+        .await
+        .err(409, "conflict");
+    for e in [&other_type, &other_portfolio] {
         let message = e["error"]["message"].as_str().unwrap();
         assert!(message.contains(&c.to_string()), "{message}");
         assert!(
@@ -111,8 +112,15 @@ async fn a_command_id_used_for_another_command_is_a_conflict_and_stores_nothing(
         0
     );
 
-    // The same command written differently (fields in another order, another correlation_id)
-    // is still a re-send.
+    // On the same aggregate the id's first outcome stands: another amount is answered the
+    // first result, marked as differing from it; the same command written differently (fields
+    // in another order, another correlation_id) is a plain re-send.
+    let other_amount = env
+        .cmd("portfolio.update", with_id(deposit("p1", "7"), c))
+        .await;
+    assert_eq!(other_amount["duplicate"], true, "{other_amount}");
+    assert_eq!(other_amount["request_differs"], true, "{other_amount}");
+    assert_eq!(seq(&other_amount), seq(&first));
     let resent = format!(
         r#"{{ "op": "deposit", "amount": "100", "correlation_id": "another-flow",
               "portfolio_id": "p1", "command_id": "{c}" }}"#
@@ -123,6 +131,7 @@ async fn a_command_id_used_for_another_command_is_a_conflict_and_stores_nothing(
         .ok();
     assert_eq!(again["duplicate"], true, "{again}");
     assert_eq!(without_duplicate(again), first);
+    assert_eq!(env.last_seq().await, last);
     let perf = env.performance_at("p1", seq(&first)).await;
     assert_eq!(perf["cash"], "100");
 }

@@ -91,15 +91,22 @@ where
         self.repo.store()
     }
 
-    /// The reply for the event stored at `seq` under `common.command_id`; `duplicate` when the
-    /// client sent the command before.
+    /// The reply for the event stored at `seq` under `common.command_id`, for a command on
+    /// aggregate `id`; `duplicate` when the client sent the command before.
+    ///
+    /// The id names the client's intent, and its first outcome stands: a re-send whose fields
+    /// differ (another price, amount or `at`; the exit-trigger worker sends one sell per round
+    /// trip and rule, whatever price fires it) is answered the first result, marked
+    /// `request_differs`. Only a command on another aggregate cannot be a re-send.
     ///
     /// # Errors
-    /// `conflict` when that command_id was used for another command (another endpoint,
-    /// aggregate type or field: its digest, or for events stored before digests its aggregate
-    /// type, differs): this one is not stored, and answering the other's result would hide that.
+    /// `conflict` when that command_id was used for another aggregate type, or another
+    /// aggregate with other fields (a strategy created without an id gets a new id per attempt,
+    /// so only differing fields tell): nothing is stored, and the other's result would
+    /// describe another aggregate.
     async fn stored_reply(
         &self,
+        id: &str,
         seq: u64,
         duplicate: bool,
         common: &Common,
@@ -109,20 +116,24 @@ where
             .get(seq)
             .await?
             .ok_or_else(|| ApiError::internal(format!("event {seq} vanished")))?;
-        let other_digest = matches!(
+        let differs = matches!(
             (&ev.meta.command_digest, &common.command_digest),
             (Some(stored), Some(asked)) if stored != asked
         );
-        if other_digest || ev.meta.aggregate_type != A::TYPE {
+        if ev.meta.aggregate_type != A::TYPE || (ev.meta.aggregate_id != id && differs) {
             let cid = common.command_id.map(|c| c.to_string()).unwrap_or_default();
             return Err(ApiError::conflict(format!(
-                "command_id {cid} was used for another command ({} {}, stream_seq {seq}): \
-                 a new command needs a new command_id",
+                "command_id {cid} was used for a command on another aggregate ({} {}, \
+                 stream_seq {seq}): a new command needs a new command_id",
                 ev.meta.aggregate_type.as_str(),
                 ev.meta.aggregate_id
             )));
         }
-        Ok(reply(&[ev], duplicate))
+        let mut v = reply(&[ev], duplicate);
+        if differs {
+            v["request_differs"] = Value::Bool(true);
+        }
+        Ok(v)
     }
 
     /// Decides and stores `command` on aggregate `id`; returns the API reply.
@@ -159,7 +170,7 @@ where
                 .and_then(|c| entry.command_seq(c))
             {
                 debug!(seq, "command already applied");
-                return self.stored_reply(seq, true, common).await;
+                return self.stored_reply(id, seq, true, common).await;
             }
             if let Some(expected) = common.expected_version {
                 let version = entry.state.version();
@@ -251,7 +262,7 @@ where
                     }
                     debug!(unavailable, "the append had been stored before");
                     return self
-                        .stored_reply(app.seqs[0], unavailable == 0, common)
+                        .stored_reply(id, app.seqs[0], unavailable == 0, common)
                         .await;
                 }
                 Ok(app) => {
