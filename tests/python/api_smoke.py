@@ -2,7 +2,8 @@
 binaries started by `chctl up` (real processes, as a user runs them).
 
 Checks the NATS services API ($SRV.PING/INFO/STATS), commands with exponent-notation
-numbers, an error reply's headers and body, the stored event envelope, and read-your-writes
+numbers, an error reply's headers and body, the stored event envelope, a re-used
+`command_id`, and read-your-writes
 (a query that cannot be answered is refused before its wait), comparing figures with a
 small model of DOMAIN.md written here. Prints 'N passed, N failed'; exit status 1 on failure.
 
@@ -127,6 +128,30 @@ async def main():
     check("envelope ids", env.get("correlation_id") == f"flow-{run}"
           and env.get("causation_id") == "py-cause"
           and "command_id" in env and env["command_id"] is None, env)
+
+    # A command_id names one intent: sent again with another amount it answers the first
+    # result, marked as differing; used for another aggregate it is 409, nothing stored.
+    cid = str(uuid.uuid4())
+    h, first = await req(nc, "cmd.portfolio.update", {"portfolio_id": pid, "op": "deposit",
+                                                      "amount": "2", "command_id": cid})
+    h, again = await req(nc, "cmd.portfolio.update", {"portfolio_id": pid, "op": "deposit",
+                                                      "amount": "3", "command_id": cid})
+    check("re-sent with other fields", again.get("duplicate") is True
+          and again.get("request_differs") is True
+          and again.get("stream_seq") == first.get("stream_seq"), (first, again))
+    h, r = await req(nc, "cmd.market.price", {"symbol": "ETH-USDT", "price": "1",
+                                              "command_id": cid})
+    check("command_id of another aggregate is 409", h.get("Nats-Service-Error-Code") == "409"
+          and cid in r.get("error", {}).get("message", ""), (h, r))
+    msg = await nc.jetstream().get_last_msg(stream, f"{P}.events.portfolio.{pid}")
+    env = json.loads(msg.data)
+    check("envelope command_digest", env.get("command_id") == cid
+          and len(env.get("command_digest", "")) == 16, env)
+
+    # A value of the wrong type is named by its field.
+    h, r = await req(nc, "cmd.portfolio.update", {"portfolio_id": pid, "op": "rename", "name": 5})
+    check("type error names the field",
+          r.get("error", {}).get("message", "").startswith("name: invalid type"), r)
 
     # An invalid id is refused at once, not after waiting 10 s for a stream sequence that
     # will not come.
