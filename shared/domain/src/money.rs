@@ -178,7 +178,7 @@ pub mod exact {
 
     /// `serde_json`'s private name for a raw value (`serde_json::value::RawValue`).
     const RAW_VALUE_TOKEN: &str = "$serde_json::private::RawValue";
-    /// Start of every message of a decimal that does not parse (used to name the field).
+    /// Start of every message of a decimal that does not parse.
     pub const INVALID_PREFIX: &str = "invalid decimal ";
 
     /// Deserializes a [`Decimal`] exactly from a JSON string or number.

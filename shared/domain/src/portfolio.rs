@@ -187,9 +187,10 @@ pub struct Valuation {
 /// A portfolio folded from its events. `version == 0` means it does not exist.
 ///
 /// `high_water_equity` is the high-water mark of the drawdown halt. The aggregate only learns
-/// prices from its own fills, so it is kept as follows: a deposit raises it by the amount, a
-/// withdrawal lowers it by the amount (never below 0), both being external flows that must not
-/// read as gains or losses; a `TradeExecuted` raises it to the equity just after the fill if
+/// prices from its own fills, so it is kept as follows: a deposit or withdrawal scales it by
+/// the flow's share of the equity before it (`equity_before`; by the amount for events stored
+/// without it), so that the drawdown it measures is the same after the flow as before (external
+/// flows must not read as gains or losses); a `TradeExecuted` raises it to the equity just after the fill if
 /// that is higher (`equity_after`: the traded symbol at the fill price, every other position at
 /// its mark when the signal was decided; events stored before `equity_after` value those at
 /// their average entry price, `gross_entry`). When a buy signal is decided, the equity at the
