@@ -86,9 +86,9 @@ impl Validate for AnalysisQuery {
         parse_rate(&self.risk_free_rate)?;
         match (self.from, self.to) {
             (Some(f), Some(t)) if f >= t => Err(ApiError::bad_request("from: must be before to")),
-            // `to` is now at the latest (see `portfolio_analysis`).
-            (Some(f), _) if f >= Utc::now() => Err(ApiError::bad_request(
-                "from: must be in the past (to is now at the latest)",
+            // Without `to`, the period ends now.
+            (Some(f), None) if f >= Utc::now() => Err(ApiError::bad_request(
+                "from: must be before to (default: now)",
             )),
             _ => Ok(()),
         }
@@ -424,10 +424,7 @@ pub async fn portfolio_analysis(
         )));
     };
     let first_deposit: Option<DateTime<Utc>> = p.get(0);
-    // A `to` in the future is now: the curve ends at what is known, instead of repeating
-    // today's equity up to that date (and lowering the CAGR by the days it adds).
-    let now = Utc::now();
-    let to = q.to.map_or(now, |t| t.min(now));
+    let to = q.to.unwrap_or_else(Utc::now);
     let empty = || {
         json!({
             "portfolio_id": q.portfolio_id,
