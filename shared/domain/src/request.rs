@@ -174,8 +174,15 @@ fn clean(e: &serde_json::Error) -> String {
 pub fn read_json<T: DeserializeOwned>(text: &[u8]) -> Result<T, String> {
     serde_json::from_slice(text).map_err(|_| {
         let de = &mut serde_json::Deserializer::from_slice(text);
-        let Err(e) = serde_path_to_error::deserialize::<_, T>(de) else {
-            return "the request could not be read".to_owned();
+        let e = match serde_path_to_error::deserialize::<_, T>(&mut *de) {
+            Err(e) => e,
+            // Only what follows the value failed (the path reader does not look there).
+            Ok(_) => {
+                return match de.end() {
+                    Err(e) => format!("malformed JSON: {e}"),
+                    Ok(()) => "the request could not be read".to_owned(),
+                }
+            }
         };
         let mut path = e.path().to_string();
         let inner = e.into_inner();
@@ -787,6 +794,20 @@ mod tests {
             ),
             "user_id: invalid type: null, expected a string"
         );
+    }
+
+    #[test]
+    fn text_after_the_value_is_malformed_json() {
+        #[derive(Debug, Deserialize)]
+        #[allow(dead_code)]
+        struct Q {
+            portfolio_id: String,
+        }
+        assert_eq!(
+            read_json::<Q>(br#"{"portfolio_id":"p1"} x"#).unwrap_err(),
+            "malformed JSON: trailing characters at line 1 column 23"
+        );
+        assert!(read_json::<Q>(br#" {"portfolio_id":"p1"} "#).is_ok());
     }
 
     #[test]
