@@ -816,6 +816,14 @@ impl TestEnv {
         self.stream_info().await.state.last_sequence
     }
 
+    /// The environment's event store, as a worker opens it: for tests that append around the
+    /// command path.
+    pub async fn event_store(&self) -> ch_runtime::eventstore::EventStore {
+        ch_runtime::eventstore::EventStore::open(self.client.clone(), self.subjects.clone())
+            .await
+            .expect("event store")
+    }
+
     /// The environment's stream as the server describes it now.
     pub async fn stream_info(&self) -> async_nats::jetstream::stream::Info {
         let js = async_nats::jetstream::new(self.client.clone());

@@ -3,7 +3,7 @@
 
 use ch_domain::AggregateType;
 use ch_e2e::fixtures::{
-    attach, deposit, open, price, seq, signal, strategy, strategy_ids, version, withdraw,
+    attach, deposit, open, price, renamed, seq, signal, strategy, strategy_ids, version, withdraw,
 };
 use ch_e2e::TestEnv;
 use serde_json::{json, Value};
@@ -77,8 +77,16 @@ async fn deposit_resent_with_the_same_command_id_is_applied_once() {
     assert_eq!(env.subject_count(AggregateType::Portfolio, "p1").await, 4);
 }
 
+/// The `command_id_reused` reply: its message names the id and what it was used for.
+fn reused(reply: ch_e2e::Reply, c: Uuid, used_for: &str) {
+    let e = reply.err(409, "command_id_reused");
+    let message = e["error"]["message"].as_str().unwrap();
+    assert!(message.contains(&c.to_string()), "{message}");
+    assert!(message.contains(used_for), "{message}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_command_id_reused_on_another_aggregate_is_a_conflict_and_stores_nothing() {
+async fn a_command_id_reused_for_another_command_is_refused_and_stores_nothing() {
     let env = TestEnv::with_all_workers().await;
     env.cmd("portfolio.update", open("p1", "u1")).await;
     env.cmd("portfolio.update", open("p2", "u1")).await;
@@ -87,34 +95,34 @@ async fn a_command_id_reused_on_another_aggregate_is_a_conflict_and_stores_nothi
         .cmd("portfolio.update", with_id(deposit("p1", "100"), c))
         .await;
     let last = env.last_seq().await;
+    let used_for = format!(
+        "portfolio.update/deposit on portfolio p1, stream_seq {}",
+        seq(&first)
+    );
 
-    // The same id on another aggregate type, and on another portfolio: only the stream's
-    // de-duplication knows the id there, and its first result describes p1.
+    // Another aggregate type or another portfolio (only the stream's de-duplication knows the
+    // id there), or another kind of command on the same portfolio (the worker's cache does).
     let other_type = env
         .request("cmd.market.price", with_id(price("ETH-USDT", "3000"), c))
-        .await
-        .err(409, "conflict");
+        .await;
+    reused(other_type, c, &used_for);
     let other_portfolio = env
         .request("cmd.portfolio.update", with_id(deposit("p2", "100"), c))
-        .await
-        .err(409, "conflict");
-    for e in [&other_type, &other_portfolio] {
-        let message = e["error"]["message"].as_str().unwrap();
-        assert!(message.contains(&c.to_string()), "{message}");
-        assert!(
-            message.contains(&format!("portfolio p1, stream_seq {}", seq(&first))),
-            "{message}"
-        );
-    }
+        .await;
+    reused(other_portfolio, c, &used_for);
+    let other_kind = env
+        .request("cmd.portfolio.update", with_id(withdraw("p1", "10"), c))
+        .await;
+    reused(other_kind, c, &used_for);
     assert_eq!(env.last_seq().await, last);
     assert_eq!(
         env.subject_count(AggregateType::Market, "ETH-USDT").await,
         0
     );
 
-    // On the same aggregate the id's first outcome stands: another amount is answered the
-    // first result, marked as differing from it; the same command written differently (fields
-    // in another order, another correlation_id) is a plain re-send.
+    // The same kind on the same portfolio: the id's first outcome stands. Another amount is
+    // answered the first result, marked as differing from it; the same command written
+    // differently (fields in another order, another correlation_id) is a plain re-send.
     let other_amount = env
         .cmd("portfolio.update", with_id(deposit("p1", "7"), c))
         .await;
@@ -134,6 +142,44 @@ async fn a_command_id_reused_on_another_aggregate_is_a_conflict_and_stores_nothi
     assert_eq!(env.last_seq().await, last);
     let perf = env.performance_at("p1", seq(&first)).await;
     assert_eq!(perf["cash"], "100");
+}
+
+/// Events stored before command digests existed name no kind or fields: a re-send on their
+/// aggregate is answered their result, one on another aggregate is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_id_of_an_event_stored_before_digests() {
+    let env = TestEnv::with_all_workers().await;
+    let opened = env.cmd("portfolio.update", open("p1", "u1")).await;
+    env.cmd("portfolio.update", open("p2", "u1")).await;
+    let c = Uuid::now_v7();
+    // As an older worker stored a rename: the command_id, no digest.
+    let store = env.event_store().await;
+    let (mut meta, event) = renamed("p1", 2, "older");
+    meta.command_id = Some(c);
+    let old = store
+        .append(seq(&opened), &[(meta, event)], &c.to_string())
+        .await
+        .expect("appended");
+    let resent = env
+        .cmd(
+            "portfolio.update",
+            with_id(
+                json!({"portfolio_id": "p1", "op": "rename", "name": "newer"}),
+                c,
+            ),
+        )
+        .await;
+    assert_eq!(resent["duplicate"], true, "{resent}");
+    assert!(resent.get("request_differs").is_none(), "{resent}");
+    assert_eq!(seq(&resent), old.seqs[0]);
+    let other = env
+        .request("cmd.portfolio.update", with_id(deposit("p2", "5"), c))
+        .await;
+    reused(
+        other,
+        c,
+        &format!("portfolio p1, stream_seq {}", old.seqs[0]),
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -186,6 +232,29 @@ async fn strategy_create_without_id_resent_answers_the_same_generated_id() {
     assert_eq!(without_duplicate(again), first);
     assert_eq!(env.last_seq().await, last, "the re-send stored nothing");
     assert_eq!(env.subject_count(AggregateType::Strategy, &id).await, 1);
+
+    // Re-sent with its nested fields in another order and spacing: the same command. With
+    // another name: the first result, marked as differing. Both keep the first generated id.
+    let mut reordered = format!(
+        r#"{{"command_id": "{c}", "risk_profile": {{ "max_leverage": 1, "max_position_notional": "1000000",
+             "max_order_notional": "1000000", "max_open_positions": 5, "allowed_symbols": ["BTC-USDT"] }},
+             "rules": {}, "strategy_name": "strategy unused", "user_id": "u1" }}"#,
+        body["rules"]
+    );
+    let again = env
+        .request_raw("cmd.strategy.create", reordered.clone().into_bytes())
+        .await
+        .ok();
+    assert_eq!(again["aggregate_id"], id.as_str(), "{again}");
+    assert!(again.get("request_differs").is_none(), "{again}");
+    reordered = reordered.replace("strategy unused", "renamed");
+    let renamed = env
+        .request_raw("cmd.strategy.create", reordered.into_bytes())
+        .await
+        .ok();
+    assert_eq!(renamed["aggregate_id"], id.as_str(), "{renamed}");
+    assert_eq!(renamed["request_differs"], true, "{renamed}");
+    assert_eq!(env.last_seq().await, last, "the re-sends stored nothing");
 
     // Without a command_id, each create generates a new strategy.
     let other = env.cmd("strategy.create", body).await;

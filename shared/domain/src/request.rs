@@ -40,6 +40,9 @@ pub struct Common {
     /// With a `command_id`: what the command asks, as [`command_digest`] sums it up, stored with
     /// its events so that a re-send can be told from another command under the same id.
     pub command_digest: Option<String>,
+    /// Set by the caller that generated the aggregate's id (a `strategy.create` without
+    /// `strategy_id`): a re-send then names no aggregate, and gets a new id each time.
+    pub aggregate_id_generated: bool,
 }
 
 /// The command endpoints (`<prefix>.cmd.<name>`).
@@ -259,34 +262,86 @@ fn parse_common(map: &mut RawMap) -> Result<Common, DomainError> {
         correlation_id: id(map, "correlation_id")?,
         causation_id: id(map, "causation_id")?,
         command_digest: None,
+        aggregate_id_generated: false,
     })
 }
 
-/// A stable 64-bit sum (FNV-1a, hex) of what a command asks: its endpoint, `expected_version`,
-/// `at`, and every other field by name with its JSON text as sent (the ids that only label the
-/// flow, `correlation_id` and `causation_id`, left out). A re-send has the same digest whatever
-/// the order of its fields; a command with any other value has another.
+/// What a command asks, as `<kind>:<sum>`: its kind (the endpoint, and for `portfolio.update`
+/// the op: `portfolio.update/deposit`) and a stable 64-bit sum (FNV-1a, hex) of
+/// `expected_version`, `at` and every other field by name and value (the ids that only label
+/// the flow, `correlation_id` and `causation_id`, left out). Values count as JSON, not as text:
+/// the order of an object's fields and the spacing do not change the sum, at any depth; a
+/// string and a number do (`"1"` and `1`), as any other value does.
 fn command_digest(endpoint: Endpoint, common: &Common, rest: &RawMap) -> String {
     use std::hash::Hasher;
     let mut h = fnv::FnvHasher::default();
-    let mut field = |key: &str, value: &str| {
-        h.write(key.as_bytes());
-        h.write_u8(0);
-        h.write(value.as_bytes());
-        h.write_u8(0);
-    };
-    field("endpoint", endpoint.name());
     if let Some(v) = common.expected_version {
-        field("expected_version", &v.to_string());
+        h.write(b"expected_version\0");
+        h.write_u64(v);
     }
     if let Some(at) = common.at {
-        field("at", &at.to_rfc3339());
+        h.write(b"at\0");
+        h.write(at.to_rfc3339().as_bytes());
     }
-    // The map is ordered by key: the same fields give the same sum in any order.
-    for (key, value) in rest {
-        field(key, value.get().trim());
+    // The map is ordered by key.
+    for (key, raw) in rest {
+        h.write(key.as_bytes());
+        h.write_u8(0);
+        match serde_json::from_str::<serde_json::Value>(raw.get()) {
+            Ok(value) => sum_json(&value, &mut h),
+            Err(_) => h.write(raw.get().trim().as_bytes()),
+        }
     }
-    format!("{:016x}", h.finish())
+    let mut kind = endpoint.name().to_owned();
+    if endpoint == Endpoint::PortfolioUpdate {
+        if let Some(Ok(op)) = rest
+            .get("op")
+            .map(|r| serde_json::from_str::<String>(r.get()))
+        {
+            kind = format!("{kind}/{op}");
+        }
+    }
+    format!("{kind}:{:016x}", h.finish())
+}
+
+/// Feeds `value` to `h` with the keys of every object in order, so that two writings of one
+/// value sum alike.
+fn sum_json(value: &serde_json::Value, h: &mut impl std::hash::Hasher) {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            h.write_u8(b'{');
+            for key in keys {
+                h.write(key.as_bytes());
+                h.write_u8(0);
+                sum_json(&map[key], h);
+            }
+            h.write_u8(b'}');
+        }
+        Value::Array(items) => {
+            h.write_u8(b'[');
+            for item in items {
+                sum_json(item, h);
+            }
+            h.write_u8(b']');
+        }
+        Value::String(s) => {
+            h.write_u8(b'"');
+            h.write(s.as_bytes());
+            h.write_u8(0);
+        }
+        other => {
+            h.write(other.to_string().as_bytes());
+            h.write_u8(0);
+        }
+    }
+}
+
+/// The kind part of a [`command_digest`] (`portfolio.update/deposit`), if it has one.
+pub fn digest_kind(digest: &str) -> Option<&str> {
+    digest.split_once(':').map(|(kind, _)| kind)
 }
 
 #[derive(Deserialize)]
@@ -622,7 +677,9 @@ mod tests {
         let deposit =
             |fields: &str| digest(Endpoint::PortfolioUpdate, &format!("{{{ID},{fields}}}"));
         let first = deposit(r#""portfolio_id":"p-1","op":"deposit","amount":"100""#);
-        assert!(first.as_ref().is_some_and(|d| d.len() == 16), "{first:?}");
+        let d = first.clone().unwrap();
+        assert_eq!(digest_kind(&d), Some("portfolio.update/deposit"), "{d}");
+        assert_eq!(d.len(), "portfolio.update/deposit:".len() + 16, "{d}");
         // The same command: fields in another order, other spacing, other flow labels.
         for same in [
             r#""amount":"100","op":"deposit","portfolio_id":"p-1""#,
@@ -651,6 +708,33 @@ mod tests {
                 Endpoint::MarketPrice,
                 &format!(r#"{{{ID},"symbol":"ETH-USDT","price":"100"}}"#)
             ),
+        );
+        let withdraw = deposit(r#""portfolio_id":"p-1","op":"withdraw","amount":"100""#).unwrap();
+        assert_eq!(digest_kind(&withdraw), Some("portfolio.update/withdraw"));
+        // Nested values count as JSON: their fields' order and spacing do not count either.
+        let create = |risk: &str| {
+            digest(
+                Endpoint::StrategyCreate,
+                &format!(r#"{{{ID},"user_id":"u-1","strategy_name":"x","rules":{RULES},"risk_profile":{risk}}}"#),
+            )
+            .unwrap()
+        };
+        let risk = create(
+            r#"{"allowed_symbols":["BTC-USDT"],"max_open_positions":3,"max_order_notional":1,"max_position_notional":1,"max_leverage":1}"#,
+        );
+        assert_eq!(digest_kind(&risk), Some("strategy.create"));
+        assert_eq!(
+            create(
+                r#"{ "max_leverage": 1, "max_position_notional": 1, "max_order_notional": 1,
+                     "max_open_positions": 3, "allowed_symbols": [ "BTC-USDT" ] }"#
+            ),
+            risk
+        );
+        assert_ne!(
+            create(
+                r#"{"allowed_symbols":["BTC-USDT"],"max_open_positions":4,"max_order_notional":1,"max_position_notional":1,"max_leverage":1}"#
+            ),
+            risk
         );
         // Without a command_id nothing is de-duplicated, so nothing is summed up.
         assert_eq!(

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use ch_domain::event::SCHEMA_VERSION;
-use ch_domain::request::{reply_extra, Common};
+use ch_domain::request::{digest_kind, reply_extra, Common};
 use ch_domain::{Aggregate, Ctx, DomainError};
 use chrono::Utc;
 use rand::Rng;
@@ -94,16 +94,15 @@ where
     /// The reply for the event stored at `seq` under `common.command_id`, for a command on
     /// aggregate `id`; `duplicate` when the client sent the command before.
     ///
-    /// The id names the client's intent, and its first outcome stands: a re-send whose fields
-    /// differ (another price, amount or `at`; the exit-trigger worker sends one sell per round
-    /// trip and rule, whatever price fires it) is answered the first result, marked
-    /// `request_differs`. Only a command on another aggregate cannot be a re-send.
+    /// The id names the client's intent, and its first outcome stands: a re-send of the same
+    /// kind to the same aggregate whose fields differ (another price, amount or `at`; the
+    /// exit-trigger worker sends one sell per round trip and rule, whatever price fires it) is
+    /// answered the first result, marked `request_differs`.
     ///
     /// # Errors
-    /// `conflict` when that command_id was used for another aggregate type, or another
-    /// aggregate with other fields (a strategy created without an id gets a new id per attempt,
-    /// so only differing fields tell): nothing is stored, and the other's result would
-    /// describe another aggregate.
+    /// `command_id_reused` (409) when the id was used for a command on another aggregate, or of
+    /// another kind (a deposit's id for a withdrawal): that cannot be a re-send, nothing is
+    /// stored, and the first result would describe another command.
     async fn stored_reply(
         &self,
         id: &str,
@@ -116,19 +115,32 @@ where
             .get(seq)
             .await?
             .ok_or_else(|| ApiError::internal(format!("event {seq} vanished")))?;
-        let differs = matches!(
-            (&ev.meta.command_digest, &common.command_digest),
-            (Some(stored), Some(asked)) if stored != asked
-        );
-        if ev.meta.aggregate_type != A::TYPE || (ev.meta.aggregate_id != id && differs) {
+        // Events stored before digests have none: their kind and fields are not compared.
+        let digests = ev
+            .meta
+            .command_digest
+            .as_deref()
+            .zip(common.command_digest.as_deref());
+        let other_kind =
+            digests.is_some_and(|(stored, asked)| digest_kind(stored) != digest_kind(asked));
+        let other_aggregate = ev.meta.aggregate_type != A::TYPE
+            || (ev.meta.aggregate_id != id && !common.aggregate_id_generated);
+        if other_kind || other_aggregate {
             let cid = common.command_id.map(|c| c.to_string()).unwrap_or_default();
-            return Err(ApiError::conflict(format!(
-                "command_id {cid} was used for a command on another aggregate ({} {}, \
-                 stream_seq {seq}): a new command needs a new command_id",
+            let what = ev
+                .meta
+                .command_digest
+                .as_deref()
+                .and_then(digest_kind)
+                .map_or_else(String::new, |kind| format!("{kind} on "));
+            return Err(ApiError::command_id_reused(format!(
+                "command_id {cid} was used for another command ({what}{} {}, stream_seq {seq}): \
+                 a new command needs a new command_id",
                 ev.meta.aggregate_type.as_str(),
                 ev.meta.aggregate_id
             )));
         }
+        let differs = digests.is_some_and(|(stored, asked)| stored != asked);
         let mut v = reply(&[ev], duplicate);
         if differs {
             v["request_differs"] = Value::Bool(true);

@@ -57,6 +57,10 @@ impl ApiError {
     pub fn conflict(message: impl Into<String>) -> Self {
         Self::new(409, "conflict", message)
     }
+    /// A `command_id` already used for another command (another aggregate or kind).
+    pub fn command_id_reused(message: impl Into<String>) -> Self {
+        Self::new(409, "command_id_reused", message)
+    }
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(503, "unavailable", message)
     }
