@@ -443,6 +443,28 @@ const COPY_SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
 mod tests {
     use super::*;
 
+    /// The binary COPY format: signature, flags, header extension; per row its field count,
+    /// then each field's length and bytes (-1 and none for NULL); the trailer is added by send.
+    #[test]
+    fn copy_rows_are_framed_as_postgres_reads_them() {
+        const TYPES: &[Type] = &[Type::INT8, Type::TEXT, Type::INT8];
+        let mut copy = CopyRows::new(TYPES, 1);
+        copy.push(&[&7i64, &"ab", &None::<i64>]);
+        let mut expected = b"PGCOPY\n\xff\r\n\0".to_vec();
+        expected.extend([0, 0, 0, 0, 0, 0, 0, 0]); // flags, header extension
+        expected.extend([0, 3]); // fields
+        expected.extend([0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 7]);
+        expected.extend([0, 0, 0, 2, b'a', b'b']);
+        expected.extend([0xff, 0xff, 0xff, 0xff]);
+        assert_eq!(&copy.buf[..], &expected[..]);
+    }
+
+    #[test]
+    #[should_panic(expected = "a COPY row's values")]
+    fn a_copy_row_has_a_value_per_column() {
+        CopyRows::new(&[Type::INT8], 1).push(&[&1i64, &2i64]);
+    }
+
     fn unavailable(r: Result<tokio_postgres::Client, DbError>) -> String {
         match r {
             Err(DbError::Unavailable(m)) => m,
