@@ -121,8 +121,9 @@ where
             .command_digest
             .as_deref()
             .zip(common.command_digest.as_deref());
-        let other_kind =
-            digests.is_some_and(|(stored, asked)| digest_kind(stored) != digest_kind(asked));
+        let other_kind = digests.is_some_and(|(stored, asked)| {
+            matches!((digest_kind(stored), digest_kind(asked)), (Some(s), Some(a)) if s != a)
+        });
         let other_aggregate = ev.meta.aggregate_type != A::TYPE
             || (ev.meta.aggregate_id != id && !common.aggregate_id_generated);
         if other_kind || other_aggregate {
