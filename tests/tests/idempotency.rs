@@ -255,6 +255,22 @@ async fn strategy_create_without_id_resent_answers_the_same_generated_id() {
     assert_eq!(renamed["aggregate_id"], id.as_str(), "{renamed}");
     assert_eq!(renamed["request_differs"], true, "{renamed}");
     assert_eq!(env.last_seq().await, last, "the re-sends stored nothing");
+    // The id of another command is not a create's to re-send, though a create without id
+    // names no aggregate: an update's, and a create's that named its strategy.
+    for (name, used) in [
+        (
+            "strategy.update",
+            json!({"strategy_id": id, "strategy_name": "n2"}),
+        ),
+        ("strategy.create", strategy("u2", "s-named", &["BTC-USDT"])),
+    ] {
+        let c2 = Uuid::now_v7();
+        let first = env.cmd(name, with_id(used, c2)).await;
+        let refused = env
+            .request("cmd.strategy.create", with_id(body.clone(), c2))
+            .await;
+        reused(refused, c2, &format!("stream_seq {}", seq(&first)));
+    }
 
     // Without a command_id, each create generates a new strategy.
     let other = env.cmd("strategy.create", body).await;

@@ -266,76 +266,95 @@ fn parse_common(map: &mut RawMap) -> Result<Common, DomainError> {
     })
 }
 
-/// What a command asks, as `<kind>:<sum>`: its kind (the endpoint, and for `portfolio.update`
-/// the op: `portfolio.update/deposit`) and a stable 64-bit sum (FNV-1a, hex) of
-/// `expected_version`, `at` and every other field by name and value (the ids that only label
-/// the flow, `correlation_id` and `causation_id`, left out). Values count as JSON, not as text:
-/// the order of an object's fields and the spacing do not change the sum, at any depth; a
-/// string and a number do (`"1"` and `1`), as any other value does.
+/// What a command asks, as `<kind>:<sum>`: its kind (the endpoint; for `portfolio.update` with
+/// its op, `portfolio.update/deposit`; a `strategy.create` without `strategy_id` is
+/// `strategy.create/generated`) and a stable 64-bit sum (FNV-1a, hex) of `expected_version`,
+/// `at` and every other field by name and value (the ids that only label the flow,
+/// `correlation_id` and `causation_id`, left out). Values count as JSON values, not as text:
+/// the order of an object's fields, spacing and string escapes do not change the sum, at any
+/// depth, nor does a field sent as `null` rather than left out; numbers count by their exact
+/// value (`100`, `100.0` and `1e2` alike); a string and a number differ (`"1"` and `1`).
 fn command_digest(endpoint: Endpoint, common: &Common, rest: &RawMap) -> String {
     use std::hash::Hasher;
     let mut h = fnv::FnvHasher::default();
     if let Some(v) = common.expected_version {
-        h.write(b"expected_version\0");
-        h.write_u64(v);
+        sum_text(&mut h, "expected_version");
+        h.write(&v.to_le_bytes());
     }
     if let Some(at) = common.at {
-        h.write(b"at\0");
-        h.write(at.to_rfc3339().as_bytes());
+        sum_text(&mut h, "at");
+        sum_text(&mut h, &at.to_rfc3339());
     }
-    // The map is ordered by key.
-    for (key, raw) in rest {
-        h.write(key.as_bytes());
-        h.write_u8(0);
-        match serde_json::from_str::<serde_json::Value>(raw.get()) {
-            Ok(value) => sum_json(&value, &mut h),
-            Err(_) => h.write(raw.get().trim().as_bytes()),
+    sum_object(&mut h, rest.iter().map(|(k, v)| (k.as_str(), v.as_ref())));
+    let named = |key: &str| rest.get(key).is_some_and(|v| v.get().trim() != "null");
+    let kind = match endpoint {
+        Endpoint::PortfolioUpdate => match rest.get("op").map(|r| serde_json::from_str(r.get())) {
+            Some(Ok::<String, _>(op)) => format!("{}/{op}", endpoint.name()),
+            _ => endpoint.name().to_owned(),
+        },
+        Endpoint::StrategyCreate if !named("strategy_id") => {
+            format!("{}/generated", endpoint.name())
         }
-    }
-    let mut kind = endpoint.name().to_owned();
-    if endpoint == Endpoint::PortfolioUpdate {
-        if let Some(Ok(op)) = rest
-            .get("op")
-            .map(|r| serde_json::from_str::<String>(r.get()))
-        {
-            kind = format!("{kind}/{op}");
-        }
-    }
+        _ => endpoint.name().to_owned(),
+    };
     format!("{kind}:{:016x}", h.finish())
 }
 
-/// Feeds `value` to `h` with the keys of every object in order, so that two writings of one
-/// value sum alike.
-fn sum_json(value: &serde_json::Value, h: &mut impl std::hash::Hasher) {
-    use serde_json::Value;
-    match value {
-        Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort();
-            h.write_u8(b'{');
-            for key in keys {
-                h.write(key.as_bytes());
-                h.write_u8(0);
-                sum_json(&map[key], h);
-            }
-            h.write_u8(b'}');
+/// Feeds `text` to `h`, its length first (no two sequences of texts feed alike).
+fn sum_text(h: &mut impl std::hash::Hasher, text: &str) {
+    h.write(&(text.len() as u64).to_le_bytes());
+    h.write(text.as_bytes());
+}
+
+/// Feeds an object's fields to `h` in the order given (a map's: by key), those that are `null`
+/// left out.
+fn sum_object<'a>(
+    h: &mut impl std::hash::Hasher,
+    fields: impl Iterator<Item = (&'a str, &'a RawValue)>,
+) {
+    h.write_u8(b'{');
+    for (key, value) in fields {
+        if value.get().trim() != "null" {
+            sum_text(h, key);
+            sum_json(h, value);
         }
-        Value::Array(items) => {
-            h.write_u8(b'[');
-            for item in items {
-                sum_json(item, h);
+    }
+    h.write_u8(b'}');
+}
+
+/// Feeds one JSON value to `h` as a value: objects by key, strings unescaped, numbers by their
+/// exact decimal value (their text when a Decimal cannot hold them).
+fn sum_json(h: &mut impl std::hash::Hasher, raw: &RawValue) {
+    let text = raw.get().trim();
+    match text.as_bytes().first() {
+        Some(b'{') => match serde_json::from_str::<BTreeMap<String, Box<RawValue>>>(text) {
+            Ok(map) => sum_object(h, map.iter().map(|(k, v)| (k.as_str(), v.as_ref()))),
+            Err(_) => sum_text(h, text),
+        },
+        Some(b'[') => match serde_json::from_str::<Vec<Box<RawValue>>>(text) {
+            Ok(items) => {
+                h.write_u8(b'[');
+                for item in &items {
+                    sum_json(h, item);
+                }
+                h.write_u8(b']');
             }
-            h.write_u8(b']');
-        }
-        Value::String(s) => {
+            Err(_) => sum_text(h, text),
+        },
+        Some(b'"') => {
             h.write_u8(b'"');
-            h.write(s.as_bytes());
-            h.write_u8(0);
+            match serde_json::from_str::<String>(text) {
+                Ok(s) => sum_text(h, &s),
+                Err(_) => sum_text(h, text),
+            }
         }
-        other => {
-            h.write(other.to_string().as_bytes());
-            h.write_u8(0);
-        }
+        _ => match crate::money::parse_decimal(text) {
+            Some(d) => {
+                h.write_u8(b'#');
+                sum_text(h, &d.normalize().to_string());
+            }
+            None => sum_text(h, text),
+        },
     }
 }
 
@@ -722,7 +741,7 @@ mod tests {
         let risk = create(
             r#"{"allowed_symbols":["BTC-USDT"],"max_open_positions":3,"max_order_notional":1,"max_position_notional":1,"max_leverage":1}"#,
         );
-        assert_eq!(digest_kind(&risk), Some("strategy.create"));
+        assert_eq!(digest_kind(&risk), Some("strategy.create/generated"));
         assert_eq!(
             create(
                 r#"{ "max_leverage": 1, "max_position_notional": 1, "max_order_notional": 1,
@@ -736,6 +755,28 @@ mod tests {
             ),
             risk
         );
+        // A field sent as null is the field left out; a create naming its id is another kind.
+        let named = |id: &str| {
+            digest(
+                Endpoint::StrategyCreate,
+                &format!(r#"{{{ID},"strategy_id":{id},"user_id":"u-1","strategy_name":"x","rules":{RULES},"risk_profile":{{"allowed_symbols":["BTC-USDT"],"max_open_positions":3,"max_order_notional":1,"max_position_notional":1,"max_leverage":1}}}}"#),
+            )
+            .unwrap()
+        };
+        assert_eq!(named("null"), risk);
+        assert_eq!(digest_kind(&named(r#""s-1""#)), Some("strategy.create"));
+        // Numbers count by their exact value: other writings of one value alike, values that
+        // an f64 would not tell apart not.
+        let amount = |a: &str| {
+            deposit(&format!(
+                r#""portfolio_id":"p-1","op":"deposit","amount":{a}"#
+            ))
+        };
+        assert_eq!(amount("100.0"), amount("100"));
+        assert_eq!(amount("1e2"), amount("100"));
+        assert_ne!(amount("1234567890.12345678"), amount("1234567890.12345679"));
+        // Strings count unescaped.
+        assert_eq!(amount(r#""\u0031""#), amount(r#""1""#));
         // Without a command_id nothing is de-duplicated, so nothing is summed up.
         assert_eq!(
             digest(

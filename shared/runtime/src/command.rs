@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use ch_domain::event::SCHEMA_VERSION;
 use ch_domain::request::{digest_kind, reply_extra, Common};
-use ch_domain::{Aggregate, Ctx, DomainError};
+use ch_domain::{Aggregate, Ctx, DomainError, Event};
 use chrono::Utc;
 use rand::Rng;
 use serde_json::{json, Value};
@@ -92,7 +92,8 @@ where
     }
 
     /// The reply for the event stored at `seq` under `common.command_id`, for a command on
-    /// aggregate `id`; `duplicate` when the client sent the command before.
+    /// aggregate `id`: `duplicate` unless the event is `ours` (an attempt of this command whose
+    /// answer was lost).
     ///
     /// The id names the client's intent, and its first outcome stands: a re-send of the same
     /// kind to the same aggregate whose fields differ (another price, amount or `at`; the
@@ -107,7 +108,7 @@ where
         &self,
         id: &str,
         seq: u64,
-        duplicate: bool,
+        ours: Option<Uuid>,
         common: &Common,
     ) -> Result<Value, ApiError> {
         let ev = self
@@ -124,8 +125,11 @@ where
         let other_kind = digests.is_some_and(|(stored, asked)| {
             matches!((digest_kind(stored), digest_kind(asked)), (Some(s), Some(a)) if s != a)
         });
-        let other_aggregate = ev.meta.aggregate_type != A::TYPE
-            || (ev.meta.aggregate_id != id && !common.aggregate_id_generated);
+        // A create that names no id gets a new one each time: only a create is its re-send.
+        let generated_create =
+            common.aggregate_id_generated && matches!(ev.event, Event::StrategyCreated(_));
+        let other_aggregate =
+            ev.meta.aggregate_type != A::TYPE || (ev.meta.aggregate_id != id && !generated_create);
         if other_kind || other_aggregate {
             let cid = common.command_id.map(|c| c.to_string()).unwrap_or_default();
             let what = ev
@@ -142,6 +146,7 @@ where
             )));
         }
         let differs = digests.is_some_and(|(stored, asked)| stored != asked);
+        let duplicate = ours != Some(ev.meta.event_id);
         let mut v = reply(&[ev], duplicate);
         if differs {
             v["request_differs"] = Value::Bool(true);
@@ -183,7 +188,7 @@ where
                 .and_then(|c| entry.command_seq(c))
             {
                 debug!(seq, "command already applied");
-                return self.stored_reply(id, seq, true, common).await;
+                return self.stored_reply(id, seq, None, common).await;
             }
             if let Some(expected) = common.expected_version {
                 let version = entry.state.version();
@@ -267,15 +272,15 @@ where
             };
             match appended {
                 Ok(app) if app.duplicate => {
-                    // Stored before: by a re-send of the same command_id racing this one, or,
-                    // after an unanswered attempt of ours, most likely by that attempt; then
-                    // the client hears of it for the first time, and the reply says no re-send.
+                    // Stored before: by a re-send of the same command_id racing this one (on
+                    // another replica too), or by an unanswered attempt of ours; then the client
+                    // hears of it for the first time, and the reply says no re-send.
                     if pairs[0].0.aggregate_id == id {
                         self.repo.catch_up(id, &mut entry).await?;
                     }
                     debug!(unavailable, "the append had been stored before");
                     return self
-                        .stored_reply(id, app.seqs[0], unavailable == 0, common)
+                        .stored_reply(id, app.seqs[0], Some(event_id), common)
                         .await;
                 }
                 Ok(app) => {
