@@ -75,14 +75,13 @@ pub struct PositionFacts {
     pub gross_entry: Decimal,
     /// The triggering price.
     pub mark: Decimal,
-    /// The highest price since the round trip opened, up to and including `mark`'s time.
-    pub high_mark: Decimal,
     /// The position after each fill of the open round trip (in order) with the highest price
-    /// seen while it was held: what a trailing stop's activation is checked against. Empty
-    /// means the position was held as it is now for the whole trip (one span, `high_mark`).
+    /// seen while it was held, up to and including `mark`'s time: what a trailing stop's
+    /// activation is checked against and what it trails. Empty counts as one span of the
+    /// position as it is now, at `mark`.
     ///
-    /// Only a trailing stop reads `high_mark` and `entries`: when [`needs_history`] says no,
-    /// a caller may skip gathering them (`high_mark` = `mark`, no entries).
+    /// Only a trailing stop reads `entries`: when [`needs_history`] says no, a caller may skip
+    /// gathering them.
     pub entries: Vec<EntrySpan>,
 }
 
@@ -113,16 +112,21 @@ impl PositionFacts {
                 && matches!((high.checked_mul(quantity), gross.checked_mul(factor)),
                             (Some(r), Some(a)) if r >= a)
         };
-        if self.entries.is_empty() {
-            let high = self.high_mark.max(self.mark);
-            return reached(high, self.quantity, self.gross_entry).then_some(high);
-        }
-        let first = self
-            .entries
+        let now = [EntrySpan {
+            quantity: self.quantity,
+            gross_entry: self.gross_entry,
+            high: Some(self.mark),
+        }];
+        let entries = if self.entries.is_empty() {
+            &now[..]
+        } else {
+            &self.entries[..]
+        };
+        let first = entries
             .iter()
             .position(|e| matches!(e.high, Some(h) if reached(h, e.quantity, e.gross_entry)))?;
         Some(
-            self.entries[first..]
+            entries[first..]
                 .iter()
                 .filter_map(|e| e.high)
                 .fold(self.mark, Decimal::max),
@@ -206,7 +210,7 @@ fn has_exit(rule: &StrategyRule) -> bool {
 }
 
 /// Whether deciding the exit of a position in `symbol` needs the round trip's history
-/// ([`PositionFacts::high_mark`] and [`PositionFacts::entries`]): only when the rule that
+/// ([`PositionFacts::entries`]): only when the rule that
 /// applies has a trailing stop.
 pub fn needs_history(strategies: &[AttachedStrategy], symbol: &str) -> bool {
     exit_rule(strategies, symbol).is_some_and(|(_, r)| r.trailing_stop.is_some())
@@ -319,14 +323,17 @@ mod tests {
         }
     }
 
-    /// 2 units bought at 100 (gross 200).
+    /// 2 units bought at 100 (gross 200), the price at most `high` since (and `mark` now).
     fn at(mark: &str, high: &str) -> PositionFacts {
         PositionFacts {
             quantity: d("2"),
             gross_entry: d("200"),
             mark: d(mark),
-            high_mark: d(high),
-            entries: Vec::new(),
+            entries: vec![EntrySpan {
+                quantity: d("2"),
+                gross_entry: d("200"),
+                high: Some(d(high).max(d(mark))),
+            }],
         }
     }
 
@@ -410,13 +417,12 @@ mod tests {
             quantity: d("2"),
             gross_entry: d("210"),
             mark: d("98"),
-            high_mark: d("110"),
             entries: vec![span("1", "100", Some("110")), span("2", "210", Some("110"))],
         };
         let t = evaluate(&r, &f).unwrap();
         assert_eq!((t.kind, t.level), (ExitKind::TrailingStop, d("99")));
         // Judged on today's entry alone it would not have fired.
-        f.entries.clear();
+        f.entries = vec![span("2", "210", Some("110"))];
         assert_eq!(evaluate(&r, &f), None);
 
         // 1 bought at 100, the price reached 104 (not active: 105 needed); then 1 more at 90:
@@ -426,7 +432,6 @@ mod tests {
             quantity: d("2"),
             gross_entry: d("190"),
             mark: d("93"),
-            high_mark: d("104"),
             entries: vec![span("1", "100", Some("104")), span("2", "190", Some("94"))],
         };
         assert_eq!(evaluate(&r, &f), None);
@@ -468,7 +473,6 @@ mod tests {
             quantity: d("3"),
             gross_entry: d("100"),
             mark: d(mark),
-            high_mark: d(mark),
             entries: Vec::new(),
         };
         let r = rule(Some("0.1"), None, None);

@@ -275,7 +275,6 @@ impl Worker {
                     quantity: r.get(1),
                     gross_entry: r.get(2),
                     mark: p.price,
-                    high_mark: p.price,
                     entries: Vec::new(),
                 },
                 strategies: Vec::new(),
@@ -324,15 +323,7 @@ impl Worker {
                 .await?;
             for r in rows {
                 if let Some(&i) = index.get(r.get::<_, &str>(0)) {
-                    let entries = entry_spans(&r);
-                    let facts = &mut out[i].facts;
-                    // The trip's high: the first span starts at its opening fill.
-                    facts.high_mark = entries
-                        .iter()
-                        .filter_map(|e| e.high)
-                        .max()
-                        .unwrap_or(p.price);
-                    facts.entries = entries;
+                    out[i].facts.entries = entry_spans(&r);
                 }
             }
         }
