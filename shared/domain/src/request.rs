@@ -40,9 +40,6 @@ pub struct Common {
     /// With a `command_id`: what the command asks, as [`command_digest`] sums it up, stored with
     /// its events so that a re-send can be told from another command under the same id.
     pub command_digest: Option<String>,
-    /// Set by the caller that generated the aggregate's id (a `strategy.create` without
-    /// `strategy_id`): a re-send then names no aggregate, and gets a new id each time.
-    pub aggregate_id_generated: bool,
 }
 
 /// The command endpoints (`<prefix>.cmd.<name>`).
@@ -262,7 +259,6 @@ fn parse_common(map: &mut RawMap) -> Result<Common, DomainError> {
         correlation_id: id(map, "correlation_id")?,
         causation_id: id(map, "causation_id")?,
         command_digest: None,
-        aggregate_id_generated: false,
     })
 }
 
@@ -292,9 +288,7 @@ fn command_digest(endpoint: Endpoint, common: &Common, rest: &RawMap) -> String 
             Some(Ok::<String, _>(op)) => format!("{}/{op}", endpoint.name()),
             _ => endpoint.name().to_owned(),
         },
-        Endpoint::StrategyCreate if !named("strategy_id") => {
-            format!("{}/generated", endpoint.name())
-        }
+        Endpoint::StrategyCreate if !named("strategy_id") => GENERATED_CREATE.to_owned(),
         _ => endpoint.name().to_owned(),
     };
     format!("{kind}:{:016x}", h.finish())
@@ -361,6 +355,15 @@ fn sum_json(h: &mut impl std::hash::Hasher, raw: &RawValue) {
 /// The kind part of a [`command_digest`] (`portfolio.update/deposit`), if it has one.
 pub fn digest_kind(digest: &str) -> Option<&str> {
     digest.split_once(':').map(|(kind, _)| kind)
+}
+
+/// The kind of a `strategy.create` without `strategy_id`, whose id the caller generates.
+const GENERATED_CREATE: &str = "strategy.create/generated";
+
+/// Whether a [`command_digest`] is of a command that names no aggregate: a `strategy.create`
+/// without `strategy_id`, which gets a new id each time it is sent.
+pub fn names_no_aggregate(digest: &str) -> bool {
+    digest_kind(digest) == Some(GENERATED_CREATE)
 }
 
 #[derive(Deserialize)]

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use ch_domain::event::SCHEMA_VERSION;
-use ch_domain::request::{digest_kind, reply_extra, Common};
+use ch_domain::request::{digest_kind, names_no_aggregate, reply_extra, Common};
 use ch_domain::{Aggregate, Ctx, DomainError, Event};
 use chrono::Utc;
 use rand::Rng;
@@ -126,8 +126,11 @@ where
             matches!((digest_kind(stored), digest_kind(asked)), (Some(s), Some(a)) if s != a)
         });
         // A create that names no id gets a new one each time: only a create is its re-send.
-        let generated_create =
-            common.aggregate_id_generated && matches!(ev.event, Event::StrategyCreated(_));
+        let generated_create = common
+            .command_digest
+            .as_deref()
+            .is_some_and(names_no_aggregate)
+            && matches!(ev.event, Event::StrategyCreated(_));
         let other_aggregate =
             ev.meta.aggregate_type != A::TYPE || (ev.meta.aggregate_id != id && !generated_create);
         if other_kind || other_aggregate {

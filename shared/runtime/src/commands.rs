@@ -126,7 +126,6 @@ impl Commands {
         } = &parsed.target
         {
             parsed.target.set_strategy_id(Uuid::now_v7().to_string());
-            parsed.common.aggregate_id_generated = true;
         }
         let common = &parsed.common;
         if let Some(c) = &common.command_id {
