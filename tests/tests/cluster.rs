@@ -27,10 +27,10 @@ async fn store_on_node(env: &TestEnv, node: usize) -> EventStore {
 async fn a_stale_append_on_a_replicated_stream_is_a_conflict() {
     let env = TestEnv::on_own_cluster().await;
     let store = store_on_node(&env, 0).await;
-    let first = store
-        .append(0, &[renamed("p1", 1, "first")], "c1")
-        .await
-        .expect("first append");
+    // A replicated stream just created may not take appends through every node yet ("no
+    // stream found": no responder there): asked again, as the command path does.
+    let first =
+        eventually(|| async { store.append(0, &[renamed("p1", 1, "first")], "c1").await }).await;
     let stale = store.append(0, &[renamed("p1", 1, "stale")], "c2").await;
     assert!(matches!(stale, Err(StoreError::Conflict)), "{stale:?}");
     // The same message id again is the first append's, not a conflict.
