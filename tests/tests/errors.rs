@@ -208,6 +208,42 @@ async fn bad_request_for_malformed_bodies_and_fields() {
         let rename = json!({"portfolio_id": "p1", "op": "rename", "name": name});
         update.refused(rename, BAD_REQUEST, &["name"]).await;
     }
+    // A name with a control character: U+0000 would be stored in the stream and then refused
+    // by Postgres, so the portfolio or strategy would never reach its read model.
+    let rename = json!({"portfolio_id": "p1", "op": "rename", "name": "a\u{0}b"});
+    update
+        .refused(
+            rename,
+            BAD_REQUEST,
+            &["name: must not hold control characters"],
+        )
+        .await;
+    let open = json!({"portfolio_id": "p9", "op": "open", "user_id": "u1", "name": "x\u{0}",
+                      "quote_currency": "USDT"});
+    command(&env, "portfolio.update", (PORTFOLIO, "p9"))
+        .refused(
+            open,
+            BAD_REQUEST,
+            &["name: must not hold control characters"],
+        )
+        .await;
+    let mut nul = strategy("u1", "s9", &["BTC-USDT"]);
+    nul["strategy_name"] = "s\u{0}".into();
+    create_s9
+        .refused(
+            nul,
+            BAD_REQUEST,
+            &["strategy_name: must not hold control characters"],
+        )
+        .await;
+    // A key given twice is refused, not read as its last value.
+    update
+        .refused(
+            r#"{"portfolio_id":"p1","op":"withdraw","op":"deposit","amount":5}"#,
+            BAD_REQUEST,
+            &["duplicate field `op`"],
+        )
+        .await;
     // Wrong types for the common keys.
     let mut bad_cid = deposit("p1", "5");
     bad_cid["command_id"] = "not-a-uuid".into();
@@ -752,7 +788,23 @@ async fn query_errors_stale_and_timeout_bounds() {
     check_error(
         env.request_raw("query.strategy.get", "[]").await,
         BAD_REQUEST,
-        &[],
+        &["JSON object"],
+    );
+    // An array of the fields in order would read as the struct: still not a request.
+    check_error(
+        env.request_raw("query.portfolio.performance", r#" ["p1", null, null]"#)
+            .await,
+        BAD_REQUEST,
+        &["request body must be a JSON object"],
+    );
+    check_error(
+        env.request_raw(
+            "query.portfolio.performance",
+            r#"{"portfolio_id":"p1","portfolio_id":"p2"}"#,
+        )
+        .await,
+        BAD_REQUEST,
+        &["duplicate field `portfolio_id`"],
     );
     let message = check_error(
         env.request("query.strategy.list", json!({})).await,

@@ -150,6 +150,36 @@ pub struct ParsedCommand {
 
 type RawMap = BTreeMap<String, Box<RawValue>>;
 
+/// A request's top-level fields. A key given twice is refused, as in the nested objects and
+/// the queries (read into structs): a map would keep the last one silently.
+struct Fields(RawMap);
+
+impl<'de> Deserialize<'de> for Fields {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Fields;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Fields, A::Error> {
+                let mut map = RawMap::new();
+                while let Some(key) = a.next_key::<String>()? {
+                    if map.contains_key(&key) {
+                        return Err(serde::de::Error::custom(format_args!(
+                            "duplicate field `{key}`"
+                        )));
+                    }
+                    let value = a.next_value()?;
+                    map.insert(key, value);
+                }
+                Ok(Fields(map))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
 fn bad(msg: impl Into<String>) -> DomainError {
     DomainError::bad_request(msg)
 }
@@ -530,11 +560,13 @@ fn parse_portfolio(map: &mut RawMap) -> Result<Target, DomainError> {
 /// field, an invalid id, symbol, name, timestamp or decimal (amounts and prices `> 0` with at
 /// most 8 places; a signal's `quantity` only has to be a decimal).
 pub fn parse_command(endpoint: Endpoint, body: &[u8]) -> Result<ParsedCommand, DomainError> {
-    let mut map: RawMap = serde_json::from_slice(body).map_err(|e| {
-        if e.classify() == serde_json::error::Category::Data {
-            bad("request body must be a JSON object")
-        } else {
+    let Fields(mut map) = serde_json::from_slice(body).map_err(|e| {
+        if e.classify() != serde_json::error::Category::Data {
             bad(format!("malformed JSON: {e}"))
+        } else if body.trim_ascii_start().starts_with(b"{") {
+            bad(clean(&e))
+        } else {
+            bad("request body must be a JSON object")
         }
     })?;
     let mut common = parse_common(&mut map)?;
@@ -952,6 +984,14 @@ mod tests {
         assert_eq!(
             err(Endpoint::MarketPrice, "\"x\""),
             "request body must be a JSON object"
+        );
+        // A key given twice: not the last one silently.
+        assert_eq!(
+            err(
+                Endpoint::PortfolioUpdate,
+                r#"{"portfolio_id":"p-1","portfolio_id":"p-2","op":"deposit","amount":5}"#
+            ),
+            "duplicate field `portfolio_id`"
         );
     }
 

@@ -129,6 +129,10 @@ pub fn parse<T: serde::de::DeserializeOwned + Validate>(body: &[u8]) -> Result<T
             "empty request: expected a JSON object",
         ));
     }
+    // A struct would also read from an array of its fields in order: not a request.
+    if !body.trim_ascii_start().starts_with(b"{") {
+        return Err(ApiError::bad_request("request body must be a JSON object"));
+    }
     let q: T = ch_domain::request::read_json(body).map_err(ApiError::bad_request)?;
     q.validate()?;
     Ok(q)
