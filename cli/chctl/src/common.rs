@@ -22,14 +22,6 @@ pub const WORKERS: [&str; 9] = [
     "exit-triggers",
 ];
 
-/// The query names of API.md (subjects `<prefix>.query.<name>`).
-pub const QUERIES: [&str; 4] = [
-    "portfolio.performance",
-    "portfolio.analysis",
-    "strategy.list",
-    "strategy.get",
-];
-
 /// The read models, each with a projector worker `proj-<name>`.
 pub const PROJECTIONS: [&str; 2] = ["portfolio", "strategy"];
 
@@ -79,7 +71,7 @@ impl Ctx {
             s.to_owned()
         } else if ch_domain::request::Endpoint::from_name(s).is_some() {
             self.subjects.command(s)
-        } else if QUERIES.contains(&s) {
+        } else if ch_readmodel::workers::Query::from_name(s).is_some() {
             self.subjects.query(s)
         } else {
             format!("{p}.{s}")
@@ -295,6 +287,10 @@ mod tests {
         let c = ctx();
         assert_eq!(c.subject("portfolio.update"), "ch.cmd.portfolio.update");
         assert_eq!(c.subject("strategy.list"), "ch.query.strategy.list");
+        assert_eq!(
+            c.subject("strategy.leaderboard"),
+            "ch.query.strategy.leaderboard"
+        );
         assert_eq!(
             c.subject("admin.projector.portfolio.status"),
             "ch.admin.projector.portfolio.status"

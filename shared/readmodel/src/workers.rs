@@ -122,6 +122,20 @@ pub enum Query {
 }
 
 impl Query {
+    /// Every query endpoint (a new variant belongs here too: `chctl req` finds names here).
+    pub const ALL: [Query; 5] = [
+        Query::PortfolioPerformance,
+        Query::PortfolioAnalysis,
+        Query::StrategyList,
+        Query::StrategyGet,
+        Query::StrategyLeaderboard,
+    ];
+
+    /// The query whose subject suffix is `name`.
+    pub fn from_name(name: &str) -> Option<Query> {
+        Query::ALL.into_iter().find(|q| q.name() == name)
+    }
+
     /// The subject suffix, e.g. `portfolio.performance`.
     pub fn name(self) -> &'static str {
         match self {
