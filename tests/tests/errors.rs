@@ -1019,6 +1019,33 @@ async fn a_value_out_of_decimal_range_is_an_error_reply_not_a_silence() {
     assert_eq!(r["strategy_id"], "s1", "{r}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_price_beyond_any_market_never_stops_the_projector() {
+    let env = setup().await;
+    env.bought("p1", "s1", "BTC-USDT", "1", "10").await;
+    // Accepted: a valid amount, and the portfolio's equity (about 10^22) fits a Decimal. The
+    // NAV index chained at the first deposit is about 10^19; at the second one, the index
+    // times the equity (10^41) did not fit, and the projector panicked on every restart.
+    env.cmd("market.price", price("BTC-USDT", "1e22")).await;
+    env.cmd("portfolio.update", deposit("p1", "1")).await;
+    let last = seq(&env.cmd("portfolio.update", deposit("p1", "1")).await);
+    let q = json!({"portfolio_id": "p1", "min_stream_seq": last});
+    let r = env.request("query.portfolio.performance", q).await.ok();
+    assert_eq!(r["net_deposits"], "1002", "{r}");
+    assert_eq!(
+        r["positions"][0]["market_value"], "10000000000000000000000",
+        "{r}"
+    );
+    // The growth since the last flow is none: the return is the index's, about 10^19 - 1.
+    let total: f64 = r["total_return"].as_str().unwrap().parse().unwrap();
+    assert!(total > 1e18, "{r}");
+    // The projector goes on with what follows.
+    let more = seq(&env.cmd("portfolio.update", deposit("p1", "3")).await);
+    let q = json!({"portfolio_id": "p1", "min_stream_seq": more});
+    let r = env.request("query.portfolio.performance", q).await.ok();
+    assert_eq!(r["net_deposits"], "1005", "{r}");
+}
+
 /// Panics on the body `panic` (a bug in a handler), answers `{"ok": true}` otherwise.
 struct Panics;
 

@@ -67,6 +67,24 @@ pub const EQUITY_SQL: &str = "
 /// Places kept of the NAV index at flows.
 const NAV_PLACES: u32 = 20;
 
+/// `nav` grown by `to / from`: multiplied first (the figures of every earlier release), the
+/// growth ratio first when that product overflows (a price far beyond any market's is
+/// accepted up to Decimal's range); `None` when even the result does not fit.
+pub(crate) fn grow(nav: Decimal, to: Decimal, from: Decimal) -> Option<Decimal> {
+    nav.checked_mul(to)
+        .and_then(|grown| grown.checked_div(from))
+        .or_else(|| to.checked_div(from).and_then(|r| nav.checked_mul(r)))
+}
+
+/// The NAV index chained over a sub-period that grew from `at_flow` to `before`. The fold's
+/// arithmetic saturates, as the aggregate's does, and never panics: a panic would stop the
+/// projector at the same event after every restart and in every rebuild.
+fn chain_nav(nav: Decimal, before: Decimal, at_flow: Decimal) -> Decimal {
+    grow(nav, before, at_flow)
+        .unwrap_or(Decimal::MAX)
+        .round_dp(NAV_PLACES)
+}
+
 #[derive(Debug, Clone)]
 struct PortfolioRow {
     portfolio_id: String,
@@ -280,10 +298,11 @@ impl Fold {
             .take_while(|((pid, _), _)| *pid == p.portfolio_id)
             .filter_map(|((_, sym), pos)| pos.map(|pos| (sym, pos)))
             .fold(p.cash, |eq, (sym, pos)| {
-                eq + self
-                    .marks
-                    .get(sym)
-                    .map_or(pos.gross_entry, |m| pos.quantity * m.price)
+                eq.saturating_add(
+                    self.marks
+                        .get(sym)
+                        .map_or(pos.gross_entry, |m| pos.quantity.saturating_mul(m.price)),
+                )
             })
     }
 
@@ -343,11 +362,11 @@ impl Fold {
         let at = ev.meta.occurred_at;
         self.touch(ev, |p| {
             if p.equity_at_flow > Decimal::ZERO {
-                p.nav_at_flow = (p.nav_at_flow * before / p.equity_at_flow).round_dp(NAV_PLACES);
+                p.nav_at_flow = chain_nav(p.nav_at_flow, before, p.equity_at_flow);
             }
-            p.equity_at_flow = before + signed;
+            p.equity_at_flow = before.saturating_add(signed);
             p.cash = cash_after;
-            p.net_deposits += signed;
+            p.net_deposits = p.net_deposits.saturating_add(signed);
             if signed > Decimal::ZERO && p.first_deposit_at.is_none() {
                 p.first_deposit_at = Some(at);
             }
@@ -363,8 +382,8 @@ impl Fold {
         let seq = ev.seq as i64;
         self.touch(ev, |p| {
             p.cash = e.cash_after;
-            p.realized_pnl += e.realized_pnl;
-            p.fees_paid += e.fee;
+            p.realized_pnl = p.realized_pnl.saturating_add(e.realized_pnl);
+            p.fees_paid = p.fees_paid.saturating_add(e.fee);
             p.fill_count += 1;
         });
         let key = (e.portfolio_id.clone(), e.symbol.clone());
@@ -388,12 +407,12 @@ impl Fold {
                 fees: e.fee,
             }),
             (Side::Buy, Some(mut t)) => {
-                t.fees += e.fee;
+                t.fees = t.fees.saturating_add(e.fee);
                 Some(t)
             }
             (Side::Sell, Some(mut t)) => {
-                t.pnl += e.realized_pnl;
-                t.fees += e.fee;
+                t.pnl = t.pnl.saturating_add(e.realized_pnl);
+                t.fees = t.fees.saturating_add(e.fee);
                 if e.position_after.is_zero() {
                     t.closed_at = Some(at);
                     t.strategy_id = Some(e.strategy_id.clone());

@@ -288,8 +288,8 @@ pub async fn portfolio_performance(
     let nav = dec(&p, "nav_at_flow");
     let e_flow = dec(&p, "equity_at_flow");
     let total_return = if e_flow > Decimal::ZERO {
-        let grown = nav.checked_mul(equity).and_then(|g| g.checked_div(e_flow));
-        (grown.ok_or_else(out_of_range)? - Decimal::ONE).round_dp(10)
+        let grown = crate::portfolio::grow(nav, equity, e_flow).ok_or_else(out_of_range)?;
+        (grown - Decimal::ONE).round_dp(10)
     } else {
         (nav - Decimal::ONE).round_dp(10)
     };
