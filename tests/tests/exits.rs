@@ -594,3 +594,42 @@ async fn the_exit_consumer_loses_its_delivery_limit() {
         .expect("consumer info");
     assert_eq!(info.config.max_deliver, -1, "{:?}", info.config);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deleted_consumers_are_made_again_and_their_workers_go_on() {
+    let mut env = TestEnv::with_all_workers().await;
+    env.start(Worker::ExitTriggers).await;
+    let exits = json!({"stop_loss_pct": "0.05"});
+    env.cmd(
+        "strategy.create",
+        strategy_with_exits("s1", &["BTC-USDT"], exits),
+    )
+    .await;
+    portfolio(&env, "p1", "s1").await;
+    env.bought("p1", "s1", "BTC-USDT", "1", "100").await;
+
+    // An operator deletes both durables (`nats consumer rm`): the projector and the exit
+    // worker stopped quietly when their deliveries ended (the process exited 0).
+    let js = async_nats::jetstream::new(env.client.clone());
+    let stream = js.get_stream(env.subjects.stream_name()).await.unwrap();
+    for durable in ["proj_portfolio", ch_readmodel::exits::DURABLE] {
+        assert!(stream.delete_consumer(durable).await.unwrap().success);
+    }
+    // Each makes its consumer again: the projector from its checkpoint, so a deposit made
+    // now reaches the read model.
+    let s = seq(&env.cmd("portfolio.update", deposit("p1", "5")).await);
+    let perf = env.performance_at("p1", s).await;
+    assert_eq!(perf["net_deposits"], "100005", "{perf}");
+    // The exit worker follows the prices from when its consumer is made again (deliver
+    // policy new): once it is there, a price at the stop loss sells.
+    eventually(|| async {
+        match stream.consumer_info(ch_readmodel::exits::DURABLE).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(format!("the exit consumer is not back: {e}")),
+        }
+    })
+    .await;
+    prices(&env, "BTC-USDT", &["95"]).await;
+    let perf = wait_performance(&env, "p1", |p| p["fill_count"] == 2).await;
+    assert_eq!(perf["positions"], json!([]), "{perf}");
+}

@@ -647,18 +647,12 @@ pub fn main_future(cfg: ch_runtime::Config) -> ch_runtime::app::MainFuture {
     ch_runtime::app::boxed_main(cfg, WORKER, run)
 }
 
-/// Runs the worker on the durable consumer `durable` (replicas sharing one durable share the
-/// prices; a worker on another durable sees every price too, and sends the same command ids).
-///
-/// # Errors
-/// When the schema, the consumer or the service cannot be set up.
-pub async fn run_on(
-    app: App,
+/// The worker's durable consumer, created if it does not exist (by the first worker, or
+/// again after someone deleted it).
+async fn open_consumer(
+    app: &App,
     durable: &str,
-    shutdown: CancellationToken,
-) -> Result<(), async_nats::Error> {
-    crate::workers::migrate(&app).await?;
-    let progress = crate::workers::progress(&app, &["portfolio", "strategy"]).await?;
+) -> Result<async_nats::jetstream::consumer::Consumer<pull::Config>, async_nats::Error> {
     // Created by the first worker: it follows prices from then on (`deliver_policy: new`), so a
     // first start on a long stream does not sell at old marks.
     let cfg = consumer_config(app.subjects.prefix(), durable)?;
@@ -677,23 +671,40 @@ pub async fn run_on(
     // Every price is evaluated, however long the read models lag (each try gives the price
     // back after a wait): a consumer made with a delivery limit (20 before) would drop the
     // prices of a long outage for good, and the exits they cross with them.
-    let consumer = if consumer.cached_info().config.max_deliver == cfg.max_deliver {
-        consumer
-    } else {
-        info!(
-            durable,
-            max_deliver = cfg.max_deliver,
-            was = consumer.cached_info().config.max_deliver,
-            "updating the consumer's delivery limit"
-        );
-        match app.store.stream().update_consumer(cfg).await {
-            Ok(updated) => updated,
-            Err(e) => {
-                warn!(durable, error = %e, "could not update the consumer; going on with it");
-                consumer
+    Ok(
+        if consumer.cached_info().config.max_deliver == cfg.max_deliver {
+            consumer
+        } else {
+            info!(
+                durable,
+                max_deliver = cfg.max_deliver,
+                was = consumer.cached_info().config.max_deliver,
+                "updating the consumer's delivery limit"
+            );
+            match app.store.stream().update_consumer(cfg).await {
+                Ok(updated) => updated,
+                Err(e) => {
+                    warn!(durable, error = %e, "could not update the consumer; going on with it");
+                    consumer
+                }
             }
-        }
-    };
+        },
+    )
+}
+
+/// Runs the worker on the durable consumer `durable` (replicas sharing one durable share the
+/// prices; a worker on another durable sees every price too, and sends the same command ids).
+///
+/// # Errors
+/// When the schema, the consumer or the service cannot be set up.
+pub async fn run_on(
+    app: App,
+    durable: &str,
+    shutdown: CancellationToken,
+) -> Result<(), async_nats::Error> {
+    crate::workers::migrate(&app).await?;
+    let progress = crate::workers::progress(&app, &["portfolio", "strategy"]).await?;
+    let consumer = open_consumer(&app, durable).await?;
     let worker = Arc::new(Worker {
         pool: app.read_pool()?,
         progress,
@@ -712,23 +723,34 @@ pub async fn run_on(
         worker.app.metrics.clone(),
         shutdown.clone(),
     ));
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(PULL_BATCH)
-        .heartbeat(Duration::from_secs(5))
-        .expires(Duration::from_secs(30))
-        .messages()
-        .await
-        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-    info!(durable, "following market prices");
     let started = Instant::now();
+    let mut messages = follow(&consumer).await?;
+    info!(durable, "following market prices");
     loop {
         let next = tokio::select! {
             _ = shutdown.cancelled() => break,
             m = messages.next() => m,
         };
         match next {
-            None => break,
+            // The deliveries ended: the consumer was deleted (async-nats says so once, as an
+            // error, then ends the stream). Made again, it follows the prices from then on.
+            None => {
+                warn!(durable, "the consumer's deliveries ended; opening it again");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+                match open_consumer(&worker.app, durable).await {
+                    Ok(c) => match follow(&c).await {
+                        Ok(m) => {
+                            messages = m;
+                            info!(durable, "following market prices again");
+                        }
+                        Err(e) => warn!(durable, error = %e, "could not follow the consumer"),
+                    },
+                    Err(e) => warn!(durable, error = %e, "could not open the consumer"),
+                }
+            }
             Some(Err(e)) => {
                 warn!(error = %e, "consumer error");
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -745,4 +767,18 @@ pub async fn run_on(
     shutdown.cancel();
     let _ = svc.await;
     Ok(())
+}
+
+/// The deliveries of `consumer`, a pull request of [`PULL_BATCH`] at a time.
+async fn follow(
+    consumer: &async_nats::jetstream::consumer::Consumer<pull::Config>,
+) -> Result<pull::Stream, StoreError> {
+    consumer
+        .stream()
+        .max_messages_per_batch(PULL_BATCH)
+        .heartbeat(Duration::from_secs(5))
+        .expires(Duration::from_secs(30))
+        .messages()
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))
 }

@@ -486,6 +486,9 @@ enum Ended {
     Shutdown,
     /// The lock's session ended: stand by (or lead again) as at the start.
     LostLead,
+    /// The consumer's deliveries ended (it was deleted: async-nats says so once, as an error,
+    /// then ends the stream): start again, which makes it anew where the read model is.
+    ConsumerGone,
 }
 
 /// Runs one projection.
@@ -1091,6 +1094,16 @@ impl<P: Projection> Projector<P> {
                     }
                 }
                 Err(e) => return Err(e),
+                Ok(Ended::ConsumerGone) => {
+                    warn!(
+                        projection = self.name(),
+                        "the consumer's deliveries ended (was it deleted?); starting again, which \
+                         makes it anew from the checkpoint"
+                    );
+                    if !retry.wait(&self.metrics, &shutdown).await {
+                        break;
+                    }
+                }
                 Ok(Ended::LostLead) => {
                     warn!(
                         projection = self.name(),
@@ -1276,7 +1289,7 @@ impl<P: Projection> Projector<P> {
                     }
                     continue;
                 }
-                Ok(None) => break Ended::Shutdown,
+                Ok(None) => break Ended::ConsumerGone,
                 Ok(Some(Err(e))) => {
                     warn!(error = %e, "consumer error");
                     continue;
