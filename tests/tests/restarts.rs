@@ -1059,6 +1059,43 @@ async fn a_projector_that_cannot_start_projecting_tries_again() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_of_the_deployment_is_retried_never_dead_lettered() {
+    let env = TestEnv::without_projectors().await;
+    let (stop, metrics, task) = portfolio_projector(env.app_config()).await;
+    wait_until("it leads", || gauge(&metrics, "active") == Some(1)).await;
+    env.cmd("portfolio.update", open("p1", "u1")).await;
+    let first = env.cmd("portfolio.update", deposit("p1", "100")).await;
+    env.performance_at("p1", seq(&first)).await;
+
+    // Every write of a portfolio row refused as a missing grant is (42501): no event's fault.
+    // Dead-lettered, the deposit would be skipped for good; it must wait for the fix instead.
+    env.pg
+        .batch_execute(
+            "CREATE FUNCTION refuse_writes() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN RAISE EXCEPTION 'refused by the test' USING ERRCODE = '42501'; END $$;
+             CREATE TRIGGER refuse_writes BEFORE INSERT OR UPDATE ON portfolios
+               FOR EACH ROW EXECUTE FUNCTION refuse_writes()",
+        )
+        .await
+        .expect("refuse the writes");
+    let during = env.cmd("portfolio.update", deposit("p1", "50")).await;
+    wait_until("two failures in a row", || {
+        task.is_finished() || gauge(&metrics, "consecutive_failures") >= Some(2)
+    })
+    .await;
+    assert!(!task.is_finished(), "the projector stopped");
+    env.pg
+        .batch_execute("DROP TRIGGER refuse_writes ON portfolios; DROP FUNCTION refuse_writes()")
+        .await
+        .expect("allow the writes");
+    let perf = env.performance_at("p1", seq(&during)).await;
+    assert_eq!(perf["cash"], json!("150"), "{perf}");
+    assert_eq!(perf["version"], 3, "{perf}");
+    stop.cancel();
+    let _ = task.await;
+}
+
 /// What the projector does while its role is refused.
 #[derive(PartialEq)]
 enum Meanwhile {

@@ -18,9 +18,10 @@
 //! - One active projector per projection and schema: a Postgres advisory lock held by a session
 //!   of its own; replicas wait. Should that session end (a database restart or failover), the
 //!   projector stops projecting, hands its batch back, and leads again or stands by.
-//! - A poison event (undecodable, or a data error in its SQL) is published to the dead-letter
-//!   subject with its error, logged, counted, and skipped; transient errors (a batch, an idle
-//!   check, taking the lock) retry with backoff and are counted in `consecutive_failures`.
+//! - A poison event (undecodable, or a data error in its SQL: classes 22 and 23) is published
+//!   to the dead-letter subject with its error, logged, counted, and skipped; any other error
+//!   (a batch, an idle check, taking the lock; the database away, a missing grant) retries
+//!   with backoff and is counted in `consecutive_failures`.
 //!   After a failed batch the projector catches up from the stream, from its checkpoint,
 //!   before it takes the consumer's next delivery (which follows the failed batch); a replay
 //!   that finds the checkpoint reset under it starts again from there.
@@ -385,6 +386,18 @@ fn transient(e: &tokio_postgres::Error) -> bool {
         })
 }
 
+/// Is a Postgres error the fault of the event being applied, so that this event will never
+/// apply: a data exception (class 22: a value the column cannot hold) or an integrity
+/// constraint (class 23)? Only such an event is dead-lettered and skipped. Anything else
+/// (a missing grant, an undefined column, a corrupt page, ...) is the deployment's to fix:
+/// skipping would drop every event that meets it for good, so the batch is tried again,
+/// with backoff, counted in `consecutive_failures`, and logged as an error until it passes.
+fn poison(e: &tokio_postgres::Error) -> bool {
+    !transient(e)
+        && e.code()
+            .is_some_and(|c| matches!(&c.code()[..2], "22" | "23"))
+}
+
 /// Reads a projection's checkpoint (0 when it has none yet).
 ///
 /// # Errors
@@ -695,7 +708,7 @@ impl<P: Projection> Projector<P> {
     /// dead-letters the one that fails. Transient errors are returned for a retry.
     async fn apply_robust(&self, raws: &mut [Raw]) -> Result<Chunk, ProjectorError> {
         match self.apply_chunk(raws).await {
-            Err(ProjectorError::Db(DbError::Query(e))) if !transient(&e) => {
+            Err(ProjectorError::Db(DbError::Query(e))) if poison(&e) => {
                 warn!(
                     error = pg_text(&e),
                     events = raws.len(),
@@ -706,7 +719,7 @@ impl<P: Projection> Projector<P> {
                     match self.apply_chunk(std::slice::from_mut(raw)).await {
                         Ok(Chunk::Done(s)) => done = s,
                         Ok(gap @ Chunk::Gap { .. }) => return Ok(gap),
-                        Err(ProjectorError::Db(DbError::Query(e))) if !transient(&e) => {
+                        Err(ProjectorError::Db(DbError::Query(e))) if poison(&e) => {
                             self.dead_letter(raw.seq, &raw.payload, &pg_text(&e)).await;
                             self.skip(raw.seq).await?;
                             done = raw.seq;
@@ -780,7 +793,7 @@ impl<P: Projection> Projector<P> {
     async fn catch_up_once(&self, to: u64) -> Result<u64, ProjectorError> {
         let per_tx = self.batch.replay_max.max(1);
         match self.replay(to, Some(per_tx)).await {
-            Err(ProjectorError::Db(DbError::Query(e))) if !transient(&e) => {
+            Err(ProjectorError::Db(DbError::Query(e))) if poison(&e) => {
                 warn!(
                     projection = self.name(),
                     error = pg_text(&e),
