@@ -1060,6 +1060,41 @@ async fn a_projector_that_cannot_start_projecting_tries_again() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_stops_a_replay_after_its_transaction_and_the_next_start_goes_on() {
+    let mut env = TestEnv::without_projectors().await;
+    env.cmd("portfolio.update", open("p1", "u1")).await;
+    let mut last = 0;
+    for _ in 0..30 {
+        last = seq(&env.cmd("portfolio.update", deposit("p1", "1")).await);
+    }
+    // Replay transactions of eight events; the first waits for the checkpoints' table, which
+    // the test holds, and the shutdown comes meanwhile.
+    env.cfg.replay_batch_max = 8;
+    let hold = lock_table(&env, "ch_checkpoints", "EXCLUSIVE").await;
+    let proj = env.spawn(Worker::ProjPortfolio).await;
+    waits_for_a_lock(&env, &format!("{}-proj-portfolio", env.subjects.prefix())).await;
+    let stopping = tokio::spawn(proj.stop());
+    hold.batch_execute("ROLLBACK").await.unwrap();
+    // It stops once that transaction is in (the replay went on to the head before: a SIGTERM
+    // waited for the whole replay, minutes on a long stream, and was followed by a SIGKILL).
+    stopping.await.unwrap();
+    let at: i64 = env
+        .pg
+        .query_one(
+            "SELECT last_seq FROM ch_checkpoints WHERE projection = 'portfolio'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(at > 0 && (at as u64) < last, "checkpoint {at}, head {last}");
+    // Started again, it goes on from there.
+    let _proj = env.spawn(Worker::ProjPortfolio).await;
+    let perf = env.performance_at("p1", last).await;
+    assert_eq!(perf["net_deposits"], "30", "{perf}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fault_of_the_deployment_is_retried_never_dead_lettered() {
     let env = TestEnv::without_projectors().await;
     let (stop, metrics, task) = portfolio_projector(env.app_config()).await;

@@ -99,6 +99,9 @@ pub enum ProjectorError {
     /// the replay starts again from where it is now.
     #[error("the checkpoint moved back to {checkpoint} under a replay that had applied up to {applied} (a reset)")]
     Reset { checkpoint: u64, applied: u64 },
+    /// The worker is shutting down: a replay stopped after its last committed transaction.
+    #[error("stopped by the shutdown at {at}")]
+    Stopped { at: u64 },
 }
 
 impl ProjectorError {
@@ -108,7 +111,8 @@ impl ProjectorError {
         match self {
             ProjectorError::Db(DbError::Unavailable(_))
             | ProjectorError::Store(StoreError::Unavailable(_))
-            | ProjectorError::Reset { .. } => true,
+            | ProjectorError::Reset { .. }
+            | ProjectorError::Stopped { .. } => true,
             ProjectorError::Db(DbError::Query(e)) => transient(e),
             ProjectorError::Store(_) => false,
         }
@@ -118,7 +122,12 @@ impl ProjectorError {
 /// Logs a failure the projector will try again: a warning while the store or the database is
 /// away for a while (a restart, a failover, a NATS node's crash), an error otherwise.
 fn retrying(projection: &str, what: &str, e: &ProjectorError) {
-    if e.transient() {
+    if let ProjectorError::Stopped { at } = e {
+        info!(
+            projection,
+            at, "{what}: the replay stopped for the shutdown"
+        );
+    } else if e.transient() {
         warn!(projection, error = %e, "{what} failed; will retry");
     } else {
         error!(projection, error = %e, "{what} failed; will retry");
@@ -518,6 +527,9 @@ pub struct Projector<P: Projection> {
     sparse: bool,
     /// The checkpoint this projector last committed or read ([`UNKNOWN`] before the first).
     position: AtomicU64,
+    /// The worker's shutdown (see [`run`]): a replay stops between its transactions, each of
+    /// which commits its checkpoint, so that the next start goes on from there.
+    stop: CancellationToken,
 }
 
 const UNKNOWN: u64 = u64::MAX;
@@ -553,6 +565,7 @@ impl<P: Projection> Projector<P> {
             filter,
             sparse,
             position: AtomicU64::new(UNKNOWN),
+            stop: CancellationToken::new(),
         }
     }
 
@@ -930,6 +943,9 @@ impl<P: Projection> Projector<P> {
                         last = applied;
                     }
                 }
+                if self.stop.is_cancelled() {
+                    return Err(ProjectorError::Stopped { at: last });
+                }
                 if Instant::now() >= next_report {
                     let rate = (last - from) as f64 / started.elapsed().as_secs_f64();
                     info!(
@@ -1089,12 +1105,19 @@ impl<P: Projection> Projector<P> {
     /// # Errors
     /// [`ProjectorError`] when projecting fails for another reason (a definition that does
     /// not parse, an error the database will give again).
-    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), ProjectorError> {
+    async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), ProjectorError> {
         // One count of failures in a row: taking the lock, starting, batches and idle checks.
         let mut retry = Retry::default();
         while let Some(leader) = self.lead(&shutdown, &mut retry).await {
             match self.project(leader, &shutdown, &mut retry).await {
                 Ok(Ended::Shutdown) => break,
+                Err(ProjectorError::Stopped { at }) => {
+                    info!(
+                        projection = self.name(),
+                        at, "the replay stopped for the shutdown"
+                    );
+                    break;
+                }
                 Err(e) if e.transient() => {
                     warn!(
                         projection = self.name(),
@@ -1470,6 +1493,8 @@ pub async fn run<P: Projection>(
     projector: Projector<P>,
     shutdown: CancellationToken,
 ) -> Result<(), async_nats::Error> {
+    let mut projector = projector;
+    projector.stop = shutdown.clone();
     let projector = Arc::new(projector);
     let subjects = projector.store.subjects().clone();
     let spec = ServiceSpec {
