@@ -93,8 +93,9 @@ impl Ctx {
                 Ok(c) => return Ok(c),
                 Err(e) if Instant::now() >= deadline => {
                     return Err(anyhow!(
-                        "cannot reach NATS at {url}: {e}\n(start the project's server with \
-                         `scripts/nats.sh start`, or point CH_NATS_URL at a running one)"
+                        "cannot reach NATS at {}: {e}\n(start the project's server with \
+                         `scripts/nats.sh start`, or point CH_NATS_URL at a running one)",
+                        redact(url)
                     ))
                 }
                 Err(_) => {
@@ -259,20 +260,7 @@ pub fn text(v: &Value, key: &str) -> String {
     }
 }
 
-/// A URL with its password hidden, for messages.
-pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let Some(at) = rest.rfind('@') else {
-        return url.to_owned();
-    };
-    let (userinfo, host) = rest.split_at(at);
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***{host}"),
-        None => url.to_owned(),
-    }
-}
+pub use ch_runtime::config::redact;
 
 #[cfg(test)]
 mod tests {
@@ -302,15 +290,5 @@ mod tests {
         );
         assert_eq!(c.subject("chk.cmd.x"), "ch.chk.cmd.x");
         assert_eq!(c.subject("$SRV.PING"), "$SRV.PING");
-    }
-
-    #[test]
-    fn passwords_are_hidden() {
-        assert_eq!(
-            redact("postgres://u:secret@h:5432/db"),
-            "postgres://u:***@h:5432/db"
-        );
-        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
-        assert_eq!(redact("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
     }
 }

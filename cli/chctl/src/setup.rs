@@ -25,7 +25,7 @@ pub async fn run(ctx: &Ctx, args: &Opts) -> Result<()> {
     let js = jetstream::new(client);
     eventstore::wait_ready(&js, Duration::from_secs(15))
         .await
-        .with_context(|| format!("JetStream at {}", ctx.cfg.nats_url))?;
+        .with_context(|| format!("JetStream at {}", redact(&ctx.cfg.nats_url)))?;
 
     let name = ctx.subjects.stream_name();
     let existed = js.get_stream(&name).await.is_ok();

@@ -15,7 +15,7 @@ pub async fn run(ctx: &Ctx) -> Result<ExitCode> {
     println!(
         "services (prefix {}, NATS {}):",
         ctx.subjects.prefix(),
-        ctx.cfg.nats_url
+        redact(&ctx.cfg.nats_url)
     );
     let pings = futures::future::join_all(WORKERS.iter().map(|w| {
         let service = ctx.service(w);

@@ -15,7 +15,7 @@ use rustix::process::Signal;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
-use crate::common::{ping, projector_status, text, wait_ping, Ctx, PROJECTIONS, WORKERS};
+use crate::common::{ping, projector_status, redact, text, wait_ping, Ctx, PROJECTIONS, WORKERS};
 use crate::{demo, procs, setup};
 
 #[derive(clap::Args)]
@@ -297,7 +297,7 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<ExitCode> {
         eprintln!(
             "note: {} already answer on {} (another `up` with prefix {}?); starting more replicas",
             already.join(", "),
-            ctx.cfg.nats_url,
+            redact(&ctx.cfg.nats_url),
             ctx.subjects.prefix()
         );
     }
@@ -347,7 +347,7 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<ExitCode> {
     println!(
         "services (prefix {}, NATS {}):",
         ctx.subjects.prefix(),
-        ctx.cfg.nats_url
+        redact(&ctx.cfg.nats_url)
     );
     for (i, e) in fleet.entries.iter().enumerate() {
         println!(

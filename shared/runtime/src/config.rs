@@ -139,9 +139,11 @@ impl Config {
             c.database_url = v;
         }
         if let Some(v) = get("CH_DB_SCHEMA") {
-            if !valid_token(&v) {
+            // Lower case: the sessions' search_path names it unquoted, which Postgres folds to
+            // lower case, while `CREATE SCHEMA` quotes it (`MySchema` made one, used another).
+            if !valid_token(&v) || v.bytes().any(|b| b.is_ascii_uppercase()) {
                 return Err(ConfigError(format!(
-                    "CH_DB_SCHEMA={v:?} must match [A-Za-z0-9_-]{{1,32}}"
+                    "CH_DB_SCHEMA={v:?} must match [a-z0-9_-]{{1,32}}"
                 )));
             }
             c.db_schema = v;
@@ -190,15 +192,86 @@ impl Config {
         if let Some(n) = num("CH_DB_POOL")? {
             c.db_pool_size = n.clamp(1, 256) as usize;
         }
-        c.log_json = get("CH_LOG_FORMAT").as_deref() == Some("json");
+        c.log_json = match get("CH_LOG_FORMAT").as_deref() {
+            None | Some("text") => false,
+            Some("json") => true,
+            Some(other) => {
+                return Err(ConfigError(format!(
+                    "CH_LOG_FORMAT={other:?}: expected text or json"
+                )))
+            }
+        };
         Ok(c)
     }
+}
+
+/// A NATS or Postgres address with its password hidden, for logs and messages: the
+/// `user:password@` of a URL (of each, in a comma-separated list of NATS servers), and a
+/// `password=` parameter (`?password=...` or a key=value connection string).
+pub fn redact(url: &str) -> String {
+    const KEY: &str = "password=";
+    let mut hidden = String::with_capacity(url.len());
+    let mut rest = url;
+    while let Some(i) = rest.find(KEY) {
+        let (head, tail) = rest.split_at(i + KEY.len());
+        hidden.push_str(head);
+        hidden.push_str("***");
+        let end = tail
+            .find(|c: char| c == '&' || c.is_whitespace())
+            .unwrap_or(tail.len());
+        rest = &tail[end..];
+    }
+    hidden.push_str(rest);
+    hidden
+        .split(',')
+        .map(|one| {
+            let Some((scheme, rest)) = one.split_once("://") else {
+                return one.to_owned();
+            };
+            let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
+            match authority.rfind('@').map(|at| rest.split_at(at)) {
+                Some((userinfo, host)) => match userinfo.split_once(':') {
+                    Some((user, _)) => format!("{scheme}://{user}:***{host}"),
+                    None => one.to_owned(),
+                },
+                None => one.to_owned(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    #[test]
+    fn passwords_are_hidden() {
+        assert_eq!(
+            redact("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        assert_eq!(
+            redact("nats://a:b@n1:4222,nats://c:d@n2:4222"),
+            "nats://a:***@n1:4222,nats://c:***@n2:4222"
+        );
+        assert_eq!(
+            redact("postgres://u@h/db?sslmode=require&password=s3cret&x=1"),
+            "postgres://u@h/db?sslmode=require&password=***&x=1"
+        );
+        assert_eq!(
+            redact("host=h user=u password=s3cret dbname=d"),
+            "host=h user=u password=*** dbname=d"
+        );
+        // An @ in the path or query is not the user's.
+        assert_eq!(
+            redact("postgres://h/db?application_name=a@b"),
+            "postgres://h/db?application_name=a@b"
+        );
+    }
 
     fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let m: HashMap<String, String> = pairs
@@ -237,5 +310,19 @@ mod tests {
         assert!(cfg(&[("CH_SUBJECT_PREFIX", ">")]).is_err());
         assert!(cfg(&[("CH_SYNC", "fast")]).is_err());
         assert!(cfg(&[("CH_BATCH_MAX", "x")]).is_err());
+    }
+
+    #[test]
+    fn rejects_a_schema_in_upper_case_and_an_unknown_log_format() {
+        let e = cfg(&[("CH_DB_SCHEMA", "Bench")]).unwrap_err();
+        assert!(e.0.contains("CH_DB_SCHEMA"), "{}", e.0);
+        assert_eq!(
+            cfg(&[("CH_DB_SCHEMA", "bench_1")]).unwrap().db_schema,
+            "bench_1"
+        );
+        let e = cfg(&[("CH_LOG_FORMAT", "JSON")]).unwrap_err();
+        assert!(e.0.contains("CH_LOG_FORMAT"), "{}", e.0);
+        assert!(cfg(&[("CH_LOG_FORMAT", "json")]).unwrap().log_json);
+        assert!(!cfg(&[("CH_LOG_FORMAT", "text")]).unwrap().log_json);
     }
 }

@@ -234,7 +234,7 @@ async fn trade_flow(ctx: &Ctx, a: &TradeFlow) -> Result<ExitCode> {
         "\n== CipherHorizon (prefix {}, CH_SYNC={}, NATS {})",
         ctx.subjects.prefix(),
         ctx.cfg.sync.as_str(),
-        ctx.cfg.nats_url
+        crate::common::redact(&ctx.cfg.nats_url)
     );
     let (ours, folded) =
         run_ours(ctx, &client, &w, a.clients(query_clients), &ids, &run_id).await?;
