@@ -8,6 +8,7 @@ use deadpool_postgres::Pool;
 use futures::future::BoxFuture;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
+use tracing::info;
 
 use crate::config::Config;
 use crate::error::{DbError, StoreError};
@@ -84,16 +85,33 @@ impl App {
         let client = crate::connect_nats(&cfg.nats_url, &service_name)
             .await
             .map_err(|error| StartError::Nats {
-                url: cfg.nats_url.clone(),
+                url: crate::config::redact(&cfg.nats_url),
                 error,
             })?;
         wait_ready(&jetstream::new(client.clone()), JETSTREAM_PATIENCE)
             .await
-            .map_err(|e| StartError::not_ready(e, &client.connection_state(), &cfg.nats_url))?;
+            .map_err(|e| {
+                let url = crate::config::redact(&cfg.nats_url);
+                StartError::not_ready(e, &client.connection_state(), &url)
+            })?;
         let metrics = Metrics::default();
         let store = EventStore::open(client.clone(), subjects.clone())
             .await?
             .with_metrics(metrics.clone());
+        info!(
+            worker,
+            nats = %crate::config::redact(&cfg.nats_url),
+            server_version = %client.server_info().version,
+            stream = %subjects.stream_name(),
+            database = %crate::config::redact(&cfg.database_url),
+            db_schema = %cfg.db_schema,
+            sync = cfg.sync.as_str(),
+            batch_max = cfg.batch_max,
+            db_pool = cfg.db_pool_size,
+            worker_threads = cfg.worker_threads,
+            version = env!("CARGO_PKG_VERSION"),
+            "started"
+        );
         Ok(App {
             cfg,
             subjects,

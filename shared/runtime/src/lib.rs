@@ -27,7 +27,7 @@ pub use subjects::Subjects;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 /// mimalloc for every binary built on the runtime: the projectors and the command path
 /// allocate per message, and glibc's malloc and free took a fifth of a projector's CPU in a
@@ -83,7 +83,7 @@ fn log_event(event: &async_nats::Event, failing: &AtomicBool) {
     match event {
         Event::Connected => {
             failing.store(false, Ordering::Relaxed);
-            debug!("NATS connected");
+            info!("NATS connected");
         }
         Event::Disconnected => warn!("NATS connection lost; reconnecting"),
         Event::ClientError(e) if !failing.swap(true, Ordering::Relaxed) => {
