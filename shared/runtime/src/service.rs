@@ -199,10 +199,12 @@ async fn respond<H: Handler>(
             request.respond(Ok(body)).await
         }
         Err(e) => {
-            if e.status >= 500 {
-                error!(code = %e.code, error = %e.message, "request failed");
-            } else {
-                info!(code = %e.code, error = %e.message, "request refused");
+            // An error is for a bug (`internal`); a store or database away for a while, or a
+            // read-your-writes wait that ran out of the client's own time, is a warning.
+            match e.status {
+                ..=499 => info!(code = %e.code, error = %e.message, "request refused"),
+                500 => error!(code = %e.code, error = %e.message, "request failed"),
+                _ => warn!(code = %e.code, error = %e.message, "request failed"),
             }
             request
                 .respond_with_headers(Ok(e.body()), e.headers())
