@@ -30,13 +30,15 @@ pub async fn run(ctx: &Ctx) -> Result<ExitCode> {
     }
     if killed.is_empty() {
         println!("stopped");
+        Ok(ExitCode::SUCCESS)
     } else {
+        // Stopped, but not cleanly: what they had in hand was cut short.
         eprintln!(
             "killed (did not stop within 10 s of SIGTERM): {}",
             killed.join(", ")
         );
+        Ok(ExitCode::FAILURE)
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 fn names(entries: &[procs::Entry]) -> String {

@@ -42,6 +42,9 @@ pub async fn run(ctx: &Ctx) -> Result<ExitCode> {
             }
         }
     }
+    // What else is wrong (a projector without status, the stream, the database): also a
+    // failure, so that a health check that runs `chctl status` sees it.
+    let mut problems = Vec::new();
     println!("projectors:");
     for p in PROJECTIONS {
         match projector_status(ctx, &client, p).await {
@@ -51,7 +54,10 @@ pub async fn run(ctx: &Ctx) -> Result<ExitCode> {
                 text(&v, "stream_last_seq"),
                 text(&v, "lag_events")
             ),
-            Err(e) => println!("  {p:<10} no status: {e:#}"),
+            Err(e) => {
+                println!("  {p:<10} no status: {e:#}");
+                problems.push(format!("projector {p} gave no status"));
+            }
         }
     }
     let js = async_nats::jetstream::new(client.clone());
@@ -65,29 +71,42 @@ pub async fn run(ctx: &Ctx) -> Result<ExitCode> {
                 info.state.consumer_count,
                 replication(&info)
             ),
-            Err(e) => println!("stream {name}: {e}"),
+            Err(e) => {
+                println!("stream {name}: {e}");
+                problems.push(format!("stream {name} gave no info"));
+            }
         },
-        Err(_) => println!("stream {name}: missing (run `chctl setup`)"),
+        Err(_) => {
+            println!("stream {name}: missing (run `chctl setup`)");
+            problems.push(format!("stream {name} missing"));
+        }
     }
-    sessions(ctx).await;
+    if let Err(e) = sessions(ctx).await {
+        problems.push(e);
+    }
     if down > 0 {
-        println!("{down} of {} services down", WORKERS.len());
-        return Ok(ExitCode::FAILURE);
+        problems.insert(0, format!("{down} of {} services down", WORKERS.len()));
     }
-    Ok(ExitCode::SUCCESS)
+    if problems.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("{}", problems.join("; "));
+        Ok(ExitCode::FAILURE)
+    }
 }
 
 /// Each worker's Postgres sessions (they carry its service name as `application_name`): how
 /// many, how many run a statement, wait for a lock, or sit idle inside a transaction, and the
-/// oldest open transaction: what to look at when a read model stops moving.
-async fn sessions(ctx: &Ctx) {
+/// oldest open transaction: what to look at when a read model stops moving. `Err` saying
+/// what failed when the database cannot be asked.
+async fn sessions(ctx: &Ctx) -> Result<(), String> {
     let url = &ctx.cfg.database_url;
     println!("database sessions ({}):", redact(url));
     let db = match pg::connect(url, None).await {
         Ok(db) => db,
         Err(e) => {
             println!("  database unreachable: {e}");
-            return;
+            return Err("database unreachable".into());
         }
     };
     let rows = db
@@ -120,8 +139,12 @@ async fn sessions(ctx: &Ctx) {
                 );
             }
         }
-        Err(e) => println!("  cannot read pg_stat_activity: {e}"),
+        Err(e) => {
+            println!("  cannot read pg_stat_activity: {e}");
+            return Err("database sessions unreadable".into());
+        }
     }
+    Ok(())
 }
 
 /// A replicated stream's replicas as an operator needs them: the leader, and each follower

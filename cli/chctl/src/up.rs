@@ -392,6 +392,11 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<ExitCode> {
                 break;
             }
             Some((i, st)) = fleet.exits.recv() => {
+                // A worker that failed fails the run (one that exits 0 was stopped by a
+                // signal of its own: a Ctrl-C reaches the whole process group).
+                if !matches!(&st, Ok(s) if s.success()) {
+                    code = ExitCode::FAILURE;
+                }
                 let line = fleet.exited(i, &st);
                 eprintln!("worker {line}; see {}", fleet.log(i).display());
                 if fleet.running.is_empty() {

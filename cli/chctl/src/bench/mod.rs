@@ -307,6 +307,10 @@ async fn trade_flow(ctx: &Ctx, a: &TradeFlow) -> Result<ExitCode> {
         eprintln!("read-model rows differ from the stream: see \"consistency\" in the JSON");
         return Ok(ExitCode::FAILURE);
     }
+    if let Some(e) = report["rebuild"]["error"].as_str() {
+        eprintln!("the rebuild failed ({e}): its figures are missing from the JSON");
+        return Ok(ExitCode::FAILURE);
+    }
     Ok(ExitCode::SUCCESS)
 }
 
