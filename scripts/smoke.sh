@@ -20,7 +20,7 @@ target/debug/chctl up --detach --bin-dir target/debug >/dev/null
 
 # `chctl status`: every service up, and the projectors' Postgres sessions by their names.
 status=$(target/debug/chctl status) \
-    || { printf 'smoke: chctl status reports services down:\n%s\n' "$status" >&2; exit 1; }
+    || { printf 'smoke: chctl status reports a problem:\n%s\n' "$status" >&2; exit 1; }
 for w in proj-portfolio proj-strategy; do
     grep -Eq "^  smoke-$w +[1-9][0-9]* open," <<<"$status" \
         || { printf 'smoke: chctl status shows no session of %s:\n%s\n' "$w" "$status" >&2; exit 1; }

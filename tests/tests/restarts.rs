@@ -645,6 +645,22 @@ async fn a_poison_event_is_dead_lettered_live_and_in_a_rebuild() {
     let perf = env.performance_at("p1", after).await;
     assert_eq!(perf["cash"], "1250");
     assert_eq!(perf["name"], "portfolio p1");
+    // Counted where an operator looks.
+    let subject = format!(
+        "$SRV.STATS.{}",
+        env.subjects.service_name(Worker::ProjPortfolio.name())
+    );
+    let stats: Value = serde_json::from_slice(
+        &env.client
+            .request(subject, "".into())
+            .await
+            .unwrap()
+            .payload,
+    )
+    .unwrap();
+    let gauges = &stats["endpoints"][0]["data"]["gauges"];
+    assert_eq!(gauges["dead_letters"], 1, "{stats}");
+    assert_eq!(gauges["dead_letters_last_seq"], poison_seq, "{stats}");
     proj.stop().await;
     let live_model = env.dump_read_model().await;
 

@@ -75,6 +75,17 @@ impl Metrics {
             .insert(name, value);
     }
 
+    /// Adds `n` to a named gauge that counts (e.g. a projector's `dead_letters`).
+    pub fn add(&self, name: &'static str, n: i64) {
+        *self
+            .0
+            .gauges
+            .lock()
+            .expect("metrics lock")
+            .entry(name)
+            .or_default() += n;
+    }
+
     /// The `data` of one endpoint's stats, plus worker-wide figures. Every key is there before
     /// the first request too (`latency_ms` `null` until there is a latency to report).
     pub fn snapshot(&self, endpoint: &str) -> Value {
@@ -119,5 +130,16 @@ mod tests {
         assert!((3.9..=4.1).contains(&p99), "{busy}");
         // Another endpoint of the same worker has not been asked yet.
         assert_eq!(metrics.snapshot("list")["ok"], 0);
+    }
+
+    #[test]
+    fn counting_gauges_add_up() {
+        let metrics = Metrics::default();
+        metrics.add("dead_letters", 1);
+        metrics.add("dead_letters", 2);
+        metrics.gauge("last_seq", 7);
+        let gauges = &metrics.snapshot("status")["gauges"];
+        assert_eq!(gauges["dead_letters"], 3);
+        assert_eq!(gauges["last_seq"], 7);
     }
 }

@@ -699,10 +699,12 @@ impl<P: Projection> Projector<P> {
 
     async fn dead_letter(&self, seq: u64, payload: &Bytes, why: &str) {
         error!(
+            projection = self.name(),
             seq,
             error = why,
             "dead-lettered an event the projection cannot apply"
         );
+        self.metrics.add("dead_letters", 1);
         self.metrics.gauge("dead_letters_last_seq", seq as i64);
         let mut h = HeaderMap::new();
         h.insert("Ch-Error", why.replace(['\r', '\n'], " ").as_str());
@@ -713,7 +715,7 @@ impl<P: Projection> Projector<P> {
             .publish_with_headers(subject, h, payload.clone())
             .await
         {
-            warn!(error = %e, "could not publish the dead letter");
+            warn!(projection = self.name(), seq, error = %e, "could not publish the dead letter");
         }
     }
 
