@@ -84,7 +84,11 @@ impl PoolSpec<'_> {
                 recycling_method: RecyclingMethod::Fast,
             },
         );
-        let mut builder = Pool::builder(mgr).max_size(self.size);
+        let mut builder = Pool::builder(mgr)
+            .max_size(self.size)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(POOL_WAIT))
+            .create_timeout(Some(CONNECT_TIMEOUT * 2));
         if let Some(r) = retirement.cloned() {
             builder = builder.pre_recycle(Hook::sync_fn(move |_, metrics| {
                 if r.is_retired(metrics.created) {
@@ -132,13 +136,25 @@ const SERVER_KEEPALIVES: &str =
     "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3";
 
 /// The same on the worker's side, so that a session whose server vanished ends within about
-/// 25 s (an idle one, such as a projector's lock session, would otherwise never notice).
+/// 25 s (an idle one, such as a projector's lock session, would otherwise never notice); and
+/// a connection attempt gives up after [`CONNECT_TIMEOUT`] unless the URL says otherwise (to
+/// a host that drops packets it waited for the system's TCP timeout, about two minutes).
 fn notice_a_vanished_server(cfg: &mut tokio_postgres::Config) {
     cfg.keepalives(true)
         .keepalives_idle(Duration::from_secs(10))
         .keepalives_interval(Duration::from_secs(5))
         .keepalives_retries(3);
+    if cfg.get_connect_timeout().is_none() {
+        cfg.connect_timeout(CONNECT_TIMEOUT);
+    }
 }
+
+/// How long a connection attempt may take (`connect_timeout` in the URL overrides it).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a request waits for a pooled session when all are busy (or being connected)
+/// before it is answered `unavailable`.
+const POOL_WAIT: Duration = Duration::from_secs(10);
 
 /// Connects without a pool (admin work: creating databases, advisory locks).
 ///
@@ -151,6 +167,9 @@ pub async fn connect(
     let mut cfg = parse_url(database_url)?;
     if let Some(s) = schema {
         cfg.options(format!("-c search_path={s}"));
+    }
+    if cfg.get_connect_timeout().is_none() {
+        cfg.connect_timeout(CONNECT_TIMEOUT);
     }
     let (client, conn) = cfg
         .connect(NoTls)
