@@ -723,8 +723,24 @@ pub async fn run_on(
         worker.app.metrics.clone(),
         shutdown.clone(),
     ));
+    service::alongside(
+        svc,
+        follow_prices(&worker, &consumer, &shutdown),
+        shutdown.clone(),
+    )
+    .await
+}
+
+/// Evaluates each price the consumer delivers until `shutdown`; makes the consumer again
+/// should its deliveries end.
+async fn follow_prices(
+    worker: &Worker,
+    consumer: &async_nats::jetstream::consumer::Consumer<pull::Config>,
+    shutdown: &CancellationToken,
+) -> Result<(), async_nats::Error> {
+    let durable = worker.durable.as_str();
     let started = Instant::now();
-    let mut messages = follow(&consumer).await?;
+    let mut messages = follow(consumer).await?;
     info!(durable, "following market prices");
     loop {
         let next = tokio::select! {
@@ -764,8 +780,6 @@ pub async fn run_on(
         uptime_s = started.elapsed().as_secs(),
         "exit triggers stopped"
     );
-    shutdown.cancel();
-    let _ = svc.await;
     Ok(())
 }
 

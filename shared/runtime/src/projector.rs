@@ -1514,10 +1514,7 @@ pub async fn run<P: Projection>(
         projector.metrics.clone(),
         shutdown.clone(),
     ));
-    let result = projector.clone().run(shutdown.clone()).await;
-    shutdown.cancel();
-    let _ = svc.await;
-    result.map_err(Into::into)
+    service::alongside(svc, projector.clone().run(shutdown.clone()), shutdown).await
 }
 
 #[cfg(test)]

@@ -57,6 +57,40 @@ pub struct ServiceSpec {
     pub endpoints: Vec<EndpointSpec>,
 }
 
+/// Runs `work` beside its worker's service task `svc` (started with the same `shutdown`):
+/// should the service end first while the worker is not shutting down (it could not start,
+/// or NATS refused its subscriptions), the work is stopped and the service's error returned,
+/// rather than a worker running on without its stats and status endpoints, unseen.
+///
+/// # Errors
+/// The work's error, or the service's.
+pub async fn alongside<E: Into<async_nats::Error>>(
+    mut svc: tokio::task::JoinHandle<Result<(), async_nats::Error>>,
+    work: impl Future<Output = Result<(), E>>,
+    shutdown: CancellationToken,
+) -> Result<(), async_nats::Error> {
+    tokio::pin!(work);
+    let served = tokio::select! {
+        done = &mut work => {
+            shutdown.cancel();
+            let _ = svc.await;
+            return done.map_err(Into::into);
+        }
+        served = &mut svc => served,
+    };
+    let failure: async_nats::Error = match served {
+        // A shutdown: the service drained before the work.
+        Ok(Ok(())) if shutdown.is_cancelled() => return work.await.map_err(Into::into),
+        Ok(Ok(())) => "the service ended by itself".into(),
+        Ok(Err(e)) => e,
+        Err(e) => e.into(),
+    };
+    error!(error = %failure, "the worker's service failed; stopping the worker");
+    shutdown.cancel();
+    let _ = work.await;
+    Err(failure)
+}
+
 /// Serves `spec` until `shutdown` fires, then stops taking requests, answers those it was
 /// handed already (queued for it, which no other replica will see), lets the ones in flight
 /// finish, and returns.
@@ -218,5 +252,53 @@ async fn respond<H: Handler>(
     );
     if let Err(e) = sent {
         warn!(error = %e, "could not send the reply");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Work that runs until `shutdown`, then says it saw it.
+    async fn until(shutdown: CancellationToken) -> Result<(), async_nats::Error> {
+        shutdown.cancelled().await;
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_service_that_fails_stops_its_worker_with_its_error() {
+        let shutdown = CancellationToken::new();
+        let svc = tokio::spawn(async { Err::<(), async_nats::Error>("no subscription".into()) });
+        let r = alongside(svc, until(shutdown.clone()), shutdown.clone()).await;
+        assert_eq!(r.unwrap_err().to_string(), "no subscription");
+        assert!(shutdown.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_ends_both_without_an_error() {
+        let shutdown = CancellationToken::new();
+        let s = shutdown.clone();
+        let svc = tokio::spawn(async move {
+            s.cancelled().await;
+            Ok(())
+        });
+        shutdown.cancel();
+        assert!(alongside(svc, until(shutdown.clone()), shutdown)
+            .await
+            .is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_works_own_error_comes_back() {
+        let shutdown = CancellationToken::new();
+        let s = shutdown.clone();
+        let svc = tokio::spawn(async move {
+            s.cancelled().await;
+            Ok(())
+        });
+        let work = async { Err::<(), async_nats::Error>("lost the stream".into()) };
+        let r = alongside(svc, work, shutdown.clone()).await;
+        assert_eq!(r.unwrap_err().to_string(), "lost the stream");
+        assert!(shutdown.is_cancelled(), "the service is told to stop");
     }
 }
