@@ -40,15 +40,21 @@ def round8(d):
     return d.quantize(Decimal("0.00000001"), rounding=ROUND_HALF_EVEN)
 
 
-async def collect(nc, subject, wait=0.5):
-    """Publishes to a $SRV subject and gathers every reply for `wait` seconds."""
+async def collect(nc, subject, done=lambda replies: len(replies) >= 1, limit=10.0):
+    """Publishes to a $SRV subject and gathers replies until `done(replies)` holds (by
+    default: one reply), or `limit` seconds have passed (then what came is returned, and
+    the checks on it say what is missing)."""
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
     await nc.publish(subject, b"", reply=inbox)
     replies = []
+    deadline = asyncio.get_running_loop().time() + limit
     try:
-        while True:
-            msg = await sub.next_msg(timeout=wait)
+        while not done(replies):
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                break
+            msg = await sub.next_msg(timeout=left)
             replies.append(json.loads(msg.data))
     except (asyncio.TimeoutError, nats.errors.TimeoutError):
         pass
@@ -65,7 +71,9 @@ async def req(nc, suffix, body):
 
 async def main():
     nc = await nats.connect(URL)
-    names = {r["name"] for r in await collect(nc, "$SRV.PING")}
+    expected = {f"{P}-{s}" for s in SERVICES}
+    pings = await collect(nc, "$SRV.PING", done=lambda rs: expected <= {r["name"] for r in rs})
+    names = {r["name"] for r in pings}
     for s in SERVICES:
         check(f"ping {s}", f"{P}-{s}" in names, sorted(names))
 
@@ -110,7 +118,7 @@ async def main():
     check("unknown field is 400", h.get("Nats-Service-Error-Code") == "400", h)
     check("error body", r.get("error", {}).get("code") == "bad_request" and "amout" in r["error"]["message"], r)
 
-    h, r = await req(nc, "query.portfolio.performance", {"portfolio_id": pid, "min_stream_seq": seq})
+    h, r = await req(nc, "query.portfolio.performance", {"portfolio_id": pid, "min_stream_seq": seq, "timeout_ms": 10000})
     check("read your write", r.get("as_of_seq", 0) >= seq, r)
     check("query cash", Decimal(r.get("cash", "NaN")) == cash, (r.get("cash"), cash))
     check("query position", r.get("positions", [{}])[0].get("quantity") == str(q), r.get("positions"))

@@ -28,8 +28,10 @@ pub mod fixtures;
 /// catching up, a lock changing hands): far beyond what that takes on a busy CI machine.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
-/// Tries `probe` until it gives `Ok`, yielding between tries (no sleeps); after [`PATIENCE`]
-/// fails the test with what the last try found (its `Err`).
+/// Tries `probe` until it gives `Ok`, with a pause between tries that grows from 1 to 20 ms
+/// (a poll: never a fixed wait, and not a spin that takes a core from the workers it waits
+/// for, or floods them with probes, on a 2-core machine); after [`PATIENCE`] fails the test
+/// with what the last try found (its `Err`).
 pub async fn eventually<T, E, F, Fut>(mut probe: F) -> T
 where
     F: FnMut() -> Fut,
@@ -37,6 +39,7 @@ where
     E: std::fmt::Display,
 {
     let deadline = Instant::now() + PATIENCE;
+    let mut pause = Duration::from_millis(1);
     loop {
         match probe().await {
             Ok(found) => return found,
@@ -45,7 +48,8 @@ where
                 "gave up after {PATIENCE:?}: {state}"
             ),
         }
-        tokio::task::yield_now().await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(20));
     }
 }
 

@@ -341,7 +341,7 @@ async fn analysis_validates_its_input_and_handles_empty_portfolios() {
         .request(
             "query.portfolio.analysis",
             json!({"portfolio_id": "p2", "interval": "1h",
-                   "min_stream_seq": funded["stream_seq"]}),
+                   "min_stream_seq": funded["stream_seq"], "timeout_ms": 10000}),
         )
         .await
         .err(400, "bad_request");

@@ -3,10 +3,21 @@
 
 use ch_e2e::fixtures::{price, signal, strategy};
 use ch_e2e::TestEnv;
+use rust_decimal::Decimal;
 use serde_json::Value;
 
 fn seq(v: &Value) -> u64 {
     v["stream_seq"].as_u64().expect("stream_seq")
+}
+
+/// DOMAIN.md's invariant: equity - net_deposits = realized_pnl + unrealized_pnl.
+fn holds_the_invariant(perf: &Value) {
+    let d = |k: &str| -> Decimal { perf[k].as_str().expect(k).parse().expect(k) };
+    assert_eq!(
+        d("equity") - d("net_deposits"),
+        d("realized_pnl") + d("unrealized_pnl"),
+        "{perf}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -46,6 +57,7 @@ async fn e1_average_cost_through_the_whole_loop() {
     assert_eq!(perf["positions"][0]["avg_cost"], "21021");
     assert_eq!(perf["positions"][0]["mark_price"], "23000");
     assert!(perf["as_of_seq"].as_u64().unwrap() >= seq(&mark));
+    holds_the_invariant(&perf);
 
     let sell1 = env
         .cmd(
@@ -63,6 +75,7 @@ async fn e1_average_cost_through_the_whole_loop() {
     assert_eq!(perf["unrealized_pnl"], "2387.4");
     assert_eq!(perf["equity"], "28971");
     assert_eq!(perf["positions"][0]["cost_basis"], "12612.6");
+    holds_the_invariant(&perf);
 
     let sell2 = env
         .cmd(
@@ -89,6 +102,6 @@ async fn e1_average_cost_through_the_whole_loop() {
     assert_eq!(perf["total_return"], "0.014384");
     assert_eq!(perf["version"], 7);
     assert_eq!(perf["status"], "open");
-    // equity - net_deposits = realized + unrealized
     assert_eq!(perf["attached_strategies"], serde_json::json!(["s1"]));
+    holds_the_invariant(&perf);
 }

@@ -1048,7 +1048,12 @@ async fn a_projector_whose_lock_session_ends_stands_by_for_the_one_that_took_it(
     }
     let perf = env.performance_at("p1", seq(&last)).await;
     assert_eq!(perf["net_deposits"], "103", "{perf}");
-    assert_eq!(gauge(&b, "last_seq"), Some(seq(&last) as i64));
+    // The gauge moves as the batch is announced, just after its commit, which the query may
+    // have seen first.
+    wait_until("b's last_seq gauge reaches the deposits", || {
+        gauge(&b, "last_seq") == Some(seq(&last) as i64)
+    })
+    .await;
     assert_eq!(gauge(&a, "last_seq"), a_at, "the standby projected");
     stop_a.cancel();
     stop_b.cancel();
@@ -1089,6 +1094,14 @@ async fn a_shutdown_stops_a_replay_after_its_transaction_and_the_next_start_goes
     let hold = lock_table(&env, "ch_checkpoints", "EXCLUSIVE").await;
     let proj = env.spawn(Worker::ProjPortfolio).await;
     waits_for_a_lock(&env, &format!("{}-proj-portfolio", env.subjects.prefix())).await;
+    // Meanwhile its status says how far behind it is.
+    let status = env
+        .request_raw("admin.projector.portfolio.status", Vec::new())
+        .await
+        .ok();
+    assert_eq!(status["last_seq"], 0, "{status}");
+    assert_eq!(status["stream_last_seq"], last, "{status}");
+    assert_eq!(status["lag_events"], last, "{status}");
     let stopping = tokio::spawn(proj.stop());
     hold.batch_execute("ROLLBACK").await.unwrap();
     // It stops once that transaction is in (the replay went on to the head before: a SIGTERM
