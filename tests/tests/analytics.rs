@@ -266,6 +266,40 @@ async fn a_week_with_a_mid_week_deposit_and_a_late_price() {
         }
     }
 
+    // A `from` before the first deposit is the first deposit: no NAV exists before it.
+    let early = json!({"portfolio_id": "p1", "from": at(-1, 0, 0), "to": at(7, 0, 0),
+                       "interval": "1d"});
+    let clamped = env.query_at("portfolio.analysis", early, seq).await;
+    assert_eq!(clamped["from"], reply["from"], "{clamped}");
+    assert_eq!(clamped["equity_curve"], reply["equity_curve"]);
+    assert_eq!(clamped["metrics"], reply["metrics"]);
+
+    // Hourly: 7 days of 24 points after the one at `from`; at each midnight the same NAV and
+    // equity as the daily curve's.
+    let hourly = json!({"portfolio_id": "p1", "from": at(0, 0, 0), "to": at(7, 0, 0),
+                        "interval": "1h"});
+    let hourly = env.query_at("portfolio.analysis", hourly, seq).await;
+    let hours = hourly["equity_curve"].as_array().unwrap();
+    assert_eq!(hours.len(), 7 * 24 + 1, "{hourly}");
+    for (day, daily) in curve.iter().enumerate() {
+        let h = &hours[day * 24];
+        assert_eq!(h["t"], daily["t"], "day {day}");
+        assert_eq!(h["equity"], daily["equity"], "day {day}");
+        close(
+            h["nav"].as_f64().unwrap(),
+            daily["nav"].as_f64().unwrap(),
+            &format!("hourly nav at day {day}"),
+        );
+    }
+    // Between midnights too: 13:00 on day 0, after the buy of 12:30, as the model values it.
+    let t = at(0, 13, 0).replace("+00:00", "Z");
+    let h13 = hours.iter().find(|p| p["t"] == json!(t)).expect("13:00");
+    close(
+        h13["equity"].as_str().unwrap().parse().unwrap(),
+        model.equity(secs(0, 13, 0), false),
+        "equity at 13:00",
+    );
+
     // Drop the read model and rebuild it from the stream: the same answer.
     let app = App::start(env.app_config(), "test-rebuild").await.unwrap();
     let p = projector(&app, PortfolioProjection::default()).unwrap();

@@ -633,3 +633,35 @@ async fn deleted_consumers_are_made_again_and_their_workers_go_on() {
     let perf = wait_performance(&env, "p1", |p| p["fill_count"] == 2).await;
     assert_eq!(perf["positions"], json!([]), "{perf}");
 }
+
+/// A price recorded late with an earlier business time (a backfill) is not the mark: it
+/// triggers nothing, however far below the stop loss; the next live price does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backfilled_price_below_the_stop_sells_nothing() {
+    let mut env = TestEnv::with_all_workers().await;
+    env.start(Worker::ExitTriggers).await;
+    let exits = json!({"stop_loss_pct": "0.05"});
+    env.cmd(
+        "strategy.create",
+        strategy_with_exits("s1", &["BTC-USDT"], exits),
+    )
+    .await;
+    portfolio(&env, "p1", "s1").await;
+    env.bought("p1", "s1", "BTC-USDT", "1", "100").await;
+    prices(&env, "BTC-USDT", &["100"]).await;
+    let an_hour_ago = (chrono::Utc::now() - chrono::Duration::hours(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let mut backfill = price("BTC-USDT", "50");
+    backfill["at"] = an_hour_ago.into();
+    let late = seq(&env.cmd("market.price", backfill).await);
+    // Evaluated at the mark, which the backfill does not move (the latest by business time).
+    let status = status_evaluated(&env, late).await;
+    assert_eq!(status["counters"]["prices"], 2, "{status}");
+    assert_eq!(status["counters"]["triggers"], 0, "{status}");
+    assert_eq!(performance(&env, "p1").await["fill_count"], 1);
+
+    // A live price at the stop (95) sells.
+    prices(&env, "BTC-USDT", &["95"]).await;
+    let perf = wait_performance(&env, "p1", |p| p["fill_count"] == 2).await;
+    assert_eq!(perf["positions"], json!([]), "{perf}");
+}

@@ -98,3 +98,39 @@ async fn strategies_ranked_by_realized_pnl_and_win_rate() {
     .await
     .err(400, "bad_request");
 }
+
+/// A deleted strategy leaves the board unless `include_deleted`; a board holds 50 rows unless
+/// `limit` says otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_strategies_and_the_default_limit() {
+    let env = TestEnv::with_all_workers().await;
+    // 52, one deleted: 51 live, one more than a default board holds.
+    for i in 0..52 {
+        env.cmd(
+            "strategy.create",
+            strategy("u1", &format!("s{i:02}"), &["BTC-USDT"]),
+        )
+        .await;
+    }
+    let deleted = env
+        .cmd("strategy.delete", json!({"strategy_id": "s07"}))
+        .await;
+    let seq = deleted["stream_seq"].as_u64().unwrap();
+
+    let board = |q: Value| {
+        let env = &env;
+        async move { env.query_at("strategy.leaderboard", q, seq).await }
+    };
+    let default = board(json!({"user_id": "u1"})).await;
+    let ids = strategy_ids(&default);
+    assert_eq!(ids.len(), 50, "{default}");
+    assert!(!ids.contains(&"s07"), "{default}");
+    let all = board(json!({"user_id": "u1", "include_deleted": true, "limit": 500})).await;
+    let rows = all["strategies"].as_array().unwrap();
+    assert_eq!(rows.len(), 52, "{all}");
+    let s07 = rows.iter().find(|r| r["strategy_id"] == "s07").unwrap();
+    assert_eq!(s07["status"], "deleted", "{all}");
+    let live = board(json!({"user_id": "u1", "limit": 500})).await;
+    assert_eq!(strategy_ids(&live).len(), 51, "{live}");
+    assert!(!strategy_ids(&live).contains(&"s07"), "{live}");
+}

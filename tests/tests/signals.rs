@@ -384,3 +384,38 @@ async fn trading_halted_below_the_drawdown_limit_but_sells_execute() {
     assert_eq!(perf["rejected_signals"], 0, "{perf}");
     assert_eq!(perf["fill_count"], 2, "{perf}");
 }
+
+/// DOMAIN.md: "A position with no mark yet is valued at its avg_entry_price and flagged";
+/// once a price is recorded, at the mark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_without_a_mark_is_valued_at_its_entry_and_flagged() {
+    let env = TestEnv::with_all_workers().await;
+    env.cmd("strategy.create", strategy("u1", "s1", &["ETH-USDT"]))
+        .await;
+    env.funded("p1", "u1", "1000", "s1").await;
+    // 0.5 at 1000: notional 500, fee round8(500 * 0.001) = 0.5, no market price yet.
+    let buy = executed(
+        &env,
+        signal_on("p1", "s1", "ETH-USDT", "buy", "0.5", "1000"),
+    )
+    .await;
+    let perf = performance(&env, "p1", &buy).await;
+    let pos = &perf["positions"][0];
+    assert_eq!(pos["priced"], false, "{perf}");
+    assert_eq!(pos["mark_price"], Value::Null, "{perf}");
+    assert_eq!(pos["avg_entry_price"], "1000", "{perf}");
+    assert_eq!(pos["market_value"], "500", "{perf}");
+    // Valued at its entry, the position is down by its fee (in its cost basis).
+    assert_eq!(pos["unrealized_pnl"], "-0.5", "{perf}");
+    assert_eq!(perf["cash"], "499.5", "{perf}");
+    assert_eq!(perf["equity"], "999.5", "{perf}");
+
+    let mark = env.cmd("market.price", price("ETH-USDT", "1100")).await;
+    let perf = performance(&env, "p1", &mark).await;
+    let pos = &perf["positions"][0];
+    assert_eq!(pos["priced"], true, "{perf}");
+    assert_eq!(pos["mark_price"], "1100", "{perf}");
+    assert_eq!(pos["market_value"], "550", "{perf}");
+    assert_eq!(pos["unrealized_pnl"], "49.5", "{perf}");
+    assert_eq!(perf["equity"], "1049.5", "{perf}");
+}
