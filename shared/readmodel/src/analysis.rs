@@ -93,6 +93,9 @@ impl Validate for AnalysisQuery {
             _ => Ok(()),
         }
     }
+    fn aggregate_id(&self) -> Option<&str> {
+        Some(&self.portfolio_id)
+    }
 }
 
 impl Validate for LeaderboardQuery {

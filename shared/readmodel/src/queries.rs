@@ -40,6 +40,12 @@ pub trait Validate {
     /// # Errors
     /// `bad_request` naming the field.
     fn validate(&self) -> Result<(), ApiError>;
+
+    /// The aggregate the query reads, for the request's span (`aggregate_id`): a portfolio or
+    /// a strategy; none for a user's lists.
+    fn aggregate_id(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// For an optional field with a default: an explicit `null` is the default too, as an absent
@@ -76,6 +82,9 @@ consistency!(PerformanceQuery);
 impl Validate for PerformanceQuery {
     fn validate(&self) -> Result<(), ApiError> {
         check_id("portfolio_id", &self.portfolio_id)
+    }
+    fn aggregate_id(&self) -> Option<&str> {
+        Some(&self.portfolio_id)
     }
 }
 
@@ -116,6 +125,9 @@ impl Validate for StrategyGetQuery {
     fn validate(&self) -> Result<(), ApiError> {
         check_id("strategy_id", &self.strategy_id)
     }
+    fn aggregate_id(&self) -> Option<&str> {
+        Some(&self.strategy_id)
+    }
 }
 
 /// Parses a query body and checks its fields ([`Validate`]); malformed JSON, unknown fields
@@ -135,6 +147,9 @@ pub fn parse<T: serde::de::DeserializeOwned + Validate>(body: &[u8]) -> Result<T
     }
     let q: T = ch_domain::request::read_json(body).map_err(ApiError::bad_request)?;
     q.validate()?;
+    if let Some(id) = q.aggregate_id() {
+        tracing::Span::current().record("aggregate_id", id);
+    }
     Ok(q)
 }
 

@@ -945,6 +945,8 @@ impl<P: Projection> Projector<P> {
                         last = applied;
                     }
                 }
+                // Committed: the operator's gauge follows a long replay (announced at its end).
+                self.metrics.gauge("last_seq", last as i64);
                 if self.stop.is_cancelled() {
                     return Err(ProjectorError::Stopped { at: last });
                 }
