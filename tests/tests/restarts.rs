@@ -800,6 +800,47 @@ async fn an_append_whose_answer_was_lost_is_stored_once() {
     assert_eq!(facts.asked.load(Ordering::Relaxed), 1, "decided once");
 }
 
+/// NATS stalls for longer than every attempt of an append waits (the server paused): the
+/// command is answered `unavailable`, the one error reply after which the event may have been
+/// stored (README). The attempts were sent with the command's id as their message id: once
+/// the server runs again, it stores one of them, and the command sent again with its
+/// `command_id` is answered that event's result, marked a duplicate, nothing stored twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_never_answered_is_unavailable_and_a_resend_finds_it_stored_once() {
+    let env = TestEnv::with_own_nats_server().await;
+    let app = App::start(env.app_config(), "test-no-ack").await.unwrap();
+    let portfolios = Executor::<PortfolioState>::new(app.store.clone(), app.metrics.clone());
+    let facts = NoPortfolioFacts::default();
+    portfolios
+        .execute("p1", &Common::default(), &opening("p1"), &facts)
+        .await
+        .unwrap();
+    let common = Common {
+        command_id: Some(uuid::Uuid::now_v7()),
+        ..Common::default()
+    };
+
+    env.nats_server().pause().await;
+    // Each attempt waits 5 s for its acknowledgement; the first and three more.
+    let refused = portfolios
+        .execute("p1", &common, &depositing(500), &facts)
+        .await
+        .expect_err("no acknowledgement came");
+    env.nats_server().resume();
+    assert_eq!(refused.code, "unavailable", "{refused:?}");
+    assert_eq!(app.metrics.snapshot("")["append_retries"], 3);
+
+    let again = portfolios
+        .execute("p1", &common, &depositing(500), &facts)
+        .await
+        .expect("answered once the server runs");
+    assert_eq!(again["version"], json!(2), "{again}");
+    assert_eq!(again["duplicate"], json!(true), "{again}");
+    assert_eq!(env.subject_count(AggregateType::Portfolio, "p1").await, 2);
+    let stored = app.store.get(seq(&again)).await.unwrap().expect("stored");
+    assert_eq!(stored.meta.command_id, common.command_id);
+}
+
 /// A command on an aggregate the worker has not cached reads its events first; NATS stalls
 /// with that read sent (the server paused). The read, unanswered, is asked again, and once the
 /// server runs again the command is decided and stored, not refused as `unavailable`.
