@@ -407,6 +407,12 @@ impl Running {
         let _ = self.handle.await;
     }
 
+    /// Tells the worker to stop (as SIGTERM does) without waiting for it: [`Running::stop`]
+    /// waits.
+    pub fn cancel(&self) {
+        self.token.cancel();
+    }
+
     /// Abrupt stop: the task is dropped wherever it is (as a killed process).
     pub async fn kill(self) {
         self.handle.abort();

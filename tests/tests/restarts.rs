@@ -1143,11 +1143,12 @@ async fn a_shutdown_stops_a_replay_after_its_transaction_and_the_next_start_goes
     assert_eq!(status["last_seq"], 0, "{status}");
     assert_eq!(status["stream_last_seq"], last, "{status}");
     assert_eq!(status["lag_events"], last, "{status}");
-    let stopping = tokio::spawn(proj.stop());
+    // Told to stop before the transaction can go on.
+    proj.cancel();
     hold.batch_execute("ROLLBACK").await.unwrap();
     // It stops once that transaction is in (the replay went on to the head before: a SIGTERM
     // waited for the whole replay, minutes on a long stream, and was followed by a SIGKILL).
-    stopping.await.unwrap();
+    proj.stop().await;
     let at: i64 = env
         .pg
         .query_one(
@@ -1175,30 +1176,49 @@ async fn a_fault_of_the_deployment_is_retried_never_dead_lettered() {
 
     // Every write of a portfolio row refused as a missing grant is (42501): no event's fault.
     // Dead-lettered, the deposit would be skipped for good; it must wait for the fix instead.
-    env.pg
-        .batch_execute(
-            "CREATE FUNCTION refuse_writes() RETURNS trigger LANGUAGE plpgsql AS
-               $$ BEGIN RAISE EXCEPTION 'refused by the test' USING ERRCODE = '42501'; END $$;
-             CREATE TRIGGER refuse_writes BEFORE INSERT OR UPDATE ON portfolios
-               FOR EACH ROW EXECUTE FUNCTION refuse_writes()",
-        )
-        .await
-        .expect("refuse the writes");
+    refuse_portfolio_writes(&env, true).await;
     let during = env.cmd("portfolio.update", deposit("p1", "50")).await;
     wait_until("two failures in a row", || {
         task.is_finished() || gauge(&metrics, "consecutive_failures") >= Some(2)
     })
     .await;
     assert!(!task.is_finished(), "the projector stopped");
-    env.pg
-        .batch_execute("DROP TRIGGER refuse_writes ON portfolios; DROP FUNCTION refuse_writes()")
-        .await
-        .expect("allow the writes");
+    refuse_portfolio_writes(&env, false).await;
     let perf = env.performance_at("p1", seq(&during)).await;
     assert_eq!(perf["cash"], json!("150"), "{perf}");
     assert_eq!(perf["version"], 3, "{perf}");
     stop.cancel();
     let _ = task.await;
+
+    // The same fault met by the replay a projector starts with: retried too, not the end of
+    // the worker.
+    let later = env.cmd("portfolio.update", deposit("p1", "25")).await;
+    refuse_portfolio_writes(&env, true).await;
+    let (stop, metrics, task) = portfolio_projector(env.app_config()).await;
+    wait_until("two failures in a row at the start", || {
+        task.is_finished() || gauge(&metrics, "consecutive_failures") >= Some(2)
+    })
+    .await;
+    assert!(!task.is_finished(), "the projector stopped");
+    refuse_portfolio_writes(&env, false).await;
+    let perf = env.performance_at("p1", seq(&later)).await;
+    assert_eq!(perf["cash"], json!("175"), "{perf}");
+    stop.cancel();
+    let _ = task.await;
+}
+
+/// Makes every write of a portfolio row fail as a missing grant would (SQLSTATE 42501), or
+/// (`refuse` false) lets them through again.
+async fn refuse_portfolio_writes(env: &TestEnv, refuse: bool) {
+    let sql = if refuse {
+        "CREATE FUNCTION refuse_writes() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN RAISE EXCEPTION 'refused by the test' USING ERRCODE = '42501'; END $$;
+         CREATE TRIGGER refuse_writes BEFORE INSERT OR UPDATE ON portfolios
+           FOR EACH ROW EXECUTE FUNCTION refuse_writes()"
+    } else {
+        "DROP TRIGGER refuse_writes ON portfolios; DROP FUNCTION refuse_writes()"
+    };
+    env.pg.batch_execute(sql).await.expect("the test's trigger");
 }
 
 /// What the projector does while its role is refused.

@@ -1122,12 +1122,14 @@ impl<P: Projection> Projector<P> {
                     );
                     break;
                 }
-                Err(e) if e.transient() => {
-                    warn!(
-                        projection = self.name(),
-                        error = %e,
-                        failures = retry.failures + 1,
-                        "could not start projecting; released the lock, trying again"
+                // The database away, or refusing what is not the events' fault (a missing
+                // grant, an undefined column: poison events were dead-lettered by the replay):
+                // retried, as after the start, until it passes.
+                Err(e) if e.transient() || matches!(e, ProjectorError::Db(DbError::Query(_))) => {
+                    retrying(
+                        self.name(),
+                        "starting to project (the lock is released)",
+                        &e,
                     );
                     if !retry.wait(&self.metrics, &shutdown).await {
                         break;
