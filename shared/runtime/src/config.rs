@@ -206,32 +206,19 @@ impl Config {
 }
 
 /// A NATS or Postgres address with its password hidden, for logs and messages: the
-/// `user:password@` of a URL (of each, in a comma-separated list of NATS servers), and a
-/// `password=` parameter (`?password=...` or a key=value connection string).
+/// `user:password@` of a URL (of each, in a comma-separated list of NATS servers; the
+/// credentials end at the first `@`, as tokio-postgres reads them), and a `password`
+/// parameter (`?password=...`, or `password = '...'` in a key=value connection string).
 pub fn redact(url: &str) -> String {
-    const KEY: &str = "password=";
-    let mut hidden = String::with_capacity(url.len());
-    let mut rest = url;
-    while let Some(i) = rest.find(KEY) {
-        let (head, tail) = rest.split_at(i + KEY.len());
-        hidden.push_str(head);
-        hidden.push_str("***");
-        let end = tail
-            .find(|c: char| c == '&' || c.is_whitespace())
-            .unwrap_or(tail.len());
-        rest = &tail[end..];
-    }
-    hidden.push_str(rest);
-    hidden
+    hide_password_parameters(url)
         .split(',')
         .map(|one| {
             let Some((scheme, rest)) = one.split_once("://") else {
                 return one.to_owned();
             };
-            let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
-            match authority.rfind('@').map(|at| rest.split_at(at)) {
+            match rest.split_once('@') {
                 Some((userinfo, host)) => match userinfo.split_once(':') {
-                    Some((user, _)) => format!("{scheme}://{user}:***{host}"),
+                    Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
                     None => one.to_owned(),
                 },
                 None => one.to_owned(),
@@ -239,6 +226,47 @@ pub fn redact(url: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// Every `password` key's value as `***`: in URL parameters (up to the next `&`) and in
+/// key=value strings (spaces around `=` allowed; a quoted value to its closing quote, `\`
+/// escaping).
+fn hide_password_parameters(s: &str) -> String {
+    const KEY: &str = "password";
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find(KEY) {
+        let (head, tail) = rest.split_at(i + KEY.len());
+        out.push_str(head);
+        let after_key = tail.trim_start_matches(' ');
+        let Some(value) = after_key.strip_prefix('=') else {
+            rest = tail;
+            continue;
+        };
+        out.push_str(&tail[..tail.len() - value.len()]);
+        let spaces = value.len() - value.trim_start_matches(' ').len();
+        out.push_str(&value[..spaces]);
+        let value = &value[spaces..];
+        out.push_str("***");
+        let end = if let Some(quoted) = value.strip_prefix('\'') {
+            let mut escaped = false;
+            quoted
+                .char_indices()
+                .find(|&(_, c)| {
+                    let closes = c == '\'' && !escaped;
+                    escaped = c == '\\' && !escaped;
+                    closes
+                })
+                .map_or(value.len(), |(j, _)| j + 2)
+        } else {
+            value
+                .find(|c: char| c == '&' || c.is_whitespace())
+                .unwrap_or(value.len())
+        };
+        rest = &value[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]
@@ -266,11 +294,21 @@ mod tests {
             redact("host=h user=u password=s3cret dbname=d"),
             "host=h user=u password=*** dbname=d"
         );
-        // An @ in the path or query is not the user's.
+        // The credentials end at the first `@`, whatever the password holds.
+        assert_eq!(redact("postgres://u:pa/ss@h/db"), "postgres://u:***@h/db");
         assert_eq!(
             redact("postgres://h/db?application_name=a@b"),
             "postgres://h/db?application_name=a@b"
         );
+        assert_eq!(
+            redact("host=h password = s3cret user=u"),
+            "host=h password = *** user=u"
+        );
+        assert_eq!(
+            redact(r"host=h password='a b\' c' user=u"),
+            "host=h password=*** user=u"
+        );
+        assert_eq!(redact("passwordless=1"), "passwordless=1");
     }
 
     fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
