@@ -87,8 +87,7 @@ impl PoolSpec<'_> {
         let mut builder = Pool::builder(mgr)
             .max_size(self.size)
             .runtime(deadpool_postgres::Runtime::Tokio1)
-            .wait_timeout(Some(POOL_WAIT))
-            .create_timeout(Some(CONNECT_TIMEOUT * 2));
+            .wait_timeout(Some(POOL_WAIT));
         if let Some(r) = retirement.cloned() {
             builder = builder.pre_recycle(Hook::sync_fn(move |_, metrics| {
                 if r.is_retired(metrics.created) {
@@ -152,8 +151,8 @@ fn notice_a_vanished_server(cfg: &mut tokio_postgres::Config) {
 /// How long a connection attempt may take (`connect_timeout` in the URL overrides it).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How long a request waits for a pooled session when all are busy (or being connected)
-/// before it is answered `unavailable`.
+/// How long a request waits for a pooled session when all are busy before it is answered
+/// `unavailable` (making a new session is bounded by [`CONNECT_TIMEOUT`] per address tried).
 const POOL_WAIT: Duration = Duration::from_secs(10);
 
 /// Connects without a pool (admin work: creating databases, advisory locks).
