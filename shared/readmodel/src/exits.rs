@@ -742,6 +742,8 @@ async fn follow_prices(
     let started = Instant::now();
     let mut messages = follow(consumer).await?;
     info!(durable, "following market prices");
+    // Between tries to make the consumer again: 0.5 s, doubling up to 10 s.
+    let mut reopen_wait = Duration::from_millis(500);
     loop {
         let next = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -751,20 +753,29 @@ async fn follow_prices(
             // The deliveries ended: the consumer was deleted (async-nats says so once, as an
             // error, then ends the stream). Made again, it follows the prices from then on.
             None => {
-                warn!(durable, "the consumer's deliveries ended; opening it again");
+                warn!(
+                    durable,
+                    retry_in_ms = reopen_wait.as_millis() as u64,
+                    "the consumer's deliveries ended; opening it again"
+                );
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = tokio::time::sleep(reopen_wait) => {}
                 }
-                match open_consumer(&worker.app, durable).await {
-                    Ok(c) => match follow(&c).await {
-                        Ok(m) => {
-                            messages = m;
-                            info!(durable, "following market prices again");
-                        }
-                        Err(e) => warn!(durable, error = %e, "could not follow the consumer"),
-                    },
-                    Err(e) => warn!(durable, error = %e, "could not open the consumer"),
+                let reopened = match open_consumer(&worker.app, durable).await {
+                    Ok(c) => follow(&c).await.map_err(async_nats::Error::from),
+                    Err(e) => Err(e),
+                };
+                match reopened {
+                    Ok(m) => {
+                        messages = m;
+                        reopen_wait = Duration::from_millis(500);
+                        info!(durable, "following market prices again");
+                    }
+                    Err(e) => {
+                        warn!(durable, error = %e, "could not open the consumer");
+                        reopen_wait = (reopen_wait * 2).min(Duration::from_secs(10));
+                    }
                 }
             }
             Some(Err(e)) => {
