@@ -635,28 +635,39 @@ async fn deleted_consumers_are_made_again_and_their_workers_go_on() {
 }
 
 /// A price recorded late with an earlier business time (a backfill) is not the mark: it
-/// triggers nothing, however far below the stop loss; the next live price does.
+/// triggers nothing, however far below the stop loss, though the position was open at its
+/// time; the next live price does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_backfilled_price_below_the_stop_sells_nothing() {
     let mut env = TestEnv::with_all_workers().await;
     env.start(Worker::ExitTriggers).await;
-    let exits = json!({"stop_loss_pct": "0.05"});
-    env.cmd(
-        "strategy.create",
-        strategy_with_exits("s1", &["BTC-USDT"], exits),
-    )
-    .await;
-    portfolio(&env, "p1", "s1").await;
-    env.bought("p1", "s1", "BTC-USDT", "1", "100").await;
+    let ago = |h: i64| {
+        (chrono::Utc::now() - chrono::Duration::hours(h))
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    };
+    let mut s = strategy_with_exits("s1", &["BTC-USDT"], json!({"stop_loss_pct": "0.05"}));
+    s["at"] = ago(3).into();
+    env.cmd("strategy.create", s).await;
+    // The position opened two hours ago: open when the backfilled price was.
+    let two_hours_ago = ago(2);
+    for mut c in [
+        open("p1", "u1"),
+        deposit("p1", "100000"),
+        attach("p1", "s1"),
+    ] {
+        c["at"] = two_hours_ago.clone().into();
+        env.cmd("portfolio.update", c).await;
+    }
+    let mut buy = signal_on("p1", "s1", "BTC-USDT", "buy", "1", "100");
+    buy["at"] = two_hours_ago.into();
+    env.cmd("signal.execute", buy).await;
     prices(&env, "BTC-USDT", &["100"]).await;
-    let an_hour_ago = (chrono::Utc::now() - chrono::Duration::hours(1))
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let mut backfill = price("BTC-USDT", "50");
-    backfill["at"] = an_hour_ago.into();
+    backfill["at"] = ago(1).into();
     let late = seq(&env.cmd("market.price", backfill).await);
-    // Evaluated at the mark, which the backfill does not move (the latest by business time).
     let status = status_evaluated(&env, late).await;
-    assert_eq!(status["counters"]["prices"], 2, "{status}");
+    // It would fire at 50: the worker saw that it is a backfill and skipped it.
+    assert_eq!(status["counters"]["backfills_skipped"], 1, "{status}");
     assert_eq!(status["counters"]["triggers"], 0, "{status}");
     assert_eq!(performance(&env, "p1").await["fill_count"], 1);
 
