@@ -646,18 +646,7 @@ async fn a_poison_event_is_dead_lettered_live_and_in_a_rebuild() {
     assert_eq!(perf["cash"], "1250");
     assert_eq!(perf["name"], "portfolio p1");
     // Counted where an operator looks.
-    let subject = format!(
-        "$SRV.STATS.{}",
-        env.subjects.service_name(Worker::ProjPortfolio.name())
-    );
-    let stats: Value = serde_json::from_slice(
-        &env.client
-            .request(subject, "".into())
-            .await
-            .unwrap()
-            .payload,
-    )
-    .unwrap();
+    let stats = env.service_stats(Worker::ProjPortfolio, 1).await.remove(0);
     let gauges = &stats["endpoints"][0]["data"]["gauges"];
     assert_eq!(gauges["dead_letters"], 1, "{stats}");
     assert_eq!(gauges["dead_letters_last_seq"], poison_seq, "{stats}");
@@ -1054,6 +1043,16 @@ fn gauge(metrics: &Metrics, name: &str) -> Option<i64> {
     metrics.snapshot("")["gauges"][name].as_i64()
 }
 
+/// Waits until the projector `task` has failed twice in a row (its `consecutive_failures`
+/// gauge), and checks that it keeps trying rather than stopping.
+async fn keeps_trying(metrics: &Metrics, task: &JoinHandle<()>) {
+    wait_until("two failures in a row, or it stopped", || {
+        task.is_finished() || gauge(metrics, "consecutive_failures") >= Some(2)
+    })
+    .await;
+    assert!(!task.is_finished(), "the projector stopped");
+}
+
 /// Polls until `pred` holds (bounded).
 async fn wait_until(what: &str, pred: impl Fn() -> bool) {
     eventually(|| async { pred().then_some(()).ok_or_else(|| format!("never: {what}")) }).await;
@@ -1178,11 +1177,7 @@ async fn a_fault_of_the_deployment_is_retried_never_dead_lettered() {
     // Dead-lettered, the deposit would be skipped for good; it must wait for the fix instead.
     refuse_portfolio_writes(&env, true).await;
     let during = env.cmd("portfolio.update", deposit("p1", "50")).await;
-    wait_until("two failures in a row", || {
-        task.is_finished() || gauge(&metrics, "consecutive_failures") >= Some(2)
-    })
-    .await;
-    assert!(!task.is_finished(), "the projector stopped");
+    keeps_trying(&metrics, &task).await;
     refuse_portfolio_writes(&env, false).await;
     let perf = env.performance_at("p1", seq(&during)).await;
     assert_eq!(perf["cash"], json!("150"), "{perf}");
@@ -1195,11 +1190,7 @@ async fn a_fault_of_the_deployment_is_retried_never_dead_lettered() {
     let later = env.cmd("portfolio.update", deposit("p1", "25")).await;
     refuse_portfolio_writes(&env, true).await;
     let (stop, metrics, task) = portfolio_projector(env.app_config()).await;
-    wait_until("two failures in a row at the start", || {
-        task.is_finished() || gauge(&metrics, "consecutive_failures") >= Some(2)
-    })
-    .await;
-    assert!(!task.is_finished(), "the projector stopped");
+    keeps_trying(&metrics, &task).await;
     refuse_portfolio_writes(&env, false).await;
     let perf = env.performance_at("p1", seq(&later)).await;
     assert_eq!(perf["cash"], json!("175"), "{perf}");
@@ -1250,11 +1241,7 @@ async fn projector_rides_out(refuse: &str, allow: &str, meanwhile: Meanwhile) {
         .await
         .expect("refuse the role");
     let during = env.cmd("portfolio.update", deposit("p1", "50")).await;
-    wait_until("two failures in a row, or it stopped", || {
-        task.is_finished() || gauge(&metrics, "consecutive_failures") >= Some(2)
-    })
-    .await;
-    assert!(!task.is_finished(), "the projector stopped");
+    keeps_trying(&metrics, &task).await;
     if meanwhile == Meanwhile::StandsBy {
         assert_eq!(gauge(&metrics, "active"), Some(0));
     }

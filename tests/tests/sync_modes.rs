@@ -170,18 +170,7 @@ async fn adaptive_shows_its_decisions_in_the_projectors_stats() {
     let deposited = env.cmd("portfolio.update", deposit("p1", "500")).await;
     env.performance_at("p1", deposited["stream_seq"].as_u64().unwrap())
         .await;
-    let subject = format!(
-        "$SRV.STATS.{}",
-        env.subjects.service_name(Worker::ProjPortfolio.name())
-    );
-    let stats: serde_json::Value = serde_json::from_slice(
-        &env.client
-            .request(subject, "".into())
-            .await
-            .unwrap()
-            .payload,
-    )
-    .unwrap();
+    let stats = env.service_stats(Worker::ProjPortfolio, 1).await.remove(0);
     let gauges = &stats["endpoints"][0]["data"]["gauges"];
     let gauge = |name: &str| {
         gauges[name]

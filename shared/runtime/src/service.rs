@@ -274,14 +274,21 @@ mod tests {
         assert!(shutdown.is_cancelled());
     }
 
+    /// A service task that serves until `shutdown`.
+    fn serving(
+        shutdown: &CancellationToken,
+    ) -> tokio::task::JoinHandle<Result<(), async_nats::Error>> {
+        let s = shutdown.clone();
+        tokio::spawn(async move {
+            s.cancelled().await;
+            Ok(())
+        })
+    }
+
     #[tokio::test]
     async fn a_shutdown_ends_both_without_an_error() {
         let shutdown = CancellationToken::new();
-        let s = shutdown.clone();
-        let svc = tokio::spawn(async move {
-            s.cancelled().await;
-            Ok(())
-        });
+        let svc = serving(&shutdown);
         shutdown.cancel();
         assert!(alongside(svc, until(shutdown.clone()), shutdown)
             .await
@@ -291,11 +298,7 @@ mod tests {
     #[tokio::test]
     async fn the_works_own_error_comes_back() {
         let shutdown = CancellationToken::new();
-        let s = shutdown.clone();
-        let svc = tokio::spawn(async move {
-            s.cancelled().await;
-            Ok(())
-        });
+        let svc = serving(&shutdown);
         let work = async { Err::<(), async_nats::Error>("lost the stream".into()) };
         let r = alongside(svc, work, shutdown.clone()).await;
         assert_eq!(r.unwrap_err().to_string(), "lost the stream");
