@@ -183,3 +183,58 @@ async fn adaptive_shows_its_decisions_in_the_projectors_stats() {
         || gauge("pending") >= ADAPTIVE_BACKLOG as i64;
     assert_eq!(gauge("fill_wait_ms"), i64::from(behind), "{stats}");
 }
+
+/// A rebuild resets the read model: a command sent again after the reset (its reply carries
+/// the old `stream_seq`) is not `projected: true` until the replay has brought the read model
+/// back past it. (The command worker went by the last announcement, from before the reset.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn immediate_after_a_reset_waits_for_the_replay() {
+    use ch_readmodel::workers::projector;
+    use ch_readmodel::PortfolioProjection;
+    use ch_runtime::app::App;
+
+    let mut env = TestEnv::new().await;
+    env.cfg.sync = SyncMode::Immediate;
+    env.cfg.immediate_timeout = Duration::from_millis(300);
+    env.start(Worker::CmdPortfolio).await;
+    let proj = env.spawn(Worker::ProjPortfolio).await;
+    env.cmd("portfolio.update", open("p1", "u1")).await;
+    let mut dep = deposit("p1", "500");
+    dep["command_id"] = json!(uuid::Uuid::now_v7().to_string());
+    let first = env.cmd("portfolio.update", dep.clone()).await;
+    proj.stop().await;
+
+    // The rebuild's reset, with no projector to replay.
+    let app = App::start(env.app_config(), "test-reset").await.unwrap();
+    projector(&app, PortfolioProjection::default())
+        .unwrap()
+        .reset()
+        .await
+        .unwrap();
+    let seq = first["stream_seq"].clone();
+    resend_until(&env, &dep, &seq, false).await;
+    // The projector back: it replays, and the re-send is projected again.
+    env.start(Worker::ProjPortfolio).await;
+    resend_until(&env, &dep, &seq, true).await;
+}
+
+/// Sends `command` again until its reply's `projected` is `want` (bounded); each reply must be
+/// the first one's, at `seq`.
+async fn resend_until(
+    env: &TestEnv,
+    command: &serde_json::Value,
+    seq: &serde_json::Value,
+    want: bool,
+) {
+    ch_e2e::eventually(|| async {
+        let r = env.cmd("portfolio.update", command.clone()).await;
+        assert_eq!(r["duplicate"], true, "{r}");
+        assert_eq!(&r["stream_seq"], seq, "{r}");
+        if r["projected"] == want {
+            Ok(())
+        } else {
+            Err(format!("projected is not {want}: {r}"))
+        }
+    })
+    .await;
+}

@@ -945,8 +945,9 @@ impl<P: Projection> Projector<P> {
                         last = applied;
                     }
                 }
-                // Committed: the operator's gauge follows a long replay (announced at its end).
-                self.metrics.gauge("last_seq", last as i64);
+                // Committed: announced (and in the gauge), so that waiters follow a long replay,
+                // after a reset that announced 0.
+                self.announce(last).await;
                 if self.stop.is_cancelled() {
                     return Err(ProjectorError::Stopped { at: last });
                 }
@@ -1426,9 +1427,16 @@ impl<P: Projection> Projector<P> {
         self.projection.reset(&tx).await?;
         tx.commit().await?;
         info!(projection = self.name(), "read model reset");
-        // Tells a running projector to replay now (it would notice on its next idle tick).
+        // Announces the checkpoint now, 0: command workers in `immediate` mode go by the last
+        // announcement, and would otherwise take the read model for as full as before the
+        // reset until the replay announces again (a re-sent command's old `stream_seq` would
+        // be `projected: true` on an empty read model). Then tells a running projector to
+        // replay now (it would notice on its next idle tick).
+        let progress = self.store.subjects().progress(self.name());
         let notice = self.store.subjects().projector_reset(self.name());
-        if self.client.publish(notice, Bytes::new()).await.is_ok() {
+        if self.client.publish(progress, "0".into()).await.is_ok()
+            && self.client.publish(notice, Bytes::new()).await.is_ok()
+        {
             let _ = self.client.flush().await;
         }
         Ok(())
