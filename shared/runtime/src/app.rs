@@ -214,9 +214,12 @@ pub fn worker_main(
 ) -> Result<(), async_nats::Error> {
     let cfg = Config::from_env()?;
     crate::telemetry::init(cfg.log_json);
-    cfg.runtime()?
-        .block_on(life(cfg))
-        .map_err(|e| format!("{worker} failed: {e}").into())
+    cfg.runtime()?.block_on(life(cfg)).map_err(|e| {
+        // In the log too, as its last line (with `CH_LOG_FORMAT=json`, the one a collector
+        // reads); the caller prints it on stderr and exits non-zero.
+        tracing::error!(worker, error = %e, "the worker failed");
+        format!("{worker} failed: {e}").into()
+    })
 }
 
 #[cfg(test)]
