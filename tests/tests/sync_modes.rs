@@ -178,6 +178,9 @@ async fn adaptive_shows_its_decisions_in_the_projectors_stats() {
             .unwrap_or_else(|| panic!("no gauge {name}: {stats}"))
     };
     assert_eq!(gauge("batch_size"), 1, "{stats}");
+    // What an operator alerts on is there before anything failed: 0, not absent.
+    assert_eq!(gauge("consecutive_failures"), 0, "{stats}");
+    assert_eq!(gauge("dead_letters"), 0, "{stats}");
     // It waited to fill the batch exactly when it was behind.
     let behind = gauge("behind_ms") >= ADAPTIVE_BEHIND.as_millis() as i64
         || gauge("pending") >= ADAPTIVE_BACKLOG as i64;

@@ -1509,6 +1509,15 @@ pub async fn run<P: Projection>(
 ) -> Result<(), async_nats::Error> {
     let mut projector = projector;
     projector.stop = shutdown.clone();
+    // Every gauge an operator looks for is there from the start: 0, not absent, until the
+    // first failure or dead letter.
+    for gauge in [
+        "consecutive_failures",
+        "dead_letters",
+        "dead_letters_last_seq",
+    ] {
+        projector.metrics.gauge(gauge, 0);
+    }
     let projector = Arc::new(projector);
     let subjects = projector.store.subjects().clone();
     let spec = ServiceSpec {
