@@ -72,11 +72,17 @@ pub async fn fold(
     Ok((states, head))
 }
 
-/// The comparable figures of a portfolio: every figure of the performance reply that the
-/// folded state holds (cash, realized PnL, fees, net deposits, status, fee rate, attached
-/// strategies, version, and each position's quantity and cost basis).
+/// The comparable figures of a portfolio: the figures of the performance reply that the
+/// folded state holds and that do not depend on when the run happened (its owner, name and
+/// currency, cash, realized PnL, fees, net deposits, status, fee rate, attached strategies,
+/// version, and each position's quantity and cost basis). Not compared: the times (the
+/// monolith's run is another), the counters the state does not keep (fills, rejections,
+/// round trips) and the fills' and history's rows.
 #[derive(Debug, PartialEq)]
 struct Figures {
+    user_id: String,
+    name: String,
+    quote_currency: String,
     cash: Decimal,
     realized: Decimal,
     fees_paid: Decimal,
@@ -91,6 +97,9 @@ struct Figures {
 impl Figures {
     fn of_state(s: &PortfolioState) -> Figures {
         Figures {
+            user_id: s.user_id.clone(),
+            name: s.name.clone(),
+            quote_currency: s.quote_currency.clone(),
             cash: s.cash,
             realized: s.realized_pnl,
             fees_paid: s.fees_paid,
@@ -123,6 +132,9 @@ impl Figures {
             .map(|s| s.as_str().map(str::to_owned))
             .collect::<Option<BTreeSet<String>>>()?;
         Some(Figures {
+            user_id: v["user_id"].as_str()?.to_owned(),
+            name: v["name"].as_str()?.to_owned(),
+            quote_currency: v["quote_currency"].as_str()?.to_owned(),
             cash: d(&v["cash"])?,
             realized: d(&v["realized_pnl"])?,
             fees_paid: d(&v["fees_paid"])?,
@@ -145,6 +157,9 @@ impl Figures {
             )*};
         }
         compare!(
+            user_id as "user_id",
+            name as "name",
+            quote_currency as "quote_currency",
             cash as "cash",
             realized as "realized_pnl",
             fees_paid as "fees_paid",
@@ -298,6 +313,9 @@ mod tests {
             fees_paid: d("0.5"),
             net_deposits: d("1000"),
             fee_rate: d("0.001"),
+            user_id: "u1".into(),
+            name: "p one".into(),
+            quote_currency: "USDT".into(),
             ..PortfolioState::default()
         };
         state.attached_strategies.insert("s1".into());
@@ -310,6 +328,7 @@ mod tests {
             },
         );
         let reply = json!({
+            "user_id": "u1", "name": "p one", "quote_currency": "USDT",
             "cash": "900.5", "realized_pnl": "1.25", "fees_paid": "0.5", "net_deposits": "1000",
             "status": "open", "fee_rate": "0.0010", "attached_strategies": ["s1"], "version": 0,
             "positions": [{"symbol": "BTC-USDT", "quantity": "0.1", "cost_basis": "100.1"}],
@@ -325,6 +344,9 @@ mod tests {
             ("status", json!("closed")),
             ("fee_rate", json!("0.002")),
             ("attached_strategies", json!(["s1", "s2"])),
+            ("user_id", json!("u2")),
+            ("name", json!("p two")),
+            ("quote_currency", json!("USDC")),
         ] {
             let mut r = reply.clone();
             r[field] = wrong;
