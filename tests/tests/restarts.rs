@@ -1284,3 +1284,50 @@ async fn drop_role(env: &TestEnv, role: &str) {
         .await
         .expect("drop the role");
 }
+
+/// `<prefix>.admin.projector.portfolio.rebuild` over NATS: the projector resets its read model
+/// (announcing 0), replays the stream (announcing its progress up to the head) and answers the
+/// same as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_asked_over_nats_replays_the_read_model() {
+    use futures::StreamExt;
+
+    let env = TestEnv::with_all_workers().await;
+    env.cmd("strategy.create", strategy("u1", "s1", &["BTC-USDT"]))
+        .await;
+    env.funded("p1", "u1", "1000", "s1").await;
+    let last = seq(&env.cmd("portfolio.update", deposit("p1", "250")).await);
+    let before = env.performance_at("p1", last).await;
+
+    let mut progress = env
+        .client
+        .subscribe(env.subjects.progress("portfolio"))
+        .await
+        .unwrap();
+    let reply = env
+        .request_raw("admin.projector.portfolio.rebuild", Vec::new())
+        .await
+        .ok();
+    assert_eq!(reply["reset"], true, "{reply}");
+    assert_eq!(reply["stream_last_seq"], last, "{reply}");
+    // Announced: the reset's 0, then the replay up to the head.
+    let mut seen = Vec::new();
+    let announced = tokio::time::timeout(ch_e2e::PATIENCE, async {
+        while let Some(m) = progress.next().await {
+            seen.push(String::from_utf8_lossy(&m.payload).parse::<u64>().unwrap());
+            if let Some(z) = seen.iter().position(|&s| s == 0) {
+                if seen[z..].iter().any(|&s| s >= last) {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    assert!(announced.is_ok(), "announced {seen:?}");
+    let mut after = env.performance_at("p1", last).await;
+    let mut before = before;
+    for r in [&mut before, &mut after] {
+        r["as_of_seq"] = Value::Null;
+    }
+    assert_eq!(after, before);
+}

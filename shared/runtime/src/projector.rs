@@ -1473,6 +1473,25 @@ impl<P: Projection> Projector<P> {
         Ok(got.then_some(Leader(Some(conn))))
     }
 
+    /// The rebuild endpoint: resets the read model (its checkpoint to 0, announced), which the
+    /// projector then replays from the stream (this one or the one that holds the lock: the
+    /// reset notice tells it); the reply comes once the reset is committed, with the stream's
+    /// head at that moment. `chctl bench` times a rebuild with it, over NATS only; progress
+    /// shows on `<prefix>.progress.<projection>` and in `status`.
+    async fn rebuild_requested(&self) -> Result<Value, ApiError> {
+        let head = self.store.last_seq().await?;
+        self.reset().await.map_err(|e| match e {
+            ProjectorError::Db(e) => ApiError::from(e),
+            ProjectorError::Store(e) => ApiError::from(e),
+            other => ApiError::internal(other.to_string()),
+        })?;
+        Ok(json!({
+            "projection": self.name(),
+            "reset": true,
+            "stream_last_seq": head,
+        }))
+    }
+
     /// The status reply: checkpoint, stream head and lag (none for a sparse projection with no
     /// event of its subjects past its checkpoint, whose checkpoint moves only when idle).
     async fn status(&self) -> Result<Value, ApiError> {
@@ -1493,8 +1512,11 @@ impl<P: Projection> Projector<P> {
 struct StatusHandler<P: Projection>(Arc<Projector<P>>);
 
 impl<P: Projection> Handler for StatusHandler<P> {
-    async fn handle(&self, _: &str, _: &async_nats::Message) -> Result<Value, ApiError> {
-        self.0.status().await
+    async fn handle(&self, endpoint: &str, _: &async_nats::Message) -> Result<Value, ApiError> {
+        match endpoint {
+            "rebuild" => self.0.rebuild_requested().await,
+            _ => self.0.status().await,
+        }
     }
 }
 
@@ -1523,10 +1545,16 @@ pub async fn run<P: Projection>(
     let spec = ServiceSpec {
         name: subjects.service_name(&format!("proj-{}", projector.name())),
         description: format!("projector of the {} read model", projector.name()),
-        endpoints: vec![EndpointSpec {
-            name: "status".into(),
-            subject: subjects.projector_status(projector.name()),
-        }],
+        endpoints: vec![
+            EndpointSpec {
+                name: "status".into(),
+                subject: subjects.projector_status(projector.name()),
+            },
+            EndpointSpec {
+                name: "rebuild".into(),
+                subject: subjects.projector_rebuild(projector.name()),
+            },
+        ],
     };
     let svc = tokio::spawn(service::serve(
         projector.client.clone(),

@@ -58,6 +58,11 @@ impl Subjects {
         format!("{}.admin.projector.{}.status", self.prefix, projection)
     }
 
+    /// A projector's rebuild endpoint: resets its read model, which it then replays.
+    pub fn projector_rebuild(&self, projection: &str) -> String {
+        format!("{}.admin.projector.{}.rebuild", self.prefix, projection)
+    }
+
     /// Where `chctl rebuild` tells a running projector that its read model was reset.
     pub fn projector_reset(&self, projection: &str) -> String {
         format!("{}.admin.projector.{}.reset", self.prefix, projection)

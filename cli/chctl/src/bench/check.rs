@@ -245,42 +245,47 @@ fn tally(results: &[(String, Vec<String>)], failed: &BTreeSet<String>) -> Value 
     })
 }
 
-/// The rebuild of the portfolio read model: reset, then replay of the whole stream, by the
-/// running projector if there is one (it holds the projection's lock), else by this process.
+/// The rebuild of the portfolio read model: reset, then replay of the whole stream. Asked of
+/// the running projector over NATS (its `rebuild` endpoint; the projector that holds the lock
+/// replays, announcing its progress), so that a run against a deployment needs no database;
+/// with no projector running, this process resets and replays through `CH_DATABASE_URL`.
 pub async fn rebuild(cfg: &Config) -> Result<Value> {
     let app = App::start(cfg.clone(), "chctl-bench")
         .await
         .context("connecting for the rebuild")?;
-    ch_readmodel::workers::migrate(&app).await?;
-    let projector = ch_readmodel::workers::projector(&app, PortfolioProjection::default())?;
     let head = app.store.last_seq().await?;
-    let db = pg::connect(&cfg.database_url, Some(&cfg.db_schema)).await?;
+    // Subscribed before asking: the reset's announcement (0) comes before the reply.
+    let mut progress = app
+        .client
+        .subscribe(app.subjects.progress("portfolio"))
+        .await?;
     let started = Instant::now();
-    let replayed_here = projector.rebuild().await?;
-    let mut first_move: Option<(Instant, u64)> = None;
-    let by = if replayed_here.is_some() {
-        "chctl (no projector was running)"
-    } else {
-        let mut best = 0;
-        let mut last_move = Instant::now();
-        loop {
-            let cp = projector::checkpoint(&db, "portfolio").await?;
-            if cp > 0 && first_move.is_none() {
-                first_move = Some((Instant::now(), cp));
+    let asked = tokio::time::timeout(
+        Duration::from_secs(30),
+        app.client
+            .request(app.subjects.projector_rebuild("portfolio"), Bytes::new()),
+    )
+    .await
+    .map_err(|_| anyhow!("the projector's rebuild endpoint did not answer within 30 s"))?;
+    let (by, first_move) = match asked {
+        Ok(reply) => {
+            if reply
+                .headers
+                .as_ref()
+                .is_some_and(|h| h.get("Nats-Service-Error-Code").is_some())
+            {
+                bail!(
+                    "the projector refused the rebuild: {}",
+                    String::from_utf8_lossy(&reply.payload)
+                );
             }
-            if cp >= head {
-                break;
-            }
-            if cp > best {
-                best = cp;
-                last_move = Instant::now();
-            }
-            if last_move.elapsed() > Duration::from_secs(60) {
-                bail!("the running projector made no progress for 60 s during the rebuild (at {best} of {head})");
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            let first_move = follow_replay(&app, &mut progress, head).await?;
+            ("the running projector, asked over NATS", first_move)
         }
-        "the running projector"
+        Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+            rebuild_here(&app, cfg, head).await?
+        }
+        Err(e) => bail!("asking the projector to rebuild: {e}"),
     };
     let secs = started.elapsed().as_secs_f64();
     let replay = first_move.and_then(|(t, cp)| {
@@ -293,8 +298,98 @@ pub async fn rebuild(cfg: &Config) -> Result<Value> {
         "events_per_sec": (head as f64 / secs.max(1e-6)).round(),
         "replayed_by": by,
         "replay_events_per_sec_after_first_commit": replay.map(f64::round),
-        "note": "from the reset to the checkpoint reaching the stream head; the reset notice on <prefix>.admin.projector.portfolio.reset starts the running projector's replay",
+        "note": "from the request to <prefix>.admin.projector.portfolio.rebuild until the projector announces, on <prefix>.progress.portfolio, a checkpoint at the stream head",
     }))
+}
+
+/// Follows the projector's announcements after a reset until one reaches `head`, confirmed by
+/// its `status` (an idle re-announcement of the old checkpoint could follow the reset's 0):
+/// those before the reset's 0 are the read model's old checkpoint. Returns when the first
+/// transaction of the replay was announced, and at which checkpoint.
+async fn follow_replay(
+    app: &App,
+    progress: &mut async_nats::Subscriber,
+    head: u64,
+) -> Result<Option<(Instant, u64)>> {
+    if head == 0 {
+        return Ok(None);
+    }
+    let mut reset_seen = false;
+    let mut first_move = None;
+    loop {
+        // A replay announces each transaction; a minute of silence is a stalled one.
+        let msg = tokio::time::timeout(Duration::from_secs(60), progress.next())
+            .await
+            .map_err(|_| {
+                anyhow!("the projector announced no progress for 60 s during the rebuild")
+            })?
+            .ok_or_else(|| anyhow!("the progress subscription ended"))?;
+        let Some(cp) = std::str::from_utf8(&msg.payload)
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if cp == 0 {
+            reset_seen = true;
+            continue;
+        }
+        if !reset_seen {
+            continue;
+        }
+        first_move.get_or_insert((Instant::now(), cp));
+        if cp >= head && applied(app).await? >= head {
+            return Ok(first_move);
+        }
+    }
+}
+
+/// The portfolio projector's checkpoint, from its `status` endpoint.
+async fn applied(app: &App) -> Result<u64> {
+    let reply = app
+        .client
+        .request(app.subjects.projector_status("portfolio"), Bytes::new())
+        .await
+        .context("the projector's status")?;
+    let status: Value = serde_json::from_slice(&reply.payload)?;
+    status["last_seq"]
+        .as_u64()
+        .ok_or_else(|| anyhow!("the projector's status has no last_seq: {status}"))
+}
+
+/// No projector running: this process resets and replays through the database.
+async fn rebuild_here(
+    app: &App,
+    cfg: &Config,
+    head: u64,
+) -> Result<(&'static str, Option<(Instant, u64)>)> {
+    ch_readmodel::workers::migrate(app).await?;
+    let projector = ch_readmodel::workers::projector(app, PortfolioProjection::default())?;
+    match projector.rebuild().await? {
+        Some(_) => Ok(("chctl (no projector was running)", None)),
+        // A projector took the lock meanwhile: it replays; follow its checkpoint.
+        None => {
+            let db = pg::connect(&cfg.database_url, Some(&cfg.db_schema)).await?;
+            let mut first_move = None;
+            let (mut best, mut last_move) = (0, Instant::now());
+            loop {
+                let cp = projector::checkpoint(&db, "portfolio").await?;
+                if cp > 0 && first_move.is_none() {
+                    first_move = Some((Instant::now(), cp));
+                }
+                if cp >= head {
+                    return Ok(("the running projector", first_move));
+                }
+                if cp > best {
+                    (best, last_move) = (cp, Instant::now());
+                }
+                if last_move.elapsed() > Duration::from_secs(60) {
+                    bail!("the running projector made no progress for 60 s during the rebuild (at {best} of {head})");
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
