@@ -1331,3 +1331,26 @@ async fn a_rebuild_asked_over_nats_replays_the_read_model() {
     }
     assert_eq!(after, before);
 }
+
+/// The `pending` gauge is the consumer's backlog: set by each batch's first delivery, and read
+/// from the server when idle, so that a projector that caught up does not show the backlog of
+/// its last batch for as long as nothing comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pending_gauge_reads_the_servers_backlog_when_idle() {
+    let env = TestEnv::without_projectors().await;
+    env.cmd("portfolio.update", open("p1", "u1")).await;
+    let mut last = 0;
+    for _ in 0..40 {
+        last = seq(&env.cmd("portfolio.update", deposit("p1", "1")).await);
+    }
+    // It replays the 41 events first, then its consumer hands them over again (skipped): the
+    // first of them says 40 more are pending.
+    let (stop, metrics, task) = portfolio_projector(env.app_config()).await;
+    env.performance_at("p1", last).await;
+    wait_until("pending back to 0 once idle", || {
+        gauge(&metrics, "pending") == Some(0)
+    })
+    .await;
+    stop.cancel();
+    let _ = task.await;
+}

@@ -1266,7 +1266,7 @@ impl<P: Projection> Projector<P> {
         retry: &mut Retry,
     ) -> Result<Ended, ProjectorError> {
         let name = self.name();
-        let consumer = self.open_consumer().await?;
+        let mut consumer = self.open_consumer().await?;
         // Catch up first with an ordered replay: fast after a rebuild or a long outage.
         self.catch_up_to_head().await?;
         let mut messages = consumer
@@ -1329,6 +1329,11 @@ impl<P: Projection> Projector<P> {
                     ack(to_ack.take()).await;
                     if self.resync("idle check", retry, shutdown).await.is_none() {
                         break Ended::Shutdown;
+                    }
+                    // Idle: the backlog as the server counts it (a batch's first delivery set
+                    // it last, and would show it for as long as nothing comes).
+                    if let Ok(info) = consumer.info().await {
+                        self.metrics.gauge("pending", info.num_pending as i64);
                     }
                     continue;
                 }
