@@ -789,6 +789,61 @@ async fn an_append_whose_answer_was_lost_is_stored_once() {
     assert_eq!(facts.asked.load(Ordering::Relaxed), 1, "decided once");
 }
 
+/// The store refuses an append at once for a while (no stream takes the subject: a cluster
+/// node still placing a new stream, say): the append is sent again for 5 s, not only three
+/// times within 0.6 s, and goes through once the stream takes the subject again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_refused_at_once_is_sent_again_for_seconds() {
+    let env = TestEnv::new().await;
+    let app = App::start(env.app_config(), "test-no-stream")
+        .await
+        .unwrap();
+    let metrics = app.metrics.clone();
+    let portfolios = Arc::new(Executor::<PortfolioState>::new(
+        app.store.clone(),
+        metrics.clone(),
+    ));
+    let facts = Arc::new(NoPortfolioFacts::default());
+    portfolios
+        .execute("p1", &Common::default(), &opening("p1"), facts.as_ref())
+        .await
+        .unwrap();
+
+    // The stream stops taking portfolio subjects (its events stay).
+    let js = async_nats::jetstream::new(env.client.clone());
+    let mut stream = js.get_stream(env.subjects.stream_name()).await.unwrap();
+    let config = stream.info().await.unwrap().config.clone();
+    let mut markets_only = config.clone();
+    markets_only.subjects = vec![format!("{}.events.market.>", env.subjects.prefix())];
+    js.update_stream(markets_only).await.unwrap();
+
+    let mut deposit = tokio::spawn({
+        let (portfolios, facts) = (portfolios.clone(), facts.clone());
+        async move {
+            portfolios
+                .execute("p1", &Common::default(), &depositing(500), facts.as_ref())
+                .await
+        }
+    });
+    // A fourth re-send: three used to be all, answered `unavailable` within 0.6 s.
+    let counted = eventually(|| async {
+        let n = metrics.snapshot("")["append_retries"].as_u64().unwrap_or(0);
+        (n >= 4).then_some(()).ok_or(format!("{n} re-sends"))
+    });
+    tokio::select! {
+        () = counted => {}
+        answer = &mut deposit => panic!("answered before a fourth re-send: {answer:?}"),
+    }
+    js.update_stream(config).await.unwrap();
+
+    let reply = deposit
+        .await
+        .unwrap()
+        .expect("stored once the stream takes it again");
+    assert_eq!(reply["version"], json!(2), "{reply}");
+    assert_eq!(env.subject_count(AggregateType::Portfolio, "p1").await, 2);
+}
+
 /// NATS stalls for longer than every attempt of an append waits (the server paused): the
 /// command is answered `unavailable`, the one error reply after which the event may have been
 /// stored (README). The attempts were sent with the command's id as their message id: once

@@ -21,8 +21,12 @@ use crate::repo::{Entry, Repo};
 
 /// How many times a command is decided again after losing an append race.
 pub const MAX_CONFLICT_RETRIES: u32 = 200;
-/// How many times an append is re-sent while the store is unreachable.
+/// An append the store did not take (unanswered, or refused as for a while: no stream for
+/// the subject yet on a cluster node, no quorum) is re-sent at least this many times...
 const MAX_UNAVAILABLE_RETRIES: u32 = 3;
+/// ...and for at least this long after the first such failure (a refusal comes at once: three
+/// quick re-sends are over in 0.6 s, too soon for a cluster that is still placing the stream).
+const UNAVAILABLE_PATIENCE: Duration = Duration::from_secs(5);
 
 /// Gathers the outside facts a decision needs (other aggregates, marks) before `decide`.
 pub trait FactSource<A: Aggregate>: Send + Sync {
@@ -174,6 +178,7 @@ where
             self.repo.catch_up(id, &mut entry).await?;
         }
         let mut unavailable = 0;
+        let mut first_unavailable: Option<std::time::Instant> = None;
         let mut attempt = 0;
         let mut fresh = entry.last_seq == 0;
         // One message id and event id for every attempt: an append that was stored but whose
@@ -264,11 +269,17 @@ where
             // sequence and message id), not decided again: it may have been stored.
             let appended = loop {
                 match self.store().append(entry.last_seq, &pairs, &msg_id).await {
-                    Err(StoreError::Unavailable(m)) if unavailable < MAX_UNAVAILABLE_RETRIES => {
+                    Err(StoreError::Unavailable(m))
+                        if unavailable < MAX_UNAVAILABLE_RETRIES
+                            || first_unavailable
+                                .is_none_or(|t| t.elapsed() < UNAVAILABLE_PATIENCE) =>
+                    {
+                        first_unavailable.get_or_insert_with(std::time::Instant::now);
                         unavailable += 1;
                         self.metrics.append_retry();
                         warn!(error = %m, "append failed, sending it again");
-                        tokio::time::sleep(Duration::from_millis(100 * unavailable as u64)).await;
+                        let wait = Duration::from_millis(100 * u64::from(unavailable));
+                        tokio::time::sleep(wait.min(Duration::from_secs(1))).await;
                     }
                     other => break other,
                 }
