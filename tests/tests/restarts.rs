@@ -710,6 +710,29 @@ impl FactSource<PortfolioState> for NoPortfolioFacts {
 }
 
 /// `open` of portfolio `id`, as an executor in the test decides it.
+/// A portfolio executor on a connection of its own (`name`), with p1 opened (its cache warm),
+/// and facts not asked yet.
+async fn with_p1_opened(
+    env: &TestEnv,
+    name: &str,
+) -> (App, Arc<Executor<PortfolioState>>, Arc<NoPortfolioFacts>) {
+    let app = App::start(env.app_config(), name).await.unwrap();
+    let portfolios = Arc::new(Executor::<PortfolioState>::new(
+        app.store.clone(),
+        app.metrics.clone(),
+    ));
+    portfolios
+        .execute(
+            "p1",
+            &Common::default(),
+            &opening("p1"),
+            &NoPortfolioFacts::default(),
+        )
+        .await
+        .unwrap();
+    (app, portfolios, Arc::new(NoPortfolioFacts::default()))
+}
+
 fn opening(id: &str) -> PortfolioCommand {
     PortfolioCommand::Open {
         portfolio_id: id.into(),
@@ -754,18 +777,8 @@ async fn until_counted(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_append_whose_answer_was_lost_is_stored_once() {
     let env = TestEnv::with_own_nats_server().await;
-    let app = App::start(env.app_config(), "test-lost-ack").await.unwrap();
+    let (app, portfolios, facts) = with_p1_opened(&env, "test-lost-ack").await;
     let metrics = app.metrics.clone();
-    let portfolios = Arc::new(Executor::<PortfolioState>::new(
-        app.store.clone(),
-        metrics.clone(),
-    ));
-    let common = Common::default();
-    portfolios
-        .execute("p1", &common, &opening("p1"), &NoPortfolioFacts::default())
-        .await
-        .unwrap();
-    let facts = Arc::new(NoPortfolioFacts::default());
 
     env.nats_server().pause().await;
     let mut deposit = tokio::spawn({
@@ -795,19 +808,8 @@ async fn an_append_whose_answer_was_lost_is_stored_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_append_refused_at_once_is_sent_again_for_seconds() {
     let env = TestEnv::new().await;
-    let app = App::start(env.app_config(), "test-no-stream")
-        .await
-        .unwrap();
+    let (app, portfolios, facts) = with_p1_opened(&env, "test-no-stream").await;
     let metrics = app.metrics.clone();
-    let portfolios = Arc::new(Executor::<PortfolioState>::new(
-        app.store.clone(),
-        metrics.clone(),
-    ));
-    let facts = Arc::new(NoPortfolioFacts::default());
-    portfolios
-        .execute("p1", &Common::default(), &opening("p1"), facts.as_ref())
-        .await
-        .unwrap();
 
     // The stream stops taking portfolio subjects (its events stay).
     let js = async_nats::jetstream::new(env.client.clone());
@@ -852,13 +854,7 @@ async fn an_append_refused_at_once_is_sent_again_for_seconds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_append_never_answered_is_unavailable_and_a_resend_finds_it_stored_once() {
     let env = TestEnv::with_own_nats_server().await;
-    let app = App::start(env.app_config(), "test-no-ack").await.unwrap();
-    let portfolios = Executor::<PortfolioState>::new(app.store.clone(), app.metrics.clone());
-    let facts = NoPortfolioFacts::default();
-    portfolios
-        .execute("p1", &Common::default(), &opening("p1"), &facts)
-        .await
-        .unwrap();
+    let (app, portfolios, facts) = with_p1_opened(&env, "test-no-ack").await;
     let common = Common {
         command_id: Some(uuid::Uuid::now_v7()),
         ..Common::default()
@@ -867,7 +863,7 @@ async fn an_append_never_answered_is_unavailable_and_a_resend_finds_it_stored_on
     env.nats_server().pause().await;
     // Each attempt waits 5 s for its acknowledgement; the first and three more.
     let refused = portfolios
-        .execute("p1", &common, &depositing(500), &facts)
+        .execute("p1", &common, &depositing(500), facts.as_ref())
         .await
         .expect_err("no acknowledgement came");
     env.nats_server().resume();
@@ -875,7 +871,7 @@ async fn an_append_never_answered_is_unavailable_and_a_resend_finds_it_stored_on
     assert_eq!(app.metrics.snapshot("")["append_retries"], 3);
 
     let again = portfolios
-        .execute("p1", &common, &depositing(500), &facts)
+        .execute("p1", &common, &depositing(500), facts.as_ref())
         .await
         .expect("answered once the server runs");
     assert_eq!(again["version"], json!(2), "{again}");
