@@ -733,6 +733,19 @@ async fn with_p1_opened(
     (app, portfolios, Arc::new(NoPortfolioFacts::default()))
 }
 
+/// A deposit of 500 on p1 through `portfolios`, in a task of its own (to be answered later).
+fn deposit_500_spawned(
+    portfolios: &Arc<Executor<PortfolioState>>,
+    facts: &Arc<NoPortfolioFacts>,
+) -> JoinHandle<Result<Value, ApiError>> {
+    let (portfolios, facts) = (portfolios.clone(), facts.clone());
+    tokio::spawn(async move {
+        portfolios
+            .execute("p1", &Common::default(), &depositing(500), facts.as_ref())
+            .await
+    })
+}
+
 fn opening(id: &str) -> PortfolioCommand {
     PortfolioCommand::Open {
         portfolio_id: id.into(),
@@ -781,14 +794,7 @@ async fn an_append_whose_answer_was_lost_is_stored_once() {
     let metrics = app.metrics.clone();
 
     env.nats_server().pause().await;
-    let mut deposit = tokio::spawn({
-        let (portfolios, facts) = (portfolios.clone(), facts.clone());
-        async move {
-            portfolios
-                .execute("p1", &Common::default(), &depositing(500), facts.as_ref())
-                .await
-        }
-    });
+    let mut deposit = deposit_500_spawned(&portfolios, &facts);
     // The first attempt's wait for its acknowledgement has run out (async-nats waits 5 s).
     until_counted(&metrics, "append_retries", &mut deposit).await;
     env.nats_server().resume();
@@ -819,14 +825,7 @@ async fn an_append_refused_at_once_is_sent_again_for_seconds() {
     markets_only.subjects = vec![format!("{}.events.market.>", env.subjects.prefix())];
     js.update_stream(markets_only).await.unwrap();
 
-    let mut deposit = tokio::spawn({
-        let (portfolios, facts) = (portfolios.clone(), facts.clone());
-        async move {
-            portfolios
-                .execute("p1", &Common::default(), &depositing(500), facts.as_ref())
-                .await
-        }
-    });
+    let mut deposit = deposit_500_spawned(&portfolios, &facts);
     // A fourth re-send: three used to be all, answered `unavailable` within 0.6 s.
     let counted = eventually(|| async {
         let n = metrics.snapshot("")["append_retries"].as_u64().unwrap_or(0);
