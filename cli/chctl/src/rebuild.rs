@@ -88,7 +88,7 @@ async fn rebuild<P: Projection>(
             println!(
                 "{name}: a running projector holds the lock; it replays, following its progress"
             );
-            follow(ctx, app, name, head, stall, progress).await?
+            follow(ctx, app, name, head, stall, progress).await?.last
         }
     };
     let secs = started.elapsed().as_secs_f64();
@@ -121,17 +121,27 @@ async fn watch_checkpoint(
     }
 }
 
+/// How a running projector's replay went, as [`follow`] saw it.
+pub struct Followed {
+    /// The checkpoint it reached (`head` or beyond).
+    pub last: u64,
+    /// When it was first seen past the reset and short of `head`, and where: the replay's
+    /// first committed transaction (none when one transaction did it all).
+    pub first_move: Option<(Instant, u64)>,
+}
+
 /// Follows the running projector until it has applied `head`: woken by each checkpoint it
 /// announces and once a second, it asks the projector's status (an announcement from before
 /// the reset may still arrive; the status reads the checkpoint).
-async fn follow(
+pub async fn follow(
     ctx: &Ctx,
     app: &App,
     name: &str,
     head: u64,
     stall: Duration,
     mut progress: Subscriber,
-) -> Result<u64> {
+) -> Result<Followed> {
+    let mut first_move = None;
     let mut best = 0u64;
     let mut last_move = Instant::now();
     let mut next_print = Instant::now();
@@ -143,6 +153,9 @@ async fn follow(
                     std::str::from_utf8(&m.payload).ok().and_then(|s| s.parse().ok());
                 if let Some(seq) = announced.filter(|&seq| seq < head) {
                     // On its way: nothing to ask yet.
+                    if seq > 0 {
+                        first_move.get_or_insert((Instant::now(), seq));
+                    }
                     if seq > best {
                         best = seq;
                         last_move = Instant::now();
@@ -156,7 +169,10 @@ async fn follow(
             Ok(v) => {
                 let seq = v["last_seq"].as_u64().unwrap_or(0);
                 if seq >= head {
-                    return Ok(seq);
+                    return Ok(Followed {
+                        last: seq,
+                        first_move,
+                    });
                 }
                 if seq > best {
                     best = seq;

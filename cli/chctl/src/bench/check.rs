@@ -11,12 +11,14 @@ use ch_domain::portfolio::PortfolioState;
 use ch_domain::Aggregate;
 use ch_readmodel::PortfolioProjection;
 use ch_runtime::app::App;
-use ch_runtime::{envelope, pg, projector, Config, Subjects};
+use ch_runtime::{envelope, Subjects};
 use futures::stream::{self, StreamExt};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 
 use super::load::{send, Outcome, Target};
+use crate::common::Ctx;
+use crate::rebuild::follow;
 
 /// Folds every portfolio of the stream of `subjects` whose id starts with `id_prefix`; also
 /// returns the stream's last sequence when the fold started.
@@ -249,16 +251,17 @@ fn tally(results: &[(String, Vec<String>)], failed: &BTreeSet<String>) -> Value 
 /// the running projector over NATS (its `rebuild` endpoint; the projector that holds the lock
 /// replays, announcing its progress), so that a run against a deployment needs no database;
 /// with no projector running, this process resets and replays through `CH_DATABASE_URL`.
-pub async fn rebuild(cfg: &Config) -> Result<Value> {
-    let app = App::start(cfg.clone(), "chctl-bench")
+pub async fn rebuild(ctx: &Ctx) -> Result<Value> {
+    let app = App::start(ctx.cfg.clone(), "chctl-bench")
         .await
         .context("connecting for the rebuild")?;
     let head = app.store.last_seq().await?;
-    // Subscribed before asking: the reset's announcement (0) comes before the reply.
-    let mut progress = app
+    // Subscribed before asking: the replay may be over before the reply is read.
+    let progress = app
         .client
         .subscribe(app.subjects.progress("portfolio"))
         .await?;
+    let stall = Duration::from_secs(60);
     let started = Instant::now();
     let asked = tokio::time::timeout(
         Duration::from_secs(30),
@@ -279,11 +282,23 @@ pub async fn rebuild(cfg: &Config) -> Result<Value> {
                     String::from_utf8_lossy(&reply.payload)
                 );
             }
-            let first_move = follow_replay(&app, &mut progress, head).await?;
-            ("the running projector, asked over NATS", first_move)
+            let followed = follow(ctx, &app, "portfolio", head, stall, progress).await?;
+            (
+                "the running projector, asked over NATS",
+                followed.first_move,
+            )
         }
         Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
-            rebuild_here(&app, cfg, head).await?
+            ch_readmodel::workers::migrate(&app).await?;
+            let projector = ch_readmodel::workers::projector(&app, PortfolioProjection::default())?;
+            match projector.rebuild().await? {
+                Some(_) => ("chctl (no projector was running)", None),
+                // A projector took the lock meanwhile: it replays.
+                None => {
+                    let followed = follow(ctx, &app, "portfolio", head, stall, progress).await?;
+                    ("the running projector", followed.first_move)
+                }
+            }
         }
         Err(e) => bail!("asking the projector to rebuild: {e}"),
     };
@@ -298,98 +313,8 @@ pub async fn rebuild(cfg: &Config) -> Result<Value> {
         "events_per_sec": (head as f64 / secs.max(1e-6)).round(),
         "replayed_by": by,
         "replay_events_per_sec_after_first_commit": replay.map(f64::round),
-        "note": "from the request to <prefix>.admin.projector.portfolio.rebuild until the projector announces, on <prefix>.progress.portfolio, a checkpoint at the stream head",
+        "note": "from the request to <prefix>.admin.projector.portfolio.rebuild until the projector's checkpoint reaches the stream head (its announcements on <prefix>.progress.portfolio, confirmed by its status)",
     }))
-}
-
-/// Follows the projector's announcements after a reset until one reaches `head`, confirmed by
-/// its `status` (an idle re-announcement of the old checkpoint could follow the reset's 0):
-/// those before the reset's 0 are the read model's old checkpoint. Returns when the first
-/// transaction of the replay was announced, and at which checkpoint.
-async fn follow_replay(
-    app: &App,
-    progress: &mut async_nats::Subscriber,
-    head: u64,
-) -> Result<Option<(Instant, u64)>> {
-    if head == 0 {
-        return Ok(None);
-    }
-    let mut reset_seen = false;
-    let mut first_move = None;
-    loop {
-        // A replay announces each transaction; a minute of silence is a stalled one.
-        let msg = tokio::time::timeout(Duration::from_secs(60), progress.next())
-            .await
-            .map_err(|_| {
-                anyhow!("the projector announced no progress for 60 s during the rebuild")
-            })?
-            .ok_or_else(|| anyhow!("the progress subscription ended"))?;
-        let Some(cp) = std::str::from_utf8(&msg.payload)
-            .ok()
-            .and_then(|s| s.parse::<u64>().ok())
-        else {
-            continue;
-        };
-        if cp == 0 {
-            reset_seen = true;
-            continue;
-        }
-        if !reset_seen {
-            continue;
-        }
-        first_move.get_or_insert((Instant::now(), cp));
-        if cp >= head && applied(app).await? >= head {
-            return Ok(first_move);
-        }
-    }
-}
-
-/// The portfolio projector's checkpoint, from its `status` endpoint.
-async fn applied(app: &App) -> Result<u64> {
-    let reply = app
-        .client
-        .request(app.subjects.projector_status("portfolio"), Bytes::new())
-        .await
-        .context("the projector's status")?;
-    let status: Value = serde_json::from_slice(&reply.payload)?;
-    status["last_seq"]
-        .as_u64()
-        .ok_or_else(|| anyhow!("the projector's status has no last_seq: {status}"))
-}
-
-/// No projector running: this process resets and replays through the database.
-async fn rebuild_here(
-    app: &App,
-    cfg: &Config,
-    head: u64,
-) -> Result<(&'static str, Option<(Instant, u64)>)> {
-    ch_readmodel::workers::migrate(app).await?;
-    let projector = ch_readmodel::workers::projector(app, PortfolioProjection::default())?;
-    match projector.rebuild().await? {
-        Some(_) => Ok(("chctl (no projector was running)", None)),
-        // A projector took the lock meanwhile: it replays; follow its checkpoint.
-        None => {
-            let db = pg::connect(&cfg.database_url, Some(&cfg.db_schema)).await?;
-            let mut first_move = None;
-            let (mut best, mut last_move) = (0, Instant::now());
-            loop {
-                let cp = projector::checkpoint(&db, "portfolio").await?;
-                if cp > 0 && first_move.is_none() {
-                    first_move = Some((Instant::now(), cp));
-                }
-                if cp >= head {
-                    return Ok(("the running projector", first_move));
-                }
-                if cp > best {
-                    (best, last_move) = (cp, Instant::now());
-                }
-                if last_move.elapsed() > Duration::from_secs(60) {
-                    bail!("the running projector made no progress for 60 s during the rebuild (at {best} of {head})");
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -625,7 +625,7 @@ async fn run_ours(
     );
 
     println!("rebuild: portfolio read model from the whole stream");
-    let rebuild = match check::rebuild(&ctx.cfg).await {
+    let rebuild = match check::rebuild(ctx).await {
         Ok(v) => {
             let again = check::compare(&target, &states, ids, Some(head), &none).await;
             consistency["rows_differing_after_rebuild"] = again["rows_differing"].clone();
