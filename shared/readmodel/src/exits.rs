@@ -671,25 +671,22 @@ async fn open_consumer(
     // Every price is evaluated, however long the read models lag (each try gives the price
     // back after a wait): a consumer made with a delivery limit (20 before) would drop the
     // prices of a long outage for good, and the exits they cross with them.
-    Ok(
-        if consumer.cached_info().config.max_deliver == cfg.max_deliver {
-            consumer
-        } else {
-            info!(
-                durable,
-                max_deliver = cfg.max_deliver,
-                was = consumer.cached_info().config.max_deliver,
-                "updating the consumer's delivery limit"
-            );
-            match app.store.stream().update_consumer(cfg).await {
-                Ok(updated) => updated,
-                Err(e) => {
-                    warn!(durable, error = %e, "could not update the consumer; going on with it");
-                    consumer
-                }
-            }
-        },
-    )
+    if consumer.cached_info().config.max_deliver == cfg.max_deliver {
+        return Ok(consumer);
+    }
+    info!(
+        durable,
+        max_deliver = cfg.max_deliver,
+        was = consumer.cached_info().config.max_deliver,
+        "updating the consumer's delivery limit"
+    );
+    match app.store.stream().update_consumer(cfg).await {
+        Ok(updated) => Ok(updated),
+        Err(e) => {
+            warn!(durable, error = %e, "could not update the consumer; going on with it");
+            Ok(consumer)
+        }
+    }
 }
 
 /// Runs the worker on the durable consumer `durable` (replicas sharing one durable share the

@@ -82,25 +82,24 @@ impl App {
     pub async fn start(cfg: Config, worker: &str) -> Result<App, StartError> {
         let subjects = Subjects::new(cfg.prefix.clone());
         let service_name = subjects.service_name(worker);
+        // The address as messages and logs show it (no password).
+        let nats = crate::config::redact(&cfg.nats_url);
         let client = crate::connect_nats(&cfg.nats_url, &service_name)
             .await
             .map_err(|error| StartError::Nats {
-                url: crate::config::redact(&cfg.nats_url),
+                url: nats.clone(),
                 error,
             })?;
         wait_ready(&jetstream::new(client.clone()), JETSTREAM_PATIENCE)
             .await
-            .map_err(|e| {
-                let url = crate::config::redact(&cfg.nats_url);
-                StartError::not_ready(e, &client.connection_state(), &url)
-            })?;
+            .map_err(|e| StartError::not_ready(e, &client.connection_state(), &nats))?;
         let metrics = Metrics::default();
         let store = EventStore::open(client.clone(), subjects.clone())
             .await?
             .with_metrics(metrics.clone());
         info!(
             worker,
-            nats = %crate::config::redact(&cfg.nats_url),
+            nats = %nats,
             server_version = %client.server_info().version,
             stream = %subjects.stream_name(),
             database = %crate::config::redact(&cfg.database_url),

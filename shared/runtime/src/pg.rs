@@ -143,6 +143,11 @@ fn notice_a_vanished_server(cfg: &mut tokio_postgres::Config) {
         .keepalives_idle(Duration::from_secs(10))
         .keepalives_interval(Duration::from_secs(5))
         .keepalives_retries(3);
+    bound_connecting(cfg);
+}
+
+/// A connection attempt gives up after [`CONNECT_TIMEOUT`], unless the URL sets its own.
+fn bound_connecting(cfg: &mut tokio_postgres::Config) {
     if cfg.get_connect_timeout().is_none() {
         cfg.connect_timeout(CONNECT_TIMEOUT);
     }
@@ -167,9 +172,7 @@ pub async fn connect(
     if let Some(s) = schema {
         cfg.options(format!("-c search_path={s}"));
     }
-    if cfg.get_connect_timeout().is_none() {
-        cfg.connect_timeout(CONNECT_TIMEOUT);
-    }
+    bound_connecting(&mut cfg);
     let (client, conn) = cfg
         .connect(NoTls)
         .await
