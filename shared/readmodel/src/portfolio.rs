@@ -69,8 +69,9 @@ const NAV_PLACES: u32 = 20;
 
 /// `nav` grown by `to / from`: multiplied first (the figures of every earlier release), the
 /// growth ratio first when that product overflows (a price far beyond any market's is
-/// accepted up to Decimal's range); `None` when even the result does not fit.
-pub(crate) fn grow(nav: Decimal, to: Decimal, from: Decimal) -> Option<Decimal> {
+/// accepted up to Decimal's range); `None` when even the result does not fit. The NAV chain
+/// of the projector, the performance query and the benchmark's monolith.
+pub fn grow(nav: Decimal, to: Decimal, from: Decimal) -> Option<Decimal> {
     nav.checked_mul(to)
         .and_then(|grown| grown.checked_div(from))
         .or_else(|| to.checked_div(from).and_then(|r| nav.checked_mul(r)))

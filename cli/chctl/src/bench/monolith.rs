@@ -68,6 +68,7 @@ use ch_domain::request::{parse_command, reply_extra, Common, Endpoint, Target};
 use ch_domain::strategy::StrategyStatus;
 use ch_domain::strategy::{RiskProfile, StrategyCommand, StrategyRule, StrategyState};
 use ch_domain::{Aggregate, Ctx, DomainError, Event};
+use ch_readmodel::portfolio::grow;
 use ch_readmodel::queries::{self, PerformanceQuery};
 use ch_runtime::error::{ApiError, DbError};
 use ch_runtime::metrics::Metrics;
@@ -514,11 +515,7 @@ impl Book {
     fn flow(&mut self, signed_amount: Decimal) {
         let before = self.state.valuation(&BTreeMap::new()).equity;
         if self.equity_at_flow > Decimal::ZERO {
-            if let Some(nav) = self
-                .nav_at_flow
-                .checked_mul(before)
-                .and_then(|x| x.checked_div(self.equity_at_flow))
-            {
+            if let Some(nav) = grow(self.nav_at_flow, before, self.equity_at_flow) {
                 self.nav_at_flow = nav.round_dp(20);
             }
         }
@@ -994,9 +991,7 @@ fn performance_reply(p: &Row, rows: &[Row]) -> Value {
     let nav: Decimal = p.get("nav_at_flow");
     let e_flow: Decimal = p.get("equity_at_flow");
     let total_return = if e_flow > Decimal::ZERO {
-        nav.checked_mul(equity)
-            .and_then(|x| x.checked_div(e_flow))
-            .map(|x| (x - Decimal::ONE).round_dp(10))
+        grow(nav, equity, e_flow).map(|x| (x - Decimal::ONE).round_dp(10))
     } else {
         Some((nav - Decimal::ONE).round_dp(10))
     };
