@@ -280,11 +280,13 @@ impl PortfolioState {
     }
 
     /// The high-water mark after an external flow of `amount` (negative: a withdrawal) made
-    /// at `equity_before`: scaled by the flow's share of the equity, so that the drawdown it
-    /// measures is the same after the flow as before (flows are never returns). Without the
-    /// equity (events stored before it), or with none to scale, it moves by the amount.
+    /// at `equity_before`: first raised to `equity_before` (an equity the portfolio saw, at
+    /// the marks of the flow's decision), then scaled by the flow's share of the equity, so
+    /// that the drawdown it measures is the same after the flow as before (flows are never
+    /// returns). Without the equity (events stored before it), or with none to scale, it
+    /// moves by the amount.
     fn high_water_after_flow(&self, amount: Decimal, equity_before: Option<Decimal>) -> Decimal {
-        let hwm = self.high_water_equity;
+        let hwm = equity_before.map_or(self.high_water_equity, |e| self.high_water_equity.max(e));
         let scaled = equity_before
             .filter(|e| *e > Decimal::ZERO)
             .and_then(|e| {
@@ -1487,6 +1489,41 @@ mod tests {
         assert_eq!(up.high_water_equity, dec("25000")); // cash 3000 + 1.1 at 20000
         let ev = up
             .decide(&buy("0.1", "13000"), &marked("13000"), &ctx())
+            .unwrap();
+        assert!(
+            matches!(&ev[0], Event::TradeSignalRejected(r) if r.reason == "TRADING_HALTED"),
+            "{ev:?}"
+        );
+    }
+
+    #[test]
+    fn a_flow_at_a_peak_of_the_marks_keeps_the_peak() {
+        let p = RiskProfile {
+            max_drawdown_pct: Some(dec("0.2")),
+            ..profile()
+        };
+        let f = facts_with(p);
+        let marked = |m: &str| PortfolioFacts {
+            marks: [("BTC-USDT".to_string(), dec(m))].into(),
+            ..f.clone()
+        };
+        let mut st =
+            given::<PortfolioState>(vec![opened(), deposited("10000", "10000"), attached(S)])
+                .state()
+                .clone();
+        step(&mut st, &signal(Side::Buy, "1", "5000", Some("0")), &f).unwrap();
+        assert_eq!(st.high_water_equity, dec("10000"));
+        // BTC marked at 15000: equity 20000, seen by the deposit made there.
+        step(
+            &mut st,
+            &PortfolioCommand::Deposit { amount: dec("1") },
+            &marked("15000"),
+        )
+        .unwrap();
+        assert_eq!(st.high_water_equity, dec("20001"));
+        // Back at 10000: equity 15001, 25 % below the peak the deposit saw.
+        let ev = st
+            .decide(&buy("0.1", "10000"), &marked("10000"), &ctx())
             .unwrap();
         assert!(
             matches!(&ev[0], Event::TradeSignalRejected(r) if r.reason == "TRADING_HALTED"),
