@@ -460,7 +460,12 @@ fn series_stats(
         return SeriesStats::default();
     }
     let n = rebase(nav);
-    let r: Vec<f64> = n.windows(2).map(|w| w[1] / w[0] - 1.0).collect();
+    // After a total loss the index stays at 0 (`NavChain`): a period without capital returns 0,
+    // not 0/0, so that the statistics of the periods before it still count.
+    let r: Vec<f64> = n
+        .windows(2)
+        .map(|w| if w[0] == 0.0 { 0.0 } else { w[1] / w[0] - 1.0 })
+        .collect();
     let a = interval.periods_per_year();
     let rf = (1.0 + risk_free_rate).powf(1.0 / a) - 1.0;
     let excess: Vec<f64> = r.iter().map(|x| x - rf).collect();
@@ -755,6 +760,17 @@ mod tests {
             assert_eq!(x.calmar, None);
             assert_eq!(x.exposure, None);
         }
+    }
+
+    #[test]
+    fn a_total_loss_keeps_the_statistics() {
+        let x = m(&[1.0, 0.5, 0.0, 0.0, 0.0], Interval::Day, 4, 0.0);
+        // returns -0.5, -1, 0, 0: mean -0.375, sample variance 0.6875 / 3
+        close(x.volatility, (0.6875_f64 / 3.0).sqrt() * 365f64.sqrt(), 9);
+        assert!(x.sharpe.is_some_and(|s| s < 0.0), "{:?}", x.sharpe);
+        assert!(x.sortino.is_some_and(|s| s < 0.0), "{:?}", x.sortino);
+        assert_eq!(x.max_drawdown, Some(-1.0));
+        assert_eq!(x.total_return, Some(-1.0));
     }
 
     #[test]
