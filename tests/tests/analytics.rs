@@ -386,6 +386,49 @@ async fn analysis_validates_its_input_and_handles_empty_portfolios() {
     );
 }
 
+/// A curve within the count of points whose reply is above the server's max payload (about
+/// 70 bytes a point: 19,000 hourly points make some 1.3 MB against 1 MB) is `bad_request`
+/// naming its size, not a reply the server refuses and a client left to time out; the same
+/// period daily is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_above_the_max_payload_is_bad_request() {
+    let env = TestEnv::with_all_workers().await;
+    let max = env.client.server_info().max_payload;
+    env.cmd(
+        "portfolio.update",
+        json!({"portfolio_id": "p1", "op": "open", "user_id": "u", "name": "n",
+               "quote_currency": "USDT", "at": "2026-01-01T00:00:00Z"}),
+    )
+    .await;
+    let funded = env
+        .cmd(
+            "portfolio.update",
+            json!({"portfolio_id": "p1", "op": "deposit", "amount": "100", "at": "2026-01-01T00:00:00Z"}),
+        )
+        .await;
+    // 19,000 hours after the deposit: 792 days and 16 hours (794 daily points: one at `from`,
+    // one a day, the partial last).
+    let period = |interval: &str| {
+        json!({"portfolio_id": "p1", "interval": interval, "to": "2028-03-03T16:00:00Z",
+               "min_stream_seq": funded["stream_seq"], "timeout_ms": 10000})
+    };
+    let refused = env
+        .request("query.portfolio.analysis", period("1h"))
+        .await
+        .err(400, "bad_request");
+    let message = refused["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("the reply would be ")
+            && message.contains(&format!("max_payload of {max} bytes")),
+        "{message}"
+    );
+    let daily = env
+        .request("query.portfolio.analysis", period("1d"))
+        .await
+        .ok();
+    assert_eq!(daily["equity_curve"].as_array().map(Vec::len), Some(794));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_curve_over_more_prices_than_one_read_takes_is_valued_the_same() {
     let env = TestEnv::with_all_workers().await;

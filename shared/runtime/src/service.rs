@@ -128,6 +128,9 @@ pub async fn serve<H: Handler>(
         let name = ep.name.clone();
         let permits = permits.clone();
         let client = client.clone();
+        // The server's limit as it was when the service started (a reconnect to a server
+        // with a lower one is refused at publish, and logged).
+        let max_payload = client.server_info().max_payload;
         loops.push(tokio::spawn(async move {
             let serve_one = |request: async_nats::service::Request| {
                 let permits = permits.clone();
@@ -148,7 +151,7 @@ pub async fn serve<H: Handler>(
                     );
                     tracker.spawn(
                         async move {
-                            respond(&*handler, &name, &metrics, request).await;
+                            respond(&*handler, &name, &metrics, max_payload, request).await;
                             drop(permit);
                         }
                         .instrument(span),
@@ -210,6 +213,7 @@ async fn respond<H: Handler>(
     handler: &H,
     name: &str,
     metrics: &Metrics,
+    max_payload: usize,
     request: async_nats::service::Request,
 ) {
     let started = Instant::now();
@@ -227,11 +231,21 @@ async fn respond<H: Handler>(
                 "the request's handler failed: {what}"
             )))
         });
-    let sent = match &result {
-        Ok(v) => {
-            let body = Bytes::from(serde_json::to_vec(v).expect("json serializes"));
-            request.respond(Ok(body)).await
+    // A reply the server would not take (above its max_payload) is refused at publish, and
+    // the client would wait for nothing: it is answered `bad_request`, naming its size.
+    let result = result.and_then(|v| {
+        let body = serde_json::to_vec(&v).expect("json serializes");
+        if body.len() > max_payload {
+            return Err(ApiError::bad_request(format!(
+                "the reply would be {} bytes, more than the NATS server's max_payload of \
+                 {max_payload} bytes: ask for less (a shorter period, a coarser interval)",
+                body.len()
+            )));
         }
+        Ok(Bytes::from(body))
+    });
+    let sent = match &result {
+        Ok(body) => request.respond(Ok(body.clone())).await,
         Err(e) => {
             // An error is for a bug (`internal`); a store or database away for a while, or a
             // read-your-writes wait that ran out of the client's own time, is a warning.
