@@ -471,6 +471,66 @@ async fn a_sparse_projector_loses_no_failed_batch_to_the_events_after_it() {
     }
 }
 
+/// A delivery of the strategy projector's durable that never reaches it (another client of
+/// the durable takes it here, as a reconnect or a failover can lose one on the way) is not
+/// skipped: the next batch does not follow the checkpoint and the stream holds a strategy
+/// event between them, so the projector catches up from the stream before applying it. (The
+/// batch's ack, policy `all`, acks the lost delivery too: the server never sends it again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sparse_projector_applies_a_delivery_it_never_got() {
+    use futures::StreamExt;
+    let env = TestEnv::with_all_workers().await;
+    env.cmd("strategy.create", strategy("u1", "s0", &["BTC-USDT"]))
+        .await;
+    let js = async_nats::jetstream::new(env.client.clone());
+    let stream = js.get_stream(env.subjects.stream_name()).await.unwrap();
+    let consumer = stream
+        .get_consumer::<async_nats::jetstream::consumer::pull::Config>("proj_strategy")
+        .await
+        .unwrap();
+    let mut theft = consumer
+        .fetch()
+        .max_messages(1)
+        .expires(std::time::Duration::from_secs(60))
+        .messages()
+        .await
+        .unwrap();
+    let mut thief = tokio::spawn(async move { theft.next().await });
+    // The thief's pull request waits beside the projector's: creates go on until the server
+    // hands it one of them.
+    let mut stolen = None;
+    for i in 1..=200 {
+        env.cmd(
+            "strategy.create",
+            strategy("u1", &format!("s{i}"), &["BTC-USDT"]),
+        )
+        .await;
+        if thief.is_finished() {
+            stolen = Some((&mut thief).await.unwrap());
+            break;
+        }
+    }
+    let stolen = stolen
+        .expect("the server handed the second client one of 200 creates")
+        .expect("a message")
+        .expect("not an error");
+    let id = stolen.subject.rsplit('.').next().unwrap().to_owned();
+    let seq = stolen.info().unwrap().stream_sequence;
+    let last = env
+        .cmd("strategy.create", strategy("u1", "last", &["BTC-USDT"]))
+        .await;
+    let last = last["stream_seq"].as_u64().unwrap();
+    assert!(last > seq);
+    let got = env
+        .request(
+            "query.strategy.get",
+            json!({"strategy_id": id, "min_stream_seq": last, "timeout_ms": 10000}),
+        )
+        .await
+        .ok();
+    assert_eq!(got["strategy_id"], id.as_str(), "{got}");
+}
+
 /// A reset under the running portfolio projector (which keeps the rows it folded between
 /// batches) while signals keep coming: it replays, and ends with the read model a rebuild
 /// from scratch leaves.

@@ -1042,6 +1042,9 @@ impl<P: Projection> Projector<P> {
 
     /// Applies a batch from the durable consumer, filling a gap first if there is one.
     async fn process(&self, raws: &mut [Raw]) -> Result<u64, ProjectorError> {
+        if self.sparse {
+            self.fill_sparse_gap(raws).await?;
+        }
         match self.apply_live(raws).await {
             Ok(Some(s)) => return Ok(s),
             Ok(None) => {}
@@ -1058,6 +1061,37 @@ impl<P: Projection> Projector<P> {
                 }
             }
         }
+    }
+
+    /// A sparse projection's sequences have holes, so a delivery lost on the way (a reconnect,
+    /// a failover) does not show as one: the batch would move the checkpoint past the event,
+    /// and its ack (policy `all`) would ack that event too, for good. So for each hole before
+    /// or inside the batch, the stream is asked (one direct get) for the next event of the
+    /// projection's subjects after it; if one lies in the hole, the read model first catches
+    /// up from the stream to the batch's event after the last such hole.
+    async fn fill_sparse_gap(&self, raws: &[Raw]) -> Result<(), ProjectorError> {
+        let known = self.position.load(Ordering::Relaxed);
+        if known == UNKNOWN {
+            return Ok(());
+        }
+        let (mut prev, mut missing) = (known, None);
+        for seq in raws.iter().map(|r| r.seq).filter(|s| *s > known) {
+            if seq > prev + 1 && self.has_events(prev + 1, seq - 1).await? {
+                missing = Some((prev, seq));
+            }
+            prev = seq;
+        }
+        if let Some((after, before)) = missing {
+            warn!(
+                projection = self.name(),
+                checkpoint = known,
+                after,
+                before,
+                "an event was not delivered; catching up from the stream"
+            );
+            self.catch_up(before - 1).await?;
+        }
+        Ok(())
     }
 
     /// Waits to become the active projector of this projection (advisory lock held by a
