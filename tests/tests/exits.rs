@@ -676,3 +676,37 @@ async fn a_backfilled_price_below_the_stop_sells_nothing() {
     let perf = wait_performance(&env, "p1", |p| p["fill_count"] == 2).await;
     assert_eq!(perf["positions"], json!([]), "{perf}");
 }
+
+/// A price the worker evaluates late (it was down, or behind) judges only a position it
+/// marked: a fill stored after the price (here a second buy, at 110, that moves the stop loss
+/// from 95 to 99.75) is newer than it, so the old price (96) sells nothing at its old mark,
+/// and the next price judges the position as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_price_evaluated_late_does_not_judge_a_position_filled_after_it() {
+    let mut env = TestEnv::with_all_workers().await;
+    // The worker's durable (deliver policy `new`) is made, then the worker is down.
+    let worker = env.spawn(Worker::ExitTriggers).await;
+    env.wait_ping(Worker::ExitTriggers).await;
+    worker.stop().await;
+    env.cmd(
+        "strategy.create",
+        strategy_with_exits("s1", &["BTC-USDT"], json!({"stop_loss_pct": "0.05"})),
+    )
+    .await;
+    portfolio(&env, "p1", "s1").await;
+    let buy = |px: &str| signal_on("p1", "s1", "BTC-USDT", "buy", "1", px);
+    env.cmd("signal.execute", buy("100")).await;
+    prices(&env, "BTC-USDT", &["96"]).await; // above the stop at 95
+    env.cmd("signal.execute", buy("110")).await; // entry 105: stop at 99.75
+    let last = prices(&env, "BTC-USDT", &["110"]).await;
+
+    env.start(Worker::ExitTriggers).await;
+    let status = status_evaluated(&env, last).await;
+    assert_eq!(status["counters"]["triggers"], 0, "{status}");
+    assert_eq!(sells(&env, "p1").await, vec![]);
+
+    // A live price below the new stop sells the whole position.
+    prices(&env, "BTC-USDT", &["99"]).await;
+    let perf = wait_performance(&env, "p1", |p| p["fill_count"] == 3).await;
+    assert_eq!(perf["positions"], json!([]), "{perf}");
+}

@@ -13,7 +13,9 @@
 //!    position after each fill of the trip with the highest price while so held (`prices`
 //!    from the fill up to the event's `at`, `stream_seq <= S`: the same on every replica and
 //!    after restarts; the stop's activation counts against the entry of its time, and it
-//!    trails the high since then); a price older than the trip is not evaluated for it;
+//!    trails the high since then); a price older than the trip is not evaluated for it, nor
+//!    for a position a fill stored after the price has changed (evaluated late, the price
+//!    is older than what the position holds; the next price judges it);
 //! 3. if some exit fires, skip the price anyway when it is a backfill: a price of the symbol
 //!    stored before it (`stream_seq < S`) is later in business time, so it is not the mark;
 //! 4. for a position whose exit fires: catch up with the portfolio (wait until the read model
@@ -168,7 +170,9 @@ struct Worker {
 }
 
 /// The positions in `symbol` open at the price (business time `$2`, stream sequence `$3`)
-/// whose round trip opened before it (by business time, then stream sequence); one
+/// whose round trip opened before it (by business time, then stream sequence) and that no
+/// fill stored after the price has changed since (a price evaluated late, the worker down or
+/// behind, would otherwise judge, and sell at its old mark, a position it never marked); one
 /// portfolio's only when `portfolio_id` is given.
 const CANDIDATES_SQL: &str = "
     SELECT p.portfolio_id, p.quantity, p.gross_entry, po.version, t.opened_seq
@@ -180,6 +184,9 @@ const CANDIDATES_SQL: &str = "
                      ORDER BY rt.opened_seq DESC LIMIT 1) t ON true
      WHERE p.symbol = $1 AND p.quantity > 0 AND po.status = 'open'
        AND (t.opened_at, t.opened_seq) < ($2::timestamptz, $3::bigint)
+       AND NOT EXISTS (SELECT 1 FROM trades tr
+                        WHERE tr.portfolio_id = p.portfolio_id AND tr.stream_seq > $3
+                          AND tr.symbol = p.symbol)
        AND ($4::text IS NULL OR p.portfolio_id = $4)
      ORDER BY p.portfolio_id";
 
@@ -410,7 +417,7 @@ impl Worker {
                 .into_iter()
                 .next()
             else {
-                return Ok(()); // closed meanwhile
+                return Ok(()); // closed, or filled after the price, meanwhile
             };
             let Some(d) = decide_exit(
                 &c.portfolio_id,
