@@ -101,3 +101,66 @@ async fn every_worker_session_asks_the_server_to_notice_a_vanished_worker() {
         }
     }
 }
+
+/// A checkpoint announced but not in what the query workers read (a replica behind its
+/// primary, or commits a database crash lost: projectors commit without waiting for the WAL
+/// flush) is read again after pauses, not in a loop as fast as the database answers. The
+/// reads are counted by a view over the checkpoints that bumps a sequence per row read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_for_an_announced_checkpoint_not_read_yet_reads_it_again_after_pauses() {
+    let env = TestEnv::new().await;
+    let app = ch_runtime::app::App::start(env.app_config(), "test-wait")
+        .await
+        .unwrap();
+    ch_readmodel::workers::migrate(&app).await.unwrap();
+    let schema = &env.cfg.db_schema;
+    env.pg
+        .batch_execute(&format!(
+            "SET search_path TO {schema};
+             ALTER TABLE ch_checkpoints RENAME TO ch_checkpoints_kept;
+             INSERT INTO ch_checkpoints_kept (projection, last_seq) VALUES ('portfolio', 5);
+             CREATE SEQUENCE checkpoint_reads;
+             CREATE FUNCTION count_read() RETURNS boolean LANGUAGE sql VOLATILE
+                 AS 'SELECT nextval(''{schema}.checkpoint_reads'') > 0';
+             CREATE VIEW ch_checkpoints AS
+                 SELECT * FROM ch_checkpoints_kept WHERE {schema}.count_read();"
+        ))
+        .await
+        .unwrap();
+    let progress =
+        ch_runtime::query::Progress::subscribe(&app.client, &env.subjects, &["portfolio"])
+            .await
+            .unwrap();
+    let announced = 1_000_000u64;
+    env.client
+        .publish(
+            env.subjects.progress("portfolio"),
+            announced.to_string().into(),
+        )
+        .await
+        .unwrap();
+    env.client.flush().await.unwrap();
+    // A read-write pool: the counting view writes (query workers read read-only).
+    let pool = app.pool().unwrap();
+    let waited = progress
+        .wait_for(
+            &pool,
+            &["portfolio"],
+            announced,
+            std::time::Duration::from_millis(500),
+        )
+        .await;
+    let e = waited.expect_err("the checkpoint stays at 5");
+    assert_eq!(e.code.as_ref(), "stale", "{e:?}");
+    let reads: i64 = env
+        .pg
+        .query_one(
+            &format!("SELECT last_value FROM {schema}.checkpoint_reads"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // Pauses of 1, 2, 4, 8, 16 ms, then 25 ms: about 25 reads in 500 ms.
+    assert!((2..=60).contains(&reads), "{reads} reads of the checkpoint");
+}

@@ -27,6 +27,9 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(2000);
 pub const MAX_TIMEOUT: Duration = Duration::from_millis(10_000);
 /// How often a waiter re-reads the checkpoint if no announcement arrives.
 const RECHECK: Duration = Duration::from_millis(25);
+/// The first pause before a waiter reads again a checkpoint announced but not read yet
+/// (doubling up to [`RECHECK`]).
+const ANNOUNCED_PAUSE: Duration = Duration::from_millis(1);
 
 /// The latest announced sequence of each projection a query worker reads.
 #[derive(Clone)]
@@ -132,6 +135,7 @@ impl Progress {
             let mut rx = self.watches.get(p).cloned().expect("subscribed projection");
             // The checkpoint last looked past (sparse projections only).
             let mut looked = None;
+            let mut pause = ANNOUNCED_PAUSE;
             loop {
                 let applied = {
                     let conn = pool.get().await.map_err(DbError::from)?;
@@ -153,8 +157,16 @@ impl Progress {
                         timeout.as_millis()
                     )));
                 }
-                let wake = (Instant::now() + RECHECK).min(deadline);
-                let _ = tokio::time::timeout_at(wake, rx.wait_for(|s| *s >= min_seq)).await;
+                if *rx.borrow() >= min_seq {
+                    // Announced, yet not in what this pool reads: a replica behind its primary,
+                    // or commits a database crash lost (projectors commit without waiting for
+                    // the WAL flush). Look again after a pause, not at once.
+                    tokio::time::sleep_until((Instant::now() + pause).min(deadline)).await;
+                    pause = (pause * 2).min(RECHECK);
+                } else {
+                    let wake = (Instant::now() + RECHECK).min(deadline);
+                    let _ = tokio::time::timeout_at(wake, rx.wait_for(|s| *s >= min_seq)).await;
+                }
             }
         }
         Ok(reached)
