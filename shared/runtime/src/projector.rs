@@ -756,10 +756,17 @@ impl<P: Projection> Projector<P> {
         } else {
             seq - 1
         };
-        if self.advance(from, seq).await? == seq {
-            Ok(())
-        } else {
-            Err(StoreError::Other(format!("checkpoint moved while skipping {seq}")).into())
+        match self.advance(from, seq).await? {
+            now if now == seq => Ok(()),
+            // A reset meanwhile (checkpoint moved back): the caller replays from it (transient).
+            now if now < from => Err(ProjectorError::Reset {
+                checkpoint: now,
+                applied: from,
+            }),
+            now => Err(StoreError::Other(format!(
+                "checkpoint moved to {now} while skipping {seq} from {from}"
+            ))
+            .into()),
         }
     }
 
