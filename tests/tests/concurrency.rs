@@ -48,6 +48,8 @@ async fn forty_concurrent_buys_with_cash_for_ten_execute_exactly_ten_on_a_cluste
 /// 40 buys of 100 each on a portfolio with 1,000: exactly ten execute, whichever worker
 /// decides them, and every request stores one event.
 async fn forty_buys_with_cash_for_ten(env: TestEnv) -> std::sync::Arc<TestEnv> {
+    // Both signal workers answer (a ping is answered by either), so both take buys.
+    env.service_stats(Worker::CmdSignal, 2).await;
     env.cmd("strategy.create", strategy("u1", "s1", &["BTC-USDT"]))
         .await;
     env.funded("p1", "u1", "1000", "s1").await;

@@ -1007,9 +1007,13 @@ async fn a_value_out_of_decimal_range_is_an_error_reply_not_a_silence() {
         INTERNAL,
         &["28 significant digits"],
     );
-    // The worker goes on serving.
+    // The workers go on serving (read-your-writes: the strategy read model is not waited
+    // for above).
     let r = env
-        .request("query.strategy.get", json!({"strategy_id": "s1"}))
+        .request(
+            "query.strategy.get",
+            json!({"strategy_id": "s1", "min_stream_seq": seq, "timeout_ms": 10000}),
+        )
         .await
         .ok();
     assert_eq!(r["strategy_id"], "s1", "{r}");

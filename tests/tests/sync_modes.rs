@@ -47,15 +47,14 @@ async fn immediate_says_not_projected_when_a_projector_is_down() {
 async fn immediate_waits_for_the_projectors_that_consume_the_event() {
     let mut env = TestEnv::new().await;
     env.cfg.sync = SyncMode::Immediate;
-    // Long enough for the portfolio projector on a loaded machine (`true`); the strategy
-    // command waits it out (`false`).
-    env.cfg.immediate_timeout = Duration::from_secs(3);
-    env.start_all(&[
-        Worker::CmdPortfolio,
-        Worker::CmdStrategy,
-        Worker::ProjPortfolio,
-    ])
-    .await;
+    // Far above a projection's time on a loaded machine for the portfolio command (`true`);
+    // the strategy command waits its own, short bound out (`false`).
+    env.cfg.immediate_timeout = Duration::from_secs(10);
+    env.start_all(&[Worker::CmdPortfolio, Worker::ProjPortfolio])
+        .await;
+    let mut short = env.cfg.clone();
+    short.immediate_timeout = Duration::from_millis(300);
+    env.start_with(Worker::CmdStrategy, short).await;
     let opened = env.cmd("portfolio.update", open("p1", "u1")).await;
     assert_eq!(opened["projected"], true, "{opened}");
     let created = env
