@@ -240,6 +240,37 @@ async fn a_command_worker_with_a_cold_cache_decides_the_same() {
     cold.stop().await;
 }
 
+/// How many instances of `worker`'s service answer one `$SRV.PING` (replies counted until
+/// none came for 100 ms).
+async fn ping_replies(env: &TestEnv, worker: Worker) -> usize {
+    use futures::StreamExt;
+    let inbox = env.client.new_inbox();
+    let mut replies = env.client.subscribe(inbox.clone()).await.unwrap();
+    let subject = format!("$SRV.PING.{}", env.subjects.service_name(worker.name()));
+    env.client
+        .publish_with_reply(subject, inbox, "".into())
+        .await
+        .unwrap();
+    let mut n = 0;
+    while let Ok(Some(_)) =
+        tokio::time::timeout(std::time::Duration::from_millis(100), replies.next()).await
+    {
+        n += 1;
+    }
+    n
+}
+
+/// Waits (bounded) until `want` replicas of the portfolio projector answer a ping.
+async fn replicas_answering(env: &TestEnv, want: usize) {
+    eventually(|| async {
+        let n = ping_replies(env, Worker::ProjPortfolio).await;
+        (n == want)
+            .then_some(())
+            .ok_or(format!("{n} replicas answer a ping, not {want}"))
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_projector_takes_over_when_the_active_one_dies() {
     let env = TestEnv::without_projectors().await;
@@ -248,7 +279,10 @@ async fn a_standby_projector_takes_over_when_the_active_one_dies() {
     env.performance_at("p1", first).await;
     // A second replica stands by while the first holds the projection's lock.
     let standby = env.spawn(Worker::ProjPortfolio).await;
+    replicas_answering(&env, 2).await;
     active.kill().await;
+    // Its service is gone with it (a killed process answers nothing).
+    replicas_answering(&env, 1).await;
     let more = env.cmd("portfolio.update", deposit("p1", "1")).await;
     let perf = env
         .performance_at("p1", more["stream_seq"].as_u64().unwrap())

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use tracing::{error, info, warn, Instrument};
 
 use crate::error::ApiError;
@@ -60,15 +60,18 @@ pub struct ServiceSpec {
 /// Runs `work` beside its worker's service task `svc` (started with the same `shutdown`):
 /// should the service end first while the worker is not shutting down (it could not start,
 /// or NATS refused its subscriptions), the work is stopped and the service's error returned,
-/// rather than a worker running on without its stats and status endpoints, unseen.
+/// rather than a worker running on without its stats and status endpoints, unseen. Should
+/// this future be dropped (its task aborted), the service task is aborted too: no service
+/// answers for a worker that is gone.
 ///
 /// # Errors
 /// The work's error, or the service's.
 pub async fn alongside<E: Into<async_nats::Error>>(
-    mut svc: tokio::task::JoinHandle<Result<(), async_nats::Error>>,
+    svc: tokio::task::JoinHandle<Result<(), async_nats::Error>>,
     work: impl Future<Output = Result<(), E>>,
     shutdown: CancellationToken,
 ) -> Result<(), async_nats::Error> {
+    let mut svc = AbortOnDropHandle::new(svc);
     tokio::pin!(work);
     let served = tokio::select! {
         done = &mut work => {
@@ -105,18 +108,21 @@ pub async fn serve<H: Handler>(
     shutdown: CancellationToken,
 ) -> Result<(), async_nats::Error> {
     let stats_metrics = metrics.clone();
-    let service = client
-        .service_builder()
-        .description(spec.description.clone())
-        .queue_group(spec.name.clone())
-        .stats_handler(move |endpoint, _| stats_metrics.snapshot(&endpoint))
-        .start(spec.name.clone(), VERSION)
-        .await?;
+    let mut service = StopOnDrop(Some(
+        client
+            .service_builder()
+            .description(spec.description.clone())
+            .queue_group(spec.name.clone())
+            .stats_handler(move |endpoint, _| stats_metrics.snapshot(&endpoint))
+            .start(spec.name.clone(), VERSION)
+            .await?,
+    ));
     let tracker = TaskTracker::new();
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     let mut loops = Vec::new();
     for ep in &spec.endpoints {
         let mut endpoint = service
+            .get()
             .endpoint_builder()
             .name(ep.name.clone())
             .add(ep.subject.clone())
@@ -131,7 +137,8 @@ pub async fn serve<H: Handler>(
         // The server's limit as it was when the service started (a reconnect to a server
         // with a lower one is refused at publish, and logged).
         let max_payload = client.server_info().max_payload;
-        loops.push(tokio::spawn(async move {
+        // Aborted with this task (a worker's task aborted): no endpoint serves on for it.
+        loops.push(AbortOnDropHandle::new(tokio::spawn(async move {
             let serve_one = |request: async_nats::service::Request| {
                 let permits = permits.clone();
                 let handler = handler.clone();
@@ -181,7 +188,7 @@ pub async fn serve<H: Handler>(
             if drained > 0 {
                 info!(endpoint = %name, requests = drained, "answering requests received before stopping");
             }
-        }));
+        })));
     }
     info!(service = %spec.name, endpoints = spec.endpoints.len(), "serving");
     shutdown.cancelled().await;
@@ -190,7 +197,9 @@ pub async fn serve<H: Handler>(
     }
     tracker.close();
     tracker.wait().await;
-    let _ = service.stop().await;
+    if let Some(service) = service.0.take() {
+        let _ = service.stop().await;
+    }
     // The last replies may still be in the client's buffer: out before the worker lets go of
     // its connection.
     if let Err(e) = client.flush().await {
@@ -198,6 +207,25 @@ pub async fn serve<H: Handler>(
     }
     info!(service = %spec.name, "stopped");
     Ok(())
+}
+
+/// A service that stops when dropped: its PING, INFO and STATS handler is a task of its own,
+/// which would answer on for a worker whose task was aborted.
+struct StopOnDrop(Option<async_nats::service::Service>);
+
+impl StopOnDrop {
+    fn get(&self) -> &async_nats::service::Service {
+        self.0.as_ref().expect("a running service")
+    }
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if let Some(service) = self.0.take() {
+            // `stop` signals the endpoints and aborts the handler; it never waits.
+            let _ = service.stop().now_or_never();
+        }
+    }
 }
 
 /// A request to a subject nobody serves, answered by the server ("no responders") after it
