@@ -40,6 +40,18 @@ pub fn parse_decimal(s: &str) -> Option<Decimal> {
     if digits == 0 || dots > 1 || digits + dots != body.len() {
         return None;
     }
+    // A fraction's trailing zeros are no places (API.md: `1.000000000` is 1): dropped first,
+    // so that more than 28 of them do not refuse an exact value.
+    let mant = if dots == 1 {
+        let kept = mant.trim_end_matches('0').trim_end_matches('.');
+        if kept.bytes().any(|b| b.is_ascii_digit()) {
+            kept
+        } else {
+            "0"
+        }
+    } else {
+        mant
+    };
     let d = Decimal::from_str_exact(mant).ok()?;
     let Some(exp) = exp else {
         return Some(d);
@@ -338,6 +350,11 @@ mod tests {
             ("1.000000000", "1"),
             ("0.1", "0.1"),
             ("+7", "7"),
+            // trailing zeros are no places, however many
+            ("1.0000000000000000000000000000000", "1"),
+            ("1.50000000000000000000000000000000e2", "150"),
+            ("0.000000000000000000000000000000", "0"),
+            ("-.0", "0"),
         ] {
             assert_eq!(parse_decimal(s).map(plain).as_deref(), Some(want), "{s}");
         }
