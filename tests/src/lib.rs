@@ -113,11 +113,40 @@ fn all_stopped(tasks: &std::path::Path) -> bool {
     })
 }
 
+/// `n` ports free now, below the kernel's ephemeral range (32768-60999 by default): a port the
+/// kernel hands out (bind to port 0) is also where it puts the source port of an outgoing
+/// connection, and the tests open many, so one could take it before the server binds it, or
+/// while a server restarts on it. Taken in turn from a point that differs per process (two
+/// checkouts testing at once); one in use is passed over.
+fn free_ports(n: usize) -> Vec<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let seed = std::process::id().wrapping_mul(7919)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+    let _ = NEXT.compare_exchange(u32::MAX, seed % SPAN, Ordering::Relaxed, Ordering::Relaxed);
+    // Held together while they are chosen, so that no two are the same.
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..SPAN {
+        if held.len() == n {
+            break;
+        }
+        let port = FIRST + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN;
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port as u16)) {
+            held.push(l);
+        }
+    }
+    assert_eq!(held.len(), n, "{n} free ports from {FIRST}");
+    held.iter()
+        .map(|l| l.local_addr().expect("port").port())
+        .collect()
+}
+
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    free_ports(1)[0]
 }
 
 impl NatsServer {
@@ -269,15 +298,7 @@ impl NatsCluster {
             unique_token()
         ));
         std::fs::create_dir_all(&dir).expect("cluster dir");
-        // Held together while they are chosen, so that no two are the same.
-        let listeners: Vec<std::net::TcpListener> = (0..9)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port"))
-            .collect();
-        let free: Vec<u16> = listeners
-            .iter()
-            .map(|l| l.local_addr().expect("port").port())
-            .collect();
-        drop(listeners);
+        let free = free_ports(9);
         let ours = |i: u16| -> [u16; 3] {
             let at = usize::from(i - 1) * 3;
             [free[at], free[at + 1], free[at + 2]]
