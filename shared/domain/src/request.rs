@@ -237,11 +237,23 @@ pub fn read_json<T: DeserializeOwned>(text: &[u8]) -> Result<T, String> {
     })
 }
 
-/// Reads the remaining keys into `T`.
+/// Reads the remaining keys into `T`. An unknown key there is named with the command's own
+/// fields (`T`'s), and the ones every command takes besides, read before (the list serde gives
+/// knows only `T`'s, and "there are no fields" of an op like `close` misled).
 fn read<T: DeserializeOwned>(rest: &RawMap) -> Result<T, DomainError> {
     let text = serde_json::to_vec(rest).map_err(|e| bad(format!("malformed JSON: {e}")))?;
-    read_json(&text).map_err(bad)
+    read_json(&text).map_err(|e| {
+        if !e.starts_with("unknown field `") {
+            return bad(e);
+        }
+        let e = e.replace(", there are no fields", ", expected none of its own");
+        bad(format!("{e}; {COMMON_FIELDS}"))
+    })
 }
+
+/// What an unknown-field message adds about the fields read before the command's own.
+const COMMON_FIELDS: &str = "besides its id (and `op`), every command takes `command_id`, \
+                             `expected_version`, `at`, `correlation_id` and `causation_id`";
 
 fn take<T: DeserializeOwned>(
     map: &mut RawMap,
@@ -1002,7 +1014,8 @@ mod tests {
                 Endpoint::PortfolioUpdate,
                 r#"{"portfolio_id":"p-1","op":"deposit","amout":5}"#
             ),
-            "unknown field `amout`, expected `amount`"
+            "unknown field `amout`, expected `amount`; besides its id (and `op`), every command \
+             takes `command_id`, `expected_version`, `at`, `correlation_id` and `causation_id`"
         );
         let e = err(
             Endpoint::SignalExecute,
@@ -1026,7 +1039,7 @@ mod tests {
             Endpoint::PortfolioUpdate,
             r#"{"portfolio_id":"p-1","op":"close","x":1}"#
         )
-        .starts_with("unknown field `x`"));
+        .starts_with("unknown field `x`, expected none of its own; besides its id"));
     }
 
     #[test]
