@@ -124,7 +124,9 @@ struct State {
 }
 
 /// The portfolio's cash and positions at `from` (after its last flow or fill at or before it;
-/// none if there is none), then after each flow and fill in (`from`, `to`), in stream order.
+/// none if there is none), then after each flow and fill in (`from`, `to`), in business-time
+/// order, then stream order (the same as stream order for one portfolio, whose commands may not
+/// go back in business time).
 /// Flows carry the cash after them (`portfolio_history`, with the positions), fills the cash
 /// and the one position they change (`trades`); the states in between are folded from both.
 async fn states(

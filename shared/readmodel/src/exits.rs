@@ -78,7 +78,11 @@ const READ_MODEL_WAIT: Duration = Duration::from_secs(10);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// Tries to send one exit (each after catching up) before giving the price back.
 const MAX_ATTEMPTS: u32 = 8;
-/// Messages pulled at once (each is processed before the next: keep it below `ack_wait`).
+/// Messages pulled at once, processed one after another. A price's evaluation takes
+/// milliseconds while the read models and the command side keep up; when they do not (waits of
+/// up to `READ_MODEL_WAIT`, sells of up to `REQUEST_TIMEOUT`, `MAX_ATTEMPTS` of them), the
+/// prices behind it may outlast the consumer's `ack_wait` (30 s) and be delivered again, here
+/// or to a replica: evaluated twice, harmless (the sell's `command_id` is deterministic).
 const PULL_BATCH: usize = 32;
 
 /// `<prefix>.admin.exit-triggers.status`.

@@ -8,9 +8,10 @@
 //! trips per event. The leading projector is the only writer, so it keeps the rows it folded
 //! for the next batch ([`Kept`]) and reads only the portfolios it has not seen yet.
 //!
-//! History and prices are appended as each batch is applied, and so are the fills of a
-//! replay's chunks (by `COPY`); the rows that change (portfolios, positions, marks, round
-//! trips) and a live batch's fills are written by [`Projection::flush`], once per transaction,
+//! History and prices are appended as each batch is applied, and so are the fills of a batch
+//! of more than `HELD_FILLS_MAX` (a replay's chunks, as a rule: by `COPY`); the rows that
+//! change (portfolios, positions, marks, round trips) and the fills of a smaller batch (a live
+//! one's, as a rule) are written by [`Projection::flush`], once per transaction,
 //! all sent together: a replay applies several chunks per transaction, and a portfolio that
 //! changes in each chunk is written once; a live batch's transaction is a few round trips.
 //!
@@ -946,7 +947,8 @@ impl Projection for PortfolioProjection {
         }
         let folded = t0.elapsed();
         let keep = fold.portfolios.len() <= KEPT_MAX;
-        // A live batch's fills go out with the flush; a replay chunk's, by COPY now.
+        // A small batch's fills (a live one's) go out with the flush; a large one's (a
+        // replay chunk's), by COPY now.
         let hold_fills = keep && fold.trades.len() <= HELD_FILLS_MAX;
         fold.write_appended(tx, hold_fills).await?;
         if !keep {

@@ -164,7 +164,9 @@ where
     /// Decides and stores `command` on aggregate `id`; returns the API reply.
     ///
     /// # Errors
-    /// [`ApiError`] with the code of API.md; nothing is stored then.
+    /// [`ApiError`] with the code of API.md; nothing is stored then, but for `unavailable`
+    /// after an append that went unanswered (or a re-sent command whose first outcome could
+    /// not be read back): it may be stored, and the same `command_id` tells.
     pub async fn execute(
         &self,
         id: &str,

@@ -118,7 +118,8 @@ impl Commands {
     /// Parses, decides and stores one command.
     ///
     /// # Errors
-    /// [`ApiError`] as API.md says; nothing is stored then.
+    /// [`ApiError`] as API.md says; nothing is stored then, but for `unavailable` after an
+    /// append that went unanswered (see [`crate::command::Executor::execute`]).
     pub async fn execute(&self, endpoint: Endpoint, body: &[u8]) -> Result<Value, ApiError> {
         let mut parsed = parse_command(endpoint, body)?;
         if let Target::Strategy {

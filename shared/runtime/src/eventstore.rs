@@ -91,7 +91,10 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
-/// Creates the event stream if missing, or updates it to the shipped definition. Idempotent.
+/// Creates the event stream if missing, or updates it to the shipped definition when a setting
+/// the workers rely on differs (subjects, `deny_delete`, `deny_purge`, `allow_direct`,
+/// `duplicate_window`); other settings an operator changed (limits, say) are left alone until
+/// then, and the replicas always. Idempotent.
 /// Asked for up to [`OPEN_PATIENCE`] as [`EventStore::open`] asks: a cluster that has just
 /// formed may leave a lookup or a creation unanswered while it elects its leaders (a creation
 /// that went through unanswered is found by the next lookup).
@@ -692,8 +695,8 @@ impl EventStore {
 
     /// The stream's last sequence (0 when empty). Asked for up to [`INFO_PATIENCE`] with short
     /// per-try timeouts: while a replicated stream elects a new leader, the request goes
-    /// unanswered, and a projector's idle check waiting the client's 10 s for it would notice
-    /// the new leader seconds late.
+    /// unanswered, and a projector's idle check waiting the JetStream context's timeout (5 s)
+    /// for it would notice the new leader seconds late.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] on NATS trouble.

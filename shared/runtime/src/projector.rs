@@ -3,9 +3,11 @@
 //!
 //! - One durable pull consumer per projection, ack policy `all`: the newest message of a
 //!   committed batch acks the batch (the checkpoint, not the ack, is the truth).
-//! - One Postgres transaction per batch: apply the events, flush the projection, move the
-//!   checkpoint (`ch_checkpoints`), commit, then ack. Events at or below the checkpoint are
-//!   skipped, so redeliveries after a crash change nothing.
+//! - One Postgres transaction per batch: the events applied, the projection flushed and the
+//!   checkpoint (`ch_checkpoints`) moved (a live batch sends the checkpoint's compare-and-set
+//!   first, with the writes), then commit and announce; acks follow at most every
+//!   `ACK_EVERY`. Events at or below the checkpoint are skipped, so redeliveries after a crash
+//!   change nothing.
 //! - A dense projection's consumer covers every subject of the stream, so sequences are
 //!   contiguous: a gap (a rebuild reset the checkpoint, or a redelivery came out of order) is
 //!   filled by reading the stream with an ordered consumer before going on: chunks received,
@@ -20,8 +22,9 @@
 //!   projector stops projecting, hands its batch back, and leads again or stands by.
 //! - A poison event (undecodable, or a data error in its SQL: classes 22 and 23) is published
 //!   to the dead-letter subject with its error, logged, counted, and skipped; any other error
-//!   (a batch, an idle check, taking the lock; the database away, a missing grant) retries
-//!   with backoff and is counted in `consecutive_failures`.
+//!   (a batch, an idle check, starting to project; the database away, a missing grant)
+//!   retries with backoff and is counted in `consecutive_failures`; taking the lock is tried
+//!   again every `LEAD_POLL`.
 //!   After a failed batch the projector catches up from the stream, from its checkpoint,
 //!   before it takes the consumer's next delivery (which follows the failed batch); a replay
 //!   that finds the checkpoint reset under it starts again from there.
@@ -1149,8 +1152,9 @@ impl<P: Projection> Projector<P> {
     /// releases the lock and tries again, backing off.
     ///
     /// # Errors
-    /// [`ProjectorError`] when projecting fails for another reason (a definition that does
-    /// not parse, an error the database will give again).
+    /// [`ProjectorError`] when projecting fails for a reason trying again will not mend: a
+    /// consumer definition that does not parse, a stream that lacks events a replay needs.
+    /// Database errors are retried (a missing grant or column is logged as it recurs).
     async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), ProjectorError> {
         // One count of failures in a row: taking the lock, starting, batches and idle checks.
         let mut retry = Retry::default();

@@ -19,7 +19,9 @@ use tracing::{error, info, warn, Instrument};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 
-/// Most requests one worker handles at once; further ones wait in NATS (back-pressure).
+/// Most requests one worker's service handles at once (all its endpoints together); further
+/// ones wait in the client's subscription buffer, up to its pending limits, past which NATS
+/// drops them as for any slow consumer (the clients time out and may re-send).
 const MAX_IN_FLIGHT: usize = 1024;
 
 /// The version every service reports.
