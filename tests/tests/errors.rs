@@ -565,23 +565,34 @@ async fn domain_refusals_are_422_and_store_nothing() {
     let w = env.cmd("portfolio.update", withdraw("p1", "29980")).await;
     assert_eq!(version(&w), version(&sell) + 1);
 
-    // portfolio_closed: once closed, every portfolio command is refused.
+    // portfolio_closed: once closed, a portfolio takes no money, name or strategy; what it
+    // still holds may leave (cash: none is left here; its strategies).
     let closed = env.cmd("portfolio.update", close("p1")).await;
     assert_eq!(closed["events"][0]["type"], "PortfolioClosed");
     for body in [
         deposit("p1", "5"),
-        withdraw("p1", "5"),
         close("p1"),
         json!({"portfolio_id": "p1", "op": "rename", "name": "x"}),
-        json!({"portfolio_id": "p1", "op": "detach_strategy", "strategy_id": "s1"}),
+        json!({"portfolio_id": "p1", "op": "attach_strategy", "strategy_id": "s1"}),
     ] {
         update
             .refused(body, refusal("portfolio_closed"), &["p1", "closed"])
             .await;
     }
-    let perf = env.performance_at("p1", seq(&closed)).await;
+    update
+        .refused(withdraw("p1", "5"), insufficient, &["cash is 0"])
+        .await;
+    let detached = env
+        .cmd(
+            "portfolio.update",
+            json!({"portfolio_id": "p1", "op": "detach_strategy", "strategy_id": "s1"}),
+        )
+        .await;
+    assert_eq!(version(&detached), version(&closed) + 1);
+    let perf = env.performance_at("p1", seq(&detached)).await;
     assert_eq!(perf["status"], "closed");
-    assert_eq!(perf["version"], version(&closed));
+    assert_eq!(perf["attached_strategies"], json!([]), "{perf}");
+    assert_eq!(perf["version"], version(&detached));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -729,8 +729,16 @@ impl Aggregate for PortfolioState {
             _ => {}
         }
         check_monotonic_time(self.last_at, ctx)?;
+        // A closed portfolio takes no new money, names or strategies; its remaining cash may
+        // be withdrawn (`close` asks only for flat positions, and the cash would be trapped
+        // otherwise) and its strategies detached. Signals are stored rejections.
         if self.status == PortfolioStatus::Closed
-            && !matches!(command, PortfolioCommand::ExecuteSignal(_))
+            && !matches!(
+                command,
+                PortfolioCommand::ExecuteSignal(_)
+                    | PortfolioCommand::Withdraw { .. }
+                    | PortfolioCommand::DetachStrategy { .. }
+            )
         {
             return Err(DomainError::refused(
                 "portfolio_closed",
@@ -1045,20 +1053,48 @@ mod tests {
     fn commands_on_a_closed_portfolio_are_refused() {
         for cmd in [
             PortfolioCommand::Deposit { amount: dec("1") },
-            PortfolioCommand::Withdraw { amount: dec("1") },
             PortfolioCommand::Rename { name: "x".into() },
             PortfolioCommand::AttachStrategy {
-                strategy_id: S.into(),
-            },
-            PortfolioCommand::DetachStrategy {
-                strategy_id: S.into(),
+                strategy_id: "s-2".into(),
             },
             PortfolioCommand::Close,
         ] {
-            on(vec![opened(), closed()], facts())
-                .when(cmd)
-                .then_expect_error("portfolio_closed");
+            on(
+                vec![opened(), deposited("10", "10"), attached(S), closed()],
+                facts(),
+            )
+            .when(cmd)
+            .then_expect_error("portfolio_closed");
         }
+    }
+
+    #[test]
+    fn a_closed_portfolio_lets_its_cash_out_and_its_strategies_go() {
+        let mut st =
+            given::<PortfolioState>(vec![opened(), deposited("10", "10"), attached(S), closed()])
+                .state()
+                .clone();
+        let out = step(
+            &mut st,
+            &PortfolioCommand::Withdraw { amount: dec("10") },
+            &facts(),
+        )
+        .unwrap();
+        assert!(
+            matches!(&out[0], Event::FundsWithdrawn(w) if w.cash_after.is_zero()),
+            "{out:?}"
+        );
+        let gone = step(
+            &mut st,
+            &PortfolioCommand::DetachStrategy {
+                strategy_id: S.into(),
+            },
+            &facts(),
+        )
+        .unwrap();
+        assert!(matches!(&gone[0], Event::StrategyDetached(_)), "{gone:?}");
+        assert_eq!(st.status, PortfolioStatus::Closed);
+        assert!(st.attached_strategies.is_empty());
     }
 
     #[test]
