@@ -89,8 +89,17 @@ fn fits(r: Decimal) -> Option<Decimal> {
 }
 
 /// `a + b` without any rounding, or `None` (the exact result needs more than 28 significant
-/// digits). [`Decimal`]'s own operators round silently at 28 digits instead.
+/// digits). [`Decimal`]'s own operators round silently at 28 digits instead. A zero operand,
+/// whatever its places (`0.0` is what `0.1 - 0.1` leaves), gives the other one: [`Decimal`]
+/// returns it as it is, without the zero's places, which the check below would take for a
+/// rounding.
 pub fn exact_add(a: Decimal, b: Decimal) -> Option<Decimal> {
+    if a.is_zero() {
+        return fits(b);
+    }
+    if b.is_zero() {
+        return fits(a);
+    }
     let r = a.checked_add(b)?;
     (r.scale() == a.scale().max(b.scale()))
         .then_some(r)
@@ -102,8 +111,12 @@ pub fn exact_sub(a: Decimal, b: Decimal) -> Option<Decimal> {
     exact_add(a, -b)
 }
 
-/// `a * b` without any rounding, or `None`.
+/// `a * b` without any rounding, or `None`. A zero operand gives zero (as for
+/// [`exact_add`], [`Decimal`] drops its places).
 pub fn exact_mul(a: Decimal, b: Decimal) -> Option<Decimal> {
+    if a.is_zero() || b.is_zero() {
+        return Some(Decimal::ZERO);
+    }
     let r = a.checked_mul(b)?;
     (r.scale() == a.scale() + b.scale())
         .then_some(r)
@@ -467,6 +480,14 @@ mod tests {
         assert_eq!(exact_mul(big, d("1000000000000")), None);
         assert_eq!(exact_add(big, d("0.00000000000000001")), None);
         assert_eq!(exact_sub(d("1"), d("3")), Some(d("-2")));
+        // A zero with places (what 0.1 - 0.1 leaves) is no obstacle.
+        let zero = d("0.1") - d("0.1");
+        assert_eq!(zero.scale(), 1);
+        assert_eq!(exact_add(zero, d("5")), Some(d("5")));
+        assert_eq!(exact_add(d("5"), zero), Some(d("5")));
+        assert_eq!(exact_sub(zero, d("5")), Some(d("-5")));
+        assert_eq!(exact_mul(zero, d("5.5")), Some(Decimal::ZERO));
+        assert_eq!(exact_mul(d("5.5"), zero), Some(Decimal::ZERO));
         assert_eq!(mul_round8(d("10000"), d("0.001")), Some(d("10")));
         assert_eq!(mul_round8(d("0.000015"), d("0.001")), Some(d("0.00000002")));
         assert_eq!(mul_round8(d("0.000025"), d("0.001")), Some(d("0.00000002")));

@@ -1069,6 +1069,31 @@ mod tests {
     }
 
     #[test]
+    fn cash_withdrawn_to_a_zero_with_places_takes_deposits_again() {
+        let mut st = given::<PortfolioState>(vec![opened()]).state().clone();
+        let f = facts();
+        step(
+            &mut st,
+            &PortfolioCommand::Deposit { amount: dec("0.1") },
+            &f,
+        )
+        .unwrap();
+        step(
+            &mut st,
+            &PortfolioCommand::Withdraw { amount: dec("0.1") },
+            &f,
+        )
+        .unwrap();
+        assert!(st.cash.is_zero() && st.net_deposits.is_zero());
+        let out = step(&mut st, &PortfolioCommand::Deposit { amount: dec("5") }, &f).unwrap();
+        assert!(
+            matches!(&out[0], Event::FundsDeposited(e) if e.cash_after == dec("5")),
+            "{out:?}"
+        );
+        assert_eq!((st.cash, st.net_deposits), (dec("5"), dec("5")));
+    }
+
+    #[test]
     fn a_closed_portfolio_lets_its_cash_out_and_its_strategies_go() {
         let mut st =
             given::<PortfolioState>(vec![opened(), deposited("10", "10"), attached(S), closed()])
