@@ -565,6 +565,77 @@ async fn a_sparse_projector_applies_a_delivery_it_never_got() {
     assert_eq!(got["strategy_id"], id.as_str(), "{got}");
 }
 
+/// An open round trip whose fills' PnL sums beyond a Decimal's range (sells at prices near
+/// it: the fold saturates there, as the domain does) is read back saturated by a projector
+/// that starts mid-trip: Postgres sums exactly, and the sum did not fit a Decimal, so every
+/// start of the projector failed on that portfolio.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_trip_summing_beyond_a_decimal_is_read_back_saturated() {
+    let env = TestEnv::without_projectors().await;
+    let first = env.spawn(Worker::ProjPortfolio).await;
+    let huge = "9999999999999999999999999999";
+    let mut s = strategy("u1", "s1", &["BTC-USDT"]);
+    s["risk_profile"]["max_order_notional"] = huge.into();
+    s["risk_profile"]["max_position_notional"] = huge.into();
+    env.cmd("strategy.create", s).await;
+    let mut o = open("p1", "u1");
+    o["fee_rate"] = "0".into();
+    env.cmd("portfolio.update", o).await;
+    env.cmd("portfolio.update", deposit("p1", "10")).await;
+    env.cmd("portfolio.update", attach("p1", "s1")).await;
+    env.cmd(
+        "signal.execute",
+        signal("p1", "s1", "buy", "10", "1", Some("0")),
+    )
+    .await;
+    // Sells of one unit at prices near a Decimal's range (the rest of the position valued at
+    // them must still fit), each realizing about the price, 8.39e28 in all, beyond a Decimal
+    // (7.92e28); the cash each brings in is withdrawn. One unit stays: the trip is open.
+    let mut prices = vec!["7e27", "8e27", "9e27"];
+    prices.extend(["9.99e27"; 6]);
+    for px in prices {
+        let sold = env
+            .cmd(
+                "signal.execute",
+                signal("p1", "s1", "sell", "1", px, Some("0")),
+            )
+            .await;
+        assert_eq!(sold["status"], "executed", "{sold}");
+        let cash: Decimal = sold["trade"]["cash_after"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let out = (cash - Decimal::TEN).to_string();
+        env.cmd(
+            "portfolio.update",
+            json!({"portfolio_id": "p1", "op": "withdraw", "amount": out}),
+        )
+        .await;
+    }
+    // (Its net deposits are beyond what exact arithmetic takes now: renames, not deposits.)
+    let rename = |name: &str| json!({"portfolio_id": "p1", "op": "rename", "name": name});
+    let before = seq(&env.cmd("portfolio.update", rename("one")).await);
+    let perf = env.performance_at("p1", before).await;
+    assert_eq!(
+        perf["realized_pnl"], "79228162514264337593543950335",
+        "{perf}"
+    );
+    first.stop().await;
+
+    // A new projector reads the trip back from the rows.
+    let second = env.spawn(Worker::ProjPortfolio).await;
+    let after = seq(&env.cmd("portfolio.update", rename("two")).await);
+    let perf = env.performance_at("p1", after).await;
+    assert_eq!(perf["name"], "two", "{perf}");
+    assert_eq!(
+        perf["realized_pnl"], "79228162514264337593543950335",
+        "{perf}"
+    );
+    assert_eq!(perf["positions"][0]["quantity"], "1", "{perf}");
+    second.stop().await;
+}
+
 /// A reset under the running portfolio projector (which keeps the rows it folded between
 /// batches) while signals keep coming: it replays, and ends with the read model a rebuild
 /// from scratch leaves.

@@ -208,12 +208,16 @@ impl Fold {
                 &params,
             ),
             // An open trip's row is as of its first fill: its PnL and fees so far are those of
-            // the fills of its symbol since (every one of them belongs to it).
+            // the fills of its symbol since (every one of them belongs to it). Postgres sums
+            // exactly; the fold saturates at a Decimal's range, and so do these sums (one
+            // beyond it could not be read back, and every start would fail on it).
             rows(
                 tx,
                 "SELECT rt.portfolio_id, rt.symbol, rt.opened_seq, rt.opened_at,
-                        COALESCE(sum(t.realized_pnl) FILTER (WHERE t.side = 'sell'), 0),
-                        COALESCE(sum(t.fee), 0)
+                        GREATEST(LEAST(COALESCE(sum(t.realized_pnl) FILTER (WHERE t.side = 'sell'), 0),
+                                       79228162514264337593543950335),
+                                 -79228162514264337593543950335),
+                        LEAST(COALESCE(sum(t.fee), 0), 79228162514264337593543950335)
                    FROM round_trips rt
                    JOIN trades t ON t.portfolio_id = rt.portfolio_id AND t.symbol = rt.symbol
                                 AND t.stream_seq >= rt.opened_seq
