@@ -712,24 +712,35 @@ impl TestEnv {
         .await;
     }
 
-    /// The `$SRV.STATS` replies of the `instances` running instances of `worker`'s service.
+    /// The `$SRV.STATS` replies of the `instances` running instances of `worker`'s service,
+    /// asked again (bounded) until that many answer: a replica just started answers once its
+    /// service is registered, which may be after a ping to the service found another one.
     pub async fn service_stats(&self, worker: Worker, instances: usize) -> Vec<Value> {
-        let inbox = self.client.new_inbox();
-        let mut replies = self.client.subscribe(inbox.clone()).await.expect("inbox");
         let subject = format!("$SRV.STATS.{}", self.subjects.service_name(worker.name()));
-        self.client
-            .publish_with_reply(subject, inbox, "".into())
-            .await
-            .expect("stats request");
-        let mut stats = Vec::with_capacity(instances);
-        while stats.len() < instances {
-            let m = tokio::time::timeout(PATIENCE, futures::StreamExt::next(&mut replies))
+        eventually(|| async {
+            let inbox = self.client.new_inbox();
+            let mut replies = self.client.subscribe(inbox.clone()).await.expect("inbox");
+            self.client
+                .publish_with_reply(subject.clone(), inbox, "".into())
                 .await
-                .unwrap_or_else(|_| panic!("{} of {instances} stats replies", stats.len()))
-                .expect("inbox open");
-            stats.push(serde_json::from_slice(&m.payload).expect("stats JSON"));
-        }
-        stats
+                .expect("stats request");
+            let mut stats = Vec::with_capacity(instances);
+            while stats.len() < instances {
+                match tokio::time::timeout(
+                    Duration::from_millis(500),
+                    futures::StreamExt::next(&mut replies),
+                )
+                .await
+                {
+                    Ok(Some(m)) => {
+                        stats.push(serde_json::from_slice(&m.payload).expect("stats JSON"));
+                    }
+                    _ => return Err(format!("{} of {instances} stats replies", stats.len())),
+                }
+            }
+            Ok(stats)
+        })
+        .await
     }
 
     /// Sends a raw request body to `<prefix>.<suffix>`.

@@ -514,7 +514,11 @@ async fn a_sparse_projector_loses_no_failed_batch_to_the_events_after_it() {
 async fn a_sparse_projector_applies_a_delivery_it_never_got() {
     use futures::StreamExt;
     let env = TestEnv::with_all_workers().await;
-    env.cmd("strategy.create", strategy("u1", "s0", &["BTC-USDT"]))
+    let s0 = env
+        .cmd("strategy.create", strategy("u1", "s0", &["BTC-USDT"]))
+        .await;
+    // Projected: the projector has made its durable (before it catches up) and follows it.
+    env.query_at("strategy.get", json!({"strategy_id": "s0"}), seq(&s0))
         .await;
     let js = async_nats::jetstream::new(env.client.clone());
     let stream = js.get_stream(env.subjects.stream_name()).await.unwrap();
@@ -522,8 +526,10 @@ async fn a_sparse_projector_applies_a_delivery_it_never_got() {
         .get_consumer::<async_nats::jetstream::consumer::pull::Config>("proj_strategy")
         .await
         .unwrap();
+    // A pull request that waits (`fetch` would be `no_wait`, answered at once when nothing
+    // is pending).
     let mut theft = consumer
-        .fetch()
+        .batch()
         .max_messages(1)
         .expires(std::time::Duration::from_secs(60))
         .messages()
