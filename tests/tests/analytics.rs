@@ -312,6 +312,21 @@ async fn a_week_with_a_mid_week_deposit_and_a_late_price() {
     assert_eq!(rebuilt, before);
 }
 
+/// Opens `pid` at business time `opened` and deposits 100 at `deposited`; the deposit's reply.
+async fn funded_at(env: &TestEnv, pid: &str, opened: &str, deposited: &str) -> Value {
+    env.cmd(
+        "portfolio.update",
+        json!({"portfolio_id": pid, "op": "open", "user_id": "u", "name": "n",
+               "quote_currency": "USDT", "at": opened}),
+    )
+    .await;
+    env.cmd(
+        "portfolio.update",
+        json!({"portfolio_id": pid, "op": "deposit", "amount": "100", "at": deposited}),
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn analysis_validates_its_input_and_handles_empty_portfolios() {
     let env = TestEnv::with_all_workers().await;
@@ -359,18 +374,7 @@ async fn analysis_validates_its_input_and_handles_empty_portfolios() {
     // A period of centuries (history imported with an old `at`) is refused by its count of
     // points, before any point is listed (listing 70 million hourly times first took the
     // query worker's memory).
-    env.cmd(
-        "portfolio.update",
-        json!({"portfolio_id": "p2", "op": "open", "user_id": "u", "name": "n",
-                                      "quote_currency": "USDT", "at": "1900-01-01T00:00:00Z"}),
-    )
-    .await;
-    let funded = env
-        .cmd(
-            "portfolio.update",
-            json!({"portfolio_id": "p2", "op": "deposit", "amount": "100", "at": "1900-01-02T00:00:00Z"}),
-        )
-        .await;
+    let funded = funded_at(&env, "p2", "1900-01-01T00:00:00Z", "1900-01-02T00:00:00Z").await;
     let refused = env
         .request(
             "query.portfolio.analysis",
@@ -394,18 +398,7 @@ async fn analysis_validates_its_input_and_handles_empty_portfolios() {
 async fn a_reply_above_the_max_payload_is_bad_request() {
     let env = TestEnv::with_all_workers().await;
     let max = env.client.server_info().max_payload;
-    env.cmd(
-        "portfolio.update",
-        json!({"portfolio_id": "p1", "op": "open", "user_id": "u", "name": "n",
-               "quote_currency": "USDT", "at": "2026-01-01T00:00:00Z"}),
-    )
-    .await;
-    let funded = env
-        .cmd(
-            "portfolio.update",
-            json!({"portfolio_id": "p1", "op": "deposit", "amount": "100", "at": "2026-01-01T00:00:00Z"}),
-        )
-        .await;
+    let funded = funded_at(&env, "p1", "2026-01-01T00:00:00Z", "2026-01-01T00:00:00Z").await;
     // 19,000 hours after the deposit: 792 days and 16 hours (794 daily points: one at `from`,
     // one a day, the partial last).
     let period = |interval: &str| {

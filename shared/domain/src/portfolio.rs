@@ -1557,22 +1557,32 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_flow_at_a_peak_of_the_marks_keeps_the_peak() {
-        let p = RiskProfile {
+    /// The facts of a strategy that halts buys at a 20 % drawdown, with BTC-USDT marked at
+    /// `mark` (none for `None`).
+    fn halting_at(mark: Option<&str>) -> PortfolioFacts {
+        let mut f = facts_with(RiskProfile {
             max_drawdown_pct: Some(dec("0.2")),
             ..profile()
-        };
-        let f = facts_with(p);
-        let marked = |m: &str| PortfolioFacts {
-            marks: [("BTC-USDT".to_string(), dec(m))].into(),
-            ..f.clone()
-        };
+        });
+        if let Some(m) = mark {
+            f.marks.insert("BTC-USDT".to_string(), dec(m));
+        }
+        f
+    }
+
+    #[test]
+    fn a_flow_at_a_peak_of_the_marks_keeps_the_peak() {
+        let marked = |m: &str| halting_at(Some(m));
         let mut st =
             given::<PortfolioState>(vec![opened(), deposited("10000", "10000"), attached(S)])
                 .state()
                 .clone();
-        step(&mut st, &signal(Side::Buy, "1", "5000", Some("0")), &f).unwrap();
+        step(
+            &mut st,
+            &signal(Side::Buy, "1", "5000", Some("0")),
+            &halting_at(None),
+        )
+        .unwrap();
         assert_eq!(st.high_water_equity, dec("10000"));
         // BTC marked at 15000: equity 20000, seen by the deposit made there.
         step(
