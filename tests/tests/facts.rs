@@ -196,3 +196,45 @@ async fn s1_and_a_repo_of_its_own(
     let repo = Repo::new(store, 16).with_fact_max_age(Duration::from_secs(3600));
     (env, client, repo)
 }
+
+/// Two prices of a symbol less than a microsecond apart, the later one stored first: every part
+/// of the system takes the same one as the mark (times are kept to the microsecond, as the
+/// read models keep them; at nanoseconds the command side took the price stored first, the
+/// read models after a reload and the analysis the one stored last).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prices_within_a_microsecond_mark_the_same_everywhere() {
+    let env = TestEnv::with_all_workers().await;
+    env.cmd(
+        "strategy.create",
+        strategy_with(
+            "u1",
+            "s1",
+            &["BTC-USDT"],
+            json!({"max_drawdown_pct": "0.05", "max_order_notional": "1000000"}),
+        ),
+    )
+    .await;
+    env.funded("p1", "u1", "100000", "s1").await;
+    env.bought("p1", "s1", "BTC-USDT", "4", "20000").await;
+    let second = (chrono::Utc::now() - chrono::Duration::seconds(1))
+        .format("%Y-%m-%dT%H:%M:%S")
+        .to_string();
+    let at = |ns: &str| format!("{second}.000001{ns}Z");
+    let mut later = price("BTC-USDT", "20000");
+    later["at"] = at("900").into();
+    env.cmd("market.price", later).await;
+    let mut earlier = price("BTC-USDT", "18000");
+    earlier["at"] = at("100").into();
+    let last = ch_e2e::fixtures::seq(&env.cmd("market.price", earlier).await);
+    // One microsecond for both: the one stored last is the mark (equity 20,000 in cash and
+    // 4 at 18,000: 8 % below the high-water mark of about 100,000).
+    let perf = env.performance_at("p1", last).await;
+    assert_eq!(perf["positions"][0]["mark_price"], "18000", "{perf}");
+    let buy = env
+        .cmd(
+            "signal.execute",
+            signal("p1", "s1", "buy", "0.1", "18000", None),
+        )
+        .await;
+    assert_eq!(buy["reason"], "TRADING_HALTED", "{buy}");
+}

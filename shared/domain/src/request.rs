@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use rust_decimal::Decimal;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -282,8 +282,10 @@ fn parse_common(map: &mut RawMap) -> Result<Common, DomainError> {
     let expected_version = take::<u64>(map, "expected_version", "a non-negative integer")?;
     let at = take::<String>(map, "at", "an RFC 3339 timestamp")?
         .map(|s| {
+            // Kept to the microsecond, as Postgres keeps it: a finer `at` would order two
+            // events one way on the write side and another way in the read models.
             DateTime::parse_from_rfc3339(&s)
-                .map(|t| t.with_timezone(&Utc))
+                .map(|t| t.with_timezone(&Utc).trunc_subsecs(6))
                 .map_err(|e| bad(format!("at: must be an RFC 3339 timestamp ({e})")))
         })
         .transpose()?;
@@ -881,6 +883,16 @@ mod tests {
         assert_eq!(
             p.common.at.unwrap().to_rfc3339(),
             "2026-01-01T00:00:00+00:00"
+        );
+        // Kept to the microsecond, as the read models keep it.
+        let p = parse(
+            Endpoint::PortfolioUpdate,
+            r#"{"portfolio_id":"p-1","op":"close","at":"2026-01-01T00:00:00.000001900Z"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            p.common.at.unwrap().to_rfc3339(),
+            "2026-01-01T00:00:00.000001+00:00"
         );
         assert_eq!(
             p.target,

@@ -7,7 +7,7 @@ use std::time::Duration;
 use ch_domain::event::SCHEMA_VERSION;
 use ch_domain::request::{digest_kind, names_no_aggregate, reply_extra, Common};
 use ch_domain::{Aggregate, Ctx, DomainError, Event};
-use chrono::Utc;
+use chrono::{SubsecRound, Utc};
 use rand::Rng;
 use serde_json::{json, Value};
 use tracing::{debug, warn};
@@ -216,7 +216,8 @@ where
                 }
             }
             let facts = facts.facts(&entry.state, command).await?;
-            let now = Utc::now();
+            // To the microsecond, as an `at` sent is (`ch_domain::request`).
+            let now = Utc::now().trunc_subsecs(6);
             let at = common
                 .at
                 .unwrap_or_else(|| entry.state.last_at().map_or(now, |last| last.max(now)));
