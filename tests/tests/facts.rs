@@ -238,3 +238,27 @@ async fn prices_within_a_microsecond_mark_the_same_everywhere() {
         .await;
     assert_eq!(buy["reason"], "TRADING_HALTED", "{buy}");
 }
+
+/// Change notices carry whole events: they are moved out of the subscription's buffer as they
+/// come, also while no command reads a fact (a signal worker that sees only strategy updates),
+/// rather than piling up there (a megabyte per large strategy) until the buffer drops them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn change_notices_are_taken_in_while_no_fact_is_read() {
+    let (env, client, repo) = s1_and_a_repo_of_its_own("notices-drained").await;
+    let subject = env
+        .subjects
+        .aggregate(ch_domain::AggregateType::Strategy, "*");
+    repo.follow(client.subscribe(subject).await.unwrap());
+    client.flush().await.unwrap();
+    for id in ["s2", "s3", "s4"] {
+        env.cmd("strategy.create", strategy("u1", id, &["BTC-USDT"]))
+            .await;
+    }
+    eventually(|| async {
+        let n = repo.noticed();
+        (n == 3)
+            .then_some(())
+            .ok_or(format!("{n} of 3 notices taken in"))
+    })
+    .await;
+}

@@ -24,7 +24,7 @@ pub use error::{ApiError, DbError, StoreError};
 pub use eventstore::EventStore;
 pub use subjects::Subjects;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tracing::{debug, info, warn};
@@ -46,14 +46,14 @@ pub async fn connect_nats(
     url: &str,
     name: &str,
 ) -> Result<async_nats::Client, async_nats::ConnectError> {
-    let failing = Arc::new(AtomicBool::new(false));
+    let state = Arc::new(EventLog::default());
     async_nats::ConnectOptions::new()
         .name(name)
         .retry_on_initial_connect()
         .max_reconnects(None)
         .event_callback(move |event| {
-            let failing = failing.clone();
-            async move { log_event(&event, &failing) }
+            let state = state.clone();
+            async move { log_event(&event, &state) }
         })
         .connect(server_list(url)?)
         .await
@@ -74,27 +74,60 @@ pub fn server_list(urls: &str) -> Result<Vec<async_nats::ServerAddr>, async_nats
         })
 }
 
+/// What [`log_event`] remembers between events.
+#[derive(Default)]
+struct EventLog {
+    /// A failed attempt to connect was logged (until connected).
+    failing: AtomicBool,
+    /// Messages dropped for a full subscription since the last warning about it, and when
+    /// that was (milliseconds since `origin`; `warned` once there was one).
+    dropped: AtomicU64,
+    warned: AtomicBool,
+    warned_ms: AtomicU64,
+    origin: std::sync::OnceLock<std::time::Instant>,
+}
+
+/// At most one warning about dropped messages in this long, with their count since the last.
+const DROPPED_WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The connection's events in the log (async-nats logs each at info otherwise): a lost
-/// connection, the first failed attempt to connect (`failing` remembers it until connected),
-/// messages the server dropped for a slow subscriber and server errors are warnings; the
-/// attempts after the first, every few seconds while the server is away, are at debug.
-fn log_event(event: &async_nats::Event, failing: &AtomicBool) {
+/// connection, the first failed attempt to connect, messages dropped for a subscription that
+/// fell behind (at most every [`DROPPED_WARN_EVERY`], counted) and server errors are warnings;
+/// the attempts after the first, every few seconds while the server is away, are at debug.
+fn log_event(event: &async_nats::Event, state: &EventLog) {
     use async_nats::Event;
     match event {
         Event::Connected => {
-            failing.store(false, Ordering::Relaxed);
+            state.failing.store(false, Ordering::Relaxed);
             info!("NATS connected");
         }
         Event::Disconnected => warn!("NATS connection lost; reconnecting"),
-        Event::ClientError(e) if !failing.swap(true, Ordering::Relaxed) => {
+        Event::ClientError(e) if !state.failing.swap(true, Ordering::Relaxed) => {
             warn!(error = %e, "cannot connect to NATS; retrying");
         }
         Event::ClientError(e) => debug!(error = %e, "cannot connect to NATS; retrying"),
         Event::SlowConsumer(sid) => {
-            warn!(
-                sid,
-                "NATS dropped messages for a subscription that fell behind"
-            );
+            state.dropped.fetch_add(1, Ordering::Relaxed);
+            let origin = *state.origin.get_or_init(std::time::Instant::now);
+            let now = origin.elapsed().as_millis() as u64;
+            let last = state.warned_ms.load(Ordering::Relaxed);
+            let due = !state.warned.load(Ordering::Relaxed)
+                || now >= last + DROPPED_WARN_EVERY.as_millis() as u64;
+            if due
+                && state
+                    .warned_ms
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                state.warned.store(true, Ordering::Relaxed);
+                let dropped = state.dropped.swap(0, Ordering::Relaxed);
+                warn!(
+                    sid,
+                    dropped,
+                    "this worker's buffer for a subscription was full: messages to it were \
+                     dropped (requests among them go unanswered; the worker is overloaded)"
+                );
+            }
         }
         Event::ServerError(e) => warn!(error = %e, "NATS server error"),
         Event::LameDuckMode => warn!("the NATS server is going away (lame duck mode)"),

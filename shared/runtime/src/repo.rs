@@ -66,9 +66,9 @@ pub struct Repo<A: Aggregate> {
     /// Aggregates seen changing on the stream since they were cached (see [`Repo::fact`]):
     /// the subject sequence the noticed append expected (its event lands after it), and when
     /// the notice came.
-    stale: Mutex<HashMap<String, Notice>>,
+    stale: Arc<Mutex<HashMap<String, Notice>>>,
     /// A core subscription to this aggregate type's subjects: change notices.
-    notices: Mutex<Option<async_nats::Subscriber>>,
+    notices: Arc<Mutex<Option<async_nats::Subscriber>>>,
     /// How long a cached fact is trusted without a change notice.
     fact_max_age: Duration,
 }
@@ -89,6 +89,52 @@ impl Notice {
     }
 }
 
+/// How often a task of its own moves a repo's queued change notices (see [`Repo::follow`]).
+const NOTICE_DRAIN: Duration = Duration::from_millis(50);
+
+/// Moves queued change notices into the stale set (never waits); `false` once the
+/// subscription is closed or gone.
+fn drain_notices(
+    notices: &Mutex<Option<async_nats::Subscriber>>,
+    stale: &Mutex<HashMap<String, Notice>>,
+) -> bool {
+    let mut guard = notices.lock().expect("notices lock poisoned");
+    let Some(sub) = guard.as_mut() else {
+        return false;
+    };
+    let mut stale = stale.lock().expect("stale lock poisoned");
+    loop {
+        match futures::StreamExt::next(sub).now_or_never() {
+            Some(Some(msg)) => {
+                let id = msg.subject.rsplit('.').next().unwrap_or_default();
+                // Every append of ours carries the header; without it, any read will do.
+                let after = msg
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(EXPECTED_LAST_SUBJECT_SEQ))
+                    .and_then(|v| v.as_str().parse().ok())
+                    .unwrap_or(0);
+                let at = Instant::now();
+                notice(&mut stale, id, Notice { after, at });
+            }
+            Some(None) => {
+                // Subscription closed: rely on the age bound from now on.
+                *guard = None;
+                return false;
+            }
+            None => return true,
+        }
+    }
+}
+
+/// Marks `id` changed by an append that expected its subject at `after`.
+fn notice(stale: &mut HashMap<String, Notice>, id: &str, notice: Notice) {
+    stale
+        .entry(id.to_owned())
+        .and_modify(|n| n.merge(notice))
+        .or_insert(notice);
+}
+
 /// How long a cached fact is trusted without a change notice: a backstop for notices the
 /// server dropped (a slow subscriber). Notices lost to a reconnect are covered at once (a
 /// fact checked before the last reconnect is read again).
@@ -100,8 +146,8 @@ impl<A: Aggregate> Repo<A> {
             store,
             entries: Mutex::new(HashMap::new()),
             capacity: capacity.max(16),
-            stale: Mutex::new(HashMap::new()),
-            notices: Mutex::new(None),
+            stale: Arc::new(Mutex::new(HashMap::new())),
+            notices: Arc::new(Mutex::new(None)),
             fact_max_age: FACT_MAX_AGE,
         }
     }
@@ -173,46 +219,39 @@ impl<A: Aggregate> Repo<A> {
 
     /// Follows change notices: a subscription to `<prefix>.events.<type>.*`. A JetStream append
     /// reaches this subscriber before the appender's reply can reach any client, so a command
-    /// that arrives after a change sees its notice already queued.
+    /// that arrives after a change sees its notice already queued ([`Repo::fact`] moves the
+    /// queued notices first). The notices are also moved every [`NOTICE_DRAIN`] by a task of
+    /// their own: they carry whole events, and while no command reads a fact (a worker that
+    /// sees only strategy updates, or prices for symbols nobody holds) they would pile up in
+    /// the subscription's buffer (a megabyte per large strategy) until it dropped them. Must
+    /// be called within a Tokio runtime.
     pub fn follow(&self, notices: async_nats::Subscriber) {
         *self.notices.lock().expect("notices lock poisoned") = Some(notices);
+        let (notices, stale) = (Arc::downgrade(&self.notices), Arc::downgrade(&self.stale));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(NOTICE_DRAIN);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let (Some(notices), Some(stale)) = (notices.upgrade(), stale.upgrade()) else {
+                    break;
+                };
+                if !drain_notices(&notices, &stale) {
+                    break;
+                }
+            }
+        });
     }
 
-    /// Marks `id` changed by an append that expected its subject at `after`.
-    fn notice(stale: &mut HashMap<String, Notice>, id: &str, notice: Notice) {
-        stale
-            .entry(id.to_owned())
-            .and_modify(|n| n.merge(notice))
-            .or_insert(notice);
+    /// How many aggregates a change notice has marked since their cached state was last read
+    /// as a fact (the notices moved out of the subscription's buffer so far).
+    pub fn noticed(&self) -> usize {
+        self.stale.lock().expect("stale lock poisoned").len()
     }
 
     /// Moves queued change notices into the stale set (never waits).
     fn drain_notices(&self) {
-        let mut guard = self.notices.lock().expect("notices lock poisoned");
-        let Some(sub) = guard.as_mut() else { return };
-        let mut stale = self.stale.lock().expect("stale lock poisoned");
-        loop {
-            match futures::StreamExt::next(sub).now_or_never() {
-                Some(Some(msg)) => {
-                    let id = msg.subject.rsplit('.').next().unwrap_or_default();
-                    // Every append of ours carries the header; without it, any read will do.
-                    let after = msg
-                        .headers
-                        .as_ref()
-                        .and_then(|h| h.get(EXPECTED_LAST_SUBJECT_SEQ))
-                        .and_then(|v| v.as_str().parse().ok())
-                        .unwrap_or(0);
-                    let at = Instant::now();
-                    Self::notice(&mut stale, id, Notice { after, at });
-                }
-                Some(None) => {
-                    // Subscription closed: rely on the age bound from now on.
-                    *guard = None;
-                    break;
-                }
-                None => break,
-            }
-        }
+        drain_notices(&self.notices, &self.stale);
     }
 
     /// The state of `id` as a read-only fact for another aggregate's decision: from the cache
@@ -245,7 +284,7 @@ impl<A: Aggregate> Repo<A> {
         if let Some(n) = noticed {
             if entry.last_seq <= n.after && n.at.elapsed() < self.fact_max_age {
                 // The noticed event is not stored yet: read again next time.
-                Self::notice(&mut self.stale.lock().expect("stale lock poisoned"), id, n);
+                notice(&mut self.stale.lock().expect("stale lock poisoned"), id, n);
             }
         }
         Ok(entry.state.clone())
