@@ -1589,3 +1589,38 @@ async fn the_pending_gauge_reads_the_servers_backlog_when_idle() {
     stop.cancel();
     let _ = task.await;
 }
+
+/// A query worker whose every database session is in use (its one session waits here for a
+/// lock the test holds) answers the next query, after the pool's wait, `unavailable` saying it
+/// is busy: not "database unavailable", and without retiring its sessions and asking again as
+/// if the database had ended them (which doubled the wait and churned sessions under load).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_worker_with_every_session_in_use_says_it_is_busy() {
+    let mut env = TestEnv::new().await;
+    env.start_all(&[Worker::CmdPortfolio, Worker::ProjPortfolio])
+        .await;
+    let mut one_session = env.cfg.clone();
+    one_session.db_pool_size = 1;
+    env.start_with(Worker::QueryPortfolio, one_session).await;
+    let opened = env.cmd("portfolio.update", open("p1", "u1")).await;
+    env.performance_at("p1", seq(&opened)).await;
+    let hold = lock_table(&env, "portfolios", "ACCESS EXCLUSIVE").await;
+    let env = Arc::new(env);
+    let first = {
+        let env = env.clone();
+        tokio::spawn(async move {
+            env.request("query.portfolio.performance", json!({"portfolio_id": "p1"}))
+                .await
+        })
+    };
+    waits_for_a_lock(&env, &format!("{}-query-portfolio", env.subjects.prefix())).await;
+    let busy = env
+        .request("query.portfolio.performance", json!({"portfolio_id": "p1"}))
+        .await
+        .err(503, "unavailable");
+    let message = busy["error"]["message"].as_str().unwrap();
+    assert!(message.starts_with(ch_runtime::error::BUSY), "{message}");
+    hold.batch_execute("ROLLBACK").await.unwrap();
+    let answered = first.await.unwrap().ok();
+    assert_eq!(answered["portfolio_id"], "p1", "{answered}");
+}

@@ -145,15 +145,22 @@ impl From<StoreError> for ApiError {
 pub enum DbError {
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// No session of the worker's pool came free in time: the worker is overloaded, the
+    /// database need not be (503 all the same: try again later).
+    #[error("{BUSY}: {0}")]
+    Busy(String),
     #[error("database: {}", pg_text(.0))]
     Query(tokio_postgres::Error),
 }
+
+/// How the message of a [`DbError::Busy`] reply begins.
+pub const BUSY: &str = "the worker is busy";
 
 impl DbError {
     /// Whether the database is at fault rather than the request (see [`unavailable`]).
     pub fn is_unavailable(&self) -> bool {
         match self {
-            DbError::Unavailable(_) => true,
+            DbError::Unavailable(_) | DbError::Busy(_) => true,
             DbError::Query(q) => unavailable(q),
         }
     }
@@ -190,6 +197,11 @@ impl From<deadpool_postgres::PoolError> for DbError {
         match e {
             // What the server (or the socket) said, not only "error connecting to server".
             deadpool_postgres::PoolError::Backend(e) => DbError::Unavailable(pg_text(&e)),
+            deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Wait) => {
+                DbError::Busy(
+                    "every database session of its pool stayed in use past the pool's wait".into(),
+                )
+            }
             e => DbError::Unavailable(e.to_string()),
         }
     }

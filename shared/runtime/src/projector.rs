@@ -112,7 +112,7 @@ impl ProjectorError {
     /// for a while (connections, restarts, serialization, resources).
     fn transient(&self) -> bool {
         match self {
-            ProjectorError::Db(DbError::Unavailable(_))
+            ProjectorError::Db(DbError::Unavailable(_) | DbError::Busy(_))
             | ProjectorError::Store(StoreError::Unavailable(_))
             | ProjectorError::Reset { .. }
             | ProjectorError::Stopped { .. } => true,
