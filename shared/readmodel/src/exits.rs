@@ -787,7 +787,7 @@ async fn follow_prices(
                 }
             }
             Some(Err(e)) => {
-                warn!(error = %e, "consumer error");
+                warn!(durable, error = %e, "consumer error; going on");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             // Finish the price in hand even if a shutdown comes meanwhile.

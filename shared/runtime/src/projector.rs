@@ -1384,7 +1384,7 @@ impl<P: Projection> Projector<P> {
                 }
                 Ok(None) => break Ended::ConsumerGone,
                 Ok(Some(Err(e))) => {
-                    warn!(error = %e, "consumer error");
+                    warn!(projection = name, error = %e, "consumer error; going on");
                     continue;
                 }
                 Ok(Some(Ok(m))) => m,
