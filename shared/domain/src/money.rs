@@ -40,19 +40,21 @@ pub fn parse_decimal(s: &str) -> Option<Decimal> {
     if digits == 0 || dots > 1 || digits + dots != body.len() {
         return None;
     }
-    // A fraction's trailing zeros are no places (API.md: `1.000000000` is 1): dropped first,
-    // so that more than 28 of them do not refuse an exact value.
-    let mant = if dots == 1 {
-        let kept = mant.trim_end_matches('0').trim_end_matches('.');
-        if kept.bytes().any(|b| b.is_ascii_digit()) {
-            kept
-        } else {
-            "0"
+    // A fraction's trailing zeros are no places (API.md: `1.000000000` is 1): should the text
+    // not fit as it is, they are dropped, so that more than 28 of them do not refuse an exact
+    // value (only then: this runs for every decimal an event holds).
+    let d = match Decimal::from_str_exact(mant) {
+        Ok(d) => d,
+        Err(_) if dots == 1 => {
+            let kept = mant.trim_end_matches('0').trim_end_matches('.');
+            if kept.bytes().any(|b| b.is_ascii_digit()) {
+                Decimal::from_str_exact(kept).ok()?
+            } else {
+                Decimal::ZERO
+            }
         }
-    } else {
-        mant
+        Err(_) => return None,
     };
-    let d = Decimal::from_str_exact(mant).ok()?;
     let Some(exp) = exp else {
         return Some(d);
     };
