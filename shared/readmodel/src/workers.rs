@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use async_nats::Message;
 use ch_runtime::app::{boxed_main, App, MainFuture};
-use ch_runtime::error::{ApiError, DbError, BUSY};
+use ch_runtime::error::{ApiError, DbError};
 use ch_runtime::eventstore::sparse_filter;
 use ch_runtime::pg::Retirement;
 use ch_runtime::projector::{self, BatchConfig, Projection, Projector};
@@ -275,7 +275,7 @@ impl Handler for QueryHandler {
             // ended with it: retire them all and read once more on a new one (a read is safe
             // to repeat). If the database is really away, the second answer says so.
             // (Not when no session came free: the worker is busy, its sessions are fine.)
-            Err(e) if e.code == "unavailable" && !e.message.starts_with(BUSY) => {
+            Err(e) if e.session_lost => {
                 let dropped = self.retirement.retire(&self.pool);
                 warn!(
                     error = %e.message,

@@ -34,6 +34,9 @@ pub struct ApiError {
     pub status: u16,
     pub code: Cow<'static, str>,
     pub message: String,
+    /// The database session it was read on ended, or none could be opened (not on the wire):
+    /// a read is worth asking again on a new session. Not when the pool had none free.
+    pub session_lost: bool,
 }
 
 impl ApiError {
@@ -46,6 +49,7 @@ impl ApiError {
             status,
             code: code.into(),
             message: clip(message.into()),
+            session_lost: false,
         }
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -210,7 +214,10 @@ impl From<deadpool_postgres::PoolError> for DbError {
 impl From<DbError> for ApiError {
     fn from(e: DbError) -> Self {
         if e.is_unavailable() {
-            ApiError::unavailable(e.to_string())
+            ApiError {
+                session_lost: !matches!(e, DbError::Busy(_)),
+                ..ApiError::unavailable(e.to_string())
+            }
         } else {
             ApiError::internal(e.to_string())
         }

@@ -79,12 +79,10 @@ pub fn server_list(urls: &str) -> Result<Vec<async_nats::ServerAddr>, async_nats
 struct EventLog {
     /// A failed attempt to connect was logged (until connected).
     failing: AtomicBool,
-    /// Messages dropped for a full subscription since the last warning about it, and when
-    /// that was (milliseconds since `origin`; `warned` once there was one).
+    /// Messages dropped for a full subscription since the last warning about them.
     dropped: AtomicU64,
-    warned: AtomicBool,
-    warned_ms: AtomicU64,
-    origin: std::sync::OnceLock<std::time::Instant>,
+    /// When that warning was.
+    warned_at: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 /// At most one warning about dropped messages in this long, with their count since the last.
@@ -108,18 +106,9 @@ fn log_event(event: &async_nats::Event, state: &EventLog) {
         Event::ClientError(e) => debug!(error = %e, "cannot connect to NATS; retrying"),
         Event::SlowConsumer(sid) => {
             state.dropped.fetch_add(1, Ordering::Relaxed);
-            let origin = *state.origin.get_or_init(std::time::Instant::now);
-            let now = origin.elapsed().as_millis() as u64;
-            let last = state.warned_ms.load(Ordering::Relaxed);
-            let due = !state.warned.load(Ordering::Relaxed)
-                || now >= last + DROPPED_WARN_EVERY.as_millis() as u64;
-            if due
-                && state
-                    .warned_ms
-                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                    .is_ok()
-            {
-                state.warned.store(true, Ordering::Relaxed);
+            let mut warned_at = state.warned_at.lock().expect("event log lock");
+            if warned_at.is_none_or(|t| t.elapsed() >= DROPPED_WARN_EVERY) {
+                *warned_at = Some(std::time::Instant::now());
                 let dropped = state.dropped.swap(0, Ordering::Relaxed);
                 warn!(
                     sid,
