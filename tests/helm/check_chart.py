@@ -1,0 +1,236 @@
+"""Checks of the Helm chart (helm/cipherhorizon), offline, with the Helm library itself
+(helm-python-sdk wraps Helm v4's Go code), the Kubernetes API schemas (kubernetes-validate)
+and yamllint; run by `make test` (scripts/venv.sh --chart installs them into .venv).
+
+- `helm lint --strict` passes with the default values and with a production-like set;
+- the values schema refuses what the workers would refuse (a typo in a key, an unknown worker,
+  a sync mode, a subject prefix or schema name they reject, no database at all);
+- rendered (hooks included), every manifest is valid Kubernetes 1.30 in strict mode;
+- one Deployment per crate under workers/, running that binary; the database URL (from the
+  chart's Secret, or from the user's) reaches the workers that use Postgres and no command
+  worker; the NATS URL every pod, as a value or from the user's Secret; the setup job runs `chctl setup` as a hook after the Secret it reads;
+- every variable a pod gets is one README's Configuration documents, and numbers keep their
+  digits (Helm reads whole numbers as floats: 1000000 must not become 1e+06).
+
+Prints 'helm chart: N passed' or each failure; exit status 1 on failure.
+"""
+
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+import helm_python as helm
+import kubernetes_validate
+import yaml
+from yamllint import linter
+from yamllint.config import YamlLintConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "cipherhorizon"
+KUBE = "1.30.0"
+
+passed, failed = 0, 0
+
+
+def check(name, cond, detail=""):
+    global passed, failed
+    if cond:
+        passed += 1
+    else:
+        failed += 1
+        print(f"FAIL {name}: {detail}", file=sys.stderr)
+
+
+def lint_errors(values):
+    """Helm's lint messages of warning or error severity (the schema is checked by lint)."""
+    result = helm.lint(str(CHART), values, strict=True, namespace="ch")
+    return [m for m in result["messages"] if m["severity"] >= 2] + [
+        {"error": e} for e in result.get("errors") or []
+    ]
+
+
+def render(values):
+    """Every rendered manifest, hooks and test pods included, as parsed documents."""
+    with helm.Chart.load(str(CHART)) as chart:
+        files = chart.render(values, name="ch", namespace="ch", is_install=True)
+    docs = []
+    for path, text in sorted(files.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        docs += [d for d in yaml.safe_load_all(text) if d]
+    return docs
+
+
+def by_kind(docs, kind):
+    return [d for d in docs if d["kind"] == kind]
+
+
+def env_of(container):
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def documented_variables():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"^\| `([A-Z_]+)` \|", section, re.M))
+
+
+PRODUCTION = {
+    "nats": {"existingSecret": "nats-app", "subjectPrefix": "prod"},
+    "database": {"existingSecret": "pg-app", "existingSecretKey": "uri", "schema": "prod",
+                 "pool": 8},
+    "sync": {"mode": "adaptive", "replayBatchMax": 1000000, "batchWaitMs": 2},
+    "setup": {"streamReplicas": 3},
+    "workers": {
+        "cmd-signal": {"enabled": True, "replicas": 4,
+                       "resources": {"requests": {"cpu": "500m", "memory": "128Mi"}},
+                       "env": {"CH_WORKER_THREADS": 2}},
+        "cmd-market": {"enabled": False, "replicas": 1},
+    },
+    "env": {"CH_WORKER_THREADS": 1},
+    "tolerations": [{"key": "trading", "operator": "Exists", "effect": "NoSchedule"}],
+}
+
+
+def main():
+    workspace = tomllib.loads((ROOT / "Cargo.toml").read_text())
+    version = workspace["workspace"]["package"]["version"]
+    workers = sorted(p.parent.name for p in ROOT.glob("workers/*/Cargo.toml"))
+    documented = documented_variables()
+    check("README documents the variables", {"CH_NATS_URL", "CH_SYNC"} <= documented,
+          sorted(documented))
+
+    # The chart's own files.
+    meta = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    check("appVersion is the workspace's version", meta["appVersion"] == version,
+          f"{meta['appVersion']} vs {version}")
+    conf = YamlLintConfig("{extends: default, rules: {line-length: {max: 100}, "
+                          "document-start: disable}}")
+    for f in ("Chart.yaml", "values.yaml"):
+        problems = list(linter.run((CHART / f).read_text(), conf))
+        check(f"yamllint {f}", not problems, [str(p) for p in problems])
+
+    # Lint: clean with the defaults and with a production-like set.
+    for label, values in (("default", {}), ("production", PRODUCTION)):
+        errors = lint_errors(values)
+        check(f"lint --strict ({label} values)", not errors, errors)
+
+    # The schema refuses what the workers would refuse.
+    refused = {
+        "an unknown top-level key": {"replica": 2},
+        "an unknown worker": {"workers": {"cmd-foo": {"enabled": True, "replicas": 1}}},
+        "a typo in a worker's key": {"workers": {"cmd-signal": {"enabled": True, "replica": 3}}},
+        "negative replicas": {"workers": {"cmd-signal": {"enabled": True, "replicas": -1}}},
+        "an unknown sync mode": {"sync": {"mode": "fast"}},
+        "a subject prefix with a dot": {"nats": {"subjectPrefix": "a.b"}},
+        "an upper-case schema": {"database": {"schema": "MySchema"}},
+        "no database": {"database": {"url": "", "existingSecret": ""}},
+        "no NATS": {"nats": {"url": ""}},
+        "a batch above CH_BATCH_MAX's range": {"sync": {"batchMax": 20000}},
+        "a variable name that is not one": {"env": {"CH-SYNC": "batch"}},
+        "an unknown log format": {"log": {"format": "xml"}},
+    }
+    for label, values in refused.items():
+        check(f"schema refuses {label}", lint_errors(values), values)
+
+    for label, values in (("default", {}), ("production", PRODUCTION)):
+        docs = render(values)
+        for d in docs:
+            try:
+                kubernetes_validate.validate(d, KUBE, strict=True)
+                ok, why = True, ""
+            except kubernetes_validate.ValidationError as e:
+                ok, why = False, e.message
+            check(f"{label}: {d['kind']} {d['metadata']['name']} is valid Kubernetes {KUBE}",
+                  ok, why)
+
+        deployments = {d["metadata"]["labels"]["app.kubernetes.io/component"]: d
+                       for d in by_kind(docs, "Deployment")}
+        enabled = [w for w in workers
+                   if values.get("workers", {}).get(w, {}).get("enabled", True)]
+        check(f"{label}: one Deployment per enabled worker crate", sorted(deployments) == enabled,
+              f"{sorted(deployments)} vs {enabled}")
+        secret_name = ("pg-app", "uri") if label == "production" else ("ch-cipherhorizon-database",
+                                                                       "url")
+        pods = [(w, d["spec"]["template"]["spec"]) for w, d in deployments.items()]
+        pods += [("setup", j["spec"]["template"]["spec"]) for j in by_kind(docs, "Job")]
+        pods += [("status test", p["spec"]) for p in by_kind(docs, "Pod")]
+        check(f"{label}: a setup job and a test pod", len(pods) == len(deployments) + 2,
+              [w for w, _ in pods])
+        for w, spec in pods:
+            (c,) = spec["containers"]
+            env = env_of(c)
+            if w in deployments:
+                check(f"{label}: {w} runs its binary", c["command"] == [f"/usr/local/bin/{w}"],
+                      c["command"])
+                want = values.get("workers", {}).get(w, {}).get("replicas")
+                if want is not None:
+                    check(f"{label}: {w} replicas", deployments[w]["spec"]["replicas"] == want)
+            check(f"{label}: {w} image tagged with the appVersion",
+                  c["image"].endswith(f":{version}"), c["image"])
+            check(f"{label}: {w} mounts no service account token",
+                  spec.get("automountServiceAccountToken") is False)
+            undocumented = set(env) - documented
+            check(f"{label}: {w}'s variables are documented", not undocumented,
+                  sorted(undocumented))
+            uses_db = not w.startswith("cmd-")
+            ref = env.get("CH_DATABASE_URL", {}).get("valueFrom", {}).get("secretKeyRef", {})
+            if uses_db:
+                check(f"{label}: {w} gets the database URL from the Secret",
+                      (ref.get("name"), ref.get("key")) == secret_name, ref)
+            else:
+                check(f"{label}: command worker {w} gets no database URL",
+                      "CH_DATABASE_URL" not in env and "CH_DB_POOL" not in env, sorted(env))
+            nats = env.get("CH_NATS_URL", {})
+            want = ({"valueFrom": {"secretKeyRef": {"name": "nats-app", "key": "url"}}}
+                    if label == "production" else {"value": "nats://nats:4222"})
+            check(f"{label}: {w}'s NATS URL", {k: v for k, v in nats.items() if k != "name"}
+                  == want, nats)
+            for name, e in env.items():
+                v = e.get("value")
+                check(f"{label}: {w} {name} has no float notation",
+                      v is None or not re.fullmatch(r"[0-9.]+e[+-][0-9]+", v), v)
+            if label == "production":
+                expect = {"CH_SYNC": "adaptive", "CH_SUBJECT_PREFIX": "prod",
+                          "CH_REPLAY_BATCH_MAX": "1000000", "CH_BATCH_WAIT_MS": "2",
+                          "CH_WORKER_THREADS": "2" if w == "cmd-signal" else "1"}
+                if uses_db:
+                    expect.update(CH_DB_SCHEMA="prod", CH_DB_POOL="8")
+                got = {k: env.get(k, {}).get("value") for k in expect}
+                check(f"production: {w}'s variables from the values", got == expect, got)
+            else:
+                check(f"default: {w} leaves CH_BATCH_WAIT_MS to CH_SYNC",
+                      "CH_BATCH_WAIT_MS" not in env)
+
+        jobs = by_kind(docs, "Job")
+        secrets = by_kind(docs, "Secret")
+        hook = lambda d: d["metadata"].get("annotations", {})
+        if jobs:
+            (job,) = jobs
+            c = job["spec"]["template"]["spec"]["containers"][0]
+            check(f"{label}: setup job runs chctl setup",
+                  c["command"] == ["/usr/local/bin/chctl", "setup"], c["command"])
+            check(f"{label}: setup job is a pre-install/pre-upgrade hook",
+                  hook(job).get("helm.sh/hook") == "pre-install,pre-upgrade", hook(job))
+            replicas = env_of(c).get("CH_STREAM_REPLICAS", {}).get("value")
+            check(f"{label}: setup job's stream replicas", replicas ==
+                  ("3" if label == "production" else "1"), replicas)
+        if label == "production":
+            check("production: no Secret made when existingSecret is given", not secrets,
+                  [s["metadata"]["name"] for s in secrets])
+        else:
+            (secret,) = secrets
+            check("default: the Secret holds database.url",
+                  secret["stringData"]["url"] == "postgres://postgres@postgres:5432/cipherhorizon")
+            check("default: the Secret is made before the setup job reads it",
+                  int(hook(secret)["helm.sh/hook-weight"]) < int(hook(jobs[0])["helm.sh/hook-weight"])
+                  and hook(secret)["helm.sh/hook"] == hook(jobs[0])["helm.sh/hook"],
+                  (hook(secret), hook(jobs[0])))
+
+    print(f"helm chart: {passed} passed" + (f", {failed} failed" if failed else ""))
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
