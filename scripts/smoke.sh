@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Starts every worker binary with `chctl up --detach` on a prefix of its own, runs the nats-py
 # API smoke test (tests/python/api_smoke.py) against them, then `chctl status`, `chctl rebuild
-# all` with the projectors running and the benchmark at its smoke size, and stops them again.
+# all` with the projectors running, the benchmark at its smoke size, and `chctl status` with a
+# worker stopped (and skipped), and stops them again.
 #   scripts/smoke.sh NATS_URL DATABASE_URL
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -81,3 +82,21 @@ PY
 target/debug/chctl bench compare "$result" | grep -q "400 signals from 8 clients at $rate/s" \
     || { echo "smoke: chctl bench compare did not describe the run" >&2; exit 1; }
 echo "smoke: chctl bench trade-flow --quick at $rate/s: 0 rows differing, 0 errors, beside the monolith"
+
+# `chctl status --skip` (what the Helm chart's `helm test` runs when the chart leaves workers
+# out): a worker that is gone fails the status, unless it is skipped.
+pid=$(awk '$1 == "exit-triggers" {print $2}' "$CH_RUN_DIR/workers.pids")
+[[ -n $pid ]] || { echo "smoke: no exit-triggers in $CH_RUN_DIR/workers.pids" >&2; exit 1; }
+kill -TERM "$pid"
+tail --pid="$pid" -f /dev/null
+if status=$(target/debug/chctl status); then
+    printf 'smoke: chctl status passed with exit-triggers stopped:\n%s\n' "$status" >&2
+    exit 1
+fi
+grep -q "^  down  smoke-exit-triggers$" <<<"$status" \
+    || { printf 'smoke: chctl status did not name the stopped worker:\n%s\n' "$status" >&2; exit 1; }
+status=$(target/debug/chctl status --skip exit-triggers,cmd-market) \
+    || { printf 'smoke: chctl status --skip failed:\n%s\n' "$status" >&2; exit 1; }
+grep -q "^  skip  smoke-cmd-market$" <<<"$status" \
+    || { printf 'smoke: chctl status --skip did not say what it skipped:\n%s\n' "$status" >&2; exit 1; }
+echo "smoke: chctl status fails on a stopped worker, and passes with it skipped"

@@ -87,6 +87,7 @@ PRODUCTION = {
                        "resources": {"requests": {"cpu": "500m", "memory": "128Mi"}},
                        "env": {"CH_WORKER_THREADS": 2}},
         "cmd-market": {"enabled": False, "replicas": 1},
+        "exit-triggers": {"enabled": True, "replicas": 0},
     },
     "env": {"CH_WORKER_THREADS": 1},
     "tolerations": [{"key": "trading", "operator": "Exists", "effect": "NoSchedule"}],
@@ -202,6 +203,14 @@ def main():
             else:
                 check(f"default: {w} leaves CH_BATCH_WAIT_MS to CH_SYNC",
                       "CH_BATCH_WAIT_MS" not in env)
+
+        (test_pod,) = by_kind(docs, "Pod")
+        skip = sorted(set(workers) - set(enabled) | {w for w in enabled if
+                      values.get("workers", {}).get(w, {}).get("replicas") == 0})
+        want = ["/usr/local/bin/chctl", "status"] + (["--skip", ",".join(skip)] if skip else [])
+        check(f"{label}: helm test runs chctl status, skipping what does not run",
+              test_pod["spec"]["containers"][0]["command"] == want,
+              test_pod["spec"]["containers"][0]["command"])
 
         jobs = by_kind(docs, "Job")
         secrets = by_kind(docs, "Secret")

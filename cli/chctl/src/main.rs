@@ -40,8 +40,8 @@ enum Cmd {
     /// Rebuild read models from the whole event stream.
     Rebuild(rebuild::Args),
     /// Ping every service; print the projectors' progress, the stream and each worker's
-    /// Postgres sessions.
-    Status,
+    /// Postgres sessions. Exits 1 when something is missing or does not answer.
+    Status(status::Args),
     /// Send one request and print the reply; exits 1 on an error reply.
     Req(req::Args),
     /// Benchmarks: `bench trade-flow` (the load and its figures) and `bench compare` (result
@@ -84,7 +84,7 @@ fn main() -> ExitCode {
             Cmd::Down => down::run(&ctx).await,
             Cmd::Demo => demo::run(&ctx).await,
             Cmd::Rebuild(a) => rebuild::run(&ctx, &a).await,
-            Cmd::Status => status::run(&ctx).await,
+            Cmd::Status(a) => status::run(&ctx, &a).await,
             Cmd::Req(a) => req::run(&ctx, &a).await,
             Cmd::Bench(a) => bench::run(&ctx, &a).await,
         }
