@@ -100,3 +100,20 @@ status=$(target/debug/chctl status --skip exit-triggers,cmd-market) \
 grep -q "^  skip  smoke-cmd-market$" <<<"$status" \
     || { printf 'smoke: chctl status --skip did not say what it skipped:\n%s\n' "$status" >&2; exit 1; }
 echo "smoke: chctl status fails on a stopped worker, and passes with it skipped"
+
+# A worker stopped while it still waits for NATS (a pod deleted during its start) ends at once
+# and cleanly: its SIGTERM handler is there before it logs `starting`.
+.venv/bin/python - <<'PY'
+import os, signal, subprocess, sys
+env = dict(os.environ, CH_NATS_URL="nats://127.0.0.1:1", RUST_LOG="info", CH_LOG_FORMAT="json")
+p = subprocess.Popen(["target/debug/cmd-market"], env=env, stdout=subprocess.PIPE, text=True)
+for line in p.stdout:
+    if '"starting"' in line:
+        break
+p.send_signal(signal.SIGTERM)
+rest = p.stdout.read()
+code = p.wait(timeout=30)
+if code != 0 or "stopped before it had started" not in rest:
+    sys.exit(f"smoke: cmd-market stopped during its start exited {code}:\n{rest}")
+PY
+echo "smoke: a worker stopped while it waits for NATS exits 0 at once"

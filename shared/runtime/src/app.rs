@@ -195,10 +195,18 @@ where
     Fut: Future<Output = Result<(), async_nats::Error>> + Send + 'static,
 {
     Box::pin(async move {
-        let app = App::start(cfg, worker)
-            .await
-            .map_err(|e| format!("starting {worker}: {e}"))?;
-        body(app, crate::shutdown::on_signal()).await
+        // Signals are handled from the first moment: a worker stopped while it still waits
+        // for NATS or the stream (a pod deleted during its start) ends at once, and cleanly.
+        let shutdown = crate::shutdown::on_signal();
+        info!(worker, nats = %crate::config::redact(&cfg.nats_url), "starting");
+        let app = tokio::select! {
+            app = App::start(cfg, worker) => app.map_err(|e| format!("starting {worker}: {e}"))?,
+            () = shutdown.cancelled() => {
+                info!(worker, "stopped before it had started");
+                return Ok(());
+            }
+        };
+        body(app, shutdown).await
     })
 }
 

@@ -2,24 +2,33 @@
 
 use tokio_util::sync::CancellationToken;
 
-/// A token cancelled on SIGTERM or Ctrl-C.
+/// A token cancelled on SIGTERM or Ctrl-C. The handlers are in place when this returns (it
+/// must be called on a Tokio runtime): a signal that comes at any later moment, even before
+/// the worker has started, is seen. Until then a process that is PID 1 in its container (as a
+/// Kubernetes pod's is) ignores SIGTERM, and Kubernetes waits out the grace period.
+///
+/// # Panics
+/// When the process cannot install a signal handler (no runtime, or the OS refuses).
 pub fn on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
-    tokio::spawn(async move {
-        let ctrl_c = tokio::signal::ctrl_c();
-        #[cfg(unix)]
-        {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("SIGTERM handler");
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::spawn(async move {
             tokio::select! {
-                _ = ctrl_c => {},
                 _ = term.recv() => {},
+                _ = int.recv() => {},
             }
-        }
-        #[cfg(not(unix))]
-        let _ = ctrl_c.await;
+            tracing::info!("shutdown requested: draining");
+            t.cancel();
+        });
+    }
+    #[cfg(not(unix))]
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
         tracing::info!("shutdown requested: draining");
         t.cancel();
     });
