@@ -90,11 +90,13 @@ pub async fn run(ctx: &Ctx, args: &Opts) -> Result<()> {
     // A read model ahead of the stream was built from another stream (the stream was recreated,
     // e.g. after `make clean-run`, or another prefix shares this schema): it would skip the
     // new events. Read models are disposable: empty it, its projector replays the stream.
+    // The stream's head must be known: taken as 0 on an unanswered request (a cluster
+    // electing its leader), every read model would be "ahead" and emptied.
     let head = stream
         .get_info()
         .await
         .map(|i| i.state.last_sequence)
-        .unwrap_or(0);
+        .with_context(|| format!("reading the last sequence of stream {name}"))?;
     let app = App::start(ctx.cfg.clone(), "chctl").await?;
     reset_if_ahead(&app, PortfolioProjection::default(), head).await?;
     reset_if_ahead(&app, StrategyProjection, head).await?;
