@@ -50,16 +50,32 @@ def lint_errors(values):
     ]
 
 
+def schema_refuses(values):
+    """Does lint fail on the values schema itself (not a template's `fail`, not a warning)?"""
+    return any("don't meet the specifications of the schema" in str(e.get("error"))
+               for e in lint_errors(values))
+
+
+def render_files(values):
+    with helm.Chart.load(str(CHART)) as chart:
+        return chart.render(values, name="ch", namespace="ch", is_install=True)
+
+
 def render(values):
     """Every rendered manifest, hooks and test pods included, as parsed documents."""
-    with helm.Chart.load(str(CHART)) as chart:
-        files = chart.render(values, name="ch", namespace="ch", is_install=True)
     docs = []
-    for path, text in sorted(files.items()):
+    for path, text in sorted(render_files(values).items()):
         if path.endswith("NOTES.txt"):
             continue
         docs += [d for d in yaml.safe_load_all(text) if d]
     return docs
+
+
+def chctl_workers():
+    """`WORKERS` of cli/chctl/src/common.rs: what `chctl status --skip` accepts."""
+    text = (ROOT / "cli" / "chctl" / "src" / "common.rs").read_text()
+    block = text.split("pub const WORKERS", 1)[1].split("];", 1)[0]
+    return sorted(re.findall(r'"([a-z-]+)"', block))
 
 
 def by_kind(docs, kind):
@@ -78,19 +94,23 @@ def documented_variables():
 
 PRODUCTION = {
     "nats": {"existingSecret": "nats-app", "subjectPrefix": "prod"},
-    "database": {"existingSecret": "pg-app", "existingSecretKey": "uri", "schema": "prod",
-                 "pool": 8},
+    "database": {"existingSecret": "pg-app", "existingSecretKey": "uri", "pool": 4},
     "sync": {"mode": "adaptive", "replayBatchMax": 1000000, "batchWaitMs": 2},
     "setup": {"streamReplicas": 3},
     "workers": {
         "cmd-signal": {"enabled": True, "replicas": 4,
                        "resources": {"requests": {"cpu": "500m", "memory": "128Mi"}},
-                       "env": {"CH_WORKER_THREADS": 2}},
+                       "env": {"CH_WORKER_THREADS": 2},
+                       "extraEnv": [{"name": "CH_LOG_FORMAT", "value": "text"}]},
+        "query-portfolio": {"enabled": True, "replicas": 2, "terminationGracePeriodSeconds": 45,
+                            "extraEnv": [{"name": "CH_DATABASE_URL", "valueFrom": {
+                                "secretKeyRef": {"name": "pg-readonly", "key": "url"}}}]},
         "cmd-market": {"enabled": False, "replicas": 1},
         "exit-triggers": {"enabled": True, "replicas": 0},
     },
     "env": {"CH_WORKER_THREADS": 1},
     "tolerations": [{"key": "trading", "operator": "Exists", "effect": "NoSchedule"}],
+    "nodeSelector": {"pool": "trading"},
 }
 
 
@@ -101,6 +121,8 @@ def main():
     documented = documented_variables()
     check("README documents the variables", {"CH_NATS_URL", "CH_SYNC"} <= documented,
           sorted(documented))
+    check("the chart's workers are chctl's (status --skip takes their names)",
+          chctl_workers() == workers, (chctl_workers(), workers))
 
     # The chart's own files.
     meta = yaml.safe_load((CHART / "Chart.yaml").read_text())
@@ -133,7 +155,26 @@ def main():
         "an unknown log format": {"log": {"format": "xml"}},
     }
     for label, values in refused.items():
-        check(f"schema refuses {label}", lint_errors(values), values)
+        check(f"schema refuses {label}", schema_refuses(values), (values, lint_errors(values)))
+
+    # Without the setup job and the test pod: nothing else changes, no hook Secret is left.
+    docs = render({"setup": {"enabled": False}, "tests": {"enabled": False}})
+    kinds = sorted(d["kind"] for d in docs)
+    check("setup and tests disabled: only the Deployments and the release's Secret",
+          kinds == ["Deployment"] * len(workers) + ["Secret"], kinds)
+
+    # The schema follows the prefix unless given (releases on other prefixes keep apart).
+    for values, want in (({}, "public"), ({"nats": {"subjectPrefix": "Desk-2"}}, "desk_2"),
+                         ({"nats": {"subjectPrefix": "x"}, "database": {"schema": "s"}}, "s")):
+        (pod,) = by_kind(render(values), "Pod")
+        got = env_of(pod["spec"]["containers"][0]).get("CH_DB_SCHEMA", {}).get("value")
+        check(f"CH_DB_SCHEMA for {values}", got == want, got)
+
+    # NOTES show no credentials of a NATS URL.
+    notes = render_files({"nats": {"url": "nats://user:pw@a:4222,nats://tok@b:4222"}})
+    notes = next(v for k, v in notes.items() if k.endswith("NOTES.txt"))
+    check("NOTES hide NATS credentials", "pw@" not in notes and "tok@" not in notes
+          and "nats://***@a:4222" in notes, notes)
 
     for label, values in (("default", {}), ("production", PRODUCTION)):
         docs = render(values)
@@ -168,16 +209,40 @@ def main():
                 want = values.get("workers", {}).get(w, {}).get("replicas")
                 if want is not None:
                     check(f"{label}: {w} replicas", deployments[w]["spec"]["replicas"] == want)
+                check(f"{label}: {w} holds a rollout until a pod outlives its start",
+                      deployments[w]["spec"].get("minReadySeconds", 0) >= 10)
+                grace = spec["terminationGracePeriodSeconds"]
+                want = (45 if (label, w) == ("production", "query-portfolio") else
+                        120 if w.startswith("proj-") else 60 if w == "exit-triggers" else 30)
+                check(f"{label}: {w} grace period", grace == want, grace)
             check(f"{label}: {w} image tagged with the appVersion",
                   c["image"].endswith(f":{version}"), c["image"])
             check(f"{label}: {w} mounts no service account token",
                   spec.get("automountServiceAccountToken") is False)
+            sc, psc = c.get("securityContext", {}), spec.get("securityContext", {})
+            check(f"{label}: {w} runs as a user, read-only, without capabilities",
+                  psc.get("runAsNonRoot") is True and sc.get("readOnlyRootFilesystem") is True
+                  and sc.get("allowPrivilegeEscalation") is False
+                  and sc.get("capabilities", {}).get("drop") == ["ALL"], (psc, sc))
+            if label == "production":
+                check(f"production: {w} keeps to the trading nodes",
+                      spec.get("nodeSelector") == {"pool": "trading"}
+                      and spec.get("tolerations") == PRODUCTION["tolerations"], spec)
+            names = [e["name"] for e in c.get("env", [])]
+            check(f"{label}: {w} sets each variable once", len(names) == len(set(names)), names)
             undocumented = set(env) - documented
             check(f"{label}: {w}'s variables are documented", not undocumented,
                   sorted(undocumented))
             uses_db = not w.startswith("cmd-")
             ref = env.get("CH_DATABASE_URL", {}).get("valueFrom", {}).get("secretKeyRef", {})
-            if uses_db:
+            if (label, w) == ("production", "query-portfolio"):
+                check("production: a worker's extraEnv comes last (its read-only role)",
+                      c["env"][-1]["valueFrom"]["secretKeyRef"]["name"] == "pg-readonly",
+                      c["env"][-1])
+            elif w == "setup" and label == "default":
+                check("default: setup reads the hook copy of the database Secret",
+                      ref == {"name": "ch-cipherhorizon-setup-database", "key": "url"}, ref)
+            elif uses_db:
                 check(f"{label}: {w} gets the database URL from the Secret",
                       (ref.get("name"), ref.get("key")) == secret_name, ref)
             else:
@@ -195,10 +260,15 @@ def main():
             if label == "production":
                 expect = {"CH_SYNC": "adaptive", "CH_SUBJECT_PREFIX": "prod",
                           "CH_REPLAY_BATCH_MAX": "1000000", "CH_BATCH_WAIT_MS": "2",
-                          "CH_WORKER_THREADS": "2" if w == "cmd-signal" else "1"}
+                          "CH_WORKER_THREADS": "2" if w == "cmd-signal" else "1",
+                          "CH_LOG_FORMAT": "json"}
                 if uses_db:
-                    expect.update(CH_DB_SCHEMA="prod", CH_DB_POOL="8")
+                    expect.update(CH_DB_SCHEMA="prod", CH_DB_POOL="4")
                 got = {k: env.get(k, {}).get("value") for k in expect}
+                if w == "cmd-signal":
+                    got["CH_LOG_FORMAT"] = c["env"][-1]["value"] if c["env"][-1]["name"] == \
+                        "CH_LOG_FORMAT" else None
+                    expect["CH_LOG_FORMAT"] = "text"
                 check(f"production: {w}'s variables from the values", got == expect, got)
             else:
                 check(f"default: {w} leaves CH_BATCH_WAIT_MS to CH_SYNC",
@@ -229,13 +299,19 @@ def main():
             check("production: no Secret made when existingSecret is given", not secrets,
                   [s["metadata"]["name"] for s in secrets])
         else:
-            (secret,) = secrets
-            check("default: the Secret holds database.url",
-                  secret["stringData"]["url"] == "postgres://postgres@postgres:5432/cipherhorizon")
-            check("default: the Secret is made before the setup job reads it",
-                  int(hook(secret)["helm.sh/hook-weight"]) < int(hook(jobs[0])["helm.sh/hook-weight"])
-                  and hook(secret)["helm.sh/hook"] == hook(jobs[0])["helm.sh/hook"],
-                  (hook(secret), hook(jobs[0])))
+            url = "postgres://postgres@postgres:5432/cipherhorizon"
+            release = [s for s in secrets if "helm.sh/hook" not in hook(s)]
+            copies = [s for s in secrets if "helm.sh/hook" in hook(s)]
+            check("default: the workers' Secret is the release's (not a hook), with database.url",
+                  [(s["metadata"]["name"], s["stringData"]["url"]) for s in release]
+                  == [("ch-cipherhorizon-database", url)], release)
+            check("default: the setup job's copy is made before the job and then deleted",
+                  len(copies) == 1 and copies[0]["stringData"]["url"] == url
+                  and int(hook(copies[0])["helm.sh/hook-weight"])
+                  < int(hook(jobs[0])["helm.sh/hook-weight"])
+                  and hook(copies[0])["helm.sh/hook"] == hook(jobs[0])["helm.sh/hook"]
+                  and "hook-succeeded" in hook(copies[0])["helm.sh/hook-delete-policy"],
+                  [hook(s) for s in copies])
 
     print(f"helm chart: {passed} passed" + (f", {failed} failed" if failed else ""))
     sys.exit(1 if failed else 0)

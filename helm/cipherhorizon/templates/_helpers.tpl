@@ -34,6 +34,22 @@ app.kubernetes.io/part-of: cipherhorizon
 {{- default (printf "%s-database" (include "cipherhorizon.fullname" .)) .Values.database.existingSecret -}}
 {{- end -}}
 
+{{/* The setup job's copy of the chart's database Secret: a hook, made before the job. */}}
+{{- define "cipherhorizon.setupDatabaseSecret" -}}
+{{- default (printf "%s-setup-database" (include "cipherhorizon.fullname" .)) .Values.database.existingSecret -}}
+{{- end -}}
+
+{{/* CH_DB_SCHEMA: as given, or `public` for the prefix `ch`, else the prefix lower-cased, `-` as `_`. */}}
+{{- define "cipherhorizon.dbSchema" -}}
+{{- if .Values.database.schema -}}
+{{- .Values.database.schema -}}
+{{- else if eq .Values.nats.subjectPrefix "ch" -}}
+public
+{{- else -}}
+{{- .Values.nats.subjectPrefix | lower | replace "-" "_" -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "cipherhorizon.databaseSecretKey" -}}
 {{- if .Values.database.existingSecret -}}{{ .Values.database.existingSecretKey }}{{- else -}}url{{- end -}}
 {{- end -}}
@@ -54,8 +70,11 @@ float, which prints as 1e+06: whole floats are printed as integers.
 The environment of one pod: the variables README's Configuration lists, from the values, then
 `env` (every pod), then the worker's own `env`, later ones winning; CH_NATS_URL from
 nats.existingSecret when one is named. With "database" true, also CH_DATABASE_URL from the
-Secret (unless an `env` sets it), CH_DB_SCHEMA and CH_DB_POOL.
-Called with (dict "root" $ "env" <the worker's env or nil> "database" <bool> "extra" <dict or nil>).
+Secret "secret" (unless an `env` sets it), CH_DB_SCHEMA and CH_DB_POOL. Then `extraEnv` and the
+worker's own "extraEnv", as written, in place of the chart's variables of the same names.
+Called with (dict "root" $ "env" <the worker's env> "extraEnv" <the worker's extraEnv>
+"database" <bool> "secret" <the database Secret's name> "extra" <dict>), the maps and lists
+optional.
 */}}
 {{- define "cipherhorizon.env" -}}
 {{- $v := .root.Values -}}
@@ -74,7 +93,7 @@ Called with (dict "root" $ "env" <the worker's env or nil> "database" <bool> "ex
 {{- $_ := set $env "CH_NATS_URL" $v.nats.url -}}
 {{- end -}}
 {{- if .database -}}
-{{- $_ := set $env "CH_DB_SCHEMA" $v.database.schema -}}
+{{- $_ := set $env "CH_DB_SCHEMA" (include "cipherhorizon.dbSchema" .root) -}}
 {{- $_ := set $env "CH_DB_POOL" $v.database.pool -}}
 {{- end -}}
 {{- range $k, $x := (default dict .extra) -}}
@@ -86,29 +105,37 @@ Called with (dict "root" $ "env" <the worker's env or nil> "database" <bool> "ex
 {{- range $k, $x := (default dict .env) -}}
 {{- $_ := set $env $k $x -}}
 {{- end -}}
-{{- if and $v.nats.existingSecret (not (hasKey $env "CH_NATS_URL")) }}
+{{- $extraEnv := concat (default list $v.extraEnv) (default list .extraEnv) -}}
+{{- $taken := dict -}}
+{{- range $extraEnv -}}
+{{- $_ := set $taken .name true -}}
+{{- end -}}
+{{- if and $v.nats.existingSecret (not (hasKey $env "CH_NATS_URL")) (not (hasKey $taken "CH_NATS_URL")) }}
 - name: CH_NATS_URL
   valueFrom:
     secretKeyRef:
       name: {{ $v.nats.existingSecret }}
       key: {{ $v.nats.existingSecretKey }}
 {{- end }}
-{{- if and .database (not (hasKey $env "CH_DATABASE_URL")) }}
+{{- if and .database (not (hasKey $env "CH_DATABASE_URL")) (not (hasKey $taken "CH_DATABASE_URL")) }}
 - name: CH_DATABASE_URL
   valueFrom:
     secretKeyRef:
-      name: {{ include "cipherhorizon.databaseSecret" .root }}
+      name: {{ default (include "cipherhorizon.databaseSecret" .root) .secret }}
       key: {{ include "cipherhorizon.databaseSecretKey" .root }}
 {{- end }}
 {{- range $k, $x := $env }}
-{{- if not (kindIs "invalid" $x) }}
+{{- if and (not (kindIs "invalid" $x)) (not (hasKey $taken $k)) }}
 - name: {{ $k }}
   value: {{ include "cipherhorizon.text" $x | quote }}
 {{- end }}
 {{- end }}
+{{- with $extraEnv }}
+{{ toYaml . }}
+{{- end }}
 {{- end -}}
 
-{{/* Pod-level settings every pod shares. */}}
+{{/* Pod-level settings every pod shares (scheduling: see cipherhorizon.scheduling). */}}
 {{- define "cipherhorizon.podSpec" -}}
 automountServiceAccountToken: false
 {{- with .Values.serviceAccountName }}
@@ -122,4 +149,36 @@ imagePullSecrets:
 securityContext:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- end -}}
+
+{{/*
+Where a pod may run: the worker's own nodeSelector, tolerations and affinity, else the
+chart's. Called with (dict "root" $ "worker" <the worker's values, or nil>).
+*/}}
+{{- define "cipherhorizon.scheduling" -}}
+{{- $w := default dict .worker -}}
+{{- with (default .root.Values.nodeSelector $w.nodeSelector) }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with (default .root.Values.tolerations $w.tolerations) }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with (default .root.Values.affinity $w.affinity) }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* The Postgres connections the release's workers may open: pool + 1 per pod that uses it. */}}
+{{- define "cipherhorizon.connections" -}}
+{{- $n := 0 -}}
+{{- range $name, $w := .Values.workers -}}
+{{- if and $w.enabled (not (hasPrefix "cmd-" $name)) -}}
+{{- $pool := int (default $.Values.database.pool (get (default dict $w.env) "CH_DB_POOL")) -}}
+{{- $n = add $n (mul (int $w.replicas) (add1 $pool)) -}}
+{{- end -}}
+{{- end -}}
+{{- $n -}}
 {{- end -}}
