@@ -111,6 +111,9 @@ PRODUCTION = {
     "env": {"CH_WORKER_THREADS": 1},
     "tolerations": [{"key": "trading", "operator": "Exists", "effect": "NoSchedule"}],
     "nodeSelector": {"pool": "trading"},
+    "extraVolumes": [{"name": "pg-ca", "secret": {"secretName": "pg-ca"}}],
+    "extraVolumeMounts": [{"name": "pg-ca", "mountPath": "/etc/cipherhorizon/pg-ca",
+                           "readOnly": True}],
 }
 
 
@@ -225,6 +228,9 @@ def main():
                   and sc.get("allowPrivilegeEscalation") is False
                   and sc.get("capabilities", {}).get("drop") == ["ALL"], (psc, sc))
             if label == "production":
+                check(f"production: {w} mounts the extra volumes (a CA for sslrootcert)",
+                      spec.get("volumes") == PRODUCTION["extraVolumes"]
+                      and c.get("volumeMounts") == PRODUCTION["extraVolumeMounts"], spec)
                 check(f"production: {w} keeps to the trading nodes",
                       spec.get("nodeSelector") == {"pool": "trading"}
                       and spec.get("tolerations") == PRODUCTION["tolerations"], spec)

@@ -178,3 +178,94 @@ async fn a_wait_for_an_announced_checkpoint_not_read_yet_reads_it_again_after_pa
     // Pauses of 1, 2, 4, 8, 16 ms, then 25 ms: about 25 reads in 500 ms.
     assert!((1..=60).contains(&reads), "{reads} reads of the checkpoint");
 }
+
+/// TLS to Postgres as `CH_DATABASE_URL` asks for it (`sslmode=verify-full` and `sslrootcert`,
+/// in libpq's words): pooled and single sessions are encrypted, a server whose certificate
+/// the roots do not vouch for is refused, and `prefer` (the default) stays in plain text.
+/// Needs a test server with TLS on whose certificate names `localhost` (Debian's default: the
+/// snakeoil certificate); says so and checks nothing else otherwise.
+#[tokio::test]
+async fn tls_sessions_are_encrypted_and_the_server_verified() {
+    use ch_runtime::pg::{self, Access, PoolSpec};
+    let env = TestEnv::new().await;
+    let ssl: String = env.pg.query_one("SHOW ssl", &[]).await.expect("ssl").get(0);
+    let cert: Option<String> = env
+        .pg
+        .query_one("SHOW ssl_cert_file", &[])
+        .await
+        .ok()
+        .map(|r| r.get(0));
+    let Some(base) = env
+        .cfg
+        .database_url
+        .strip_prefix("postgres://postgres@127.0.0.1:")
+    else {
+        eprintln!("skipped: the test database is not postgres@127.0.0.1");
+        return;
+    };
+    let Some(cert) = cert.filter(|c| ssl == "on" && std::fs::metadata(c).is_ok()) else {
+        eprintln!("skipped: the test Postgres has no TLS (ssl = {ssl}) or its certificate is not readable");
+        return;
+    };
+    let local = format!("postgres://postgres@localhost:{base}");
+    let sep = if local.contains('?') { '&' } else { '?' };
+    let verified = format!("{local}{sep}sslmode=verify-full&sslrootcert={cert}");
+    let encrypted = |c: tokio_postgres::Client| async move {
+        c.query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("pg_stat_ssl")
+        .get::<_, bool>(0)
+    };
+
+    let pool = PoolSpec {
+        database_url: &verified,
+        schema: &env.cfg.db_schema,
+        size: 1,
+        access: Access::ReadOnly,
+        application_name: "tls-test",
+    }
+    .pool()
+    .expect("pool");
+    let session = pool.get().await.expect("a verified TLS session");
+    let row = session
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("pg_stat_ssl");
+    assert!(row.get::<_, bool>(0), "the pooled session is not encrypted");
+    let single = pg::connect(&verified, None)
+        .await
+        .expect("a verified TLS session");
+    assert!(
+        encrypted(single).await,
+        "the single session is not encrypted"
+    );
+
+    // Roots that do not vouch for the server's certificate (the public CAs' bundle, when
+    // there is one): refused, not downgraded to plain text.
+    let bundle = "/etc/ssl/certs/ca-certificates.crt";
+    if std::fs::metadata(bundle).is_ok() {
+        let url = format!("{local}{sep}sslmode=require&sslrootcert={bundle}");
+        let Err(e) = pg::connect(&url, None).await else {
+            panic!("connected with a certificate no root vouches for");
+        };
+        assert!(e.to_string().contains("certificate"), "{e}");
+    }
+    // A root for another name than the server's: refused too (verify-full checks the name).
+    let other =
+        format!("postgres://postgres@127.0.0.1:{base}{sep}sslmode=verify-full&sslrootcert={cert}");
+    assert!(
+        pg::connect(&other, None).await.is_err(),
+        "the server's name was not checked"
+    );
+    // No sslmode (prefer): plain text, as before TLS was supported.
+    let plain = pg::connect(&env.cfg.database_url, None)
+        .await
+        .expect("plain");
+    assert!(!encrypted(plain).await, "prefer encrypted the session");
+}

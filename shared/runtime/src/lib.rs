@@ -11,6 +11,7 @@ pub mod error;
 pub mod eventstore;
 pub mod metrics;
 pub mod pg;
+mod pgtls;
 pub mod projector;
 pub mod query;
 pub mod repo;

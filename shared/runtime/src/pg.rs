@@ -11,6 +11,7 @@ use futures::SinkExt;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{IsNull, ToSql, Type};
 use tokio_postgres::NoTls;
+use tokio_postgres_rustls::MakeRustlsConnect;
 use tracing::info;
 
 use crate::error::{pg_text, DbError};
@@ -25,10 +26,51 @@ pub enum Access {
     ReadOnly,
 }
 
-/// `CH_DATABASE_URL` parsed; an invalid one is [`DbError::Unavailable`] naming the variable.
-fn parse_url(database_url: &str) -> Result<tokio_postgres::Config, DbError> {
-    tokio_postgres::Config::from_str(database_url)
-        .map_err(|e| DbError::Unavailable(format!("CH_DATABASE_URL: {}", pg_text(&e))))
+/// `CH_DATABASE_URL` parsed: the sessions' configuration, and the TLS they connect with
+/// (`crate::pgtls`: `sslmode=require`, `verify-ca`, `verify-full`, `sslrootcert`).
+struct Target {
+    cfg: tokio_postgres::Config,
+    tls: Option<MakeRustlsConnect>,
+}
+
+/// An invalid URL is [`DbError::Unavailable`] naming the variable.
+fn parse_url(database_url: &str) -> Result<Target, DbError> {
+    let split = crate::pgtls::split(database_url);
+    let cfg = tokio_postgres::Config::from_str(&split.url)
+        .map_err(|e| DbError::Unavailable(format!("CH_DATABASE_URL: {}", pg_text(&e))))?;
+    let tls = crate::pgtls::connector(cfg.get_ssl_mode(), split.root_cert.as_deref())
+        .map_err(|e| DbError::Unavailable(format!("CH_DATABASE_URL: {e}")))?;
+    Ok(Target { cfg, tls })
+}
+
+/// One session of `cfg`, with TLS when `tls` is given; its connection runs on a task of its
+/// own until the client is dropped or the server ends it.
+async fn open(
+    cfg: &tokio_postgres::Config,
+    tls: Option<&MakeRustlsConnect>,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    fn drive<F>(conn: F)
+    where
+        F: std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+    {
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "postgres connection closed");
+            }
+        });
+    }
+    match tls {
+        None => {
+            let (client, conn) = cfg.connect(NoTls).await?;
+            drive(conn);
+            Ok(client)
+        }
+        Some(tls) => {
+            let (client, conn) = cfg.connect(tls.clone()).await?;
+            drive(conn);
+            Ok(client)
+        }
+    }
 }
 
 /// What a pool is for: the database, the schema its sessions use (`search_path`), how many
@@ -64,7 +106,7 @@ impl PoolSpec<'_> {
     }
 
     fn build(&self, retirement: Option<&Retirement>) -> Result<Pool, DbError> {
-        let mut cfg = parse_url(self.database_url)?;
+        let Target { mut cfg, tls } = parse_url(self.database_url)?;
         let schema = self.schema;
         let read_only = match self.access {
             Access::ReadWrite => "",
@@ -77,13 +119,13 @@ impl PoolSpec<'_> {
         if cfg.get_application_name().is_none() {
             cfg.application_name(self.application_name);
         }
-        let mgr = Manager::from_config(
-            cfg,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let manager_cfg = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let mgr = match tls {
+            None => Manager::from_config(cfg, NoTls, manager_cfg),
+            Some(tls) => Manager::from_config(cfg, tls, manager_cfg),
+        };
         let mut builder = Pool::builder(mgr)
             .max_size(self.size)
             .runtime(deadpool_postgres::Runtime::Tokio1)
@@ -168,21 +210,14 @@ pub async fn connect(
     database_url: &str,
     schema: Option<&str>,
 ) -> Result<tokio_postgres::Client, DbError> {
-    let mut cfg = parse_url(database_url)?;
+    let Target { mut cfg, tls } = parse_url(database_url)?;
     if let Some(s) = schema {
         cfg.options(format!("-c search_path={s}"));
     }
     bound_connecting(&mut cfg);
-    let (client, conn) = cfg
-        .connect(NoTls)
+    open(&cfg, tls.as_ref())
         .await
-        .map_err(|e| DbError::Unavailable(pg_text(&e)))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "postgres connection closed");
-        }
-    });
-    Ok(client)
+        .map_err(|e| DbError::Unavailable(pg_text(&e)))
 }
 
 /// A failed connection's error with where it went (no password): "error connecting to
@@ -222,26 +257,21 @@ fn connect_error(cfg: &tokio_postgres::Config, e: &tokio_postgres::Error) -> Str
 /// # Errors
 /// [`DbError`] when the server cannot be reached or refuses.
 pub async fn ensure_database(database_url: &str) -> Result<(), DbError> {
-    let cfg = parse_url(database_url)?;
+    let Target { cfg, tls } = parse_url(database_url)?;
     let Some(db) = cfg.get_dbname().map(str::to_owned) else {
         return Ok(());
     };
-    match cfg.connect(NoTls).await {
+    match open(&cfg, tls.as_ref()).await {
         // Dropping the client closes the session.
-        Ok((_client, conn)) => {
-            tokio::spawn(conn);
-            return Ok(());
-        }
+        Ok(_client) => return Ok(()),
         Err(e) if e.code() == Some(&SqlState::INVALID_CATALOG_NAME) => {}
         Err(e) => return Err(DbError::Unavailable(connect_error(&cfg, &e))),
     }
     let mut admin = cfg.clone();
     admin.dbname("postgres");
-    let (client, conn) = admin
-        .connect(NoTls)
+    let client = open(&admin, tls.as_ref())
         .await
         .map_err(|e| DbError::Unavailable(connect_error(&admin, &e)))?;
-    tokio::spawn(conn);
     let exists = client
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&db])
         .await?
