@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Starts every worker binary with `chctl up --detach` on a prefix of its own, runs the nats-py
 # API smoke test (tests/python/api_smoke.py) against them, then `chctl status`, `chctl rebuild
-# all` with the projectors running, the benchmark at its smoke size, and `chctl status` with a
-# worker stopped (and skipped), and stops them again.
+# all` with the projectors running, the benchmark at its smoke size, `chctl status` with a
+# projector failing and with a worker stopped (and skipped), and stops them again.
 #   scripts/smoke.sh NATS_URL DATABASE_URL
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -82,6 +82,32 @@ PY
 target/debug/chctl bench compare "$result" | grep -q "400 signals from 8 clients at $rate/s" \
     || { echo "smoke: chctl bench compare did not describe the run" >&2; exit 1; }
 echo "smoke: chctl bench trade-flow --quick at $rate/s: 0 rows differing, 0 errors, beside the monolith"
+
+# `chctl status` fails while a projector keeps failing its batches, though it still answers
+# its status endpoint (here its table renamed away under it; a missing grant does the same),
+# and passes again once the projector is through. Each status takes its own round trips; the
+# loops are bounded.
+psql -q -v ON_ERROR_STOP=1 "$CH_DATABASE_URL" -c 'ALTER TABLE smoke.portfolios RENAME TO portfolios_away'
+target/debug/chctl req portfolio.update \
+    '{"portfolio_id":"smoke-failing","op":"open","user_id":"u1","name":"n","quote_currency":"USDT"}' >/dev/null
+failing=
+for _ in $(seq 100); do
+    if ! status=$(target/debug/chctl status) && grep -q "portfolio .*failing, [0-9]* failures in a row" <<<"$status"; then
+        failing=1
+        break
+    fi
+done
+psql -q -v ON_ERROR_STOP=1 "$CH_DATABASE_URL" -c 'ALTER TABLE smoke.portfolios_away RENAME TO portfolios'
+[[ -n $failing ]] || { printf 'smoke: chctl status did not report the failing projector:\n%s\n' "$status" >&2; exit 1; }
+recovered=
+for _ in $(seq 100); do
+    if status=$(target/debug/chctl status); then
+        recovered=1
+        break
+    fi
+done
+[[ -n $recovered ]] || { printf 'smoke: chctl status still fails after the projector recovered:\n%s\n' "$status" >&2; exit 1; }
+echo "smoke: chctl status fails while a projector keeps failing, and passes once it is through"
 
 # `chctl status --skip` (what the Helm chart's `helm test` runs when the chart leaves workers
 # out): a worker that is gone fails the status, unless it is skipped.

@@ -7,6 +7,7 @@ use anyhow::{anyhow, Context, Result};
 use async_nats::{Client, Request, RequestErrorKind};
 use bytes::Bytes;
 use ch_runtime::{Config, Subjects};
+use futures::StreamExt;
 use serde_json::Value;
 
 /// Every worker binary, in start order; its service is `<prefix>-<worker>`.
@@ -261,6 +262,30 @@ pub fn text(v: &Value, key: &str) -> String {
 }
 
 pub use ch_runtime::config::redact;
+
+/// How long the first instance has to answer `$SRV.STATS`, and each further one after the one
+/// before.
+const FIRST_STATS_REPLY: Duration = Duration::from_secs(2);
+const NEXT_STATS_REPLY: Duration = Duration::from_millis(100);
+
+/// Every instance's reply to `$SRV.STATS.<service>`.
+pub async fn stats(client: &Client, service: &str) -> Result<Vec<Value>, async_nats::Error> {
+    let inbox = client.new_inbox();
+    let mut sub = client.subscribe(inbox.clone()).await?;
+    client
+        .publish_with_reply(format!("$SRV.STATS.{service}"), inbox, Bytes::new())
+        .await?;
+    client.flush().await?;
+    let mut replies = Vec::new();
+    let mut wait = FIRST_STATS_REPLY;
+    while let Ok(Some(msg)) = tokio::time::timeout(wait, sub.next()).await {
+        if let Ok(v) = serde_json::from_slice(&msg.payload) {
+            replies.push(v);
+        }
+        wait = NEXT_STATS_REPLY;
+    }
+    Ok(replies)
+}
 
 #[cfg(test)]
 mod tests {

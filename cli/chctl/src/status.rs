@@ -8,7 +8,12 @@ use anyhow::Result;
 
 use ch_runtime::pg;
 
-use crate::common::{ping, projector_status, redact, text, Ctx, PROJECTIONS, WORKERS};
+use crate::common::{ping, projector_status, redact, stats, text, Ctx, PROJECTIONS, WORKERS};
+
+/// Failures in a row (a projector's `consecutive_failures` gauge) from which `status` counts
+/// a projector instance as failing: it retries with backoff from 50 ms, so five in a row are
+/// about 1.5 s of trouble, not a blip.
+const FAILING_AFTER: i64 = 5;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -66,12 +71,23 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<ExitCode> {
             continue;
         }
         match projector_status(ctx, &client, p).await {
-            Ok(v) => println!(
-                "  {p:<10} last_seq {:<8} stream_last_seq {:<8} lag_events {}",
-                text(&v, "last_seq"),
-                text(&v, "stream_last_seq"),
-                text(&v, "lag_events")
-            ),
+            Ok(v) => {
+                println!(
+                    "  {p:<10} last_seq {:<8} stream_last_seq {:<8} lag_events {}",
+                    text(&v, "last_seq"),
+                    text(&v, "stream_last_seq"),
+                    text(&v, "lag_events")
+                );
+                // Answering is not projecting: an instance that keeps failing its batches
+                // (a missing grant, a renamed table) still answers status.
+                let service = ctx.service(&format!("proj-{p}"));
+                for (id, failures) in failing(&stats(&client, &service).await.unwrap_or_default()) {
+                    println!(
+                        "  {p:<10} instance {id}: failing, {failures} failures in a row (its log says why)"
+                    );
+                    problems.push(format!("projector {p} failing"));
+                }
+            }
             Err(e) => {
                 println!("  {p:<10} no status: {e:#}");
                 problems.push(format!("projector {p} gave no status"));
@@ -111,6 +127,22 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<ExitCode> {
         println!("{}", problems.join("; "));
         Ok(ExitCode::FAILURE)
     }
+}
+
+/// The instances among `$SRV.STATS` replies whose `consecutive_failures` gauge has reached
+/// [`FAILING_AFTER`], with the count.
+fn failing(replies: &[serde_json::Value]) -> Vec<(String, i64)> {
+    replies
+        .iter()
+        .filter_map(|r| {
+            let failures = r["endpoints"]
+                .as_array()?
+                .iter()
+                .filter_map(|e| e["data"]["gauges"]["consecutive_failures"].as_i64())
+                .max()?;
+            (failures >= FAILING_AFTER).then(|| (text(r, "id"), failures))
+        })
+        .collect()
 }
 
 /// Each worker's Postgres sessions (they carry its service name as `application_name`): how
@@ -206,7 +238,24 @@ fn replication(info: &async_nats::jetstream::stream::Info) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::replication;
+    use super::{failing, replication};
+
+    #[test]
+    fn instances_failing_five_times_in_a_row_are_named() {
+        let reply = |id: &str, failures: i64| {
+            serde_json::json!({"id": id, "endpoints": [
+                {"name": "status", "data": {"gauges": {"consecutive_failures": failures}}},
+                {"name": "rebuild", "data": {"gauges": {"consecutive_failures": failures}}},
+            ]})
+        };
+        let replies = [
+            reply("a", 0),
+            reply("b", 4),
+            reply("c", 5),
+            serde_json::json!({}),
+        ];
+        assert_eq!(failing(&replies), vec![("c".to_owned(), 5)]);
+    }
     use async_nats::jetstream::stream::Info;
 
     fn info(replicas: usize, cluster: serde_json::Value) -> Info {

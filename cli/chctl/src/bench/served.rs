@@ -3,23 +3,17 @@
 //! figures it shows where a request's time goes: the rest is NATS, the client, and the wait
 //! before the handler runs (for a core, or behind the worker's other requests).
 
-use std::time::Duration;
-
 use async_nats::Client;
-use bytes::Bytes;
 use ch_runtime::subjects::Subjects;
-use futures::StreamExt;
 use serde_json::{json, Value};
+
+use crate::common::stats;
 
 /// The endpoints reported: the report's key, the worker, the endpoint's name.
 const ENDPOINTS: [(&str, &str, &str); 2] = [
     ("command", "cmd-signal", "signal_execute"),
     ("query", "query-portfolio", "portfolio_performance"),
 ];
-
-/// How long the first instance has to answer, and each further one after the one before.
-const FIRST_REPLY: Duration = Duration::from_secs(2);
-const NEXT_REPLY: Duration = Duration::from_millis(100);
 
 const NOTE: &str = "each endpoint's latency as its workers report it in $SRV.STATS, from the \
 start of the handler to the reply, over every request since they started; with several \
@@ -43,25 +37,6 @@ pub async fn latency(client: &Client, subjects: &Subjects) -> Value {
     }
     out.insert("note".into(), json!(NOTE));
     Value::Object(out)
-}
-
-/// Every instance's reply to `$SRV.STATS.<service>`.
-async fn stats(client: &Client, service: &str) -> Result<Vec<Value>, async_nats::Error> {
-    let inbox = client.new_inbox();
-    let mut sub = client.subscribe(inbox.clone()).await?;
-    client
-        .publish_with_reply(format!("$SRV.STATS.{service}"), inbox, Bytes::new())
-        .await?;
-    client.flush().await?;
-    let mut replies = Vec::new();
-    let mut wait = FIRST_REPLY;
-    while let Ok(Some(msg)) = tokio::time::timeout(wait, sub.next()).await {
-        if let Ok(v) = serde_json::from_slice(&msg.payload) {
-            replies.push(v);
-        }
-        wait = NEXT_REPLY;
-    }
-    Ok(replies)
 }
 
 /// One endpoint over the instances that reported it: requests summed, each percentile the
