@@ -90,23 +90,36 @@ pub async fn run(ctx: &Ctx, args: &Opts) -> Result<()> {
     // A read model ahead of the stream was built from another stream (the stream was recreated,
     // e.g. after `make clean-run`, or another prefix shares this schema): it would skip the
     // new events. Read models are disposable: empty it, its projector replays the stream.
-    // The stream's head must be known: taken as 0 on an unanswered request (a cluster
-    // electing its leader), every read model would be "ahead" and emptied.
+    let app = App::start(ctx.cfg.clone(), "chctl").await?;
+    reset_if_ahead(&app, &stream, PortfolioProjection::default()).await?;
+    reset_if_ahead(&app, &stream, StrategyProjection).await?;
+    Ok(())
+}
+
+/// Empties `projection`'s read model when its checkpoint is past the stream's last sequence.
+/// The checkpoint is read first and the stream's head after it: projectors running beside
+/// (the old release's, during an upgrade) move their checkpoints on, but never past the head
+/// as it is when they commit, so a head read later is never behind a live read model. The
+/// head must be known: taken as 0 on an unanswered request (a cluster electing its leader),
+/// every read model would look ahead and be emptied.
+async fn reset_if_ahead<P: Projection>(
+    app: &App,
+    stream: &async_nats::jetstream::stream::Stream,
+    projection: P,
+) -> Result<()> {
+    let name = projection.name();
+    let client = pg::connect(&app.cfg.database_url, Some(&app.cfg.db_schema)).await?;
+    let cp = projector::checkpoint(&client, name).await?;
     let head = stream
         .get_info()
         .await
         .map(|i| i.state.last_sequence)
-        .with_context(|| format!("reading the last sequence of stream {name}"))?;
-    let app = App::start(ctx.cfg.clone(), "chctl").await?;
-    reset_if_ahead(&app, PortfolioProjection::default(), head).await?;
-    reset_if_ahead(&app, StrategyProjection, head).await?;
-    Ok(())
-}
-
-async fn reset_if_ahead<P: Projection>(app: &App, projection: P, head: u64) -> Result<()> {
-    let name = projection.name();
-    let client = pg::connect(&app.cfg.database_url, Some(&app.cfg.db_schema)).await?;
-    let cp = projector::checkpoint(&client, name).await?;
+        .with_context(|| {
+            format!(
+                "reading the last sequence of stream {}",
+                app.subjects.stream_name()
+            )
+        })?;
     if cp > head {
         println!(
             "read model {name}: at seq {cp} but stream {} ends at {head}: it was built from \
