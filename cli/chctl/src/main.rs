@@ -79,13 +79,16 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.cmd {
-            Cmd::Setup(a) => setup::run(&ctx, &a).await.map(|_| ExitCode::SUCCESS),
+            Cmd::Setup(a) => {
+                interruptible(async { setup::run(&ctx, &a).await.map(|()| ExitCode::SUCCESS) })
+                    .await
+            }
             Cmd::Up(a) => up::run(&ctx, &a).await,
             Cmd::Down => down::run(&ctx).await,
-            Cmd::Demo => demo::run(&ctx).await,
-            Cmd::Rebuild(a) => rebuild::run(&ctx, &a).await,
-            Cmd::Status(a) => status::run(&ctx, &a).await,
-            Cmd::Req(a) => req::run(&ctx, &a).await,
+            Cmd::Demo => interruptible(demo::run(&ctx)).await,
+            Cmd::Rebuild(a) => interruptible(rebuild::run(&ctx, &a)).await,
+            Cmd::Status(a) => interruptible(status::run(&ctx, &a)).await,
+            Cmd::Req(a) => interruptible(req::run(&ctx, &a)).await,
             Cmd::Bench(a) => bench::run(&ctx, &a).await,
         }
     });
@@ -94,6 +97,24 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("chctl: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `work`, or status 130 on SIGTERM or Ctrl-C. As the only process of a Kubernetes job or
+/// test pod (PID 1: the chart's `chctl setup` and `helm test`), chctl would otherwise ignore
+/// SIGTERM and be killed only when the grace period ends. What these commands leave half
+/// done is safe to leave: setup is idempotent, a replay resumes from its checkpoint.
+/// (`up` handles its signals itself: it stops the workers it started.)
+async fn interruptible(
+    work: impl std::future::Future<Output = anyhow::Result<ExitCode>>,
+) -> anyhow::Result<ExitCode> {
+    let stop = ch_runtime::shutdown::on_signal();
+    tokio::select! {
+        done = work => done,
+        () = stop.cancelled() => {
+            eprintln!("chctl: interrupted");
+            Ok(ExitCode::from(130))
         }
     }
 }

@@ -710,7 +710,9 @@ pub async fn run_on(
     durable: &str,
     shutdown: CancellationToken,
 ) -> Result<(), async_nats::Error> {
-    crate::workers::migrate(&app).await?;
+    if !crate::workers::migrated(&app, &shutdown).await? {
+        return Ok(());
+    }
     let progress = crate::workers::progress(&app, &["portfolio", "strategy"]).await?;
     let consumer = open_consumer(&app, durable).await?;
     let worker = Arc::new(Worker {

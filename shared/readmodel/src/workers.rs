@@ -29,6 +29,21 @@ pub async fn migrate(app: &App) -> Result<(), DbError> {
     ch_runtime::pg::migrate(&app.cfg.database_url, &app.cfg.db_schema, MIGRATIONS).await
 }
 
+/// [`migrate`], unless `shutdown` comes first (a worker stopped during its start, waiting for
+/// the database or another worker's migration lock): `false` then.
+///
+/// # Errors
+/// As [`migrate`].
+pub(crate) async fn migrated(app: &App, shutdown: &CancellationToken) -> Result<bool, DbError> {
+    tokio::select! {
+        done = migrate(app) => done.map(|()| true),
+        () = shutdown.cancelled() => {
+            tracing::info!(worker = %app.worker, "stopped before it had started");
+            Ok(false)
+        }
+    }
+}
+
 /// The read-your-writes waiter of a worker that reads `projections`, knowing which of them
 /// are sparse (`strategy`).
 ///
@@ -78,7 +93,9 @@ pub async fn run_projector<P: Projection>(
     projection: P,
     shutdown: CancellationToken,
 ) -> Result<(), async_nats::Error> {
-    migrate(&app).await?;
+    if !migrated(&app, &shutdown).await? {
+        return Ok(());
+    }
     projector::run(projector(&app, projection)?, shutdown).await
 }
 
@@ -298,7 +315,9 @@ pub async fn run_queries(
     queries: &[Query],
     shutdown: CancellationToken,
 ) -> Result<(), async_nats::Error> {
-    migrate(&app).await?;
+    if !migrated(&app, &shutdown).await? {
+        return Ok(());
+    }
     let mut projections: Vec<&'static str> = queries
         .iter()
         .flat_map(|q| q.projections().iter().copied())

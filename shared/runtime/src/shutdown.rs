@@ -2,7 +2,8 @@
 
 use tokio_util::sync::CancellationToken;
 
-/// A token cancelled on SIGTERM or Ctrl-C. The handlers are in place when this returns (it
+/// A token cancelled on SIGTERM or Ctrl-C; a second signal ends the process at once (status
+/// 130), as an operator pressing Ctrl-C again expects. The handlers are in place when this returns (it
 /// must be called on a Tokio runtime): a signal that comes at any later moment, even before
 /// the worker has started, is seen. Until then a process that is PID 1 in its container (as a
 /// Kubernetes pod's is) ignores SIGTERM, and Kubernetes waits out the grace period.
@@ -22,8 +23,16 @@ pub fn on_signal() -> CancellationToken {
                 _ = term.recv() => {},
                 _ = int.recv() => {},
             }
-            tracing::info!("shutdown requested: draining");
+            tracing::info!("shutdown requested: draining (a second signal stops at once)");
             t.cancel();
+            // The handlers stay installed for the process's life: without this, every later
+            // SIGTERM or Ctrl-C would be ignored while the drain goes on.
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+            tracing::warn!("second signal: stopping without finishing the drain");
+            std::process::exit(130);
         });
     }
     #[cfg(not(unix))]
