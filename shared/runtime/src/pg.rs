@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, BytesMut};
 use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod};
 use futures::SinkExt;
+use tokio_postgres::config::Host;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{IsNull, ToSql, Type};
 use tokio_postgres::NoTls;
@@ -36,8 +37,17 @@ struct Target {
 /// An invalid URL is [`DbError::Unavailable`] naming the variable.
 fn parse_url(database_url: &str) -> Result<Target, DbError> {
     let split = crate::pgtls::split(database_url);
-    let cfg = tokio_postgres::Config::from_str(&split.url)
-        .map_err(|e| DbError::Unavailable(format!("CH_DATABASE_URL: {}", pg_text(&e))))?;
+    let mut cfg = tokio_postgres::Config::from_str(&split.url).map_err(|e| {
+        let hint =
+            crate::pgtls::key_value_hint(database_url).map_or(String::new(), |h| format!(" ({h})"));
+        DbError::Unavailable(format!("CH_DATABASE_URL: {}{hint}", pg_text(&e)))
+    })?;
+    // As libpq: no TLS over Unix sockets (the server does not offer it there).
+    let hosts = cfg.get_hosts();
+    if !hosts.is_empty() && hosts.iter().all(|h| matches!(h, Host::Unix(_))) {
+        cfg.ssl_mode(tokio_postgres::config::SslMode::Disable);
+        return Ok(Target { cfg, tls: None });
+    }
     let tls = crate::pgtls::connector(cfg.get_ssl_mode(), split.root_cert.as_deref())
         .map_err(|e| DbError::Unavailable(format!("CH_DATABASE_URL: {e}")))?;
     Ok(Target { cfg, tls })
@@ -223,7 +233,6 @@ pub async fn connect(
 /// A failed connection's error with where it went (no password): "error connecting to
 /// server: Connection refused" alone does not say which server.
 fn connect_error(cfg: &tokio_postgres::Config, e: &tokio_postgres::Error) -> String {
-    use tokio_postgres::config::Host;
     // As the connection uses them: no port is 5432, a single one is every host's.
     let port = |i: usize| match cfg.get_ports() {
         [] => 5432,
@@ -257,7 +266,8 @@ fn connect_error(cfg: &tokio_postgres::Config, e: &tokio_postgres::Error) -> Str
 /// # Errors
 /// [`DbError`] when the server cannot be reached or refuses.
 pub async fn ensure_database(database_url: &str) -> Result<(), DbError> {
-    let Target { cfg, tls } = parse_url(database_url)?;
+    let Target { mut cfg, tls } = parse_url(database_url)?;
+    bound_connecting(&mut cfg);
     let Some(db) = cfg.get_dbname().map(str::to_owned) else {
         return Ok(());
     };
@@ -553,6 +563,26 @@ mod tests {
         assert!(m.starts_with("error connecting to server: "), "{m}");
         assert!(m.ends_with("(database orders as ch at 127.0.0.1:1)"), "{m}");
         assert!(!m.contains("secret"), "{m}");
+    }
+
+    /// TLS as libpq's parameters ask for it, but none over Unix sockets (as libpq).
+    #[test]
+    fn tls_is_asked_by_sslmode_and_never_over_unix_sockets() {
+        use tokio_postgres::config::SslMode;
+        let tls = |url: &str| parse_url(url).map(|t| (t.tls.is_some(), t.cfg.get_ssl_mode()));
+        assert_eq!(tls("postgres://u@h/db").unwrap(), (false, SslMode::Prefer));
+        assert_eq!(
+            tls("postgres://u@h/db?sslmode=verify-full").unwrap(),
+            (true, SslMode::Require)
+        );
+        assert_eq!(
+            tls("host=/run/postgresql sslmode=require").unwrap(),
+            (false, SslMode::Disable)
+        );
+        let Err(DbError::Unavailable(m)) = tls("host=h sslmode=verify-full") else {
+            panic!("verify-full in a key/value string was taken");
+        };
+        assert!(m.contains("read from a URL"), "{m}");
     }
 
     /// One port given for several hosts is every host's port, as the connection uses it.

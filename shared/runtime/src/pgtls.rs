@@ -1,13 +1,16 @@
 //! TLS to PostgreSQL, as `CH_DATABASE_URL` asks for it in libpq's words: `sslmode=require`,
 //! `verify-ca` or `verify-full` encrypt the sessions and verify the server's certificate and
 //! host name, against the CA certificates of `sslrootcert=<PEM file>` when given, else the
-//! system's (which `SSL_CERT_FILE` / `SSL_CERT_DIR` may point elsewhere). `disable` and
-//! `prefer`, the default, connect without TLS.
+//! system's (`sslrootcert=system`, or none; `SSL_CERT_FILE` / `SSL_CERT_DIR` may point
+//! elsewhere). `disable` and `prefer`, the default, connect without TLS, and so do Unix
+//! sockets, as with libpq.
 //!
 //! Stricter than libpq, where `require` encrypts without verifying: an unverified connection
 //! protects only against a passive listener, and a worker's sessions carry every read model.
-//! tokio-postgres knows `require` only, and no `sslrootcert`: both are taken out of the URL
-//! here before it is parsed.
+//! tokio-postgres knows `require` only, and no `sslrootcert`: both are taken out of a URL
+//! (`postgres://...?sslmode=verify-full&sslrootcert=...`) here before it is parsed. A
+//! key/value string (`host=... sslmode=require`) is passed on as it is: there, tokio-postgres
+//! refuses `verify-*` and `sslrootcert`, and [`key_value_hint`] says to use a URL.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -32,7 +35,7 @@ pub(crate) struct Split {
 enum Param {
     Keep,
     Drop,
-    Replace(String),
+    Replace(&'static str),
 }
 
 /// `sslrootcert` is taken out (into `root_cert`), `sslmode=verify-*` becomes `require`.
@@ -42,57 +45,63 @@ fn param(key: &str, value: String, root_cert: &mut Option<PathBuf>) -> Param {
             *root_cert = Some(PathBuf::from(value));
             Param::Drop
         }
-        ("sslmode", "verify-ca" | "verify-full") => Param::Replace("sslmode=require".into()),
+        ("sslmode", "verify-ca" | "verify-full") => Param::Replace("sslmode=require"),
         _ => Param::Keep,
     }
 }
 
-/// Takes `sslrootcert` out of a URL (`postgres://...?a=b&...`) or a key/value string
-/// (`host=... sslmode=...`, values without spaces), and writes `sslmode=verify-ca` /
-/// `verify-full` as `require`.
+/// Takes `sslrootcert` out of a URL (`postgres://...?a=b&...`; the parameters kept are copied
+/// as they were) and writes `sslmode=verify-ca` / `verify-full` as `require`. Anything else
+/// (a key/value string) is returned as it is.
 pub(crate) fn split(url: &str) -> Split {
     let mut root_cert = None;
-    if !url.contains("sslrootcert") && !url.contains("verify-") {
-        // Nothing to take out: the URL as it is (a key/value string keeps its quoting).
-        return Split {
-            url: url.to_owned(),
-            root_cert,
-        };
-    }
-    let mut rewrite = |pair: &str, decode: bool| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = if decode {
-            percent_decode_str(v).decode_utf8_lossy().into_owned()
-        } else {
-            v.to_owned()
-        };
-        match param(k, v, &mut root_cert) {
-            Param::Keep => Some(pair.to_owned()),
-            Param::Drop => None,
-            Param::Replace(s) => Some(s),
-        }
+    let unchanged = |root_cert| Split {
+        url: url.to_owned(),
+        root_cert,
     };
-    let url = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        match url.split_once('?') {
-            None => url.to_owned(),
-            Some((base, query)) => {
-                let params: Vec<String> =
-                    query.split('&').filter_map(|p| rewrite(p, true)).collect();
-                if params.is_empty() {
-                    base.to_owned()
-                } else {
-                    format!("{base}?{}", params.join("&"))
-                }
+    let Some(rest) = url
+        .strip_prefix("postgres://")
+        .or_else(|| url.strip_prefix("postgresql://"))
+    else {
+        return unchanged(None);
+    };
+    // The query starts at the first `?` after the credentials (which end at the first `@`,
+    // as tokio-postgres reads them: a password may hold a `?`).
+    let after_credentials = rest.find('@').map_or(0, |at| at + 1);
+    let Some(q) = rest[after_credentials..].find('?') else {
+        return unchanged(None);
+    };
+    let query_at = url.len() - rest.len() + after_credentials + q;
+    let (base, query) = (&url[..query_at], &url[query_at + 1..]);
+    let params: Vec<&str> = query
+        .split('&')
+        .filter_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let v = percent_decode_str(v).decode_utf8_lossy().into_owned();
+            match param(k, v, &mut root_cert) {
+                Param::Keep => Some(pair),
+                Param::Drop => None,
+                Param::Replace(s) => Some(s),
             }
-        }
+        })
+        .collect();
+    let url = if params.is_empty() {
+        base.to_owned()
     } else {
-        let words: Vec<String> = url
-            .split_whitespace()
-            .filter_map(|w| rewrite(w, false))
-            .collect();
-        words.join(" ")
+        format!("{base}?{}", params.join("&"))
     };
     Split { url, root_cert }
+}
+
+/// What to add to tokio-postgres' refusal of a key/value string that asks for TLS in libpq's
+/// words it does not know (`None` for any other refusal).
+pub(crate) fn key_value_hint(url: &str) -> Option<&'static str> {
+    let libpq_only = url.contains("sslrootcert") || url.contains("verify-");
+    (!url.starts_with("postgres://") && !url.starts_with("postgresql://") && libpq_only).then_some(
+        "sslmode=verify-ca/verify-full and sslrootcert are read from a URL \
+         (postgres://user@host/db?sslmode=verify-full&sslrootcert=/path/ca.pem), not from a \
+         key/value string",
+    )
 }
 
 /// The TLS connector the sessions of `cfg` use: `None` without TLS (`disable`, `prefer`).
@@ -115,7 +124,7 @@ pub(crate) fn connector(
         };
     }
     let mut roots = RootCertStore::empty();
-    match root_cert {
+    match root_cert.filter(|p| *p != std::path::Path::new("system")) {
         Some(path) => {
             let certs = CertificateDer::pem_file_iter(path)
                 .and_then(Iterator::collect::<Result<Vec<_>, _>>)
@@ -182,10 +191,24 @@ mod tests {
             split("postgres://u@h/db?sslrootcert=/ca.pem"),
             s("postgres://u@h/db", Some("/ca.pem"))
         );
+        // A password may hold `?`, `verify-` and `sslrootcert`: the query starts after it.
         assert_eq!(
-            split("host=h user=u sslmode=verify-ca sslrootcert=/ca.pem dbname=d"),
-            s("host=h user=u sslmode=require dbname=d", Some("/ca.pem"))
+            split("postgres://u:a?sslrootcert=verify-@h/db?sslmode=verify-full"),
+            s(
+                "postgres://u:a?sslrootcert=verify-@h/db?sslmode=require",
+                None
+            )
         );
+        assert_eq!(
+            split("postgres://u:a?b@h/db"),
+            s("postgres://u:a?b@h/db", None)
+        );
+        // Key/value strings are passed on untouched (their quoting is tokio-postgres' to read).
+        let kv = "host=h password='a  b verify-x' sslmode=verify-ca sslrootcert=/ca.pem";
+        assert_eq!(split(kv), s(kv, None));
+        assert!(key_value_hint(kv).is_some());
+        assert!(key_value_hint("host=h password='a  b'").is_none());
+        assert!(key_value_hint("postgres://h/db?sslmode=verify-full").is_none());
     }
 
     #[test]
