@@ -11,6 +11,9 @@ export CH_NATS_URL=$1 CH_DATABASE_URL=$2
 export CH_SUBJECT_PREFIX=smoke CH_DB_SCHEMA=smoke
 export CH_RUN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/ch-smoke.XXXXXX")
 stop() {
+    # A run that failed while the portfolios table was renamed away (below) puts it back.
+    psql -q "$CH_DATABASE_URL" -c 'ALTER TABLE IF EXISTS smoke.portfolios_away RENAME TO portfolios' \
+        >/dev/null 2>&1 || true
     target/debug/chctl down >/dev/null 2>&1 || true
     rm -rf "$CH_RUN_DIR"
 }
@@ -114,7 +117,8 @@ echo "smoke: chctl status fails while a projector keeps failing, and passes once
 pid=$(awk '$1 == "exit-triggers" {print $2}' "$CH_RUN_DIR/workers.pids")
 [[ -n $pid ]] || { echo "smoke: no exit-triggers in $CH_RUN_DIR/workers.pids" >&2; exit 1; }
 kill -TERM "$pid"
-tail --pid="$pid" -f /dev/null
+timeout 60 tail --pid="$pid" -f /dev/null \
+    || { echo "smoke: exit-triggers did not stop within 60 s of SIGTERM" >&2; exit 1; }
 if status=$(target/debug/chctl status); then
     printf 'smoke: chctl status passed with exit-triggers stopped:\n%s\n' "$status" >&2
     exit 1
@@ -137,8 +141,12 @@ for line in p.stdout:
     if '"starting"' in line:
         break
 p.send_signal(signal.SIGTERM)
-rest = p.stdout.read()
-code = p.wait(timeout=30)
+try:
+    rest, _ = p.communicate(timeout=30)
+except subprocess.TimeoutExpired:
+    p.kill()
+    sys.exit("smoke: cmd-market did not stop within 30 s of SIGTERM during its start")
+code = p.returncode
 if code != 0 or "stopped before it had started" not in rest:
     sys.exit(f"smoke: cmd-market stopped during its start exited {code}:\n{rest}")
 PY

@@ -11,8 +11,8 @@ use ch_runtime::pg;
 use crate::common::{ping, projector_status, redact, stats, text, Ctx, PROJECTIONS, WORKERS};
 
 /// Failures in a row (a projector's `consecutive_failures` gauge) from which `status` counts
-/// a projector instance as failing: it retries with backoff from 50 ms, so five in a row are
-/// about 1.5 s of trouble, not a blip.
+/// a projector instance as failing: a batch is retried with backoff from 50 ms (five in a row
+/// are about 1.5 s of trouble), the lock once a second (five seconds), not a blip.
 const FAILING_AFTER: i64 = 5;
 
 #[derive(clap::Args)]
@@ -81,11 +81,22 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<ExitCode> {
                 // Answering is not projecting: an instance that keeps failing its batches
                 // (a missing grant, a renamed table) still answers status.
                 let service = ctx.service(&format!("proj-{p}"));
-                for (id, failures) in failing(&stats(&client, &service).await.unwrap_or_default()) {
-                    println!(
-                        "  {p:<10} instance {id}: failing, {failures} failures in a row (its log says why)"
-                    );
-                    problems.push(format!("projector {p} failing"));
+                match stats(&client, &service).await {
+                    Ok(replies) => {
+                        let failing = failing(&replies);
+                        for (id, failures) in &failing {
+                            println!(
+                                "  {p:<10} instance {id}: failing, {failures} failures in a row (its log says why)"
+                            );
+                        }
+                        if !failing.is_empty() {
+                            problems.push(format!("projector {p} failing"));
+                        }
+                    }
+                    Err(e) => {
+                        println!("  {p:<10} no $SRV.STATS: {e}");
+                        problems.push(format!("projector {p} gave no stats"));
+                    }
                 }
             }
             Err(e) => {
