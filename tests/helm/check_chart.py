@@ -56,15 +56,15 @@ def schema_refuses(values):
                for e in lint_errors(values))
 
 
-def render_files(values):
+def render_files(values, release="ch"):
     with helm.Chart.load(str(CHART)) as chart:
-        return chart.render(values, name="ch", namespace="ch", is_install=True)
+        return chart.render(values, name=release, namespace="ch", is_install=True)
 
 
-def render(values):
+def render(values, release="ch"):
     """Every rendered manifest, hooks and test pods included, as parsed documents."""
     docs = []
-    for path, text in sorted(render_files(values).items()):
+    for path, text in sorted(render_files(values, release).items()):
         if path.endswith("NOTES.txt"):
             continue
         docs += [d for d in yaml.safe_load_all(text) if d]
@@ -155,6 +155,14 @@ def main():
         "no NATS": {"nats": {"url": ""}},
         "a batch above CH_BATCH_MAX's range": {"sync": {"batchMax": 20000}},
         "a variable name that is not one": {"env": {"CH-SYNC": "batch"}},
+        "the prefix through env (past its checks)": {"env": {"CH_SUBJECT_PREFIX": "desk"}},
+        "the prefix through a worker's env": {"workers": {"cmd-signal": {
+            "enabled": True, "replicas": 1, "env": {"CH_SUBJECT_PREFIX": "desk"}}}},
+        "a number as an extraEnv value": {"extraEnv": [{"name": "CH_WORKER_THREADS",
+                                                         "value": 2}]},
+        "an extraEnv entry with both value and valueFrom": {"extraEnv": [{
+            "name": "X", "value": "1", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]},
+        "a pod label the chart owns": {"podLabels": {"app.kubernetes.io/component": "x"}},
         "an unknown log format": {"log": {"format": "xml"}},
     }
     for label, values in refused.items():
@@ -173,11 +181,72 @@ def main():
         got = env_of(pod["spec"]["containers"][0]).get("CH_DB_SCHEMA", {}).get("value")
         check(f"CH_DB_SCHEMA for {values}", got == want, got)
 
-    # NOTES show no credentials of a NATS URL.
-    notes = render_files({"nats": {"url": "nats://user:pw@a:4222,nats://tok@b:4222"}})
+    # NOTES show no credentials of a NATS URL (a password may hold an `@`).
+    notes = render_files({"nats": {"url": "nats://user:p@ss@a:4222,nats://tok@b:4222"}})
     notes = next(v for k, v in notes.items() if k.endswith("NOTES.txt"))
-    check("NOTES hide NATS credentials", "pw@" not in notes and "tok@" not in notes
-          and "nats://***@a:4222" in notes, notes)
+    check("NOTES hide NATS credentials", "ss@" not in notes and "tok@" not in notes
+          and "nats://***@a:4222,nats://***@b:4222" in notes, notes)
+
+    # A new database.url rolls the workers (their pod templates change with it); a Secret of
+    # the user's is theirs to roll.
+    def templates(values):
+        return {d["metadata"]["name"]: d["spec"]["template"]
+                for d in by_kind(render(values), "Deployment")}
+    one = templates({})
+    two = templates({"database": {"url": "postgres://app:rotated@db2:5432/ch"}})
+    check("a new database.url changes every worker's pod template",
+          all(one[n] != two[n] for n in one), sorted(n for n in one if one[n] == two[n]))
+    mine = templates({"database": {"existingSecret": "pg"}})
+    check("no checksum of a URL the chart does not hold", all(
+        "checksum/database-url" not in t["metadata"].get("annotations", {})
+        for t in mine.values()))
+
+    # extraEnv of the chart and of a worker name the same variable: the worker's, once.
+    ro = {"name": "CH_DATABASE_URL", "valueFrom": {"secretKeyRef": {"name": "ro", "key": "url"}}}
+    rw = {"name": "CH_DATABASE_URL", "valueFrom": {"secretKeyRef": {"name": "pg", "key": "url"}}}
+    docs = render({"extraEnv": [rw], "workers": {"query-portfolio": {
+        "enabled": True, "replicas": 1, "extraEnv": [ro]}}})
+    (query,) = [d for d in by_kind(docs, "Deployment")
+                if d["metadata"]["labels"]["app.kubernetes.io/component"] == "query-portfolio"]
+    urls = [e for e in query["spec"]["template"]["spec"]["containers"][0]["env"]
+            if e["name"] == "CH_DATABASE_URL"]
+    check("a worker's extraEnv wins over the chart's, one entry", urls == [ro], urls)
+
+    # The setup job and the test pod carry podAnnotations (a sidecar's opt-out) and podLabels.
+    docs = render({"podAnnotations": {"sidecar.istio.io/inject": "false"},
+                   "podLabels": {"team": "trading"}})
+    for kind, meta in (("Job", lambda d: d["spec"]["template"]["metadata"]),
+                       ("Pod", lambda d: d["metadata"])):
+        (d,) = by_kind(docs, kind)
+        m = meta(d)
+        check(f"the {kind} carries podAnnotations and podLabels",
+              m.get("annotations", {}).get("sidecar.istio.io/inject") == "false"
+              and m["labels"].get("team") == "trading", m)
+    (pod,) = by_kind(docs, "Pod")
+    check("the test pod stays a helm test hook",
+          pod["metadata"]["annotations"].get("helm.sh/hook") == "test", pod["metadata"])
+    for d in by_kind(docs, "Deployment"):
+        sel = d["spec"]["selector"]["matchLabels"]
+        labels = d["spec"]["template"]["metadata"]["labels"]
+        check(f"{d['metadata']['name']}: its selector matches its pods",
+              all(labels.get(k) == v for k, v in sel.items()), (sel, labels))
+
+    # Two long release names that share their first 40 characters keep apart; an override.
+    names = [sorted(d["metadata"]["name"] for d in render({}, release=r))
+             for r in ("cipherhorizon-trading-desk-eu-west-1-prod-blue",
+                       "cipherhorizon-trading-desk-eu-west-1-prod-green")]
+    check("long release names do not collide", not set(names[0]) & set(names[1]), names)
+    check("names stay within 63 characters", all(len(n) <= 63 for n in names[0]), names[0])
+    names = {d["metadata"]["name"] for d in render({"fullnameOverride": "desk"})}
+    check("fullnameOverride names the objects", "desk-cmd-signal" in names, sorted(names))
+
+    # A worker's empty resources clear the chart's (as values.yaml says: they replace them).
+    docs = render({"workers": {"cmd-market": {"enabled": True, "replicas": 1,
+                                              "resources": {}}}})
+    (market,) = [d for d in by_kind(docs, "Deployment")
+                 if d["metadata"]["labels"]["app.kubernetes.io/component"] == "cmd-market"]
+    c = market["spec"]["template"]["spec"]["containers"][0]
+    check("a worker's empty resources replace the chart's", "resources" not in c, c)
 
     for label, values in (("default", {}), ("production", PRODUCTION)):
         docs = render(values)

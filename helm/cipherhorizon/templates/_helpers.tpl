@@ -1,15 +1,25 @@
 {{/* Names, labels and the environment every pod of the chart shares. */}}
 
 {{- define "cipherhorizon.name" -}}
-{{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
-{{/* The release's full name: the release name when it already holds the chart's. */}}
+{{/*
+The prefix of every object's name: fullnameOverride, or the release name (with the chart's
+name unless it holds it already). At most 40 characters, so that a worker's name after it
+stays within 63; a longer one is cut to 33 and told apart by 6 characters of its hash (two
+long release names that share their first 40 characters would collide otherwise).
+*/}}
 {{- define "cipherhorizon.fullname" -}}
-{{- if contains .Chart.Name .Release.Name -}}
-{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- $full := .Values.fullnameOverride -}}
+{{- if not $full -}}
+{{- $full = ternary .Release.Name (printf "%s-%s" .Release.Name $name) (contains $name .Release.Name) -}}
+{{- end -}}
+{{- if gt (len $full) 40 -}}
+{{- printf "%s-%s" ($full | trunc 33 | trimSuffix "-") ($full | sha256sum | trunc 6) -}}
 {{- else -}}
-{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" -}}
+{{- $full | trimSuffix "-" -}}
 {{- end -}}
 {{- end -}}
 
@@ -105,7 +115,19 @@ optional.
 {{- range $k, $x := (default dict .env) -}}
 {{- $_ := set $env $k $x -}}
 {{- end -}}
-{{- $extraEnv := concat (default list $v.extraEnv) (default list .extraEnv) -}}
+{{- /* extraEnv: the chart's list, then the worker's; the worker's entry wins a name. */ -}}
+{{- $own := default list .extraEnv -}}
+{{- $ownNames := dict -}}
+{{- range $own -}}
+{{- $_ := set $ownNames .name true -}}
+{{- end -}}
+{{- $extraEnv := list -}}
+{{- range (default list $v.extraEnv) -}}
+{{- if not (hasKey $ownNames .name) -}}
+{{- $extraEnv = append $extraEnv . -}}
+{{- end -}}
+{{- end -}}
+{{- $extraEnv = concat $extraEnv $own -}}
 {{- $taken := dict -}}
 {{- range $extraEnv -}}
 {{- $_ := set $taken .name true -}}
@@ -173,16 +195,36 @@ chart's. Called with (dict "root" $ "worker" <the worker's values, or nil>).
 */}}
 {{- define "cipherhorizon.scheduling" -}}
 {{- $w := default dict .worker -}}
-{{- with (default .root.Values.nodeSelector $w.nodeSelector) }}
+{{- $v := .root.Values -}}
+{{- with (ternary $w.nodeSelector $v.nodeSelector (hasKey $w "nodeSelector")) }}
 nodeSelector:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with (default .root.Values.tolerations $w.tolerations) }}
+{{- with (ternary $w.tolerations $v.tolerations (hasKey $w "tolerations")) }}
 tolerations:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with (default .root.Values.affinity $w.affinity) }}
+{{- with (ternary $w.affinity $v.affinity (hasKey $w "affinity")) }}
 affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/*
+A pod's labels and annotations: the chart's labels with the component, then podLabels (the
+schema keeps them off the chart's own names); podAnnotations under the worker's own
+("annotations"), and "extra" ones (a checksum, hooks) over both.
+Called with (dict "root" $ "component" <name> "annotations" <dict> "extra" <dict>).
+*/}}
+{{- define "cipherhorizon.podMetadata" -}}
+labels:
+  {{- include "cipherhorizon.labels" .root | nindent 2 }}
+  app.kubernetes.io/component: {{ .component }}
+  {{- with .root.Values.podLabels }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- with (merge (dict) (default dict .extra) (default dict .annotations) (default dict .root.Values.podAnnotations)) }}
+annotations:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end -}}
@@ -192,7 +234,8 @@ affinity:
 {{- $n := 0 -}}
 {{- range $name, $w := .Values.workers -}}
 {{- if and $w.enabled (not (hasPrefix "cmd-" $name)) -}}
-{{- $pool := int (default $.Values.database.pool (get (default dict $w.env) "CH_DB_POOL")) -}}
+{{- $global := default $.Values.database.pool (get (default dict $.Values.env) "CH_DB_POOL") -}}
+{{- $pool := int (default $global (get (default dict $w.env) "CH_DB_POOL")) -}}
 {{- $n = add $n (mul (int $w.replicas) (add1 $pool)) -}}
 {{- end -}}
 {{- end -}}
