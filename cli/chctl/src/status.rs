@@ -1,5 +1,6 @@
-//! `chctl status`: pings every service, prints the projectors' progress, the stream and each
-//! worker's Postgres sessions.
+//! `chctl status`: pings every service (but those `--skip` names), prints the projectors'
+//! progress and any instance failing its batches, the stream and each worker's Postgres
+//! sessions; exits 1 when any of that is missing or wrong (the Helm chart's `helm test`).
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};

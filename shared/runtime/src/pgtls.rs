@@ -54,25 +54,25 @@ fn param(key: &str, value: String, root_cert: &mut Option<PathBuf>) -> Param {
 /// as they were) and writes `sslmode=verify-ca` / `verify-full` as `require`. Anything else
 /// (a key/value string) is returned as it is.
 pub(crate) fn split(url: &str) -> Split {
-    let mut root_cert = None;
-    let unchanged = |root_cert| Split {
+    let unchanged = || Split {
         url: url.to_owned(),
-        root_cert,
+        root_cert: None,
     };
     let Some(rest) = url
         .strip_prefix("postgres://")
         .or_else(|| url.strip_prefix("postgresql://"))
     else {
-        return unchanged(None);
+        return unchanged();
     };
     // The query starts at the first `?` after the credentials (which end at the first `@`,
     // as tokio-postgres reads them: a password may hold a `?`).
     let after_credentials = rest.find('@').map_or(0, |at| at + 1);
     let Some(q) = rest[after_credentials..].find('?') else {
-        return unchanged(None);
+        return unchanged();
     };
     let query_at = url.len() - rest.len() + after_credentials + q;
     let (base, query) = (&url[..query_at], &url[query_at + 1..]);
+    let mut root_cert = None;
     let params: Vec<&str> = query
         .split('&')
         .filter_map(|pair| {
@@ -104,7 +104,8 @@ pub(crate) fn key_value_hint(url: &str) -> Option<&'static str> {
     )
 }
 
-/// The TLS connector the sessions of `cfg` use: `None` without TLS (`disable`, `prefer`).
+/// The TLS connector of sessions with `sslmode` `mode` (after [`split`]) and `sslrootcert`
+/// `root_cert`: `None` without TLS (`disable`, `prefer`).
 ///
 /// # Errors
 /// A message when `sslrootcert` is given without TLS asked for, or cannot be read, or when
@@ -174,7 +175,7 @@ mod tests {
     }
 
     #[test]
-    fn tls_parameters_are_taken_out_of_urls_and_key_value_strings() {
+    fn tls_parameters_are_taken_out_of_urls_only() {
         assert_eq!(split("postgres://u@h/db"), s("postgres://u@h/db", None));
         assert_eq!(
             split("postgres://u@h/db?sslmode=verify-full&sslrootcert=%2Fetc%2Fca%20x.pem"),

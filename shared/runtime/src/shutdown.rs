@@ -3,10 +3,11 @@
 use tokio_util::sync::CancellationToken;
 
 /// A token cancelled on SIGTERM or Ctrl-C; a second signal ends the process at once (status
-/// 130), as an operator pressing Ctrl-C again expects. The handlers are in place when this returns (it
-/// must be called on a Tokio runtime): a signal that comes at any later moment, even before
-/// the worker has started, is seen. Until then a process that is PID 1 in its container (as a
-/// Kubernetes pod's is) ignores SIGTERM, and Kubernetes waits out the grace period.
+/// 130), as an operator pressing Ctrl-C again expects. The handlers are in place when this
+/// returns (it must be called on a Tokio runtime): a signal that comes at any later moment,
+/// even before the worker has started, is seen. Until then a process that is PID 1 in its
+/// container (as a Kubernetes pod's is) ignores SIGTERM, and Kubernetes waits out the grace
+/// period.
 ///
 /// # Panics
 /// When the process cannot install a signal handler (no runtime, or the OS refuses).
