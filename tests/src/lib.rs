@@ -68,6 +68,9 @@ pub struct NatsServer {
     child: Child,
     dir: PathBuf,
     pub url: String,
+    /// The configuration file it runs with ([`NatsServer::start_with`]), else command-line
+    /// flags.
+    config: Option<PathBuf>,
 }
 
 impl Drop for NatsServer {
@@ -155,19 +158,49 @@ impl NatsServer {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("ch-test-nats-{}-{port}", std::process::id()));
         let server = NatsServer {
-            child: Self::spawn(port, &dir),
+            child: Self::spawn(port, &dir, None),
             dir,
             url: format!("nats://127.0.0.1:{port}"),
+            config: None,
         };
         accepting(&server.url).await;
         server
     }
 
-    fn spawn(port: u16, dir: &std::path::Path) -> Child {
-        Command::new(nats_server_bin())
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(dir)
-            .stdout(Stdio::null())
+    /// Starts the pinned nats-server on a free port with the configuration `conf` writes for
+    /// that port and the server's own directory (where it may put certificates and its store),
+    /// and returns once the port takes connections (a server that wants TLS and client
+    /// certificates accepts no plain client). `url` is `nats://127.0.0.1:<port>`.
+    pub async fn start_with(conf: impl FnOnce(u16, &std::path::Path) -> String) -> NatsServer {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("ch-test-nats-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("the server's directory");
+        let config = dir.join("nats-server.conf");
+        std::fs::write(&config, conf(port, &dir)).expect("the server's configuration");
+        let server = NatsServer {
+            child: Self::spawn(port, &dir, Some(&config)),
+            dir,
+            url: format!("nats://127.0.0.1:{port}"),
+            config: Some(config),
+        };
+        eventually(|| async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .map_err(|e| format!("nats-server on {port} takes no connection: {e}"))
+        })
+        .await;
+        server
+    }
+
+    fn spawn(port: u16, dir: &std::path::Path, config: Option<&std::path::Path>) -> Child {
+        let mut cmd = Command::new(nats_server_bin());
+        match config {
+            Some(c) => cmd.arg("-c").arg(c),
+            None => cmd
+                .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+                .arg(dir),
+        };
+        cmd.stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("nats-server starts")
@@ -206,7 +239,11 @@ impl NatsServer {
         self.signal("-TERM");
         self.child.wait().expect("nats-server exits");
         let port = self.url.rsplit(':').next().and_then(|p| p.parse().ok());
-        self.child = Self::spawn(port.expect("a port in the URL"), &self.dir);
+        self.child = Self::spawn(
+            port.expect("a port in the URL"),
+            &self.dir,
+            self.config.as_deref(),
+        );
         accepting(&self.url).await;
     }
 }

@@ -187,7 +187,7 @@ async fn s1_and_a_repo_of_its_own(
     env.start(Worker::CmdStrategy).await;
     env.cmd("strategy.create", strategy("u1", "s1", &["BTC-USDT"]))
         .await;
-    let client = ch_runtime::connect_nats(&env.cfg.nats_url, name)
+    let client = ch_runtime::connect_nats(&env.cfg, name)
         .await
         .expect("nats");
     let store = EventStore::open(client.clone(), env.subjects.clone())

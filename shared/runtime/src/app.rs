@@ -84,7 +84,7 @@ impl App {
         let service_name = subjects.service_name(worker);
         // The address as messages and logs show it (no password).
         let nats = crate::config::redact(&cfg.nats_url);
-        let client = crate::connect_nats(&cfg.nats_url, &service_name)
+        let client = crate::connect_nats(&cfg, &service_name)
             .await
             .map_err(|error| StartError::Nats {
                 url: nats.clone(),

@@ -42,10 +42,24 @@ impl SyncMode {
 #[error("configuration: {0}")]
 pub struct ConfigError(pub String);
 
+/// TLS to NATS beyond what a `tls://` URL and the system's CA certificates give.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NatsTls {
+    /// `CH_NATS_CA_FILE`: PEM CA certificates the server's certificate is verified against
+    /// (instead of the system's); TLS is then required.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// `CH_NATS_CERT_FILE` and `CH_NATS_KEY_FILE`: the client certificate and its key, PEM,
+    /// for a server that verifies its clients (`verify: true`); TLS is then required.
+    pub client_cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     /// `CH_NATS_URL`, default `nats://127.0.0.1:14222` (the project's own nats-server).
     pub nats_url: String,
+    /// `CH_NATS_CA_FILE`, `CH_NATS_CERT_FILE` and `CH_NATS_KEY_FILE`: TLS to NATS with a CA
+    /// of one's own and a client certificate (mutual TLS).
+    pub nats_tls: NatsTls,
     /// `CH_DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/cipherhorizon`.
     pub database_url: String,
     /// `CH_DB_SCHEMA`, default `public`: the Postgres schema of the read models.
@@ -78,6 +92,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             nats_url: "nats://127.0.0.1:14222".into(),
+            nats_tls: NatsTls::default(),
             database_url: "postgres://postgres@127.0.0.1:5432/cipherhorizon".into(),
             db_schema: "public".into(),
             prefix: "ch".into(),
@@ -135,6 +150,25 @@ impl Config {
         if let Some(v) = get("CH_NATS_URL") {
             c.nats_url = v;
         }
+        let path = |k: &str| {
+            get(k)
+                .filter(|v| !v.is_empty())
+                .map(std::path::PathBuf::from)
+        };
+        c.nats_tls = NatsTls {
+            ca_file: path("CH_NATS_CA_FILE"),
+            client_cert: match (path("CH_NATS_CERT_FILE"), path("CH_NATS_KEY_FILE")) {
+                (Some(cert), Some(key)) => Some((cert, key)),
+                (None, None) => None,
+                _ => {
+                    return Err(ConfigError(
+                        "CH_NATS_CERT_FILE and CH_NATS_KEY_FILE go together (a client \
+                         certificate and its key)"
+                            .into(),
+                    ))
+                }
+            },
+        };
         if let Some(v) = get("CH_DATABASE_URL") {
             c.database_url = v;
         }
@@ -348,6 +382,24 @@ mod tests {
         assert!(cfg(&[("CH_SUBJECT_PREFIX", ">")]).is_err());
         assert!(cfg(&[("CH_SYNC", "fast")]).is_err());
         assert!(cfg(&[("CH_BATCH_MAX", "x")]).is_err());
+    }
+
+    #[test]
+    fn nats_tls_files_and_a_certificate_without_its_key() {
+        assert_eq!(cfg(&[]).unwrap().nats_tls, NatsTls::default());
+        let c = cfg(&[
+            ("CH_NATS_CA_FILE", "/ca.pem"),
+            ("CH_NATS_CERT_FILE", "/c.pem"),
+            ("CH_NATS_KEY_FILE", "/k.pem"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.nats_tls.ca_file.as_deref(),
+            Some(std::path::Path::new("/ca.pem"))
+        );
+        assert!(c.nats_tls.client_cert.is_some());
+        let e = cfg(&[("CH_NATS_CERT_FILE", "/c.pem")]).unwrap_err();
+        assert!(e.0.contains("CH_NATS_KEY_FILE"), "{}", e.0);
     }
 
     #[test]

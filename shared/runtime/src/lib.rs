@@ -20,7 +20,7 @@ pub mod shutdown;
 pub mod subjects;
 pub mod telemetry;
 
-pub use config::{Config, SyncMode};
+pub use config::{Config, NatsTls, SyncMode};
 pub use error::{ApiError, DbError, StoreError};
 pub use eventstore::EventStore;
 pub use subjects::Subjects;
@@ -36,19 +36,19 @@ use tracing::{debug, info, warn};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Connects to NATS with the worker's name. The connection is retried for as long as the
-/// client lives: a running worker outlives a restart of the server (a starting one gives up
-/// when JetStream does not answer in time, see `app::App::start`). What happens to the
-/// connection is logged for an operator by [`log_event`].
+/// Connects to NATS (`cfg`'s URL and TLS files) with the worker's name. The connection is
+/// retried for as long as the client lives: a running worker outlives a restart of the server
+/// (a starting one gives up when JetStream does not answer in time, see `app::App::start`).
+/// What happens to the connection is logged for an operator by [`log_event`].
 ///
 /// # Errors
 /// When the URL is invalid.
 pub async fn connect_nats(
-    url: &str,
+    cfg: &Config,
     name: &str,
 ) -> Result<async_nats::Client, async_nats::ConnectError> {
     let state = Arc::new(EventLog::default());
-    async_nats::ConnectOptions::new()
+    nats_options(&cfg.nats_tls)
         .name(name)
         .retry_on_initial_connect()
         .max_reconnects(None)
@@ -56,8 +56,24 @@ pub async fn connect_nats(
             let state = state.clone();
             async move { log_event(&event, &state) }
         })
-        .connect(server_list(url)?)
+        .connect(server_list(&cfg.nats_url)?)
         .await
+}
+
+/// The connection options `tls` asks for beyond the URL: the CA certificates to verify the
+/// server with and a client certificate, each requiring TLS. (Files are read as the client
+/// connects: a missing or malformed one is a connection error naming it.)
+pub fn nats_options(tls: &config::NatsTls) -> async_nats::ConnectOptions {
+    let mut options = async_nats::ConnectOptions::new();
+    if let Some(ca) = &tls.ca_file {
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let Some((cert, key)) = &tls.client_cert {
+        options = options
+            .add_client_certificate(cert.clone(), key.clone())
+            .require_tls(true);
+    }
+    options
 }
 
 /// `CH_NATS_URL` as a list of servers: one URL, or several separated by commas (the nodes of
