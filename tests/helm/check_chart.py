@@ -93,7 +93,8 @@ def documented_variables():
 
 
 PRODUCTION = {
-    "nats": {"existingSecret": "nats-app", "subjectPrefix": "prod"},
+    "nats": {"existingSecret": "nats-app", "subjectPrefix": "prod",
+             "tls": {"existingSecret": "nats-client"}},
     "database": {"existingSecret": "pg-app", "existingSecretKey": "uri", "pool": 4},
     "sync": {"mode": "adaptive", "replayBatchMax": 1000000, "batchWaitMs": 2},
     "setup": {"streamReplicas": 3},
@@ -297,9 +298,19 @@ def main():
                   and sc.get("allowPrivilegeEscalation") is False
                   and sc.get("capabilities", {}).get("drop") == ["ALL"], (psc, sc))
             if label == "production":
-                check(f"production: {w} mounts the extra volumes (a CA for sslrootcert)",
-                      spec.get("volumes") == PRODUCTION["extraVolumes"]
-                      and c.get("volumeMounts") == PRODUCTION["extraVolumeMounts"], spec)
+                tls_dir = "/etc/cipherhorizon/nats-tls"
+                check(f"production: {w} mounts the NATS TLS Secret and the extra volumes",
+                      spec.get("volumes") == [{"name": "nats-tls", "secret": {
+                          "secretName": "nats-client"}}] + PRODUCTION["extraVolumes"]
+                      and c.get("volumeMounts") == [{"name": "nats-tls", "mountPath": tls_dir,
+                                                     "readOnly": True}]
+                      + PRODUCTION["extraVolumeMounts"], spec)
+                files = {k: env.get(k, {}).get("value") for k in
+                         ("CH_NATS_CA_FILE", "CH_NATS_CERT_FILE", "CH_NATS_KEY_FILE")}
+                check(f"production: {w} finds the NATS CA and client certificate", files == {
+                    "CH_NATS_CA_FILE": f"{tls_dir}/ca.crt",
+                    "CH_NATS_CERT_FILE": f"{tls_dir}/tls.crt",
+                    "CH_NATS_KEY_FILE": f"{tls_dir}/tls.key"}, files)
                 check(f"production: {w} keeps to the trading nodes",
                       spec.get("nodeSelector") == {"pool": "trading"}
                       and spec.get("tolerations") == PRODUCTION["tolerations"], spec)

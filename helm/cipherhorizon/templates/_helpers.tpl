@@ -102,6 +102,13 @@ optional.
 {{- if not $v.nats.existingSecret -}}
 {{- $_ := set $env "CH_NATS_URL" $v.nats.url -}}
 {{- end -}}
+{{- with $v.nats.tls }}{{ if .existingSecret -}}
+{{- $_ := set $env "CH_NATS_CA_FILE" (printf "%s/%s" (include "cipherhorizon.natsTlsDir" $) .caKey) -}}
+{{- if .certKey -}}
+{{- $_ := set $env "CH_NATS_CERT_FILE" (printf "%s/%s" (include "cipherhorizon.natsTlsDir" $) .certKey) -}}
+{{- $_ := set $env "CH_NATS_KEY_FILE" (printf "%s/%s" (include "cipherhorizon.natsTlsDir" $) .keyKey) -}}
+{{- end -}}
+{{- end }}{{ end -}}
 {{- if .database -}}
 {{- $_ := set $env "CH_DB_SCHEMA" (include "cipherhorizon.dbSchema" .root) -}}
 {{- $_ := set $env "CH_DB_POOL" $v.database.pool -}}
@@ -171,10 +178,19 @@ imagePullSecrets:
 securityContext:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with .Values.extraVolumes }}
+{{- $volumes := default list .Values.extraVolumes -}}
+{{- with .Values.nats.tls.existingSecret -}}
+{{- $volumes = prepend $volumes (dict "name" "nats-tls" "secret" (dict "secretName" .)) -}}
+{{- end -}}
+{{- with $volumes }}
 volumes:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- end -}}
+
+{{/* Where the NATS TLS Secret (nats.tls.existingSecret) is mounted. */}}
+{{- define "cipherhorizon.natsTlsDir" -}}
+/etc/cipherhorizon/nats-tls
 {{- end -}}
 
 {{/* Container-level settings every container shares: its security context and mounts. */}}
@@ -183,7 +199,11 @@ volumes:
 securityContext:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with .Values.extraVolumeMounts }}
+{{- $mounts := default list .Values.extraVolumeMounts -}}
+{{- if .Values.nats.tls.existingSecret -}}
+{{- $mounts = prepend $mounts (dict "name" "nats-tls" "mountPath" (include "cipherhorizon.natsTlsDir" .) "readOnly" true) -}}
+{{- end -}}
+{{- with $mounts }}
 volumeMounts:
   {{- toYaml . | nindent 2 }}
 {{- end }}
