@@ -183,19 +183,36 @@ impl NatsServer {
             url: format!("nats://127.0.0.1:{port}"),
             config: Some(config),
         };
+        server.listening().await;
+        server
+    }
+
+    /// Returns once the server's port takes TCP connections (its log, `nats.log` in its
+    /// directory, says why when it does not).
+    async fn listening(&self) {
+        let port: u16 = self
+            .url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("a port in the URL");
+        let log = self.dir.join("nats.log");
         eventually(|| async {
             tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
-                .map_err(|e| format!("nats-server on {port} takes no connection: {e}"))
+                .map_err(|e| {
+                    let said = std::fs::read_to_string(&log).unwrap_or_default();
+                    format!("nats-server on {port} takes no connection: {e}; its log: {said}")
+                })
         })
         .await;
-        server
     }
 
     fn spawn(port: u16, dir: &std::path::Path, config: Option<&std::path::Path>) -> Child {
         let mut cmd = Command::new(nats_server_bin());
         match config {
-            Some(c) => cmd.arg("-c").arg(c),
+            // Its log in its directory: a configuration it refuses says why there.
+            Some(c) => cmd.arg("-c").arg(c).arg("-l").arg(dir.join("nats.log")),
             None => cmd
                 .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
                 .arg(dir),
@@ -244,7 +261,12 @@ impl NatsServer {
             &self.dir,
             self.config.as_deref(),
         );
-        accepting(&self.url).await;
+        if self.config.is_some() {
+            // It may want TLS and client certificates: the port taking connections will do.
+            self.listening().await;
+        } else {
+            accepting(&self.url).await;
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use ch_e2e::{NatsServer, TestEnv};
 use ch_runtime::{eventstore, nats_options, NatsTls, Subjects};
 use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair};
 
-/// A CA of the test's own, a server certificate for `localhost` and a client certificate,
+/// A CA of the test's own, a server certificate for 127.0.0.1 and a client certificate,
 /// written as PEM files into `dir`.
 struct Pki {
     ca: PathBuf,
@@ -41,7 +41,7 @@ fn pki(dir: &Path) -> Pki {
     };
     Pki {
         server: leaf(
-            vec!["localhost".into()],
+            vec!["127.0.0.1".into()],
             ExtendedKeyUsagePurpose::ServerAuth,
             "server",
         ),
@@ -78,7 +78,7 @@ async fn nats_over_mutual_tls_with_a_ca_of_ones_own() {
     let certs = certs.expect("certificates");
     let port = server.url.rsplit(':').next().expect("a port");
     let mut cfg = ch_runtime::Config {
-        nats_url: format!("tls://localhost:{port}"),
+        nats_url: format!("tls://127.0.0.1:{port}"),
         prefix: "tls".into(),
         ..ch_runtime::Config::default()
     };
@@ -105,22 +105,25 @@ async fn nats_over_mutual_tls_with_a_ca_of_ones_own() {
         .await
         .expect("the event stream made over TLS");
 
+    // A nats:// URL (the chart's default) with the files: TLS all the same.
+    let attempt = |url: String, tls: NatsTls| async move {
+        nats_options(&tls)?
+            .connection_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+    };
+    let plain_url = format!("nats://127.0.0.1:{port}");
+    attempt(plain_url, cfg.nats_tls.clone())
+        .await
+        .expect("TLS with a nats:// URL and the files");
+
     // Without the client certificate the server turns the connection away; with the
     // system's CAs only, the client does not trust the server.
-    let attempt = |tls: NatsTls| {
-        let url = cfg.nats_url.clone();
-        async move {
-            nats_options(&tls)
-                .connection_timeout(Duration::from_secs(5))
-                .connect(url)
-                .await
-        }
-    };
     let no_cert = NatsTls {
         ca_file: Some(certs.ca.clone()),
         client_cert: None,
     };
-    let Err(e) = attempt(no_cert).await else {
+    let Err(e) = attempt(cfg.nats_url.clone(), no_cert).await else {
         panic!("connected without a client certificate");
     };
     assert!(e.to_string().contains("CertificateRequired"), "{e}");
@@ -128,10 +131,20 @@ async fn nats_over_mutual_tls_with_a_ca_of_ones_own() {
         ca_file: None,
         client_cert: Some(certs.client.clone()),
     };
-    let Err(e) = attempt(system_roots).await else {
+    let Err(e) = attempt(cfg.nats_url.clone(), system_roots).await else {
         panic!("trusted a server whose CA only the test knows");
     };
     assert!(e.to_string().contains("UnknownIssuer"), "{e}");
+
+    // A CA file that is not there is said with its variable and path, before any attempt
+    // (async-nats alone says "TLS error" and retries for good).
+    let mut missing = cfg.clone();
+    missing.nats_tls.ca_file = Some(certs.ca.with_file_name("gone.pem"));
+    let Err(e) = ch_runtime::connect_nats(&missing, "tls-test").await else {
+        panic!("a worker connected with a CA file that is not there");
+    };
+    assert!(e.to_string().contains("CH_NATS_CA_FILE="), "{e}");
+    assert!(e.to_string().contains("gone.pem"), "{e}");
 }
 
 /// TLS to Postgres as `CH_DATABASE_URL` asks for it (`sslmode=verify-full` and `sslrootcert`,

@@ -82,10 +82,12 @@ impl Ctx {
     /// Connects to NATS, retrying for a few seconds (a server may just be starting).
     pub async fn connect(&self) -> Result<Client> {
         let url = &self.cfg.nats_url;
+        // A TLS file that is not there will not appear by retrying: said at once.
+        self.cfg.nats_tls.check()?;
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut delay = Duration::from_millis(100);
         loop {
-            let attempt = ch_runtime::nats_options(&self.cfg.nats_tls)
+            let attempt = ch_runtime::nats_options(&self.cfg.nats_tls)?
                 .name("chctl")
                 .connection_timeout(Duration::from_secs(2))
                 .connect(ch_runtime::server_list(url)?)

@@ -53,6 +53,39 @@ pub struct NatsTls {
     pub client_cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
+impl NatsTls {
+    /// Reads each file: the CA file must hold a certificate, the client certificate file one
+    /// too and the key file a private key, all PEM.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the variable, the file and what is wrong with it.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = |var: &str, path: &std::path::Path| {
+            let found = CertificateDer::pem_file_iter(path)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| ConfigError(format!("{var}={}: {e}", path.display())))?;
+            if found.is_empty() {
+                return Err(ConfigError(format!(
+                    "{var}={}: no PEM certificate in it",
+                    path.display()
+                )));
+            }
+            Ok(())
+        };
+        if let Some(ca) = &self.ca_file {
+            certs("CH_NATS_CA_FILE", ca)?;
+        }
+        if let Some((cert, key)) = &self.client_cert {
+            certs("CH_NATS_CERT_FILE", cert)?;
+            PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| ConfigError(format!("CH_NATS_KEY_FILE={}: {e}", key.display())))?;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     /// `CH_NATS_URL`, default `nats://127.0.0.1:14222` (the project's own nats-server).
@@ -400,6 +433,19 @@ mod tests {
         assert!(c.nats_tls.client_cert.is_some());
         let e = cfg(&[("CH_NATS_CERT_FILE", "/c.pem")]).unwrap_err();
         assert!(e.0.contains("CH_NATS_KEY_FILE"), "{}", e.0);
+        // Files that are not there, or hold no certificate, are named with their variable.
+        let e = c.nats_tls.check().unwrap_err();
+        assert!(e.0.starts_with("CH_NATS_CA_FILE=/ca.pem: "), "{}", e.0);
+        let empty = std::env::temp_dir().join(format!("ch-empty-{}.pem", std::process::id()));
+        std::fs::write(&empty, "").unwrap();
+        let tls = NatsTls {
+            ca_file: Some(empty.clone()),
+            client_cert: None,
+        };
+        let e = tls.check().unwrap_err();
+        std::fs::remove_file(&empty).unwrap();
+        assert!(e.0.ends_with("no PEM certificate in it"), "{}", e.0);
+        assert!(NatsTls::default().check().is_ok());
     }
 
     #[test]

@@ -42,13 +42,13 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// What happens to the connection is logged for an operator by [`log_event`].
 ///
 /// # Errors
-/// When the URL is invalid.
+/// When the URL is invalid, or a TLS file (`CH_NATS_CA_FILE`, ...) unreadable.
 pub async fn connect_nats(
     cfg: &Config,
     name: &str,
 ) -> Result<async_nats::Client, async_nats::ConnectError> {
     let state = Arc::new(EventLog::default());
-    nats_options(&cfg.nats_tls)
+    nats_options(&cfg.nats_tls)?
         .name(name)
         .retry_on_initial_connect()
         .max_reconnects(None)
@@ -61,9 +61,19 @@ pub async fn connect_nats(
 }
 
 /// The connection options `tls` asks for beyond the URL: the CA certificates to verify the
-/// server with and a client certificate, each requiring TLS. (Files are read as the client
-/// connects: a missing or malformed one is a connection error naming it.)
-pub fn nats_options(tls: &config::NatsTls) -> async_nats::ConnectOptions {
+/// server with (instead of the system's) and a client certificate, each requiring TLS. With
+/// either, the servers a cluster announces are not added to the URL's: they come as
+/// addresses their certificates do not name, and every reconnection to one would fail.
+///
+/// # Errors
+/// A [`async_nats::ConnectErrorKind::Tls`] naming the variable and the file when a file
+/// cannot be read or holds no certificate or key ([`config::NatsTls::check`]): async-nats
+/// reads them only as it connects and then says no more than "TLS error", retried for good.
+pub fn nats_options(
+    tls: &config::NatsTls,
+) -> Result<async_nats::ConnectOptions, async_nats::ConnectError> {
+    tls.check()
+        .map_err(|e| async_nats::ConnectError::with_source(async_nats::ConnectErrorKind::Tls, e))?;
     let mut options = async_nats::ConnectOptions::new();
     if let Some(ca) = &tls.ca_file {
         options = options.add_root_certificates(ca.clone()).require_tls(true);
@@ -73,7 +83,10 @@ pub fn nats_options(tls: &config::NatsTls) -> async_nats::ConnectOptions {
             .add_client_certificate(cert.clone(), key.clone())
             .require_tls(true);
     }
-    options
+    if tls != &config::NatsTls::default() {
+        options = options.ignore_discovered_servers();
+    }
+    Ok(options)
 }
 
 /// `CH_NATS_URL` as a list of servers: one URL, or several separated by commas (the nodes of
