@@ -241,6 +241,19 @@ def main():
     names = {d["metadata"]["name"] for d in render({"fullnameOverride": "desk"})}
     check("fullnameOverride names the objects", "desk-cmd-signal" in names, sorted(names))
 
+    # NATS TLS with the system's CAs and a client certificate (caKey empty): no CA file.
+    docs = render({"nats": {"tls": {"existingSecret": "nats-client", "caKey": ""}}})
+    for d in by_kind(docs, "Deployment"):
+        spec = d["spec"]["template"]["spec"]
+        env = env_of(spec["containers"][0])
+        check(f"{d['metadata']['name']}: a client certificate without a CA file",
+              "CH_NATS_CA_FILE" not in env and "CH_NATS_CERT_FILE" in env
+              and [i["key"] for i in spec["volumes"][0]["secret"]["items"]]
+              == ["tls.crt", "tls.key"], (env, spec["volumes"]))
+    check("schema refuses a NATS TLS Secret with neither a CA nor a certificate key",
+          schema_refuses({"nats": {"tls": {"existingSecret": "s", "caKey": "",
+                                           "certKey": ""}}}))
+
     # A worker's empty resources clear the chart's (as values.yaml says: they replace them).
     docs = render({"workers": {"cmd-market": {"enabled": True, "replicas": 1,
                                               "resources": {}}}})
@@ -299,9 +312,11 @@ def main():
                   and sc.get("capabilities", {}).get("drop") == ["ALL"], (psc, sc))
             if label == "production":
                 tls_dir = "/etc/cipherhorizon/nats-tls"
+                keys = [{"key": k, "path": k} for k in ("ca.crt", "tls.crt", "tls.key")]
                 check(f"production: {w} mounts the NATS TLS Secret and the extra volumes",
                       spec.get("volumes") == [{"name": "nats-tls", "secret": {
-                          "secretName": "nats-client"}}] + PRODUCTION["extraVolumes"]
+                          "secretName": "nats-client", "items": keys}}]
+                      + PRODUCTION["extraVolumes"]
                       and c.get("volumeMounts") == [{"name": "nats-tls", "mountPath": tls_dir,
                                                      "readOnly": True}]
                       + PRODUCTION["extraVolumeMounts"], spec)

@@ -103,7 +103,9 @@ optional.
 {{- $_ := set $env "CH_NATS_URL" $v.nats.url -}}
 {{- end -}}
 {{- with $v.nats.tls }}{{ if .existingSecret -}}
+{{- if .caKey -}}
 {{- $_ := set $env "CH_NATS_CA_FILE" (printf "%s/%s" (include "cipherhorizon.natsTlsDir" $) .caKey) -}}
+{{- end -}}
 {{- if .certKey -}}
 {{- $_ := set $env "CH_NATS_CERT_FILE" (printf "%s/%s" (include "cipherhorizon.natsTlsDir" $) .certKey) -}}
 {{- $_ := set $env "CH_NATS_KEY_FILE" (printf "%s/%s" (include "cipherhorizon.natsTlsDir" $) .keyKey) -}}
@@ -179,8 +181,19 @@ securityContext:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- $volumes := default list .Values.extraVolumes -}}
-{{- with .Values.nats.tls.existingSecret -}}
-{{- $volumes = prepend $volumes (dict "name" "nats-tls" "secret" (dict "secretName" .)) -}}
+{{- with .Values.nats.tls -}}
+{{- if .existingSecret -}}
+{{- /* Only the keys in use, each named: a Secret without one fails the mount, saying which. */ -}}
+{{- $items := list -}}
+{{- if .caKey -}}
+{{- $items = append $items (dict "key" .caKey "path" .caKey) -}}
+{{- end -}}
+{{- if .certKey -}}
+{{- $items = append $items (dict "key" .certKey "path" .certKey) -}}
+{{- $items = append $items (dict "key" .keyKey "path" .keyKey) -}}
+{{- end -}}
+{{- $volumes = prepend $volumes (dict "name" "nats-tls" "secret" (dict "secretName" .existingSecret "items" $items)) -}}
+{{- end -}}
 {{- end -}}
 {{- with $volumes }}
 volumes:
