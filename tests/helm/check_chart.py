@@ -82,6 +82,12 @@ def by_kind(docs, kind):
     return [d for d in docs if d["kind"] == kind]
 
 
+def deployments_of(docs):
+    """The Deployments by the worker they run (their component label)."""
+    return {d["metadata"]["labels"]["app.kubernetes.io/component"]: d
+            for d in by_kind(docs, "Deployment")}
+
+
 def env_of(container):
     return {e["name"]: e for e in container.get("env", [])}
 
@@ -207,8 +213,7 @@ def main():
     rw = {"name": "CH_DATABASE_URL", "valueFrom": {"secretKeyRef": {"name": "pg", "key": "url"}}}
     docs = render({"extraEnv": [rw], "workers": {"query-portfolio": {
         "enabled": True, "replicas": 1, "extraEnv": [ro]}}})
-    (query,) = [d for d in by_kind(docs, "Deployment")
-                if d["metadata"]["labels"]["app.kubernetes.io/component"] == "query-portfolio"]
+    query = deployments_of(docs)["query-portfolio"]
     urls = [e for e in query["spec"]["template"]["spec"]["containers"][0]["env"]
             if e["name"] == "CH_DATABASE_URL"]
     check("a worker's extraEnv wins over the chart's, one entry", urls == [ro], urls)
@@ -257,8 +262,7 @@ def main():
     # A worker's empty resources clear the chart's (as values.yaml says: they replace them).
     docs = render({"workers": {"cmd-market": {"enabled": True, "replicas": 1,
                                               "resources": {}}}})
-    (market,) = [d for d in by_kind(docs, "Deployment")
-                 if d["metadata"]["labels"]["app.kubernetes.io/component"] == "cmd-market"]
+    market = deployments_of(docs)["cmd-market"]
     c = market["spec"]["template"]["spec"]["containers"][0]
     check("a worker's empty resources replace the chart's", "resources" not in c, c)
 
@@ -273,8 +277,7 @@ def main():
             check(f"{label}: {d['kind']} {d['metadata']['name']} is valid Kubernetes {KUBE}",
                   ok, why)
 
-        deployments = {d["metadata"]["labels"]["app.kubernetes.io/component"]: d
-                       for d in by_kind(docs, "Deployment")}
+        deployments = deployments_of(docs)
         enabled = [w for w in workers
                    if values.get("workers", {}).get(w, {}).get("enabled", True)]
         check(f"{label}: one Deployment per enabled worker crate", sorted(deployments) == enabled,

@@ -187,15 +187,19 @@ impl NatsServer {
         server
     }
 
-    /// Returns once the server's port takes TCP connections (its log, `nats.log` in its
-    /// directory, says why when it does not).
-    async fn listening(&self) {
-        let port: u16 = self
-            .url
+    /// The port the server listens on (the one in its `url`).
+    pub fn port(&self) -> u16 {
+        self.url
             .rsplit(':')
             .next()
             .and_then(|p| p.parse().ok())
-            .expect("a port in the URL");
+            .expect("a port in the URL")
+    }
+
+    /// Returns once the server's port takes TCP connections (its log, `nats.log` in its
+    /// directory, says why when it does not).
+    async fn listening(&self) {
+        let port = self.port();
         let log = self.dir.join("nats.log");
         eventually(|| async {
             tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -255,12 +259,7 @@ impl NatsServer {
     pub async fn restart(&mut self) {
         self.signal("-TERM");
         self.child.wait().expect("nats-server exits");
-        let port = self.url.rsplit(':').next().and_then(|p| p.parse().ok());
-        self.child = Self::spawn(
-            port.expect("a port in the URL"),
-            &self.dir,
-            self.config.as_deref(),
-        );
+        self.child = Self::spawn(self.port(), &self.dir, self.config.as_deref());
         if self.config.is_some() {
             // It may want TLS and client certificates: the port taking connections will do.
             self.listening().await;

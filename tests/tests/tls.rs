@@ -76,7 +76,7 @@ async fn nats_over_mutual_tls_with_a_ca_of_ones_own() {
     })
     .await;
     let certs = certs.expect("certificates");
-    let port = server.url.rsplit(':').next().expect("a port");
+    let port = server.port();
     let mut cfg = ch_runtime::Config {
         nats_url: format!("tls://127.0.0.1:{port}"),
         prefix: "tls".into(),
@@ -107,7 +107,7 @@ async fn nats_over_mutual_tls_with_a_ca_of_ones_own() {
 
     // A nats:// URL (the chart's default) with the files: TLS all the same.
     let attempt = |url: String, tls: NatsTls| async move {
-        nats_options(&tls)?
+        nats_options(&tls)
             .connection_timeout(Duration::from_secs(5))
             .connect(url)
             .await
@@ -178,15 +178,15 @@ async fn postgres_over_tls_is_encrypted_and_the_server_verified() {
     let local = format!("postgres://postgres@localhost:{base}");
     let sep = if local.contains('?') { '&' } else { '?' };
     let verified = format!("{local}{sep}sslmode=verify-full&sslrootcert={cert}");
-    let encrypted = |c: tokio_postgres::Client| async move {
+    async fn encrypted(c: &tokio_postgres::Client) -> bool {
         c.query_one(
             "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
             &[],
         )
         .await
         .expect("pg_stat_ssl")
-        .get::<_, bool>(0)
-    };
+        .get(0)
+    }
 
     let pool = PoolSpec {
         database_url: &verified,
@@ -198,19 +198,15 @@ async fn postgres_over_tls_is_encrypted_and_the_server_verified() {
     .pool()
     .expect("pool");
     let session = pool.get().await.expect("a verified TLS session");
-    let row = session
-        .query_one(
-            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-            &[],
-        )
-        .await
-        .expect("pg_stat_ssl");
-    assert!(row.get::<_, bool>(0), "the pooled session is not encrypted");
+    assert!(
+        encrypted(&session).await,
+        "the pooled session is not encrypted"
+    );
     let single = pg::connect(&verified, None)
         .await
         .expect("a verified TLS session");
     assert!(
-        encrypted(single).await,
+        encrypted(&single).await,
         "the single session is not encrypted"
     );
 
@@ -235,5 +231,5 @@ async fn postgres_over_tls_is_encrypted_and_the_server_verified() {
     let plain = pg::connect(&env.cfg.database_url, None)
         .await
         .expect("plain");
-    assert!(!encrypted(plain).await, "prefer encrypted the session");
+    assert!(!encrypted(&plain).await, "prefer encrypted the session");
 }

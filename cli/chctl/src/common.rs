@@ -87,7 +87,7 @@ impl Ctx {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut delay = Duration::from_millis(100);
         loop {
-            let attempt = ch_runtime::nats_options(&self.cfg.nats_tls)?
+            let attempt = ch_runtime::nats_options(&self.cfg.nats_tls)
                 .name("chctl")
                 .connection_timeout(Duration::from_secs(2))
                 .connect(ch_runtime::server_list(url)?)

@@ -55,24 +55,16 @@ pub struct NatsTls {
 
 impl NatsTls {
     /// Reads each file: the CA file must hold a certificate, the client certificate file one
-    /// too and the key file a private key, all PEM.
+    /// too and the key file a private key, all PEM. (async-nats reads them only as it
+    /// connects, and then says no more than "TLS error".)
     ///
     /// # Errors
     /// A [`ConfigError`] naming the variable, the file and what is wrong with it.
     pub fn check(&self) -> Result<(), ConfigError> {
         use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        use rustls::pki_types::PrivateKeyDer;
         let certs = |var: &str, path: &std::path::Path| {
-            let found = CertificateDer::pem_file_iter(path)
-                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| ConfigError(format!("{var}={}: {e}", path.display())))?;
-            if found.is_empty() {
-                return Err(ConfigError(format!(
-                    "{var}={}: no PEM certificate in it",
-                    path.display()
-                )));
-            }
-            Ok(())
+            pem_certificates(path).map_err(|e| ConfigError(format!("{var}={e}")))
         };
         if let Some(ca) = &self.ca_file {
             certs("CH_NATS_CA_FILE", ca)?;
@@ -84,6 +76,24 @@ impl NatsTls {
         }
         Ok(())
     }
+}
+
+/// The PEM certificates of the file at `path`, at least one (CA files of NATS and Postgres,
+/// a client certificate).
+///
+/// # Errors
+/// `<path>: <why>` when the file cannot be read or holds no certificate.
+pub(crate) fn pem_certificates(
+    path: &std::path::Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let found = rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if found.is_empty() {
+        return Err(format!("{}: no PEM certificate in it", path.display()));
+    }
+    Ok(found)
 }
 
 #[derive(Debug, Clone)]

@@ -47,8 +47,13 @@ pub async fn connect_nats(
     cfg: &Config,
     name: &str,
 ) -> Result<async_nats::Client, async_nats::ConnectError> {
+    // A file that is not there is said now, naming it: async-nats would say "TLS error" and
+    // retry for good.
+    cfg.nats_tls
+        .check()
+        .map_err(|e| async_nats::ConnectError::with_source(async_nats::ConnectErrorKind::Tls, e))?;
     let state = Arc::new(EventLog::default());
-    nats_options(&cfg.nats_tls)?
+    nats_options(&cfg.nats_tls)
         .name(name)
         .retry_on_initial_connect()
         .max_reconnects(None)
@@ -65,15 +70,8 @@ pub async fn connect_nats(
 /// either, the servers a cluster announces are not added to the URL's: they come as
 /// addresses their certificates do not name, and every reconnection to one would fail.
 ///
-/// # Errors
-/// A [`async_nats::ConnectErrorKind::Tls`] naming the variable and the file when a file
-/// cannot be read or holds no certificate or key ([`config::NatsTls::check`]): async-nats
-/// reads them only as it connects and then says no more than "TLS error", retried for good.
-pub fn nats_options(
-    tls: &config::NatsTls,
-) -> Result<async_nats::ConnectOptions, async_nats::ConnectError> {
-    tls.check()
-        .map_err(|e| async_nats::ConnectError::with_source(async_nats::ConnectErrorKind::Tls, e))?;
+/// Reads no file: check them first ([`config::NatsTls::check`]; [`connect_nats`] does).
+pub fn nats_options(tls: &config::NatsTls) -> async_nats::ConnectOptions {
     let mut options = async_nats::ConnectOptions::new();
     if let Some(ca) = &tls.ca_file {
         options = options.add_root_certificates(ca.clone()).require_tls(true);
@@ -86,7 +84,7 @@ pub fn nats_options(
     if tls != &config::NatsTls::default() {
         options = options.ignore_discovered_servers();
     }
-    Ok(options)
+    options
 }
 
 /// `CH_NATS_URL` as a list of servers: one URL, or several separated by commas (the nodes of

@@ -16,8 +16,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use percent_encoding::percent_decode_str;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
 use rustls::RootCertStore;
 use tokio_postgres::config::SslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -58,10 +56,7 @@ pub(crate) fn split(url: &str) -> Split {
         url: url.to_owned(),
         root_cert: None,
     };
-    let Some(rest) = url
-        .strip_prefix("postgres://")
-        .or_else(|| url.strip_prefix("postgresql://"))
-    else {
+    let Some(rest) = after_scheme(url) else {
         return unchanged();
     };
     // The query starts at the first `?` after the credentials (which end at the first `@`,
@@ -93,11 +88,18 @@ pub(crate) fn split(url: &str) -> Split {
     Split { url, root_cert }
 }
 
+/// What follows the scheme of a URL (`postgres://` or `postgresql://`); `None` for a
+/// key/value string.
+fn after_scheme(url: &str) -> Option<&str> {
+    url.strip_prefix("postgres://")
+        .or_else(|| url.strip_prefix("postgresql://"))
+}
+
 /// What to add to tokio-postgres' refusal of a key/value string that asks for TLS in libpq's
 /// words it does not know (`None` for any other refusal).
 pub(crate) fn key_value_hint(url: &str) -> Option<&'static str> {
     let libpq_only = url.contains("sslrootcert") || url.contains("verify-");
-    (!url.starts_with("postgres://") && !url.starts_with("postgresql://") && libpq_only).then_some(
+    (after_scheme(url).is_none() && libpq_only).then_some(
         "sslmode=verify-ca/verify-full and sslrootcert are read from a URL \
          (postgres://user@host/db?sslmode=verify-full&sslrootcert=/path/ca.pem), not from a \
          key/value string",
@@ -127,9 +129,8 @@ pub(crate) fn connector(
     let mut roots = RootCertStore::empty();
     match root_cert.filter(|p| *p != std::path::Path::new("system")) {
         Some(path) => {
-            let certs = CertificateDer::pem_file_iter(path)
-                .and_then(Iterator::collect::<Result<Vec<_>, _>>)
-                .map_err(|e| format!("sslrootcert={}: {e}", path.display()))?;
+            let certs =
+                crate::config::pem_certificates(path).map_err(|e| format!("sslrootcert={e}"))?;
             let (added, _) = roots.add_parsable_certificates(certs);
             if added == 0 {
                 return Err(format!(

@@ -20,18 +20,18 @@ pub fn on_signal() -> CancellationToken {
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
         let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
         tokio::spawn(async move {
-            tokio::select! {
-                _ = term.recv() => {},
-                _ = int.recv() => {},
-            }
+            let mut either = async || {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = int.recv() => {},
+                }
+            };
+            either().await;
             tracing::info!("shutdown requested: draining (a second signal stops at once)");
             t.cancel();
             // The handlers stay installed for the process's life: without this, every later
             // SIGTERM or Ctrl-C would be ignored while the drain goes on.
-            tokio::select! {
-                _ = term.recv() => {},
-                _ = int.recv() => {},
-            }
+            either().await;
             tracing::warn!("second signal: stopping without finishing the drain");
             std::process::exit(130);
         });
