@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
-use rust_decimal::Decimal;
+use rust_decimal::{Decimal, RoundingStrategy};
 use serde::{Deserialize, Serialize};
 
 use crate::aggregate::check_monotonic_time;
@@ -284,7 +284,10 @@ impl PortfolioState {
     /// the marks of the flow's decision), then scaled by the flow's share of the equity, so
     /// that the drawdown it measures is the same after the flow as before (flows are never
     /// returns). Without the equity (events stored before it), or with none to scale, it
-    /// moves by the amount.
+    /// moves by the amount. A scaled mark with more than 8 places is rounded up: the halt's
+    /// boundary ("`max_drawdown_pct` or more below") then holds where the exact mark is a
+    /// repeating decimal (2000 * 1300 / 1800), rather than letting the equity sit just above a
+    /// floor rounded down.
     fn high_water_after_flow(&self, amount: Decimal, equity_before: Option<Decimal>) -> Decimal {
         let hwm = equity_before.map_or(self.high_water_equity, |e| self.high_water_equity.max(e));
         let scaled = equity_before
@@ -293,7 +296,7 @@ impl PortfolioState {
                 let after = e.checked_add(amount)?.max(Decimal::ZERO);
                 hwm.checked_mul(after)?.checked_div(e)
             })
-            .map(|h| h.round_dp(8));
+            .map(|h| h.round_dp_with_strategy(8, RoundingStrategy::AwayFromZero));
         scaled.unwrap_or_else(|| hwm.saturating_add(amount).max(Decimal::ZERO))
     }
 
@@ -1634,6 +1637,33 @@ mod tests {
         poor.high_water_equity = dec("5");
         step(&mut poor, &withdraw("10"), &facts()).unwrap();
         assert_eq!(poor.high_water_equity, dec("0"));
+    }
+
+    /// A withdrawal that leaves the equity exactly `max_drawdown_pct` below the scaled mark
+    /// halts buys, though that mark (2000 * 1300 / 1800) has no exact decimal.
+    #[test]
+    fn a_flow_to_exactly_the_drawdown_limit_halts() {
+        let f = facts_with(RiskProfile {
+            max_drawdown_pct: Some(dec("0.1")),
+            ..profile()
+        });
+        let mut st =
+            given::<PortfolioState>(vec![opened(), deposited("1800", "1800"), attached(S)])
+                .state()
+                .clone();
+        st.high_water_equity = dec("2000"); // exactly 10 % down: halted
+        let buy = signal(Side::Buy, "0.00000001", "1", Some("0"));
+        let halted = |st: &PortfolioState| {
+            let ev = st.decide(&buy, &f, &ctx()).unwrap();
+            matches!(&ev[0], Event::TradeSignalRejected(r) if r.reason == "TRADING_HALTED")
+        };
+        assert!(halted(&st));
+        let withdraw = PortfolioCommand::Withdraw {
+            amount: dec("500"),
+        };
+        step(&mut st, &withdraw, &f).unwrap();
+        assert_eq!(st.high_water_equity, dec("1444.44444445"));
+        assert!(halted(&st), "equity 1300 is 10 % below 1444.44...");
     }
 
     /// In a drawdown, a flow keeps the drawdown as it is: a withdrawal alone never halts
