@@ -796,6 +796,12 @@ async fn query_errors_stale_and_timeout_bounds() {
         BAD_REQUEST,
         &["JSON object"],
     );
+    // Text that is not JSON is said to be that, as the command workers say it.
+    check_error(
+        env.request_raw("query.portfolio.performance", "x").await,
+        BAD_REQUEST,
+        &["malformed JSON: expected value at line 1 column 1"],
+    );
     // An array of the fields in order would read as the struct: still not a request.
     check_error(
         env.request_raw("query.portfolio.performance", r#" ["p1", null, null]"#)

@@ -141,9 +141,15 @@ pub fn parse<T: serde::de::DeserializeOwned + Validate>(body: &[u8]) -> Result<T
             "empty request: expected a JSON object",
         ));
     }
-    // A struct would also read from an array of its fields in order: not a request.
+    // A struct would also read from an array of its fields in order: not a request. Text that
+    // is not JSON at all is said to be that, as the command workers say it.
     if !body.trim_ascii_start().starts_with(b"{") {
-        return Err(ApiError::bad_request("request body must be a JSON object"));
+        return Err(ApiError::bad_request(
+            match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+                Ok(_) => "request body must be a JSON object".to_owned(),
+                Err(e) => format!("malformed JSON: {e}"),
+            },
+        ));
     }
     let q: T = ch_domain::request::read_json(body).map_err(ApiError::bad_request)?;
     q.validate()?;
