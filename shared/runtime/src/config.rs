@@ -243,31 +243,38 @@ impl Config {
                 c.batch_wait = Duration::from_millis(5);
             }
         }
-        let num = |k: &str| -> Result<Option<u64>, ConfigError> {
-            get(k)
-                .map(|v| {
-                    v.parse::<u64>()
-                        .map_err(|_| ConfigError(format!("{k}={v:?} is not a whole number")))
-                })
-                .transpose()
-        };
-        if let Some(n) = num("CH_BATCH_MAX")? {
-            c.batch_max = n.clamp(1, 10_000) as usize;
+        // A number out of its range is refused, naming the range, as any other bad value.
+        let num =
+            |k: &str, range: std::ops::RangeInclusive<u64>| -> Result<Option<u64>, ConfigError> {
+                get(k)
+                    .map(|v| match v.parse::<u64>() {
+                        Ok(n) if range.contains(&n) => Ok(n),
+                        Ok(_) => Err(ConfigError(format!(
+                            "{k}={v:?} is out of range: {} to {}",
+                            range.start(),
+                            range.end()
+                        ))),
+                        Err(_) => Err(ConfigError(format!("{k}={v:?} is not a whole number"))),
+                    })
+                    .transpose()
+            };
+        if let Some(n) = num("CH_BATCH_MAX", 1..=10_000)? {
+            c.batch_max = n as usize;
         }
-        if let Some(n) = num("CH_REPLAY_BATCH_MAX")? {
-            c.replay_batch_max = n.clamp(1, 1_000_000) as usize;
+        if let Some(n) = num("CH_REPLAY_BATCH_MAX", 1..=1_000_000)? {
+            c.replay_batch_max = n as usize;
         }
-        if let Some(n) = num("CH_BATCH_WAIT_MS")? {
+        if let Some(n) = num("CH_BATCH_WAIT_MS", 0..=60_000)? {
             c.batch_wait = Duration::from_millis(n);
         }
-        if let Some(n) = num("CH_IMMEDIATE_TIMEOUT_MS")? {
+        if let Some(n) = num("CH_IMMEDIATE_TIMEOUT_MS", 0..=60_000)? {
             c.immediate_timeout = Duration::from_millis(n);
         }
-        if let Some(n) = num("CH_WORKER_THREADS")? {
-            c.worker_threads = n.clamp(1, 256) as usize;
+        if let Some(n) = num("CH_WORKER_THREADS", 1..=256)? {
+            c.worker_threads = n as usize;
         }
-        if let Some(n) = num("CH_DB_POOL")? {
-            c.db_pool_size = n.clamp(1, 256) as usize;
+        if let Some(n) = num("CH_DB_POOL", 1..=256)? {
+            c.db_pool_size = n as usize;
         }
         c.log_json = match get("CH_LOG_FORMAT").as_deref() {
             None | Some("text") => false,
@@ -425,6 +432,21 @@ mod tests {
         assert!(cfg(&[("CH_SUBJECT_PREFIX", ">")]).is_err());
         assert!(cfg(&[("CH_SYNC", "fast")]).is_err());
         assert!(cfg(&[("CH_BATCH_MAX", "x")]).is_err());
+    }
+
+    #[test]
+    fn numbers_out_of_range_are_refused_with_the_range() {
+        let e = cfg(&[("CH_BATCH_MAX", "50000")]).unwrap_err();
+        assert_eq!(e.0, "CH_BATCH_MAX=\"50000\" is out of range: 1 to 10000");
+        let e = cfg(&[("CH_DB_POOL", "0")]).unwrap_err();
+        assert!(
+            e.0.starts_with("CH_DB_POOL=\"0\" is out of range"),
+            "{}",
+            e.0
+        );
+        assert!(cfg(&[("CH_IMMEDIATE_TIMEOUT_MS", "60001")]).is_err());
+        let c = cfg(&[("CH_BATCH_MAX", "10000"), ("CH_BATCH_WAIT_MS", "0")]).unwrap();
+        assert_eq!((c.batch_max, c.batch_wait), (10_000, Duration::ZERO));
     }
 
     #[test]
