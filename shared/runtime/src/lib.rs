@@ -88,8 +88,9 @@ pub fn nats_options(tls: &config::NatsTls) -> async_nats::ConnectOptions {
 }
 
 /// `CH_NATS_URL` as a list of servers: one URL, or several separated by commas (the nodes of
-/// a cluster), tried in turn until one answers; once connected, the client also learns the
-/// cluster's other nodes from the server.
+/// a cluster), tried in a random order (async-nats shuffles them, spreading the clients)
+/// until one answers; once connected, the client also learns the cluster's other nodes from
+/// the server.
 ///
 /// # Errors
 /// When an entry is not a server URL.
