@@ -1,4 +1,4 @@
-# CipherHorizon: make run | up | down | test | chart | bench | lint | clean-run
+# CipherHorizon: make run | up | down | test | chart | bench | bench-modes | lint | clean-run
 # Honours CH_NATS_URL (no nats-server is started then), CH_DATABASE_URL, CH_SUBJECT_PREFIX.
 SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
@@ -34,7 +34,11 @@ up:
 down:
 	@cargo build -q -p chctl
 	@$(CHCTL) down
-	@scripts/nats.sh stop
+	@if [[ -e .run/nats-started-by-up ]]; then \
+		scripts/nats.sh stop && rm -f .run/nats-started-by-up; \
+	else \
+		echo "make down: the nats-server was not started by make up; left running"; \
+	fi
 
 # The Postgres checked (and started if local) is the tests' own, CH_TEST_DATABASE_URL's.
 test: chart

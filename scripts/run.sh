@@ -42,11 +42,13 @@ else
 fi
 
 if [[ -n $detach ]]; then
-    # Keep the server if the workers came up and the demo loaded: `make down` stops both.
-    # Otherwise stop the workers too, rather than leave them retrying a server stopped here.
+    # Keep the server if the workers came up and the demo loaded: `make down` stops both (the
+    # server only if started here: a marker says so). Otherwise stop the workers too, rather
+    # than leave them retrying a server stopped here.
     rc=0
     target/debug/chctl up --detach --demo || rc=$?
     if [[ $rc == 0 ]]; then
+        [[ -z $started_nats ]] || : >.run/nats-started-by-up
         started_nats=
     else
         target/debug/chctl down || true

@@ -2,7 +2,9 @@
 # Runs `cargo test --workspace [ARGS...]` against a nats-server of its own (port 14322 or
 # CH_TEST_NATS_PORT, monitor 4000 above it, a fresh temporary store, the server's default fsync for speed) and a clean
 # `ch_test` database (`ch_test_<port>` with another CH_TEST_NATS_PORT, so that two checkouts can
-# test at once), exported as CH_TEST_NATS_URL and CH_TEST_DATABASE_URL.
+# test at once), exported as CH_TEST_NATS_URL and CH_TEST_DATABASE_URL; then, when the tests passed
+# (ARGS narrowing them or not), builds the binaries and runs scripts/smoke.sh (the workers as
+# processes under `chctl up`, the nats-py client, `chctl rebuild`, a small benchmark, `chctl status`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

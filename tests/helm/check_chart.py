@@ -193,6 +193,14 @@ def main():
     notes = next(v for k, v in notes.items() if k.endswith("NOTES.txt"))
     check("NOTES hide NATS credentials", "ss@" not in notes and "tok@" not in notes
           and "nats://***@a:4222,nats://***@b:4222" in notes, notes)
+    # The connection budget: pool per pod that uses Postgres, + 1 per projector (its lock).
+    # Defaults: 8 such pods of pool 8, 4 of them projectors; then one query worker's own pool.
+    for values, want in (({}, 68),
+                         ({"workers": {"query-strategy": {"env": {"CH_DB_POOL": "20"}}}}, 80)):
+        notes = render_files(values)
+        notes = next(v for k, v in notes.items() if k.endswith("NOTES.txt"))
+        check(f"NOTES count {want} Postgres connections for {values}",
+              f"at most about {want} connections" in notes, notes)
 
     # A new database.url rolls the workers (their pod templates change with it); a Secret of
     # the user's is theirs to roll.
