@@ -836,6 +836,49 @@ async fn a_poison_event_is_dead_lettered_live_and_in_a_rebuild() {
 /// A rolling upgrade of NATS: the server stops and starts again on its store. Every worker
 /// reconnects by itself; commands are decided and stored again, the projector's consumer
 /// carries on where it was and queries answer, with nothing lost or applied twice.
+/// While a projector's batches fail (its table renamed away under it), its `$SRV.STATS` show
+/// the failures and the backlog behind them (no batch starts to count it); once the table is
+/// back, both go to 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_projectors_stats_show_its_backlog() {
+    let env = TestEnv::without_projectors().await;
+    let _proj = env.spawn(Worker::ProjPortfolio).await;
+    let opened = env.cmd("portfolio.update", open("p1", "u1")).await["stream_seq"]
+        .as_u64()
+        .unwrap();
+    wait_checkpoint(&env, |c| c >= opened).await;
+    let table = format!("{}.portfolios", env.cfg.db_schema);
+    env.pg
+        .batch_execute(&format!("ALTER TABLE {table} RENAME TO portfolios_away"))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        env.cmd("portfolio.update", deposit("p1", "10")).await;
+    }
+    let gauges = || async {
+        let stats = env.service_stats(Worker::ProjPortfolio, 1).await.remove(0);
+        stats["endpoints"][0]["data"]["gauges"].clone()
+    };
+    eventually(|| async {
+        let g = gauges().await;
+        (g["pending"].as_i64() >= Some(3) && g["consecutive_failures"].as_i64() >= Some(2))
+            .then_some(())
+            .ok_or(format!("{g}"))
+    })
+    .await;
+    env.pg
+        .batch_execute(&format!("ALTER TABLE {table}_away RENAME TO portfolios"))
+        .await
+        .unwrap();
+    eventually(|| async {
+        let g = gauges().await;
+        (g["pending"] == 0 && g["consecutive_failures"] == 0)
+            .then_some(())
+            .ok_or(format!("{g}"))
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_carry_on_across_a_nats_server_restart() {
     let mut env = TestEnv::with_own_nats_server().await;

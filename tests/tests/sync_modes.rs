@@ -39,6 +39,10 @@ async fn immediate_says_not_projected_when_a_projector_is_down() {
         .await;
     let opened = env.cmd("portfolio.update", open("p1", "u1")).await;
     assert_eq!(opened["projected"], false, "{opened}");
+    // Counted for an operator, in the worker's `$SRV.STATS`.
+    let stats = env.service_stats(Worker::CmdPortfolio, 1).await.remove(0);
+    let gauges = &stats["endpoints"][0]["data"]["gauges"];
+    assert_eq!(gauges["not_projected"], 1, "{stats}");
 }
 
 /// `immediate` waits for the projectors that consume the event: the strategy projector reads

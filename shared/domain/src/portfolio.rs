@@ -1658,9 +1658,7 @@ mod tests {
             matches!(&ev[0], Event::TradeSignalRejected(r) if r.reason == "TRADING_HALTED")
         };
         assert!(halted(&st));
-        let withdraw = PortfolioCommand::Withdraw {
-            amount: dec("500"),
-        };
+        let withdraw = PortfolioCommand::Withdraw { amount: dec("500") };
         step(&mut st, &withdraw, &f).unwrap();
         assert_eq!(st.high_water_equity, dec("1444.44444445"));
         assert!(halted(&st), "equity 1300 is 10 % below 1444.44...");

@@ -13,12 +13,13 @@ use ch_domain::strategy::StrategyState;
 use ch_domain::{Aggregate, AggregateType};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
-use tracing::Span;
+use tracing::{debug, Span};
 use uuid::Uuid;
 
 use crate::app::App;
 use crate::command::{Executor, FactSource, NoFacts};
 use crate::error::ApiError;
+use crate::metrics::Metrics;
 use crate::query::Progress;
 use crate::service::{self, Handler};
 use crate::SyncMode;
@@ -189,6 +190,7 @@ struct CommandHandler {
     commands: Commands,
     /// `immediate` mode: announcements of the projectors, and how long to wait for them.
     immediate: Option<(Progress, Duration)>,
+    metrics: Metrics,
 }
 
 impl Handler for CommandHandler {
@@ -198,12 +200,22 @@ impl Handler for CommandHandler {
             .find(|e| service::endpoint_name(e.name()) == endpoint)
             .ok_or_else(|| ApiError::not_found(format!("no command endpoint {endpoint}")))?;
         let mut reply = self.commands.execute(ep, &msg.payload).await?;
-        if let (Some((progress, timeout)), Some(seq)) =
-            (&self.immediate, reply["stream_seq"].as_u64())
-        {
+        let seq = reply["stream_seq"].as_u64();
+        if let Some(seq) = seq {
+            Span::current().record("stream_seq", seq);
+        }
+        if let (Some((progress, timeout)), Some(seq)) = (&self.immediate, seq) {
             let projected = progress
                 .wait_announced(consumers_of(ep), seq, *timeout)
                 .await;
+            if !projected {
+                // Counted for an operator (a projector down or slow shows here first).
+                self.metrics.add("not_projected", 1);
+                debug!(
+                    timeout_ms = timeout.as_millis() as u64,
+                    "not projected within CH_IMMEDIATE_TIMEOUT_MS: replying projected: false"
+                );
+            }
             reply["projected"] = Value::Bool(projected);
         }
         Ok(reply)
@@ -251,6 +263,7 @@ pub async fn run(
     let handler = Arc::new(CommandHandler {
         commands,
         immediate,
+        metrics: app.metrics.clone(),
     });
     service::serve(
         app.client.clone(),

@@ -1059,8 +1059,9 @@ impl<P: Projection> Projector<P> {
             Ok(Some(s)) => return Ok(s),
             Ok(None) => {}
             // Applied again below: one event at a time if one of them is at fault, or retried
-            // with backoff if the database is.
-            Err(e) => debug!(error = %e, "live transaction failed; applying the batch again"),
+            // with backoff if the database is. Said here with its cause: the connection it
+            // failed on may fail the next attempt with no more than "connection closed".
+            Err(e) => warn!(error = %e, "live transaction failed; applying the batch again"),
         }
         loop {
             match self.apply_robust(raws).await? {
@@ -1434,11 +1435,18 @@ impl<P: Projection> Projector<P> {
                     span.in_scope(|| debug!(last_seq = last, "committed"));
                 }
                 Err(e) => {
-                    retrying(name, "batch", &e);
+                    span.in_scope(|| retrying(name, "batch", &e));
                     for m in &batch {
                         let _ = m
                             .ack_with(async_nats::jetstream::AckKind::Nak(Some(retry.backoff)))
                             .await;
+                    }
+                    // The backlog while batches fail (no batch starts to set it): what the
+                    // server has not delivered, and what waits for redelivery.
+                    ack(to_ack.take()).await;
+                    if let Ok(info) = consumer.info().await {
+                        let backlog = info.num_pending + info.num_ack_pending as u64;
+                        self.metrics.gauge("pending", backlog as i64);
                     }
                     if !retry.wait(&self.metrics, shutdown).await {
                         break Ended::Shutdown;

@@ -14,7 +14,7 @@ use futures::{FutureExt, StreamExt};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
-use tracing::{error, info, warn, Instrument};
+use tracing::{debug, error, info, warn, Instrument};
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -157,6 +157,7 @@ pub async fn serve<H: Handler>(
                         subject = %request.message.subject,
                         aggregate_id = tracing::field::Empty,
                         command_id = tracing::field::Empty,
+                        stream_seq = tracing::field::Empty,
                     );
                     tracker.spawn(
                         async move {
@@ -275,7 +276,13 @@ async fn respond<H: Handler>(
         Ok(Bytes::from(body))
     });
     let sent = match &result {
-        Ok(body) => request.respond(Ok(body.clone())).await,
+        Ok(body) => {
+            debug!(
+                latency_us = started.elapsed().as_micros() as u64,
+                "answered"
+            );
+            request.respond(Ok(body.clone())).await
+        }
         Err(e) => {
             // An error is for a bug (`internal`); a store or database away for a while, or a
             // read-your-writes wait that ran out of the client's own time, is a warning.
