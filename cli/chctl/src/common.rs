@@ -185,7 +185,7 @@ pub async fn request(
         Ok(msg) => Ok(Reply::from_message(msg)),
         Err(e) => Err(match e.kind() {
             RequestErrorKind::NoResponders => anyhow!(
-                "no service answers {subject} (are the workers running? see `chctl status`)"
+                "no service answers {subject} (is its worker running? `chctl up` starts them)"
             ),
             RequestErrorKind::TimedOut => anyhow!("no reply on {subject} within {timeout:?}"),
             _ => anyhow!("request on {subject}: {e}"),

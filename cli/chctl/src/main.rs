@@ -49,7 +49,27 @@ enum Cmd {
     Bench(bench::Args),
 }
 
+/// `chctl status | head -1`: a reader that closes the pipe early makes `println!` panic (Rust
+/// ignores SIGPIPE, and this workspace forbids the `unsafe` to restore it). Such a panic ends
+/// chctl quietly with 141, as a tool killed by SIGPIPE; any other panic is reported as usual.
+fn quiet_on_broken_pipe() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        report(info);
+    }));
+}
+
 fn main() -> ExitCode {
+    quiet_on_broken_pipe();
     let cli = Cli::parse();
     // A quiet CLI by default; the workers `up` starts get the caller's RUST_LOG, or none.
     // Set here, before any thread exists.

@@ -21,6 +21,8 @@ pub struct Opts {
 }
 
 pub async fn run(ctx: &Ctx, args: &Opts) -> Result<()> {
+    // A URL that cannot work is said before anything is made on NATS.
+    pg::check_url(&ctx.cfg.database_url)?;
     let client = ctx.connect().await?;
     let js = jetstream::new(client);
     eventstore::wait_ready(&js, Duration::from_secs(15))

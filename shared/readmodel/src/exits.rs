@@ -619,8 +619,13 @@ impl Worker {
         };
         match result {
             Ok(()) => {
-                self.counters.last_seq.fetch_max(seq, Ordering::Relaxed);
-                self.app.metrics.gauge("last_seq", seq as i64);
+                // A redelivered older price must not take the gauge back.
+                let last = self
+                    .counters
+                    .last_seq
+                    .fetch_max(seq, Ordering::Relaxed)
+                    .max(seq);
+                self.app.metrics.gauge("last_seq", last as i64);
                 if let Err(e) = m.double_ack().await {
                     warn!(seq, error = %e, "ack failed; the redelivery decides the same");
                 }

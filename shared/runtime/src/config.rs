@@ -191,6 +191,13 @@ impl Config {
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let mut c = Config::default();
         if let Some(v) = get("CH_NATS_URL") {
+            if v.trim().is_empty() {
+                return Err(ConfigError(
+                    "CH_NATS_URL is empty: a server URL (nats://host:4222), or several \
+                     separated by commas; unset, it is nats://127.0.0.1:14222"
+                        .into(),
+                ));
+            }
             c.nats_url = v;
         }
         let path = |k: &str| {
@@ -432,6 +439,12 @@ mod tests {
         assert!(cfg(&[("CH_SUBJECT_PREFIX", ">")]).is_err());
         assert!(cfg(&[("CH_SYNC", "fast")]).is_err());
         assert!(cfg(&[("CH_BATCH_MAX", "x")]).is_err());
+    }
+
+    #[test]
+    fn an_empty_nats_url_is_refused() {
+        let e = cfg(&[("CH_NATS_URL", " ")]).unwrap_err();
+        assert!(e.0.starts_with("CH_NATS_URL is empty"), "{}", e.0);
     }
 
     #[test]

@@ -34,8 +34,28 @@ struct Target {
     tls: Option<MakeRustlsConnect>,
 }
 
+/// Checks `CH_DATABASE_URL` without connecting: what [`PoolSpec::pool`] and [`connect`] would
+/// refuse before trying (`chctl setup` asks before it touches NATS).
+///
+/// # Errors
+/// [`DbError::Unavailable`] naming the variable and what is wrong.
+pub fn check_url(database_url: &str) -> Result<(), DbError> {
+    parse_url(database_url).map(|_| ())
+}
+
 /// An invalid URL is [`DbError::Unavailable`] naming the variable.
 fn parse_url(database_url: &str) -> Result<Target, DbError> {
+    // Another scheme would be read as a key/value string, and refused as "unexpected EOF".
+    if let Some((scheme, _)) = database_url.split_once("://") {
+        let is_scheme = scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+        if is_scheme && !matches!(scheme, "postgres" | "postgresql") {
+            return Err(DbError::Unavailable(format!(
+                "CH_DATABASE_URL: a {scheme}:// URL; expected postgres:// or postgresql://"
+            )));
+        }
+    }
     let split = crate::pgtls::split(database_url);
     let mut cfg = tokio_postgres::Config::from_str(&split.url).map_err(|e| {
         let hint =
@@ -583,6 +603,15 @@ mod tests {
             panic!("verify-full in a key/value string was taken");
         };
         assert!(m.contains("read from a URL"), "{m}");
+        let Err(DbError::Unavailable(m)) = tls("mysql://u:secret@h/db") else {
+            panic!("a mysql:// URL was taken");
+        };
+        assert_eq!(
+            m,
+            "CH_DATABASE_URL: a mysql:// URL; expected postgres:// or postgresql://"
+        );
+        assert!(check_url("host=h options='-c x=a://b'").is_ok());
+        assert!(check_url("postgresql://u@h/db").is_ok());
     }
 
     /// One port given for several hosts is every host's port, as the connection uses it.

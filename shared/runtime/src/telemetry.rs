@@ -1,10 +1,30 @@
-//! Logging: `tracing` with `RUST_LOG` (default `info`), text or JSON (`CH_LOG_FORMAT=json`).
+//! Logging: `tracing` with `RUST_LOG` (default `info`, async-nats at `warn`: its connection
+//! events are logged by `crate::log_event`), text or JSON (`CH_LOG_FORMAT=json`).
 
 use tracing_subscriber::EnvFilter;
 
+/// The filter when `RUST_LOG` is unset or empty.
+const DEFAULT_FILTER: &str = "info,async_nats=warn";
+
+/// `RUST_LOG`'s filter, the default when it is unset or empty, and what was wrong with it.
+fn filter(rust_log: Option<&str>) -> (EnvFilter, Option<String>) {
+    match rust_log.map(str::trim).filter(|v| !v.is_empty()) {
+        None => (EnvFilter::new(DEFAULT_FILTER), None),
+        Some(v) => match EnvFilter::builder().parse(v) {
+            Ok(f) => (f, None),
+            Err(e) => (
+                EnvFilter::new(DEFAULT_FILTER),
+                Some(format!(
+                    "RUST_LOG={v:?} ignored ({e}); logging at {DEFAULT_FILTER}"
+                )),
+            ),
+        },
+    }
+}
+
 /// Installs the global subscriber once; later calls are no-ops (tests start many workers).
 pub fn init(json: bool) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, bad) = filter(std::env::var("RUST_LOG").ok().as_deref());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false);
@@ -13,14 +33,37 @@ pub fn init(json: bool) {
     } else {
         builder.try_init()
     };
+    if let Some(why) = bad {
+        tracing::warn!("{why}");
+    }
 }
 
 /// Like [`init`], but writing through the test harness's capture (tests print only on failure).
 pub fn init_for_tests() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, _) = filter(std::env::var("RUST_LOG").ok().as_deref());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
         .with_test_writer()
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_or_invalid_rust_log_keeps_the_default() {
+        let default = EnvFilter::new(DEFAULT_FILTER).to_string();
+        assert_eq!(filter(None).0.to_string(), default);
+        // Empty: every log line was off, errors included.
+        assert_eq!(filter(Some(" ")).0.to_string(), default);
+        let (f, why) = filter(Some("ch_runtime=verbose"));
+        assert_eq!(f.to_string(), default);
+        assert!(why
+            .unwrap()
+            .starts_with("RUST_LOG=\"ch_runtime=verbose\" ignored"));
+        let (f, why) = filter(Some("debug"));
+        assert_eq!((f.to_string(), why), ("debug".to_owned(), None));
+    }
 }
