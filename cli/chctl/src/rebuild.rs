@@ -12,8 +12,8 @@ use anyhow::{bail, Context, Result};
 use async_nats::Subscriber;
 use ch_readmodel::{PortfolioProjection, StrategyProjection};
 use ch_runtime::app::App;
-use ch_runtime::pg;
 use ch_runtime::projector::{self, Projection};
+use ch_runtime::{eventstore, pg};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
@@ -58,9 +58,17 @@ async fn rebuild<P: Projection>(
     stall: Duration,
 ) -> Result<()> {
     let name = projection.name();
+    let filter = eventstore::sparse_filter(projection.consumer_json(), &ctx.subjects);
     let projector = ch_readmodel::workers::projector(app, projection)?;
     let head = app.store.last_seq().await?;
-    println!("{name}: rebuilding from {head} events");
+    let events = match &filter {
+        None => head,
+        Some(f) => events_on(app, f).await?,
+    };
+    match &filter {
+        None => println!("{name}: rebuilding from {events} events"),
+        Some(f) => println!("{name}: rebuilding from {events} events ({f} of the stream's {head})"),
+    }
     // Subscribed before the reset: a replay may be over before this process asks.
     let progress = app
         .client
@@ -93,10 +101,29 @@ async fn rebuild<P: Projection>(
     };
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "{name}: rebuilt up to seq {last}: {head} events in {secs:.2} s ({:.0} events/s)",
-        head as f64 / secs.max(1e-6)
+        "{name}: rebuilt up to seq {last}: {events} events in {secs:.2} s ({:.0} events/s)",
+        events as f64 / secs.max(1e-6)
     );
     Ok(())
+}
+
+/// How many events the stream holds on the subjects of `filter` (a sparse projection's: the
+/// strategy projector reads only strategy events, a few among the stream's).
+async fn events_on(app: &App, filter: &str) -> Result<u64> {
+    let js = async_nats::jetstream::new(app.client.clone());
+    let stream = js
+        .get_stream(app.store.subjects().stream_name())
+        .await
+        .context("reading the stream's subjects")?;
+    let mut subjects = stream
+        .info_with_subjects(filter)
+        .await
+        .context("reading the stream's subjects")?;
+    let mut n = 0;
+    while let Some(subject) = subjects.next().await {
+        n += subject.context("reading the stream's subjects")?.1 as u64;
+    }
+    Ok(n)
 }
 
 /// Prints the checkpoint every second while this process replays.
