@@ -1121,7 +1121,7 @@ impl<P: Projection> Projector<P> {
                         self.metrics.gauge("active", 0);
                         info!(
                             projection = self.name(),
-                            "the lock is held (by another projector, or a `chctl rebuild` replaying here); standing by"
+                            "the lock is held (another projector, or a `chctl rebuild` replaying); standing by"
                         );
                         standing_by = true;
                     }
