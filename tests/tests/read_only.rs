@@ -144,3 +144,62 @@ async fn a_role_that_may_not_migrate_is_told_what_is_missing_and_what_to_do() {
         .expect("drop the schema");
     bare.drop(&env).await;
 }
+
+/// A query worker only reads: on a schema or database that lacks the read models (a misspelt
+/// `CH_DB_SCHEMA` or database name) it stops and says what is missing, creating nothing
+/// (it made them, empty, and answered `not_found` for everything).
+#[tokio::test]
+async fn a_query_worker_creates_no_schema_or_database_and_says_what_is_missing() {
+    let env = TestEnv::new().await;
+    let mut cfg = env.app_config();
+    cfg.db_schema = format!("{}_typo", env.cfg.db_schema);
+    let queries = [ch_readmodel::workers::Query::PortfolioPerformance];
+    let app = App::start(cfg.clone(), "query-portfolio")
+        .await
+        .expect("app");
+    // Bounded: a worker that took the schema would serve on.
+    let run = |app| {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            ch_readmodel::workers::run_queries(app, &queries, Default::default()),
+        )
+    };
+    let err = run(app)
+        .await
+        .expect("the worker stopped at once")
+        .expect_err("an unmigrated schema");
+    let text = err.to_string();
+    for needle in [
+        cfg.db_schema.as_str(),
+        "lacks read-model migrations [1, 2",
+        "chctl setup",
+    ] {
+        assert!(text.contains(needle), "{needle:?} missing from: {text}");
+    }
+    let schema = env
+        .pg
+        .query_opt(
+            "SELECT 1 FROM pg_namespace WHERE nspname = $1",
+            &[&cfg.db_schema],
+        )
+        .await
+        .expect("catalog");
+    assert!(schema.is_none(), "the schema was created");
+
+    let (base, _) = cfg.database_url.rsplit_once('/').expect("a URL");
+    let db = format!("{}_typo", env.cfg.db_schema);
+    cfg.database_url = format!("{base}/{db}");
+    cfg.db_schema = env.cfg.db_schema.clone();
+    let app = App::start(cfg, "query-portfolio").await.expect("app");
+    let err = run(app)
+        .await
+        .expect("the worker stopped at once")
+        .expect_err("a database that does not exist");
+    assert!(err.to_string().contains("does not exist"), "{err}");
+    let created = env
+        .pg
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&db])
+        .await
+        .expect("catalog");
+    assert!(created.is_none(), "the database was created");
+}

@@ -715,7 +715,7 @@ pub async fn run_on(
     durable: &str,
     shutdown: CancellationToken,
 ) -> Result<(), async_nats::Error> {
-    if !crate::workers::migrated(&app, &shutdown).await? {
+    if !crate::workers::migrated(&app, &shutdown, crate::workers::Schema::Require).await? {
         return Ok(());
     }
     let progress = crate::workers::progress(&app, &["portfolio", "strategy"]).await?;

@@ -29,14 +29,36 @@ pub async fn migrate(app: &App) -> Result<(), DbError> {
     ch_runtime::pg::migrate(&app.cfg.database_url, &app.cfg.db_schema, MIGRATIONS).await
 }
 
-/// [`migrate`], unless `shutdown` comes first (a worker stopped during its start, waiting for
-/// the database or another worker's migration lock): `false` then.
+/// What a worker does about the read-model migrations as it starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Schema {
+    /// Applies the missing ones (projectors).
+    Migrate,
+    /// Requires them applied, and creates nothing (workers that only read).
+    Require,
+}
+
+/// The schema ready as `schema` says, unless `shutdown` comes first (a worker stopped during
+/// its start, waiting for the database or another worker's migration lock): `false` then.
 ///
 /// # Errors
-/// As [`migrate`].
-pub(crate) async fn migrated(app: &App, shutdown: &CancellationToken) -> Result<bool, DbError> {
+/// As [`migrate`]; with [`Schema::Require`], a schema that lacks migrations.
+pub(crate) async fn migrated(
+    app: &App,
+    shutdown: &CancellationToken,
+    schema: Schema,
+) -> Result<bool, DbError> {
+    let ready = async {
+        match schema {
+            Schema::Migrate => migrate(app).await,
+            Schema::Require => {
+                let (url, name) = (&app.cfg.database_url, &app.cfg.db_schema);
+                ch_runtime::pg::require_migrations(url, name, MIGRATIONS).await
+            }
+        }
+    };
     tokio::select! {
-        done = migrate(app) => done.map(|()| true),
+        done = ready => done.map(|()| true),
         () = shutdown.cancelled() => {
             tracing::info!(worker = %app.worker, "stopped before it had started");
             Ok(false)
@@ -93,7 +115,7 @@ pub async fn run_projector<P: Projection>(
     projection: P,
     shutdown: CancellationToken,
 ) -> Result<(), async_nats::Error> {
-    if !migrated(&app, &shutdown).await? {
+    if !migrated(&app, &shutdown, Schema::Migrate).await? {
         return Ok(());
     }
     projector::run(projector(&app, projection)?, shutdown).await
@@ -315,7 +337,7 @@ pub async fn run_queries(
     queries: &[Query],
     shutdown: CancellationToken,
 ) -> Result<(), async_nats::Error> {
-    if !migrated(&app, &shutdown).await? {
+    if !migrated(&app, &shutdown, Schema::Require).await? {
         return Ok(());
     }
     let mut projections: Vec<&'static str> = queries

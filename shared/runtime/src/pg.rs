@@ -364,6 +364,32 @@ pub async fn migrate(
         })
 }
 
+/// Checks, without changing anything, that `schema` has applied every one of `migrations`: the
+/// start of a worker that only reads (query workers, `exit-triggers`). Creating the schema
+/// there would make a misspelt `CH_DB_SCHEMA` or database name an empty read model, served
+/// as if nothing had happened while the projectors write elsewhere.
+///
+/// # Errors
+/// [`DbError::Unavailable`] naming what is missing and what to run; [`DbError`] when the
+/// database cannot be read (one that does not exist included).
+pub async fn require_migrations(
+    database_url: &str,
+    schema: &str,
+    migrations: &[Migration],
+) -> Result<(), DbError> {
+    let client = connect(database_url, Some(schema)).await?;
+    let missing = missing(&client, migrations).await?;
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(DbError::Unavailable(format!(
+        "schema {schema} lacks read-model migrations {missing:?}: run `chctl setup`, or start \
+         a projector, first (query workers and exit-triggers only read: they create no \
+         schema, table or database; check CH_DB_SCHEMA and CH_DATABASE_URL if it should have \
+         them)"
+    )))
+}
+
 /// The versions of `migrations` that the schema on `client`'s search path has not applied.
 async fn missing(
     client: &tokio_postgres::Client,
