@@ -354,6 +354,13 @@ async fn analysis_validates_its_input_and_handles_empty_portfolios() {
         .await;
     assert_eq!(r["equity_curve"], json!([]));
     assert_eq!(r["metrics"]["sharpe"], Value::Null);
+    // The default `to`, now, in microseconds as every stored time.
+    let to = r["to"].as_str().unwrap();
+    let places = to
+        .trim_end_matches('Z')
+        .rsplit_once('.')
+        .map_or(0, |(_, f)| f.len());
+    assert!(places <= 6, "{to}");
     env.request(
         "query.portfolio.analysis",
         json!({"portfolio_id": "p1", "from": "2026-01-02T00:00:00Z", "to": "2026-01-01T00:00:00Z"}),

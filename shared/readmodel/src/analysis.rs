@@ -429,7 +429,9 @@ pub async fn portfolio_analysis(
         )));
     };
     let first_deposit: Option<DateTime<Utc>> = p.get(0);
-    let to = q.to.unwrap_or_else(Utc::now);
+    // Microseconds, as every stored time (the commands' `at` and clock are cut there too).
+    let to =
+        q.to.unwrap_or_else(|| chrono::SubsecRound::trunc_subsecs(Utc::now(), 6));
     let empty = || {
         json!({
             "portfolio_id": q.portfolio_id,
