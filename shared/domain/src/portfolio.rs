@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
-use rust_decimal::{Decimal, RoundingStrategy};
+use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use crate::aggregate::check_monotonic_time;
@@ -284,10 +284,9 @@ impl PortfolioState {
     /// the marks of the flow's decision), then scaled by the flow's share of the equity, so
     /// that the drawdown it measures is the same after the flow as before (flows are never
     /// returns). Without the equity (events stored before it), or with none to scale, it
-    /// moves by the amount. A scaled mark with more than 8 places is rounded up: the halt's
-    /// boundary ("`max_drawdown_pct` or more below") then holds where the exact mark is a
-    /// repeating decimal (2000 * 1300 / 1800), rather than letting the equity sit just above a
-    /// floor rounded down.
+    /// moves by the amount. The scaled mark keeps every digit a decimal holds (28): rounded
+    /// to 8 places, either way, it moved the halt's boundary by up to 1e-8 (a withdrawal
+    /// alone could halt, or leave an equity exactly at the limit trading).
     fn high_water_after_flow(&self, amount: Decimal, equity_before: Option<Decimal>) -> Decimal {
         let hwm = equity_before.map_or(self.high_water_equity, |e| self.high_water_equity.max(e));
         let scaled = equity_before
@@ -296,7 +295,7 @@ impl PortfolioState {
                 let after = e.checked_add(amount)?.max(Decimal::ZERO);
                 hwm.checked_mul(after)?.checked_div(e)
             })
-            .map(|h| h.round_dp_with_strategy(8, RoundingStrategy::AwayFromZero));
+            .map(|h| h.normalize());
         scaled.unwrap_or_else(|| hwm.saturating_add(amount).max(Decimal::ZERO))
     }
 
@@ -1660,8 +1659,23 @@ mod tests {
         assert!(halted(&st));
         let withdraw = PortfolioCommand::Withdraw { amount: dec("500") };
         step(&mut st, &withdraw, &f).unwrap();
-        assert_eq!(st.high_water_equity, dec("1444.44444445"));
+        assert_eq!(st.high_water_equity.round_dp(8), dec("1444.44444444"));
         assert!(halted(&st), "equity 1300 is 10 % below 1444.44...");
+
+        // Just above the limit (1e-8), a withdrawal leaves it trading: the mark was rounded
+        // up to 8 places once, and this withdrawal alone halted buys.
+        let mut st = given::<PortfolioState>(vec![
+            opened(),
+            deposited("1800.00000001", "1800.00000001"),
+            attached(S),
+        ])
+        .state()
+        .clone();
+        st.high_water_equity = dec("2000");
+        assert!(!halted(&st));
+        let withdraw = PortfolioCommand::Withdraw { amount: dec("181") };
+        step(&mut st, &withdraw, &f).unwrap();
+        assert!(!halted(&st), "hwm {}", st.high_water_equity);
     }
 
     /// In a drawdown, a flow keeps the drawdown as it is: a withdrawal alone never halts
@@ -1696,7 +1710,7 @@ mod tests {
         };
         assert_eq!(w.equity_before, Some(dec("8500")));
         // 10000 * 4500 / 8500: still 15 % above the equity of 4500, not 25 % (6000).
-        assert_eq!(st.high_water_equity, dec("5294.11764706"));
+        assert_eq!(st.high_water_equity.round_dp(8), dec("5294.11764706"));
         let ev = st
             .decide(
                 &signal(Side::Buy, "0.1", "3500", Some("0")),
