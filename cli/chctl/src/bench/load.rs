@@ -289,7 +289,8 @@ impl LagTracker {
     }
 
     /// Waits until every sample is resolved or `limit` passes; the histogram, the number of
-    /// samples and how many stayed unresolved.
+    /// samples and how many stayed unresolved. An unresolved sample is recorded at its age
+    /// when the wait ended, a lower bound of its lag: left out, it would flatter the tail.
     pub async fn finish(&self, limit: Duration) -> (Histogram<u64>, u64, u64) {
         let deadline = Instant::now() + limit;
         loop {
@@ -299,8 +300,14 @@ impl LagTracker {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let g = self.inner.lock().expect("lag lock");
-        (g.hist.clone(), g.samples, g.pending.len() as u64)
+        let mut g = self.inner.lock().expect("lag lock");
+        let now = Instant::now();
+        let unresolved = std::mem::take(&mut g.pending);
+        for at in unresolved.values() {
+            let us = now.saturating_duration_since(*at).as_micros() as u64;
+            g.hist.saturating_record(us);
+        }
+        (g.hist.clone(), g.samples, unresolved.len() as u64)
     }
 }
 
@@ -670,6 +677,27 @@ pub fn round3(x: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sample the read model never reached counts at its age, not left out of the tail.
+    #[tokio::test]
+    async fn an_unresolved_lag_sample_counts_at_its_age() {
+        let tracker = LagTracker {
+            inner: Mutex::new(LagInner {
+                announced: 0,
+                pending: BTreeMap::new(),
+                hist: new_hist(),
+                samples: 0,
+            }),
+        };
+        let t0 = Instant::now();
+        tracker.sample(1, t0);
+        tracker.sample(2, t0 - Duration::from_secs(3));
+        tracker.announced(1, t0 + Duration::from_millis(4));
+        let (hist, samples, unresolved) = tracker.finish(Duration::ZERO).await;
+        assert_eq!((samples, unresolved, hist.len()), (2, 1, 2));
+        assert!(hist.max() >= 3_000_000, "{}", hist.max());
+        assert!(hist.min() <= 4_010, "{}", hist.min());
+    }
 
     #[test]
     fn a_failed_signal_is_put_down_to_its_portfolio() {

@@ -289,6 +289,10 @@ async fn trade_flow(ctx: &Ctx, a: &TradeFlow) -> Result<ExitCode> {
     }
     report["baseline"] = baseline.clone().unwrap_or(Value::Null);
     report["ratio"] = ratio.clone();
+    if let Some(from) = report["baseline"].get("from").cloned() {
+        // The divisor of every ratio came from that run.
+        report["ratio"]["baseline_from"] = from["run_id"].clone();
+    }
 
     print_table(&report, a.sync_interval_label.as_deref());
     let path = write(&a.out, a.tag.as_deref(), &report, started_at)?;
@@ -387,10 +391,12 @@ fn baseline_from(file: &Path, config: &Value) -> Result<Value> {
         "--baseline-from {}: it has no baseline",
         file.display()
     );
+    // Where and on what it was measured: its run's commit, host and disk, not this one's.
     baseline["from"] = json!({
         "file": file.display().to_string(),
         "run_id": earlier["run_id"],
         "started_at": earlier["started_at"],
+        "env": earlier["env"],
     });
     // Its consistency check was against that run's stream, not this one's.
     if let Some(c) = baseline
@@ -421,7 +427,12 @@ fn config(ctx: &Ctx, a: &TradeFlow, s: Sizes, query_clients: usize, w: &Workload
         "rate": a.rate,
         "query_rate": a.query_rate,
         "quick": a.quick,
-        "baseline": match a.baseline { Baseline::Monolith => "monolith", Baseline::None => "none" },
+        "baseline": match (a.baseline, &a.baseline_from) {
+            // Not measured in this run: `baseline.from` says where.
+            (_, Some(_)) => "monolith, from an earlier run",
+            (Baseline::Monolith, None) => "monolith",
+            (Baseline::None, None) => "none",
+        },
         "baseline_from": a.baseline_from.as_ref().map(|f| f.display().to_string()),
         "setup_concurrency": a.setup_concurrency,
         "signals_meant_to_be_rejected": w.intended_rejections,
@@ -535,9 +546,12 @@ fn rounded(seconds: &std::collections::BTreeMap<String, f64>) -> Value {
 }
 
 /// The processes whose CPU a run measures: the workers `chctl up` started for this run dir,
-/// and Postgres' backends by the sessions they serve.
+/// Postgres' processes but other databases' backends, by the sessions they serve, and the
+/// local nats-server on the run's port.
 fn watched(ctx: &Ctx) -> sys::Watched {
-    sys::Watched::from_pid_file(&ctx.pid_file()).with_database(&ctx.cfg.database_url)
+    sys::Watched::from_pid_file(&ctx.pid_file())
+        .with_database(&ctx.cfg.database_url)
+        .with_nats(&ctx.cfg.nats_url)
 }
 
 async fn run_ours(

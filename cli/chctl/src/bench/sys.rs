@@ -1,7 +1,7 @@
 //! What the benchmark reads from this machine: CPU time of processes from `/proc/<pid>/stat`,
 //! and the environment of a run (versions, CPUs, memory, git commit).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use serde_json::{json, Value};
@@ -19,6 +19,15 @@ pub struct CpuSnapshot {
     groups: BTreeMap<String, BTreeMap<i32, u64>>,
     /// Postgres backend pid -> its session's `application_name` (a worker's service name).
     backends: BTreeMap<i32, String>,
+}
+
+/// What `pg_stat_activity` says about the Postgres processes.
+#[derive(Debug, Clone, Default)]
+struct Backends {
+    /// This database's backends with a name: pid -> `application_name`.
+    named: BTreeMap<i32, String>,
+    /// Backends of other databases: another tenant's work, not this run's.
+    foreign: BTreeSet<i32>,
 }
 
 /// CPU seconds spent between two snapshots.
@@ -58,6 +67,8 @@ pub struct Watched {
     pub missing: Option<String>,
     /// Where to ask which session each Postgres backend serves.
     database_url: Option<String>,
+    /// The NATS server's client port: only the local nats-server listening there counts.
+    nats_port: Option<u16>,
 }
 
 impl Watched {
@@ -87,7 +98,25 @@ impl Watched {
             workers,
             missing,
             database_url: None,
+            nats_port: None,
         }
+    }
+
+    /// Counts only the local nats-server that listens on `nats_url`'s port (the first URL's;
+    /// 4222 without one): others on the machine (a system one, another checkout's) are not
+    /// this run's. A server elsewhere is not counted at all.
+    pub fn with_nats(mut self, nats_url: &str) -> Watched {
+        let first = nats_url.split(',').next().unwrap_or_default().trim();
+        let hostport = first.rsplit_once("://").map_or(first, |(_, r)| r);
+        let hostport = hostport.rsplit_once('@').map_or(hostport, |(_, r)| r);
+        let hostport = hostport.split('/').next().unwrap_or_default();
+        self.nats_port = Some(
+            hostport
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse().ok())
+                .unwrap_or(4222),
+        );
+        self
     }
 
     /// Also splits the local Postgres' CPU time by the session each backend serves, as
@@ -101,11 +130,13 @@ impl Watched {
     /// and, for the baseline, the monolith), and of the local `postgres` and `nats-server`
     /// processes (by name); and which session each Postgres backend serves.
     pub async fn snapshot(&self) -> CpuSnapshot {
+        let backends = match &self.database_url {
+            Some(url) => backends(url).await,
+            None => Backends::default(),
+        };
+        let nats = self.nats_port.map(listener_inodes);
         let mut s = CpuSnapshot {
-            backends: match &self.database_url {
-                Some(url) => backend_names(url).await,
-                None => BTreeMap::new(),
-            },
+            backends: backends.named,
             ..CpuSnapshot::default()
         };
         for e in &self.workers {
@@ -127,8 +158,10 @@ impl Watched {
                 };
                 let Some(name) = comm(pid) else { continue };
                 let group = match name.as_str() {
-                    "postgres" => "postgres",
-                    "nats-server" => "nats-server",
+                    "postgres" if !backends.foreign.contains(&pid) => "postgres",
+                    "nats-server" if nats.as_ref().is_none_or(|l| holds_socket(pid, l)) => {
+                        "nats-server"
+                    }
                     _ => continue,
                 };
                 if let Some(t) = ticks(pid) {
@@ -152,20 +185,68 @@ impl CpuUse {
     }
 }
 
-/// The `application_name` of each Postgres backend with one; none when the database cannot
-/// be asked (the split is then left out, the totals stay).
-async fn backend_names(database_url: &str) -> BTreeMap<i32, String> {
+/// The `application_name` of each of this database's backends with one, and the backends of
+/// other databases; nothing when the database cannot be asked (the split is then left out,
+/// the totals stay).
+async fn backends(database_url: &str) -> Backends {
     let Ok(db) = pg::connect(database_url, None).await else {
-        return BTreeMap::new();
+        return Backends::default();
     };
     let rows = db
         .query(
-            "SELECT pid, application_name FROM pg_stat_activity WHERE application_name <> ''",
+            "SELECT pid, application_name, datname IS NOT NULL AND datname <> current_database()
+             FROM pg_stat_activity",
             &[],
         )
         .await
         .unwrap_or_default();
-    rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+    let mut b = Backends::default();
+    for r in &rows {
+        let (pid, name, foreign): (i32, Option<String>, bool) = (r.get(0), r.get(1), r.get(2));
+        if foreign {
+            b.foreign.insert(pid);
+        } else if let Some(name) = name.filter(|n| !n.is_empty()) {
+            b.named.insert(pid, name);
+        }
+    }
+    b
+}
+
+/// The inodes of the TCP sockets listening on `port` (`/proc/net/tcp` and `tcp6`).
+fn listener_inodes(port: u16) -> BTreeSet<u64> {
+    let port = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .flat_map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .filter_map(|line| {
+                    // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+                    let f: Vec<&str> = line.split_whitespace().collect();
+                    let listening = f.get(3) == Some(&"0A");
+                    (listening && f.get(1)?.ends_with(&port)).then(|| f.get(9)?.parse().ok())?
+                })
+                .collect::<Vec<u64>>()
+        })
+        .collect()
+}
+
+/// Whether `pid` has one of the sockets `inodes` open.
+fn holds_socket(pid: i32, inodes: &BTreeSet<u64>) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .ok()
+            .and_then(|l| {
+                let l = l.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?;
+                l.parse().ok()
+            })
+            .is_some_and(|inode: u64| inodes.contains(&inode))
+    })
 }
 
 /// CPU seconds between two snapshots. A process that started in between counts from 0; one
@@ -355,5 +436,26 @@ mod tests {
         }
         assert!(ticks(me).unwrap() > before);
         assert!(comm(me).is_some_and(|c| !c.is_empty()));
+    }
+
+    /// Only the nats-server on the run's port counts: the listener found by its socket.
+    #[test]
+    fn the_process_listening_on_a_port_is_found_by_its_socket() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let me = std::process::id() as i32;
+        let inodes = listener_inodes(port);
+        assert!(!inodes.is_empty(), "no listener on {port}");
+        assert!(holds_socket(me, &inodes));
+        drop(listener);
+        assert!(!holds_socket(me, &listener_inodes(port)));
+        let port_of = |url: &str| {
+            Watched::from_pid_file(Path::new("/nonexistent"))
+                .with_nats(url)
+                .nats_port
+        };
+        assert_eq!(port_of("nats://u:p@127.0.0.1:14422"), Some(14422));
+        assert_eq!(port_of("tls://h:4333, nats://g:1"), Some(4333));
+        assert_eq!(port_of("nats://h"), Some(4222));
     }
 }
