@@ -1285,6 +1285,17 @@ impl<P: Projection> Projector<P> {
         }
     }
 
+    /// Sets the `pending` gauge from the server's count: what the consumer has not delivered,
+    /// and what it delivered that is not acked (handed back after a failure, or in this
+    /// projector's buffer). A batch's first delivery sets it as the batch starts, from the
+    /// first count alone; this is for when no batch starts (idle, or batches failing).
+    async fn count_backlog(&self, consumer: &mut PullConsumer) {
+        if let Ok(info) = consumer.info().await {
+            let backlog = info.num_pending + info.num_ack_pending as u64;
+            self.metrics.gauge("pending", backlog as i64);
+        }
+    }
+
     /// The batch's events in stream order, and the index in `batch` of its newest delivery (by
     /// consumer sequence): the one whose ack acks the batch.
     fn raws_of(&self, batch: &[Delivery]) -> (Vec<Raw>, Option<usize>) {
@@ -1362,6 +1373,10 @@ impl<P: Projection> Projector<P> {
                     Some(caught_up) => catch_up_first = !caught_up,
                     None => break Ended::Shutdown,
                 }
+                if catch_up_first {
+                    // Still failing: no batch starts to count what waits.
+                    self.count_backlog(&mut consumer).await;
+                }
                 continue;
             }
             let first = tokio::select! {
@@ -1376,11 +1391,9 @@ impl<P: Projection> Projector<P> {
                     if self.resync("idle check", retry, shutdown).await.is_none() {
                         break Ended::Shutdown;
                     }
-                    // Idle: the backlog as the server counts it (a batch's first delivery set
-                    // it last, and would show it for as long as nothing comes).
-                    if let Ok(info) = consumer.info().await {
-                        self.metrics.gauge("pending", info.num_pending as i64);
-                    }
+                    // Idle: a batch's first delivery set the gauge last, and would show it for
+                    // as long as nothing comes.
+                    self.count_backlog(&mut consumer).await;
                     continue;
                 }
                 Ok(None) => break Ended::ConsumerGone,
@@ -1441,13 +1454,9 @@ impl<P: Projection> Projector<P> {
                             .ack_with(async_nats::jetstream::AckKind::Nak(Some(retry.backoff)))
                             .await;
                     }
-                    // The backlog while batches fail (no batch starts to set it): what the
-                    // server has not delivered, and what waits for redelivery.
+                    // The backlog while batches fail (no batch starts to set it).
                     ack(to_ack.take()).await;
-                    if let Ok(info) = consumer.info().await {
-                        let backlog = info.num_pending + info.num_ack_pending as u64;
-                        self.metrics.gauge("pending", backlog as i64);
-                    }
+                    self.count_backlog(&mut consumer).await;
                     if !retry.wait(&self.metrics, shutdown).await {
                         break Ended::Shutdown;
                     }
