@@ -17,7 +17,7 @@ help:
 	@echo "make bench      the trade-flow benchmark on a stack of its own (BENCH_ARGS=--quick for a smoke run)"
 	@echo "make bench-modes  CH_SYNC eventual, batch and adaptive side by side at three loads (about 8 min after the release build)"
 	@echo "make lint       rustfmt check and clippy (warnings are errors)"
-	@echo "make clean-run  stop what make up started, then remove .run (logs, pid files, the dev server's store)"
+	@echo "make clean-run  stop what make up started and the dev nats-server, then remove .run (logs, pid files, its store)"
 
 venv:
 	@scripts/venv.sh
@@ -36,8 +36,8 @@ down:
 	@$(CHCTL) down
 	@if [[ -e .run/nats-started-by-up ]]; then \
 		scripts/nats.sh stop && rm -f .run/nats-started-by-up; \
-	else \
-		echo "make down: the nats-server was not started by make up; left running"; \
+	elif scripts/nats.sh status >/dev/null 2>&1; then \
+		echo "make down: the nats-server on 14222 was not started by make up; left running"; \
 	fi
 
 # The Postgres checked (and started if local) is the tests' own, CH_TEST_DATABASE_URL's.
@@ -73,5 +73,9 @@ lint:
 	cargo clippy --workspace --all-targets -- -D warnings
 
 # Stops what runs first: its pid files and the server's store are in .run.
-clean-run: down
+# The dev server's store is in .run: a server using it is stopped, whoever started it.
+clean-run:
+	@cargo build -q -p chctl
+	@$(CHCTL) down
+	@scripts/nats.sh stop || true
 	rm -rf .run

@@ -24,6 +24,9 @@ scripts/venv.sh
 scripts/pg.sh
 cargo build --workspace --bins
 
+# Empty is unset (the workers refuse an empty CH_NATS_URL).
+[[ -n ${CH_NATS_URL:-} ]] || unset CH_NATS_URL
+
 started_nats=
 stop_nats() {
     if [[ -n $started_nats ]]; then

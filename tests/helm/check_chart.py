@@ -193,10 +193,10 @@ def main():
     notes = next(v for k, v in notes.items() if k.endswith("NOTES.txt"))
     check("NOTES hide NATS credentials", "ss@" not in notes and "tok@" not in notes
           and "nats://***@a:4222,nats://***@b:4222" in notes, notes)
-    # The connection budget: pool per pod that uses Postgres, + 1 per projector (its lock).
-    # Defaults: 8 such pods of pool 8, 4 of them projectors; then one query worker's own pool.
-    for values, want in (({}, 68),
-                         ({"workers": {"query-strategy": {"env": {"CH_DB_POOL": "20"}}}}, 80)):
+    # The connection budget: pool per pod that uses Postgres (a projector's lock session is
+    # one of its pool's). Defaults: 8 such pods of pool 8; then one query worker's own pool.
+    for values, want in (({}, 64),
+                         ({"workers": {"query-strategy": {"env": {"CH_DB_POOL": "20"}}}}, 76)):
         notes = render_files(values)
         notes = next(v for k, v in notes.items() if k.endswith("NOTES.txt"))
         check(f"NOTES count {want} Postgres connections for {values}",

@@ -195,7 +195,11 @@ async fn a_query_worker_creates_no_schema_or_database_and_says_what_is_missing()
         .await
         .expect("the worker stopped at once")
         .expect_err("a database that does not exist");
-    assert!(err.to_string().contains("does not exist"), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("does not exist") && text.contains("chctl setup"),
+        "{text}"
+    );
     let created = env
         .pg
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&db])

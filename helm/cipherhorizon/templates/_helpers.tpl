@@ -262,16 +262,15 @@ annotations:
 {{- end }}
 {{- end -}}
 
-{{/* The Postgres connections the release's workers may open: pool per pod that uses it, + 1 per
-    projector pod (its lock session). */}}
+{{/* The Postgres connections the release's workers may open: pool per pod that uses it (a
+    projector's lock session is one of its pool's). */}}
 {{- define "cipherhorizon.connections" -}}
 {{- $n := 0 -}}
 {{- range $name, $w := .Values.workers -}}
 {{- if and $w.enabled (not (hasPrefix "cmd-" $name)) -}}
 {{- $global := default $.Values.database.pool (get (default dict $.Values.env) "CH_DB_POOL") -}}
 {{- $pool := int (default $global (get (default dict $w.env) "CH_DB_POOL")) -}}
-{{- $lock := ternary 1 0 (hasPrefix "proj-" $name) -}}
-{{- $n = add $n (mul (int $w.replicas) (add $pool $lock)) -}}
+{{- $n = add $n (mul (int $w.replicas) $pool) -}}
 {{- end -}}
 {{- end -}}
 {{- $n -}}

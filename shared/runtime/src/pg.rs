@@ -377,7 +377,17 @@ pub async fn require_migrations(
     schema: &str,
     migrations: &[Migration],
 ) -> Result<(), DbError> {
-    let client = connect(database_url, Some(schema)).await?;
+    let client = connect(database_url, Some(schema))
+        .await
+        .map_err(|e| match e {
+            // Postgres' words for SQLSTATE 3D000, which `connect` keeps as text.
+            DbError::Unavailable(m) if m.contains("does not exist") => {
+                DbError::Unavailable(format!(
+            "{m}: run `chctl setup` first (it creates the database), or check CH_DATABASE_URL"
+        ))
+            }
+            e => e,
+        })?;
     let missing = missing(&client, migrations).await?;
     if missing.is_empty() {
         return Ok(());
