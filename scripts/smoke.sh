@@ -85,6 +85,10 @@ for side, fig, names in (("ours", r, (f"{prefix}-proj-portfolio", f"{prefix}-que
     split = fig["postgres_cpu_seconds_by_application"]
     if any(n not in split for n in names):
         problems.append(f"{side}: Postgres CPU by session {split}, expected {names}")
+# Only this run's nats-server is counted (the machine may run others), and the file says what
+# each side's acknowledgement means.
+if "nats-server" not in r["cpu_seconds"] or "durability" not in r["ratio"]:
+    problems.append(f"cpu_seconds {r['cpu_seconds']}, ratio {r['ratio']}")
 if problems:
     sys.exit("smoke: chctl bench trade-flow: " + "; ".join(problems))
 PY

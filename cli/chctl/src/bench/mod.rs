@@ -289,6 +289,14 @@ async fn trade_flow(ctx: &Ctx, a: &TradeFlow) -> Result<ExitCode> {
     }
     report["baseline"] = baseline.clone().unwrap_or(Value::Null);
     report["ratio"] = ratio.clone();
+    if report["baseline"].is_object() {
+        // What "acknowledged" means on each side: the ratios compare both as configured.
+        report["ratio"]["durability"] = json!(
+            "ours: an append is acknowledged as env.jetstream_sync_interval says (default: \
+             before its fsync; always: after it); the baseline: a commit returns as \
+             env.postgres_synchronous_commit says (on: after its WAL flush)"
+        );
+    }
     if let Some(from) = report["baseline"].get("from").cloned() {
         // The divisor of every ratio came from that run.
         report["ratio"]["baseline_from"] = from["run_id"].clone();
@@ -434,6 +442,9 @@ fn config(ctx: &Ctx, a: &TradeFlow, s: Sizes, query_clients: usize, w: &Workload
             (Baseline::None, None) => "none",
         },
         "baseline_from": a.baseline_from.as_ref().map(|f| f.display().to_string()),
+        // How the monolith runs: its CPU is the load generator's (`chctl-bench`).
+        "monolith": {"process": "the benchmark's own, on its runtime",
+                     "postgres_pool": monolith::POOL_SIZE},
         "setup_concurrency": a.setup_concurrency,
         "signals_meant_to_be_rejected": w.intended_rejections,
         "pairs": workload::PAIRS.iter().map(|p| p.symbol).collect::<Vec<_>>(),

@@ -84,7 +84,7 @@ use tokio_postgres::Row;
 use uuid::Uuid;
 
 /// Connections of the monolith's pool (one per in-flight command or query).
-const POOL_SIZE: usize = 32;
+pub const POOL_SIZE: usize = 32;
 
 /// How long `start` waits for the service to list all its endpoints.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
