@@ -72,8 +72,8 @@ lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
-# Stops what runs first: its pid files and the server's store are in .run.
-# The dev server's store is in .run: a server using it is stopped, whoever started it.
+# Stops what runs first: its pid files and the dev server's store are in .run (a server
+# using that store is stopped, whoever started it).
 clean-run:
 	@cargo build -q -p chctl
 	@$(CHCTL) down
