@@ -284,16 +284,26 @@ impl PortfolioState {
     /// the marks of the flow's decision), then scaled by the flow's share of the equity, so
     /// that the drawdown it measures is the same after the flow as before (flows are never
     /// returns). Without the equity (events stored before it), or with none to scale, it
-    /// moves by the amount. The scaled mark keeps every digit a decimal holds (28): rounded
-    /// to 8 places, either way, it moved the halt's boundary by up to 1e-8 (a withdrawal
-    /// alone could halt, or leave an equity exactly at the limit trading).
+    /// moves by the amount. The scaled mark keeps every digit a decimal holds (28), and an
+    /// inexact quotient is taken one unit up in its last digit: never below the exact mark,
+    /// so an equity exactly at the limit stays halted, and above it by that unit at most, so
+    /// an equity above the limit by any amount of 8 places stays trading. (Rounded to 8
+    /// places, the mark moved the boundary by up to 1e-8 either way; rounded to nearest at 28
+    /// digits, an equity at the limit could trade again after a flow.)
     fn high_water_after_flow(&self, amount: Decimal, equity_before: Option<Decimal>) -> Decimal {
         let hwm = equity_before.map_or(self.high_water_equity, |e| self.high_water_equity.max(e));
         let scaled = equity_before
             .filter(|e| *e > Decimal::ZERO)
             .and_then(|e| {
                 let after = e.checked_add(amount)?.max(Decimal::ZERO);
-                hwm.checked_mul(after)?.checked_div(e)
+                let quotient = hwm.checked_mul(after)?.checked_div(e)?;
+                // A quotient that filled all 28 digits was cut (the flows' exact ones are
+                // short); multiplying back cannot tell, as it rounds too.
+                if quotient.mantissa().unsigned_abs() >= 10u128.pow(27) {
+                    quotient.checked_add(Decimal::new(1, quotient.scale()))
+                } else {
+                    Some(quotient)
+                }
             })
             .map(|h| h.normalize());
         scaled.unwrap_or_else(|| hwm.saturating_add(amount).max(Decimal::ZERO))
@@ -1676,6 +1686,66 @@ mod tests {
         let withdraw = PortfolioCommand::Withdraw { amount: dec("181") };
         step(&mut st, &withdraw, &f).unwrap();
         assert!(!halted(&st), "hwm {}", st.high_water_equity);
+    }
+
+    /// Over many marks, limits and flows: an equity exactly at the limit stays halted after a
+    /// deposit or a withdrawal, and one 1e-8 above it stays trading (28-digit division
+    /// rounded to nearest let 102 of 398 withdrawals at 0.3 below 1000 trade again).
+    #[test]
+    fn flows_keep_the_halt_at_its_exact_boundary() {
+        let mut checked = 0;
+        for dd in ["0.1", "0.15", "0.2", "0.25", "0.3", "0.35"] {
+            let f = facts_with(RiskProfile {
+                max_drawdown_pct: Some(dec(dd)),
+                ..profile()
+            });
+            let buy = signal(Side::Buy, "0.00000001", "1", Some("0"));
+            let halted = |st: &PortfolioState| {
+                let ev = st.decide(&buy, &f, &ctx()).unwrap();
+                matches!(&ev[0], Event::TradeSignalRejected(r) if r.reason == "TRADING_HALTED")
+            };
+            for hwm in ["1000", "997", "1234.56789", "50000.5"] {
+                let limit = dec(hwm) * (Decimal::ONE - dec(dd));
+                for (above, want_halted) in [(Decimal::ZERO, true), (dec("0.00000001"), false)] {
+                    let cash = (limit + above).to_string();
+                    for (op, amount) in [
+                        ("withdraw", "2"),
+                        ("withdraw", "181"),
+                        ("withdraw", "333.33333333"),
+                        ("deposit", "1"),
+                        ("deposit", "7.77777777"),
+                    ] {
+                        let mut st = given::<PortfolioState>(vec![
+                            opened(),
+                            deposited(&cash, &cash),
+                            attached(S),
+                        ])
+                        .state()
+                        .clone();
+                        st.high_water_equity = dec(hwm);
+                        assert_eq!(halted(&st), want_halted, "before: {dd} {hwm} {cash}");
+                        let cmd = match op {
+                            "withdraw" => PortfolioCommand::Withdraw {
+                                amount: dec(amount),
+                            },
+                            _ => PortfolioCommand::Deposit {
+                                amount: dec(amount),
+                            },
+                        };
+                        step(&mut st, &cmd, &f).unwrap();
+                        assert_eq!(
+                            halted(&st),
+                            want_halted,
+                            "after {op} {amount}: dd {dd}, mark {hwm} -> {}, cash {}",
+                            st.high_water_equity,
+                            st.cash
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(checked, 6 * 4 * 2 * 5);
     }
 
     /// In a drawdown, a flow keeps the drawdown as it is: a withdrawal alone never halts
