@@ -25,7 +25,7 @@ scripts/pg.sh
 cargo build --workspace --bins
 
 # Empty is unset (the workers refuse an empty CH_NATS_URL).
-[[ -n ${CH_NATS_URL:-} ]] || unset CH_NATS_URL
+[[ ${CH_NATS_URL:-} =~ [^[:space:]] ]] || unset CH_NATS_URL
 
 started_nats=
 stop_nats() {

@@ -207,3 +207,30 @@ async fn a_query_worker_creates_no_schema_or_database_and_says_what_is_missing()
         .expect("catalog");
     assert!(created.is_none(), "the database was created");
 }
+
+/// A projector holds one session of its pool for its lock: with a pool of one it would wait
+/// for a session on every batch and fail for good, so it refuses to start, saying why.
+#[tokio::test]
+async fn a_projector_with_a_pool_of_one_refuses_to_start() {
+    let env = TestEnv::new().await;
+    let mut cfg = env.app_config();
+    cfg.db_pool_size = 1;
+    let app = App::start(cfg, "proj-portfolio").await.expect("app");
+    // Bounded: a projector that took the pool would run on.
+    let err = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        ch_readmodel::workers::run_projector(
+            app,
+            ch_readmodel::PortfolioProjection::default(),
+            Default::default(),
+        ),
+    )
+    .await
+    .expect("the projector stopped at once")
+    .expect_err("a pool of one");
+    assert!(
+        err.to_string()
+            .starts_with("CH_DB_POOL=1: a projector needs at least 2"),
+        "{err}"
+    );
+}

@@ -73,7 +73,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // A quiet CLI by default; the workers `up` starts get the caller's RUST_LOG, or none.
     // Set here, before any thread exists.
-    let log_default_set = std::env::var("RUST_LOG").map_or(true, |v| v.trim().is_empty());
+    // Empty or invalid is unset here too.
+    let log_default_set =
+        std::env::var("RUST_LOG").map_or(true, |v| !ch_runtime::telemetry::takes(&v));
     if log_default_set {
         std::env::set_var("RUST_LOG", "warn");
     }

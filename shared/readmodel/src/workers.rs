@@ -109,12 +109,22 @@ pub fn projector<P: Projection>(app: &App, projection: P) -> Result<Projector<P>
 /// Runs a projector worker until `shutdown`.
 ///
 /// # Errors
-/// When the schema cannot be migrated or the projector fails for good.
+/// When the pool is below 2 sessions, the schema cannot be migrated or the projector fails
+/// for good.
 pub async fn run_projector<P: Projection>(
     app: App,
     projection: P,
     shutdown: CancellationToken,
 ) -> Result<(), async_nats::Error> {
+    // One session holds the projection's lock for as long as the projector leads: with a
+    // pool of one, every batch would wait for a session and fail, for good.
+    if app.cfg.db_pool_size < 2 {
+        return Err(format!(
+            "CH_DB_POOL={}: a projector needs at least 2 sessions (one holds its lock)",
+            app.cfg.db_pool_size
+        )
+        .into());
+    }
     if !migrated(&app, &shutdown, Schema::Migrate).await? {
         return Ok(());
     }

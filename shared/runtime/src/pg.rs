@@ -377,14 +377,13 @@ pub async fn require_migrations(
     schema: &str,
     migrations: &[Migration],
 ) -> Result<(), DbError> {
+    // `connect` keeps the error as text, with its SQLSTATE: 3D000 is no such database.
+    let hint = "run `chctl setup` first (it creates the database), or check CH_DATABASE_URL";
     let client = connect(database_url, Some(schema))
         .await
         .map_err(|e| match e {
-            // Postgres' words for SQLSTATE 3D000, which `connect` keeps as text.
-            DbError::Unavailable(m) if m.contains("does not exist") => {
-                DbError::Unavailable(format!(
-            "{m}: run `chctl setup` first (it creates the database), or check CH_DATABASE_URL"
-        ))
+            DbError::Unavailable(m) if m.contains("(SQLSTATE 3D000)") => {
+                DbError::Unavailable(format!("{m}: {hint}"))
             }
             e => e,
         })?;

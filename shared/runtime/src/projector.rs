@@ -1224,6 +1224,8 @@ impl<P: Projection> Projector<P> {
         self.metrics.gauge("active", 1);
         let ended = self.project_with_lock(&leader_conn, shutdown, retry).await;
         self.metrics.gauge("active", 0);
+        // A standby's backlog is the active one's to show: summed over replicas, it counts once.
+        self.metrics.gauge("pending", 0);
         release(leader_conn).await;
         ended
     }

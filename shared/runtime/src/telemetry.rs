@@ -22,6 +22,11 @@ fn filter(rust_log: Option<&str>) -> (EnvFilter, Option<String>) {
     }
 }
 
+/// Whether `rust_log` is a filter [`init`] takes (not empty, and valid).
+pub fn takes(rust_log: &str) -> bool {
+    filter(Some(rust_log)).1.is_none() && !rust_log.trim().is_empty()
+}
+
 /// Installs the global subscriber once; later calls are no-ops (tests start many workers).
 pub fn init(json: bool) {
     let (filter, bad) = filter(std::env::var("RUST_LOG").ok().as_deref());
@@ -65,5 +70,6 @@ mod tests {
             .starts_with("RUST_LOG=\"ch_runtime=verbose\" ignored"));
         let (f, why) = filter(Some("debug"));
         assert_eq!((f.to_string(), why), ("debug".to_owned(), None));
+        assert!(takes("debug") && !takes(" ") && !takes("ch_runtime=verbose"));
     }
 }

@@ -399,6 +399,10 @@ fn baseline_from(file: &Path, config: &Value) -> Result<Value> {
         "--baseline-from {}: it has no baseline",
         file.display()
     );
+    // A baseline that file took from another keeps that one's origin.
+    if baseline.get("from").is_some() {
+        return Ok(baseline);
+    }
     // Where and on what it was measured: its run's commit, host and disk, not this one's.
     baseline["from"] = json!({
         "file": file.display().to_string(),
@@ -623,7 +627,8 @@ async fn run_ours(
 
     let mut lag_json = percentiles(&hist, &[("p50", 0.5), ("p99", 0.99), ("p999", 0.999)]);
     if lag_json.is_null() {
-        // No sample resolved: the figures are null, the counts still say why.
+        // No sample at all (no reply carried a `stream_seq`): the figures are null, the
+        // counts say why.
         lag_json = json!({"p50": null, "p99": null, "p999": null, "count": 0});
     }
     if let Value::Object(m) = &mut lag_json {
@@ -1005,6 +1010,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("default.json");
         let report = json!({"run_id": "b1", "started_at": "2026-11-30T17:00:00Z", "config": config,
+                            "env": {"git_commit": "c1"},
                             "baseline": {"commands_per_sec": 1300.0, "errors": {"total": 0},
                                          "consistency": {"rows_differing": 0}}});
         std::fs::write(&file, report.to_string()).unwrap();
@@ -1029,6 +1035,15 @@ mod tests {
         // Its check was against the earlier run's stream, and says so.
         let with = b["consistency"]["compared_with"].as_str().unwrap();
         assert!(with.contains("run b1"), "{with}");
+        assert_eq!(b["from"]["env"]["git_commit"], "c1");
+        // Taken again from a file that had taken it: the origin stays the run that measured it.
+        let again = file.with_file_name("always.json");
+        let report = json!({"run_id": "b2", "started_at": "2026-11-30T17:05:00Z",
+                            "config": here, "env": {"git_commit": "c2"}, "baseline": b});
+        std::fs::write(&again, report.to_string()).unwrap();
+        let b2 = super::baseline_from(&again, &here).expect("the same workload");
+        assert_eq!(b2["from"], b["from"]);
+        assert_eq!(b2["consistency"], b["consistency"]);
         let _ = std::fs::remove_dir_all(file.parent().unwrap());
     }
 

@@ -67,8 +67,9 @@ pub struct Watched {
     pub missing: Option<String>,
     /// Where to ask which session each Postgres backend serves.
     database_url: Option<String>,
-    /// The NATS server's client port: only the local nats-server listening there counts.
-    nats_port: Option<u16>,
+    /// The client ports of the NATS servers on this machine that the run uses: only the
+    /// nats-servers listening there count (`None`: every local nats-server).
+    nats_ports: Option<Vec<u16>>,
 }
 
 impl Watched {
@@ -98,24 +99,41 @@ impl Watched {
             workers,
             missing,
             database_url: None,
-            nats_port: None,
+            nats_ports: None,
         }
     }
 
-    /// Counts only the local nats-server that listens on `nats_url`'s port (the first URL's;
-    /// 4222 without one): others on the machine (a system one, another checkout's) are not
-    /// this run's. A server elsewhere is not counted at all.
+    /// Counts only the nats-servers this run uses: those of `nats_url`'s servers (a cluster's
+    /// nodes, comma-separated) that are on this machine (loopback, `localhost` or its host
+    /// name), found by the socket listening on their port (4222 without one). Others on the
+    /// machine (a system one, another checkout's) are not this run's; servers elsewhere, of
+    /// another user (their sockets are not readable) or in a container are not counted.
     pub fn with_nats(mut self, nats_url: &str) -> Watched {
-        let first = nats_url.split(',').next().unwrap_or_default().trim();
-        let hostport = first.rsplit_once("://").map_or(first, |(_, r)| r);
-        let hostport = hostport.rsplit_once('@').map_or(hostport, |(_, r)| r);
-        let hostport = hostport.split('/').next().unwrap_or_default();
-        self.nats_port = Some(
-            hostport
-                .rsplit_once(':')
-                .and_then(|(_, p)| p.parse().ok())
-                .unwrap_or(4222),
-        );
+        let me = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let local = |host: &str| {
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            host == "localhost"
+                || host == me.trim()
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback() || ip.is_unspecified())
+        };
+        let ports = nats_url
+            .split(',')
+            .filter_map(|url| {
+                let url = url.trim();
+                let hostport = url.rsplit_once("://").map_or(url, |(_, r)| r);
+                let hostport = hostport.rsplit_once('@').map_or(hostport, |(_, r)| r);
+                let hostport = hostport.split('/').next().unwrap_or_default();
+                // `[::1]:4222`, `h:4222`, `h`: a port after the last `:` outside brackets.
+                let (host, port) = match hostport.rsplit_once(':') {
+                    Some((h, p)) if !p.contains(']') => (h, p.parse().ok()?),
+                    _ => (hostport, 4222),
+                };
+                local(host).then_some(port)
+            })
+            .collect();
+        self.nats_ports = Some(ports);
         self
     }
 
@@ -127,14 +145,15 @@ impl Watched {
     }
 
     /// Reads the CPU time of every worker, of this process (`chctl-bench`: the load generator
-    /// and, for the baseline, the monolith), and of the local `postgres` and `nats-server`
-    /// processes (by name); and which session each Postgres backend serves.
+    /// and, for the baseline, the monolith), of the local `postgres` processes but other
+    /// databases' backends, and of the run's local `nats-server`s (see [`Watched::with_nats`]);
+    /// and which session each Postgres backend serves.
     pub async fn snapshot(&self) -> CpuSnapshot {
         let backends = match &self.database_url {
             Some(url) => backends(url).await,
             None => Backends::default(),
         };
-        let nats = self.nats_port.map(listener_inodes);
+        let nats = self.nats_ports.as_deref().map(listener_inodes);
         let mut s = CpuSnapshot {
             backends: backends.named,
             ..CpuSnapshot::default()
@@ -212,9 +231,9 @@ async fn backends(database_url: &str) -> Backends {
     b
 }
 
-/// The inodes of the TCP sockets listening on `port` (`/proc/net/tcp` and `tcp6`).
-fn listener_inodes(port: u16) -> BTreeSet<u64> {
-    let port = format!(":{port:04X}");
+/// The inodes of the TCP sockets listening on `ports` (`/proc/net/tcp` and `tcp6`).
+fn listener_inodes(ports: &[u16]) -> BTreeSet<u64> {
+    let ports: Vec<String> = ports.iter().map(|p| format!(":{p:04X}")).collect();
     ["/proc/net/tcp", "/proc/net/tcp6"]
         .iter()
         .filter_map(|f| std::fs::read_to_string(f).ok())
@@ -226,7 +245,9 @@ fn listener_inodes(port: u16) -> BTreeSet<u64> {
                     // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
                     let f: Vec<&str> = line.split_whitespace().collect();
                     let listening = f.get(3) == Some(&"0A");
-                    (listening && f.get(1)?.ends_with(&port)).then(|| f.get(9)?.parse().ok())?
+                    let local = f.get(1)?;
+                    let ours = ports.iter().any(|p| local.ends_with(p.as_str()));
+                    (listening && ours).then(|| f.get(9)?.parse().ok())?
                 })
                 .collect::<Vec<u64>>()
         })
@@ -444,18 +465,27 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let me = std::process::id() as i32;
-        let inodes = listener_inodes(port);
+        let inodes = listener_inodes(&[1, port]);
         assert!(!inodes.is_empty(), "no listener on {port}");
         assert!(holds_socket(me, &inodes));
         drop(listener);
-        assert!(!holds_socket(me, &listener_inodes(port)));
-        let port_of = |url: &str| {
+        assert!(!holds_socket(me, &listener_inodes(&[port])));
+        let ports = |url: &str| {
             Watched::from_pid_file(Path::new("/nonexistent"))
                 .with_nats(url)
-                .nats_port
+                .nats_ports
+                .unwrap()
         };
-        assert_eq!(port_of("nats://u:p@127.0.0.1:14422"), Some(14422));
-        assert_eq!(port_of("tls://h:4333, nats://g:1"), Some(4333));
-        assert_eq!(port_of("nats://h"), Some(4222));
+        assert_eq!(ports("nats://u:p@127.0.0.1:14422"), [14422]);
+        // A cluster's local nodes; a server elsewhere is none of this machine's.
+        assert_eq!(
+            ports("nats://127.0.0.1:14231,nats://localhost:14232, tls://[::1]:14233"),
+            [14231, 14232, 14233]
+        );
+        assert_eq!(
+            ports("nats://10.0.0.5:4222,nats://nats.example:4222"),
+            [0u16; 0]
+        );
+        assert_eq!(ports("nats://[::1]"), [4222]);
     }
 }
