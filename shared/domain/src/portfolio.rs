@@ -54,6 +54,17 @@ pub mod reason {
     ];
 }
 
+/// One unit in the 28th significant digit of `x` (a decimal's last), for `x >= 0`.
+fn last_unit(x: Decimal) -> Decimal {
+    let digits = x
+        .mantissa()
+        .unsigned_abs()
+        .checked_ilog10()
+        .map_or(1, |d| d + 1);
+    let integer_digits = digits.saturating_sub(x.scale());
+    Decimal::new(1, 28u32.saturating_sub(integer_digits).min(28))
+}
+
 /// The default `fee_rate` of a new portfolio (0.1 %).
 pub fn default_fee_rate() -> Decimal {
     Decimal::new(1, 3)
@@ -284,12 +295,14 @@ impl PortfolioState {
     /// the marks of the flow's decision), then scaled by the flow's share of the equity, so
     /// that the drawdown it measures is the same after the flow as before (flows are never
     /// returns). Without the equity (events stored before it), or with none to scale, it
-    /// moves by the amount. The scaled mark keeps every digit a decimal holds (28), and an
-    /// inexact quotient is taken one unit up in its last digit: never below the exact mark,
-    /// so an equity exactly at the limit stays halted, and above it by that unit at most, so
-    /// an equity above the limit by any amount of 8 places stays trading. (Rounded to 8
-    /// places, the mark moved the boundary by up to 1e-8 either way; rounded to nearest at 28
-    /// digits, an equity at the limit could trade again after a flow.)
+    /// moves by the amount. The scaled mark keeps every digit a decimal holds (28) and is taken
+    /// one unit up in the 28th: never below the exact mark, so an equity exactly at the limit
+    /// stays halted, and above it by that unit at most, so an equity above the limit by any
+    /// amount of 8 places stays trading. Always, not only when the division was cut: whether
+    /// it was cannot be told from the quotient (trailing zeros are dropped) nor by
+    /// multiplying back (which rounds too). (Rounded to 8 places, the mark moved the boundary
+    /// by up to 1e-8 either way; rounded to nearest at 28 digits, an equity at the limit could
+    /// trade again after a flow.)
     fn high_water_after_flow(&self, amount: Decimal, equity_before: Option<Decimal>) -> Decimal {
         let hwm = equity_before.map_or(self.high_water_equity, |e| self.high_water_equity.max(e));
         let scaled = equity_before
@@ -297,13 +310,10 @@ impl PortfolioState {
             .and_then(|e| {
                 let after = e.checked_add(amount)?.max(Decimal::ZERO);
                 let quotient = hwm.checked_mul(after)?.checked_div(e)?;
-                // A quotient that filled all 28 digits was cut (the flows' exact ones are
-                // short); multiplying back cannot tell, as it rounds too.
-                if quotient.mantissa().unsigned_abs() >= 10u128.pow(27) {
-                    quotient.checked_add(Decimal::new(1, quotient.scale()))
-                } else {
-                    Some(quotient)
+                if quotient.is_zero() {
+                    return Some(quotient);
                 }
+                quotient.checked_add(last_unit(quotient))
             })
             .map(|h| h.normalize());
         scaled.unwrap_or_else(|| hwm.saturating_add(amount).max(Decimal::ZERO))
@@ -1452,7 +1462,7 @@ mod tests {
         let f = facts_with(p);
         step(&mut st, &trade("ETH-USDT", Side::Buy, "1", "5000"), &f).unwrap();
         step(&mut st, &trade("BTC-USDT", Side::Buy, "1", "1000"), &f).unwrap();
-        assert_eq!(st.high_water_equity, dec("10000"));
+        assert_eq!(st.high_water_equity.round_dp(8), dec("10000"));
         // ETH falls to 3000 as BTC rises to 3000: equity stays 10000 (cash 4000).
         let marked = PortfolioFacts {
             marks: [
@@ -1502,7 +1512,7 @@ mod tests {
         )]
         .into();
         replayed.apply(&Event::TradeExecuted(old), ctx().at);
-        assert_eq!(replayed.high_water_equity, dec("12000"));
+        assert_eq!(replayed.high_water_equity.round_dp(8), dec("12000"));
     }
 
     #[test]
@@ -1517,7 +1527,7 @@ mod tests {
                 .clone();
         let f = facts_with(p);
         step(&mut st, &signal(Side::Buy, "1", "5000", Some("0")), &f).unwrap();
-        assert_eq!(st.high_water_equity, dec("10000"));
+        assert_eq!(st.high_water_equity.round_dp(8), dec("10000"));
         let marked = |m: &str| PortfolioFacts {
             marks: [("BTC-USDT".to_string(), dec(m))].into(),
             ..f.clone()
@@ -1559,7 +1569,7 @@ mod tests {
             &marked("20000"),
         )
         .unwrap();
-        assert_eq!(up.high_water_equity, dec("25000")); // cash 3000 + 1.1 at 20000
+        assert_eq!(up.high_water_equity.round_dp(8), dec("25000")); // cash 3000 + 1.1 at 20000
         let ev = up
             .decide(&buy("0.1", "13000"), &marked("13000"), &ctx())
             .unwrap();
@@ -1595,7 +1605,7 @@ mod tests {
             &halting_at(None),
         )
         .unwrap();
-        assert_eq!(st.high_water_equity, dec("10000"));
+        assert_eq!(st.high_water_equity.round_dp(8), dec("10000"));
         // BTC marked at 15000: equity 20000, seen by the deposit made there.
         step(
             &mut st,
@@ -1603,7 +1613,7 @@ mod tests {
             &marked("15000"),
         )
         .unwrap();
-        assert_eq!(st.high_water_equity, dec("20001"));
+        assert_eq!(st.high_water_equity.round_dp(8), dec("20001"));
         // Back at 10000: equity 15001, 25 % below the peak the deposit saw.
         let ev = st
             .decide(&buy("0.1", "10000"), &marked("10000"), &ctx())
@@ -1617,9 +1627,9 @@ mod tests {
     #[test]
     fn high_water_follows_flows_and_fills() {
         let mut st = given::<PortfolioState>(funded()).state().clone();
-        assert_eq!(st.high_water_equity, dec("25000"));
+        assert_eq!(st.high_water_equity.round_dp(8), dec("25000"));
         step(&mut st, &buy("0.5", "20000"), &facts()).unwrap(); // equity 24990 by the fill price
-        assert_eq!(st.high_water_equity, dec("25000"));
+        assert_eq!(st.high_water_equity.round_dp(8), dec("25000"));
         step(
             &mut st,
             &signal(Side::Sell, "0.1", "30000", Some("0")),
@@ -1627,7 +1637,7 @@ mod tests {
         )
         .unwrap();
         // cash 14990 + 3000, 0.4 at 30000 = 12000
-        assert_eq!(st.high_water_equity, dec("29990"));
+        assert_eq!(st.high_water_equity.round_dp(8), dec("29990"));
         // At the high (marked at 30000), a withdrawal moves the mark by its amount.
         let at_30k = PortfolioFacts {
             marks: [("BTC-USDT".to_string(), dec("30000"))].into(),
@@ -1637,15 +1647,15 @@ mod tests {
             amount: dec(amount),
         };
         step(&mut st, &withdraw("5000"), &at_30k).unwrap();
-        assert_eq!(st.high_water_equity, dec("24990"));
+        assert_eq!(st.high_water_equity.round_dp(8), dec("24990"));
         step(&mut st, &withdraw("12990"), &at_30k).unwrap();
-        assert_eq!(st.high_water_equity, dec("12000"));
+        assert_eq!(st.high_water_equity.round_dp(8), dec("12000"));
         let mut poor = given::<PortfolioState>(vec![opened(), deposited("10", "10")])
             .state()
             .clone();
         poor.high_water_equity = dec("5");
         step(&mut poor, &withdraw("10"), &facts()).unwrap();
-        assert_eq!(poor.high_water_equity, dec("0"));
+        assert_eq!(poor.high_water_equity.round_dp(8), dec("0"));
     }
 
     /// A withdrawal that leaves the equity exactly `max_drawdown_pct` below the scaled mark
@@ -1746,6 +1756,55 @@ mod tests {
             }
         }
         assert_eq!(checked, 6 * 4 * 2 * 5);
+
+        // Withdrawals of whole amounts at many limits: a quotient cut to 27 digits (its 28th
+        // rounded to 0 and dropped) is taken up too (0.02 below 1000, withdraw 201).
+        let mut at_limit = 0;
+        for dd in 1..100 {
+            let dd = Decimal::new(dd, 2);
+            let f = facts_with(RiskProfile {
+                max_drawdown_pct: Some(dd),
+                ..profile()
+            });
+            let buy = signal(Side::Buy, "0.00000001", "1", Some("0"));
+            for hwm in [dec("1000"), dec("10000")] {
+                let cash = hwm * (Decimal::ONE - dd);
+                for amount in [1, 2, 3, 7, 13, 201, 333] {
+                    let amount = Decimal::from(amount);
+                    if amount >= cash {
+                        continue;
+                    }
+                    let mut st = given::<PortfolioState>(vec![
+                        opened(),
+                        deposited(&cash.to_string(), &cash.to_string()),
+                        attached(S),
+                    ])
+                    .state()
+                    .clone();
+                    st.high_water_equity = hwm;
+                    step(&mut st, &PortfolioCommand::Withdraw { amount }, &f).unwrap();
+                    let ev = st.decide(&buy, &f, &ctx()).unwrap();
+                    assert!(
+                        matches!(&ev[0], Event::TradeSignalRejected(r) if r.reason == "TRADING_HALTED"),
+                        "withdraw {amount}: dd {dd}, mark {hwm} -> {}, cash {}",
+                        st.high_water_equity,
+                        st.cash
+                    );
+                    at_limit += 1;
+                }
+            }
+        }
+        assert!(at_limit > 1000, "{at_limit}");
+    }
+
+    #[test]
+    fn the_last_unit_is_in_the_28th_digit() {
+        assert_eq!(last_unit(dec("1000")), dec("0.000000000000000000000001"));
+        assert_eq!(
+            last_unit(dec("794.897959183673469387755102")),
+            dec("0.0000000000000000000000001")
+        );
+        assert_eq!(last_unit(dec("0.05")), Decimal::new(1, 28));
     }
 
     /// In a drawdown, a flow keeps the drawdown as it is: a withdrawal alone never halts
