@@ -158,6 +158,7 @@ def main():
         "an unknown sync mode": {"sync": {"mode": "fast"}},
         "a subject prefix with a dot": {"nats": {"subjectPrefix": "a.b"}},
         "an upper-case schema": {"database": {"schema": "MySchema"}},
+        "a pool of one (a projector's lock holds a session)": {"database": {"pool": 1}},
         "no database": {"database": {"url": "", "existingSecret": ""}},
         "no NATS": {"nats": {"url": ""}},
         "a batch above CH_BATCH_MAX's range": {"sync": {"batchMax": 20000}},

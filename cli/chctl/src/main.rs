@@ -73,9 +73,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // A quiet CLI by default; the workers `up` starts get the caller's RUST_LOG, or none.
     // Set here, before any thread exists.
-    // Empty or invalid is unset here too.
-    let log_default_set =
-        std::env::var("RUST_LOG").map_or(true, |v| !ch_runtime::telemetry::takes(&v));
+    // Empty or invalid is unset here too (an invalid one is said once logging is up).
+    let given = std::env::var("RUST_LOG").ok();
+    let log_default_set = given
+        .as_deref()
+        .is_none_or(|v| !ch_runtime::telemetry::takes(v));
     if log_default_set {
         std::env::set_var("RUST_LOG", "warn");
     }
@@ -87,6 +89,10 @@ fn main() -> ExitCode {
         }
     };
     ch_runtime::telemetry::init(cfg.log_json);
+    if let Some(bad) = given.filter(|v| !v.trim().is_empty() && log_default_set) {
+        // The workers `up` starts get the default too.
+        tracing::warn!("RUST_LOG={bad:?} is not a log filter: logging at warn");
+    }
     let ctx = common::Ctx::new(cfg, cli.run_dir, log_default_set);
     // As the workers (`CH_WORKER_THREADS`, default 1: the current-thread runtime). For the
     // benchmark's load generator this matters: it shares the cores with what it measures, and

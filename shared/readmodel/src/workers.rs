@@ -96,6 +96,15 @@ pub async fn progress(
 /// # Errors
 /// [`DbError`] when the pool cannot be built.
 pub fn projector<P: Projection>(app: &App, projection: P) -> Result<Projector<P>, DbError> {
+    // One session holds the projection's lock for as long as the projector leads (a worker,
+    // or `chctl rebuild` replaying): with a pool of one, every batch would wait for a session
+    // and fail, for good.
+    if app.cfg.db_pool_size < 2 {
+        return Err(DbError::Unavailable(format!(
+            "CH_DB_POOL={}: a projector needs at least 2 sessions (one holds its lock)",
+            app.cfg.db_pool_size
+        )));
+    }
     Ok(Projector::new(
         projection,
         app.store.clone(),
@@ -116,19 +125,11 @@ pub async fn run_projector<P: Projection>(
     projection: P,
     shutdown: CancellationToken,
 ) -> Result<(), async_nats::Error> {
-    // One session holds the projection's lock for as long as the projector leads: with a
-    // pool of one, every batch would wait for a session and fail, for good.
-    if app.cfg.db_pool_size < 2 {
-        return Err(format!(
-            "CH_DB_POOL={}: a projector needs at least 2 sessions (one holds its lock)",
-            app.cfg.db_pool_size
-        )
-        .into());
-    }
+    let projector = projector(&app, projection)?;
     if !migrated(&app, &shutdown, Schema::Migrate).await? {
         return Ok(());
     }
-    projector::run(projector(&app, projection)?, shutdown).await
+    projector::run(projector, shutdown).await
 }
 
 /// `proj-portfolio`'s whole life (see [`ch_runtime::app::boxed_main`]).

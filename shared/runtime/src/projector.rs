@@ -1119,6 +1119,9 @@ impl<P: Projection> Projector<P> {
                     retry.succeeded(&self.metrics);
                     if !standing_by {
                         self.metrics.gauge("active", 0);
+                        // The backlog is the active one's to show: summed over replicas, it
+                        // counts once. (Failing to start, it keeps the last count.)
+                        self.metrics.gauge("pending", 0);
                         info!(
                             projection = self.name(),
                             "the lock is held (another projector, or a `chctl rebuild` replaying); standing by"
@@ -1224,8 +1227,6 @@ impl<P: Projection> Projector<P> {
         self.metrics.gauge("active", 1);
         let ended = self.project_with_lock(&leader_conn, shutdown, retry).await;
         self.metrics.gauge("active", 0);
-        // A standby's backlog is the active one's to show: summed over replicas, it counts once.
-        self.metrics.gauge("pending", 0);
         release(leader_conn).await;
         ended
     }

@@ -294,7 +294,8 @@ async fn trade_flow(ctx: &Ctx, a: &TradeFlow) -> Result<ExitCode> {
         report["ratio"]["durability"] = json!(
             "ours: an append is acknowledged as env.jetstream_sync_interval says (default: \
              before its fsync; always: after it); the baseline: a commit returns as \
-             env.postgres_synchronous_commit says (on: after its WAL flush)"
+             env.postgres_synchronous_commit says (on: after its WAL flush), or \
+             baseline.from.env's for a baseline from an earlier run"
         );
     }
     if let Some(from) = report["baseline"].get("from").cloned() {
@@ -446,9 +447,10 @@ fn config(ctx: &Ctx, a: &TradeFlow, s: Sizes, query_clients: usize, w: &Workload
             (Baseline::None, None) => "none",
         },
         "baseline_from": a.baseline_from.as_ref().map(|f| f.display().to_string()),
-        // How the monolith runs: its CPU is the load generator's (`chctl-bench`).
-        "monolith": {"process": "the benchmark's own, on its runtime",
-                     "postgres_pool": monolith::POOL_SIZE},
+        // How the monolith runs here: its CPU is the load generator's (`chctl-bench`).
+        "monolith": (a.baseline == Baseline::Monolith && a.baseline_from.is_none()).then(|| json!({
+            "process": "the benchmark's own, on its runtime",
+            "postgres_pool": monolith::POOL_SIZE})),
         "setup_concurrency": a.setup_concurrency,
         "signals_meant_to_be_rejected": w.intended_rejections,
         "pairs": workload::PAIRS.iter().map(|p| p.symbol).collect::<Vec<_>>(),

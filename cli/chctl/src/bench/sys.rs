@@ -103,21 +103,13 @@ impl Watched {
         }
     }
 
-    /// Counts only the nats-servers this run uses: those of `nats_url`'s servers (a cluster's
-    /// nodes, comma-separated) that are on this machine (loopback, `localhost` or its host
-    /// name), found by the socket listening on their port (4222 without one). Others on the
-    /// machine (a system one, another checkout's) are not this run's; servers elsewhere, of
-    /// another user (their sockets are not readable) or in a container are not counted.
+    /// Counts only the local nats-servers listening on the ports of `nats_url`'s servers (a
+    /// cluster's nodes, comma-separated; 4222 without a port), found by their sockets: others
+    /// on the machine (a system one, another checkout's) are not this run's. By port alone,
+    /// whatever the host is called: servers elsewhere are not on this machine to count (but
+    /// for one here on the same port), and a local one of another user (its sockets are not
+    /// readable) or in a container is not counted.
     pub fn with_nats(mut self, nats_url: &str) -> Watched {
-        let me = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        let local = |host: &str| {
-            let host = host.trim_start_matches('[').trim_end_matches(']');
-            host == "localhost"
-                || host == me.trim()
-                || host
-                    .parse::<std::net::IpAddr>()
-                    .is_ok_and(|ip| ip.is_loopback() || ip.is_unspecified())
-        };
         let ports = nats_url
             .split(',')
             .filter_map(|url| {
@@ -126,11 +118,10 @@ impl Watched {
                 let hostport = hostport.rsplit_once('@').map_or(hostport, |(_, r)| r);
                 let hostport = hostport.split('/').next().unwrap_or_default();
                 // `[::1]:4222`, `h:4222`, `h`: a port after the last `:` outside brackets.
-                let (host, port) = match hostport.rsplit_once(':') {
-                    Some((h, p)) if !p.contains(']') => (h, p.parse().ok()?),
-                    _ => (hostport, 4222),
-                };
-                local(host).then_some(port)
+                match hostport.rsplit_once(':') {
+                    Some((_, p)) if !p.contains(']') => p.parse().ok(),
+                    _ => Some(4222),
+                }
             })
             .collect();
         self.nats_ports = Some(ports);
@@ -477,14 +468,10 @@ mod tests {
                 .unwrap()
         };
         assert_eq!(ports("nats://u:p@127.0.0.1:14422"), [14422]);
-        // A cluster's local nodes; a server elsewhere is none of this machine's.
+        // A cluster's nodes, however they are named.
         assert_eq!(
-            ports("nats://127.0.0.1:14231,nats://localhost:14232, tls://[::1]:14233"),
+            ports("nats://127.0.0.1:14231,nats://LOCALHOST:14232, tls://[::ffff:127.0.0.1]:14233"),
             [14231, 14232, 14233]
-        );
-        assert_eq!(
-            ports("nats://10.0.0.5:4222,nats://nats.example:4222"),
-            [0u16; 0]
         );
         assert_eq!(ports("nats://[::1]"), [4222]);
     }
