@@ -123,12 +123,7 @@ async fn a_role_that_may_not_migrate_is_told_what_is_missing_and_what_to_do() {
         assert!(text.contains(needle), "{needle:?} missing from: {text}");
     }
     // Nothing was created.
-    let exists = env
-        .pg
-        .query_opt("SELECT 1 FROM pg_namespace WHERE nspname = $1", &[&fresh])
-        .await
-        .expect("catalog");
-    assert!(exists.is_none(), "the schema was created");
+    assert!(!schema_exists(&env, &fresh).await, "the schema was created");
 
     // Once migrated by a role that may, the same call only reads and succeeds.
     ch_runtime::pg::migrate(&env.cfg.database_url, &fresh, ch_readmodel::MIGRATIONS)
@@ -157,18 +152,8 @@ async fn a_query_worker_creates_no_schema_or_database_and_says_what_is_missing()
     let app = App::start(cfg.clone(), "query-portfolio")
         .await
         .expect("app");
-    // Bounded: a worker that took the schema would serve on.
-    let run = |app| {
-        tokio::time::timeout(
-            std::time::Duration::from_secs(30),
-            ch_readmodel::workers::run_queries(app, &queries, Default::default()),
-        )
-    };
-    let err = run(app)
-        .await
-        .expect("the worker stopped at once")
-        .expect_err("an unmigrated schema");
-    let text = err.to_string();
+    let run = |app| ch_readmodel::workers::run_queries(app, &queries, Default::default());
+    let text = refused_at_once(run(app)).await;
     for needle in [
         cfg.db_schema.as_str(),
         "lacks read-model migrations [1, 2",
@@ -176,26 +161,17 @@ async fn a_query_worker_creates_no_schema_or_database_and_says_what_is_missing()
     ] {
         assert!(text.contains(needle), "{needle:?} missing from: {text}");
     }
-    let schema = env
-        .pg
-        .query_opt(
-            "SELECT 1 FROM pg_namespace WHERE nspname = $1",
-            &[&cfg.db_schema],
-        )
-        .await
-        .expect("catalog");
-    assert!(schema.is_none(), "the schema was created");
+    assert!(
+        !schema_exists(&env, &cfg.db_schema).await,
+        "the schema was created"
+    );
 
     let (base, _) = cfg.database_url.rsplit_once('/').expect("a URL");
     let db = format!("{}_typo", env.cfg.db_schema);
     cfg.database_url = format!("{base}/{db}");
     cfg.db_schema = env.cfg.db_schema.clone();
     let app = App::start(cfg, "query-portfolio").await.expect("app");
-    let err = run(app)
-        .await
-        .expect("the worker stopped at once")
-        .expect_err("a database that does not exist");
-    let text = err.to_string();
+    let text = refused_at_once(run(app)).await;
     assert!(
         text.contains("does not exist") && text.contains("chctl setup"),
         "{text}"
@@ -216,21 +192,34 @@ async fn a_projector_with_a_pool_of_one_refuses_to_start() {
     let mut cfg = env.app_config();
     cfg.db_pool_size = 1;
     let app = App::start(cfg, "proj-portfolio").await.expect("app");
-    // Bounded: a projector that took the pool would run on.
-    let err = tokio::time::timeout(
-        std::time::Duration::from_secs(30),
-        ch_readmodel::workers::run_projector(
-            app,
-            ch_readmodel::PortfolioProjection::default(),
-            Default::default(),
-        ),
-    )
-    .await
-    .expect("the projector stopped at once")
-    .expect_err("a pool of one");
+    let text = refused_at_once(ch_readmodel::workers::run_projector(
+        app,
+        ch_readmodel::PortfolioProjection::default(),
+        Default::default(),
+    ))
+    .await;
     assert!(
-        err.to_string()
-            .contains("CH_DB_POOL=1: a projector needs at least 2"),
-        "{err}"
+        text.contains("CH_DB_POOL=1: a projector needs at least 2"),
+        "{text}"
     );
+}
+
+/// The error a worker's run stopped with at once. Bounded: one that took what it should have
+/// refused would run on.
+async fn refused_at_once<E: std::fmt::Display>(
+    run: impl std::future::Future<Output = Result<(), E>>,
+) -> String {
+    match tokio::time::timeout(std::time::Duration::from_secs(30), run).await {
+        Ok(Err(e)) => e.to_string(),
+        Ok(Ok(())) => panic!("the worker ran and stopped without an error"),
+        Err(_) => panic!("the worker did not stop at once"),
+    }
+}
+
+async fn schema_exists(env: &TestEnv, schema: &str) -> bool {
+    env.pg
+        .query_opt("SELECT 1 FROM pg_namespace WHERE nspname = $1", &[&schema])
+        .await
+        .expect("catalog")
+        .is_some()
 }

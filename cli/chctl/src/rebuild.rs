@@ -110,12 +110,9 @@ async fn rebuild<P: Projection>(
 /// How many events the stream holds on the subjects of `filter` (a sparse projection's: the
 /// strategy projector reads only strategy events, a few among the stream's).
 async fn events_on(app: &App, filter: &str) -> Result<u64> {
-    let js = async_nats::jetstream::new(app.client.clone());
-    let stream = js
-        .get_stream(app.store.subjects().stream_name())
-        .await
-        .context("reading the stream's subjects")?;
-    let mut subjects = stream
+    let mut subjects = app
+        .store
+        .stream()
         .info_with_subjects(filter)
         .await
         .context("reading the stream's subjects")?;

@@ -1658,44 +1658,49 @@ mod tests {
         assert_eq!(poor.high_water_equity.round_dp(8), dec("0"));
     }
 
+    /// A funded portfolio holding `cash` only, with the strategy attached and its high-water
+    /// mark at `mark`.
+    fn with_mark(cash: &str, mark: Decimal) -> PortfolioState {
+        let mut st = given::<PortfolioState>(vec![opened(), deposited(cash, cash), attached(S)])
+            .state()
+            .clone();
+        st.high_water_equity = mark;
+        st
+    }
+
+    /// Whether the smallest buy is refused `TRADING_HALTED` with `f`'s profile.
+    fn buys_halted(st: &PortfolioState, f: &PortfolioFacts) -> bool {
+        let buy = signal(Side::Buy, "0.00000001", "1", Some("0"));
+        let ev = st.decide(&buy, f, &ctx()).unwrap();
+        matches!(&ev[0], Event::TradeSignalRejected(r) if r.reason == "TRADING_HALTED")
+    }
+
+    fn drawdown_limit(dd: Decimal) -> PortfolioFacts {
+        facts_with(RiskProfile {
+            max_drawdown_pct: Some(dd),
+            ..profile()
+        })
+    }
+
     /// A withdrawal that leaves the equity exactly `max_drawdown_pct` below the scaled mark
     /// halts buys, though that mark (2000 * 1300 / 1800) has no exact decimal.
     #[test]
     fn a_flow_to_exactly_the_drawdown_limit_halts() {
-        let f = facts_with(RiskProfile {
-            max_drawdown_pct: Some(dec("0.1")),
-            ..profile()
-        });
-        let mut st =
-            given::<PortfolioState>(vec![opened(), deposited("1800", "1800"), attached(S)])
-                .state()
-                .clone();
-        st.high_water_equity = dec("2000"); // exactly 10 % down: halted
-        let buy = signal(Side::Buy, "0.00000001", "1", Some("0"));
-        let halted = |st: &PortfolioState| {
-            let ev = st.decide(&buy, &f, &ctx()).unwrap();
-            matches!(&ev[0], Event::TradeSignalRejected(r) if r.reason == "TRADING_HALTED")
-        };
-        assert!(halted(&st));
+        let f = drawdown_limit(dec("0.1"));
+        let mut st = with_mark("1800", dec("2000")); // exactly 10 % down: halted
+        assert!(buys_halted(&st, &f));
         let withdraw = PortfolioCommand::Withdraw { amount: dec("500") };
         step(&mut st, &withdraw, &f).unwrap();
         assert_eq!(st.high_water_equity.round_dp(8), dec("1444.44444444"));
-        assert!(halted(&st), "equity 1300 is 10 % below 1444.44...");
+        assert!(buys_halted(&st, &f), "equity 1300 is 10 % below 1444.44...");
 
         // Just above the limit (1e-8), a withdrawal leaves it trading: the mark was rounded
         // up to 8 places once, and this withdrawal alone halted buys.
-        let mut st = given::<PortfolioState>(vec![
-            opened(),
-            deposited("1800.00000001", "1800.00000001"),
-            attached(S),
-        ])
-        .state()
-        .clone();
-        st.high_water_equity = dec("2000");
-        assert!(!halted(&st));
+        let mut st = with_mark("1800.00000001", dec("2000"));
+        assert!(!buys_halted(&st, &f));
         let withdraw = PortfolioCommand::Withdraw { amount: dec("181") };
         step(&mut st, &withdraw, &f).unwrap();
-        assert!(!halted(&st), "hwm {}", st.high_water_equity);
+        assert!(!buys_halted(&st, &f), "hwm {}", st.high_water_equity);
     }
 
     /// Over many marks, limits and flows: an equity exactly at the limit stays halted after a
@@ -1705,48 +1710,33 @@ mod tests {
     fn flows_keep_the_halt_at_its_exact_boundary() {
         let mut checked = 0;
         for dd in ["0.1", "0.15", "0.2", "0.25", "0.3", "0.35"] {
-            let f = facts_with(RiskProfile {
-                max_drawdown_pct: Some(dec(dd)),
-                ..profile()
-            });
-            let buy = signal(Side::Buy, "0.00000001", "1", Some("0"));
-            let halted = |st: &PortfolioState| {
-                let ev = st.decide(&buy, &f, &ctx()).unwrap();
-                matches!(&ev[0], Event::TradeSignalRejected(r) if r.reason == "TRADING_HALTED")
-            };
+            let f = drawdown_limit(dec(dd));
             for hwm in ["1000", "997", "1234.56789", "50000.5"] {
                 let limit = dec(hwm) * (Decimal::ONE - dec(dd));
                 for (above, want_halted) in [(Decimal::ZERO, true), (dec("0.00000001"), false)] {
                     let cash = (limit + above).to_string();
-                    for (op, amount) in [
-                        ("withdraw", "2"),
-                        ("withdraw", "181"),
-                        ("withdraw", "333.33333333"),
-                        ("deposit", "1"),
-                        ("deposit", "7.77777777"),
+                    for cmd in [
+                        PortfolioCommand::Withdraw { amount: dec("2") },
+                        PortfolioCommand::Withdraw { amount: dec("181") },
+                        PortfolioCommand::Withdraw {
+                            amount: dec("333.33333333"),
+                        },
+                        PortfolioCommand::Deposit { amount: dec("1") },
+                        PortfolioCommand::Deposit {
+                            amount: dec("7.77777777"),
+                        },
                     ] {
-                        let mut st = given::<PortfolioState>(vec![
-                            opened(),
-                            deposited(&cash, &cash),
-                            attached(S),
-                        ])
-                        .state()
-                        .clone();
-                        st.high_water_equity = dec(hwm);
-                        assert_eq!(halted(&st), want_halted, "before: {dd} {hwm} {cash}");
-                        let cmd = match op {
-                            "withdraw" => PortfolioCommand::Withdraw {
-                                amount: dec(amount),
-                            },
-                            _ => PortfolioCommand::Deposit {
-                                amount: dec(amount),
-                            },
-                        };
+                        let mut st = with_mark(&cash, dec(hwm));
+                        assert_eq!(
+                            buys_halted(&st, &f),
+                            want_halted,
+                            "before: {dd} {hwm} {cash}"
+                        );
                         step(&mut st, &cmd, &f).unwrap();
                         assert_eq!(
-                            halted(&st),
+                            buys_halted(&st, &f),
                             want_halted,
-                            "after {op} {amount}: dd {dd}, mark {hwm} -> {}, cash {}",
+                            "after {cmd:?}: dd {dd}, mark {hwm} -> {}, cash {}",
                             st.high_water_equity,
                             st.cash
                         );
@@ -1762,30 +1752,17 @@ mod tests {
         let mut at_limit = 0;
         for dd in 1..100 {
             let dd = Decimal::new(dd, 2);
-            let f = facts_with(RiskProfile {
-                max_drawdown_pct: Some(dd),
-                ..profile()
-            });
-            let buy = signal(Side::Buy, "0.00000001", "1", Some("0"));
+            let f = drawdown_limit(dd);
             for hwm in [dec("1000"), dec("10000")] {
                 let cash = hwm * (Decimal::ONE - dd);
-                for amount in [1, 2, 3, 7, 13, 201, 333] {
-                    let amount = Decimal::from(amount);
+                for amount in [1, 2, 3, 7, 13, 201, 333].map(Decimal::from) {
                     if amount >= cash {
                         continue;
                     }
-                    let mut st = given::<PortfolioState>(vec![
-                        opened(),
-                        deposited(&cash.to_string(), &cash.to_string()),
-                        attached(S),
-                    ])
-                    .state()
-                    .clone();
-                    st.high_water_equity = hwm;
+                    let mut st = with_mark(&cash.to_string(), hwm);
                     step(&mut st, &PortfolioCommand::Withdraw { amount }, &f).unwrap();
-                    let ev = st.decide(&buy, &f, &ctx()).unwrap();
                     assert!(
-                        matches!(&ev[0], Event::TradeSignalRejected(r) if r.reason == "TRADING_HALTED"),
+                        buys_halted(&st, &f),
                         "withdraw {amount}: dd {dd}, mark {hwm} -> {}, cash {}",
                         st.high_water_equity,
                         st.cash

@@ -245,9 +245,14 @@ pub async fn connect(
         cfg.options(format!("-c search_path={s}"));
     }
     bound_connecting(&mut cfg);
-    open(&cfg, tls.as_ref())
-        .await
-        .map_err(|e| DbError::Unavailable(pg_text(&e)))
+    open(&cfg, tls.as_ref()).await.map_err(|e| {
+        let text = pg_text(&e);
+        DbError::Unavailable(if e.code() == Some(&SqlState::INVALID_CATALOG_NAME) {
+            format!("{text}: run `chctl setup` first (it creates the database), or check CH_DATABASE_URL")
+        } else {
+            text
+        })
+    })
 }
 
 /// A failed connection's error with where it went (no password): "error connecting to
@@ -377,16 +382,7 @@ pub async fn require_migrations(
     schema: &str,
     migrations: &[Migration],
 ) -> Result<(), DbError> {
-    // `connect` keeps the error as text, with its SQLSTATE: 3D000 is no such database.
-    let hint = "run `chctl setup` first (it creates the database), or check CH_DATABASE_URL";
-    let client = connect(database_url, Some(schema))
-        .await
-        .map_err(|e| match e {
-            DbError::Unavailable(m) if m.contains("(SQLSTATE 3D000)") => {
-                DbError::Unavailable(format!("{m}: {hint}"))
-            }
-            e => e,
-        })?;
+    let client = connect(database_url, Some(schema)).await?;
     let missing = missing(&client, migrations).await?;
     if missing.is_empty() {
         return Ok(());

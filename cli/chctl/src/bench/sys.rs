@@ -110,21 +110,9 @@ impl Watched {
     /// for one here on the same port), and a local one of another user (its sockets are not
     /// readable) or in a container is not counted.
     pub fn with_nats(mut self, nats_url: &str) -> Watched {
-        let ports = nats_url
-            .split(',')
-            .filter_map(|url| {
-                let url = url.trim();
-                let hostport = url.rsplit_once("://").map_or(url, |(_, r)| r);
-                let hostport = hostport.rsplit_once('@').map_or(hostport, |(_, r)| r);
-                let hostport = hostport.split('/').next().unwrap_or_default();
-                // `[::1]:4222`, `h:4222`, `h`: a port after the last `:` outside brackets.
-                match hostport.rsplit_once(':') {
-                    Some((_, p)) if !p.contains(']') => p.parse().ok(),
-                    _ => Some(4222),
-                }
-            })
-            .collect();
-        self.nats_ports = Some(ports);
+        // As the workers read the list (an invalid one counts none).
+        let servers = ch_runtime::server_list(nats_url).unwrap_or_default();
+        self.nats_ports = Some(servers.iter().map(async_nats::ServerAddr::port).collect());
         self
     }
 
