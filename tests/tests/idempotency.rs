@@ -207,6 +207,44 @@ async fn a_refused_command_does_not_use_up_its_command_id() {
     assert_eq!(perf["cash"], "30");
 }
 
+/// A command sent without a `command_id` is de-duplicated by a message id of its own: a later
+/// command named by that command's event id (a reaction to the event) is a new command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_id_equal_to_an_unnamed_commands_event_id_is_a_new_command() {
+    let env = TestEnv::with_all_workers().await;
+    env.cmd("portfolio.update", open("p1", "u1")).await;
+    env.cmd("portfolio.update", open("p2", "u1")).await;
+    let event_id = |reply: &Value| -> Uuid {
+        reply["events"][0]["event_id"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("an event id in {reply}"))
+    };
+    let first = env.cmd("portfolio.update", deposit("p1", "100")).await;
+    let second = env.cmd("portfolio.update", deposit("p1", "1")).await;
+    // On the same aggregate: a withdrawal, not the deposit's duplicate.
+    let w = env
+        .cmd(
+            "portfolio.update",
+            with_id(withdraw("p1", "10"), event_id(&first)),
+        )
+        .await;
+    assert!(w.get("duplicate").is_none(), "{w}");
+    assert_eq!(w["events"][0]["type"], "FundsWithdrawn", "{w}");
+    assert_eq!(version(&w), 4);
+    // On another aggregate: stored, not `command_id_reused`.
+    let other = env
+        .cmd(
+            "portfolio.update",
+            with_id(deposit("p2", "5"), event_id(&second)),
+        )
+        .await;
+    assert!(other.get("duplicate").is_none(), "{other}");
+    assert_eq!(version(&other), 2);
+    let perf = env.performance_at("p1", seq(&other)).await;
+    assert_eq!(perf["cash"], "91");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strategy_create_without_id_resent_answers_the_same_generated_id() {
     let env = TestEnv::with_all_workers().await;

@@ -186,11 +186,13 @@ where
         // One message id and event id for every attempt: an append that was stored but whose
         // answer was lost (NATS going away in between) is then recognised when sent again, by
         // the server's de-duplication or as the conflict it meets, not decided and stored a
-        // second time. Without a `command_id` the message id is the first (v1: only) event's.
+        // second time. Without a `command_id` the message id is made from the first (v1: only)
+        // event's id, in a form no `command_id` takes: a client may well name a later command
+        // by an event's id (a reaction to it), and that must not meet this one's message id.
         let event_id = Uuid::now_v7();
         let msg_id = common
             .command_id
-            .map_or_else(|| event_id.to_string(), |c| c.to_string());
+            .map_or_else(|| unnamed_msg_id(event_id), |c| c.to_string());
         loop {
             if let Some(seq) = common
                 .command_id
@@ -350,6 +352,13 @@ where
             }
         }
     }
+}
+
+/// The `Nats-Msg-Id` of a command sent without a `command_id`: its first event's id, prefixed
+/// so that it is never a UUID, as every `command_id` is (they share the stream's
+/// de-duplication window).
+fn unnamed_msg_id(event_id: Uuid) -> String {
+    format!("event-{event_id}")
 }
 
 /// After a conflict: read what was appended since; if nothing new is visible (a lagging
