@@ -342,6 +342,23 @@ async fn analysis_validates_its_input_and_handles_empty_portfolios() {
     )
     .await
     .err(400, "bad_request");
+    // The interval by its name alone; no second 60 (ordered apart by chrono and Postgres).
+    for (q, message) in [
+        (
+            json!({"portfolio_id": "p1", "interval": {"1h": null}}),
+            "interval: invalid type: map, expected a string",
+        ),
+        (
+            json!({"portfolio_id": "p1", "from": "2026-01-01T00:00:60Z"}),
+            "from: second 60 (a leap second) is not taken: give the next second's time",
+        ),
+    ] {
+        let r = env
+            .request("query.portfolio.analysis", q)
+            .await
+            .err(400, "bad_request");
+        assert_eq!(r["error"]["message"], message, "{r}");
+    }
     let opened = env
         .cmd("portfolio.update", json!({"portfolio_id": "p1", "op": "open", "user_id": "u", "name": "n", "quote_currency": "USDT"}))
         .await;
@@ -393,6 +410,20 @@ async fn analysis_validates_its_input_and_handles_empty_portfolios() {
     let message = refused["error"]["message"].as_str().unwrap();
     assert!(
         message.contains("points at interval 1h: at most 20000"),
+        "{message}"
+    );
+    assert!(message.ends_with("narrow from/to or use 1d"), "{message}");
+    // Already daily: narrowing is the only way.
+    let refused = env
+        .request(
+            "query.portfolio.analysis",
+            json!({"portfolio_id": "p2", "to": "2026-01-01T00:00:00Z"}),
+        )
+        .await
+        .err(400, "bad_request");
+    let message = refused["error"]["message"].as_str().unwrap();
+    assert!(
+        message.ends_with("points at interval 1d: at most 20000; narrow from/to"),
         "{message}"
     );
 }

@@ -97,6 +97,17 @@ async fn strategies_ranked_by_realized_pnl_and_win_rate() {
     )
     .await
     .err(400, "bad_request");
+    let r = env
+        .request(
+            "query.strategy.leaderboard",
+            json!({"user_id": "u1", "by": {"win_rate": null}}),
+        )
+        .await
+        .err(400, "bad_request");
+    assert_eq!(
+        r["error"]["message"], "by: invalid type: map, expected a string",
+        "{r}"
+    );
 }
 
 /// A deleted strategy leaves the board unless `include_deleted`; a board holds 50 rows unless

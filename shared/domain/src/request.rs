@@ -237,6 +237,52 @@ pub fn read_json<T: DeserializeOwned>(text: &[u8]) -> Result<T, String> {
     })
 }
 
+/// Refuses a time written with second 60. RFC 3339 allows it for a leap second, and chrono
+/// takes it on any day, ordering `12:00:60.5` before `12:01:00.2`, while Postgres stores it as
+/// `12:01:00.5`, after: the command side and the read models would order events apart.
+///
+/// # Errors
+/// `bad_request` naming `field`.
+pub fn check_not_leap(field: &str, t: &DateTime<Utc>) -> Result<(), DomainError> {
+    if chrono::Timelike::nanosecond(t) >= 1_000_000_000 {
+        return Err(bad(format!(
+            "{field}: second 60 (a leap second) is not taken: give the next second's time"
+        )));
+    }
+    Ok(())
+}
+
+/// A field of a unit-only enum (`side`, a stake's `mode`, ...), read from its name alone.
+/// serde's derive also takes the externally tagged form, `{"buy": null}`, and calls `null`, a
+/// number or an array there "malformed JSON" without naming the field; this says "invalid
+/// type: ..., expected a string" of those, and serde's own "unknown variant" of other names.
+///
+/// # Errors
+/// The deserializer's, as above.
+pub fn by_name<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    let name = String::deserialize(d)?;
+    T::deserialize(serde::de::value::StringDeserializer::<D::Error>::new(name))
+}
+
+/// [`by_name`] for an optional field: absent or `null` is `T`'s default.
+///
+/// # Errors
+/// As [`by_name`].
+pub fn by_name_or_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    match Option::<String>::deserialize(d)? {
+        None => Ok(T::default()),
+        Some(name) => T::deserialize(serde::de::value::StringDeserializer::<D::Error>::new(name)),
+    }
+}
+
 /// Reads the remaining keys into `T`. An unknown key there is named with the command's own
 /// fields (`T`'s), and the ones every command takes besides, read before (the list serde gives
 /// knows only `T`'s, and "there are no fields" of an op like `close` misled).
@@ -284,9 +330,11 @@ fn parse_common(map: &mut RawMap) -> Result<Common, DomainError> {
         .map(|s| {
             // Kept to the microsecond, as Postgres keeps it: a finer `at` would order two
             // events one way on the write side and another way in the read models.
-            DateTime::parse_from_rfc3339(&s)
-                .map(|t| t.with_timezone(&Utc).trunc_subsecs(6))
-                .map_err(|e| bad(format!("at: must be an RFC 3339 timestamp ({e})")))
+            let t = DateTime::parse_from_rfc3339(&s)
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|e| bad(format!("at: must be an RFC 3339 timestamp ({e})")))?;
+            check_not_leap("at", &t)?;
+            Ok(t.trunc_subsecs(6))
         })
         .transpose()?;
     let id = |map: &mut RawMap, field: &str| -> Result<Option<String>, DomainError> {
@@ -480,6 +528,7 @@ struct SignalReq {
     portfolio_id: String,
     strategy_id: String,
     symbol: String,
+    #[serde(deserialize_with = "by_name")]
     side: Side,
     #[serde(deserialize_with = "exact::deserialize")]
     quantity: Decimal,
@@ -932,6 +981,14 @@ mod tests {
             &format!(r#"{{{base},"at":"2026-01-01 00:00:00"}}"#)
         )
         .starts_with("at: "));
+        // Second 60: chrono would order it before the next minute, Postgres after it.
+        for at in ["2026-12-01T12:00:60.5Z", "2016-12-31T23:59:60Z"] {
+            assert!(err(
+                Endpoint::PortfolioUpdate,
+                &format!(r#"{{{base},"at":"{at}"}}"#)
+            )
+            .starts_with("at: second 60 (a leap second) is not taken"));
+        }
         let p = parse(
             Endpoint::PortfolioUpdate,
             &format!(r#"{{{base},"correlation_id":"flow-7","causation_id":"0193-ab"}}"#),
@@ -1284,6 +1341,30 @@ mod tests {
         };
         assert!(err(Endpoint::SignalExecute, &body("hold", "1", "1", ""))
             .contains("unknown variant `hold`"));
+        // The name alone: not serde's tagged form, and a wrong type is named by its field.
+        let with_side = |side: &str| {
+            format!(
+                r#"{{"portfolio_id":"p-1","strategy_id":"s-1","symbol":"BTC-USDT","side":{side},"quantity":1,"price":1}}"#
+            )
+        };
+        assert_eq!(
+            err(Endpoint::SignalExecute, &with_side(r#"{"buy":null}"#)),
+            "side: invalid type: map, expected a string"
+        );
+        for (side, found) in [("null", "null"), ("1", "integer `1`"), ("[]", "sequence")] {
+            assert_eq!(
+                err(Endpoint::SignalExecute, &with_side(side)),
+                format!("side: invalid type: {found}, expected a string")
+            );
+        }
+        let strategy = format!(
+            r#"{{"user_id":"u-1","strategy_name":"n","risk_profile":{PROFILE},"rules":{}}}"#,
+            RULES.replace(r#""mode":"fixed_quote""#, r#""mode":{"fixed_quote":null}"#)
+        );
+        assert_eq!(
+            err(Endpoint::StrategyCreate, &strategy),
+            "rules[0].stake.mode: invalid type: map, expected a string"
+        );
         assert!(err(Endpoint::SignalExecute, &body("buy", "\"x\"", "1", ""))
             .starts_with("quantity: invalid decimal"));
         assert_eq!(

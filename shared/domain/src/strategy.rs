@@ -25,6 +25,7 @@ pub enum StakeMode {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Stake {
+    #[serde(deserialize_with = "crate::request::by_name")]
     pub mode: StakeMode,
     #[serde(deserialize_with = "exact::deserialize")]
     pub value: Decimal,

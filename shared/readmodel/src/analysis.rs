@@ -42,7 +42,7 @@ pub struct AnalysisQuery {
     pub portfolio_id: String,
     pub from: Option<DateTime<Utc>>,
     pub to: Option<DateTime<Utc>>,
-    #[serde(default, deserialize_with = "null_as_default")]
+    #[serde(default, deserialize_with = "ch_domain::request::by_name_or_default")]
     pub interval: Interval,
     pub risk_free_rate: Option<Rate>,
     pub min_stream_seq: Option<u64>,
@@ -71,7 +71,7 @@ pub enum RankBy {
 #[serde(deny_unknown_fields)]
 pub struct LeaderboardQuery {
     pub user_id: String,
-    #[serde(default, deserialize_with = "null_as_default")]
+    #[serde(default, deserialize_with = "ch_domain::request::by_name_or_default")]
     pub by: RankBy,
     pub limit: Option<u32>,
     #[serde(default, deserialize_with = "null_as_default")]
@@ -84,6 +84,11 @@ impl Validate for AnalysisQuery {
     fn validate(&self) -> Result<(), ApiError> {
         check_id("portfolio_id", &self.portfolio_id)?;
         parse_rate(&self.risk_free_rate)?;
+        for (field, t) in [("from", &self.from), ("to", &self.to)] {
+            if let Some(t) = t {
+                ch_domain::request::check_not_leap(field, t).map_err(ApiError::from)?;
+            }
+        }
         match (self.from, self.to) {
             (Some(f), Some(t)) if f >= t => Err(ApiError::bad_request("from: must be before to")),
             // Without `to`, the period ends now.
@@ -452,8 +457,13 @@ pub async fn portfolio_analysis(
     // Counted before they are listed: `to` may be centuries away.
     let points = analytics::boundary_count(from, to, q.interval);
     if points > MAX_POINTS as u64 {
+        let or_days = if q.interval == Interval::Day {
+            ""
+        } else {
+            " or use 1d"
+        };
         return Err(ApiError::bad_request(format!(
-            "the period has {points} points at interval {}: at most {MAX_POINTS}; narrow from/to or use 1d",
+            "the period has {points} points at interval {}: at most {MAX_POINTS}; narrow from/to{or_days}",
             q.interval.as_str()
         )));
     }
