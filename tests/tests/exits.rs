@@ -175,6 +175,10 @@ async fn a_trailing_stop_sells_the_whole_position_exactly_once() {
     let quiet = prices(&env, "BTC-USDT", &["104", "110", "120", "115", "109"]).await;
     let s = status_evaluated(&env, quiet).await;
     assert_eq!(s["counters"]["triggers"], 0, "{s}");
+    // Its status takes no fields.
+    env.request_raw("admin.exit-triggers.status", "[1, 2]")
+        .await
+        .err(400, "bad_request");
     assert_eq!(performance(&env, "p1").await["fill_count"], 1);
     // 107 <= 108: the trailing stop fires; the price keeps falling, through the stop loss too.
     let trigger = env.cmd("market.price", price("BTC-USDT", "107")).await;

@@ -1589,6 +1589,20 @@ async fn a_rebuild_asked_over_nats_replays_the_read_model() {
         .subscribe(env.subjects.progress("portfolio"))
         .await
         .unwrap();
+    // The admin endpoints take no fields: a body they do not know resets nothing.
+    for (suffix, body) in [
+        ("admin.projector.portfolio.rebuild", r#"{"dry_run": true}"#),
+        ("admin.projector.portfolio.status", "not json"),
+        ("admin.projector.strategy.status", "[1, 2]"),
+    ] {
+        let r = env.request_raw(suffix, body).await.err(400, "bad_request");
+        assert!(r["error"]["message"].is_string(), "{suffix}: {r}");
+    }
+    let status = env
+        .request("admin.projector.portfolio.status", json!({}))
+        .await
+        .ok();
+    assert_eq!(status["last_seq"], last, "{status}");
     let reply = env
         .request_raw("admin.projector.portfolio.rebuild", Vec::new())
         .await

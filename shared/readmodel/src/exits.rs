@@ -644,7 +644,8 @@ impl Worker {
 struct StatusHandler(Arc<Worker>);
 
 impl Handler for StatusHandler {
-    async fn handle(&self, _: &str, _: &Message) -> Result<Value, ApiError> {
+    async fn handle(&self, _: &str, msg: &Message) -> Result<Value, ApiError> {
+        ch_runtime::service::takes_no_fields(&msg.payload)?;
         self.0.status().await
     }
 }

@@ -1582,7 +1582,8 @@ impl<P: Projection> Projector<P> {
 struct StatusHandler<P: Projection>(Arc<Projector<P>>);
 
 impl<P: Projection> Handler for StatusHandler<P> {
-    async fn handle(&self, endpoint: &str, _: &async_nats::Message) -> Result<Value, ApiError> {
+    async fn handle(&self, endpoint: &str, msg: &async_nats::Message) -> Result<Value, ApiError> {
+        crate::service::takes_no_fields(&msg.payload)?;
         match endpoint {
             "rebuild" => self.0.rebuild_requested().await,
             _ => self.0.status().await,

@@ -33,6 +33,30 @@ pub fn endpoint_name(suffix: &str) -> String {
     suffix.replace('.', "_")
 }
 
+/// The body of a request that takes no fields (the admin endpoints'): empty, or an empty JSON
+/// object. Anything else is refused, as every endpoint refuses what it does not know: a
+/// `{"dry_run": true}` must not reset a read model.
+///
+/// # Errors
+/// `bad_request` naming what was sent.
+pub fn takes_no_fields(body: &[u8]) -> Result<(), ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(());
+    }
+    match serde_json::from_slice::<serde_json::Map<String, Value>>(body) {
+        Ok(fields) => match fields.keys().next() {
+            None => Ok(()),
+            Some(key) => Err(ApiError::bad_request(format!(
+                "unknown field `{key}`: this endpoint takes none (send an empty body or {{}})"
+            ))),
+        },
+        Err(e) if e.classify() == serde_json::error::Category::Data => Err(ApiError::bad_request(
+            "request body must be empty or a JSON object with no fields",
+        )),
+        Err(e) => Err(ApiError::bad_request(format!("malformed JSON: {e}"))),
+    }
+}
+
 /// Answers the requests of a service's endpoints.
 pub trait Handler: Send + Sync + 'static {
     /// # Errors
