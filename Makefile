@@ -4,7 +4,8 @@ SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
 .DEFAULT_GOAL := help
 
-CHCTL := target/debug/chctl
+# Where cargo puts it: CARGO_TARGET_DIR, if set, as cargo itself reads it.
+CHCTL := $(or $(CARGO_TARGET_DIR),target)/debug/chctl
 
 .PHONY: help run up down test chart bench bench-modes lint clean-run venv pg
 

@@ -47,7 +47,7 @@ scripts/venv.sh
 scripts/pg.sh
 echo "building the release binaries"
 cargo build --release --workspace --bins
-bin=target/release
+bin=${CARGO_TARGET_DIR:-target}/release
 
 store= run_dir= keep_logs=
 cleanup() {

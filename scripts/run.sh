@@ -23,6 +23,7 @@ fi
 scripts/venv.sh
 scripts/pg.sh
 cargo build --workspace --bins
+chctl=${CARGO_TARGET_DIR:-target}/debug/chctl
 
 # Empty is unset (the workers refuse an empty CH_NATS_URL).
 [[ ${CH_NATS_URL:-} =~ [^[:space:]] ]] || unset CH_NATS_URL
@@ -46,21 +47,20 @@ fi
 
 if [[ -n $detach ]]; then
     # Keep the server if the workers came up and the demo loaded: `make down` stops both (the
-    # server only if started here: a marker says so). Otherwise stop the workers too, rather
-    # than leave them retrying a server stopped here.
+    # server only if started here: a marker says so). Otherwise chctl has stopped the workers
+    # it started (not those of an earlier `make up` still running: it refuses to start then).
     rc=0
-    target/debug/chctl up --detach --demo || rc=$?
+    "$chctl" up --detach --demo || rc=$?
     if [[ $rc == 0 ]]; then
         [[ -z $started_nats ]] || : >.run/nats-started-by-up
         started_nats=
     else
-        target/debug/chctl down || true
         exit "$rc"
     fi
 else
     # The foreground job gets the terminal's Ctrl-C; chctl drains its workers and returns,
     # then the trap stops the nats-server started here.
     rc=0
-    target/debug/chctl up --demo || rc=$?
+    "$chctl" up --demo || rc=$?
     exit "$rc"
 fi

@@ -10,20 +10,23 @@ cd "$(dirname "$0")/.."
 export CH_NATS_URL=$1 CH_DATABASE_URL=$2
 export CH_SUBJECT_PREFIX=smoke CH_DB_SCHEMA=smoke
 export CH_RUN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/ch-smoke.XXXXXX")
+# Where cargo put the debug binaries (test.sh built them).
+bin=${CARGO_TARGET_DIR:-target}/debug
+chctl=$bin/chctl
 stop() {
     # A run that failed while the portfolios table was renamed away (below) puts it back.
     psql -q "$CH_DATABASE_URL" -c 'ALTER TABLE IF EXISTS smoke.portfolios_away RENAME TO portfolios' \
         >/dev/null 2>&1 || true
-    target/debug/chctl down >/dev/null 2>&1 || true
+    "$chctl" down >/dev/null 2>&1 || true
     rm -rf "$CH_RUN_DIR"
 }
 trap stop EXIT
 
-target/debug/chctl up --detach --bin-dir target/debug >/dev/null
+"$chctl" up --detach --bin-dir "$bin" >/dev/null
 .venv/bin/python tests/python/api_smoke.py
 
 # `chctl status`: every service up, and the projectors' Postgres sessions by their names.
-status=$(target/debug/chctl status) \
+status=$("$chctl" status) \
     || { printf 'smoke: chctl status reports a problem:\n%s\n' "$status" >&2; exit 1; }
 for w in proj-portfolio proj-strategy; do
     grep -Eq "^  smoke-$w +[1-9][0-9]* open," <<<"$status" \
@@ -31,9 +34,19 @@ for w in proj-portfolio proj-strategy; do
 done
 echo "smoke: chctl status: every service up, the projectors' database sessions by name"
 
+# A second `make up` while this one runs is refused, and leaves the running workers alone.
+if scripts/run.sh --detach >"$CH_RUN_DIR/up-again.log" 2>&1; then
+    echo "smoke: a second make up started while workers were running" >&2; exit 1
+fi
+grep -q "workers of an earlier \`up\` are still running" "$CH_RUN_DIR/up-again.log" \
+    || { cat "$CH_RUN_DIR/up-again.log" >&2; echo "smoke: a second make up failed otherwise" >&2; exit 1; }
+status=$("$chctl" status) \
+    || { printf 'smoke: a second make up stopped the running workers:\n%s\n' "$status" >&2; exit 1; }
+echo "smoke: a second make up is refused and leaves the running workers up"
+
 # `chctl rebuild` while the projectors run: each replays the stream, and chctl follows it to
 # the head it saw before the reset. The strategy projection counts its own events only.
-out=$(target/debug/chctl rebuild all --stall-timeout 30)
+out=$("$chctl" rebuild all --stall-timeout 30)
 strategy_events=$(sed -n "s/^strategy: rebuilding from \([0-9]*\) events (.* of the stream's [0-9]*)$/\1/p" <<<"$out")
 for p in portfolio strategy; do
     head=$(sed -n -e "s/^$p: rebuilding from [0-9]* events (.* of the stream's \([0-9]*\))$/\1/p" \
@@ -56,7 +69,7 @@ echo "smoke: chctl rebuild all: both running projectors replayed to the head"
 # to the rate it was given (a closed loop here runs at thousands per second), and report the
 # workers' own latencies and Postgres' CPU by the worker each backend serves.
 rate=200
-target/debug/chctl bench trade-flow --quick --signals 400 --rate "$rate" --query-rate 50 \
+"$chctl" bench trade-flow --quick --signals 400 --rate "$rate" --query-rate 50 \
     --out "$CH_RUN_DIR/bench" --tag smoke >"$CH_RUN_DIR/bench.log" 2>&1 \
     || { cat "$CH_RUN_DIR/bench.log" >&2; echo "smoke: chctl bench trade-flow failed" >&2; exit 1; }
 result=$(ls "$CH_RUN_DIR"/bench/*-smoke.json)
@@ -92,7 +105,7 @@ if "nats-server" not in r["cpu_seconds"] or "durability" not in r["ratio"]:
 if problems:
     sys.exit("smoke: chctl bench trade-flow: " + "; ".join(problems))
 PY
-target/debug/chctl bench compare "$result" | grep -q "400 signals from 8 clients at $rate/s" \
+"$chctl" bench compare "$result" | grep -q "400 signals from 8 clients at $rate/s" \
     || { echo "smoke: chctl bench compare did not describe the run" >&2; exit 1; }
 echo "smoke: chctl bench trade-flow --quick at $rate/s: 0 rows differing, 0 errors, beside the monolith"
 
@@ -101,11 +114,11 @@ echo "smoke: chctl bench trade-flow --quick at $rate/s: 0 rows differing, 0 erro
 # and passes again once the projector is through. Each status takes its own round trips; the
 # loops are bounded.
 psql -q -v ON_ERROR_STOP=1 "$CH_DATABASE_URL" -c 'ALTER TABLE smoke.portfolios RENAME TO portfolios_away'
-target/debug/chctl req portfolio.update \
+"$chctl" req portfolio.update \
     '{"portfolio_id":"smoke-failing","op":"open","user_id":"u1","name":"n","quote_currency":"USDT"}' >/dev/null
 failing=
 for _ in $(seq 100); do
-    if ! status=$(target/debug/chctl status) && grep -q "portfolio .*failing, [0-9]* failures in a row" <<<"$status"; then
+    if ! status=$("$chctl" status) && grep -q "portfolio .*failing, [0-9]* failures in a row" <<<"$status"; then
         failing=1
         break
     fi
@@ -114,7 +127,7 @@ psql -q -v ON_ERROR_STOP=1 "$CH_DATABASE_URL" -c 'ALTER TABLE smoke.portfolios_a
 [[ -n $failing ]] || { printf 'smoke: chctl status did not report the failing projector:\n%s\n' "$status" >&2; exit 1; }
 recovered=
 for _ in $(seq 100); do
-    if status=$(target/debug/chctl status); then
+    if status=$("$chctl" status); then
         recovered=1
         break
     fi
@@ -129,13 +142,13 @@ pid=$(awk '$1 == "exit-triggers" {print $2}' "$CH_RUN_DIR/workers.pids")
 kill -TERM "$pid"
 timeout 60 tail --pid="$pid" -f /dev/null \
     || { echo "smoke: exit-triggers did not stop within 60 s of SIGTERM" >&2; exit 1; }
-if status=$(target/debug/chctl status); then
+if status=$("$chctl" status); then
     printf 'smoke: chctl status passed with exit-triggers stopped:\n%s\n' "$status" >&2
     exit 1
 fi
 grep -q "^  down  smoke-exit-triggers$" <<<"$status" \
     || { printf 'smoke: chctl status did not name the stopped worker:\n%s\n' "$status" >&2; exit 1; }
-status=$(target/debug/chctl status --skip exit-triggers,cmd-market) \
+status=$("$chctl" status --skip exit-triggers,cmd-market) \
     || { printf 'smoke: chctl status --skip failed:\n%s\n' "$status" >&2; exit 1; }
 grep -q "^  skip  smoke-cmd-market$" <<<"$status" \
     || { printf 'smoke: chctl status --skip did not say what it skipped:\n%s\n' "$status" >&2; exit 1; }
@@ -143,10 +156,10 @@ echo "smoke: chctl status fails on a stopped worker, and passes with it skipped"
 
 # A worker stopped while it still waits for NATS (a pod deleted during its start) ends at once
 # and cleanly: its SIGTERM handler is there before it logs `starting`.
-.venv/bin/python - <<'PY'
+CH_SMOKE_BIN=$bin .venv/bin/python - <<'PY'
 import os, signal, subprocess, sys
 env = dict(os.environ, CH_NATS_URL="nats://127.0.0.1:1", RUST_LOG="info", CH_LOG_FORMAT="json")
-p = subprocess.Popen(["target/debug/cmd-market"], env=env, stdout=subprocess.PIPE, text=True)
+p = subprocess.Popen([os.environ["CH_SMOKE_BIN"] + "/cmd-market"], env=env, stdout=subprocess.PIPE, text=True)
 for line in p.stdout:
     if '"starting"' in line:
         break

@@ -378,6 +378,13 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<ExitCode> {
     print_howto(ctx);
 
     if args.detach {
+        if code != ExitCode::SUCCESS {
+            // Not left running on a failed `up` (whose caller may stop the server they use).
+            eprintln!("stopping the workers");
+            fleet.stop(Duration::from_secs(10)).await;
+            procs::remove_pid_file(&ctx.pid_file());
+            return Ok(code);
+        }
         println!(
             "\nworkers detached (pids in {}); stop them with `chctl down` (or `make down`)",
             ctx.pid_file().display()
