@@ -132,6 +132,21 @@ async fn ensure_stream_once(
                 num_replicas: current.num_replicas,
                 ..cfg
             };
+            // Prefixes that differ only in case or in `-` against `_` name the same stream:
+            // another prefix's event store is never taken over.
+            if let Some(theirs) = current
+                .subjects
+                .iter()
+                .find(|s| s.ends_with(".events.>") && !wanted.subjects.contains(s))
+            {
+                return Err(StoreError::Other(format!(
+                    "stream {} is the event store of subjects {theirs}, not {}: prefixes that \
+                     differ only in case or in - against _ share a stream name; choose \
+                     another CH_SUBJECT_PREFIX",
+                    wanted.name,
+                    wanted.subjects.join(", ")
+                )));
+            }
             if current.subjects != wanted.subjects
                 || current.deny_delete != wanted.deny_delete
                 || current.deny_purge != wanted.deny_purge
@@ -144,7 +159,21 @@ async fn ensure_stream_once(
             Ok(s)
         }
         Err(_) => {
-            let s = js.create_stream(cfg.clone()).await.map_err(unavailable)?;
+            let s = js.create_stream(cfg.clone()).await.map_err(|e| {
+                use async_nats::jetstream::context::CreateStreamErrorKind;
+                use async_nats::jetstream::ErrorCode;
+                match e.kind() {
+                    // A single server refuses replicas for good: not a cluster still forming.
+                    CreateStreamErrorKind::JetStream(j)
+                        if j.error_code() == ErrorCode::STREAM_REPLICAS_NOT_SUPPORTED =>
+                    {
+                        StoreError::Other(format!(
+                            "{e}: CH_STREAM_REPLICAS={replicas} needs a JetStream cluster"
+                        ))
+                    }
+                    _ => unavailable(e),
+                }
+            })?;
             info!(stream = %cfg.name, replicas, "created stream");
             if replicas > 1 {
                 wait_for_leader(&s).await?;

@@ -1,0 +1,97 @@
+//! The event stream as API.md and DESIGN.md define it: append-only by its configuration, the
+//! headers every event carries, and one stream per subject prefix.
+
+use async_nats::jetstream;
+use ch_e2e::fixtures::{deposit, open, seq};
+use ch_e2e::{TestEnv, Worker};
+use ch_runtime::eventstore;
+use ch_runtime::Subjects;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_is_append_only_and_its_events_carry_their_headers() {
+    let mut env = TestEnv::new().await;
+    env.start(Worker::CmdPortfolio).await;
+    env.cmd("portfolio.update", open("p1", "u1")).await;
+    let deposited = env.cmd("portfolio.update", deposit("p1", "100")).await;
+
+    let cfg = env.stream_info().await.config;
+    assert!(cfg.deny_delete && cfg.deny_purge, "{cfg:?}");
+    assert!(cfg.allow_direct, "{cfg:?}");
+    assert_eq!(cfg.duplicate_window, Duration::from_secs(600));
+    assert_eq!(
+        cfg.subjects,
+        [format!("{}.events.>", env.subjects.prefix())]
+    );
+    let js = jetstream::new(env.client.clone());
+    let stream = js
+        .get_stream(env.subjects.stream_name())
+        .await
+        .expect("stream");
+    assert!(stream.delete_message(seq(&deposited)).await.is_err());
+    assert!(stream.purge().await.is_err());
+    assert_eq!(env.last_seq().await, seq(&deposited));
+
+    let raw = stream
+        .get_raw_message(seq(&deposited))
+        .await
+        .expect("the deposit");
+    let header = |name: &str| {
+        raw.headers
+            .get(name)
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_else(|| panic!("no {name} header: {:?}", raw.headers))
+    };
+    assert_eq!(header("Ch-Event-Type"), "FundsDeposited");
+    assert_eq!(header("Ch-Schema-Version"), "1");
+    assert_eq!(header("Content-Type"), "application/json");
+    assert_eq!(
+        header("Nats-Msg-Id"),
+        format!(
+            "event-{}",
+            deposited["events"][0]["event_id"].as_str().unwrap()
+        )
+    );
+}
+
+/// `ch` and `CH`, or `a-b` and `a_b`, name the same stream: set-up for the second refuses to
+/// take the first's over, which keeps its subjects and its workers' appends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_that_names_another_prefixs_stream_is_refused() {
+    let mut env = TestEnv::new().await;
+    env.start(Worker::CmdPortfolio).await;
+    let js = jetstream::new(env.client.clone());
+    let upper = Subjects::new(env.subjects.prefix().to_uppercase());
+    assert_eq!(upper.stream_name(), env.subjects.stream_name());
+    let refused = eventstore::ensure_stream(&js, &upper, 1)
+        .await
+        .expect_err("another prefix's stream taken over");
+    assert!(
+        refused.to_string().contains("share a stream name"),
+        "{refused}"
+    );
+    let cfg = env.stream_info().await.config;
+    assert_eq!(
+        cfg.subjects,
+        [format!("{}.events.>", env.subjects.prefix())]
+    );
+    env.cmd("portfolio.update", open("p1", "u1")).await;
+}
+
+/// A single server refuses a replicated stream for good: set-up says so at once, naming the
+/// setting, rather than asking again for its 30 s as it would a cluster still forming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_on_a_single_server_are_refused_at_once() {
+    let env = TestEnv::new().await;
+    let js = jetstream::new(env.client.clone());
+    let other = Subjects::new(format!("{}r", env.subjects.prefix()));
+    let refused = eventstore::ensure_stream(&js, &other, 3)
+        .await
+        .expect_err("a replicated stream on one server");
+    assert!(
+        refused
+            .to_string()
+            .contains("CH_STREAM_REPLICAS=3 needs a JetStream cluster"),
+        "{refused}"
+    );
+}
