@@ -37,6 +37,10 @@ async fn immediate_says_not_projected_when_a_projector_is_down() {
     env.cfg.immediate_timeout = Duration::from_millis(200);
     env.start_all(&[Worker::CmdPortfolio, Worker::ProjStrategy])
         .await;
+    // There at 0 before the first such reply.
+    let stats = env.service_stats(Worker::CmdPortfolio, 1).await.remove(0);
+    let gauges = &stats["endpoints"][0]["data"]["gauges"];
+    assert_eq!(gauges["not_projected"], 0, "{stats}");
     let opened = env.cmd("portfolio.update", open("p1", "u1")).await;
     assert_eq!(opened["projected"], false, "{opened}");
     // Counted for an operator, in the worker's `$SRV.STATS`.

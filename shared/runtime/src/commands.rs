@@ -251,6 +251,8 @@ pub async fn run(
             .map(|e| (e.name(), app.subjects.command(e.name()))),
     );
     let immediate = if app.cfg.sync == SyncMode::Immediate {
+        // There from the start, at 0, as the projectors' gauges are.
+        app.metrics.gauge("not_projected", 0);
         let progress = Progress::subscribe(&app.client, &app.subjects, &PROJECTIONS).await?;
         Some((progress, app.cfg.immediate_timeout))
     } else {
