@@ -206,6 +206,53 @@ async fn a_projector_with_a_pool_of_one_refuses_to_start() {
 
 /// The error a worker's run stopped with at once. Bounded: one that took what it should have
 /// refused would run on.
+/// A schema holds the read models of one stream: a worker or `chctl` of another subject prefix
+/// pointed at it (`CH_DB_SCHEMA` forgotten) stops and says so, and resets nothing.
+#[tokio::test]
+async fn a_schema_holds_the_read_models_of_one_stream() {
+    let mut env = TestEnv::new().await;
+    env.start_all(&[
+        Worker::CmdPortfolio,
+        Worker::ProjPortfolio,
+        Worker::QueryPortfolio,
+    ])
+    .await;
+    let opened = env.cmd("portfolio.update", open("p1", "u1")).await;
+    env.performance_at("p1", seq(&opened)).await;
+
+    let mut cfg = env.app_config();
+    cfg.prefix = format!("{}x", env.cfg.prefix);
+    let other = ch_runtime::Subjects::new(cfg.prefix.clone());
+    let js = async_nats::jetstream::new(env.client.clone());
+    ch_runtime::eventstore::ensure_stream(&js, &other, 1)
+        .await
+        .expect("the other prefix's stream");
+    let said = format!(
+        "holds the read models of stream {}, not {}",
+        env.subjects.stream_name(),
+        other.stream_name()
+    );
+    // As a projector or `chctl rebuild` starts.
+    let app = App::start(cfg.clone(), "chctl").await.expect("app");
+    let err = ch_readmodel::workers::migrate(&app)
+        .await
+        .expect_err("another stream's schema claimed");
+    assert!(err.to_string().contains(&said), "{err}");
+    // As a query worker starts.
+    let queries = [ch_readmodel::workers::Query::PortfolioPerformance];
+    let app = App::start(cfg, "query-portfolio").await.expect("app");
+    let text = refused_at_once(ch_readmodel::workers::run_queries(
+        app,
+        &queries,
+        Default::default(),
+    ))
+    .await;
+    assert!(text.contains(&said), "{text}");
+    // The read model is as it was.
+    let perf = env.performance_at("p1", seq(&opened)).await;
+    assert_eq!(perf["version"], 1, "{perf}");
+}
+
 async fn refused_at_once<E: std::fmt::Display>(
     run: impl std::future::Future<Output = Result<(), E>>,
 ) -> String {

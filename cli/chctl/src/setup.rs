@@ -72,6 +72,7 @@ pub async fn run(ctx: &Ctx, args: &Opts) -> Result<()> {
     pg::migrate(url, schema, MIGRATIONS)
         .await
         .with_context(hint)?;
+    pg::check_stream(url, schema, &ctx.subjects.stream_name(), true).await?;
     let after = applied(url, schema).await;
     println!(
         "database  {}: {}",

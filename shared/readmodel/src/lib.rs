@@ -37,6 +37,7 @@ pub const MIGRATIONS: &[Migration] = migrations![
     5 "005" "trades_by_portfolio",
     6 "006" "fills_carry_positions",
     7 "007" "round_trip_rows",
+    8 "008" "stream",
 ];
 
 /// Plain-notation string of a decimal as replies carry it (`"14990"`, not `"14990.000"`).

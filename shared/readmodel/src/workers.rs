@@ -20,13 +20,17 @@ use crate::analysis::{self, AnalysisQuery, LeaderboardQuery};
 use crate::queries::{self, Consistency, PerformanceQuery, StrategyGetQuery, StrategyListQuery};
 use crate::{PortfolioProjection, StrategyProjection, MIGRATIONS};
 
-/// Applies the read-model migrations to the configured schema (idempotent).
+/// Applies the read-model migrations to the configured schema (idempotent), and claims the
+/// schema for the configured stream.
 ///
 /// # Errors
-/// [`DbError`] when the database cannot be reached or a migration fails.
+/// [`DbError`] when the database cannot be reached, a migration fails, or the schema holds
+/// another stream's read models.
 pub async fn migrate(app: &App) -> Result<(), DbError> {
-    ch_runtime::pg::ensure_database(&app.cfg.database_url).await?;
-    ch_runtime::pg::migrate(&app.cfg.database_url, &app.cfg.db_schema, MIGRATIONS).await
+    let (url, schema) = (&app.cfg.database_url, &app.cfg.db_schema);
+    ch_runtime::pg::ensure_database(url).await?;
+    ch_runtime::pg::migrate(url, schema, MIGRATIONS).await?;
+    ch_runtime::pg::check_stream(url, schema, &app.subjects.stream_name(), true).await
 }
 
 /// What a worker does about the read-model migrations as it starts.
@@ -53,7 +57,8 @@ pub(crate) async fn migrated(
             Schema::Migrate => migrate(app).await,
             Schema::Require => {
                 let (url, name) = (&app.cfg.database_url, &app.cfg.db_schema);
-                ch_runtime::pg::require_migrations(url, name, MIGRATIONS).await
+                ch_runtime::pg::require_migrations(url, name, MIGRATIONS).await?;
+                ch_runtime::pg::check_stream(url, name, &app.subjects.stream_name(), false).await
             }
         }
     };

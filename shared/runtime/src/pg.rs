@@ -395,6 +395,45 @@ pub async fn require_migrations(
     )))
 }
 
+/// Checks that the read models in `schema` are folded from `stream` (the `ch_stream` row of
+/// the read-model migrations): with `claim`, a schema that names no stream yet is given this
+/// one (the workers that write: projectors, `chctl setup` and `rebuild`); without, it is left
+/// as it is (the workers that only read).
+///
+/// # Errors
+/// [`DbError::Unavailable`] when the schema holds another stream's read models, naming both
+/// and the setting to change; [`DbError`] on database trouble.
+pub async fn check_stream(
+    database_url: &str,
+    schema: &str,
+    stream: &str,
+    claim: bool,
+) -> Result<(), DbError> {
+    let client = connect(database_url, Some(schema)).await?;
+    if claim {
+        client
+            .execute(
+                "INSERT INTO ch_stream (stream) VALUES ($1) ON CONFLICT DO NOTHING",
+                &[&stream],
+            )
+            .await?;
+    }
+    let row = match client.query_opt("SELECT stream FROM ch_stream", &[]).await {
+        Ok(row) => row,
+        // A role that may only read, granted the tables before this one was made (an
+        // upgrade): the workers that write have checked it.
+        Err(e) if !claim && e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    match row.map(|r| r.get::<_, String>(0)) {
+        Some(theirs) if theirs != stream => Err(DbError::Unavailable(format!(
+            "schema {schema} holds the read models of stream {theirs}, not {stream}: each subject \
+             prefix needs a CH_DB_SCHEMA of its own (`make up` names it after the prefix)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// The versions of `migrations` that the schema on `client`'s search path has not applied.
 async fn missing(
     client: &tokio_postgres::Client,
