@@ -90,9 +90,10 @@ pub async fn run(ctx: &Ctx, args: &Opts) -> Result<()> {
         MIGRATIONS.len()
     );
 
-    // A read model ahead of the stream was built from another stream (the stream was recreated,
-    // e.g. after `make clean-run`, or another prefix shares this schema): it would skip the
-    // new events. Read models are disposable: empty it, its projector replays the stream.
+    // A read model ahead of the stream was built from an earlier stream of the same name (the
+    // stream was recreated, e.g. after `make clean-run`; another prefix's schema was refused
+    // above): it would skip the new events. Read models are disposable: empty it, its
+    // projector replays the stream.
     let app = App::start(ctx.cfg.clone(), "chctl").await?;
     reset_if_ahead(&app, &stream, PortfolioProjection::default()).await?;
     reset_if_ahead(&app, &stream, StrategyProjection).await?;
