@@ -233,6 +233,18 @@ async fn a_week_with_a_mid_week_deposit_and_a_late_price() {
         "volatility",
     );
     close(m["sharpe"].as_f64().unwrap(), sharpe, "sharpe");
+    // A risk-free rate, annual, taken daily as (1 + rf)^(1/365) - 1 (DOMAIN.md): the excess
+    // returns' deviation is the returns', their mean lower by the daily rate.
+    let mut with_rf = q.clone();
+    with_rf["risk_free_rate"] = json!("0.05");
+    let rf_reply = env.query_at("portfolio.analysis", with_rf, seq).await;
+    let (mean, _, _, _) = stats(&navs);
+    let daily = 1.05f64.powf(1.0 / 365.0) - 1.0;
+    close(
+        rf_reply["metrics"]["sharpe"].as_f64().unwrap(),
+        (mean - daily) / std * 365f64.sqrt(),
+        "sharpe at a risk-free rate of 5 %",
+    );
     close(m["max_drawdown"].as_f64().unwrap(), mdd, "max_drawdown");
     close(
         m["cagr"].as_f64().unwrap(),

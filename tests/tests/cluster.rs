@@ -259,8 +259,9 @@ async fn deposits_across_a_crash_of_the_stream_leader_are_stored_exactly_once() 
     .await;
 }
 
-/// `CH_NATS_URL` may list several servers (a cluster's nodes): a worker whose list starts
-/// with a node that is down starts on another and serves.
+/// `CH_NATS_URL` may list several servers (a cluster's nodes): a worker whose list holds a
+/// node that is down starts on another and serves. async-nats tries the list in a random
+/// order, so about half the runs meet the node that is down first.
 #[tokio::test]
 async fn a_worker_starts_on_a_server_list_with_a_node_down() {
     let mut env = TestEnv::on_own_cluster().await;

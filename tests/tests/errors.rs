@@ -602,6 +602,14 @@ async fn query_errors_stale_and_timeout_bounds() {
 
     // stale: a sequence the stream will not reach within 50 ms.
     let far = last + 1_000_000;
+    // The bound a `stale` message says it waited.
+    let bound = |msg: &str| -> u64 {
+        msg.trim_end_matches(" ms")
+            .rsplit(' ')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no bound in {msg:?}"))
+    };
     let q = json!({"portfolio_id": "p1", "min_stream_seq": far, "timeout_ms": 50});
     // The client's own bound (what was left of it once the request was read), not the
     // default 2 s.
@@ -610,13 +618,22 @@ async fn query_errors_stale_and_timeout_bounds() {
         STALE,
         &[&far.to_string(), " ms"],
     );
-    let waited: u64 = msg
-        .trim_end_matches(" ms")
-        .rsplit(' ')
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no bound in {msg:?}"));
+    let waited = bound(&msg);
     assert!(waited <= 50, "{msg}");
+    // Without `timeout_ms`, API.md's default bound of 2 s (less what reading the request took).
+    let started = std::time::Instant::now();
+    let msg = check_error(
+        env.request(
+            "query.portfolio.performance",
+            json!({"portfolio_id": "p1", "min_stream_seq": far}),
+        )
+        .await,
+        STALE,
+        &[&far.to_string(), " ms"],
+    );
+    let waited = bound(&msg);
+    assert!((1_900..=2_000).contains(&waited), "{msg}");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(1_900));
     for (name, q) in [
         (
             "strategy.get",
