@@ -988,10 +988,57 @@ impl TestEnv {
 }
 
 impl Drop for TestEnv {
+    /// Stops the workers, then removes the environment's schema (and its stream, on a shared
+    /// server; a server of its own takes its store with it), unless the test failed: then
+    /// both are kept for a look, and named.
     fn drop(&mut self) {
         for r in self.running.drain(..) {
             r.token.cancel();
             r.handle.abort();
+        }
+        let schema = self.cfg.db_schema.clone();
+        let shared = self.own_nats.is_none() && self.own_cluster.is_none();
+        let stream = shared.then(|| (self.cfg.nats_url.clone(), self.subjects.stream_name()));
+        if std::thread::panicking() {
+            eprintln!("test failed: its schema {schema} and stream are kept");
+            return;
+        }
+        let url = self.cfg.database_url.clone();
+        // On a thread and runtime of its own: Drop cannot await, and the test's runtime may
+        // have a single thread, this one. Bounded: a session of a worker just aborted may
+        // still hold a lock for a moment.
+        let removed = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            rt.block_on(async move {
+                let pg = ch_runtime::pg::connect(&url, None)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let quoted = schema.replace('"', "\"\"");
+                pg.batch_execute(&format!(
+                    "SET lock_timeout = '5s'; DROP SCHEMA IF EXISTS \"{quoted}\" CASCADE"
+                ))
+                .await
+                .map_err(|e| format!("dropping schema {schema}: {e}"))?;
+                if let Some((nats_url, name)) = stream {
+                    let client = async_nats::connect(nats_url)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    async_nats::jetstream::new(client)
+                        .delete_stream(&name)
+                        .await
+                        .map_err(|e| format!("deleting stream {name}: {e}"))?;
+                }
+                Ok::<(), String>(())
+            })
+        })
+        .join();
+        match removed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("test environment left behind: {e}"),
+            Err(_) => eprintln!("test environment left behind: its clean-up panicked"),
         }
     }
 }
