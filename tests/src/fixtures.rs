@@ -103,8 +103,6 @@ pub fn strategy_with(
     v
 }
 
-/// A command reply's `stream_seq` (the consistency token for queries).
-#[track_caller]
 /// The `strategy_id`s of a reply's `strategies` (a list or a leaderboard), in its order.
 pub fn strategy_ids(reply: &Value) -> Vec<&str> {
     reply["strategies"]
@@ -115,6 +113,8 @@ pub fn strategy_ids(reply: &Value) -> Vec<&str> {
         .collect()
 }
 
+/// A command reply's `stream_seq` (the consistency token for queries).
+#[track_caller]
 pub fn seq(reply: &Value) -> u64 {
     reply["stream_seq"]
         .as_u64()

@@ -747,6 +747,26 @@ async fn query_errors_stale_and_timeout_bounds() {
         .await
         .ok();
     assert_eq!(long["risk_free_rate"], 0.03, "{long}");
+    // As a number is read: an exponent, and digits beyond a Decimal's 28 places.
+    for (text, read) in [("1e-30", 1e-30), ("0.00000000000000000000000000001", 1e-29)] {
+        let r = env
+            .request("query.portfolio.analysis", rate(text))
+            .await
+            .ok();
+        // (serde_json's reading of the reply, not correctly rounded at such exponents)
+        let echoed = r["risk_free_rate"].as_f64().expect("a number");
+        assert!((echoed - read).abs() <= read * 1e-12, "{text}: {r}");
+    }
+    let mut q = rate("0");
+    q["risk_free_rate"] = true.into();
+    let r = env
+        .request("query.portfolio.analysis", q)
+        .await
+        .err(400, "bad_request");
+    assert_eq!(
+        r["error"]["message"], "risk_free_rate: expected a number or a decimal string",
+        "{r}"
+    );
 
     // timeout_ms above 10000 (and 0) is bad_request; 10000 itself is fine.
     for (name, mut q) in [

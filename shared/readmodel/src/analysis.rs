@@ -11,11 +11,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use ch_domain::analytics::{self, Interval, NavPoint, Observation, Totals};
-use ch_domain::money::parse_decimal;
 use ch_domain::portfolio::Position;
 use ch_runtime::error::{ApiError, DbError};
 use chrono::{DateTime, Utc};
-use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -30,7 +28,7 @@ pub const MAX_POINTS: usize = 20_000;
 
 /// A rate given as a JSON number or a decimal string.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "expected a number or a decimal string")]
 pub enum Rate {
     Number(f64),
     Text(String),
@@ -392,14 +390,11 @@ fn parse_rate(r: &Option<Rate>) -> Result<f64, ApiError> {
     let rate = match r {
         None => 0.0,
         Some(Rate::Number(x)) => *x,
-        // Exactly as any decimal (exponents too), else rounded (a rate with more digits
-        // than a Decimal holds: it becomes an f64 anyway).
-        Some(Rate::Text(s)) => parse_decimal(s)
-            .or_else(|| s.parse::<Decimal>().ok())
-            .and_then(|d| d.to_f64())
-            .ok_or_else(|| {
-                ApiError::bad_request(format!("risk_free_rate: invalid decimal {s:?}"))
-            })?,
+        // It is an f64 in the statistics (DOMAIN.md): read as one, to the nearest, exponents
+        // and any count of digits taken as a JSON number's are.
+        Some(Rate::Text(s)) => s
+            .parse::<f64>()
+            .map_err(|_| ApiError::bad_request(format!("risk_free_rate: invalid decimal {s:?}")))?,
     };
     if !rate.is_finite() || rate <= -1.0 {
         return Err(ApiError::bad_request(
