@@ -158,6 +158,7 @@ def main():
         "an unknown sync mode": {"sync": {"mode": "fast"}},
         "a subject prefix with a dot": {"nats": {"subjectPrefix": "a.b"}},
         "an upper-case schema": {"database": {"schema": "MySchema"}},
+        "a schema PostgreSQL reserves": {"database": {"schema": "pg_desk"}},
         "a pool of one (a projector's lock holds a session)": {"database": {"pool": 1}},
         "no database": {"database": {"url": "", "existingSecret": ""}},
         "no NATS": {"nats": {"url": ""}},
@@ -181,6 +182,17 @@ def main():
     kinds = sorted(d["kind"] for d in docs)
     check("setup and tests disabled: only the Deployments and the release's Secret",
           kinds == ["Deployment"] * len(workers) + ["Secret"], kinds)
+
+    # A prefix whose schema PostgreSQL would refuse fails the install, unless a schema is given.
+    try:
+        render({"nats": {"subjectPrefix": "PG-desk"}})
+        refusal = "rendered"
+    except Exception as e:  # the SDK raises Helm's error as it is
+        refusal = str(e)
+    check("a prefix that makes a pg_ schema fails the install",
+          "reserves names beginning with pg_" in refusal, refusal)
+    check("a prefix that makes a pg_ schema passes with a schema of its own",
+          not lint_errors({"nats": {"subjectPrefix": "PG-desk"}, "database": {"schema": "desk"}}))
 
     # The schema follows the prefix unless given (releases on other prefixes keep apart).
     for values, want in (({}, "public"), ({"nats": {"subjectPrefix": "Desk-2"}}, "desk_2"),

@@ -69,9 +69,10 @@ pub async fn run(ctx: &Ctx, args: &Opts) -> Result<()> {
     let db_existed = pg::connect(url, None).await.is_ok();
     pg::ensure_database(url).await.with_context(hint)?;
     let before = applied(url, schema).await;
+    // Postgres answered above: what fails here is the schema, not the server.
     pg::migrate(url, schema, MIGRATIONS)
         .await
-        .with_context(hint)?;
+        .with_context(|| format!("schema {schema} at {}", redact(url)))?;
     pg::check_stream(url, schema, &ctx.subjects.stream_name(), true).await?;
     let after = applied(url, schema).await;
     println!(

@@ -56,7 +56,11 @@ app.kubernetes.io/part-of: cipherhorizon
 {{- else if eq .Values.nats.subjectPrefix "ch" -}}
 public
 {{- else -}}
-{{- .Values.nats.subjectPrefix | lower | replace "-" "_" -}}
+{{- $schema := .Values.nats.subjectPrefix | lower | replace "-" "_" -}}
+{{- if hasPrefix "pg_" $schema -}}
+{{- fail (printf "nats.subjectPrefix %q makes the schema %q, and PostgreSQL reserves names beginning with pg_: set database.schema" .Values.nats.subjectPrefix $schema) -}}
+{{- end -}}
+{{- $schema -}}
 {{- end -}}
 {{- end -}}
 

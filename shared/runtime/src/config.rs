@@ -230,6 +230,12 @@ impl Config {
                     "CH_DB_SCHEMA={v:?} must match [a-z0-9_-]{{1,32}}"
                 )));
             }
+            if v.starts_with("pg_") {
+                return Err(ConfigError(format!(
+                    "CH_DB_SCHEMA={v:?}: PostgreSQL reserves schema names that begin with pg_ \
+                     (one derived from CH_SUBJECT_PREFIX too: set CH_DB_SCHEMA)"
+                )));
+            }
             c.db_schema = v;
         }
         if let Some(v) = get("CH_SUBJECT_PREFIX") {
@@ -497,6 +503,12 @@ mod tests {
     fn rejects_a_schema_in_upper_case_and_an_unknown_log_format() {
         let e = cfg(&[("CH_DB_SCHEMA", "Bench")]).unwrap_err();
         assert!(e.0.contains("CH_DB_SCHEMA"), "{}", e.0);
+        let e = cfg(&[("CH_DB_SCHEMA", "pg_desk")]).unwrap_err();
+        assert!(e.0.contains("reserves schema names"), "{}", e.0);
+        assert_eq!(
+            cfg(&[("CH_DB_SCHEMA", "pgdesk")]).unwrap().db_schema,
+            "pgdesk"
+        );
         assert_eq!(
             cfg(&[("CH_DB_SCHEMA", "bench_1")]).unwrap().db_schema,
             "bench_1"

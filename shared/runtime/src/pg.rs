@@ -13,7 +13,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{IsNull, ToSql, Type};
 use tokio_postgres::NoTls;
 use tokio_postgres_rustls::MakeRustlsConnect;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::error::{pg_text, DbError};
 
@@ -421,8 +421,16 @@ pub async fn check_stream(
     let row = match client.query_opt("SELECT stream FROM ch_stream", &[]).await {
         Ok(row) => row,
         // A role that may only read, granted the tables before this one was made (an
-        // upgrade): the workers that write have checked it.
-        Err(e) if !claim && e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => return Ok(()),
+        // upgrade): it starts, unchecked, and says so (the workers that write have checked).
+        Err(e) if !claim && e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
+            warn!(
+                schema,
+                stream,
+                "this role may not read ch_stream: whose read models the schema holds is not \
+                 checked (GRANT SELECT ON ch_stream to it, as on every read-model table)"
+            );
+            return Ok(());
+        }
         Err(e) => return Err(e.into()),
     };
     match row.map(|r| r.get::<_, String>(0)) {
