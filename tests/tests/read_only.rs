@@ -212,8 +212,6 @@ async fn a_projector_with_a_pool_of_one_refuses_to_start() {
     );
 }
 
-/// The error a worker's run stopped with at once. Bounded: one that took what it should have
-/// refused would run on.
 /// A schema holds the read models of one stream: a worker or `chctl` of another subject prefix
 /// pointed at it (`CH_DB_SCHEMA` forgotten) stops and says so, and resets nothing.
 #[tokio::test]
@@ -248,7 +246,9 @@ async fn a_schema_holds_the_read_models_of_one_stream() {
     assert!(err.to_string().contains(&said), "{err}");
     // As a query worker starts.
     let queries = [ch_readmodel::workers::Query::PortfolioPerformance];
-    let app = App::start(cfg, "query-portfolio").await.expect("app");
+    let app = App::start(cfg.clone(), "query-portfolio")
+        .await
+        .expect("app");
     let text = refused_at_once(ch_readmodel::workers::run_queries(
         app,
         &queries,
@@ -256,11 +256,38 @@ async fn a_schema_holds_the_read_models_of_one_stream() {
     ))
     .await;
     assert!(text.contains(&said), "{text}");
+    // A schema from before the streams were recorded (migration 8 made empty): the other
+    // prefix, whose stream is behind its read models, does not claim it; its own stream does.
+    env.pg
+        .batch_execute("DELETE FROM ch_stream")
+        .await
+        .expect("as before migration 8");
+    let app = App::start(cfg.clone(), "chctl").await.expect("app");
+    let err = ch_readmodel::workers::migrate(&app)
+        .await
+        .expect_err("a schema ahead of this stream claimed");
+    assert!(err.to_string().contains("names no stream yet"), "{err}");
+    let own = App::start(env.app_config(), "chctl").await.expect("app");
+    ch_readmodel::workers::migrate(&own)
+        .await
+        .expect("claimed by its own stream");
+    let claimed: String = env
+        .pg
+        .query_one("SELECT stream FROM ch_stream", &[])
+        .await
+        .expect("claimed")
+        .get(0);
+    assert_eq!(claimed, env.subjects.stream_name());
     // The read model is as it was.
     let perf = env.performance_at("p1", seq(&opened)).await;
     assert_eq!(perf["version"], 1, "{perf}");
+    js.delete_stream(other.stream_name())
+        .await
+        .expect("the other prefix's stream removed");
 }
 
+/// The error a worker's run stopped with at once. Bounded: one that took what it should have
+/// refused would run on.
 async fn refused_at_once<E: std::fmt::Display>(
     run: impl std::future::Future<Output = Result<(), E>>,
 ) -> String {

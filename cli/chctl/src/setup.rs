@@ -21,8 +21,13 @@ pub struct Opts {
 }
 
 pub async fn run(ctx: &Ctx, args: &Opts) -> Result<()> {
-    // A URL that cannot work is said before anything is made on NATS.
+    // A URL that cannot work, or a schema that holds another stream's read models, is said
+    // before anything is made on NATS.
     pg::check_url(&ctx.cfg.database_url)?;
+    if pg::connect(&ctx.cfg.database_url, None).await.is_ok() {
+        let (url, schema) = (&ctx.cfg.database_url, &ctx.cfg.db_schema);
+        pg::check_stream(url, schema, &ctx.subjects.stream_name()).await?;
+    }
     let client = ctx.connect().await?;
     let js = jetstream::new(client);
     eventstore::wait_ready(&js, Duration::from_secs(15))
@@ -73,7 +78,16 @@ pub async fn run(ctx: &Ctx, args: &Opts) -> Result<()> {
     pg::migrate(url, schema, MIGRATIONS)
         .await
         .with_context(|| format!("schema {schema} at {}", redact(url)))?;
-    pg::check_stream(url, schema, &ctx.subjects.stream_name(), true).await?;
+    let head = async {
+        stream
+            .get_info()
+            .await
+            .map(|i| i.state.last_sequence)
+            .map_err(|e| {
+                ch_runtime::DbError::Unavailable(format!("stream {name}'s last sequence: {e}"))
+            })
+    };
+    pg::claim_stream(url, schema, &name, head).await?;
     let after = applied(url, schema).await;
     println!(
         "database  {}: {}",

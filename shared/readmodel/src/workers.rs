@@ -30,7 +30,13 @@ pub async fn migrate(app: &App) -> Result<(), DbError> {
     let (url, schema) = (&app.cfg.database_url, &app.cfg.db_schema);
     ch_runtime::pg::ensure_database(url).await?;
     ch_runtime::pg::migrate(url, schema, MIGRATIONS).await?;
-    ch_runtime::pg::check_stream(url, schema, &app.subjects.stream_name(), true).await
+    let head = async {
+        app.store
+            .last_seq()
+            .await
+            .map_err(|e| DbError::Unavailable(format!("the stream's last sequence: {e}")))
+    };
+    ch_runtime::pg::claim_stream(url, schema, &app.subjects.stream_name(), head).await
 }
 
 /// What a worker does about the read-model migrations as it starts.
@@ -58,7 +64,7 @@ pub(crate) async fn migrated(
             Schema::Require => {
                 let (url, name) = (&app.cfg.database_url, &app.cfg.db_schema);
                 ch_runtime::pg::require_migrations(url, name, MIGRATIONS).await?;
-                ch_runtime::pg::check_stream(url, name, &app.subjects.stream_name(), false).await
+                ch_runtime::pg::check_stream(url, name, &app.subjects.stream_name()).await
             }
         }
     };

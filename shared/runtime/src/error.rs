@@ -155,6 +155,10 @@ pub enum DbError {
     Busy(String),
     #[error("database: {}", pg_text(.0))]
     Query(tokio_postgres::Error),
+    /// The database holds what this worker must not use as configured (another stream's read
+    /// models): a setting to change, not a server to wait for.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// How the message of a [`DbError::Busy`] reply begins.
@@ -166,6 +170,7 @@ impl DbError {
         match self {
             DbError::Unavailable(_) | DbError::Busy(_) => true,
             DbError::Query(q) => unavailable(q),
+            DbError::Refused(_) => false,
         }
     }
 }

@@ -395,46 +395,87 @@ pub async fn require_migrations(
     )))
 }
 
-/// Checks that the read models in `schema` are folded from `stream` (the `ch_stream` row of
-/// the read-model migrations): with `claim`, a schema that names no stream yet is given this
-/// one (the workers that write: projectors, `chctl setup` and `rebuild`); without, it is left
-/// as it is (the workers that only read).
+/// Checks, without writing, that the read models in `schema` are folded from `stream` (the
+/// `ch_stream` row of the read-model migrations): the start of a worker that only reads, and
+/// `chctl setup` before it touches NATS. A schema that names no stream yet, or is not migrated
+/// yet, passes.
 ///
 /// # Errors
-/// [`DbError::Unavailable`] when the schema holds another stream's read models, naming both
-/// and the setting to change; [`DbError`] on database trouble.
-pub async fn check_stream(
-    database_url: &str,
-    schema: &str,
-    stream: &str,
-    claim: bool,
-) -> Result<(), DbError> {
+/// [`DbError::Refused`] when the schema holds another stream's read models, naming both and
+/// what to change; [`DbError`] on database trouble.
+pub async fn check_stream(database_url: &str, schema: &str, stream: &str) -> Result<(), DbError> {
     let client = connect(database_url, Some(schema)).await?;
-    if claim {
-        client
-            .execute(
-                "INSERT INTO ch_stream (stream) VALUES ($1) ON CONFLICT DO NOTHING",
-                &[&stream],
-            )
-            .await?;
-    }
-    let row = match client.query_opt("SELECT stream FROM ch_stream", &[]).await {
-        Ok(row) => row,
+    match client.query_opt("SELECT stream FROM ch_stream", &[]).await {
+        Ok(row) => same_stream(schema, row.map(|r| r.get(0)), stream),
+        // Not migrated yet: nothing to check (the claim comes once it is).
+        Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => Ok(()),
         // A role that may only read, granted the tables before this one was made (an
         // upgrade): it starts, unchecked, and says so (the workers that write have checked).
-        Err(e) if !claim && e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
+        Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
             warn!(
                 schema,
                 stream,
                 "this role may not read ch_stream: whose read models the schema holds is not \
                  checked (GRANT SELECT ON ch_stream to it, as on every read-model table)"
             );
-            return Ok(());
+            Ok(())
         }
-        Err(e) => return Err(e.into()),
-    };
-    match row.map(|r| r.get::<_, String>(0)) {
-        Some(theirs) if theirs != stream => Err(DbError::Unavailable(format!(
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// [`check_stream`] for the workers that write (projectors, `chctl setup` and `rebuild`), on a
+/// migrated schema: one that names no stream yet is given `stream`, unless its read models are
+/// past `head`, the stream's last sequence (a schema upgraded to migration 8 whose read models
+/// were folded from a longer stream: another prefix's). `head` is awaited only after the
+/// checkpoints are read: projectors running beside move them on, but never past the head as
+/// it is when they commit.
+///
+/// # Errors
+/// As [`check_stream`]; [`DbError::Refused`] also for a schema not claimed for that reason.
+pub async fn claim_stream(
+    database_url: &str,
+    schema: &str,
+    stream: &str,
+    head: impl std::future::Future<Output = Result<u64, DbError>>,
+) -> Result<(), DbError> {
+    let client = connect(database_url, Some(schema)).await?;
+    if let Some(row) = client
+        .query_opt("SELECT stream FROM ch_stream", &[])
+        .await?
+    {
+        return same_stream(schema, Some(row.get(0)), stream);
+    }
+    let folded: i64 = client
+        .query_one("SELECT coalesce(max(last_seq), 0) FROM ch_checkpoints", &[])
+        .await?
+        .get(0);
+    let head = head.await?;
+    if folded > 0 && folded as u64 > head {
+        return Err(DbError::Refused(format!(
+            "schema {schema} names no stream yet, and its read models are at seq {folded}, past \
+             stream {stream}'s last ({head}): they were folded from another stream, and are not \
+             claimed for this one. Give this subject prefix a CH_DB_SCHEMA of its own (`make up` \
+             names it after the prefix); or, if they are this stream's (it was recreated), drop \
+             the schema: its projectors fold it again"
+        )));
+    }
+    client
+        .execute(
+            "INSERT INTO ch_stream (stream) VALUES ($1) ON CONFLICT DO NOTHING",
+            &[&stream],
+        )
+        .await?;
+    // Another writer may have claimed it in between.
+    let row = client
+        .query_one("SELECT stream FROM ch_stream", &[])
+        .await?;
+    same_stream(schema, Some(row.get(0)), stream)
+}
+
+fn same_stream(schema: &str, theirs: Option<String>, stream: &str) -> Result<(), DbError> {
+    match theirs {
+        Some(theirs) if theirs != stream => Err(DbError::Refused(format!(
             "schema {schema} holds the read models of stream {theirs}, not {stream}: each subject \
              prefix needs a CH_DB_SCHEMA of its own (`make up` names it after the prefix)"
         ))),

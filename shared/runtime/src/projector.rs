@@ -117,7 +117,7 @@ impl ProjectorError {
             | ProjectorError::Reset { .. }
             | ProjectorError::Stopped { .. } => true,
             ProjectorError::Db(DbError::Query(e)) => transient(e),
-            ProjectorError::Store(_) => false,
+            ProjectorError::Store(_) | ProjectorError::Db(DbError::Refused(_)) => false,
         }
     }
 }
