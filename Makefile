@@ -4,8 +4,8 @@ SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
 .DEFAULT_GOAL := help
 
-# Where cargo puts it: CARGO_TARGET_DIR, if set, as cargo itself reads it.
-CHCTL := $(or $(CARGO_TARGET_DIR),target)/debug/chctl
+# Where cargo puts it, as cargo finds its target directory (scripts/target-dir.sh).
+CHCTL = $(shell scripts/target-dir.sh)/debug/chctl
 
 .PHONY: help run up down test chart bench bench-modes lint clean-run venv pg
 

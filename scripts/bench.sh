@@ -47,7 +47,7 @@ scripts/venv.sh
 scripts/pg.sh
 echo "building the release binaries"
 cargo build --release --workspace --bins
-bin=${CARGO_TARGET_DIR:-target}/release
+bin=$(scripts/target-dir.sh)/release
 
 store= run_dir= keep_logs=
 cleanup() {

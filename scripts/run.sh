@@ -23,7 +23,7 @@ fi
 scripts/venv.sh
 scripts/pg.sh
 cargo build --workspace --bins
-chctl=${CARGO_TARGET_DIR:-target}/debug/chctl
+chctl=$(scripts/target-dir.sh)/debug/chctl
 
 # Empty is unset (the workers refuse an empty CH_NATS_URL).
 [[ ${CH_NATS_URL:-} =~ [^[:space:]] ]] || unset CH_NATS_URL

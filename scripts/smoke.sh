@@ -11,7 +11,7 @@ export CH_NATS_URL=$1 CH_DATABASE_URL=$2
 export CH_SUBJECT_PREFIX=smoke CH_DB_SCHEMA=smoke
 export CH_RUN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/ch-smoke.XXXXXX")
 # Where cargo put the debug binaries (test.sh built them).
-bin=${CARGO_TARGET_DIR:-target}/debug
+bin=$(scripts/target-dir.sh)/debug
 chctl=$bin/chctl
 stop() {
     # A run that failed while the portfolios table was renamed away (below) puts it back.

@@ -452,7 +452,9 @@ async fn print_counts(ctx: &Ctx, client: &Client) {
 fn print_howto(ctx: &Ctx) {
     let url = &ctx.cfg.nats_url;
     let p = ctx.subjects.prefix();
-    println!("\ntalk to it with the nats CLI (or `target/debug/chctl req <subject> '<json>'`):");
+    // chctl as it was started here (under cargo's target directory, wherever that is).
+    let chctl = std::env::args().next().unwrap_or_else(|| "chctl".into());
+    println!("\ntalk to it with the nats CLI (or `{chctl} req <subject> '<json>'`):");
     println!("  NATS_URL={url} nats req {p}.query.portfolio.performance '{{\"portfolio_id\":\"demo-1\"}}'");
     println!(
         "  NATS_URL={url} nats req {p}.query.strategy.list '{{\"user_id\":\"{}\"}}'",
