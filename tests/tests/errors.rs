@@ -632,8 +632,8 @@ async fn query_errors_stale_and_timeout_bounds() {
         &[&far.to_string(), " ms"],
     );
     let waited = bound(&msg);
-    // (less by however long a loaded machine took to read the request)
-    assert!((1_000..=2_000).contains(&waited), "{msg}");
+    // (less by however long a loaded machine took to read the request: not 1 s, nor 10)
+    assert!((1_500..=2_000).contains(&waited), "{msg}");
     assert!(started.elapsed() >= std::time::Duration::from_millis(waited));
     for (name, q) in [
         (

@@ -267,6 +267,16 @@ async fn a_schema_holds_the_read_models_of_one_stream() {
         .await
         .expect_err("a schema ahead of this stream claimed");
     assert!(err.to_string().contains("names no stream yet"), "{err}");
+    let app = App::start(cfg.clone(), "query-portfolio")
+        .await
+        .expect("app");
+    let text = refused_at_once(ch_readmodel::workers::run_queries(
+        app,
+        &queries,
+        Default::default(),
+    ))
+    .await;
+    assert!(text.contains("names no stream yet"), "{text}");
     let own = App::start(env.app_config(), "chctl").await.expect("app");
     ch_readmodel::workers::migrate(&own)
         .await

@@ -24,10 +24,6 @@ pub async fn run(ctx: &Ctx, args: &Opts) -> Result<()> {
     // A URL that cannot work, or a schema that holds another stream's read models, is said
     // before anything is made on NATS.
     pg::check_url(&ctx.cfg.database_url)?;
-    if pg::connect(&ctx.cfg.database_url, None).await.is_ok() {
-        let (url, schema) = (&ctx.cfg.database_url, &ctx.cfg.db_schema);
-        pg::check_stream(url, schema, &ctx.subjects.stream_name()).await?;
-    }
     let client = ctx.connect().await?;
     let js = jetstream::new(client);
     eventstore::wait_ready(&js, Duration::from_secs(15))
@@ -35,6 +31,32 @@ pub async fn run(ctx: &Ctx, args: &Opts) -> Result<()> {
         .with_context(|| format!("JetStream at {}", redact(&ctx.cfg.nats_url)))?;
 
     let name = ctx.subjects.stream_name();
+    if pg::connect(&ctx.cfg.database_url, None).await.is_ok() {
+        let (url, schema) = (&ctx.cfg.database_url, &ctx.cfg.db_schema);
+        // The stream as it is (none yet: 0), looked up, not made.
+        let head = async {
+            use async_nats::jetstream::context::GetStreamErrorKind;
+            let unread = |e: &dyn std::fmt::Display| {
+                ch_runtime::DbError::Unavailable(format!("stream {name}'s last sequence: {e}"))
+            };
+            match js.get_stream(&name).await {
+                Ok(mut s) => s
+                    .info()
+                    .await
+                    .map(|i| i.state.last_sequence)
+                    .map_err(|e| unread(&e)),
+                Err(e) => match e.kind() {
+                    GetStreamErrorKind::JetStream(j)
+                        if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+                    {
+                        Ok(0)
+                    }
+                    _ => Err(unread(&e)),
+                },
+            }
+        };
+        pg::check_stream(url, schema, &name, head).await?;
+    }
     let existed = js.get_stream(&name).await.is_ok();
     let stream = eventstore::ensure_stream(&js, &ctx.subjects, args.replicas)
         .await

@@ -30,13 +30,15 @@ pub async fn migrate(app: &App) -> Result<(), DbError> {
     let (url, schema) = (&app.cfg.database_url, &app.cfg.db_schema);
     ch_runtime::pg::ensure_database(url).await?;
     ch_runtime::pg::migrate(url, schema, MIGRATIONS).await?;
-    let head = async {
-        app.store
-            .last_seq()
-            .await
-            .map_err(|e| DbError::Unavailable(format!("the stream's last sequence: {e}")))
-    };
-    ch_runtime::pg::claim_stream(url, schema, &app.subjects.stream_name(), head).await
+    ch_runtime::pg::claim_stream(url, schema, &app.subjects.stream_name(), head(app)).await
+}
+
+/// The stream's last sequence, for the schema's claim (awaited after the checkpoints).
+async fn head(app: &App) -> Result<u64, DbError> {
+    app.store
+        .last_seq()
+        .await
+        .map_err(|e| DbError::Unavailable(format!("the stream's last sequence: {e}")))
 }
 
 /// What a worker does about the read-model migrations as it starts.
@@ -64,7 +66,8 @@ pub(crate) async fn migrated(
             Schema::Require => {
                 let (url, name) = (&app.cfg.database_url, &app.cfg.db_schema);
                 ch_runtime::pg::require_migrations(url, name, MIGRATIONS).await?;
-                ch_runtime::pg::check_stream(url, name, &app.subjects.stream_name()).await
+                let stream = app.subjects.stream_name();
+                ch_runtime::pg::check_stream(url, name, &stream, head(app)).await
             }
         }
     };

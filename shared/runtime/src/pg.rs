@@ -395,44 +395,32 @@ pub async fn require_migrations(
     )))
 }
 
-/// Checks, without writing, that the read models in `schema` are folded from `stream` (the
-/// `ch_stream` row of the read-model migrations): the start of a worker that only reads, and
-/// `chctl setup` before it touches NATS. A schema that names no stream yet, or is not migrated
-/// yet, passes.
+/// Checks, without writing, that the read models in `schema` are folded from `stream`: the
+/// start of a worker that only reads, and `chctl setup` before it touches NATS. Refused as
+/// [`claim_stream`] would refuse, but a schema it would claim passes, and so does one not
+/// migrated yet (no `ch_stream` table) whose read models are not past `head`.
 ///
 /// # Errors
-/// [`DbError::Refused`] when the schema holds another stream's read models, naming both and
-/// what to change; [`DbError`] on database trouble.
-pub async fn check_stream(database_url: &str, schema: &str, stream: &str) -> Result<(), DbError> {
+/// As [`claim_stream`].
+pub async fn check_stream(
+    database_url: &str,
+    schema: &str,
+    stream: &str,
+    head: impl std::future::Future<Output = Result<u64, DbError>>,
+) -> Result<(), DbError> {
     let client = connect(database_url, Some(schema)).await?;
-    match client.query_opt("SELECT stream FROM ch_stream", &[]).await {
-        Ok(row) => same_stream(schema, row.map(|r| r.get(0)), stream),
-        // Not migrated yet: nothing to check (the claim comes once it is).
-        Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => Ok(()),
-        // A role that may only read, granted the tables before this one was made (an
-        // upgrade): it starts, unchecked, and says so (the workers that write have checked).
-        Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
-            warn!(
-                schema,
-                stream,
-                "this role may not read ch_stream: whose read models the schema holds is not \
-                 checked (GRANT SELECT ON ch_stream to it, as on every read-model table)"
-            );
-            Ok(())
-        }
-        Err(e) => Err(e.into()),
-    }
+    stream_of(&client, schema, stream, head, false).await
 }
 
-/// [`check_stream`] for the workers that write (projectors, `chctl setup` and `rebuild`), on a
-/// migrated schema: one that names no stream yet is given `stream`, unless its read models are
-/// past `head`, the stream's last sequence (a schema upgraded to migration 8 whose read models
-/// were folded from a longer stream: another prefix's). `head` is awaited only after the
-/// checkpoints are read: projectors running beside move them on, but never past the head as
-/// it is when they commit.
+/// For the workers that write (projectors, `chctl setup` and `rebuild`), on a migrated schema:
+/// checks that its read models are folded from `stream` (its `ch_stream` row), and gives a
+/// schema that names no stream yet this one, whose last sequence `head` says, unless its
+/// read models are past it (a schema upgraded to migration 8 whose read models were folded
+/// from a longer stream: another prefix's).
 ///
 /// # Errors
-/// As [`check_stream`]; [`DbError::Refused`] also for a schema not claimed for that reason.
+/// [`DbError::Refused`] when the schema holds another stream's read models, or is not claimed
+/// for the reason above, naming both streams and what to do; [`DbError`] on database trouble.
 pub async fn claim_stream(
     database_url: &str,
     schema: &str,
@@ -440,25 +428,61 @@ pub async fn claim_stream(
     head: impl std::future::Future<Output = Result<u64, DbError>>,
 ) -> Result<(), DbError> {
     let client = connect(database_url, Some(schema)).await?;
-    if let Some(row) = client
-        .query_opt("SELECT stream FROM ch_stream", &[])
-        .await?
-    {
-        return same_stream(schema, Some(row.get(0)), stream);
+    stream_of(&client, schema, stream, head, true).await
+}
+
+/// [`check_stream`] and [`claim_stream`]. `head` is awaited only after the checkpoints are
+/// read: projectors running beside move them on, but never past the head as it is when they
+/// commit.
+async fn stream_of(
+    client: &tokio_postgres::Client,
+    schema: &str,
+    stream: &str,
+    head: impl std::future::Future<Output = Result<u64, DbError>>,
+    claim: bool,
+) -> Result<(), DbError> {
+    // A table this role may not read, or one not made yet, is no record (Some(None)).
+    let recorded = match client.query_opt("SELECT stream FROM ch_stream", &[]).await {
+        Ok(row) => Some(row.map(|r| r.get::<_, String>(0))),
+        Err(e) if !claim && e.code() == Some(&SqlState::UNDEFINED_TABLE) => None,
+        // A role that may only read, granted the tables before this one was made (an
+        // upgrade): it starts, unchecked, and says so (the workers that write have checked).
+        Err(e) if !claim && e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
+            warn!(
+                schema,
+                stream,
+                "this role may not read ch_stream: whose read models the schema holds is not \
+                 checked (GRANT SELECT ON ch_stream to it, as on every read-model table)"
+            );
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(Some(theirs)) = recorded {
+        return same_stream(schema, Some(theirs), stream);
     }
-    let folded: i64 = client
+    let folded: i64 = match client
         .query_one("SELECT coalesce(max(last_seq), 0) FROM ch_checkpoints", &[])
-        .await?
-        .get(0);
+        .await
+    {
+        Ok(row) => row.get(0),
+        // A schema not made yet (checked before `chctl setup` makes it).
+        Err(e) if !claim && e.code() == Some(&SqlState::UNDEFINED_TABLE) => 0,
+        Err(e) => return Err(e.into()),
+    };
     let head = head.await?;
     if folded > 0 && folded as u64 > head {
         return Err(DbError::Refused(format!(
             "schema {schema} names no stream yet, and its read models are at seq {folded}, past \
              stream {stream}'s last ({head}): they were folded from another stream, and are not \
              claimed for this one. Give this subject prefix a CH_DB_SCHEMA of its own (`make up` \
-             names it after the prefix); or, if they are this stream's (it was recreated), drop \
-             the schema: its projectors fold it again"
+             names it after the prefix); or, if the schema is this prefix's, stop the workers \
+             that wrote another stream into it and drop it (`DROP SCHEMA ... CASCADE`): `chctl \
+             setup` and the projectors fold it again"
         )));
+    }
+    if !claim {
+        return Ok(());
     }
     client
         .execute(
@@ -477,7 +501,9 @@ fn same_stream(schema: &str, theirs: Option<String>, stream: &str) -> Result<(),
     match theirs {
         Some(theirs) if theirs != stream => Err(DbError::Refused(format!(
             "schema {schema} holds the read models of stream {theirs}, not {stream}: each subject \
-             prefix needs a CH_DB_SCHEMA of its own (`make up` names it after the prefix)"
+             prefix needs a CH_DB_SCHEMA of its own (`make up` names it after the prefix; should \
+             the schema be this prefix's, stop the other prefix's workers and drop it: `chctl \
+             setup` and the projectors fold it again)"
         ))),
         _ => Ok(()),
     }
