@@ -616,6 +616,38 @@ fn parse_portfolio(map: &mut RawMap) -> Result<Target, DomainError> {
     })
 }
 
+/// How deep a command's JSON may nest: its deepest field (a rule's trailing stop) is at 4.
+pub const MAX_DEPTH: usize = 32;
+
+/// The byte offset where `text` first nests past `max` arrays and objects, if it does (strings
+/// and their escapes skipped); linear, whatever the text.
+pub fn nested_past(text: &[u8], max: usize) -> Option<usize> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for (i, &b) in text.iter().enumerate() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return Some(i);
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    None
+}
+
 /// Parses a request body for `endpoint`.
 ///
 /// # Errors
@@ -623,6 +655,14 @@ fn parse_portfolio(map: &mut RawMap) -> Result<Target, DomainError> {
 /// field, an invalid id, symbol, name, timestamp or decimal (amounts and prices `> 0` with at
 /// most 8 places; a signal's `quantity` only has to be a decimal).
 pub fn parse_command(endpoint: Endpoint, body: &[u8]) -> Result<ParsedCommand, DomainError> {
+    // Before any parse: a field's value is read whole (`RawValue`), past serde_json's
+    // recursion limit, and the digest of a command walks it again level by level. Tens of
+    // thousands of brackets overflowed the worker's stack, and took it down.
+    if let Some(at) = nested_past(body, MAX_DEPTH) {
+        return Err(bad(format!(
+            "malformed JSON: nested more than {MAX_DEPTH} levels deep (at byte {at})"
+        )));
+    }
     let Fields(mut map) = serde_json::from_slice(body).map_err(|e| {
         if e.classify() != serde_json::error::Category::Data {
             bad(format!("malformed JSON: {e}"))
@@ -981,6 +1021,26 @@ mod tests {
             &format!(r#"{{{base},"at":"2026-01-01 00:00:00"}}"#)
         )
         .starts_with("at: "));
+        // Nesting is bounded before anything is parsed: 100,000 brackets under a command_id
+        // overflowed the worker's stack as its digest was taken.
+        for deep in ["[".repeat(100_000), "{\"a\":".repeat(100_000)] {
+            let body = format!(
+                r#"{{"command_id":"{}","portfolio_id":"p-1","op":"deposit","amount":"1","x":{deep}"#,
+                Uuid::nil()
+            );
+            let e = err(Endpoint::PortfolioUpdate, &body);
+            assert!(
+                e.starts_with("malformed JSON: nested more than 32 levels deep"),
+                "{e}"
+            );
+        }
+        // Brackets in strings are text, and 32 levels are taken (here refused as unknown).
+        let ok_depth = format!(
+            r#"{{{base},"x":"[[[[{{{{","y":{}1{}}}"#,
+            "[".repeat(31),
+            "]".repeat(31)
+        );
+        assert!(err(Endpoint::PortfolioUpdate, &ok_depth).starts_with("unknown field `x`"));
         // Second 60: chrono would order it before the next minute, Postgres after it.
         for at in ["2026-12-01T12:00:60.5Z", "2016-12-31T23:59:60Z"] {
             assert!(err(
