@@ -42,7 +42,8 @@ if [[ -z ${CH_NATS_URL:-} ]]; then
     trap stop_nats EXIT
     scripts/nats.sh start
 else
-    echo "using the NATS server at CH_NATS_URL=$CH_NATS_URL"
+    # Without its credentials (a user's, or a token).
+    echo "using the NATS server at CH_NATS_URL=$(sed -E 's#(://)[^,/?#]*@#\1***@#g' <<<"$CH_NATS_URL")"
 fi
 
 if [[ -n $detach ]]; then

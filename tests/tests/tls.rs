@@ -107,7 +107,7 @@ async fn nats_over_mutual_tls_with_a_ca_of_ones_own() {
 
     // A nats:// URL (the chart's default) with the files: TLS all the same.
     let attempt = |url: String, tls: NatsTls| async move {
-        nats_options(&tls)
+        nats_options(&tls, &[])
             .connection_timeout(Duration::from_secs(5))
             .connect(url)
             .await
@@ -232,4 +232,61 @@ async fn postgres_over_tls_is_encrypted_and_the_server_verified() {
         .await
         .expect("plain");
     assert!(!encrypted(&plain).await, "prefer encrypted the session");
+}
+
+/// Credentials in `CH_NATS_URL` are sent (async-nats takes them from its options only): a
+/// user and password, percent-encoded in the URL, and a token; without them the server
+/// refuses the connection.
+#[tokio::test]
+async fn credentials_in_the_nats_url_are_sent() {
+    for (authorization, with, without) in [
+        (
+            r#"authorization { user: "ch user", password: "p@ss:w/rd" }"#,
+            "nats://ch%20user:p%40ss%3Aw%2Frd@127.0.0.1",
+            "nats://127.0.0.1",
+        ),
+        (
+            r#"authorization { token: "s3cr3t-t0ken" }"#,
+            "nats://s3cr3t-t0ken@127.0.0.1",
+            "nats://wrong-token@127.0.0.1",
+        ),
+    ] {
+        let server = NatsServer::start_with(|port, dir| {
+            format!(
+                "listen: 127.0.0.1:{port}\njetstream {{ store_dir: {:?} }}\n{authorization}\n",
+                dir.join("js")
+            )
+        })
+        .await;
+        let port = server.port();
+        let cfg = |url: &str| ch_runtime::Config {
+            nats_url: format!("{url}:{port}"),
+            ..ch_runtime::Config::default()
+        };
+        let connect = |cfg: ch_runtime::Config| async move {
+            let servers = ch_runtime::server_list(&cfg.nats_url).expect("a URL");
+            nats_options(&cfg.nats_tls, &servers)
+                .connection_timeout(Duration::from_secs(5))
+                .connect(servers)
+                .await
+        };
+        let client = connect(cfg(with))
+            .await
+            .expect("connected with the URL's credentials");
+        client.flush().await.expect("a round trip");
+        let refused = connect(cfg(without))
+            .await
+            .expect_err("connected without them");
+        assert!(
+            refused.to_string().to_lowercase().contains("authorization"),
+            "{refused}"
+        );
+        // A worker's own connection takes them too.
+        ch_runtime::connect_nats(&cfg(with), "auth-test")
+            .await
+            .expect("a worker's connection")
+            .flush()
+            .await
+            .expect("a round trip");
+    }
 }

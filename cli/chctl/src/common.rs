@@ -87,10 +87,11 @@ impl Ctx {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut delay = Duration::from_millis(100);
         loop {
-            let attempt = ch_runtime::nats_options(&self.cfg.nats_tls)
+            let servers = ch_runtime::server_list(url)?;
+            let attempt = ch_runtime::nats_options(&self.cfg.nats_tls, &servers)
                 .name("chctl")
                 .connection_timeout(Duration::from_secs(2))
-                .connect(ch_runtime::server_list(url)?)
+                .connect(servers)
                 .await;
             match attempt {
                 Ok(c) => return Ok(c),

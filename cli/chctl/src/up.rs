@@ -450,7 +450,8 @@ async fn print_counts(ctx: &Ctx, client: &Client) {
 }
 
 fn print_howto(ctx: &Ctx) {
-    let url = &ctx.cfg.nats_url;
+    // Without its credentials: give the nats CLI yours (`--user`, `--password`, `--token`).
+    let url = &redact(&ctx.cfg.nats_url);
     let p = ctx.subjects.prefix();
     // chctl as it was started here (under cargo's target directory, wherever that is).
     let chctl = std::env::args().next().unwrap_or_else(|| "chctl".into());

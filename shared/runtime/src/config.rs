@@ -303,9 +303,11 @@ impl Config {
 }
 
 /// A NATS or Postgres address with its password hidden, for logs and messages: the
-/// `user:password@` of a URL (of each, in a comma-separated list of NATS servers; the
-/// credentials end at the first `@`, as tokio-postgres reads them), and a `password`
-/// parameter (`?password=...`, or `password = '...'` in a key=value connection string).
+/// `user:password@` of a URL (of each, in a comma-separated list of NATS servers; a Postgres
+/// URL's credentials end at the first `@`, as tokio-postgres reads them, a NATS URL's at the
+/// last `@` before its path, as async-nats reads them, and a NATS URL's user alone, a token,
+/// is hidden whole), and a `password` parameter (`?password=...`, or `password = '...'` in a
+/// key=value connection string).
 pub fn redact(url: &str) -> String {
     hide_password_parameters(url)
         .split(',')
@@ -313,6 +315,16 @@ pub fn redact(url: &str) -> String {
             let Some((scheme, rest)) = one.split_once("://") else {
                 return one.to_owned();
             };
+            if matches!(scheme.trim(), "nats" | "tls" | "ws" | "wss") {
+                let authority = rest.find(['/', '?', '#']).map_or(rest, |end| &rest[..end]);
+                return match authority.rfind('@') {
+                    Some(at) => match rest[..at].split_once(':') {
+                        Some((user, _)) => format!("{scheme}://{user}:***@{}", &rest[at + 1..]),
+                        None => format!("{scheme}://***@{}", &rest[at + 1..]),
+                    },
+                    None => one.to_owned(),
+                };
+            }
             match rest.split_once('@') {
                 Some((userinfo, host)) => match userinfo.split_once(':') {
                     Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
@@ -406,6 +418,13 @@ mod tests {
             "host=h password=*** user=u"
         );
         assert_eq!(redact("passwordless=1"), "passwordless=1");
+        // NATS: a token is hidden whole, and a password may hold an `@`.
+        assert_eq!(redact("nats://MyT0ken@h:4222"), "nats://***@h:4222");
+        assert_eq!(redact("nats://u:p@ss@h:4222"), "nats://u:***@h:4222");
+        assert_eq!(
+            redact("nats://u:p@n1:4222, tls://t@n2:4222"),
+            "nats://u:***@n1:4222, tls://***@n2:4222"
+        );
     }
 
     fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {

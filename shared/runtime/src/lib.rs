@@ -53,7 +53,8 @@ pub async fn connect_nats(
         .check()
         .map_err(|e| async_nats::ConnectError::with_source(async_nats::ConnectErrorKind::Tls, e))?;
     let state = Arc::new(EventLog::default());
-    nats_options(&cfg.nats_tls)
+    let servers = server_list(&cfg.nats_url)?;
+    nats_options(&cfg.nats_tls, &servers)
         .name(name)
         .retry_on_initial_connect()
         .max_reconnects(None)
@@ -61,7 +62,7 @@ pub async fn connect_nats(
             let state = state.clone();
             async move { log_event(&event, &state) }
         })
-        .connect(server_list(&cfg.nats_url)?)
+        .connect(servers)
         .await
 }
 
@@ -70,9 +71,28 @@ pub async fn connect_nats(
 /// either, the servers a cluster announces are not added to the URL's: they come as
 /// addresses their certificates do not name, and every reconnection to one would fail.
 ///
+/// The credentials a URL of `servers` carries are sent too (the first URL that has any):
+/// `nats://user:password@host` as user and password, `nats://token@host` as a token,
+/// percent-decoded; async-nats reads them from its options only.
+///
 /// Reads no file: check them first ([`config::NatsTls::check`]; [`connect_nats`] does).
-pub fn nats_options(tls: &config::NatsTls) -> async_nats::ConnectOptions {
+pub fn nats_options(
+    tls: &config::NatsTls,
+    servers: &[async_nats::ServerAddr],
+) -> async_nats::ConnectOptions {
     let mut options = async_nats::ConnectOptions::new();
+    let decoded = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    if let Some(s) = servers.iter().find(|s| s.has_user_pass()) {
+        let user = decoded(s.username().unwrap_or_default());
+        options = match s.password() {
+            Some(password) => options.user_and_password(user, decoded(password)),
+            None => options.token(user),
+        };
+    }
     if let Some(ca) = &tls.ca_file {
         options = options.add_root_certificates(ca.clone()).require_tls(true);
     }
