@@ -57,6 +57,20 @@ pub fn takes_no_fields(body: &[u8]) -> Result<(), ApiError> {
     }
 }
 
+/// `s` with its control characters (line breaks among them) escaped as Rust writes them
+/// (`\n`, `\u{1b}`), for a text log line.
+fn escape_controls(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Answers the requests of a service's endpoints.
 pub trait Handler: Send + Sync + 'static {
     /// # Errors
@@ -309,11 +323,14 @@ async fn respond<H: Handler>(
         }
         Err(e) => {
             // An error is for a bug (`internal`); a store or database away for a while, or a
-            // read-your-writes wait that ran out of the client's own time, is a warning.
+            // read-your-writes wait that ran out of the client's own time, is a warning. The
+            // message may quote the client's text: its line breaks and other control
+            // characters escaped, so that it cannot forge lines in a text log.
+            let message = escape_controls(&e.message);
             match e.status {
-                ..=499 => info!(code = %e.code, error = %e.message, "request refused"),
-                500 => error!(code = %e.code, error = %e.message, "request failed"),
-                _ => warn!(code = %e.code, error = %e.message, "request failed"),
+                ..=499 => info!(code = %e.code, error = %message, "request refused"),
+                500 => error!(code = %e.code, error = %message, "request failed"),
+                _ => warn!(code = %e.code, error = %message, "request failed"),
             }
             request
                 .respond_with_headers(Ok(e.body()), e.headers())
@@ -332,6 +349,14 @@ async fn respond<H: Handler>(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_logged_message_cannot_break_its_line() {
+        assert_eq!(
+            escape_controls("unknown op `x`\n2026 INFO forged\u{1b}[0m \"é\""),
+            "unknown op `x`\\n2026 INFO forged\\u{1b}[0m \"é\""
+        );
+    }
+
     use super::*;
 
     /// Work that runs until `shutdown`, then says it saw it.
