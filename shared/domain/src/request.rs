@@ -237,16 +237,24 @@ pub fn read_json<T: DeserializeOwned>(text: &[u8]) -> Result<T, String> {
     })
 }
 
-/// Refuses a time written with second 60. RFC 3339 allows it for a leap second, and chrono
-/// takes it on any day, ordering `12:00:60.5` before `12:01:00.2`, while Postgres stores it as
-/// `12:01:00.5`, after: the command side and the read models would order events apart.
+/// Refuses a time the read side would not keep as it was written:
+/// - second 60: RFC 3339 allows it for a leap second, and chrono takes it on any day, ordering
+///   `12:00:60.5` before `12:01:00.2`, while Postgres stores it as `12:01:00.5`, after: the
+///   command side and the read models would order events apart;
+/// - a year outside 1 to 9999 once in UTC (`0000-01-01T00:00:00+23:59` is year -1): stored,
+///   it reads back as no RFC 3339 timestamp.
 ///
 /// # Errors
 /// `bad_request` naming `field`.
-pub fn check_not_leap(field: &str, t: &DateTime<Utc>) -> Result<(), DomainError> {
+pub fn check_time(field: &str, t: &DateTime<Utc>) -> Result<(), DomainError> {
     if chrono::Timelike::nanosecond(t) >= 1_000_000_000 {
         return Err(bad(format!(
             "{field}: second 60 (a leap second) is not taken: give the next second's time"
+        )));
+    }
+    if !(1..=9999).contains(&chrono::Datelike::year(t)) {
+        return Err(bad(format!(
+            "{field}: must be within the years 1 to 9999 in UTC"
         )));
     }
     Ok(())
@@ -333,7 +341,7 @@ fn parse_common(map: &mut RawMap) -> Result<Common, DomainError> {
             let t = DateTime::parse_from_rfc3339(&s)
                 .map(|t| t.with_timezone(&Utc))
                 .map_err(|e| bad(format!("at: must be an RFC 3339 timestamp ({e})")))?;
-            check_not_leap("at", &t)?;
+            check_time("at", &t)?;
             Ok(t.trunc_subsecs(6))
         })
         .transpose()?;
@@ -1049,6 +1057,13 @@ mod tests {
             )
             .starts_with("at: second 60 (a leap second) is not taken"));
         }
+        assert_eq!(
+            err(
+                Endpoint::PortfolioUpdate,
+                &format!(r#"{{{base},"at":"0000-01-01T00:00:00+23:59"}}"#)
+            ),
+            "at: must be within the years 1 to 9999 in UTC"
+        );
         let p = parse(
             Endpoint::PortfolioUpdate,
             &format!(r#"{{{base},"correlation_id":"flow-7","causation_id":"0193-ab"}}"#),

@@ -84,7 +84,7 @@ impl Validate for AnalysisQuery {
         parse_rate(&self.risk_free_rate)?;
         for (field, t) in [("from", &self.from), ("to", &self.to)] {
             if let Some(t) = t {
-                ch_domain::request::check_not_leap(field, t).map_err(ApiError::from)?;
+                ch_domain::request::check_time(field, t).map_err(ApiError::from)?;
             }
         }
         match (self.from, self.to) {
