@@ -245,16 +245,13 @@ async fn a_schema_holds_the_read_models_of_one_stream() {
         .expect_err("another stream's schema claimed");
     assert!(err.to_string().contains(&said), "{err}");
     // As a query worker starts.
-    let queries = [ch_readmodel::workers::Query::PortfolioPerformance];
-    let app = App::start(cfg.clone(), "query-portfolio")
-        .await
-        .expect("app");
-    let text = refused_at_once(ch_readmodel::workers::run_queries(
-        app,
-        &queries,
-        Default::default(),
-    ))
-    .await;
+    let query_worker_refused = |cfg: ch_runtime::Config| async move {
+        let queries = [ch_readmodel::workers::Query::PortfolioPerformance];
+        let app = App::start(cfg, "query-portfolio").await.expect("app");
+        let run = ch_readmodel::workers::run_queries(app, &queries, Default::default());
+        refused_at_once(run).await
+    };
+    let text = query_worker_refused(cfg.clone()).await;
     assert!(text.contains(&said), "{text}");
     // A schema from before the streams were recorded (migration 8 made empty): the other
     // prefix, whose stream is behind its read models, does not claim it; its own stream does.
@@ -267,15 +264,7 @@ async fn a_schema_holds_the_read_models_of_one_stream() {
         .await
         .expect_err("a schema ahead of this stream claimed");
     assert!(err.to_string().contains("names no stream yet"), "{err}");
-    let app = App::start(cfg.clone(), "query-portfolio")
-        .await
-        .expect("app");
-    let text = refused_at_once(ch_readmodel::workers::run_queries(
-        app,
-        &queries,
-        Default::default(),
-    ))
-    .await;
+    let text = query_worker_refused(cfg.clone()).await;
     assert!(text.contains("names no stream yet"), "{text}");
     let own = App::start(env.app_config(), "chctl").await.expect("app");
     ch_readmodel::workers::migrate(&own)
