@@ -43,7 +43,7 @@ if [[ -z ${CH_NATS_URL:-} ]]; then
     scripts/nats.sh start
 else
     # Without its credentials (a user's, or a token).
-    echo "using the NATS server at CH_NATS_URL=$(sed -E 's#(://)[^,/?#]*@#\1***@#g' <<<"$CH_NATS_URL")"
+    echo "using the NATS server at CH_NATS_URL=$(sed -E 's#(^|,)( *)([A-Za-z]+://)?[^,]*@#\1\2\3***@#g' <<<"$CH_NATS_URL")"
 fi
 
 if [[ -n $detach ]]; then

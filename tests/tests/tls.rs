@@ -107,7 +107,8 @@ async fn nats_over_mutual_tls_with_a_ca_of_ones_own() {
 
     // A nats:// URL (the chart's default) with the files: TLS all the same.
     let attempt = |url: String, tls: NatsTls| async move {
-        nats_options(&tls, &[])
+        nats_options(&tls, "")
+            .expect("options")
             .connection_timeout(Duration::from_secs(5))
             .connect(url)
             .await
@@ -265,7 +266,9 @@ async fn credentials_in_the_nats_url_are_sent() {
         };
         let connect = |cfg: ch_runtime::Config| async move {
             let servers = ch_runtime::server_list(&cfg.nats_url).expect("a URL");
-            nats_options(&cfg.nats_tls, &servers)
+            assert!(servers.iter().all(|s| !s.has_user_pass()), "{servers:?}");
+            nats_options(&cfg.nats_tls, &cfg.nats_url)
+                .expect("options")
                 .connection_timeout(Duration::from_secs(5))
                 .connect(servers)
                 .await

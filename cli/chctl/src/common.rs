@@ -88,7 +88,7 @@ impl Ctx {
         let mut delay = Duration::from_millis(100);
         loop {
             let servers = ch_runtime::server_list(url)?;
-            let attempt = ch_runtime::nats_options(&self.cfg.nats_tls, &servers)
+            let attempt = ch_runtime::nats_options(&self.cfg.nats_tls, url)?
                 .name("chctl")
                 .connection_timeout(Duration::from_secs(2))
                 .connect(servers)
@@ -98,7 +98,8 @@ impl Ctx {
                 Err(e) if Instant::now() >= deadline => {
                     return Err(anyhow!(
                         "cannot reach NATS at {}: {e}\n(start the project's server with \
-                         `scripts/nats.sh start`, or point CH_NATS_URL at a running one)",
+                         `scripts/nats.sh start`, or point CH_NATS_URL at a running one, with \
+                         the credentials it takes)",
                         redact(url)
                     ))
                 }

@@ -28,7 +28,10 @@ pub enum StartError {
         error: async_nats::ConnectError,
     },
     /// The client never got a connection while JetStream was awaited.
-    #[error("cannot reach NATS at {url} (tried for {waited:?}; is a nats-server running there?)")]
+    #[error(
+        "cannot reach NATS at {url} (tried for {waited:?}; is a nats-server running there, and \
+         does it take the credentials, if any? the log above has its answers)"
+    )]
     NatsUnreachable { url: String, waited: Duration },
     #[error("{0} (has `chctl setup` run for this prefix?)")]
     Store(StoreError),

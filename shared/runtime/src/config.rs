@@ -303,32 +303,42 @@ impl Config {
 }
 
 /// A NATS or Postgres address with its password hidden, for logs and messages: the
-/// `user:password@` of a URL (of each, in a comma-separated list of NATS servers; a Postgres
-/// URL's credentials end at the first `@`, as tokio-postgres reads them, a NATS URL's at the
-/// last `@` before its path, as async-nats reads them, and a NATS URL's user alone, a token,
-/// is hidden whole), and a `password` parameter (`?password=...`, or `password = '...'` in a
-/// key=value connection string).
+/// `user:password@` of a URL (of each, in a comma-separated list of NATS servers), and a
+/// `password` parameter (`?password=...`, or `password = '...'` in a key=value connection
+/// string). A Postgres URL's credentials end at its first `@`, as tokio-postgres reads them;
+/// anything else is taken for a NATS server (async-nats takes one without a scheme, or in
+/// capitals), whose credentials are hidden up to its last `@` (a password may hold `@`, `/`
+/// or `#`), a user alone (a token) with them.
 pub fn redact(url: &str) -> String {
     hide_password_parameters(url)
         .split(',')
         .map(|one| {
-            let Some((scheme, rest)) = one.split_once("://") else {
-                return one.to_owned();
+            let (scheme, rest) = match one.split_once("://") {
+                Some((scheme, rest)) => (Some(scheme), rest),
+                None => (None, one),
             };
-            if matches!(scheme.trim(), "nats" | "tls" | "ws" | "wss") {
-                let authority = rest.find(['/', '?', '#']).map_or(rest, |end| &rest[..end]);
-                return match authority.rfind('@') {
-                    Some(at) => match rest[..at].split_once(':') {
-                        Some((user, _)) => format!("{scheme}://{user}:***@{}", &rest[at + 1..]),
-                        None => format!("{scheme}://***@{}", &rest[at + 1..]),
+            let postgres =
+                scheme.is_some_and(|s| s.trim().to_ascii_lowercase().starts_with("postgres"));
+            if postgres {
+                return match rest.split_once('@') {
+                    Some((userinfo, host)) => match userinfo.split_once(':') {
+                        Some((user, _)) => {
+                            format!("{}://{user}:***@{host}", scheme.unwrap_or_default())
+                        }
+                        None => one.to_owned(),
                     },
                     None => one.to_owned(),
                 };
             }
-            match rest.split_once('@') {
-                Some((userinfo, host)) => match userinfo.split_once(':') {
-                    Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-                    None => one.to_owned(),
+            if scheme.is_none() && rest.contains('=') {
+                // A key=value connection string: its password is hidden above.
+                return one.to_owned();
+            }
+            let shown = scheme.map_or(String::new(), |s| format!("{s}://"));
+            match rest.rfind('@') {
+                Some(at) => match rest[..at].split_once(':') {
+                    Some((user, _)) => format!("{shown}{user}:***@{}", &rest[at + 1..]),
+                    None => format!("{shown}***@{}", &rest[at + 1..]),
                 },
                 None => one.to_owned(),
             }
@@ -425,6 +435,12 @@ mod tests {
             redact("nats://u:p@n1:4222, tls://t@n2:4222"),
             "nats://u:***@n1:4222, tls://***@n2:4222"
         );
+        // As async-nats takes them too: no scheme, capitals; a password holding `/` or `#`.
+        assert_eq!(redact("s3cr3t@127.0.0.1:4222"), "***@127.0.0.1:4222");
+        assert_eq!(redact("NATS://tok@h:4222"), "NATS://***@h:4222");
+        assert_eq!(redact("u:p@ss@h:4222"), "u:***@h:4222");
+        assert_eq!(redact("nats://u:ab/cd#e@h:4222"), "nats://u:***@h:4222");
+        assert_eq!(redact("POSTGRES://u:secret@h/db"), "POSTGRES://u:***@h/db");
     }
 
     fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {

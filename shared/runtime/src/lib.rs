@@ -54,7 +54,7 @@ pub async fn connect_nats(
         .map_err(|e| async_nats::ConnectError::with_source(async_nats::ConnectErrorKind::Tls, e))?;
     let state = Arc::new(EventLog::default());
     let servers = server_list(&cfg.nats_url)?;
-    nats_options(&cfg.nats_tls, &servers)
+    nats_options(&cfg.nats_tls, &cfg.nats_url)?
         .name(name)
         .retry_on_initial_connect()
         .max_reconnects(None)
@@ -71,20 +71,29 @@ pub async fn connect_nats(
 /// either, the servers a cluster announces are not added to the URL's: they come as
 /// addresses their certificates do not name, and every reconnection to one would fail.
 ///
-/// The credentials a URL of `servers` carries are sent too (the first URL that has any):
-/// `nats://user:password@host` as user and password, `nats://token@host` as a token,
-/// percent-decoded; async-nats reads them from its options only.
+/// The credentials a URL of `urls` (`CH_NATS_URL`) carries are sent too (the first URL that
+/// has any): `nats://user:password@host` as user and password, `nats://token@host` as a
+/// token, percent-decoded. async-nats reads them from its options only, and
+/// [`server_list`] leaves them out of the addresses (async-nats logs those at debug).
 ///
 /// Reads no file: check them first ([`config::NatsTls::check`]; [`connect_nats`] does).
+///
+/// # Errors
+/// When an entry of `urls` is not a server URL.
 pub fn nats_options(
     tls: &config::NatsTls,
-    servers: &[async_nats::ServerAddr],
-) -> async_nats::ConnectOptions {
+    urls: &str,
+) -> Result<async_nats::ConnectOptions, async_nats::ConnectError> {
     let mut options = async_nats::ConnectOptions::new();
     let decoded = |s: &str| {
         percent_encoding::percent_decode_str(s)
             .decode_utf8_lossy()
             .into_owned()
+    };
+    let servers = if urls.trim().is_empty() {
+        Vec::new()
+    } else {
+        parsed(urls)?
     };
     if let Some(s) = servers.iter().find(|s| s.has_user_pass()) {
         let user = decoded(s.username().unwrap_or_default());
@@ -104,7 +113,7 @@ pub fn nats_options(
     if tls != &config::NatsTls::default() {
         options = options.ignore_discovered_servers();
     }
-    options
+    Ok(options)
 }
 
 /// `CH_NATS_URL` as a list of servers: one URL, or several separated by commas (the nodes of
@@ -115,6 +124,23 @@ pub fn nats_options(
 /// # Errors
 /// When an entry is not a server URL.
 pub fn server_list(urls: &str) -> Result<Vec<async_nats::ServerAddr>, async_nats::ConnectError> {
+    parsed(urls)?
+        .into_iter()
+        .map(|s| {
+            // The credentials go in the options ([`nats_options`]).
+            let mut url = s.into_inner();
+            let _ = url.set_password(None);
+            let _ = url.set_username("");
+            async_nats::ServerAddr::from_url(url)
+        })
+        .collect::<Result<_, _>>()
+        .map_err(|e| {
+            async_nats::ConnectError::with_source(async_nats::ConnectErrorKind::ServerParse, e)
+        })
+}
+
+/// The entries of `urls` as async-nats reads them, credentials and all.
+fn parsed(urls: &str) -> Result<Vec<async_nats::ServerAddr>, async_nats::ConnectError> {
     urls.split(',')
         .map(|u| u.trim().parse::<async_nats::ServerAddr>())
         .collect::<Result<_, _>>()

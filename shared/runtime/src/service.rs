@@ -57,12 +57,12 @@ pub fn takes_no_fields(body: &[u8]) -> Result<(), ApiError> {
     }
 }
 
-/// `s` with its control characters (line breaks among them) escaped as Rust writes them
-/// (`\n`, `\u{1b}`), for a text log line.
+/// `s` with its control characters (line breaks among them, and Unicode's line and paragraph
+/// separators) escaped as Rust writes them (`\n`, `\u{1b}`), for a text log line.
 fn escape_controls(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
-        if c.is_control() {
+        if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') {
             out.extend(c.escape_default());
         } else {
             out.push(c);
@@ -352,8 +352,8 @@ mod tests {
     #[test]
     fn a_logged_message_cannot_break_its_line() {
         assert_eq!(
-            escape_controls("unknown op `x`\n2026 INFO forged\u{1b}[0m \"é\""),
-            "unknown op `x`\\n2026 INFO forged\\u{1b}[0m \"é\""
+            escape_controls("unknown op `x`\n2026 INFO forged\u{1b}[0m \"é\"\u{2028}"),
+            "unknown op `x`\\n2026 INFO forged\\u{1b}[0m \"é\"\\u{2028}"
         );
     }
 
