@@ -284,7 +284,8 @@ mod tests {
             assert_eq!(
                 text,
                 "cannot reach NATS at nats://127.0.0.1:1 (tried for 10s; is a nats-server \
-                 running there?)"
+                 running there, and does it take the credentials, if any? the log above has \
+                 its answers)"
             );
         }
         let text = chain(&StartError::not_ready(unready(), &State::Connected, url));
