@@ -33,29 +33,7 @@ pub async fn run(ctx: &Ctx, args: &Opts) -> Result<()> {
     let name = ctx.subjects.stream_name();
     if pg::connect(&ctx.cfg.database_url, None).await.is_ok() {
         let (url, schema) = (&ctx.cfg.database_url, &ctx.cfg.db_schema);
-        // The stream as it is (none yet: 0), looked up, not made.
-        let head = async {
-            use async_nats::jetstream::context::GetStreamErrorKind;
-            let unread = |e: &dyn std::fmt::Display| {
-                ch_runtime::DbError::Unavailable(format!("stream {name}'s last sequence: {e}"))
-            };
-            match js.get_stream(&name).await {
-                Ok(mut s) => s
-                    .info()
-                    .await
-                    .map(|i| i.state.last_sequence)
-                    .map_err(|e| unread(&e)),
-                Err(e) => match e.kind() {
-                    GetStreamErrorKind::JetStream(j)
-                        if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
-                    {
-                        Ok(0)
-                    }
-                    _ => Err(unread(&e)),
-                },
-            }
-        };
-        pg::check_stream(url, schema, &name, head).await?;
+        pg::check_stream(url, schema, &name, last_seq(&js, &name)).await?;
     }
     let existed = js.get_stream(&name).await.is_ok();
     let stream = eventstore::ensure_stream(&js, &ctx.subjects, args.replicas)
@@ -100,16 +78,7 @@ pub async fn run(ctx: &Ctx, args: &Opts) -> Result<()> {
     pg::migrate(url, schema, MIGRATIONS)
         .await
         .with_context(|| format!("schema {schema} at {}", redact(url)))?;
-    let head = async {
-        stream
-            .get_info()
-            .await
-            .map(|i| i.state.last_sequence)
-            .map_err(|e| {
-                ch_runtime::DbError::Unavailable(format!("stream {name}'s last sequence: {e}"))
-            })
-    };
-    pg::claim_stream(url, schema, &name, head).await?;
+    pg::claim_stream(url, schema, &name, last_seq(&js, &name)).await?;
     let after = applied(url, schema).await;
     println!(
         "database  {}: {}",
@@ -135,6 +104,30 @@ pub async fn run(ctx: &Ctx, args: &Opts) -> Result<()> {
     reset_if_ahead(&app, &stream, PortfolioProjection::default()).await?;
     reset_if_ahead(&app, &stream, StrategyProjection).await?;
     Ok(())
+}
+
+/// Stream `name`'s last sequence, for the schema's claim: 0 for a stream not made yet (looked
+/// up, not made).
+async fn last_seq(js: &jetstream::Context, name: &str) -> Result<u64, ch_runtime::DbError> {
+    use async_nats::jetstream::context::GetStreamErrorKind;
+    let unread = |e: &dyn std::fmt::Display| {
+        ch_runtime::DbError::Unavailable(format!("stream {name}'s last sequence: {e}"))
+    };
+    match js.get_stream(name).await {
+        Ok(mut s) => s
+            .info()
+            .await
+            .map(|i| i.state.last_sequence)
+            .map_err(|e| unread(&e)),
+        Err(e) => match e.kind() {
+            GetStreamErrorKind::JetStream(j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+            {
+                Ok(0)
+            }
+            _ => Err(unread(&e)),
+        },
+    }
 }
 
 /// Empties `projection`'s read model when its checkpoint is past the stream's last sequence.

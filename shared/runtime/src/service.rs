@@ -349,6 +349,8 @@ async fn respond<H: Handler>(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn a_logged_message_cannot_break_its_line() {
         assert_eq!(
@@ -356,8 +358,6 @@ mod tests {
             "unknown op `x`\\n2026 INFO forged\\u{1b}[0m \"é\"\\u{2028}"
         );
     }
-
-    use super::*;
 
     /// Work that runs until `shutdown`, then says it saw it.
     async fn until(shutdown: CancellationToken) -> Result<(), async_nats::Error> {
