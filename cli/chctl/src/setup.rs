@@ -8,7 +8,7 @@ use async_nats::jetstream::{self, consumer::pull};
 use ch_readmodel::{PortfolioProjection, StrategyProjection, MIGRATIONS};
 use ch_runtime::app::App;
 use ch_runtime::eventstore::{self, CONSUMER_PORTFOLIO_JSON, CONSUMER_STRATEGY_JSON};
-use ch_runtime::pg;
+use ch_runtime::pg::{self, Claim};
 use ch_runtime::projector::{self, Projection};
 
 use crate::common::{redact, Ctx};
@@ -31,9 +31,10 @@ pub async fn run(ctx: &Ctx, args: &Opts) -> Result<()> {
         .with_context(|| format!("JetStream at {}", redact(&ctx.cfg.nats_url)))?;
 
     let name = ctx.subjects.stream_name();
-    if pg::connect(&ctx.cfg.database_url, None).await.is_ok() {
-        let (url, schema) = (&ctx.cfg.database_url, &ctx.cfg.db_schema);
-        pg::check_stream(url, schema, &name, last_seq(&js, &name)).await?;
+    let (url, schema) = (&ctx.cfg.database_url, &ctx.cfg.db_schema);
+    let db_existed = pg::connect(url, None).await.is_ok();
+    if db_existed {
+        pg::check_stream(url, schema, &name, last_seq(&js, &name), Claim::No).await?;
     }
     let existed = js.get_stream(&name).await.is_ok();
     let stream = eventstore::ensure_stream(&js, &ctx.subjects, args.replicas)
@@ -63,22 +64,19 @@ pub async fn run(ctx: &Ctx, args: &Opts) -> Result<()> {
         println!("consumer  {name} > {durable}: {state}");
     }
 
-    let url = &ctx.cfg.database_url;
-    let schema = &ctx.cfg.db_schema;
     let hint = || {
         format!(
             "PostgreSQL at {} (is it running? `scripts/pg.sh` starts a local one; or set CH_DATABASE_URL)",
             redact(url)
         )
     };
-    let db_existed = pg::connect(url, None).await.is_ok();
     pg::ensure_database(url).await.with_context(hint)?;
     let before = applied(url, schema).await;
     // Postgres answered above: what fails here is the schema, not the server.
     pg::migrate(url, schema, MIGRATIONS)
         .await
         .with_context(|| format!("schema {schema} at {}", redact(url)))?;
-    pg::claim_stream(url, schema, &name, last_seq(&js, &name)).await?;
+    pg::check_stream(url, schema, &name, last_seq(&js, &name), Claim::Yes).await?;
     let after = applied(url, schema).await;
     println!(
         "database  {}: {}",

@@ -19,6 +19,7 @@ use tracing::warn;
 use crate::analysis::{self, AnalysisQuery, LeaderboardQuery};
 use crate::queries::{self, Consistency, PerformanceQuery, StrategyGetQuery, StrategyListQuery};
 use crate::{PortfolioProjection, StrategyProjection, MIGRATIONS};
+use ch_runtime::pg::Claim;
 
 /// Applies the read-model migrations to the configured schema (idempotent), and claims the
 /// schema for the configured stream.
@@ -30,7 +31,8 @@ pub async fn migrate(app: &App) -> Result<(), DbError> {
     let (url, schema) = (&app.cfg.database_url, &app.cfg.db_schema);
     ch_runtime::pg::ensure_database(url).await?;
     ch_runtime::pg::migrate(url, schema, MIGRATIONS).await?;
-    ch_runtime::pg::claim_stream(url, schema, &app.subjects.stream_name(), head(app)).await
+    let stream = app.subjects.stream_name();
+    ch_runtime::pg::check_stream(url, schema, &stream, head(app), Claim::Yes).await
 }
 
 /// The stream's last sequence, for the schema's claim (awaited after the checkpoints).
@@ -67,7 +69,7 @@ pub(crate) async fn migrated(
                 let (url, name) = (&app.cfg.database_url, &app.cfg.db_schema);
                 ch_runtime::pg::require_migrations(url, name, MIGRATIONS).await?;
                 let stream = app.subjects.stream_name();
-                ch_runtime::pg::check_stream(url, name, &stream, head(app)).await
+                ch_runtime::pg::check_stream(url, name, &stream, head(app), Claim::No).await
             }
         }
     };

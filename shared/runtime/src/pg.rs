@@ -395,52 +395,37 @@ pub async fn require_migrations(
     )))
 }
 
-/// Checks, without writing, that the read models in `schema` are folded from `stream`: the
-/// start of a worker that only reads, and `chctl setup` before it touches NATS. Refused as
-/// [`claim_stream`] would refuse, but a schema it would claim passes, and so does one not
-/// migrated yet (no `ch_stream` table) whose read models are not past `head`.
+/// Whether [`check_stream`] may claim a schema that names no stream yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// The workers that only read, and `chctl setup` before it touches NATS: nothing written;
+    /// a schema it would claim passes, and so does one not migrated yet (no `ch_stream`
+    /// table) whose read models are not past `head`.
+    No,
+    /// The workers that write (projectors, `chctl setup` and `rebuild`), on a migrated
+    /// schema: one that names no stream yet is given `stream`, unless its read models are past
+    /// `head` (a schema upgraded to migration 8 whose read models were folded from a longer
+    /// stream: another prefix's).
+    Yes,
+}
+
+/// Checks that the read models in `schema` are folded from `stream` (its `ch_stream` row),
+/// claiming it as `claim` says; `head` is the stream's last sequence.
 ///
 /// # Errors
-/// As [`claim_stream`].
+/// [`DbError::Refused`] when the schema holds another stream's read models, or is not claimed
+/// for the reason above, naming both streams and what to do; [`DbError`] on database trouble.
 pub async fn check_stream(
     database_url: &str,
     schema: &str,
     stream: &str,
     head: impl std::future::Future<Output = Result<u64, DbError>>,
+    claim: Claim,
 ) -> Result<(), DbError> {
+    // `head` is awaited only after the checkpoints are read: projectors running beside move
+    // them on, but never past the head as it is when they commit.
     let client = connect(database_url, Some(schema)).await?;
-    stream_of(&client, schema, stream, head, false).await
-}
-
-/// For the workers that write (projectors, `chctl setup` and `rebuild`), on a migrated schema:
-/// checks that its read models are folded from `stream` (its `ch_stream` row), and gives a
-/// schema that names no stream yet this one, whose last sequence `head` says, unless its
-/// read models are past it (a schema upgraded to migration 8 whose read models were folded
-/// from a longer stream: another prefix's).
-///
-/// # Errors
-/// [`DbError::Refused`] when the schema holds another stream's read models, or is not claimed
-/// for the reason above, naming both streams and what to do; [`DbError`] on database trouble.
-pub async fn claim_stream(
-    database_url: &str,
-    schema: &str,
-    stream: &str,
-    head: impl std::future::Future<Output = Result<u64, DbError>>,
-) -> Result<(), DbError> {
-    let client = connect(database_url, Some(schema)).await?;
-    stream_of(&client, schema, stream, head, true).await
-}
-
-/// [`check_stream`] and [`claim_stream`]. `head` is awaited only after the checkpoints are
-/// read: projectors running beside move them on, but never past the head as it is when they
-/// commit.
-async fn stream_of(
-    client: &tokio_postgres::Client,
-    schema: &str,
-    stream: &str,
-    head: impl std::future::Future<Output = Result<u64, DbError>>,
-    claim: bool,
-) -> Result<(), DbError> {
+    let claim = claim == Claim::Yes;
     // A table this role may not read, or one not made yet, is no record (Some(None)).
     let recorded = match client.query_opt("SELECT stream FROM ch_stream", &[]).await {
         Ok(row) => Some(row.map(|r| r.get::<_, String>(0))),
