@@ -148,6 +148,35 @@ pub fn mul_round8(a: Decimal, b: Decimal) -> Option<Decimal> {
         .map(|d| d.normalize())
 }
 
+/// `round8(a * b / c)` computed exactly (the product and quotient in big integers, never
+/// rounded at Decimal's 28 digits: a quotient rounded there can land on an 8-place midpoint
+/// the exact value is not on, and round the wrong way), or `None` when `c` is 0 or the result
+/// does not fit a Decimal.
+pub fn mul_div_round8(a: Decimal, b: Decimal, c: Decimal) -> Option<Decimal> {
+    use num_bigint::{BigInt, Sign};
+    if c.is_zero() {
+        return None;
+    }
+    let (a, b, c) = (a.normalize(), b.normalize(), c.normalize());
+    // a*b/c in units of 10^-8: ma*mb * 10^(8 + sc) / (mc * 10^(sa + sb)).
+    let ten = |e: u32| BigInt::from(10u8).pow(e);
+    let mut num = BigInt::from(a.mantissa()) * b.mantissa() * ten(MAX_PLACES + c.scale());
+    let mut den = BigInt::from(c.mantissa()) * ten(a.scale() + b.scale());
+    if den.sign() == Sign::Minus {
+        (num, den) = (-num, -den);
+    }
+    // Truncated toward zero; the remainder has the numerator's sign.
+    let (mut q, r) = (&num / &den, &num % &den);
+    let twice = r.magnitude() * 2u8;
+    if twice > *den.magnitude() || (twice == *den.magnitude() && q.bit(0)) {
+        q += if num.sign() == Sign::Minus { -1 } else { 1 };
+    }
+    let q = i128::try_from(q).ok()?;
+    Decimal::try_from_i128_with_scale(q, MAX_PLACES)
+        .ok()
+        .map(|d| d.normalize())
+}
+
 /// `> 0` and at most 8 places, else `bad_request` naming `field` (`amount: must be > 0`).
 ///
 /// # Errors
@@ -341,6 +370,29 @@ mod tests {
         assert_eq!(round8(d("-0.000000025")), d("-0.00000002"));
         assert_eq!(round8(d("10.000000000")).to_string(), "10");
         assert_eq!(round8(d("1.123456789")).to_string(), "1.12345679");
+    }
+
+    #[test]
+    fn a_share_is_rounded_once_from_its_exact_value() {
+        // 50501.1422202472487491 * 1.63626389 / 3 = 27544.3984729149999...: Decimal's
+        // 28-digit product and quotient land on the midpoint ...2915 and round8 went up.
+        let basis = d("2.99999999") * d("16833.71411286") + d("0.00000001") * d("5000.43898777");
+        assert_eq!(basis, d("50501.1422202472487491"));
+        assert_eq!(round8(basis * d("1.63626389") / d("3")), d("27544.39847292"));
+        assert_eq!(
+            mul_div_round8(basis, d("1.63626389"), d("3")),
+            Some(d("27544.39847291"))
+        );
+        // Midpoints to even, either sign; a negative divisor; exact results stay exact.
+        assert_eq!(mul_div_round8(d("0.00000001"), d("1"), d("2")), Some(d("0")));
+        assert_eq!(mul_div_round8(d("0.00000003"), d("1"), d("2")), Some(d("0.00000002")));
+        assert_eq!(mul_div_round8(d("-0.00000003"), d("1"), d("2")), Some(d("-0.00000002")));
+        assert_eq!(mul_div_round8(d("0.00000003"), d("1"), d("-2")), Some(d("-0.00000002")));
+        assert_eq!(mul_div_round8(d("10"), d("1"), d("3")), Some(d("3.33333333")));
+        assert_eq!(mul_div_round8(d("20"), d("1"), d("3")), Some(d("6.66666667")));
+        assert_eq!(mul_div_round8(d("12612.6"), d("0.5"), d("1.5")), Some(d("4204.2")));
+        assert_eq!(mul_div_round8(d("1"), d("1"), d("0")), None);
+        assert_eq!(mul_div_round8(Decimal::MAX, Decimal::MAX, d("1")), None);
     }
 
     #[test]

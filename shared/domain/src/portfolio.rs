@@ -16,7 +16,7 @@ use crate::ids::{
     symbol_base, symbol_quote, validate_currency, validate_id, validate_name, validate_symbol,
 };
 use crate::money::{
-    exact_add, exact_mul, exact_sub, mul_round8, places, plain, round8, validate_amount,
+    exact_add, exact_mul, exact_sub, mul_div_round8, mul_round8, places, plain, round8, validate_amount,
     validate_places, MAX_PLACES,
 };
 use crate::strategy::{StrategyState, StrategyStatus};
@@ -616,10 +616,7 @@ impl PortfolioState {
                     (pos.cost_basis, pos.gross_entry)
                 } else {
                     let share = |total: Decimal| {
-                        total
-                            .checked_mul(q)
-                            .and_then(|x| x.checked_div(pos.quantity))
-                            .map(round8)
+                        mul_div_round8(total, q, pos.quantity)
                             .ok_or_else(|| overflow("released cost"))
                     };
                     // min: with a basis of more than 8 places, rounding could release a
@@ -2052,6 +2049,27 @@ mod tests {
     }
 
     // ---- DOMAIN.md E1 ----
+
+    #[test]
+    fn a_partial_sell_releases_round8_of_the_exact_share_of_its_basis() {
+        let f = facts();
+        let events = vec![opened(), deposited("100000", "100000"), attached(S)];
+        let mut st = given::<PortfolioState>(events).state().clone();
+        let fill = |st: &mut PortfolioState, side, q, p| {
+            executed(&step(st, &signal(side, q, p, Some("0")), &f).unwrap())
+        };
+        fill(&mut st, Side::Buy, "2.99999999", "16833.71411286");
+        let t = fill(&mut st, Side::Buy, "0.00000001", "5000.43898777");
+        assert_eq!(t.cost_basis_after, dec("50501.1422202472487491"));
+        // The exact share, 27544.3984729149999..., is just below a midpoint: Decimal's 28
+        // digits rounded it onto ...2915 and round8 released ...292.
+        let t = fill(&mut st, Side::Sell, "1.63626389", "20000");
+        assert_eq!(t.realized_pnl, dec("5180.87932709"));
+        assert_eq!(
+            t.cost_basis_after,
+            dec("50501.1422202472487491") - dec("27544.39847291")
+        );
+    }
 
     #[test]
     fn e1_average_cost() {
