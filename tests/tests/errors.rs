@@ -1123,6 +1123,7 @@ async fn a_handler_that_panics_is_answered_internal_and_serving_goes_on() {
             name: "panics".into(),
             subject: format!("{}.test.panics", env.subjects.prefix()),
         }],
+        metadata: Default::default(),
     };
     let token = CancellationToken::new();
     let served = tokio::spawn(service::serve(

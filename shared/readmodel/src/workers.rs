@@ -128,7 +128,8 @@ pub fn projector<P: Projection>(app: &App, projection: P) -> Result<Projector<P>
         app.client.clone(),
         BatchConfig::from_config(&app.cfg),
         app.metrics.clone(),
-    ))
+    )
+    .with_service_metadata(app.cfg.service_metadata()))
 }
 
 /// Runs a projector worker until `shutdown`.

@@ -183,6 +183,7 @@ impl App {
                     subject,
                 })
                 .collect(),
+            metadata: self.cfg.service_metadata(),
         }
     }
 }

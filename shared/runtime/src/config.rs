@@ -159,6 +159,27 @@ fn valid_token(s: &str) -> bool {
 }
 
 impl Config {
+    /// What a worker tells about its configuration in its micro service's metadata
+    /// (`nats micro info`), so that a client (the benchmark) reads the deployment's mode
+    /// rather than assume its own environment's: `ch_sync` and the figures it turns on.
+    pub fn service_metadata(&self) -> std::collections::HashMap<String, String> {
+        [
+            ("ch_sync", self.sync.as_str().to_owned()),
+            ("ch_batch_max", self.batch_max.to_string()),
+            ("ch_batch_wait_ms", self.batch_wait.as_millis().to_string()),
+            ("ch_replay_batch_max", self.replay_batch_max.to_string()),
+            (
+                "ch_immediate_timeout_ms",
+                self.immediate_timeout.as_millis().to_string(),
+            ),
+            ("ch_db_pool", self.db_pool_size.to_string()),
+            ("ch_worker_threads", self.worker_threads.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+
     /// The Tokio runtime a worker binary runs on (`CH_WORKER_THREADS`).
     ///
     /// # Errors

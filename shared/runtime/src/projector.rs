@@ -533,6 +533,8 @@ pub struct Projector<P: Projection> {
     /// The worker's shutdown (see [`run`]): a replay stops between its transactions, each of
     /// which commits its checkpoint, so that the next start goes on from there.
     stop: CancellationToken,
+    /// Its micro service's metadata (see [`Projector::with_service_metadata`]).
+    service_metadata: std::collections::HashMap<String, String>,
 }
 
 const UNKNOWN: u64 = u64::MAX;
@@ -569,7 +571,19 @@ impl<P: Projection> Projector<P> {
             sparse,
             position: AtomicU64::new(UNKNOWN),
             stop: CancellationToken::new(),
+            service_metadata: Default::default(),
         }
+    }
+
+    /// The metadata its micro service shows in `nats micro info` (a worker's:
+    /// `Config::service_metadata`, its `CH_SYNC` and batching).
+    #[must_use]
+    pub fn with_service_metadata(
+        mut self,
+        metadata: std::collections::HashMap<String, String>,
+    ) -> Self {
+        self.service_metadata = metadata;
+        self
     }
 
     fn set_position(&self, seq: u64) {
@@ -1626,6 +1640,7 @@ pub async fn run<P: Projection>(
                 subject: subjects.projector_rebuild(projector.name()),
             },
         ],
+        metadata: projector.service_metadata.clone(),
     };
     let svc = tokio::spawn(service::serve(
         projector.client.clone(),

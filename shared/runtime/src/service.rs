@@ -95,6 +95,8 @@ pub struct ServiceSpec {
     pub name: String,
     pub description: String,
     pub endpoints: Vec<EndpointSpec>,
+    /// The service's metadata in `nats micro info` (a worker's: `Config::service_metadata`).
+    pub metadata: std::collections::HashMap<String, String>,
 }
 
 /// Runs `work` beside its worker's service task `svc` (started with the same `shutdown`):
@@ -152,6 +154,7 @@ pub async fn serve<H: Handler>(
         client
             .service_builder()
             .description(spec.description.clone())
+            .metadata(spec.metadata.clone())
             .queue_group(spec.name.clone())
             .stats_handler(move |endpoint, _| stats_metrics.snapshot(&endpoint))
             .start(spec.name.clone(), VERSION)

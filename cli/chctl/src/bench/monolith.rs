@@ -281,6 +281,7 @@ pub async fn start(
                 subject: format!("{}.{suffix}", subjects.prefix()),
             })
             .collect(),
+        metadata: Default::default(),
     };
     let (failed_tx, mut failed_rx) = tokio::sync::oneshot::channel::<String>();
     let task = tokio::spawn({
