@@ -67,9 +67,10 @@ echo "smoke: chctl rebuild all: both running projectors replayed to the head"
 # The benchmark at its smoke size, paced, beside the monolith: it must find every read-model
 # row equal to the state folded from the stream (it exits 1 otherwise), see no errors, keep
 # to the rate it was given (a closed loop here runs at thousands per second), and report the
-# workers' own latencies and Postgres' CPU by the worker each backend serves.
+# workers' own latencies and Postgres' CPU by the worker each backend serves. Its own
+# environment says batch (the workers run eventual): its JSON must say what the workers report.
 rate=200
-"$chctl" bench trade-flow --quick --signals 400 --rate "$rate" --query-rate 50 \
+CH_SYNC=batch CH_BATCH_MAX=7 "$chctl" bench trade-flow --quick --signals 400 --rate "$rate" --query-rate 50 \
     --out "$CH_RUN_DIR/bench" --tag smoke >"$CH_RUN_DIR/bench.log" 2>&1 \
     || { cat "$CH_RUN_DIR/bench.log" >&2; echo "smoke: chctl bench trade-flow failed" >&2; exit 1; }
 result=$(ls "$CH_RUN_DIR"/bench/*-smoke.json)
@@ -84,6 +85,10 @@ for side, fig in (("ours", r), ("monolith", r["baseline"])):
         problems.append(f"{side}: rows differing {fig['consistency']}")
     if not 0 < fig["commands_per_sec"] <= rate * 1.05:
         problems.append(f"{side}: {fig['commands_per_sec']} commands/s, paced to {rate}/s")
+c = r["config"]
+if (c["ch_sync"], c["ch_batch_max"], c["ch_from_environment"]) != ("eventual", 500, []) \
+        or len(c["deployment"]["proj-portfolio"]) != 1:
+    problems.append(f"config from the deployment: {c}")
 if r["config"]["rate"] != rate or r["projection_lag_ms"] is None:
     problems.append(f"config {r['config']}, lag {r['projection_lag_ms']}")
 # The workers' own latency figures, read from $SRV.STATS: at least every request sent.

@@ -267,17 +267,31 @@ pub fn text(v: &Value, key: &str) -> String {
 
 pub use ch_runtime::config::redact;
 
-/// How long the first instance has to answer `$SRV.STATS`, and each further one after the one
-/// before.
+/// How long the first instance has to answer a `$SRV` request, and each further one after
+/// the one before.
 const FIRST_STATS_REPLY: Duration = Duration::from_secs(2);
 const NEXT_STATS_REPLY: Duration = Duration::from_millis(100);
 
 /// Every instance's reply to `$SRV.STATS.<service>`.
 pub async fn stats(client: &Client, service: &str) -> Result<Vec<Value>, async_nats::Error> {
+    every_reply(client, "STATS", service).await
+}
+
+/// Every instance's reply to `$SRV.INFO.<service>` (its endpoints and metadata).
+pub async fn info(client: &Client, service: &str) -> Result<Vec<Value>, async_nats::Error> {
+    every_reply(client, "INFO", service).await
+}
+
+/// Every instance's reply to `$SRV.<verb>.<service>`.
+async fn every_reply(
+    client: &Client,
+    verb: &str,
+    service: &str,
+) -> Result<Vec<Value>, async_nats::Error> {
     let inbox = client.new_inbox();
     let mut sub = client.subscribe(inbox.clone()).await?;
     client
-        .publish_with_reply(format!("$SRV.STATS.{service}"), inbox, Bytes::new())
+        .publish_with_reply(format!("$SRV.{verb}.{service}"), inbox, Bytes::new())
         .await?;
     client.flush().await?;
     let mut replies = Vec::new();

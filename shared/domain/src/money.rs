@@ -378,19 +378,43 @@ mod tests {
         // 28-digit product and quotient land on the midpoint ...2915 and round8 went up.
         let basis = d("2.99999999") * d("16833.71411286") + d("0.00000001") * d("5000.43898777");
         assert_eq!(basis, d("50501.1422202472487491"));
-        assert_eq!(round8(basis * d("1.63626389") / d("3")), d("27544.39847292"));
+        assert_eq!(
+            round8(basis * d("1.63626389") / d("3")),
+            d("27544.39847292")
+        );
         assert_eq!(
             mul_div_round8(basis, d("1.63626389"), d("3")),
             Some(d("27544.39847291"))
         );
         // Midpoints to even, either sign; a negative divisor; exact results stay exact.
-        assert_eq!(mul_div_round8(d("0.00000001"), d("1"), d("2")), Some(d("0")));
-        assert_eq!(mul_div_round8(d("0.00000003"), d("1"), d("2")), Some(d("0.00000002")));
-        assert_eq!(mul_div_round8(d("-0.00000003"), d("1"), d("2")), Some(d("-0.00000002")));
-        assert_eq!(mul_div_round8(d("0.00000003"), d("1"), d("-2")), Some(d("-0.00000002")));
-        assert_eq!(mul_div_round8(d("10"), d("1"), d("3")), Some(d("3.33333333")));
-        assert_eq!(mul_div_round8(d("20"), d("1"), d("3")), Some(d("6.66666667")));
-        assert_eq!(mul_div_round8(d("12612.6"), d("0.5"), d("1.5")), Some(d("4204.2")));
+        assert_eq!(
+            mul_div_round8(d("0.00000001"), d("1"), d("2")),
+            Some(d("0"))
+        );
+        assert_eq!(
+            mul_div_round8(d("0.00000003"), d("1"), d("2")),
+            Some(d("0.00000002"))
+        );
+        assert_eq!(
+            mul_div_round8(d("-0.00000003"), d("1"), d("2")),
+            Some(d("-0.00000002"))
+        );
+        assert_eq!(
+            mul_div_round8(d("0.00000003"), d("1"), d("-2")),
+            Some(d("-0.00000002"))
+        );
+        assert_eq!(
+            mul_div_round8(d("10"), d("1"), d("3")),
+            Some(d("3.33333333"))
+        );
+        assert_eq!(
+            mul_div_round8(d("20"), d("1"), d("3")),
+            Some(d("6.66666667"))
+        );
+        assert_eq!(
+            mul_div_round8(d("12612.6"), d("0.5"), d("1.5")),
+            Some(d("4204.2"))
+        );
         assert_eq!(mul_div_round8(d("1"), d("1"), d("0")), None);
         assert_eq!(mul_div_round8(Decimal::MAX, Decimal::MAX, d("1")), None);
     }

@@ -16,8 +16,8 @@ use crate::ids::{
     symbol_base, symbol_quote, validate_currency, validate_id, validate_name, validate_symbol,
 };
 use crate::money::{
-    exact_add, exact_mul, exact_sub, mul_div_round8, mul_round8, places, plain, round8, validate_amount,
-    validate_places, MAX_PLACES,
+    exact_add, exact_mul, exact_sub, mul_div_round8, mul_round8, places, plain, round8,
+    validate_amount, validate_places, MAX_PLACES,
 };
 use crate::strategy::{StrategyState, StrategyStatus};
 use crate::{Aggregate, AggregateType, Ctx, DomainError, Event};

@@ -205,13 +205,14 @@ async fn trade_flow(ctx: &Ctx, a: &TradeFlow) -> Result<ExitCode> {
         per_sec(a.query_rate),
         t0.elapsed().as_secs_f64()
     );
-    let config = config(ctx, a, sizes, query_clients, &w);
+    let mut config = config(ctx, a, sizes, query_clients, &w);
     // Read before the run: a file of another workload fails it at once.
     let earlier_baseline = match &a.baseline_from {
         Some(file) => Some(baseline_from(file, &config)?),
         None => None,
     };
     let client = ctx.connect().await?;
+    with_deployment(&mut config, &deployment(ctx, &client).await);
     let env = environment(ctx, &client, a).await;
     let sync = &env["sync_write_ms"];
     println!(
@@ -233,7 +234,7 @@ async fn trade_flow(ctx: &Ctx, a: &TradeFlow) -> Result<ExitCode> {
     println!(
         "\n== CipherHorizon (prefix {}, CH_SYNC={}, NATS {})",
         ctx.subjects.prefix(),
-        ctx.cfg.sync.as_str(),
+        config["ch_sync"].as_str().unwrap_or("?"),
         crate::common::redact(&ctx.cfg.nats_url)
     );
     let (ours, folded) =
@@ -466,8 +467,79 @@ fn config(ctx: &Ctx, a: &TradeFlow, s: Sizes, query_clients: usize, w: &Workload
         "ch_nats_url": redact(&c.nats_url),
         "ch_database_url": redact(&c.database_url),
         "tag": a.tag,
-        "note": "CH_* as seen by the benchmark process; scripts/bench.sh gives the workers the same environment",
     })
+}
+
+/// The services the figures depend on, and the `CH_*` keys each one's metadata settles: the
+/// signal command's path (`immediate` waits there) and the portfolio projector (batching).
+const DEPLOYMENT_KEYS: [(&str, &[&str]); 2] = [
+    (
+        "cmd-signal",
+        &[
+            "ch_sync",
+            "ch_immediate_timeout_ms",
+            "ch_db_pool",
+            "ch_worker_threads",
+        ],
+    ),
+    (
+        "proj-portfolio",
+        &[
+            "ch_sync",
+            "ch_batch_max",
+            "ch_batch_wait_ms",
+            "ch_replay_batch_max",
+            "ch_db_pool",
+            "ch_worker_threads",
+        ],
+    ),
+];
+
+/// What the deployment's workers say of their configuration: each service's distinct
+/// `$SRV.INFO` metadata (`Config::service_metadata`) over its instances.
+async fn deployment(ctx: &Ctx, client: &async_nats::Client) -> Value {
+    let mut services = serde_json::Map::new();
+    for (service, _) in DEPLOYMENT_KEYS {
+        let mut seen: Vec<Value> = Vec::new();
+        let infos = crate::common::info(client, &ctx.subjects.service_name(service)).await;
+        for info in infos.unwrap_or_default() {
+            if !seen.contains(&info["metadata"]) {
+                seen.push(info["metadata"].clone());
+            }
+        }
+        services.insert(service.into(), Value::Array(seen));
+    }
+    Value::Object(services)
+}
+
+/// Sets `config`'s `CH_*` keys from what the deployment reports (a benchmark run by hand
+/// against a deployment knows nothing else of it): each from the services that settle it,
+/// `"mixed"` where their instances differ; a key none reports (workers older than their
+/// metadata) keeps this process's environment's value, and `ch_from_environment` names it.
+fn with_deployment(config: &mut Value, deployment: &Value) {
+    let mut from_env = BTreeSet::new();
+    let mut reported: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+    for (service, keys) in DEPLOYMENT_KEYS {
+        for key in keys {
+            let values = reported.entry(key).or_default();
+            for m in deployment[service].as_array().into_iter().flatten() {
+                values.extend(m[key].as_str().map(str::to_owned));
+            }
+        }
+    }
+    for (key, values) in reported {
+        let mut values = values.into_iter();
+        config[key] = match (values.next(), values.next()) {
+            (None, _) => {
+                from_env.insert(key);
+                continue;
+            }
+            (Some(v), None) => v.parse::<u64>().map_or_else(|_| json!(v), |n| json!(n)),
+            (Some(_), Some(_)) => json!("mixed"),
+        };
+    }
+    config["ch_from_environment"] = json!(from_env);
+    config["deployment"] = deployment.clone();
 }
 
 /// CPU seconds of the signal phase that `sync_overhead` weighs: the projector processes, the
@@ -996,6 +1068,37 @@ mod tests {
         assert_eq!(r["command_latency_ms"]["p99"], Value::Null);
         assert_eq!(r["sync_overhead"], Value::Null);
         assert_eq!(r["errors"], Value::Null);
+    }
+
+    #[test]
+    fn the_config_says_what_the_deployment_reports_not_the_benchmarks_environment() {
+        let mut config = json!({"ch_sync": "immediate", "ch_batch_max": 7, "ch_db_pool": 16,
+                                "ch_immediate_timeout_ms": 2000});
+        let one = |sync: &str, pool: &str| {
+            json!({"ch_sync": sync, "ch_batch_max": "500", "ch_batch_wait_ms": "5",
+                   "ch_replay_batch_max": "50000", "ch_immediate_timeout_ms": "2000",
+                   "ch_db_pool": pool, "ch_worker_threads": "1"})
+        };
+        let deployment = json!({"cmd-signal": [one("batch", "16")],
+                                "proj-portfolio": [one("batch", "16"), one("batch", "4")]});
+        with_deployment(&mut config, &deployment);
+        assert_eq!(config["ch_sync"], "batch");
+        assert_eq!(config["ch_batch_max"], 500);
+        assert_eq!(config["ch_batch_wait_ms"], 5);
+        assert_eq!(config["ch_db_pool"], "mixed");
+        assert_eq!(config["ch_from_environment"], json!([]));
+        assert_eq!(config["deployment"], deployment);
+
+        // Workers that report nothing (older ones): the environment's values, said so.
+        let mut config = json!({"ch_sync": "immediate", "ch_batch_max": 7});
+        with_deployment(
+            &mut config,
+            &json!({"cmd-signal": [null], "proj-portfolio": []}),
+        );
+        assert_eq!(config["ch_sync"], "immediate");
+        assert_eq!(config["ch_batch_max"], 7);
+        let from_env = config["ch_from_environment"].as_array().unwrap();
+        assert!(from_env.contains(&json!("ch_sync")) && from_env.len() == 7);
     }
 
     #[test]

@@ -298,8 +298,12 @@ pub fn machine() -> Value {
         .find_map(|l| l.strip_prefix("model name"))
         .and_then(|v| v.split_once(':'))
         .map(|(_, m)| m.trim().to_owned());
+    // The source tree this chctl was built from (where cargo found its manifest), not the
+    // directory it runs in: null where that tree is not (a binary copied elsewhere).
     let git = |args: &[&str]| {
         std::process::Command::new("git")
+            .arg("-C")
+            .arg(env!("CARGO_MANIFEST_DIR"))
             .args(args)
             .stderr(std::process::Stdio::null())
             .output()
@@ -310,7 +314,7 @@ pub fn machine() -> Value {
     let commit = git(&["rev-parse", "HEAD"]);
     let dirty = commit
         .as_ref()
-        .and_then(|_| git(&["status", "--porcelain", "--untracked-files=no"]))
+        .and_then(|_| git(&["status", "--porcelain"]))
         .map(|s| !s.is_empty());
     json!({
         "cpus": cpus,
