@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub mod fixtures;
+pub mod proxy;
 
 /// How long a test waits for what the system does on its own (a server accepting, a projector
 /// catching up, a lock changing hands): far beyond what that takes on a busy CI machine.
@@ -972,13 +973,36 @@ impl TestEnv {
     pub fn database_url_as(&self, role: &str) -> String {
         use std::str::FromStr;
         let cfg = tokio_postgres::Config::from_str(&self.cfg.database_url).expect("valid URL");
+        let (host, port) = self.database_host_port();
+        let db = cfg.get_dbname().expect("the URL names a database");
+        format!("host={host} port={port} user={role} dbname={db}")
+    }
+
+    /// The environment's database server's address (the first host of its URL, over TCP).
+    pub fn database_addr(&self) -> std::net::SocketAddr {
+        let (host, port) = self.database_host_port();
+        format!("{host}:{port}")
+            .parse()
+            .unwrap_or_else(|_| panic!("{host}:{port}: not an IP address and port"))
+    }
+
+    /// The environment's database URL through another port of 127.0.0.1 (a proxy's).
+    pub fn database_url_via(&self, port: u16) -> String {
+        use std::str::FromStr;
+        let cfg = tokio_postgres::Config::from_str(&self.cfg.database_url).expect("valid URL");
+        let user = cfg.get_user().expect("the URL names a user");
+        let db = cfg.get_dbname().expect("the URL names a database");
+        format!("host=127.0.0.1 port={port} user={user} dbname={db}")
+    }
+
+    fn database_host_port(&self) -> (String, u16) {
+        use std::str::FromStr;
+        let cfg = tokio_postgres::Config::from_str(&self.cfg.database_url).expect("valid URL");
         let host = match &cfg.get_hosts()[0] {
             tokio_postgres::config::Host::Tcp(h) => h.clone(),
             tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
         };
-        let port = cfg.get_ports().first().copied().unwrap_or(5432);
-        let db = cfg.get_dbname().expect("the URL names a database");
-        format!("host={host} port={port} user={role} dbname={db}")
+        (host, cfg.get_ports().first().copied().unwrap_or(5432))
     }
 
     /// The configuration a worker of this environment runs with.

@@ -6,7 +6,8 @@ use ch_domain::AggregateType;
 use ch_e2e::fixtures::{
     attach, close, deposit, open, price, seq, signal, signal_on, strategy, version, withdraw,
 };
-use ch_e2e::{eventually, Reply, TestEnv};
+use ch_e2e::proxy::FreezingProxy;
+use ch_e2e::{eventually, Reply, TestEnv, Worker};
 use ch_runtime::error::ApiError;
 use ch_runtime::metrics::Metrics;
 use ch_runtime::service::{self, EndpointSpec, Handler, ServiceSpec};
@@ -27,6 +28,7 @@ const NOT_FOUND: Class = Class(404, "not_found");
 const ALREADY_EXISTS: Class = Class(409, "already_exists");
 const CONFLICT: Class = Class(409, "conflict");
 const STALE: Class = Class(504, "stale");
+const UNAVAILABLE: Class = Class(503, "unavailable");
 const INTERNAL: Class = Class(500, "internal");
 
 /// A domain refusal (422) with its code.
@@ -593,6 +595,60 @@ async fn domain_refusals_are_422_and_store_nothing() {
     assert_eq!(perf["status"], "closed");
     assert_eq!(perf["attached_strategies"], json!([]), "{perf}");
     assert_eq!(perf["version"], version(&detached));
+}
+
+/// A database that takes a query worker's statements and never answers (a server stopped, a
+/// network cut off after connecting): the query is answered `unavailable` within
+/// `CH_QUERY_TIMEOUT_MS` (or a `min_stream_seq` wait's bound), not left unanswered; once the
+/// database answers again, so do the queries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_does_not_answer_is_unavailable_within_the_bounds() {
+    let mut env = TestEnv::new().await;
+    let proxy = FreezingProxy::start(env.database_addr()).await;
+    let mut cfg = env.app_config();
+    cfg.database_url = env.database_url_via(proxy.port());
+    cfg.query_timeout = std::time::Duration::from_millis(300);
+    env.start_with(Worker::QueryPortfolio, cfg).await;
+    let missing = json!({"portfolio_id": "p1"});
+    let analysis = "query.portfolio.analysis";
+    env.request("query.portfolio.performance", missing.clone())
+        .await
+        .err(404, "not_found");
+    env.request(analysis, missing.clone())
+        .await
+        .err(404, "not_found");
+
+    proxy.freeze();
+    // The wait's bound (what is left of it) and a second: the sessions were replaced, and a
+    // new one cannot even log in.
+    let wait = json!({"portfolio_id": "p1", "min_stream_seq": 1, "timeout_ms": 200});
+    for (endpoint, body, bounds) in [
+        ("query.portfolio.performance", missing.clone(), 300..=300),
+        (analysis, missing.clone(), 300..=300),
+        ("query.portfolio.performance", wait, 1_000..=1_200),
+    ] {
+        let msg = check_error(
+            env.request(endpoint, body).await,
+            UNAVAILABLE,
+            &["the database did not answer within ", " ms"],
+        );
+        let ms: u64 = msg
+            .trim_end_matches(" ms")
+            .rsplit(' ')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no bound in {msg:?}"));
+        assert!(bounds.contains(&ms), "{msg}");
+    }
+
+    proxy.thaw();
+    eventually(|| async {
+        match env.request(analysis, missing.clone()).await.code() {
+            Some("not_found") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,7 @@
 //! The read-side workers: projector runner and query responder, as the binaries run them.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_nats::Message;
 use ch_runtime::app::{boxed_main, App, MainFuture};
@@ -225,12 +225,18 @@ impl Query {
     }
 }
 
+/// How far past its bound a `min_stream_seq` wait may run while a checkpoint read is
+/// unanswered, before the query is answered `unavailable`.
+const WAIT_NO_ANSWER_GRACE: Duration = Duration::from_secs(1);
+
 struct QueryHandler {
     pool: Pool,
     /// Takes the pool's sessions out of use when one turns out to have been ended.
     retirement: Retirement,
     progress: Progress,
     queries: Vec<Query>,
+    /// `CH_QUERY_TIMEOUT_MS`: the bound of a read (see [`QueryHandler::bounded`]).
+    read_timeout: Duration,
 }
 
 impl QueryHandler {
@@ -244,18 +250,61 @@ impl QueryHandler {
         since: Instant,
     ) -> Result<Reached, ApiError> {
         let timeout = timeout_from(q.timeout_ms())?.saturating_sub(since.elapsed());
-        match q.min_stream_seq() {
-            Some(min) => {
-                self.progress
-                    .wait_for(&self.pool, query.projections(), min, timeout)
-                    .await
-            }
-            None => Ok(Reached::default()),
+        let Some(min) = q.min_stream_seq() else {
+            return Ok(Reached::default());
+        };
+        // The wait reads checkpoints: a database that does not answer them ends it a little
+        // past its bound, not never.
+        let bound = timeout + WAIT_NO_ANSWER_GRACE;
+        let wait = self
+            .progress
+            .wait_for(&self.pool, query.projections(), min, timeout);
+        match tokio::time::timeout(bound, wait).await {
+            Ok(reached) => reached,
+            Err(_) => Err(self.no_answer(bound)),
         }
     }
 
+    /// `read` within `CH_QUERY_TIMEOUT_MS`: a database that takes a session's statements and
+    /// never answers (stopped, or cut off after the connection was made: TCP keepalives take
+    /// minutes to tell, if ever) has the query answered `unavailable`, not left unanswered.
+    async fn bounded<T>(
+        &self,
+        read: impl std::future::Future<Output = Result<T, ApiError>>,
+    ) -> Result<T, ApiError> {
+        match tokio::time::timeout(self.read_timeout, read).await {
+            Ok(answer) => answer,
+            Err(_) => Err(self.no_answer(self.read_timeout)),
+        }
+    }
+
+    /// The answer to a read the database did not answer within `bound`. The sessions in use
+    /// are not handed out again (one may still be running the statement, or be cut off).
+    fn no_answer(&self, bound: Duration) -> ApiError {
+        let dropped = self.retirement.retire(&self.pool);
+        warn!(
+            bound_ms = bound.as_millis() as u64,
+            dropped, "the database did not answer a read; its sessions are replaced"
+        );
+        ApiError::unavailable(format!(
+            "the database did not answer within {} ms",
+            bound.as_millis()
+        ))
+    }
+
+    /// A session for the read: a new one must log in within `CH_QUERY_TIMEOUT_MS` too (the
+    /// wait for a free one keeps the pool's bound: a busy worker, not a silent database).
     async fn snapshot_conn(&self) -> Result<deadpool_postgres::Object, ApiError> {
-        Ok(self.pool.get().await.map_err(DbError::from)?)
+        let timeouts = deadpool_postgres::Timeouts {
+            create: Some(self.read_timeout),
+            ..self.pool.timeouts()
+        };
+        match self.pool.timeout_get(&timeouts).await {
+            Err(deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Create)) => {
+                Err(self.no_answer(self.read_timeout))
+            }
+            got => Ok(got.map_err(DbError::from)?),
+        }
     }
 }
 
@@ -267,9 +316,13 @@ macro_rules! in_snapshot {
         let q: $ty = queries::parse($body)?;
         let reached = $handler.wait_if_asked($query, &q, $since).await?;
         let mut conn = $handler.snapshot_conn().await?;
-        let tx = queries::snapshot(&mut conn).await?;
-        let as_of = queries::as_of(&tx, $query.projections(), &reached).await?;
-        $read(&tx, &q, as_of).await
+        $handler
+            .bounded(async {
+                let tx = queries::snapshot(&mut conn).await?;
+                let as_of = queries::as_of(&tx, $query.projections(), &reached).await?;
+                $read(&tx, &q, as_of).await
+            })
+            .await
     }};
 }
 
@@ -283,7 +336,8 @@ impl QueryHandler {
                 // The portfolio read model is not sparse: its checkpoint is the answer.
                 self.wait_if_asked(query, &q, since).await?;
                 let conn = self.snapshot_conn().await?;
-                queries::portfolio_performance(&conn, &q).await
+                self.bounded(queries::portfolio_performance(&conn, &q))
+                    .await
             }
             Query::StrategyList => {
                 in_snapshot!(
@@ -387,6 +441,7 @@ pub async fn run_queries(
         retirement,
         progress,
         queries: queries.to_vec(),
+        read_timeout: app.cfg.query_timeout,
     });
     service::serve(
         app.client.clone(),

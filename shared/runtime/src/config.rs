@@ -121,6 +121,9 @@ pub struct Config {
     pub replay_batch_max: usize,
     /// `CH_IMMEDIATE_TIMEOUT_MS`, default 2000: bound of the `immediate` mode's wait.
     pub immediate_timeout: Duration,
+    /// `CH_QUERY_TIMEOUT_MS`, default 10000: how long a query worker's read of the read models
+    /// may take (after any `min_stream_seq` wait) before the query is answered `unavailable`.
+    pub query_timeout: Duration,
     /// `CH_DB_POOL`, default 16: Postgres connections per process.
     pub db_pool_size: usize,
     /// `CH_LOG_FORMAT`: `text` (default) or `json`.
@@ -144,6 +147,7 @@ impl Default for Config {
             batch_wait: Duration::ZERO,
             replay_batch_max: 50_000,
             immediate_timeout: Duration::from_millis(2000),
+            query_timeout: Duration::from_millis(10_000),
             db_pool_size: 16,
             log_json: false,
             worker_threads: 1,
@@ -303,6 +307,9 @@ impl Config {
         }
         if let Some(n) = num("CH_IMMEDIATE_TIMEOUT_MS", 0..=60_000)? {
             c.immediate_timeout = Duration::from_millis(n);
+        }
+        if let Some(n) = num("CH_QUERY_TIMEOUT_MS", 100..=600_000)? {
+            c.query_timeout = Duration::from_millis(n);
         }
         if let Some(n) = num("CH_WORKER_THREADS", 1..=256)? {
             c.worker_threads = n as usize;
@@ -520,6 +527,12 @@ mod tests {
             e.0
         );
         assert!(cfg(&[("CH_IMMEDIATE_TIMEOUT_MS", "60001")]).is_err());
+        assert!(cfg(&[("CH_QUERY_TIMEOUT_MS", "99")]).is_err());
+        assert_eq!(
+            cfg(&[("CH_QUERY_TIMEOUT_MS", "250")]).unwrap().query_timeout,
+            Duration::from_millis(250)
+        );
+        assert_eq!(cfg(&[]).unwrap().query_timeout, Duration::from_secs(10));
         let c = cfg(&[("CH_BATCH_MAX", "10000"), ("CH_BATCH_WAIT_MS", "0")]).unwrap();
         assert_eq!((c.batch_max, c.batch_wait), (10_000, Duration::ZERO));
     }

@@ -146,6 +146,15 @@ impl PoolSpec<'_> {
             "-c search_path={schema}{read_only} {SERVER_KEEPALIVES}"
         ));
         notice_a_vanished_server(&mut cfg);
+        // Connecting is bounded per address tried; the start-up and log-in after it were not
+        // (a server that takes the connection and never answers held the request for good).
+        let tries = u32::try_from(cfg.get_hosts().len().max(1)).unwrap_or(u32::MAX);
+        let create_timeout = cfg
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(CONNECT_TIMEOUT)
+            .saturating_mul(tries)
+            .saturating_add(LOG_IN_TIMEOUT);
         if cfg.get_application_name().is_none() {
             cfg.application_name(self.application_name);
         }
@@ -159,7 +168,8 @@ impl PoolSpec<'_> {
         let mut builder = Pool::builder(mgr)
             .max_size(self.size)
             .runtime(deadpool_postgres::Runtime::Tokio1)
-            .wait_timeout(Some(POOL_WAIT));
+            .wait_timeout(Some(POOL_WAIT))
+            .create_timeout(Some(create_timeout));
         if let Some(r) = retirement.cloned() {
             builder = builder.pre_recycle(Hook::sync_fn(move |_, metrics| {
                 if r.is_retired(metrics.created) {
@@ -227,6 +237,9 @@ fn bound_connecting(cfg: &mut tokio_postgres::Config) {
 
 /// How long a connection attempt may take (`connect_timeout` in the URL overrides it).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a new pooled session's start-up and log-in may take, after its connection.
+const LOG_IN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a request waits for a pooled session when all are busy before it is answered
 /// `unavailable` (making a new session is bounded by [`CONNECT_TIMEOUT`] per address tried).
