@@ -223,7 +223,8 @@ impl Config {
                         .into(),
                 ));
             }
-            c.nats_url = v;
+            // A Secret made from a file often ends in a newline.
+            c.nats_url = v.trim().to_owned();
         }
         let path = |k: &str| {
             get(k)
@@ -245,7 +246,18 @@ impl Config {
             },
         };
         if let Some(v) = get("CH_DATABASE_URL") {
-            c.database_url = v;
+            // Trimmed: a newline from a Secret's file was taken into the database's name (and
+            // that database created, empty).
+            let v = v.trim();
+            if v.is_empty() {
+                return Err(ConfigError(
+                    "CH_DATABASE_URL is empty: a PostgreSQL URL \
+                     (postgres://user@host:5432/database); unset, it is \
+                     postgres://postgres@127.0.0.1:5432/cipherhorizon"
+                        .into(),
+                ));
+            }
+            c.database_url = v.to_owned();
         }
         if let Some(v) = get("CH_DB_SCHEMA") {
             // Lower case: the sessions' search_path names it unquoted, which Postgres folds to
@@ -511,9 +523,20 @@ mod tests {
     }
 
     #[test]
-    fn an_empty_nats_url_is_refused() {
+    fn empty_urls_are_refused_and_urls_trimmed() {
         let e = cfg(&[("CH_NATS_URL", " ")]).unwrap_err();
         assert!(e.0.starts_with("CH_NATS_URL is empty"), "{}", e.0);
+        let e = cfg(&[("CH_DATABASE_URL", "\n")]).unwrap_err();
+        assert!(e.0.starts_with("CH_DATABASE_URL is empty"), "{}", e.0);
+        let c = cfg(&[
+            ("CH_NATS_URL", "nats://n:4222\n"),
+            ("CH_DATABASE_URL", "postgres://u@h/db\n"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.nats_url.as_str(), c.database_url.as_str()),
+            ("nats://n:4222", "postgres://u@h/db")
+        );
     }
 
     #[test]
