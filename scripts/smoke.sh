@@ -160,13 +160,18 @@ grep -q "^  skip  smoke-cmd-market$" <<<"$status" \
 echo "smoke: chctl status fails on a stopped worker, and passes with it skipped"
 
 # A worker stopped while it still waits for NATS (a pod deleted during its start) ends at once
-# and cleanly: its SIGTERM handler is there before it logs `starting`.
+# and cleanly: its SIGTERM handler is there before it logs `starting`. Its text log, into a
+# pipe, has no colour codes (NO_COLOR unset, as under systemd or in a container).
 CH_SMOKE_BIN=$bin .venv/bin/python - <<'PY'
 import os, signal, subprocess, sys
-env = dict(os.environ, CH_NATS_URL="nats://127.0.0.1:1", RUST_LOG="info", CH_LOG_FORMAT="json")
+env = dict(os.environ, CH_NATS_URL="nats://127.0.0.1:1", RUST_LOG="info", CH_LOG_FORMAT="text")
+env.pop("NO_COLOR", None)
 p = subprocess.Popen([os.environ["CH_SMOKE_BIN"] + "/cmd-market"], env=env, stdout=subprocess.PIPE, text=True)
 for line in p.stdout:
-    if '"starting"' in line:
+    if "\x1b" in line:
+        p.kill()
+        sys.exit(f"smoke: a worker's text log into a pipe has colour codes: {line!r}")
+    if "starting" in line:
         break
 p.send_signal(signal.SIGTERM)
 try:

@@ -30,9 +30,14 @@ pub fn takes(rust_log: &str) -> bool {
 /// Installs the global subscriber once; later calls are no-ops (tests start many workers).
 pub fn init(json: bool) {
     let (filter, bad) = filter(std::env::var("RUST_LOG").ok().as_deref());
+    // Colours for a terminal only: in a file, a pipe or a container's log, escape codes
+    // break every grep for a field (NO_COLOR, set, turns them off there too).
+    let colours = std::io::IsTerminal::is_terminal(&std::io::stdout())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(false);
+        .with_target(false)
+        .with_ansi(colours);
     let _ = if json {
         builder.json().try_init()
     } else {
