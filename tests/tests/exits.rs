@@ -673,6 +673,7 @@ async fn a_backfilled_price_below_the_stop_sells_nothing() {
     // It would fire at 50: the worker saw that it is a backfill and skipped it.
     assert_eq!(status["counters"]["backfills_skipped"], 1, "{status}");
     assert_eq!(status["counters"]["triggers"], 0, "{status}");
+    assert_eq!(status["counters"]["prices"], 2, "{status}");
     assert_eq!(performance(&env, "p1").await["fill_count"], 1);
 
     // A live price at the stop (95) sells.

@@ -611,14 +611,15 @@ impl Worker {
             }
         };
         let result = match &price {
-            Some(p) => {
-                self.bump(&self.counters.prices, "prices");
-                self.on_price(p).await
-            }
+            Some(p) => self.on_price(p).await,
             None => Ok(()),
         };
         match result {
             Ok(()) => {
+                // Prices evaluated: one given back and delivered again counts once, here.
+                if price.is_some() {
+                    self.bump(&self.counters.prices, "prices");
+                }
                 // A redelivered older price must not take the gauge back.
                 let last = self
                     .counters
