@@ -1530,6 +1530,11 @@ async fn projector_rides_out(refuse: &str, allow: &str, meanwhile: Meanwhile) {
     if meanwhile == Meanwhile::StandsBy {
         assert_eq!(gauge(&metrics, "active"), Some(0));
     }
+    // Its gauge shows the deposit waiting, from the server's count, while the database is away.
+    wait_until("the backlog shows", || {
+        gauge(&metrics, "pending").is_some_and(|p| p >= 1)
+    })
+    .await;
 
     env.pg
         .batch_execute(&format!("ALTER ROLE \"{role}\" {allow}"))

@@ -1134,7 +1134,7 @@ impl<P: Projection> Projector<P> {
                     if !standing_by {
                         self.metrics.gauge("active", 0);
                         // The backlog is the active one's to show: summed over replicas, it
-                        // counts once. (Failing to start, it keeps the last count.)
+                        // counts once.
                         self.metrics.gauge("pending", 0);
                         info!(
                             projection = self.name(),
@@ -1145,6 +1145,11 @@ impl<P: Projection> Projector<P> {
                 }
                 Err(e) => {
                     let failures = retry.failed(&self.metrics);
+                    // Unless it stood by, it shows the backlog as it grows meanwhile (its
+                    // status endpoint, needing the database, says nothing then).
+                    if !standing_by {
+                        self.count_durable_backlog().await;
+                    }
                     if !warned {
                         warned = true;
                         warn!(
@@ -1308,6 +1313,22 @@ impl<P: Projection> Projector<P> {
     /// first count alone; this is for when no batch starts (idle, or batches failing).
     async fn count_backlog(&self, consumer: &mut PullConsumer) {
         if let Ok(info) = consumer.info().await {
+            let backlog = info.num_pending + info.num_ack_pending as u64;
+            self.metrics.gauge("pending", backlog as i64);
+        }
+    }
+
+    /// [`Projector::count_backlog`] from the durable's name, for when this projector holds no
+    /// consumer (it cannot lead); nothing if there is no such durable yet.
+    async fn count_durable_backlog(&self) {
+        let Ok(cfg) = consumer_config(self.projection.consumer_json(), self.store.subjects())
+        else {
+            return;
+        };
+        let Some(durable) = cfg.durable_name else {
+            return;
+        };
+        if let Ok(info) = self.store.stream().consumer_info(&durable).await {
             let backlog = info.num_pending + info.num_ack_pending as u64;
             self.metrics.gauge("pending", backlog as i64);
         }
