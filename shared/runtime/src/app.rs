@@ -105,14 +105,11 @@ impl App {
             nats = %nats,
             server_version = %client.server_info().version,
             stream = %subjects.stream_name(),
-            database = %crate::config::redact(&cfg.database_url),
-            db_schema = %cfg.db_schema,
             sync = cfg.sync.as_str(),
             batch_max = cfg.batch_max,
             batch_wait_ms = cfg.batch_wait.as_millis() as u64,
             replay_batch_max = cfg.replay_batch_max,
             immediate_timeout_ms = cfg.immediate_timeout.as_millis() as u64,
-            db_pool = cfg.db_pool_size,
             worker_threads = cfg.worker_threads,
             version = env!("CARGO_PKG_VERSION"),
             "started"
@@ -156,6 +153,16 @@ impl App {
     /// The configured pool; its sessions carry the worker's service name (`ch-proj-portfolio`)
     /// as `application_name`, so `pg_stat_activity` tells which worker holds each.
     fn pool_spec(&self, access: pg::Access) -> pg::PoolSpec<'_> {
+        // Said here, not as the worker starts: command workers open no session, and their
+        // start line named a database they never use (and a Kubernetes pod of theirs has none).
+        info!(
+            worker = %self.worker,
+            database = %crate::config::redact(&self.cfg.database_url),
+            db_schema = %self.cfg.db_schema,
+            db_pool = self.cfg.db_pool_size,
+            read_only = matches!(access, pg::Access::ReadOnly),
+            "database"
+        );
         pg::PoolSpec {
             database_url: &self.cfg.database_url,
             schema: &self.cfg.db_schema,
