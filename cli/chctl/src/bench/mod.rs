@@ -475,12 +475,7 @@ fn config(ctx: &Ctx, a: &TradeFlow, s: Sizes, query_clients: usize, w: &Workload
 const DEPLOYMENT_KEYS: [(&str, &[&str]); 2] = [
     (
         "cmd-signal",
-        &[
-            "ch_sync",
-            "ch_immediate_timeout_ms",
-            "ch_db_pool",
-            "ch_worker_threads",
-        ],
+        &["ch_sync", "ch_immediate_timeout_ms", "ch_worker_threads"],
     ),
     (
         "proj-portfolio",
@@ -1079,7 +1074,8 @@ mod tests {
                    "ch_replay_batch_max": "50000", "ch_immediate_timeout_ms": "2000",
                    "ch_db_pool": pool, "ch_worker_threads": "1"})
         };
-        let deployment = json!({"cmd-signal": [one("batch", "16")],
+        // The command worker's pool (it opens none) is not the projector's.
+        let deployment = json!({"cmd-signal": [one("batch", "2")],
                                 "proj-portfolio": [one("batch", "16"), one("batch", "4")]});
         with_deployment(&mut config, &deployment);
         assert_eq!(config["ch_sync"], "batch");
