@@ -1670,6 +1670,8 @@ async fn a_query_worker_with_every_session_in_use_says_it_is_busy() {
         .await;
     let mut one_session = env.cfg.clone();
     one_session.db_pool_size = 1;
+    // The first query's read, held here, is not to end at its own bound meanwhile.
+    one_session.query_timeout = std::time::Duration::from_secs(120);
     env.start_with(Worker::QueryPortfolio, one_session).await;
     let opened = env.cmd("portfolio.update", open("p1", "u1")).await;
     env.performance_at("p1", seq(&opened)).await;

@@ -552,7 +552,9 @@ mod tests {
         assert!(cfg(&[("CH_IMMEDIATE_TIMEOUT_MS", "60001")]).is_err());
         assert!(cfg(&[("CH_QUERY_TIMEOUT_MS", "99")]).is_err());
         assert_eq!(
-            cfg(&[("CH_QUERY_TIMEOUT_MS", "250")]).unwrap().query_timeout,
+            cfg(&[("CH_QUERY_TIMEOUT_MS", "250")])
+                .unwrap()
+                .query_timeout,
             Duration::from_millis(250)
         );
         assert_eq!(cfg(&[]).unwrap().query_timeout, Duration::from_secs(10));

@@ -1200,6 +1200,7 @@ impl<P: Projection> Projector<P> {
                         "starting to project (the lock is released)",
                         &e,
                     );
+                    self.count_durable_backlog().await;
                     if !retry.wait(&self.metrics, &shutdown).await {
                         break;
                     }
@@ -1319,7 +1320,8 @@ impl<P: Projection> Projector<P> {
     }
 
     /// [`Projector::count_backlog`] from the durable's name, for when this projector holds no
-    /// consumer (it cannot lead); nothing if there is no such durable yet.
+    /// consumer (it cannot lead, or failed to start projecting); nothing if there is no such
+    /// durable yet.
     async fn count_durable_backlog(&self) {
         let Ok(cfg) = consumer_config(self.projection.consumer_json(), self.store.subjects())
         else {
