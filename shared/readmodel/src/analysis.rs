@@ -587,22 +587,16 @@ pub async fn strategy_leaderboard(
         RankBy::RealizedPnl => "realized_pnl DESC, win_rate DESC NULLS LAST, strategy_id",
         RankBy::WinRate => "win_rate DESC NULLS LAST, realized_pnl DESC, strategy_id",
     };
+    // The user's strategies and their figures (`strategy_stats`, kept by the portfolio
+    // projector): as long as the user's list, whatever the history of everyone's trades.
     let sql = format!(
-        "WITH t AS (
-             SELECT strategy_id, sum(realized_pnl) AS realized_pnl, sum(fee) AS fees_paid,
-                    count(*) AS fill_count
-             FROM trades GROUP BY strategy_id),
-         r AS (
-             SELECT strategy_id, count(*) AS trade_count, count(*) FILTER (WHERE pnl > 0) AS wins
-             FROM round_trips WHERE closed_at IS NOT NULL GROUP BY strategy_id)
-         SELECT s.strategy_id, s.name, s.status,
+        "SELECT s.strategy_id, s.name, s.status,
                 COALESCE(t.realized_pnl, 0) AS realized_pnl, COALESCE(t.fees_paid, 0) AS fees_paid,
-                COALESCE(t.fill_count, 0) AS fill_count, COALESCE(r.trade_count, 0) AS trade_count,
-                CASE WHEN COALESCE(r.trade_count, 0) > 0
-                     THEN r.wins::numeric / r.trade_count END AS win_rate
+                COALESCE(t.fill_count, 0) AS fill_count, COALESCE(t.trade_count, 0) AS trade_count,
+                CASE WHEN t.trade_count > 0
+                     THEN t.win_count::numeric / t.trade_count END AS win_rate
          FROM strategies s
-         LEFT JOIN t ON t.strategy_id = s.strategy_id
-         LEFT JOIN r ON r.strategy_id = s.strategy_id
+         LEFT JOIN strategy_stats t ON t.strategy_id = s.strategy_id
          WHERE s.user_id = $1 AND ($2 OR s.status <> 'deleted')
          ORDER BY {order} LIMIT $3"
     );
