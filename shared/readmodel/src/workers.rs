@@ -253,15 +253,15 @@ impl QueryHandler {
         let Some(min) = q.min_stream_seq() else {
             return Ok(Reached::default());
         };
-        // The wait reads checkpoints: a database that does not answer them ends it a little
-        // past its bound, not never.
+        // The wait reads checkpoints (and, for a sparse read model, the stream): one that
+        // goes unanswered ends it a little past its bound, not never.
         let bound = timeout + WAIT_NO_ANSWER_GRACE;
         let wait = self
             .progress
             .wait_for(&self.pool, query.projections(), min, timeout);
         match tokio::time::timeout(bound, wait).await {
             Ok(reached) => reached,
-            Err(_) => Err(self.no_answer(bound)),
+            Err(_) => Err(self.no_answer("the database or the event store", bound)),
         }
     }
 
@@ -274,20 +274,20 @@ impl QueryHandler {
     ) -> Result<T, ApiError> {
         match tokio::time::timeout(self.read_timeout, read).await {
             Ok(answer) => answer,
-            Err(_) => Err(self.no_answer(self.read_timeout)),
+            Err(_) => Err(self.no_answer("the database", self.read_timeout)),
         }
     }
 
-    /// The answer to a read the database did not answer within `bound`. The sessions in use
-    /// are not handed out again (one may still be running the statement, or be cut off).
-    fn no_answer(&self, bound: Duration) -> ApiError {
+    /// The answer to a read that `whom` did not answer within `bound`. The pool's sessions in
+    /// use are not handed out again (one may still be running the statement, or be cut off).
+    fn no_answer(&self, whom: &str, bound: Duration) -> ApiError {
         let dropped = self.retirement.retire(&self.pool);
         warn!(
             bound_ms = bound.as_millis() as u64,
-            dropped, "the database did not answer a read; its sessions are replaced"
+            dropped, "{whom} did not answer a read; the database sessions are replaced"
         );
         ApiError::unavailable(format!(
-            "the database did not answer within {} ms",
+            "{whom} did not answer within {} ms",
             bound.as_millis()
         ))
     }
@@ -301,7 +301,7 @@ impl QueryHandler {
         };
         match self.pool.timeout_get(&timeouts).await {
             Err(deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Create)) => {
-                Err(self.no_answer(self.read_timeout))
+                Err(self.no_answer("the database", self.read_timeout))
             }
             got => Ok(got.map_err(DbError::from)?),
         }
