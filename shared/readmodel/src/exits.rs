@@ -53,7 +53,7 @@ use ch_domain::{AggregateType, Event};
 use ch_runtime::app::App;
 use ch_runtime::envelope;
 use ch_runtime::error::{ApiError, DbError, StoreError};
-use ch_runtime::query::Progress;
+use ch_runtime::query::{Progress, Reached};
 use ch_runtime::service::{self, Handler};
 use chrono::{DateTime, SecondsFormat, Utc};
 use deadpool_postgres::Pool;
@@ -102,6 +102,9 @@ pub fn consumer_config(prefix: &str, durable: &str) -> Result<pull::Config, Stor
     cfg.durable_name = Some(durable.to_owned());
     Ok(cfg)
 }
+
+/// The read models the worker reads: it waits for them, and reads them in one snapshot.
+const READ_MODELS: [&str; 2] = ["portfolio", "strategy"];
 
 /// Figures of the worker (status reply and `$SRV.STATS` gauges).
 #[derive(Default)]
@@ -259,6 +262,7 @@ impl Worker {
         &self,
         p: &Price,
         portfolio_id: Option<&str>,
+        reached: &Reached,
     ) -> Result<Vec<Candidate>, DbError> {
         let mut conn = self.pool.get().await?;
         let (candidates, strategies, spans) = (
@@ -266,7 +270,15 @@ impl Worker {
             conn.prepare_cached(STRATEGIES_SQL).await?,
             conn.prepare_cached(SPANS_SQL).await?,
         );
-        let tx = queries::snapshot(&mut conn).await?;
+        let tx = queries::snapshot(&mut conn, &queries::tables_of(&READ_MODELS)).await?;
+        // A rebuild's reset since the wait would show no position: the price is given back.
+        let as_of = queries::as_of(&tx, &READ_MODELS, reached).await?;
+        if as_of < p.seq {
+            return Err(DbError::Unavailable(format!(
+                "the read models were reset since the wait (at {as_of}, not yet {})",
+                p.seq
+            )));
+        }
         let rows = tx
             .query(
                 &candidates,
@@ -363,16 +375,12 @@ impl Worker {
 
     /// Evaluates one price; `Err` gives it back for a redelivery.
     async fn on_price(&self, p: &Price) -> Result<(), Retry> {
-        self.progress
-            .wait_for(
-                &self.pool,
-                &["portfolio", "strategy"],
-                p.seq,
-                READ_MODEL_WAIT,
-            )
+        let reached = self
+            .progress
+            .wait_for(&self.pool, &READ_MODELS, p.seq, READ_MODEL_WAIT)
             .await?;
         let firing: Vec<Candidate> = self
-            .candidates(p, None)
+            .candidates(p, None, &reached)
             .await?
             .into_iter()
             .filter(|c| {
@@ -390,7 +398,7 @@ impl Worker {
             return Ok(());
         }
         for c in firing {
-            self.exit(p, &c.portfolio_id).await?;
+            self.exit(p, &c.portfolio_id, &reached).await?;
         }
         Ok(())
     }
@@ -411,12 +419,12 @@ impl Worker {
     }
 
     /// Sends the exit of one position, deciding on the portfolio's latest state first.
-    async fn exit(&self, p: &Price, portfolio_id: &str) -> Result<(), Retry> {
+    async fn exit(&self, p: &Price, portfolio_id: &str, reached: &Reached) -> Result<(), Retry> {
         let (mut with_at, mut with_causation) = (true, true);
         for attempt in 1..=MAX_ATTEMPTS {
             self.catch_up_portfolio(portfolio_id).await?;
             let Some(c) = self
-                .candidates(p, Some(portfolio_id))
+                .candidates(p, Some(portfolio_id), reached)
                 .await?
                 .into_iter()
                 .next()
@@ -720,7 +728,7 @@ pub async fn run_on(
     if !crate::workers::migrated(&app, &shutdown, crate::workers::Schema::Require).await? {
         return Ok(());
     }
-    let progress = crate::workers::progress(&app, &["portfolio", "strategy"]).await?;
+    let progress = crate::workers::progress(&app, &READ_MODELS).await?;
     let consumer = open_consumer(&app, durable).await?;
     let worker = Arc::new(Worker {
         pool: app.read_pool()?,

@@ -53,6 +53,20 @@ struct Kept {
 /// Most portfolios kept between batches; beyond that, every batch reads its rows again.
 const KEPT_MAX: usize = 100_000;
 
+/// The projection's tables: what its reset empties, and what a query's snapshot locks before
+/// it reads the checkpoint (see `queries::snapshot`).
+pub const TABLES: &[&str] = &[
+    "portfolios",
+    "positions",
+    "marks",
+    "trades",
+    "round_trips",
+    "portfolio_strategies",
+    "portfolio_history",
+    "prices",
+    "strategy_stats",
+];
+
 /// Most fills held back for the flush (a live batch's); more are appended by `COPY` at once.
 const HELD_FILLS_MAX: usize = 1000;
 
@@ -1056,10 +1070,7 @@ impl Projection for PortfolioProjection {
 
     async fn reset(&self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
         drop(self.take_kept());
-        tx.batch_execute(
-            "TRUNCATE portfolios, positions, marks, trades, round_trips, portfolio_strategies,
-                      portfolio_history, prices, strategy_stats",
-        )
-        .await
+        tx.batch_execute(&format!("TRUNCATE {}", TABLES.join(", ")))
+            .await
     }
 }

@@ -163,18 +163,47 @@ pub(crate) fn check_id(field: &str, v: &str) -> Result<(), ApiError> {
     validate_id(field, v).map_err(|e: DomainError| ApiError::from(e))
 }
 
-/// Opens the read-only snapshot a reply is computed in.
+/// The tables of the read models `projections` (`portfolio`, `strategy`), in a fixed order
+/// (each projection's, as its reset truncates them: locks taken in one order make no cycle).
+pub fn tables_of(projections: &[&str]) -> Vec<&'static str> {
+    projections
+        .iter()
+        .flat_map(|p| match *p {
+            "portfolio" => crate::portfolio::TABLES,
+            "strategy" => crate::strategy::TABLES,
+            other => panic!("no tables known for the projection {other}"),
+        })
+        .copied()
+        .collect()
+}
+
+/// Opens the read-only snapshot a reply is computed in, over `tables`.
+///
+/// A rebuild's reset empties the tables with `TRUNCATE`, which snapshots taken before it do
+/// not see past: a snapshot that read the checkpoint before the reset committed and a table
+/// after found the table empty under the old `as_of_seq`. So the tables are locked (shared,
+/// as any read locks them) before the snapshot is taken, by the first statement after: a
+/// reset in progress is waited for, and none can commit until the reply is read.
 ///
 /// # Errors
 /// [`DbError`] on database trouble.
-pub async fn snapshot(conn: &mut deadpool_postgres::Object) -> Result<Transaction<'_>, DbError> {
+pub async fn snapshot<'c>(
+    conn: &'c mut deadpool_postgres::Object,
+    tables: &[&str],
+) -> Result<Transaction<'c>, DbError> {
     let client: &mut tokio_postgres::Client = conn;
-    Ok(client
+    let tx = client
         .build_transaction()
         .isolation_level(IsolationLevel::RepeatableRead)
         .read_only(true)
         .start()
-        .await?)
+        .await?;
+    tx.batch_execute(&format!(
+        "LOCK TABLE {} IN ACCESS SHARE MODE",
+        tables.join(", ")
+    ))
+    .await?;
+    Ok(tx)
 }
 
 /// How far the read models of `projections` are, in the reply's snapshot: the lowest of their

@@ -6,6 +6,10 @@ use ch_runtime::projector::Projection;
 use deadpool_postgres::Transaction;
 use serde_json::to_value;
 
+/// The projection's tables: what its reset empties, and what a query's snapshot locks before
+/// it reads the checkpoint (see `queries::snapshot`).
+pub const TABLES: &[&str] = &["strategies"];
+
 pub struct StrategyProjection;
 
 impl Projection for StrategyProjection {
@@ -36,7 +40,8 @@ impl Projection for StrategyProjection {
     }
 
     async fn reset(&self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
-        tx.batch_execute("TRUNCATE strategies").await
+        tx.batch_execute(&format!("TRUNCATE {}", TABLES.join(", ")))
+            .await
     }
 }
 

@@ -309,21 +309,41 @@ impl QueryHandler {
 }
 
 /// A query read in one snapshot: parse the request as `$ty`, wait if it asks for a stream
-/// sequence, open the read-only snapshot, work out its `as_of_seq` from the checkpoints of the
-/// query's projections, and read with `$read(&tx, &q, as_of)`.
+/// sequence, open the read-only snapshot (its tables locked against a reset), work out its
+/// `as_of_seq` from the checkpoints of the query's projections, and read with
+/// `$read(&tx, &q, as_of)`. Should the snapshot be below the sequence asked for (a rebuild
+/// reset the read model after the wait), it waits again, within what is left of its bound.
 macro_rules! in_snapshot {
     ($handler:ident, $query:ident, $body:ident, $since:ident, $ty:ty, $read:path) => {{
         let q: $ty = queries::parse($body)?;
-        let reached = $handler.wait_if_asked($query, &q, $since).await?;
-        let mut conn = $handler.snapshot_conn().await?;
-        $handler
-            .bounded(async {
-                let tx = queries::snapshot(&mut conn).await?;
-                let as_of = queries::as_of(&tx, $query.projections(), &reached).await?;
-                $read(&tx, &q, as_of).await
-            })
-            .await
+        loop {
+            let reached = $handler.wait_if_asked($query, &q, $since).await?;
+            let mut conn = $handler.snapshot_conn().await?;
+            let read = $handler
+                .bounded(async {
+                    let tables = queries::tables_of($query.projections());
+                    let tx = queries::snapshot(&mut conn, &tables).await?;
+                    let as_of = queries::as_of(&tx, $query.projections(), &reached).await?;
+                    if q.min_stream_seq().is_some_and(|min| as_of < min) {
+                        return Ok(None);
+                    }
+                    $read(&tx, &q, as_of).await.map(Some)
+                })
+                .await?;
+            if let Some(reply) = read {
+                break Ok(reply);
+            }
+            reset_since_the_wait($query);
+        }
     }};
+}
+
+/// Says that a read found its read model reset since its wait, and will wait again.
+fn reset_since_the_wait(query: Query) {
+    tracing::info!(
+        query = query.name(),
+        "the read model was reset (a rebuild) after the wait; waiting again"
+    );
 }
 
 impl QueryHandler {
@@ -333,11 +353,36 @@ impl QueryHandler {
         match query {
             Query::PortfolioPerformance => {
                 let q: PerformanceQuery = queries::parse(body)?;
-                // The portfolio read model is not sparse: its checkpoint is the answer.
-                self.wait_if_asked(query, &q, since).await?;
-                let conn = self.snapshot_conn().await?;
-                self.bounded(queries::portfolio_performance(&conn, &q))
-                    .await
+                loop {
+                    // The portfolio read model is not sparse: its checkpoint is the answer.
+                    self.wait_if_asked(query, &q, since).await?;
+                    let conn = self.snapshot_conn().await?;
+                    let read = self
+                        .bounded(queries::portfolio_performance(&conn, &q))
+                        .await;
+                    // One statement reads the row and the checkpoint together; a reset after
+                    // the wait shows as the checkpoint below the sequence asked for, or, if
+                    // the row is gone, by reading the checkpoint again.
+                    let Some(min) = q.min_stream_seq() else {
+                        break read;
+                    };
+                    let reset = match &read {
+                        Ok(reply) => reply["as_of_seq"].as_u64().is_some_and(|at| at < min),
+                        Err(e) if e.code == "not_found" => {
+                            let at = self
+                                .bounded(async {
+                                    Ok(projector::checkpoint(&**conn, "portfolio").await?)
+                                })
+                                .await?;
+                            at < min
+                        }
+                        Err(_) => false,
+                    };
+                    if !reset {
+                        break read;
+                    }
+                    reset_since_the_wait(query);
+                }
             }
             Query::StrategyList => {
                 in_snapshot!(
