@@ -1712,23 +1712,8 @@ async fn a_read_during_a_reset_waits_for_the_read_model_folded_again() {
         .await;
     assert_eq!(listed["strategies"][0]["strategy_id"], "s1", "{listed}");
 
-    let reset = lock_table(&env, "strategies", "ACCESS EXCLUSIVE").await;
-    let read = {
-        let env = env.clone();
-        tokio::spawn(async move {
-            let body = json!({"user_id": "u1", "min_stream_seq": at, "timeout_ms": 10000});
-            env.request("query.strategy.list", body).await
-        })
-    };
-    waits_for_a_lock(&env, &format!("{}-query-strategy", env.subjects.prefix())).await;
-    reset
-        .batch_execute(
-            "UPDATE ch_checkpoints SET last_seq = 0 WHERE projection = 'strategy';
-             TRUNCATE strategies; COMMIT",
-        )
-        .await
-        .expect("the reset");
-    let reply = read.await.unwrap().ok();
+    let body = json!({"user_id": "u1", "min_stream_seq": at, "timeout_ms": 10000});
+    let reply = read_across_a_reset(&env, Worker::QueryStrategy, "strategy.list", body).await;
     assert_eq!(reply["strategies"][0]["strategy_id"], "s1", "{reply}");
     assert!(reply["as_of_seq"].as_u64() >= Some(at), "{reply}");
 }
@@ -1742,24 +1727,34 @@ async fn a_performance_read_after_a_reset_waits_for_the_portfolio_folded_again()
     let at = seq(&env.cmd("portfolio.update", deposit("p1", "100")).await);
     env.performance_at("p1", at).await;
 
-    let reset = lock_table(&env, "portfolios", "ACCESS EXCLUSIVE").await;
-    let read = {
-        let env = env.clone();
-        tokio::spawn(async move {
-            let body = json!({"portfolio_id": "p1", "min_stream_seq": at, "timeout_ms": 10000});
-            env.request("query.portfolio.performance", body).await
-        })
+    let body = json!({"portfolio_id": "p1", "min_stream_seq": at, "timeout_ms": 10000});
+    let reply =
+        read_across_a_reset(&env, Worker::QueryPortfolio, "portfolio.performance", body).await;
+    assert_eq!(reply["net_deposits"], "100", "{reply}");
+    assert!(reply["as_of_seq"].as_u64() >= Some(at), "{reply}");
+}
+
+/// Sends the query `name` with `body` while the first table of its read model is held, as a
+/// rebuild's reset holds it; once the `worker` answering it waits for that table, resets the
+/// read model as a rebuild does (checkpoint to 0, its tables truncated) and commits. The reply.
+async fn read_across_a_reset(env: &Arc<TestEnv>, worker: Worker, name: &str, body: Value) -> Value {
+    let (projection, tables) = match worker {
+        Worker::QueryStrategy => ("strategy", ch_readmodel::strategy::TABLES),
+        _ => ("portfolio", ch_readmodel::portfolio::TABLES),
     };
-    waits_for_a_lock(&env, &format!("{}-query-portfolio", env.subjects.prefix())).await;
+    let reset = lock_table(env, tables[0], "ACCESS EXCLUSIVE").await;
+    let read = {
+        let (env, subject) = (env.clone(), format!("query.{name}"));
+        tokio::spawn(async move { env.request(&subject, body).await })
+    };
+    waits_for_a_lock(env, &env.subjects.service_name(worker.name())).await;
     reset
         .batch_execute(&format!(
-            "UPDATE ch_checkpoints SET last_seq = 0 WHERE projection = 'portfolio';
+            "UPDATE ch_checkpoints SET last_seq = 0 WHERE projection = '{projection}';
              TRUNCATE {}; COMMIT",
-            ch_readmodel::portfolio::TABLES.join(", ")
+            tables.join(", ")
         ))
         .await
         .expect("the reset");
-    let reply = read.await.unwrap().ok();
-    assert_eq!(reply["net_deposits"], "100", "{reply}");
-    assert!(reply["as_of_seq"].as_u64() >= Some(at), "{reply}");
+    read.await.unwrap().ok()
 }

@@ -387,34 +387,21 @@ mod tests {
             Some(d("27544.39847291"))
         );
         // Midpoints to even, either sign; a negative divisor; exact results stay exact.
-        assert_eq!(
-            mul_div_round8(d("0.00000001"), d("1"), d("2")),
-            Some(d("0"))
-        );
-        assert_eq!(
-            mul_div_round8(d("0.00000003"), d("1"), d("2")),
-            Some(d("0.00000002"))
-        );
-        assert_eq!(
-            mul_div_round8(d("-0.00000003"), d("1"), d("2")),
-            Some(d("-0.00000002"))
-        );
-        assert_eq!(
-            mul_div_round8(d("0.00000003"), d("1"), d("-2")),
-            Some(d("-0.00000002"))
-        );
-        assert_eq!(
-            mul_div_round8(d("10"), d("1"), d("3")),
-            Some(d("3.33333333"))
-        );
-        assert_eq!(
-            mul_div_round8(d("20"), d("1"), d("3")),
-            Some(d("6.66666667"))
-        );
-        assert_eq!(
-            mul_div_round8(d("12612.6"), d("0.5"), d("1.5")),
-            Some(d("4204.2"))
-        );
+        for (a, b, c, want) in [
+            ("0.00000001", "1", "2", "0"),
+            ("0.00000003", "1", "2", "0.00000002"),
+            ("-0.00000003", "1", "2", "-0.00000002"),
+            ("0.00000003", "1", "-2", "-0.00000002"),
+            ("10", "1", "3", "3.33333333"),
+            ("20", "1", "3", "6.66666667"),
+            ("12612.6", "0.5", "1.5", "4204.2"),
+        ] {
+            assert_eq!(
+                mul_div_round8(d(a), d(b), d(c)),
+                Some(d(want)),
+                "{a} * {b} / {c}"
+            );
+        }
         assert_eq!(mul_div_round8(d("1"), d("1"), d("0")), None);
         assert_eq!(mul_div_round8(Decimal::MAX, Decimal::MAX, d("1")), None);
     }
