@@ -65,10 +65,11 @@ async fn a_query_worker_serves_with_a_role_that_may_only_read() {
         .await;
     let schema = env.cfg.db_schema.clone();
     let reader = Reader::create(&env, &schema).await;
-    // As a role granted the tables before an upgrade made ch_stream: it starts all the same.
+    // As a role granted the tables before the upgrades that made ch_stream and strategy_stats:
+    // it starts all the same, and answers every query but the leaderboard.
     env.pg
         .batch_execute(&format!(
-            "REVOKE SELECT ON \"{schema}\".ch_stream FROM \"{}\"",
+            "REVOKE SELECT ON \"{schema}\".ch_stream, \"{schema}\".strategy_stats FROM \"{}\"",
             reader.role
         ))
         .await
@@ -84,6 +85,12 @@ async fn a_query_worker_serves_with_a_role_that_may_only_read() {
     let perf = env.performance_at("ro-1", seq(&funded)).await;
     assert_eq!(perf["cash"], json!("250"), "{perf}");
     assert!(perf["as_of_seq"].as_u64() >= Some(seq(&funded)), "{perf}");
+    // A snapshot's reads (their tables locked first) need no grant on strategy_stats.
+    let analysis = env
+        .request("query.portfolio.analysis", json!({"portfolio_id": "ro-1"}))
+        .await
+        .ok();
+    assert_eq!(analysis["portfolio_id"], "ro-1", "{analysis}");
 
     worker.stop().await;
     reader.drop(&env).await;

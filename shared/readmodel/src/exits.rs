@@ -270,7 +270,7 @@ impl Worker {
             conn.prepare_cached(STRATEGIES_SQL).await?,
             conn.prepare_cached(SPANS_SQL).await?,
         );
-        let tx = queries::snapshot(&mut conn, &queries::tables_of(&READ_MODELS)).await?;
+        let tx = queries::snapshot(&mut conn, &queries::tables_of(&READ_MODELS, false)).await?;
         // A rebuild's reset since the wait would show no position: the price is given back.
         let as_of = queries::as_of(&tx, &READ_MODELS, reached).await?;
         if as_of < p.seq {

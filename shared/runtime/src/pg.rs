@@ -242,7 +242,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const LOG_IN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a request waits for a pooled session when all are busy before it is answered
-/// `unavailable` (making a new session is bounded by [`CONNECT_TIMEOUT`] per address tried).
+/// `unavailable` (making a new session is bounded by [`CONNECT_TIMEOUT`] per address tried
+/// and [`LOG_IN_TIMEOUT`]).
 const POOL_WAIT: Duration = Duration::from_secs(10);
 
 /// Connects without a pool (admin work: creating databases, advisory locks).
