@@ -451,6 +451,7 @@ fn config(ctx: &Ctx, a: &TradeFlow, s: Sizes, query_clients: usize, w: &Workload
         // How the monolith runs here: its CPU is the load generator's (`chctl-bench`).
         "monolith": (a.baseline == Baseline::Monolith && a.baseline_from.is_none()).then(|| json!({
             "process": "the benchmark's own, on its runtime",
+            "worker_threads": c.worker_threads,
             "postgres_pool": monolith::POOL_SIZE})),
         "setup_concurrency": a.setup_concurrency,
         "signals_meant_to_be_rejected": w.intended_rejections,
