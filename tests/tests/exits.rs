@@ -715,3 +715,56 @@ async fn a_price_evaluated_late_does_not_judge_a_position_filled_after_it() {
     let perf = wait_performance(&env, "p1", |p| p["fill_count"] == 3).await;
     assert_eq!(perf["positions"], json!([]), "{perf}");
 }
+
+/// A rebuild resets the strategy read model after the worker waited for a price's sequence and
+/// before it read the strategies (held here on their table, as a reset holds it): the price is
+/// given back and evaluated again once the strategies are folded again, and the stop loss
+/// sells. (Reading the emptied table, it found no rule and acked the price: no sell, ever.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_price_read_across_a_reset_is_given_back_and_sells_once_folded_again() {
+    let mut env = TestEnv::with_all_workers().await;
+    env.start(Worker::ExitTriggers).await;
+    let exits = json!({"stop_loss_pct": "0.05"});
+    env.cmd(
+        "strategy.create",
+        strategy_with_exits("s1", &["BTC-USDT"], exits),
+    )
+    .await;
+    portfolio(&env, "p1", "s1").await;
+    env.bought("p1", "s1", "BTC-USDT", "1", "100").await;
+
+    let reset = ch_runtime::pg::connect(&env.cfg.database_url, Some(&env.cfg.db_schema))
+        .await
+        .expect("postgres");
+    reset
+        .batch_execute("BEGIN; LOCK TABLE strategies IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    prices(&env, "BTC-USDT", &["95"]).await;
+    let app = env.subjects.service_name(Worker::ExitTriggers.name());
+    eventually(|| async {
+        let waiting: i64 = env
+            .pg
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE application_name = $1 AND wait_event_type = 'Lock'",
+                &[&app],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (waiting > 0)
+            .then_some(())
+            .ok_or("the exit worker does not wait for the strategies yet")
+    })
+    .await;
+    reset
+        .batch_execute(
+            "UPDATE ch_checkpoints SET last_seq = 0 WHERE projection = 'strategy';
+             TRUNCATE strategies; COMMIT",
+        )
+        .await
+        .expect("the reset");
+    let perf = wait_performance(&env, "p1", |p| p["fill_count"] == 2).await;
+    assert_eq!(perf["positions"], json!([]), "{perf}");
+}
