@@ -171,8 +171,15 @@ pub fn mul_div_round8(a: Decimal, b: Decimal, c: Decimal) -> Option<Decimal> {
     if twice > *den.magnitude() || (twice == *den.magnitude() && q.bit(0)) {
         q += if num.sign() == Sign::Minus { -1 } else { 1 };
     }
+    // At 8 places the mantissa may need more than a Decimal's 96 bits where the value does
+    // not (5e21 is 5 followed by 29 zeros in units of 1e-8): its trailing zeros go first.
+    let mut scale = MAX_PLACES;
+    while scale > 0 && (&q % 10u8).sign() == Sign::NoSign && q.sign() != Sign::NoSign {
+        q /= 10u8;
+        scale -= 1;
+    }
     let q = i128::try_from(q).ok()?;
-    Decimal::try_from_i128_with_scale(q, MAX_PLACES)
+    Decimal::try_from_i128_with_scale(q, scale)
         .ok()
         .map(|d| d.normalize())
 }
@@ -402,6 +409,12 @@ mod tests {
                 "{a} * {b} / {c}"
             );
         }
+        // A share whose mantissa at 8 places would pass 96 bits, the value not.
+        assert_eq!(mul_div_round8(d("1e22"), d("5"), d("10")), Some(d("5e21")));
+        assert_eq!(
+            mul_div_round8(d("-7E-8"), d("613837.87"), d("-5E-27")),
+            Some(d("8593730180000000000000000"))
+        );
         assert_eq!(mul_div_round8(d("1"), d("1"), d("0")), None);
         assert_eq!(mul_div_round8(Decimal::MAX, Decimal::MAX, d("1")), None);
     }
