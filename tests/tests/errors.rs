@@ -622,21 +622,15 @@ async fn a_database_that_does_not_answer_is_unavailable_within_the_bounds() {
     // The wait's bound (what is left of it) and a second: the sessions were replaced, and a
     // new one cannot even log in.
     let wait = json!({"portfolio_id": "p1", "min_stream_seq": 1, "timeout_ms": 200});
-    let (database, or_store) = ("the database ", "the database or the event store ");
-    for (endpoint, body, whom, bounds) in [
-        (
-            "query.portfolio.performance",
-            missing.clone(),
-            database,
-            300..=300,
-        ),
-        (analysis, missing.clone(), database, 300..=300),
-        ("query.portfolio.performance", wait, or_store, 1_000..=1_200),
+    for (endpoint, body, bounds) in [
+        ("query.portfolio.performance", missing.clone(), 300..=300),
+        (analysis, missing.clone(), 300..=300),
+        ("query.portfolio.performance", wait, 1_000..=1_200),
     ] {
         let msg = check_error(
             env.request(endpoint, body).await,
             UNAVAILABLE,
-            &[whom, "did not answer within ", " ms"],
+            &["the database did not answer ", "within ", " ms"],
         );
         let ms: u64 = msg
             .trim_end_matches(" ms")

@@ -225,10 +225,6 @@ impl Query {
     }
 }
 
-/// How far past its bound a `min_stream_seq` wait may run while a checkpoint read is
-/// unanswered, before the query is answered `unavailable`.
-const WAIT_NO_ANSWER_GRACE: Duration = Duration::from_secs(1);
-
 struct QueryHandler {
     pool: Pool,
     /// Takes the pool's sessions out of use when one turns out to have been ended.
@@ -250,18 +246,14 @@ impl QueryHandler {
         since: Instant,
     ) -> Result<Reached, ApiError> {
         let timeout = timeout_from(q.timeout_ms())?.saturating_sub(since.elapsed());
-        let Some(min) = q.min_stream_seq() else {
-            return Ok(Reached::default());
-        };
-        // The wait reads checkpoints (and, for a sparse read model, the stream): one that
-        // goes unanswered ends it a little past its bound, not never.
-        let bound = timeout + WAIT_NO_ANSWER_GRACE;
-        let wait = self
-            .progress
-            .wait_for(&self.pool, query.projections(), min, timeout);
-        match tokio::time::timeout(bound, wait).await {
-            Ok(reached) => reached,
-            Err(_) => Err(self.no_answer("the database or the event store", bound)),
+        match q.min_stream_seq() {
+            // Bounded: a checkpoint read that goes unanswered ends it a second past its bound.
+            Some(min) => {
+                self.progress
+                    .wait_for(&self.pool, query.projections(), min, timeout)
+                    .await
+            }
+            None => Ok(Reached::default()),
         }
     }
 
@@ -274,20 +266,20 @@ impl QueryHandler {
     ) -> Result<T, ApiError> {
         match tokio::time::timeout(self.read_timeout, read).await {
             Ok(answer) => answer,
-            Err(_) => Err(self.no_answer("the database", self.read_timeout)),
+            Err(_) => Err(self.no_answer(self.read_timeout)),
         }
     }
 
-    /// The answer to a read that `whom` did not answer within `bound`. The pool's sessions in
-    /// use are not handed out again (one may still be running the statement, or be cut off).
-    fn no_answer(&self, whom: &str, bound: Duration) -> ApiError {
+    /// The answer to a read the database did not answer within `bound`. The pool's sessions
+    /// in use are not handed out again (one may still be running the statement, or be cut off).
+    fn no_answer(&self, bound: Duration) -> ApiError {
         let dropped = self.retirement.retire(&self.pool);
         warn!(
             bound_ms = bound.as_millis() as u64,
-            dropped, "{whom} did not answer a read; the database sessions are replaced"
+            dropped, "the database did not answer a read; its sessions are replaced"
         );
         ApiError::unavailable(format!(
-            "{whom} did not answer within {} ms",
+            "the database did not answer within {} ms",
             bound.as_millis()
         ))
     }
@@ -301,7 +293,7 @@ impl QueryHandler {
         };
         match self.pool.timeout_get(&timeouts).await {
             Err(deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Create)) => {
-                Err(self.no_answer("the database", self.read_timeout))
+                Err(self.no_answer(self.read_timeout))
             }
             got => Ok(got.map_err(DbError::from)?),
         }

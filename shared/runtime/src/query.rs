@@ -31,6 +31,10 @@ const RECHECK: Duration = Duration::from_millis(25);
 /// (doubling up to [`RECHECK`]).
 const ANNOUNCED_PAUSE: Duration = Duration::from_millis(1);
 
+/// How far past a wait's bound a checkpoint read may go unanswered before the wait ends as
+/// `unavailable`.
+const NO_ANSWER_GRACE: Duration = Duration::from_secs(1);
+
 /// The latest announced sequence of each projection a query worker reads.
 #[derive(Clone)]
 pub struct Progress {
@@ -137,9 +141,33 @@ impl Progress {
             let mut looked = None;
             let mut pause = ANNOUNCED_PAUSE;
             loop {
+                // A free session has the pool's own bound (a busy worker says so); the read, the
+                // wait's bound and a second: a database that takes it and never answers ends
+                // the wait as `unavailable`, not never.
                 let applied = {
-                    let conn = pool.get().await.map_err(DbError::from)?;
-                    checkpoint(&**conn, p).await?
+                    let answer_by = deadline.max(Instant::now()) + NO_ANSWER_GRACE;
+                    let no_answer = || {
+                        ApiError::unavailable(format!(
+                            "the database did not answer a read of the {p} checkpoint \
+                             within {} ms",
+                            (timeout + NO_ANSWER_GRACE).as_millis()
+                        ))
+                    };
+                    // A new session must log in by then too.
+                    let timeouts = deadpool_postgres::Timeouts {
+                        create: Some(answer_by.saturating_duration_since(Instant::now())),
+                        ..pool.timeouts()
+                    };
+                    let conn = match pool.timeout_get(&timeouts).await {
+                        Err(deadpool_postgres::PoolError::Timeout(
+                            deadpool_postgres::TimeoutType::Create,
+                        )) => return Err(no_answer()),
+                        got => got.map_err(DbError::from)?,
+                    };
+                    match tokio::time::timeout_at(answer_by, checkpoint(&**conn, p)).await {
+                        Ok(read) => read?,
+                        Err(_) => return Err(no_answer()),
+                    }
                 };
                 if applied >= min_seq {
                     break;
