@@ -265,12 +265,15 @@ impl Worker {
         reached: &Reached,
     ) -> Result<Vec<Candidate>, DbError> {
         let mut conn = self.pool.get().await?;
-        let (candidates, strategies, spans) = (
-            conn.prepare_cached(CANDIDATES_SQL).await?,
-            conn.prepare_cached(STRATEGIES_SQL).await?,
-            conn.prepare_cached(SPANS_SQL).await?,
-        );
         let tx = queries::snapshot(&mut conn, &queries::tables_of(&READ_MODELS, false)).await?;
+        // Prepared (the first time on a session) once the tables are locked in the reset's
+        // order: preparing before took them in the statements' order, and a rebuild's reset
+        // waiting between the two deadlocked with it.
+        let (candidates, strategies, spans) = (
+            tx.prepare_cached(CANDIDATES_SQL).await?,
+            tx.prepare_cached(STRATEGIES_SQL).await?,
+            tx.prepare_cached(SPANS_SQL).await?,
+        );
         // A rebuild's reset since the wait would show no position: the price is given back.
         let as_of = queries::as_of(&tx, &READ_MODELS, reached).await?;
         if as_of < p.seq {

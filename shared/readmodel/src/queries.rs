@@ -193,9 +193,10 @@ pub fn tables_of(projections: &[&str], with_stats: bool) -> Vec<&'static str> {
 pub async fn snapshot<'c>(
     conn: &'c mut deadpool_postgres::Object,
     tables: &[&str],
-) -> Result<Transaction<'c>, DbError> {
-    let client: &mut tokio_postgres::Client = conn;
-    let tx = client
+) -> Result<deadpool_postgres::Transaction<'c>, DbError> {
+    // deadpool's transaction: its `prepare_cached` prepares after the lock, in the snapshot
+    // (preparing takes the statement's tables in the statement's order, against a reset's).
+    let tx = conn
         .build_transaction()
         .isolation_level(IsolationLevel::RepeatableRead)
         .read_only(true)
