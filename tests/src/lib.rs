@@ -947,7 +947,6 @@ impl TestEnv {
             ("strategies", "strategy_id"),
             ("portfolio_history", "portfolio_id, stream_seq"),
             ("prices", "symbol, at, stream_seq"),
-            ("strategy_stats", "strategy_id"),
         ];
         let mut out = Vec::new();
         for (t, order) in tables {

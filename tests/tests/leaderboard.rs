@@ -91,40 +91,6 @@ async fn strategies_ranked_by_realized_pnl_and_win_rate() {
     let ids = strategy_ids(&by_win);
     assert_eq!(ids, ["gamma", "alpha"], "{by_win}");
 
-    // A schema from before `strategy_stats`: its migration sums the trades and round trips
-    // folded so far to the figures the projector keeps.
-    let stats = || async {
-        env.pg
-            .query(
-                "SELECT strategy_id, realized_pnl, fees_paid, fill_count, trade_count, win_count
-                 FROM strategy_stats ORDER BY strategy_id",
-                &[],
-            )
-            .await
-            .expect("strategy_stats")
-            .iter()
-            .map(|r| {
-                let d = |i| r.get::<_, rust_decimal::Decimal>(i);
-                let n = |i| r.get::<_, i64>(i);
-                (r.get::<_, String>(0), d(1), d(2), n(3), n(4), n(5))
-            })
-            .collect::<Vec<_>>()
-    };
-    let kept = stats().await;
-    assert_eq!(kept.len(), 3, "{kept:?}");
-    env.pg
-        .batch_execute("DROP TABLE strategy_stats; DELETE FROM ch_migrations WHERE version = 9")
-        .await
-        .expect("back to before");
-    ch_runtime::pg::migrate(
-        &env.cfg.database_url,
-        &env.cfg.db_schema,
-        ch_readmodel::MIGRATIONS,
-    )
-    .await
-    .expect("migrated again");
-    assert_eq!(stats().await, kept);
-
     env.request(
         "query.strategy.leaderboard",
         json!({"user_id": "u1", "by": "luck"}),

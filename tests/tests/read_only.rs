@@ -65,11 +65,10 @@ async fn a_query_worker_serves_with_a_role_that_may_only_read() {
         .await;
     let schema = env.cfg.db_schema.clone();
     let reader = Reader::create(&env, &schema).await;
-    // As a role granted the tables before the upgrades that made ch_stream and strategy_stats:
-    // it starts all the same, and answers every query but the leaderboard.
+    // As a role granted the tables before an upgrade made ch_stream: it starts all the same.
     env.pg
         .batch_execute(&format!(
-            "REVOKE SELECT ON \"{schema}\".ch_stream, \"{schema}\".strategy_stats FROM \"{}\"",
+            "REVOKE SELECT ON \"{schema}\".ch_stream FROM \"{}\"",
             reader.role
         ))
         .await
@@ -85,7 +84,7 @@ async fn a_query_worker_serves_with_a_role_that_may_only_read() {
     let perf = env.performance_at("ro-1", seq(&funded)).await;
     assert_eq!(perf["cash"], json!("250"), "{perf}");
     assert!(perf["as_of_seq"].as_u64() >= Some(seq(&funded)), "{perf}");
-    // A snapshot's reads (their tables locked first) need no grant on strategy_stats.
+    // A snapshot's reads (their tables locked first, as a read-only role may).
     let analysis = env
         .request("query.portfolio.analysis", json!({"portfolio_id": "ro-1"}))
         .await

@@ -587,16 +587,20 @@ pub async fn strategy_leaderboard(
         RankBy::RealizedPnl => "realized_pnl DESC, win_rate DESC NULLS LAST, strategy_id",
         RankBy::WinRate => "win_rate DESC NULLS LAST, realized_pnl DESC, strategy_id",
     };
-    // The user's strategies and their figures (`strategy_stats`, kept by the portfolio
-    // projector): as long as the user's list, whatever the history of everyone's trades.
+    // Each of the user's strategies' own fills and closed round trips, by their indexes
+    // (migration 009): as long as the user's history, not everyone's.
     let sql = format!(
-        "SELECT s.strategy_id, s.name, s.status,
-                COALESCE(t.realized_pnl, 0) AS realized_pnl, COALESCE(t.fees_paid, 0) AS fees_paid,
-                COALESCE(t.fill_count, 0) AS fill_count, COALESCE(t.trade_count, 0) AS trade_count,
-                CASE WHEN t.trade_count > 0
-                     THEN t.win_count::numeric / t.trade_count END AS win_rate
+        "SELECT s.strategy_id, s.name, s.status, t.realized_pnl, t.fees_paid, t.fill_count,
+                r.trade_count,
+                CASE WHEN r.trade_count > 0 THEN r.wins::numeric / r.trade_count END AS win_rate
          FROM strategies s
-         LEFT JOIN strategy_stats t ON t.strategy_id = s.strategy_id
+         CROSS JOIN LATERAL (
+             SELECT COALESCE(sum(realized_pnl), 0) AS realized_pnl,
+                    COALESCE(sum(fee), 0) AS fees_paid, count(*) AS fill_count
+             FROM trades WHERE strategy_id = s.strategy_id) t
+         CROSS JOIN LATERAL (
+             SELECT count(*) AS trade_count, count(*) FILTER (WHERE pnl > 0) AS wins
+             FROM round_trips WHERE strategy_id = s.strategy_id AND closed_at IS NOT NULL) r
          WHERE s.user_id = $1 AND ($2 OR s.status <> 'deleted')
          ORDER BY {order} LIMIT $3"
     );

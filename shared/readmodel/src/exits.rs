@@ -265,7 +265,7 @@ impl Worker {
         reached: &Reached,
     ) -> Result<Vec<Candidate>, DbError> {
         let mut conn = self.pool.get().await?;
-        let tx = queries::snapshot(&mut conn, &queries::tables_of(&READ_MODELS, false)).await?;
+        let tx = queries::snapshot(&mut conn, &queries::tables_of(&READ_MODELS)).await?;
         // Prepared (the first time on a session) once the tables are locked in the reset's
         // order: preparing before took them in the statements' order, and a rebuild's reset
         // waiting between the two deadlocked with it.

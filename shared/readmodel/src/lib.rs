@@ -38,7 +38,7 @@ pub const MIGRATIONS: &[Migration] = migrations![
     6 "006" "fills_carry_positions",
     7 "007" "round_trip_rows",
     8 "008" "stream",
-    9 "009" "strategy_stats",
+    9 "009" "fills_by_strategy",
 ];
 
 /// Plain-notation string of a decimal as replies carry it (`"14990"`, not `"14990.000"`).

@@ -64,7 +64,6 @@ pub const TABLES: &[&str] = &[
     "portfolio_strategies",
     "portfolio_history",
     "prices",
-    "strategy_stats",
 ];
 
 /// Most fills held back for the flush (a live batch's); more are appended by `COPY` at once.
@@ -152,17 +151,6 @@ struct Trip {
     fees: Decimal,
 }
 
-/// What a batch adds to a strategy's `strategy_stats` row.
-#[derive(Debug, Default)]
-struct StatsDelta {
-    realized_pnl: Decimal,
-    fees_paid: Decimal,
-    fill_count: i64,
-    /// Round trips its sells closed, and those with pnl > 0.
-    trade_count: i64,
-    win_count: i64,
-}
-
 enum Attachment {
     Attach(String, String, DateTime<Utc>),
     Detach(String, String),
@@ -182,8 +170,6 @@ struct Fold {
     open_trips: HashMap<(String, String), Trip>,
     trips: BTreeMap<(String, String, i64), Trip>,
     trades: Vec<(TradeExecuted, DateTime<Utc>, i64)>,
-    /// Per strategy, what the fills since the last flush add to its figures.
-    strategy_stats: BTreeMap<String, StatsDelta>,
     attachments: Vec<Attachment>,
     /// `portfolio_history` rows: state after each flow.
     history: Vec<HistoryRow>,
@@ -428,13 +414,6 @@ impl Fold {
         self.positions.insert(key.clone(), pos);
         self.dirty_positions.insert(key.clone());
         self.trades.push((e.clone(), at, seq));
-        let stats = self
-            .strategy_stats
-            .entry(e.strategy_id.clone())
-            .or_default();
-        stats.realized_pnl = stats.realized_pnl.saturating_add(e.realized_pnl);
-        stats.fees_paid = stats.fees_paid.saturating_add(e.fee);
-        stats.fill_count += 1;
         // Round trips, flat to flat: a buy from flat opens one; sells add their realized PnL;
         // the sell that makes the position flat closes it.
         let trip = match (e.side, self.open_trips.remove(&key)) {
@@ -472,17 +451,9 @@ impl Fold {
             if t.closed_at.is_none() {
                 self.open_trips.insert(key, t);
             } else if let Some(p) = self.portfolios.get_mut(&e.portfolio_id) {
-                // Closed by this fill (a closed trip is never touched again), for the
-                // portfolio and for the strategy of this sell.
-                let win = i64::from(t.pnl > Decimal::ZERO);
+                // Closed by this fill (a closed trip is never touched again).
                 p.trade_count += 1;
-                p.win_count += win;
-                let stats = self
-                    .strategy_stats
-                    .entry(e.strategy_id.clone())
-                    .or_default();
-                stats.trade_count += 1;
-                stats.win_count += win;
+                p.win_count += i64::from(t.pnl > Decimal::ZERO);
             }
         }
     }
@@ -571,10 +542,8 @@ impl Fold {
             self.write_marks(tx),
             self.write_trips(tx),
             self.insert_trades(tx),
-            self.write_strategy_stats(tx),
         )?;
         self.trades.clear();
-        self.strategy_stats.clear();
         // Positions closed since the last flush are the only `None`s (and all dirty): drop
         // those rather than walk every kept position.
         for key in std::mem::take(&mut self.dirty_positions) {
@@ -931,40 +900,6 @@ impl Fold {
             )
             .await?;
         }
-        Ok(())
-    }
-
-    /// Adds the fills' figures to their strategies' rows: each fill is folded once (the
-    /// checkpoint commits with them), so the sums stay exact.
-    async fn write_strategy_stats(
-        &self,
-        tx: &Transaction<'_>,
-    ) -> Result<(), tokio_postgres::Error> {
-        if self.strategy_stats.is_empty() {
-            return Ok(());
-        }
-        let ids: Vec<&str> = self.strategy_stats.keys().map(String::as_str).collect();
-        let d: Vec<&StatsDelta> = self.strategy_stats.values().collect();
-        let pnl: Vec<Decimal> = d.iter().map(|d| d.realized_pnl).collect();
-        let fees: Vec<Decimal> = d.iter().map(|d| d.fees_paid).collect();
-        let fills: Vec<i64> = d.iter().map(|d| d.fill_count).collect();
-        let trips: Vec<i64> = d.iter().map(|d| d.trade_count).collect();
-        let wins: Vec<i64> = d.iter().map(|d| d.win_count).collect();
-        exec(
-            tx,
-            "INSERT INTO strategy_stats AS s (strategy_id, realized_pnl, fees_paid, fill_count,
-                                              trade_count, win_count)
-             SELECT * FROM UNNEST($1::text[], $2::numeric[], $3::numeric[], $4::int8[],
-                 $5::int8[], $6::int8[])
-             ON CONFLICT (strategy_id) DO UPDATE SET
-                 realized_pnl = s.realized_pnl + EXCLUDED.realized_pnl,
-                 fees_paid = s.fees_paid + EXCLUDED.fees_paid,
-                 fill_count = s.fill_count + EXCLUDED.fill_count,
-                 trade_count = s.trade_count + EXCLUDED.trade_count,
-                 win_count = s.win_count + EXCLUDED.win_count",
-            &[&ids, &pnl, &fees, &fills, &trips, &wins],
-        )
-        .await?;
         Ok(())
     }
 

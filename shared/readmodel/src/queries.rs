@@ -165,9 +165,8 @@ pub(crate) fn check_id(field: &str, v: &str) -> Result<(), ApiError> {
 
 /// The tables of the read models `projections` (`portfolio`, `strategy`) that a snapshot
 /// locks, in a fixed order (each projection's, as its reset truncates them: locks taken in one
-/// order make no cycle). `strategy_stats` only `with_stats` (the leaderboard, its only reader:
-/// a read-only role granted before the upgrade that added it still answers the rest).
-pub fn tables_of(projections: &[&str], with_stats: bool) -> Vec<&'static str> {
+/// order make no cycle).
+pub fn tables_of(projections: &[&str]) -> Vec<&'static str> {
     projections
         .iter()
         .flat_map(|p| match *p {
@@ -176,7 +175,6 @@ pub fn tables_of(projections: &[&str], with_stats: bool) -> Vec<&'static str> {
             other => panic!("no tables known for the projection {other}"),
         })
         .copied()
-        .filter(|t| with_stats || *t != "strategy_stats")
         .collect()
 }
 

@@ -313,8 +313,7 @@ macro_rules! in_snapshot {
             let mut conn = $handler.snapshot_conn().await?;
             let read = $handler
                 .bounded(async {
-                    let with_stats = $query == Query::StrategyLeaderboard;
-                    let tables = queries::tables_of($query.projections(), with_stats);
+                    let tables = queries::tables_of($query.projections());
                     let tx = queries::snapshot(&mut conn, &tables).await?;
                     let as_of = queries::as_of(&tx, $query.projections(), &reached).await?;
                     if q.min_stream_seq().is_some_and(|min| as_of < min) {
