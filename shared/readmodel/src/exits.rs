@@ -443,13 +443,13 @@ impl Worker {
             ) else {
                 return Ok(());
             };
-            if attempt == 1 {
-                self.bump(&self.counters.triggers, "exit_triggers");
-            }
             let at = with_at.then_some(p.at);
             let causation = with_causation.then_some(p.event_id);
             match self.send(p, &c, &d, at, causation).await? {
+                // A trigger counts once it is through (sent, or refused for good): one whose
+                // price is given back and delivered again counts then, not at each delivery.
                 Ok(reply) => {
+                    self.bump(&self.counters.triggers, "exit_triggers");
                     self.log_sent(p, &c, &d, &reply);
                     return Ok(());
                 }
@@ -472,6 +472,7 @@ impl Worker {
                         return Err(Retry(format!("sell {portfolio_id}: {code}: {message}")))
                     }
                     _ => {
+                        self.bump(&self.counters.triggers, "exit_triggers");
                         error!(
                             portfolio_id, symbol = %p.symbol, command_id = %d.command_id,
                             kind = %d.trigger.kind, %code, %message,
