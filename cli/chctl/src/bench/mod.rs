@@ -450,9 +450,11 @@ fn config(ctx: &Ctx, a: &TradeFlow, s: Sizes, query_clients: usize, w: &Workload
         "baseline_from": a.baseline_from.as_ref().map(|f| f.display().to_string()),
         // How the monolith runs here: its CPU is the load generator's (`chctl-bench`).
         "monolith": (a.baseline == Baseline::Monolith && a.baseline_from.is_none()).then(|| json!({
-            "process": "the benchmark's own, on its runtime",
-            "worker_threads": c.worker_threads,
+            "process": "the benchmark's own, on its runtime (chctl_worker_threads)",
             "postgres_pool": monolith::POOL_SIZE})),
+        // The load generator's (and the monolith's) runtime; `ch_worker_threads` becomes the
+        // workers' (see `with_deployment`).
+        "chctl_worker_threads": c.worker_threads,
         "setup_concurrency": a.setup_concurrency,
         "signals_meant_to_be_rejected": w.intended_rejections,
         "pairs": workload::PAIRS.iter().map(|p| p.symbol).collect::<Vec<_>>(),

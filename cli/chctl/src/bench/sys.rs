@@ -298,8 +298,9 @@ pub fn machine() -> Value {
         .find_map(|l| l.strip_prefix("model name"))
         .and_then(|v| v.split_once(':'))
         .map(|(_, m)| m.trim().to_owned());
-    // The source tree this chctl was built from (where cargo found its manifest), not the
-    // directory it runs in: null where that tree is not (a binary copied elsewhere).
+    // The source tree this chctl was built from (where cargo found its manifest), as it is
+    // now, not the directory it runs in: null where that tree is not (a binary copied
+    // elsewhere). `make bench` builds just before it runs.
     let git = |args: &[&str]| {
         std::process::Command::new("git")
             .arg("-C")
