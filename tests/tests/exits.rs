@@ -599,8 +599,9 @@ async fn the_exit_consumer_loses_its_delivery_limit() {
     assert_eq!(info.config.max_deliver, -1, "{:?}", info.config);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn deleted_consumers_are_made_again_and_their_workers_go_on() {
+/// Every worker and the exit-trigger worker; p1 holds 1 BTC-USDT bought at 100 on s1, whose
+/// exit rule stops the loss at 5 % (95).
+async fn long_with_a_stop_loss() -> TestEnv {
     let mut env = TestEnv::with_all_workers().await;
     env.start(Worker::ExitTriggers).await;
     let exits = json!({"stop_loss_pct": "0.05"});
@@ -611,6 +612,12 @@ async fn deleted_consumers_are_made_again_and_their_workers_go_on() {
     .await;
     portfolio(&env, "p1", "s1").await;
     env.bought("p1", "s1", "BTC-USDT", "1", "100").await;
+    env
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deleted_consumers_are_made_again_and_their_workers_go_on() {
+    let env = long_with_a_stop_loss().await;
 
     // An operator deletes both durables (`nats consumer rm`): the projector and the exit
     // worker stopped quietly when their deliveries ended (the process exited 0).
@@ -722,16 +729,7 @@ async fn a_price_evaluated_late_does_not_judge_a_position_filled_after_it() {
 /// sells. (Reading the emptied table, it found no rule and acked the price: no sell, ever.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_price_read_across_a_reset_is_given_back_and_sells_once_folded_again() {
-    let mut env = TestEnv::with_all_workers().await;
-    env.start(Worker::ExitTriggers).await;
-    let exits = json!({"stop_loss_pct": "0.05"});
-    env.cmd(
-        "strategy.create",
-        strategy_with_exits("s1", &["BTC-USDT"], exits),
-    )
-    .await;
-    portfolio(&env, "p1", "s1").await;
-    env.bought("p1", "s1", "BTC-USDT", "1", "100").await;
+    let env = long_with_a_stop_loss().await;
 
     let reset = ch_runtime::pg::connect(&env.cfg.database_url, Some(&env.cfg.db_schema))
         .await
