@@ -1148,7 +1148,7 @@ impl<P: Projection> Projector<P> {
                     // Unless it stood by, it shows the backlog as it grows meanwhile (its
                     // status endpoint, needing the database, says nothing then).
                     if !standing_by {
-                        self.count_durable_backlog().await;
+                        self.count_durable_backlog(shutdown).await;
                     }
                     if !warned {
                         warned = true;
@@ -1200,7 +1200,7 @@ impl<P: Projection> Projector<P> {
                         "starting to project (the lock is released)",
                         &e,
                     );
-                    self.count_durable_backlog().await;
+                    self.count_durable_backlog(&shutdown).await;
                     if !retry.wait(&self.metrics, &shutdown).await {
                         break;
                     }
@@ -1322,7 +1322,8 @@ impl<P: Projection> Projector<P> {
     /// [`Projector::count_backlog`] from the durable's name, for when this projector holds no
     /// consumer (it cannot lead, or failed to start projecting); nothing if there is no such
     /// durable yet.
-    async fn count_durable_backlog(&self) {
+    /// A shutdown does not wait for it (NATS may be away too).
+    async fn count_durable_backlog(&self, shutdown: &CancellationToken) {
         let Ok(cfg) = consumer_config(self.projection.consumer_json(), self.store.subjects())
         else {
             return;
@@ -1330,7 +1331,12 @@ impl<P: Projection> Projector<P> {
         let Some(durable) = cfg.durable_name else {
             return;
         };
-        if let Ok(info) = self.store.stream().consumer_info(&durable).await {
+        let stream = self.store.stream();
+        let info = tokio::select! {
+            () = shutdown.cancelled() => return,
+            info = stream.consumer_info(&durable) => info,
+        };
+        if let Ok(info) = info {
             let backlog = info.num_pending + info.num_ack_pending as u64;
             self.metrics.gauge("pending", backlog as i64);
         }
