@@ -109,6 +109,7 @@ async fn nats_over_mutual_tls_with_a_ca_of_ones_own() {
     let attempt = |url: String, tls: NatsTls| async move {
         nats_options(&tls, "")
             .expect("options")
+            .0
             .connection_timeout(Duration::from_secs(5))
             .connect(url)
             .await
@@ -265,10 +266,9 @@ async fn credentials_in_the_nats_url_are_sent() {
             ..ch_runtime::Config::default()
         };
         let connect = |cfg: ch_runtime::Config| async move {
-            let servers = ch_runtime::server_list(&cfg.nats_url).expect("a URL");
+            let (options, servers) = nats_options(&cfg.nats_tls, &cfg.nats_url).expect("a URL");
             assert!(servers.iter().all(|s| !s.has_user_pass()), "{servers:?}");
-            nats_options(&cfg.nats_tls, &cfg.nats_url)
-                .expect("options")
+            options
                 .connection_timeout(Duration::from_secs(5))
                 .connect(servers)
                 .await

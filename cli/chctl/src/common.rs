@@ -87,8 +87,8 @@ impl Ctx {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut delay = Duration::from_millis(100);
         loop {
-            let servers = ch_runtime::server_list(url)?;
-            let attempt = ch_runtime::nats_options(&self.cfg.nats_tls, url)?
+            let (options, servers) = ch_runtime::nats_options(&self.cfg.nats_tls, url)?;
+            let attempt = options
                 .name("chctl")
                 .connection_timeout(Duration::from_secs(2))
                 .connect(servers)

@@ -287,16 +287,9 @@ impl QueryHandler {
     /// A session for the read: a new one must log in within `CH_QUERY_TIMEOUT_MS` too (the
     /// wait for a free one keeps the pool's bound: a busy worker, not a silent database).
     async fn snapshot_conn(&self) -> Result<deadpool_postgres::Object, ApiError> {
-        let timeouts = deadpool_postgres::Timeouts {
-            create: Some(self.read_timeout),
-            ..self.pool.timeouts()
-        };
-        match self.pool.timeout_get(&timeouts).await {
-            Err(deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Create)) => {
-                Err(self.no_answer(self.read_timeout))
-            }
-            got => Ok(got.map_err(DbError::from)?),
-        }
+        ch_runtime::pg::session_within(&self.pool, self.read_timeout)
+            .await?
+            .ok_or_else(|| self.no_answer(self.read_timeout))
     }
 }
 

@@ -53,8 +53,8 @@ pub async fn connect_nats(
         .check()
         .map_err(|e| async_nats::ConnectError::with_source(async_nats::ConnectErrorKind::Tls, e))?;
     let state = Arc::new(EventLog::default());
-    let servers = server_list(&cfg.nats_url)?;
-    nats_options(&cfg.nats_tls, &cfg.nats_url)?
+    let (options, servers) = nats_options(&cfg.nats_tls, &cfg.nats_url)?;
+    options
         .name(name)
         .retry_on_initial_connect()
         .max_reconnects(None)
@@ -71,10 +71,11 @@ pub async fn connect_nats(
 /// either, the servers a cluster announces are not added to the URL's: they come as
 /// addresses their certificates do not name, and every reconnection to one would fail.
 ///
-/// The credentials a URL of `urls` (`CH_NATS_URL`) carries are sent too (the first URL that
-/// has any): `nats://user:password@host` as user and password, `nats://token@host` as a
-/// token, percent-decoded. async-nats reads them from its options only, and
-/// [`server_list`] leaves them out of the addresses (async-nats logs those at debug).
+/// With them, the servers of `urls` (`CH_NATS_URL`) to connect to ([`server_list`]), read
+/// once: the credentials a URL carries go in the options (the first URL that has any):
+/// `nats://user:password@host` as user and password, `nats://token@host` as a token,
+/// percent-decoded. async-nats reads them from its options only, and they are left out of the
+/// addresses (async-nats logs those at debug).
 ///
 /// Reads no file: check them first ([`config::NatsTls::check`]; [`connect_nats`] does).
 ///
@@ -83,7 +84,7 @@ pub async fn connect_nats(
 pub fn nats_options(
     tls: &config::NatsTls,
     urls: &str,
-) -> Result<async_nats::ConnectOptions, async_nats::ConnectError> {
+) -> Result<(async_nats::ConnectOptions, Vec<async_nats::ServerAddr>), async_nats::ConnectError> {
     let mut options = async_nats::ConnectOptions::new();
     let decoded = |s: &str| {
         percent_encoding::percent_decode_str(s)
@@ -113,7 +114,7 @@ pub fn nats_options(
     if tls != &config::NatsTls::default() {
         options = options.ignore_discovered_servers();
     }
-    Ok(options)
+    Ok((options, without_credentials(servers)?))
 }
 
 /// `CH_NATS_URL` as a list of servers: one URL, or several separated by commas (the nodes of
@@ -124,10 +125,16 @@ pub fn nats_options(
 /// # Errors
 /// When an entry is not a server URL.
 pub fn server_list(urls: &str) -> Result<Vec<async_nats::ServerAddr>, async_nats::ConnectError> {
-    parsed(urls)?
+    without_credentials(parsed(urls)?)
+}
+
+/// `servers` with their credentials taken out (they go in the options: [`nats_options`]).
+fn without_credentials(
+    servers: Vec<async_nats::ServerAddr>,
+) -> Result<Vec<async_nats::ServerAddr>, async_nats::ConnectError> {
+    servers
         .into_iter()
         .map(|s| {
-            // The credentials go in the options ([`nats_options`]).
             let mut url = s.into_inner();
             let _ = url.set_password(None);
             let _ = url.set_username("");

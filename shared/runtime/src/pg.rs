@@ -246,6 +246,29 @@ const LOG_IN_TIMEOUT: Duration = Duration::from_secs(5);
 /// and [`LOG_IN_TIMEOUT`]).
 const POOL_WAIT: Duration = Duration::from_secs(10);
 
+/// A session of `pool`, a new one having to connect and log in within `within` (`Ok(None)`
+/// when it did not: a database that takes the connection and does not answer); waiting for
+/// a free one keeps the pool's own bound ([`DbError::Busy`]: the worker is busy, not the
+/// database silent).
+///
+/// # Errors
+/// [`DbError`] when no session comes free, or the database refuses one.
+pub async fn session_within(
+    pool: &Pool,
+    within: Duration,
+) -> Result<Option<deadpool_postgres::Object>, DbError> {
+    let timeouts = deadpool_postgres::Timeouts {
+        create: Some(within),
+        ..pool.timeouts()
+    };
+    match pool.timeout_get(&timeouts).await {
+        Err(deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Create)) => {
+            Ok(None)
+        }
+        got => Ok(Some(got?)),
+    }
+}
+
 /// Connects without a pool (admin work: creating databases, advisory locks).
 ///
 /// # Errors
@@ -458,7 +481,7 @@ pub async fn check_stream(
         Err(e) => return Err(e.into()),
     };
     if let Some(Some(theirs)) = recorded {
-        return same_stream(schema, Some(theirs), stream);
+        return same_stream(schema, &theirs, stream);
     }
     let folded: i64 = match client
         .query_one("SELECT coalesce(max(last_seq), 0) FROM ch_checkpoints", &[])
@@ -493,19 +516,19 @@ pub async fn check_stream(
     let row = client
         .query_one("SELECT stream FROM ch_stream", &[])
         .await?;
-    same_stream(schema, Some(row.get(0)), stream)
+    same_stream(schema, row.get(0), stream)
 }
 
-fn same_stream(schema: &str, theirs: Option<String>, stream: &str) -> Result<(), DbError> {
-    match theirs {
-        Some(theirs) if theirs != stream => Err(DbError::Refused(format!(
-            "schema {schema} holds the read models of stream {theirs}, not {stream}: each subject \
-             prefix needs a CH_DB_SCHEMA of its own (`make up` names it after the prefix; should \
-             the schema be this prefix's, stop the other prefix's workers and drop it: `chctl \
-             setup` and the projectors fold it again)"
-        ))),
-        _ => Ok(()),
+fn same_stream(schema: &str, theirs: &str, stream: &str) -> Result<(), DbError> {
+    if theirs == stream {
+        return Ok(());
     }
+    Err(DbError::Refused(format!(
+        "schema {schema} holds the read models of stream {theirs}, not {stream}: each subject \
+         prefix needs a CH_DB_SCHEMA of its own (`make up` names it after the prefix; should \
+         the schema be this prefix's, stop the other prefix's workers and drop it: `chctl \
+         setup` and the projectors fold it again)"
+    )))
 }
 
 /// The versions of `migrations` that the schema on `client`'s search path has not applied.

@@ -17,7 +17,7 @@ use futures::StreamExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::error::{ApiError, DbError};
+use crate::error::ApiError;
 use crate::eventstore::EventStore;
 use crate::projector::checkpoint;
 use crate::subjects::Subjects;
@@ -154,16 +154,10 @@ impl Progress {
                         ))
                     };
                     // A new session must log in by then too.
-                    let timeouts = deadpool_postgres::Timeouts {
-                        create: Some(answer_by.saturating_duration_since(Instant::now())),
-                        ..pool.timeouts()
-                    };
-                    let conn = match pool.timeout_get(&timeouts).await {
-                        Err(deadpool_postgres::PoolError::Timeout(
-                            deadpool_postgres::TimeoutType::Create,
-                        )) => return Err(no_answer()),
-                        got => got.map_err(DbError::from)?,
-                    };
+                    let within = answer_by.saturating_duration_since(Instant::now());
+                    let conn = crate::pg::session_within(pool, within)
+                        .await?
+                        .ok_or_else(no_answer)?;
                     match tokio::time::timeout_at(answer_by, checkpoint(&**conn, p)).await {
                         Ok(read) => read?,
                         Err(_) => return Err(no_answer()),
