@@ -588,7 +588,6 @@ impl Worker {
             "durable": self.durable,
             "stream_last_seq": self.app.store.last_seq().await?,
         });
-        v["counters"] = self.counters.json();
         match self.app.store.stream().consumer_info(&self.durable).await {
             Ok(i) => {
                 v["consumer"] = json!({
@@ -600,6 +599,9 @@ impl Worker {
             }
             Err(e) => return Err(ApiError::unavailable(format!("consumer info: {e}"))),
         }
+        // Read after the consumer: a price counts before it is acked, so every price the ack
+        // floor shows is in the counters (read first, they could miss the last one acked).
+        v["counters"] = self.counters.json();
         Ok(v)
     }
 
