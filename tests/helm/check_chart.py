@@ -71,6 +71,15 @@ def render(values, release="ch"):
     return docs
 
 
+def render_refusal(values):
+    """Helm's error when the chart refuses to render these values, else "rendered"."""
+    try:
+        render(values)
+        return "rendered"
+    except Exception as e:  # the SDK raises Helm's error as it is
+        return str(e)
+
+
 def chctl_workers():
     """`WORKERS` of cli/chctl/src/common.rs: what `chctl status --skip` accepts."""
     text = (ROOT / "cli" / "chctl" / "src" / "common.rs").read_text()
@@ -184,15 +193,44 @@ def main():
           kinds == ["Deployment"] * len(workers) + ["Secret"], kinds)
 
     # A prefix whose schema PostgreSQL would refuse fails the install, unless a schema is given.
-    try:
-        render({"nats": {"subjectPrefix": "PG-desk"}})
-        refusal = "rendered"
-    except Exception as e:  # the SDK raises Helm's error as it is
-        refusal = str(e)
+    refusal = render_refusal({"nats": {"subjectPrefix": "PG-desk"}})
     check("a prefix that makes a pg_ schema fails the install",
           "reserves names beginning with pg_" in refusal, refusal)
     check("a prefix that makes a pg_ schema passes with a schema of its own",
           not lint_errors({"nats": {"subjectPrefix": "PG-desk"}, "database": {"schema": "desk"}}))
+
+    # What the schema cannot see, a variable of `env` or `extraEnv` past the values' checks,
+    # fails the render as the worker would fail its start, naming the pod and the variable.
+    def worker(name, **extra):
+        return {"workers": {name: {"enabled": True, "replicas": 2, **extra}}}
+    for label, values, want in (
+        ("a projector's pool of one", worker("proj-strategy", env={"CH_DB_POOL": 1}),
+         'workers.proj-strategy: CH_DB_POOL="1"'),
+        ("a sync mode in capitals", {"env": {"CH_SYNC": "Immediate"}}, 'CH_SYNC="Immediate"'),
+        ("threads of zero in extraEnv", {"extraEnv": [{"name": "CH_WORKER_THREADS",
+                                                       "value": "0"}]}, "CH_WORKER_THREADS"),
+        ("a batch that is not a number", {"env": {"CH_BATCH_MAX": "5k"}}, 'CH_BATCH_MAX="5k"'),
+        ("a query bound under 100 ms", {"env": {"CH_QUERY_TIMEOUT_MS": 50}},
+         "CH_QUERY_TIMEOUT_MS"),
+        ("an immediate bound past the grace period",
+         {"sync": {"mode": "immediate", "immediateTimeoutMs": 25000}},
+         "CH_IMMEDIATE_TIMEOUT_MS=25000 leaves less than 10 s"),
+    ):
+        refusal = render_refusal(values)
+        check(f"the render refuses {label}", want in refusal, refusal)
+    for label, values in (
+        ("a query worker's own pool", worker("query-portfolio", env={"CH_DB_POOL": "12"})),
+        ("an extraEnv value from a Secret", {"extraEnv": [{"name": "CH_DB_POOL", "valueFrom": {
+            "secretKeyRef": {"name": "s", "key": "k"}}}]}),
+        ("an immediate bound 10 s under the grace period",
+         {"sync": {"mode": "immediate", "immediateTimeoutMs": 20000}}),
+        ("a long immediate bound with a longer grace period",
+         {"sync": {"mode": "immediate", "immediateTimeoutMs": 60000},
+          "terminationGracePeriodSeconds": 70}),
+        ("a long bound when the mode is not immediate", {"sync": {"immediateTimeoutMs": 60000}}),
+    ):
+        check(f"the render takes {label}", render_refusal(values) == "rendered",
+              render_refusal(values))
 
     # The schema follows the prefix unless given (releases on other prefixes keep apart).
     for values, want in (({}, "public"), ({"nats": {"subjectPrefix": "Desk-2"}}, "desk_2"),
@@ -207,9 +245,10 @@ def main():
     check("NOTES hide NATS credentials", "ss@" not in notes and "tok@" not in notes
           and "nats://***@a:4222,nats://***@b:4222" in notes, notes)
     # The connection budget: pool per pod that uses Postgres (a projector's lock session is
-    # one of its pool's). Defaults: 8 such pods of pool 8; then one query worker's own pool.
-    for values, want in (({}, 64),
-                         ({"workers": {"query-strategy": {"env": {"CH_DB_POOL": "20"}}}}, 76)):
+    # one of its pool's), with a rolling update's extra pod per Deployment. Defaults: 8 such
+    # pods of pool 6, 13 in an upgrade; then one query worker's own pool (2 pods of 20).
+    for values, want in (({}, 78),
+                         ({"workers": {"query-strategy": {"env": {"CH_DB_POOL": "20"}}}}, 106)):
         notes = render_files(values)
         notes = next(v for k, v in notes.items() if k.endswith("NOTES.txt"))
         check(f"NOTES count {want} Postgres connections for {values}",

@@ -81,14 +81,55 @@ float, which prints as 1e+06: whole floats are printed as integers.
 {{- end -}}
 
 {{/*
+Fails the install when a variable the workers would refuse reaches a pod through `env` or
+`extraEnv` (the values' own settings are the schema's to check): the ranges and names of
+README's Configuration, CH_DB_POOL from 2 as database.pool. With "grace" (a command worker's
+terminationGracePeriodSeconds) and CH_SYNC=immediate, the wait's bound must leave 10 s of the
+grace period to answer the requests a stopping worker holds. Called with (dict "env" <name ->
+text> "who" <the pod, for the message> "grace" <seconds or nil>).
+*/}}
+{{- define "cipherhorizon.checkEnv" -}}
+{{- $env := .env -}}
+{{- $ranges := dict
+  "CH_BATCH_MAX" (list 1 10000)
+  "CH_REPLAY_BATCH_MAX" (list 1 1000000)
+  "CH_BATCH_WAIT_MS" (list 0 60000)
+  "CH_IMMEDIATE_TIMEOUT_MS" (list 0 60000)
+  "CH_QUERY_TIMEOUT_MS" (list 100 600000)
+  "CH_WORKER_THREADS" (list 1 256)
+  "CH_DB_POOL" (list 2 256) -}}
+{{- range $k, $r := $ranges -}}
+{{- if hasKey $env $k -}}
+{{- $x := get $env $k -}}
+{{- if or (not (regexMatch "^[0-9]{1,9}$" $x)) (lt (atoi $x) (index $r 0)) (gt (atoi $x) (index $r 1)) -}}
+{{- fail (printf "%s: %s=%q: the workers take a whole number from %d to %d" $.who $k $x (index $r 0) (index $r 1)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $enums := dict "CH_SYNC" (list "eventual" "batch" "immediate" "adaptive") "CH_LOG_FORMAT" (list "text" "json") -}}
+{{- range $k, $allowed := $enums -}}
+{{- if and (hasKey $env $k) (not (has (get $env $k) $allowed)) -}}
+{{- fail (printf "%s: %s=%q: the workers take %s" $.who $k (get $env $k) (join ", " $allowed)) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .grace (eq (get $env "CH_SYNC") "immediate") (hasKey $env "CH_IMMEDIATE_TIMEOUT_MS") -}}
+{{- $bound := atoi (get $env "CH_IMMEDIATE_TIMEOUT_MS") -}}
+{{- if gt (add $bound 10000) (mul (int .grace) 1000) -}}
+{{- fail (printf "%s: CH_IMMEDIATE_TIMEOUT_MS=%d leaves less than 10 s of its terminationGracePeriodSeconds (%d) to answer the commands a stopping worker holds: lower the bound or raise the grace period" $.who $bound (int .grace)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
 The environment of one pod: the variables README's Configuration lists, from the values, then
 `env` (every pod), then the worker's own `env`, later ones winning; CH_NATS_URL from
 nats.existingSecret when one is named. With "database" true, also CH_DATABASE_URL from the
 Secret "secret" (unless an `env` sets it), CH_DB_SCHEMA and CH_DB_POOL. Then `extraEnv` and the
 worker's own "extraEnv", as written, in place of the chart's variables of the same names.
 Called with (dict "root" $ "env" <the worker's env> "extraEnv" <the worker's extraEnv>
-"database" <bool> "secret" <the database Secret's name> "extra" <dict>), the maps and lists
-optional.
+"database" <bool> "secret" <the database Secret's name> "extra" <dict> "who" <the pod, for
+messages> "grace" <a command worker's grace period>), all but root optional; the result is
+checked by cipherhorizon.checkEnv.
 */}}
 {{- define "cipherhorizon.env" -}}
 {{- $v := .root.Values -}}
@@ -145,6 +186,19 @@ optional.
 {{- range $extraEnv -}}
 {{- $_ := set $taken .name true -}}
 {{- end -}}
+{{- /* What the pod will see of the variables the chart knows, checked as the workers check them. */ -}}
+{{- $seen := dict -}}
+{{- range $k, $x := $env -}}
+{{- if not (or (kindIs "invalid" $x) (hasKey $taken $k)) -}}
+{{- $_ := set $seen $k (include "cipherhorizon.text" $x) -}}
+{{- end -}}
+{{- end -}}
+{{- range $extraEnv -}}
+{{- if hasKey . "value" -}}
+{{- $_ := set $seen .name (toString .value) -}}
+{{- end -}}
+{{- end -}}
+{{- include "cipherhorizon.checkEnv" (dict "env" $seen "who" (default "a pod" .who) "grace" .grace) -}}
 {{- if and $v.nats.existingSecret (not (hasKey $env "CH_NATS_URL")) (not (hasKey $taken "CH_NATS_URL")) }}
 - name: CH_NATS_URL
   valueFrom:
@@ -267,14 +321,16 @@ annotations:
 {{- end -}}
 
 {{/* The Postgres connections the release's workers may open: pool per pod that uses it (a
-    projector's lock session is one of its pool's). */}}
+    projector's lock session is one of its pool's), counting the pods a rolling update starts
+    before it stops old ones (maxSurge 25 %, rounded up: one for up to 4 replicas). */}}
 {{- define "cipherhorizon.connections" -}}
 {{- $n := 0 -}}
 {{- range $name, $w := .Values.workers -}}
 {{- if and $w.enabled (not (hasPrefix "cmd-" $name)) -}}
 {{- $global := default $.Values.database.pool (get (default dict $.Values.env) "CH_DB_POOL") -}}
 {{- $pool := int (default $global (get (default dict $w.env) "CH_DB_POOL")) -}}
-{{- $n = add $n (mul (int $w.replicas) $pool) -}}
+{{- $pods := add (int $w.replicas) (div (add (int $w.replicas) 3) 4) -}}
+{{- $n = add $n (mul $pods $pool) -}}
 {{- end -}}
 {{- end -}}
 {{- $n -}}
