@@ -17,11 +17,14 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// Where `up` keeps its pid file and logs unless told (`--run-dir`, `CH_RUN_DIR`); `make down`'s.
+const DEFAULT_RUN_DIR: &str = ".run";
+
 #[derive(Parser)]
 #[command(name = "chctl", version, about = "CipherHorizon admin CLI")]
 struct Cli {
     /// Where `up` keeps worker logs (`logs/`) and `workers.pids`.
-    #[arg(long, env = "CH_RUN_DIR", default_value = ".run", global = true)]
+    #[arg(long, env = "CH_RUN_DIR", default_value = DEFAULT_RUN_DIR, global = true)]
     run_dir: PathBuf,
     #[command(subcommand)]
     cmd: Cmd,

@@ -375,7 +375,7 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<ExitCode> {
         }
     }
     print_counts(ctx, &client).await;
-    print_howto(ctx);
+    print_howto(ctx, args.demo);
 
     if args.detach {
         if code != ExitCode::SUCCESS {
@@ -386,8 +386,9 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<ExitCode> {
             return Ok(code);
         }
         println!(
-            "\nworkers detached (pids in {}); stop them with `chctl down` (or `make down`)",
-            ctx.pid_file().display()
+            "\nworkers detached (pids in {}); stop them with {}",
+            ctx.pid_file().display(),
+            down_hint(&ctx.run_dir)
         );
         return Ok(code);
     }
@@ -449,29 +450,96 @@ async fn print_counts(ctx: &Ctx, client: &Client) {
     }
 }
 
-fn print_howto(ctx: &Ctx) {
+fn print_howto(ctx: &Ctx, demo: bool) {
     // Without its credentials: give the nats CLI yours (`--user`, `--password`, `--token`).
-    let url = &redact(&ctx.cfg.nats_url);
-    let p = ctx.subjects.prefix();
+    let url = redact(&ctx.cfg.nats_url);
     // chctl as it was started here (under cargo's target directory, wherever that is).
     let chctl = std::env::args().next().unwrap_or_else(|| "chctl".into());
-    println!("\ntalk to it with the nats CLI (or `{chctl} req <subject> '<json>'`):");
-    println!("  NATS_URL={url} nats req {p}.query.portfolio.performance '{{\"portfolio_id\":\"demo-1\"}}'");
-    println!(
-        "  NATS_URL={url} nats req {p}.query.strategy.list '{{\"user_id\":\"{}\"}}'",
-        demo::USER
-    );
-    println!(
-        "  NATS_URL={url} nats req {p}.query.strategy.get '{{\"strategy_id\":\"{}\"}}'",
-        demo::BTC_STRATEGY
-    );
-    println!(
-        "  NATS_URL={url} nats req {p}.cmd.portfolio.update '{{\"portfolio_id\":\"demo-1\",\"op\":\"deposit\",\"amount\":\"1000\"}}'"
-    );
-    println!(
-        "  NATS_URL={url} nats req {p}.cmd.signal.execute '{{\"portfolio_id\":\"demo-1\",\"strategy_id\":\"{}\",\"symbol\":\"BTC-USDT\",\"side\":\"buy\",\"quantity\":\"0.01\",\"price\":\"66500\"}}'",
-        demo::BTC_STRATEGY
-    );
-    println!("  NATS_URL={url} nats req {p}.cmd.market.price '{{\"symbol\":\"BTC-USDT\",\"price\":\"67000\"}}'");
-    println!("  NATS_URL={url} nats micro ls");
+    print!("{}", howto(&url, ctx.subjects.prefix(), &chctl, demo));
+}
+
+/// Requests to try, on the demo's ids when `demo` loaded them (else README's examples, which
+/// make their own ids: the demo's would be `not_found`).
+fn howto(url: &str, p: &str, chctl: &str, demo: bool) -> String {
+    let req =
+        |subject: &str, body: &str| format!("  NATS_URL={url} nats req {p}.{subject} '{body}'\n");
+    let mut out =
+        format!("\ntalk to it with the nats CLI (or `{chctl} req <subject> '<json>'`):\n");
+    if demo {
+        let (user, btc) = (demo::USER, demo::BTC_STRATEGY);
+        out += &req(
+            "query.portfolio.performance",
+            r#"{"portfolio_id":"demo-1"}"#,
+        );
+        out += &req("query.strategy.list", &format!(r#"{{"user_id":"{user}"}}"#));
+        out += &req(
+            "query.strategy.get",
+            &format!(r#"{{"strategy_id":"{btc}"}}"#),
+        );
+        out += &req(
+            "cmd.portfolio.update",
+            r#"{"portfolio_id":"demo-1","op":"deposit","amount":"1000"}"#,
+        );
+        out += &req(
+            "cmd.signal.execute",
+            &format!(
+                r#"{{"portfolio_id":"demo-1","strategy_id":"{btc}","symbol":"BTC-USDT","side":"buy","quantity":"0.01","price":"66500"}}"#
+            ),
+        );
+        out += &req(
+            "cmd.market.price",
+            r#"{"symbol":"BTC-USDT","price":"67000"}"#,
+        );
+    } else {
+        out += "  the requests of README's \"Talking to it with the nats CLI\" (or start with --demo for data to ask about)\n";
+    }
+    out + &format!("  NATS_URL={url} nats micro ls\n")
+}
+
+/// How to stop detached workers: `make down` and a bare `chctl down` look in the default run
+/// directory only.
+fn down_hint(run_dir: &Path) -> String {
+    if run_dir == Path::new(crate::DEFAULT_RUN_DIR) {
+        "`chctl down` (or `make down`)".into()
+    } else {
+        format!("`chctl --run-dir {} down`", run_dir.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hints_name_the_demo_only_when_it_was_loaded() {
+        let with = howto("nats://h:4222", "desk", "chctl", true);
+        assert!(
+            with.contains(
+                "nats req desk.query.portfolio.performance '{\"portfolio_id\":\"demo-1\"}'"
+            ),
+            "{with}"
+        );
+        assert!(with.contains(demo::BTC_STRATEGY), "{with}");
+        let without = howto("nats://h:4222", "desk", "chctl", false);
+        assert!(
+            !without.contains("demo-1") && !without.contains(demo::BTC_STRATEGY),
+            "{without}"
+        );
+        assert!(
+            without.contains("NATS_URL=nats://h:4222 nats micro ls"),
+            "{without}"
+        );
+    }
+
+    #[test]
+    fn the_stop_hint_names_a_run_directory_of_its_own() {
+        assert_eq!(
+            down_hint(Path::new(".run")),
+            "`chctl down` (or `make down`)"
+        );
+        assert_eq!(
+            down_hint(Path::new("/tmp/x")),
+            "`chctl --run-dir /tmp/x down`"
+        );
+    }
 }
