@@ -1406,6 +1406,98 @@ async fn a_projector_that_cannot_start_projecting_tries_again() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replays_status_counts_what_its_open_transaction_applied() {
+    let mut env = TestEnv::without_projectors().await;
+    env.cmd("strategy.create", strategy("u1", "s1", &["BTC-USDT"]))
+        .await;
+    env.funded("p1", "u1", "100000", "s1").await;
+    for _ in 0..6 {
+        env.cmd("portfolio.update", deposit("p1", "1")).await;
+    }
+    let mut head = 0;
+    for _ in 0..3 {
+        let r = env
+            .cmd("signal.execute", signal("p1", "s1", "buy", "0.1", "20000", None))
+            .await;
+        head = seq(&r);
+    }
+    // Replay transactions of eight events in chunks of two: the fills' table, held by the
+    // test, stops the second transaction before its commit (its fills are written then), with
+    // its events applied.
+    env.cfg.replay_batch_max = 8;
+    let hold = lock_table(&env, "trades", "EXCLUSIVE").await;
+    let proj = env.spawn(Worker::ProjPortfolio).await;
+    waits_for_a_lock(&env, &format!("{}-proj-portfolio", env.subjects.prefix())).await;
+    let status = eventually(|| async {
+        let s = env
+            .request_raw("admin.projector.portfolio.status", Vec::new())
+            .await
+            .ok();
+        match (s["last_seq"].as_u64(), s["replay_applied"].as_u64()) {
+            (Some(last), Some(applied)) if applied > last => Ok(s),
+            _ => Err(format!("no replay past its checkpoint yet: {s}")),
+        }
+    })
+    .await;
+    assert!(status["last_seq"].as_u64().unwrap() < head, "{status}");
+    assert!(status["replay_applied"].as_u64().unwrap() <= head, "{status}");
+    hold.batch_execute("ROLLBACK").await.unwrap();
+    env.performance_at("p1", head).await;
+    let status = env
+        .request_raw("admin.projector.portfolio.status", Vec::new())
+        .await
+        .ok();
+    assert_eq!(status["replay_applied"], Value::Null, "{status}");
+    proj.stop().await;
+}
+
+/// `chctl rebuild` with no projector answering: the lock's holder (here the test's session, as
+/// another `chctl rebuild` replaying) is not reset under, and nothing is reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_if_free_resets_nothing_under_the_locks_holder() {
+    let env = TestEnv::without_projectors().await;
+    env.cmd("portfolio.update", open("p1", "u1")).await;
+    let app = App::start(env.app_config(), "test-rebuild").await.unwrap();
+    let reached = projector(&app, PortfolioProjection::default())
+        .unwrap()
+        .rebuild_if_free()
+        .await
+        .unwrap();
+    assert_eq!(reached, Some(env.last_seq().await), "free: it replays");
+    let holder = ch_runtime::pg::connect(&env.cfg.database_url, Some(&env.cfg.db_schema))
+        .await
+        .expect("postgres");
+    holder
+        .execute(
+            "SELECT pg_advisory_lock(hashtext(current_schema() || 'ch_projector:portfolio'))",
+            &[],
+        )
+        .await
+        .unwrap();
+    let checkpoint = || async {
+        ch_runtime::projector::checkpoint(&env.pg, "portfolio")
+            .await
+            .unwrap()
+    };
+    let before = checkpoint().await;
+    assert!(before > 0);
+    let reached = projector(&app, PortfolioProjection::default())
+        .unwrap()
+        .rebuild_if_free()
+        .await
+        .unwrap();
+    assert_eq!(reached, None);
+    assert_eq!(checkpoint().await, before, "held: nothing reset");
+    let reached = projector(&app, PortfolioProjection::default())
+        .unwrap()
+        .rebuild()
+        .await
+        .unwrap();
+    assert_eq!(reached, None);
+    assert_eq!(checkpoint().await, 0, "a plain rebuild resets under the holder");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shutdown_stops_a_replay_after_its_transaction_and_the_next_start_goes_on() {
     let mut env = TestEnv::without_projectors().await;
     env.cmd("portfolio.update", open("p1", "u1")).await;

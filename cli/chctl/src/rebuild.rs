@@ -12,10 +12,9 @@ use anyhow::{bail, Context, Result};
 use async_nats::Subscriber;
 use ch_readmodel::{PortfolioProjection, StrategyProjection};
 use ch_runtime::app::App;
-use ch_runtime::projector::{self, Projection};
+use ch_runtime::projector::{self, Projection, Projector};
 use ch_runtime::{eventstore, pg};
 use futures::StreamExt;
-use tokio_util::sync::CancellationToken;
 
 use crate::common::{projector_status, Ctx};
 
@@ -75,23 +74,30 @@ async fn rebuild<P: Projection>(
         .subscribe(ctx.subjects.progress(name))
         .await
         .context("subscribing to the projector's progress")?;
+    // A projector that answers is reset under (it replays); with none answering, the lock's
+    // holder, if any, may be another `chctl rebuild` replaying: not reset under.
+    let running = projector_status(ctx, &app.client, name).await.is_ok();
     let started = Instant::now();
     let reached = {
-        let stop = CancellationToken::new();
-        let watcher = tokio::spawn(watch_checkpoint(
-            ctx.cfg.database_url.clone(),
-            ctx.cfg.db_schema.clone(),
-            name,
-            head,
-            stop.clone(),
-        ));
-        let result = projector.rebuild().await;
-        stop.cancel();
-        let _ = watcher.await;
-        result.with_context(|| format!("rebuilding {name}"))?
+        let replay = async {
+            if running {
+                projector.rebuild().await
+            } else {
+                projector.rebuild_if_free().await
+            }
+        };
+        tokio::select! {
+            result = replay => result.with_context(|| format!("rebuilding {name}"))?,
+            () = watch_replay(ctx, name, &projector, head) => unreachable!("watches until the replay ends"),
+        }
     };
     let last = match reached {
         Some(last) => last,
+        None if !running => bail!(
+            "{name}: another process holds the projection's lock, but no projector answers {}: \
+             another `chctl rebuild` replaying it, or a projector starting? Nothing was reset",
+            ctx.subjects.projector_status(name)
+        ),
         None => {
             println!(
                 "{name}: a running projector holds the lock; it replays, following its progress"
@@ -123,25 +129,35 @@ async fn events_on(app: &App, filter: &str) -> Result<u64> {
     Ok(n)
 }
 
-/// Prints the checkpoint every second while this process replays.
-async fn watch_checkpoint(
-    url: String,
-    schema: String,
-    name: &'static str,
-    head: u64,
-    stop: CancellationToken,
-) {
-    let Ok(client) = pg::connect(&url, Some(&schema)).await else {
-        return;
-    };
+/// Prints every second how far this process's replay has got (its transactions commit every
+/// `CH_REPLAY_BATCH_MAX` events; the events applied before the next commit count too). Runs
+/// until dropped.
+async fn watch_replay<P: Projection>(ctx: &Ctx, name: &str, projector: &Projector<P>, head: u64) {
+    let client = pg::connect(&ctx.cfg.database_url, Some(&ctx.cfg.db_schema))
+        .await
+        .ok();
+    let mut every_second = tokio::time::interval(Duration::from_secs(1));
+    every_second.tick().await;
     loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-        if let Ok(seq) = projector::checkpoint(&client, name).await {
-            println!("{name}: {seq} / {head}");
-        }
+        every_second.tick().await;
+        let committed = match &client {
+            Some(c) => projector::checkpoint(c, name).await.ok(),
+            None => None,
+        };
+        println!(
+            "{}",
+            progress_line(name, head, committed, projector.replay_applied())
+        );
+    }
+}
+
+/// `<name>: <applied> / <head>`, and what is committed of it when that is less.
+fn progress_line(name: &str, head: u64, committed: Option<u64>, applied: Option<u64>) -> String {
+    match (committed, applied) {
+        (Some(c), Some(a)) if a > c => format!("{name}: {a} / {head} ({c} committed)"),
+        (Some(c), _) => format!("{name}: {c} / {head}"),
+        (None, Some(a)) => format!("{name}: {a} / {head}"),
+        (None, None) => format!("{name}: replaying, of {head}"),
     }
 }
 
@@ -198,13 +214,17 @@ pub async fn follow(
                         first_move,
                     });
                 }
-                if seq > best {
-                    best = seq;
+                // Between its commits, a replay moves on in the open transaction: progress too.
+                let applied = v["replay_applied"].as_u64();
+                let at = applied.map_or(seq, |a| a.max(seq));
+                if at > best {
+                    best = at;
                     last_move = Instant::now();
                 }
                 if Instant::now() >= next_print {
                     println!(
-                        "{name}: {seq} / {head} (lag {})",
+                        "{} (lag {})",
+                        progress_line(name, head, Some(seq), applied),
                         v["lag_events"].as_u64().unwrap_or(0)
                     );
                     next_print = Instant::now() + Duration::from_secs(1);
@@ -220,5 +240,30 @@ pub async fn follow(
         if last_move.elapsed() > stall {
             bail!("{name}: the running projector made no progress for {stall:?} (at {best} of {head}); see its log");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::progress_line;
+
+    #[test]
+    fn progress_counts_what_a_replay_applied_before_its_commit() {
+        assert_eq!(
+            progress_line("portfolio", 90, Some(0), Some(35)),
+            "portfolio: 35 / 90 (0 committed)"
+        );
+        assert_eq!(
+            progress_line("portfolio", 90, Some(50), None),
+            "portfolio: 50 / 90"
+        );
+        assert_eq!(
+            progress_line("portfolio", 90, Some(50), Some(40)),
+            "portfolio: 50 / 90"
+        );
+        assert_eq!(
+            progress_line("portfolio", 90, None, Some(7)),
+            "portfolio: 7 / 90"
+        );
     }
 }

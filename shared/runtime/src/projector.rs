@@ -530,6 +530,9 @@ pub struct Projector<P: Projection> {
     sparse: bool,
     /// The checkpoint this projector last committed or read ([`UNKNOWN`] before the first).
     position: AtomicU64,
+    /// In a replay, the last event applied in its open transaction (0 when none runs): how far
+    /// a replay has got between its commits, which come every `CH_REPLAY_BATCH_MAX` events.
+    replay_applied: AtomicU64,
     /// The worker's shutdown (see [`run`]): a replay stops between its transactions, each of
     /// which commits its checkpoint, so that the next start goes on from there.
     stop: CancellationToken,
@@ -570,6 +573,7 @@ impl<P: Projection> Projector<P> {
             filter,
             sparse,
             position: AtomicU64::new(UNKNOWN),
+            replay_applied: AtomicU64::new(0),
             stop: CancellationToken::new(),
             service_metadata: Default::default(),
         }
@@ -588,6 +592,13 @@ impl<P: Projection> Projector<P> {
 
     fn set_position(&self, seq: u64) {
         self.position.store(seq, Ordering::Relaxed);
+    }
+
+    /// How far this projector's replay has got, committed or not (`None` when it replays
+    /// nothing): for progress reports, never for reads (its read model has only the checkpoint).
+    #[must_use]
+    pub fn replay_applied(&self) -> Option<u64> {
+        Some(self.replay_applied.load(Ordering::Relaxed)).filter(|&seq| seq > 0)
     }
 
     fn name(&self) -> &'static str {
@@ -957,6 +968,7 @@ impl<P: Projection> Projector<P> {
                                 self.projection.apply_batch(&tx, &events, after).await?;
                                 after = last_event;
                             }
+                            self.replay_applied.store(applied, Ordering::Relaxed);
                             if events_in_tx + chunk_size > per_tx {
                                 break;
                             }
@@ -990,7 +1002,9 @@ impl<P: Projection> Projector<P> {
             }
             Ok::<u64, ProjectorError>(last)
         };
-        let ((), mut last) = futures::try_join!(read, write)?;
+        let joined = futures::try_join!(read, write);
+        self.replay_applied.store(0, Ordering::Relaxed);
+        let ((), mut last) = joined?;
         if self.sparse && last < to {
             // Sparse: no event of its subjects after `last` up to `to`.
             last = self.advance(last, to).await?;
@@ -1562,7 +1576,25 @@ impl<P: Projection> Projector<P> {
     /// # Errors
     /// [`ProjectorError`] on store or database trouble.
     pub async fn rebuild(&self) -> Result<Option<u64>, ProjectorError> {
+        self.rebuild_unless_held(false).await
+    }
+
+    /// As [`Projector::rebuild`], but only when this call gets the projection's lock: `None`,
+    /// with nothing reset, when another process holds it (for a caller that found no projector
+    /// answering its status: the holder may be another `chctl rebuild` replaying, which a reset
+    /// would only make start again).
+    ///
+    /// # Errors
+    /// [`ProjectorError`] on store or database trouble.
+    pub async fn rebuild_if_free(&self) -> Result<Option<u64>, ProjectorError> {
+        self.rebuild_unless_held(true).await
+    }
+
+    async fn rebuild_unless_held(&self, held_stops: bool) -> Result<Option<u64>, ProjectorError> {
         let lock = self.lead_once().await?;
+        if lock.is_none() && held_stops {
+            return Ok(None);
+        }
         self.reset().await?;
         let Some(lock) = lock else {
             return Ok(None);
@@ -1618,6 +1650,8 @@ impl<P: Projection> Projector<P> {
             "last_seq": last,
             "stream_last_seq": head,
             "lag_events": if behind { head - last } else { 0 },
+            // A replay's position past its last commit (`chctl rebuild` shows it), else null.
+            "replay_applied": self.replay_applied().filter(|&seq| seq > last),
         }))
     }
 }
