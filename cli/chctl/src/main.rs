@@ -158,4 +158,31 @@ mod tests {
     fn the_command_line_is_well_formed() {
         super::Cli::command().debug_assert();
     }
+
+    #[test]
+    fn counts_and_timeouts_of_zero_are_refused_before_anything_runs() {
+        use clap::Parser;
+        for args in [
+            "rebuild all --stall-timeout 0",
+            "req ch.x --timeout 0",
+            "up --timeout 0",
+            "setup --replicas 0",
+            "setup --replicas 6",
+            "bench trade-flow --portfolios 0",
+            "bench trade-flow --strategies 0",
+            "bench trade-flow --signals 0",
+            "bench trade-flow --clients 0",
+            "bench trade-flow --setup-concurrency 0",
+        ] {
+            let argv = std::iter::once("chctl").chain(args.split(' '));
+            let e = super::Cli::try_parse_from(argv).err();
+            assert_eq!(
+                e.map(|e| e.kind()),
+                Some(clap::error::ErrorKind::ValueValidation),
+                "{args}"
+            );
+        }
+        let ok = "bench trade-flow --quick --query-clients 0 --signals 1".split(' ');
+        assert!(super::Cli::try_parse_from(std::iter::once("chctl").chain(ok)).is_ok());
+    }
 }

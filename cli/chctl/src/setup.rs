@@ -16,7 +16,8 @@ use crate::common::{redact, Ctx};
 #[derive(clap::Args, Clone)]
 pub struct Opts {
     /// Replicas of a newly created stream (3 on a cluster); an existing stream keeps its own.
-    #[arg(long, env = "CH_STREAM_REPLICAS", default_value_t = 1)]
+    #[arg(long, env = "CH_STREAM_REPLICAS", default_value_t = 1,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=5))]
     pub replicas: usize,
 }
 

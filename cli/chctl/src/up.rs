@@ -30,7 +30,7 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     pub bin_dir: Option<PathBuf>,
     /// How long to wait for every service to answer, in seconds.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout: u64,
     #[command(flatten)]
     pub setup: setup::Opts,

@@ -61,16 +61,16 @@ pub struct TradeFlow {
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Portfolios (opened, funded, attached to a strategy) [default: 1000; --quick: 50].
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one())]
     pub portfolios: Option<usize>,
     /// Strategies, attached round-robin [default: 100; --quick: 10].
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one())]
     pub strategies: Option<usize>,
     /// `signal.execute` requests [default: 100000; --quick: 2000].
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one())]
     pub signals: Option<usize>,
     /// Concurrent closed-loop signal clients [default: 32; --quick: 8].
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one())]
     pub clients: Option<usize>,
     /// Concurrent closed-loop query clients [default: 8; --quick: 2].
     #[arg(long)]
@@ -111,8 +111,13 @@ pub struct TradeFlow {
     #[arg(long)]
     pub tag: Option<String>,
     /// Concurrency of the (unmeasured) set-up.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = at_least_one())]
     pub setup_concurrency: usize,
+}
+
+/// A count of at least one (none would make a run that measures nothing).
+fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(1..)
 }
 
 impl TradeFlow {
