@@ -1417,7 +1417,10 @@ async fn a_replays_status_counts_what_its_open_transaction_applied() {
     let mut head = 0;
     for _ in 0..3 {
         let r = env
-            .cmd("signal.execute", signal("p1", "s1", "buy", "0.1", "20000", None))
+            .cmd(
+                "signal.execute",
+                signal("p1", "s1", "buy", "0.1", "20000", None),
+            )
             .await;
         head = seq(&r);
     }
@@ -1440,7 +1443,10 @@ async fn a_replays_status_counts_what_its_open_transaction_applied() {
     })
     .await;
     assert!(status["last_seq"].as_u64().unwrap() < head, "{status}");
-    assert!(status["replay_applied"].as_u64().unwrap() <= head, "{status}");
+    assert!(
+        status["replay_applied"].as_u64().unwrap() <= head,
+        "{status}"
+    );
     hold.batch_execute("ROLLBACK").await.unwrap();
     env.performance_at("p1", head).await;
     let status = env
@@ -1494,7 +1500,11 @@ async fn a_rebuild_if_free_resets_nothing_under_the_locks_holder() {
         .await
         .unwrap();
     assert_eq!(reached, None);
-    assert_eq!(checkpoint().await, 0, "a plain rebuild resets under the holder");
+    assert_eq!(
+        checkpoint().await,
+        0,
+        "a plain rebuild resets under the holder"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -108,7 +108,7 @@ pub struct TradeFlow {
     #[arg(long)]
     pub run_id: Option<String>,
     /// Added to the result file's name: `<timestamp>-<tag>.json`.
-    #[arg(long)]
+    #[arg(long, value_parser = file_name_part)]
     pub tag: Option<String>,
     /// Concurrency of the (unmeasured) set-up.
     #[arg(long, default_value_t = 64, value_parser = at_least_one())]
@@ -195,6 +195,8 @@ async fn trade_flow(ctx: &Ctx, a: &TradeFlow) -> Result<ExitCode> {
         }
         None => format!("b{}", base36(started_at.timestamp_millis() as u64)),
     };
+    // Where the results go, tried before the run rather than found unwritable after it.
+    writable(&a.out)?;
     let t0 = Instant::now();
     let w = Workload::generate(sizes, &run_id);
     let per_sec = |rate: Option<u32>| rate.map_or(String::new(), |r| format!(" at {r}/s"));
@@ -1035,6 +1037,30 @@ fn print_table(r: &Value, label: Option<&str>) {
     }
 }
 
+/// A `--tag`: part of a file name, so letters, digits, `.`, `_` and `-`, not beginning with `.`.
+fn file_name_part(tag: &str) -> Result<String, String> {
+    let fits = tag.len() <= 64
+        && !tag.starts_with('.')
+        && tag
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if fits && !tag.is_empty() {
+        Ok(tag.to_string())
+    } else {
+        Err("a tag goes into the result's file name: 1 to 64 of [A-Za-z0-9._-], not beginning with `.`".into())
+    }
+}
+
+/// Creates `out` and checks that a file can be written there.
+fn writable(out: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let probe = out.join(format!(".chctl-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("{} cannot take the results", out.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
 fn write(
     out: &std::path::Path,
     tag: Option<&str>,
@@ -1103,6 +1129,27 @@ mod tests {
         assert_eq!(config["ch_batch_max"], 7);
         let from_env = config["ch_from_environment"].as_array().unwrap();
         assert!(from_env.contains(&json!("ch_sync")) && from_env.len() == 7);
+    }
+
+    #[test]
+    fn a_tag_is_part_of_a_file_name_and_the_output_is_tried_first() {
+        assert_eq!(
+            file_name_part("default-eventual").as_deref(),
+            Ok("default-eventual")
+        );
+        for bad in ["", "../../escape", "a/b", ".hidden", "a b", &"x".repeat(65)] {
+            assert!(file_name_part(bad).is_err(), "{bad:?}");
+        }
+        let dir = std::env::temp_dir().join(format!("chctl-out-{}", std::process::id()));
+        writable(&dir.join("results")).unwrap();
+        assert!(dir.join("results").is_dir());
+        assert_eq!(std::fs::read_dir(dir.join("results")).unwrap().count(), 0);
+        std::fs::write(dir.join("file"), b"").unwrap();
+        assert!(
+            writable(&dir.join("file")).is_err(),
+            "a file is no directory"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
