@@ -670,6 +670,7 @@ async fn run_ours(
         load::wait_visible(&target, last, setup.last_seq, Duration::from_secs(60)).await?;
     }
     let lag = LagTracker::start(client, ctx.subjects.progress("portfolio")).await?;
+    let served_before = served::requests(client, &ctx.subjects).await;
     let before = watched.snapshot().await;
     let phase = load::run(
         &target,
@@ -695,7 +696,7 @@ async fn run_ours(
     let after = watched.snapshot().await;
     let cpu = sys::cpu_seconds(&before, &after);
     // Before the consistency check, whose queries would count too.
-    let served = served::latency(client, &ctx.subjects).await;
+    let served = served::latency(client, &ctx.subjects, &served_before).await;
     println!(
         "signals: {} in {:.2} s; read model caught up {:.3} s after the last reply",
         phase.commands, phase.seconds, drain
@@ -1034,6 +1035,14 @@ fn print_table(r: &Value, label: Option<&str>) {
     );
     if let Some(file) = r["baseline"]["from"]["file"].as_str() {
         println!("(monolith: measured in {file}, on the same workload)");
+    }
+    for (key, served) in ["command", "query"].map(|k| (k, &r["service_latency_ms"][k])) {
+        if served["since_start"].is_object() {
+            println!(
+                "({key} p99 in the worker: not this run's, its workers had answered {} of their {} requests before it; {} ms since they started)",
+                served["requests_before"], served["requests"], served["since_start"]["p99"]
+            );
+        }
     }
 }
 

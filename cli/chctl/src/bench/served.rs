@@ -18,11 +18,24 @@ const ENDPOINTS: [(&str, &str, &str); 2] = [
 const NOTE: &str = "each endpoint's latency as its workers report it in $SRV.STATS, from the \
 start of the handler to the reply, over every request since they started; with several \
 instances, each percentile is the largest of theirs (the pooled one lies between their smallest \
-and largest)";
+and largest). When more than 1 % of those requests came before this run (workers that had \
+served before), the percentiles are not this run's: they move to `since_start` and p50, p99 \
+and p999 are null";
+
+/// The requests each reported endpoint has answered so far (taken before a run).
+pub async fn requests(client: &Client, subjects: &Subjects) -> Value {
+    let now = latency(client, subjects, &Value::Null).await;
+    ENDPOINTS
+        .iter()
+        .map(|(key, ..)| (key.to_string(), now[key]["requests"].clone()))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
 
 /// `service_latency_ms` of a report: the signal and performance endpoints of the deployment
-/// on `subjects` (`null` for an endpoint no instance reported).
-pub async fn latency(client: &Client, subjects: &Subjects) -> Value {
+/// on `subjects` (`null` for an endpoint no instance reported), each with the requests it had
+/// answered `before` the run ([`requests`]).
+pub async fn latency(client: &Client, subjects: &Subjects, before: &Value) -> Value {
     let mut out = serde_json::Map::new();
     for (key, worker, endpoint) in ENDPOINTS {
         let service = subjects.service_name(worker);
@@ -33,10 +46,30 @@ pub async fn latency(client: &Client, subjects: &Subjects) -> Value {
                 Vec::new()
             }
         };
-        out.insert(key.into(), merge(&replies, endpoint));
+        out.insert(
+            key.into(),
+            this_run(merge(&replies, endpoint), &before[key]),
+        );
     }
     out.insert("note".into(), json!(NOTE));
     Value::Object(out)
+}
+
+/// An endpoint's figures, with the requests it had answered before the run; its percentiles
+/// only if they are (almost all) the run's.
+fn this_run(mut merged: Value, before: &Value) -> Value {
+    let (Some(total), Some(before)) = (merged["requests"].as_u64(), before.as_u64()) else {
+        return merged;
+    };
+    merged["requests_before"] = json!(before);
+    if before * 100 > total {
+        let mut since_start = serde_json::Map::new();
+        for p in ["p50", "p99", "p999"] {
+            since_start.insert(p.into(), merged[p].take());
+        }
+        merged["since_start"] = since_start.into();
+    }
+    merged
 }
 
 /// One endpoint over the instances that reported it: requests summed, each percentile the
@@ -71,7 +104,7 @@ fn merge(replies: &[Value], endpoint: &str) -> Value {
 
 #[cfg(test)]
 mod tests {
-    use super::merge;
+    use super::{merge, this_run};
     use serde_json::json;
 
     fn reply(requests: u64, p50: f64, p99: f64) -> serde_json::Value {
@@ -93,6 +126,21 @@ mod tests {
             merged,
             json!({"instances": 2, "requests": 400, "p50": 0.8, "p99": 4.0, "p999": 8.0})
         );
+    }
+
+    #[test]
+    fn percentiles_over_many_requests_before_the_run_are_not_given_as_its() {
+        let merged = || merge(&[reply(1000, 0.5, 4.0)], "portfolio_performance");
+        // A few before (the set-up's reads): the run's figures.
+        let few = this_run(merged(), &json!(10));
+        assert_eq!(few["p99"], 4.0);
+        assert_eq!(few["requests_before"], 10);
+        // Most of them before: not this run's.
+        let many = this_run(merged(), &json!(900));
+        assert_eq!(many["p99"], json!(null));
+        assert_eq!(many["since_start"]["p99"], 4.0);
+        // Nothing known of before: as reported.
+        assert_eq!(this_run(merged(), &json!(null))["p99"], 4.0);
     }
 
     #[test]
