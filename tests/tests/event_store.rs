@@ -95,3 +95,107 @@ async fn replicas_on_a_single_server_are_refused_at_once() {
         "{refused}"
     );
 }
+
+/// Set-up on a stream an operator made otherwise: the settings the workers rely on are brought
+/// back, the operator's others (memory storage, an age limit: NATS would refuse to change the
+/// storage) are kept and reported as risks; a projector's durable is brought to its shipped
+/// definition in what NATS lets change, and one whose ack policy differs is left to its
+/// projector.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_up_brings_back_what_the_workers_rely_on_and_reports_the_rest() {
+    use async_nats::jetstream::consumer::{pull, AckPolicy};
+    use async_nats::jetstream::stream::{Config, StorageType};
+    use eventstore::{ConsumerSetup, StreamSetup};
+
+    let env = TestEnv::new().await;
+    let js = jetstream::new(env.client.clone());
+    let other = Subjects::new(format!("{}s", env.subjects.prefix()));
+    js.create_stream(Config {
+        name: other.stream_name(),
+        subjects: vec![other.events_filter()],
+        storage: StorageType::Memory,
+        max_age: Duration::from_secs(3600),
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .expect("an operator's stream");
+    let (stream, done, risks) = eventstore::ensure_stream_reporting(&js, &other, 1)
+        .await
+        .expect("set-up keeps what it cannot change");
+    assert_eq!(
+        done,
+        StreamSetup::Updated(vec![
+            "deny_delete",
+            "deny_purge",
+            "allow_direct",
+            "duplicate_window"
+        ])
+    );
+    assert_eq!(risks.len(), 2, "{risks:?}");
+    assert!(
+        risks[0].contains("memory") && risks[1].contains("max_age"),
+        "{risks:?}"
+    );
+    let cfg = stream.clone().info().await.unwrap().config.clone();
+    assert!(
+        cfg.deny_delete && cfg.deny_purge && cfg.allow_direct,
+        "{cfg:?}"
+    );
+    assert_eq!(cfg.duplicate_window, Duration::from_secs(600));
+    assert_eq!(cfg.storage, StorageType::Memory);
+    let (_, again, _) = eventstore::ensure_stream_reporting(&js, &other, 1)
+        .await
+        .unwrap();
+    assert_eq!(again, StreamSetup::InPlace);
+
+    let shipped =
+        || eventstore::consumer_config(eventstore::CONSUMER_PORTFOLIO_JSON, &other).unwrap();
+    assert_eq!(
+        eventstore::ensure_consumer(&stream, shipped())
+            .await
+            .unwrap(),
+        ConsumerSetup::Created
+    );
+    assert_eq!(
+        eventstore::ensure_consumer(&stream, shipped())
+            .await
+            .unwrap(),
+        ConsumerSetup::InPlace
+    );
+    let durable = shipped().durable_name.unwrap();
+    stream
+        .update_consumer(pull::Config {
+            max_deliver: 1,
+            ack_wait: Duration::from_secs(1),
+            ..shipped()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        eventstore::ensure_consumer(&stream, shipped())
+            .await
+            .unwrap(),
+        ConsumerSetup::Updated(vec!["ack_wait", "max_deliver"])
+    );
+    let info = stream.consumer_info(&durable).await.unwrap();
+    assert_eq!(
+        (info.config.max_deliver, info.config.ack_wait),
+        (10, Duration::from_secs(30))
+    );
+    stream.delete_consumer(&durable).await.unwrap();
+    stream
+        .create_consumer(pull::Config {
+            ack_policy: AckPolicy::Explicit,
+            ..shipped()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        eventstore::ensure_consumer(&stream, shipped())
+            .await
+            .unwrap(),
+        ConsumerSetup::LeftToProjector(vec!["ack_policy"])
+    );
+    js.delete_stream(other.stream_name()).await.unwrap();
+}

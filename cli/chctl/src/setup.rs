@@ -1,13 +1,16 @@
 //! `chctl setup`: the event stream, the projectors' durable consumers, the database and its
-//! tables. Idempotent: each step says whether it created something or found it in place.
+//! tables. Idempotent: each step says whether it created, updated or found something in place,
+//! and warns of stream settings it leaves alone that may lose events.
 
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use async_nats::jetstream::{self, consumer::pull};
+use async_nats::jetstream;
 use ch_readmodel::{PortfolioProjection, StrategyProjection, MIGRATIONS};
 use ch_runtime::app::App;
-use ch_runtime::eventstore::{self, CONSUMER_PORTFOLIO_JSON, CONSUMER_STRATEGY_JSON};
+use ch_runtime::eventstore::{
+    self, ConsumerSetup, StreamSetup, CONSUMER_PORTFOLIO_JSON, CONSUMER_STRATEGY_JSON,
+};
 use ch_runtime::pg::{self, Claim};
 use ch_runtime::projector::{self, Projection};
 
@@ -37,15 +40,22 @@ pub async fn run(ctx: &Ctx, args: &Opts) -> Result<()> {
     if db_existed {
         pg::check_stream(url, schema, &name, last_seq(&js, &name), Claim::No).await?;
     }
-    let existed = js.get_stream(&name).await.is_ok();
-    let stream = eventstore::ensure_stream(&js, &ctx.subjects, args.replicas)
-        .await
-        .with_context(|| format!("ensuring stream {name}"))?;
+    let (stream, done, risks) =
+        eventstore::ensure_stream_reporting(&js, &ctx.subjects, args.replicas)
+            .await
+            .with_context(|| format!("ensuring stream {name}"))?;
+    let state = match done {
+        StreamSetup::Created => "created".to_owned(),
+        StreamSetup::InPlace => "in place".to_owned(),
+        StreamSetup::Updated(settings) => format!("updated ({})", settings.join(", ")),
+    };
     println!(
-        "stream    {name} on {}: {}",
-        ctx.subjects.events_filter(),
-        if existed { "in place" } else { "created" }
+        "stream    {name} on {}: {state}",
+        ctx.subjects.events_filter()
     );
+    for risk in risks {
+        eprintln!("warning: stream {name}: {risk} (left as it is: the stream is the only copy of the events)");
+    }
 
     for json in [CONSUMER_PORTFOLIO_JSON, CONSUMER_STRATEGY_JSON] {
         let cfg = eventstore::consumer_config(json, &ctx.subjects)?;
@@ -53,14 +63,17 @@ pub async fn run(ctx: &Ctx, args: &Opts) -> Result<()> {
             .durable_name
             .clone()
             .context("a consumer definition in nats/consumers/ has no durable_name")?;
-        let state = match stream.get_consumer::<pull::Config>(&durable).await {
-            Ok(_) => "in place",
-            Err(get_err) => {
-                stream.create_consumer(cfg).await.with_context(|| {
-                    format!("creating consumer {durable} (lookup said: {get_err})")
-                })?;
-                "created"
-            }
+        let state = match eventstore::ensure_consumer(&stream, cfg)
+            .await
+            .with_context(|| format!("consumer {durable}"))?
+        {
+            ConsumerSetup::Created => "created".to_owned(),
+            ConsumerSetup::InPlace => "in place".to_owned(),
+            ConsumerSetup::Updated(settings) => format!("updated ({})", settings.join(", ")),
+            ConsumerSetup::LeftToProjector(settings) => format!(
+                "differs in {}: its projector replaces it when it starts",
+                settings.join(", ")
+            ),
         };
         println!("consumer  {name} > {durable}: {state}");
     }

@@ -91,10 +91,10 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
-/// Creates the event stream if missing, or updates it to the shipped definition when a setting
-/// the workers rely on differs (subjects, `deny_delete`, `deny_purge`, `allow_direct`,
-/// `duplicate_window`); other settings an operator changed (limits, say) are left alone until
-/// then, and the replicas always. Idempotent.
+/// Creates the event stream if missing, or updates it to the shipped definition in the
+/// settings the workers rely on, when one differs (subjects, `deny_delete`, `deny_purge`,
+/// `allow_direct`, `duplicate_window`); the others an operator set (limits, storage, replicas)
+/// are kept. Idempotent. A refusal by NATS is final (not asked again).
 /// Asked for up to [`OPEN_PATIENCE`] as [`EventStore::open`] asks: a cluster that has just
 /// formed may leave a lookup or a creation unanswered while it elects its leaders (a creation
 /// that went through unanswered is found by the next lookup).
@@ -106,6 +106,30 @@ pub async fn ensure_stream(
     subjects: &Subjects,
     replicas: usize,
 ) -> Result<stream::Stream, StoreError> {
+    Ok(ensure_stream_reporting(js, subjects, replicas).await?.0)
+}
+
+/// What [`ensure_stream_reporting`] did to the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamSetup {
+    Created,
+    /// There, as shipped in the settings the workers rely on.
+    InPlace,
+    /// There, and updated in these settings.
+    Updated(Vec<&'static str>),
+}
+
+/// As [`ensure_stream`], saying what it did, and which settings of an existing stream, left as
+/// an operator set them, may lose events (memory storage, a retention other than `limits`,
+/// an age, count or size limit): each logged as a warning too.
+///
+/// # Errors
+/// As [`ensure_stream`].
+pub async fn ensure_stream_reporting(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    replicas: usize,
+) -> Result<(stream::Stream, StreamSetup, Vec<String>), StoreError> {
     let cfg = stream_config(subjects, replicas)?;
     let what = format!("stream {}", cfg.name);
     patiently(&what, OPEN_PATIENCE, || async {
@@ -118,11 +142,120 @@ pub async fn ensure_stream(
     .await
 }
 
+/// What [`ensure_consumer`] did to a durable consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsumerSetup {
+    Created,
+    InPlace,
+    /// Updated in these settings.
+    Updated(Vec<&'static str>),
+    /// It differs in these, its ack policy or filter among them, which NATS does not change:
+    /// its projector replaces it when it starts (from where its read model is).
+    LeftToProjector(Vec<&'static str>),
+}
+
+/// Creates a projector's durable consumer from its shipped definition (`nats/consumers/`), or
+/// brings an existing one to it in the settings NATS lets change (`chctl setup`).
+///
+/// # Errors
+/// [`StoreError::Unavailable`] when NATS does not answer or refuses.
+pub async fn ensure_consumer(
+    stream: &stream::Stream,
+    shipped: pull::Config,
+) -> Result<ConsumerSetup, StoreError> {
+    let durable = shipped.durable_name.clone().unwrap_or_default();
+    let current = match stream.consumer_info(&durable).await {
+        Ok(info) => info.config,
+        Err(_) => {
+            stream.create_consumer(shipped).await.map_err(unavailable)?;
+            return Ok(ConsumerSetup::Created);
+        }
+    };
+    let differing = consumer_differences(&current, &shipped);
+    if differing.is_empty() {
+        return Ok(ConsumerSetup::InPlace);
+    }
+    if differing.contains(&"ack_policy") || differing.contains(&"filter_subject") {
+        return Ok(ConsumerSetup::LeftToProjector(differing));
+    }
+    // What NATS does not change stays as it is.
+    let wanted = pull::Config {
+        deliver_policy: current.deliver_policy,
+        replay_policy: current.replay_policy,
+        num_replicas: current.num_replicas,
+        memory_storage: current.memory_storage,
+        ..shipped
+    };
+    stream.update_consumer(wanted).await.map_err(|e| {
+        unavailable(format!(
+            "updating {durable} ({}): {e}",
+            differing.join(", ")
+        ))
+    })?;
+    info!(consumer = %durable, settings = %differing.join(","), "updated consumer");
+    Ok(ConsumerSetup::Updated(differing))
+}
+
+/// The settings of `nats/consumers/` in which a durable differs from its shipped definition.
+fn consumer_differences(
+    current: &async_nats::jetstream::consumer::Config,
+    shipped: &pull::Config,
+) -> Vec<&'static str> {
+    [
+        ("ack_policy", current.ack_policy != shipped.ack_policy),
+        (
+            "filter_subject",
+            current.filter_subject != shipped.filter_subject,
+        ),
+        ("ack_wait", current.ack_wait != shipped.ack_wait),
+        ("max_deliver", current.max_deliver != shipped.max_deliver),
+        (
+            "max_ack_pending",
+            current.max_ack_pending != shipped.max_ack_pending,
+        ),
+        ("max_waiting", current.max_waiting != shipped.max_waiting),
+        ("description", current.description != shipped.description),
+    ]
+    .into_iter()
+    .filter_map(|(name, differs)| differs.then_some(name))
+    .collect()
+}
+
+/// The settings of an existing event stream that may lose events, described.
+fn risky_settings(c: &stream::Config) -> Vec<String> {
+    let mut risks = Vec::new();
+    if c.storage != stream::StorageType::File {
+        risks.push("storage is memory: the events go with the server".to_owned());
+    }
+    if c.retention != stream::RetentionPolicy::Limits {
+        risks.push(format!(
+            "retention is {:?}, not limits: events are removed once consumed",
+            c.retention
+        ));
+    }
+    if !c.max_age.is_zero() {
+        risks.push(format!(
+            "max_age is {:?}: older events are removed",
+            c.max_age
+        ));
+    }
+    for (name, limit) in [
+        ("max_msgs", c.max_messages),
+        ("max_bytes", c.max_bytes),
+        ("max_msgs_per_subject", c.max_messages_per_subject),
+    ] {
+        if limit > 0 {
+            risks.push(format!("{name} is {limit}: events past it are removed"));
+        }
+    }
+    risks
+}
+
 async fn ensure_stream_once(
     js: &jetstream::Context,
     cfg: &stream::Config,
     replicas: usize,
-) -> Result<stream::Stream, StoreError> {
+) -> Result<(stream::Stream, StreamSetup, Vec<String>), StoreError> {
     let cfg = cfg.clone();
     match js.get_stream(&cfg.name).await {
         Ok(mut s) => {
@@ -147,16 +280,57 @@ async fn ensure_stream_once(
                     wanted.subjects.join(", ")
                 )));
             }
-            if current.subjects != wanted.subjects
-                || current.deny_delete != wanted.deny_delete
-                || current.deny_purge != wanted.deny_purge
-                || current.allow_direct != wanted.allow_direct
-                || current.duplicate_window != wanted.duplicate_window
-            {
-                js.update_stream(&wanted).await.map_err(unavailable)?;
-                info!(stream = %wanted.name, "updated stream");
+            let differing: Vec<&'static str> = [
+                ("subjects", current.subjects != wanted.subjects),
+                ("deny_delete", current.deny_delete != wanted.deny_delete),
+                ("deny_purge", current.deny_purge != wanted.deny_purge),
+                ("allow_direct", current.allow_direct != wanted.allow_direct),
+                (
+                    "duplicate_window",
+                    current.duplicate_window != wanted.duplicate_window,
+                ),
+            ]
+            .into_iter()
+            .filter_map(|(name, differs)| differs.then_some(name))
+            .collect();
+            let setup = if differing.is_empty() {
+                StreamSetup::InPlace
+            } else {
+                // The rest of the operator's settings go along as they are: NATS refuses to
+                // change some (storage, retention), and limits are theirs to choose.
+                let wanted = stream::Config {
+                    subjects: wanted.subjects.clone(),
+                    deny_delete: wanted.deny_delete,
+                    deny_purge: wanted.deny_purge,
+                    allow_direct: wanted.allow_direct,
+                    duplicate_window: wanted.duplicate_window,
+                    ..current.clone()
+                };
+                js.update_stream(&wanted).await.map_err(|e| {
+                    use async_nats::jetstream::context::CreateStreamErrorKind;
+                    match e.kind() {
+                        // The server's refusal stands; only its being away is worth waiting.
+                        CreateStreamErrorKind::JetStream(j)
+                            if !RETRYABLE_PUBLISH_ERRORS.contains(&j.error_code().0) =>
+                        {
+                            StoreError::Other(format!(
+                                "stream {} differs from nats/stream.json in {} and NATS refuses \
+                                 to update it: {e}",
+                                wanted.name,
+                                differing.join(", ")
+                            ))
+                        }
+                        _ => unavailable(e),
+                    }
+                })?;
+                info!(stream = %wanted.name, settings = %differing.join(","), "updated stream");
+                StreamSetup::Updated(differing)
+            };
+            let risks = risky_settings(&current);
+            for risk in &risks {
+                warn!(stream = %current.name, "the event stream's {risk}");
             }
-            Ok(s)
+            Ok((s, setup, risks))
         }
         Err(_) => {
             let s = js.create_stream(cfg.clone()).await.map_err(|e| {
@@ -178,7 +352,7 @@ async fn ensure_stream_once(
             if replicas > 1 {
                 wait_for_leader(&s).await?;
             }
-            Ok(s)
+            Ok((s, StreamSetup::Created, Vec::new()))
         }
     }
 }
