@@ -1405,6 +1405,39 @@ async fn a_projector_that_cannot_start_projecting_tries_again() {
     .await;
 }
 
+/// After an outage the replay applies the backlog; the durable consumer, behind it, is moved
+/// past it rather than delivering all of it again before the next new event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_outage_the_consumer_does_not_deliver_the_replayed_backlog_again() {
+    let env = TestEnv::without_projectors().await;
+    let proj = env.spawn(Worker::ProjPortfolio).await;
+    let opened = env.cmd("portfolio.update", open("p1", "u1")).await;
+    env.performance_at("p1", seq(&opened)).await;
+    proj.stop().await;
+    for _ in 0..60 {
+        env.cmd("portfolio.update", deposit("p1", "1")).await;
+    }
+    let proj = env.spawn(Worker::ProjPortfolio).await;
+    let backlog_applied = env.last_seq().await;
+    env.performance_at("p1", backlog_applied).await;
+    let after = env.cmd("portfolio.update", deposit("p1", "1")).await;
+    let perf = env.performance_at("p1", seq(&after)).await;
+    assert_eq!(perf["net_deposits"], "61", "{perf}");
+    let info = env
+        .event_store()
+        .await
+        .stream()
+        .consumer_info("proj_portfolio")
+        .await
+        .expect("consumer info");
+    assert_eq!(info.delivered.stream_sequence, seq(&after), "{info:?}");
+    assert!(
+        info.delivered.consumer_sequence < 60,
+        "the backlog was delivered again: {info:?}"
+    );
+    proj.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replays_status_counts_what_its_open_transaction_applied() {
     let mut env = TestEnv::without_projectors().await;

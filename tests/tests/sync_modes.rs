@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use ch_e2e::fixtures::{deposit, open, price, signal, strategy};
-use ch_e2e::{TestEnv, Worker};
+use ch_e2e::fixtures::{deposit, open, price, seq, signal, strategy};
+use ch_e2e::{eventually, TestEnv, Worker};
 use ch_runtime::projector::{ADAPTIVE_BACKLOG, ADAPTIVE_BEHIND};
 use ch_runtime::SyncMode;
 use serde_json::json;
@@ -247,4 +247,46 @@ async fn resend_until(
         }
     })
     .await;
+}
+
+/// A shutdown during a batch's fill wait applies what the batch gathered and stops, rather
+/// than waiting out the rest of `CH_BATCH_WAIT_MS` (up to a minute).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_ends_a_batchs_fill_wait_and_applies_the_batch() {
+    let mut env = TestEnv::without_projectors().await;
+    env.cfg.sync = SyncMode::Batch;
+    env.cfg.batch_max = 500;
+    // Under half the consumer's ack wait (30 s), the most a batch waits.
+    env.cfg.batch_wait = Duration::from_secs(14);
+    let proj = env.spawn(Worker::ProjPortfolio).await;
+    let store = env.event_store().await;
+    let stream = store.stream();
+    // Its consumer exists once the start's catch-up is over: what comes next is delivered.
+    let delivered = || async {
+        stream
+            .consumer_info("proj_portfolio")
+            .await
+            .map(|i| i.delivered.stream_sequence)
+            .map_err(|e| e.to_string())
+    };
+    eventually(delivered).await;
+    let opened = seq(&env.cmd("portfolio.update", open("p1", "u1")).await);
+    eventually(|| async {
+        let at = delivered().await?;
+        (at >= opened)
+            .then_some(())
+            .ok_or(format!("delivered up to {at}"))
+    })
+    .await;
+    let stopping = std::time::Instant::now();
+    proj.stop().await;
+    let took = stopping.elapsed();
+    assert!(
+        took < Duration::from_secs(7),
+        "the stop waited for the batch to fill: {took:?}"
+    );
+    let checkpoint = ch_runtime::projector::checkpoint(&env.pg, "portfolio")
+        .await
+        .unwrap();
+    assert_eq!(checkpoint, opened, "the gathered batch is applied");
 }

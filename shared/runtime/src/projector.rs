@@ -237,14 +237,16 @@ type PullConsumer =
 type Delivery = async_nats::jetstream::Message;
 
 /// A batch from the durable consumer: `first`, then more up to `target` messages. With a fill
-/// `wait`, what arrives until it has passed; with none, what has arrived: the client's
-/// connection task hands over one socket read (about 64 KiB, some 120 events) at a time, so
-/// when that runs dry it gets one turn to read what else is there.
+/// `wait`, what arrives until it has passed or `stop` comes (the batch is applied then, and
+/// the shutdown follows); with none, what has arrived: the client's connection task hands over
+/// one socket read (about 64 KiB, some 120 events) at a time, so when that runs dry it gets
+/// one turn to read what else is there.
 async fn gather(
     messages: &mut async_nats::jetstream::consumer::pull::Stream,
     first: Delivery,
     target: usize,
     wait: Duration,
+    stop: &CancellationToken,
 ) -> Vec<Delivery> {
     let mut batch = vec![first];
     let deadline = tokio::time::Instant::now() + wait;
@@ -263,10 +265,10 @@ async fn gather(
                 }
             }
         } else {
-            tokio::time::timeout_at(deadline, messages.next())
-                .await
-                .ok()
-                .flatten()
+            tokio::select! {
+                () = stop.cancelled() => None,
+                next = tokio::time::timeout_at(deadline, messages.next()) => next.ok().flatten(),
+            }
         };
         match next {
             Some(Ok(m)) => batch.push(m),
@@ -1266,7 +1268,9 @@ impl<P: Projection> Projector<P> {
     }
 
     /// The projection's durable consumer, made from its shipped definition if it does not
-    /// exist yet (starting where the read model is), or replaced if an older definition made it.
+    /// exist yet (starting where the read model is), or replaced if an older definition made
+    /// it, or if it would deliver again what the read model has (a replay after an outage
+    /// applied its backlog: new events would wait behind its redelivery).
     async fn open_consumer(&self) -> Result<PullConsumer, ProjectorError> {
         let name = self.name();
         let mut cfg = consumer_config(self.projection.consumer_json(), self.store.subjects())?;
@@ -1280,17 +1284,28 @@ impl<P: Projection> Projector<P> {
         };
         let durable = cfg.durable_name.clone().unwrap_or_default();
         let consumer = self.store.durable_consumer(&durable, &cfg).await?;
-        let current = &consumer.cached_info().config;
-        if current.ack_policy == cfg.ack_policy && current.filter_subject == cfg.filter_subject {
+        let info = consumer.cached_info();
+        let current = &info.config;
+        // A durable is only a cursor (the checkpoint is the truth): replaced when it is not
+        // the shipped one, or behind the read model with events to deliver.
+        if current.ack_policy != cfg.ack_policy || current.filter_subject != cfg.filter_subject {
+            warn!(
+                consumer = %durable,
+                filter = %current.filter_subject,
+                "replacing a consumer whose ack policy or filter differs from nats/consumers/"
+            );
+        } else if info.ack_floor.stream_sequence < cp
+            && info.num_pending + info.num_ack_pending as u64 > 0
+        {
+            info!(
+                consumer = %durable,
+                ack_floor = info.ack_floor.stream_sequence,
+                checkpoint = cp,
+                "moving the consumer past the events the read model has"
+            );
+        } else {
             return Ok(consumer);
         }
-        // Made by an older definition; a durable is only a cursor (the checkpoint is the
-        // truth), so replace it with the shipped one.
-        warn!(
-            consumer = %durable,
-            filter = %current.filter_subject,
-            "replacing a consumer whose ack policy or filter differs from nats/consumers/"
-        );
         let stream = self.store.stream();
         let _ = stream.delete_consumer(&durable).await;
         Ok(stream
@@ -1361,10 +1376,18 @@ impl<P: Projection> Projector<P> {
     fn raws_of(&self, batch: &[Delivery]) -> (Vec<Raw>, Option<usize>) {
         let mut raws = Vec::with_capacity(batch.len());
         let mut newest: Option<(u64, usize)> = None;
+        // Redeliveries of what is applied are skipped undecoded (decoded when taken, should a
+        // reset have moved the checkpoint back meanwhile).
+        let applied = self.position.load(Ordering::Relaxed);
         for (i, m) in batch.iter().enumerate() {
             match m.info() {
                 Ok(info) => {
-                    raws.push(Raw::new(info.stream_sequence, m, &*self.projection));
+                    let seq = info.stream_sequence;
+                    raws.push(if applied != UNKNOWN && seq <= applied {
+                        Raw::undecoded(seq, m, &*self.projection)
+                    } else {
+                        Raw::new(seq, m, &*self.projection)
+                    });
                     if newest.is_none_or(|(c, _)| info.consumer_sequence > c) {
                         newest = Some((info.consumer_sequence, i));
                     }
@@ -1383,9 +1406,22 @@ impl<P: Projection> Projector<P> {
         retry: &mut Retry,
     ) -> Result<Ended, ProjectorError> {
         let name = self.name();
-        let mut consumer = self.open_consumer().await?;
-        // Catch up first with an ordered replay: fast after a rebuild or a long outage.
+        // Catch up first with an ordered replay: fast after a rebuild or a long outage. Then
+        // the durable, moved past what the replay applied.
         self.catch_up_to_head().await?;
+        let mut consumer = self.open_consumer().await?;
+        // A batch waits to fill for at most half the consumer's ack wait: the server would
+        // deliver its first events again meanwhile.
+        let max_fill_wait = consumer.cached_info().config.ack_wait / 2;
+        if self.batch.wait > max_fill_wait {
+            warn!(
+                projection = name,
+                batch_wait_ms = self.batch.wait.as_millis() as u64,
+                ack_wait_ms = consumer.cached_info().config.ack_wait.as_millis() as u64,
+                "CH_BATCH_WAIT_MS is more than half the consumer's ack wait: batches wait {} ms",
+                max_fill_wait.as_millis()
+            );
+        }
         let mut messages = consumer
             .stream()
             .max_messages_per_batch(self.batch.max.max(1))
@@ -1468,7 +1504,8 @@ impl<P: Projection> Projector<P> {
             });
             let (target, wait) = self.batch.plan(pending, behind);
             self.metrics.gauge("pending", pending as i64);
-            let mut batch = gather(&mut messages, first, target, wait).await;
+            let wait = wait.min(max_fill_wait);
+            let mut batch = gather(&mut messages, first, target, wait, shutdown).await;
             if self.batch.adaptive {
                 decisions.note(self, wait, batch.len(), behind, pending);
             }
