@@ -493,8 +493,9 @@ async fn workers_running_side_by_side_sell_once() {
     wait_evaluated(&env, ch_readmodel::exits::DURABLE, last).await;
     wait_evaluated(&env, "exit_triggers_other", last).await;
 
-    // Replicas sharing a durable evaluate prices in parallel, so which trigger price gets in
-    // first is a race; what holds is one sell per round trip, named after what fired there.
+    // The durable hands out one price at a time, so replicas sharing it judge the prices in
+    // stream order as one worker does (as does the worker on its own durable): every round
+    // trip is sold once, at the first price that fires, 107 (the trailing stop, 108).
     for (id, opened) in ids.iter().zip(&opened) {
         let perf = performance(&env, id).await;
         assert_eq!(perf["fill_count"], 2, "{id}: {perf}");
@@ -511,7 +512,7 @@ async fn workers_running_side_by_side_sell_once() {
         } else {
             ExitKind::StopLoss
         };
-        assert!(px <= rust_decimal::Decimal::from(107), "{id}: sold at {px}");
+        assert_eq!(px, rust_decimal::Decimal::from(107), "{id}: sold at {px}");
         assert_eq!(
             cid,
             &exit_command_id(id, "BTC-USDT", *opened, kind, ("s1", 1)).to_string(),
@@ -590,6 +591,7 @@ async fn the_exit_consumer_loses_its_delivery_limit() {
         ch_readmodel::exits::consumer_config(env.subjects.prefix(), ch_readmodel::exits::DURABLE)
             .unwrap();
     old.max_deliver = 20;
+    old.max_ack_pending = 1000;
     stream.create_consumer(old).await.expect("the old consumer");
     env.start(Worker::ExitTriggers).await;
     let info = stream
@@ -597,6 +599,7 @@ async fn the_exit_consumer_loses_its_delivery_limit() {
         .await
         .expect("consumer info");
     assert_eq!(info.config.max_deliver, -1, "{:?}", info.config);
+    assert_eq!(info.config.max_ack_pending, 1, "{:?}", info.config);
 }
 
 /// Every worker and the exit-trigger worker; p1 holds 1 BTC-USDT bought at 100 on s1, whose
@@ -765,4 +768,61 @@ async fn a_price_read_across_a_reset_is_given_back_and_sells_once_folded_again()
         .expect("the reset");
     let perf = wait_performance(&env, "p1", |p| p["fill_count"] == 2).await;
     assert_eq!(perf["positions"], json!([]), "{perf}");
+}
+
+/// A price delivered and not acked (held by a worker that stopped, or given back) is judged
+/// before any later price: the durable hands out one at a time. Here the test holds a
+/// take-profit price while a stop-loss price is recorded after it; the worker gets nothing
+/// until the held price comes back to it, and sells at the take profit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_price_held_elsewhere_is_judged_before_the_later_ones() {
+    use async_nats::jetstream::AckKind;
+    use futures::StreamExt;
+
+    let mut env = TestEnv::with_all_workers().await;
+    let exits = json!({"stop_loss_pct": "0.05", "take_profit_pct": "0.2"});
+    env.cmd(
+        "strategy.create",
+        strategy_with_exits("s1", &["BTC-USDT"], exits),
+    )
+    .await;
+    portfolio(&env, "p1", "s1").await;
+    let opened = env.bought("p1", "s1", "BTC-USDT", "1", "100").await;
+    let js = async_nats::jetstream::new(env.client.clone());
+    let stream = js.get_stream(env.subjects.stream_name()).await.unwrap();
+    let cfg =
+        ch_readmodel::exits::consumer_config(env.subjects.prefix(), ch_readmodel::exits::DURABLE)
+            .unwrap();
+    let durable = stream.create_consumer(cfg).await.expect("the durable");
+    prices(&env, "BTC-USDT", &["130"]).await;
+    let mut fetched = durable
+        .fetch()
+        .max_messages(1)
+        .messages()
+        .await
+        .expect("a fetch");
+    let held = fetched.next().await.expect("the price").expect("delivered");
+    prices(&env, "BTC-USDT", &["90"]).await;
+    env.start(Worker::ExitTriggers).await;
+    // The worker asks for prices; with one held, the durable gives it none.
+    eventually(|| async {
+        let info = stream
+            .consumer_info(ch_readmodel::exits::DURABLE)
+            .await
+            .map_err(|e| e.to_string())?;
+        (info.num_waiting >= 1)
+            .then_some(())
+            .ok_or(format!("the worker is not waiting: {info:?}"))
+    })
+    .await;
+    held.ack_with(AckKind::Nak(None)).await.unwrap();
+    let perf = wait_performance(&env, "p1", |p| p["fill_count"] == 2).await;
+    assert_eq!(perf["positions"], json!([]), "{perf}");
+    let sold = sells(&env, "p1").await;
+    assert_eq!(sold.len(), 1, "{sold:?}");
+    assert_eq!(sold[0].2, "130", "{sold:?}");
+    assert_eq!(
+        sold[0].3,
+        exit_command_id("p1", "BTC-USDT", opened, ExitKind::TakeProfit, ("s1", 1)).to_string()
+    );
 }

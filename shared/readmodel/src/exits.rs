@@ -28,10 +28,12 @@
 //! 5. ack. Trouble (a read model behind, the command side unreachable) naks the price for a
 //!    redelivery, which decides the same again.
 //!
-//! Replicas on one durable share the prices and evaluate them in parallel, so which of two
-//! close trigger prices sells first is a race between them (one worker goes in stream order);
-//! either way a round trip is sold once. Which rule applies and the priority of triggers are
-//! documented in [`ch_domain::exits`].
+//! The durable hands out one price at a time (`max_ack_pending` 1): the next only once the one
+//! before is acked, whichever worker holds it, so prices are judged in stream order across
+//! replicas (which take turns), restarts and redeliveries (a price given back, or held by a
+//! worker that died, comes again before any later one; a take-profit price is never overtaken
+//! by the stop-loss price after it). A round trip is sold once either way. Which rule applies
+//! and the priority of triggers are documented in [`ch_domain::exits`].
 //!
 //! The sell carries the price's business time as `at` (the fill happened at that mark); if the
 //! portfolio has already moved past it (`bad_request`), it is sent without `at` (now).
@@ -57,7 +59,7 @@ use ch_runtime::query::{Progress, Reached};
 use ch_runtime::service::{self, Handler};
 use chrono::{DateTime, SecondsFormat, Utc};
 use deadpool_postgres::Pool;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -702,15 +704,19 @@ async fn open_consumer(
     }
     // Every price is evaluated, however long the read models lag (each try gives the price
     // back after a wait): a consumer made with a delivery limit (20 before) would drop the
-    // prices of a long outage for good, and the exits they cross with them.
-    if consumer.cached_info().config.max_deliver == cfg.max_deliver {
+    // prices of a long outage for good, and the exits they cross with them. And one price at
+    // a time (1000 before: a later price could be judged before an earlier one held elsewhere).
+    let current = &consumer.cached_info().config;
+    if current.max_deliver == cfg.max_deliver && current.max_ack_pending == cfg.max_ack_pending {
         return Ok(consumer);
     }
     info!(
         durable,
         max_deliver = cfg.max_deliver,
-        was = consumer.cached_info().config.max_deliver,
-        "updating the consumer's delivery limit"
+        max_ack_pending = cfg.max_ack_pending,
+        was_max_deliver = current.max_deliver,
+        was_max_ack_pending = current.max_ack_pending,
+        "updating the consumer to nats/consumers/exit_triggers.json"
     );
     match app.store.stream().update_consumer(cfg).await {
         Ok(updated) => Ok(updated),
@@ -816,6 +822,11 @@ async fn follow_prices(
             // Finish the price in hand even if a shutdown comes meanwhile.
             Some(Ok(m)) => worker.on_message(&m).await,
         }
+    }
+    // A price delivered and not evaluated goes back now, for the next worker: held, it would
+    // hold up every later price (one at a time) until its ack wait passed.
+    while let Some(Some(Ok(m))) = messages.next().now_or_never() {
+        let _ = m.ack_with(AckKind::Nak(None)).await;
     }
     info!(
         durable,
