@@ -153,7 +153,13 @@ fn exit_sell(
     kind: ExitKind,
     strategy: (&str, u64),
 ) -> (String, String, String, String) {
-    let cid = exit_command_id(portfolio, symbol, opened, kind, strategy);
+    let cid = exit_command_id(
+        portfolio,
+        symbol,
+        (opened, qty.parse().unwrap()),
+        kind,
+        strategy,
+    );
     (symbol.into(), qty.into(), px.into(), cid.to_string())
 }
 
@@ -515,7 +521,7 @@ async fn workers_running_side_by_side_sell_once() {
         assert_eq!(px, rust_decimal::Decimal::from(107), "{id}: sold at {px}");
         assert_eq!(
             cid,
-            &exit_command_id(id, "BTC-USDT", *opened, kind, ("s1", 1)).to_string(),
+            &exit_command_id(id, "BTC-USDT", (*opened, 1.into()), kind, ("s1", 1)).to_string(),
             "{id}: sold at {px}"
         );
         assert_eq!(env.subject_count(AggregateType::Portfolio, id).await, 5);
@@ -575,6 +581,52 @@ async fn a_rejected_exit_is_tried_again_once_the_strategy_changes() {
         ("1", "920"),
         "{sold:?}"
     );
+}
+
+/// A rejected exit is tried again once the position changes: here a sell by hand brings the
+/// position under the strategy's limit, and the next price below the stop sells the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rejected_exit_is_tried_again_once_the_position_changes() {
+    let mut env = TestEnv::with_all_workers().await;
+    env.start(Worker::ExitTriggers).await;
+    let mut created = strategy_with_exits("s1", &["BTC-USDT"], json!({"stop_loss_pct": "0.05"}));
+    created["risk_profile"]["max_order_notional"] = json!("600");
+    env.cmd("strategy.create", created).await;
+    portfolio(&env, "p1", "s1").await;
+    let opened = env.bought("p1", "s1", "BTC-USDT", "0.5", "1000").await;
+    env.bought("p1", "s1", "BTC-USDT", "0.5", "1000").await;
+    // The whole position at the stop (1 at 950) is above the limit: refused, once.
+    let last = prices(&env, "BTC-USDT", &["950", "945"]).await;
+    let s = status_evaluated(&env, last).await;
+    assert_eq!(s["counters"]["sells_rejected"], 1, "{s}");
+    let sold = env
+        .cmd(
+            "signal.execute",
+            signal_on("p1", "s1", "BTC-USDT", "sell", "0.5", "945"),
+        )
+        .await;
+    assert_eq!(sold["status"], "executed", "{sold}");
+    // Half the position now: 0.5 at 940 is within the limit, and the stop sells it.
+    prices(&env, "BTC-USDT", &["940"]).await;
+    let perf = wait_performance(&env, "p1", |p| p["fill_count"] == 4).await;
+    assert_eq!(perf["positions"], json!([]), "{perf}");
+    let sold = sells(&env, "p1").await;
+    assert_eq!(
+        sold.iter()
+            .map(|s| (s.1.as_str(), s.2.as_str()))
+            .collect::<Vec<_>>(),
+        [("0.5", "945"), ("0.5", "940")],
+        "the sell by hand, then the exit: {sold:?}"
+    );
+    let half = "0.5".parse().unwrap();
+    let exit = exit_command_id(
+        "p1",
+        "BTC-USDT",
+        (opened, half),
+        ExitKind::StopLoss,
+        ("s1", 1),
+    );
+    assert_eq!(sold[1].3, exit.to_string());
 }
 
 /// A consumer made by an earlier version, with a delivery limit (20), is updated to none as
@@ -823,6 +875,13 @@ async fn a_price_held_elsewhere_is_judged_before_the_later_ones() {
     assert_eq!(sold[0].2, "130", "{sold:?}");
     assert_eq!(
         sold[0].3,
-        exit_command_id("p1", "BTC-USDT", opened, ExitKind::TakeProfit, ("s1", 1)).to_string()
+        exit_command_id(
+            "p1",
+            "BTC-USDT",
+            (opened, 1.into()),
+            ExitKind::TakeProfit,
+            ("s1", 1)
+        )
+        .to_string()
     );
 }

@@ -241,18 +241,22 @@ pub fn exit_rule<'a>(
 /// Namespace of exit `command_id`s (a fixed random UUID).
 const EXIT_NAMESPACE: Uuid = Uuid::from_u128(0x6a1c_93e4_7d0b_4f5e_9b2a_0c8e_5d41_f7a3);
 
-/// The deterministic `command_id` of the exit sell of one round trip and trigger kind, by the
-/// rule of `strategy` (its id and version).
+/// The deterministic `command_id` of the exit sell of one round trip, as it holds `quantity`,
+/// and trigger kind, by the rule of `strategy` (its id and version). An exit refused by the
+/// portfolio's checks is not sent again at later prices under the same id (it would store a
+/// rejection each time); a changed strategy or a changed position (a fill since) makes a new
+/// one, and the exit is tried again.
 pub fn exit_command_id(
     portfolio_id: &str,
     symbol: &str,
-    opened_seq: u64,
+    (opened_seq, quantity): (u64, Decimal),
     kind: ExitKind,
     strategy: (&str, u64),
 ) -> Uuid {
     let (strategy_id, version) = strategy;
     let name = format!(
-        "exit/{portfolio_id}/{symbol}/{opened_seq}/{}/{strategy_id}@{version}",
+        "exit/{portfolio_id}/{symbol}/{opened_seq}/{}/{}/{strategy_id}@{version}",
+        quantity.normalize(),
         kind.as_str()
     );
     Uuid::new_v5(&EXIT_NAMESPACE, name.as_bytes())
@@ -287,7 +291,7 @@ pub fn decide_exit(
         command_id: exit_command_id(
             portfolio_id,
             symbol,
-            opened_seq,
+            (opened_seq, facts.quantity),
             trigger.kind,
             (&strategy.strategy_id, strategy.version),
         ),
@@ -579,7 +583,7 @@ mod tests {
     #[test]
     fn command_ids_are_deterministic_per_trip_kind_and_strategy_version() {
         let id = |p: &str, seq: u64, kind: ExitKind, s: (&str, u64)| {
-            exit_command_id(p, "BTC-USDT", seq, kind, s)
+            exit_command_id(p, "BTC-USDT", (seq, Decimal::ONE), kind, s)
         };
         let a = id("p1", 7, ExitKind::StopLoss, ("s1", 1));
         assert_eq!(a, id("p1", 7, ExitKind::StopLoss, ("s1", 1)));
@@ -590,6 +594,11 @@ mod tests {
         // A changed strategy, or another one's rule: a new attempt after a rejection.
         assert_ne!(a, id("p1", 7, ExitKind::StopLoss, ("s1", 2)));
         assert_ne!(a, id("p1", 7, ExitKind::StopLoss, ("s2", 1)));
+        // So does a changed position (a fill since), whatever the quantity's scale.
+        let held =
+            |q: &str| exit_command_id("p1", "BTC-USDT", (7, d(q)), ExitKind::StopLoss, ("s1", 1));
+        assert_eq!(a, held("1.000"));
+        assert_ne!(a, held("0.5"));
     }
 
     #[test]
@@ -605,7 +614,7 @@ mod tests {
         assert_eq!(e.price, d("90"));
         assert_eq!(
             e.command_id,
-            exit_command_id("p1", "BTC-USDT", 3, ExitKind::StopLoss, ("s1", 1))
+            exit_command_id("p1", "BTC-USDT", (3, d("2")), ExitKind::StopLoss, ("s1", 1))
         );
         assert!(decide_exit("p1", "BTC-USDT", 3, &at("96", "100"), &s).is_none());
     }
