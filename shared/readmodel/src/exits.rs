@@ -11,9 +11,11 @@
 //! 2. query, in one snapshot, the open positions in the symbol with their open round trip and
 //!    the portfolio's active strategies, and where the exit rule has a trailing stop the
 //!    position after each fill of the trip with the highest price while so held (`prices`
-//!    from the fill up to the event's `at`, `stream_seq <= S`: the same on every replica and
+//!    from the fill on by business time, `stream_seq <= S`: the same on every replica and
 //!    after restarts; the stop's activation counts against the entry of its time, and it
-//!    trails the high since then); a price older than the trip is not evaluated for it, nor
+//!    trails the high since then), kept from one price of the symbol to the next
+//!    ([`SpanCache`]: each price then costs a step per position, not a scan of the prices the
+//!    trip held); a price older than the trip is not evaluated for it, nor
 //!    for a position a fill stored after the price has changed (evaluated late, the price
 //!    is older than what the position holds; the next price judges it);
 //! 3. if some exit fires, skip the price anyway when it is a backfill: a price of the symbol
@@ -153,6 +155,8 @@ struct Candidate {
 #[derive(Debug, Clone)]
 struct Price {
     seq: u64,
+    /// The symbol's version with this price: consecutive prices of a symbol go 1 apart.
+    version: u64,
     /// The price event's id: the sell's `causation_id`.
     event_id: uuid::Uuid,
     symbol: String,
@@ -176,6 +180,97 @@ struct Worker {
     progress: Progress,
     durable: String,
     counters: Counters,
+    spans: std::sync::Mutex<SpanCache>,
+}
+
+/// A fill's place in the stream, as prices are sorted against it: business time, then stream
+/// sequence.
+type Place = (DateTime<Utc>, u64);
+
+/// One [`EntrySpan`] of a cached round trip, with its bounds: the prices in `[from, to)` (`to`
+/// `None`: the span of the last fill, open) count for its high.
+#[derive(Debug, Clone, PartialEq)]
+struct Span {
+    from: Place,
+    to: Option<Place>,
+    entry: EntrySpan,
+}
+
+/// The trailing-stop spans of open round trips, kept between prices: each price of the symbol
+/// then costs a step per round trip instead of [`SPANS_SQL`]'s scan of every price the trip
+/// held (a price a second over a day of holding is 86,400 rows per position per price). Valid
+/// for a symbol as of one price (its version): the next price of the symbol (the version after)
+/// is added to the span its place falls in, as the query would count it; any gap (a price
+/// another replica evaluated, a restart) reads them again. A round trip is kept with the
+/// portfolio's version it was read at: another version (a fill, anything) reads it again.
+#[derive(Default)]
+struct SpanCache {
+    symbols: HashMap<String, SymbolSpans>,
+}
+
+#[derive(Default)]
+struct SymbolSpans {
+    /// The symbol's version of the last price counted.
+    as_of: u64,
+    /// By (portfolio, the round trip's opening sequence): the portfolio's version, the spans.
+    trips: HashMap<(String, u64), (u64, Vec<Span>)>,
+}
+
+impl SpanCache {
+    /// Counts `p` in the cached spans of its symbol when it is the next price of the symbol;
+    /// forgets them on a gap; nothing when counted already (a redelivery).
+    fn advance(&mut self, p: &Price) {
+        let symbol = self.symbols.entry(p.symbol.clone()).or_default();
+        if symbol.as_of == p.version {
+            return;
+        }
+        if symbol.as_of + 1 != p.version {
+            symbol.trips.clear();
+        } else {
+            for (_, spans) in symbol.trips.values_mut() {
+                count_price(spans, (p.at, p.seq), p.price);
+            }
+        }
+        symbol.as_of = p.version;
+    }
+
+    /// The spans of a round trip read as of `p` at the portfolio's `version`, if kept.
+    fn get(&self, p: &Price, trip: &(String, u64), version: u64) -> Option<Vec<EntrySpan>> {
+        let symbol = self
+            .symbols
+            .get(&p.symbol)
+            .filter(|s| s.as_of == p.version)?;
+        let (v, spans) = symbol.trips.get(trip).filter(|(v, _)| *v == version)?;
+        debug_assert_eq!(*v, version);
+        Some(spans.iter().map(|s| s.entry.clone()).collect())
+    }
+
+    /// Keeps a round trip's spans read as of `p`.
+    fn put(&mut self, p: &Price, trip: (String, u64), version: u64, spans: Vec<Span>) {
+        let symbol = self.symbols.entry(p.symbol.clone()).or_default();
+        if symbol.as_of != p.version {
+            symbol.trips.clear();
+            symbol.as_of = p.version;
+        }
+        symbol.trips.insert(trip, (version, spans));
+    }
+
+    /// Drops the round trips of `p`'s symbol not in `open` (closed, or no longer trailing).
+    fn retain(&mut self, p: &Price, open: &std::collections::HashSet<(String, u64)>) {
+        if let Some(symbol) = self.symbols.get_mut(&p.symbol) {
+            symbol.trips.retain(|trip, _| open.contains(trip));
+        }
+    }
+}
+
+/// Counts a price at `place` in the span it falls in (none before the first fill).
+fn count_price(spans: &mut [Span], place: Place, price: Decimal) {
+    if let Some(span) = spans
+        .iter_mut()
+        .find(|s| s.from <= place && s.to.is_none_or(|to| place < to))
+    {
+        span.entry.high = Some(span.entry.high.map_or(price, |h| h.max(price)));
+    }
 }
 
 /// The positions in `symbol` open at the price (business time `$2`, stream sequence `$3`)
@@ -199,14 +294,17 @@ const CANDIDATES_SQL: &str = "
        AND ($4::text IS NULL OR p.portfolio_id = $4)
      ORDER BY p.portfolio_id";
 
-/// For the trailing stop, of the round trips in `symbol` of the portfolios `$4` opened at the
-/// stream sequences `$5`: the position after each fill and the highest price from that fill
-/// to the next (prices at or before the price, business time `$2`, stored at or before it,
-/// `$3`). A price recorded just before a fill at the same business time belongs to the entry
-/// before the fill; the row comparisons are the bounds of a range scan of the prices' key.
+/// For the trailing stop, of the round trips in `symbol` of the portfolios `$3` opened at the
+/// stream sequences `$4`: the position after each fill and the highest price from that fill
+/// to the next (prices stored at or before the price, `$2`), with each fill's place (business
+/// time, sequence). A price recorded just before a fill at the same business time belongs to
+/// the entry before the fill; the row comparisons are the bounds of a range scan of the
+/// prices' key. (A price stored before but later in business time than the one evaluated
+/// counts too: the evaluated one is then a backfill, which sells nothing whatever fires; so a
+/// [`SpanCache`] that counts each next price reads the same as this query would.)
 const SPANS_SQL: &str = "
-    SELECT c.portfolio_id, e.quantities, e.gross_entries, e.highs
-      FROM unnest($4::text[], $5::bigint[]) AS c(portfolio_id, opened_seq)
+    SELECT c.portfolio_id, e.quantities, e.gross_entries, e.highs, e.ats, e.seqs
+      FROM unnest($3::text[], $4::bigint[]) AS c(portfolio_id, opened_seq)
       CROSS JOIN LATERAL (
           SELECT array_agg(f.position_after ORDER BY f.stream_seq) AS quantities,
                  array_agg(f.gross_entry_after ORDER BY f.stream_seq) AS gross_entries,
@@ -214,8 +312,10 @@ const SPANS_SQL: &str = "
                              WHERE pr.symbol = $1
                                AND (pr.at, pr.stream_seq) >= (f.at, f.stream_seq)
                                AND (pr.at, pr.stream_seq) < (f.next_at, f.next_seq)
-                               AND pr.at <= $2 AND pr.stream_seq <= $3)
-                           ORDER BY f.stream_seq) AS highs
+                               AND pr.stream_seq <= $2)
+                           ORDER BY f.stream_seq) AS highs,
+                 array_agg(f.at ORDER BY f.stream_seq) AS ats,
+                 array_agg(f.stream_seq ORDER BY f.stream_seq) AS seqs
             FROM (SELECT tr.stream_seq, tr.at, tr.position_after, tr.gross_entry_after,
                          COALESCE(lead(tr.at) OVER w, 'infinity') AS next_at,
                          COALESCE(lead(tr.stream_seq) OVER w, 0) AS next_seq
@@ -234,20 +334,34 @@ const STRATEGIES_SQL: &str = "
 const BACKFILL_SQL: &str = "
     SELECT EXISTS (SELECT 1 FROM prices WHERE symbol = $1 AND at > $2 AND stream_seq < $3)";
 
-/// The trip's [`EntrySpan`]s from a [`SPANS_SQL`] row's parallel arrays.
-fn entry_spans(r: &tokio_postgres::Row) -> Vec<EntrySpan> {
+/// The trip's [`Span`]s from a [`SPANS_SQL`] row's parallel arrays.
+fn spans_of(r: &tokio_postgres::Row) -> Vec<Span> {
     let column = |i| r.get::<_, Option<Vec<Decimal>>>(i).unwrap_or_default();
     let highs = r
         .get::<_, Option<Vec<Option<Decimal>>>>(3)
         .unwrap_or_default();
+    let ats = r
+        .get::<_, Option<Vec<DateTime<Utc>>>>(4)
+        .unwrap_or_default();
+    let seqs = r.get::<_, Option<Vec<i64>>>(5).unwrap_or_default();
+    let places: Vec<Place> = ats
+        .into_iter()
+        .zip(seqs)
+        .map(|(at, seq)| (at, seq as u64))
+        .collect();
     column(1)
         .into_iter()
         .zip(column(2))
         .zip(highs)
-        .map(|((quantity, gross_entry), high)| EntrySpan {
-            quantity,
-            gross_entry,
-            high,
+        .enumerate()
+        .map(|(i, ((quantity, gross_entry), high))| Span {
+            from: places[i],
+            to: places.get(i + 1).copied(),
+            entry: EntrySpan {
+                quantity,
+                gross_entry,
+                high,
+            },
         })
         .collect()
 }
@@ -336,24 +450,46 @@ impl Worker {
                 });
             }
         }
-        // Only a trailing stop looks back over the trip: the spans of those positions only.
-        let (trailing, opened): (Vec<&str>, Vec<i64>) = out
-            .iter()
-            .filter(|c| needs_history(&c.strategies, &p.symbol))
-            .map(|c| (c.portfolio_id.as_str(), c.opened_seq as i64))
-            .unzip();
-        if !trailing.is_empty() {
-            let rows = tx
-                .query(
-                    &spans,
-                    &[&p.symbol, &p.at, &(p.seq as i64), &trailing, &opened],
-                )
-                .await?;
-            for r in rows {
-                if let Some(&i) = index.get(r.get::<_, &str>(0)) {
-                    out[i].facts.entries = entry_spans(&r);
+        // Only a trailing stop looks back over the trip: the spans of those positions only,
+        // kept from the price before when they can be (see `SpanCache`).
+        let trailing: Vec<usize> = (0..out.len())
+            .filter(|&i| needs_history(&out[i].strategies, &p.symbol))
+            .collect();
+        let mut unread: (Vec<String>, Vec<i64>) = (Vec::new(), Vec::new());
+        {
+            let cache = self.spans.lock().expect("span cache");
+            for &i in &trailing {
+                let c = &mut out[i];
+                let trip = (c.portfolio_id.clone(), c.opened_seq);
+                match cache.get(p, &trip, c.version) {
+                    Some(entries) => c.facts.entries = entries,
+                    None => {
+                        unread.0.push(c.portfolio_id.clone());
+                        unread.1.push(c.opened_seq as i64);
+                    }
                 }
             }
+        }
+        if !unread.0.is_empty() {
+            let rows = tx
+                .query(&spans, &[&p.symbol, &(p.seq as i64), &unread.0, &unread.1])
+                .await?;
+            let mut cache = self.spans.lock().expect("span cache");
+            for r in rows {
+                if let Some(&i) = index.get(r.get::<_, &str>(0)) {
+                    let spans = spans_of(&r);
+                    out[i].facts.entries = spans.iter().map(|s| s.entry.clone()).collect();
+                    let trip = (out[i].portfolio_id.clone(), out[i].opened_seq);
+                    cache.put(p, trip, out[i].version, spans);
+                }
+            }
+        }
+        if portfolio_id.is_none() {
+            let open = trailing
+                .iter()
+                .map(|&i| (out[i].portfolio_id.clone(), out[i].opened_seq))
+                .collect();
+            self.spans.lock().expect("span cache").retain(p, &open);
         }
         tx.commit().await?;
         Ok(out)
@@ -380,6 +516,7 @@ impl Worker {
 
     /// Evaluates one price; `Err` gives it back for a redelivery.
     async fn on_price(&self, p: &Price) -> Result<(), Retry> {
+        self.spans.lock().expect("span cache").advance(p);
         let reached = self
             .progress
             .wait_for(&self.pool, &READ_MODELS, p.seq, READ_MODEL_WAIT)
@@ -614,6 +751,7 @@ impl Worker {
             Ok(ev) => match ev.event {
                 Event::MarketPriceRecorded(MarketPriceRecorded { symbol, price }) => Some(Price {
                     seq,
+                    version: ev.meta.aggregate_version,
                     event_id: ev.meta.event_id,
                     symbol,
                     price,
@@ -747,6 +885,7 @@ pub async fn run_on(
         progress,
         durable: durable.to_owned(),
         counters: Counters::default(),
+        spans: std::sync::Mutex::default(),
         app,
     });
     let spec = worker.app.service_spec(
@@ -848,4 +987,106 @@ async fn follow(
         .messages()
         .await
         .map_err(|e| StoreError::Unavailable(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_700_000_000 + s, 0).unwrap()
+    }
+
+    fn d(s: &str) -> Decimal {
+        s.parse().unwrap()
+    }
+
+    fn price(version: u64, seq: u64, at: i64, px: &str) -> Price {
+        Price {
+            seq,
+            version,
+            event_id: uuid::Uuid::nil(),
+            symbol: "BTC-USDT".into(),
+            price: d(px),
+            at: t(at),
+        }
+    }
+
+    /// A trip of two fills: at t=10 (seq 5) and t=20 (seq 9).
+    fn two_fills() -> Vec<Span> {
+        let span = |from: Place, to: Option<Place>, q: &str| Span {
+            from,
+            to,
+            entry: EntrySpan {
+                quantity: d(q),
+                gross_entry: d(q) * d("100"),
+                high: None,
+            },
+        };
+        vec![
+            span((t(10), 5), Some((t(20), 9)), "1"),
+            span((t(20), 9), None, "2"),
+        ]
+    }
+
+    fn highs(cache: &SpanCache, p: &Price) -> Option<Vec<Option<Decimal>>> {
+        cache
+            .get(p, &("p1".into(), 5), 7)
+            .map(|e| e.into_iter().map(|s| s.high).collect())
+    }
+
+    #[test]
+    fn each_next_price_counts_in_the_span_its_place_falls_in() {
+        let mut cache = SpanCache::default();
+        let first = price(3, 12, 25, "110");
+        cache.advance(&first);
+        cache.put(&first, ("p1".into(), 5), 7, two_fills());
+        assert_eq!(highs(&cache, &first), Some(vec![None, None]));
+        // The next price: in the last span.
+        let next = price(4, 13, 26, "120");
+        cache.advance(&next);
+        assert_eq!(highs(&cache, &next), Some(vec![None, Some(d("120"))]));
+        // A redelivery counts once; a lower price leaves the high.
+        cache.advance(&next);
+        let lower = price(5, 14, 27, "105");
+        cache.advance(&lower);
+        assert_eq!(highs(&cache, &lower), Some(vec![None, Some(d("120"))]));
+        // A backfill into the first span's time counts there, as the query counts it; one
+        // from before the trip counts nowhere.
+        let backfill = price(6, 15, 15, "130");
+        cache.advance(&backfill);
+        let before = price(7, 16, 5, "999");
+        cache.advance(&before);
+        assert_eq!(
+            highs(&cache, &before),
+            Some(vec![Some(d("130")), Some(d("120"))])
+        );
+        // At the boundary: a price at the second fill's time stored before it belongs to the
+        // first span, one stored after it to the second.
+        let mut spans = two_fills();
+        count_price(&mut spans, (t(20), 8), d("50"));
+        count_price(&mut spans, (t(20), 10), d("60"));
+        assert_eq!(spans[0].entry.high, Some(d("50")));
+        assert_eq!(spans[1].entry.high, Some(d("60")));
+    }
+
+    #[test]
+    fn a_gap_or_another_portfolio_version_reads_the_spans_again() {
+        let mut cache = SpanCache::default();
+        let first = price(3, 12, 25, "110");
+        cache.advance(&first);
+        cache.put(&first, ("p1".into(), 5), 7, two_fills());
+        // A fill or any other event of the portfolio since: not the spans kept.
+        assert!(cache.get(&first, &("p1".into(), 5), 8).is_none());
+        // A price of the symbol this worker did not see (another replica's): forgotten.
+        let after_gap = price(5, 20, 30, "115");
+        cache.advance(&after_gap);
+        assert_eq!(highs(&cache, &after_gap), None);
+        // Read as of another price than the cache's: not served.
+        cache.put(&after_gap, ("p1".into(), 5), 7, two_fills());
+        assert_eq!(highs(&cache, &first), None);
+        // Closed trips go.
+        cache.retain(&after_gap, &std::collections::HashSet::new());
+        assert_eq!(highs(&cache, &after_gap), None);
+    }
 }
