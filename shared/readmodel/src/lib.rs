@@ -39,6 +39,7 @@ pub const MIGRATIONS: &[Migration] = migrations![
     7 "007" "round_trip_rows",
     8 "008" "stream",
     9 "009" "fills_by_strategy",
+    10 "010" "positions_by_symbol",
 ];
 
 /// Plain-notation string of a decimal as replies carry it (`"14990"`, not `"14990.000"`).
