@@ -160,7 +160,7 @@ mod tests {
     }
 
     #[test]
-    fn counts_and_timeouts_of_zero_are_refused_before_anything_runs() {
+    fn counts_and_timeouts_out_of_range_are_refused_before_anything_runs() {
         use clap::Parser;
         for args in [
             "rebuild all --stall-timeout 0",
@@ -168,6 +168,8 @@ mod tests {
             "up --timeout 0",
             "setup --replicas 0",
             "setup --replicas 6",
+            "up --timeout 18446744073709551615",
+            "req ch.x --timeout 3601",
             "bench trade-flow --portfolios 0",
             "bench trade-flow --strategies 0",
             "bench trade-flow --signals 0",

@@ -31,7 +31,7 @@ pub struct Args {
     #[arg(value_enum)]
     pub target: Target,
     /// Give up when a running projector makes no progress for this many seconds.
-    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub stall_timeout: u64,
 }
 

@@ -17,7 +17,7 @@ pub struct Args {
     #[arg(default_value = "{}")]
     pub json: String,
     /// Seconds to wait for the reply.
-    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub timeout: u64,
 }
 

@@ -30,7 +30,7 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     pub bin_dir: Option<PathBuf>,
     /// How long to wait for every service to answer, in seconds.
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub timeout: u64,
     #[command(flatten)]
     pub setup: setup::Opts,
@@ -135,8 +135,9 @@ fn check_not_running(ctx: &Ctx) -> Result<()> {
             .collect();
         if !live.is_empty() {
             bail!(
-                "workers of an earlier `up` are still running: {}\n(stop them with `chctl down`, or use another --run-dir)",
-                live.join(", ")
+                "workers of an earlier `up` are still running: {}\n(stop them with {}, or use another --run-dir)",
+                live.join(", "),
+                down_hint(&ctx.run_dir)
             );
         }
         procs::remove_pid_file(&path);

@@ -661,6 +661,8 @@ async fn run_ours(
         prefix: ctx.subjects.prefix().to_owned(),
     };
     let watched = watched(ctx);
+    // Before the set-up, whose reads (waiting for its last portfolio) count as the run's.
+    let served_before = served::requests(client, &ctx.subjects).await;
     let setup = load::setup(&target, w, clients.setup_concurrency).await?;
     println!(
         "set-up: {} commands in {:.2} s",
@@ -670,7 +672,6 @@ async fn run_ours(
         load::wait_visible(&target, last, setup.last_seq, Duration::from_secs(60)).await?;
     }
     let lag = LagTracker::start(client, ctx.subjects.progress("portfolio")).await?;
-    let served_before = served::requests(client, &ctx.subjects).await;
     let before = watched.snapshot().await;
     let phase = load::run(
         &target,

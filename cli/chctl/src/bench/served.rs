@@ -131,7 +131,7 @@ mod tests {
     #[test]
     fn percentiles_over_many_requests_before_the_run_are_not_given_as_its() {
         let merged = || merge(&[reply(1000, 0.5, 4.0)], "portfolio_performance");
-        // A few before (the set-up's reads): the run's figures.
+        // A few before: the run's figures.
         let few = this_run(merged(), &json!(10));
         assert_eq!(few["p99"], 4.0);
         assert_eq!(few["requests_before"], 10);
