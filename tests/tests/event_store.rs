@@ -183,6 +183,35 @@ async fn set_up_brings_back_what_the_workers_rely_on_and_reports_the_rest() {
         (info.config.max_deliver, info.config.ack_wait),
         (10, Duration::from_secs(30))
     );
+    // Headers only, every event would be dead-lettered: brought back.
+    stream
+        .update_consumer(pull::Config {
+            headers_only: true,
+            ..shipped()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        eventstore::ensure_consumer(&stream, shipped())
+            .await
+            .unwrap(),
+        ConsumerSetup::Updated(vec!["headers_only"])
+    );
+    // What NATS does not update (here max_waiting) is its projector's to replace.
+    stream.delete_consumer(&durable).await.unwrap();
+    stream
+        .create_consumer(pull::Config {
+            max_waiting: 100,
+            ..shipped()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        eventstore::ensure_consumer(&stream, shipped())
+            .await
+            .unwrap(),
+        ConsumerSetup::LeftToProjector(vec!["max_waiting"])
+    );
     stream.delete_consumer(&durable).await.unwrap();
     stream
         .create_consumer(pull::Config {

@@ -1405,6 +1405,46 @@ async fn a_projector_that_cannot_start_projecting_tries_again() {
     .await;
 }
 
+/// A durable someone changed so that it would stop the projection (headers only: every event
+/// would go to the dead letters) is replaced with the shipped one as the projector starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projector_replaces_a_durable_that_differs_from_the_shipped_one() {
+    let env = TestEnv::without_projectors().await;
+    let store = env.event_store().await;
+    let mut cfg = ch_runtime::eventstore::consumer_config(
+        ch_runtime::eventstore::CONSUMER_PORTFOLIO_JSON,
+        &env.subjects,
+    )
+    .unwrap();
+    cfg.headers_only = true;
+    store.stream().create_consumer(cfg).await.unwrap();
+    let proj = env.spawn(Worker::ProjPortfolio).await;
+    // Past its start's catch-up, pulling from the durable: the events come through it.
+    eventually(|| async {
+        let info = store
+            .stream()
+            .consumer_info("proj_portfolio")
+            .await
+            .map_err(|e| e.to_string())?;
+        (info.num_waiting > 0)
+            .then_some(())
+            .ok_or(format!("no pull yet: {info:?}"))
+    })
+    .await;
+    let opened = env.cmd("portfolio.update", open("p1", "u1")).await;
+    let deposited = env.cmd("portfolio.update", deposit("p1", "5")).await;
+    env.performance_at("p1", seq(&opened)).await;
+    let perf = env.performance_at("p1", seq(&deposited)).await;
+    assert_eq!(perf["net_deposits"], "5", "{perf}");
+    let info = store
+        .stream()
+        .consumer_info("proj_portfolio")
+        .await
+        .unwrap();
+    assert!(!info.config.headers_only, "{:?}", info.config);
+    proj.stop().await;
+}
+
 /// After an outage the replay applies the backlog; the durable consumer, behind it, is moved
 /// past it rather than delivering all of it again before the next new event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -149,10 +149,22 @@ pub enum ConsumerSetup {
     InPlace,
     /// Updated in these settings.
     Updated(Vec<&'static str>),
-    /// It differs in these, its ack policy or filter among them, which NATS does not change:
+    /// It differs in these, some of which NATS does not update ([`FIXED_CONSUMER_SETTINGS`]):
     /// its projector replaces it when it starts (from where its read model is).
     LeftToProjector(Vec<&'static str>),
 }
+
+/// The settings of a durable NATS does not update: a consumer that differs in one is
+/// replaced, not updated.
+pub const FIXED_CONSUMER_SETTINGS: [&str; 6] = [
+    "ack_policy",
+    "filter_subject",
+    "filter_subjects",
+    "replay_policy",
+    "max_waiting",
+    // Not an update's to undo (a paused consumer delivers nothing): made again, it is not.
+    "paused",
+];
 
 /// Creates a projector's durable consumer from its shipped definition (`nats/consumers/`), or
 /// brings an existing one to it in the settings NATS lets change (`chctl setup`).
@@ -175,7 +187,10 @@ pub async fn ensure_consumer(
     if differing.is_empty() {
         return Ok(ConsumerSetup::InPlace);
     }
-    if differing.contains(&"ack_policy") || differing.contains(&"filter_subject") {
+    if differing
+        .iter()
+        .any(|d| FIXED_CONSUMER_SETTINGS.contains(d))
+    {
         return Ok(ConsumerSetup::LeftToProjector(differing));
     }
     // What NATS does not change stays as it is.
@@ -187,17 +202,23 @@ pub async fn ensure_consumer(
         ..shipped
     };
     stream.update_consumer(wanted).await.map_err(|e| {
-        unavailable(format!(
-            "updating {durable} ({}): {e}",
-            differing.join(", ")
-        ))
+        let what = format!("updating {durable} ({}): {e}", differing.join(", "));
+        // The server's refusal stands; only its being away is worth waiting for.
+        match e.kind() {
+            async_nats::jetstream::stream::ConsumerUpdateErrorKind::JetStream(_) => {
+                StoreError::Other(what)
+            }
+            _ => unavailable(what),
+        }
     })?;
     info!(consumer = %durable, settings = %differing.join(","), "updated consumer");
     Ok(ConsumerSetup::Updated(differing))
 }
 
-/// The settings of `nats/consumers/` in which a durable differs from its shipped definition.
-fn consumer_differences(
+/// The settings in which a durable differs from its shipped definition (`nats/consumers/`,
+/// and what that leaves at NATS' defaults): all that a projector's pulls depend on, where it
+/// starts (`deliver_policy`, the projector's to choose) and its replicas (an operator's) aside.
+pub fn consumer_differences(
     current: &async_nats::jetstream::consumer::Config,
     shipped: &pull::Config,
 ) -> Vec<&'static str> {
@@ -207,13 +228,27 @@ fn consumer_differences(
             "filter_subject",
             current.filter_subject != shipped.filter_subject,
         ),
+        (
+            "filter_subjects",
+            current.filter_subjects != shipped.filter_subjects,
+        ),
+        (
+            "replay_policy",
+            current.replay_policy != shipped.replay_policy,
+        ),
+        ("max_waiting", current.max_waiting != shipped.max_waiting),
         ("ack_wait", current.ack_wait != shipped.ack_wait),
         ("max_deliver", current.max_deliver != shipped.max_deliver),
         (
             "max_ack_pending",
             current.max_ack_pending != shipped.max_ack_pending,
         ),
-        ("max_waiting", current.max_waiting != shipped.max_waiting),
+        ("headers_only", current.headers_only != shipped.headers_only),
+        ("max_batch", current.max_batch != shipped.max_batch),
+        ("max_expires", current.max_expires != shipped.max_expires),
+        ("max_bytes", current.max_bytes != shipped.max_bytes),
+        ("backoff", current.backoff != shipped.backoff),
+        ("paused", current.pause_until.is_some()),
         ("description", current.description != shipped.description),
     ]
     .into_iter()
@@ -326,11 +361,8 @@ async fn ensure_stream_once(
                 info!(stream = %wanted.name, settings = %differing.join(","), "updated stream");
                 StreamSetup::Updated(differing)
             };
-            let risks = risky_settings(&current);
-            for risk in &risks {
-                warn!(stream = %current.name, "the event stream's {risk}");
-            }
-            Ok((s, setup, risks))
+            // The caller says them (set-up, to the operator).
+            Ok((s, setup, risky_settings(&current)))
         }
         Err(_) => {
             let s = js.create_stream(cfg.clone()).await.map_err(|e| {

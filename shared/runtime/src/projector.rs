@@ -1285,14 +1285,15 @@ impl<P: Projection> Projector<P> {
         let durable = cfg.durable_name.clone().unwrap_or_default();
         let consumer = self.store.durable_consumer(&durable, &cfg).await?;
         let info = consumer.cached_info();
-        let current = &info.config;
         // A durable is only a cursor (the checkpoint is the truth): replaced when it is not
-        // the shipped one, or behind the read model with events to deliver.
-        if current.ack_policy != cfg.ack_policy || current.filter_subject != cfg.filter_subject {
+        // the shipped one (a setting NATS does not update, or one that would stop projecting,
+        // `headers_only` say), or behind the read model with events to deliver.
+        let differing = crate::eventstore::consumer_differences(&info.config, &cfg);
+        if !differing.is_empty() {
             warn!(
                 consumer = %durable,
-                filter = %current.filter_subject,
-                "replacing a consumer whose ack policy or filter differs from nats/consumers/"
+                settings = %differing.join(","),
+                "replacing a consumer that differs from nats/consumers/"
             );
         } else if info.ack_floor.stream_sequence < cp
             && info.num_pending + info.num_ack_pending as u64 > 0
