@@ -206,7 +206,8 @@ def main():
     for label, values, want in (
         ("a projector's pool of one", worker("proj-strategy", env={"CH_DB_POOL": 1}),
          'workers.proj-strategy: CH_DB_POOL="1"'),
-        ("a sync mode in capitals", {"env": {"CH_SYNC": "Immediate"}}, 'CH_SYNC="Immediate"'),
+        ("a sync mode in capitals", {"env": {"CH_SYNC": "Immediate"}},
+         'env or extraEnv (every pod): CH_SYNC="Immediate"'),
         ("threads of zero in extraEnv", {"extraEnv": [{"name": "CH_WORKER_THREADS",
                                                        "value": "0"}]}, "CH_WORKER_THREADS"),
         ("a batch that is not a number", {"env": {"CH_BATCH_MAX": "5k"}}, 'CH_BATCH_MAX="5k"'),
@@ -248,7 +249,8 @@ def main():
     # one of its pool's), with a rolling update's extra pod per Deployment. Defaults: 8 such
     # pods of pool 6, 13 in an upgrade; then one query worker's own pool (2 pods of 20).
     for values, want in (({}, 78),
-                         ({"workers": {"query-strategy": {"env": {"CH_DB_POOL": "20"}}}}, 106)):
+                         ({"workers": {"query-strategy": {"env": {"CH_DB_POOL": "20"}}}}, 106),
+                         ({"extraEnv": [{"name": "CH_DB_POOL", "value": "10"}]}, 130)):
         notes = render_files(values)
         notes = next(v for k, v in notes.items() if k.endswith("NOTES.txt"))
         check(f"NOTES count {want} Postgres connections for {values}",

@@ -198,6 +198,19 @@ checked by cipherhorizon.checkEnv.
 {{- $_ := set $seen .name (toString .value) -}}
 {{- end -}}
 {{- end -}}
+{{- /* The chart-wide `env` and `extraEnv` first, so that their faults are named as theirs. */ -}}
+{{- $shared := dict -}}
+{{- range $k, $x := (default dict $v.env) -}}
+{{- if not (kindIs "invalid" $x) -}}
+{{- $_ := set $shared $k (include "cipherhorizon.text" $x) -}}
+{{- end -}}
+{{- end -}}
+{{- range (default list $v.extraEnv) -}}
+{{- if hasKey . "value" -}}
+{{- $_ := set $shared .name (toString .value) -}}
+{{- end -}}
+{{- end -}}
+{{- include "cipherhorizon.checkEnv" (dict "env" $shared "who" "env or extraEnv (every pod)") -}}
 {{- include "cipherhorizon.checkEnv" (dict "env" $seen "who" (default "a pod" .who) "grace" .grace) -}}
 {{- if and $v.nats.existingSecret (not (hasKey $env "CH_NATS_URL")) (not (hasKey $taken "CH_NATS_URL")) }}
 - name: CH_NATS_URL
@@ -328,7 +341,14 @@ annotations:
 {{- range $name, $w := .Values.workers -}}
 {{- if and $w.enabled (not (hasPrefix "cmd-" $name)) -}}
 {{- $global := default $.Values.database.pool (get (default dict $.Values.env) "CH_DB_POOL") -}}
-{{- $pool := int (default $global (get (default dict $w.env) "CH_DB_POOL")) -}}
+{{- $pool := default $global (get (default dict $w.env) "CH_DB_POOL") -}}
+{{- /* A `value` in extraEnv wins, the worker's over the chart's (one from a Secret is not known here). */ -}}
+{{- range (concat (default list $.Values.extraEnv) (default list $w.extraEnv)) -}}
+{{- if and (eq .name "CH_DB_POOL") (hasKey . "value") -}}
+{{- $pool = .value -}}
+{{- end -}}
+{{- end -}}
+{{- $pool = int $pool -}}
 {{- $pods := add (int $w.replicas) (div (add (int $w.replicas) 3) 4) -}}
 {{- $n = add $n (mul $pods $pool) -}}
 {{- end -}}
