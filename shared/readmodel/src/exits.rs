@@ -61,7 +61,7 @@ use ch_runtime::query::{Progress, Reached};
 use ch_runtime::service::{self, Handler};
 use chrono::{DateTime, SecondsFormat, Utc};
 use deadpool_postgres::Pool;
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -82,12 +82,16 @@ const READ_MODEL_WAIT: Duration = Duration::from_secs(10);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// Tries to send one exit (each after catching up) before giving the price back.
 const MAX_ATTEMPTS: u32 = 8;
-/// Messages pulled at once, processed one after another. A price's evaluation takes
-/// milliseconds while the read models and the command side keep up; when they do not (waits of
-/// up to `READ_MODEL_WAIT`, sells of up to `REQUEST_TIMEOUT`, `MAX_ATTEMPTS` of them), the
-/// prices behind it may outlast the consumer's `ack_wait` (30 s) and be delivered again, here
-/// or to a replica: evaluated twice, harmless (the sell's `command_id` is deterministic).
-const PULL_BATCH: usize = 32;
+/// How long one pull request for the next price waits on the server. A price at a time: a
+/// worker never holds a price it is not evaluating, so a stopping one waits out at most this
+/// (giving back what comes) rather than leaving a price to the ack wait (30 s), behind which
+/// every later price would wait (the durable hands out one at a time).
+const FETCH_WAIT: Duration = Duration::from_secs(1);
+/// While a price is evaluated (waits of up to `READ_MODEL_WAIT`, sells of up to
+/// `REQUEST_TIMEOUT`, `MAX_ATTEMPTS` of them, may outlast the consumer's 30 s ack wait), the
+/// worker tells the server it is still at it this often: else the price would go to a replica
+/// meanwhile, and the next one after it, judged beside it.
+const IN_PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
 /// `<prefix>.admin.exit-triggers.status`.
 pub fn status_subject(prefix: &str) -> String {
@@ -765,7 +769,22 @@ impl Worker {
             }
         };
         let result = match &price {
-            Some(p) => self.on_price(p).await,
+            Some(p) => {
+                let evaluated = self.on_price(p);
+                tokio::pin!(evaluated);
+                let mut still_at_it = tokio::time::interval_at(
+                    tokio::time::Instant::now() + IN_PROGRESS_EVERY,
+                    IN_PROGRESS_EVERY,
+                );
+                loop {
+                    tokio::select! {
+                        r = &mut evaluated => break r,
+                        _ = still_at_it.tick() => {
+                            let _ = m.ack_with(AckKind::Progress).await;
+                        }
+                    }
+                }
+            }
             None => Ok(()),
         };
         match result {
@@ -907,8 +926,8 @@ pub async fn run_on(
     .await
 }
 
-/// Evaluates each price the consumer delivers until `shutdown`; makes the consumer again
-/// should its deliveries end.
+/// Evaluates each price the consumer delivers until `shutdown`, one pull request of one price
+/// at a time; makes the consumer again should it be gone.
 async fn follow_prices(
     worker: &Worker,
     consumer: &async_nats::jetstream::consumer::Consumer<pull::Config>,
@@ -916,56 +935,74 @@ async fn follow_prices(
 ) -> Result<(), async_nats::Error> {
     let durable = worker.durable.as_str();
     let started = Instant::now();
-    let mut messages = follow(consumer).await?;
+    let mut consumer = consumer.clone();
     info!(durable, "following market prices");
     // Between tries to make the consumer again: 0.5 s, doubling up to 10 s.
     let mut reopen_wait = Duration::from_millis(500);
-    loop {
-        let next = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            m = messages.next() => m,
+    while !shutdown.is_cancelled() {
+        let fetched = consumer
+            .fetch()
+            .max_messages(1)
+            .expires(FETCH_WAIT)
+            .messages()
+            .await;
+        let trouble = match fetched {
+            Ok(mut batch) => {
+                let mut trouble = None;
+                let mut stopping = false;
+                // Until the pull request is over (answered, or expired on the server): what
+                // it delivers after a shutdown goes back at once, for the next worker.
+                loop {
+                    let next = tokio::select! {
+                        () = shutdown.cancelled(), if !stopping => {
+                            stopping = true;
+                            continue;
+                        }
+                        m = batch.next() => m,
+                    };
+                    match next {
+                        None => break,
+                        Some(Ok(m)) if stopping => {
+                            let _ = m.ack_with(AckKind::Nak(None)).await;
+                        }
+                        // Finish the price in hand even if a shutdown comes meanwhile.
+                        Some(Ok(m)) => worker.on_message(&m).await,
+                        Some(Err(e)) => {
+                            trouble = Some(e.to_string());
+                            break;
+                        }
+                    }
+                }
+                trouble
+            }
+            Err(e) => Some(e.to_string()),
         };
-        match next {
-            // The deliveries ended: the consumer was deleted (async-nats says so once, as an
-            // error, then ends the stream). Made again, it follows the prices from then on.
-            None => {
-                warn!(
-                    durable,
-                    retry_in_ms = reopen_wait.as_millis() as u64,
-                    "the consumer's deliveries ended; opening it again"
-                );
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(reopen_wait) => {}
-                }
-                let reopened = match open_consumer(&worker.app, durable).await {
-                    Ok(c) => follow(&c).await.map_err(async_nats::Error::from),
-                    Err(e) => Err(e),
-                };
-                match reopened {
-                    Ok(m) => {
-                        messages = m;
-                        reopen_wait = Duration::from_millis(500);
-                        info!(durable, "following market prices again");
-                    }
-                    Err(e) => {
-                        warn!(durable, error = %e, "could not open the consumer");
-                        reopen_wait = (reopen_wait * 2).min(Duration::from_secs(10));
-                    }
-                }
-            }
-            Some(Err(e)) => {
-                warn!(durable, error = %e, "consumer error; going on");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            // Finish the price in hand even if a shutdown comes meanwhile.
-            Some(Ok(m)) => worker.on_message(&m).await,
+        let Some(why) = trouble else {
+            reopen_wait = Duration::from_millis(500);
+            continue;
+        };
+        // The consumer may be gone (deleted by an operator): made again, it follows the
+        // prices from then on.
+        warn!(
+            durable,
+            error = %why,
+            retry_in_ms = reopen_wait.as_millis() as u64,
+            "no price from the consumer; opening it again"
+        );
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(reopen_wait) => {}
         }
-    }
-    // A price delivered and not evaluated goes back now, for the next worker: held, it would
-    // hold up every later price (one at a time) until its ack wait passed.
-    while let Some(Some(Ok(m))) = messages.next().now_or_never() {
-        let _ = m.ack_with(AckKind::Nak(None)).await;
+        match open_consumer(&worker.app, durable).await {
+            Ok(c) => {
+                consumer = c;
+                info!(durable, "following market prices again");
+            }
+            Err(e) => {
+                warn!(durable, error = %e, "could not open the consumer");
+                reopen_wait = (reopen_wait * 2).min(Duration::from_secs(10));
+            }
+        }
     }
     info!(
         durable,
@@ -973,20 +1010,6 @@ async fn follow_prices(
         "exit triggers stopped"
     );
     Ok(())
-}
-
-/// The deliveries of `consumer`, a pull request of [`PULL_BATCH`] at a time.
-async fn follow(
-    consumer: &async_nats::jetstream::consumer::Consumer<pull::Config>,
-) -> Result<pull::Stream, StoreError> {
-    consumer
-        .stream()
-        .max_messages_per_batch(PULL_BATCH)
-        .heartbeat(Duration::from_secs(5))
-        .expires(Duration::from_secs(30))
-        .messages()
-        .await
-        .map_err(|e| StoreError::Unavailable(e.to_string()))
 }
 
 #[cfg(test)]
