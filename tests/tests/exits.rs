@@ -2,7 +2,7 @@
 //! and sells a whole position once its stop loss, take profit or trailing stop fires, exactly
 //! once per round trip and trigger, through `cmd.signal.execute` like any client.
 
-use ch_domain::exits::{exit_command_id, ExitKind};
+use ch_domain::exits::{exit_command_id, ExitKind, Trip};
 use ch_domain::AggregateType;
 use ch_e2e::fixtures::{attach, deposit, open, price, seq, signal_on};
 use ch_e2e::{eventually, TestEnv, Worker};
@@ -142,8 +142,8 @@ async fn sells(env: &TestEnv, pid: &str) -> Vec<(String, String, String, String)
         .collect()
 }
 
-/// The exit sell of `portfolio`'s round trip in `symbol` opened at `opened`, by `kind` of the
-/// rule of `strategy` (id, version), as [`sells`] lists it.
+/// The exit sell of `portfolio`'s round trip in `symbol` opened at `opened` by its only fill,
+/// by `kind` of the rule of `strategy` (id, version), as [`sells`] lists it.
 fn exit_sell(
     portfolio: &str,
     symbol: &str,
@@ -153,13 +153,28 @@ fn exit_sell(
     kind: ExitKind,
     strategy: (&str, u64),
 ) -> (String, String, String, String) {
-    let cid = exit_command_id(
-        portfolio,
-        symbol,
-        (opened, qty.parse().unwrap()),
-        kind,
-        strategy,
-    );
+    let trip = single(opened);
+    exit_sell_of(portfolio, symbol, (qty, px), trip, kind, strategy)
+}
+
+/// A round trip of one fill, at `seq`.
+fn single(seq: u64) -> Trip {
+    Trip {
+        opened_seq: seq,
+        last_fill_seq: seq,
+    }
+}
+
+/// [`exit_sell`] of a round trip of any fills.
+fn exit_sell_of(
+    portfolio: &str,
+    symbol: &str,
+    (qty, px): (&str, &str),
+    trip: Trip,
+    kind: ExitKind,
+    strategy: (&str, u64),
+) -> (String, String, String, String) {
+    let cid = exit_command_id(portfolio, symbol, trip, kind, strategy);
     (symbol.into(), qty.into(), px.into(), cid.to_string())
 }
 
@@ -258,7 +273,7 @@ async fn a_trailing_stop_activates_against_the_entry_of_its_time() {
     // activation level (110.25) no price reaches. The stop stays active and fires at 98.
     let btc = env.bought("p1", "s1", "BTC-USDT", "1", "100").await;
     prices(&env, "BTC-USDT", &["110"]).await;
-    env.bought("p1", "s1", "BTC-USDT", "1", "110").await;
+    let btc_last = env.bought("p1", "s1", "BTC-USDT", "1", "110").await;
     prices(&env, "BTC-USDT", &["105", "100"]).await;
     // ETH: 1 at 100, up to 104 (not active: 105 needed); 1 more at 90, dated the 104's time
     // but stored after it, lowers the entry to 95 (activation 99.75, below 104): the 104 was
@@ -272,6 +287,7 @@ async fn a_trailing_stop_activates_against_the_entry_of_its_time() {
     more["at"] = json!(then);
     let r = env.cmd("signal.execute", more).await;
     assert_eq!(r["status"], "executed", "{r}");
+    let eth_last = seq(&r);
     let quiet = prices(&env, "ETH-USDT", &["94", "93"]).await;
     wait_evaluated(&env, ch_readmodel::exits::DURABLE, quiet).await;
     assert_eq!(sells(&env, "p1").await, vec![]);
@@ -287,21 +303,25 @@ async fn a_trailing_stop_activates_against_the_entry_of_its_time() {
     assert_eq!(
         sells(&env, "p1").await,
         vec![
-            exit_sell(
+            exit_sell_of(
                 "p1",
                 "BTC-USDT",
-                "2",
-                "98",
-                btc,
+                ("2", "98"),
+                Trip {
+                    opened_seq: btc,
+                    last_fill_seq: btc_last
+                },
                 ExitKind::TrailingStop,
                 ("s1", 1)
             ),
-            exit_sell(
+            exit_sell_of(
                 "p1",
                 "ETH-USDT",
-                "2",
-                "89",
-                eth,
+                ("2", "89"),
+                Trip {
+                    opened_seq: eth,
+                    last_fill_seq: eth_last
+                },
                 ExitKind::TrailingStop,
                 ("s1", 1)
             ),
@@ -521,7 +541,7 @@ async fn workers_running_side_by_side_sell_once() {
         assert_eq!(px, rust_decimal::Decimal::from(107), "{id}: sold at {px}");
         assert_eq!(
             cid,
-            &exit_command_id(id, "BTC-USDT", (*opened, 1.into()), kind, ("s1", 1)).to_string(),
+            &exit_command_id(id, "BTC-USDT", single(*opened), kind, ("s1", 1)).to_string(),
             "{id}: sold at {px}"
         );
         assert_eq!(env.subject_count(AggregateType::Portfolio, id).await, 5);
@@ -606,6 +626,7 @@ async fn a_rejected_exit_is_tried_again_once_the_position_changes() {
         )
         .await;
     assert_eq!(sold["status"], "executed", "{sold}");
+    let by_hand = seq(&sold);
     // Half the position now: 0.5 at 940 is within the limit, and the stop sells it.
     prices(&env, "BTC-USDT", &["940"]).await;
     let perf = wait_performance(&env, "p1", |p| p["fill_count"] == 4).await;
@@ -618,14 +639,11 @@ async fn a_rejected_exit_is_tried_again_once_the_position_changes() {
         [("0.5", "945"), ("0.5", "940")],
         "the sell by hand, then the exit: {sold:?}"
     );
-    let half = "0.5".parse().unwrap();
-    let exit = exit_command_id(
-        "p1",
-        "BTC-USDT",
-        (opened, half),
-        ExitKind::StopLoss,
-        ("s1", 1),
-    );
+    let trip = Trip {
+        opened_seq: opened,
+        last_fill_seq: by_hand,
+    };
+    let exit = exit_command_id("p1", "BTC-USDT", trip, ExitKind::StopLoss, ("s1", 1));
     assert_eq!(sold[1].3, exit.to_string());
 }
 
@@ -878,7 +896,7 @@ async fn a_price_held_elsewhere_is_judged_before_the_later_ones() {
         exit_command_id(
             "p1",
             "BTC-USDT",
-            (opened, 1.into()),
+            single(opened),
             ExitKind::TakeProfit,
             ("s1", 1)
         )

@@ -31,11 +31,12 @@
 //! strategy without exits does not silence another strategy's stop.
 //!
 //! **Exactly once.** The sell's `command_id` is a UUID v5 over the portfolio, the symbol, the
-//! round trip's opening stream sequence, the kind, and the strategy whose rule fired at its
-//! version ([`exit_command_id`]): a restarted or a second worker re-sends the same id, which
-//! the command side answers with the first result. An exit the risk checks rejected is tried
-//! again once the strategy changes (a raised limit, another strategy's rule now applying),
-//! not on every later price, which would store a rejection each.
+//! round trip's opening stream sequence and that of its last fill, the kind, and the strategy
+//! whose rule fired at its version ([`exit_command_id`]): a restarted or a second worker
+//! re-sends the same id, which the command side answers with the first result. An exit the
+//! risk checks rejected is tried again once the strategy changes (a raised limit, another
+//! strategy's rule now applying) or the position does (a fill since), not on every later
+//! price, which would store a rejection each.
 
 use rust_decimal::Decimal;
 use uuid::Uuid;
@@ -241,25 +242,35 @@ pub fn exit_rule<'a>(
 /// Namespace of exit `command_id`s (a fixed random UUID).
 const EXIT_NAMESPACE: Uuid = Uuid::from_u128(0x6a1c_93e4_7d0b_4f5e_9b2a_0c8e_5d41_f7a3);
 
-/// The deterministic `command_id` of the exit sell of one round trip, as it holds `quantity`,
-/// and trigger kind, by the rule of `strategy` (its id and version). An exit refused by the
-/// portfolio's checks is not sent again at later prices under the same id (it would store a
-/// rejection each time); a changed strategy or a changed position (a fill since) makes a new
-/// one, and the exit is tried again.
+/// The deterministic `command_id` of the exit sell of one round trip (the stream sequences of
+/// its opening fill and of its last) and trigger kind, by the rule of `strategy` (its id and
+/// version). An exit refused by the portfolio's checks is not sent again at later prices under
+/// the same id (it would store a rejection each time); a changed strategy or a changed
+/// position (a fill since) makes a new one, and the exit is tried again.
 pub fn exit_command_id(
     portfolio_id: &str,
     symbol: &str,
-    (opened_seq, quantity): (u64, Decimal),
+    trip: Trip,
     kind: ExitKind,
     strategy: (&str, u64),
 ) -> Uuid {
     let (strategy_id, version) = strategy;
+    let Trip {
+        opened_seq,
+        last_fill_seq,
+    } = trip;
     let name = format!(
-        "exit/{portfolio_id}/{symbol}/{opened_seq}/{}/{}/{strategy_id}@{version}",
-        quantity.normalize(),
+        "exit/{portfolio_id}/{symbol}/{opened_seq}/{last_fill_seq}/{}/{strategy_id}@{version}",
         kind.as_str()
     );
     Uuid::new_v5(&EXIT_NAMESPACE, name.as_bytes())
+}
+
+/// An open round trip by the stream sequences of its fills: the first (it opened) and the last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Trip {
+    pub opened_seq: u64,
+    pub last_fill_seq: u64,
 }
 
 /// The exit to send for one position: which strategy names it, what fired, the command id.
@@ -274,12 +285,12 @@ pub struct ExitDecision {
     pub command_id: Uuid,
 }
 
-/// Decides the exit of one position of `portfolio_id` in `symbol` whose round trip opened at
-/// stream sequence `opened_seq`, or `None` when nothing fires.
+/// Decides the exit of one position of `portfolio_id` in `symbol` held by round trip `trip`,
+/// or `None` when nothing fires.
 pub fn decide_exit(
     portfolio_id: &str,
     symbol: &str,
-    opened_seq: u64,
+    trip: Trip,
     facts: &PositionFacts,
     strategies: &[AttachedStrategy],
 ) -> Option<ExitDecision> {
@@ -291,7 +302,7 @@ pub fn decide_exit(
         command_id: exit_command_id(
             portfolio_id,
             symbol,
-            (opened_seq, facts.quantity),
+            trip,
             trigger.kind,
             (&strategy.strategy_id, strategy.version),
         ),
@@ -324,6 +335,13 @@ mod tests {
                 trailing_pct: d(t),
                 activation_pct: d(a),
             }),
+        }
+    }
+
+    fn trip(opened_seq: u64, last_fill_seq: u64) -> Trip {
+        Trip {
+            opened_seq,
+            last_fill_seq,
         }
     }
 
@@ -583,7 +601,7 @@ mod tests {
     #[test]
     fn command_ids_are_deterministic_per_trip_kind_and_strategy_version() {
         let id = |p: &str, seq: u64, kind: ExitKind, s: (&str, u64)| {
-            exit_command_id(p, "BTC-USDT", (seq, Decimal::ONE), kind, s)
+            exit_command_id(p, "BTC-USDT", trip(seq, seq), kind, s)
         };
         let a = id("p1", 7, ExitKind::StopLoss, ("s1", 1));
         assert_eq!(a, id("p1", 7, ExitKind::StopLoss, ("s1", 1)));
@@ -594,11 +612,18 @@ mod tests {
         // A changed strategy, or another one's rule: a new attempt after a rejection.
         assert_ne!(a, id("p1", 7, ExitKind::StopLoss, ("s1", 2)));
         assert_ne!(a, id("p1", 7, ExitKind::StopLoss, ("s2", 1)));
-        // So does a changed position (a fill since), whatever the quantity's scale.
-        let held =
-            |q: &str| exit_command_id("p1", "BTC-USDT", (7, d(q)), ExitKind::StopLoss, ("s1", 1));
-        assert_eq!(a, held("1.000"));
-        assert_ne!(a, held("0.5"));
+        // So does a changed position: a fill since.
+        let last = |seq| {
+            exit_command_id(
+                "p1",
+                "BTC-USDT",
+                trip(7, seq),
+                ExitKind::StopLoss,
+                ("s1", 1),
+            )
+        };
+        assert_eq!(a, last(7));
+        assert_ne!(a, last(9));
     }
 
     #[test]
@@ -608,14 +633,14 @@ mod tests {
             &["BTC-USDT"],
             vec![named("r", "*", Some("0.05"))],
         )];
-        let e = decide_exit("p1", "BTC-USDT", 3, &at("90", "100"), &s).unwrap();
+        let e = decide_exit("p1", "BTC-USDT", trip(3, 4), &at("90", "100"), &s).unwrap();
         assert_eq!(e.strategy_id, "s1");
         assert_eq!(e.quantity, d("2"));
         assert_eq!(e.price, d("90"));
         assert_eq!(
             e.command_id,
-            exit_command_id("p1", "BTC-USDT", (3, d("2")), ExitKind::StopLoss, ("s1", 1))
+            exit_command_id("p1", "BTC-USDT", trip(3, 4), ExitKind::StopLoss, ("s1", 1))
         );
-        assert!(decide_exit("p1", "BTC-USDT", 3, &at("96", "100"), &s).is_none());
+        assert!(decide_exit("p1", "BTC-USDT", trip(3, 4), &at("96", "100"), &s).is_none());
     }
 }

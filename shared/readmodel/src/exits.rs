@@ -50,7 +50,7 @@ use async_nats::jetstream::AckKind;
 use async_nats::Message;
 use ch_domain::event::MarketPriceRecorded;
 use ch_domain::exits::{
-    decide_exit, needs_history, AttachedStrategy, EntrySpan, ExitDecision, PositionFacts,
+    decide_exit, needs_history, AttachedStrategy, EntrySpan, ExitDecision, PositionFacts, Trip,
 };
 use ch_domain::strategy::{RiskProfile, StrategyRule};
 use ch_domain::{AggregateType, Event};
@@ -150,7 +150,7 @@ impl Counters {
 struct Candidate {
     portfolio_id: String,
     version: u64,
-    opened_seq: u64,
+    trip: Trip,
     facts: PositionFacts,
     strategies: Vec<AttachedStrategy>,
 }
@@ -283,7 +283,10 @@ fn count_price(spans: &mut [Span], place: Place, price: Decimal) {
 /// behind, would otherwise judge, and sell at its old mark, a position it never marked); one
 /// portfolio's only when `portfolio_id` is given.
 const CANDIDATES_SQL: &str = "
-    SELECT p.portfolio_id, p.quantity, p.gross_entry, po.version, t.opened_seq
+    SELECT p.portfolio_id, p.quantity, p.gross_entry, po.version, t.opened_seq,
+           (SELECT max(tr.stream_seq) FROM trades tr
+             WHERE tr.portfolio_id = p.portfolio_id AND tr.symbol = p.symbol
+               AND tr.stream_seq >= t.opened_seq) AS last_fill_seq
       FROM positions p
       JOIN portfolios po ON po.portfolio_id = p.portfolio_id
       JOIN LATERAL (SELECT opened_seq, opened_at FROM round_trips rt
@@ -416,7 +419,10 @@ impl Worker {
             .map(|r| Candidate {
                 portfolio_id: r.get(0),
                 version: r.get::<_, i64>(3) as u64,
-                opened_seq: r.get::<_, i64>(4) as u64,
+                trip: Trip {
+                    opened_seq: r.get::<_, i64>(4) as u64,
+                    last_fill_seq: r.get::<_, Option<i64>>(5).unwrap_or_default() as u64,
+                },
                 facts: PositionFacts {
                     quantity: r.get(1),
                     gross_entry: r.get(2),
@@ -464,12 +470,12 @@ impl Worker {
             let cache = self.spans.lock().expect("span cache");
             for &i in &trailing {
                 let c = &mut out[i];
-                let trip = (c.portfolio_id.clone(), c.opened_seq);
+                let trip = (c.portfolio_id.clone(), c.trip.opened_seq);
                 match cache.get(p, &trip, c.version) {
                     Some(entries) => c.facts.entries = entries,
                     None => {
                         unread.0.push(c.portfolio_id.clone());
-                        unread.1.push(c.opened_seq as i64);
+                        unread.1.push(c.trip.opened_seq as i64);
                     }
                 }
             }
@@ -483,7 +489,7 @@ impl Worker {
                 if let Some(&i) = index.get(r.get::<_, &str>(0)) {
                     let spans = spans_of(&r);
                     out[i].facts.entries = spans.iter().map(|s| s.entry.clone()).collect();
-                    let trip = (out[i].portfolio_id.clone(), out[i].opened_seq);
+                    let trip = (out[i].portfolio_id.clone(), out[i].trip.opened_seq);
                     cache.put(p, trip, out[i].version, spans);
                 }
             }
@@ -491,7 +497,7 @@ impl Worker {
         if portfolio_id.is_none() {
             let open = trailing
                 .iter()
-                .map(|&i| (out[i].portfolio_id.clone(), out[i].opened_seq))
+                .map(|&i| (out[i].portfolio_id.clone(), out[i].trip.opened_seq))
                 .collect();
             self.spans.lock().expect("span cache").retain(p, &open);
         }
@@ -530,14 +536,7 @@ impl Worker {
             .await?
             .into_iter()
             .filter(|c| {
-                decide_exit(
-                    &c.portfolio_id,
-                    &p.symbol,
-                    c.opened_seq,
-                    &c.facts,
-                    &c.strategies,
-                )
-                .is_some()
+                decide_exit(&c.portfolio_id, &p.symbol, c.trip, &c.facts, &c.strategies).is_some()
             })
             .collect();
         if firing.is_empty() || self.is_backfill(p).await? {
@@ -577,13 +576,8 @@ impl Worker {
             else {
                 return Ok(()); // closed, or filled after the price, meanwhile
             };
-            let Some(d) = decide_exit(
-                &c.portfolio_id,
-                &p.symbol,
-                c.opened_seq,
-                &c.facts,
-                &c.strategies,
-            ) else {
+            let Some(d) = decide_exit(&c.portfolio_id, &p.symbol, c.trip, &c.facts, &c.strategies)
+            else {
                 return Ok(());
             };
             let at = with_at.then_some(p.at);
@@ -711,7 +705,7 @@ impl Worker {
                 portfolio_id = %c.portfolio_id, symbol = %p.symbol, strategy_id = %d.strategy_id,
                 rule_id = %d.rule_id, kind = %d.trigger.kind, level = %plain(d.trigger.level),
                 mark = %plain(p.price), entry = %entry,
-                quantity = %plain(d.quantity), opened_seq = c.opened_seq, price_seq = p.seq,
+                quantity = %plain(d.quantity), opened_seq = c.trip.opened_seq, price_seq = p.seq,
                 command_id = %d.command_id, stream_seq = reply["stream_seq"].as_u64(),
                 "exit trigger sold the position"
             );
