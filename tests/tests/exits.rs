@@ -803,6 +803,11 @@ async fn a_price_evaluated_late_does_not_judge_a_position_filled_after_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_price_read_across_a_reset_is_given_back_and_sells_once_folded_again() {
     let env = long_with_a_stop_loss().await;
+    // Both read models past the set-up (the strategy's too) before the test holds their
+    // tables: else the strategy projector, not the exit worker, would be the one waiting.
+    let head = env.last_seq().await;
+    env.query_at("strategy.get", json!({"strategy_id": "s1"}), head)
+        .await;
 
     let reset = ch_runtime::pg::connect(&env.cfg.database_url, Some(&env.cfg.db_schema))
         .await
