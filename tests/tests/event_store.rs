@@ -164,18 +164,24 @@ async fn set_up_brings_back_what_the_workers_rely_on_and_reports_the_rest() {
         ConsumerSetup::InPlace
     );
     let durable = shipped().durable_name.unwrap();
-    stream
-        .update_consumer(pull::Config {
-            max_deliver: 1,
-            ack_wait: Duration::from_secs(1),
-            ..shipped()
-        })
-        .await
-        .unwrap();
+    // Set-up over a durable someone made as `made`.
+    let over = |made: pull::Config| {
+        let (stream, durable) = (&stream, &durable);
+        async move {
+            let _ = stream.delete_consumer(durable).await;
+            stream.create_consumer(made).await.expect("the durable");
+            eventstore::ensure_consumer(stream, shipped())
+                .await
+                .unwrap()
+        }
+    };
+    let changed = pull::Config {
+        max_deliver: 1,
+        ack_wait: Duration::from_secs(1),
+        ..shipped()
+    };
     assert_eq!(
-        eventstore::ensure_consumer(&stream, shipped())
-            .await
-            .unwrap(),
+        over(changed).await,
         ConsumerSetup::Updated(vec!["ack_wait", "max_deliver"])
     );
     let info = stream.consumer_info(&durable).await.unwrap();
@@ -184,46 +190,29 @@ async fn set_up_brings_back_what_the_workers_rely_on_and_reports_the_rest() {
         (10, Duration::from_secs(30))
     );
     // Headers only, every event would be dead-lettered: brought back.
-    stream
-        .update_consumer(pull::Config {
-            headers_only: true,
-            ..shipped()
-        })
-        .await
-        .unwrap();
+    let headers_only = pull::Config {
+        headers_only: true,
+        ..shipped()
+    };
     assert_eq!(
-        eventstore::ensure_consumer(&stream, shipped())
-            .await
-            .unwrap(),
+        over(headers_only).await,
         ConsumerSetup::Updated(vec!["headers_only"])
     );
-    // What NATS does not update (here max_waiting) is its projector's to replace.
-    stream.delete_consumer(&durable).await.unwrap();
-    stream
-        .create_consumer(pull::Config {
-            max_waiting: 100,
-            ..shipped()
-        })
-        .await
-        .unwrap();
+    // What NATS does not update is its projector's to replace.
+    let max_waiting = pull::Config {
+        max_waiting: 100,
+        ..shipped()
+    };
     assert_eq!(
-        eventstore::ensure_consumer(&stream, shipped())
-            .await
-            .unwrap(),
+        over(max_waiting).await,
         ConsumerSetup::LeftToProjector(vec!["max_waiting"])
     );
-    stream.delete_consumer(&durable).await.unwrap();
-    stream
-        .create_consumer(pull::Config {
-            ack_policy: AckPolicy::Explicit,
-            ..shipped()
-        })
-        .await
-        .unwrap();
+    let explicit = pull::Config {
+        ack_policy: AckPolicy::Explicit,
+        ..shipped()
+    };
     assert_eq!(
-        eventstore::ensure_consumer(&stream, shipped())
-            .await
-            .unwrap(),
+        over(explicit).await,
         ConsumerSetup::LeftToProjector(vec!["ack_policy"])
     );
     js.delete_stream(other.stream_name()).await.unwrap();
