@@ -12,8 +12,8 @@ use anyhow::{bail, Context, Result};
 use async_nats::Subscriber;
 use ch_readmodel::{PortfolioProjection, StrategyProjection};
 use ch_runtime::app::App;
-use ch_runtime::projector::{self, Projection, Projector};
-use ch_runtime::{eventstore, pg};
+use ch_runtime::eventstore;
+use ch_runtime::projector::{Projection, Projector};
 use futures::StreamExt;
 
 use crate::common::{projector_status, Ctx};
@@ -88,7 +88,7 @@ async fn rebuild<P: Projection>(
         };
         tokio::select! {
             result = replay => result.with_context(|| format!("rebuilding {name}"))?,
-            () = watch_replay(ctx, name, &projector, head) => unreachable!("watches until the replay ends"),
+            () = watch_replay(name, &projector, head) => unreachable!("watches until the replay ends"),
         }
     };
     let last = match reached {
@@ -132,22 +132,13 @@ async fn events_on(app: &App, filter: &str) -> Result<u64> {
 /// Prints every second how far this process's replay has got (its transactions commit every
 /// `CH_REPLAY_BATCH_MAX` events; the events applied before the next commit count too). Runs
 /// until dropped.
-async fn watch_replay<P: Projection>(ctx: &Ctx, name: &str, projector: &Projector<P>, head: u64) {
-    let client = pg::connect(&ctx.cfg.database_url, Some(&ctx.cfg.db_schema))
-        .await
-        .ok();
+async fn watch_replay<P: Projection>(name: &str, projector: &Projector<P>, head: u64) {
     let mut every_second = tokio::time::interval(Duration::from_secs(1));
     every_second.tick().await;
     loop {
         every_second.tick().await;
-        let committed = match &client {
-            Some(c) => projector::checkpoint(c, name).await.ok(),
-            None => None,
-        };
-        println!(
-            "{}",
-            progress_line(name, head, committed, projector.replay_applied())
-        );
+        let (committed, applied) = (projector.last_committed(), projector.replay_applied());
+        println!("{}", progress_line(name, head, committed, applied));
     }
 }
 

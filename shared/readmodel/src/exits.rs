@@ -155,6 +155,13 @@ struct Candidate {
     strategies: Vec<AttachedStrategy>,
 }
 
+impl Candidate {
+    /// Its round trip as the [`SpanCache`] keeps it: (portfolio, opening sequence).
+    fn key(&self) -> (String, u64) {
+        (self.portfolio_id.clone(), self.trip.opened_seq)
+    }
+}
+
 /// A price to evaluate.
 #[derive(Debug, Clone)]
 struct Price {
@@ -244,8 +251,7 @@ impl SpanCache {
             .symbols
             .get(&p.symbol)
             .filter(|s| s.as_of == p.version)?;
-        let (v, spans) = symbol.trips.get(trip).filter(|(v, _)| *v == version)?;
-        debug_assert_eq!(*v, version);
+        let (_, spans) = symbol.trips.get(trip).filter(|(v, _)| *v == version)?;
         Some(spans.iter().map(|s| s.entry.clone()).collect())
     }
 
@@ -470,8 +476,7 @@ impl Worker {
             let cache = self.spans.lock().expect("span cache");
             for &i in &trailing {
                 let c = &mut out[i];
-                let trip = (c.portfolio_id.clone(), c.trip.opened_seq);
-                match cache.get(p, &trip, c.version) {
+                match cache.get(p, &c.key(), c.version) {
                     Some(entries) => c.facts.entries = entries,
                     None => {
                         unread.0.push(c.portfolio_id.clone());
@@ -489,16 +494,12 @@ impl Worker {
                 if let Some(&i) = index.get(r.get::<_, &str>(0)) {
                     let spans = spans_of(&r);
                     out[i].facts.entries = spans.iter().map(|s| s.entry.clone()).collect();
-                    let trip = (out[i].portfolio_id.clone(), out[i].trip.opened_seq);
-                    cache.put(p, trip, out[i].version, spans);
+                    cache.put(p, out[i].key(), out[i].version, spans);
                 }
             }
         }
         if portfolio_id.is_none() {
-            let open = trailing
-                .iter()
-                .map(|&i| (out[i].portfolio_id.clone(), out[i].trip.opened_seq))
-                .collect();
+            let open = trailing.iter().map(|&i| out[i].key()).collect();
             self.spans.lock().expect("span cache").retain(p, &open);
         }
         tx.commit().await?;

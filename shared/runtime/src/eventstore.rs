@@ -193,10 +193,9 @@ pub async fn ensure_consumer(
     {
         return Ok(ConsumerSetup::LeftToProjector(differing));
     }
-    // What NATS does not change stays as it is.
+    // What is not compared stays as it is (where the durable is, its replicas).
     let wanted = pull::Config {
         deliver_policy: current.deliver_policy,
-        replay_policy: current.replay_policy,
         num_replicas: current.num_replicas,
         memory_storage: current.memory_storage,
         ..shipped
@@ -222,7 +221,7 @@ pub fn consumer_differences(
     current: &async_nats::jetstream::consumer::Config,
     shipped: &pull::Config,
 ) -> Vec<&'static str> {
-    [
+    differing([
         ("ack_policy", current.ack_policy != shipped.ack_policy),
         (
             "filter_subject",
@@ -250,10 +249,15 @@ pub fn consumer_differences(
         ("backoff", current.backoff != shipped.backoff),
         ("paused", current.pause_until.is_some()),
         ("description", current.description != shipped.description),
-    ]
-    .into_iter()
-    .filter_map(|(name, differs)| differs.then_some(name))
-    .collect()
+    ])
+}
+
+/// The names of the settings that differ.
+fn differing<const N: usize>(settings: [(&'static str, bool); N]) -> Vec<&'static str> {
+    settings
+        .into_iter()
+        .filter_map(|(name, differs)| differs.then_some(name))
+        .collect()
 }
 
 /// The settings of an existing event stream that may lose events, described.
@@ -315,7 +319,7 @@ async fn ensure_stream_once(
                     wanted.subjects.join(", ")
                 )));
             }
-            let differing: Vec<&'static str> = [
+            let differing = differing([
                 ("subjects", current.subjects != wanted.subjects),
                 ("deny_delete", current.deny_delete != wanted.deny_delete),
                 ("deny_purge", current.deny_purge != wanted.deny_purge),
@@ -324,10 +328,7 @@ async fn ensure_stream_once(
                     "duplicate_window",
                     current.duplicate_window != wanted.duplicate_window,
                 ),
-            ]
-            .into_iter()
-            .filter_map(|(name, differs)| differs.then_some(name))
-            .collect();
+            ]);
             let setup = if differing.is_empty() {
                 StreamSetup::InPlace
             } else {

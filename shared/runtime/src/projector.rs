@@ -603,6 +603,12 @@ impl<P: Projection> Projector<P> {
         Some(self.replay_applied.load(Ordering::Relaxed)).filter(|&seq| seq > 0)
     }
 
+    /// The checkpoint this projector last committed or read (`None` before the first).
+    #[must_use]
+    pub fn last_committed(&self) -> Option<u64> {
+        Some(self.position.load(Ordering::Relaxed)).filter(|&seq| seq != UNKNOWN)
+    }
+
     fn name(&self) -> &'static str {
         self.projection.name()
     }
