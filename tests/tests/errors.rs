@@ -1182,8 +1182,12 @@ async fn a_handler_that_panics_is_answered_internal_and_serving_goes_on() {
         metadata: Default::default(),
     };
     let token = CancellationToken::new();
+    let conns = service::Connections {
+        client: env.client.clone(),
+        intake: ch_runtime::connect_nats(&env.cfg, "panics").await.expect("connects"),
+    };
     let served = tokio::spawn(service::serve(
-        env.client.clone(),
+        conns,
         spec,
         Arc::new(Panics),
         Metrics::default(),

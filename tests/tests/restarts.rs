@@ -260,10 +260,10 @@ async fn ping_replies(env: &TestEnv, worker: Worker) -> usize {
     n
 }
 
-/// Waits (bounded) until `want` replicas of the portfolio projector answer a ping.
-async fn replicas_answering(env: &TestEnv, want: usize) {
+/// Waits (bounded) until `want` replicas of `worker` answer a ping.
+async fn replicas_answering(env: &TestEnv, worker: Worker, want: usize) {
     eventually(|| async {
-        let n = ping_replies(env, Worker::ProjPortfolio).await;
+        let n = ping_replies(env, worker).await;
         (n == want)
             .then_some(())
             .ok_or(format!("{n} replicas answer a ping, not {want}"))
@@ -279,10 +279,10 @@ async fn a_standby_projector_takes_over_when_the_active_one_dies() {
     env.performance_at("p1", first).await;
     // A second replica stands by while the first holds the projection's lock.
     let standby = env.spawn(Worker::ProjPortfolio).await;
-    replicas_answering(&env, 2).await;
+    replicas_answering(&env, Worker::ProjPortfolio, 2).await;
     active.kill().await;
     // Its service is gone with it (a killed process answers nothing).
-    replicas_answering(&env, 1).await;
+    replicas_answering(&env, Worker::ProjPortfolio, 1).await;
     let more = env.cmd("portfolio.update", deposit("p1", "1")).await;
     let perf = env
         .performance_at("p1", more["stream_seq"].as_u64().unwrap())
@@ -400,6 +400,76 @@ async fn a_stopping_worker_answers_every_request_it_was_handed() {
             "{id}"
         );
     }
+}
+
+/// One of two replicas stopped while clients keep sending: every request is answered, by the
+/// stopping replica (those the queue group routed to it before the server took its
+/// unsubscribe, which its drained connection still hands over) or by the other one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_stopping_under_load_leaves_no_request_unanswered() {
+    let env = TestEnv::new().await;
+    let stopping = env.spawn(Worker::CmdMarket).await;
+    let staying = env.spawn(Worker::CmdMarket).await;
+    replicas_answering(&env, Worker::CmdMarket, 2).await;
+    let answered = Arc::new(AtomicUsize::new(0));
+    let done = CancellationToken::new();
+    const CLIENTS: usize = 32;
+    let clients: Vec<JoinHandle<Vec<String>>> = (0..CLIENTS)
+        .map(|c| {
+            let (client, subjects) = (env.client.clone(), env.subjects.clone());
+            let (answered, done) = (answered.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut failures = Vec::new();
+                let mut i = 0u64;
+                while !done.is_cancelled() {
+                    i += 1;
+                    // A symbol of each client's own: no two appends race for one subject.
+                    let body = price(&format!("C{c}-USDT"), &(20_000 + i).to_string());
+                    let request = async_nats::Request::new()
+                        .payload(serde_json::to_vec(&body).unwrap().into())
+                        .timeout(Some(ch_e2e::PATIENCE));
+                    match client.send_request(subjects.command("market.price"), request).await {
+                        Ok(reply) if reply.headers.is_none() => {
+                            answered.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(reply) => failures.push(format!(
+                            "client {c}, price {i}: {}",
+                            String::from_utf8_lossy(&reply.payload)
+                        )),
+                        Err(e) => failures.push(format!("client {c}, price {i}: {e}")),
+                    }
+                }
+                failures
+            })
+        })
+        .collect();
+    let until = |n: usize| {
+        let answered = answered.clone();
+        async move {
+            eventually(|| async {
+                let got = answered.load(Ordering::Relaxed);
+                (got >= n).then_some(()).ok_or(format!("{got} of {n} answered"))
+            })
+            .await
+        }
+    };
+    until(300).await;
+    stopping.stop().await;
+    // The other replica answers on.
+    let after = answered.load(Ordering::Relaxed) + 300;
+    until(after).await;
+    done.cancel();
+    let mut failures = Vec::new();
+    for c in clients {
+        failures.extend(c.await.expect("client"));
+    }
+    assert!(
+        failures.is_empty(),
+        "{} requests unanswered of {}: {failures:?}",
+        failures.len(),
+        answered.load(Ordering::Relaxed) + failures.len()
+    );
+    staying.stop().await;
 }
 
 /// A rebuild's reset that lands while a projector is still replaying the stream as it starts

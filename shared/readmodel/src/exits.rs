@@ -907,7 +907,7 @@ pub async fn run_on(
         [("status", status_subject(worker.app.subjects.prefix()))],
     );
     let svc = tokio::spawn(service::serve(
-        worker.app.client.clone(),
+        worker.app.connections(),
         spec,
         Arc::new(StatusHandler(worker.clone())),
         worker.app.metrics.clone(),

@@ -146,7 +146,7 @@ pub async fn run_projector<P: Projection>(
     if !migrated(&app, &shutdown, Schema::Migrate).await? {
         return Ok(());
     }
-    projector::run(projector, shutdown).await
+    projector::run(projector, app.intake.clone(), shutdown).await
 }
 
 /// `proj-portfolio`'s whole life (see [`ch_runtime::app::boxed_main`]).
@@ -474,7 +474,7 @@ pub async fn run_queries(
         read_timeout: app.cfg.query_timeout,
     });
     service::serve(
-        app.client.clone(),
+        app.connections(),
         spec,
         handler,
         app.metrics.clone(),

@@ -69,6 +69,8 @@ pub struct App {
     pub cfg: Config,
     pub subjects: Subjects,
     pub client: async_nats::Client,
+    /// The connection of the worker's micro service (see [`crate::service::Connections`]).
+    pub intake: async_nats::Client,
     pub store: EventStore,
     pub metrics: Metrics,
     /// The worker's name, e.g. `cmd-portfolio`.
@@ -88,6 +90,14 @@ impl App {
         // The address as messages and logs show it (no password).
         let nats = crate::config::redact(&cfg.nats_url);
         let client = crate::connect_nats(&cfg, &service_name)
+            .await
+            .map_err(|error| StartError::Nats {
+                url: nats.clone(),
+                error,
+            })?;
+        // The service's own connection, drained when the worker stops (named apart in the
+        // server's connection list).
+        let intake = crate::connect_nats(&cfg, &format!("{service_name} requests"))
             .await
             .map_err(|error| StartError::Nats {
                 url: nats.clone(),
@@ -118,11 +128,20 @@ impl App {
             cfg,
             subjects,
             client,
+            intake,
             store,
             metrics,
             worker: worker.to_owned(),
             service_name,
         })
+    }
+
+    /// The connections its micro service runs on.
+    pub fn connections(&self) -> crate::service::Connections {
+        crate::service::Connections {
+            client: self.client.clone(),
+            intake: self.intake.clone(),
+        }
     }
 
     /// A Postgres pool on the configured schema.

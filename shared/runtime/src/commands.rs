@@ -268,7 +268,7 @@ pub async fn run(
         metrics: app.metrics.clone(),
     });
     service::serve(
-        app.client.clone(),
+        app.connections(),
         spec,
         handler,
         app.metrics.clone(),

@@ -1712,13 +1712,14 @@ impl<P: Projection> Handler for StatusHandler<P> {
     }
 }
 
-/// Runs a projector and its micro service (`<prefix>-proj-<name>`, endpoint `status`) until
-/// `shutdown`.
+/// Runs a projector and its micro service (`<prefix>-proj-<name>`, endpoints `status` and
+/// `rebuild`, on `intake`: see [`service::Connections`]) until `shutdown`.
 ///
 /// # Errors
 /// When the projector or its service fails to start.
 pub async fn run<P: Projection>(
     projector: Projector<P>,
+    intake: async_nats::Client,
     shutdown: CancellationToken,
 ) -> Result<(), async_nats::Error> {
     let mut projector = projector;
@@ -1750,7 +1751,10 @@ pub async fn run<P: Projection>(
         metadata: projector.service_metadata.clone(),
     };
     let svc = tokio::spawn(service::serve(
-        projector.client.clone(),
+        service::Connections {
+            client: projector.client.clone(),
+            intake,
+        },
         spec,
         Arc::new(StatusHandler(projector.clone())),
         projector.metrics.clone(),

@@ -136,6 +136,24 @@ pub async fn alongside<E: Into<async_nats::Error>>(
     Err(failure)
 }
 
+/// The two NATS connections a service runs on.
+#[derive(Clone)]
+pub struct Connections {
+    /// The worker's connection: its work, and the replies sent once the service drains.
+    pub client: async_nats::Client,
+    /// The service's own connection: its endpoints' and `$SRV` subscriptions and its replies
+    /// until it drains. At shutdown the whole connection is drained (the server is told to
+    /// stop routing requests here, then a ping fences those it routed before), which async-nats
+    /// offers for a connection but not for a service endpoint: an endpoint's `stop` drops the
+    /// requests the queue group handed it in the instant before the server took the
+    /// unsubscribe. A drained connection closes, so the replies after that go out on `client`.
+    pub intake: async_nats::Client,
+}
+
+/// How long a draining service waits for the server's answer to its drain (NATS away): then
+/// it stops taking requests without it.
+const DRAIN_PATIENCE: Duration = Duration::from_secs(5);
+
 /// Serves `spec` until `shutdown` fires, then stops taking requests, answers those it was
 /// handed already (queued for it, which no other replica will see), lets the ones in flight
 /// finish, and returns.
@@ -143,15 +161,16 @@ pub async fn alongside<E: Into<async_nats::Error>>(
 /// # Errors
 /// When the service cannot be registered with NATS.
 pub async fn serve<H: Handler>(
-    client: async_nats::Client,
+    conns: Connections,
     spec: ServiceSpec,
     handler: Arc<H>,
     metrics: Metrics,
     shutdown: CancellationToken,
 ) -> Result<(), async_nats::Error> {
+    let Connections { client, intake } = conns;
     let stats_metrics = metrics.clone();
     let mut service = StopOnDrop(Some(
-        client
+        intake
             .service_builder()
             .description(spec.description.clone())
             .metadata(spec.metadata.clone())
@@ -162,6 +181,10 @@ pub async fn serve<H: Handler>(
     ));
     let tracker = TaskTracker::new();
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    let replies = Replies {
+        client: client.clone(),
+        draining: Arc::new(tokio::sync::RwLock::new(false)),
+    };
     let mut loops = Vec::new();
     for ep in &spec.endpoints {
         let mut endpoint = service
@@ -176,69 +199,64 @@ pub async fn serve<H: Handler>(
         let metrics = metrics.clone();
         let name = ep.name.clone();
         let permits = permits.clone();
-        let client = client.clone();
+        let replies = replies.clone();
         // The server's limit as it was when the service started (a reconnect to a server
         // with a lower one is refused at publish, and logged).
-        let max_payload = client.server_info().max_payload;
+        let max_payload = intake.server_info().max_payload;
         // Aborted with this task (a worker's task aborted): no endpoint serves on for it.
         loops.push(AbortOnDropHandle::new(tokio::spawn(async move {
-            let serve_one = |request: async_nats::service::Request| {
-                let permits = permits.clone();
-                let handler = handler.clone();
-                let metrics = metrics.clone();
-                let name = name.clone();
-                let tracker = tracker.clone();
-                async move {
-                    let Ok(permit) = permits.acquire_owned().await else {
-                        return;
-                    };
-                    let span = tracing::info_span!(
-                        "request",
-                        endpoint = %name,
-                        subject = %request.message.subject,
-                        aggregate_id = tracing::field::Empty,
-                        command_id = tracing::field::Empty,
-                        stream_seq = tracing::field::Empty,
-                    );
-                    tracker.spawn(
-                        async move {
-                            respond(&*handler, &name, &metrics, max_payload, request).await;
-                            drop(permit);
-                        }
-                        .instrument(span),
-                    );
-                }
-            };
-            loop {
-                let request = tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    r = endpoint.next() => match r { Some(r) => r, None => break },
-                };
-                serve_one(request).await;
-            }
-            // Stop taking requests, then answer those this replica was handed already: the
-            // queue group gave them to it, and no other replica will see them. The client drops
-            // what arrives for a subscription it has ended, so first a round trip: its answer
-            // comes after every request the server routed here before it, which are then
-            // queued (those routed between it and the unsubscribe are lost: a client's retry
-            // with its `command_id` is answered by another replica).
-            round_trip(&client).await;
-            let _ = endpoint.stop().await;
+            // Every request the server routed here is answered: the loop ends once the
+            // drained connection has handed over the last of them.
             let mut drained = 0;
             while let Some(request) = endpoint.next().await {
-                serve_one(request).await;
-                drained += 1;
+                drained += u64::from(shutdown.is_cancelled());
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    return;
+                };
+                let span = tracing::info_span!(
+                    "request",
+                    endpoint = %name,
+                    subject = %request.message.subject,
+                    aggregate_id = tracing::field::Empty,
+                    command_id = tracing::field::Empty,
+                    stream_seq = tracing::field::Empty,
+                );
+                let (handler, metrics, name, replies) =
+                    (handler.clone(), metrics.clone(), name.clone(), replies.clone());
+                tracker.spawn(
+                    async move {
+                        respond(&*handler, &name, &metrics, max_payload, &replies, request).await;
+                        drop(permit);
+                    }
+                    .instrument(span),
+                );
             }
             if drained > 0 {
-                info!(endpoint = %name, requests = drained, "answering requests received before stopping");
+                info!(endpoint = %name, requests = drained, "answered requests received while stopping");
             }
         })));
     }
     info!(service = %spec.name, endpoints = spec.endpoints.len(), "serving");
     shutdown.cancelled().await;
-    for l in loops {
-        let _ = l.await;
+    // Replies from now on go out on the worker's connection: the service's closes once drained.
+    // Taken for writing, the flag waits for every reply already being handed to the service's
+    // connection, which then goes out before the drain's unsubscribes.
+    {
+        let mut draining = replies.draining.write().await;
+        *draining = true;
+        if let Err(e) = intake.drain().await {
+            warn!(error = %e, "could not drain the service's connection");
+        }
     }
+    let all = futures::future::join_all(loops.iter_mut());
+    if tokio::time::timeout(DRAIN_PATIENCE, all).await.is_err() {
+        warn!(
+            service = %spec.name,
+            patience_s = DRAIN_PATIENCE.as_secs(),
+            "NATS did not confirm the drain in time: stopped taking requests without it"
+        );
+    }
+    drop(loops);
     tracker.close();
     tracker.wait().await;
     if let Some(service) = service.0.take() {
@@ -251,6 +269,43 @@ pub async fn serve<H: Handler>(
     }
     info!(service = %spec.name, "stopped");
     Ok(())
+}
+
+/// Where a reply goes out: on the service's connection (which counts it in `$SRV.STATS`) until
+/// the service drains, then on the worker's.
+#[derive(Clone)]
+struct Replies {
+    client: async_nats::Client,
+    /// Set when the service's connection starts draining; read for each reply while it is
+    /// handed to a connection.
+    draining: Arc<tokio::sync::RwLock<bool>>,
+}
+
+impl Replies {
+    async fn send(
+        &self,
+        request: &async_nats::service::Request,
+        body: Bytes,
+        headers: Option<async_nats::HeaderMap>,
+    ) -> Result<(), async_nats::PublishError> {
+        let draining = self.draining.read().await;
+        if !*draining {
+            return match headers {
+                None => request.respond(Ok(body)).await,
+                Some(h) => request.respond_with_headers(Ok(body), h).await,
+            };
+        }
+        let Some(reply) = request.message.reply.clone() else {
+            return Err(async_nats::PublishError::with_source(
+                async_nats::client::PublishErrorKind::InvalidSubject,
+                "the request has no reply subject",
+            ));
+        };
+        match headers {
+            None => self.client.publish(reply, body).await,
+            Some(h) => self.client.publish_with_headers(reply, h, body).await,
+        }
+    }
 }
 
 /// A service that stops when dropped: its PING, INFO and STATS handler is a task of its own,
@@ -272,13 +327,6 @@ impl Drop for StopOnDrop {
     }
 }
 
-/// A request to a subject nobody serves, answered by the server ("no responders") after it
-/// has sent this connection everything routed to it before.
-async fn round_trip(client: &async_nats::Client) {
-    let request = async_nats::Request::new().timeout(Some(Duration::from_secs(5)));
-    let _ = client.send_request(client.new_inbox(), request).await;
-}
-
 /// Handles one request and sends its reply (an error reply with the API's headers and body),
 /// counting it in `metrics`.
 async fn respond<H: Handler>(
@@ -286,6 +334,7 @@ async fn respond<H: Handler>(
     name: &str,
     metrics: &Metrics,
     max_payload: usize,
+    replies: &Replies,
     request: async_nats::service::Request,
 ) {
     let started = Instant::now();
@@ -322,7 +371,7 @@ async fn respond<H: Handler>(
                 latency_us = started.elapsed().as_micros() as u64,
                 "answered"
             );
-            request.respond(Ok(body.clone())).await
+            replies.send(&request, body.clone(), None).await
         }
         Err(e) => {
             // An error is for a bug (`internal`); a store or database away for a while, or a
@@ -335,9 +384,7 @@ async fn respond<H: Handler>(
                 500 => error!(code = %e.code, error = %message, "request failed"),
                 _ => warn!(code = %e.code, error = %message, "request failed"),
             }
-            request
-                .respond_with_headers(Ok(e.body()), e.headers())
-                .await
+            replies.send(&request, e.body(), Some(e.headers())).await
         }
     };
     metrics.request(

@@ -790,11 +790,15 @@ async fn run_monolith(
     prefix: &str,
     schema: &str,
 ) -> Result<Value> {
-    // Its own connection, as a separate service would have.
+    // Its own connections, as a separate service would have.
     let service_client = ctx.connect().await?;
+    let conns = ch_runtime::service::Connections {
+        client: service_client.clone(),
+        intake: ctx.connect().await?,
+    };
     let stop = CancellationToken::new();
     let handle = monolith::start(
-        service_client.clone(),
+        conns,
         &ctx.cfg.database_url,
         schema,
         prefix,

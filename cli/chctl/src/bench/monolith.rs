@@ -261,7 +261,7 @@ const ENDPOINTS: [(&str, &str); 4] = [
 /// # Errors
 /// When the database cannot be reached or set up, or the service cannot be registered.
 pub async fn start(
-    client: async_nats::Client,
+    conns: service::Connections,
     database_url: &str,
     schema: &str,
     prefix: &str,
@@ -284,20 +284,12 @@ pub async fn start(
         metadata: Default::default(),
     };
     let (failed_tx, mut failed_rx) = tokio::sync::oneshot::channel::<String>();
-    let task = tokio::spawn({
-        let client = client.clone();
-        async move {
-            let served = service::serve(
-                client,
-                spec,
-                Arc::new(monolith),
-                Metrics::default(),
-                shutdown,
-            )
+    let client = conns.client.clone();
+    let task = tokio::spawn(async move {
+        let served = service::serve(conns, spec, Arc::new(monolith), Metrics::default(), shutdown)
             .await;
-            if let Err(e) = served {
-                let _ = failed_tx.send(e.to_string());
-            }
+        if let Err(e) = served {
+            let _ = failed_tx.send(e.to_string());
         }
     });
     // Wait until `$SRV.INFO` lists every endpoint, so that the first request finds a responder.
