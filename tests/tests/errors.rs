@@ -1210,3 +1210,24 @@ async fn a_handler_that_panics_is_answered_internal_and_serving_goes_on() {
     token.cancel();
     served.await.expect("joined").expect("served");
 }
+
+/// A worker started against a nats-server with JetStream off says so, and how to turn it on,
+/// rather than only that the store is not ready.
+#[tokio::test]
+async fn a_worker_on_a_server_without_jetstream_says_it_is_off() {
+    let server =
+        ch_e2e::NatsServer::start_with(|port, _| format!("listen: \"127.0.0.1:{port}\"\n")).await;
+    let cfg = ch_runtime::Config {
+        nats_url: server.url.clone(),
+        prefix: "nojs".into(),
+        ..ch_runtime::Config::default()
+    };
+    let Err(e) = ch_runtime::app::App::start(cfg, "cmd-market").await else {
+        panic!("a worker started without JetStream");
+    };
+    let said = e.to_string();
+    assert!(
+        said.contains("has JetStream off") && said.contains("-js"),
+        "{said}"
+    );
+}

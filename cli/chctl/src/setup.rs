@@ -29,10 +29,17 @@ pub async fn run(ctx: &Ctx, args: &Opts) -> Result<()> {
     // before anything is made on NATS.
     pg::check_url(&ctx.cfg.database_url)?;
     let client = ctx.connect().await?;
-    let js = jetstream::new(client);
+    let js = jetstream::new(client.clone());
     eventstore::wait_ready(&js, Duration::from_secs(15))
         .await
-        .with_context(|| format!("JetStream at {}", redact(&ctx.cfg.nats_url)))?;
+        .with_context(|| {
+            let off = if client.server_info().jetstream {
+                ""
+            } else {
+                " (the server has JetStream off: start it with `-js` or a `jetstream {}` block)"
+            };
+            format!("JetStream at {}{off}", redact(&ctx.cfg.nats_url))
+        })?;
 
     let name = ctx.subjects.stream_name();
     let (url, schema) = (&ctx.cfg.database_url, &ctx.cfg.db_schema);

@@ -35,15 +35,28 @@ pub enum StartError {
     NatsUnreachable { url: String, waited: Duration },
     #[error("{0} (has `chctl setup` run for this prefix?)")]
     Store(StoreError),
+    /// JetStream did not answer, and the server connected to says it has none.
+    #[error(
+        "{error}: the nats-server at {url} has JetStream off (start it with `-js` or a \
+         `jetstream {{}}` block in its configuration)"
+    )]
+    NoJetStream { url: String, error: StoreError },
     #[error(transparent)]
     Db(#[from] DbError),
 }
 
 impl StartError {
     /// JetStream did not answer within [`JETSTREAM_PATIENCE`]: NATS is unreachable if the
-    /// client never got a connection, else the store is not ready.
-    fn not_ready(e: StoreError, state: &async_nats::connection::State, url: &str) -> Self {
-        match state {
+    /// client never got a connection, JetStream off if the server says so, else the store is
+    /// not ready.
+    fn not_ready(e: StoreError, client: &async_nats::Client, url: &str) -> Self {
+        match client.connection_state() {
+            async_nats::connection::State::Connected if !client.server_info().jetstream => {
+                StartError::NoJetStream {
+                    url: url.to_owned(),
+                    error: e,
+                }
+            }
             async_nats::connection::State::Connected => StartError::Store(e),
             _ => StartError::NatsUnreachable {
                 url: url.to_owned(),
@@ -105,7 +118,7 @@ impl App {
             })?;
         wait_ready(&jetstream::new(client.clone()), JETSTREAM_PATIENCE)
             .await
-            .map_err(|e| StartError::not_ready(e, &client.connection_state(), &nats))?;
+            .map_err(|e| StartError::not_ready(e, &client, &nats))?;
         let metrics = Metrics::default();
         let store = EventStore::open(client.clone(), subjects.clone())
             .await?
