@@ -191,3 +191,11 @@ if code != 0 or "stopped before it had started" not in rest:
     sys.exit(f"smoke: cmd-market stopped during its start exited {code}:\n{rest}")
 PY
 echo "smoke: a worker stopped while it waits for NATS exits 0 at once"
+
+# `chctl down` reads no configuration: a `CH_*` variable set wrong since `up` does not keep
+# the workers running.
+out=$(CH_SYNC=Batch "$chctl" down) \
+    || { printf 'smoke: chctl down with CH_SYNC=Batch failed:\n%s\n' "$out" >&2; exit 1; }
+grep -q "^stopping [0-9]* worker(s)" <<<"$out" && [[ ! -e $CH_RUN_DIR/workers.pids ]] \
+    || { printf 'smoke: chctl down with CH_SYNC=Batch stopped nothing:\n%s\n' "$out" >&2; exit 1; }
+echo "smoke: chctl down stops the workers whatever the other CH_* variables say"

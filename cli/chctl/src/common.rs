@@ -27,6 +27,11 @@ pub const WORKERS: [&str; 9] = [
 pub const PROJECTIONS: [&str; 2] = ["portfolio", "strategy"];
 
 /// Configuration of this invocation.
+/// The pid file `up --detach` writes in `run_dir`: the workers `down` stops.
+pub fn pid_file(run_dir: &std::path::Path) -> PathBuf {
+    run_dir.join("workers.pids")
+}
+
 pub struct Ctx {
     pub cfg: Config,
     pub subjects: Subjects,
@@ -47,7 +52,7 @@ impl Ctx {
     }
 
     pub fn pid_file(&self) -> PathBuf {
-        self.run_dir.join("workers.pids")
+        pid_file(&self.run_dir)
     }
 
     pub fn log_dir(&self) -> PathBuf {

@@ -1,16 +1,16 @@
 //! `chctl down`: stops the workers of `up --detach`.
 
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Result;
 
-use crate::common::Ctx;
 use crate::procs;
 
-pub async fn run(ctx: &Ctx) -> Result<ExitCode> {
-    let path = ctx.pid_file();
-    let Some(entries) = procs::read_pid_file(&path)? else {
+/// Stops the workers listed in `path` (`<run dir>/workers.pids`).
+pub async fn run(path: &Path) -> Result<ExitCode> {
+    let Some(entries) = procs::read_pid_file(path)? else {
         println!("nothing to stop: no {}", path.display());
         return Ok(ExitCode::SUCCESS);
     };
@@ -24,7 +24,7 @@ pub async fn run(ctx: &Ctx) -> Result<ExitCode> {
         println!("stopping {} worker(s): {}", live.len(), names(&live));
     }
     let killed = procs::terminate(&live, Duration::from_secs(10)).await;
-    procs::remove_pid_file(&path);
+    procs::remove_pid_file(path);
     if dead > 0 {
         println!("{dead} worker(s) had already exited");
     }

@@ -84,6 +84,21 @@ fn main() -> ExitCode {
     if log_default_set {
         std::env::set_var("RUST_LOG", "warn");
     }
+    if matches!(cli.cmd, Cmd::Down) {
+        // Needs no configuration: a `CH_*` variable set wrong since `up` must not keep the
+        // workers running.
+        let pid_file = common::pid_file(&cli.run_dir);
+        return match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => exit_code(runtime.block_on(down::run(&pid_file))),
+            Err(e) => {
+                eprintln!("chctl: cannot start the async runtime: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let cfg = match ch_runtime::Config::from_env() {
         Ok(c) => c,
         Err(e) => {
@@ -115,7 +130,7 @@ fn main() -> ExitCode {
                     .await
             }
             Cmd::Up(a) => up::run(&ctx, &a).await,
-            Cmd::Down => down::run(&ctx).await,
+            Cmd::Down => down::run(&ctx.pid_file()).await,
             Cmd::Demo => interruptible(demo::run(&ctx)).await,
             Cmd::Rebuild(a) => interruptible(rebuild::run(&ctx, &a)).await,
             Cmd::Status(a) => interruptible(status::run(&ctx, &a)).await,
@@ -123,6 +138,11 @@ fn main() -> ExitCode {
             Cmd::Bench(a) => bench::run(&ctx, &a).await,
         }
     });
+    exit_code(result)
+}
+
+/// A subcommand's exit status; its error said on stderr.
+fn exit_code(result: anyhow::Result<ExitCode>) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
