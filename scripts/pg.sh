@@ -6,17 +6,23 @@ set -euo pipefail
 
 url=${CH_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/cipherhorizon}
 
-# postgres://user:pass@host:port/db?opts -> host, port
-rest=${url#*://}
-rest=${rest%%/*}
-rest=${rest%%\?*}
-rest=${rest##*@}
-if [[ $rest == \[* ]]; then            # [::1]:5432
-    host=${rest%%]*}; host=${host#[}
-    port=${rest##*]}; port=${port#:}
+if [[ $url == *://* ]]; then
+    # postgres://user:pass@host:port/db?opts -> host, port
+    rest=${url#*://}
+    rest=${rest%%/*}
+    rest=${rest%%\?*}
+    rest=${rest##*@}
+    if [[ $rest == \[* ]]; then            # [::1]:5432
+        host=${rest%%]*}; host=${host#[}
+        port=${rest##*]}; port=${port#:}
+    else
+        host=${rest%%:*}
+        port=${rest#"$host"}; port=${port#:}
+    fi
 else
-    host=${rest%%:*}
-    port=${rest#"$host"}; port=${port#:}
+    # A key/value string, as libpq takes: host=... port=... (a host may be a socket directory)
+    kv() { sed -n "s/^\(.*[[:space:]]\)\{0,1\}$1=\([^[:space:]]*\).*/\2/p" <<<"$url"; }
+    host=$(kv host) port=$(kv port)
 fi
 host=${host:-127.0.0.1}
 port=${port:-5432}
@@ -38,7 +44,7 @@ if ready; then
 fi
 
 case $host in
-    127.0.0.1|localhost|::1) ;;
+    127.0.0.1|localhost|::1|/*) ;;
     *) fail ;;
 esac
 
