@@ -47,16 +47,19 @@ pub enum StartError {
 
 impl StartError {
     /// JetStream did not answer within [`JETSTREAM_PATIENCE`]: NATS is unreachable if the
-    /// client never got a connection, JetStream off if the server says so, else the store is
-    /// not ready.
-    fn not_ready(e: StoreError, client: &async_nats::Client, url: &str) -> Self {
-        match client.connection_state() {
-            async_nats::connection::State::Connected if !client.server_info().jetstream => {
-                StartError::NoJetStream {
-                    url: url.to_owned(),
-                    error: e,
-                }
-            }
+    /// client never got a connection (`state`), JetStream off if the server says so
+    /// (`jetstream`, from its INFO), else the store is not ready.
+    fn not_ready(
+        e: StoreError,
+        state: &async_nats::connection::State,
+        jetstream: bool,
+        url: &str,
+    ) -> Self {
+        match state {
+            async_nats::connection::State::Connected if !jetstream => StartError::NoJetStream {
+                url: url.to_owned(),
+                error: e,
+            },
             async_nats::connection::State::Connected => StartError::Store(e),
             _ => StartError::NatsUnreachable {
                 url: url.to_owned(),
@@ -118,7 +121,10 @@ impl App {
             })?;
         wait_ready(&jetstream::new(client.clone()), JETSTREAM_PATIENCE)
             .await
-            .map_err(|e| StartError::not_ready(e, &client, &nats))?;
+            .map_err(|e| {
+                let (state, js) = (client.connection_state(), client.server_info().jetstream);
+                StartError::not_ready(e, &state, js, &nats)
+            })?;
         let metrics = Metrics::default();
         let store = EventStore::open(client.clone(), subjects.clone())
             .await?
@@ -320,7 +326,7 @@ mod tests {
         let url = "nats://127.0.0.1:1";
         let unready = || StoreError::Unavailable("JetStream not ready: no answer".into());
         for state in [State::Pending, State::Disconnected] {
-            let text = chain(&StartError::not_ready(unready(), &state, url));
+            let text = chain(&StartError::not_ready(unready(), &state, true, url));
             assert_eq!(
                 text,
                 "cannot reach NATS at nats://127.0.0.1:1 (tried for 10s; is a nats-server \
@@ -328,9 +334,25 @@ mod tests {
                  its answers)"
             );
         }
-        let text = chain(&StartError::not_ready(unready(), &State::Connected, url));
+        let text = chain(&StartError::not_ready(
+            unready(),
+            &State::Connected,
+            true,
+            url,
+        ));
         assert!(
             text.ends_with("(has `chctl setup` run for this prefix?)"),
+            "{text}"
+        );
+        // Connected to a server whose INFO says it has no JetStream: how to turn it on.
+        let text = chain(&StartError::not_ready(
+            unready(),
+            &State::Connected,
+            false,
+            url,
+        ));
+        assert!(
+            text.ends_with("has JetStream off (start it with `-js` or a `jetstream {}` block in its configuration)"),
             "{text}"
         );
     }
