@@ -1184,7 +1184,9 @@ async fn a_handler_that_panics_is_answered_internal_and_serving_goes_on() {
     let token = CancellationToken::new();
     let conns = service::Connections {
         client: env.client.clone(),
-        intake: ch_runtime::connect_nats(&env.cfg, "panics").await.expect("connects"),
+        intake: ch_runtime::connect_nats(&env.cfg, "panics")
+            .await
+            .expect("connects"),
     };
     let served = tokio::spawn(service::serve(
         conns,

@@ -428,7 +428,10 @@ async fn a_replica_stopping_under_load_leaves_no_request_unanswered() {
                     let request = async_nats::Request::new()
                         .payload(serde_json::to_vec(&body).unwrap().into())
                         .timeout(Some(ch_e2e::PATIENCE));
-                    match client.send_request(subjects.command("market.price"), request).await {
+                    match client
+                        .send_request(subjects.command("market.price"), request)
+                        .await
+                    {
                         Ok(reply) if reply.headers.is_none() => {
                             answered.fetch_add(1, Ordering::Relaxed);
                         }
@@ -448,7 +451,9 @@ async fn a_replica_stopping_under_load_leaves_no_request_unanswered() {
         async move {
             eventually(|| async {
                 let got = answered.load(Ordering::Relaxed);
-                (got >= n).then_some(()).ok_or(format!("{got} of {n} answered"))
+                (got >= n)
+                    .then_some(())
+                    .ok_or(format!("{got} of {n} answered"))
             })
             .await
         }

@@ -797,15 +797,9 @@ async fn run_monolith(
         intake: ctx.connect().await?,
     };
     let stop = CancellationToken::new();
-    let handle = monolith::start(
-        conns,
-        &ctx.cfg.database_url,
-        schema,
-        prefix,
-        stop.clone(),
-    )
-    .await
-    .context("starting the monolithic baseline")?;
+    let handle = monolith::start(conns, &ctx.cfg.database_url, schema, prefix, stop.clone())
+        .await
+        .context("starting the monolithic baseline")?;
     let target = Target {
         client: client.clone(),
         prefix: prefix.to_owned(),

@@ -286,8 +286,14 @@ pub async fn start(
     let (failed_tx, mut failed_rx) = tokio::sync::oneshot::channel::<String>();
     let client = conns.client.clone();
     let task = tokio::spawn(async move {
-        let served = service::serve(conns, spec, Arc::new(monolith), Metrics::default(), shutdown)
-            .await;
+        let served = service::serve(
+            conns,
+            spec,
+            Arc::new(monolith),
+            Metrics::default(),
+            shutdown,
+        )
+        .await;
         if let Err(e) = served {
             let _ = failed_tx.send(e.to_string());
         }
