@@ -2,7 +2,8 @@
 //! headers every event carries, and one stream per subject prefix.
 
 use async_nats::jetstream;
-use ch_e2e::fixtures::{deposit, open, seq};
+use ch_domain::AggregateType;
+use ch_e2e::fixtures::{attach, deposit, open, seq, strategy};
 use ch_e2e::{TestEnv, Worker};
 use ch_runtime::eventstore;
 use ch_runtime::Subjects;
@@ -216,4 +217,61 @@ async fn set_up_brings_back_what_the_workers_rely_on_and_reports_the_rest() {
         ConsumerSetup::LeftToProjector(vec!["ack_policy"])
     );
     js.delete_stream(other.stream_name()).await.unwrap();
+}
+
+/// A subject whose events add up to more than the server sends in one batched direct get
+/// (its `max_pending` for the connection, here 1 MB; 64 MB by default) is loaded whole: the
+/// end-of-batch status says how many are left. A cold worker then decides on the whole
+/// history: an attach of the strategy deleted after its large updates is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_load_of_a_subject_larger_than_a_batch_is_complete() {
+    let mut env = TestEnv::on_own_nats_server_with(|port, dir| {
+        format!(
+            "listen: \"127.0.0.1:{port}\"\nmax_pending: 1MB\njetstream {{ store_dir: {:?} }}\n",
+            dir.join("store")
+        )
+    })
+    .await;
+    env.start(Worker::CmdStrategy).await;
+    // About 100 KB an event: twelve of them are more than one batch.
+    let symbols = |round: usize| -> Vec<String> {
+        (0..7_000).map(|i| format!("S{round}X{i}-USDT")).collect()
+    };
+    let first = symbols(0);
+    let first: Vec<&str> = first.iter().map(String::as_str).collect();
+    env.cmd("strategy.create", strategy("u1", "s1", &first))
+        .await;
+    for round in 1..12 {
+        let mut body = strategy("u1", "s1", &[]);
+        body["risk_profile"]["allowed_symbols"] = serde_json::json!(symbols(round));
+        body.as_object_mut().unwrap().remove("user_id");
+        env.cmd("strategy.update", body).await;
+    }
+    env.cmd("strategy.delete", serde_json::json!({"strategy_id": "s1"}))
+        .await;
+    let stored = env.subject_count(AggregateType::Strategy, "s1").await;
+    assert_eq!(stored, 13);
+    let loaded = env
+        .event_store()
+        .await
+        .load(AggregateType::Strategy, "s1", 0)
+        .await
+        .expect("loaded");
+    assert_eq!(
+        loaded.len() as u64,
+        stored,
+        "a cold load read part of the subject"
+    );
+
+    env.start(Worker::CmdPortfolio).await;
+    env.cmd("portfolio.update", open("p1", "u1")).await;
+    let refused = env
+        .request("cmd.portfolio.update", attach("p1", "s1"))
+        .await;
+    assert_eq!(
+        refused.code(),
+        Some("strategy_deleted"),
+        "{:?}",
+        refused.body
+    );
 }

@@ -732,7 +732,8 @@ impl EventStore {
     }
 
     /// [`EventStore::load`] with batched direct gets: one request answers up to [`LOAD_BATCH`]
-    /// messages of the subject, then an end-of-batch status (204), or 404 when there are none.
+    /// messages of the subject (fewer when they are large), then an end-of-batch status (204)
+    /// with the number left, or 404 when there are none.
     async fn load_batched(
         &self,
         subject: &str,
@@ -758,6 +759,7 @@ impl EventStore {
                 .map_err(unavailable)?;
             let mut got = 0;
             let mut retry = false;
+            let mut more = false;
             loop {
                 let msg = match tokio::time::timeout(
                     UNANSWERED_LOAD_TRY,
@@ -788,9 +790,20 @@ impl EventStore {
                         next = seq + 1;
                         got += 1;
                     }
-                    // End of batch, or nothing (more) on the subject.
+                    // Nothing (more) on the subject.
                     Some(StatusCode::NOT_FOUND) => break,
-                    Some(s) if s.as_u16() == 204 => break,
+                    // End of batch: after LOAD_BATCH messages, or earlier once their bytes
+                    // reached the server's max_pending for this connection (64 MB by
+                    // default), when it says how many are left.
+                    Some(s) if s.as_u16() == 204 => {
+                        more = msg
+                            .headers
+                            .as_ref()
+                            .and_then(|h| h.get("Nats-Num-Pending"))
+                            .and_then(|v| v.as_str().parse::<u64>().ok())
+                            .is_some_and(|left| left > 0);
+                        break;
+                    }
                     Some(StatusCode::NO_RESPONDERS) if got == 0 && again.wait().await => {
                         self.metrics.read_retry();
                         retry = true;
@@ -805,7 +818,7 @@ impl EventStore {
                 }
             }
             let _ = sub.unsubscribe().await;
-            if !retry && got < LOAD_BATCH {
+            if !retry && !more && got < LOAD_BATCH {
                 debug!(%subject, after_seq, loaded = out.len(), "loaded aggregate");
                 return Ok(out);
             }
