@@ -3,7 +3,7 @@
 //! (across processes, optimistic concurrency takes over). Caches are only caches: an entry can
 //! be dropped at any time and is rebuilt from the stream.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,14 +16,22 @@ use crate::envelope::StoredEvent;
 use crate::error::StoreError;
 use crate::eventstore::{EventStore, EXPECTED_LAST_SUBJECT_SEQ};
 
+/// How many of an aggregate's latest command ids its cache entry keeps (a cold load keeps the
+/// same ones): a price feed sending a `command_id` with every price would otherwise grow its
+/// symbol's entry by one id per price for as long as the worker runs.
+pub const COMMAND_IDS_KEPT: usize = 10_000;
+
 /// The cached state of one aggregate.
 #[derive(Debug, Default)]
 pub struct Entry<A> {
     pub state: A,
     /// Stream sequence of the last applied event (0 = none).
     pub last_seq: u64,
-    /// `command_id` -> stream sequence of the event it produced, for idempotent replies.
+    /// `command_id` -> stream sequence of the event it produced, for idempotent replies: the
+    /// aggregate's last [`COMMAND_IDS_KEPT`] (older ones are left to the stream's
+    /// de-duplication window), in `command_order` oldest first.
     commands: HashMap<Uuid, u64>,
+    command_order: VecDeque<Uuid>,
     /// When the entry was last compared with the stream (for [`Repo::fact`]).
     checked_at: Option<Instant>,
     /// [`EventStore::connects`] then: a reconnect since may have lost its change notice.
@@ -36,7 +44,14 @@ impl<A: Aggregate> Entry<A> {
         self.state.apply(&ev.event, ev.meta.occurred_at);
         self.last_seq = ev.seq;
         if let Some(cid) = ev.meta.command_id {
-            self.commands.insert(cid, ev.seq);
+            if self.commands.insert(cid, ev.seq).is_none() {
+                self.command_order.push_back(cid);
+                if self.command_order.len() > COMMAND_IDS_KEPT {
+                    if let Some(oldest) = self.command_order.pop_front() {
+                        self.commands.remove(&oldest);
+                    }
+                }
+            }
         }
     }
 
@@ -50,6 +65,7 @@ impl<A: Aggregate> Entry<A> {
             state: A::default(),
             last_seq: 0,
             commands: HashMap::new(),
+            command_order: VecDeque::new(),
             checked_at: None,
             checked_connects: 0,
         };
@@ -92,17 +108,25 @@ impl Notice {
 /// How often a task of its own moves a repo's queued change notices (see [`Repo::follow`]).
 const NOTICE_DRAIN: Duration = Duration::from_millis(50);
 
+/// Above this many, notices that no longer matter are dropped as more are moved in.
+const NOTICES_PRUNED_ABOVE: usize = 1024;
+
 /// Moves queued change notices into the stale set (never waits); `false` once the
-/// subscription is closed or gone.
+/// subscription is closed or gone. A notice older than twice `max_age` (a fact's trust
+/// without one) changes nothing: the entry was last read before it came, so its next read
+/// goes to the stream anyway. Such notices are dropped once there are many (notices of
+/// aggregates that no command reads as a fact would otherwise pile up, one per id).
 fn drain_notices(
     notices: &Mutex<Option<async_nats::Subscriber>>,
     stale: &Mutex<HashMap<String, Notice>>,
+    max_age: Duration,
 ) -> bool {
     let mut guard = notices.lock().expect("notices lock poisoned");
     let Some(sub) = guard.as_mut() else {
         return false;
     };
     let mut stale = stale.lock().expect("stale lock poisoned");
+    prune_notices(&mut stale, max_age);
     loop {
         match futures::StreamExt::next(sub).now_or_never() {
             Some(Some(msg)) => {
@@ -124,6 +148,14 @@ fn drain_notices(
             }
             None => return true,
         }
+    }
+}
+
+/// Drops the notices older than twice `max_age` once there are more than
+/// [`NOTICES_PRUNED_ABOVE`] (see [`drain_notices`]).
+fn prune_notices(stale: &mut HashMap<String, Notice>, max_age: Duration) {
+    if stale.len() > NOTICES_PRUNED_ABOVE {
+        stale.retain(|_, n| n.at.elapsed() < 2 * max_age);
     }
 }
 
@@ -228,6 +260,7 @@ impl<A: Aggregate> Repo<A> {
     pub fn follow(&self, notices: async_nats::Subscriber) {
         *self.notices.lock().expect("notices lock poisoned") = Some(notices);
         let (notices, stale) = (Arc::downgrade(&self.notices), Arc::downgrade(&self.stale));
+        let max_age = self.fact_max_age;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(NOTICE_DRAIN);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -236,7 +269,7 @@ impl<A: Aggregate> Repo<A> {
                 let (Some(notices), Some(stale)) = (notices.upgrade(), stale.upgrade()) else {
                     break;
                 };
-                if !drain_notices(&notices, &stale) {
+                if !drain_notices(&notices, &stale, max_age) {
                     break;
                 }
             }
@@ -251,7 +284,7 @@ impl<A: Aggregate> Repo<A> {
 
     /// Moves queued change notices into the stale set (never waits).
     fn drain_notices(&self) {
-        drain_notices(&self.notices, &self.stale);
+        drain_notices(&self.notices, &self.stale, self.fact_max_age);
     }
 
     /// The state of `id` as a read-only fact for another aggregate's decision: from the cache
@@ -292,5 +325,70 @@ impl<A: Aggregate> Repo<A> {
 
     pub fn store(&self) -> &EventStore {
         &self.store
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ch_domain::event::{Event, MarketPriceRecorded};
+    use ch_domain::market::MarketState;
+    use ch_domain::AggregateType;
+
+    fn price(seq: u64, command_id: Uuid) -> StoredEvent {
+        let now = chrono::Utc::now();
+        StoredEvent {
+            seq,
+            meta: crate::envelope::Meta {
+                event_id: Uuid::now_v7(),
+                schema_version: 1,
+                aggregate_type: AggregateType::Market,
+                aggregate_id: "BTC-USDT".into(),
+                aggregate_version: seq,
+                occurred_at: now,
+                recorded_at: now,
+                command_id: Some(command_id),
+                correlation_id: None,
+                causation_id: None,
+                command_digest: None,
+            },
+            event: Event::MarketPriceRecorded(MarketPriceRecorded {
+                symbol: "BTC-USDT".into(),
+                price: seq.into(),
+            }),
+        }
+    }
+
+    #[test]
+    fn an_entry_keeps_its_aggregates_latest_command_ids_only() {
+        let mut entry = Entry::<MarketState>::default();
+        let ids: Vec<Uuid> = (0..COMMAND_IDS_KEPT + 5).map(|_| Uuid::now_v7()).collect();
+        for (i, id) in ids.iter().enumerate() {
+            entry.apply(&price(i as u64 + 1, *id));
+        }
+        assert_eq!(entry.commands.len(), COMMAND_IDS_KEPT);
+        assert_eq!(entry.command_order.len(), COMMAND_IDS_KEPT);
+        assert_eq!(entry.command_seq(&ids[4]), None, "the fifth oldest is gone");
+        assert_eq!(entry.command_seq(&ids[5]), Some(6), "the oldest kept");
+        let last = ids.len() - 1;
+        assert_eq!(entry.command_seq(&ids[last]), Some(last as u64 + 1));
+        assert_eq!(entry.last_seq, ids.len() as u64);
+    }
+
+    #[test]
+    fn notices_that_change_nothing_are_dropped_once_there_are_many() {
+        let max_age = Duration::from_secs(1);
+        let now = Instant::now();
+        let old = now - 3 * max_age;
+        let mut stale = HashMap::new();
+        for i in 0..NOTICES_PRUNED_ABOVE {
+            notice(&mut stale, &format!("old{i}"), Notice { after: 1, at: old });
+        }
+        prune_notices(&mut stale, max_age);
+        assert_eq!(stale.len(), NOTICES_PRUNED_ABOVE, "few enough: kept");
+        notice(&mut stale, "fresh", Notice { after: 7, at: now });
+        prune_notices(&mut stale, max_age);
+        assert_eq!(stale.len(), 1, "the old ones dropped");
+        assert_eq!(stale["fresh"].after, 7);
     }
 }
