@@ -76,6 +76,14 @@ lint:
 # Stops what runs first: its pid files and the dev server's store are in .run (a server
 # using that store is stopped, whoever started it).
 clean-run:
+	@# The local cluster's nodes (nats/cluster/) keep their stores under .run/nats-cluster:
+	@# removed under a running node, its stream would be gone at the node's next start.
+	@for port in 14231 14232 14233; do \
+		if (exec 3<>/dev/tcp/127.0.0.1/$$port) 2>/dev/null; then \
+			echo "make clean-run: a nats-server answers on $$port (nats/cluster/), its store under .run/nats-cluster; stop the cluster's nodes first" >&2; \
+			exit 1; \
+		fi; \
+	done
 	@cargo build -q -p chctl
 	@$(CHCTL) down
 	@scripts/nats.sh stop || true
