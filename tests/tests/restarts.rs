@@ -1990,6 +1990,72 @@ async fn a_performance_read_after_a_reset_waits_for_the_portfolio_folded_again()
     assert!(reply["as_of_seq"].as_u64() >= Some(at), "{reply}");
 }
 
+/// A reset committed between a performance read's wait and its statement, and the replay
+/// committed between that statement (no row) and the handler's look at the checkpoint: the
+/// read is made again, not answered `not_found` for a portfolio the read model holds at the
+/// sequence asked for. The interleaving is set up with locks: the reset holds the table the
+/// statement locks last, and the replay queues behind the statement's lock on the checkpoints
+/// (whether the replay commits before the handler's next statement is still a race: before
+/// the fix this failed in about one run of three).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_performance_read_across_a_reset_and_its_replay_is_not_found_never() {
+    let mut env = TestEnv::without_projectors().await;
+    let projector = env.spawn(Worker::ProjPortfolio).await;
+    let queries = env.spawn(Worker::QueryPortfolio).await;
+    env.cmd("portfolio.update", open("p1", "u1")).await;
+    let at = seq(&env.cmd("portfolio.update", deposit("p1", "100")).await);
+    env.performance_at("p1", at).await;
+    projector.stop().await;
+    // A query worker whose sessions have not prepared the statement yet: its parse takes the
+    // tables' locks, and the snapshot comes after them (a prepared one takes it before).
+    queries.stop().await;
+    env.start(Worker::QueryPortfolio).await;
+    env.pg
+        .batch_execute("CREATE TABLE kept AS SELECT * FROM portfolios")
+        .await
+        .unwrap();
+
+    let reset = lock_table(&env, "portfolio_strategies", "ACCESS EXCLUSIVE").await;
+    reset
+        .batch_execute(
+            "UPDATE ch_checkpoints SET last_seq = 0 WHERE projection = 'portfolio';
+             DELETE FROM portfolios",
+        )
+        .await
+        .unwrap();
+    let env = Arc::new(env);
+    let read = {
+        let env = env.clone();
+        let body = json!({"portfolio_id": "p1", "min_stream_seq": at, "timeout_ms": 10000});
+        tokio::spawn(async move { env.request("query.portfolio.performance", body).await })
+    };
+    let service = env.subjects.service_name(Worker::QueryPortfolio.name());
+    waits_for_a_lock(&env, &service).await;
+    let replay = {
+        let url = with_app_name(&env.cfg.database_url, "replay");
+        let session = ch_runtime::pg::connect(&url, Some(&env.cfg.db_schema))
+            .await
+            .expect("postgres");
+        tokio::spawn(async move {
+            session
+                .batch_execute(&format!(
+                    "BEGIN; LOCK TABLE ch_checkpoints IN ACCESS EXCLUSIVE MODE;
+                     INSERT INTO portfolios SELECT * FROM kept;
+                     UPDATE ch_checkpoints SET last_seq = {at} WHERE projection = 'portfolio';
+                     COMMIT"
+                ))
+                .await
+                .expect("the replay")
+        })
+    };
+    waits_for_a_lock(&env, "replay").await;
+    reset.batch_execute("COMMIT").await.expect("the reset");
+    replay.await.unwrap();
+    let reply = read.await.unwrap().ok();
+    assert_eq!(reply["net_deposits"], "100", "{reply}");
+    assert!(reply["as_of_seq"].as_u64() >= Some(at), "{reply}");
+}
+
 /// Sends the query `name` with `body` while the first table of its read model is held, as a
 /// rebuild's reset holds it; once the `worker` answering it waits for that table, resets the
 /// read model as a rebuild does (checkpoint to 0, its tables truncated) and commits. The reply.

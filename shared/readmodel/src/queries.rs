@@ -262,6 +262,26 @@ const PERFORMANCE_SQL: &str = "
         WHERE q.portfolio_id = p.portfolio_id) x
     WHERE p.portfolio_id = $1";
 
+/// The portfolio read model's checkpoint, and whether it holds `portfolio_id`, in one snapshot
+/// (for a performance read that found no row: a reset, or a row not there at that checkpoint).
+///
+/// # Errors
+/// [`DbError`] when the database cannot be read.
+pub async fn portfolio_checkpoint_and_row(
+    conn: &deadpool_postgres::Object,
+    portfolio_id: &str,
+) -> Result<(u64, bool), DbError> {
+    let row = conn
+        .query_one(
+            "SELECT (SELECT last_seq FROM ch_checkpoints WHERE projection = 'portfolio'),
+                    EXISTS (SELECT 1 FROM portfolios WHERE portfolio_id = $1)",
+            &[&portfolio_id],
+        )
+        .await?;
+    let at = row.get::<_, Option<i64>>(0).unwrap_or(0);
+    Ok((at as u64, row.get(1)))
+}
+
 /// `ch.query.portfolio.performance`.
 ///
 /// # Errors

@@ -347,19 +347,24 @@ impl QueryHandler {
                         .await;
                     // One statement reads the row and the checkpoint together; a reset after
                     // the wait shows as the checkpoint below the sequence asked for, or, if
-                    // the row is gone, by reading the checkpoint again.
+                    // the row was not there, by one more statement: the checkpoint below it,
+                    // or the row back (a replay committed between the two statements).
                     let Some(min) = q.min_stream_seq() else {
                         break read;
                     };
                     let reset = match &read {
                         Ok(reply) => reply["as_of_seq"].as_u64().is_some_and(|at| at < min),
                         Err(e) if e.code == "not_found" => {
-                            let at = self
+                            let (at, there) = self
                                 .bounded(async {
-                                    Ok(projector::checkpoint(&**conn, "portfolio").await?)
+                                    Ok(queries::portfolio_checkpoint_and_row(
+                                        &conn,
+                                        &q.portfolio_id,
+                                    )
+                                    .await?)
                                 })
                                 .await?;
-                            at < min
+                            at < min || there
                         }
                         Err(_) => false,
                     };
