@@ -3,7 +3,7 @@
 //! and their combined performance; keyset pagination, `include_deleted`, one user's rows only.
 
 use ch_e2e::fixtures::{
-    deposit, detach, rename_strategy, seq, signal, signal_on, strategy, version,
+    deposit, detach, open, rename_strategy, seq, signal, signal_on, strategy, version,
 };
 use ch_e2e::{TestEnv, Worker};
 use serde_json::{json, Value};
@@ -418,4 +418,45 @@ async fn get_is_only_as_current_as_the_least_current_read_model() {
 
     env.start(Worker::ProjPortfolio).await;
     get(&env, "s-asof", seq(&c)).await;
+}
+
+/// A read-your-writes wait on the strategy read model (sparse: it may show a sequence past its
+/// checkpoint when the stream has none of its events in between) is bounded by `timeout_ms`
+/// also while the stream does not answer that look (direct gets off here; a replicated stream
+/// electing its leader, there): a client waiting two seconds gets its `stale` reply, where
+/// the look's own retries took three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strategy_wait_ends_at_timeout_ms_when_the_stream_does_not_answer() {
+    let mut env = TestEnv::without_projectors().await;
+    let projector = env.spawn(Worker::ProjStrategy).await;
+    env.start_all(&[
+        Worker::CmdStrategy,
+        Worker::CmdPortfolio,
+        Worker::QueryStrategy,
+    ])
+    .await;
+    let created = env
+        .cmd("strategy.create", strategy("u1", "s1", &["BTC-USDT"]))
+        .await;
+    list(&env, json!({"user_id": "u1"}), seq(&created)).await;
+    projector.stop().await;
+    let at = seq(&env.cmd("portfolio.update", open("p1", "u1")).await);
+
+    let js = async_nats::jetstream::new(env.client.clone());
+    let mut stream = js.get_stream(env.subjects.stream_name()).await.unwrap();
+    let mut config = stream.info().await.unwrap().config.clone();
+    config.allow_direct = false;
+    js.update_stream(config).await.unwrap();
+
+    let body = json!({"user_id": "u1", "min_stream_seq": at, "timeout_ms": 300});
+    let request = async_nats::Request::new()
+        .payload(serde_json::to_vec(&body).unwrap().into())
+        .timeout(Some(std::time::Duration::from_secs(2)));
+    let reply = env
+        .client
+        .send_request(env.subjects.query("strategy.list"), request)
+        .await
+        .expect("a reply within the client's 2 s");
+    let v: Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(v["error"]["code"], "stale", "{v}");
 }

@@ -168,7 +168,10 @@ impl Progress {
                 }
                 if looked != Some(applied) {
                     looked = Some(applied);
-                    if self.nothing_to_apply(p, applied, min_seq).await {
+                    // Within the wait's bound: the stream's reads are asked again for seconds
+                    // while a replicated stream elects its leader.
+                    let looking = self.nothing_to_apply(p, applied, min_seq);
+                    if tokio::time::timeout_at(deadline, looking).await == Ok(true) {
                         reached.0.push((p, applied, min_seq));
                         break;
                     }
