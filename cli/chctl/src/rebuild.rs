@@ -174,6 +174,9 @@ pub async fn follow(
 ) -> Result<Followed> {
     let mut first_move = None;
     let mut best = 0u64;
+    // The furthest a replay's open transaction was seen: a standby replica (the status
+    // endpoint is a queue group) answers with none, and the line should not fall back.
+    let mut replay_seen: Option<u64> = None;
     let mut last_move = Instant::now();
     let mut next_print = Instant::now();
     let mut every_second = tokio::time::interval(Duration::from_secs(1));
@@ -206,7 +209,8 @@ pub async fn follow(
                     });
                 }
                 // Between its commits, a replay moves on in the open transaction: progress too.
-                let applied = v["replay_applied"].as_u64();
+                replay_seen = replay_seen.max(v["replay_applied"].as_u64());
+                let applied = replay_seen.filter(|&a| a > seq);
                 let at = applied.map_or(seq, |a| a.max(seq));
                 if at > best {
                     best = at;
