@@ -125,6 +125,17 @@ impl App {
                 let (state, js) = (client.connection_state(), client.server_info().jetstream);
                 StartError::not_ready(e, &state, js, &nats)
             })?;
+        // The service's connection is up too before the worker serves on it (its server's
+        // INFO, `max_payload` among it, is read then).
+        if !matches!(
+            tokio::time::timeout(JETSTREAM_PATIENCE, intake.flush()).await,
+            Ok(Ok(()))
+        ) {
+            return Err(StartError::NatsUnreachable {
+                url: nats.clone(),
+                waited: JETSTREAM_PATIENCE,
+            });
+        }
         let metrics = Metrics::default();
         let store = EventStore::open(client.clone(), subjects.clone())
             .await?
