@@ -168,6 +168,11 @@ pub async fn serve<H: Handler>(
     shutdown: CancellationToken,
 ) -> Result<(), async_nats::Error> {
     let Connections { client, intake } = conns;
+    // Connected, so that its server's INFO (`max_payload`) is known.
+    tokio::select! {
+        flushed = intake.flush() => flushed?,
+        () = shutdown.cancelled() => return Ok(()),
+    }
     let stats_metrics = metrics.clone();
     let mut service = StopOnDrop(Some(
         intake
