@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ch_domain::Aggregate;
+use chrono::{DateTime, Utc};
 use futures::FutureExt;
 use tokio::sync::OwnedMutexGuard;
 use uuid::Uuid;
@@ -16,10 +17,17 @@ use crate::envelope::StoredEvent;
 use crate::error::StoreError;
 use crate::eventstore::{EventStore, EXPECTED_LAST_SUBJECT_SEQ};
 
-/// How many of an aggregate's latest command ids its cache entry keeps (a cold load keeps the
-/// same ones): a price feed sending a `command_id` with every price would otherwise grow its
-/// symbol's entry by one id per price for as long as the worker runs.
+/// How many of an aggregate's latest command ids its cache entry keeps at least (a cold load
+/// keeps the same ones): a price feed sending a `command_id` with every price would otherwise
+/// grow its symbol's entry by one id per price for as long as the worker runs.
 pub const COMMAND_IDS_KEPT: usize = 10_000;
+
+/// Ids of commands stored this long before the aggregate's latest event are kept whatever
+/// their number: the stream's de-duplication window (`duplicate_window` in
+/// `nats/stream.json`, which `chctl setup` keeps), and a minute for the clocks of replicas.
+/// A re-send within the window must be answered as a duplicate before it is decided again: a
+/// refusal on today's state never reaches the stream's de-duplication.
+pub const COMMAND_IDS_KEPT_FOR: chrono::TimeDelta = chrono::TimeDelta::minutes(11);
 
 /// The cached state of one aggregate.
 #[derive(Debug, Default)]
@@ -27,11 +35,11 @@ pub struct Entry<A> {
     pub state: A,
     /// Stream sequence of the last applied event (0 = none).
     pub last_seq: u64,
-    /// `command_id` -> stream sequence of the event it produced, for idempotent replies: the
-    /// aggregate's last [`COMMAND_IDS_KEPT`] (older ones are left to the stream's
-    /// de-duplication window), in `command_order` oldest first.
+    /// `command_id` -> stream sequence of the event it produced, for idempotent replies: those
+    /// of the aggregate's last [`COMMAND_IDS_KEPT_FOR`], and at least its last
+    /// [`COMMAND_IDS_KEPT`]; in `command_order` oldest first, with their events' `recorded_at`.
     commands: HashMap<Uuid, u64>,
-    command_order: VecDeque<Uuid>,
+    command_order: VecDeque<(Uuid, DateTime<Utc>)>,
     /// When the entry was last compared with the stream (for [`Repo::fact`]).
     checked_at: Option<Instant>,
     /// [`EventStore::connects`] then: a reconnect since may have lost its change notice.
@@ -45,12 +53,17 @@ impl<A: Aggregate> Entry<A> {
         self.last_seq = ev.seq;
         if let Some(cid) = ev.meta.command_id {
             if self.commands.insert(cid, ev.seq).is_none() {
-                self.command_order.push_back(cid);
-                if self.command_order.len() > COMMAND_IDS_KEPT {
-                    if let Some(oldest) = self.command_order.pop_front() {
-                        self.commands.remove(&oldest);
-                    }
+                self.command_order.push_back((cid, ev.meta.recorded_at));
+            }
+        }
+        let horizon = ev.meta.recorded_at - COMMAND_IDS_KEPT_FOR;
+        while self.command_order.len() > COMMAND_IDS_KEPT {
+            match self.command_order.front() {
+                Some(&(oldest, at)) if at < horizon => {
+                    self.command_order.pop_front();
+                    self.commands.remove(&oldest);
                 }
+                _ => break,
             }
         }
     }
@@ -310,8 +323,11 @@ impl<A: Aggregate> Repo<A> {
             .checked_at
             .is_none_or(|t| t.elapsed() > self.fact_max_age);
         if noticed.is_some() || old || entry.checked_connects != connects {
+            // As the read starts: a notice that comes during it (a long read) is newer than
+            // the entry, and the entry ages from before it (see [`prune_notices`]).
+            let reading = Instant::now();
             self.catch_up(id, &mut entry).await?;
-            entry.checked_at = Some(Instant::now());
+            entry.checked_at = Some(reading);
             entry.checked_connects = connects;
         }
         if let Some(n) = noticed {
@@ -335,8 +351,7 @@ mod tests {
     use ch_domain::market::MarketState;
     use ch_domain::AggregateType;
 
-    fn price(seq: u64, command_id: Uuid) -> StoredEvent {
-        let now = chrono::Utc::now();
+    fn price(seq: u64, command_id: Uuid, recorded_at: DateTime<Utc>) -> StoredEvent {
         StoredEvent {
             seq,
             meta: crate::envelope::Meta {
@@ -345,8 +360,8 @@ mod tests {
                 aggregate_type: AggregateType::Market,
                 aggregate_id: "BTC-USDT".into(),
                 aggregate_version: seq,
-                occurred_at: now,
-                recorded_at: now,
+                occurred_at: recorded_at,
+                recorded_at,
                 command_id: Some(command_id),
                 correlation_id: None,
                 causation_id: None,
@@ -360,11 +375,23 @@ mod tests {
     }
 
     #[test]
-    fn an_entry_keeps_its_aggregates_latest_command_ids_only() {
-        let mut entry = Entry::<MarketState>::default();
+    fn an_entry_keeps_the_de_duplication_windows_command_ids_and_the_latest_beyond_it() {
+        let now = Utc::now();
         let ids: Vec<Uuid> = (0..COMMAND_IDS_KEPT + 5).map(|_| Uuid::now_v7()).collect();
+        // All within the window: every one kept, however many.
+        let mut recent = Entry::<MarketState>::default();
         for (i, id) in ids.iter().enumerate() {
-            entry.apply(&price(i as u64 + 1, *id));
+            recent.apply(&price(i as u64 + 1, *id, now));
+        }
+        assert_eq!(recent.commands.len(), ids.len());
+        assert_eq!(recent.command_seq(&ids[0]), Some(1));
+
+        // The first five stored before the window: past the count, those go, oldest first.
+        let before = now - COMMAND_IDS_KEPT_FOR - chrono::TimeDelta::seconds(1);
+        let mut entry = Entry::<MarketState>::default();
+        for (i, id) in ids.iter().enumerate() {
+            let at = if i < 5 { before } else { now };
+            entry.apply(&price(i as u64 + 1, *id, at));
         }
         assert_eq!(entry.commands.len(), COMMAND_IDS_KEPT);
         assert_eq!(entry.command_order.len(), COMMAND_IDS_KEPT);
@@ -373,6 +400,13 @@ mod tests {
         let last = ids.len() - 1;
         assert_eq!(entry.command_seq(&ids[last]), Some(last as u64 + 1));
         assert_eq!(entry.last_seq, ids.len() as u64);
+    }
+
+    #[test]
+    fn the_ids_are_kept_for_at_least_the_streams_de_duplication_window() {
+        let cfg = crate::eventstore::stream_config(&crate::Subjects::new("t"), 1).unwrap();
+        let window = chrono::TimeDelta::from_std(cfg.duplicate_window).unwrap();
+        assert!(COMMAND_IDS_KEPT_FOR > window, "{window}");
     }
 
     #[test]
