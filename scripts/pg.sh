@@ -20,9 +20,13 @@ if [[ $url == *://* ]]; then
         port=${rest#"$host"}; port=${port#:}
     fi
 else
-    # A key/value string, as libpq takes: host=... port=... (a host may be a socket directory)
-    kv() { sed -n "s/^\(.*[[:space:]]\)\{0,1\}$1=\([^[:space:]]*\).*/\2/p" <<<"$url"; }
-    host=$(kv host) port=$(kv port)
+    # A key/value string, as libpq takes: host=... port=... (spaces around `=` and single
+    # quotes allowed; hostaddr before host; a host may be a socket directory)
+    kv=$(sed -e "s/[[:space:]]*=[[:space:]]*/=/g" <<<"$url")
+    kv() { sed -n "s/^\(.*[[:space:]]\)\{0,1\}$1='\{0,1\}\([^[:space:]']*\).*/\2/p" <<<"$kv"; }
+    host=$(kv hostaddr)
+    host=${host:-$(kv host)}
+    port=$(kv port)
 fi
 host=${host:-127.0.0.1}
 port=${port:-5432}
