@@ -591,6 +591,16 @@ impl TestEnv {
             .urls
     }
 
+    /// Kills the environment's own nats-server for good (SIGKILL): NATS gone, not back.
+    pub fn kill_nats(&mut self) {
+        let server = self
+            .own_nats
+            .as_mut()
+            .expect("an environment made by with_own_nats_server");
+        let _ = server.child.kill();
+        let _ = server.child.wait();
+    }
+
     /// Restarts the environment's own nats-server (see [`NatsServer::restart`]).
     pub async fn restart_nats(&mut self) {
         self.own_nats

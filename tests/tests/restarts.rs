@@ -402,6 +402,20 @@ async fn a_stopping_worker_answers_every_request_it_was_handed() {
     }
 }
 
+/// A worker told to stop while NATS is gone (not coming back) stops all the same: its drain
+/// and its last flush are bounded, rather than waiting for a reconnection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stops_while_nats_is_gone() {
+    let mut env = TestEnv::with_own_nats_server().await;
+    let worker = env.spawn(Worker::CmdMarket).await;
+    env.wait_ping(Worker::CmdMarket).await;
+    env.cmd("market.price", price("BTC-USDT", "100")).await;
+    env.kill_nats();
+    tokio::time::timeout(std::time::Duration::from_secs(60), worker.stop())
+        .await
+        .expect("the worker stopped without NATS");
+}
+
 /// One of two replicas stopped while clients keep sending: every request is answered, by the
 /// stopping replica (those the queue group routed to it before the server took its
 /// unsubscribe, which its drained connection still hands over) or by the other one.

@@ -143,15 +143,18 @@ pub struct Connections {
     pub client: async_nats::Client,
     /// The service's own connection: its endpoints' and `$SRV` subscriptions and its replies
     /// until it drains. At shutdown the whole connection is drained (the server is told to
-    /// stop routing requests here, then a ping fences those it routed before), which async-nats
-    /// offers for a connection but not for a service endpoint: an endpoint's `stop` drops the
-    /// requests the queue group handed it in the instant before the server took the
-    /// unsubscribe. A drained connection closes, so the replies after that go out on `client`.
+    /// stop routing requests here, and what arrived by the client's next read is handed over),
+    /// which async-nats offers for a connection but not for a service endpoint: an endpoint's
+    /// `stop` drops at once what the queue group routed to it before the server took the
+    /// unsubscribe. async-nats 0.51 closes a draining connection at its next read, not after
+    /// the server's answer to the drain's ping, so a request routed in that last instant can
+    /// still be lost (far fewer than with `stop`: see README). A drained connection closes,
+    /// so the replies after that go out on `client`.
     pub intake: async_nats::Client,
 }
 
-/// How long a draining service waits for the server's answer to its drain (NATS away): then
-/// it stops taking requests without it.
+/// How long a draining service waits in all for its replies to be written and its drain to
+/// end (NATS away): then it stops without them.
 const DRAIN_PATIENCE: Duration = Duration::from_secs(5);
 
 /// Serves `spec` until `shutdown` fires, then stops taking requests, answers those it was
@@ -245,16 +248,24 @@ pub async fn serve<H: Handler>(
     shutdown.cancelled().await;
     // Replies from now on go out on the worker's connection: the service's closes once drained.
     // Taken for writing, the flag waits for every reply already being handed to the service's
-    // connection, which then goes out before the drain's unsubscribes.
+    // connection; those are written out (async-nats closes a draining connection without
+    // writing what is still in its buffer) before the drain's unsubscribes are sent.
+    // One bound for the whole drain, NATS away or not.
+    let until = tokio::time::Instant::now() + DRAIN_PATIENCE;
     {
         let mut draining = replies.draining.write().await;
         *draining = true;
+        match tokio::time::timeout_at(until, intake.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "could not flush the service's replies"),
+            Err(_) => warn!("the service's replies were not written out in time"),
+        }
         if let Err(e) = intake.drain().await {
             warn!(error = %e, "could not drain the service's connection");
         }
     }
     let all = futures::future::join_all(loops.iter_mut());
-    if tokio::time::timeout(DRAIN_PATIENCE, all).await.is_err() {
+    if tokio::time::timeout_at(until, all).await.is_err() {
         warn!(
             service = %spec.name,
             patience_s = DRAIN_PATIENCE.as_secs(),
@@ -268,9 +279,13 @@ pub async fn serve<H: Handler>(
         let _ = service.stop().await;
     }
     // The last replies may still be in the client's buffer: out before the worker lets go of
-    // its connection.
-    if let Err(e) = client.flush().await {
-        warn!(error = %e, "could not flush the last replies");
+    // its connection (bounded: with NATS away, a flush waits for the reconnection).
+    // (a second at least: the handlers in flight may have taken the drain's time)
+    let last = until.max(tokio::time::Instant::now() + Duration::from_secs(1));
+    match tokio::time::timeout_at(last, client.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %e, "could not flush the last replies"),
+        Err(_) => warn!("the last replies were not written out in time (NATS away?)"),
     }
     info!(service = %spec.name, "stopped");
     Ok(())
