@@ -246,12 +246,12 @@ pub async fn serve<H: Handler>(
     }
     info!(service = %spec.name, endpoints = spec.endpoints.len(), "serving");
     shutdown.cancelled().await;
+    // One bound for the whole drain, NATS away or not.
+    let until = tokio::time::Instant::now() + DRAIN_PATIENCE;
     // Replies from now on go out on the worker's connection: the service's closes once drained.
     // Taken for writing, the flag waits for every reply already being handed to the service's
     // connection; those are written out (async-nats closes a draining connection without
     // writing what is still in its buffer) before the drain's unsubscribes are sent.
-    // One bound for the whole drain, NATS away or not.
-    let until = tokio::time::Instant::now() + DRAIN_PATIENCE;
     {
         let mut draining = replies.draining.write().await;
         *draining = true;
@@ -279,8 +279,8 @@ pub async fn serve<H: Handler>(
         let _ = service.stop().await;
     }
     // The last replies may still be in the client's buffer: out before the worker lets go of
-    // its connection (bounded: with NATS away, a flush waits for the reconnection).
-    // (a second at least: the handlers in flight may have taken the drain's time)
+    // its connection. Bounded (with NATS away, a flush waits for the reconnection), by the
+    // drain's bound or a second, whichever is later: the handlers in flight may have used it up.
     let last = until.max(tokio::time::Instant::now() + Duration::from_secs(1));
     match tokio::time::timeout_at(last, client.flush()).await {
         Ok(Ok(())) => {}
