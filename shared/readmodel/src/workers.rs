@@ -14,7 +14,7 @@ use ch_runtime::service::{self, Handler};
 use deadpool_postgres::Pool;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{warn, Instrument};
 
 use crate::analysis::{self, AnalysisQuery, LeaderboardQuery};
 use crate::queries::{self, Consistency, PerformanceQuery, StrategyGetQuery, StrategyListQuery};
@@ -438,7 +438,11 @@ impl Handler for QueryHandler {
                     dropped,
                     "database session lost; reading again on a new one"
                 );
-                self.answer(query, &msg.payload, since).await
+                // In a span of its own: the request's span has its ids already (recorded
+                // again, a text log line would show them twice).
+                self.answer(query, &msg.payload, since)
+                    .instrument(tracing::info_span!("again"))
+                    .await
             }
             answer => answer,
         }
