@@ -534,17 +534,6 @@ impl TestEnv {
         env
     }
 
-    /// [`TestEnv::new`] on a nats-server of its own started with the configuration `conf`
-    /// writes (see [`NatsServer::start_with`]; it must enable JetStream).
-    pub async fn on_own_nats_server_with(
-        conf: impl FnOnce(u16, &std::path::Path) -> String,
-    ) -> TestEnv {
-        let s = NatsServer::start_with(conf).await;
-        let mut env = TestEnv::on(s.url.clone(), 1).await;
-        env.own_nats = Some(s);
-        env
-    }
-
     /// [`TestEnv::new`] on a three-node cluster of its own ([`NatsCluster`]), the stream with
     /// three replicas; the environment's client and workers connect to the first node.
     pub async fn on_own_cluster() -> TestEnv {

@@ -219,19 +219,14 @@ async fn set_up_brings_back_what_the_workers_rely_on_and_reports_the_rest() {
     js.delete_stream(other.stream_name()).await.unwrap();
 }
 
-/// A subject whose events add up to more than the server sends in one batched direct get
-/// (its `max_pending` for the connection, here 1 MB; 64 MB by default) is loaded whole: the
-/// end-of-batch status says how many are left. A cold worker then decides on the whole
-/// history: an attach of the strategy deleted after its large updates is refused.
+/// A subject whose events add up to more than one batched direct get answers (1 MB, which the
+/// load asks for; the server's `max_pending` for the connection, 64 MB by default, would end it
+/// too) is loaded whole: the end-of-batch status says how many are left. A cold worker then
+/// decides on the whole history: an attach of the strategy deleted after its large updates is
+/// refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cold_load_of_a_subject_larger_than_a_batch_is_complete() {
-    let mut env = TestEnv::on_own_nats_server_with(|port, dir| {
-        format!(
-            "listen: \"127.0.0.1:{port}\"\nmax_pending: 1MB\njetstream {{ store_dir: {:?} }}\n",
-            dir.join("store")
-        )
-    })
-    .await;
+    let mut env = TestEnv::new().await;
     env.start(Worker::CmdStrategy).await;
     // About 100 KB an event: twelve of them are more than one batch.
     let symbols = |round: usize| -> Vec<String> {

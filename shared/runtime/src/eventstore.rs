@@ -423,6 +423,12 @@ pub struct Appended {
 /// Events read per batched direct get (nats-server 2.11+).
 const LOAD_BATCH: usize = 1000;
 
+/// Bytes a batched direct get answers at most (the server ends the batch after the message
+/// that passes them, and says how many are left): without it the server sends up to its
+/// `max_pending` for the connection (64 MB by default), which a busy client reading slower
+/// than that arrives would be cut off for, as a slow consumer.
+const LOAD_MAX_BYTES: usize = 1 << 20;
+
 /// The JetStream event store of one prefix.
 #[derive(Clone)]
 pub struct EventStore {
@@ -752,7 +758,12 @@ impl EventStore {
                 .subscribe(inbox.clone())
                 .await
                 .map_err(unavailable)?;
-            let req = json!({"seq": next, "next_by_subj": subject, "batch": LOAD_BATCH});
+            let req = json!({
+                "seq": next,
+                "next_by_subj": subject,
+                "batch": LOAD_BATCH,
+                "max_bytes": LOAD_MAX_BYTES,
+            });
             self.client
                 .publish_with_reply(self.direct_api.clone(), inbox, req.to_string().into())
                 .await
@@ -793,8 +804,8 @@ impl EventStore {
                     // Nothing (more) on the subject.
                     Some(StatusCode::NOT_FOUND) => break,
                     // End of batch: after LOAD_BATCH messages, or earlier once their bytes
-                    // reached the server's max_pending for this connection (64 MB by
-                    // default), when it says how many are left.
+                    // passed LOAD_MAX_BYTES (or the server's max_pending for this
+                    // connection), when it says how many are left.
                     Some(s) if s.as_u16() == 204 => {
                         more = msg
                             .headers
