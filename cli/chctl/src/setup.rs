@@ -33,12 +33,15 @@ pub async fn run(ctx: &Ctx, args: &Opts) -> Result<()> {
     eventstore::wait_ready(&js, Duration::from_secs(15))
         .await
         .with_context(|| {
-            let off = if client.server_info().jetstream {
-                ""
+            let url = redact(&ctx.cfg.nats_url);
+            if client.server_info().jetstream {
+                format!("JetStream at {url}")
             } else {
-                " (the server has JetStream off: start it with `-js` or a `jetstream {}` block)"
-            };
-            format!("JetStream at {}{off}", redact(&ctx.cfg.nats_url))
+                format!(
+                    "JetStream at {url}: the server {}",
+                    ch_runtime::app::JETSTREAM_OFF
+                )
+            }
         })?;
 
     let name = ctx.subjects.stream_name();

@@ -36,10 +36,7 @@ pub enum StartError {
     #[error("{0} (has `chctl setup` run for this prefix?)")]
     Store(StoreError),
     /// JetStream did not answer, and the server connected to says it has none.
-    #[error(
-        "{error}: the nats-server at {url} has JetStream off (start it with `-js` or a \
-         `jetstream {{}}` block in its configuration)"
-    )]
+    #[error("{error}: the nats-server at {url} {JETSTREAM_OFF}")]
     NoJetStream { url: String, error: StoreError },
     #[error(transparent)]
     Db(#[from] DbError),
@@ -74,6 +71,10 @@ impl From<StoreError> for StartError {
         StartError::Store(e)
     }
 }
+
+/// What a server that has no JetStream is told by (a worker's start, `chctl setup`).
+pub const JETSTREAM_OFF: &str =
+    "has JetStream off (start it with `-js` or a `jetstream {}` block in its configuration)";
 
 /// How long a worker's start waits for JetStream to answer (a server just started, or a
 /// cluster electing its leader); a worker that cannot start exits, to be started again.
@@ -112,7 +113,7 @@ impl App {
                 error,
             })?;
         // The service's own connection, drained when the worker stops (named apart in the
-        // server's connection list).
+        // server's connection list); `service::serve` waits for it to come up.
         let intake = crate::connect_nats(&cfg, &format!("{service_name} requests"))
             .await
             .map_err(|error| StartError::Nats {
@@ -125,17 +126,6 @@ impl App {
                 let (state, js) = (client.connection_state(), client.server_info().jetstream);
                 StartError::not_ready(e, &state, js, &nats)
             })?;
-        // The service's connection is up too before the worker serves on it (its server's
-        // INFO, `max_payload` among it, is read then).
-        if !matches!(
-            tokio::time::timeout(JETSTREAM_PATIENCE, intake.flush()).await,
-            Ok(Ok(()))
-        ) {
-            return Err(StartError::NatsUnreachable {
-                url: nats.clone(),
-                waited: JETSTREAM_PATIENCE,
-            });
-        }
         let metrics = Metrics::default();
         let store = EventStore::open(client.clone(), subjects.clone())
             .await?
@@ -336,35 +326,27 @@ mod tests {
         use async_nats::connection::State;
         let url = "nats://127.0.0.1:1";
         let unready = || StoreError::Unavailable("JetStream not ready: no answer".into());
+        let text = |state: State, jetstream: bool| {
+            chain(&StartError::not_ready(unready(), &state, jetstream, url))
+        };
         for state in [State::Pending, State::Disconnected] {
-            let text = chain(&StartError::not_ready(unready(), &state, true, url));
             assert_eq!(
-                text,
+                text(state, true),
                 "cannot reach NATS at nats://127.0.0.1:1 (tried for 10s; is a nats-server \
                  running there, and does it take the credentials, if any? the log above has \
                  its answers)"
             );
         }
-        let text = chain(&StartError::not_ready(
-            unready(),
-            &State::Connected,
-            true,
-            url,
-        ));
+        let found = text(State::Connected, true);
         assert!(
-            text.ends_with("(has `chctl setup` run for this prefix?)"),
-            "{text}"
+            found.ends_with("(has `chctl setup` run for this prefix?)"),
+            "{found}"
         );
         // Connected to a server whose INFO says it has no JetStream: how to turn it on.
-        let text = chain(&StartError::not_ready(
-            unready(),
-            &State::Connected,
-            false,
-            url,
-        ));
+        let found = text(State::Connected, false);
         assert!(
-            text.ends_with("has JetStream off (start it with `-js` or a `jetstream {}` block in its configuration)"),
-            "{text}"
+            found.ends_with("has JetStream off (start it with `-js` or a `jetstream {}` block in its configuration)"),
+            "{found}"
         );
     }
 }

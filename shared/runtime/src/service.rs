@@ -153,6 +153,10 @@ pub struct Connections {
     pub intake: async_nats::Client,
 }
 
+/// How long a service waits for its own connection to come up (as a worker's start waits for
+/// JetStream).
+const INTAKE_PATIENCE: Duration = Duration::from_secs(10);
+
 /// How long a draining service waits in all for its replies to be written and its drain to
 /// end (NATS away): then it stops without them.
 const DRAIN_PATIENCE: Duration = Duration::from_secs(5);
@@ -162,7 +166,7 @@ const DRAIN_PATIENCE: Duration = Duration::from_secs(5);
 /// finish, and returns.
 ///
 /// # Errors
-/// When the service cannot be registered with NATS.
+/// When its connection does not come up, or the service cannot be registered with NATS.
 pub async fn serve<H: Handler>(
     conns: Connections,
     spec: ServiceSpec,
@@ -171,9 +175,19 @@ pub async fn serve<H: Handler>(
     shutdown: CancellationToken,
 ) -> Result<(), async_nats::Error> {
     let Connections { client, intake } = conns;
-    // Connected, so that its server's INFO (`max_payload`) is known.
+    // Connected, so that its server's INFO (`max_payload`) is known; one that does not come up
+    // fails the service (and its worker) rather than leaving it registered nowhere.
     tokio::select! {
-        flushed = intake.flush() => flushed?,
+        flushed = tokio::time::timeout(INTAKE_PATIENCE, intake.flush()) => match flushed {
+            Ok(done) => done?,
+            Err(_) => {
+                return Err(format!(
+                    "the service's NATS connection did not come up within {} s",
+                    INTAKE_PATIENCE.as_secs()
+                )
+                .into())
+            }
+        },
         () = shutdown.cancelled() => return Ok(()),
     }
     let stats_metrics = metrics.clone();
