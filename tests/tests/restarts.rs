@@ -539,6 +539,61 @@ async fn a_reset_under_the_starting_projectors_replay_replays_from_scratch() {
     assert_same_as_rebuilt(&env, &app, &live).await;
 }
 
+/// The stream deleted and made again under its name while the projector was away (`make
+/// clean-run`, or the workers moved to another server's stream): the projector tells by the
+/// stream's creation time, though the new stream is longer than the old checkpoint, and folds
+/// the new stream from its start instead of going on from the old checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projector_folds_a_stream_made_anew_from_its_start() {
+    let env = TestEnv::without_projectors().await;
+    let proj = env.spawn(Worker::ProjPortfolio).await;
+    env.cmd("portfolio.update", open("old", "u1")).await;
+    let r = env.cmd("portfolio.update", deposit("old", "100")).await;
+    env.performance_at("old", seq(&r)).await;
+    let old_head = env.last_seq().await;
+    proj.stop().await;
+
+    let js = async_nats::jetstream::new(env.client.clone());
+    js.delete_stream(env.subjects.stream_name()).await.unwrap();
+    ch_runtime::eventstore::ensure_stream(&js, &env.subjects, 1)
+        .await
+        .unwrap();
+    let mut last = 0;
+    for p in ["new-0", "new-1"] {
+        env.cmd("portfolio.update", open(p, "u2")).await;
+        last = seq(&env.cmd("portfolio.update", deposit(p, "50")).await);
+    }
+    assert!(last > old_head, "the new stream is the longer one");
+
+    let proj = env.spawn(Worker::ProjPortfolio).await;
+    for p in ["new-0", "new-1"] {
+        let perf = env.performance_at(p, last).await;
+        assert_eq!(perf["cash"], "50", "{perf}");
+    }
+    env.request(
+        "query.portfolio.performance",
+        json!({"portfolio_id": "old"}),
+    )
+    .await
+    .err(404, "not_found");
+    proj.stop().await;
+    // The new stream's creation time is recorded, so a restart goes on from the checkpoint.
+    let recorded: chrono::DateTime<chrono::Utc> = env
+        .pg
+        .query_one(
+            "SELECT stream_created FROM ch_checkpoints WHERE projection = 'portfolio'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let store = env.event_store().await;
+    assert_eq!(
+        store.last_seq_and_created().await.unwrap(),
+        (last, recorded)
+    );
+}
+
 /// A strategy projector (sparse: handed strategy events only, so a hole in the sequences it
 /// sees is no sign of a missing event) whose batch fails for a moment does not lose that batch
 /// to the events delivered after it while it backs off: it catches up from the stream first.

@@ -12,7 +12,7 @@ use ch_runtime::eventstore::{
     self, ConsumerSetup, StreamSetup, CONSUMER_PORTFOLIO_JSON, CONSUMER_STRATEGY_JSON,
 };
 use ch_runtime::pg::{self, Claim};
-use ch_runtime::projector::{self, Projection};
+use ch_runtime::projector::Projection;
 
 use crate::common::{redact, Ctx};
 
@@ -118,13 +118,13 @@ pub async fn run(ctx: &Ctx, args: &Opts) -> Result<()> {
         MIGRATIONS.len()
     );
 
-    // A read model ahead of the stream was built from an earlier stream of the same name (the
-    // stream was recreated, e.g. after `make clean-run`; another prefix's schema was refused
-    // above): it would skip the new events. Read models are disposable: empty it, its
-    // projector replays the stream.
+    // A read model folded from an earlier stream of the same name (the stream was deleted and
+    // made again, e.g. by `make clean-run`, or the workers moved to another server's; another
+    // prefix's schema was refused above) would skip the new stream's first events and keep the
+    // old one's. Read models are disposable: empty it, its projector replays the stream.
     let app = App::start(ctx.cfg.clone(), "chctl").await?;
-    reset_if_ahead(&app, &stream, PortfolioProjection::default()).await?;
-    reset_if_ahead(&app, &stream, StrategyProjection).await?;
+    reset_if_from_another_stream(&app, PortfolioProjection::default()).await?;
+    reset_if_from_another_stream(&app, StrategyProjection).await?;
     Ok(())
 }
 
@@ -152,40 +152,17 @@ async fn last_seq(js: &jetstream::Context, name: &str) -> Result<u64, ch_runtime
     }
 }
 
-/// Empties `projection`'s read model when its checkpoint is past the stream's last sequence.
-/// The checkpoint is read first and the stream's head after it: projectors running beside
-/// (the old release's, during an upgrade) move their checkpoints on, but never past the head
-/// as it is when they commit, so a head read later is never behind a live read model. The
-/// head must be known: taken as 0 on an unanswered request (a cluster electing its leader),
-/// every read model would look ahead and be emptied.
-async fn reset_if_ahead<P: Projection>(
-    app: &App,
-    stream: &async_nats::jetstream::stream::Stream,
-    projection: P,
-) -> Result<()> {
+/// Empties `projection`'s read model when it was folded from another stream than the one
+/// there now ([`ch_runtime::projector::Projector::reset_if_from_another_stream`]), saying why.
+async fn reset_if_from_another_stream<P: Projection>(app: &App, projection: P) -> Result<()> {
     let name = projection.name();
-    let client = pg::connect(&app.cfg.database_url, Some(&app.cfg.db_schema)).await?;
-    let cp = projector::checkpoint(&client, name).await?;
-    let head = stream
-        .get_info()
+    let projector = ch_readmodel::workers::projector(app, projection)?;
+    if let Some(why) = projector
+        .reset_if_from_another_stream()
         .await
-        .map(|i| i.state.last_sequence)
-        .with_context(|| {
-            format!(
-                "reading the last sequence of stream {}",
-                app.subjects.stream_name()
-            )
-        })?;
-    if cp > head {
-        println!(
-            "read model {name}: at seq {cp} but stream {} ends at {head}: it was built from \
-             another stream (recreated, or another prefix on schema {}); resetting it",
-            app.subjects.stream_name(),
-            app.cfg.db_schema
-        );
-        ch_readmodel::workers::projector(app, projection)?
-            .reset()
-            .await?;
+        .with_context(|| format!("checking which stream read model {name} was folded from"))?
+    {
+        println!("read model {name}: {why}; reset (its projector folds this stream again)");
     }
     Ok(())
 }

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use async_nats::header::{self, HeaderMap};
 use async_nats::jetstream::{self, consumer::pull, stream};
 use ch_domain::{event::SCHEMA_VERSION, AggregateType, Event};
+use chrono::{DateTime, SubsecRound, Utc};
 use serde_json::json;
 use tracing::{debug, info, warn};
 
@@ -961,6 +962,23 @@ impl EventStore {
     /// # Errors
     /// [`StoreError::Unavailable`] on NATS trouble.
     pub async fn last_seq(&self) -> Result<u64, StoreError> {
+        Ok(self.info().await?.state.last_sequence)
+    }
+
+    /// The stream's last sequence and when it was made (to the microsecond, as Postgres keeps
+    /// it): a stream deleted and made again under the same name, or another server's, has
+    /// another creation time. Asked as [`EventStore::last_seq`].
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] on NATS trouble.
+    pub async fn last_seq_and_created(&self) -> Result<(u64, DateTime<Utc>), StoreError> {
+        let info = self.info().await?;
+        let nanos = i64::try_from(info.created.unix_timestamp_nanos()).unwrap_or(i64::MAX);
+        let created = DateTime::from_timestamp_nanos(nanos).trunc_subsecs(6);
+        Ok((info.state.last_sequence, created))
+    }
+
+    async fn info(&self) -> Result<stream::Info, StoreError> {
         use jetstream::context::RequestErrorKind as K;
         let name = self.stream.cached_info().config.name.as_str();
         let info = patiently(&format!("stream {name}"), INFO_PATIENCE, || async {
@@ -974,7 +992,7 @@ impl EventStore {
         })
         .await?;
         self.replication.note(info.config.num_replicas);
-        Ok(info.state.last_sequence)
+        Ok(info)
     }
 
     /// Is there an event on `filter` (a subject, wildcards allowed) in `from..=to`?

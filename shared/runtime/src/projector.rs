@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::HeaderMap;
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use deadpool_postgres::Transaction;
 use futures::{FutureExt, StreamExt};
@@ -1413,6 +1414,12 @@ impl<P: Projection> Projector<P> {
         retry: &mut Retry,
     ) -> Result<Ended, ProjectorError> {
         let name = self.name();
+        if let Some(why) = self.reset_if_from_another_stream().await? {
+            warn!(
+                projection = name,
+                "read model reset: {why}; folding this stream from its start"
+            );
+        }
         // Catch up first with an ordered replay: fast after a rebuild or a long outage. Then
         // the durable, moved past what the replay applied.
         self.catch_up_to_head().await?;
@@ -1587,12 +1594,20 @@ impl<P: Projection> Projector<P> {
     /// # Errors
     /// [`ProjectorError`] on database trouble.
     pub async fn reset(&self) -> Result<(), ProjectorError> {
+        let (_, created) = self.store.last_seq_and_created().await?;
+        self.reset_for(created).await
+    }
+
+    /// [`Projector::reset`], recording `created` as the creation time of the stream the read
+    /// model is folded from.
+    async fn reset_for(&self, created: DateTime<Utc>) -> Result<(), ProjectorError> {
         let mut conn = self.pool.get().await.map_err(DbError::from)?;
         let tx = conn.transaction().await?;
         tx.execute(
-            "INSERT INTO ch_checkpoints (projection, last_seq) VALUES ($1, 0)
-             ON CONFLICT (projection) DO UPDATE SET last_seq = 0, updated_at = now()",
-            &[&self.name()],
+            "INSERT INTO ch_checkpoints (projection, last_seq, stream_created) VALUES ($1, 0, $2)
+             ON CONFLICT (projection) DO UPDATE
+             SET last_seq = 0, stream_created = EXCLUDED.stream_created, updated_at = now()",
+            &[&self.name(), &created],
         )
         .await?;
         self.projection.reset(&tx).await?;
@@ -1611,6 +1626,58 @@ impl<P: Projection> Projector<P> {
             let _ = self.client.flush().await;
         }
         Ok(())
+    }
+
+    /// Empties the read model when it was folded from another stream than the store's: one of
+    /// the same name made before it (deleted and made again, or another server's), told by the
+    /// creation time recorded with the checkpoint; or, for a read model from before that
+    /// record, a longer one (its checkpoint past the head). Records the stream's creation time
+    /// otherwise. The checkpoint is read before the stream: projectors running beside (the old
+    /// release's, during an upgrade) move it on, but never past the head as it is when they
+    /// commit. Why it reset, if it did.
+    ///
+    /// # Errors
+    /// [`ProjectorError`] on store or database trouble.
+    pub async fn reset_if_from_another_stream(&self) -> Result<Option<String>, ProjectorError> {
+        let name = self.name();
+        let conn = self.pool.get().await.map_err(DbError::from)?;
+        let row = conn
+            .query_opt(
+                "SELECT last_seq, stream_created FROM ch_checkpoints WHERE projection = $1",
+                &[&name],
+            )
+            .await?;
+        let (cp, recorded) = row.map_or((0, None), |r| {
+            (
+                r.get::<_, i64>(0) as u64,
+                r.get::<_, Option<DateTime<Utc>>>(1),
+            )
+        });
+        let (head, created) = self.store.last_seq_and_created().await?;
+        let stream = self.store.subjects().stream_name();
+        let why = match recorded {
+            Some(then) if then != created && cp > 0 => Some(format!(
+                "it was folded up to seq {cp} from a stream {stream} made at {then}, not from \
+                 the one there now, made at {created}"
+            )),
+            _ if cp > head => Some(format!(
+                "it is at seq {cp} but stream {stream} ends at {head}: it was folded from \
+                 another stream"
+            )),
+            _ => None,
+        };
+        if why.is_some() {
+            drop(conn);
+            self.reset_for(created).await?;
+        } else if recorded != Some(created) {
+            conn.execute(
+                "INSERT INTO ch_checkpoints (projection, last_seq, stream_created) VALUES ($1, 0, $2)
+                 ON CONFLICT (projection) DO UPDATE SET stream_created = EXCLUDED.stream_created",
+                &[&name, &created],
+            )
+            .await?;
+        }
+        Ok(why)
     }
 
     /// Rebuilds the read model from the whole stream: reset, then replay. When another
