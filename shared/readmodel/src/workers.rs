@@ -257,14 +257,23 @@ impl QueryHandler {
         }
     }
 
-    /// `read` within `CH_QUERY_TIMEOUT_MS`: a database that takes a session's statements and
-    /// never answers (stopped, or cut off after the connection was made: TCP keepalives take
-    /// minutes to tell, if ever) has the query answered `unavailable`, not left unanswered.
+    /// When a reading's session and read must be done by: `CH_QUERY_TIMEOUT_MS` from now, for
+    /// both together (so that a query, its wait included, ends within what README and the
+    /// chart count on for a stopping worker).
+    fn read_deadline(&self) -> tokio::time::Instant {
+        tokio::time::Instant::now() + self.read_timeout
+    }
+
+    /// `read` by `deadline` (see [`QueryHandler::read_deadline`]): a database that takes a
+    /// session's statements and never answers (stopped, or cut off after the connection was
+    /// made: TCP keepalives take minutes to tell, if ever) has the query answered
+    /// `unavailable`, not left unanswered.
     async fn bounded<T>(
         &self,
+        deadline: tokio::time::Instant,
         read: impl std::future::Future<Output = Result<T, ApiError>>,
     ) -> Result<T, ApiError> {
-        match tokio::time::timeout(self.read_timeout, read).await {
+        match tokio::time::timeout_at(deadline, read).await {
             Ok(answer) => answer,
             Err(_) => Err(self.no_answer(self.read_timeout)),
         }
@@ -284,10 +293,14 @@ impl QueryHandler {
         ))
     }
 
-    /// A session for the read: a new one must log in within `CH_QUERY_TIMEOUT_MS` too (the
-    /// wait for a free one keeps the pool's bound: a busy worker, not a silent database).
-    async fn snapshot_conn(&self) -> Result<deadpool_postgres::Object, ApiError> {
-        ch_runtime::pg::session_within(&self.pool, self.read_timeout)
+    /// A session for the read: a new one must log in by `deadline` too (the wait for a free
+    /// one keeps the pool's bound: a busy worker, not a silent database).
+    async fn snapshot_conn(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Result<deadpool_postgres::Object, ApiError> {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        ch_runtime::pg::session_within(&self.pool, left)
             .await?
             .ok_or_else(|| self.no_answer(self.read_timeout))
     }
@@ -303,9 +316,10 @@ macro_rules! in_snapshot {
         let q: $ty = queries::parse($body)?;
         loop {
             let reached = $handler.wait_if_asked($query, &q, $since).await?;
-            let mut conn = $handler.snapshot_conn().await?;
+            let deadline = $handler.read_deadline();
+            let mut conn = $handler.snapshot_conn(deadline).await?;
             let read = $handler
-                .bounded(async {
+                .bounded(deadline, async {
                     let tables = queries::tables_of($query.projections());
                     let tx = queries::snapshot(&mut conn, &tables).await?;
                     let as_of = queries::as_of(&tx, $query.projections(), &reached).await?;
@@ -341,9 +355,10 @@ impl QueryHandler {
                 loop {
                     // The portfolio read model is not sparse: its checkpoint is the answer.
                     self.wait_if_asked(query, &q, since).await?;
-                    let conn = self.snapshot_conn().await?;
+                    let deadline = self.read_deadline();
+                    let conn = self.snapshot_conn(deadline).await?;
                     let read = self
-                        .bounded(queries::portfolio_performance(&conn, &q))
+                        .bounded(deadline, queries::portfolio_performance(&conn, &q))
                         .await;
                     // One statement reads the row and the checkpoint together; a reset after
                     // the wait shows as the checkpoint below the sequence asked for, or, if
@@ -356,7 +371,7 @@ impl QueryHandler {
                         Ok(reply) => reply["as_of_seq"].as_u64().is_some_and(|at| at < min),
                         Err(e) if e.code == "not_found" => {
                             let (at, there) = self
-                                .bounded(async {
+                                .bounded(deadline, async {
                                     Ok(queries::portfolio_checkpoint_and_row(
                                         &conn,
                                         &q.portfolio_id,

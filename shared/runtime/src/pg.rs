@@ -246,9 +246,10 @@ const LOG_IN_TIMEOUT: Duration = Duration::from_secs(5);
 /// and [`LOG_IN_TIMEOUT`]).
 const POOL_WAIT: Duration = Duration::from_secs(10);
 
-/// A session of `pool`, a new one having to connect and log in within `within` (`Ok(None)`
-/// when it did not: a database that takes the connection and does not answer); waiting for
-/// a free one keeps the pool's own bound ([`DbError::Busy`]: the worker is busy, not the
+/// A session of `pool` within `within`, waiting for a free one and making a new one
+/// together: `Ok(None)` when a new one did not connect and log in in time (a database that
+/// takes the connection and does not answer); [`DbError::Busy`] when none came free within
+/// `within` or the pool's own bound, whichever is shorter (the worker is busy, not the
 /// database silent).
 ///
 /// # Errors
@@ -257,15 +258,21 @@ pub async fn session_within(
     pool: &Pool,
     within: Duration,
 ) -> Result<Option<deadpool_postgres::Object>, DbError> {
+    let own = pool.timeouts();
     let timeouts = deadpool_postgres::Timeouts {
         create: Some(within),
-        ..pool.timeouts()
+        wait: Some(own.wait.map_or(within, |w| w.min(within))),
+        ..own
     };
-    match pool.timeout_get(&timeouts).await {
-        Err(deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Create)) => {
+    // A session made after a wait has what is left of `within` (a little more, so that a wait
+    // ending at `within` says busy rather than that the database did not answer).
+    let until = tokio::time::Instant::now() + within + Duration::from_millis(50);
+    match tokio::time::timeout_at(until, pool.timeout_get(&timeouts)).await {
+        Err(_)
+        | Ok(Err(deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Create))) => {
             Ok(None)
         }
-        got => Ok(Some(got?)),
+        Ok(got) => Ok(Some(got?)),
     }
 }
 
