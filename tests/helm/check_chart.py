@@ -216,6 +216,13 @@ def main():
         ("an immediate bound past the grace period",
          {"sync": {"mode": "immediate", "immediateTimeoutMs": 25000}},
          "CH_IMMEDIATE_TIMEOUT_MS=25000 leaves less than 10 s"),
+        ("a query bound past a query worker's grace period",
+         worker("query-strategy", env={"CH_QUERY_TIMEOUT_MS": 60000}),
+         "workers.query-strategy: CH_QUERY_TIMEOUT_MS=60000, with 11 s of min_stream_seq wait"),
+        ("a chart-wide query bound past the query workers' grace period",
+         {"env": {"CH_QUERY_TIMEOUT_MS": 15000}}, "CH_QUERY_TIMEOUT_MS=15000, with 11 s"),
+        ("a chart-wide pool of one (the projectors and the setup job need 2)",
+         {"env": {"CH_DB_POOL": 1}}, 'env or extraEnv (every pod): CH_DB_POOL="1"'),
     ):
         refusal = render_refusal(values)
         check(f"the render refuses {label}", want in refusal, refusal)
@@ -229,6 +236,14 @@ def main():
          {"sync": {"mode": "immediate", "immediateTimeoutMs": 60000},
           "terminationGracePeriodSeconds": 70}),
         ("a long bound when the mode is not immediate", {"sync": {"immediateTimeoutMs": 60000}}),
+        ("a query worker's pool of one", worker("query-strategy", env={"CH_DB_POOL": "1"})),
+        ("a query bound 5 s under the grace period with the wait",
+         worker("query-portfolio", env={"CH_QUERY_TIMEOUT_MS": 14000})),
+        ("a long query bound with a longer grace period",
+         worker("query-portfolio", env={"CH_QUERY_TIMEOUT_MS": 60000},
+                terminationGracePeriodSeconds=80)),
+        ("a long query bound for the other workers only",
+         worker("cmd-signal", env={"CH_QUERY_TIMEOUT_MS": 60000})),
     ):
         check(f"the render takes {label}", render_refusal(values) == "rendered",
               render_refusal(values))
@@ -245,6 +260,23 @@ def main():
     notes = next(v for k, v in notes.items() if k.endswith("NOTES.txt"))
     check("NOTES hide NATS credentials", "ss@" not in notes and "tok@" not in notes
           and "nats://***@a:4222,nats://***@b:4222" in notes, notes)
+    # A projector off while workers that read its read model run: NOTES warn.
+    for values, want in (({}, None),
+                         ({"workers": {"proj-portfolio": {"enabled": False}}},
+                          "proj-portfolio does not run in this release, and query-portfolio, "
+                          "query-strategy, exit-triggers read"),
+                         ({"workers": {"proj-strategy": {"enabled": True, "replicas": 0}}},
+                          "proj-strategy does not run in this release, and query-strategy read"),
+                         ({"workers": {"proj-strategy": {"enabled": False},
+                                       "query-strategy": {"enabled": False}}}, None)):
+        text = next(v for k, v in render_files(values).items() if k.endswith("NOTES.txt"))
+        check(f"NOTES warn of a projector off for {values}: {want is not None}",
+              ("WARNING" in text) == (want is not None) and (want is None or want in text), text)
+    # Also in URLs without a scheme, which the workers take too.
+    notes = render_files({"nats": {"url": "user:s3cret@a:4222,tok3n@b:4222"}})
+    notes = next(v for k, v in notes.items() if k.endswith("NOTES.txt"))
+    check("NOTES hide NATS credentials of URLs without a scheme", "s3cret" not in notes
+          and "tok3n" not in notes and "***@a:4222,***@b:4222" in notes, notes)
     # The connection budget: pool per pod that uses Postgres (a projector's lock session is
     # one of its pool's), with a rolling update's extra pod per Deployment. Defaults: 8 such
     # pods of pool 6, 13 in an upgrade; then one query worker's own pool (2 pods of 20).

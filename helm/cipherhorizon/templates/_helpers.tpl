@@ -83,10 +83,13 @@ float, which prints as 1e+06: whole floats are printed as integers.
 {{/*
 Fails the install when a variable the workers would refuse reaches a pod through `env` or
 `extraEnv` (the values' own settings are the schema's to check): the ranges and names of
-README's Configuration, CH_DB_POOL from 2 as database.pool. With "grace" (a command worker's
+README's Configuration, CH_DB_POOL from "poolMin" (default 2, as database.pool: a projector
+needs 2; 1 for the workers that need no lock). With "grace" (a command worker's
 terminationGracePeriodSeconds) and CH_SYNC=immediate, the wait's bound must leave 10 s of the
-grace period to answer the requests a stopping worker holds. Called with (dict "env" <name ->
-text> "who" <the pod, for the message> "grace" <seconds or nil>).
+grace period to answer the requests a stopping worker holds; with "queryGrace" (a query
+worker's), the longest query (CH_QUERY_TIMEOUT_MS, 11 s of `min_stream_seq` wait) must leave
+5 s. Called with (dict "env" <name -> text> "who" <the pod, for the message> "grace" <seconds
+or nil> "queryGrace" <seconds or nil> "poolMin" <1 or 2>).
 */}}
 {{- define "cipherhorizon.checkEnv" -}}
 {{- $env := .env -}}
@@ -97,7 +100,7 @@ text> "who" <the pod, for the message> "grace" <seconds or nil>).
   "CH_IMMEDIATE_TIMEOUT_MS" (list 0 60000)
   "CH_QUERY_TIMEOUT_MS" (list 100 600000)
   "CH_WORKER_THREADS" (list 1 256)
-  "CH_DB_POOL" (list 2 256) -}}
+  "CH_DB_POOL" (list (default 2 .poolMin) 256) -}}
 {{- range $k, $r := $ranges -}}
 {{- if hasKey $env $k -}}
 {{- $x := get $env $k -}}
@@ -118,6 +121,12 @@ text> "who" <the pod, for the message> "grace" <seconds or nil>).
 {{- fail (printf "%s: CH_IMMEDIATE_TIMEOUT_MS=%d leaves less than 10 s of its terminationGracePeriodSeconds (%d) to answer the commands a stopping worker holds: lower the bound or raise the grace period" $.who $bound (int .grace)) -}}
 {{- end -}}
 {{- end -}}
+{{- if .queryGrace -}}
+{{- $read := atoi (default "10000" (get $env "CH_QUERY_TIMEOUT_MS")) -}}
+{{- if gt (add $read 16000) (mul (int .queryGrace) 1000) -}}
+{{- fail (printf "%s: CH_QUERY_TIMEOUT_MS=%d, with 11 s of min_stream_seq wait, leaves less than 5 s of its terminationGracePeriodSeconds (%d) to answer the queries a stopping worker holds: lower the bound or raise the grace period" $.who $read (int .queryGrace)) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{/*
@@ -128,8 +137,9 @@ Secret "secret" (unless an `env` sets it), CH_DB_SCHEMA and CH_DB_POOL. Then `ex
 worker's own "extraEnv", as written, in place of the chart's variables of the same names.
 Called with (dict "root" $ "env" <the worker's env> "extraEnv" <the worker's extraEnv>
 "database" <bool> "secret" <the database Secret's name> "extra" <dict> "who" <the pod, for
-messages> "grace" <a command worker's grace period>), all but root optional; the result is
-checked by cipherhorizon.checkEnv.
+messages> "grace" <a command worker's grace period> "queryGrace" <a query worker's>
+"poolMin" <its least CH_DB_POOL>), all but root optional; the result is checked by
+cipherhorizon.checkEnv.
 */}}
 {{- define "cipherhorizon.env" -}}
 {{- $v := .root.Values -}}
@@ -211,7 +221,7 @@ checked by cipherhorizon.checkEnv.
 {{- end -}}
 {{- end -}}
 {{- include "cipherhorizon.checkEnv" (dict "env" $shared "who" "env or extraEnv (every pod)") -}}
-{{- include "cipherhorizon.checkEnv" (dict "env" $seen "who" (default "a pod" .who) "grace" .grace) -}}
+{{- include "cipherhorizon.checkEnv" (dict "env" $seen "who" (default "a pod" .who) "grace" .grace "queryGrace" .queryGrace "poolMin" .poolMin) -}}
 {{- if and $v.nats.existingSecret (not (hasKey $env "CH_NATS_URL")) (not (hasKey $taken "CH_NATS_URL")) }}
 - name: CH_NATS_URL
   valueFrom:
