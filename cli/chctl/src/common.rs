@@ -64,23 +64,22 @@ impl Ctx {
         self.subjects.service_name(worker)
     }
 
-    /// A full subject. Kept as is when it starts with the prefix (or `$`, `_INBOX.`); a
-    /// command or query name gets its kind (`portfolio.update` is `<prefix>.cmd.portfolio.update`,
-    /// `strategy.list` is `<prefix>.query.strategy.list`); anything else just the prefix
-    /// (`admin.projector.portfolio.status`).
+    /// A full subject. A command or query name gets the prefix and its kind
+    /// (`portfolio.update` is `<prefix>.cmd.portfolio.update`, `strategy.list` is
+    /// `<prefix>.query.strategy.list`), a subject beginning with a kind of the prefix's
+    /// subjects just the prefix (`admin.projector.portfolio.status`); anything else is a full
+    /// subject, kept as is (`$SRV.PING`, another prefix's `desk.query.strategy.list`).
     pub fn subject(&self, s: &str) -> String {
+        const KINDS: [&str; 6] = ["cmd", "query", "admin", "progress", "events", "dlq"];
         let p = self.subjects.prefix();
-        if s.starts_with('$')
-            || s.starts_with("_INBOX.")
-            || s.strip_prefix(p).is_some_and(|r| r.starts_with('.'))
-        {
-            s.to_owned()
-        } else if ch_domain::request::Endpoint::from_name(s).is_some() {
+        if ch_domain::request::Endpoint::from_name(s).is_some() {
             self.subjects.command(s)
         } else if ch_readmodel::workers::Query::from_name(s).is_some() {
             self.subjects.query(s)
-        } else {
+        } else if KINDS.contains(&s.split('.').next().unwrap_or_default()) {
             format!("{p}.{s}")
+        } else {
+            s.to_owned()
         }
     }
 
@@ -336,7 +335,14 @@ mod tests {
             c.subject("ch.cmd.portfolio.update"),
             "ch.cmd.portfolio.update"
         );
-        assert_eq!(c.subject("chk.cmd.x"), "ch.chk.cmd.x");
         assert_eq!(c.subject("$SRV.PING"), "$SRV.PING");
+        assert_eq!(c.subject("_INBOX.x"), "_INBOX.x");
+        // Another prefix's full subject is not this prefix's.
+        assert_eq!(c.subject("chk.cmd.x"), "chk.cmd.x");
+        assert_eq!(
+            c.subject("Desk-2.query.portfolio.performance"),
+            "Desk-2.query.portfolio.performance"
+        );
+        assert_eq!(c.subject("progress.portfolio"), "ch.progress.portfolio");
     }
 }

@@ -11,7 +11,8 @@ use crate::common::{request, Ctx};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// `portfolio.update`, `strategy.list`, `cmd.market.price`, or a full subject.
+    /// `portfolio.update`, `strategy.list`, `cmd.market.price` or `admin.projector.portfolio.status`
+    /// (under the prefix), or a full subject (`$SRV.PING`, another prefix's `desk.query.strategy.list`).
     pub subject: String,
     /// The JSON body; `-` reads it from stdin.
     #[arg(default_value = "{}")]

@@ -230,8 +230,10 @@ fn replication(info: &async_nats::jetstream::stream::Info) -> String {
             } else {
                 "catching up"
             };
-            match r.lag {
-                Some(lag) => format!("{} {state} ({lag} behind)", r.name),
+            // The lag JetStream reports counts raft log entries, not events; an offline
+            // replica's is as last seen.
+            match r.lag.filter(|&lag| lag > 0 && !r.offline) {
+                Some(lag) => format!("{} {state} ({lag} raft entries behind)", r.name),
                 None => format!("{} {state}", r.name),
             }
         })
@@ -292,9 +294,22 @@ mod tests {
                 {"name": "ch-n3", "current": true, "active": 0}
             ]}),
         );
+        // An offline replica's lag is as last seen: left out.
         assert_eq!(
             replication(&i),
-            "; 3 replicas, leader ch-n1, followers: ch-n2 offline (28 behind), ch-n3 current"
+            "; 3 replicas, leader ch-n1, followers: ch-n2 offline, ch-n3 current"
+        );
+        let i = info(
+            3,
+            serde_json::json!({"name": "ch-cluster", "leader": "ch-n1", "replicas": [
+                {"name": "ch-n2", "current": false, "active": 0, "lag": 3},
+                {"name": "ch-n3", "current": true, "active": 0, "lag": 0}
+            ]}),
+        );
+        assert_eq!(
+            replication(&i),
+            "; 3 replicas, leader ch-n1, followers: ch-n2 catching up (3 raft entries behind), \
+             ch-n3 current"
         );
     }
 
