@@ -908,3 +908,75 @@ async fn a_price_held_elsewhere_is_judged_before_the_later_ones() {
         .to_string()
     );
 }
+
+/// Each position's last fill, which the exit triggers read for every price, is the projector's
+/// from its fills; a schema upgraded to it learns it from the trades, and a projector of the
+/// release before, which would leave it behind, has its position writes refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn positions_know_their_last_fill_and_an_upgrade_fills_it_in() {
+    let env = TestEnv::with_all_workers().await;
+    env.cmd(
+        "strategy.create",
+        strategy_with_exits("s1", &["BTC-USDT", "ETH-USDT"], json!({})),
+    )
+    .await;
+    portfolio(&env, "p1", "s1").await;
+    env.bought("p1", "s1", "BTC-USDT", "0.1", "20000").await;
+    env.bought("p1", "s1", "ETH-USDT", "1", "2000").await;
+    let last_btc = env.bought("p1", "s1", "BTC-USDT", "0.1", "21000").await;
+    let last_eth = env.bought("p1", "s1", "ETH-USDT", "1", "2100").await;
+    env.performance_at("p1", last_eth).await;
+    let last_fills = || async {
+        env.pg
+            .query(
+                "SELECT symbol, last_fill_seq FROM positions WHERE portfolio_id = 'p1'
+                 ORDER BY symbol",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u64))
+            .collect::<Vec<_>>()
+    };
+    let want = vec![
+        ("BTC-USDT".to_owned(), last_btc),
+        ("ETH-USDT".to_owned(), last_eth),
+    ];
+    assert_eq!(last_fills().await, want);
+
+    // The schema as before migration 12, migrated again.
+    env.pg
+        .batch_execute(
+            "ALTER TABLE positions DROP COLUMN last_fill_seq;
+             DELETE FROM ch_migrations WHERE version = 12",
+        )
+        .await
+        .unwrap();
+    ch_runtime::pg::migrate(
+        &env.cfg.database_url,
+        &env.cfg.db_schema,
+        ch_readmodel::MIGRATIONS,
+    )
+    .await
+    .unwrap();
+    assert_eq!(last_fills().await, want);
+    // The release before's upsert of a position, for a row there and for a new one.
+    for symbol in ["BTC-USDT", "SOL-USDT"] {
+        let refused = env
+            .pg
+            .execute(
+                "INSERT INTO positions (portfolio_id, symbol, quantity, cost_basis, gross_entry)
+                 VALUES ('p1', $1, 1, 1, 1)
+                 ON CONFLICT (portfolio_id, symbol) DO UPDATE SET quantity = EXCLUDED.quantity",
+                &[&symbol],
+            )
+            .await
+            .expect_err("an old release's position write");
+        assert_eq!(
+            refused.code(),
+            Some(&tokio_postgres::error::SqlState::NOT_NULL_VIOLATION),
+            "{refused}"
+        );
+    }
+}

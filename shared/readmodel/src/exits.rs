@@ -289,10 +289,7 @@ fn count_price(spans: &mut [Span], place: Place, price: Decimal) {
 /// behind, would otherwise judge, and sell at its old mark, a position it never marked); one
 /// portfolio's only when `portfolio_id` is given.
 const CANDIDATES_SQL: &str = "
-    SELECT p.portfolio_id, p.quantity, p.gross_entry, po.version, t.opened_seq,
-           (SELECT max(tr.stream_seq) FROM trades tr
-             WHERE tr.portfolio_id = p.portfolio_id AND tr.symbol = p.symbol
-               AND tr.stream_seq >= t.opened_seq) AS last_fill_seq
+    SELECT p.portfolio_id, p.quantity, p.gross_entry, po.version, t.opened_seq, p.last_fill_seq
       FROM positions p
       JOIN portfolios po ON po.portfolio_id = p.portfolio_id
       JOIN LATERAL (SELECT opened_seq, opened_at FROM round_trips rt
@@ -301,9 +298,7 @@ const CANDIDATES_SQL: &str = "
                      ORDER BY rt.opened_seq DESC LIMIT 1) t ON true
      WHERE p.symbol = $1 AND p.quantity > 0 AND po.status = 'open'
        AND (t.opened_at, t.opened_seq) < ($2::timestamptz, $3::bigint)
-       AND NOT EXISTS (SELECT 1 FROM trades tr
-                        WHERE tr.portfolio_id = p.portfolio_id AND tr.stream_seq > $3
-                          AND tr.symbol = p.symbol)
+       AND p.last_fill_seq <= $3
        AND ($4::text IS NULL OR p.portfolio_id = $4)
      ORDER BY p.portfolio_id";
 
@@ -427,7 +422,7 @@ impl Worker {
                 version: r.get::<_, i64>(3) as u64,
                 trip: Trip {
                     opened_seq: r.get::<_, i64>(4) as u64,
-                    last_fill_seq: r.get::<_, Option<i64>>(5).unwrap_or_default() as u64,
+                    last_fill_seq: r.get::<_, i64>(5) as u64,
                 },
                 facts: PositionFacts {
                     quantity: r.get(1),

@@ -41,6 +41,7 @@ pub const MIGRATIONS: &[Migration] = migrations![
     9 "009" "fills_by_strategy",
     10 "010" "positions_by_symbol",
     11 "011" "stream_created",
+    12 "012" "positions_last_fill",
 ];
 
 /// Plain-notation string of a decimal as replies carry it (`"14990"`, not `"14990.000"`).

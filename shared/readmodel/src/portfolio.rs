@@ -131,6 +131,8 @@ struct PositionRow {
     quantity: Decimal,
     cost_basis: Decimal,
     gross_entry: Decimal,
+    /// The stream sequence of its last fill.
+    last_fill_seq: i64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -216,8 +218,8 @@ impl Fold {
             ),
             rows(
                 tx,
-                "SELECT portfolio_id, symbol, quantity, cost_basis, gross_entry FROM positions
-                 WHERE portfolio_id = ANY($1)",
+                "SELECT portfolio_id, symbol, quantity, cost_basis, gross_entry, last_fill_seq
+                 FROM positions WHERE portfolio_id = ANY($1)",
                 &params,
             ),
             // An open trip's row is as of its first fill: its PnL and fees so far are those of
@@ -280,6 +282,7 @@ impl Fold {
                     quantity: r.get(2),
                     cost_basis: r.get(3),
                     gross_entry: r.get(4),
+                    last_fill_seq: r.get(5),
                 }),
             );
         }
@@ -410,6 +413,7 @@ impl Fold {
             quantity: e.position_after,
             cost_basis: e.cost_basis_after,
             gross_entry: e.gross_entry_after,
+            last_fill_seq: seq,
         });
         self.positions.insert(key.clone(), pos);
         self.dirty_positions.insert(key.clone());
@@ -702,8 +706,14 @@ impl Fold {
 
     async fn write_positions(&self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
         let (mut del_p, mut del_s) = (Vec::new(), Vec::new());
-        let (mut up_p, mut up_s, mut q, mut c, mut g) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut up_p, mut up_s, mut q, mut c, mut g, mut last) = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
         for key in &self.dirty_positions {
             match self.positions.get(key).copied().flatten() {
                 None => {
@@ -716,6 +726,7 @@ impl Fold {
                     q.push(pos.quantity);
                     c.push(pos.cost_basis);
                     g.push(pos.gross_entry);
+                    last.push(pos.last_fill_seq);
                 }
             }
         }
@@ -731,11 +742,14 @@ impl Fold {
         if !up_p.is_empty() {
             exec(
                 tx,
-                "INSERT INTO positions (portfolio_id, symbol, quantity, cost_basis, gross_entry)
-                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::numeric[], $4::numeric[], $5::numeric[])
+                "INSERT INTO positions (portfolio_id, symbol, quantity, cost_basis, gross_entry,
+                                        last_fill_seq)
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::numeric[], $4::numeric[],
+                                      $5::numeric[], $6::bigint[])
                  ON CONFLICT (portfolio_id, symbol) DO UPDATE SET quantity = EXCLUDED.quantity,
-                     cost_basis = EXCLUDED.cost_basis, gross_entry = EXCLUDED.gross_entry",
-                &[&up_p, &up_s, &q, &c, &g],
+                     cost_basis = EXCLUDED.cost_basis, gross_entry = EXCLUDED.gross_entry,
+                     last_fill_seq = EXCLUDED.last_fill_seq",
+                &[&up_p, &up_s, &q, &c, &g, &last],
             )
             .await?;
         }
