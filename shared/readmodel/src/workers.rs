@@ -293,8 +293,8 @@ impl QueryHandler {
         ))
     }
 
-    /// A session for the read: a new one must log in by `deadline` too (the wait for a free
-    /// one keeps the pool's bound: a busy worker, not a silent database).
+    /// A session for the read by `deadline`, a free one or a new one logged in (no free one
+    /// by then, or by the pool's own bound: a busy worker, not a silent database).
     async fn snapshot_conn(
         &self,
         deadline: tokio::time::Instant,

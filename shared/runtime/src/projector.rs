@@ -1589,10 +1589,12 @@ impl<P: Projection> Projector<P> {
     }
 
     /// Empties the read model and sets its checkpoint to 0, in one transaction. A running
-    /// projector notices the gap and replays the stream (see [`Projector::rebuild`]).
+    /// projector notices the gap and replays the stream (see [`Projector::rebuild`]). The stream's
+    /// creation time is recorded with the checkpoint (see
+    /// [`Projector::reset_if_from_another_stream`]).
     ///
     /// # Errors
-    /// [`ProjectorError`] on database trouble.
+    /// [`ProjectorError`] on store or database trouble.
     pub async fn reset(&self) -> Result<(), ProjectorError> {
         let (_, created) = self.store.last_seq_and_created().await?;
         self.reset_for(created).await
