@@ -137,7 +137,10 @@ async fn a_fact_noticed_before_its_event_is_stored_is_read_until_it_is() {
     // Notices on a subject of the test's own (one of the stream's would be stored as an
     // event), trusted for an hour: only a notice can make the repo look again.
     let notices = format!("{}.test-notices", env.subjects.prefix());
-    repo.follow(client.subscribe(format!("{notices}.*")).await.expect("sub"));
+    repo.follow(
+        client.subscribe(format!("{notices}.*")).await.expect("sub"),
+        &client,
+    );
     assert_eq!(repo.fact("s1").await.expect("fact").version, 1);
 
     // The notice of an update whose event is not stored yet, as the server can send it.
@@ -248,7 +251,7 @@ async fn change_notices_are_taken_in_while_no_fact_is_read() {
     let subject = env
         .subjects
         .aggregate(ch_domain::AggregateType::Strategy, "*");
-    repo.follow(client.subscribe(subject).await.unwrap());
+    repo.follow(client.subscribe(subject).await.unwrap(), &client);
     client.flush().await.unwrap();
     for id in ["s2", "s3", "s4"] {
         env.cmd("strategy.create", strategy("u1", id, &["BTC-USDT"]))

@@ -94,9 +94,10 @@ impl Commands {
         }
     }
 
-    /// Follows the strategy and market subjects, so that cached strategies and marks (facts
-    /// of portfolio decisions) are caught up as soon as they change, and not read from the
-    /// stream for every signal while they do not.
+    /// Follows the strategy and market subjects on `client`, so that cached strategies and
+    /// marks (facts of portfolio decisions) are caught up as soon as they change, and not read
+    /// from the stream for every signal while they do not. `client` must be the connection
+    /// the commands come on (see [`crate::repo::Repo::follow`]).
     ///
     /// # Errors
     /// When the subscriptions fail.
@@ -108,11 +109,11 @@ impl Commands {
         let strategies = client
             .subscribe(subjects.aggregate(AggregateType::Strategy, "*"))
             .await?;
-        self.strategies.repo().follow(strategies);
+        self.strategies.repo().follow(strategies, client);
         let markets = client
             .subscribe(subjects.aggregate(AggregateType::Market, "*"))
             .await?;
-        self.markets.repo().follow(markets);
+        self.markets.repo().follow(markets, client);
         Ok(())
     }
 
@@ -260,7 +261,10 @@ pub async fn run(
     };
     let commands = Commands::new(&app);
     if decides_portfolios(endpoints) {
-        commands.follow_facts(&app.client, &app.subjects).await?;
+        // On the service's connection, which the requests come on: a change's notice is then
+        // there before any request sent after its reply (in the drain at shutdown its notices
+        // stop with the requests; the facts' age bound covers the requests still in hand).
+        commands.follow_facts(&app.intake, &app.subjects).await?;
     }
     let handler = Arc::new(CommandHandler {
         commands,

@@ -42,7 +42,8 @@ pub struct Entry<A> {
     command_order: VecDeque<(Uuid, DateTime<Utc>)>,
     /// When the entry was last compared with the stream (for [`Repo::fact`]).
     checked_at: Option<Instant>,
-    /// [`EventStore::connects`] then: a reconnect since may have lost its change notice.
+    /// How many times the notices' connection had been established then (the store's, if
+    /// none is followed): a reconnect since may have lost its change notice.
     checked_connects: u64,
 }
 
@@ -98,6 +99,8 @@ pub struct Repo<A: Aggregate> {
     stale: Arc<Mutex<HashMap<String, Notice>>>,
     /// A core subscription to this aggregate type's subjects: change notices.
     notices: Arc<Mutex<Option<async_nats::Subscriber>>>,
+    /// The counters of the connection the notices come on (see [`Repo::follow`]).
+    notices_connection: std::sync::OnceLock<Arc<async_nats::Statistics>>,
     /// How long a cached fact is trusted without a change notice.
     fact_max_age: Duration,
 }
@@ -193,6 +196,7 @@ impl<A: Aggregate> Repo<A> {
             capacity: capacity.max(16),
             stale: Arc::new(Mutex::new(HashMap::new())),
             notices: Arc::new(Mutex::new(None)),
+            notices_connection: std::sync::OnceLock::new(),
             fact_max_age: FACT_MAX_AGE,
         }
     }
@@ -262,15 +266,19 @@ impl<A: Aggregate> Repo<A> {
         Ok(entry.state.clone())
     }
 
-    /// Follows change notices: a subscription to `<prefix>.events.<type>.*`. A JetStream append
-    /// reaches this subscriber before the appender's reply can reach any client, so a command
-    /// that arrives after a change sees its notice already queued ([`Repo::fact`] moves the
-    /// queued notices first). The notices are also moved every [`NOTICE_DRAIN`] by a task of
-    /// their own: they carry whole events, and while no command reads a fact (a worker that
-    /// sees only strategy updates, or prices for symbols nobody holds) they would pile up in
-    /// the subscription's buffer (a megabyte per large strategy) until it dropped them. Must
-    /// be called within a Tokio runtime.
-    pub fn follow(&self, notices: async_nats::Subscriber) {
+    /// Follows change notices: a subscription to `<prefix>.events.<type>.*` on `connection`. A
+    /// JetStream append reaches this subscriber before the appender's reply can reach any
+    /// client, so a command that arrives after a change, on the same connection, sees its
+    /// notice already queued ([`Repo::fact`] moves the queued notices first): the notices
+    /// must come on the connection the commands come on (NATS orders what it sends on one
+    /// connection, not across two). A reconnect of `connection` may have lost notices: facts
+    /// checked before it are read again. The notices are also moved every [`NOTICE_DRAIN`] by
+    /// a task of their own: they carry whole events, and while no command reads a fact (a
+    /// worker that sees only strategy updates, or prices for symbols nobody holds) they would
+    /// pile up in the subscription's buffer (a megabyte per large strategy) until it dropped
+    /// them. Must be called within a Tokio runtime.
+    pub fn follow(&self, notices: async_nats::Subscriber, connection: &async_nats::Client) {
+        let _ = self.notices_connection.set(connection.statistics());
         *self.notices.lock().expect("notices lock poisoned") = Some(notices);
         let (notices, stale) = (Arc::downgrade(&self.notices), Arc::downgrade(&self.stale));
         let max_age = self.fact_max_age;
@@ -318,7 +326,10 @@ impl<A: Aggregate> Repo<A> {
         let mut entry = self.lock(id).await;
         self.drain_notices();
         let noticed = self.stale.lock().expect("stale lock poisoned").remove(id);
-        let connects = self.store.connects();
+        let connects = self.notices_connection.get().map_or_else(
+            || self.store.connects(),
+            |c| c.connects.load(std::sync::atomic::Ordering::Relaxed),
+        );
         let old = entry
             .checked_at
             .is_none_or(|t| t.elapsed() > self.fact_max_age);
