@@ -26,12 +26,12 @@ pub const WORKERS: [&str; 9] = [
 /// The read models, each with a projector worker `proj-<name>`.
 pub const PROJECTIONS: [&str; 2] = ["portfolio", "strategy"];
 
-/// Configuration of this invocation.
 /// The pid file `up --detach` writes in `run_dir`: the workers `down` stops.
 pub fn pid_file(run_dir: &std::path::Path) -> PathBuf {
     run_dir.join("workers.pids")
 }
 
+/// Configuration of this invocation.
 pub struct Ctx {
     pub cfg: Config,
     pub subjects: Subjects,

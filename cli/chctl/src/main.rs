@@ -130,7 +130,7 @@ fn main() -> ExitCode {
                     .await
             }
             Cmd::Up(a) => up::run(&ctx, &a).await,
-            Cmd::Down => down::run(&ctx.pid_file()).await,
+            Cmd::Down => unreachable!("`down` is run before the configuration is read"),
             Cmd::Demo => interruptible(demo::run(&ctx)).await,
             Cmd::Rebuild(a) => interruptible(rebuild::run(&ctx, &a)).await,
             Cmd::Status(a) => interruptible(status::run(&ctx, &a)).await,

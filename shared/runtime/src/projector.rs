@@ -1737,8 +1737,8 @@ impl<P: Projection> Projector<P> {
     /// head at that moment. `chctl bench` times a rebuild with it, over NATS only; progress
     /// shows on `<prefix>.progress.<projection>` and in `status`.
     async fn rebuild_requested(&self) -> Result<Value, ApiError> {
-        let head = self.store.last_seq().await?;
-        self.reset().await.map_err(|e| match e {
+        let (head, created) = self.store.last_seq_and_created().await?;
+        self.reset_for(created).await.map_err(|e| match e {
             ProjectorError::Db(e) => ApiError::from(e),
             ProjectorError::Store(e) => ApiError::from(e),
             other => ApiError::internal(other.to_string()),
