@@ -12,7 +12,8 @@ use ch_domain::portfolio::{PortfolioCommand, PortfolioFacts, PortfolioState};
 use ch_domain::request::Common;
 use ch_domain::AggregateType;
 use ch_e2e::fixtures::{
-    attach, deposit, detach, open, price, rename_strategy, seq, signal, strategy, strategy_ids,
+    attach, deposit, detach, open, price, rename_strategy, seq, signal, signal_on, strategy,
+    strategy_ids,
 };
 use ch_e2e::{eventually, Running, TestEnv, Worker};
 use ch_readmodel::workers::projector;
@@ -592,6 +593,130 @@ async fn a_projector_folds_a_stream_made_anew_from_its_start() {
         store.last_seq_and_created().await.unwrap(),
         (last, recorded)
     );
+}
+
+/// Command workers that keep running while the stream is deleted and made anew forget what
+/// they cached from the old one: a strategy is decided on its new rules (not the cached ones,
+/// which a catch-up from the old sequence would keep), an id taken again is created, and a
+/// re-sent `command_id` is applied to the new stream, not answered from an event it lacks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_workers_forget_a_deleted_stream() {
+    let env = TestEnv::without_projectors().await;
+    let (opened, deposited) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    let with_id = |mut body: Value, id: uuid::Uuid| {
+        body["command_id"] = id.to_string().into();
+        body
+    };
+    env.cmd("strategy.create", strategy("u1", "s1", &["BTC-USDT"]))
+        .await;
+    env.cmd("portfolio.update", with_id(open("p1", "u1"), opened))
+        .await;
+    env.cmd(
+        "portfolio.update",
+        with_id(deposit("p1", "10000"), deposited),
+    )
+    .await;
+    env.cmd("portfolio.update", attach("p1", "s1")).await;
+    env.bought("p1", "s1", "BTC-USDT", "0.01", "20000").await;
+
+    let js = async_nats::jetstream::new(env.client.clone());
+    js.delete_stream(env.subjects.stream_name()).await.unwrap();
+    ch_runtime::eventstore::ensure_stream(&js, &env.subjects, 1)
+        .await
+        .unwrap();
+
+    // The same ids on the new stream, s1 now on ETH-USDT alone. The strategy worker hears
+    // of the new stream by an advisory, which may come just after this request: asked until
+    // it is heard (an id the worker still thinks taken is refused, storing nothing).
+    eventually(|| async {
+        let r = env
+            .request("cmd.strategy.create", strategy("u1", "s1", &["ETH-USDT"]))
+            .await;
+        match r.code() {
+            None => Ok(r.ok()),
+            Some(code) => Err(format!("strategy.create: {code}")),
+        }
+    })
+    .await;
+    let r = env
+        .cmd("portfolio.update", with_id(open("p1", "u1"), opened))
+        .await;
+    assert!(r.get("duplicate").is_none(), "applied anew: {r}");
+    assert_eq!((seq(&r), r["version"].as_u64()), (2, Some(1)), "{r}");
+    let r = env
+        .cmd("portfolio.update", with_id(deposit("p1", "500"), deposited))
+        .await;
+    assert!(r.get("duplicate").is_none(), "applied anew: {r}");
+    assert_eq!(r["version"], 2, "{r}");
+    env.cmd("portfolio.update", attach("p1", "s1")).await;
+    let r = env
+        .cmd(
+            "signal.execute",
+            signal_on("p1", "s1", "BTC-USDT", "buy", "0.01", "20000"),
+        )
+        .await;
+    assert_eq!(
+        (r["status"].as_str(), r["reason"].as_str()),
+        (Some("rejected"), Some("SYMBOL_NOT_ALLOWED")),
+        "decided on s1's new rules: {r}"
+    );
+    let dropped: i64 = env
+        .service_stats(Worker::CmdSignal, 1)
+        .await
+        .iter()
+        .filter_map(|s| s["endpoints"][0]["data"]["gauges"]["caches_dropped"].as_i64())
+        .sum();
+    assert!(dropped >= 1, "the signal worker counted the drop");
+}
+
+/// A command worker that has not heard of a stream made anew yet (its advisory still on the
+/// way, or lost to a reconnect) finds a cached `command_id` naming another command's event
+/// (the new stream reuses the sequences): it reads the aggregate again and applies the command
+/// to the new stream, rather than answering from an event that is not this command's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_command_id_that_names_another_event_is_read_again() {
+    let env = TestEnv::new().await;
+    let app = App::start(env.app_config(), "test-stream-anew")
+        .await
+        .unwrap();
+    // An executor without the worker's watch of the stream.
+    let portfolios = Executor::<PortfolioState>::new(app.store.clone(), app.metrics.clone());
+    let facts = NoPortfolioFacts::default();
+    let common = Common {
+        command_id: Some(uuid::Uuid::now_v7()),
+        ..Common::default()
+    };
+    let first = portfolios
+        .execute("p1", &common, &opening("p1"), &facts)
+        .await
+        .unwrap();
+    assert_eq!(seq(&first), 1, "{first}");
+
+    let js = async_nats::jetstream::new(env.client.clone());
+    js.delete_stream(env.subjects.stream_name()).await.unwrap();
+    ch_runtime::eventstore::ensure_stream(&js, &env.subjects, 1)
+        .await
+        .unwrap();
+    portfolios
+        .execute("p0", &Common::default(), &opening("p0"), &facts)
+        .await
+        .unwrap();
+
+    let again = portfolios
+        .execute("p1", &common, &opening("p1"), &facts)
+        .await
+        .unwrap();
+    assert!(again.get("duplicate").is_none(), "applied anew: {again}");
+    assert_eq!(
+        (
+            again["aggregate_id"].as_str(),
+            seq(&again),
+            again["version"].as_u64()
+        ),
+        (Some("p1"), 2, Some(1)),
+        "{again}"
+    );
+    assert_eq!(env.subject_count(AggregateType::Portfolio, "p1").await, 1);
 }
 
 /// A strategy projector (sparse: handed strategy events only, so a hole in the sequences it

@@ -120,6 +120,18 @@ where
             .get(seq)
             .await?
             .ok_or_else(|| ApiError::internal(format!("event {seq} vanished")))?;
+        self.reply_to(id, ev, ours, common)
+    }
+
+    /// [`Executor::stored_reply`] for the event read.
+    fn reply_to(
+        &self,
+        id: &str,
+        ev: StoredEvent,
+        ours: Option<Uuid>,
+        common: &Common,
+    ) -> Result<Value, ApiError> {
+        let seq = ev.seq;
         // Events stored before digests have none: their kind and fields are not compared.
         let digests = ev
             .meta
@@ -183,6 +195,7 @@ where
         let mut first_unavailable: Option<std::time::Instant> = None;
         let mut attempt = 0;
         let mut fresh = entry.last_seq == 0;
+        let mut reloaded_for_id = false;
         // One message id and event id for every attempt: an append that was stored but whose
         // answer was lost (NATS going away in between) is then recognised when sent again, by
         // the server's de-duplication or as the conflict it meets, not decided and stored a
@@ -199,8 +212,30 @@ where
                 .as_ref()
                 .and_then(|c| entry.command_seq(c))
             {
-                debug!(seq, "command already applied");
-                return self.stored_reply(id, seq, None, common).await;
+                match self.store().get(seq).await? {
+                    Some(ev) if ev.meta.command_id == common.command_id => {
+                        debug!(seq, "command already applied");
+                        return self.reply_to(id, ev, None, common);
+                    }
+                    // The stream holds no such event there: the entry was read from a stream
+                    // since deleted (and made anew), before the worker heard of it. Read again.
+                    _ if !reloaded_for_id => {
+                        warn!(
+                            seq,
+                            "the cached command id names an event the stream does not hold: \
+                             reading the aggregate again"
+                        );
+                        reloaded_for_id = true;
+                        self.repo.reload(id, &mut entry).await?;
+                        fresh = true;
+                        continue;
+                    }
+                    _ => {
+                        return Err(ApiError::internal(format!(
+                            "event {seq} of this command_id vanished"
+                        )))
+                    }
+                }
             }
             if let Some(expected) = common.expected_version {
                 let version = entry.state.version();

@@ -13,7 +13,7 @@ use ch_domain::strategy::StrategyState;
 use ch_domain::{Aggregate, AggregateType};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, Span};
+use tracing::{debug, warn, Span};
 use uuid::Uuid;
 
 use crate::app::App;
@@ -115,6 +115,13 @@ impl Commands {
             .await?;
         self.markets.repo().follow(markets, client);
         Ok(())
+    }
+
+    /// Drops every cached aggregate (see [`watch_stream`]); returns how many.
+    pub fn forget_cached(&self) -> usize {
+        self.strategies.repo().forget_all()
+            + self.portfolios.repo().forget_all()
+            + self.markets.repo().forget_all()
     }
 
     /// Parses, decides and stores one command.
@@ -223,6 +230,77 @@ impl Handler for CommandHandler {
     }
 }
 
+/// The subjects of JetStream's advisories of the event stream being created, deleted or
+/// updated.
+fn stream_advisories(subjects: &crate::Subjects) -> String {
+    format!("$JS.EVENT.ADVISORY.STREAM.*.{}", subjects.stream_name())
+}
+
+/// How often [`watch_stream`] looks whether the connection was established again.
+const RECONNECT_CHECK: Duration = Duration::from_secs(1);
+
+/// Drops the worker's cached aggregates whenever the event stream is deleted or made anew (an
+/// operator's `nats stream rm` and `chctl setup`, say): their states, sequences and command
+/// ids were read from the old stream, and the new one numbers its events from 1 again, so
+/// a catch-up from a cached sequence would miss the new events (a strategy decided on its old
+/// rules) and a cached command id would name another event. JetStream's advisories tell; as a
+/// reconnect may have lost one, the stream's creation time is also read again after each
+/// reconnect of `connection` (the advisories' connection), and a later one than the stream
+/// the worker knows drops the caches too. Ends with the handler, or the advisories'
+/// subscription.
+async fn watch_stream(
+    handler: std::sync::Weak<CommandHandler>,
+    mut advisories: async_nats::Subscriber,
+    store: crate::eventstore::EventStore,
+    connection: Arc<async_nats::Statistics>,
+) {
+    use futures::StreamExt;
+    use std::sync::atomic::Ordering;
+    let connects = || connection.connects.load(Ordering::Relaxed);
+    let (mut known, mut seen_connects) = (store.opened_created(), connects());
+    let mut tick = tokio::time::interval(RECONNECT_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let why = tokio::select! {
+            msg = advisories.next() => match msg {
+                None => return,
+                // `$JS.EVENT.ADVISORY.STREAM.<action>.<stream>`
+                Some(m) => match m.subject.split('.').nth(4) {
+                    Some(action @ ("CREATED" | "DELETED")) => action.to_ascii_lowercase(),
+                    _ => continue,
+                },
+            },
+            _ = tick.tick() => {
+                if connects() == seen_connects {
+                    if handler.strong_count() == 0 {
+                        return;
+                    }
+                    continue;
+                }
+                seen_connects = connects();
+                match store.last_seq_and_created().await {
+                    Ok((_, created)) if created != known => "created while disconnected".into(),
+                    _ => continue,
+                }
+            }
+        };
+        let Some(handler) = handler.upgrade() else {
+            return;
+        };
+        let dropped = handler.commands.forget_cached();
+        handler.metrics.add("caches_dropped", 1);
+        warn!(
+            stream = %store.subjects().stream_name(),
+            event = %why,
+            dropped,
+            "the event stream was deleted or made anew: cached aggregates dropped"
+        );
+        if let Ok((_, created)) = store.last_seq_and_created().await {
+            known = created;
+        }
+    }
+}
+
 /// A command worker's whole life: serves `endpoints` as `worker` until SIGTERM or Ctrl-C
 /// (see [`crate::app::boxed_main`]).
 #[inline(never)]
@@ -266,11 +344,23 @@ pub async fn run(
         // stop with the requests; the facts' age bound covers the requests still in hand).
         commands.follow_facts(&app.intake, &app.subjects).await?;
     }
+    // On the service's connection too: the advisory of a stream made anew is then there before
+    // the requests sent after it (as far as the server sends them in that order).
+    let advisories = app
+        .intake
+        .subscribe(stream_advisories(&app.subjects))
+        .await?;
     let handler = Arc::new(CommandHandler {
         commands,
         immediate,
         metrics: app.metrics.clone(),
     });
+    tokio::spawn(watch_stream(
+        Arc::downgrade(&handler),
+        advisories,
+        app.store.clone(),
+        app.intake.statistics(),
+    ));
     service::serve(
         app.connections(),
         spec,

@@ -973,9 +973,13 @@ impl EventStore {
     /// [`StoreError::Unavailable`] on NATS trouble.
     pub async fn last_seq_and_created(&self) -> Result<(u64, DateTime<Utc>), StoreError> {
         let info = self.info().await?;
-        let nanos = i64::try_from(info.created.unix_timestamp_nanos()).unwrap_or(i64::MAX);
-        let created = DateTime::from_timestamp_nanos(nanos).trunc_subsecs(6);
-        Ok((info.state.last_sequence, created))
+        Ok((info.state.last_sequence, created(&info)))
+    }
+
+    /// When the stream this store opened was created (as [`EventStore::last_seq_and_created`]
+    /// gives it): another time later on means the stream was deleted and made anew since.
+    pub fn opened_created(&self) -> DateTime<Utc> {
+        created(self.stream.cached_info())
     }
 
     async fn info(&self) -> Result<stream::Info, StoreError> {
@@ -1031,6 +1035,12 @@ impl EventStore {
 }
 
 /// The stream sequence of a direct get's message (its `Nats-Sequence` header).
+/// A stream's creation time, to the microsecond (as Postgres keeps it in `ch_checkpoints`).
+fn created(info: &stream::Info) -> DateTime<Utc> {
+    let nanos = i64::try_from(info.created.unix_timestamp_nanos()).unwrap_or(i64::MAX);
+    DateTime::from_timestamp_nanos(nanos).trunc_subsecs(6)
+}
+
 fn sequence_of(msg: &async_nats::Message) -> Result<u64, StoreError> {
     msg.headers
         .as_ref()

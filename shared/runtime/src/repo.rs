@@ -220,6 +220,23 @@ impl<A: Aggregate> Repo<A> {
         slot.lock_owned().await
     }
 
+    /// Drops every cached entry and change notice, for a stream deleted or made anew: what
+    /// they hold (states, last sequences, command ids) was read from the old stream, whose
+    /// sequences the new one numbers again from 1. Each aggregate is read from the stream at
+    /// its next use; a command holding an entry now finishes with it (its append, if any,
+    /// meets the new stream's subject sequence). Returns how many entries were dropped.
+    pub fn forget_all(&self) -> usize {
+        let dropped = {
+            let mut map = self.entries.lock().expect("cache lock poisoned");
+            let n = map.len();
+            map.clear();
+            n
+        };
+        self.drain_notices();
+        self.stale.lock().expect("stale lock poisoned").clear();
+        dropped
+    }
+
     /// Applies the aggregate's events stored after the entry's last sequence; returns them.
     ///
     /// # Errors
