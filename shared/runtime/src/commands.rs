@@ -277,10 +277,17 @@ async fn watch_stream(
                     }
                     continue;
                 }
-                seen_connects = connects();
+                // Looked at again on the next tick should the stream not answer now.
+                let now = connects();
                 match store.last_seq_and_created().await {
-                    Ok((_, created)) if created != known => "created while disconnected".into(),
-                    _ => continue,
+                    Ok((_, created)) => {
+                        seen_connects = now;
+                        if created == known {
+                            continue;
+                        }
+                        "created while disconnected".into()
+                    }
+                    Err(_) => continue,
                 }
             }
         };
