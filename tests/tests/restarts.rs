@@ -554,11 +554,7 @@ async fn a_projector_folds_a_stream_made_anew_from_its_start() {
     let old_head = env.last_seq().await;
     proj.stop().await;
 
-    let js = async_nats::jetstream::new(env.client.clone());
-    js.delete_stream(env.subjects.stream_name()).await.unwrap();
-    ch_runtime::eventstore::ensure_stream(&js, &env.subjects, 1)
-        .await
-        .unwrap();
+    make_the_stream_anew(&env).await;
     let mut last = 0;
     for p in ["new-0", "new-1"] {
         env.cmd("portfolio.update", open(p, "u2")).await;
@@ -619,11 +615,7 @@ async fn command_workers_forget_a_deleted_stream() {
     env.cmd("portfolio.update", attach("p1", "s1")).await;
     env.bought("p1", "s1", "BTC-USDT", "0.01", "20000").await;
 
-    let js = async_nats::jetstream::new(env.client.clone());
-    js.delete_stream(env.subjects.stream_name()).await.unwrap();
-    ch_runtime::eventstore::ensure_stream(&js, &env.subjects, 1)
-        .await
-        .unwrap();
+    make_the_stream_anew(&env).await;
 
     // The same ids on the new stream, s1 now on ETH-USDT alone. The strategy worker hears
     // of the new stream by an advisory, which may come just after this request: asked until
@@ -692,11 +684,7 @@ async fn a_cached_command_id_that_names_another_event_is_read_again() {
         .unwrap();
     assert_eq!(seq(&first), 1, "{first}");
 
-    let js = async_nats::jetstream::new(env.client.clone());
-    js.delete_stream(env.subjects.stream_name()).await.unwrap();
-    ch_runtime::eventstore::ensure_stream(&js, &env.subjects, 1)
-        .await
-        .unwrap();
+    make_the_stream_anew(&env).await;
     portfolios
         .execute("p0", &Common::default(), &opening("p0"), &facts)
         .await
@@ -1177,6 +1165,16 @@ async fn workers_carry_on_across_a_nats_server_restart() {
     assert_eq!(perf["cash"], json!("1500"), "{perf}");
     assert_eq!(perf["version"], json!(3), "{perf}");
     assert_eq!(env.subject_count(AggregateType::Portfolio, "p1").await, 3);
+}
+
+/// Deletes the test's stream and creates it again, empty, under the same name (an operator's
+/// `nats stream rm` and `chctl setup`).
+async fn make_the_stream_anew(env: &TestEnv) {
+    let js = async_nats::jetstream::new(env.client.clone());
+    js.delete_stream(env.subjects.stream_name()).await.unwrap();
+    ch_runtime::eventstore::ensure_stream(&js, &env.subjects, 1)
+        .await
+        .unwrap();
 }
 
 /// No outside facts (enough for opens and deposits), counting how often a decision asks.
