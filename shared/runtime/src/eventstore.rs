@@ -1034,13 +1034,13 @@ impl EventStore {
     }
 }
 
-/// The stream sequence of a direct get's message (its `Nats-Sequence` header).
 /// A stream's creation time, to the microsecond (as Postgres keeps it in `ch_checkpoints`).
 fn created(info: &stream::Info) -> DateTime<Utc> {
     let nanos = i64::try_from(info.created.unix_timestamp_nanos()).unwrap_or(i64::MAX);
     DateTime::from_timestamp_nanos(nanos).trunc_subsecs(6)
 }
 
+/// The stream sequence of a direct get's message (its `Nats-Sequence` header).
 fn sequence_of(msg: &async_nats::Message) -> Result<u64, StoreError> {
     msg.headers
         .as_ref()
