@@ -707,6 +707,87 @@ async fn a_cached_command_id_that_names_another_event_is_read_again() {
     assert_eq!(env.subject_count(AggregateType::Portfolio, "p1").await, 1);
 }
 
+/// A command holding an aggregate's entry while the worker drops its caches (the advisory of
+/// a stream made anew came meanwhile) reads it again at its next catch-up, rather than adding
+/// the new stream's events to the old stream's state: here they would even follow its version
+/// (p1 at version 2 in both streams before the new stream's third event).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_held_while_the_caches_are_dropped_is_read_again() {
+    let env = TestEnv::new().await;
+    let app = App::start(env.app_config(), "test-held-entry")
+        .await
+        .unwrap();
+    let portfolios = Executor::<PortfolioState>::new(app.store.clone(), app.metrics.clone());
+    let facts = NoPortfolioFacts::default();
+    for command in [opening("p1"), depositing(10_000)] {
+        portfolios
+            .execute("p1", &Common::default(), &command, &facts)
+            .await
+            .unwrap();
+    }
+    let mut held = portfolios.repo().lock("p1").await;
+    assert_eq!((held.last_seq, held.state.cash), (2, Decimal::from(10_000)));
+
+    make_the_stream_anew(&env).await;
+    let other = Executor::<PortfolioState>::new(app.store.clone(), app.metrics.clone());
+    for command in [opening("p1"), depositing(500), depositing(1)] {
+        other
+            .execute("p1", &Common::default(), &command, &facts)
+            .await
+            .unwrap();
+    }
+    assert_eq!(portfolios.repo().forget_all(), 1);
+    portfolios.repo().catch_up("p1", &mut held).await.unwrap();
+    assert_eq!(
+        (held.last_seq, held.state.version, held.state.cash),
+        (3, 3, Decimal::from(501)),
+        "p1 as the new stream has it"
+    );
+}
+
+/// A worker not yet told of a stream made anew decides on an aggregate it cached from the old
+/// one: its append meets the new stream's subject sequence (a conflict), and the catch-up finds
+/// an event that does not follow the cached version, so it reads the aggregate from the start
+/// and decides again: a withdrawal from p1, which has no cash on the new stream, is refused
+/// rather than stored on the old stream's balance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_aggregate_the_stream_does_not_follow_is_read_again() {
+    let env = TestEnv::new().await;
+    let app = App::start(env.app_config(), "test-unfollowed")
+        .await
+        .unwrap();
+    let portfolios = Executor::<PortfolioState>::new(app.store.clone(), app.metrics.clone());
+    let facts = NoPortfolioFacts::default();
+    for command in [opening("p1"), depositing(10_000)] {
+        portfolios
+            .execute("p1", &Common::default(), &command, &facts)
+            .await
+            .unwrap();
+    }
+
+    make_the_stream_anew(&env).await;
+    let other = Executor::<PortfolioState>::new(app.store.clone(), app.metrics.clone());
+    for (id, command) in [
+        ("p0", opening("p0")),
+        ("p0", depositing(1)),
+        ("p1", opening("p1")),
+    ] {
+        other
+            .execute(id, &Common::default(), &command, &facts)
+            .await
+            .unwrap();
+    }
+    let withdrawal = PortfolioCommand::Withdraw {
+        amount: Decimal::from(5_000),
+    };
+    let refused = portfolios
+        .execute("p1", &Common::default(), &withdrawal, &facts)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code, "insufficient_funds", "{refused:?}");
+    assert_eq!(env.subject_count(AggregateType::Portfolio, "p1").await, 1);
+}
+
 /// A strategy projector (sparse: handed strategy events only, so a hole in the sequences it
 /// sees is no sign of a missing event) whose batch fails for a moment does not lose that batch
 /// to the events delivered after it while it backs off: it catches up from the stream first.

@@ -117,7 +117,7 @@ impl Commands {
         Ok(())
     }
 
-    /// Drops every cached aggregate (see [`watch_stream`]); returns how many.
+    /// Drops every cached aggregate (see [`StreamWatch`]); returns how many.
     pub fn forget_cached(&self) -> usize {
         self.strategies.repo().forget_all()
             + self.portfolios.repo().forget_all()
@@ -196,6 +196,7 @@ fn consumers_of(endpoint: Endpoint) -> &'static [&'static str] {
 
 struct CommandHandler {
     commands: Commands,
+    watch: StreamWatch,
     /// `immediate` mode: announcements of the projectors, and how long to wait for them.
     immediate: Option<(Progress, Duration)>,
     metrics: Metrics,
@@ -207,6 +208,7 @@ impl Handler for CommandHandler {
             .into_iter()
             .find(|e| service::endpoint_name(e.name()) == endpoint)
             .ok_or_else(|| ApiError::not_found(format!("no command endpoint {endpoint}")))?;
+        self.heed_advisories();
         let mut reply = self.commands.execute(ep, &msg.payload).await?;
         let seq = reply["stream_seq"].as_u64();
         if let Some(seq) = seq {
@@ -236,73 +238,104 @@ fn stream_advisories(subjects: &crate::Subjects) -> String {
     format!("$JS.EVENT.ADVISORY.STREAM.*.{}", subjects.stream_name())
 }
 
-/// How often [`watch_stream`] looks whether the connection was established again.
-const RECONNECT_CHECK: Duration = Duration::from_secs(1);
+/// How often [`watch_stream`] takes the advisories received while no command came...
+const ADVISORY_DRAIN: Duration = Duration::from_millis(100);
+/// ...and looks whether the connection was established again (every this many drains).
+const RECONNECT_CHECK_EVERY: u32 = 10;
 
-/// Drops the worker's cached aggregates whenever the event stream is deleted or made anew (an
-/// operator's `nats stream rm` and `chctl setup`, say): their states, sequences and command
-/// ids were read from the old stream, and the new one numbers its events from 1 again, so
-/// a catch-up from a cached sequence would miss the new events (a strategy decided on its old
-/// rules) and a cached command id would name another event. JetStream's advisories tell; as a
-/// reconnect may have lost one, the stream's creation time is also read again after each
-/// reconnect of `connection` (the advisories' connection), and a later one than the stream
-/// the worker knows drops the caches too. Ends with the handler, or the advisories'
-/// subscription.
+/// What tells a command worker that its event stream was deleted or made anew (an operator's
+/// `nats stream rm` and `chctl setup`, say): JetStream's advisories of the stream, on the
+/// service's connection. The cached aggregates (states, sequences, command ids) were read
+/// from the old stream, and the new one numbers its events from 1 again: a catch-up from a
+/// cached sequence would miss the new events (a strategy decided on its old rules), and a
+/// cached command id would name another event. Every command first takes the advisories
+/// received (never waiting), so that one the server sent before a request is heeded before
+/// that request is decided; [`watch_stream`] takes them when no command comes.
+struct StreamWatch {
+    advisories: std::sync::Mutex<Option<async_nats::Subscriber>>,
+    /// The caches were dropped on an advisory: the stream's creation time is to be read again.
+    recheck: std::sync::atomic::AtomicBool,
+}
+
+impl StreamWatch {
+    /// The last deletion or creation among the advisories received, taking them all.
+    fn received(&self) -> Option<&'static str> {
+        use futures::{FutureExt, StreamExt};
+        let mut guard = self.advisories.lock().expect("advisories lock poisoned");
+        let mut action = None;
+        while let Some(next) = guard.as_mut().and_then(|sub| sub.next().now_or_never()) {
+            let Some(m) = next else {
+                // The subscription ended (the drain at shutdown).
+                *guard = None;
+                break;
+            };
+            // `$JS.EVENT.ADVISORY.STREAM.<action>.<stream>`
+            match m.subject.split('.').nth(4) {
+                Some("CREATED") => action = Some("created"),
+                Some("DELETED") => action = Some("deleted"),
+                _ => {}
+            }
+        }
+        action
+    }
+}
+
+impl CommandHandler {
+    /// Takes the stream's advisories received; drops the caches if one says it was deleted or
+    /// created.
+    fn heed_advisories(&self) {
+        if let Some(action) = self.watch.received() {
+            self.drop_caches(action);
+            self.watch
+                .recheck
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    fn drop_caches(&self, why: &str) {
+        let dropped = self.commands.forget_cached();
+        self.metrics.add("caches_dropped", 1);
+        warn!(
+            event = why,
+            dropped, "the event stream was deleted or made anew: cached aggregates dropped"
+        );
+    }
+}
+
+/// Takes the stream's advisories while no command comes (see [`StreamWatch`]), and since a
+/// reconnect may have lost one, reads the stream's creation time again after each reconnect
+/// of `connection` (the advisories' connection): a later one than the stream the worker knows
+/// drops the caches too. Ends with the handler.
 async fn watch_stream(
     handler: std::sync::Weak<CommandHandler>,
-    mut advisories: async_nats::Subscriber,
     store: crate::eventstore::EventStore,
     connection: Arc<async_nats::Statistics>,
 ) {
-    use futures::StreamExt;
     use std::sync::atomic::Ordering;
     let connects = || connection.connects.load(Ordering::Relaxed);
     let (mut known, mut seen_connects) = (store.opened_created(), connects());
-    let mut tick = tokio::time::interval(RECONNECT_CHECK);
+    let mut tick = tokio::time::interval(ADVISORY_DRAIN);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let why = tokio::select! {
-            msg = advisories.next() => match msg {
-                None => return,
-                // `$JS.EVENT.ADVISORY.STREAM.<action>.<stream>`
-                Some(m) => match m.subject.split('.').nth(4) {
-                    Some(action @ ("CREATED" | "DELETED")) => action.to_ascii_lowercase(),
-                    _ => continue,
-                },
-            },
-            _ = tick.tick() => {
-                if connects() == seen_connects {
-                    if handler.strong_count() == 0 {
-                        return;
-                    }
-                    continue;
-                }
-                // Looked at again on the next tick should the stream not answer now.
-                let now = connects();
-                match store.last_seq_and_created().await {
-                    Ok((_, created)) => {
-                        seen_connects = now;
-                        if created == known {
-                            continue;
-                        }
-                        "created while disconnected".into()
-                    }
-                    Err(_) => continue,
-                }
-            }
-        };
+    for n in 0u32.. {
+        tick.tick().await;
         let Some(handler) = handler.upgrade() else {
             return;
         };
-        let dropped = handler.commands.forget_cached();
-        handler.metrics.add("caches_dropped", 1);
-        warn!(
-            stream = %store.subjects().stream_name(),
-            event = %why,
-            dropped,
-            "the event stream was deleted or made anew: cached aggregates dropped"
-        );
+        handler.heed_advisories();
+        let reconnected = connects() != seen_connects;
+        let recheck = handler.watch.recheck.load(Ordering::Relaxed);
+        if !(reconnected || recheck) || n % RECONNECT_CHECK_EVERY != 0 {
+            continue;
+        }
+        // Looked at again on a later tick should the stream not answer now (or be gone).
+        let now = connects();
         if let Ok((_, created)) = store.last_seq_and_created().await {
+            seen_connects = now;
+            handler.watch.recheck.store(false, Ordering::Relaxed);
+            // Dropped already for the advisory that told of it.
+            if created != known && !recheck {
+                handler.drop_caches("created while disconnected");
+            }
             known = created;
         }
     }
@@ -351,20 +384,25 @@ pub async fn run(
         // stop with the requests; the facts' age bound covers the requests still in hand).
         commands.follow_facts(&app.intake, &app.subjects).await?;
     }
-    // On the service's connection too: the advisory of a stream made anew is then there before
-    // the requests sent after it (as far as the server sends them in that order).
+    // On the service's connection, which the requests come on: an advisory the server sent
+    // before a request is there when that request is handled.
     let advisories = app
         .intake
         .subscribe(stream_advisories(&app.subjects))
         .await?;
+    // There from the start, at 0, as the projectors' gauges are.
+    app.metrics.gauge("caches_dropped", 0);
     let handler = Arc::new(CommandHandler {
         commands,
+        watch: StreamWatch {
+            advisories: std::sync::Mutex::new(Some(advisories)),
+            recheck: std::sync::atomic::AtomicBool::new(false),
+        },
         immediate,
         metrics: app.metrics.clone(),
     });
     tokio::spawn(watch_stream(
         Arc::downgrade(&handler),
-        advisories,
         app.store.clone(),
         app.intake.statistics(),
     ));

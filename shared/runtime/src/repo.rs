@@ -45,6 +45,8 @@ pub struct Entry<A> {
     /// How many times the notices' connection had been established then (the store's, if
     /// none is followed): a reconnect since may have lost its change notice.
     checked_connects: u64,
+    /// The repo's generation the entry was read in (see [`Repo::forget_all`]).
+    generation: u64,
 }
 
 impl<A: Aggregate> Entry<A> {
@@ -74,7 +76,9 @@ impl<A: Aggregate> Entry<A> {
         self.commands.get(command_id).copied()
     }
 
-    fn reset(&mut self) {
+    /// Forgets everything, to be read from the stream again (in the repo's generation
+    /// `generation`).
+    fn reset(&mut self, generation: u64) {
         *self = Entry {
             state: A::default(),
             last_seq: 0,
@@ -82,6 +86,7 @@ impl<A: Aggregate> Entry<A> {
             command_order: VecDeque::new(),
             checked_at: None,
             checked_connects: 0,
+            generation,
         };
     }
 }
@@ -103,6 +108,9 @@ pub struct Repo<A: Aggregate> {
     notices_connection: std::sync::OnceLock<Arc<async_nats::Statistics>>,
     /// How long a cached fact is trusted without a change notice.
     fact_max_age: Duration,
+    /// Moved on by [`Repo::forget_all`]: an entry read in an earlier generation (held by a
+    /// command at the time, or waited for) is read again from the stream.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 /// A change notice: the subject's last sequence the noticed append expected (its event, once
@@ -198,7 +206,12 @@ impl<A: Aggregate> Repo<A> {
             notices: Arc::new(Mutex::new(None)),
             notices_connection: std::sync::OnceLock::new(),
             fact_max_age: FACT_MAX_AGE,
+            generation: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Trusts cached facts without a change notice for `age` instead of a second.
@@ -217,15 +230,25 @@ impl<A: Aggregate> Repo<A> {
             }
             map.entry(id.to_owned()).or_default().clone()
         };
-        slot.lock_owned().await
+        let mut entry = slot.lock_owned().await;
+        // Waited for across a [`Repo::forget_all`]: read from the old stream.
+        let generation = self.generation();
+        if entry.generation != generation {
+            entry.reset(generation);
+        }
+        entry
     }
 
     /// Drops every cached entry and change notice, for a stream deleted or made anew: what
     /// they hold (states, last sequences, command ids) was read from the old stream, whose
     /// sequences the new one numbers again from 1. Each aggregate is read from the stream at
-    /// its next use; a command holding an entry now finishes with it (its append, if any,
-    /// meets the new stream's subject sequence). Returns how many entries were dropped.
+    /// its next use. An entry a command holds meanwhile, or waits for, is of an older
+    /// generation: read again from the start when the waiter gets it, or at the holder's next
+    /// catch-up (its append, if any, meets the new stream's subject sequence: a conflict, and
+    /// that catch-up). Returns how many entries were dropped.
     pub fn forget_all(&self) -> usize {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         let dropped = {
             let mut map = self.entries.lock().expect("cache lock poisoned");
             let n = map.len();
@@ -241,12 +264,41 @@ impl<A: Aggregate> Repo<A> {
     ///
     /// # Errors
     /// [`StoreError`] when the store cannot be read; the entry is then reset.
+    ///
+    /// An entry read from another stream than the one now there is read again from the start:
+    /// one read before a [`Repo::forget_all`] (a command held it meanwhile), or one whose next
+    /// event on the stream does not follow its version (a stream made anew before the worker
+    /// was told; the new stream numbers its sequences from 1 again).
     pub async fn catch_up(
         &self,
         id: &str,
         entry: &mut Entry<A>,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        match self.store.load(A::TYPE, id, entry.last_seq).await {
+        let generation = self.generation();
+        if entry.generation != generation {
+            entry.reset(generation);
+        }
+        let mut events = self.store.load(A::TYPE, id, entry.last_seq).await;
+        let follows = |events: &[StoredEvent], entry: &Entry<A>| {
+            events
+                .first()
+                .is_none_or(|e| e.meta.aggregate_version == entry.state.version() + 1)
+        };
+        if let Ok(loaded) = &events {
+            if entry.last_seq > 0 && !follows(loaded, entry) {
+                tracing::warn!(
+                    aggregate = A::TYPE.as_str(),
+                    id,
+                    cached_version = entry.state.version(),
+                    next_version = loaded[0].meta.aggregate_version,
+                    "the stream's next event does not follow the cached state (a stream made \
+                     anew?): reading the aggregate again"
+                );
+                entry.reset(generation);
+                events = self.store.load(A::TYPE, id, 0).await;
+            }
+        }
+        match events {
             Ok(events) => {
                 for ev in &events {
                     entry.apply(ev);
@@ -254,7 +306,7 @@ impl<A: Aggregate> Repo<A> {
                 Ok(events)
             }
             Err(e) => {
-                entry.reset();
+                entry.reset(generation);
                 Err(e)
             }
         }
@@ -269,7 +321,7 @@ impl<A: Aggregate> Repo<A> {
         id: &str,
         entry: &mut Entry<A>,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        entry.reset();
+        entry.reset(self.generation());
         self.catch_up(id, entry).await
     }
 
