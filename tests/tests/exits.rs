@@ -5,7 +5,7 @@
 use ch_domain::exits::{exit_command_id, ExitKind, Trip};
 use ch_domain::AggregateType;
 use ch_e2e::fixtures::{attach, deposit, open, price, seq, signal_on};
-use ch_e2e::{eventually, TestEnv, Worker};
+use ch_e2e::{eventually, Running, TestEnv, Worker};
 use ch_runtime::app::App;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -716,6 +716,95 @@ async fn deleted_consumers_are_made_again_and_their_workers_go_on() {
     prices(&env, "BTC-USDT", &["95"]).await;
     let perf = wait_performance(&env, "p1", |p| p["fill_count"] == 2).await;
     assert_eq!(perf["positions"], json!([]), "{perf}");
+}
+
+/// Both projectors, each handed to the caller (to stop).
+async fn projectors(env: &TestEnv) -> (Running, Running) {
+    (
+        env.spawn(Worker::ProjPortfolio).await,
+        env.spawn(Worker::ProjStrategy).await,
+    )
+}
+
+/// The stream deleted and made anew under a running exit-trigger worker, its projectors
+/// stopped meanwhile and no `chctl setup` to empty the read models: the worker's consumer,
+/// gone with the old stream, is made again following the new stream from its start, so the
+/// prices stored before that are judged too, and only once the read models are folded from
+/// the new stream, not on the old stream's rows. p1 bought at 100 on the old stream (stop
+/// loss 95) and at 79 on the new one (75.05): 80 sells nothing, 74 sells.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_made_anew_is_judged_from_its_start_on_its_own_read_models() {
+    let mut env = TestEnv::without_projectors().await;
+    let (portfolios, strategies) = projectors(&env).await;
+    env.start(Worker::ExitTriggers).await;
+    let create_s1 = || async {
+        let exits = json!({"stop_loss_pct": "0.05"});
+        env.request(
+            "cmd.strategy.create",
+            strategy_with_exits("s1", &["BTC-USDT"], exits),
+        )
+        .await
+    };
+    create_s1().await.ok();
+    portfolio(&env, "p1", "s1").await;
+    env.bought("p1", "s1", "BTC-USDT", "1", "100").await;
+    // The old stream longer than the new one will be when its prices come, so that its read
+    // models "reach" them; p1 at the same version in both.
+    env.cmd("portfolio.update", open("p9", "u1")).await;
+    let mut last = 0;
+    for _ in 0..10 {
+        last = seq(&env.cmd("portfolio.update", deposit("p9", "1")).await);
+    }
+    env.performance_at("p1", last).await;
+    portfolios.stop().await;
+    strategies.stop().await;
+
+    let js = async_nats::jetstream::new(env.client.clone());
+    js.delete_stream(env.subjects.stream_name()).await.unwrap();
+    ch_runtime::eventstore::ensure_stream(&js, &env.subjects, 1)
+        .await
+        .unwrap();
+    // The command workers hear of the new stream by an advisory: asked until they have.
+    eventually(|| async {
+        match create_s1().await.code() {
+            None => Ok(()),
+            Some(code) => Err(format!("strategy.create: {code}")),
+        }
+    })
+    .await;
+    portfolio(&env, "p1", "s1").await;
+    let bought = env.bought("p1", "s1", "BTC-USDT", "1", "79").await;
+    prices(&env, "BTC-USDT", &["80", "74"]).await;
+    // The worker holds the prices back while the read models hold the old stream's rows
+    // (on them, 80 would sell: below the old entry's stop).
+    eventually(|| async {
+        // `unavailable` until the worker has made its consumer again.
+        let status = env.request("admin.exit-triggers.status", json!({})).await;
+        if status.code().is_none() && status.ok()["waiting_for_read_models"] == true {
+            Ok(())
+        } else {
+            Err("not waiting for the read models")
+        }
+    })
+    .await;
+
+    // Projectors started again reset their read models (folded from another stream) and
+    // fold the new one.
+    let (portfolios, strategies) = projectors(&env).await;
+    let perf = wait_performance(&env, "p1", |p| p["fill_count"] == 2).await;
+    assert_eq!(perf["positions"], json!([]), "{perf}");
+    let sold = exit_sell(
+        "p1",
+        "BTC-USDT",
+        "1",
+        "74",
+        bought,
+        ExitKind::StopLoss,
+        ("s1", 1),
+    );
+    assert_eq!(sells(&env, "p1").await, vec![sold]);
+    portfolios.stop().await;
+    strategies.stop().await;
 }
 
 /// A price recorded late with an earlier business time (a backfill) is not the mark: it

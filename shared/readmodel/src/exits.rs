@@ -76,6 +76,10 @@ pub const DURABLE: &str = "exit_triggers";
 /// The worker's name: service `<prefix>-exit-triggers`.
 pub const WORKER: &str = "exit-triggers";
 
+/// How often a worker that found the stream made anew looks whether the read models are
+/// folded from it.
+const FOLDED_LOOK: Duration = Duration::from_millis(200);
+
 /// Bound of the wait for the read models to reach a price (then the price is redelivered).
 const READ_MODEL_WAIT: Duration = Duration::from_secs(10);
 /// Bound of one sell request.
@@ -192,6 +196,9 @@ struct Worker {
     durable: String,
     counters: Counters,
     spans: std::sync::Mutex<SpanCache>,
+    /// Holding the prices back until the read models follow the stream there now (see
+    /// [`Worker::wait_for_read_models_of`]): in the status.
+    waiting_for_read_models: std::sync::atomic::AtomicBool,
 }
 
 /// A fill's place in the stream, as prices are sorted against it: business time, then stream
@@ -375,6 +382,76 @@ fn spans_of(r: &tokio_postgres::Row) -> Vec<Span> {
 }
 
 impl Worker {
+    /// The stream was made anew (created at `created`): its prices are all new to the worker
+    /// (its consumer, made again, follows it from its start), and the trailing-stop spans kept
+    /// are the old stream's (whose sequences and versions the new one numbers again from 1).
+    /// No price is judged before the read models are folded from the new stream. `false` on
+    /// `shutdown`.
+    async fn follow_stream_made_anew(
+        &self,
+        created: DateTime<Utc>,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        *self.spans.lock().expect("span cache lock poisoned") = SpanCache::default();
+        self.counters.last_seq.store(0, Ordering::Relaxed);
+        warn!(
+            durable = self.durable,
+            stream_created = %created,
+            "the stream was made anew: following its prices from its start"
+        );
+        self.wait_for_read_models_of(created, shutdown).await
+    }
+
+    /// Waits until no read model's checkpoint records another stream than the one created at
+    /// `created`: read models folded from a stream since deleted hold its rows at sequences
+    /// past the new stream's, and a price's wait for its sequence would pass on them (until
+    /// their projectors, or `chctl setup`, reset them). A checkpoint without the record (a
+    /// schema from before it) or none at all does not hold it up. `false` on `shutdown`.
+    async fn wait_for_read_models_of(
+        &self,
+        created: DateTime<Utc>,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let models: Vec<&str> = READ_MODELS.to_vec();
+        let mut told = false;
+        loop {
+            // The database away: looked at again.
+            let folded = match self.pool.get().await {
+                Ok(conn) => conn
+                    .query_one(
+                        "SELECT count(*) FROM ch_checkpoints
+                         WHERE projection = ANY($1) AND stream_created <> $2",
+                        &[&models, &created],
+                    )
+                    .await
+                    .is_ok_and(|row| row.get::<_, i64>(0) == 0),
+                Err(_) => false,
+            };
+            self.waiting_for_read_models
+                .store(!folded, Ordering::Relaxed);
+            if folded {
+                if told {
+                    info!(durable = self.durable, "the read models follow the stream");
+                }
+                return true;
+            }
+            if !told {
+                warn!(
+                    durable = self.durable,
+                    "waiting for the read models to be folded from the stream there now"
+                );
+                told = true;
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => {
+                    self.waiting_for_read_models.store(false, Ordering::Relaxed);
+                    return false;
+                }
+                () = tokio::time::sleep(FOLDED_LOOK) => {}
+            }
+        }
+    }
+
     fn bump(&self, counter: &AtomicU64, gauge: &'static str) {
         let v = counter.fetch_add(1, Ordering::Relaxed) + 1;
         self.app.metrics.gauge(gauge, v as i64);
@@ -735,6 +812,7 @@ impl Worker {
         // Read after the consumer: a price counts before it is acked, so every price the ack
         // floor shows is in the counters (read first, they could miss the last one acked).
         v["counters"] = self.counters.json();
+        v["waiting_for_read_models"] = self.waiting_for_read_models.load(Ordering::Relaxed).into();
         Ok(v)
     }
 
@@ -829,14 +907,19 @@ pub fn main_future(cfg: ch_runtime::Config) -> ch_runtime::app::MainFuture {
 }
 
 /// The worker's durable consumer, created if it does not exist (by the first worker, or
-/// again after someone deleted it).
+/// again after someone deleted it). `from_start`: on a stream made anew, whose every price is
+/// new to the worker.
 async fn open_consumer(
     app: &App,
     durable: &str,
+    from_start: bool,
 ) -> Result<async_nats::jetstream::consumer::Consumer<pull::Config>, async_nats::Error> {
     // Created by the first worker: it follows prices from then on (`deliver_policy: new`), so a
     // first start on a long stream does not sell at old marks.
-    let cfg = consumer_config(app.subjects.prefix(), durable)?;
+    let mut cfg = consumer_config(app.subjects.prefix(), durable)?;
+    if from_start {
+        cfg.deliver_policy = async_nats::jetstream::consumer::DeliverPolicy::All;
+    }
     let consumer: async_nats::jetstream::consumer::Consumer<pull::Config> = app
         .store
         .stream()
@@ -888,13 +971,14 @@ pub async fn run_on(
         return Ok(());
     }
     let progress = crate::workers::progress(&app, &READ_MODELS).await?;
-    let consumer = open_consumer(&app, durable).await?;
+    let consumer = open_consumer(&app, durable, false).await?;
     let worker = Arc::new(Worker {
         pool: app.read_pool()?,
         progress,
         durable: durable.to_owned(),
         counters: Counters::default(),
         spans: std::sync::Mutex::default(),
+        waiting_for_read_models: std::sync::atomic::AtomicBool::new(false),
         app,
     });
     let spec = worker.app.service_spec(
@@ -926,6 +1010,15 @@ async fn follow_prices(
     let durable = worker.durable.as_str();
     let started = Instant::now();
     let mut consumer = consumer.clone();
+    // The stream followed: one made anew (its consumer gone with the old one) is told by its
+    // creation time as the consumer is made again.
+    let mut stream_created = worker.app.store.opened_created();
+    if !worker
+        .wait_for_read_models_of(stream_created, shutdown)
+        .await
+    {
+        return Ok(());
+    }
     info!(durable, "following market prices");
     // Between tries to make the consumer again: 0.5 s, doubling up to 10 s.
     let mut reopen_wait = Duration::from_millis(500);
@@ -983,9 +1076,24 @@ async fn follow_prices(
             () = shutdown.cancelled() => break,
             () = tokio::time::sleep(reopen_wait) => {}
         }
-        match open_consumer(&worker.app, durable).await {
-            Ok(c) => {
+        let opened = match worker.app.store.last_seq_and_created().await {
+            Ok((_, created)) => {
+                let anew = created != stream_created;
+                open_consumer(&worker.app, durable, anew)
+                    .await
+                    .map(|c| (c, anew.then_some(created)))
+            }
+            Err(e) => Err(e.into()),
+        };
+        match opened {
+            Ok((c, anew)) => {
                 consumer = c;
+                if let Some(created) = anew {
+                    if !worker.follow_stream_made_anew(created, shutdown).await {
+                        break;
+                    }
+                    stream_created = created;
+                }
                 info!(durable, "following market prices again");
             }
             Err(e) => {
