@@ -215,6 +215,20 @@ fn since(unix_nanos: i128) -> Duration {
 /// transaction of up to `CH_REPLAY_BATCH_MAX` events).
 const REPLAY_CHUNK: usize = 5000;
 
+/// Replays of fewer events than this (the stream's sequences they span) log at debug.
+const QUIET_REPLAY: u64 = 1000;
+
+/// `debug!` when `$quiet`, else `info!`.
+macro_rules! log_at {
+    ($quiet:expr, $($arg:tt)+) => {
+        if $quiet {
+            debug!($($arg)+)
+        } else {
+            info!($($arg)+)
+        }
+    };
+}
+
 /// How often a standing-by projector tries to take the lock.
 const LEAD_POLL: Duration = Duration::from_secs(1);
 /// How long a projector that lost its lock's session waits before trying to take it again:
@@ -880,7 +894,11 @@ impl<P: Projection> Projector<P> {
             return self.advance(from, to).await;
         }
         let started = Instant::now();
-        info!(
+        // A few events (a sparse projection's idle check finding one its durable is about to
+        // deliver: the head is read as it is stored) at debug; a catch-up worth the name at info.
+        let quiet = to - from < QUIET_REPLAY;
+        log_at!(
+            quiet,
             projection = self.name(),
             from = from + 1,
             to,
@@ -1020,7 +1038,8 @@ impl<P: Projection> Projector<P> {
         }
         self.announce(last).await;
         let secs = started.elapsed().as_secs_f64();
-        info!(
+        log_at!(
+            quiet,
             projection = self.name(),
             events = last - from,
             seconds = secs,
