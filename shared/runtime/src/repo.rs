@@ -262,13 +262,13 @@ impl<A: Aggregate> Repo<A> {
 
     /// Applies the aggregate's events stored after the entry's last sequence; returns them.
     ///
-    /// # Errors
-    /// [`StoreError`] when the store cannot be read; the entry is then reset.
-    ///
     /// An entry read from another stream than the one now there is read again from the start:
     /// one read before a [`Repo::forget_all`] (a command held it meanwhile), or one whose next
     /// event on the stream does not follow its version (a stream made anew before the worker
     /// was told; the new stream numbers its sequences from 1 again).
+    ///
+    /// # Errors
+    /// [`StoreError`] when the store cannot be read; the entry is then reset.
     pub async fn catch_up(
         &self,
         id: &str,
