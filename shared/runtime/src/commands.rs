@@ -316,15 +316,17 @@ async fn watch_stream(
     let (mut known, mut seen_connects) = (store.opened_created(), connects());
     let mut tick = tokio::time::interval(ADVISORY_DRAIN);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    for n in 0u32.. {
+    let mut n: u32 = 0;
+    loop {
         tick.tick().await;
+        n = n.wrapping_add(1);
         let Some(handler) = handler.upgrade() else {
             return;
         };
         handler.heed_advisories();
         let reconnected = connects() != seen_connects;
         let recheck = handler.watch.recheck.load(Ordering::Relaxed);
-        if !(reconnected || recheck) || n % RECONNECT_CHECK_EVERY != 0 {
+        if !(reconnected || recheck) || !n.is_multiple_of(RECONNECT_CHECK_EVERY) {
             continue;
         }
         // Looked at again on a later tick should the stream not answer now (or be gone).
