@@ -2,6 +2,8 @@
 //! and sells a whole position once its stop loss, take profit or trailing stop fires, exactly
 //! once per round trip and trigger, through `cmd.signal.execute` like any client.
 
+use std::future::Future;
+
 use ch_domain::exits::{exit_command_id, ExitKind, Trip};
 use ch_domain::AggregateType;
 use ch_e2e::fixtures::{attach, deposit, open, price, seq, signal_on};
@@ -726,26 +728,14 @@ async fn projectors(env: &TestEnv) -> (Running, Running) {
     )
 }
 
-/// The stream deleted and made anew under a running exit-trigger worker, its projectors
-/// stopped meanwhile and no `chctl setup` to empty the read models: the worker's consumer,
-/// gone with the old stream, is made again following the new stream from its start, so the
-/// prices stored before that are judged too, and only once the read models are folded from
-/// the new stream, not on the old stream's rows. p1 bought at 100 on the old stream (stop
-/// loss 95) and at 79 on the new one (75.05): 80 sells nothing, 74 sells.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_stream_made_anew_is_judged_from_its_start_on_its_own_read_models() {
+/// An exit-trigger worker on a stream where p1 bought at 100 (stop loss 95) and another
+/// portfolio made it longer, its projectors stopped: the read models stay as the old stream
+/// made them when it is made anew (no `chctl setup` to empty them).
+async fn exit_worker_on_a_longer_old_stream() -> TestEnv {
     let mut env = TestEnv::without_projectors().await;
     let (portfolios, strategies) = projectors(&env).await;
     env.start(Worker::ExitTriggers).await;
-    let create_s1 = || async {
-        let exits = json!({"stop_loss_pct": "0.05"});
-        env.request(
-            "cmd.strategy.create",
-            strategy_with_exits("s1", &["BTC-USDT"], exits),
-        )
-        .await
-    };
-    create_s1().await.ok();
+    create_s1(&env).await.ok();
     portfolio(&env, "p1", "s1").await;
     env.bought("p1", "s1", "BTC-USDT", "1", "100").await;
     // The old stream longer than the new one will be when its prices come, so that its read
@@ -758,25 +748,29 @@ async fn a_stream_made_anew_is_judged_from_its_start_on_its_own_read_models() {
     env.performance_at("p1", last).await;
     portfolios.stop().await;
     strategies.stop().await;
+    env
+}
 
+/// s1 with a 5 % stop loss.
+async fn create_s1(env: &TestEnv) -> ch_e2e::Reply {
+    let exits = json!({"stop_loss_pct": "0.05"});
+    env.request(
+        "cmd.strategy.create",
+        strategy_with_exits("s1", &["BTC-USDT"], exits),
+    )
+    .await
+}
+
+async fn make_the_stream_anew(env: &TestEnv) {
     let js = async_nats::jetstream::new(env.client.clone());
     js.delete_stream(env.subjects.stream_name()).await.unwrap();
     ch_runtime::eventstore::ensure_stream(&js, &env.subjects, 1)
         .await
         .unwrap();
-    // The command workers hear of the new stream by an advisory: asked until they have.
-    eventually(|| async {
-        match create_s1().await.code() {
-            None => Ok(()),
-            Some(code) => Err(format!("strategy.create: {code}")),
-        }
-    })
-    .await;
-    portfolio(&env, "p1", "s1").await;
-    let bought = env.bought("p1", "s1", "BTC-USDT", "1", "79").await;
-    prices(&env, "BTC-USDT", &["80", "74"]).await;
-    // The worker holds the prices back while the read models hold the old stream's rows
-    // (on them, 80 would sell: below the old entry's stop).
+}
+
+/// Until the exit worker says it holds prices back for the read models.
+async fn exit_worker_waiting_for_read_models(env: &TestEnv) {
     eventually(|| async {
         // `unavailable` until the worker has made its consumer again.
         let status = env.request("admin.exit-triggers.status", json!({})).await;
@@ -787,11 +781,26 @@ async fn a_stream_made_anew_is_judged_from_its_start_on_its_own_read_models() {
         }
     })
     .await;
+}
 
-    // Projectors started again reset their read models (folded from another stream) and
-    // fold the new one.
-    let (portfolios, strategies) = projectors(&env).await;
-    let perf = wait_performance(&env, "p1", |p| p["fill_count"] == 2).await;
+/// On the stream there now: s1, p1 bought at 79 (stop loss 75.05), prices 80 and 74; then
+/// the projectors started again (each resets its read model, folded from another stream, and
+/// folds this one): one exit sell, at 74.
+async fn sold_once_at_74_on_the_new_stream(env: &TestEnv, before_projectors: impl Future) {
+    // The command workers hear of the new stream by an advisory: asked until they have.
+    eventually(|| async {
+        match create_s1(env).await.code() {
+            None => Ok(()),
+            Some(code) => Err(format!("strategy.create: {code}")),
+        }
+    })
+    .await;
+    portfolio(env, "p1", "s1").await;
+    let bought = env.bought("p1", "s1", "BTC-USDT", "1", "79").await;
+    prices(env, "BTC-USDT", &["80", "74"]).await;
+    before_projectors.await;
+    let (portfolios, strategies) = projectors(env).await;
+    let perf = wait_performance(env, "p1", |p| p["fill_count"] == 2).await;
     assert_eq!(perf["positions"], json!([]), "{perf}");
     let sold = exit_sell(
         "p1",
@@ -802,9 +811,31 @@ async fn a_stream_made_anew_is_judged_from_its_start_on_its_own_read_models() {
         ExitKind::StopLoss,
         ("s1", 1),
     );
-    assert_eq!(sells(&env, "p1").await, vec![sold]);
+    assert_eq!(sells(env, "p1").await, vec![sold]);
     portfolios.stop().await;
     strategies.stop().await;
+}
+
+/// The stream deleted and made anew under a running exit-trigger worker: its consumer, gone
+/// with the old stream, is made again following the new stream from its start, so the prices
+/// stored before that are judged too, and only once the read models are folded from the new
+/// stream, not on the old stream's rows (on them, 80 would sell: below the old entry's stop).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_made_anew_is_judged_from_its_start_on_its_own_read_models() {
+    let env = exit_worker_on_a_longer_old_stream().await;
+    make_the_stream_anew(&env).await;
+    sold_once_at_74_on_the_new_stream(&env, exit_worker_waiting_for_read_models(&env)).await;
+}
+
+/// The stream made anew once more while the exit worker waits for the read models to follow
+/// the stream before: it follows the one there now (its read models never follow the other).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_made_anew_again_while_the_exit_worker_waits_is_followed() {
+    let env = exit_worker_on_a_longer_old_stream().await;
+    make_the_stream_anew(&env).await;
+    exit_worker_waiting_for_read_models(&env).await;
+    make_the_stream_anew(&env).await;
+    sold_once_at_74_on_the_new_stream(&env, exit_worker_waiting_for_read_models(&env)).await;
 }
 
 /// A price recorded late with an earlier business time (a backfill) is not the mark: it

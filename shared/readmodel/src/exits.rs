@@ -77,8 +77,20 @@ pub const DURABLE: &str = "exit_triggers";
 pub const WORKER: &str = "exit-triggers";
 
 /// How often a worker that found the stream made anew looks whether the read models are
-/// folded from it.
+/// folded from it...
 const FOLDED_LOOK: Duration = Duration::from_millis(200);
+/// ...and every this many looks, whether the stream was made anew once more.
+const STREAM_LOOK_EVERY: u64 = 5;
+
+/// How [`Worker::wait_for_read_models_of`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Waited {
+    /// The read models follow the stream: its prices can be judged.
+    Folded,
+    /// The stream was made anew once more meanwhile: the consumer is to be made again.
+    StreamChanged,
+    Shutdown,
+}
 
 /// Bound of the wait for the read models to reach a price (then the price is redelivered).
 const READ_MODEL_WAIT: Duration = Duration::from_secs(10);
@@ -385,13 +397,12 @@ impl Worker {
     /// The stream was made anew (created at `created`): its prices are all new to the worker
     /// (its consumer, made again, follows it from its start), and the trailing-stop spans kept
     /// are the old stream's (whose sequences and versions the new one numbers again from 1).
-    /// No price is judged before the read models are folded from the new stream. `false` on
-    /// `shutdown`.
+    /// No price is judged before the read models are folded from the new stream.
     async fn follow_stream_made_anew(
         &self,
         created: DateTime<Utc>,
         shutdown: &CancellationToken,
-    ) -> bool {
+    ) -> Waited {
         *self.spans.lock().expect("span cache lock poisoned") = SpanCache::default();
         self.counters.last_seq.store(0, Ordering::Relaxed);
         warn!(
@@ -406,17 +417,18 @@ impl Worker {
     /// `created`: read models folded from a stream since deleted hold its rows at sequences
     /// past the new stream's, and a price's wait for its sequence would pass on them (until
     /// their projectors, or `chctl setup`, reset them). A checkpoint without the record (a
-    /// schema from before it) or none at all does not hold it up. `false` on `shutdown`.
+    /// schema from before it) or none at all does not hold it up. While it waits it looks
+    /// every [`STREAM_LOOK_EVERY`] tries whether the stream was made anew once more (the
+    /// read models then follow that one, never this).
     async fn wait_for_read_models_of(
         &self,
         created: DateTime<Utc>,
         shutdown: &CancellationToken,
-    ) -> bool {
+    ) -> Waited {
         let models: Vec<&str> = READ_MODELS.to_vec();
-        let mut told = false;
-        loop {
-            // The database away: looked at again.
-            let folded = match self.pool.get().await {
+        let (mut told, mut told_error) = (false, false);
+        for tries in 1u64.. {
+            let folded = match self.pool.get().await.map_err(DbError::from) {
                 Ok(conn) => conn
                     .query_one(
                         "SELECT count(*) FROM ch_checkpoints
@@ -424,16 +436,29 @@ impl Worker {
                         &[&models, &created],
                     )
                     .await
-                    .is_ok_and(|row| row.get::<_, i64>(0) == 0),
-                Err(_) => false,
+                    .map(|row| row.get::<_, i64>(0) == 0)
+                    .map_err(DbError::from),
+                Err(e) => Err(e),
             };
+            let folded = folded.unwrap_or_else(|e| {
+                // Looked at again: said once, not as if the read models were behind.
+                if !told_error {
+                    warn!(
+                        durable = self.durable,
+                        error = %e,
+                        "cannot read the read models' checkpoints; trying again"
+                    );
+                    told_error = true;
+                }
+                false
+            });
             self.waiting_for_read_models
                 .store(!folded, Ordering::Relaxed);
             if folded {
                 if told {
                     info!(durable = self.durable, "the read models follow the stream");
                 }
-                return true;
+                return Waited::Folded;
             }
             if !told {
                 warn!(
@@ -442,14 +467,23 @@ impl Worker {
                 );
                 told = true;
             }
+            if tries % STREAM_LOOK_EVERY == 0 {
+                if let Ok((_, now)) = self.app.store.last_seq_and_created().await {
+                    if now != created {
+                        self.waiting_for_read_models.store(false, Ordering::Relaxed);
+                        return Waited::StreamChanged;
+                    }
+                }
+            }
             tokio::select! {
                 () = shutdown.cancelled() => {
                     self.waiting_for_read_models.store(false, Ordering::Relaxed);
-                    return false;
+                    return Waited::Shutdown;
                 }
                 () = tokio::time::sleep(FOLDED_LOOK) => {}
             }
         }
+        unreachable!("the tries are counted in a u64")
     }
 
     fn bump(&self, counter: &AtomicU64, gauge: &'static str) {
@@ -1013,52 +1047,65 @@ async fn follow_prices(
     // The stream followed: one made anew (its consumer gone with the old one) is told by its
     // creation time as the consumer is made again.
     let mut stream_created = worker.app.store.opened_created();
-    if !worker
+    // The stream made anew once more while the worker waited for the read models: the
+    // consumer (gone with it) is made again at once, not fetched from.
+    let mut made_anew_again = match worker
         .wait_for_read_models_of(stream_created, shutdown)
         .await
     {
-        return Ok(());
-    }
+        Waited::Folded => false,
+        Waited::StreamChanged => true,
+        Waited::Shutdown => return Ok(()),
+    };
     info!(durable, "following market prices");
     // Between tries to make the consumer again: 0.5 s, doubling up to 10 s.
     let mut reopen_wait = Duration::from_millis(500);
     while !shutdown.is_cancelled() {
-        let fetched = consumer
-            .fetch()
-            .max_messages(1)
-            .expires(FETCH_WAIT)
-            .messages()
-            .await;
+        let fetched = if std::mem::take(&mut made_anew_again) {
+            None
+        } else {
+            Some(
+                consumer
+                    .fetch()
+                    .max_messages(1)
+                    .expires(FETCH_WAIT)
+                    .messages()
+                    .await,
+            )
+        };
         let trouble = match fetched {
-            Ok(mut batch) => {
-                let mut trouble = None;
-                let mut stopping = false;
-                // Until the pull request is over (answered, or expired on the server): what
-                // it delivers after a shutdown goes back at once, for the next worker.
-                loop {
-                    let next = tokio::select! {
-                        () = shutdown.cancelled(), if !stopping => {
-                            stopping = true;
-                            continue;
-                        }
-                        m = batch.next() => m,
-                    };
-                    match next {
-                        None => break,
-                        Some(Ok(m)) if stopping => {
-                            let _ = m.ack_with(AckKind::Nak(None)).await;
-                        }
-                        // Finish the price in hand even if a shutdown comes meanwhile.
-                        Some(Ok(m)) => worker.on_message(&m).await,
-                        Some(Err(e)) => {
-                            trouble = Some(e.to_string());
-                            break;
+            None => Some("the stream was made anew once more".to_owned()),
+            Some(fetched) => match fetched {
+                Ok(mut batch) => {
+                    let mut trouble = None;
+                    let mut stopping = false;
+                    // Until the pull request is over (answered, or expired on the server): what
+                    // it delivers after a shutdown goes back at once, for the next worker.
+                    loop {
+                        let next = tokio::select! {
+                            () = shutdown.cancelled(), if !stopping => {
+                                stopping = true;
+                                continue;
+                            }
+                            m = batch.next() => m,
+                        };
+                        match next {
+                            None => break,
+                            Some(Ok(m)) if stopping => {
+                                let _ = m.ack_with(AckKind::Nak(None)).await;
+                            }
+                            // Finish the price in hand even if a shutdown comes meanwhile.
+                            Some(Ok(m)) => worker.on_message(&m).await,
+                            Some(Err(e)) => {
+                                trouble = Some(e.to_string());
+                                break;
+                            }
                         }
                     }
+                    trouble
                 }
-                trouble
-            }
-            Err(e) => Some(e.to_string()),
+                Err(e) => Some(e.to_string()),
+            },
         };
         let Some(why) = trouble else {
             reopen_wait = Duration::from_millis(500);
@@ -1089,10 +1136,16 @@ async fn follow_prices(
             Ok((c, anew)) => {
                 consumer = c;
                 if let Some(created) = anew {
-                    if !worker.follow_stream_made_anew(created, shutdown).await {
-                        break;
+                    match worker.follow_stream_made_anew(created, shutdown).await {
+                        Waited::Folded => stream_created = created,
+                        // The consumer just made went with that stream; the one made next is
+                        // on a stream made anew too (`stream_created` is still the old one's).
+                        Waited::StreamChanged => {
+                            made_anew_again = true;
+                            continue;
+                        }
+                        Waited::Shutdown => break,
                     }
-                    stream_created = created;
                 }
                 info!(durable, "following market prices again");
             }
