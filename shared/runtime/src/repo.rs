@@ -242,7 +242,7 @@ impl<A: Aggregate> Repo<A> {
     /// Drops every cached entry and change notice, for a stream deleted or made anew: what
     /// they hold (states, last sequences, command ids) was read from the old stream, whose
     /// sequences the new one numbers again from 1. Each aggregate is read from the stream at
-    /// its next use. An entry a command holds meanwhile, or waits for, is of an older
+    /// its next use. An entry a command holds meanwhile, or waits for, stays, of an older
     /// generation: read again from the start when the waiter gets it, or at the holder's next
     /// catch-up (its append, if any, meets the new stream's subject sequence: a conflict, and
     /// that catch-up). Returns how many entries were dropped.
@@ -250,10 +250,12 @@ impl<A: Aggregate> Repo<A> {
         self.generation
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         let dropped = {
+            // Those a command holds or waits for stay, so that commands on one aggregate go on
+            // one at a time here: each is reset when next locked (an older generation).
             let mut map = self.entries.lock().expect("cache lock poisoned");
             let n = map.len();
-            map.clear();
-            n
+            map.retain(|_, slot| Arc::strong_count(slot) > 1);
+            n - map.len()
         };
         self.drain_notices();
         self.stale.lock().expect("stale lock poisoned").clear();
