@@ -935,6 +935,18 @@ impl TestEnv {
             .expect("event store")
     }
 
+    /// Deletes the environment's stream and creates it again, empty, under the same name (an
+    /// operator's `nats stream rm` and `chctl setup`, without its reset of the read models).
+    pub async fn make_stream_anew(&self) {
+        let js = async_nats::jetstream::new(self.client.clone());
+        js.delete_stream(self.subjects.stream_name())
+            .await
+            .expect("delete the stream");
+        ch_runtime::eventstore::ensure_stream(&js, &self.subjects, 1)
+            .await
+            .expect("create the stream");
+    }
+
     /// The environment's stream as the server describes it now.
     pub async fn stream_info(&self) -> async_nats::jetstream::stream::Info {
         let js = async_nats::jetstream::new(self.client.clone());

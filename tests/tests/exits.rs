@@ -761,14 +761,6 @@ async fn create_s1(env: &TestEnv) -> ch_e2e::Reply {
     .await
 }
 
-async fn make_the_stream_anew(env: &TestEnv) {
-    let js = async_nats::jetstream::new(env.client.clone());
-    js.delete_stream(env.subjects.stream_name()).await.unwrap();
-    ch_runtime::eventstore::ensure_stream(&js, &env.subjects, 1)
-        .await
-        .unwrap();
-}
-
 /// Until the exit worker says it holds prices back for the read models.
 async fn exit_worker_waiting_for_read_models(env: &TestEnv) {
     eventually(|| async {
@@ -823,7 +815,7 @@ async fn sold_once_at_74_on_the_new_stream(env: &TestEnv, before_projectors: imp
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stream_made_anew_is_judged_from_its_start_on_its_own_read_models() {
     let env = exit_worker_on_a_longer_old_stream().await;
-    make_the_stream_anew(&env).await;
+    env.make_stream_anew().await;
     sold_once_at_74_on_the_new_stream(&env, exit_worker_waiting_for_read_models(&env)).await;
 }
 
@@ -832,9 +824,9 @@ async fn a_stream_made_anew_is_judged_from_its_start_on_its_own_read_models() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stream_made_anew_again_while_the_exit_worker_waits_is_followed() {
     let env = exit_worker_on_a_longer_old_stream().await;
-    make_the_stream_anew(&env).await;
+    env.make_stream_anew().await;
     exit_worker_waiting_for_read_models(&env).await;
-    make_the_stream_anew(&env).await;
+    env.make_stream_anew().await;
     sold_once_at_74_on_the_new_stream(&env, exit_worker_waiting_for_read_models(&env)).await;
 }
 

@@ -554,7 +554,7 @@ async fn a_projector_folds_a_stream_made_anew_from_its_start() {
     let old_head = env.last_seq().await;
     proj.stop().await;
 
-    make_the_stream_anew(&env).await;
+    env.make_stream_anew().await;
     let mut last = 0;
     for p in ["new-0", "new-1"] {
         env.cmd("portfolio.update", open(p, "u2")).await;
@@ -615,7 +615,7 @@ async fn command_workers_forget_a_deleted_stream() {
     env.cmd("portfolio.update", attach("p1", "s1")).await;
     env.bought("p1", "s1", "BTC-USDT", "0.01", "20000").await;
 
-    make_the_stream_anew(&env).await;
+    env.make_stream_anew().await;
 
     // The same ids on the new stream, s1 now on ETH-USDT alone. The strategy worker hears
     // of the new stream by an advisory, which may come just after this request: asked until
@@ -684,7 +684,7 @@ async fn a_cached_command_id_that_names_another_event_is_read_again() {
         .unwrap();
     assert_eq!(seq(&first), 1, "{first}");
 
-    make_the_stream_anew(&env).await;
+    env.make_stream_anew().await;
     portfolios
         .execute("p0", &Common::default(), &opening("p0"), &facts)
         .await
@@ -714,21 +714,11 @@ async fn a_cached_command_id_that_names_another_event_is_read_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_entry_held_while_the_caches_are_dropped_is_read_again() {
     let env = TestEnv::new().await;
-    let app = App::start(env.app_config(), "test-held-entry")
-        .await
-        .unwrap();
-    let portfolios = Executor::<PortfolioState>::new(app.store.clone(), app.metrics.clone());
-    let facts = NoPortfolioFacts::default();
-    for command in [opening("p1"), depositing(10_000)] {
-        portfolios
-            .execute("p1", &Common::default(), &command, &facts)
-            .await
-            .unwrap();
-    }
+    let (app, portfolios, facts) = with_p1_funded(&env, "test-held-entry").await;
     let mut held = portfolios.repo().lock("p1").await;
     assert_eq!((held.last_seq, held.state.cash), (2, Decimal::from(10_000)));
 
-    make_the_stream_anew(&env).await;
+    env.make_stream_anew().await;
     let other = Executor::<PortfolioState>::new(app.store.clone(), app.metrics.clone());
     for command in [opening("p1"), depositing(500), depositing(1)] {
         other
@@ -757,19 +747,9 @@ async fn an_entry_held_while_the_caches_are_dropped_is_read_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cached_aggregate_the_stream_does_not_follow_is_read_again() {
     let env = TestEnv::new().await;
-    let app = App::start(env.app_config(), "test-unfollowed")
-        .await
-        .unwrap();
-    let portfolios = Executor::<PortfolioState>::new(app.store.clone(), app.metrics.clone());
-    let facts = NoPortfolioFacts::default();
-    for command in [opening("p1"), depositing(10_000)] {
-        portfolios
-            .execute("p1", &Common::default(), &command, &facts)
-            .await
-            .unwrap();
-    }
+    let (app, portfolios, facts) = with_p1_funded(&env, "test-unfollowed").await;
 
-    make_the_stream_anew(&env).await;
+    env.make_stream_anew().await;
     let other = Executor::<PortfolioState>::new(app.store.clone(), app.metrics.clone());
     for (id, command) in [
         ("p0", opening("p0")),
@@ -1252,16 +1232,6 @@ async fn workers_carry_on_across_a_nats_server_restart() {
     assert_eq!(env.subject_count(AggregateType::Portfolio, "p1").await, 3);
 }
 
-/// Deletes the test's stream and creates it again, empty, under the same name (an operator's
-/// `nats stream rm` and `chctl setup`).
-async fn make_the_stream_anew(env: &TestEnv) {
-    let js = async_nats::jetstream::new(env.client.clone());
-    js.delete_stream(env.subjects.stream_name()).await.unwrap();
-    ch_runtime::eventstore::ensure_stream(&js, &env.subjects, 1)
-        .await
-        .unwrap();
-}
-
 /// No outside facts (enough for opens and deposits), counting how often a decision asks.
 #[derive(Default)]
 struct NoPortfolioFacts {
@@ -1283,6 +1253,24 @@ impl FactSource<PortfolioState> for NoPortfolioFacts {
 }
 
 /// `open` of portfolio `id`, as an executor in the test decides it.
+/// A portfolio executor on a connection of its own (`name`) that opened p1 and deposited
+/// 10,000 (its cache warm).
+async fn with_p1_funded(
+    env: &TestEnv,
+    name: &str,
+) -> (App, Executor<PortfolioState>, NoPortfolioFacts) {
+    let app = App::start(env.app_config(), name).await.unwrap();
+    let portfolios = Executor::<PortfolioState>::new(app.store.clone(), app.metrics.clone());
+    let facts = NoPortfolioFacts::default();
+    for command in [opening("p1"), depositing(10_000)] {
+        portfolios
+            .execute("p1", &Common::default(), &command, &facts)
+            .await
+            .unwrap();
+    }
+    (app, portfolios, facts)
+}
+
 /// A portfolio executor on a connection of its own (`name`), with p1 opened (its cache warm),
 /// and facts not asked yet.
 async fn with_p1_opened(
