@@ -1075,37 +1075,35 @@ async fn follow_prices(
         };
         let trouble = match fetched {
             None => Some("the stream was made anew once more".to_owned()),
-            Some(fetched) => match fetched {
-                Ok(mut batch) => {
-                    let mut trouble = None;
-                    let mut stopping = false;
-                    // Until the pull request is over (answered, or expired on the server): what
-                    // it delivers after a shutdown goes back at once, for the next worker.
-                    loop {
-                        let next = tokio::select! {
-                            () = shutdown.cancelled(), if !stopping => {
-                                stopping = true;
-                                continue;
-                            }
-                            m = batch.next() => m,
-                        };
-                        match next {
-                            None => break,
-                            Some(Ok(m)) if stopping => {
-                                let _ = m.ack_with(AckKind::Nak(None)).await;
-                            }
-                            // Finish the price in hand even if a shutdown comes meanwhile.
-                            Some(Ok(m)) => worker.on_message(&m).await,
-                            Some(Err(e)) => {
-                                trouble = Some(e.to_string());
-                                break;
-                            }
+            Some(Ok(mut batch)) => {
+                let mut trouble = None;
+                let mut stopping = false;
+                // Until the pull request is over (answered, or expired on the server): what
+                // it delivers after a shutdown goes back at once, for the next worker.
+                loop {
+                    let next = tokio::select! {
+                        () = shutdown.cancelled(), if !stopping => {
+                            stopping = true;
+                            continue;
+                        }
+                        m = batch.next() => m,
+                    };
+                    match next {
+                        None => break,
+                        Some(Ok(m)) if stopping => {
+                            let _ = m.ack_with(AckKind::Nak(None)).await;
+                        }
+                        // Finish the price in hand even if a shutdown comes meanwhile.
+                        Some(Ok(m)) => worker.on_message(&m).await,
+                        Some(Err(e)) => {
+                            trouble = Some(e.to_string());
+                            break;
                         }
                     }
-                    trouble
                 }
-                Err(e) => Some(e.to_string()),
-            },
+                trouble
+            }
+            Some(Err(e)) => Some(e.to_string()),
         };
         let Some(why) = trouble else {
             reopen_wait = Duration::from_millis(500);
