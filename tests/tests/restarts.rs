@@ -2040,8 +2040,11 @@ async fn projector_rides_out(refuse: &str, allow: &str, meanwhile: Meanwhile) {
         ))
         .await
         .expect("refuse the role");
-    let during = env.cmd("portfolio.update", deposit("p1", "50")).await;
     keeps_trying(&metrics, &task).await;
+    // Sent once it keeps failing: before, a connection the role still let in (one, with
+    // `CONNECTION LIMIT 1`, once its sessions were ended) could project it, and nothing
+    // would be left waiting.
+    let during = env.cmd("portfolio.update", deposit("p1", "50")).await;
     if meanwhile == Meanwhile::StandsBy {
         assert_eq!(gauge(&metrics, "active"), Some(0));
     }
