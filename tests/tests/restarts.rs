@@ -772,6 +772,31 @@ async fn a_cached_aggregate_the_stream_does_not_follow_is_read_again() {
     assert_eq!(env.subject_count(AggregateType::Portfolio, "p1").await, 1);
 }
 
+/// A worker not yet told of a stream made anew, shorter than the old one where it held p1:
+/// its cached p1 (opened) refuses an open, the catch-up finds nothing newer, and the event at
+/// the cached last sequence is not the one it applied, so it reads p1 again and opens it on
+/// the new stream rather than refusing `already_exists`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_on_an_aggregate_the_new_stream_lacks_is_decided_again() {
+    let env = TestEnv::new().await;
+    let (app, portfolios, facts) = with_p1_funded(&env, "test-refusal-anew").await;
+    env.make_stream_anew().await;
+    let other = Executor::<PortfolioState>::new(app.store.clone(), app.metrics.clone());
+    other
+        .execute("p0", &Common::default(), &opening("p0"), &facts)
+        .await
+        .unwrap();
+    let opened = portfolios
+        .execute("p1", &Common::default(), &opening("p1"), &facts)
+        .await
+        .unwrap();
+    assert_eq!(
+        (seq(&opened), opened["version"].as_u64()),
+        (2, Some(1)),
+        "{opened}"
+    );
+}
+
 /// A strategy projector (sparse: handed strategy events only, so a hole in the sequences it
 /// sees is no sign of a missing event) whose batch fails for a moment does not lose that batch
 /// to the events delivered after it while it backs off: it catches up from the stream first.

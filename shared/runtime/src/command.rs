@@ -241,7 +241,7 @@ where
                 let version = entry.state.version();
                 if expected != version && !fresh {
                     // The cache may be behind another replica's appends: look before refusing.
-                    self.repo.catch_up(id, &mut entry).await?;
+                    self.repo.refresh(id, &mut entry).await?;
                     fresh = true;
                     continue;
                 }
@@ -269,7 +269,7 @@ where
                     // A refusal is never checked by an append: the cache may be behind another
                     // worker's appends (a sell through cmd-signal before a close here), so
                     // refuse only on the current state.
-                    self.repo.catch_up(id, &mut entry).await?;
+                    self.repo.refresh(id, &mut entry).await?;
                     fresh = true;
                     continue;
                 }

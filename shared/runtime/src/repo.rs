@@ -47,6 +47,8 @@ pub struct Entry<A> {
     checked_connects: u64,
     /// The repo's generation the entry was read in (see [`Repo::forget_all`]).
     generation: u64,
+    /// The id of the event at `last_seq` (see [`Repo::refresh`]).
+    last_event_id: Option<Uuid>,
 }
 
 impl<A: Aggregate> Entry<A> {
@@ -54,6 +56,7 @@ impl<A: Aggregate> Entry<A> {
     pub fn apply(&mut self, ev: &StoredEvent) {
         self.state.apply(&ev.event, ev.meta.occurred_at);
         self.last_seq = ev.seq;
+        self.last_event_id = Some(ev.meta.event_id);
         if let Some(cid) = ev.meta.command_id {
             if self.commands.insert(cid, ev.seq).is_none() {
                 self.command_order.push_back((cid, ev.meta.recorded_at));
@@ -87,6 +90,7 @@ impl<A: Aggregate> Entry<A> {
             checked_at: None,
             checked_connects: 0,
             generation,
+            last_event_id: None,
         };
     }
 }
@@ -312,6 +316,33 @@ impl<A: Aggregate> Repo<A> {
                 Err(e)
             }
         }
+    }
+
+    /// [`Repo::catch_up`] before a decision is refused on the entry's state: should nothing
+    /// be newer, the event at the entry's last sequence is read too, and if it is not the one
+    /// the entry applied (a stream made anew, shorter than the old one where it holds this
+    /// aggregate, before the worker was told), the aggregate is read from the stream's start.
+    /// One read more per refusal; an append needs none of it (its expected sequence tells).
+    ///
+    /// # Errors
+    /// [`StoreError`] when the store cannot be read.
+    pub async fn refresh(&self, id: &str, entry: &mut Entry<A>) -> Result<(), StoreError> {
+        let seen = self.catch_up(id, entry).await?;
+        if !seen.is_empty() || entry.last_seq == 0 {
+            return Ok(());
+        }
+        let at_last = self.store.get(entry.last_seq).await?;
+        if at_last.map(|e| e.meta.event_id) != entry.last_event_id {
+            tracing::warn!(
+                aggregate = A::TYPE.as_str(),
+                id,
+                last_seq = entry.last_seq,
+                "the stream no longer holds the cached state's last event (a stream made \
+                 anew?): reading the aggregate again"
+            );
+            self.reload(id, entry).await?;
+        }
+        Ok(())
     }
 
     /// Forgets the entry's state and reloads it from the stream; returns every event.
