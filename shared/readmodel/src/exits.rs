@@ -80,7 +80,7 @@ pub const WORKER: &str = "exit-triggers";
 /// folded from it...
 const FOLDED_LOOK: Duration = Duration::from_millis(200);
 /// ...and every this many looks, whether the stream was made anew once more.
-const STREAM_LOOK_EVERY: u64 = 5;
+const STREAM_LOOK_EVERY: u32 = 5;
 
 /// How [`Worker::wait_for_read_models_of`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -427,7 +427,9 @@ impl Worker {
     ) -> Waited {
         let models: Vec<&str> = READ_MODELS.to_vec();
         let (mut told, mut told_error) = (false, false);
-        for tries in 1u64.. {
+        let mut tries = 0u32;
+        loop {
+            tries = tries.wrapping_add(1);
             let folded = match self.pool.get().await.map_err(DbError::from) {
                 Ok(conn) => conn
                     .query_one(
@@ -467,7 +469,7 @@ impl Worker {
                 );
                 told = true;
             }
-            if tries % STREAM_LOOK_EVERY == 0 {
+            if tries.is_multiple_of(STREAM_LOOK_EVERY) {
                 if let Ok((_, now)) = self.app.store.last_seq_and_created().await {
                     if now != created {
                         self.waiting_for_read_models.store(false, Ordering::Relaxed);
@@ -483,7 +485,6 @@ impl Worker {
                 () = tokio::time::sleep(FOLDED_LOOK) => {}
             }
         }
-        unreachable!("the tries are counted in a u64")
     }
 
     fn bump(&self, counter: &AtomicU64, gauge: &'static str) {

@@ -285,24 +285,24 @@ impl<A: Aggregate> Repo<A> {
             entry.reset(generation);
         }
         let mut events = self.store.load(A::TYPE, id, entry.last_seq).await;
-        let follows = |events: &[StoredEvent], entry: &Entry<A>| {
-            events
+        let unfollowed = match &events {
+            Ok(loaded) if entry.last_seq > 0 => loaded
                 .first()
-                .is_none_or(|e| e.meta.aggregate_version == entry.state.version() + 1)
+                .map(|e| e.meta.aggregate_version)
+                .filter(|&next| next != entry.state.version() + 1),
+            _ => None,
         };
-        if let Ok(loaded) = &events {
-            if entry.last_seq > 0 && !follows(loaded, entry) {
-                tracing::warn!(
-                    aggregate = A::TYPE.as_str(),
-                    id,
-                    cached_version = entry.state.version(),
-                    next_version = loaded[0].meta.aggregate_version,
-                    "the stream's next event does not follow the cached state (a stream made \
-                     anew?): reading the aggregate again"
-                );
-                entry.reset(generation);
-                events = self.store.load(A::TYPE, id, 0).await;
-            }
+        if let Some(next_version) = unfollowed {
+            tracing::warn!(
+                aggregate = A::TYPE.as_str(),
+                id,
+                cached_version = entry.state.version(),
+                next_version,
+                "the stream's next event does not follow the cached state (a stream made \
+                 anew?): reading the aggregate again"
+            );
+            entry.reset(generation);
+            events = self.store.load(A::TYPE, id, 0).await;
         }
         match events {
             Ok(events) => {
