@@ -94,7 +94,9 @@ fn fits(r: Decimal) -> Option<Decimal> {
 /// digits). [`Decimal`]'s own operators round silently at 28 digits instead. A zero operand,
 /// whatever its places (`0.0` is what `0.1 - 0.1` leaves), gives the other one: [`Decimal`]
 /// returns it as it is, without the zero's places, which the check below would take for a
-/// rounding.
+/// rounding. The operands' trailing zeros are no places (API.md: `1.000000000` is 1), so they
+/// are dropped first: kept, `1.0000000000000000000000000` (as a request may send it) would make
+/// the sum with a cash of 25000.5 need 30 digits.
 pub fn exact_add(a: Decimal, b: Decimal) -> Option<Decimal> {
     if a.is_zero() {
         return fits(b);
@@ -102,6 +104,7 @@ pub fn exact_add(a: Decimal, b: Decimal) -> Option<Decimal> {
     if b.is_zero() {
         return fits(a);
     }
+    let (a, b) = (a.normalize(), b.normalize());
     let r = a.checked_add(b)?;
     (r.scale() == a.scale().max(b.scale()))
         .then_some(r)
@@ -114,11 +117,13 @@ pub fn exact_sub(a: Decimal, b: Decimal) -> Option<Decimal> {
 }
 
 /// `a * b` without any rounding, or `None`. A zero operand gives zero (as for
-/// [`exact_add`], [`Decimal`] drops its places).
+/// [`exact_add`], [`Decimal`] drops its places); the operands' trailing zeros are dropped first,
+/// as there.
 pub fn exact_mul(a: Decimal, b: Decimal) -> Option<Decimal> {
     if a.is_zero() || b.is_zero() {
         return Some(Decimal::ZERO);
     }
+    let (a, b) = (a.normalize(), b.normalize());
     let r = a.checked_mul(b)?;
     (r.scale() == a.scale() + b.scale())
         .then_some(r)
@@ -566,6 +571,22 @@ mod tests {
         assert_eq!(exact_sub(zero, d("5")), Some(d("-5")));
         assert_eq!(exact_mul(zero, d("5.5")), Some(Decimal::ZERO));
         assert_eq!(exact_mul(d("5.5"), zero), Some(Decimal::ZERO));
+        // Trailing zeros are no places: 1.0000000000000000000000000 is 1, and 0.0010000000000000000000000 is 0.001.
+        let one = d("1.0000000000000000000000000");
+        assert_eq!(one.scale(), 25);
+        assert_eq!(exact_add(d("25000.5"), one), Some(d("25001.5")));
+        assert_eq!(exact_sub(d("25000.5"), one), Some(d("24999.5")));
+        let milli = d("0.0010000000000000000000000");
+        assert_eq!(exact_mul(milli, d("20000.5")), Some(d("20.0005")));
+        assert_eq!(
+            exact_mul(d("12345678901234567.5"), milli),
+            Some(d("12345678901234.5675"))
+        );
+        // Still refused when the value itself needs more than 28 digits.
+        assert_eq!(
+            exact_add(d("12345678901234567890.1234567"), d("0.0000000010")),
+            None
+        );
         assert_eq!(mul_round8(d("10000"), d("0.001")), Some(d("10")));
         assert_eq!(mul_round8(d("0.000015"), d("0.001")), Some(d("0.00000002")));
         assert_eq!(mul_round8(d("0.000025"), d("0.001")), Some(d("0.00000002")));

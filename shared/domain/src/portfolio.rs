@@ -2071,6 +2071,34 @@ mod tests {
         );
     }
 
+    /// API.md: `1.000000000` is 1. Inputs with more trailing zeros than a sum with the state
+    /// has room for (25 places beside a cash of 5 integer digits and one place) are the values
+    /// they write, not refused as out of range.
+    #[test]
+    fn inputs_with_trailing_zeros_are_their_values() {
+        let zeros = |v: &str| format!("{v}{}", "0".repeat(24));
+        let f = facts();
+        let mut st = given::<PortfolioState>(funded()).state().clone();
+        let deposit = PortfolioCommand::Deposit {
+            amount: dec(&zeros("0.5")),
+        };
+        step(&mut st, &deposit, &f).unwrap();
+        assert_eq!(st.cash, dec("25000.5"));
+        let t = executed(&step(&mut st, &buy(&zeros("0.001"), "20000.5"), &f).unwrap());
+        assert_eq!((t.quantity, t.fee), (dec("0.001"), dec("0.02000050")));
+        assert_eq!(
+            t.cash_after,
+            dec("25000.5") - dec("20.0005") - dec("0.0200005")
+        );
+        let t = executed(&step(&mut st, &sell(&zeros("0.001"), &zeros("20000.5")), &f).unwrap());
+        assert_eq!(t.position_after, dec("0"));
+        let withdraw = PortfolioCommand::Withdraw {
+            amount: dec(&zeros("1.0")),
+        };
+        step(&mut st, &withdraw, &f).unwrap();
+        assert_eq!(st.cash, t.cash_after - dec("1"));
+    }
+
     #[test]
     fn e1_average_cost() {
         let f = facts();
