@@ -55,6 +55,26 @@ impl Model {
             .rfind(|s| if strict { s.0 < t } else { s.0 <= t });
         self.equity_with(s, t)
     }
+    /// The period's start: how many states it takes in (those before `from`, then the flows at
+    /// `from` before anything else there), and its equity.
+    fn start(&self, from: i64) -> (usize, f64) {
+        let before = self.states.iter().take_while(|s| s.0 < from).count();
+        let start = before
+            + self.states[before..]
+                .iter()
+                .take_while(|s| s.0 == from && s.4 != 0.0)
+                .count();
+        let state = start.checked_sub(1).map(|i| &self.states[i]);
+        (start, self.equity_with(state, from))
+    }
+    /// The equity of the curve's point `i` at `t`: the start's, then the state before `t`.
+    fn point(&self, i: usize, from: i64, t: i64) -> f64 {
+        if i == 0 {
+            self.start(from).1
+        } else {
+            self.equity(t, true)
+        }
+    }
     /// NAV at each daily boundary from `from` to `to`, chained time-weighted over flows.
     fn navs(&self, from: i64, to: i64) -> Vec<f64> {
         let mut times: Vec<i64> = (0..)
@@ -63,18 +83,19 @@ impl Model {
             .collect();
         times.push(to);
         let mut nav_at_flow = 1.0;
-        let mut e_after = self.equity(from, false);
+        let (start, mut e_after) = self.start(from);
         let mut out = vec![1.0];
         let mut flows = self
             .states
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.4 != 0.0 && s.0 > from)
+            .skip(start)
+            .filter(|(_, s)| s.4 != 0.0)
             .peekable();
-        for (i, &t) in times.iter().enumerate().skip(1) {
-            let last = i == times.len() - 1;
+        for &t in times.iter().skip(1) {
+            // What happens at a boundary belongs to the interval it starts.
             while let Some((k, s)) = flows.peek() {
-                if s.0 < t || (!last && s.0 == t) {
+                if s.0 < t {
                     let before = self.equity_with(k.checked_sub(1).map(|j| &self.states[j]), s.0);
                     nav_at_flow *= before / e_after;
                     e_after = before + s.4;
@@ -83,7 +104,7 @@ impl Model {
                     break;
                 }
             }
-            out.push(nav_at_flow * self.equity(t, last) / e_after);
+            out.push(nav_at_flow * self.equity(t, true) / e_after);
         }
         out
     }
@@ -211,9 +232,10 @@ async fn a_week_with_a_mid_week_deposit_and_a_late_price() {
         assert_eq!(p["t"], json!(at(i as i64, 0, 0).replace("+00:00", "Z")));
         close(p["nav"].as_f64().unwrap(), navs[i], &format!("nav[{i}]"));
         let equity: f64 = p["equity"].as_str().unwrap().parse().unwrap();
+        let t = secs(i as i64, 0, 0);
         close(
             equity,
-            model.equity(secs(i as i64, 0, 0), i == 7),
+            model.point(i, secs(0, 0, 0), t),
             &format!("equity[{i}]"),
         );
     }
@@ -274,7 +296,11 @@ async fn a_week_with_a_mid_week_deposit_and_a_late_price() {
             let what = format!("from day {day}: point {i}");
             close(p["nav"].as_f64().unwrap(), navs[i], &what);
             let equity: f64 = p["equity"].as_str().unwrap().parse().unwrap();
-            close(equity, model.equity(secs(t, 0, 0), t == 7), &what);
+            close(
+                equity,
+                model.point(i, secs(day, 0, 0), secs(t, 0, 0)),
+                &what,
+            );
         }
     }
 
@@ -308,7 +334,7 @@ async fn a_week_with_a_mid_week_deposit_and_a_late_price() {
     let h13 = hours.iter().find(|p| p["t"] == json!(t)).expect("13:00");
     close(
         h13["equity"].as_str().unwrap().parse().unwrap(),
-        model.equity(secs(0, 13, 0), false),
+        model.equity(secs(0, 13, 0), true),
         "equity at 13:00",
     );
 
@@ -322,6 +348,102 @@ async fn a_week_with_a_mid_week_deposit_and_a_late_price() {
     rebuilt["as_of_seq"] = Value::Null;
     before["as_of_seq"] = Value::Null;
     assert_eq!(rebuilt, before);
+}
+
+/// The period is [from, to) and each interval [t(i-1), t(i)): a fill at `from` is the
+/// period's (its fee a loss, as `performance` and `fees_paid` count it), and a fill or a flow
+/// at an inner boundary is the interval's that the boundary starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_happens_at_a_boundary_belongs_to_the_interval_it_starts() {
+    let env = TestEnv::with_all_workers().await;
+    let mut s = strategy("u1", "s1", &["BTC-USDT"]);
+    s["at"] = json!(at(-1, 0, 0));
+    env.cmd("strategy.create", s).await;
+    let p2 = |op: Value| {
+        let mut op = op;
+        op["portfolio_id"] = json!("p2");
+        op
+    };
+    env.cmd(
+        "market.price",
+        json!({"symbol": "BTC-USDT", "price": "1000", "at": at(0, 0, 0)}),
+    )
+    .await;
+    for op in [
+        json!({"op": "open", "user_id": "u1", "name": "edges", "quote_currency": "USDT", "at": at(0, 0, 0)}),
+        json!({"op": "deposit", "amount": "10000", "at": at(0, 0, 0)}),
+        json!({"op": "attach_strategy", "strategy_id": "s1", "at": at(0, 0, 0)}),
+    ] {
+        env.cmd("portfolio.update", p2(op)).await;
+    }
+    let trade = |side: &str, price: &str, fee: &str, when: String| {
+        json!({"portfolio_id": "p2", "strategy_id": "s1", "symbol": "BTC-USDT", "side": side,
+               "quantity": "5", "price": price, "fee": fee, "at": when})
+    };
+    // At the period's start: bought at 1000 plus a fee of 5, valued at 1000.
+    let r = env
+        .cmd("signal.execute", trade("buy", "1000", "5", at(0, 0, 0)))
+        .await;
+    assert_eq!(r["status"], "executed", "{r}");
+    // At day 1's boundary: sold at 1100 (no price recorded but 1000), then 1000 deposited.
+    let r = env
+        .cmd("signal.execute", trade("sell", "1100", "5.5", at(1, 0, 0)))
+        .await;
+    assert_eq!(r["trade"]["cash_after"], "10489.5", "{r}");
+    let r = env
+        .cmd(
+            "portfolio.update",
+            p2(json!({"op": "deposit", "amount": "1000", "at": at(1, 0, 0)})),
+        )
+        .await;
+    let seq = r["stream_seq"].as_u64().unwrap();
+
+    // Default `from`, the first deposit: the start is the deposit; the buy's fee is the first
+    // day's loss, the sell's gain the second's; the deposit at day 1 is no return.
+    let q = json!({"portfolio_id": "p2", "to": at(2, 0, 0), "interval": "1d"});
+    let reply = env.query_at("portfolio.analysis", q, seq).await;
+    let curve = reply["equity_curve"].as_array().unwrap();
+    let equities: Vec<&str> = curve
+        .iter()
+        .map(|p| p["equity"].as_str().unwrap())
+        .collect();
+    assert_eq!(equities, ["10000", "9995", "11489.5"], "{reply}");
+    let navs: Vec<f64> = curve.iter().map(|p| p["nav"].as_f64().unwrap()).collect();
+    close(navs[1], 0.9995, "nav at day 1");
+    close(navs[2], 10489.5 / 10000.0, "nav at day 2");
+    let m = &reply["metrics"];
+    close(m["total_return"].as_f64().unwrap(), 0.04895, "total_return");
+    assert_eq!(
+        (&m["fees_paid"], &m["fill_count"]),
+        (&json!("10.5"), &json!(2))
+    );
+    // Held from the start of day 0, flat from the start of day 1.
+    close(m["exposure"].as_f64().unwrap(), 0.5, "exposure");
+    // `performance` says the same of the whole: 489.5 on 11,000 deposited would be the money
+    // return; the time-weighted one is the analysis', and both count the two fees.
+    let perf = env
+        .query_at("portfolio.performance", json!({"portfolio_id": "p2"}), seq)
+        .await;
+    assert_eq!(perf["fees_paid"], "10.5", "{perf}");
+    assert_eq!(perf["equity"], "11489.5", "{perf}");
+
+    // From day 1 00:00 itself: the start is the state before it (the position at 1000); the
+    // sell and the deposit at that instant are the period's.
+    let q = json!({"portfolio_id": "p2", "from": at(1, 0, 0), "to": at(3, 0, 0), "interval": "1d"});
+    let reply = env.query_at("portfolio.analysis", q, seq).await;
+    let curve = reply["equity_curve"].as_array().unwrap();
+    assert_eq!(curve[0]["equity"], "9995", "{reply}");
+    let m = &reply["metrics"];
+    close(
+        m["total_return"].as_f64().unwrap(),
+        10489.5 / 9995.0 - 1.0,
+        "total_return from day 1",
+    );
+    assert_eq!(
+        (&m["fees_paid"], &m["fill_count"]),
+        (&json!("5.5"), &json!(1))
+    );
+    assert_eq!(m["realized_pnl"], "489.5");
 }
 
 /// Opens `pid` at business time `opened` and deposits 100 at `deposited`; the deposit's reply.

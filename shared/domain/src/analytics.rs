@@ -93,7 +93,7 @@ impl NavChain {
 /// One fact of a portfolio's chronological history, as a read side stores it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Observation {
-    /// The equity at `t` (a bucket boundary), after every flow at or before `t`.
+    /// The equity at `t` (a bucket boundary), after every flow listed before it.
     Equity { t: DateTime<Utc>, equity: Decimal },
     /// An external flow at `t` (deposit > 0, withdrawal < 0) with the equity just before it.
     Flow {
@@ -113,7 +113,7 @@ pub struct NavPoint {
 
 /// Folds a chronological history through a [`NavChain`] started at its beginning: one
 /// [`NavPoint`] per [`Observation::Equity`], in order. Facts at the same time are taken in list
-/// order; put a flow at `t` before the equity at `t` (the boundary sees everything at or before it).
+/// order: a flow at `t` listed after the equity at `t` belongs to the interval that `t` starts.
 pub fn nav_points(observations: &[Observation]) -> Vec<NavPoint> {
     let mut chain = NavChain::new();
     let mut out = Vec::new();

@@ -126,10 +126,10 @@ struct State {
     flow: Decimal,
 }
 
-/// The portfolio's cash and positions at `from` (after its last flow or fill at or before it;
-/// none if there is none), then after each flow and fill in (`from`, `to`), in business-time
-/// order, then stream order (the same as stream order for one portfolio, whose commands may not
-/// go back in business time).
+/// The portfolio's cash and positions just before `from` (after its last flow or fill before
+/// it; none if there is none), then after each flow and fill in [`from`, `to`), in
+/// business-time order, then stream order (the same as stream order for one portfolio, whose
+/// commands may not go back in business time).
 /// Flows carry the cash after them (`portfolio_history`, with the positions), fills the cash
 /// and the one position they change (`trades`); the states in between are folded from both.
 async fn states(
@@ -144,31 +144,31 @@ async fn states(
     let (last_flow, last_fills, changes) = futures::try_join!(
         tx.query_opt(
             "SELECT at, stream_seq, cash, positions FROM portfolio_history
-             WHERE portfolio_id = $1 AND at <= $2 ORDER BY at DESC, stream_seq DESC LIMIT 1",
+             WHERE portfolio_id = $1 AND at < $2 ORDER BY at DESC, stream_seq DESC LIMIT 1",
             &until_from,
         ),
         tx.query(
             "SELECT DISTINCT ON (symbol) at, stream_seq, cash_after, symbol, position_after,
                     cost_basis_after, gross_entry_after
-             FROM trades WHERE portfolio_id = $1 AND at <= $2
+             FROM trades WHERE portfolio_id = $1 AND at < $2
              ORDER BY symbol, at DESC, stream_seq DESC",
             &until_from,
         ),
         tx.query(
             "SELECT at, stream_seq, cash, flow, NULL AS symbol, NULL::numeric AS quantity,
                     NULL::numeric AS cost_basis, NULL::numeric AS gross_entry
-             FROM portfolio_history WHERE portfolio_id = $1 AND at > $2 AND at < $3
+             FROM portfolio_history WHERE portfolio_id = $1 AND at >= $2 AND at < $3
              UNION ALL
              SELECT at, stream_seq, cash_after, 0, symbol, position_after, cost_basis_after,
                     gross_entry_after
-             FROM trades WHERE portfolio_id = $1 AND at > $2 AND at < $3
+             FROM trades WHERE portfolio_id = $1 AND at >= $2 AND at < $3
              ORDER BY at, stream_seq",
             &period,
         ),
     )?;
 
-    // The state at `from`: the positions from the last flow, each changed by a later fill of
-    // its symbol, and the cash of the latest of them all.
+    // The state before `from`: the positions from the last flow, each changed by a later fill
+    // of its symbol, and the cash of the latest of them all.
     let mut latest: Option<((DateTime<Utc>, i64), Decimal)> = None;
     let mut later = |key: (DateTime<Utc>, i64), cash: Decimal| {
         if latest.is_none_or(|(k, _)| k < key) {
@@ -472,22 +472,33 @@ pub async fn portfolio_analysis(
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    // Flows strictly inside the period are chained; one at `from` is part of the start.
-    let flows: Vec<usize> = (0..history.len())
-        .filter(|&i| !history[i].flow.is_zero() && history[i].at > from)
+    // The period's intervals are [t(i-1), t(i)): what happens at a boundary belongs to the
+    // interval it starts. The start is the state before `from` and the flows at `from` that
+    // come before anything else there (the capital the period starts with: the first deposit,
+    // by default); a fill at `from` is the period's, like any later one. The flows after the
+    // start are chained.
+    let before_from = history.partition_point(|s| s.at < from);
+    let start = before_from
+        + history[before_from..]
+            .iter()
+            .take_while(|s| s.at == from && !s.flow.is_zero())
+            .count();
+    let flows: Vec<usize> = (start..history.len())
+        .filter(|&i| !history[i].flow.is_zero())
         .collect();
     let mut valuation_times: Vec<DateTime<Utc>> = times.clone();
     valuation_times.extend(flows.iter().map(|&i| history[i].at));
     let marks = Marks::load(tx, &symbols, &valuation_times).await?;
 
-    // Observations in time order: the start as a first "deposit" of its equity, flows before
-    // boundaries at the same time.
+    // Observations in time order: the start as a first "deposit" of its equity; the equity at
+    // each later boundary is that of the state before it (at the latest marks at or before it),
+    // so a flow at a boundary comes after it.
     let last = times.len() - 1;
     let value_at = |i: usize| {
         let t = times[i];
-        marks.value(state_at(&history, t, i == last), t)
+        marks.value(state_at(&history, t, true), t)
     };
-    let (e0, _) = value_at(0)?;
+    let (e0, _) = marks.value(start.checked_sub(1).map(|i| &history[i]), from)?;
     let mut obs = vec![
         Observation::Flow {
             t: from,
@@ -501,9 +512,7 @@ pub async fn portfolio_analysis(
     ];
     let mut fi = 0;
     for (i, &t) in times.iter().enumerate().skip(1) {
-        while fi < flows.len()
-            && (history[flows[fi]].at < t || (i != last && history[flows[fi]].at == t))
-        {
+        while fi < flows.len() && history[flows[fi]].at < t {
             let k = flows[fi];
             let before = k.checked_sub(1).map(|j| &history[j]);
             let (equity_before, _) = marks.value(before, history[k].at)?;
