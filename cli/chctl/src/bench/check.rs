@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use async_nats::jetstream::{self, consumer::pull, consumer::DeliverPolicy};
 use bytes::Bytes;
+use ch_domain::event::Side;
 use ch_domain::portfolio::PortfolioState;
-use ch_domain::Aggregate;
+use ch_domain::{Aggregate, Event};
 use ch_readmodel::PortfolioProjection;
 use ch_runtime::app::App;
 use ch_runtime::{envelope, Subjects};
@@ -20,13 +21,56 @@ use super::load::{send, Outcome, Target};
 use crate::common::Ctx;
 use crate::rebuild::follow;
 
+/// A portfolio folded from the stream: its state, and the counters the read model keeps beside
+/// it, which the state does not (fills, rejected signals, round trips closed and won).
+#[derive(Default)]
+pub struct Portfolio {
+    pub state: PortfolioState,
+    fills: u64,
+    rejected: u64,
+    trips_closed: u64,
+    trips_won: u64,
+    /// Each symbol's open round trip (flat to flat) and its realized PnL so far.
+    open_trips: HashMap<String, Decimal>,
+}
+
+impl Portfolio {
+    fn apply(&mut self, event: &Event, at: chrono::DateTime<chrono::Utc>) {
+        match event {
+            Event::TradeExecuted(t) => {
+                self.fills += 1;
+                // A buy from flat opens a round trip, sells add their realized PnL, and the
+                // sell that leaves the position flat closes it: won when its PnL is positive.
+                match t.side {
+                    Side::Buy => {
+                        self.open_trips.entry(t.symbol.clone()).or_default();
+                    }
+                    Side::Sell => {
+                        if let Some(pnl) = self.open_trips.get_mut(&t.symbol) {
+                            *pnl = pnl.saturating_add(t.realized_pnl);
+                            if t.position_after.is_zero() {
+                                self.trips_closed += 1;
+                                self.trips_won += u64::from(*pnl > Decimal::ZERO);
+                                self.open_trips.remove(&t.symbol);
+                            }
+                        }
+                    }
+                }
+            }
+            Event::TradeSignalRejected(_) => self.rejected += 1,
+            _ => {}
+        }
+        self.state.apply(event, at);
+    }
+}
+
 /// Folds every portfolio of the stream of `subjects` whose id starts with `id_prefix`; also
 /// returns the stream's last sequence when the fold started.
 pub async fn fold(
     client: &async_nats::Client,
     subjects: &Subjects,
     id_prefix: &str,
-) -> Result<(HashMap<String, PortfolioState>, u64)> {
+) -> Result<(HashMap<String, Portfolio>, u64)> {
     let js = jetstream::new(client.clone());
     let mut stream = js
         .get_stream(subjects.stream_name())
@@ -47,7 +91,7 @@ pub async fn fold(
         .await
         .with_context(|| format!("an ordered consumer on {filter}"))?;
     let mut messages = consumer.messages().await?;
-    let mut states: HashMap<String, PortfolioState> = HashMap::new();
+    let mut states: HashMap<String, Portfolio> = HashMap::new();
     let id_start = format!("{}.events.portfolio.", subjects.prefix());
     loop {
         let next = tokio::time::timeout(Duration::from_secs(10), messages.next()).await;
@@ -75,11 +119,12 @@ pub async fn fold(
 }
 
 /// The comparable figures of a portfolio: the figures of the performance reply that the
-/// folded state holds and that do not depend on when the run happened (its owner, name and
-/// currency, cash, realized PnL, fees, net deposits, status, fee rate, attached strategies,
-/// version, and each position's quantity and cost basis). Not compared: the times (the
-/// monolith's run is another), the counters the state does not keep (fills, rejections,
-/// round trips) and the fills' and history's rows.
+/// folded state and counters hold and that do not depend on when the run happened (its owner,
+/// name and currency, cash, realized PnL, fees, net deposits, status, fee rate, attached
+/// strategies, version, fills, rejected signals, round trips closed and their win rate, and
+/// each position's quantity, cost basis and average entry price). Not compared: the times
+/// (the monolith's run is another), what depends on the marks (equity, unrealized PnL, the
+/// NAV behind `total_return`), and the fills' and history's rows.
 #[derive(Debug, PartialEq)]
 struct Figures {
     user_id: String,
@@ -93,11 +138,21 @@ struct Figures {
     fee_rate: Decimal,
     attached: BTreeSet<String>,
     version: u64,
-    positions: BTreeMap<String, (Decimal, Decimal)>,
+    fills: u64,
+    rejected: u64,
+    trips_closed: u64,
+    win_rate: Option<Decimal>,
+    /// Quantity, cost basis, average entry price.
+    positions: BTreeMap<String, (Decimal, Decimal, Decimal)>,
 }
 
 impl Figures {
-    fn of_state(s: &PortfolioState) -> Figures {
+    fn of(folded: &Portfolio) -> Figures {
+        let s = &folded.state;
+        // As the performance query works them out.
+        let win_rate = (folded.trips_closed > 0).then(|| {
+            (Decimal::from(folded.trips_won) / Decimal::from(folded.trips_closed)).round_dp(10)
+        });
         Figures {
             user_id: s.user_id.clone(),
             name: s.name.clone(),
@@ -110,11 +165,18 @@ impl Figures {
             fee_rate: s.fee_rate,
             attached: s.attached_strategies.clone(),
             version: s.version,
+            fills: folded.fills,
+            rejected: folded.rejected,
+            trips_closed: folded.trips_closed,
+            win_rate,
             positions: s
                 .positions
                 .iter()
                 .filter(|(_, p)| !p.quantity.is_zero())
-                .map(|(k, p)| (k.clone(), (p.quantity, p.cost_basis)))
+                .map(|(k, p)| {
+                    let avg_entry = (p.gross_entry / p.quantity).round_dp(8);
+                    (k.clone(), (p.quantity, p.cost_basis, avg_entry))
+                })
                 .collect(),
         }
     }
@@ -125,7 +187,11 @@ impl Figures {
         for p in v["positions"].as_array()? {
             positions.insert(
                 p["symbol"].as_str()?.to_owned(),
-                (d(&p["quantity"])?, d(&p["cost_basis"])?),
+                (
+                    d(&p["quantity"])?,
+                    d(&p["cost_basis"])?,
+                    d(&p["avg_entry_price"])?,
+                ),
             );
         }
         let attached = v["attached_strategies"]
@@ -145,6 +211,13 @@ impl Figures {
             fee_rate: d(&v["fee_rate"])?,
             attached,
             version: v["version"].as_u64()?,
+            fills: v["fill_count"].as_u64()?,
+            rejected: v["rejected_signals"].as_u64()?,
+            trips_closed: v["trade_count"].as_u64()?,
+            win_rate: match &v["win_rate"] {
+                Value::Null => None,
+                w => Some(d(w)?),
+            },
             positions,
         })
     }
@@ -170,6 +243,10 @@ impl Figures {
             fee_rate as "fee_rate",
             attached as "attached_strategies",
             version as "version",
+            fills as "fill_count",
+            rejected as "rejected_signals",
+            trips_closed as "trade_count",
+            win_rate as "win_rate",
             positions as "positions",
         );
         out
@@ -182,7 +259,7 @@ impl Figures {
 /// taken a different path); they are counted as `rows_differing_after_failed_commands`.
 pub async fn compare(
     t: &Target,
-    states: &HashMap<String, PortfolioState>,
+    states: &HashMap<String, Portfolio>,
     ids: &[String],
     min_seq: Option<u64>,
     failed: &BTreeSet<String>,
@@ -203,7 +280,7 @@ pub async fn compare(
                     Duration::from_secs(15),
                 )
                 .await;
-                let folded = states.get(id).map(Figures::of_state);
+                let folded = states.get(id).map(Figures::of);
                 let problems = match (o, folded) {
                     (_, None) => vec!["no events on the stream".to_owned()],
                     (Outcome::Ok(b), Some(f)) => {
@@ -322,8 +399,8 @@ mod tests {
     use super::*;
 
     /// Every figure the fold holds is compared, not only cash, positions and PnL: a reply that
-    /// matches the fold matches, one whose fees, deposits, status, fee rate or attached
-    /// strategies differ does not.
+    /// matches the fold matches, one whose fees, deposits, status, fee rate, attached
+    /// strategies, counters or a position's average entry price differ does not.
     #[test]
     fn every_folded_figure_is_compared_with_the_reply() {
         let d = |s: &str| s.parse::<Decimal>().unwrap();
@@ -351,9 +428,18 @@ mod tests {
             "user_id": "u1", "name": "p one", "quote_currency": "USDT",
             "cash": "900.5", "realized_pnl": "1.25", "fees_paid": "0.5", "net_deposits": "1000",
             "status": "open", "fee_rate": "0.0010", "attached_strategies": ["s1"], "version": 0,
-            "positions": [{"symbol": "BTC-USDT", "quantity": "0.1", "cost_basis": "100.1"}],
+            "fill_count": 5, "rejected_signals": 2, "trade_count": 3, "win_rate": "0.6666666667",
+            "positions": [{"symbol": "BTC-USDT", "quantity": "0.1", "cost_basis": "100.1",
+                           "avg_entry_price": "1000"}],
         });
-        let folded = Figures::of_state(&state);
+        let folded = Figures::of(&Portfolio {
+            state,
+            fills: 5,
+            rejected: 2,
+            trips_closed: 3,
+            trips_won: 2,
+            open_trips: HashMap::new(),
+        });
         assert_eq!(
             folded.diff(&Figures::of_reply(&reply).unwrap()),
             Vec::<String>::new()
@@ -367,6 +453,11 @@ mod tests {
             ("user_id", json!("u2")),
             ("name", json!("p two")),
             ("quote_currency", json!("USDC")),
+            ("fill_count", json!(4)),
+            ("rejected_signals", json!(3)),
+            ("trade_count", json!(2)),
+            ("win_rate", json!("0.6666666666")),
+            ("win_rate", Value::Null),
         ] {
             let mut r = reply.clone();
             r[field] = wrong;
@@ -374,6 +465,74 @@ mod tests {
             assert_eq!(problems.len(), 1, "{field}: {problems:?}");
             assert!(problems[0].starts_with(field), "{problems:?}");
         }
+        let mut r = reply.clone();
+        r["positions"][0]["avg_entry_price"] = json!("1000.1");
+        let problems = folded.diff(&Figures::of_reply(&r).unwrap());
+        assert!(
+            problems.len() == 1 && problems[0].starts_with("positions"),
+            "{problems:?}"
+        );
+    }
+
+    /// Round trips, flat to flat per symbol, as the read model counts them: a buy from flat
+    /// opens one, the sell that leaves the position flat closes it, won when the realized PnL
+    /// of its sells is positive; a rejected signal counts apart.
+    #[test]
+    fn round_trips_and_counters_are_folded_from_the_fills() {
+        use ch_domain::event::{SignalRecord, TradeExecuted, TradeSignalRejected};
+        let d = |s: &str| s.parse::<Decimal>().unwrap();
+        let fill = |side: Side, symbol: &str, pnl: &str, after: &str| {
+            Event::TradeExecuted(TradeExecuted {
+                portfolio_id: "p1".into(),
+                strategy_id: "s1".into(),
+                trade_id: uuid::Uuid::nil(),
+                symbol: symbol.into(),
+                side,
+                quantity: d("1"),
+                price: d("1"),
+                fee: d("0"),
+                realized_pnl: d(pnl),
+                cash_after: d("0"),
+                position_after: d(after),
+                cost_basis_after: d(after),
+                gross_entry_after: d(after),
+                equity_after: None,
+            })
+        };
+        let mut p = Portfolio::default();
+        let at = chrono::Utc::now();
+        for e in [
+            // BTC: a trip of two sells, +5 then -3: won.
+            fill(Side::Buy, "BTC-USDT", "0", "2"),
+            fill(Side::Sell, "BTC-USDT", "5", "1"),
+            fill(Side::Sell, "BTC-USDT", "-3", "0"),
+            // ETH: a buy added to, then sold at a loss: lost.
+            fill(Side::Buy, "ETH-USDT", "0", "1"),
+            fill(Side::Buy, "ETH-USDT", "0", "2"),
+            fill(Side::Sell, "ETH-USDT", "-1", "0"),
+            // BTC again: open at the end.
+            fill(Side::Buy, "BTC-USDT", "0", "1"),
+            Event::TradeSignalRejected(TradeSignalRejected {
+                portfolio_id: "p1".into(),
+                reason: "OVERSELL".into(),
+                detail: String::new(),
+                signal: SignalRecord {
+                    strategy_id: "s1".into(),
+                    symbol: "SOL-USDT".into(),
+                    side: Side::Sell,
+                    quantity: d("1"),
+                    price: d("1"),
+                    fee: None,
+                },
+            }),
+        ] {
+            p.apply(&e, at);
+        }
+        assert_eq!(
+            (p.fills, p.rejected, p.trips_closed, p.trips_won),
+            (7, 1, 2, 1)
+        );
+        assert_eq!(Figures::of(&p).win_rate, Some(d("0.5")));
     }
 
     /// A portfolio whose signal failed in a run may differ; it is counted apart, and only the

@@ -462,10 +462,11 @@ pub async fn run(
                     let id = &ids[rng.gen_range(0..ids.len())];
                     let body = Bytes::from(format!("{{\"portfolio_id\":\"{id}\"}}"));
                     let o = send(&client, &subject, body, timeout).await;
-                    hist.saturating_record(t0.elapsed().as_micros() as u64);
                     n += 1;
+                    // The percentiles are the answered queries': a failure (no responders, an
+                    // error reply) may come at once, and would flatter them.
                     match o {
-                        Outcome::Ok(_) => {}
+                        Outcome::Ok(_) => hist.saturating_record(t0.elapsed().as_micros() as u64),
                         Outcome::Api(code) => count(&mut errors, &code),
                         Outcome::Failed(why) => count(&mut errors, why),
                     }
@@ -500,10 +501,12 @@ pub async fn run(
                         count(&mut r.errors, code);
                         r.failed_portfolios.extend(portfolio_of(&body));
                     };
-                    hist.saturating_record(at.duration_since(t0).as_micros() as u64);
+                    // The percentiles are the answered signals' (executed or rejected by a risk
+                    // check): a failure may come at once (no responders), and would flatter them.
                     match o {
                         Outcome::Ok(b) => match serde_json::from_slice::<CommandReply>(&b) {
                             Ok(reply) => {
+                                hist.saturating_record(at.duration_since(t0).as_micros() as u64);
                                 if let Some(seq) = reply.stream_seq {
                                     r.last_seq = r.last_seq.max(seq);
                                     newest.fetch_max(seq, Ordering::Relaxed);
