@@ -1446,7 +1446,8 @@ impl<P: Projection> Projector<P> {
         // A batch waits to fill for at most half the consumer's ack wait: the server would
         // deliver its first events again meanwhile.
         let max_fill_wait = consumer.cached_info().config.ack_wait / 2;
-        if self.batch.wait > max_fill_wait {
+        // (`adaptive` decides its own wait, at most a millisecond, and ignores the setting.)
+        if !self.batch.adaptive && self.batch.wait > max_fill_wait {
             warn!(
                 projection = name,
                 batch_wait_ms = self.batch.wait.as_millis() as u64,

@@ -618,13 +618,15 @@ async fn progress(
             } else {
                 (n as usize * width / total as usize).min(width)
             };
+            // Until the projector's first announcement its checkpoint is unknown: not 0.
             let behind = lag
                 .as_ref()
-                .map(|(l, newest)| {
-                    let b = newest
-                        .load(Ordering::Relaxed)
-                        .saturating_sub(l.announced_seq());
-                    format!("  read model {b} events behind")
+                .map(|(l, newest)| match l.announced_seq() {
+                    0 => "  read model: no checkpoint announced yet".to_owned(),
+                    at => {
+                        let b = newest.load(Ordering::Relaxed).saturating_sub(at);
+                        format!("  read model {b} events behind")
+                    }
                 })
                 .unwrap_or_default();
             let line = format!(
