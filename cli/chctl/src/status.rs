@@ -157,6 +157,9 @@ fn failing(replies: &[serde_json::Value]) -> Vec<(String, i64)> {
         .collect()
 }
 
+/// How long the database sessions' query may take.
+const SESSIONS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Each worker's Postgres sessions (they carry its service name as `application_name`): how
 /// many, how many run a statement, wait for a lock, or sit idle inside a transaction, and the
 /// oldest open transaction: what to look at when a read model stops moving. `Err` saying
@@ -171,8 +174,11 @@ async fn sessions(ctx: &Ctx) -> Result<(), String> {
             return Err("database unreachable".into());
         }
     };
-    let rows = db
-        .query(
+    // Bounded: a database that took the session and stopped answering would hold the status
+    // (and a `helm test`) for ever.
+    let rows = tokio::time::timeout(
+        SESSIONS_TIMEOUT,
+        db.query(
             "SELECT application_name, count(*),
                     count(*) FILTER (WHERE state = 'active'),
                     count(*) FILTER (WHERE wait_event_type = 'Lock'),
@@ -182,8 +188,19 @@ async fn sessions(ctx: &Ctx) -> Result<(), String> {
               WHERE datname = current_database() AND starts_with(application_name, $1)
               GROUP BY 1 ORDER BY 1",
             &[&format!("{}-", ctx.subjects.prefix())],
-        )
-        .await;
+        ),
+    )
+    .await;
+    let rows = match rows {
+        Ok(rows) => rows,
+        Err(_) => {
+            println!(
+                "  the database did not answer within {} s",
+                SESSIONS_TIMEOUT.as_secs()
+            );
+            return Err("database not answering".into());
+        }
+    };
     match rows {
         Ok(rows) if rows.is_empty() => println!("  none"),
         Ok(rows) => {

@@ -73,9 +73,50 @@ fn parse_url(database_url: &str) -> Result<Target, DbError> {
     Ok(Target { cfg, tls })
 }
 
+/// Why [`open`] has no session.
+enum Opening {
+    /// The server refused it, or could not be reached (its error says which).
+    Failed(tokio_postgres::Error),
+    /// The server took the connection and did not answer its start-up and log-in within this
+    /// bound (a hung server, or a proxy whose server is gone): unbounded, a worker's start or
+    /// `chctl setup` would wait for ever.
+    Silent(Duration),
+}
+
+impl Opening {
+    /// The message, with where it went (no password).
+    fn text(&self, cfg: &tokio_postgres::Config) -> String {
+        match self {
+            Opening::Failed(e) => connect_error(cfg, e),
+            Opening::Silent(bound) => format!(
+                "the database took the connection but did not answer its log-in within {} s {}",
+                bound.as_secs(),
+                target_of(cfg)
+            ),
+        }
+    }
+}
+
 /// One session of `cfg`, with TLS when `tls` is given; its connection runs on a task of its
-/// own until the client is dropped or the server ends it.
+/// own until the client is dropped or the server ends it. Bounded in all: `connect_timeout`
+/// (the URL's, else [`CONNECT_TIMEOUT`]) for each address tried, and [`LOG_IN_TIMEOUT`].
 async fn open(
+    cfg: &tokio_postgres::Config,
+    tls: Option<&MakeRustlsConnect>,
+) -> Result<tokio_postgres::Client, Opening> {
+    let per_address = cfg
+        .get_connect_timeout()
+        .copied()
+        .unwrap_or(CONNECT_TIMEOUT);
+    let addresses = u32::try_from(cfg.get_hosts().len().max(1)).unwrap_or(u32::MAX);
+    let bound = per_address.saturating_mul(addresses) + LOG_IN_TIMEOUT;
+    match tokio::time::timeout(bound, open_unbounded(cfg, tls)).await {
+        Ok(opened) => opened.map_err(Opening::Failed),
+        Err(_) => Err(Opening::Silent(bound)),
+    }
+}
+
+async fn open_unbounded(
     cfg: &tokio_postgres::Config,
     tls: Option<&MakeRustlsConnect>,
 ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
@@ -289,12 +330,14 @@ pub async fn connect(
         cfg.options(format!("-c search_path={s}"));
     }
     bound_connecting(&mut cfg);
-    open(&cfg, tls.as_ref()).await.map_err(|e| {
-        let text = pg_text(&e);
-        DbError::Unavailable(if e.code() == Some(&SqlState::INVALID_CATALOG_NAME) {
-            format!("{text}: run `chctl setup` first (it creates the database), or check CH_DATABASE_URL")
-        } else {
-            text
+    open(&cfg, tls.as_ref()).await.map_err(|why| {
+        DbError::Unavailable(match why {
+            Opening::Failed(e) if e.code() == Some(&SqlState::INVALID_CATALOG_NAME) => format!(
+                "{}: run `chctl setup` first (it creates the database), or check CH_DATABASE_URL",
+                pg_text(&e)
+            ),
+            Opening::Failed(e) => pg_text(&e),
+            silent @ Opening::Silent(_) => silent.text(&cfg),
         })
     })
 }
@@ -302,6 +345,11 @@ pub async fn connect(
 /// A failed connection's error with where it went (no password): "error connecting to
 /// server: Connection refused" alone does not say which server.
 fn connect_error(cfg: &tokio_postgres::Config, e: &tokio_postgres::Error) -> String {
+    format!("{} {}", pg_text(e), target_of(cfg))
+}
+
+/// Where a connection goes, as its errors name it: "(database orders as ch at 127.0.0.1:1)".
+fn target_of(cfg: &tokio_postgres::Config) -> String {
     // As the connection uses them: no port is 5432, a single one is every host's.
     let port = |i: usize| match cfg.get_ports() {
         [] => 5432,
@@ -319,8 +367,7 @@ fn connect_error(cfg: &tokio_postgres::Config, e: &tokio_postgres::Error) -> Str
         })
         .collect();
     format!(
-        "{} (database {} as {} at {})",
-        pg_text(e),
+        "(database {} as {} at {})",
         cfg.get_dbname().unwrap_or("(default)"),
         cfg.get_user().unwrap_or("(default)"),
         hosts.join(", ")
@@ -343,14 +390,14 @@ pub async fn ensure_database(database_url: &str) -> Result<(), DbError> {
     match open(&cfg, tls.as_ref()).await {
         // Dropping the client closes the session.
         Ok(_client) => return Ok(()),
-        Err(e) if e.code() == Some(&SqlState::INVALID_CATALOG_NAME) => {}
-        Err(e) => return Err(DbError::Unavailable(connect_error(&cfg, &e))),
+        Err(Opening::Failed(e)) if e.code() == Some(&SqlState::INVALID_CATALOG_NAME) => {}
+        Err(why) => return Err(DbError::Unavailable(why.text(&cfg))),
     }
     let mut admin = cfg.clone();
     admin.dbname("postgres");
     let client = open(&admin, tls.as_ref())
         .await
-        .map_err(|e| DbError::Unavailable(connect_error(&admin, &e)))?;
+        .map_err(|why| DbError::Unavailable(why.text(&admin)))?;
     let exists = client
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&db])
         .await?
@@ -744,6 +791,36 @@ mod tests {
             bad.starts_with("CH_DATABASE_URL: invalid connection string: "),
             "{bad}"
         );
+    }
+
+    /// A server that takes the connection and never answers (a hung one, or a proxy whose
+    /// server is gone) fails the log-in within its bound, saying so and where, instead of
+    /// holding a worker's start or `chctl setup` for ever.
+    #[tokio::test]
+    async fn a_database_that_never_answers_fails_its_log_in() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let url = format!("postgres://ch:secret@127.0.0.1:{port}/orders?connect_timeout=1");
+        let want = format!(
+            "the database took the connection but did not answer its log-in within 6 s \
+             (database orders as ch at 127.0.0.1:{port})"
+        );
+        let started = std::time::Instant::now();
+        // chctl's sessions and a worker's start, side by side.
+        let (admin, start) = tokio::join!(connect(&url, None), ensure_database(&url));
+        assert_eq!(unavailable(admin), want);
+        let Err(DbError::Unavailable(m)) = start else {
+            panic!("ensure_database did not fail");
+        };
+        assert_eq!(m, want);
+        assert!(started.elapsed() < Duration::from_secs(30));
+        silent.abort();
     }
 
     /// A worker's start that cannot reach Postgres says where it tried, without the password.

@@ -1059,7 +1059,12 @@ fn print_table(r: &Value, label: Option<&str>) {
         println!("(monolith: measured in {file}, on the same workload)");
     }
     for (key, served) in ["command", "query"].map(|k| (k, &r["service_latency_ms"][k])) {
-        if served["since_start"].is_object() {
+        if served["restarted"] == true {
+            println!(
+                "({key} p99 in the worker: not this run's, a worker restarted during it and its counts began again; {} ms over the {} requests since)",
+                served["since_start"]["p99"], served["requests"]
+            );
+        } else if served["since_start"].is_object() {
             println!(
                 "({key} p99 in the worker: not this run's, its workers had answered {} of their {} requests before it; {} ms since they started)",
                 served["requests_before"], served["requests"], served["since_start"]["p99"]

@@ -19,8 +19,9 @@ const NOTE: &str = "each endpoint's latency as its workers report it in $SRV.STA
 start of the handler to the reply, over every request since they started; with several \
 instances, each percentile is the largest of theirs (the pooled one lies between their smallest \
 and largest). When more than 1 % of those requests came before this run (workers that had \
-served before), the percentiles are not this run's: they move to `since_start` and p50, p99 \
-and p999 are null";
+served before), or fewer than had come before it (a worker restarted during the run, and its \
+counts began again: `restarted`), the percentiles are not this run's: they move to \
+`since_start` and p50, p99 and p999 are null";
 
 /// The requests each reported endpoint has answered so far (taken before a run).
 pub async fn requests(client: &Client, subjects: &Subjects) -> Value {
@@ -62,7 +63,12 @@ fn this_run(mut merged: Value, before: &Value) -> Value {
         return merged;
     };
     merged["requests_before"] = json!(before);
-    if before * 100 > total {
+    // Fewer than before: the counts began again, with a worker restarted during the run.
+    let restarted = total < before;
+    if restarted {
+        merged["restarted"] = json!(true);
+    }
+    if restarted || before * 100 > total {
         let mut since_start = serde_json::Map::new();
         for p in ["p50", "p99", "p999"] {
             since_start.insert(p.into(), merged[p].take());
@@ -141,6 +147,11 @@ mod tests {
         assert_eq!(many["since_start"]["p99"], 4.0);
         // Nothing known of before: as reported.
         assert_eq!(this_run(merged(), &json!(null))["p99"], 4.0);
+        // More before than now: restarted during the run, so the figures cover only its end.
+        let restarted = this_run(merged(), &json!(16298));
+        assert_eq!(restarted["restarted"], true);
+        assert_eq!(restarted["p99"], json!(null));
+        assert_eq!(restarted["since_start"]["p99"], 4.0);
     }
 
     #[test]
