@@ -199,7 +199,9 @@ pub async fn follow(
             }
             _ = every_second.tick() => {}
         }
-        match projector_status(ctx, &app.client, name).await {
+        let status = projector_status(ctx, &app.client, name).await;
+        let answering = status.is_ok();
+        match status {
             Ok(v) => {
                 let seq = v["last_seq"].as_u64().unwrap_or(0);
                 if seq >= head {
@@ -231,6 +233,13 @@ pub async fn follow(
                     next_print = Instant::now() + Duration::from_secs(1);
                 }
             }
+        }
+        if last_move.elapsed() > stall && !answering {
+            bail!(
+                "{name}: no projector answers any more, and none moved for {stall:?} (at {best} of \
+                 {head}): the read model stays as far as it was replayed until a projector runs; \
+                 start one, or run `chctl rebuild {name}` again (with none running, chctl replays it)"
+            );
         }
         if last_move.elapsed() > stall {
             bail!("{name}: the running projector made no progress for {stall:?} (at {best} of {head}); see its log");
