@@ -1186,6 +1186,46 @@ mod tests {
         .starts_with("unknown field `x`, expected none of its own; besides its id"));
     }
 
+    /// A rule, its stake and trailing stop, and the risk profile are JSON objects: serde's
+    /// derive would also take each as an array of its fields in their order, naming none (so a
+    /// swapped pair of limits would pass).
+    #[test]
+    fn nested_objects_given_as_arrays_are_refused() {
+        let create = |rules: &str, profile: &str| {
+            format!(
+                r#"{{"user_id":"u-1","strategy_name":"x","rules":{rules},"risk_profile":{profile}}}"#
+            )
+        };
+        let as_array = r#"[["BTC-USDT"],3,"50000",null,"100000",null,1]"#;
+        assert_eq!(
+            err(Endpoint::StrategyCreate, &create(RULES, as_array)),
+            "risk_profile: invalid type: sequence, expected a JSON object"
+        );
+        let rule_as_array = r#"[["r1","BTC-USDT",{"mode":"fixed_quote","value":"1000"}]]"#;
+        assert_eq!(
+            err(Endpoint::StrategyCreate, &create(rule_as_array, PROFILE)),
+            "rules[0]: invalid type: sequence, expected a JSON object"
+        );
+        let stake_as_array =
+            r#"[{"rule_id":"r1","symbol":"BTC-USDT","stake":["fixed_quote","1000"]}]"#;
+        assert_eq!(
+            err(Endpoint::StrategyCreate, &create(stake_as_array, PROFILE)),
+            "rules[0].stake: invalid type: sequence, expected a JSON object"
+        );
+        let stop_as_array = r#"[{"rule_id":"r1","symbol":"BTC-USDT","stake":{"mode":"fixed_quote","value":"1000"},"trailing_stop":["0.05","0.1"]}]"#;
+        assert_eq!(
+            err(Endpoint::StrategyCreate, &create(stop_as_array, PROFILE)),
+            "rules[0].trailing_stop: invalid type: sequence, expected a JSON object"
+        );
+        // The objects themselves still read (and the update's optional profile too).
+        assert!(parse(Endpoint::StrategyCreate, &create(RULES, PROFILE)).is_ok());
+        let update = format!(r#"{{"strategy_id":"s-1","risk_profile":{as_array}}}"#);
+        assert_eq!(
+            err(Endpoint::StrategyUpdate, &update),
+            "risk_profile: invalid type: sequence, expected a JSON object"
+        );
+    }
+
     #[test]
     fn missing_field() {
         assert_eq!(

@@ -12,6 +12,40 @@ use crate::ids::{validate_id, validate_name, validate_symbol};
 use crate::money::{exact, validate_amount, validate_fraction};
 use crate::{Aggregate, AggregateType, Ctx, DomainError, Event};
 
+/// `Serialize` and `Deserialize` for the structs a strategy request nests, derived with
+/// `#[serde(remote = "Self")]` (which makes the derived functions inherent): serialized as
+/// derived, and read from a JSON object only. serde's derive also takes a struct as an array of
+/// its fields in their order, which `deny_unknown_fields` does not see: `[["BTC-USDT"], 3,
+/// "50000", ...]` would pass for a risk profile with no field named, and two swapped limits
+/// with it (API.md: requests are JSON objects; a typo never passes silently).
+macro_rules! from_objects_only {
+    ($($t:ty),+ $(,)?) => {$(
+        impl Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                <$t>::serialize(self, s)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct Fields;
+                impl<'de> serde::de::Visitor<'de> for Fields {
+                    type Value = $t;
+                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                        f.write_str("a JSON object")
+                    }
+                    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<$t, A::Error> {
+                        <$t>::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    }
+                }
+                d.deserialize_map(Fields)
+            }
+        }
+    )+};
+}
+
+from_objects_only!(Stake, TrailingStop, StrategyRule, RiskProfile);
+
 /// How a rule sizes its orders.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -23,7 +57,7 @@ pub enum StakeMode {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self")]
 pub struct Stake {
     #[serde(deserialize_with = "crate::request::by_name")]
     pub mode: StakeMode,
@@ -32,7 +66,7 @@ pub struct Stake {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self")]
 pub struct TrailingStop {
     #[serde(deserialize_with = "exact::deserialize")]
     pub trailing_pct: Decimal,
@@ -41,7 +75,7 @@ pub struct TrailingStop {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self")]
 pub struct StrategyRule {
     pub rule_id: String,
     /// `BASE-QUOTE`, or `*` for every allowed symbol.
@@ -78,7 +112,7 @@ impl StrategyRule {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self")]
 pub struct RiskProfile {
     pub allowed_symbols: Vec<String>,
     pub max_open_positions: u32,
