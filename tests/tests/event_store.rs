@@ -270,3 +270,53 @@ async fn a_cold_load_of_a_subject_larger_than_a_batch_is_complete() {
         refused.body
     );
 }
+
+/// An append refused because the account's JetStream storage is used up (10002) is
+/// `unavailable`, as other resource refusals are: a later try may get past it (API.md's 503),
+/// where `internal` would tell the client of a bug.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_past_the_accounts_storage_limit_is_unavailable() {
+    let server = ch_e2e::NatsServer::start_with(|port, dir| {
+        format!(
+            "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: \"{}\" }}\n\
+             accounts {{ CH: {{ jetstream: {{ max_file: 64KB, max_mem: 1MB }}, \
+             users: [{{ user: ch, password: ch }}] }} }}\nno_auth_user: ch\n",
+            dir.join("js").display()
+        )
+    })
+    .await;
+    let client = async_nats::connect(&server.url).await.expect("connect");
+    let subjects = Subjects::new("limited");
+    let js = jetstream::new(client.clone());
+    eventstore::wait_ready(&js, Duration::from_secs(10))
+        .await
+        .expect("JetStream ready");
+    eventstore::ensure_stream(&js, &subjects, 1)
+        .await
+        .expect("stream");
+    let store = eventstore::EventStore::open(client, subjects)
+        .await
+        .expect("event store");
+    let name = "n".repeat(4000);
+    let mut last = 0;
+    let refused = loop {
+        let version = last + 1;
+        match store
+            .append(
+                last,
+                &[ch_e2e::fixtures::renamed("p1", version, &name)],
+                &format!("c{version}"),
+            )
+            .await
+        {
+            Ok(appended) => last = appended.seqs[0],
+            Err(e) => break e,
+        }
+        assert!(last < 100, "64 KB took 100 events of 4 KB");
+    };
+    assert!(
+        matches!(refused, ch_runtime::error::StoreError::Unavailable(_)),
+        "{refused:?}"
+    );
+    assert!(refused.to_string().contains("10002"), "{refused}");
+}

@@ -42,13 +42,17 @@ const ERR_WRONG_LAST_SEQ_CLUSTERED: u64 = 10164;
 const ERR_NO_MESSAGE: u64 = 10037;
 /// JetStream's refusal of a message above the stream's `max_msg_size`.
 const ERR_MESSAGE_TOO_LARGE: u64 = 10054;
-/// JetStream's answers to a publish that another try may get past: no cluster quorum (10008),
-/// insufficient resources (10023), the store failed (10077), the stream full (10122), too many
-/// publishes queued for the stream (10167, 2.11+), none of which stored it; and, on a
-/// replicated stream, "duplicate message id is in process" (10158): the same message id is
-/// still being proposed, a re-send of an append whose answer was late, which may yet be stored,
-/// and which a later try finds as a duplicate (never `internal`, which would say nothing was).
-const RETRYABLE_PUBLISH_ERRORS: [u64; 6] = [10008, 10023, 10077, 10122, 10158, 10167];
+/// JetStream's answers to a publish that another try may get past: the account's JetStream
+/// limits reached (10002), no cluster quorum (10008), insufficient resources (10023), memory or
+/// storage resources exceeded (10028, 10047), the store failed (10077), the stream full
+/// (10122), too many publishes queued for the stream (10167, 2.11+), none of which stored it;
+/// and, on a replicated stream, "duplicate message id is in process" (10158): the same message
+/// id is still being proposed, a re-send of an append whose answer was late, which may yet be
+/// stored, and which a later try finds as a duplicate (never `internal`, which would say
+/// nothing was).
+const RETRYABLE_PUBLISH_ERRORS: [u64; 9] = [
+    10002, 10008, 10023, 10028, 10047, 10077, 10122, 10158, 10167,
+];
 
 /// The stream definition for a prefix: `nats/stream.json` with name and subjects replaced.
 ///
