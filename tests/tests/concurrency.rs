@@ -98,3 +98,50 @@ async fn forty_buys_with_cash_for_ten(env: TestEnv) -> std::sync::Arc<TestEnv> {
     assert_eq!(perf["version"], 3 + 40);
     env
 }
+
+/// A replica whose clock runs ahead stamps its events later than this one's now; a command
+/// sent without `at` to a replica behind it takes the aggregate's last time (never going back)
+/// and is not refused as "in the future": the client sent no time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_without_at_after_an_event_stamped_by_a_clock_ahead_is_taken() {
+    let mut env = TestEnv::new().await;
+    env.start(Worker::CmdPortfolio).await;
+    let opened = env
+        .cmd("portfolio.update", ch_e2e::fixtures::open("p1", "u1"))
+        .await;
+    let opened_seq = opened["stream_seq"].as_u64().unwrap();
+    // As the replica 10 s ahead would store a rename.
+    let (mut meta, event) = ch_e2e::fixtures::renamed("p1", 2, "ahead");
+    meta.occurred_at = chrono::Utc::now() + chrono::TimeDelta::seconds(10);
+    let ahead = chrono::SubsecRound::trunc_subsecs(meta.occurred_at, 6);
+    meta.occurred_at = ahead;
+    env.event_store()
+        .await
+        .append(opened_seq, &[(meta, event)], "ahead-1")
+        .await
+        .expect("appended");
+    let r = env
+        .request(
+            "cmd.portfolio.update",
+            ch_e2e::fixtures::deposit("p1", "100"),
+        )
+        .await
+        .ok();
+    assert_eq!(r["version"], 3, "{r}");
+    // Stored at the aggregate's last time, not before it.
+    let seq = r["stream_seq"].as_u64().unwrap();
+    let stream = async_nats::jetstream::new(env.client.clone())
+        .get_stream(env.subjects.stream_name())
+        .await
+        .expect("stream");
+    let raw = stream.get_raw_message(seq).await.expect("the deposit");
+    let stored = ch_runtime::envelope::decode(seq, &raw.payload).expect("an event");
+    assert_eq!(stored.meta.occurred_at, ahead);
+    // A time the client sends is still checked.
+    let mut future = ch_e2e::fixtures::deposit("p1", "1");
+    future["at"] =
+        serde_json::json!((chrono::Utc::now() + chrono::TimeDelta::seconds(60)).to_rfc3339());
+    env.request("cmd.portfolio.update", future)
+        .await
+        .err(400, "bad_request");
+}

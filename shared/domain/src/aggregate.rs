@@ -42,7 +42,8 @@ impl AggregateType {
 pub struct Ctx {
     /// Business time of the command (`at` in the request, or `now`).
     pub at: DateTime<Utc>,
-    /// The wall clock when the command was received (for the future-skew check).
+    /// The wall clock when the command was received: the future-skew check's reference (for a
+    /// command without `at`, its time as defaulted: the client sent none to refuse).
     pub now: DateTime<Utc>,
     /// A fresh id the decision may use (e.g. a `trade_id`), deterministic in tests.
     pub new_id: Uuid,

@@ -255,9 +255,16 @@ where
             let facts = facts.facts(&entry.state, command).await?;
             // To the microsecond, as an `at` sent is (`ch_domain::request`).
             let now = Utc::now().trunc_subsecs(6);
-            let at = common
-                .at
-                .unwrap_or_else(|| entry.state.last_at().map_or(now, |last| last.max(now)));
+            // Without `at`, the command's time is now, or the aggregate's last event's if that
+            // is later (stamped by a replica whose clock is ahead of this one's): the client sent
+            // no time to refuse as too far in the future, so that one is the skew check's `now`.
+            let (at, now) = match common.at {
+                Some(at) => (at, now),
+                None => {
+                    let at = entry.state.last_at().map_or(now, |last| last.max(now));
+                    (at, at)
+                }
+            };
             let ctx = Ctx {
                 at,
                 now,
