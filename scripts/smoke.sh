@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Starts every worker binary with `chctl up --detach` on a prefix of its own, runs the nats-py
 # API smoke test (tests/python/api_smoke.py) against them, then `chctl status`, `chctl rebuild
-# all` with the projectors running, the benchmark at its smoke size, `chctl status` with a
+# all` with the projectors running (and refused when set for another schema than theirs), the benchmark at its smoke size, `chctl status` with a
 # projector failing and with a worker stopped (and skipped), and stops them again.
 #   scripts/smoke.sh NATS_URL DATABASE_URL
 set -euo pipefail
@@ -63,6 +63,19 @@ if [[ -z $strategy_events || $strategy_events -ge $head ]]; then
     exit 1
 fi
 echo "smoke: chctl rebuild all: both running projectors replayed to the head"
+
+# `chctl rebuild` set for another schema than the running projectors' (a shell without the
+# workers' settings): refused, naming both, and nothing created or reset there.
+if out=$(CH_DB_SCHEMA=smoke_elsewhere "$chctl" rebuild portfolio 2>&1); then
+    printf 'smoke: chctl rebuild on another schema than the projector'"'"'s went ahead:\n%s\n' "$out" >&2
+    exit 1
+fi
+grep -q "the running projector's read model is not the one this chctl is set for" <<<"$out" \
+    || { printf 'smoke: chctl rebuild on another schema failed otherwise:\n%s\n' "$out" >&2; exit 1; }
+elsewhere=$(psql -Atq "$CH_DATABASE_URL" -c "SELECT count(*) FROM pg_namespace WHERE nspname = 'smoke_elsewhere'")
+[[ $elsewhere == 0 ]] \
+    || { echo "smoke: chctl rebuild created the schema it refused to rebuild" >&2; exit 1; }
+echo "smoke: chctl rebuild set for another schema than the running projector's is refused, creating nothing"
 
 # The benchmark at its smoke size, paced, beside the monolith: it must find every read-model
 # row equal to the state folded from the stream (it exits 1 otherwise), see no errors, keep

@@ -37,6 +37,17 @@ pub struct Args {
 
 pub async fn run(ctx: &Ctx, args: &Args) -> Result<ExitCode> {
     let app = App::start(ctx.cfg.clone(), "chctl").await?;
+    let names: &[&str] = match args.target {
+        Target::Portfolio => &["portfolio"],
+        Target::Strategy => &["strategy"],
+        Target::All => &["portfolio", "strategy"],
+    };
+    // Before anything is created or reset where this chctl points.
+    for name in names {
+        if let Ok(status) = projector_status(ctx, &app.client, name).await {
+            same_read_model(ctx, name, &status).await?;
+        }
+    }
     ch_readmodel::workers::migrate(&app)
         .await
         .context("migrating the read-model schema")?;
@@ -110,6 +121,36 @@ async fn rebuild<P: Projection>(
         "{name}: rebuilt up to seq {last}: {events} events in {secs:.2} s ({:.0} events/s)",
         events as f64 / secs.max(1e-6)
     );
+    Ok(())
+}
+
+/// Refuses, resetting nothing, when the running projector's read model (its status says
+/// where: database, schema, server) is not the one this process would reset: `chctl` run
+/// without the workers' `CH_DATABASE_URL` or `CH_DB_SCHEMA` would otherwise rebuild another
+/// database's, report success, and leave the projector's as it was. A projector that does not
+/// say (an older release) is taken at its word.
+async fn same_read_model(ctx: &Ctx, name: &str, status: &serde_json::Value) -> Result<()> {
+    let theirs = &status["read_model"];
+    if theirs.is_null() {
+        return Ok(());
+    }
+    let ours = async {
+        let db = ch_runtime::pg::connect(&ctx.cfg.database_url, Some(&ctx.cfg.db_schema)).await?;
+        ch_runtime::pg::whereabouts(&db).await
+    }
+    .await
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "{name}: the running projector's read model is {theirs}, and this chctl's \
+             CH_DATABASE_URL cannot be read ({e}): give chctl the workers' settings. Nothing was \
+             reset"
+        )
+    })?;
+    if &ours != theirs {
+        bail!(
+            "{name}: the running projector's read model is not the one this chctl is set for              (the projector's: {theirs}; this chctl's: {ours}, from CH_DATABASE_URL and              CH_DB_SCHEMA): give chctl the workers' settings. Nothing was reset"
+        );
+    }
     Ok(())
 }
 

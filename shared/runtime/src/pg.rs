@@ -420,6 +420,28 @@ pub async fn ensure_database(database_url: &str) -> Result<(), DbError> {
     Ok(())
 }
 
+/// Where a session's read models are, as the session sees it: its database, its schema
+/// (`search_path`), and its server, told apart by the time it started (host names differ
+/// between a cluster's service and a port-forward to it).
+///
+/// # Errors
+/// [`DbError`] when the database cannot be read.
+pub async fn whereabouts(db: &tokio_postgres::Client) -> Result<serde_json::Value, DbError> {
+    let row = db
+        .query_one(
+            "SELECT current_database(), current_schema(),
+                    to_char(pg_postmaster_start_time() AT TIME ZONE 'UTC',
+                            'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+            &[],
+        )
+        .await?;
+    Ok(serde_json::json!({
+        "database": row.get::<_, String>(0),
+        "schema": row.get::<_, Option<String>>(1),
+        "server_started_at": row.get::<_, String>(2),
+    }))
+}
+
 /// One schema migration: a version number and its SQL.
 pub struct Migration {
     pub version: i32,

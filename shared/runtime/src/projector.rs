@@ -1775,6 +1775,7 @@ impl<P: Projection> Projector<P> {
     async fn status(&self) -> Result<Value, ApiError> {
         let conn = self.pool.get().await.map_err(DbError::from)?;
         let last = checkpoint(&**conn, self.name()).await?;
+        let read_model = crate::pg::whereabouts(&conn).await?;
         let head = self.store.last_seq().await?;
         let behind = head > last
             && (!self.sparse || self.store.has_events(&self.filter, last + 1, head).await?);
@@ -1785,6 +1786,8 @@ impl<P: Projection> Projector<P> {
             "lag_events": if behind { head - last } else { 0 },
             // A replay's position past its last commit (`chctl rebuild` shows it), else null.
             "replay_applied": self.replay_applied().filter(|&seq| seq > last),
+            // Where its read model is (`chctl rebuild` checks it resets the same one).
+            "read_model": read_model,
         }))
     }
 }
