@@ -1230,6 +1230,58 @@ async fn a_failing_projectors_stats_show_its_backlog() {
     .await;
 }
 
+/// An upgrade under way: `chctl setup` of a newer release migrated the schema, with a
+/// constraint this projector's writes break (as migration 12's NOT NULL broke the projectors
+/// before it). The events are not at fault: the projector's batches fail and are retried until
+/// the newer release replaces it, dead-lettering nothing; then the read model is whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projector_on_a_schema_a_newer_release_migrated_waits_rather_than_skip() {
+    let env = TestEnv::without_projectors().await;
+    let _proj = env.spawn(Worker::ProjPortfolio).await;
+    let opened = env.cmd("portfolio.update", open("p1", "u1")).await["stream_seq"]
+        .as_u64()
+        .unwrap();
+    wait_checkpoint(&env, |c| c >= opened).await;
+    // What the newer release's migration would do: a column this projector does not write,
+    // required, and the migration recorded.
+    let schema = &env.cfg.db_schema;
+    env.pg
+        .batch_execute(&format!(
+            "ALTER TABLE {schema}.portfolio_history ADD COLUMN from_the_future int NOT NULL DEFAULT 0;
+             ALTER TABLE {schema}.portfolio_history ALTER COLUMN from_the_future DROP DEFAULT;
+             INSERT INTO {schema}.ch_migrations (version, name) VALUES (999, 'from_the_future')"
+        ))
+        .await
+        .unwrap();
+    let deposited = env.cmd("portfolio.update", deposit("p1", "100")).await["stream_seq"]
+        .as_u64()
+        .unwrap();
+    let gauges = || async {
+        let stats = env.service_stats(Worker::ProjPortfolio, 1).await.remove(0);
+        stats["endpoints"][0]["data"]["gauges"].clone()
+    };
+    eventually(|| async {
+        let g = gauges().await;
+        (g["consecutive_failures"].as_i64() >= Some(2))
+            .then_some(())
+            .ok_or(format!("{g}"))
+    })
+    .await;
+    let g = gauges().await;
+    assert_eq!(g["dead_letters"], 0, "{g}");
+    assert!(g["last_seq"].as_u64() < Some(deposited), "{g}");
+    // The newer release's projector would write the column; here the obstacle goes.
+    env.pg
+        .batch_execute(&format!(
+            "ALTER TABLE {schema}.portfolio_history DROP COLUMN from_the_future"
+        ))
+        .await
+        .unwrap();
+    let perf = env.performance_at("p1", deposited).await;
+    assert_eq!(perf["cash"], "100", "{perf}");
+    assert_eq!(gauges().await["dead_letters"], 0);
+}
+
 /// A rolling upgrade of NATS: the server stops and starts again on its store. Every worker
 /// reconnects by itself; commands are decided and stored again, the projector's consumer
 /// carries on where it was and queries answer, with nothing lost or applied twice.

@@ -44,6 +44,11 @@ pub const MIGRATIONS: &[Migration] = migrations![
     12 "012" "positions_last_fill",
 ];
 
+/// The newest migration of [`MIGRATIONS`]: a schema past it is a newer release's.
+pub fn newest_migration() -> Option<i32> {
+    MIGRATIONS.iter().map(|m| m.version).max()
+}
+
 /// Plain-notation string of a decimal as replies carry it (`"14990"`, not `"14990.000"`).
 pub fn plain(d: Decimal) -> String {
     d.normalize().to_string()

@@ -962,6 +962,10 @@ impl Projection for PortfolioProjection {
         ch_runtime::eventstore::CONSUMER_PORTFOLIO_JSON
     }
 
+    fn schema_known(&self) -> Option<i32> {
+        crate::newest_migration()
+    }
+
     async fn apply_batch(
         &self,
         tx: &Transaction<'_>,

@@ -21,6 +21,10 @@ impl Projection for StrategyProjection {
         ch_runtime::eventstore::CONSUMER_STRATEGY_JSON
     }
 
+    fn schema_known(&self) -> Option<i32> {
+        crate::newest_migration()
+    }
+
     fn wants(&self, event_type: &str) -> bool {
         event_type.starts_with("Strategy")
             && !matches!(event_type, "StrategyAttached" | "StrategyDetached")

@@ -21,7 +21,9 @@
 //!   of its own; replicas wait. Should that session end (a database restart or failover), the
 //!   projector stops projecting, hands its batch back, and leads again or stands by.
 //! - A poison event (undecodable, or a data error in its SQL: classes 22 and 23) is published
-//!   to the dead-letter subject with its error, logged, counted, and skipped; any other error
+//!   to the dead-letter subject with its error, logged, counted, and skipped, unless the schema
+//!   holds a migration newer than the projection knows (an upgrade under way: the newer
+//!   schema refuses this build's writes, not the event); any other error
 //!   (a batch, an idle check, starting to project; the database away, a missing grant)
 //!   retries with backoff and is counted in `consecutive_failures`; taking the lock is tried
 //!   again every `LEAD_POLL`.
@@ -91,6 +93,12 @@ pub trait Projection: Send + Sync + 'static {
         &self,
         tx: &Transaction<'_>,
     ) -> impl Future<Output = Result<(), tokio_postgres::Error>> + Send;
+    /// The newest schema migration this build knows (`ch_migrations`), if it keeps to them: a
+    /// schema past it belongs to a newer release, whose constraints this projector's writes may
+    /// break through no fault of the events. None by default.
+    fn schema_known(&self) -> Option<i32> {
+        None
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -771,10 +779,13 @@ impl<P: Projection> Projector<P> {
     }
 
     /// Applies a chunk; on a data error in one event, applies the events one by one and
-    /// dead-letters the one that fails. Transient errors are returned for a retry.
+    /// dead-letters the one that fails. Transient errors are returned for a retry; so is a data
+    /// error on a schema a newer release migrated (an upgrade under way): the event is not at
+    /// fault, and skipping it would lose it for good.
     async fn apply_robust(&self, raws: &mut [Raw]) -> Result<Chunk, ProjectorError> {
         match self.apply_chunk(raws).await {
             Err(ProjectorError::Db(DbError::Query(e))) if poison(&e) => {
+                self.refuse_if_schema_ahead(&e).await?;
                 warn!(
                     error = pg_text(&e),
                     events = raws.len(),
@@ -796,6 +807,34 @@ impl<P: Projection> Projector<P> {
                 Ok(Chunk::Done(done))
             }
             other => other,
+        }
+    }
+
+    /// An error when the schema holds a migration newer than this build knows: its batches fail
+    /// (retried with backoff, logged, counted in `consecutive_failures`) until a projector of
+    /// the newer release replaces it, rather than dead-lettering events the new schema's
+    /// constraints refuse from an old projector's writes.
+    async fn refuse_if_schema_ahead(
+        &self,
+        e: &tokio_postgres::Error,
+    ) -> Result<(), ProjectorError> {
+        let Some(known) = self.projection.schema_known() else {
+            return Ok(());
+        };
+        let conn = self.pool.get().await.map_err(DbError::from)?;
+        let newest: Option<i32> = conn
+            .query_one("SELECT max(version) FROM ch_migrations", &[])
+            .await?
+            .get(0);
+        match newest {
+            Some(newest) if newest > known => Err(DbError::Refused(format!(
+                "the schema is at migration {newest}, newer than this projector knows ({known}): \
+                 its writes break the newer schema ({}), and it waits for its replacement by the \
+                 newer release rather than skip events",
+                pg_text(e)
+            ))
+            .into()),
+            _ => Ok(()),
         }
     }
 
