@@ -260,15 +260,31 @@ def main():
     notes = next(v for k, v in notes.items() if k.endswith("NOTES.txt"))
     check("NOTES hide NATS credentials", "ss@" not in notes and "tok@" not in notes
           and "nats://***@a:4222,nats://***@b:4222" in notes, notes)
+    # NOTES name CH_SYNC as the pods get it: `env`, then `extraEnv`, and a worker's own.
+    for values, want in (({}, "CH_SYNC=eventual):"),
+                         ({"env": {"CH_SYNC": "batch"}}, "CH_SYNC=batch):"),
+                         ({"extraEnv": [{"name": "CH_SYNC", "value": "immediate"}]},
+                          "CH_SYNC=immediate):"),
+                         ({"workers": {"proj-portfolio": {"env": {"CH_SYNC": "adaptive"}}}},
+                          "CH_SYNC=eventual (adaptive for proj-portfolio)):")):
+        text = next(v for k, v in render_files(values).items() if k.endswith("NOTES.txt"))
+        check(f"NOTES say {want} for {values}", want in text, text)
     # A projector off while workers that read its read model run: NOTES warn.
     for values, want in (({}, None),
                          ({"workers": {"proj-portfolio": {"enabled": False}}},
                           "proj-portfolio does not run in this release, and query-portfolio, "
                           "query-strategy, exit-triggers read"),
                          ({"workers": {"proj-strategy": {"enabled": True, "replicas": 0}}},
-                          "proj-strategy does not run in this release, and query-strategy read"),
+                          "proj-strategy does not run in this release, and query-strategy, "
+                          "exit-triggers read"),
+                         # exit-triggers waits for both read models: its exits never fire.
                          ({"workers": {"proj-strategy": {"enabled": False},
-                                       "query-strategy": {"enabled": False}}}, None)):
+                                       "query-strategy": {"enabled": False}}},
+                          "proj-strategy does not run in this release, and exit-triggers read "
+                          "its read model:"),
+                         ({"workers": {"proj-strategy": {"enabled": False},
+                                       "query-strategy": {"enabled": False},
+                                       "exit-triggers": {"enabled": False}}}, None)):
         text = next(v for k, v in render_files(values).items() if k.endswith("NOTES.txt"))
         check(f"NOTES warn of a projector off for {values}: {want is not None}",
               ("WARNING" in text) == (want is not None) and (want is None or want in text), text)
