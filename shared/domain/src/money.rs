@@ -98,13 +98,13 @@ fn fits(r: Decimal) -> Option<Decimal> {
 /// are dropped first: kept, `1.0000000000000000000000000` (as a request may send it) would make
 /// the sum with a cash of 25000.5 need 30 digits.
 pub fn exact_add(a: Decimal, b: Decimal) -> Option<Decimal> {
+    let (a, b) = (a.normalize(), b.normalize());
     if a.is_zero() {
         return fits(b);
     }
     if b.is_zero() {
         return fits(a);
     }
-    let (a, b) = (a.normalize(), b.normalize());
     let r = a.checked_add(b)?;
     (r.scale() == a.scale().max(b.scale()))
         .then_some(r)
@@ -582,6 +582,11 @@ mod tests {
             exact_mul(d("12345678901234567.5"), milli),
             Some(d("12345678901234.5675"))
         );
+        // Beside a zero too: 1000 with 25 zeros after the point has a mantissa past 28 digits.
+        let thousand = parse_decimal("1000.0000000000000000000000000").unwrap();
+        assert_eq!(exact_add(Decimal::ZERO, thousand), Some(d("1000")));
+        assert_eq!(exact_add(thousand, Decimal::ZERO), Some(d("1000")));
+        assert_eq!(exact_add(zero, thousand), Some(d("1000")));
         // Still refused when the value itself needs more than 28 digits.
         assert_eq!(
             exact_add(d("12345678901234567890.1234567"), d("0.0000000010")),

@@ -2097,6 +2097,26 @@ mod tests {
         };
         step(&mut st, &withdraw, &f).unwrap();
         assert_eq!(st.cash, t.cash_after - dec("1"));
+        // Into an empty portfolio and a new position: sums that start from zero.
+        let long =
+            |v: &str| crate::money::parse_decimal(&format!("{v}.{}", "0".repeat(25))).unwrap();
+        let mut empty = given::<PortfolioState>(vec![opened(), attached(S)])
+            .state()
+            .clone();
+        let deposit = PortfolioCommand::Deposit {
+            amount: long("1000"),
+        };
+        step(&mut empty, &deposit, &f).unwrap();
+        assert_eq!(empty.cash, dec("1000"));
+        let t = executed(
+            &step(
+                &mut empty,
+                &buy(&format!("0.01{}", "0".repeat(25)), "1000"),
+                &f,
+            )
+            .unwrap(),
+        );
+        assert_eq!(t.position_after, dec("0.01"));
     }
 
     #[test]
