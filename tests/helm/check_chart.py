@@ -266,7 +266,15 @@ def main():
                          ({"extraEnv": [{"name": "CH_SYNC", "value": "immediate"}]},
                           "CH_SYNC=immediate):"),
                          ({"workers": {"proj-portfolio": {"env": {"CH_SYNC": "adaptive"}}}},
-                          "CH_SYNC=eventual (adaptive for proj-portfolio)):")):
+                          "CH_SYNC=eventual (adaptive for proj-portfolio)):"),
+                         # The chart-wide extraEnv replaces a worker's own env, as in its pod.
+                         ({"extraEnv": [{"name": "CH_SYNC", "value": "immediate"}],
+                           "workers": {"proj-portfolio": {"env": {"CH_SYNC": "adaptive"}}}},
+                          "CH_SYNC=immediate):"),
+                         ({"extraEnv": [{"name": "CH_SYNC", "value": "immediate"}],
+                           "workers": {"proj-portfolio": {"extraEnv": [
+                               {"name": "CH_SYNC", "value": "batch"}]}}},
+                          "CH_SYNC=immediate (batch for proj-portfolio)):")):
         text = next(v for k, v in render_files(values).items() if k.endswith("NOTES.txt"))
         check(f"NOTES say {want} for {values}", want in text, text)
     # A projector off while workers that read its read model run: NOTES warn.
