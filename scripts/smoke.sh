@@ -70,7 +70,7 @@ if out=$(CH_DB_SCHEMA=smoke_elsewhere "$chctl" rebuild portfolio 2>&1); then
     printf 'smoke: chctl rebuild on another schema than the projector'"'"'s went ahead:\n%s\n' "$out" >&2
     exit 1
 fi
-grep -q "the running projector's read model is not the one this chctl is set for" <<<"$out" \
+grep -Eq "the running projector's read model is in database [^,]+, schema smoke, .*; this chctl is set for database [^,]+, schema smoke_elsewhere, .* \(no such schema there\)" <<<"$out" \
     || { printf 'smoke: chctl rebuild on another schema failed otherwise:\n%s\n' "$out" >&2; exit 1; }
 elsewhere=$(psql -Atq "$CH_DATABASE_URL" -c "SELECT count(*) FROM pg_namespace WHERE nspname = 'smoke_elsewhere'")
 [[ $elsewhere == 0 ]] \

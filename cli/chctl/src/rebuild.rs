@@ -147,8 +147,23 @@ async fn same_read_model(ctx: &Ctx, name: &str, status: &serde_json::Value) -> R
         )
     })?;
     if &ours != theirs {
+        let describe = |w: &serde_json::Value, schema: &str| {
+            format!(
+                "database {}, schema {schema}, on the server started at {}",
+                w["database"].as_str().unwrap_or("?"),
+                w["server_started_at"].as_str().unwrap_or("?")
+            )
+        };
+        let missing = if ours["schema"].is_null() {
+            " (no such schema there)"
+        } else {
+            ""
+        };
         bail!(
-            "{name}: the running projector's read model is not the one this chctl is set for              (the projector's: {theirs}; this chctl's: {ours}, from CH_DATABASE_URL and              CH_DB_SCHEMA): give chctl the workers' settings. Nothing was reset"
+            "{name}: the running projector's read model is in {}; this chctl is set for {}{missing} \
+             (CH_DATABASE_URL, CH_DB_SCHEMA): give chctl the workers' settings. Nothing was reset",
+            describe(theirs, theirs["schema"].as_str().unwrap_or("?")),
+            describe(&ours, &ctx.cfg.db_schema),
         );
     }
     Ok(())
