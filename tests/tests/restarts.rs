@@ -1182,26 +1182,35 @@ async fn a_poison_event_is_dead_lettered_live_and_in_a_rebuild() {
     assert_eq!(dead_letter(rebuilt).0, poison_seq);
 }
 
+/// An environment with only the portfolio projector running, and p1 opened and projected.
+async fn portfolio_projector_with_p1() -> (TestEnv, ch_e2e::Running) {
+    let env = TestEnv::without_projectors().await;
+    let proj = env.spawn(Worker::ProjPortfolio).await;
+    let opened = env.cmd("portfolio.update", open("p1", "u1")).await["stream_seq"]
+        .as_u64()
+        .unwrap();
+    wait_checkpoint(&env, |c| c >= opened).await;
+    (env, proj)
+}
+
+/// The portfolio projector's gauges in its `$SRV.STATS`.
+async fn projector_gauges(env: &TestEnv) -> serde_json::Value {
+    let stats = env.service_stats(Worker::ProjPortfolio, 1).await.remove(0);
+    stats["endpoints"][0]["data"]["gauges"].clone()
+}
+
 /// While a projector's batches fail (its table renamed away under it), its `$SRV.STATS` show
 /// the failures and the backlog behind them (no batch starts to count it); once the table is
 /// back, both go to 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_projectors_stats_show_its_backlog() {
-    let env = TestEnv::without_projectors().await;
-    let _proj = env.spawn(Worker::ProjPortfolio).await;
-    let opened = env.cmd("portfolio.update", open("p1", "u1")).await["stream_seq"]
-        .as_u64()
-        .unwrap();
-    wait_checkpoint(&env, |c| c >= opened).await;
+    let (env, _proj) = portfolio_projector_with_p1().await;
     let table = format!("{}.portfolios", env.cfg.db_schema);
     env.pg
         .batch_execute(&format!("ALTER TABLE {table} RENAME TO portfolios_away"))
         .await
         .unwrap();
-    let gauges = || async {
-        let stats = env.service_stats(Worker::ProjPortfolio, 1).await.remove(0);
-        stats["endpoints"][0]["data"]["gauges"].clone()
-    };
+    let gauges = || projector_gauges(&env);
     let failing = |pending: i64, failures: i64| async move {
         eventually(|| async {
             let g = gauges().await;
@@ -1238,12 +1247,7 @@ async fn a_failing_projectors_stats_show_its_backlog() {
 /// the newer release replaces it, dead-lettering nothing; then the read model is whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_projector_on_a_schema_a_newer_release_migrated_waits_rather_than_skip() {
-    let env = TestEnv::without_projectors().await;
-    let _proj = env.spawn(Worker::ProjPortfolio).await;
-    let opened = env.cmd("portfolio.update", open("p1", "u1")).await["stream_seq"]
-        .as_u64()
-        .unwrap();
-    wait_checkpoint(&env, |c| c >= opened).await;
+    let (env, _proj) = portfolio_projector_with_p1().await;
     // What the newer release's migration would do: a column this projector does not write,
     // required, and the migration recorded.
     let schema = &env.cfg.db_schema;
@@ -1258,10 +1262,7 @@ async fn a_projector_on_a_schema_a_newer_release_migrated_waits_rather_than_skip
     let deposited = env.cmd("portfolio.update", deposit("p1", "100")).await["stream_seq"]
         .as_u64()
         .unwrap();
-    let gauges = || async {
-        let stats = env.service_stats(Worker::ProjPortfolio, 1).await.remove(0);
-        stats["endpoints"][0]["data"]["gauges"].clone()
-    };
+    let gauges = || projector_gauges(&env);
     eventually(|| async {
         let g = gauges().await;
         (g["consecutive_failures"].as_i64() >= Some(2))
