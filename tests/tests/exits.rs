@@ -908,6 +908,48 @@ async fn a_price_evaluated_late_does_not_judge_a_position_filled_after_it() {
     assert_eq!(perf["positions"], json!([]), "{perf}");
 }
 
+/// A price evaluated late is not judged by rules written after it: with no stop loss when 90
+/// was stored, a stop loss of 5 % added later (while the worker was down) must not sell at 90,
+/// as a worker keeping up would not have; the next price judges by the new rules.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_price_evaluated_late_is_not_judged_by_rules_written_after_it() {
+    let mut env = TestEnv::with_all_workers().await;
+    let worker = env.spawn(Worker::ExitTriggers).await;
+    env.wait_ping(Worker::ExitTriggers).await;
+    worker.stop().await;
+    env.cmd(
+        "strategy.create",
+        strategy_with_exits("s1", &["BTC-USDT"], json!({"take_profit_pct": "0.5"})),
+    )
+    .await;
+    portfolio(&env, "p1", "s1").await;
+    env.cmd(
+        "signal.execute",
+        signal_on("p1", "s1", "BTC-USDT", "buy", "1", "100"),
+    )
+    .await;
+    prices(&env, "BTC-USDT", &["90", "100"]).await;
+    let mut update = strategy_with_exits(
+        "s1",
+        &["BTC-USDT"],
+        json!({"take_profit_pct": "0.5", "stop_loss_pct": "0.05"}),
+    );
+    for k in ["user_id", "strategy_name"] {
+        update.as_object_mut().unwrap().remove(k);
+    }
+    let updated = seq(&env.cmd("strategy.update", update).await);
+
+    env.start(Worker::ExitTriggers).await;
+    let status = status_evaluated(&env, updated - 1).await;
+    assert_eq!(status["counters"]["triggers"], 0, "{status}");
+    assert_eq!(sells(&env, "p1").await, vec![]);
+
+    // A live price below the new stop (95) sells the whole position, by the new rules.
+    prices(&env, "BTC-USDT", &["94"]).await;
+    let perf = wait_performance(&env, "p1", |p| p["fill_count"] == 2).await;
+    assert_eq!(perf["positions"], json!([]), "{perf}");
+}
+
 /// A rebuild resets the strategy read model after the worker waited for a price's sequence and
 /// before it read the strategies (held here on their table, as a reset holds it): the price is
 /// given back and evaluated again once the strategies are folded again, and the stop loss

@@ -40,7 +40,7 @@
 //! The sell carries the price's business time as `at` (the fill happened at that mark); if the
 //! portfolio has already moved past it (`bad_request`), it is sent without `at` (now).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -352,9 +352,10 @@ const SPANS_SQL: &str = "
                   WINDOW w AS (ORDER BY tr.stream_seq)) f) e";
 
 const STRATEGIES_SQL: &str = "
-    SELECT ps.portfolio_id, s.strategy_id, s.rules::text, s.risk_profile::text, s.version
+    SELECT ps.portfolio_id, s.strategy_id, s.rules::text, s.risk_profile::text, s.version,
+           s.status = 'active', s.last_seq
       FROM portfolio_strategies ps JOIN strategies s ON s.strategy_id = ps.strategy_id
-     WHERE ps.portfolio_id = ANY($1) AND s.status = 'active'
+     WHERE ps.portfolio_id = ANY($1)
      ORDER BY ps.portfolio_id, s.strategy_id";
 
 /// A later (by business time) price of the symbol stored before this one.
@@ -552,9 +553,22 @@ impl Worker {
             .collect();
         let ids: Vec<&str> = out.iter().map(|c| c.portfolio_id.as_str()).collect();
         let rows = tx.query(&strategies, &[&ids]).await?;
+        // A portfolio with a strategy changed after this price (updated, deleted: the read
+        // model holds its rules as they are now, not as they were then) is not judged at this
+        // price, as a position filled after it is not: the next price judges it by the rules
+        // then. Otherwise a worker behind the stream would sell at an old price by rules
+        // written later, where one keeping up had not.
+        let mut changed_after: HashSet<String> = HashSet::new();
         for r in rows {
             let pid: String = r.get(0);
             let strategy_id: String = r.get(1);
+            if r.get::<_, i64>(6) as u64 > p.seq {
+                changed_after.insert(pid);
+                continue;
+            }
+            if !r.get::<_, bool>(5) {
+                continue;
+            }
             let rules = serde_json::from_str::<Vec<StrategyRule>>(r.get(2));
             let profile = serde_json::from_str::<RiskProfile>(r.get(3));
             let (Ok(rules), Ok(risk_profile)) = (rules, profile) else {
@@ -572,6 +586,14 @@ impl Worker {
                     risk_profile,
                 });
             }
+        }
+        if !changed_after.is_empty() {
+            debug!(
+                seq = p.seq,
+                portfolios = changed_after.len(),
+                "portfolios with a strategy changed after the price: not judged at it"
+            );
+            out.retain(|c| !changed_after.contains(&c.portfolio_id));
         }
         // Only a trailing stop looks back over the trip: the spans of those positions only,
         // kept from the price before when they can be (see `SpanCache`).
