@@ -874,23 +874,29 @@ async fn a_backfilled_price_below_the_stop_sells_nothing() {
     assert_eq!(perf["positions"], json!([]), "{perf}");
 }
 
+/// Every worker but `exit-triggers`, whose durable (deliver policy `new`) was made before it
+/// stopped; strategy s1 on BTC-USDT with `exits`, and p1 funded with it attached.
+async fn with_the_exit_worker_down(exits: Value) -> TestEnv {
+    let env = TestEnv::with_all_workers().await;
+    let worker = env.spawn(Worker::ExitTriggers).await;
+    env.wait_ping(Worker::ExitTriggers).await;
+    worker.stop().await;
+    env.cmd(
+        "strategy.create",
+        strategy_with_exits("s1", &["BTC-USDT"], exits),
+    )
+    .await;
+    portfolio(&env, "p1", "s1").await;
+    env
+}
+
 /// A price the worker evaluates late (it was down, or behind) judges only a position it
 /// marked: a fill stored after the price (here a second buy, at 110, that moves the stop loss
 /// from 95 to 99.75) is newer than it, so the old price (96) sells nothing at its old mark,
 /// and the next price judges the position as it is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_price_evaluated_late_does_not_judge_a_position_filled_after_it() {
-    let mut env = TestEnv::with_all_workers().await;
-    // The worker's durable (deliver policy `new`) is made, then the worker is down.
-    let worker = env.spawn(Worker::ExitTriggers).await;
-    env.wait_ping(Worker::ExitTriggers).await;
-    worker.stop().await;
-    env.cmd(
-        "strategy.create",
-        strategy_with_exits("s1", &["BTC-USDT"], json!({"stop_loss_pct": "0.05"})),
-    )
-    .await;
-    portfolio(&env, "p1", "s1").await;
+    let mut env = with_the_exit_worker_down(json!({"stop_loss_pct": "0.05"})).await;
     let buy = |px: &str| signal_on("p1", "s1", "BTC-USDT", "buy", "1", px);
     env.cmd("signal.execute", buy("100")).await;
     prices(&env, "BTC-USDT", &["96"]).await; // above the stop at 95
@@ -913,16 +919,7 @@ async fn a_price_evaluated_late_does_not_judge_a_position_filled_after_it() {
 /// as a worker keeping up would not have; the next price judges by the new rules.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_price_evaluated_late_is_not_judged_by_rules_written_after_it() {
-    let mut env = TestEnv::with_all_workers().await;
-    let worker = env.spawn(Worker::ExitTriggers).await;
-    env.wait_ping(Worker::ExitTriggers).await;
-    worker.stop().await;
-    env.cmd(
-        "strategy.create",
-        strategy_with_exits("s1", &["BTC-USDT"], json!({"take_profit_pct": "0.5"})),
-    )
-    .await;
-    portfolio(&env, "p1", "s1").await;
+    let mut env = with_the_exit_worker_down(json!({"take_profit_pct": "0.5"})).await;
     env.cmd(
         "signal.execute",
         signal_on("p1", "s1", "BTC-USDT", "buy", "1", "100"),
