@@ -49,6 +49,13 @@ pub fn newest_migration() -> Option<i32> {
     MIGRATIONS.iter().map(|m| m.version).max()
 }
 
+/// A win rate as replies carry it: `wins / closed` to 10 places, none without a closed round
+/// trip (the performance query, the strategy's, and what `chctl bench` checks them against).
+pub fn win_rate(wins: impl Into<Decimal>, closed: impl Into<Decimal>) -> Option<Decimal> {
+    let closed = closed.into();
+    (!closed.is_zero()).then(|| (wins.into() / closed).round_dp(10))
+}
+
 /// Plain-notation string of a decimal as replies carry it (`"14990"`, not `"14990.000"`).
 pub fn plain(d: Decimal) -> String {
     d.normalize().to_string()

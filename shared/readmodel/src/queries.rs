@@ -365,8 +365,7 @@ pub async fn portfolio_performance(
     } else {
         (nav - Decimal::ONE).round_dp(10)
     };
-    let win_rate =
-        (closed > 0).then(|| plain((Decimal::from(wins) / Decimal::from(closed)).round_dp(10)));
+    let win_rate = crate::win_rate(wins, closed).map(plain);
     Ok(json!({
         "portfolio_id": p.get::<_, String>("portfolio_id"),
         "user_id": p.get::<_, String>("user_id"),
@@ -500,7 +499,7 @@ pub async fn strategy_get(
         "portfolio_count": portfolios.len(),
         "trade_count": closed,
         "fill_count": perf.get::<_, i64>("fill_count"),
-        "win_rate": (closed > 0).then(|| plain((Decimal::from(wins) / Decimal::from(closed)).round_dp(10))),
+        "win_rate": crate::win_rate(wins, closed).map(plain),
         "realized_pnl": plain(dec(&perf, "realized_pnl")),
         "fees_paid": plain(dec(&perf, "fees_paid")),
     });

@@ -149,10 +149,7 @@ struct Figures {
 impl Figures {
     fn of(folded: &Portfolio) -> Figures {
         let s = &folded.state;
-        // As the performance query works them out.
-        let win_rate = (folded.trips_closed > 0).then(|| {
-            (Decimal::from(folded.trips_won) / Decimal::from(folded.trips_closed)).round_dp(10)
-        });
+        let win_rate = ch_readmodel::win_rate(folded.trips_won, folded.trips_closed);
         Figures {
             user_id: s.user_id.clone(),
             name: s.name.clone(),

@@ -996,8 +996,7 @@ fn performance_reply(p: &Row, rows: &[Row]) -> Value {
     };
     let closed: i64 = p.get("trade_count");
     let wins: i64 = p.get("win_count");
-    let win_rate =
-        (closed > 0).then(|| plain((Decimal::from(wins) / Decimal::from(closed)).round_dp(10)));
+    let win_rate = ch_readmodel::win_rate(wins, closed).map(plain);
     let attached: Vec<String> = p.get("attached");
     json!({
         "portfolio_id": p.get::<_, String>("portfolio_id"),
