@@ -429,16 +429,14 @@ pub async fn ensure_database(database_url: &str) -> Result<(), DbError> {
 pub async fn whereabouts(db: &tokio_postgres::Client) -> Result<serde_json::Value, DbError> {
     let row = db
         .query_one(
-            "SELECT current_database(), current_schema(),
-                    to_char(pg_postmaster_start_time() AT TIME ZONE 'UTC',
-                            'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+            "SELECT current_database(), current_schema(), pg_postmaster_start_time()",
             &[],
         )
         .await?;
     Ok(serde_json::json!({
         "database": row.get::<_, String>(0),
         "schema": row.get::<_, Option<String>>(1),
-        "server_started_at": row.get::<_, String>(2),
+        "server_started_at": row.get::<_, chrono::DateTime<chrono::Utc>>(2),
     }))
 }
 

@@ -79,6 +79,14 @@ impl<A: Aggregate> Entry<A> {
         self.commands.get(command_id).copied()
     }
 
+    /// Forgets everything if it was read in an older generation than `generation` (before a
+    /// [`Repo::forget_all`]: from the old stream).
+    fn renew(&mut self, generation: u64) {
+        if self.generation != generation {
+            self.reset(generation);
+        }
+    }
+
     /// Forgets everything, to be read from the stream again (in the repo's generation
     /// `generation`).
     fn reset(&mut self, generation: u64) {
@@ -236,10 +244,7 @@ impl<A: Aggregate> Repo<A> {
         };
         let mut entry = slot.lock_owned().await;
         // Waited for across a [`Repo::forget_all`]: read from the old stream.
-        let generation = self.generation();
-        if entry.generation != generation {
-            entry.reset(generation);
-        }
+        entry.renew(self.generation());
         entry
     }
 
@@ -281,9 +286,7 @@ impl<A: Aggregate> Repo<A> {
         entry: &mut Entry<A>,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let generation = self.generation();
-        if entry.generation != generation {
-            entry.reset(generation);
-        }
+        entry.renew(generation);
         let mut events = self.store.load(A::TYPE, id, entry.last_seq).await;
         let unfollowed = match &events {
             Ok(loaded) if entry.last_seq > 0 => loaded
