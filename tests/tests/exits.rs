@@ -947,6 +947,40 @@ async fn a_price_evaluated_late_is_not_judged_by_rules_written_after_it() {
     assert_eq!(perf["positions"], json!([]), "{perf}");
 }
 
+/// A price evaluated late is not judged by a strategy attached after it: the stop loss of a
+/// strategy the portfolio attached once 90 was stored (while the worker was down) must not sell
+/// at 90, as a worker keeping up, finding no stop then, would not have; the next price judges
+/// the position by it. (The read model holds the attachments as they are now: the worker sold
+/// at 90.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_price_evaluated_late_is_not_judged_by_a_strategy_attached_after_it() {
+    // s1, which made the buy, has no exits.
+    let mut env = with_the_exit_worker_down(json!({})).await;
+    env.cmd(
+        "strategy.create",
+        strategy_with_exits("s2", &["BTC-USDT"], json!({"stop_loss_pct": "0.05"})),
+    )
+    .await;
+    env.cmd(
+        "signal.execute",
+        signal_on("p1", "s1", "BTC-USDT", "buy", "1", "100"),
+    )
+    .await;
+    let last = prices(&env, "BTC-USDT", &["90", "100"]).await;
+    let attached = seq(&env.cmd("portfolio.update", attach("p1", "s2")).await);
+    assert!(attached > last);
+
+    env.start(Worker::ExitTriggers).await;
+    let status = status_evaluated(&env, last).await;
+    assert_eq!(status["counters"]["triggers"], 0, "{status}");
+    assert_eq!(sells(&env, "p1").await, vec![]);
+
+    // A live price below s2's stop (95) sells the whole position.
+    prices(&env, "BTC-USDT", &["94"]).await;
+    let perf = wait_performance(&env, "p1", |p| p["fill_count"] == 2).await;
+    assert_eq!(perf["positions"], json!([]), "{perf}");
+}
+
 /// A rebuild resets the strategy read model after the worker waited for a price's sequence and
 /// before it read the strategies (held here on their table, as a reset holds it): the price is
 /// given back and evaluated again once the strategies are folded again, and the stop loss

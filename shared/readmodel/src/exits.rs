@@ -303,9 +303,10 @@ fn count_price(spans: &mut [Span], place: Place, price: Decimal) {
 }
 
 /// The positions in `symbol` open at the price (business time `$2`, stream sequence `$3`)
-/// whose round trip opened before it (by business time, then stream sequence) and that no
-/// fill stored after the price has changed since (a price evaluated late, the worker down or
-/// behind, would otherwise judge, and sell at its old mark, a position it never marked); one
+/// whose round trip opened before it (by business time, then stream sequence), that no fill
+/// stored after the price has changed since, and whose portfolio attached or detached no
+/// strategy after it (a price evaluated late, the worker down or behind, would otherwise judge,
+/// and sell at its old mark, a position it never marked, or by a strategy attached later); one
 /// portfolio's only when `portfolio_id` is given.
 const CANDIDATES_SQL: &str = "
     SELECT p.portfolio_id, p.quantity, p.gross_entry, po.version, t.opened_seq, p.last_fill_seq
@@ -317,7 +318,7 @@ const CANDIDATES_SQL: &str = "
                      ORDER BY rt.opened_seq DESC LIMIT 1) t ON true
      WHERE p.symbol = $1 AND p.quantity > 0 AND po.status = 'open'
        AND (t.opened_at, t.opened_seq) < ($2::timestamptz, $3::bigint)
-       AND p.last_fill_seq <= $3
+       AND p.last_fill_seq <= $3 AND po.strategies_seq <= $3
        AND ($4::text IS NULL OR p.portfolio_id = $4)
      ORDER BY p.portfolio_id";
 
@@ -704,7 +705,9 @@ impl Worker {
                 .into_iter()
                 .next()
             else {
-                return Ok(()); // closed, or filled after the price, meanwhile
+                // Closed, filled or its strategies attached or detached after the price,
+                // meanwhile.
+                return Ok(());
             };
             let Some(d) = decide_exit(&c.portfolio_id, &p.symbol, c.trip, &c.facts, &c.strategies)
             else {

@@ -42,6 +42,7 @@ pub const MIGRATIONS: &[Migration] = migrations![
     10 "010" "positions_by_symbol",
     11 "011" "stream_created",
     12 "012" "positions_last_fill",
+    13 "013" "portfolio_strategies_seq",
 ];
 
 /// The newest migration of [`MIGRATIONS`]: a schema past it is a newer release's.

@@ -124,6 +124,8 @@ struct PortfolioRow {
     opened_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
     last_seq: i64,
+    /// The stream sequence of the last strategy attach or detach (0: none).
+    strategies_seq: i64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -272,6 +274,7 @@ impl Fold {
                 opened_at: r.get("opened_at"),
                 updated_at: r.get("updated_at"),
                 last_seq: r.get("last_seq"),
+                strategies_seq: r.get("strategies_seq"),
             };
             fold.portfolios.insert(row.portfolio_id.clone(), row);
         }
@@ -491,6 +494,7 @@ impl Fold {
                             opened_at: at,
                             updated_at: at,
                             last_seq: ev.seq as i64,
+                            strategies_seq: 0,
                         },
                     );
                     self.dirty_portfolios.insert(e.portfolio_id.clone());
@@ -505,14 +509,14 @@ impl Fold {
                     e.strategy_id.clone(),
                     at,
                 ));
-                self.touch(ev, |_| {});
+                self.touch(ev, |p| p.strategies_seq = ev.seq as i64);
             }
             Event::StrategyDetached(e) => {
                 self.attachments.push(Attachment::Detach(
                     e.portfolio_id.clone(),
                     e.strategy_id.clone(),
                 ));
-                self.touch(ev, |_| {});
+                self.touch(ev, |p| p.strategies_seq = ev.seq as i64);
             }
             Event::PortfolioClosed(_) => self.touch(ev, |p| p.status = "closed".into()),
             Event::TradeSignalRejected(_) => self.touch(ev, |p| p.rejected_signals += 1),
@@ -663,11 +667,12 @@ impl Fold {
             "INSERT INTO portfolios (portfolio_id, user_id, name, quote_currency, fee_rate, status, cash,
                  net_deposits, realized_pnl, fees_paid, fill_count, rejected_signals, nav_at_flow,
                  equity_at_flow, first_deposit_at, version, opened_at, updated_at, last_seq,
-                 trade_count, win_count)
+                 trade_count, win_count, strategies_seq)
              SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::numeric[],
                  $6::text[], $7::numeric[], $8::numeric[], $9::numeric[], $10::numeric[], $11::int8[],
                  $12::int8[], $13::numeric[], $14::numeric[], $15::timestamptz[], $16::int8[],
-                 $17::timestamptz[], $18::timestamptz[], $19::int8[], $20::int8[], $21::int8[])
+                 $17::timestamptz[], $18::timestamptz[], $19::int8[], $20::int8[], $21::int8[],
+                 $22::int8[])
              ON CONFLICT (portfolio_id) DO UPDATE SET
                  name = EXCLUDED.name, status = EXCLUDED.status, cash = EXCLUDED.cash,
                  net_deposits = EXCLUDED.net_deposits, realized_pnl = EXCLUDED.realized_pnl,
@@ -675,7 +680,8 @@ impl Fold {
                  trade_count = EXCLUDED.trade_count, win_count = EXCLUDED.win_count,
                  rejected_signals = EXCLUDED.rejected_signals, nav_at_flow = EXCLUDED.nav_at_flow,
                  equity_at_flow = EXCLUDED.equity_at_flow, first_deposit_at = EXCLUDED.first_deposit_at,
-                 version = EXCLUDED.version, updated_at = EXCLUDED.updated_at, last_seq = EXCLUDED.last_seq",
+                 version = EXCLUDED.version, updated_at = EXCLUDED.updated_at, last_seq = EXCLUDED.last_seq,
+                 strategies_seq = EXCLUDED.strategies_seq",
             &[
                 &col!(portfolio_id),
                 &col!(user_id),
@@ -698,6 +704,7 @@ impl Fold {
                 &col!(last_seq),
                 &col!(trade_count),
                 &col!(win_count),
+                &col!(strategies_seq),
             ],
         )
         .await?;
