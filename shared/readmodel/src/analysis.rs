@@ -38,13 +38,25 @@ pub enum Rate {
 #[serde(deny_unknown_fields)]
 pub struct AnalysisQuery {
     pub portfolio_id: String,
+    #[serde(default, deserialize_with = "to_the_microsecond")]
     pub from: Option<DateTime<Utc>>,
+    #[serde(default, deserialize_with = "to_the_microsecond")]
     pub to: Option<DateTime<Utc>>,
     #[serde(default, deserialize_with = "ch_domain::request::by_name_or_default")]
     pub interval: Interval,
     pub risk_free_rate: Option<Rate>,
     pub min_stream_seq: Option<u64>,
     pub timeout_ms: Option<u64>,
+}
+
+/// A period's bound kept to the microsecond, as every stored time is (the commands' `at` are
+/// cut there too): compared at a finer precision in the fold, and cut in the SQL parameters, a
+/// fill at the bound fell on one side for the curve and on the other for the totals.
+fn to_the_microsecond<'de, D>(d: D) -> Result<Option<DateTime<Utc>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    Ok(Option::<DateTime<Utc>>::deserialize(d)?.map(|t| chrono::SubsecRound::trunc_subsecs(t, 6)))
 }
 
 impl Consistency for AnalysisQuery {
