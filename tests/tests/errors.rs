@@ -1233,3 +1233,43 @@ async fn a_worker_on_a_server_without_jetstream_says_it_is_off() {
         "{said}"
     );
 }
+
+/// A command published without a reply subject (fire and forget, as NATS allows) is executed,
+/// a malformed one refused, and neither answered: the worker's stats count both in `data`
+/// (`ok`, `errors_by_code`) and in `no_reply`, which the standard `num_requests` (replies sent)
+/// leaves out. (The worker logged a warning for each, failing to answer no one.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_published_without_a_reply_subject_is_executed_and_counted() {
+    let mut env = TestEnv::new().await;
+    env.start(Worker::CmdPortfolio).await;
+    let opened = env.cmd("portfolio.update", open("p1", "u1")).await;
+    let subject = env.subjects.command("portfolio.update");
+    for body in [
+        serde_json::to_vec(&deposit("p1", "100")).unwrap(),
+        b"not json".to_vec(),
+    ] {
+        env.client
+            .publish(subject.clone(), body.into())
+            .await
+            .unwrap();
+    }
+    env.client.flush().await.unwrap();
+    let stats = eventually(|| async {
+        let s = env.service_stats(Worker::CmdPortfolio, 1).await.remove(0);
+        (s["endpoints"][0]["data"]["no_reply"] == 2)
+            .then_some(s.clone())
+            .ok_or(format!("not both handled yet: {s}"))
+    })
+    .await;
+    let endpoint = &stats["endpoints"][0];
+    assert_eq!(endpoint["data"]["ok"], 2, "{stats}");
+    assert_eq!(
+        endpoint["data"]["errors_by_code"],
+        json!({"bad_request": 1}),
+        "{stats}"
+    );
+    assert_eq!(endpoint["num_requests"], 1, "{stats}");
+    // The deposit is stored: the next one follows it.
+    let next = env.cmd("portfolio.update", deposit("p1", "1")).await;
+    assert_eq!(version(&next), version(&opened) + 2, "{next}");
+}

@@ -20,6 +20,8 @@ struct Inner {
 struct EndpointMetrics {
     ok: u64,
     errors: HashMap<String, u64>,
+    /// Of those, the requests sent without a reply subject (handled, not answered).
+    no_reply: u64,
     latency_us: Histogram<u64>,
 }
 
@@ -28,6 +30,7 @@ impl EndpointMetrics {
         EndpointMetrics {
             ok: 0,
             errors: HashMap::new(),
+            no_reply: 0,
             latency_us: Histogram::new_with_bounds(1, 60_000_000, 2).expect("valid bounds"),
         }
     }
@@ -38,7 +41,7 @@ impl EndpointMetrics {
 pub struct Metrics(Arc<Inner>);
 
 impl Metrics {
-    /// Records one answered request: `error` is the API code of an error reply.
+    /// Records one handled request: `error` is the API code of an error reply.
     pub fn request(&self, endpoint: &str, latency: Duration, error: Option<&str>) {
         let mut map = self.0.endpoints.lock().expect("metrics lock");
         let m = map
@@ -49,6 +52,16 @@ impl Metrics {
             Some(code) => *m.errors.entry(code.to_owned()).or_default() += 1,
         }
         let _ = m.latency_us.record((latency.as_micros() as u64).max(1));
+    }
+
+    /// Counts one request of those [`Metrics::request`] records that came without a reply
+    /// subject (published, not requested): the standard `num_requests` counts replies sent, and
+    /// leaves it out.
+    pub fn no_reply(&self, endpoint: &str) {
+        let mut map = self.0.endpoints.lock().expect("metrics lock");
+        map.entry(endpoint.to_owned())
+            .or_insert_with(EndpointMetrics::new)
+            .no_reply += 1;
     }
 
     /// Counts one lost append race (the command is decided again).
@@ -98,12 +111,14 @@ impl Metrics {
             "gauges": gauges,
             "ok": 0,
             "errors_by_code": {},
+            "no_reply": 0,
             "latency_ms": null,
         });
         if let Some(m) = map.get(endpoint) {
             let q = |p: f64| m.latency_us.value_at_quantile(p) as f64 / 1000.0;
             v["ok"] = json!(m.ok);
             v["errors_by_code"] = json!(m.errors);
+            v["no_reply"] = json!(m.no_reply);
             v["latency_ms"] = json!({"p50": q(0.5), "p99": q(0.99), "p999": q(0.999), "max": m.latency_us.max() as f64 / 1000.0});
         }
         v
@@ -120,6 +135,7 @@ mod tests {
         let idle = metrics.snapshot("get");
         assert_eq!(idle["ok"], 0);
         assert_eq!(idle["errors_by_code"], json!({}));
+        assert_eq!(idle["no_reply"], 0);
         assert_eq!(idle["latency_ms"], Value::Null);
         metrics.request("get", Duration::from_millis(2), None);
         metrics.request("get", Duration::from_millis(4), Some("not_found"));

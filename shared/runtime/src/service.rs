@@ -399,33 +399,40 @@ async fn respond<H: Handler>(
         }
         Ok(Bytes::from(body))
     });
-    let sent = match &result {
-        Ok(body) => {
-            debug!(
-                latency_us = started.elapsed().as_micros() as u64,
-                "answered"
-            );
-            replies.send(&request, body.clone(), None).await
-        }
+    metrics.request(
+        name,
+        started.elapsed(),
+        result.as_ref().err().map(|e| e.code.as_ref()),
+    );
+    match &result {
+        Ok(_) => debug!(
+            latency_us = started.elapsed().as_micros() as u64,
+            "answered"
+        ),
+        // An error is for a bug (`internal`); a store or database away for a while, or a
+        // read-your-writes wait that ran out of the client's own time, is a warning. The
+        // message may quote the client's text: its line breaks and other control characters
+        // escaped, so that it cannot forge lines in a text log.
         Err(e) => {
-            // An error is for a bug (`internal`); a store or database away for a while, or a
-            // read-your-writes wait that ran out of the client's own time, is a warning. The
-            // message may quote the client's text: its line breaks and other control
-            // characters escaped, so that it cannot forge lines in a text log.
             let message = escape_controls(&e.message);
             match e.status {
                 ..=499 => info!(code = %e.code, error = %message, "request refused"),
                 500 => error!(code = %e.code, error = %message, "request failed"),
                 _ => warn!(code = %e.code, error = %message, "request failed"),
             }
-            replies.send(&request, e.body(), Some(e.headers())).await
         }
+    }
+    // Published without a reply subject: handled (a command is executed, as NATS users expect
+    // of a fire-and-forget publish), and there is no one to answer.
+    if request.message.reply.is_none() {
+        metrics.no_reply(name);
+        debug!("no reply subject: not answered");
+        return;
+    }
+    let sent = match result {
+        Ok(body) => replies.send(&request, body, None).await,
+        Err(e) => replies.send(&request, e.body(), Some(e.headers())).await,
     };
-    metrics.request(
-        name,
-        started.elapsed(),
-        result.as_ref().err().map(|e| e.code.as_ref()),
-    );
     if let Err(e) = sent {
         warn!(error = %e, "could not send the reply");
     }
