@@ -28,7 +28,9 @@ pub fn plain(d: Decimal) -> String {
 /// Parses plain (`0.125`, `-3`) or exponent notation (`1E-8`, `1e-8`, `2.5e3`) exactly.
 ///
 /// Returns `None` for anything else (empty, spaces, `NaN`, `1_000`, hex...) and for values that
-/// a [`Decimal`] cannot hold without rounding (more than 28 significant digits or places).
+/// a [`Decimal`] cannot hold without rounding (more than 28 places, or a mantissa past 96
+/// bits), however they are written: leading and trailing zeros, and an exponent, are no
+/// digits of the value (`1000000000000000000000000000000e-30` is 1).
 pub fn parse_decimal(s: &str) -> Option<Decimal> {
     let (mant, exp) = match s.find(['e', 'E']) {
         Some(i) => (&s[..i], Some(&s[i + 1..])),
@@ -40,45 +42,41 @@ pub fn parse_decimal(s: &str) -> Option<Decimal> {
     if digits == 0 || dots > 1 || digits + dots != body.len() {
         return None;
     }
-    // A fraction's trailing zeros are no places (API.md: `1.000000000` is 1): should the text
-    // not fit as it is, they are dropped, so that more than 28 of them do not refuse an exact
-    // value (only then: this runs for every decimal an event holds).
-    let d = match Decimal::from_str_exact(mant) {
-        Ok(d) => d,
-        Err(_) if dots == 1 => {
-            let kept = mant.trim_end_matches('0').trim_end_matches('.');
-            if kept.bytes().any(|b| b.is_ascii_digit()) {
-                Decimal::from_str_exact(kept).ok()?
-            } else {
-                Decimal::ZERO
+    let exp = match exp {
+        // Plain text that fits as it is: the common case (every decimal an event holds).
+        None => {
+            if let Ok(d) = Decimal::from_str_exact(mant) {
+                return Some(d);
             }
+            0
         }
-        Err(_) => return None,
+        Some(exp) => {
+            let exp_digits = exp.strip_prefix(['-', '+']).unwrap_or(exp);
+            if exp_digits.is_empty()
+                || exp_digits.len() > 4
+                || !exp_digits.bytes().all(|b| b.is_ascii_digit())
+            {
+                return None;
+            }
+            exp.parse::<i64>().ok()?
+        }
     };
-    let Some(exp) = exp else {
-        return Some(d);
-    };
-    let exp_digits = exp.strip_prefix(['-', '+']).unwrap_or(exp);
-    if exp_digits.is_empty()
-        || exp_digits.len() > 4
-        || !exp_digits.bytes().all(|b| b.is_ascii_digit())
-    {
-        return None;
+    let (int, frac) = body.split_once('.').unwrap_or((body, ""));
+    let all = format!("{int}{frac}");
+    let significant = all.trim_start_matches('0');
+    let kept = significant.trim_end_matches('0');
+    if kept.is_empty() {
+        return Some(Decimal::ZERO);
     }
-    let exp: i64 = exp.parse().ok()?;
-    let mut m: i128 = d.mantissa();
-    let mut scale: i64 = i64::from(d.scale()) - exp;
+    // The value is `kept` × 10^-scale.
+    let mut scale = frac.len() as i64 - exp - (significant.len() - kept.len()) as i64;
+    let mut m: i128 = kept.parse().ok()?;
     if scale < 0 {
-        let factor = 10i128.checked_pow(u32::try_from(-scale).ok()?)?;
-        m = m.checked_mul(factor)?;
+        m = m.checked_mul(10i128.checked_pow(u32::try_from(-scale).ok()?)?)?;
         scale = 0;
     }
-    while scale > 28 && m % 10 == 0 {
-        m /= 10;
-        scale -= 1;
-    }
-    if m == 0 {
-        return Some(Decimal::ZERO);
+    if mant.starts_with('-') {
+        m = -m;
     }
     Decimal::try_from_i128_with_scale(m, u32::try_from(scale).ok()?).ok()
 }
@@ -451,6 +449,20 @@ mod tests {
             ("1.50000000000000000000000000000000e2", "150"),
             ("0.000000000000000000000000000000", "0"),
             ("-.0", "0"),
+            // ... as are leading ones, and the exponent moves the point before anything
+            // counts: each of these is a value of one significant digit
+            ("1000000000000000000000000000000e-30", "1"),
+            ("100000000000000000000000000000e-10", "10000000000000000000"),
+            ("0.00000000000000000000000000000000001e35", "1"),
+            ("-0000000000000000000000000000000000000000025e-1", "-2.5"),
+            (
+                "79228162514264337593543950335",
+                "79228162514264337593543950335",
+            ),
+            (
+                "7922816251426433759354395033.5e1",
+                "79228162514264337593543950335",
+            ),
         ] {
             assert_eq!(parse_decimal(s).map(plain).as_deref(), Some(want), "{s}");
         }
@@ -475,6 +487,8 @@ mod tests {
             "1,5",
             "--1",
             "123456789012345678901234567890",
+            "79228162514264337593543950336",
+            "0.00000000000000000000000000001e0",
         ] {
             assert_eq!(parse_decimal(s), None, "{s}");
         }
