@@ -27,7 +27,9 @@ fn parse(text: &str) -> Vec<Entry> {
         .filter_map(|l| {
             let mut parts = l.split_whitespace();
             let name = parts.next()?.to_owned();
-            let pid = parts.next()?.parse().ok()?;
+            // A process's pid only: kill(2) takes 0 and below for process groups, and -1 for
+            // every process the user may signal.
+            let pid = parts.next()?.parse().ok().filter(|&pid: &i32| pid > 0)?;
             Some(Entry { name, pid })
         })
         .collect()
@@ -50,7 +52,7 @@ pub fn remove_pid_file(path: &Path) {
 /// Is `pid` a live process running the worker `name`? A zombie is dead; a pid reused by
 /// another program (its argv[0] is not the worker) is not ours.
 pub fn alive(e: &Entry) -> bool {
-    let Some(pid) = Pid::from_raw(e.pid) else {
+    let Some(pid) = process(e.pid) else {
         return false;
     };
     if test_kill_process(pid).is_err() {
@@ -77,9 +79,14 @@ pub fn alive(e: &Entry) -> bool {
     true
 }
 
+/// One process's pid: never 0 or below (a process group, or every process).
+fn process(pid: i32) -> Option<Pid> {
+    (pid > 0).then(|| Pid::from_raw(pid)).flatten()
+}
+
 /// Sends `sig`; a process that is already gone is fine.
 pub fn signal(pid: i32, sig: Signal) {
-    if let Some(pid) = Pid::from_raw(pid) {
+    if let Some(pid) = process(pid) {
         let _ = kill_process(pid, sig);
     }
 }
@@ -115,7 +122,10 @@ mod tests {
 
     #[test]
     fn pid_file_round_trip_and_junk() {
-        let e = parse("cmd-market 12\n\nbroken\nproj-strategy x\nquery-portfolio 7\n");
+        let e = parse(
+            "cmd-market 12\n\nbroken\nproj-strategy x\nquery-portfolio 7\n\
+             cmd-signal -1\ncmd-strategy 0\nproj-portfolio -2147483647\n",
+        );
         assert_eq!(
             e,
             vec![
@@ -129,6 +139,18 @@ mod tests {
                 }
             ]
         );
+    }
+    /// kill(2) with -1 signals every process the user may: no such pid is a worker's.
+    #[test]
+    fn no_pid_below_1_is_alive_or_signalled() {
+        for pid in [-1, 0, -2147483647] {
+            let e = Entry {
+                name: "cmd-market".into(),
+                pid,
+            };
+            assert!(!alive(&e), "{pid}");
+            signal(pid, Signal::CONT);
+        }
     }
 
     #[test]
