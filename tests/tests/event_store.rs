@@ -71,12 +71,55 @@ async fn a_prefix_that_names_another_prefixs_stream_is_refused() {
         refused.to_string().contains("share a stream name"),
         "{refused}"
     );
+    // Nor does a worker of the second prefix start on it: its projectors would replace the
+    // first's consumers with their own (they started, and took turns replacing each other's).
+    let refused = eventstore::EventStore::open(env.client.clone(), upper)
+        .await
+        .err()
+        .expect("a worker started on another prefix's stream");
+    assert!(
+        refused.to_string().contains("share a stream name"),
+        "{refused}"
+    );
     let cfg = env.stream_info().await.config;
     assert_eq!(
         cfg.subjects,
         [format!("{}.events.>", env.subjects.prefix())]
     );
     env.cmd("portfolio.update", open("p1", "u1")).await;
+}
+
+/// A stream of the prefix's name made by hand (`nats stream add` with its defaults) has no
+/// direct gets, which every read of an aggregate is: a worker refuses to start on it, saying
+/// so, rather than answer every command `unavailable` after 15 s; once `chctl setup` has set
+/// it, the worker starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_does_not_start_on_a_stream_setup_did_not_make() {
+    let env = TestEnv::new().await;
+    let js = jetstream::new(env.client.clone());
+    let subjects = Subjects::new(format!("{}h", env.subjects.prefix()));
+    js.create_stream(jetstream::stream::Config {
+        name: subjects.stream_name(),
+        subjects: vec![subjects.events_filter()],
+        ..Default::default()
+    })
+    .await
+    .expect("a stream made by hand");
+    let refused = eventstore::EventStore::open(env.client.clone(), subjects.clone())
+        .await
+        .err()
+        .expect("a worker started on a stream without direct gets");
+    assert!(refused.to_string().contains("allow_direct"), "{refused}");
+
+    eventstore::ensure_stream(&js, &subjects, 1)
+        .await
+        .expect("set-up");
+    eventstore::EventStore::open(env.client.clone(), subjects.clone())
+        .await
+        .expect("the stream as set-up makes it");
+    js.delete_stream(subjects.stream_name())
+        .await
+        .expect("gone");
 }
 
 /// A single server refuses a replicated stream for good: set-up says so at once, naming the

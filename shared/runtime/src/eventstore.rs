@@ -295,6 +295,51 @@ fn risky_settings(c: &stream::Config) -> Vec<String> {
     risks
 }
 
+/// Prefixes that differ only in case or in `-` against `_` name the same stream: why `current`
+/// is another prefix's event store than `wanted`'s, if it is.
+fn anothers(current: &stream::Config, wanted: &stream::Config) -> Option<String> {
+    let theirs = current
+        .subjects
+        .iter()
+        .find(|s| s.ends_with(".events.>") && !wanted.subjects.contains(s))?;
+    Some(format!(
+        "stream {} is the event store of subjects {theirs}, not {}: prefixes that differ only \
+         in case or in - against _ share a stream name; choose another CH_SUBJECT_PREFIX",
+        wanted.name,
+        wanted.subjects.join(", ")
+    ))
+}
+
+/// Why a worker cannot use `current` as the event store of `subjects`, if it cannot: another
+/// prefix's stream (whose consumers its projectors would replace with their own), or one that
+/// `chctl setup` did not make (without the prefix's subjects, or without direct gets, which
+/// every read of an aggregate is).
+fn unusable(current: &stream::Config, subjects: &Subjects) -> Option<String> {
+    let wanted = stream::Config {
+        name: subjects.stream_name(),
+        subjects: vec![subjects.events_filter()],
+        ..Default::default()
+    };
+    if let Some(why) = anothers(current, &wanted) {
+        return Some(why);
+    }
+    if !current.subjects.contains(&subjects.events_filter()) {
+        return Some(format!(
+            "stream {} does not take the subjects {} (it takes {}): `chctl setup` sets them",
+            wanted.name,
+            subjects.events_filter(),
+            current.subjects.join(", ")
+        ));
+    }
+    (!current.allow_direct).then(|| {
+        format!(
+            "stream {} does not allow direct gets (allow_direct), which every read of an \
+             aggregate is: `chctl setup` sets it",
+            wanted.name
+        )
+    })
+}
+
 async fn ensure_stream_once(
     js: &jetstream::Context,
     cfg: &stream::Config,
@@ -309,20 +354,8 @@ async fn ensure_stream_once(
                 num_replicas: current.num_replicas,
                 ..cfg
             };
-            // Prefixes that differ only in case or in `-` against `_` name the same stream:
-            // another prefix's event store is never taken over.
-            if let Some(theirs) = current
-                .subjects
-                .iter()
-                .find(|s| s.ends_with(".events.>") && !wanted.subjects.contains(s))
-            {
-                return Err(StoreError::Other(format!(
-                    "stream {} is the event store of subjects {theirs}, not {}: prefixes that \
-                     differ only in case or in - against _ share a stream name; choose \
-                     another CH_SUBJECT_PREFIX",
-                    wanted.name,
-                    wanted.subjects.join(", ")
-                )));
+            if let Some(why) = anothers(&current, &wanted) {
+                return Err(StoreError::Other(why));
             }
             let differing = differing([
                 ("subjects", current.subjects != wanted.subjects),
@@ -525,7 +558,8 @@ impl EventStore {
     /// after a leader's crash) is asked again for up to [`OPEN_PATIENCE`].
     ///
     /// # Errors
-    /// [`StoreError::Unavailable`] when the stream cannot be found or does not answer.
+    /// [`StoreError::Unavailable`] when the stream cannot be found or does not answer;
+    /// [`StoreError::Other`] when it is another prefix's, or not as `chctl setup` makes it.
     pub async fn open(client: async_nats::Client, subjects: Subjects) -> Result<Self, StoreError> {
         let js = jetstream::new(client.clone());
         let name = &subjects.stream_name();
@@ -541,6 +575,9 @@ impl EventStore {
             }
         })
         .await?;
+        if let Some(why) = unusable(&stream.cached_info().config, &subjects) {
+            return Err(StoreError::Other(why));
+        }
         let replicated = stream.cached_info().config.num_replicas > 1;
         let batch_get = supports_batch_get(&client.server_info().version);
         Ok(EventStore {
