@@ -122,9 +122,20 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<ExitCode> {
                 problems.push(format!("stream {name} gave no info"));
             }
         },
-        Err(_) => {
-            println!("stream {name}: missing (run `chctl setup`)");
-            problems.push(format!("stream {name} missing"));
+        Err(e) => {
+            if is_not_found(&e) {
+                println!("stream {name}: missing (run `chctl setup`)");
+                problems.push(format!("stream {name} missing"));
+            } else {
+                // Not an answer that it is missing: the setup it would advise would not help.
+                let off = if client.server_info().jetstream {
+                    String::new()
+                } else {
+                    format!(" (the server {})", ch_runtime::app::JETSTREAM_OFF)
+                };
+                println!("stream {name}: no answer: {e}{off}");
+                problems.push(format!("stream {name} gave no info"));
+            }
         }
     }
     if let Err(e) = sessions(ctx).await {
@@ -267,9 +278,34 @@ fn replication(info: &async_nats::jetstream::stream::Info) -> String {
     )
 }
 
+/// JetStream's answer that the stream does not exist; anything else (no JetStream, no answer)
+/// is no reason to run `chctl setup`.
+fn is_not_found(e: &async_nats::jetstream::context::GetStreamError) -> bool {
+    use async_nats::jetstream::context::GetStreamErrorKind;
+    matches!(e.kind(), GetStreamErrorKind::JetStream(j)
+        if j.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{failing, replication};
+    use super::{failing, is_not_found, replication};
+    use async_nats::jetstream::context::{GetStreamError, GetStreamErrorKind};
+
+    /// Only JetStream's "stream not found" is a missing stream: a server with JetStream off
+    /// (no answer) was told to run `chctl setup`, which then said JetStream is off.
+    #[test]
+    fn only_stream_not_found_is_missing() {
+        let answer: async_nats::jetstream::Error = serde_json::from_str(
+            r#"{"code": 404, "err_code": 10059, "description": "stream not found"}"#,
+        )
+        .unwrap();
+        assert!(is_not_found(&GetStreamError::new(
+            GetStreamErrorKind::JetStream(answer)
+        )));
+        assert!(!is_not_found(&GetStreamError::new(
+            GetStreamErrorKind::Request
+        )));
+    }
 
     #[test]
     fn instances_failing_five_times_in_a_row_are_named() {
