@@ -91,7 +91,9 @@ impl Ctx {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut delay = Duration::from_millis(100);
         loop {
-            let (options, servers) = ch_runtime::nats_options(&self.cfg.nats_tls, url)?;
+            // Its own text only (it holds its cause's already), naming the variable.
+            let (options, servers) = ch_runtime::nats_options(&self.cfg.nats_tls, url)
+                .map_err(|e| anyhow!("CH_NATS_URL={}: {e}", redact(url)))?;
             let attempt = options
                 .name("chctl")
                 .connection_timeout(Duration::from_secs(2))

@@ -140,6 +140,7 @@ impl App {
             batch_wait_ms = cfg.batch_wait.as_millis() as u64,
             replay_batch_max = cfg.replay_batch_max,
             immediate_timeout_ms = cfg.immediate_timeout.as_millis() as u64,
+            query_timeout_ms = cfg.query_timeout.as_millis() as u64,
             worker_threads = cfg.worker_threads,
             version = env!("CARGO_PKG_VERSION"),
             "started"

@@ -336,8 +336,8 @@ pub async fn connect(
                 "{}: run `chctl setup` first (it creates the database), or check CH_DATABASE_URL",
                 pg_text(&e)
             ),
-            Opening::Failed(e) => pg_text(&e),
-            silent @ Opening::Silent(_) => silent.text(&cfg),
+            // Where it went: the bare text does not say which server.
+            other => other.text(&cfg),
         })
     })
 }
@@ -883,6 +883,17 @@ mod tests {
         );
         assert!(check_url("host=h options='-c x=a://b'").is_ok());
         assert!(check_url("postgresql://u@h/db").is_ok());
+    }
+
+    /// A connection without a pool (a query worker's or exit-trigger's start, chctl's admin
+    /// work) that fails says where it went, as a pool's does.
+    #[tokio::test]
+    async fn a_failed_connection_names_its_server() {
+        let Err(e) = connect("postgres://ch@127.0.0.1:1/orders", None).await else {
+            panic!("connected to port 1");
+        };
+        let m = e.to_string();
+        assert!(m.ends_with("(database orders as ch at 127.0.0.1:1)"), "{m}");
     }
 
     /// One port given for several hosts is every host's port, as the connection uses it.

@@ -160,8 +160,15 @@ pub async fn setup(t: &Target, w: &Workload, concurrency: usize) -> Result<Setup
     out.seconds = started.elapsed().as_secs_f64();
     let failed: u64 = out.errors.values().sum();
     if failed > 0 {
+        // No one answered: no workers on this prefix; else the ids were taken already.
+        let hint = if out.errors.get("no_responders") == Some(&failed) {
+            "no worker answers on this prefix: are they running (`chctl status`), on this \
+             CH_SUBJECT_PREFIX?"
+        } else {
+            "a fresh deployment, or another --run-id?"
+        };
         bail!(
-            "the set-up failed for {failed} of {} commands: {:?} (a fresh deployment, or another --run-id?)",
+            "the set-up failed for {failed} of {} commands: {:?} ({hint})",
             out.commands,
             out.errors
         );
