@@ -34,6 +34,12 @@ for w in proj-portfolio proj-strategy; do
 done
 echo "smoke: chctl status: every service up, the projectors' database sessions by name"
 
+# `chctl setup` again, with a pool the workers would refuse: the setting is theirs, and set-up
+# (idempotent) does not fail on it after doing its work.
+CH_DB_POOL=1 "$chctl" setup >"$CH_RUN_DIR/setup-pool-1.log" 2>&1 \
+    || { echo "smoke: chctl setup failed with CH_DB_POOL=1:" >&2; cat "$CH_RUN_DIR/setup-pool-1.log" >&2; exit 1; }
+echo "smoke: chctl setup passes with CH_DB_POOL=1, the workers' setting"
+
 # A second `make up` while this one runs is refused, and leaves the running workers alone.
 if scripts/run.sh --detach >"$CH_RUN_DIR/up-again.log" 2>&1; then
     echo "smoke: a second make up started while workers were running" >&2; exit 1

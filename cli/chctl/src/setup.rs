@@ -122,7 +122,11 @@ pub async fn run(ctx: &Ctx, args: &Opts) -> Result<()> {
     // made again, e.g. by `make clean-run`, or the workers moved to another server's; another
     // prefix's schema was refused above) would skip the new stream's first events and keep the
     // old one's. Read models are disposable: empty it, its projector replays the stream.
-    let app = App::start(ctx.cfg.clone(), "chctl").await?;
+    // Set-up's own sessions: a CH_DB_POOL below a projector's 2 is the workers' business (they
+    // refuse it), not a reason to fail here, after the stream and the migrations are done.
+    let mut cfg = ctx.cfg.clone();
+    cfg.db_pool_size = cfg.db_pool_size.max(2);
+    let app = App::start(cfg, "chctl").await?;
     reset_if_from_another_stream(&app, PortfolioProjection::default()).await?;
     reset_if_from_another_stream(&app, StrategyProjection).await?;
     Ok(())
