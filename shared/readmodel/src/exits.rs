@@ -1083,7 +1083,16 @@ async fn follow_prices(
         Waited::StreamChanged => true,
         Waited::Shutdown => return Ok(()),
     };
-    info!(durable, "following market prices");
+    // Where it resumes: a price held by a worker that died comes back after the ack wait.
+    let at = consumer.cached_info();
+    info!(
+        durable,
+        ack_floor_seq = at.ack_floor.stream_sequence,
+        delivered_seq = at.delivered.stream_sequence,
+        num_ack_pending = at.num_ack_pending,
+        ack_wait_s = at.config.ack_wait.as_secs(),
+        "following market prices"
+    );
     // Between tries to make the consumer again: 0.5 s, doubling up to 10 s.
     let mut reopen_wait = Duration::from_millis(500);
     while !shutdown.is_cancelled() {

@@ -1480,7 +1480,7 @@ impl<P: Projection> Projector<P> {
         }
         // Catch up first with an ordered replay: fast after a rebuild or a long outage. Then
         // the durable, moved past what the replay applied.
-        self.catch_up_to_head().await?;
+        let checkpoint = self.catch_up_to_head().await?;
         let mut consumer = self.open_consumer().await?;
         // A batch waits to fill for at most half the consumer's ack wait: the server would
         // deliver its first events again meanwhile.
@@ -1510,6 +1510,8 @@ impl<P: Projection> Projector<P> {
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         info!(
             projection = name,
+            checkpoint,
+            consumer_ack_floor = consumer.cached_info().ack_floor.stream_sequence,
             batch_max = self.batch.max,
             filter = %self.filter,
             "projecting"
