@@ -39,6 +39,11 @@ echo "smoke: chctl status: every service up, the projectors' database sessions b
 CH_DB_POOL=1 "$chctl" setup >"$CH_RUN_DIR/setup-pool-1.log" 2>&1 \
     || { echo "smoke: chctl setup failed with CH_DB_POOL=1:" >&2; cat "$CH_RUN_DIR/setup-pool-1.log" >&2; exit 1; }
 echo "smoke: chctl setup passes with CH_DB_POOL=1, the workers' setting"
+# A value chctl refuses that came from the environment names the variable, not only the flag.
+if out=$(CH_STREAM_REPLICAS=0 "$chctl" setup 2>&1) || ! grep -q 'CH_STREAM_REPLICAS="0"' <<<"$out"; then
+    printf 'smoke: CH_STREAM_REPLICAS=0 was taken, or not named:\n%s\n' "$out" >&2; exit 1
+fi
+echo "smoke: a chctl option refused from the environment names its variable"
 
 # A second `make up` while this one runs is refused, and leaves the running workers alone.
 if scripts/run.sh --detach >"$CH_RUN_DIR/up-again.log" 2>&1; then

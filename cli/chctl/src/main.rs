@@ -71,9 +71,40 @@ fn quiet_on_broken_pipe() {
     }));
 }
 
+/// The options that may come from the environment: (the flag, its variable).
+const FROM_ENV: &[(&str, &str)] = &[
+    ("--run-dir", "CH_RUN_DIR"),
+    ("--replicas", "CH_STREAM_REPLICAS"),
+];
+
+/// Exits with clap's error; one about a value the environment gave (clap names only the flag,
+/// which the user may never have typed) names the variable too.
+fn refused(e: clap::Error) -> ! {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let flag = match e.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(arg)) => arg.split(' ').next().unwrap_or_default().to_owned(),
+        _ => String::new(),
+    };
+    let typed = std::env::args().any(|a| a == flag || a.starts_with(&format!("{flag}=")));
+    let var = FROM_ENV.iter().find(|(f, _)| *f == flag).map(|(_, v)| *v);
+    match (e.kind(), var) {
+        (ErrorKind::InvalidValue | ErrorKind::ValueValidation, Some(var))
+            if !typed && std::env::var_os(var).is_some() =>
+        {
+            let _ = e.print();
+            eprintln!(
+                "(the value is {var}'s, from the environment: {var}={:?})",
+                std::env::var_os(var).unwrap_or_default()
+            );
+            std::process::exit(2);
+        }
+        _ => e.exit(),
+    }
+}
+
 fn main() -> ExitCode {
     quiet_on_broken_pipe();
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|e| refused(e));
     // A quiet CLI by default; the workers `up` starts get the caller's RUST_LOG, or none.
     // Set here, before any thread exists.
     // Empty or invalid is unset here too (an invalid one is said once logging is up).
