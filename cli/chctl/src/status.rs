@@ -110,13 +110,21 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<ExitCode> {
     let name = ctx.subjects.stream_name();
     match js.get_stream(&name).await {
         Ok(s) => match s.get_info().await {
-            Ok(info) => println!(
-                "stream {name}: {} events, last seq {}, {} consumers{}",
-                info.state.messages,
-                info.state.last_sequence,
-                info.state.consumer_count,
-                replication(&info)
-            ),
+            Ok(info) => {
+                println!(
+                    "stream {name}: {} events, last seq {}, {} consumers{}",
+                    info.state.messages,
+                    info.state.last_sequence,
+                    info.state.consumer_count,
+                    replication(&info)
+                );
+                if leaderless(&info) {
+                    problems.push(format!(
+                        "stream {name} has no leader (too few of its replicas up for a \
+                         quorum?): no command can be stored"
+                    ));
+                }
+            }
             Err(e) => {
                 println!("stream {name}: {e}");
                 problems.push(format!("stream {name} gave no info"));
@@ -237,8 +245,18 @@ async fn sessions(ctx: &Ctx) -> Result<(), String> {
     Ok(())
 }
 
+/// A follower the leader has not heard from for longer than this is not "catching up".
+const SILENT_REPLICA: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A replicated stream without a leader: nothing can be appended.
+fn leaderless(info: &async_nats::jetstream::stream::Info) -> bool {
+    info.config.num_replicas > 1 && info.cluster.as_ref().is_none_or(|c| c.leader.is_none())
+}
+
 /// A replicated stream's replicas as an operator needs them: the leader, and each follower
-/// with whether it is current and how far behind it was last seen.
+/// with whether it is current and how far behind it was last seen; one the leader has not
+/// heard from lately (a crashed node, until the group calls it offline, minutes later) is not
+/// responding, not catching up.
 fn replication(info: &async_nats::jetstream::stream::Info) -> String {
     let Some(cluster) = info
         .cluster
@@ -247,35 +265,49 @@ fn replication(info: &async_nats::jetstream::stream::Info) -> String {
     else {
         return String::new();
     };
-    let followers: Vec<String> = cluster
+    let replicas: Vec<String> = cluster
         .replicas
         .iter()
         .map(|r| {
-            let state = if r.offline {
-                "offline"
-            } else if r.current {
-                "current"
-            } else {
-                "catching up"
-            };
-            // The lag JetStream reports counts raft log entries, not events; an offline
-            // replica's is as last seen.
-            match r.lag.filter(|&lag| lag > 0 && !r.offline) {
-                Some(lag) => format!("{} {state} ({lag} raft entries behind)", r.name),
-                None => format!("{} {state}", r.name),
+            if r.offline {
+                return format!("{} offline", r.name);
+            }
+            if r.current {
+                return format!("{} current", r.name);
+            }
+            if r.active.is_zero() {
+                return format!("{} not heard from since the leader changed", r.name);
+            }
+            if r.active > SILENT_REPLICA {
+                return format!(
+                    "{} not responding (last heard from {} s ago)",
+                    r.name,
+                    r.active.as_secs()
+                );
+            }
+            // The lag JetStream reports counts raft log entries, not events.
+            match r.lag.filter(|&lag| lag > 0) {
+                Some(lag) => format!("{} catching up ({lag} raft entries behind)", r.name),
+                None => format!("{} catching up", r.name),
             }
         })
         .collect();
-    format!(
-        "; {} replicas, leader {}, followers: {}",
-        info.config.num_replicas,
-        cluster.leader.as_deref().unwrap_or("none"),
-        if followers.is_empty() {
-            "none".to_owned()
-        } else {
-            followers.join(", ")
-        }
-    )
+    let listed = if replicas.is_empty() {
+        "none".to_owned()
+    } else {
+        replicas.join(", ")
+    };
+    match cluster.leader.as_deref() {
+        Some(leader) => format!(
+            "; {} replicas, leader {leader}, followers: {listed}",
+            info.config.num_replicas
+        ),
+        // No leader: the replicas are no one's followers.
+        None => format!(
+            "; {} replicas, no leader, replicas: {listed}",
+            info.config.num_replicas
+        ),
+    }
 }
 
 /// JetStream's answer that the stream does not exist; anything else (no JetStream, no answer)
@@ -288,7 +320,7 @@ fn is_not_found(e: &async_nats::jetstream::context::GetStreamError) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{failing, is_not_found, replication};
+    use super::{failing, is_not_found, leaderless, replication};
     use async_nats::jetstream::context::{GetStreamError, GetStreamErrorKind};
 
     /// Only JetStream's "stream not found" is a missing stream: a server with JetStream off
@@ -352,10 +384,11 @@ mod tests {
             replication(&i),
             "; 3 replicas, leader ch-n1, followers: ch-n2 offline, ch-n3 current"
         );
+        // Heard from 2 ms ago (`active`, in nanoseconds).
         let i = info(
             3,
             serde_json::json!({"name": "ch-cluster", "leader": "ch-n1", "replicas": [
-                {"name": "ch-n2", "current": false, "active": 0, "lag": 3},
+                {"name": "ch-n2", "current": false, "active": 2_000_000, "lag": 3},
                 {"name": "ch-n3", "current": true, "active": 0, "lag": 0}
             ]}),
         );
@@ -364,6 +397,44 @@ mod tests {
             "; 3 replicas, leader ch-n1, followers: ch-n2 catching up (3 raft entries behind), \
              ch-n3 current"
         );
+        assert!(!leaderless(&i));
+    }
+
+    /// A crashed follower is not "catching up" with a growing lag for the minutes until the
+    /// group calls it offline: the leader has not heard from it for 35 s, or ever (a new
+    /// leader).
+    #[test]
+    fn a_follower_not_heard_from_is_not_responding() {
+        let i = info(
+            3,
+            serde_json::json!({"name": "ch-cluster", "leader": "ch-n1", "replicas": [
+                {"name": "ch-n2", "current": false, "active": 35_308_550_775u64, "lag": 3267},
+                {"name": "ch-n3", "current": false, "active": 0, "lag": 12}
+            ]}),
+        );
+        assert_eq!(
+            replication(&i),
+            "; 3 replicas, leader ch-n1, followers: ch-n2 not responding (last heard from 35 s \
+             ago), ch-n3 not heard from since the leader changed"
+        );
+    }
+
+    /// Two of three nodes down: no leader, nothing can be stored, and status fails.
+    #[test]
+    fn a_stream_without_a_leader_is_a_problem() {
+        let i = info(
+            3,
+            serde_json::json!({"name": "ch-cluster", "replicas": [
+                {"name": "ch-n1", "current": false, "offline": true, "active": 0},
+                {"name": "ch-n3", "current": true, "active": 0}
+            ]}),
+        );
+        assert!(leaderless(&i));
+        assert_eq!(
+            replication(&i),
+            "; 3 replicas, no leader, replicas: ch-n1 offline, ch-n3 current"
+        );
+        assert!(!leaderless(&info(1, serde_json::json!({"name": "ch"}))));
     }
 
     #[test]
