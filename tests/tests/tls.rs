@@ -125,7 +125,7 @@ async fn nats_over_mutual_tls_with_a_ca_of_ones_own() {
         ca_file: Some(certs.ca.clone()),
         client_cert: None,
     };
-    let Err(e) = attempt(cfg.nats_url.clone(), no_cert).await else {
+    let Err(e) = attempt(cfg.nats_url.clone(), no_cert.clone()).await else {
         panic!("connected without a client certificate");
     };
     assert!(e.to_string().contains("CertificateRequired"), "{e}");
@@ -133,10 +133,30 @@ async fn nats_over_mutual_tls_with_a_ca_of_ones_own() {
         ca_file: None,
         client_cert: Some(certs.client.clone()),
     };
-    let Err(e) = attempt(cfg.nats_url.clone(), system_roots).await else {
+    let Err(e) = attempt(cfg.nats_url.clone(), system_roots.clone()).await else {
         panic!("trusted a server whose CA only the test knows");
     };
     assert!(e.to_string().contains("UnknownIssuer"), "{e}");
+    // A worker's client, retrying, is told only "TLS error" or "IO error": its log and its
+    // start's error carry the cause from an attempt of their own.
+    let cause = ch_runtime::connect_cause(&no_cert, &cfg.nats_url).await;
+    assert!(
+        cause
+            .as_deref()
+            .is_some_and(|c| c.contains("CertificateRequired")),
+        "{cause:?}"
+    );
+    let cause = ch_runtime::connect_cause(&system_roots, &cfg.nats_url).await;
+    assert!(
+        cause
+            .as_deref()
+            .is_some_and(|c| c.contains("UnknownIssuer")),
+        "{cause:?}"
+    );
+    assert_eq!(
+        ch_runtime::connect_cause(&cfg.nats_tls, &cfg.nats_url).await,
+        None
+    );
 
     // A CA file that is not there is said with its variable and path, before any attempt
     // (async-nats alone says "TLS error" and retries for good).

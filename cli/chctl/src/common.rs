@@ -105,7 +105,7 @@ impl Ctx {
                     return Err(anyhow!(
                         "cannot reach NATS at {}: {e}\n(start the project's server with \
                          `scripts/nats.sh start`, or point CH_NATS_URL at a running one, with \
-                         the credentials it takes)",
+                         the credentials and TLS files it takes)",
                         redact(url)
                     ))
                 }

@@ -27,12 +27,19 @@ pub enum StartError {
         url: String,
         error: async_nats::ConnectError,
     },
-    /// The client never got a connection while JetStream was awaited.
+    /// The client never got a connection while JetStream was awaited; `cause` is what one
+    /// attempt of its own then said.
     #[error(
-        "cannot reach NATS at {url} (tried for {waited:?}; is a nats-server running there, and \
-         does it take the credentials, if any? the log above has its answers)"
+        "cannot reach NATS at {url} (tried for {waited:?}){}; is a nats-server running there, \
+         and does it take the credentials and the TLS files (CH_NATS_CA_FILE, CH_NATS_CERT_FILE, \
+         CH_NATS_KEY_FILE), if any?",
+        cause.as_ref().map(|c| format!(": {c}")).unwrap_or_default()
     )]
-    NatsUnreachable { url: String, waited: Duration },
+    NatsUnreachable {
+        url: String,
+        waited: Duration,
+        cause: Option<String>,
+    },
     #[error("{0} (has `chctl setup` run for this prefix?)")]
     Store(StoreError),
     /// JetStream did not answer, and the server connected to says it has none.
@@ -61,6 +68,7 @@ impl StartError {
             _ => StartError::NatsUnreachable {
                 url: url.to_owned(),
                 waited: JETSTREAM_PATIENCE,
+                cause: None,
             },
         }
     }
@@ -120,12 +128,14 @@ impl App {
                 url: nats.clone(),
                 error,
             })?;
-        wait_ready(&jetstream::new(client.clone()), JETSTREAM_PATIENCE)
-            .await
-            .map_err(|e| {
-                let (state, js) = (client.connection_state(), client.server_info().jetstream);
-                StartError::not_ready(e, &state, js, &nats)
-            })?;
+        if let Err(e) = wait_ready(&jetstream::new(client.clone()), JETSTREAM_PATIENCE).await {
+            let (state, js) = (client.connection_state(), client.server_info().jetstream);
+            let mut error = StartError::not_ready(e, &state, js, &nats);
+            if let StartError::NatsUnreachable { cause, .. } = &mut error {
+                *cause = crate::connect_cause(&cfg.nats_tls, &cfg.nats_url).await;
+            }
+            return Err(error);
+        }
         let metrics = Metrics::default();
         let store = EventStore::open(client.clone(), subjects.clone())
             .await?

@@ -54,16 +54,58 @@ pub async fn connect_nats(
         .map_err(|e| async_nats::ConnectError::with_source(async_nats::ConnectErrorKind::Tls, e))?;
     let state = Arc::new(EventLog::default());
     let (options, servers) = nats_options(&cfg.nats_tls, &cfg.nats_url)?;
+    let (tls, urls) = (cfg.nats_tls.clone(), cfg.nats_url.clone());
     options
         .name(name)
         .retry_on_initial_connect()
         .max_reconnects(None)
         .event_callback(move |event| {
-            let state = state.clone();
-            async move { log_event(&event, &state) }
+            let (state, tls, urls) = (state.clone(), tls.clone(), urls.clone());
+            async move {
+                if log_event(&event, &state) {
+                    // The first failure: the client's events keep no cause ("IO error", "TLS
+                    // error"); one attempt of its own says it (an unknown CA, a certificate the
+                    // server wants, a refused connection).
+                    let bare = match &event {
+                        async_nats::Event::ClientError(e) => e.to_string(),
+                        other => other.to_string(),
+                    };
+                    tokio::spawn(async move {
+                        match connect_cause(&tls, &urls).await {
+                            Some(cause) => {
+                                warn!(error = %bare, %cause, "cannot connect to NATS; retrying")
+                            }
+                            None => warn!(error = %bare, "cannot connect to NATS; retrying"),
+                        }
+                    });
+                }
+            }
         })
         .connect(servers)
         .await
+}
+
+/// Why connecting to `urls` with `tls` fails, from one attempt of its own (no retries, 2 s at
+/// most), with every cause in the error's chain; `None` when it connects.
+pub async fn connect_cause(tls: &config::NatsTls, urls: &str) -> Option<String> {
+    let attempt = async {
+        let (options, servers) = nats_options(tls, urls)?;
+        options
+            .connection_timeout(std::time::Duration::from_secs(2))
+            .connect(servers)
+            .await
+    };
+    let e = attempt.await.err()?;
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    Some(text)
 }
 
 /// The connection options `tls` asks for beyond the URL: the CA certificates to verify the
@@ -174,7 +216,8 @@ const DROPPED_WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(5
 /// connection, the first failed attempt to connect, messages dropped for a subscription that
 /// fell behind (at most every [`DROPPED_WARN_EVERY`], counted) and server errors are warnings;
 /// the attempts after the first, every few seconds while the server is away, are at debug.
-fn log_event(event: &async_nats::Event, state: &EventLog) {
+/// `true` for the first failed attempt, which the caller logs with its cause.
+fn log_event(event: &async_nats::Event, state: &EventLog) -> bool {
     use async_nats::Event;
     match event {
         Event::Connected => {
@@ -182,9 +225,8 @@ fn log_event(event: &async_nats::Event, state: &EventLog) {
             info!("NATS connected");
         }
         Event::Disconnected => warn!("NATS connection lost; reconnecting"),
-        Event::ClientError(e) if !state.failing.swap(true, Ordering::Relaxed) => {
-            warn!(error = %e, "cannot connect to NATS; retrying");
-        }
+        // Logged by the caller, with its cause.
+        Event::ClientError(_) if !state.failing.swap(true, Ordering::Relaxed) => return true,
         Event::ClientError(e) => debug!(error = %e, "cannot connect to NATS; retrying"),
         Event::SlowConsumer(sid) => {
             state.dropped.fetch_add(1, Ordering::Relaxed);
@@ -204,4 +246,5 @@ fn log_event(event: &async_nats::Event, state: &EventLog) {
         Event::LameDuckMode => warn!("the NATS server is going away (lame duck mode)"),
         Event::Draining | Event::Closed => debug!(event = %event, "NATS connection"),
     }
+    false
 }
