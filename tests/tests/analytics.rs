@@ -445,29 +445,34 @@ async fn what_happens_at_a_boundary_belongs_to_the_interval_it_starts() {
     );
     assert_eq!(m["realized_pnl"], "489.5");
 
-    // Bounds finer than the microsecond are cut there, as the stored times are: half a
-    // microsecond after day 1 00:00 is day 1 00:00, for the curve and the totals alike. (The
-    // curve compared the finer time, the totals' SQL the cut one: the sell at day 1 was before
-    // the period for the curve, and in it for the totals.)
+    // Bounds finer than the microsecond, as stored times are not: the period is [from, to)
+    // all the same (rounded up, the bounds keep every stored time on its side), for the curve
+    // and the totals alike. Half a microsecond after day 1 00:00, the sell and the deposit
+    // there are before `from`, and before `to`. (The curve compared the finer time, the
+    // totals' SQL a cut one: the sell was before the period for one and in it for the other.)
     let finer = |t: String| t.replace('Z', ".0000005Z");
     let q = json!({"portfolio_id": "p2", "from": finer(at(1, 0, 0)), "to": at(3, 0, 0), "interval": "1d"});
     let reply = env.query_at("portfolio.analysis", q, seq).await;
-    assert_eq!(reply["from"], at(1, 0, 0), "{reply}");
-    assert_eq!(reply["equity_curve"][0]["equity"], "9995", "{reply}");
+    assert_eq!(
+        reply["from"],
+        at(1, 0, 0).replace('Z', ".000001Z"),
+        "{reply}"
+    );
+    assert_eq!(reply["equity_curve"][0]["equity"], "11489.5", "{reply}");
     let m = &reply["metrics"];
     assert_eq!(
         (&m["fees_paid"], &m["fill_count"], &m["realized_pnl"]),
-        (&json!("5.5"), &json!(1), &json!("489.5")),
+        (&json!("0"), &json!(0), &json!("0")),
         "{reply}"
     );
     let q = json!({"portfolio_id": "p2", "to": finer(at(1, 0, 0)), "interval": "1d"});
     let reply = env.query_at("portfolio.analysis", q, seq).await;
     let curve = reply["equity_curve"].as_array().unwrap();
-    assert_eq!(curve.last().unwrap()["equity"], "9995", "{reply}");
+    assert_eq!(curve.last().unwrap()["equity"], "11489.5", "{reply}");
     let m = &reply["metrics"];
     assert_eq!(
         (&m["fees_paid"], &m["fill_count"], &m["realized_pnl"]),
-        (&json!("5"), &json!(1), &json!("0")),
+        (&json!("10.5"), &json!(2), &json!("489.5")),
         "{reply}"
     );
 }

@@ -49,14 +49,23 @@ pub struct AnalysisQuery {
     pub timeout_ms: Option<u64>,
 }
 
-/// A period's bound kept to the microsecond, as every stored time is (the commands' `at` are
-/// cut there too): compared at a finer precision in the fold, and cut in the SQL parameters, a
-/// fill at the bound fell on one side for the curve and on the other for the totals.
+/// A period's bound in whole microseconds, as every stored time is: compared at a finer
+/// precision in the fold, and cut in the SQL parameters, a fill at the bound fell on one side
+/// for the curve and on the other for the totals. Rounded up: for a stored time `t`,
+/// `t >= from` and `t < to` hold exactly when they hold for the bounds rounded up, so the
+/// period is [from, to) as given.
 fn to_the_microsecond<'de, D>(d: D) -> Result<Option<DateTime<Utc>>, D::Error>
 where
     D: serde::Deserializer<'de>,
 {
-    Ok(Option::<DateTime<Utc>>::deserialize(d)?.map(|t| chrono::SubsecRound::trunc_subsecs(t, 6)))
+    Ok(Option::<DateTime<Utc>>::deserialize(d)?.map(|t| {
+        let cut = chrono::SubsecRound::trunc_subsecs(t, 6);
+        if cut == t {
+            t
+        } else {
+            cut + chrono::TimeDelta::microseconds(1)
+        }
+    }))
 }
 
 impl Consistency for AnalysisQuery {
@@ -100,7 +109,9 @@ impl Validate for AnalysisQuery {
             }
         }
         match (self.from, self.to) {
-            (Some(f), Some(t)) if f >= t => Err(ApiError::bad_request("from: must be before to")),
+            (Some(f), Some(t)) if f >= t => Err(ApiError::bad_request(
+                "from: must be before to (by a microsecond at least: times are kept to it)",
+            )),
             // Without `to`, the period ends now.
             (Some(f), None) if f >= Utc::now() => Err(ApiError::bad_request(
                 "from: must be before to (default: now)",
