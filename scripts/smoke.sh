@@ -43,6 +43,8 @@ echo "smoke: chctl setup passes with CH_DB_POOL=1, the workers' setting"
 if out=$(CH_STREAM_REPLICAS=0 "$chctl" setup 2>&1) || ! grep -q 'CH_STREAM_REPLICAS="0"' <<<"$out"; then
     printf 'smoke: CH_STREAM_REPLICAS=0 was taken, or not named:\n%s\n' "$out" >&2; exit 1
 fi
+rc=0; "$chctl" --run-dir $'/tmp/x\xff' nosuchcmd >/dev/null 2>&1 || rc=$?
+[[ $rc == 2 ]] || { echo "smoke: a usage error with a non-UTF-8 argument ended $rc, not 2" >&2; exit 1; }
 echo "smoke: a chctl option refused from the environment names its variable"
 
 # A second `make up` while this one runs is refused, and leaves the running workers alone.

@@ -85,11 +85,17 @@ fn refused(e: clap::Error) -> ! {
         Some(ContextValue::String(arg)) => arg.split(' ').next().unwrap_or_default().to_owned(),
         _ => String::new(),
     };
-    let typed = std::env::args().any(|a| a == flag || a.starts_with(&format!("{flag}=")));
     let var = FROM_ENV.iter().find(|(f, _)| *f == flag).map(|(_, v)| *v);
+    // Arguments as given (a path need not be UTF-8).
+    let typed = || {
+        std::env::args_os().any(|a| {
+            a.to_str()
+                .is_some_and(|a| a == flag || a.starts_with(&format!("{flag}=")))
+        })
+    };
     match (e.kind(), var) {
         (ErrorKind::InvalidValue | ErrorKind::ValueValidation, Some(var))
-            if !typed && std::env::var_os(var).is_some() =>
+            if std::env::var_os(var).is_some() && !typed() =>
         {
             let _ = e.print();
             eprintln!(
