@@ -663,6 +663,51 @@ async fn command_workers_forget_a_deleted_stream() {
     assert!(dropped >= 1, "the signal worker counted the drop");
 }
 
+/// A stream made anew by hand under a running command worker (`nats stream add` with its
+/// defaults: no direct gets, which every read of an aggregate is) is said at once, and shown
+/// in the worker's stats (`stream_unusable`), rather than only as each command's `unavailable`
+/// after 15 s; once `chctl setup` has mended it, the gauge goes back to 0 and commands pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_made_anew_by_hand_is_said_to_be_unusable_until_mended() {
+    let mut env = TestEnv::new().await;
+    env.start(Worker::CmdPortfolio).await;
+    env.cmd("portfolio.update", open("p1", "u1")).await;
+    let js = async_nats::jetstream::new(env.client.clone());
+    js.delete_stream(env.subjects.stream_name())
+        .await
+        .expect("delete the stream");
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: env.subjects.stream_name(),
+        subjects: vec![env.subjects.events_filter()],
+        ..Default::default()
+    })
+    .await
+    .expect("a stream made by hand");
+    let gauge = || async {
+        env.service_stats(Worker::CmdPortfolio, 1).await[0]["endpoints"][0]["data"]["gauges"]
+            ["stream_unusable"]
+            .as_i64()
+    };
+    eventually(|| async {
+        (gauge().await == Some(1))
+            .then_some(())
+            .ok_or("not said to be unusable yet")
+    })
+    .await;
+
+    ch_runtime::eventstore::ensure_stream(&js, &env.subjects, 1)
+        .await
+        .expect("set-up mends it");
+    eventually(|| async {
+        (gauge().await == Some(0))
+            .then_some(())
+            .ok_or("still said to be unusable")
+    })
+    .await;
+    let r = env.cmd("portfolio.update", open("p1", "u1")).await;
+    assert_eq!(r["version"], 1, "opened on the new stream: {r}");
+}
+
 /// A command worker that has not heard of a stream made anew yet (its advisory still on the
 /// way, or lost to a reconnect) finds a cached `command_id` naming another command's event
 /// (the new stream reuses the sequences): it reads the aggregate again and applies the command

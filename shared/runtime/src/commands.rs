@@ -314,6 +314,9 @@ async fn watch_stream(
     use std::sync::atomic::Ordering;
     let connects = || connection.connects.load(Ordering::Relaxed);
     let (mut known, mut seen_connects) = (store.opened_created(), connects());
+    // The stream there now is one set-up did not make (see `EventStore::open`): looked at
+    // again at each check until it is mended.
+    let mut unusable = false;
     let mut tick = tokio::time::interval(ADVISORY_DRAIN);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut n: u32 = 0;
@@ -326,7 +329,7 @@ async fn watch_stream(
         handler.heed_advisories();
         let reconnected = connects() != seen_connects;
         let recheck = handler.watch.recheck.load(Ordering::Relaxed);
-        if !(reconnected || recheck) || !n.is_multiple_of(RECONNECT_CHECK_EVERY) {
+        if !(reconnected || recheck || unusable) || !n.is_multiple_of(RECONNECT_CHECK_EVERY) {
             continue;
         }
         // Looked at again on a later tick should the stream not answer now (or be gone).
@@ -337,6 +340,31 @@ async fn watch_stream(
             // Dropped already for the advisory that told of it.
             if created != known && !recheck {
                 handler.drop_caches("created while disconnected");
+            }
+            if created != known || unusable {
+                // Made anew by hand, it may lack what every command needs (direct gets): said
+                // (and shown in the stats, `stream_unusable`), rather than only as each
+                // command's `unavailable` after 15 s.
+                match store.unusable_now().await {
+                    Some(why) => {
+                        if !unusable {
+                            tracing::error!(
+                                "the event stream made anew is not as `chctl setup` makes it: \
+                                 {why}; commands fail until it is"
+                            );
+                        }
+                        unusable = true;
+                    }
+                    None => {
+                        if unusable {
+                            tracing::info!("the event stream is usable again");
+                        }
+                        unusable = false;
+                    }
+                }
+                handler
+                    .metrics
+                    .gauge("stream_unusable", i64::from(unusable));
             }
             known = created;
         }

@@ -1017,6 +1017,13 @@ impl EventStore {
         Ok((info.state.last_sequence, created(&info)))
     }
 
+    /// Why the stream there now is not one a worker can use (see [`EventStore::open`]): for a
+    /// stream made anew while the workers run. `None` when it is, or does not answer.
+    pub async fn unusable_now(&self) -> Option<String> {
+        let info = self.info().await.ok()?;
+        unusable(&info.config, &self.subjects)
+    }
+
     /// When the stream this store opened was created (as [`EventStore::last_seq_and_created`]
     /// gives it): another time later on means the stream was deleted and made anew since.
     pub fn opened_created(&self) -> DateTime<Utc> {
