@@ -343,11 +343,25 @@ mod tests {
         for state in [State::Pending, State::Disconnected] {
             assert_eq!(
                 text(state, true),
-                "cannot reach NATS at nats://127.0.0.1:1 (tried for 10s; is a nats-server \
-                 running there, and does it take the credentials, if any? the log above has \
-                 its answers)"
+                "cannot reach NATS at nats://127.0.0.1:1 (tried for 10s); is a nats-server \
+                 running there, and does it take the credentials and the TLS files \
+                 (CH_NATS_CA_FILE, CH_NATS_CERT_FILE, CH_NATS_KEY_FILE), if any?"
             );
         }
+        // With the cause an attempt of its own found (async-nats keeps none).
+        let with_cause = StartError::NatsUnreachable {
+            url: url.into(),
+            waited: JETSTREAM_PATIENCE,
+            cause: Some("IO error: Connection refused (os error 111)".into()),
+        };
+        assert!(
+            chain(&with_cause).starts_with(
+                "cannot reach NATS at nats://127.0.0.1:1 (tried for 10s): IO error: \
+                 Connection refused (os error 111); is a nats-server"
+            ),
+            "{}",
+            chain(&with_cause)
+        );
         let found = text(State::Connected, true);
         assert!(
             found.ends_with("(has `chctl setup` run for this prefix?)"),
