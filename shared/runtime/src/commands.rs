@@ -422,6 +422,7 @@ pub async fn run(
         .await?;
     // There from the start, at 0, as the projectors' gauges are.
     app.metrics.gauge("caches_dropped", 0);
+    app.metrics.gauge("stream_unusable", 0);
     let handler = Arc::new(CommandHandler {
         commands,
         watch: StreamWatch {
