@@ -40,7 +40,7 @@
 //! The sell carries the price's business time as `at` (the fill happened at that mark); if the
 //! portfolio has already moved past it (`bad_request`), it is sent without `at` (now).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -304,10 +304,12 @@ fn count_price(spans: &mut [Span], place: Place, price: Decimal) {
 
 /// The positions in `symbol` open at the price (business time `$2`, stream sequence `$3`)
 /// whose round trip opened before it (by business time, then stream sequence), that no fill
-/// stored after the price has changed since, and whose portfolio attached or detached no
-/// strategy after it (a price evaluated late, the worker down or behind, would otherwise judge,
-/// and sell at its old mark, a position it never marked, or by a strategy attached later); one
-/// portfolio's only when `portfolio_id` is given.
+/// stored after the price has changed since, and whose portfolio attached, detached, or had
+/// updated or deleted, no strategy after it. The read models hold positions and rules as they
+/// are now: a price evaluated late (the worker down or behind) would otherwise judge, and sell
+/// at its old mark, a position it never marked, or by rules written later, where a worker
+/// keeping up had not; the next price judges them. One portfolio's only when `portfolio_id` is
+/// given.
 const CANDIDATES_SQL: &str = "
     SELECT p.portfolio_id, p.quantity, p.gross_entry, po.version, t.opened_seq, p.last_fill_seq
       FROM positions p
@@ -319,6 +321,9 @@ const CANDIDATES_SQL: &str = "
      WHERE p.symbol = $1 AND p.quantity > 0 AND po.status = 'open'
        AND (t.opened_at, t.opened_seq) < ($2::timestamptz, $3::bigint)
        AND p.last_fill_seq <= $3 AND po.strategies_seq <= $3
+       AND NOT EXISTS (SELECT 1 FROM portfolio_strategies ps
+                         JOIN strategies s ON s.strategy_id = ps.strategy_id
+                        WHERE ps.portfolio_id = p.portfolio_id AND s.last_seq > $3)
        AND ($4::text IS NULL OR p.portfolio_id = $4)
      ORDER BY p.portfolio_id";
 
@@ -354,7 +359,7 @@ const SPANS_SQL: &str = "
 
 const STRATEGIES_SQL: &str = "
     SELECT ps.portfolio_id, s.strategy_id, s.rules::text, s.risk_profile::text, s.version,
-           s.status = 'active', s.last_seq
+           s.status = 'active'
       FROM portfolio_strategies ps JOIN strategies s ON s.strategy_id = ps.strategy_id
      WHERE ps.portfolio_id = ANY($1)
      ORDER BY ps.portfolio_id, s.strategy_id";
@@ -554,19 +559,9 @@ impl Worker {
             .collect();
         let ids: Vec<&str> = out.iter().map(|c| c.portfolio_id.as_str()).collect();
         let rows = tx.query(&strategies, &[&ids]).await?;
-        // A portfolio with a strategy changed after this price (updated, deleted: the read
-        // model holds its rules as they are now, not as they were then) is not judged at this
-        // price, as a position filled after it is not: the next price judges it by the rules
-        // then. Otherwise a worker behind the stream would sell at an old price by rules
-        // written later, where one keeping up had not.
-        let mut changed_after: HashSet<String> = HashSet::new();
         for r in rows {
             let pid: String = r.get(0);
             let strategy_id: String = r.get(1);
-            if r.get::<_, i64>(6) as u64 > p.seq {
-                changed_after.insert(pid);
-                continue;
-            }
             if !r.get::<_, bool>(5) {
                 continue;
             }
@@ -587,14 +582,6 @@ impl Worker {
                     risk_profile,
                 });
             }
-        }
-        if !changed_after.is_empty() {
-            debug!(
-                seq = p.seq,
-                portfolios = changed_after.len(),
-                "portfolios with a strategy changed after the price: not judged at it"
-            );
-            out.retain(|c| !changed_after.contains(&c.portfolio_id));
         }
         // Only a trailing stop looks back over the trip: the spans of those positions only,
         // kept from the price before when they can be (see `SpanCache`).
