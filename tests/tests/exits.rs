@@ -890,6 +890,19 @@ async fn with_the_exit_worker_down(exits: Value) -> TestEnv {
     env
 }
 
+/// Starts the exit worker, which evaluates the BTC-USDT prices up to stream sequence `last`
+/// late and sells p1 nothing at them; then a live price `live` sells its whole position (its
+/// `fills`th fill).
+async fn judged_late_then_sold_live(env: &mut TestEnv, last: u64, live: &str, fills: u64) {
+    env.start(Worker::ExitTriggers).await;
+    let status = status_evaluated(env, last).await;
+    assert_eq!(status["counters"]["triggers"], 0, "{status}");
+    assert_eq!(sells(env, "p1").await, vec![]);
+    prices(env, "BTC-USDT", &[live]).await;
+    let perf = wait_performance(env, "p1", |p| p["fill_count"] == fills).await;
+    assert_eq!(perf["positions"], json!([]), "{perf}");
+}
+
 /// A price the worker evaluates late (it was down, or behind) judges only a position it
 /// marked: a fill stored after the price (here a second buy, at 110, that moves the stop loss
 /// from 95 to 99.75) is newer than it, so the old price (96) sells nothing at its old mark,
@@ -903,15 +916,8 @@ async fn a_price_evaluated_late_does_not_judge_a_position_filled_after_it() {
     env.cmd("signal.execute", buy("110")).await; // entry 105: stop at 99.75
     let last = prices(&env, "BTC-USDT", &["110"]).await;
 
-    env.start(Worker::ExitTriggers).await;
-    let status = status_evaluated(&env, last).await;
-    assert_eq!(status["counters"]["triggers"], 0, "{status}");
-    assert_eq!(sells(&env, "p1").await, vec![]);
-
     // A live price below the new stop sells the whole position.
-    prices(&env, "BTC-USDT", &["99"]).await;
-    let perf = wait_performance(&env, "p1", |p| p["fill_count"] == 3).await;
-    assert_eq!(perf["positions"], json!([]), "{perf}");
+    judged_late_then_sold_live(&mut env, last, "99", 3).await;
 }
 
 /// A price evaluated late is not judged by rules written after it: with no stop loss when 90
@@ -936,15 +942,8 @@ async fn a_price_evaluated_late_is_not_judged_by_rules_written_after_it() {
     }
     let updated = seq(&env.cmd("strategy.update", update).await);
 
-    env.start(Worker::ExitTriggers).await;
-    let status = status_evaluated(&env, updated - 1).await;
-    assert_eq!(status["counters"]["triggers"], 0, "{status}");
-    assert_eq!(sells(&env, "p1").await, vec![]);
-
     // A live price below the new stop (95) sells the whole position, by the new rules.
-    prices(&env, "BTC-USDT", &["94"]).await;
-    let perf = wait_performance(&env, "p1", |p| p["fill_count"] == 2).await;
-    assert_eq!(perf["positions"], json!([]), "{perf}");
+    judged_late_then_sold_live(&mut env, updated - 1, "94", 2).await;
 }
 
 /// A price evaluated late is not judged by a strategy attached after it: the stop loss of a
@@ -970,15 +969,8 @@ async fn a_price_evaluated_late_is_not_judged_by_a_strategy_attached_after_it() 
     let attached = seq(&env.cmd("portfolio.update", attach("p1", "s2")).await);
     assert!(attached > last);
 
-    env.start(Worker::ExitTriggers).await;
-    let status = status_evaluated(&env, last).await;
-    assert_eq!(status["counters"]["triggers"], 0, "{status}");
-    assert_eq!(sells(&env, "p1").await, vec![]);
-
     // A live price below s2's stop (95) sells the whole position.
-    prices(&env, "BTC-USDT", &["94"]).await;
-    let perf = wait_performance(&env, "p1", |p| p["fill_count"] == 2).await;
-    assert_eq!(perf["positions"], json!([]), "{perf}");
+    judged_late_then_sold_live(&mut env, last, "94", 2).await;
 }
 
 /// A rebuild resets the strategy read model after the worker waited for a price's sequence and
