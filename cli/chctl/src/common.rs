@@ -311,6 +311,14 @@ async fn every_reply(
     Ok(replies)
 }
 
+/// JetStream's answer that the stream does not exist; anything else (no JetStream, no answer)
+/// is no reason to run `chctl setup`.
+pub fn is_not_found(e: &async_nats::jetstream::context::GetStreamError) -> bool {
+    use async_nats::jetstream::context::GetStreamErrorKind;
+    matches!(e.kind(), GetStreamErrorKind::JetStream(j)
+        if j.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

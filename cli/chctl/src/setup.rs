@@ -135,7 +135,6 @@ pub async fn run(ctx: &Ctx, args: &Opts) -> Result<()> {
 /// Stream `name`'s last sequence, for the schema's claim: 0 for a stream not made yet (looked
 /// up, not made).
 async fn last_seq(js: &jetstream::Context, name: &str) -> Result<u64, ch_runtime::DbError> {
-    use async_nats::jetstream::context::GetStreamErrorKind;
     let unread = |e: &dyn std::fmt::Display| {
         ch_runtime::DbError::Unavailable(format!("stream {name}'s last sequence: {e}"))
     };
@@ -145,14 +144,8 @@ async fn last_seq(js: &jetstream::Context, name: &str) -> Result<u64, ch_runtime
             .await
             .map(|i| i.state.last_sequence)
             .map_err(|e| unread(&e)),
-        Err(e) => match e.kind() {
-            GetStreamErrorKind::JetStream(j)
-                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
-            {
-                Ok(0)
-            }
-            _ => Err(unread(&e)),
-        },
+        Err(e) if crate::common::is_not_found(&e) => Ok(0),
+        Err(e) => Err(unread(&e)),
     }
 }
 

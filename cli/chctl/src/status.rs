@@ -9,7 +9,9 @@ use anyhow::Result;
 
 use ch_runtime::pg;
 
-use crate::common::{ping, projector_status, redact, stats, text, Ctx, PROJECTIONS, WORKERS};
+use crate::common::{
+    is_not_found, ping, projector_status, redact, stats, text, Ctx, PROJECTIONS, WORKERS,
+};
 
 /// Failures in a row (a projector's `consecutive_failures` gauge) from which `status` counts
 /// a projector instance as failing: a batch is retried with backoff from 50 ms (five in a row
@@ -308,14 +310,6 @@ fn replication(info: &async_nats::jetstream::stream::Info) -> String {
             info.config.num_replicas
         ),
     }
-}
-
-/// JetStream's answer that the stream does not exist; anything else (no JetStream, no answer)
-/// is no reason to run `chctl setup`.
-fn is_not_found(e: &async_nats::jetstream::context::GetStreamError) -> bool {
-    use async_nats::jetstream::context::GetStreamErrorKind;
-    matches!(e.kind(), GetStreamErrorKind::JetStream(j)
-        if j.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND)
 }
 
 #[cfg(test)]
