@@ -358,10 +358,9 @@ const SPANS_SQL: &str = "
                   WINDOW w AS (ORDER BY tr.stream_seq)) f) e";
 
 const STRATEGIES_SQL: &str = "
-    SELECT ps.portfolio_id, s.strategy_id, s.rules::text, s.risk_profile::text, s.version,
-           s.status = 'active'
+    SELECT ps.portfolio_id, s.strategy_id, s.rules::text, s.risk_profile::text, s.version
       FROM portfolio_strategies ps JOIN strategies s ON s.strategy_id = ps.strategy_id
-     WHERE ps.portfolio_id = ANY($1)
+     WHERE ps.portfolio_id = ANY($1) AND s.status = 'active'
      ORDER BY ps.portfolio_id, s.strategy_id";
 
 /// A later (by business time) price of the symbol stored before this one.
@@ -562,9 +561,6 @@ impl Worker {
         for r in rows {
             let pid: String = r.get(0);
             let strategy_id: String = r.get(1);
-            if !r.get::<_, bool>(5) {
-                continue;
-            }
             let rules = serde_json::from_str::<Vec<StrategyRule>>(r.get(2));
             let profile = serde_json::from_str::<RiskProfile>(r.get(3));
             let (Ok(rules), Ok(risk_profile)) = (rules, profile) else {
